@@ -1,0 +1,356 @@
+"""Draft laws: how the n drafts of one position are drawn from the draft distribution q.
+
+Each law can
+- ``sample`` n drafts (in draw order) with a ``numpy.random.Generator``,
+- ``enumerate`` every draft tuple with its probability (small vocabularies; tests and the LP),
+- give ``Qall(H) = P(all n drafts lie in H)`` for the prefixes of a token order (what the
+  sort-and-scan bound needs), where the law admits the scan.
+
+Laws (spec section 2):
+
+``iid``                  x_i i.i.d. ~ q.                       Qall(H) = q(H)^n.
+``without_replacement``  x_1 ~ q, x_k ~ q restricted to the tokens not yet drawn (sequential;
+                         = Gumbel-top-n, = arrival order of an exponential race). Qall by the race
+                         integral (``mdsd._race``).
+``greedy``               x_1..x_{n-1} = the n-1 most probable tokens T of q (ties by index),
+                         x_n ~ q' = q restricted to V \\ T, renormalised.  Qall(H) = [T in H] q'(H).
+``spechub``              n = 2; hub a = argmax q. x_1 ~ q; if x_1 = a, x_2 ~ q without a, else x_2 = a.
+``conditional_poisson``  an n-subset S with P(S) proportional to prod_{i in S} q_i, in uniformly
+                         random order.  Qall(H) = e_n(q_H) / e_n(q) (elementary symmetric
+                         polynomials). This ratio is *not* Qall for ``without_replacement``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mdsd._race import wor_qall_prefixes
+from mdsd._validate import check_choice, check_n
+
+
+def top_tokens(draft_probs: np.ndarray, k: int) -> np.ndarray:
+    """The k most probable tokens of each row, most probable first, ties by lower index.
+
+    draft_probs: [..., V] -> [..., k] int64.
+    """
+    order = np.argsort(-draft_probs, axis=-1, kind="stable")
+    return order[..., :k]
+
+
+def support_size(draft_probs: np.ndarray) -> np.ndarray:
+    return np.count_nonzero(draft_probs > 0, axis=-1)
+
+
+def complement_renormalised(draft_probs: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """q restricted to the tokens not in ``excluded`` ([..., k] ids), renormalised.
+
+    The normaliser is summed over the kept tokens (not computed as 1 - q(excluded)), which keeps
+    full relative precision when q(excluded) is close to 1.
+    """
+    rest = np.array(draft_probs, dtype=np.float64, copy=True)
+    np.put_along_axis(rest, excluded, 0.0, axis=-1)
+    return rest / rest.sum(axis=-1, keepdims=True)
+
+
+def _categorical(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One draw from each row of probs [..., V] by inverse CDF; zero-mass tokens are never drawn."""
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(probs.shape[:-1] + (1,)) * cdf[..., -1:]
+    idx = np.sum(cdf <= u, axis=-1)
+    return np.minimum(idx, probs.shape[-1] - 1)
+
+
+@dataclass(frozen=True)
+class DraftLaw:
+    """Base class; see the module docstring for the laws."""
+
+    name: str = ""
+    distinct: bool = True  # drafts are distinct tokens, so the law needs |supp q| >= n
+    prefix_scan: bool = True  # an optimal H* is a prefix of the tokens sorted by q/p
+
+    def check(self, draft_probs: np.ndarray, n: int) -> int:
+        """Validate n for this law and q ([..., V]); raises ValueError naming the argument."""
+        n = check_n(n)
+        if self.distinct:
+            smallest = int(np.min(support_size(draft_probs)))
+            if n > smallest:
+                raise ValueError(
+                    f"n = {n} drafts are more than the support of draft_probs ({smallest} tokens "
+                    f"with positive mass); law {self.name!r} draws distinct tokens"
+                )
+        return n
+
+    # -- sampling ---------------------------------------------------------------------------
+    def sample(self, draft_probs, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Draw n drafts in draw order. draft_probs [..., V] -> drafts [..., n] int64."""
+        q = np.asarray(draft_probs, dtype=np.float64)
+        n = self.check(q, n)
+        return self._sample(q, n, rng)
+
+    def _sample(self, q, n, rng):
+        raise NotImplementedError
+
+    # -- enumeration ------------------------------------------------------------------------
+    def enumerate(self, draft_probs, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every draft tuple with positive probability: (tuples [M, n] int64, probs [M])."""
+        q = np.asarray(draft_probs, dtype=np.float64)
+        if q.ndim != 1:
+            raise ValueError(f"draft_probs must be 1-D for enumeration, got shape {q.shape}")
+        n = self.check(q, n)
+        tuples, probs = self._enumerate(q, n)
+        return np.asarray(tuples, dtype=np.int64).reshape(-1, n), np.asarray(probs, np.float64)
+
+    def _enumerate(self, q, n):
+        raise NotImplementedError
+
+    def num_tuples(self, draft_probs, n: int) -> int:
+        """How many tuples ``enumerate`` would list (without listing them)."""
+        s = int(support_size(np.asarray(draft_probs)))
+        return self._num_tuples(s, n)
+
+    def _num_tuples(self, s, n):
+        raise NotImplementedError
+
+    # -- Qall ---------------------------------------------------------------------------------
+    def qall_prefixes(self, draft_probs_ordered: np.ndarray, n: int) -> np.ndarray:
+        """Qall(first k tokens of the order), k = 0..V. [B, V] (q permuted) -> [B, V + 1]."""
+        raise NotImplementedError(f"law {self.name!r} has no prefix scan; it has a closed form")
+
+    def inclusion_probs(self, draft_probs: np.ndarray, n: int) -> np.ndarray:
+        """P(token y is among the drafts), for every y. [..., V] -> [..., V]."""
+        raise NotImplementedError(f"no closed-form inclusion probabilities for law {self.name!r}")
+
+
+@dataclass(frozen=True)
+class IID(DraftLaw):
+    name: str = "iid"
+    distinct: bool = False
+
+    def check(self, draft_probs, n):
+        return check_n(n)
+
+    def _sample(self, q, n, rng):
+        expanded = np.broadcast_to(q[..., None, :], q.shape[:-1] + (n, q.shape[-1]))
+        return _categorical(expanded, rng)
+
+    def _enumerate(self, q, n):
+        support = np.flatnonzero(q > 0)
+        tuples = list(itertools.product(support.tolist(), repeat=n))
+        probs = [math.prod(q[list(t)]) for t in tuples]
+        return tuples, probs
+
+    def _num_tuples(self, s, n):
+        return s**n
+
+    def qall_prefixes(self, draft_probs_ordered, n):
+        mass = np.zeros((draft_probs_ordered.shape[0], draft_probs_ordered.shape[1] + 1))
+        mass[:, 1:] = np.cumsum(draft_probs_ordered, axis=1)
+        return np.minimum(mass, 1.0) ** n
+
+    def inclusion_probs(self, draft_probs, n):
+        # 1 - (1 - q)^n, via log1p/expm1 to keep precision for tiny q
+        with np.errstate(divide="ignore"):
+            return -np.expm1(n * np.log1p(-np.minimum(draft_probs, 1.0)))
+
+
+@dataclass(frozen=True)
+class WithoutReplacement(DraftLaw):
+    name: str = "without_replacement"
+
+    def _sample(self, q, n, rng):
+        # Gumbel-top-n: the top-n keys log q + Gumbel, in decreasing key order, are sequential
+        # draws without replacement in draw order.
+        with np.errstate(divide="ignore"):
+            keys = np.log(q) + rng.gumbel(size=q.shape)
+        return np.argsort(-keys, axis=-1, kind="stable")[..., :n]
+
+    def _enumerate(self, q, n):
+        support = np.flatnonzero(q > 0).tolist()
+        tuples, probs = [], []
+        for t in itertools.permutations(support, n):
+            prob, remaining = 1.0, set(support)
+            for x in t:
+                prob *= q[x] / math.fsum(q[list(remaining)])
+                remaining.discard(x)
+            tuples.append(t)
+            probs.append(prob)
+        return tuples, probs
+
+    def _num_tuples(self, s, n):
+        return math.perm(s, n)
+
+    def qall_prefixes(self, draft_probs_ordered, n):
+        return wor_qall_prefixes(draft_probs_ordered, n)
+
+
+@dataclass(frozen=True)
+class Greedy(DraftLaw):
+    name: str = "greedy"
+    prefix_scan: bool = False
+
+    def _sample(self, q, n, rng):
+        top = top_tokens(q, n - 1)
+        rest = complement_renormalised(q, top)
+        last = _categorical(rest, rng)
+        return np.concatenate([top, last[..., None]], axis=-1)
+
+    def _enumerate(self, q, n):
+        top = top_tokens(q, n - 1).tolist()
+        rest = complement_renormalised(q, np.asarray(top, dtype=np.int64))
+        support = np.flatnonzero(rest > 0)
+        return [tuple(top) + (int(x),) for x in support], rest[support].tolist()
+
+    def _num_tuples(self, s, n):
+        return s - (n - 1)
+
+    def inclusion_probs(self, draft_probs, n):
+        top = top_tokens(draft_probs, n - 1)
+        incl = complement_renormalised(draft_probs, top)
+        np.put_along_axis(incl, top, 1.0, axis=-1)
+        return incl
+
+
+@dataclass(frozen=True)
+class SpecHub(DraftLaw):
+    name: str = "spechub"
+    prefix_scan: bool = False
+
+    def check(self, draft_probs, n):
+        n = check_n(n)
+        if n != 2:
+            raise ValueError(f"law 'spechub' is defined for n = 2 drafts only, got n = {n}")
+        return super().check(draft_probs, n)
+
+    def _sample(self, q, n, rng):
+        hub = np.argmax(q, axis=-1)  # ties by lower index
+        first = _categorical(q, rng)
+        without_hub = complement_renormalised(q, hub[..., None])
+        other = _categorical(without_hub, rng)
+        second = np.where(first == hub, other, hub)
+        return np.stack([first, second], axis=-1)
+
+    def _enumerate(self, q, n):
+        hub = int(np.argmax(q))
+        others = [i for i in np.flatnonzero(q > 0).tolist() if i != hub]
+        not_hub = math.fsum(q[others])  # 1 - q_a, summed for precision
+        tuples = [(i, hub) for i in others] + [(hub, i) for i in others]
+        probs = [q[i] for i in others] + [q[hub] * q[i] / not_hub for i in others]
+        return tuples, probs
+
+    def _num_tuples(self, s, n):
+        return 2 * (s - 1)
+
+    def inclusion_probs(self, draft_probs, n):
+        self.check(draft_probs, n)
+        return Greedy().inclusion_probs(draft_probs, 2)
+
+
+def _elementary_symmetric_scaled(q_rows: np.ndarray, n: int):
+    """Prefix elementary symmetric polynomials e_0..e_n, with a running log scale.
+
+    Returns (values [B, V + 1, n + 1], log_scale [B, V + 1]) with
+    e_m(first k tokens) = values[:, k, m] * exp(log_scale[:, k]). The DP is
+    e_m(H + x) = e_m(H) + q_x e_{m-1}(H); each step is rescaled by its largest entry so that
+    nothing overflows or underflows for tiny masses or large n.
+    """
+    batch, vocab = q_rows.shape
+    values = np.zeros((batch, vocab + 1, n + 1))
+    log_scale = np.zeros((batch, vocab + 1))
+    state = np.zeros((batch, n + 1))
+    state[:, 0] = 1.0
+    scale = np.zeros(batch)
+    values[:, 0] = state
+    for k in range(vocab):
+        state = state.copy()
+        state[:, 1:] += q_rows[:, k, None] * state[:, :-1]
+        top = state.max(axis=1)
+        state /= top[:, None]
+        scale = scale + np.log(top)
+        values[:, k + 1] = state
+        log_scale[:, k + 1] = scale
+    return values, log_scale
+
+
+@dataclass(frozen=True)
+class ConditionalPoisson(DraftLaw):
+    name: str = "conditional_poisson"
+
+    def _sample(self, q, n, rng):
+        flat = q.reshape(-1, q.shape[-1])
+        out = np.empty((flat.shape[0], n), dtype=np.int64)
+        for b, row in enumerate(flat):
+            out[b] = self._sample_row(row, n, rng)
+        return out.reshape(q.shape[:-1] + (n,))
+
+    @staticmethod
+    def _sample_row(q, n, rng):
+        # Backward DP suffix[k, m] = e_m(q_k..q_{V-1}) (scaled); then include token k with
+        # probability q_k e_{m-1}(suffix after k) / e_m(suffix from k).
+        vocab = q.size
+        values, log_scale = _elementary_symmetric_scaled(q[::-1][None, :], n)
+        values, log_scale = values[0], log_scale[0]  # index j = number of tokens from the end
+        chosen, need = [], n
+        for k in range(vocab):
+            if need == 0:
+                break
+            j = vocab - k  # tokens k..V-1
+            total = values[j, need]
+            take = q[k] * values[j - 1, need - 1] * math.exp(log_scale[j - 1] - log_scale[j])
+            if total > 0 and rng.random() * total < take:
+                chosen.append(k)
+                need -= 1
+        return rng.permutation(np.asarray(chosen, dtype=np.int64))
+
+    def _enumerate(self, q, n):
+        support = np.flatnonzero(q > 0).tolist()
+        subsets = list(itertools.combinations(support, n))
+        weights = np.array([math.prod(q[list(s)]) for s in subsets])
+        weights /= math.fsum(weights)
+        per_order = 1.0 / math.factorial(n)
+        tuples, probs = [], []
+        for s, w in zip(subsets, weights):
+            for t in itertools.permutations(s):
+                tuples.append(t)
+                probs.append(w * per_order)
+        return tuples, probs
+
+    def _num_tuples(self, s, n):
+        return math.comb(s, n) * math.factorial(n)
+
+    def qall_prefixes(self, draft_probs_ordered, n):
+        values, log_scale = _elementary_symmetric_scaled(draft_probs_ordered, n)
+        ratio = values[:, :, n] * np.exp(log_scale - log_scale[:, -1:]) / values[:, -1:, n]
+        return np.minimum(ratio, 1.0)
+
+    def inclusion_probs(self, draft_probs, n):
+        # pi_y = q_y e_{n-1}(q without y) / e_n(q), from prefix and suffix DPs.
+        q = np.atleast_2d(np.asarray(draft_probs, dtype=np.float64))
+        vocab = q.shape[-1]
+        pre, pre_log = _elementary_symmetric_scaled(q, n)
+        suf, suf_log = _elementary_symmetric_scaled(q[:, ::-1], n)
+        out = np.zeros_like(q)
+        total_log = pre_log[:, -1] + np.log(pre[:, -1, n])
+        for y in range(vocab):
+            # e_{n-1}(all but y) = sum_m e_m(first y tokens) e_{n-1-m}(last V-1-y tokens)
+            left, right = pre[:, y], suf[:, vocab - 1 - y]
+            conv = np.einsum("bm,bm->b", left[:, :n], right[:, n - 1 :: -1])
+            log_conv = np.log(np.maximum(conv, 1e-300)) + pre_log[:, y] + suf_log[:, vocab - 1 - y]
+            out[:, y] = np.where(conv > 0, q[:, y] * np.exp(log_conv - total_log), 0.0)
+        return out.reshape(np.shape(draft_probs))
+
+
+LAWS: dict[str, DraftLaw] = {
+    law.name: law
+    for law in (IID(), WithoutReplacement(), Greedy(), SpecHub(), ConditionalPoisson())
+}
+
+
+def get_law(law) -> DraftLaw:
+    """Look a law up by name (or pass a DraftLaw through)."""
+    if isinstance(law, DraftLaw):
+        return law
+    return LAWS[check_choice(law, LAWS, "law")]

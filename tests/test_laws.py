@@ -1,0 +1,128 @@
+"""Draft laws: enumeration sums to 1, sampling follows the enumerated law, Qall prefixes."""
+
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+import mdsd
+from mdsd.bound import qall_reference
+
+from conftest import ALL_LAWS, law_accepts, random_pair
+
+
+@pytest.mark.parametrize("law", ALL_LAWS)
+def test_enumeration_is_a_distribution(law, rng):
+    for _ in range(20):
+        vocab = int(rng.integers(2, 6))
+        n = 2 if law == "spechub" else int(rng.integers(1, 4))
+        p, q = random_pair(rng, vocab, zero_q=bool(rng.integers(2)))
+        if not law_accepts(law, q, n):
+            continue
+        tuples, probs = mdsd.get_law(law).enumerate(q, n)
+        assert tuples.shape[1] == n
+        assert np.all(probs > 0)
+        assert abs(probs.sum() - 1) < 1e-12
+        assert np.all(q[tuples] > 0)
+        if mdsd.get_law(law).distinct:
+            assert all(len(set(t)) == n for t in tuples.tolist())
+
+
+def test_without_replacement_sequential_probabilities():
+    q = np.array([0.5, 0.3, 0.2])
+    tuples, probs = mdsd.get_law("without_replacement").enumerate(q, 2)
+    table = dict(zip(map(tuple, tuples.tolist()), probs))
+    assert table[(0, 1)] == pytest.approx(0.5 * 0.3 / 0.5)
+    assert table[(2, 0)] == pytest.approx(0.2 * 0.5 / 0.8)
+
+
+@pytest.mark.parametrize("law", ALL_LAWS)
+def test_sampler_matches_enumeration(law):
+    """Seeded chi-square test of the sampler against the enumerated tuple law (p-value > 1e-4)."""
+    rng = np.random.default_rng(7)
+    q = np.array([0.35, 0.25, 0.2, 0.15, 0.05])
+    n = 2 if law == "spechub" else 3
+    the_law = mdsd.get_law(law)
+    tuples, probs = the_law.enumerate(q, n)
+    index = {t: i for i, t in enumerate(map(tuple, tuples.tolist()))}
+    samples = the_law.sample(np.broadcast_to(q, (20000, q.size)), n, rng)
+    counts = np.zeros(len(tuples))
+    for t in map(tuple, samples.tolist()):
+        counts[index[t]] += 1  # KeyError would mean an impossible tuple
+    expected = probs * counts.sum()
+    keep = expected >= 5
+    observed = np.append(counts[keep], counts[~keep].sum())
+    expected = np.append(expected[keep], expected[~keep].sum())
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    assert chisquare(observed, expected).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("law", ["iid", "without_replacement", "conditional_poisson"])
+def test_qall_prefixes_match_enumeration(law, rng):
+    for _ in range(30):
+        vocab = int(rng.integers(2, 7))
+        n = int(rng.integers(1, 5))
+        _, q = random_pair(rng, vocab, zero_q=bool(rng.integers(2)))
+        if not law_accepts(law, q, n):
+            continue
+        the_law = mdsd.get_law(law)
+        order = rng.permutation(vocab)
+        fast = the_law.qall_prefixes(q[order][None, :], n)[0]
+        tuples, probs = the_law.enumerate(q, n)
+        for k in range(vocab + 1):
+            mask = np.zeros(vocab, dtype=bool)
+            mask[order[:k]] = True
+            assert fast[k] == pytest.approx(qall_reference(tuples, probs, mask), abs=1e-12)
+
+
+def test_pitfall_elementary_symmetric_ratio_differs_from_sequential():
+    """Spec 3.3: q = (0.5, 0.3, 0.2), n = 2, H = first two: 0.5143 sequential vs 0.4839 ratio."""
+    q = np.array([[0.5, 0.3, 0.2]])
+    sequential = mdsd.get_law("without_replacement").qall_prefixes(q, 2)[0, 2]
+    ratio = mdsd.get_law("conditional_poisson").qall_prefixes(q, 2)[0, 2]
+    assert sequential == pytest.approx(0.5142857142857142, abs=1e-12)  # 18/35
+    assert ratio == pytest.approx(0.15 / 0.31, abs=1e-12)
+
+
+@pytest.mark.parametrize("law", ["iid", "greedy", "spechub", "conditional_poisson"])
+def test_inclusion_probabilities(law, rng):
+    for _ in range(10):
+        vocab = int(rng.integers(2, 6))
+        n = 2 if law == "spechub" else int(rng.integers(1, 4))
+        _, q = random_pair(rng, vocab)
+        if not law_accepts(law, q, n):
+            continue
+        the_law = mdsd.get_law(law)
+        tuples, probs = the_law.enumerate(q, n)
+        expected = [probs[(tuples == y).any(axis=1)].sum() for y in range(vocab)]
+        np.testing.assert_allclose(the_law.inclusion_probs(q, n), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("law", ["without_replacement", "greedy", "conditional_poisson"])
+def test_distinct_laws_refuse_n_above_support(law):
+    q = np.array([0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="support"):
+        mdsd.get_law(law).sample(q, 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="support"):
+        mdsd.optimal_acceptance(q, q, 3, law)
+
+
+def test_spechub_needs_two_drafts():
+    q = np.array([0.5, 0.3, 0.2])
+    with pytest.raises(ValueError, match="n = 2"):
+        mdsd.get_law("spechub").check(q, 3)
+
+
+def test_unknown_law():
+    with pytest.raises(ValueError, match="unknown law 'sorted'"):
+        mdsd.get_law("sorted")
+
+
+def test_batched_sampling_shapes(rng):
+    q = rng.dirichlet(np.ones(10), size=(4, 3))
+    for law in ALL_LAWS:
+        n = 2
+        x = mdsd.get_law(law).sample(q, n, rng)
+        assert x.shape == (4, 3, 2)
+        assert np.all(np.take_along_axis(q, x, axis=-1) > 0)
