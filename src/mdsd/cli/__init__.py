@@ -1,0 +1,22 @@
+"""The ``mdsd`` command line: thin entry points over the library (one module per group).
+
+core:  ``mdsd bound``, ``mdsd compare``
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="mdsd",
+    help="Optimal multi-draft speculative decoding: bounds, verifiers, tree decoding.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+from mdsd.cli import core  # noqa: E402,F401  (registers commands on `app`)
+
+
+def main() -> None:
+    app()
