@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -20,14 +20,14 @@ from mdsd.verifiers import VERIFIERS
 
 DEFAULT_RANDOM_VOCAB = 1000
 
-TargetArg = Annotated[Optional[Path], typer.Argument(
+TargetArg = Annotated[Path | None, typer.Argument(
     help="File with p (or both p and q: .npz/.json with keys p,q or a [2, V] array).")]
-DraftArg = Annotated[Optional[Path], typer.Argument(help="File with q (if not in TARGET).")]
+DraftArg = Annotated[Path | None, typer.Argument(help="File with q (if not in TARGET).")]
 LogitsOpt = Annotated[bool, typer.Option("--logits", help="Inputs are logits, not probabilities.")]
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Temperature (0 = greedy).")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens.")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass to keep.")]
-RandomOpt = Annotated[Optional[int], typer.Option(
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus mass to keep.")]
+RandomOpt = Annotated[int | None, typer.Option(
     "--random", help="Use a random LM-like pair with this vocabulary size.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random and Monte Carlo.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -39,7 +39,7 @@ def parse_ns(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise typer.BadParameter(f"-n must be an integer or a comma list like 2,3,4, got {text!r}")
+        raise typer.BadParameter(f"-n must be an integer or a comma list like 2,3,4, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise typer.BadParameter(f"-n values must be >= 1, got {text!r}")
     return values
@@ -122,8 +122,8 @@ def compare(
     target: TargetArg = None,
     draft: DraftArg = None,
     n: Annotated[str, typer.Option("-n", help="Number of drafts: 3 or a list 2,3,4.")] = "2,3,4",
-    laws: Annotated[Optional[str], typer.Option(help="Comma list of laws (default: all).")] = None,
-    verifiers: Annotated[Optional[str], typer.Option(
+    laws: Annotated[str | None, typer.Option(help="Comma list of laws (default: all).")] = None,
+    verifiers: Annotated[str | None, typer.Option(
         help="Comma list of verifiers (default: all).")] = None,
     logits: LogitsOpt = False,
     temperature: TempOpt = 1.0,
