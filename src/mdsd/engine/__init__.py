@@ -1,0 +1,36 @@
+"""Multi-draft tree speculative decoding on Hugging Face models (spec section 6).
+
+Layers, bottom up:
+
+- :mod:`mdsd.engine.tree`: tree shapes built once into a frozen :class:`DraftTree`;
+- :mod:`mdsd.engine.walk`: drafting rules and node-by-node verification in numpy, plus
+  :func:`emission_law`, the exact law of what a step emits (used by the tests);
+- :mod:`mdsd.engine.models`: 4-D-mask tree forwards and KV-cache surgery on HF models;
+- :mod:`mdsd.engine.decode`: :class:`TreeDecoder` and the :class:`Autoregressive` baseline;
+- :mod:`mdsd.engine.bench`: the benchmark behind ``mdsd bench``.
+
+Importing this package imports torch but not transformers.
+"""
+
+from mdsd.engine.decode import (
+    Autoregressive,
+    DecodeStats,
+    Generation,
+    SamplingConfig,
+    TreeConfig,
+    TreeDecoder,
+)
+from mdsd.engine.tree import DraftTree, build_tree, chain_tree, parse_tree
+
+__all__ = [
+    "Autoregressive",
+    "DecodeStats",
+    "DraftTree",
+    "Generation",
+    "SamplingConfig",
+    "TreeConfig",
+    "TreeDecoder",
+    "build_tree",
+    "chain_tree",
+    "parse_tree",
+]

@@ -1,0 +1,452 @@
+"""Multi-draft tree speculative decoding on a Hugging Face target/draft pair, and the
+autoregressive baseline.
+
+One decoding step (spec section 6), for a committed sequence s of length L whose last token (the
+root) is not yet in the target's cache:
+
+1. Draft: the draft model expands the tree level by level, one forward per level with its KV
+   cache and a 4-D mask (level 0 = the committed tokens it has not seen, causally); each node's
+   children are drawn from q(. | path) by the draft law (``walk.draft_children``), with q from
+   ``mdsd.logits.process_logits`` -- the same transform as the target's p.
+2. Target: one forward over (root, all nodes) with the tree mask and position ids
+   L - 1 + depth.
+3. Verify node by node from the root (``walk.walk``); emitted = accepted path + one recovered or
+   bonus token.
+4. Both caches keep only the committed prefix and the accepted path.
+
+The emitted sequence has exactly the target's law (temperature / top-k / top-p applied); the
+tests compute the exact law through the same ``walk`` functions. Batches of prompts are decoded
+one sequence after another (each with its own caches), so results are correct for any batch size
+but there is no batching speed-up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mdsd.engine.models import ModelRunner, check_supported, check_tree_attention, context_length
+from mdsd.engine.tree import DraftTree, build_tree, parse_tree
+from mdsd.engine.walk import DraftedTree, RuleBook, categorical, draft_children, walk
+from mdsd.logits import process_logits
+
+LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
+
+
+# ---------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The sampling transform (identical for target and draft) and stopping rules.
+
+    temperature 0 is greedy decoding (the tree then holds the draft's greedy chain and decoding
+    reproduces the target's greedy continuation exactly).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int = 64
+    stop_on_eos: bool = True
+
+    def __post_init__(self):
+        if self.temperature is None or not np.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if int(self.max_new_tokens) != self.max_new_tokens or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """float64 sampling probabilities from logits [..., V] (``mdsd.logits.process_logits``)."""
+        return process_logits(logits, self.temperature, self.top_k, self.top_p)
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Tree shape, draft law and verifier of a speculative run."""
+
+    tree: DraftTree = field(default_factory=lambda: build_tree((3, 1, 1, 1)))
+    law: str | None = "without_replacement"
+    verifier: str = "rrs_without_replacement"
+
+    @classmethod
+    def make(cls, tree="3x4", law=None, verifier="rrs_without_replacement") -> TreeConfig:
+        if isinstance(tree, str):
+            tree = parse_tree(tree)
+        elif not isinstance(tree, DraftTree):
+            tree = build_tree(tree)
+        return cls(tree, law, verifier)
+
+    def describe(self) -> str:
+        law = self.law or "default"
+        return f"{law}/{self.verifier} tree {self.tree.describe()}"
+
+
+# ---------------------------------------------------------------------- statistics
+@dataclass
+class DecodeStats:
+    """Counters of one or more runs; ``merge`` adds runs (e.g. the prompts of a batch)."""
+
+    depth: int = 0
+    sequences: int = 0
+    new_tokens: int = 0
+    target_calls: int = 0
+    steps: int = 0  # verification steps (tree forwards of the target)
+    step_tokens: int = 0  # tokens emitted by verification steps, before truncation
+    accepted: int = 0  # accepted drafts (tree nodes) over all steps
+    draft_calls: int = 0
+    depth_tries: np.ndarray = None  # [D] steps that verified some node at this depth
+    depth_accepts: np.ndarray = None  # [D] of those, accepted
+    depth_expected: np.ndarray = None  # [D] sum of acceptance probabilities given the drafts
+    draft_time: float = 0.0
+    target_time: float = 0.0
+    verify_time: float = 0.0
+    total_time: float = 0.0
+
+    def __post_init__(self):
+        for name in ("depth_tries", "depth_accepts", "depth_expected"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(self.depth))
+
+    def merge(self, other: DecodeStats) -> DecodeStats:
+        if self.depth != other.depth:
+            raise ValueError("cannot merge statistics of trees of different depths")
+        out = DecodeStats(depth=self.depth)
+        for name in ("sequences", "new_tokens", "target_calls", "steps", "step_tokens", "accepted",
+                     "draft_calls", "draft_time", "target_time", "verify_time", "total_time"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        for name in ("depth_tries", "depth_accepts", "depth_expected"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    @property
+    def block_efficiency(self) -> float:
+        """Mean tokens emitted per verification step (accepted drafts + 1)."""
+        return self.step_tokens / self.steps if self.steps else float("nan")
+
+    @property
+    def tokens_per_call(self) -> float:
+        """Generated tokens per target forward call (prefill included)."""
+        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.accepted / self.steps if self.steps else float("nan")
+
+    @property
+    def acceptance_by_depth(self) -> list[float]:
+        """P(accept at depth d | verification reached depth d), d = 1..D (Rao-Blackwellised)."""
+        return [e / t if t else float("nan") for e, t in zip(self.depth_expected, self.depth_tries)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_time if self.total_time > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {
+            "sequences": self.sequences,
+            "new_tokens": self.new_tokens,
+            "target_calls": self.target_calls,
+            "draft_calls": self.draft_calls,
+            "steps": self.steps,
+            "block_efficiency": self.block_efficiency,
+            "tokens_per_call": self.tokens_per_call,
+            "mean_accepted": self.mean_accepted,
+            "acceptance_by_depth": self.acceptance_by_depth,
+            "draft_time_s": self.draft_time,
+            "target_time_s": self.target_time,
+            "verify_time_s": self.verify_time,
+            "total_time_s": self.total_time,
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+
+@dataclass
+class Generation:
+    """One generated sequence: new token ids, decoded text, why it stopped, its statistics."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    stop_reason: str  # "eos", "length" or "context"
+    stats: DecodeStats
+
+
+# ---------------------------------------------------------------------- shared helpers
+def eos_ids(pair) -> set[int]:
+    ids = set()
+    for source in (getattr(pair.target, "generation_config", None), pair.target.config,
+                   pair.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update([value] if isinstance(value, int) else list(value))
+    return ids
+
+
+def encode_prompt(pair, prompt) -> list[int]:
+    """Token ids of a prompt (a string, or already ids). Raises ValueError naming ``prompt``."""
+    if isinstance(prompt, str):
+        ids = pair.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt is empty (no tokens)")
+    vocab = int(pair.target.config.vocab_size)
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def check_context(pair, prompt_ids: list[int], lookahead: int) -> int | None:
+    """The usable context length; raises ValueError naming ``prompt`` when it does not fit."""
+    limits = [c for c in (context_length(pair.target), context_length(pair.draft)) if c]
+    ctx = min(limits) if limits else None
+    if ctx is not None and len(prompt_ids) + lookahead > ctx:
+        raise ValueError(
+            f"prompt has {len(prompt_ids)} tokens; with {lookahead} more it exceeds the models' "
+            f"context length of {ctx} tokens"
+        )
+    return ctx
+
+
+def _finish(emitted: list[int], budget: int, eos: set[int], stop_on_eos: bool):
+    """Truncate a step's tokens at the budget / first EOS; returns (tokens, stop reason or None)."""
+    if stop_on_eos and eos:
+        for i, tok in enumerate(emitted):
+            if tok in eos and i < budget:
+                return emitted[: i + 1], "eos"
+    if len(emitted) >= budget:
+        return emitted[:budget], "length"
+    return emitted, None
+
+
+def _check_pair(pair) -> None:
+    t_vocab, d_vocab = int(pair.target.config.vocab_size), int(pair.draft.config.vocab_size)
+    if t_vocab != d_vocab:
+        raise ValueError(
+            f"draft vocabulary ({d_vocab}) differs from the target's ({t_vocab}); the pair must "
+            "share one tokenizer"
+        )
+
+
+class _Decoder:
+    """What both decoders share: a loop over the prompts of a batch (one after another)."""
+
+    def generate(self, prompts: Sequence, *, seed: int | None = None,
+                 rng: np.random.Generator | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Generation]:
+        """Decode each prompt (string or token ids); ``on_tokens(index, new_ids)`` streams."""
+        rng = np.random.default_rng(seed) if rng is None else rng
+        results = []
+        for i, prompt in enumerate(prompts):
+            callback = (lambda toks, i=i: on_tokens(i, toks)) if on_tokens else None
+            results.append(self.generate_one(prompt, rng, callback))
+        return results
+
+    def generate_one(self, prompt, rng, on_tokens=None) -> Generation:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------- autoregressive
+class Autoregressive(_Decoder):
+    """Plain sampling from the target with its KV cache (the baseline), same transform."""
+
+    def __init__(self, pair, sampling: SamplingConfig):
+        _check_pair(pair)
+        self.pair = pair
+        self.sampling = sampling
+        self.target = ModelRunner(pair.target)
+        self.eos = eos_ids(pair)
+
+    @torch.inference_mode()
+    def generate_one(self, prompt, rng: np.random.Generator,
+                     on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+        ids = encode_prompt(self.pair, prompt)
+        ctx = check_context(self.pair, ids, 1)
+        stats = DecodeStats(depth=0, sequences=1)
+        start = time.perf_counter()
+        self.target.reset()
+        self.target.calls = 0
+        pending, out, reason = ids, [], "length"
+        while True:
+            t0 = time.perf_counter()
+            logits = self.target.causal(np.asarray(pending), keep=1)[0]
+            t1 = time.perf_counter()
+            token = categorical(self.sampling.probs(logits), rng)
+            stats.target_time += t1 - t0
+            stats.verify_time += time.perf_counter() - t1
+            stats.target_calls += 1
+            new, stop = _finish([token], self.sampling.max_new_tokens - len(out), self.eos,
+                                self.sampling.stop_on_eos)
+            out += new
+            if on_tokens:
+                on_tokens(new)
+            if stop:
+                reason = stop
+                break
+            if ctx is not None and len(ids) + len(out) + 1 > ctx:
+                reason = "context"
+                break
+            pending = [token]
+        stats.new_tokens = len(out)
+        stats.total_time = time.perf_counter() - start
+        return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
+
+
+# ---------------------------------------------------------------------- tree decoding
+class TreeDecoder(_Decoder):
+    """Multi-draft tree speculative decoding (see the module docstring).
+
+    >>> dec = TreeDecoder(load_pair(), TreeConfig.make("3x4"), SamplingConfig(0.7))  # doctest: +SKIP
+    >>> dec.generate(["def f(x):"], seed=0)[0].text                                   # doctest: +SKIP
+
+    Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
+    tree width larger than the vocabulary for laws drawing distinct tokens, unsupported models
+    (naming ``target`` / ``draft``) and mismatched vocabularies.
+    """
+
+    def __init__(self, pair, config: TreeConfig, sampling: SamplingConfig, *,
+                 check_attention: bool = True):
+        _check_pair(pair)
+        check_supported(pair.target, "target")
+        check_supported(pair.draft, "draft")
+        self.pair = pair
+        self.config = config
+        self.sampling = sampling
+        self.tree = config.tree
+        self.book = RuleBook(config.law, config.verifier, self.tree.widths)
+        self.vocab = int(pair.target.config.vocab_size)
+        if self.book.law.distinct and self.tree.max_width > self.vocab:
+            raise ValueError(
+                f"tree width {self.tree.max_width} exceeds the vocabulary ({self.vocab} tokens); "
+                f"law {self.book.law.name!r} draws distinct tokens"
+            )
+        self.target = ModelRunner(pair.target)
+        self.draft = ModelRunner(pair.draft)
+        if check_attention:
+            with torch.inference_mode():
+                check_tree_attention(self.target, "target", self.vocab)
+                check_tree_attention(self.draft, "draft", self.vocab)
+        self.eos = eos_ids(pair)
+        # frozen masks: target over all nodes; draft per level d = 1..D-1
+        self._target_mask = self.target.additive(self.tree.ancestor_mask[1:, 1:])
+        self._level_masks = {d: self.draft.additive(self.tree.level_mask(d))
+                             for d in range(1, self.tree.depth)}
+
+    # -------------------------------------------------------------- public
+    @torch.inference_mode()
+    def generate_one(self, prompt, rng: np.random.Generator,
+                     on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+        ids = encode_prompt(self.pair, prompt)
+        ctx = check_context(self.pair, ids, self.tree.depth)
+        stats = DecodeStats(depth=self.tree.depth, sequences=1)
+        start = time.perf_counter()
+        self.target.reset()
+        self.draft.reset()
+        self.target.calls = self.draft.calls = 0
+        seq = list(ids)
+        out: list[int] = []
+        reason = "length"
+        while True:
+            emitted = self.step(seq, rng, stats)
+            new, stop = _finish(emitted, self.sampling.max_new_tokens - len(out), self.eos,
+                                self.sampling.stop_on_eos)
+            out += new
+            seq += new
+            if on_tokens:
+                on_tokens(new)
+            if stop:
+                reason = stop
+                break
+            if ctx is not None and len(seq) + self.tree.depth > ctx:
+                reason = "context"
+                break
+        stats.new_tokens = len(out)
+        stats.target_calls = self.target.calls
+        stats.draft_calls = self.draft.calls
+        self.target.calls = self.draft.calls = 0
+        stats.total_time = time.perf_counter() - start
+        if stats.steps >= 8 and stats.depth_tries[0] and (
+                stats.depth_expected[0] / stats.depth_tries[0] < LOW_ACCEPTANCE_WARNING):
+            import warnings
+
+            warnings.warn(
+                f"acceptance at depth 1 is {stats.depth_expected[0] / stats.depth_tries[0]:.3f}: "
+                "the draft model rarely agrees with the target; use a shallower tree",
+                stacklevel=2)
+        return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
+
+    # -------------------------------------------------------------- one step
+    def draft_tree(self, seq: list[int], rng: np.random.Generator) -> DraftedTree:
+        """Expand the tree with the draft model (its cache then holds seq + depths 1..D-1)."""
+        tree, probs = self.tree, self.sampling.probs
+        n = tree.num_nodes
+        tokens = np.zeros(n, dtype=np.int64)
+        valid = np.zeros(n, dtype=bool)
+        rules, qs = {}, {}
+        # level 0: the committed tokens the draft has not seen; q of the root
+        logits = self.draft.causal(np.asarray(seq[self.draft.cached:]), keep=1)
+        frontier = {-1: probs(logits[0])}  # node -> q(. | path to node), nodes with children
+        for d in range(1, tree.depth + 1):
+            for node, q in frontier.items():
+                kids = tree.children(node)
+                drafts, rule = draft_children(q, len(kids), self.book, rng)
+                k = drafts.size
+                tokens[kids.start:kids.start + k] = drafts
+                tokens[kids.start + k:kids.stop] = drafts[0]  # unused slots: never verified
+                valid[kids.start:kids.start + k] = True
+                rules[node], qs[node] = rule, q
+            if d == tree.depth:
+                break
+            level = tree.level(d)
+            logits = self.draft.tree(tokens[level.start:level.stop], 0, self._level_masks[d],
+                                     tree.depths[level.start:level.stop], len(seq) - 1,
+                                     keep=len(level))
+            rows = np.flatnonzero(valid[level.start:level.stop])
+            row_probs = probs(logits[rows])  # float64 only for the valid rows
+            frontier = {level.start + int(r): row_probs[j] for j, r in enumerate(rows)}
+        return DraftedTree(tokens, valid, rules, qs)
+
+    def target_logits(self, seq: list[int], drafted: DraftedTree) -> np.ndarray:
+        """Target logits of the root (row 0) and every node (row i + 1), float32 [N + 1, V]."""
+        fresh = np.asarray(seq[self.target.cached:])
+        n = self.tree.num_nodes
+        return self.target.tree(np.concatenate([fresh, drafted.tokens]), len(fresh),
+                                self._target_mask, self.tree.depths, len(seq) - 1, keep=n + 1)
+
+    def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
+        """One draft / verify step after ``seq``; returns the emitted tokens."""
+        t0 = time.perf_counter()
+        drafted = self.draft_tree(seq, rng)
+        t1 = time.perf_counter()
+        logits = self.target_logits(seq, drafted)
+        t2 = time.perf_counter()
+        probs = self.sampling.probs
+        result = walk(self.tree, drafted, lambda node: probs(logits[node + 1]), rng)
+        t3 = time.perf_counter()
+        # keep the committed prefix + the accepted path in both caches
+        base = len(seq)
+        path = np.asarray(result.path, dtype=np.int64)
+        self.target.keep_positions(base, base + path)
+        self.draft.keep_positions(base, base + path[self.tree.depths[path] < self.tree.depth])
+        t4 = time.perf_counter()
+        self.last_step = (drafted, logits, result)  # for inspection and tests
+        # statistics
+        stats.steps += 1
+        stats.step_tokens += len(result.emitted)
+        stats.accepted += len(result.path)
+        for d, expected in enumerate(result.expected_accept):
+            stats.depth_tries[d] += 1
+            stats.depth_expected[d] += expected
+            stats.depth_accepts[d] += d < len(result.path)
+        stats.draft_time += t1 - t0
+        stats.target_time += t2 - t1
+        stats.verify_time += (t3 - t2) + (t4 - t3)
+        return result.emitted

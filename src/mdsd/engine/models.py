@@ -1,0 +1,197 @@
+"""What the engine needs from a Hugging Face causal LM: checks, tree forwards, KV-cache surgery.
+
+Tree attention (spec section 6): the new tokens of a forward are (a) committed tokens not yet in
+the cache, attended causally, then (b) tree nodes, each attending to everything committed, its
+ancestors and itself. The model gets an additive float 4-D mask ``[1, 1, queries, keys]`` (0 =
+visible, dtype minimum = hidden), which both the SDPA and the eager attention paths of
+transformers 5.x use as given, and explicit position ids (a node's position is the root's position
+plus its depth). After verification only the accepted path is kept: ``keep_positions`` moves the
+accepted entries next to the committed prefix in every layer and drops the rest.
+
+Supported: decoder-only models whose cache is a plain ``DynamicCache`` of full-attention layers,
+with SDPA or eager attention, from the families in ``SUPPORTED_MODEL_TYPES``; on top of that,
+``check_tree_attention`` compares a tree forward with plain forwards once per model, so a model
+that ignores custom 4-D masks is refused instead of decoding from a wrong distribution.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "mistral", "qwen2", "qwen3")
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+MASK_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # else 2e-2 (half precision)
+
+
+def check_supported(model, name: str) -> None:
+    """Raise ValueError (naming ``name``: target or draft) for a model the engine cannot drive."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{name} model type {model_type!r} is not supported by tree decoding; supported: "
+            f"{list(SUPPORTED_MODEL_TYPES)}"
+        )
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    if attn not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"{name} model uses attention {attn!r}; tree decoding needs one that honours 4-D "
+            f"masks: {list(SUPPORTED_ATTENTION)} (load with attn_implementation='sdpa')"
+        )
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        if model_type != "llama":
+            raise ValueError(f"{name} model uses sliding-window attention, which is not supported")
+
+
+def context_length(model) -> int | None:
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value:
+            return int(value)
+    return None
+
+
+class ModelRunner:
+    """A causal LM with its DynamicCache and the three forwards the engine uses.
+
+    All methods run under the caller's ``torch.inference_mode()``. Logits come back as float32
+    numpy arrays [rows, V] (the engine converts only the rows it needs to float64).
+    """
+
+    def __init__(self, model):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        self.hidden = torch.finfo(self.dtype).min
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._dynamic_cache = DynamicCache
+        self.cache = None
+        self.calls = 0
+        self._checked_layers = False
+
+    # ------------------------------------------------------------------ cache
+    def reset(self) -> None:
+        self.cache = self._dynamic_cache(config=self.model.config)
+        self._checked_layers = False
+
+    @property
+    def cached(self) -> int:
+        return 0 if self.cache is None else int(self.cache.get_seq_length())
+
+    def _check_layers(self) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        for layer in self.cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise ValueError(
+                    f"model {type(self.model).__name__} uses cache layers of type "
+                    f"{type(layer).__name__}; tree decoding needs plain full-attention layers"
+                )
+        self._checked_layers = True
+
+    def keep_positions(self, base: int, extra: np.ndarray) -> None:
+        """Keep cache entries 0..base-1 followed by the entries at absolute positions ``extra``."""
+        extra = np.asarray(extra, dtype=np.int64)
+        k = extra.size
+        contiguous = k == 0 or bool(np.all(extra == np.arange(base, base + k)))
+        idx = None if contiguous else torch.as_tensor(extra, device=self.device)
+        for layer in self.cache.layers:
+            keys, values = layer.keys, layer.values
+            if idx is not None:
+                keys[:, :, base:base + k] = keys[:, :, idx]  # the gather copies before writing
+                values[:, :, base:base + k] = values[:, :, idx]
+            layer.keys = keys[:, :, :base + k]
+            layer.values = values[:, :, :base + k]
+
+    # ------------------------------------------------------------------ forwards
+    def _forward(self, ids, keep: int, **kwargs) -> np.ndarray:
+        out = self.model(
+            input_ids=torch.as_tensor(ids, dtype=torch.long, device=self.device)[None, :],
+            use_cache=True,
+            logits_to_keep=keep,
+            **{self._cache_kw: self.cache},
+            **kwargs,
+        )
+        self.calls += 1
+        if not self._checked_layers:
+            self._check_layers()
+        return out.logits[0].float().cpu().numpy()  # [keep, V]
+
+    def causal(self, ids: np.ndarray, keep: int = 1) -> np.ndarray:
+        """Plain causal forward of ``ids`` after the cache; logits of the last ``keep`` rows."""
+        return self._forward(ids, keep)
+
+    def tree(self, ids: np.ndarray, num_causal: int, tree_mask: torch.Tensor,
+             node_depths: np.ndarray, root_position: int, keep: int) -> np.ndarray:
+        """Forward ``ids`` = num_causal committed tokens, then T tree nodes.
+
+        tree_mask: [T, C_tree] additive float over the keys that belong to the tree (the last
+            C_tree keys, ending with these nodes); tree nodes see every earlier key.
+        node_depths: [T] depth of each node; its position id is root_position + depth.
+        root_position: position of the root (the last committed token).
+        """
+        cached = self.cached
+        total_new = len(ids)
+        num_tree = total_new - num_causal
+        keys = cached + total_new
+        mask = torch.zeros((total_new, keys), dtype=self.dtype, device=self.device)
+        if num_causal > 1:  # causal block of the committed tokens
+            mask[:num_causal, cached:cached + num_causal] = torch.triu(
+                torch.full((num_causal, num_causal), self.hidden, dtype=self.dtype,
+                           device=self.device), diagonal=1)
+        if num_causal > 0:  # committed tokens never see the tree
+            mask[:num_causal, cached + num_causal:] = self.hidden
+        mask[num_causal:, keys - tree_mask.shape[1]:] = tree_mask
+        positions = np.concatenate([np.arange(cached, cached + num_causal),
+                                    root_position + np.asarray(node_depths)])
+        assert positions.size == total_new and num_tree == len(node_depths)
+        return self._forward(
+            ids, keep,
+            attention_mask=mask[None, None],
+            position_ids=torch.as_tensor(positions, dtype=torch.long, device=self.device)[None],
+        )
+
+    def additive(self, visible: np.ndarray) -> torch.Tensor:
+        """Bool visibility [..] -> additive float mask on the model's device and dtype."""
+        out = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        out[torch.as_tensor(~visible, device=self.device)] = self.hidden
+        return out
+
+
+def check_tree_attention(runner: ModelRunner, name: str, vocab: int, seed: int = 0) -> None:
+    """Refuse a model whose tree forward differs from plain forwards (4-D mask ignored).
+
+    Context of 3 tokens, tree (2, 1): compares the logits of every tree node with a plain
+    forward over context + path. Raises ValueError naming ``name``.
+    """
+    from mdsd.engine.tree import build_tree
+
+    tree = build_tree((2, 1))
+    gen = np.random.default_rng(seed)
+    context = gen.integers(0, vocab, size=3)
+    nodes = gen.integers(0, vocab, size=tree.num_nodes)
+    tol = MASK_CHECK_TOLERANCE.get(runner.dtype, 2e-2)
+    mask = runner.additive(tree.ancestor_mask[1:, 1:])  # [N, N] over the tree's keys
+    runner.reset()
+    runner.causal(context[:-1])
+    got = runner.tree(np.concatenate([context[-1:], nodes]), 1, mask, tree.depths,
+                      root_position=len(context) - 1, keep=tree.num_nodes)
+    for i in range(tree.num_nodes):
+        path = [i] if tree.parents[i] < 0 else [int(tree.parents[i]), i]
+        runner.reset()
+        want = runner.causal(np.concatenate([context, nodes[path]]), keep=1)[0]
+        scale = max(1.0, float(np.abs(want).max()))
+        if not np.allclose(got[i], want, atol=tol * scale, rtol=0):
+            raise ValueError(
+                f"{name} model {type(runner.model).__name__} does not honour custom 4-D attention "
+                f"masks (tree logits differ from a plain forward by "
+                f"{float(np.abs(got[i] - want).max()):.3g}); tree decoding is not supported for it"
+            )
+    runner.reset()

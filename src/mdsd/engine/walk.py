@@ -1,0 +1,201 @@
+"""Tree drafting and node-by-node verification, in pure numpy (no model, no torch).
+
+The engine (``mdsd.engine.decode``) gets probabilities from the models and calls these functions;
+tests call the same functions to compute the *exact* law of what the engine emits
+(``emission_law``), so the sampling code and the law it is checked against share every rule.
+
+Rules (spec section 6):
+
+* Each node's children are drawn from q(. | path to the node) by the draft law, with
+  ``node_rule``: the number of children actually drafted is ``n_eff`` = the tree width, except
+  that a law drawing distinct tokens drafts at most |supp q| of them (top-k / top-p / temperature 0
+  can leave fewer tokens than the width), and any law drafts a single token when q is one-hot
+  (temperature 0: the tree becomes the draft's greedy chain, verification the longest match).
+  Unused child slots are marked invalid and never verified. ``spechub`` is defined for 2 drafts
+  only; where a node drafts a single token it uses classic single-draft speculative sampling
+  (law ``iid``, verifier ``rrs``). Every such choice depends on q only, so at every node the
+  drafts are exactly distributed by the (law, n_eff) the verifier is told about: exactness holds.
+* Verification starts at the root: run the verifier over the node's valid children with
+  p(. | path); if it emits a child's token, descend into that child (the first child holding
+  that token, a choice that does not look at the subtrees); otherwise the emitted (recovered)
+  token ends the step. At a node without valid children (an accepted leaf), emit a bonus token
+  from p(. | path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mdsd.laws import DraftLaw, get_law
+from mdsd.verifiers import Verifier, resolve
+
+SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
+
+
+@dataclass(frozen=True)
+class NodeRule:
+    """How one node drafts and verifies: n_eff drafts from ``law``, checked by ``verifier``."""
+
+    n_eff: int
+    law: DraftLaw
+    verifier: Verifier
+
+
+class RuleBook:
+    """The (law, verifier) of a run and the per-node rule; validated once.
+
+    Raises ValueError naming ``law`` / ``verifier`` for unknown names or a verifier that is not
+    exact for the law (``mdsd.verifiers.resolve``), and naming ``tree`` for a width the law cannot
+    draft (spechub needs widths <= 2).
+    """
+
+    def __init__(self, law: str | None, verifier: str, widths: tuple[int, ...]):
+        self.verifier, self.law = resolve(verifier, law)
+        if self.law.name == "spechub" and max(widths) > 2:
+            raise ValueError(f"law 'spechub' drafts 2 tokens per node; tree widths {widths} > 2")
+        single_verifier, single_law = resolve(*SINGLE_DRAFT)
+        self._single = NodeRule(1, single_law, single_verifier)
+        self._cache: dict[tuple[int, int], NodeRule] = {}
+
+    def rule(self, width: int, support: int) -> NodeRule:
+        """The rule of a node with ``width`` child slots whose q has ``support`` tokens."""
+        key = (width, support)
+        rule = self._cache.get(key)
+        if rule is None:
+            if support <= 1:
+                n_eff = 1
+            elif self.law.distinct:
+                n_eff = min(width, support)
+            else:
+                n_eff = width
+            if n_eff == 1 and self.law.name == "spechub":
+                rule = self._single
+            else:
+                rule = NodeRule(n_eff, self.law, self.verifier)
+            self._cache[key] = rule
+        return rule
+
+
+def support_of(q: np.ndarray) -> int:
+    return int(np.count_nonzero(q))
+
+
+def categorical(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw from a probability vector [V] by inverse CDF (zero-mass tokens never drawn)."""
+    cdf = np.cumsum(probs)
+    u = rng.random() * cdf[-1]
+    return min(int(np.searchsorted(cdf, u, side="right")), probs.size - 1)
+
+
+def draft_children(q: np.ndarray, width: int, book: RuleBook,
+                   rng: np.random.Generator) -> tuple[np.ndarray, NodeRule]:
+    """Draw the children of one node: (tokens [n_eff] in draw order, the node's rule)."""
+    rule = book.rule(width, support_of(q))
+    if rule.n_eff == 1:  # every law with one draft is one categorical draw from q
+        return np.array([categorical(q, rng)], dtype=np.int64), rule
+    return rule.law.sample(q, rule.n_eff, rng), rule
+
+
+def node_output_law(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, rule: NodeRule) -> np.ndarray:
+    """pi(. | drafts) at one node: the law of the emitted token, float64 [V]."""
+    return rule.verifier.output_law(p[None, :], q[None, :], drafts[None, :], rule.law)[0]
+
+
+@dataclass
+class DraftedTree:
+    """One drafted tree: tokens of every node slot and the per-node rules (N = tree.num_nodes).
+
+    tokens: [N] int64 (invalid slots hold a copy of a valid sibling token, never verified).
+    valid:  [N] bool.
+    rules:  node (-1 = root) -> NodeRule used to draft its children (only nodes with children).
+    draft_probs: node (-1 = root) -> q [V] float64 the children were drawn from.
+    """
+
+    tokens: np.ndarray
+    valid: np.ndarray
+    rules: dict
+    draft_probs: dict
+
+
+@dataclass
+class WalkResult:
+    """Outcome of verifying one drafted tree.
+
+    path:    accepted nodes, root to deepest.
+    emitted: the emitted tokens: the accepted path's tokens then one recovered or bonus token.
+    bonus:   True when the last token is a bonus token (the whole path to a leaf was accepted).
+    expected_accept: per visited depth, the acceptance probability given the drafts
+             (mass of pi on the drafted tokens; a noise-free acceptance estimate).
+    """
+
+    path: list
+    emitted: list
+    bonus: bool
+    expected_accept: list
+
+
+def walk(tree, drafted: DraftedTree, target_probs: Callable[[int], np.ndarray],
+         rng: np.random.Generator) -> WalkResult:
+    """Verify a drafted tree node by node; ``target_probs(node)`` gives p(. | path to node)."""
+    node, path, expected = -1, [], []
+    while True:
+        p = target_probs(node)
+        kids = [c for c in tree.children(node) if drafted.valid[c]]
+        if not kids:  # accepted leaf: bonus token
+            return WalkResult(path, [int(drafted.tokens[i]) for i in path] + [categorical(p, rng)],
+                              True, expected)
+        drafts = drafted.tokens[kids]
+        pi = node_output_law(p, drafted.draft_probs[node], drafts, drafted.rules[node])
+        expected.append(float(pi[np.unique(drafts)].sum()))
+        y = categorical(pi, rng)
+        hits = np.flatnonzero(drafts == y)
+        if hits.size == 0:  # recovered token ends the step
+            return WalkResult(path, [int(drafted.tokens[i]) for i in path] + [y], False, expected)
+        node = kids[int(hits[0])]
+        path.append(node)
+
+
+def emission_law(tree, drafted: DraftedTree, target_probs: Callable[[int], np.ndarray],
+                 tol: float = 0.0) -> dict[tuple[int, ...], float]:
+    """Exact law of ``walk(...).emitted`` for a fixed drafted tree (enumerates every branch).
+
+    Returns {emitted token tuple: probability}; branches of probability <= tol are dropped.
+    """
+    out: dict[tuple[int, ...], float] = {}
+
+    def visit(node, prefix, mass):
+        p = target_probs(node)
+        kids = [c for c in tree.children(node) if drafted.valid[c]]
+        if not kids:
+            for y in np.flatnonzero(p > 0):
+                key = prefix + (int(y),)
+                out[key] = out.get(key, 0.0) + mass * p[y]
+            return
+        drafts = drafted.tokens[kids]
+        pi = node_output_law(p, drafted.draft_probs[node], drafts, drafted.rules[node])
+        for y in np.flatnonzero(pi > 0):
+            m = mass * pi[y]
+            if m <= tol:
+                continue
+            hits = np.flatnonzero(drafts == y)
+            if hits.size == 0:
+                key = prefix + (int(y),)
+                out[key] = out.get(key, 0.0) + m
+            else:
+                visit(kids[int(hits[0])], prefix + (int(y),), m)
+
+    visit(-1, (), 1.0)
+    return out
+
+
+def enumerate_children(q: np.ndarray, width: int, book: RuleBook):
+    """Every children tuple ``draft_children`` can return, with its probability and the rule."""
+    rule = book.rule(width, support_of(q))
+    if rule.n_eff == 1:
+        support = np.flatnonzero(q > 0)
+        return [(np.array([t]), float(q[t])) for t in support], rule
+    tuples, probs = get_law(rule.law).enumerate(q, rule.n_eff)
+    return [(t, float(pr)) for t, pr in zip(tuples, probs)], rule
