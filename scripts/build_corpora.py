@@ -17,6 +17,7 @@ the prompts)::
     data_build/corpora/<domain>.<split>.jsonl   {"domain", "source", "text"} per document
     data_build/corpora/manifest.json            sources, licences, sizes, sha256
     src/mdsd/data/prompts/<domain>.jsonl        held-out prompts {"domain", "source", "prompt"}
+    src/mdsd/data/prompts/LICENSE-<domain>.txt  licence of the quoted source
 
 Usage::
 
@@ -86,9 +87,7 @@ def code_documents(stdlib: Path) -> list[dict]:
 
 def prose_documents() -> list[dict]:
     """One document per book of the KJV, read with the Debian ``bible`` program."""
-    raw = subprocess.run(
-        ["bible", "-l100000", KJV_RANGE], check=True, capture_output=True, text=True
-    ).stdout
+    raw = subprocess.run(["bible", "-l100000", KJV_RANGE], check=True, capture_output=True, text=True).stdout
     heading = re.compile(r"^(\S.*) (\d+)$")
     verse = re.compile(r"^\s*(\d+) (.*)$")
     books: dict[str, list[str]] = {}
@@ -108,8 +107,7 @@ def prose_documents() -> list[dict]:
         else:
             raise ValueError(f"unparsed KJV line: {line!r}")
     return [
-        {"domain": "prose", "source": name, "text": "\n".join(lines) + "\n"}
-        for name, lines in books.items()
+        {"domain": "prose", "source": name, "text": "\n".join(lines) + "\n"} for name, lines in books.items()
     ]
 
 
@@ -156,9 +154,7 @@ def sample_prompts(heldout: list[dict], n: int, rng: np.random.Generator) -> lis
         if not PROMPT_MIN_CHARS <= len(text) <= PROMPT_MAX_CHARS:
             continue
         used.update((k, i) for i in range(start, end))
-        prompts.append(
-            {"domain": heldout[k]["domain"], "source": heldout[k]["source"], "prompt": text}
-        )
+        prompts.append({"domain": heldout[k]["domain"], "source": heldout[k]["source"], "prompt": text})
     if len(prompts) < n:
         raise RuntimeError(f"only {len(prompts)} of {n} prompts could be drawn")
     return prompts
@@ -222,6 +218,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(prompts)} prompts"
         )
     (OUT_DIR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # the prompts quote the sources: ship their licence texts next to them
+    for domain, info in sources.items():
+        text = Path(info["licence_file"]).read_text(encoding="utf-8")
+        (PROMPT_DIR / f"LICENSE-{domain}.txt").write_text(
+            f"Licence of the text quoted in {domain}.jsonl: {info['licence']}\n"
+            f"Source: {info['description']}\nCopied from {info['licence_file']}:\n\n{text}",
+            encoding="utf-8",
+        )
 
 
 if __name__ == "__main__":

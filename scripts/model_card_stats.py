@@ -1,0 +1,157 @@
+"""Measure the numbers of MODEL_CARD.md for a target/draft pair (default: the bundled pair).
+
+For each domain, on the held-out corpus of ``scripts/build_corpora.py`` (documents never seen
+in training), teacher-forced over non-overlapping 512-token windows:
+
+* held-out loss (mean next-token cross-entropy, nats) and perplexity of target and draft;
+* mean single-draft acceptance ``sum_x min(p_x, q_x)`` per position, where
+  ``p = softmax(target_logits / T)`` and ``q = softmax(draft_logits / T)`` are computed in
+  float64 from float32 logits, at T = 0.3, 0.7, 1.0; and the greedy agreement
+  ``argmax p == argmax q`` (the T -> 0 limit of the acceptance).
+
+And the cost of one decoding step: batch 1, one new token, KV cache holding a ~200-token held-out
+context, 2 threads, median wall time of STEPS calls per model, and the target/draft ratio.
+
+Usage::
+
+    python scripts/model_card_stats.py [--max-windows 64] [--out data_build/model_card_stats.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdsd.models import bundled_prompts, load_pair
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN_DIR = REPO / "data_build" / "tokens"
+CONTEXT = 512
+TEMPERATURES = (0.3, 0.7, 1.0)
+BATCH_WINDOWS = 4
+NUM_THREADS = 2
+TIMING_CONTEXT = 200  # tokens in the KV cache before the timed steps
+TIMING_WARMUP = 20
+TIMING_STEPS = 200
+
+
+def acceptance(
+    target_logits: torch.Tensor, draft_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Per-position ``sum_x min(p_x, q_x)``, p/q = softmax(logits / T) in float64.
+
+    Args:
+        target_logits, draft_logits: ``[positions, vocab]``.
+
+    Returns:
+        ``[positions]`` float64 in [0, 1]; 1 iff the two laws coincide.
+    """
+    p = torch.softmax(target_logits.double() / temperature, dim=-1)  # [positions, vocab]
+    q = torch.softmax(draft_logits.double() / temperature, dim=-1)  # [positions, vocab]
+    return torch.minimum(p, q).sum(dim=-1)
+
+
+@torch.inference_mode()
+def domain_stats(pair, stream: np.ndarray, max_windows: int) -> dict:
+    n = min((stream.size - 1) // CONTEXT, max_windows)
+    sums = {"target_nll": 0.0, "draft_nll": 0.0, "greedy": 0.0}
+    sums |= {f"accept_T{t}": 0.0 for t in TEMPERATURES}
+    count = 0
+    for i in range(0, n, BATCH_WINDOWS):
+        windows = [
+            stream[j * CONTEXT : (j + 1) * CONTEXT] for j in range(i, min(n, i + BATCH_WINDOWS))
+        ]
+        ids = torch.from_numpy(np.stack(windows).astype(np.int64))  # [b, CONTEXT]
+        labels = ids[:, 1:].reshape(-1)  # [positions]
+        vocab = pair.vocab_size
+        t_logits = pair.target(input_ids=ids).logits[:, :-1].float().reshape(-1, vocab)
+        d_logits = pair.draft(input_ids=ids).logits[:, :-1].float().reshape(-1, vocab)
+        ce = torch.nn.functional.cross_entropy
+        sums["target_nll"] += ce(t_logits.double(), labels, reduction="sum").item()
+        sums["draft_nll"] += ce(d_logits.double(), labels, reduction="sum").item()
+        sums["greedy"] += (t_logits.argmax(-1) == d_logits.argmax(-1)).double().sum().item()
+        for t in TEMPERATURES:
+            sums[f"accept_T{t}"] += acceptance(t_logits, d_logits, t).sum().item()
+        count += labels.numel()
+    out = {k: v / count for k, v in sums.items()}
+    out["target_ppl"] = math.exp(out["target_nll"])
+    out["draft_ppl"] = math.exp(out["draft_nll"])
+    out["positions"] = count
+    return out
+
+
+@torch.inference_mode()
+def decode_step_seconds(model, context: torch.Tensor) -> float:
+    """Median seconds of one cached single-token forward after ``context`` ([1, seq])."""
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=context, use_cache=True)
+    cache = out[key]
+    token = context[:, -1:]  # [1, 1]
+    times = []
+    for step in range(TIMING_WARMUP + TIMING_STEPS):
+        start = time.perf_counter()
+        out = model(input_ids=token, use_cache=True, **{key: cache})
+        elapsed = time.perf_counter() - start
+        cache = out[key]
+        token = out.logits[:, -1:].argmax(-1)  # [1, 1]
+        if step >= TIMING_WARMUP:
+            times.append(elapsed)
+    return float(np.median(times))
+
+
+def timing_context(pair) -> torch.Tensor:
+    text = "\n".join(row["prompt"] for row in bundled_prompts("code")[:6])
+    ids = pair.tokenizer(text, return_tensors="pt")["input_ids"][:, :TIMING_CONTEXT]
+    assert ids.shape[1] == TIMING_CONTEXT, ids.shape
+    return ids  # [1, TIMING_CONTEXT]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-windows", type=int, default=64, help="per domain")
+    parser.add_argument("--out", type=Path, default=REPO / "data_build" / "model_card_stats.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(NUM_THREADS)
+
+    pair = load_pair()
+    result: dict = {"pair": pair.name, "temperatures": list(TEMPERATURES), "domains": {}}
+    for role, model in (("target", pair.target), ("draft", pair.draft)):
+        result[role] = {"parameters": sum(p.numel() for p in model.parameters())}
+
+    context = timing_context(pair)
+    for role, model in (("target", pair.target), ("draft", pair.draft)):
+        result[role]["decode_step_ms"] = 1e3 * decode_step_seconds(model, context)
+    result["decode_step_ratio"] = (
+        result["target"]["decode_step_ms"] / result["draft"]["decode_step_ms"]
+    )
+    print(
+        f"decode step: target {result['target']['decode_step_ms']:.3f} ms, "
+        f"draft {result['draft']['decode_step_ms']:.3f} ms, "
+        f"ratio {result['decode_step_ratio']:.2f}",
+        flush=True,
+    )
+
+    for domain in ("code", "prose"):
+        stream = np.load(TOKEN_DIR / f"{domain}.heldout.npy")
+        stats = domain_stats(pair, stream, args.max_windows)
+        result["domains"][domain] = stats
+        print(
+            f"{domain}: {stats['positions']} positions, target ppl {stats['target_ppl']:.3f}, "
+            f"draft ppl {stats['draft_ppl']:.3f}, greedy agreement {stats['greedy']:.4f}, "
+            + ", ".join(f"accept T={t}: {stats[f'accept_T{t}']:.4f}" for t in TEMPERATURES),
+            flush=True,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

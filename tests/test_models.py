@@ -1,0 +1,221 @@
+"""Tests of mdsd.models: loading pairs of HF causal LMs and the bundled pair and prompts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mdsd import models
+from mdsd.models import ModelPair, bundled_domains, bundled_prompts, load_pair
+
+TINY_VOCAB = 64
+PROMPT_MIN_CHARS, PROMPT_MAX_CHARS = 200, 400
+PROMPTS_PER_DOMAIN = 200
+
+
+# ---------------------------------------------------------------- tiny random pairs
+def _save_tiny(path, vocab_size: int, hidden: int = 16, layers: int = 1, seed: int = 0):
+    """A randomly initialised Llama and a word-level tokenizer of ``vocab_size`` tokens."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, vocab_size)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "target": _save_tiny(root / "target", TINY_VOCAB, hidden=32, layers=2, seed=0),
+        "draft": _save_tiny(root / "draft", TINY_VOCAB, hidden=16, layers=1, seed=1),
+        "other": _save_tiny(root / "other", TINY_VOCAB + 16, seed=2),
+    }
+
+
+def test_load_local_pair(tiny_dirs):
+    pair = load_pair(target=tiny_dirs["target"], draft=str(tiny_dirs["draft"]))
+    assert isinstance(pair, ModelPair)
+    assert pair.vocab_size == TINY_VOCAB
+    assert len(pair.tokenizer) == TINY_VOCAB
+    assert pair.target.config.num_hidden_layers == 2
+    assert pair.draft.config.num_hidden_layers == 1
+    for model in (pair.target, pair.draft):
+        assert not model.training
+        assert model.dtype == torch.float32
+        assert model.device.type == "cpu"
+    ids = pair.tokenizer("w5 w7 w9", return_tensors="pt")["input_ids"]  # [1, 3]
+    assert ids.tolist() == [[5, 7, 9]]
+    with torch.inference_mode():
+        logits = pair.target(input_ids=ids).logits  # [1, 3, vocab]
+    assert logits.shape == (1, 3, TINY_VOCAB)
+    assert str(tiny_dirs["target"]) in pair.name and str(tiny_dirs["draft"]) in pair.name
+
+
+def test_pair_is_frozen(tiny_dirs):
+    pair = load_pair(target=tiny_dirs["target"], draft=tiny_dirs["draft"])
+    with pytest.raises(AttributeError):
+        pair.name = "x"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        ("bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("fp32", torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (None, torch.float32),
+    ],
+)
+def test_dtype(tiny_dirs, dtype, expected):
+    pair = load_pair(target=tiny_dirs["target"], draft=tiny_dirs["draft"], dtype=dtype)
+    assert pair.target.dtype == expected
+    assert pair.draft.dtype == expected
+
+
+def test_bad_arguments_raise(tiny_dirs):
+    with pytest.raises(ValueError, match="dtype"):
+        load_pair(target=tiny_dirs["target"], draft=tiny_dirs["draft"], dtype="int8")
+    with pytest.raises(ValueError, match="device"):
+        load_pair(target=tiny_dirs["target"], draft=tiny_dirs["draft"], device="not-a-device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            load_pair(target=tiny_dirs["target"], draft=tiny_dirs["draft"], device="cuda")
+
+
+def test_auto_device(tiny_dirs):
+    pair = load_pair(target=tiny_dirs["target"], draft=tiny_dirs["draft"], device="auto")
+    assert pair.target.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_mismatched_vocabularies_raise(tiny_dirs):
+    with pytest.raises(ValueError, match=rf"{TINY_VOCAB}.*{TINY_VOCAB + 16}"):
+        load_pair(target=tiny_dirs["target"], draft=tiny_dirs["other"])
+    with pytest.raises(ValueError, match=rf"{TINY_VOCAB + 16}.*{TINY_VOCAB}"):
+        load_pair(target=tiny_dirs["other"], draft=tiny_dirs["draft"])
+    # against the bundled pair (vocabulary 8192)
+    with pytest.raises(ValueError, match=rf"8192.*{TINY_VOCAB}"):
+        load_pair(draft=tiny_dirs["draft"])
+
+
+def test_mismatched_tokenizers_raise(tiny_dirs, tmp_path):
+    # same config.vocab_size, but the draft's tokenizer is larger
+    draft = _save_tiny(tmp_path / "draft", TINY_VOCAB + 8)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_dirs["draft"])
+    LlamaForCausalLM(config).save_pretrained(draft)
+    with pytest.raises(ValueError, match=rf"{TINY_VOCAB}.*{TINY_VOCAB + 8}"):
+        load_pair(target=tiny_dirs["target"], draft=draft)
+
+
+def test_import_is_light():
+    # the module itself defines no loaded state: nothing heavy is bound at import time
+    assert not any(name in vars(models) for name in ("transformers", "AutoModelForCausalLM"))
+
+
+# ---------------------------------------------------------------- bundled prompts
+def test_bundled_domains():
+    assert bundled_domains() == ["code", "prose"]
+
+
+@pytest.mark.parametrize("domain", ["code", "prose"])
+def test_bundled_prompts(domain):
+    rows = bundled_prompts(domain)
+    assert len(rows) == PROMPTS_PER_DOMAIN
+    for row in rows:
+        assert set(row) == {"domain", "source", "prompt"}
+        assert row["domain"] == domain
+        assert row["source"]
+        assert PROMPT_MIN_CHARS <= len(row["prompt"]) <= PROMPT_MAX_CHARS
+    assert len({row["prompt"] for row in rows}) == len(rows)  # no duplicates
+
+
+def test_bundled_prompts_all_and_unknown():
+    rows = bundled_prompts()
+    assert len(rows) == PROMPTS_PER_DOMAIN * len(bundled_domains())
+    assert [r["domain"] for r in rows] == sorted(r["domain"] for r in rows)
+    with pytest.raises(ValueError, match="available"):
+        bundled_prompts("poetry")
+
+
+def test_prompt_files_are_jsonl():
+    with models._package_path("data", "prompts") as directory:
+        for path in directory.glob("*.jsonl"):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                assert isinstance(json.loads(line), dict)
+
+
+# ---------------------------------------------------------------- bundled pair
+@pytest.fixture(scope="module")
+def bundled():
+    return load_pair()
+
+
+def test_bundled_pair_shapes(bundled):
+    assert bundled.name == models.BUNDLED_NAME
+    assert bundled.vocab_size == 8192 == len(bundled.tokenizer)
+    assert bundled.target.dtype == torch.float32  # stored as float16, loaded as float32
+    assert bundled.target.config.tie_word_embeddings
+    assert bundled.target.config.num_hidden_layers > bundled.draft.config.num_hidden_layers
+    assert bundled.tokenizer.eos_token is not None and bundled.tokenizer.bos_token is not None
+    text = "def f(x):\n    return x + 1\n"
+    assert bundled.tokenizer.decode(bundled.tokenizer(text)["input_ids"]) == text
+
+
+def _mean_loss(model, tokenizer, prompts: list[str]) -> float:
+    losses = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # [1, seq]
+            losses.append(model(input_ids=ids, labels=ids).loss.item())
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("domain", ["code", "prose"])
+def test_bundled_target_beats_draft(bundled, domain):
+    prompts = [row["prompt"] for row in bundled_prompts(domain)[:8]]
+    target_loss = _mean_loss(bundled.target, bundled.tokenizer, prompts)
+    draft_loss = _mean_loss(bundled.draft, bundled.tokenizer, prompts)
+    assert target_loss < draft_loss
+    assert target_loss < 4.0  # nats/token; an untrained model sits at log(8192) ~ 9.0
+
+
+def test_bundled_forward_with_cache(bundled):
+    import inspect
+
+    # transformers 5.x names the KV cache ``cache``; 4.x named it ``past_key_values``
+    key = (
+        "cache"
+        if "cache" in inspect.signature(bundled.target.forward).parameters
+        else ("past_key_values")
+    )
+    ids = bundled.tokenizer("import os\n", return_tensors="pt")["input_ids"]  # [1, seq]
+    with torch.inference_mode():
+        full = bundled.target(input_ids=ids).logits[:, -1]  # [1, vocab]
+        prefix = bundled.target(input_ids=ids[:, :-1], use_cache=True)
+        step = bundled.target(input_ids=ids[:, -1:], use_cache=True, **{key: prefix[key]}).logits[
+            :, -1
+        ]  # [1, vocab]
+    torch.testing.assert_close(full, step, atol=1e-4, rtol=1e-4)
