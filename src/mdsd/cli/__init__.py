@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 
 from mdsd.cli import core  # noqa: E402,F401  (registers commands on `app`)
+from mdsd.cli import experiments  # noqa: E402,F401
 
 
 def main() -> None:

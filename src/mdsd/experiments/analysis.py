@@ -1,0 +1,345 @@
+"""Per-position acceptance metrics from cached logits, and their aggregation with 95% CIs.
+
+For one (dataset, T) all positions are processed at once as [B, W] arrays (W = the vocabulary, or
+with top-k drafting the union of the two models' top-k sets, which holds all of p's and q's mass):
+
+* alpha* of every draft law (``mdsd.optimal_acceptance``, batched);
+* the acceptance rate of every (verifier, law) pair with the verifier exact for the law, by the
+  first exact method available:
+  1. the verifier's closed form (``Verifier.acceptance``);
+  2. a closed form computed here (``importance_acceptance``), until the core has one;
+  3. enumeration of all draft tuples, when every row has at most ``ENUM_LIMIT`` tuples;
+  4. otherwise Monte Carlo: ``mc_samples`` draft sets per position, each scored by its exact
+     conditional acceptance sum_{y in set(x)} pi(y | x) (Rao-Blackwellised), marked ``monte_carlo``
+     with its sampling standard error.
+
+Rows whose q has fewer than n positive tokens cannot draw n distinct drafts; distinct laws use
+n_eff = |supp q| there (counted in ``clamped``).
+
+Aggregation: the mean over positions, with a 95% CI clustered by prompt (positions of one
+generated sequence are correlated): se^2 = C/(C-1) * sum_c (sum_{i in c} (x_i - mean))^2 / N^2.
+The gap to the bound is a per-position difference, so its CI is paired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mdsd.acceptance import acceptance_rate
+from mdsd.bound import optimal_acceptance
+from mdsd.experiments.capture import Positions, datasets_in, load_positions
+from mdsd.experiments.config import MeasureConfig
+from mdsd.laws import get_law
+from mdsd.logits import process_logits
+from mdsd.verifiers import VERIFIERS, accepted_mass, get_verifier
+from mdsd.verifiers.classic import importance_law
+
+Z95 = 1.959963984540054
+ENUM_LIMIT = 2_000  # enumerate draft tuples exactly when every row has at most this many
+CHUNK_ELEMENTS = 2_000_000  # rows x width evaluated at once (memory of the batched kernels)
+BOUND_VERIFIER = "alpha*"  # the verifier column of the rows that report a law's bound itself
+ALL_DATASETS = "all"
+EXACT_SLACK = 1e-9  # an exact rate may exceed its bound by rounding only
+
+
+# ---------------------------------------------------------------- probabilities
+def position_probs(positions: Positions) -> tuple[np.ndarray, np.ndarray]:
+    """(p, q) float64 [B, W] at the positions' temperature.
+
+    Dense cache: process_logits over the full vocabulary. Top-k cache: each row is laid out on the
+    union of the two top-k sets, sorted by token id (so ties still break by lower id), padded with
+    columns where both logits are -inf; process_logits then gives exactly the top-k laws.
+    """
+    t = positions.temperature
+    if positions.target_index is None:
+        return (process_logits(positions.target_logits.astype(np.float64), t),
+                process_logits(positions.draft_logits.astype(np.float64), t))
+    t_idx, d_idx = positions.target_index.astype(np.int64), positions.draft_index.astype(np.int64)
+    batch = t_idx.shape[0]
+    union = np.sort(np.concatenate([t_idx, d_idx], axis=1), axis=1)  # [B, 2k], with repeats
+    width = union.shape[1]
+    stride = int(union.max()) + 1
+    keys = (union + stride * np.arange(batch)[:, None]).ravel()  # rows stay sorted
+    grids = []
+    for idx, values in ((t_idx, positions.target_logits), (d_idx, positions.draft_logits)):
+        # leftmost match: the first column holding the token; repeated columns stay -inf
+        where = np.searchsorted(keys, (idx + stride * np.arange(batch)[:, None]).ravel())
+        grid = np.full(batch * width, -np.inf)
+        grid[where] = values.astype(np.float64).ravel()
+        grids.append(grid.reshape(batch, width))
+    return process_logits(grids[0], t), process_logits(grids[1], t)
+
+
+# ---------------------------------------------------------------- exact rates
+def importance_acceptance(target_probs: np.ndarray, draft_probs: np.ndarray, n: int) -> np.ndarray:
+    """Exact acceptance of the ``importance`` verifier with n i.i.d. drafts, O(n V) per row.
+
+    Rank tokens by p/q decreasing (ties by lower id); G_k = q(rank >= k). The picked draft has rank k
+    with probability p_I(k) = G_k^n - G_{k+1}^n and is accepted w.p. a_k = min(1, p_k / p_I(k));
+    otherwise y ~ r = resid(p, p_I), which is accepted when y is one of the other drafts (all of
+    rank > k). With j > k, P(pick = k, j in set) = G_k^n - G_{k+1}^n - (G_k - q_j)^n +
+    (G_{k+1} - q_j)^n, and expanding the powers binomially with S_m(k) = sum_{j > k} r_j q_j^m:
+
+        alpha = sum_k min(p_k, p_I(k))
+                + sum_k (1 - a_k) sum_{m=1..n} C(n, m) (-1)^(m+1) S_m(k) (G_k^(n-m) - G_{k+1}^(n-m)).
+
+    [B, V] x [B, V] -> [B]. Checked against enumeration in the tests.
+    """
+    p, q = np.asarray(target_probs, np.float64), np.asarray(draft_probs, np.float64)
+    picked = importance_law(p, q, n)  # p_I, [B, V]
+    diff = np.maximum(p - picked, 0.0)
+    mass = diff.sum(axis=1, keepdims=True)
+    resid = np.where(mass > 0, diff / np.where(mass > 0, mass, 1.0), 0.0)  # r, [B, V]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weight = np.where(q > 0, p / np.where(q > 0, q, 1.0), -np.inf)
+    order = np.argsort(-weight, axis=1, kind="stable")  # rank order, q = 0 tokens last
+    p_s, q_s, pi_s, r_s = (np.take_along_axis(a, order, axis=1) for a in (p, q, picked, resid))
+    tail = np.minimum(np.cumsum(q_s[:, ::-1], axis=1)[:, ::-1], 1.0)  # G_k
+    after = np.concatenate([tail[:, 1:], np.zeros((p.shape[0], 1))], axis=1)  # G_{k+1}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accept = np.where(pi_s > 0, np.minimum(1.0, p_s / np.where(pi_s > 0, pi_s, 1.0)), 1.0)
+    total = np.minimum(p_s, pi_s).sum(axis=1)
+    second = np.zeros_like(total)
+    for m in range(1, n + 1):
+        terms = r_s * q_s**m
+        later = np.cumsum(terms[:, ::-1], axis=1)[:, ::-1] - terms  # S_m(k): ranks > k
+        coeff = math.comb(n, m) * (-1.0) ** (m + 1)
+        second += coeff * ((1.0 - accept) * later * (tail ** (n - m) - after ** (n - m))).sum(axis=1)
+    return np.clip(total + second, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class RateArrays:
+    """Per-position acceptance of one (verifier, law): value [B], Monte-Carlo variance of each
+    position's estimate (0 for exact methods), and the method."""
+
+    value: np.ndarray
+    mc_var: np.ndarray
+    method: str
+
+
+def _chunks(rows: int, width: int, per_row: int = 1):
+    size = max(1, CHUNK_ELEMENTS // max(1, width * per_row))
+    for start in range(0, rows, size):
+        yield slice(start, min(start + size, rows))
+
+
+def _monte_carlo(p, q, n, verifier, law, rng, samples) -> tuple[np.ndarray, np.ndarray]:
+    """Rao-Blackwellised estimate per row: mean over sampled x of sum_{y in set(x)} pi(y | x)."""
+    value, var = np.empty(p.shape[0]), np.empty(p.shape[0])
+    for part in _chunks(p.shape[0], p.shape[1], samples):
+        pb = np.repeat(p[part], samples, axis=0)  # [b * S, W]
+        qb = np.repeat(q[part], samples, axis=0)
+        x = law.sample(qb, n, rng)  # [b * S, n]
+        got = accepted_mass(verifier.output_law(pb, qb, x, law), x).reshape(-1, samples)
+        value[part] = got.mean(axis=1)
+        var[part] = got.var(axis=1, ddof=1) / samples if samples > 1 else np.inf
+    return value, var
+
+
+EXACT_CHUNK_ROWS = 256  # rows per call to a verifier's closed form (a chunk falls back alone)
+
+
+def exact_or_sampled(p, q, n, verifier, law, rng, samples) -> RateArrays:
+    """Acceptance of ``verifier`` under ``law`` per row, by the first available method (chosen
+    per chunk of rows; the method string joins the methods used, ``monte_carlo`` if any)."""
+    if p.shape[0] <= EXACT_CHUNK_ROWS:
+        return _exact_or_sampled(p, q, n, verifier, law, rng, samples)
+    parts = [_exact_or_sampled(p[s], q[s], n, verifier, law, rng, samples)
+             for s in (slice(i, i + EXACT_CHUNK_ROWS) for i in range(0, p.shape[0], EXACT_CHUNK_ROWS))]
+    methods = {part.method for part in parts}
+    return RateArrays(np.concatenate([part.value for part in parts]),
+                      np.concatenate([part.mc_var for part in parts]),
+                      "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(methods)))
+
+
+def _exact_or_sampled(p, q, n, verifier, law, rng, samples) -> RateArrays:
+    zeros = np.zeros(p.shape[0])
+    closed = verifier.acceptance(p, q, n, law)
+    if closed is not None:
+        return RateArrays(np.clip(np.asarray(closed, np.float64), 0.0, 1.0), zeros, "closed_form")
+    if verifier.name == "importance" and law.name == "iid":
+        return RateArrays(importance_acceptance(p, q, n), zeros, "closed_form")
+    if max(law.num_tuples(row, n) for row in q) <= ENUM_LIMIT:
+        rates = [acceptance_rate(pr, qr, n, verifier.name, law.name, method="enumeration").rate
+                 for pr, qr in zip(p, q)]
+        return RateArrays(np.asarray(rates), zeros, "enumeration")
+    value, var = _monte_carlo(p, q, n, verifier, law, rng, samples)
+    return RateArrays(value, var, "monte_carlo")
+
+
+# ---------------------------------------------------------------- one (dataset, T, n)
+@dataclass(frozen=True)
+class PositionMetrics:
+    """Per-position alpha* per law and rates per (verifier, law) for one n; ``clamped`` counts the
+    rows evaluated with fewer distinct drafts than n (q has too small a support)."""
+
+    n: int
+    bounds: dict[str, np.ndarray]
+    rates: dict[tuple[str, str], RateArrays]
+    clamped: dict[str, int]
+
+
+def active_pairs(config: MeasureConfig, n: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """The laws whose bound is measured at n, and the (verifier, law) pairs with the verifier exact
+    for the law. ``spechub`` (n = 2 only) joins the laws when a selected verifier needs it."""
+    names = list(VERIFIERS) if config.verifiers is None else list(config.verifiers)
+    laws = [law for law in config.laws if law != "spechub"]
+    if n == 2 and ("spechub" in config.laws
+                   or any(get_verifier(v).default_law == "spechub" for v in names)):
+        laws.append("spechub")
+    pairs = [(v, law) for v in names for law in get_verifier(v).laws if law in laws]
+    return laws, pairs
+
+
+def _law_groups(q: np.ndarray, n: int, law_name: str):
+    """Row groups with the number of drafts each can take under the law: [(rows, n_eff, law)]."""
+    law = get_law(law_name)
+    if not law.distinct:
+        return [(np.arange(q.shape[0]), n, law)]
+    support = np.count_nonzero(q > 0, axis=1)
+    n_eff = np.minimum(support, n)
+    groups = []
+    for value in np.unique(n_eff):
+        rows = np.flatnonzero(n_eff == value)
+        # spechub needs exactly 2 drafts; with one token in supp q it is single-draft greedy
+        the_law = get_law("greedy") if law_name == "spechub" and value < 2 else law
+        groups.append((rows, int(value), the_law))
+    return groups
+
+
+def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
+              rng: np.random.Generator) -> PositionMetrics:
+    """alpha* of each law and the rate of each (verifier, law) pair at every position."""
+    laws, pairs = active_pairs(config, n)
+    bounds, clamped = {}, {}
+    for law_name in laws:
+        out = np.empty(p.shape[0])
+        groups = _law_groups(q, n, law_name)
+        clamped[law_name] = int(sum(rows.size for rows, value, _ in groups if value < n))
+        for rows, value, law in groups:
+            for part in _chunks(rows.size, p.shape[1], value + 1):
+                sel = rows[part]
+                out[sel] = optimal_acceptance(p[sel], q[sel], value, law.name)
+        bounds[law_name] = out
+    rates = {}
+    for verifier_name, law_name in pairs:
+        verifier = get_verifier(verifier_name)
+        value = np.empty(p.shape[0])
+        mc_var = np.zeros(p.shape[0])
+        methods = set()
+        for rows, n_eff, law in _law_groups(q, n, law_name):
+            if law.name not in verifier.laws:  # spechub rows clamped to one draft
+                got = RateArrays(bounds[law_name][rows], np.zeros(rows.size), "closed_form")
+            else:
+                got = exact_or_sampled(p[rows], q[rows], n_eff, verifier, law, rng,
+                                       config.mc_samples)
+            value[rows], mc_var[rows] = got.value, got.mc_var
+            methods.update(got.method.split("+"))
+        method = "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(methods))
+        rates[(verifier_name, law_name)] = RateArrays(value, mc_var, method)
+    return PositionMetrics(n, bounds, rates, clamped)
+
+
+# ---------------------------------------------------------------- aggregation
+def clustered_mean(values: np.ndarray, clusters: np.ndarray) -> tuple[float, float]:
+    """(mean, 95% CI half-width) with the standard error clustered by ``clusters``."""
+    values = np.asarray(values, np.float64)
+    count = values.size
+    if count == 0:
+        return math.nan, math.nan
+    mean = float(values.mean())
+    ids, inverse = np.unique(clusters, return_inverse=True)
+    c = ids.size
+    if c < 2:
+        se = float(values.std(ddof=1) / math.sqrt(count)) if count > 1 else math.inf
+    else:
+        sums = np.bincount(inverse, weights=values - mean, minlength=c)
+        se = math.sqrt(c / (c - 1) * float((sums**2).sum())) / count
+    return mean, Z95 * se
+
+
+@dataclass
+class _Collected:
+    """Per-position arrays of one (dataset, T, n, law, verifier), for pooling across datasets."""
+
+    value: np.ndarray
+    bound: np.ndarray
+    mc_var: np.ndarray
+    clusters: np.ndarray
+    method: str
+    clamped: int
+
+
+def _row(dataset, temperature, n, law, verifier, c: _Collected) -> dict:
+    acceptance, ci = clustered_mean(c.value, c.clusters)
+    bound, bound_ci = clustered_mean(c.bound, c.clusters)
+    gap, gap_ci = clustered_mean(c.bound - c.value, c.clusters)
+    mc_se = math.sqrt(float(c.mc_var.sum())) / c.value.size if c.method == "monte_carlo" else 0.0
+    excess = float(np.max(c.value - c.bound)) if c.value.size else math.nan
+    return {
+        "dataset": dataset, "temperature": temperature, "n": n, "law": law, "verifier": verifier,
+        "acceptance": acceptance, "ci95": ci, "bound": bound, "bound_ci95": bound_ci, "gap": gap,
+        "gap_ci95": gap_ci, "method": c.method, "mc_stderr": mc_se, "positions": int(c.value.size),
+        "prompts": int(np.unique(c.clusters).size), "clamped": c.clamped,
+        "max_excess": excess,
+    }
+
+
+def analyse(config: MeasureConfig, cache_dir: Path, *,
+            progress: Callable[[int, str], None] | None = None) -> tuple[list[dict], dict]:
+    """Tidy rows (one per dataset, T, n, law, verifier; ``alpha*`` rows give each law's bound) for
+    every dataset and for all datasets pooled, and the per-position checks."""
+    rng = np.random.default_rng([config.seed, 7])
+    datasets = datasets_in(cache_dir, config)
+    collected: dict[tuple, _Collected] = {}
+    checks = {"wor_below_iid_positions": 0, "exact_above_bound_positions": 0,
+              "max_exact_excess": -math.inf, "positions": 0}
+    for d_index, dataset in enumerate(datasets):
+        for temperature in config.temperatures:
+            positions = load_positions(cache_dir, config, dataset, float(temperature))
+            p, q = position_probs(positions)
+            clusters = positions.prompt + 1_000_000 * d_index
+            checks["positions"] += positions.count
+            for n in config.ns:
+                metrics = measure_n(p, q, n, config, rng)
+                for law, bound in metrics.bounds.items():
+                    collected[(dataset, temperature, n, law, BOUND_VERIFIER)] = _Collected(
+                        bound, bound, np.zeros_like(bound), clusters, "exact",
+                        metrics.clamped[law])
+                for (verifier, law), rate in metrics.rates.items():
+                    collected[(dataset, temperature, n, law, verifier)] = _Collected(
+                        rate.value, metrics.bounds[law], rate.mc_var, clusters, rate.method,
+                        metrics.clamped[law])
+                    if rate.method != "monte_carlo":
+                        excess = rate.value - metrics.bounds[law]
+                        checks["exact_above_bound_positions"] += int((excess > EXACT_SLACK).sum())
+                        checks["max_exact_excess"] = max(checks["max_exact_excess"],
+                                                         float(excess.max()))
+                if "iid" in metrics.bounds and "without_replacement" in metrics.bounds:
+                    below = metrics.bounds["without_replacement"] < metrics.bounds["iid"] - EXACT_SLACK
+                    checks["wor_below_iid_positions"] += int(below.sum())
+            if progress is not None:
+                progress(1, f"{dataset} T={temperature} ({positions.count} positions)")
+
+    rows = [_row(*key, c) for key, c in collected.items()]
+    if len(datasets) > 1:
+        keys = {key[1:] for key in collected}
+        for key in sorted(keys, key=str):
+            parts = [collected[(d,) + key] for d in datasets if (d,) + key in collected]
+            pooled = _Collected(
+                np.concatenate([c.value for c in parts]), np.concatenate([c.bound for c in parts]),
+                np.concatenate([c.mc_var for c in parts]),
+                np.concatenate([c.clusters for c in parts]),
+                "monte_carlo" if any(c.method == "monte_carlo" for c in parts) else parts[0].method,
+                sum(c.clamped for c in parts))
+            rows.append(_row(ALL_DATASETS, *key, pooled))
+    order = {d: i for i, d in enumerate(datasets + [ALL_DATASETS])}
+    rows.sort(key=lambda r: (order[r["dataset"]], r["temperature"], r["n"], r["law"],
+                             r["verifier"] != BOUND_VERIFIER, r["verifier"]))
+    return rows, checks

@@ -1,0 +1,332 @@
+"""Run the target and the draft on prompts and cache their logits at every generated position.
+
+Protocol (Hu et al., ICLR 2025, Section 6): for each dataset, prompt and temperature T, the target
+generates up to ``max_new_tokens`` tokens, sampling from p = process_logits(target logits, T,
+top_k) with a seeded generator. At each generated position the target's logits (the ones sampled
+from) are recorded; one forward of the draft over the finished sequence gives the draft's logits
+at the same positions. The analysis later applies the same ``process_logits(T, top_k)`` to both.
+
+Cache layout (one file per (dataset, T, prompt), written atomically, so an interrupted run
+resumes where it stopped)::
+
+    <cache_root>/<capture_key>/meta.json
+    <cache_root>/<capture_key>/<dataset>/T0.70/0003-<sha8 of prompt>.npz
+
+Each file holds ``tokens`` [G] (generated ids) and the logits of both models in one of two forms:
+
+* ``top_k`` set: ``target_index``/``draft_index`` int32 [G, k] and ``target_logits``/
+  ``draft_logits`` float32 [G, k]: each model's own top-k set (ties: lower token id), i.e.
+  exactly the tokens with positive probability after the transform; nothing else is needed.
+* full vocabulary: ``target_logits``/``draft_logits`` float16 [G, V] of (logits - row max). The
+  analysis is exact for these stored (quantised) logits; near the top of a row the float16 step
+  is <= 2^-11 nats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mdsd.experiments.config import MeasureConfig
+from mdsd.logits import process_logits
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt of one dataset; ``index`` is its position within the dataset."""
+
+    dataset: str
+    index: int
+    text: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class CaptureSummary:
+    """What a capture run did: files generated now vs found in the cache."""
+
+    cache_dir: Path
+    generated: int
+    cached: int
+    positions: int
+
+
+# ---------------------------------------------------------------- prompts
+def load_prompts(prompts: str | Path | None, num_prompts: int | None) -> list[PromptRow]:
+    """The first ``num_prompts`` prompts of every dataset.
+
+    prompts: a JSONL file of objects with a ``prompt`` (or ``text``) field and an optional
+        ``domain`` (or ``dataset``) field (default: the file's stem); None: the bundled held-out
+        prompts of every domain (:func:`mdsd.models.bundled_prompts`).
+    """
+    if num_prompts is not None and num_prompts < 1:
+        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+    if prompts is None:
+        from mdsd.models import bundled_prompts
+
+        records = bundled_prompts()
+        default_dataset = "bundled"
+    else:
+        path = Path(prompts)
+        if not path.is_file():
+            raise ValueError(f"prompts file {str(path)!r} does not exist")
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+        default_dataset = path.stem
+    rows: list[PromptRow] = []
+    counts: dict[str, int] = {}
+    for record in records:
+        text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"every prompt record needs a non-empty 'prompt' field, got {record!r}")
+        dataset = str(record.get("domain", record.get("dataset", default_dataset)))
+        index = counts.get(dataset, 0)
+        if num_prompts is not None and index >= num_prompts:
+            continue
+        counts[dataset] = index + 1
+        rows.append(PromptRow(dataset, index, text))
+    if not rows:
+        raise ValueError("no prompts to measure")
+    return rows
+
+
+# ---------------------------------------------------------------- cache paths
+def temperature_dir(temperature: float) -> str:
+    return f"T{temperature:.2f}"
+
+
+def cache_file(cache_dir: Path, row: PromptRow, temperature: float) -> Path:
+    return cache_dir / row.dataset / temperature_dir(temperature) / f"{row.index:04d}-{row.digest}.npz"
+
+
+def cache_dir_for(cache_root: Path, config: MeasureConfig) -> Path:
+    return Path(cache_root) / config.capture_key()
+
+
+def _write_meta(cache_dir: Path, config: MeasureConfig, pair_name: str, vocab: int) -> None:
+    meta = {
+        "format": FORMAT_VERSION, "pair": pair_name, "target": config.target,
+        "draft": config.draft, "top_k": config.top_k, "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed, "vocab_size": vocab,
+    }
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _save_atomic(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- generation
+def _row_rng(seed: int, row: PromptRow, temperature: float) -> np.random.Generator:
+    """A generator per (seed, dataset, prompt, T): results do not depend on batching or order."""
+    return np.random.default_rng(
+        [seed, zlib.crc32(row.dataset.encode()), row.index, int(round(temperature * 1000))]
+    )
+
+
+def _sample(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw from a probability vector by inverse CDF; zero-mass tokens are never drawn."""
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x names the KV cache ``cache``; 4.x named it ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _encode(tokenizer, text: str, room: int) -> list[int]:
+    """Prompt ids, after the BOS token when the tokenizer has one, keeping the last ``room``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids[-room:]
+
+
+def generate_rows(pair, row: PromptRow, temperatures: list[float], config: MeasureConfig):
+    """Generate from one prompt at several temperatures (one batch), recording both models' logits.
+
+    Returns, per temperature, (tokens [G] int64, target_logits [G, V] float32,
+    draft_logits [G, V] float32).
+    """
+    import torch
+
+    tokenizer, target, draft = pair.tokenizer, pair.target, pair.draft
+    max_positions = getattr(target.config, "max_position_embeddings", None) or 1 << 30
+    room = max(1, max_positions - config.max_new_tokens)
+    prompt = _encode(tokenizer, row.text, room)
+    eos = tokenizer.eos_token_id
+    batch = len(temperatures)
+    rngs = [_row_rng(config.seed, row, t) for t in temperatures]
+    key = _cache_kwarg(target)
+    device = pair.device
+
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    target_logits: list[list[np.ndarray]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    with torch.inference_mode():
+        ids = torch.tensor([prompt] * batch, device=device)  # [R, L]
+        out = target(input_ids=ids, use_cache=True)
+        for _ in range(config.max_new_tokens):
+            logits = out.logits[:, -1].float().cpu().numpy()  # [R, V]
+            step = []
+            for r, temperature in enumerate(temperatures):
+                if done[r]:
+                    step.append(eos if eos is not None else 0)
+                    continue
+                probs = process_logits(logits[r], temperature, config.top_k)
+                token = _sample(probs, rngs[r])
+                tokens[r].append(token)
+                target_logits[r].append(logits[r].copy())
+                done[r] = eos is not None and token == eos
+                step.append(token)
+            if all(d or len(t) >= config.max_new_tokens for t, d in zip(tokens, done)):
+                break
+            nxt = torch.tensor(step, device=device)[:, None]  # [R, 1]
+            out = target(input_ids=nxt, use_cache=True, **{key: getattr(out, key)})
+
+        # one draft forward over each finished sequence gives q at every generated position
+        longest = max(len(t) for t in tokens)
+        pad = eos if eos is not None else 0
+        seqs = [prompt + t[:-1] + [pad] * (longest - len(t)) for t in tokens]  # drop last token
+        draft_all = draft(input_ids=torch.tensor(seqs, device=device)).logits  # [R, L+G-1, V]
+        draft_all = draft_all[:, len(prompt) - 1 :].float().cpu().numpy()  # [R, G, V]
+    results = []
+    for r in range(batch):
+        g = len(tokens[r])
+        results.append((
+            np.asarray(tokens[r], dtype=np.int64),
+            np.stack(target_logits[r]).astype(np.float32),  # [G, V]
+            draft_all[r, :g].astype(np.float32),  # [G, V]
+        ))
+    return results
+
+
+def compress_logits(logits: np.ndarray, top_k: int | None) -> dict[str, np.ndarray]:
+    """The cache form of [G, V] logits: top-k (index, value) pairs, or float16 (logits - max)."""
+    if top_k is None or top_k >= logits.shape[-1]:
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        return {"logits": shifted.astype(np.float16)}
+    order = np.argsort(-logits.astype(np.float64), axis=-1, kind="stable")[:, :top_k]  # ties: lower id
+    return {"index": order.astype(np.int32), "logits": np.take_along_axis(logits, order, axis=-1)}
+
+
+# ---------------------------------------------------------------- front door
+def capture(config: MeasureConfig, cache_root: str | Path, *, pair=None,
+            progress: Callable | None = None) -> CaptureSummary:
+    """Make sure every (dataset, T, prompt) of ``config`` is cached; generate what is missing.
+
+    The models are loaded (``mdsd.models.load_pair``) only when something is missing, unless a
+    loaded ``pair`` is passed. ``progress(advance_positions, description)`` is called after each
+    prompt if given.
+    """
+    rows = load_prompts(config.prompts, config.num_prompts)
+    cache_dir = cache_dir_for(Path(cache_root), config)
+    temperatures = [float(t) for t in config.temperatures]
+    if any(t <= 0 for t in temperatures):
+        raise ValueError(f"temperatures must be > 0 (T = 0 is greedy: alpha is trivial), got {temperatures}")
+    generated = cached = positions = 0
+    for row in rows:
+        missing = [t for t in temperatures if not cache_file(cache_dir, row, t).exists()]
+        cached += len(temperatures) - len(missing)
+        if missing:
+            if pair is None:
+                from mdsd.models import load_pair
+
+                pair = load_pair(config.target, config.draft, device=config.device)
+                _write_meta(cache_dir, config, pair.name, pair.vocab_size)
+            if not (cache_dir / "meta.json").exists():
+                _write_meta(cache_dir, config, pair.name, pair.vocab_size)
+            for temperature, (tokens, t_logits, d_logits) in zip(
+                missing, generate_rows(pair, row, missing, config)
+            ):
+                arrays = {"tokens": tokens, "meta": np.array(json.dumps({
+                    "dataset": row.dataset, "index": row.index, "digest": row.digest,
+                    "temperature": temperature, "top_k": config.top_k,
+                }))}
+                for name, logits in (("target", t_logits), ("draft", d_logits)):
+                    for part, value in compress_logits(logits, config.top_k).items():
+                        arrays[f"{name}_{part}"] = value
+                _save_atomic(cache_file(cache_dir, row, temperature), **arrays)
+                generated += 1
+                positions += len(tokens)
+        if progress is not None:
+            progress(len(temperatures), f"{row.dataset} prompt {row.index}")
+    return CaptureSummary(cache_dir, generated, cached, positions)
+
+
+# ---------------------------------------------------------------- reading back
+@dataclass(frozen=True)
+class Positions:
+    """The cached positions of one (dataset, T): logits of both models and the prompt of each.
+
+    Sparse (top-k) form: ``target_index``/``draft_index`` [B, k] and logits [B, k]; dense form:
+    index None and logits [B, V]. ``prompt`` [B] identifies the sequence (for clustered CIs).
+    """
+
+    dataset: str
+    temperature: float
+    target_logits: np.ndarray
+    draft_logits: np.ndarray
+    target_index: np.ndarray | None
+    draft_index: np.ndarray | None
+    prompt: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return int(self.prompt.size)
+
+
+def datasets_in(cache_dir: Path, config: MeasureConfig) -> list[str]:
+    rows = load_prompts(config.prompts, config.num_prompts)
+    return list(dict.fromkeys(row.dataset for row in rows))
+
+
+def load_positions(cache_dir: Path, config: MeasureConfig, dataset: str,
+                   temperature: float) -> Positions:
+    """All cached positions of the configured prompts of ``dataset`` at ``temperature``."""
+    rows = [r for r in load_prompts(config.prompts, config.num_prompts) if r.dataset == dataset]
+    parts: dict[str, list[np.ndarray]] = {}
+    prompt_ids = []
+    for row in rows:
+        path = cache_file(cache_dir, row, temperature)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is not cached; run the capture first")
+        with np.load(path, allow_pickle=False) as f:
+            for name in f.files:
+                if name.startswith(("target_", "draft_")):
+                    parts.setdefault(name, []).append(f[name])
+            prompt_ids.append(np.full(f["tokens"].size, row.index, dtype=np.int64))
+    joined = {k: np.concatenate(v) for k, v in parts.items()}
+    return Positions(
+        dataset=dataset, temperature=temperature,
+        target_logits=joined["target_logits"], draft_logits=joined["draft_logits"],
+        target_index=joined.get("target_index"), draft_index=joined.get("draft_index"),
+        prompt=np.concatenate(prompt_ids),
+    )

@@ -1,0 +1,69 @@
+"""Typed configuration of a measurement sweep (Hu et al., ICLR 2025, Section 6 protocol).
+
+``DEFAULT`` is sized to finish in about 15 minutes on a 2-core CPU with the bundled pair;
+``PAPER`` is the paper-scale sweep (up to 128 generated tokens; use 200 prompts per domain, all
+the bundled held-out prompts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+ALL_LAWS = ("iid", "without_replacement", "greedy", "conditional_poisson")
+DEFAULT_TEMPERATURES = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+DEFAULT_NS = (1, 2, 3, 4, 6, 8)
+TABLE_TEMPERATURE = 0.7  # the paper's default setting, used for Table 1
+TABLE_N = 3
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """What to capture and how to analyse it.
+
+    Capture (changes the cached logits): target, draft, prompts, num_prompts, max_new_tokens,
+    top_k, seed, temperatures. Analysis only: ns, laws, verifiers, mc_samples.
+
+    top_k: the sampling transform keeps the top_k logits of each model (HF ``generate``'s
+        default is 50). p and q are then exactly zero off their top-k sets, the cache stores only
+        the kept logits, and every rate is computed on the union of the two supports (exact, no
+        dropped mass). None: the full vocabulary (dense float16 cache, much slower analysis).
+    mc_samples: draft sets sampled per position where a (verifier, law) has no exact method.
+    """
+
+    target: str | None = None  # None: the bundled pair
+    draft: str | None = None
+    prompts: str | None = None  # JSONL file; None: the bundled held-out prompts of every domain
+    num_prompts: int = 16  # per dataset
+    max_new_tokens: int = 64
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
+    ns: tuple[int, ...] = DEFAULT_NS
+    laws: tuple[str, ...] = ALL_LAWS
+    verifiers: tuple[str, ...] | None = None  # None: every verifier in the registry
+    top_k: int | None = 50
+    seed: int = 0
+    device: str = "cpu"
+    mc_samples: int = 8
+    threads: int | None = 1  # torch threads during the run (None: leave torch's setting). One
+    # thread is much faster for these small models on a shared CPU (less contention).
+    extra: dict = field(default_factory=dict)
+
+    def capture_key(self) -> str:
+        """Short hash of everything that changes the cached logits (not the temperatures: each
+        (dataset, T, prompt) has its own file, so adding a temperature reuses the rest)."""
+        payload = {
+            "target": self.target, "draft": self.draft, "max_new_tokens": self.max_new_tokens,
+            "top_k": self.top_k, "seed": self.seed,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> MeasureConfig:
+        return replace(self, **changes)
+
+
+DEFAULT = MeasureConfig()
+PAPER = MeasureConfig(num_prompts=200, max_new_tokens=128)

@@ -1,0 +1,92 @@
+"""One measurement run: capture (or reuse) the logits, analyse, write results, table and figures.
+
+The front door behind ``mdsd measure``; each step is a separate module so that re-analysis and
+re-plotting never rerun the models.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from mdsd.experiments.analysis import analyse
+from mdsd.experiments.capture import capture, load_prompts
+from mdsd.experiments.config import TABLE_N, TABLE_TEMPERATURE, MeasureConfig
+from mdsd.experiments.plots import plot_all
+from mdsd.experiments.report import table1, write_results
+
+Progress = Callable[[str, int], Callable[[int, str], None]]  # (phase, total) -> advance callback
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """Run with ``torch.set_num_threads(threads)``, restoring the previous setting afterwards."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_sweep(config: MeasureConfig, out_dir: str | Path, *, cache_root: str | Path | None = None,
+              command: str = "mdsd measure", pair=None, progress: Progress | None = None) -> dict:
+    """Capture, analyse and write ``results.csv``/``results.json``/``table1.md``/figures to out_dir.
+
+    Returns the run record (also stored in results.json under ``run``).
+    """
+    with torch_threads(config.threads):
+        return _run(config, Path(out_dir), cache_root, command, pair, progress)
+
+
+def _run(config, out, cache_root, command, pair, progress) -> dict:
+    cache_root = Path(cache_root) if cache_root is not None else out / "cache"
+    start = time.perf_counter()
+    prompts = load_prompts(config.prompts, config.num_prompts)
+    total = len(prompts) * len(config.temperatures)
+    summary = capture(config, cache_root, pair=pair,
+                      progress=progress("capture", total) if progress else None)
+    captured = time.perf_counter()
+    datasets = list(dict.fromkeys(p.dataset for p in prompts))
+    rows, checks = analyse(config, summary.cache_dir,
+                           progress=progress("analysis", len(datasets) * len(config.temperatures))
+                           if progress else None)
+    analysed = time.perf_counter()
+    per_temperature = checks["positions"] // max(1, len(config.temperatures))
+    meta_path = summary.cache_dir / "meta.json"
+    pair_name = pair.name if pair is not None else None
+    if pair_name is None and meta_path.exists():
+        import json
+
+        pair_name = json.loads(meta_path.read_text()).get("pair")
+    run = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "config": config.to_json(),
+        "pair": pair_name,
+        "cache_dir": str(summary.cache_dir),
+        "generated_files": summary.generated,
+        "cached_files": summary.cached,
+        "positions_per_temperature": per_temperature,
+        "checks": checks,
+        "capture_s": captured - start,
+        "analysis_s": analysed - captured,
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
+    }
+    run["wall_s"] = time.perf_counter() - start
+    write_results(out, rows, run)
+    (out / "table1.md").write_text(table1(rows, TABLE_TEMPERATURE, TABLE_N))
+    plot_all(rows, out, n=TABLE_N, temperature=TABLE_TEMPERATURE)
+    run["wall_s"] = time.perf_counter() - start
+    write_results(out, rows, run)
+    return run

@@ -1,0 +1,251 @@
+"""Tests of mdsd.experiments and ``mdsd measure`` / ``mdsd report``: exact per-position metrics,
+the top-k cache layout, and a small end-to-end run on tiny random Llama models."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mdsd
+from mdsd.experiments import analysis, capture
+from mdsd.experiments.analysis import (
+    BOUND_VERIFIER,
+    EXACT_SLACK,
+    clustered_mean,
+    importance_acceptance,
+    position_probs,
+)
+from mdsd.experiments.capture import Positions, compress_logits, load_prompts
+from mdsd.experiments.config import MeasureConfig
+from mdsd.experiments.report import COLUMNS, findings, read_results, render_report
+from mdsd.experiments.sweep import run_sweep
+
+TINY_VOCAB = 32
+
+
+# ---------------------------------------------------------------- exact pieces
+def test_importance_acceptance_matches_enumeration(rng):
+    for trial in range(60):
+        vocab, n = int(rng.integers(2, 7)), int(rng.integers(1, 5))
+        p, q = rng.dirichlet(np.full(vocab, 0.5)), rng.dirichlet(np.full(vocab, 0.5))
+        if trial % 3 == 0:
+            q[rng.integers(vocab)] = 0.0
+            q /= q.sum()
+        if trial % 4 == 0:
+            p[rng.integers(vocab)] = 0.0
+            p /= p.sum()
+        if trial % 7 == 0:
+            q = p.copy()
+        exact = mdsd.acceptance_rate(p, q, n, "importance", method="enumeration").rate
+        assert importance_acceptance(p[None], q[None], n)[0] == pytest.approx(exact, abs=1e-12)
+
+
+def test_topk_layout_is_exact(rng):
+    """The union-of-top-k layout gives exactly process_logits(full logits, T, top_k)."""
+    batch, vocab, k, temperature = 7, 40, 5, 0.7
+    target, draft = rng.normal(size=(batch, vocab)) * 2, rng.normal(size=(batch, vocab)) * 2
+    target[0, :] = draft[0, :]  # identical top-k sets in one row
+    packed = {name: compress_logits(z.astype(np.float32), k) for name, z in
+              (("target", target), ("draft", draft))}
+    positions = Positions("d", temperature, packed["target"]["logits"], packed["draft"]["logits"],
+                          packed["target"]["index"], packed["draft"]["index"], np.zeros(batch, int))
+    p, q = position_probs(positions)
+    p_full = mdsd.process_logits(target.astype(np.float32), temperature, k)
+    q_full = mdsd.process_logits(draft.astype(np.float32), temperature, k)
+    for b in range(batch):
+        # same multiset of masses, and the same alpha* and rates on the compressed rows
+        assert np.sort(p[b][p[b] > 0]) == pytest.approx(np.sort(p_full[b][p_full[b] > 0]), abs=1e-15)
+        assert np.sort(q[b][q[b] > 0]) == pytest.approx(np.sort(q_full[b][q_full[b] > 0]), abs=1e-15)
+    for law in ("iid", "greedy", "without_replacement"):
+        assert mdsd.optimal_acceptance(p, q, 3, law) == pytest.approx(
+            mdsd.optimal_acceptance(p_full, q_full, 3, law), abs=1e-12)
+    assert mdsd.acceptance_rate(p, q, 3, "kseq").rate == pytest.approx(
+        mdsd.acceptance_rate(p_full, q_full, 3, "kseq").rate, abs=1e-12)
+
+
+def test_clustered_mean():
+    values = np.array([1.0, 1.0, 3.0, 3.0])
+    mean, ci = clustered_mean(values, np.array([0, 0, 1, 1]))
+    assert mean == 2.0
+    # two clusters with sums of deviations -2 and +2: se = sqrt(2 * 8) / 4 = 1
+    assert ci == pytest.approx(analysis.Z95 * 1.0)
+    assert clustered_mean(np.array([0.5, 0.5]), np.array([0, 1]))[1] == 0.0
+
+
+def test_load_prompts(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b", "domain": "x"}\n\n{"text": "c"}\n')
+    rows = load_prompts(path, None)
+    assert [(r.dataset, r.index, r.text) for r in rows] == [("mine", 0, "a"), ("x", 0, "b"),
+                                                            ("mine", 1, "c")]
+    assert [r.text for r in load_prompts(path, 1)] == ["a", "b"]
+    path.write_text('{"nope": 1}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        load_prompts(path, None)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_prompts(tmp_path / "missing.jsonl", None)
+
+
+# ---------------------------------------------------------------- tiny models end to end
+def _save_tiny(path, hidden: int, layers: int, seed: int):
+    """A randomly initialised Llama (vocabulary 32) with a word-level tokenizer."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, TINY_VOCAB)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(path)
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=True, eos_token_id=1)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper than the default init, so that p and q differ visibly
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_pair")
+    prompts = root / "prompts.jsonl"
+    with prompts.open("w") as f:
+        for dataset in ("alpha", "beta"):
+            for i in range(2):
+                words = " ".join(f"w{(5 * i + 3 * j + len(dataset)) % 30 + 2}" for j in range(6))
+                f.write(json.dumps({"domain": dataset, "prompt": words}) + "\n")
+    return {"target": _save_tiny(root / "target", 32, 2, 0),
+            "draft": _save_tiny(root / "draft", 16, 1, 1), "prompts": str(prompts)}
+
+
+def _config(tiny, **changes):
+    base = MeasureConfig(target=tiny["target"], draft=tiny["draft"], prompts=tiny["prompts"],
+                         num_prompts=2, max_new_tokens=6, temperatures=(0.5, 1.0), ns=(1, 2, 3),
+                         top_k=None, mc_samples=4)
+    return base.with_(**changes)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("measure")
+    run = run_sweep(_config(tiny), out)
+    return out, run
+
+
+def test_outputs_exist_and_schema(measured):
+    out, run = measured
+    for name in ("results.csv", "results.json", "table1.md", "figure1_temperature.png",
+                 "figure1_temperature.svg", "figure2_drafts.png", "figure2_drafts.svg"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == COLUMNS
+        rows = list(reader)
+    assert {r["dataset"] for r in rows} == {"alpha", "beta", "all"}
+    assert {float(r["temperature"]) for r in rows} == {0.5, 1.0}
+    assert {int(r["n"]) for r in rows} == {1, 2, 3}
+    verifiers = {r["verifier"] for r in rows}
+    assert set(mdsd.VERIFIERS) <= verifiers | {"spechub"}  # the whole registry is measured
+    assert BOUND_VERIFIER in verifiers
+    assert {r["law"] for r in rows} >= {"iid", "without_replacement", "greedy",
+                                        "conditional_poisson", "spechub"}
+    assert run["generated_files"] == 2 * 2 * 2 and run["cached_files"] == 0
+    assert run["positions_per_temperature"] > 0
+
+
+def test_bounds_dominate_rates(measured):
+    out, run = measured
+    rows, stored_run = read_results(out)
+    assert stored_run["checks"]["exact_above_bound_positions"] == 0
+    assert stored_run["checks"]["wor_below_iid_positions"] == 0
+    methods, mc_errors = set(), []
+    for r in rows:
+        methods.add(r["method"])
+        assert 0.0 <= r["acceptance"] <= 1.0
+        if r["method"] == "monte_carlo":
+            assert r["gap"] + r["gap_ci95"] >= 0.0
+            mc_errors.append(r["mc_stderr"])
+        else:
+            assert r["max_excess"] <= EXACT_SLACK, r
+            assert r["acceptance"] <= r["bound"] + EXACT_SLACK
+    assert {"closed_form", "exact"} <= methods
+    assert "monte_carlo" in methods  # rrs_without_replacement at n = 3 over 32 tokens
+    assert min(mc_errors) >= 0.0 and max(mc_errors) > 0.0
+    claims = {f["claim"]: f["holds"] for f in findings(rows, stored_run["checks"])}
+    assert claims["without-replacement α* ≥ i.i.d. α*"] is True
+    assert claims["every verifier ≤ the α* of its law"] is True
+
+
+def test_rerun_uses_cache(measured, tiny, monkeypatch):
+    out, _ = measured
+    cache_files = sorted((out / "cache").rglob("*.npz"))
+    stamps = [f.stat().st_mtime_ns for f in cache_files]
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("models must not be loaded when everything is cached")
+
+    monkeypatch.setattr("mdsd.models.load_pair", no_models)
+    run = run_sweep(_config(tiny, ns=(2,)), out)  # re-analysis with other n: no model call
+    assert run["generated_files"] == 0 and run["cached_files"] == 8
+    assert [f.stat().st_mtime_ns for f in cache_files] == stamps
+
+
+def test_resume_generates_only_missing(tiny, tmp_path):
+    config = _config(tiny, temperatures=(1.0,), ns=(2,))
+    run_sweep(config, tmp_path)
+    files = sorted((tmp_path / "cache").rglob("*.npz"))
+    assert len(files) == 4
+    files[1].unlink()
+    run = run_sweep(config, tmp_path)
+    assert run["generated_files"] == 1 and run["cached_files"] == 3
+
+
+def test_capture_is_deterministic(tiny, tmp_path):
+    config = _config(tiny, temperatures=(1.0,), num_prompts=1)
+    a = capture.capture(config, tmp_path / "a")
+    b = capture.capture(config, tmp_path / "b")
+    for fa, fb in zip(sorted(a.cache_dir.rglob("*.npz")), sorted(b.cache_dir.rglob("*.npz"))):
+        with np.load(fa) as x, np.load(fb) as y:
+            assert np.array_equal(x["tokens"], y["tokens"])
+            assert np.array_equal(x["target_logits"], y["target_logits"])
+
+
+def test_cli_measure_topk_and_report(tiny, tmp_path):
+    from mdsd.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, [
+        "measure", "--target", tiny["target"], "--draft", tiny["draft"], "--prompts",
+        tiny["prompts"], "--num-prompts", "1", "--max-new-tokens", "5", "--temperatures", "0.7",
+        "--n", "2,3", "--top-k", "6", "--verifiers", "rrs,rrs_without_replacement,greedy",
+        "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows, run = read_results(tmp_path)
+    assert run["config"]["top_k"] == 6
+    assert {r["verifier"] for r in rows} == {"rrs", "rrs_without_replacement", "greedy",
+                                            BOUND_VERIFIER}
+    # top-k 6: every draft tuple can be enumerated, so nothing is Monte Carlo
+    assert all(r["method"] != "monte_carlo" for r in rows)
+    (tmp_path / "report.md").unlink()
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.md").read_text()
+    assert "Table 1" in text and "figure2_drafts.png" in text and "Findings" in text
+    bad = runner.invoke(app, ["measure", "--laws", "nope", "--out", str(tmp_path)])
+    assert bad.exit_code != 0
+
+
+def test_render_report_from_csv_only(measured, tmp_path):
+    out, _ = measured
+    (tmp_path / "results.csv").write_text((out / "results.csv").read_text())
+    path = render_report(tmp_path)
+    assert "Table 1" in path.read_text()
