@@ -1,6 +1,7 @@
 """The ``mdsd`` command line: thin entry points over the library (one module per group).
 
 core:  ``mdsd bound``, ``mdsd compare``
+decode: ``mdsd generate``, ``mdsd bench``
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 
 from mdsd.cli import core  # noqa: E402,F401  (registers commands on `app`)
+from mdsd.cli import decode  # noqa: E402,F401
 from mdsd.cli import experiments  # noqa: E402,F401
 
 

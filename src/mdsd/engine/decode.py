@@ -84,8 +84,11 @@ class TreeConfig:
         return cls(tree, law, verifier)
 
     def describe(self) -> str:
-        law = self.law or "default"
-        return f"{law}/{self.verifier} tree {self.tree.describe()}"
+        """Short name, e.g. ``without_replacement/rrs_without_replacement 3x4``."""
+        widths = self.tree.widths
+        shape = (f"{widths[0]}x{len(widths)}" if all(w == 1 for w in widths[1:])
+                 else self.tree.describe())
+        return f"{self.law or 'default'}/{self.verifier} {shape}"
 
 
 # ---------------------------------------------------------------------- statistics

@@ -1,0 +1,216 @@
+"""``mdsd generate`` and ``mdsd bench``: tree speculative decoding on a target/draft pair."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from mdsd.cli import app
+from mdsd.cli.core import console, fail
+
+TargetOpt = Annotated[Optional[str], typer.Option(
+    "--target", help="Target model directory (default: the bundled target).")]
+DraftOpt = Annotated[Optional[str], typer.Option(
+    "--draft", help="Draft model directory (default: the bundled draft).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU).")]
+TreeOpt = Annotated[Optional[str], typer.Option(
+    "--tree", help="Widths per depth, e.g. 3,2,1 (or 3x4 = --drafts 3 --depth 4).")]
+DraftsOpt = Annotated[int, typer.Option("--drafts", "-n", help="Drafts at the first position.")]
+DepthOpt = Annotated[int, typer.Option("--depth", help="Tree depth (chains below the first level).")]
+LawOpt = Annotated[Optional[str], typer.Option(
+    "--law", help="Draft law (default: the verifier's own law).")]
+VerifierOpt = Annotated[str, typer.Option("--verifier", help="Verifier name.")]
+TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Temperature (0 = greedy).")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens.")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass to keep.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-m", help="Tokens to generate.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run (numpy Generator).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", help="torch intra-op threads (default: torch's choice; 1 is often fastest "
+                      "for small models on a busy CPU).")]
+NoEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end of sequence.")]
+
+
+def _tree_text(tree: str | None, drafts: int, depth: int) -> str:
+    return tree if tree is not None else f"{drafts}x{depth}"
+
+
+def _load(target, draft, device, dtype, threads):
+    import torch
+
+    from mdsd.models import load_pair
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return load_pair(target=target, draft=draft, device=device, dtype=dtype)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
+    target: TargetOpt = None,
+    draft: DraftOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = None,
+    tree: TreeOpt = None,
+    drafts: DraftsOpt = 3,
+    depth: DepthOpt = 4,
+    law: LawOpt = None,
+    verifier: VerifierOpt = "rrs_without_replacement",
+    temperature: TempOpt = 0.7,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    max_new_tokens: MaxNewOpt = 128,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    ignore_eos: NoEosOpt = False,
+    stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Print metrics to stderr.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print text and metrics as JSON.")] = False,
+):
+    """Generate text with multi-draft tree speculative decoding (streams to stdout)."""
+    from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
+
+    try:
+        sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
+        config = TreeConfig.make(_tree_text(tree, drafts, depth), law, verifier)
+        pair = _load(target, draft, device, dtype, threads)
+        decoder = TreeDecoder(pair, config, sampling)
+        tok = pair.tokenizer
+        shown = {"ids": [], "text": ""}
+
+        def stream(_, new_ids):
+            if as_json:
+                return
+            shown["ids"] += new_ids
+            text = tok.decode(shown["ids"])
+            sys.stdout.write(text[len(shown["text"]):])
+            sys.stdout.flush()
+            shown["text"] = text
+
+        if not as_json:
+            sys.stdout.write(prompt)
+        result = decoder.generate([prompt], seed=seed, on_tokens=stream)[0]
+    except ValueError as err:
+        fail(str(err))
+    metrics = result.stats.as_dict() | {"stop_reason": result.stop_reason,
+                                        "config": config.describe()}
+    if as_json:
+        typer.echo(json.dumps({"prompt": prompt, "text": result.text,
+                               "token_ids": result.token_ids, "metrics": metrics}))
+        return
+    sys.stdout.write("\n")
+    if stats:
+        s = result.stats
+        depth_acc = ", ".join(f"{a:.2f}" for a in s.acceptance_by_depth)
+        typer.echo(
+            f"[{config.describe()}] {s.new_tokens} tokens, {s.target_calls} target calls, "
+            f"{s.block_efficiency:.2f} tokens/step, acceptance by depth [{depth_acc}], "
+            f"{s.tokens_per_second:.1f} tokens/s (draft {s.draft_time:.2f}s, target "
+            f"{s.target_time:.2f}s, verify {s.verify_time:.2f}s); stop: {result.stop_reason}",
+            err=True,
+        )
+
+
+def _parse_config(text: str):
+    """LAW:VERIFIER:TREE, e.g. without_replacement:rrs_without_replacement:3x4."""
+    from mdsd.engine import TreeConfig
+
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"config must be LAW:VERIFIER:TREE (e.g. greedy:greedy:3x4), got {text!r}")
+    law, verifier, tree = parts
+    return TreeConfig.make(tree, law or None, verifier)
+
+
+@app.command()
+def bench(
+    target: TargetOpt = None,
+    draft: DraftOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = None,
+    config: Annotated[Optional[list[str]], typer.Option(
+        "--config", "-c", help="LAW:VERIFIER:TREE, repeatable (default: a single-draft chain "
+                               "and multi-draft trees).")] = None,
+    prompts: Annotated[int, typer.Option("--prompts", help="Number of held-out prompts.")] = 6,
+    domain: Annotated[Optional[str], typer.Option(
+        "--domain", help="Prompt domain (code, prose; default: alternate both).")] = None,
+    temperature: TempOpt = 0.7,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    max_new_tokens: MaxNewOpt = 64,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip HF assisted generation.")] = False,
+    ignore_eos: NoEosOpt = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+):
+    """Autoregressive vs HF assisted generation vs mdsd trees: same prompts, seeds, transform."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from mdsd.engine import SamplingConfig
+    from mdsd.engine.bench import DEFAULT_CONFIGS, run_bench
+    from mdsd.models import bundled_prompts
+
+    try:
+        sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
+        specs = config or [":".join(c) for c in DEFAULT_CONFIGS]
+        configs = [_parse_config(c) for c in specs]
+        if prompts < 1:
+            raise ValueError(f"prompts must be >= 1, got {prompts}")
+        pair = _load(target, draft, device, dtype, threads)
+        rows = bundled_prompts(domain)
+        if domain is None:  # alternate the domains
+            by = {}
+            for r in rows:
+                by.setdefault(r["domain"], []).append(r["prompt"])
+            texts = [t for group in zip(*by.values()) for t in group]
+        else:
+            texts = [r["prompt"] for r in rows]
+        texts = texts[:prompts]
+        methods = (1 if no_hf else 2) + len(configs)
+        with Progress(transient=True, disable=as_json) as progress:
+            task = progress.add_task("bench", total=methods * len(texts))
+
+            def tick(name):
+                progress.update(task, advance=1, description=name[:40])
+
+            result = run_bench(pair, texts, sampling, configs, seed=seed, hf=not no_hf,
+                               progress=tick)
+    except ValueError as err:
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps({"pair": pair.name, "prompts": len(texts),
+                               "sampling": sampling.__dict__, "rows": result}))
+        return
+    table = Table(title=f"{pair.name}: {len(texts)} prompts, T = {temperature}, top-k {top_k}, "
+                        f"top-p {top_p}, {max_new_tokens} new tokens, seed {seed}")
+    for col in ("method", "tokens", "target calls", "tokens/call", "tokens/step",
+                "accept by depth", "draft/target/verify s", "tokens/s", "vs AR", "vs HF"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+
+    def f(x, fmt):
+        return "-" if x is None or x != x else format(x, fmt)
+
+    for r in result:
+        depth = ",".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-"
+        table.add_row(r["method"], str(r["new_tokens"]), str(r["target_calls"]),
+                      f(r["tokens_per_call"], ".2f"), f(r["block_efficiency"], ".2f"), depth,
+                      "/".join(f(r[k], ".2f") for k in ("draft_time_s", "target_time_s",
+                                                          "verify_time_s")),
+                      f(r["tokens_per_second"], ".1f"),
+                      f(r["speedup_vs_autoregressive"], ".2f"),
+                      f(r["speedup_vs_hf_assisted"], ".2f"))
+    wide = console()
+    if not wide.is_terminal:
+        from rich.console import Console
+
+        wide = Console(width=200)
+    wide.print(table)
