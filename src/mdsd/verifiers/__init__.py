@@ -21,6 +21,7 @@ from mdsd.verifiers.classic import (
     SampleCheck,
     SpecHubVerifier,
 )
+from mdsd.verifiers.optimal import OptimalVerifier
 
 VERIFIERS: dict[str, Verifier] = {}
 
@@ -34,6 +35,7 @@ def register(verifier: Verifier) -> Verifier:
 for _v in (RRS(), RRSWithoutReplacement(), KSEQ(), SpecHubVerifier(), GreedyVerifier(),
            Importance(), SampleCheck()):
     register(_v)
+register(OptimalVerifier())
 
 
 def get_verifier(verifier) -> Verifier:

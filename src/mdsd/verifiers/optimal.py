@@ -1,0 +1,576 @@
+"""A verifier that attains alpha* for i.i.d. and without-replacement drafts (spec section 5).
+
+Construction ("random-threshold priority groups"; see docs/optimal.md for the proof sketch).
+
+1. Order the tokens with q > 0 by the ratio s = p/q, decreasing (ties by lower id): positions
+   0..K-1. Let U_k be the first k tokens, Q_k = q(U_k), P_k = p(U_k) and
+   Phi_k = P(set(x) meets U_k) = 1 - Qall(V minus U_k) (the scan of the bound, read backwards).
+2. A *group rule* cuts the positions into consecutive groups at some boundaries; it accepts from
+   the first group (in priority order) that holds a draft, the draft of that group drawn first.
+   For i.i.d. and for sequential without-replacement drafts (exponential race) the first-drawn
+   token of a group is distributed as q restricted to the group, independently of the event
+   "the first group met is G", so the rule puts mass q_y * rho_G on token y, with the group rate
+   rho_G = (Phi_hi - Phi_lo) / (Q_hi - Q_lo).
+3. A *random-threshold* rule gives every boundary b a level theta_b in [0, 1], draws
+   u ~ Uniform[0, 1) and cuts at the boundaries with theta_b <= u. It is a mixture of nested group
+   rules, and its mass vector m_y = q_y E_u[rho_{G_u(y)}] is computed exactly from the levels.
+4. The levels are fitted so that m matches a target: the cumulative curve A_k = sum_{i<=k} t_i q_i
+   with rates t = clip(s, mu, c), where m* = argmin_k Phi_k - P_k (the dual set H* is the
+   complement of U_{m*}), c solves sum_{k<=m*} min(p, c q) = Phi_m* and mu solves
+   sum_{k>m*} max(p, mu q) = 1 - Phi_m*. A is concave and lies below Phi at every position, so it
+   is a mixture of chord interpolants of Phi; peeling (take the largest share of the one-group
+   chord, split where the remainder touches Phi, recurse) finds the levels in O(K^2) worst case.
+5. Capping: accept the chosen draft y with probability min(1, p_y / m_y). The accepted-mass vector
+   is a = min(p, m); on rejection emit from resid = (p - a) / (1 - sum a). Then
+   sum_x Pdraft(x) pi(. | x) = a + (p - a) = p whatever the levels are: exactness does not depend on
+   the fit. With the fitted levels a = min(p, c q) and sum a = alpha*.
+
+Draft laws. For ``iid`` drafts step 2 holds (the first draft, in draw order, that falls in a group
+is q-distributed within it, independently of everything that decides which group is met), and
+the construction is exact and optimal at any vocabulary size (method ``threshold``). For
+sequential ``without_replacement`` drafts step 2 fails for groups after the first (a later draw
+from the same group changes whether an earlier group is met), so the construction is not used
+there. Instead, while the law has at most ``MAX_PLAN_SETS`` draft sets, the fit solves the
+transport problem over draft sets exactly (method ``plan``: a sparse max-flow LP, HiGHS) and keeps
+it as a table set -> kept probabilities; capping by p and the residual make it exact whatever the
+LP's tolerance. Beyond that size the fit falls back to ``rrs_without_replacement`` (method
+``rrs_without_replacement``, exact, not optimal) and warns. See docs/optimal.md.
+
+Shapes: target_probs p and draft_probs q are float64 [B, V]; drafts int64 [B, n] in draw order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linprog
+from scipy.sparse import coo_matrix
+
+from mdsd._validate import as_probs, check_pair
+from mdsd.laws import DraftLaw, get_law
+from mdsd.verifiers.base import EMPTY_MASS, Verifier
+from mdsd.verifiers.classic import RRSWithoutReplacement
+
+LAWS = ("iid", "without_replacement")
+# The peeling treats the target as a single group once it is within this distance (probability
+# units) of the chord: it can lose at most about this much acceptance per group.
+CHORD_TOLERANCE = 1e-15
+# Acceptance-certificate tolerance: residual or rejection mass below this counts as zero; a fit
+# whose sum a is this close to its alpha* is certified too (the true rate lies in [sum a, alpha*]).
+CERTIFY_TOLERANCE = 1e-13
+# Largest number of distinct draft sets for which a without-replacement fit solves the exact plan.
+MAX_PLAN_SETS = 20_000
+# HiGHS tolerance for the plan LP; capping keeps exactness, this only bounds the acceptance lost.
+PLAN_TOLERANCE = 1e-10
+
+
+@dataclass(frozen=True)
+class OptimalFit:
+    """The per-position precomputation of the optimal verifier, reusable for every draft set.
+
+    Batched over rows b (one decoding position each); V is the vocabulary.
+
+    rank:        int64 [B, V]; priority position of each token (q > 0 tokens first, by p/q
+                 decreasing); tokens with q = 0 sit at positions >= support and are never drafted.
+    levels:      float64 [B, V + 1]; theta_b of boundary b (between positions b-1 and b); the rule
+                 cuts there when u >= theta_b, u ~ Uniform[0, 1). 0: always, 1: never.
+    rule_mass:   float64 [B, V]; m_y, the mass the uncapped rule puts on y (exact for the levels).
+    accept_prob: float64 [B, V]; min(1, p_y / m_y), the probability of keeping a chosen draft y.
+    accepted:    float64 [B, V]; a = min(p, m), the accepted-mass vector of the rule used.
+    recovered:   float64 [B, V]; the residual law (p - a) / (1 - sum a) of the recovered token.
+    acceptance:  float64 [B]; sum a. The exact acceptance rate when ``certified``.
+    alpha_star:  float64 [B]; alpha* from the same scan.
+    certified:   bool [B]; residual tokens can never be drafts in a rejected step, so the
+                 acceptance rate is exactly sum a (true whenever the fit attains alpha*).
+    support:     int64 [B]; number of tokens with q > 0.
+    method:      ``threshold`` (iid), ``plan`` (without_replacement, exact plan over draft sets)
+                 or ``rrs_without_replacement`` (fallback for large without-replacement supports).
+    plan_sets:   per row, [M, n] sorted draft sets of the plan (``plan`` only).
+    plan_kept:   per row, [M, n] probability of emitting each member of the set (after capping).
+    """
+
+    law: str
+    n: int
+    rank: np.ndarray
+    levels: np.ndarray
+    rule_mass: np.ndarray
+    accept_prob: np.ndarray
+    accepted: np.ndarray
+    recovered: np.ndarray
+    acceptance: np.ndarray
+    alpha_star: np.ndarray
+    certified: np.ndarray
+    support: np.ndarray
+    method: str = "threshold"
+    plan_sets: tuple = field(default=(), repr=False)
+    plan_kept: tuple = field(default=(), repr=False)
+    target_probs: np.ndarray | None = field(default=None, repr=False)
+    draft_probs: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.rank.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.rank.shape[1]
+
+
+# -- fit -----------------------------------------------------------------------------------------
+
+
+def fit_optimal(target_probs, draft_probs, n: int, law="without_replacement", *,
+                normalize=False) -> OptimalFit:
+    """Fit the optimal verifier for one position ([V]) or a batch ([B, V]) of positions.
+
+    Args:
+        target_probs: p, [V] or [B, V].
+        draft_probs: q, same shape: the law the drafts are drawn from.
+        n: number of drafts.
+        law: ``iid`` or ``without_replacement``.
+
+    Returns an :class:`OptimalFit` (always batched, [B, ...]); pass it to
+    :func:`output_law_from_fit` for any number of draft sets.
+
+    >>> fit = fit_optimal([0.5, 0.5], [0.5, 0.5], 2, "without_replacement")
+    >>> round(float(fit.acceptance[0]), 12)
+    1.0
+    """
+    p = as_probs(target_probs, "target_probs", normalize=normalize)
+    q = as_probs(draft_probs, "draft_probs", normalize=normalize)
+    check_pair(p, q)
+    if p.ndim > 2:
+        raise ValueError(f"target_probs must be [V] or [B, V], got shape {p.shape}")
+    the_law = _check_law(law)
+    p2, q2 = np.atleast_2d(p), np.atleast_2d(q)
+    n = the_law.check(q2, n)
+    return _fit_rows(p2, q2, n, the_law)
+
+
+def _fit_distinct(p, q, n, law):
+    """Fit each distinct (p, q) row once. Returns (fit over the distinct rows, row -> fit row)."""
+    if p.shape[0] == 1:
+        return _fit_rows(p, q, n, law), np.zeros(1, dtype=np.int64)
+    both = np.ascontiguousarray(np.concatenate([p, q], axis=1))
+    _, first, which = np.unique(both, axis=0, return_index=True, return_inverse=True)
+    return _fit_rows(p[first], q[first], n, law), which.ravel()
+
+
+def _check_law(law) -> DraftLaw:
+    the_law = get_law(law)
+    if the_law.name not in LAWS:
+        raise ValueError(
+            f"verifier 'optimal' is exact only for law(s) {list(LAWS)}, got law {the_law.name!r}"
+        )
+    return the_law
+
+
+def _fit_rows(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> OptimalFit:
+    """Fit every row of p, q [B, V] (already validated); dispatch on the law."""
+    if law.name == "iid":
+        return _fit_threshold(p, q, n, law)
+    sets = [law.num_tuples(row, n) // _orderings(law, n) for row in q]
+    if max(sets) <= MAX_PLAN_SETS:
+        return _fit_plan(p, q, n, law)
+    warnings.warn(
+        f"verifier 'optimal' with law {law.name!r}: {max(sets):,} draft sets exceed MAX_PLAN_SETS "
+        f"= {MAX_PLAN_SETS:,}; no exact optimal construction at this size yet, falling back to "
+        f"rrs_without_replacement (exact, below alpha*)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return _fit_fallback(p, q, n, law)
+
+
+def _orderings(law: DraftLaw, n: int) -> int:
+    """Draw orders per draft set (without replacement: n!)."""
+    return 1 if law.name == "iid" else int(np.prod(np.arange(1, n + 1)))
+
+
+def _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, **extra) -> OptimalFit:
+    """Cap the rule's mass vector by p and build the residual: exact whatever rule_mass is."""
+    accepted = np.minimum(p, rule_mass)
+    accept_prob = np.where(rule_mass > 0, accepted / np.where(rule_mass > 0, rule_mass, 1.0), 0.0)
+    accept_prob = np.minimum(accept_prob, 1.0)
+    acceptance = accepted.sum(axis=1)
+    left = np.maximum(p - accepted, 0.0)
+    left_total = left.sum(axis=1, keepdims=True)
+    # Empty residual: alpha = 1 to rounding, rejection has probability ~0; emit from p then.
+    recovered = np.where(left_total > EMPTY_MASS, left / np.where(left_total > 0, left_total, 1), p)
+    certified = _certify(q, rank, levels, left, accept_prob, support)
+    certified |= alpha_star - acceptance <= CERTIFY_TOLERANCE
+    return OptimalFit(
+        law=law.name, n=n, rank=rank, levels=levels, rule_mass=rule_mass,
+        accept_prob=accept_prob, accepted=accepted, recovered=recovered,
+        acceptance=np.minimum(acceptance, 1.0), alpha_star=alpha_star, certified=certified,
+        support=support, **extra,
+    )
+
+
+def _fit_threshold(p, q, n, law) -> OptimalFit:
+    """iid: the random-threshold group construction, row by row."""
+    batch, vocab = p.shape
+    rank = np.empty((batch, vocab), dtype=np.int64)
+    levels = np.ones((batch, vocab + 1))
+    rule_mass = np.zeros((batch, vocab))
+    alpha_star = np.empty(batch)
+    support = np.empty(batch, dtype=np.int64)
+    for b in range(batch):
+        order, lv, mass_sorted, alpha_star[b] = _fit_row(p[b], q[b], n, law)
+        k = order.size
+        support[b] = k
+        full_order = np.concatenate([order, np.flatnonzero(q[b] <= 0)])
+        rank[b, full_order] = np.arange(vocab)
+        levels[b, : k + 1] = lv
+        rule_mass[b, order] = mass_sorted
+    return _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support)
+
+
+def _fit_plan(p, q, n, law) -> OptimalFit:
+    """without_replacement, small supports: the exact optimal plan over draft sets, as a table."""
+    batch, vocab = p.shape
+    rule_mass = np.zeros((batch, vocab))
+    alpha_star = np.empty(batch)
+    tables = []
+    for b in range(batch):
+        sets, set_probs, take = _plan_row(p[b], q[b], n, law)  # [M, n], [M], [M, n]
+        np.add.at(rule_mass[b], sets.ravel(), (set_probs[:, None] * take).ravel())
+        alpha_star[b] = _scan_alpha(p[b], q[b], n, law)
+        tables.append((sets, set_probs, take))
+    rank = np.tile(np.arange(vocab), (batch, 1))
+    levels = np.ones((batch, vocab + 1))
+    support = np.count_nonzero(q > 0, axis=1)
+    fit = _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, method="plan")
+    kept, rates = [], np.empty(batch)
+    for b, (sets, set_probs, take) in enumerate(tables):
+        k = take * fit.accept_prob[b][sets]  # [M, n]
+        emitted = k.sum(axis=1)
+        on_sets = fit.recovered[b][sets].sum(axis=1)  # residual mass that lands on the set
+        rates[b] = set_probs @ (emitted + (1.0 - emitted) * on_sets)
+        kept.append(k)
+    # the table gives the exact acceptance, residual mass on drafts included
+    return OptimalFit(**{**fit.__dict__, "acceptance": np.minimum(rates, 1.0),
+                         "certified": np.ones(batch, dtype=bool),
+                         "plan_sets": tuple(t[0] for t in tables), "plan_kept": tuple(kept)})
+
+
+def _plan_row(p, q, n, law):
+    """Max-flow LP: draft sets s (mass P(s)) -> their members y (capacity p_y), maximise flow.
+
+    Returns (sets [M, n] sorted, P(s) [M], take [M, n]): the probability of emitting each member
+    of s, before capping.
+    """
+    tuples, probs = law.enumerate(q, n)
+    sets, inverse = np.unique(np.sort(tuples, axis=1), axis=0, return_inverse=True)
+    set_probs = np.bincount(inverse.ravel(), weights=probs, minlength=len(sets))
+    m = len(sets)
+    cols = np.arange(m * n)
+    rows_set = cols // n
+    rows_tok = m + sets.ravel()
+    a_ub = coo_matrix((np.ones(2 * m * n), (np.concatenate([rows_set, rows_tok]),
+                                            np.tile(cols, 2))), shape=(m + p.size, m * n)).tocsr()
+    b_ub = np.concatenate([set_probs, p])
+    res = linprog(-np.ones(m * n), A_ub=a_ub, b_ub=b_ub, bounds=(0, None), method="highs",
+                  options={"primal_feasibility_tolerance": PLAN_TOLERANCE,
+                           "dual_feasibility_tolerance": PLAN_TOLERANCE})
+    if res.status != 0:
+        raise RuntimeError(f"HiGHS failed on the optimal-verifier plan: {res.message}")
+    flow = np.maximum(res.x.reshape(m, n), 0.0)
+    take = np.where(set_probs[:, None] > 0, flow / np.where(set_probs > 0, set_probs, 1)[:, None],
+                    0.0)
+    total = take.sum(axis=1, keepdims=True)
+    take = np.where(total > 1.0, take / np.maximum(total, 1.0), take)  # a row may overshoot 1e-10
+    return sets, set_probs, take
+
+
+def _scan_alpha(p, q, n, law) -> float:
+    """alpha* = 1 - p(q = 0) + min_k (Phi_k - P_k) over the p/q-ordered prefixes."""
+    order = np.flatnonzero(q > 0)
+    order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
+    phi = _coverage_curve(q[order], n, law)
+    cum_p = np.concatenate([[0.0], np.cumsum(p[order])])
+    return float(min(1.0, max(0.0, cum_p[-1] + np.min(phi - cum_p))))
+
+
+def _fit_fallback(p, q, n, law) -> OptimalFit:
+    """Large without-replacement supports: rrs_without_replacement, exact but below alpha*."""
+    batch, vocab = p.shape
+    alpha_star = np.array([_scan_alpha(p[b], q[b], n, law) for b in range(batch)])
+    nan = np.full((batch, vocab), np.nan)
+    return OptimalFit(
+        law=law.name, n=n, rank=np.tile(np.arange(vocab), (batch, 1)),
+        levels=np.ones((batch, vocab + 1)), rule_mass=nan, accept_prob=nan, accepted=nan,
+        recovered=nan, acceptance=np.full(batch, np.nan), alpha_star=alpha_star,
+        certified=np.zeros(batch, dtype=bool), support=np.count_nonzero(q > 0, axis=1),
+        method="rrs_without_replacement", target_probs=p, draft_probs=q,
+    )
+
+
+def _fit_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
+    """One position. Returns (order [K], levels [K + 1], m in order [K], alpha*)."""
+    # 1. priority order: q > 0 tokens by s = p / q decreasing, ties by lower id
+    order = np.flatnonzero(q > 0)
+    ratio = p[order] / q[order]
+    order = order[np.argsort(-ratio, kind="stable")]
+    ps, qs = p[order], q[order]
+    k = order.size
+    # 2. Phi_k = P(set(x) meets U_k), k = 0..K
+    phi = _coverage_curve(qs, n, law)
+    cum_p = np.concatenate([[0.0], np.cumsum(ps)])
+    gap = phi - cum_p  # D_k = Phi_k - P_k; alpha* = 1 - p(q = 0 tokens) + min D
+    split = k - int(np.argmin(gap[::-1]))  # the largest minimiser m*
+    alpha_star = min(1.0, max(0.0, 1.0 - (1.0 - cum_p[-1]) + gap[split]))
+    # 3. target curve A (rates clip(s, mu, c)) and its mixture of group rules
+    target = _target_curve(ps, qs, phi, split)
+    levels, rate = _peel(qs, phi, target)
+    return order, levels, qs * rate, alpha_star
+
+
+def _coverage_curve(qs: np.ndarray, n: int, law: DraftLaw) -> np.ndarray:
+    """Phi_k = P(set(x) meets the first k tokens of the order), k = 0..K, nondecreasing."""
+    k = qs.size
+    tail = np.concatenate([np.cumsum(qs[::-1])[::-1], [0.0]])  # q of positions >= k
+    if law.name == "iid":
+        head = np.concatenate([[0.0], np.cumsum(qs)])
+        with np.errstate(divide="ignore"):
+            # log q(V minus U_k): log1p(-head) is accurate while head is small, log(tail) after
+            log_rest = np.where(head < 0.5, np.log1p(-np.minimum(head, 1.0)), np.log(tail))
+        phi = -np.expm1(n * log_rest)
+    else:
+        rest_first = qs[::-1].copy()[None, :]  # complement of U_k: a prefix of the reversed order
+        qall = law.qall_prefixes(rest_first, n)[0]  # Qall(last j tokens), j = 0..K
+        phi = 1.0 - qall[::-1]
+    phi[0], phi[k] = 0.0, 1.0
+    return np.maximum.accumulate(np.clip(phi, 0.0, 1.0))
+
+
+def _target_curve(ps, qs, phi, split) -> np.ndarray:
+    """A_k = sum_{i < k} t_i q_i with t = min(s, c) before ``split`` and max(s, mu) after.
+
+    c = max_{1<=j<=m} (D_m + P_j) / Q_j and mu = min_{m<=j<K} (1 - Phi_m - (P_j - P_m)) / q(tail_j)
+    are the closed-form roots of sum min(p, c q) = Phi_m and sum max(p, mu q) = 1 - Phi_m.
+    """
+    k = qs.size
+    s = ps / qs
+    rates = s.copy()
+    if split > 0:
+        cum_q = np.cumsum(qs[:split])
+        cum_p = np.cumsum(ps[:split])
+        low = phi[split] - (cum_p[-1] - cum_p)  # D_m + P_j
+        c = float(np.max(low / cum_q))
+        rates[:split] = np.minimum(s[:split], c)
+    if split < k:
+        hp, hq = ps[split:], qs[split:]
+        tail_q = np.cumsum(hq[::-1])[::-1]  # q(positions >= j), j = m..K-1
+        head_p = np.concatenate([[0.0], np.cumsum(hp)[:-1]])  # P_j - P_m
+        mu = float(np.min(((1.0 - phi[split]) - head_p) / tail_q))
+        rates[split:] = np.maximum(s[split:], mu)
+    target = np.empty(k + 1)
+    target[0] = 0.0
+    target[1 : split + 1] = np.cumsum(rates[:split] * qs[:split])
+    target[split + 1 :] = phi[split] + np.cumsum(rates[split:] * qs[split:])
+    target[split], target[k] = phi[split], 1.0
+    return target
+
+
+def _peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray):
+    """Write the target curve as a random-threshold mixture of group rules.
+
+    On an interval [lo, hi] whose ends are cuts: take the largest share lam of the one-group rule
+    (the chord of Phi) such that the remainder (A - lam chord) / (1 - lam) stays below Phi; the
+    remainder touches Phi at some j, which becomes a cut with level offset + scale * lam; recurse
+    on [lo, j] and [j, hi] with u rescaled to the remaining share. Returns (levels [K + 1],
+    rate [K]) where rate_i = E_u[rho of the group of i] is computed from the rules actually used.
+    """
+    k = qs.size
+    levels = np.ones(k + 1)
+    levels[0] = levels[k] = 0.0
+    rate = np.zeros(k)
+    stack = [(0, k, target, 0.0, 1.0)]
+    while stack:
+        lo, hi, curve, offset, scale = stack.pop()
+        local_q = np.cumsum(qs[lo:hi])  # q mass of positions lo..j-1, summed locally
+        mass = local_q[-1]
+        rho = (phi[hi] - phi[lo]) / mass
+        if hi - lo == 1:
+            rate[lo] += scale * rho
+            continue
+        chord = phi[lo] + (phi[hi] - phi[lo]) * (local_q[:-1] / mass)  # interior points
+        excess = np.maximum(curve[1:-1] - chord, 0.0)  # A - chord >= 0 (A concave)
+        room = phi[lo + 1 : hi] - chord  # Phi - chord
+        if excess.max() <= CHORD_TOLERANCE:
+            rate[lo:hi] += scale * rho
+            continue
+        # largest lam with excess <= (1 - lam) room; room <= excess means a touch: lam = 0
+        share = np.where(room > excess, 1.0 - excess / np.where(room > 0, room, 1.0), 0.0)
+        j = int(np.argmin(share))
+        lam = float(share[j])
+        rate[lo:hi] += scale * lam * rho
+        cut = lo + 1 + j
+        levels[cut] = offset + scale * lam
+        rest = np.empty(hi - lo + 1)
+        rest[0], rest[-1] = phi[lo], phi[hi]
+        rest[1:-1] = chord + excess / (1.0 - lam)
+        rest[j + 1] = phi[cut]
+        child_offset, child_scale = offset + scale * lam, scale * (1.0 - lam)
+        stack.append((lo, cut, rest[: j + 2], child_offset, child_scale))
+        stack.append((cut, hi, rest[j + 1 :], child_offset, child_scale))
+    return levels, rate
+
+
+def _certify(q, rank, levels, left, accept_prob, support) -> np.ndarray:
+    """True where no rejected step can emit a draft from the residual.
+
+    A rejection needs a chosen draft with accept_prob < 1; the residual lives on tokens with
+    p - a > 0. If every such residual token with q > 0 sits before an always-on cut (level 0) and
+    every rejecting token after it, a set that holds a residual token is served by an earlier group
+    whose draft is kept, so acceptance = sum a exactly.
+    """
+    batch, vocab = q.shape
+    out = np.zeros(batch, dtype=bool)
+    for b in range(batch):
+        pos_left = rank[b, (left[b] > CERTIFY_TOLERANCE) & (q[b] > 0)]
+        pos_reject = rank[b, (accept_prob[b] < 1.0 - CERTIFY_TOLERANCE) & (q[b] > 0)]
+        if pos_left.size == 0 or pos_reject.size == 0:
+            out[b] = True
+            continue
+        last_left, first_reject = int(pos_left.max()), int(pos_reject.min())
+        if last_left >= first_reject:
+            continue
+        # an always-on cut between them: boundary c with last_left < c <= first_reject
+        out[b] = bool(np.any(levels[b, last_left + 1 : first_reject + 1] <= 0.0))
+    return out
+
+
+# -- one draft set -------------------------------------------------------------------------------
+
+
+def output_law_from_fit(fit: OptimalFit, drafts) -> np.ndarray:
+    """pi(. | x) for draft sets x [B, n] (or [n]) under a fit of 1 or B positions.
+
+    With drafts sorted by priority position p_(1) <= ... <= p_(n), draft i shares the first group
+    with draft 1 exactly when u < tau_i = min{theta_c : p_(1) < c <= p_(i)}; so for
+    u in [tau_{i+1}, tau_i) the rule picks the earliest-drawn of the first i drafts. Each pick y is
+    kept with probability accept_prob[y]; the rest of the mass goes to the residual law.
+    """
+    x = np.asarray(drafts, dtype=np.int64)
+    single = x.ndim == 1
+    x = np.atleast_2d(x)
+    rows, n = x.shape
+    if fit.batch_size not in (1, rows):
+        raise ValueError(f"a fit of {fit.batch_size} positions cannot serve {rows} draft rows")
+    if n != fit.n:
+        raise ValueError(f"the fit is for n = {fit.n} drafts, got drafts of shape {x.shape}")
+    fr = np.zeros(rows, dtype=np.int64) if fit.batch_size == 1 else np.arange(rows)
+    out = _output_law_rows(fit, x, fr)
+    return out[0] if single else out
+
+
+def _output_law_rows(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.ndarray:
+    """pi(. | x) for drafts x [R, n], row r served by fit row fr[r]."""
+    if fit.method == "plan":
+        out = _plan_output_law(fit, x, fr)
+    elif fit.method == "rrs_without_replacement":
+        out = RRSWithoutReplacement().output_law(
+            fit.target_probs[fr], fit.draft_probs[fr], x, get_law(fit.law))
+    else:
+        out = _threshold_output_law(fit, x, fr)
+    return out
+
+
+def _plan_output_law(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.ndarray:
+    """Look each draft set up in its row's plan table."""
+    rows, n = x.shape
+    keys = np.sort(x, axis=1)
+    kept = np.zeros((rows, n))
+    for b in np.unique(fr):
+        mine = np.flatnonzero(fr == b)
+        sets = fit.plan_sets[b]
+        index = {tuple(s): i for i, s in enumerate(sets.tolist())}
+        try:
+            found = np.array([index[tuple(k)] for k in keys[mine].tolist()], dtype=np.int64)
+        except KeyError as err:
+            raise ValueError(f"drafts {err.args[0]} cannot be drawn from the fitted law") from None
+        kept[mine] = fit.plan_kept[b][found]
+    out = fit.recovered[fr] * (1.0 - kept.sum(axis=1))[:, None]
+    np.add.at(out, (np.repeat(np.arange(rows), n), keys.ravel()), kept.ravel())
+    return out
+
+
+def _threshold_output_law(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.ndarray:
+    """The random-threshold group rule for a batch of draft sets (see output_law_from_fit)."""
+    rows, n = x.shape
+    pos = fit.rank[fr[:, None], x]  # [B, n]
+    by_pos = np.argsort(pos, axis=1, kind="stable")  # drafts in priority order
+    pos_sorted = np.take_along_axis(pos, by_pos, axis=1)
+    # tau_i: running min of the levels of the boundaries after p_(1) -- [B, n]
+    vocab = fit.vocab_size
+    bounds = np.arange(vocab + 1)
+    after_first = bounds[None, :] > pos_sorted[:, :1]
+    running = np.minimum.accumulate(np.where(after_first, fit.levels[fr], 1.0), axis=1)
+    tau = np.take_along_axis(running, pos_sorted, axis=1)
+    tau[:, 0] = 1.0
+    weight = tau - np.concatenate([tau[:, 1:], np.zeros((rows, 1))], axis=1)  # [B, n]
+    # the pick for "first i drafts": earliest draw index among them
+    earliest = np.minimum.accumulate(by_pos, axis=1)
+    picked = np.take_along_axis(x, earliest, axis=1)  # [B, n]
+    kept = weight * fit.accept_prob[fr[:, None], picked]
+    out = fit.recovered[fr] * (1.0 - kept.sum(axis=1))[:, None]
+    np.add.at(out, (np.repeat(np.arange(rows), n), picked.ravel()), kept.ravel())
+    return out
+
+
+def verify_from_fit(fit: OptimalFit, drafts, rng=None):
+    """Draw y ~ pi(. | x) from a fit. Returns (tokens [B], accepted [B]) (scalars for [n] drafts)."""
+    rng = np.random.default_rng(rng)
+    x = np.asarray(drafts, dtype=np.int64)
+    law = np.atleast_2d(output_law_from_fit(fit, x))
+    cdf = np.cumsum(law, axis=1)
+    u = rng.random((law.shape[0], 1)) * cdf[:, -1:]
+    tokens = np.minimum((cdf <= u).sum(axis=1), law.shape[1] - 1)
+    accepted = (np.atleast_2d(x) == tokens[:, None]).any(axis=1)
+    if x.ndim == 1:
+        return int(tokens[0]), bool(accepted[0])
+    return tokens, accepted
+
+
+@dataclass(frozen=True)
+class OptimalVerifier(Verifier):
+    """Attains alpha* for ``iid`` and ``without_replacement`` drafts (spec section 5).
+
+    A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
+    the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
+    rest is emitted from resid(p - a). See the module docstring and docs/optimal.md.
+    ``output_law`` accepts a precomputed ``fit`` (from :func:`fit_optimal`) to share one fit across
+    many draft sets of the same position.
+    """
+
+    name: str = "optimal"
+    laws: tuple[str, ...] = LAWS
+
+    def output_law(self, target_probs, draft_probs, drafts, law, fit: OptimalFit | None = None):
+        if fit is not None:
+            return output_law_from_fit(fit, drafts)
+        # one fit per distinct (p, q) row: batches often repeat a position for many draft sets
+        fit, which = _fit_distinct(target_probs, draft_probs, drafts.shape[1], _check_law(law))
+        return _output_law_rows(fit, np.asarray(drafts, dtype=np.int64), which)
+
+    def acceptance(self, target_probs, draft_probs, n, law):
+        fit, which = _fit_distinct(target_probs, draft_probs, n, _check_law(law))
+        if not np.all(fit.certified):
+            return None
+        return fit.acceptance[which]
+
+    def fit(self, target_probs, draft_probs, n, law="without_replacement") -> OptimalFit:
+        return fit_optimal(target_probs, draft_probs, n, law)
+
+
+__all__ = [
+    "OptimalFit",
+    "OptimalVerifier",
+    "fit_optimal",
+    "output_law_from_fit",
+    "verify_from_fit",
+]
