@@ -420,6 +420,22 @@ def _peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray):
     return levels, rate
 
 
+def _threshold_rates(qs: np.ndarray, phi: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Reference: E_u[rho of the group of each position] for any cut levels, O(K * #levels).
+
+    levels [K + 1] with levels[0] = levels[K] = 0; between consecutive distinct levels the active
+    cuts are fixed, and each group (lo, hi) has rate (Phi_hi - Phi_lo) / q(group).
+    """
+    k = qs.size
+    steps = np.append(np.unique(levels[levels < 1.0]), 1.0)
+    rate = np.zeros(k)
+    for u_lo, u_hi in zip(steps[:-1], steps[1:]):
+        cuts = np.flatnonzero(levels <= u_lo)
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            rate[lo:hi] += (u_hi - u_lo) * (phi[hi] - phi[lo]) / qs[lo:hi].sum()
+    return rate
+
+
 def _certify(q, rank, levels, left, accept_prob, support) -> np.ndarray:
     """True where no rejected step can emit a draft from the residual.
 
@@ -494,7 +510,7 @@ def _plan_output_law(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.ndarr
         except KeyError as err:
             raise ValueError(f"drafts {err.args[0]} cannot be drawn from the fitted law") from None
         kept[mine] = fit.plan_kept[b][found]
-    out = fit.recovered[fr] * (1.0 - kept.sum(axis=1))[:, None]
+    out = fit.recovered[fr] * np.maximum(1.0 - kept.sum(axis=1), 0.0)[:, None]
     np.add.at(out, (np.repeat(np.arange(rows), n), keys.ravel()), kept.ravel())
     return out
 
@@ -517,7 +533,7 @@ def _threshold_output_law(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.
     earliest = np.minimum.accumulate(by_pos, axis=1)
     picked = np.take_along_axis(x, earliest, axis=1)  # [B, n]
     kept = weight * fit.accept_prob[fr[:, None], picked]
-    out = fit.recovered[fr] * (1.0 - kept.sum(axis=1))[:, None]
+    out = fit.recovered[fr] * np.maximum(1.0 - kept.sum(axis=1), 0.0)[:, None]
     np.add.at(out, (np.repeat(np.arange(rows), n), picked.ravel()), kept.ravel())
     return out
 

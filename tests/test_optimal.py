@@ -1,0 +1,225 @@
+"""The optimal verifier: exact by enumeration, attains alpha* (LP), fit reuse, exact by construction."""
+
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+
+import mdsd
+from mdsd import lp
+from mdsd.io import random_pair as lm_pair
+from mdsd.verifiers import accepted_mass
+from mdsd.verifiers import optimal as opt
+from mdsd.verifiers.optimal import fit_optimal, output_law_from_fit, verify_from_fit
+
+from conftest import edge_pairs, law_accepts, random_pair
+
+LAWS = ["iid", "without_replacement"]
+MARGINAL_TOL = 1e-12  # sum_x P(x) pi(. | x) = p
+OPTIMAL_TOL = 1e-6  # acceptance vs the LP's alpha*
+
+
+def enumerate_optimal(p, q, n, law, fit=None):
+    """(marginal [V], acceptance, output laws [M, V], tuples [M, n]) by enumerating the law."""
+    tuples, probs = mdsd.get_law(law).enumerate(q, n)
+    if fit is None:
+        out = mdsd.output_law(np.broadcast_to(p, (len(tuples), p.size)),
+                              np.broadcast_to(q, (len(tuples), q.size)), tuples, "optimal", law)
+    else:
+        out = output_law_from_fit(fit, tuples)
+    return probs @ out, float(probs @ accepted_mass(out, tuples)), out, tuples
+
+
+def check_exact_and_optimal(p, q, n, law, lp_check=False):
+    marginal, acceptance, out, _ = enumerate_optimal(p, q, n, law)
+    assert np.all(out >= 0) and np.allclose(out.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(marginal, p, rtol=0, atol=MARGINAL_TOL)
+    bound = mdsd.optimal_acceptance(p, q, n, law)
+    assert acceptance <= bound + 1e-12
+    assert acceptance == pytest.approx(bound, abs=OPTIMAL_TOL)
+    if lp_check:
+        assert acceptance == pytest.approx(lp.lp_optimal_acceptance(p, q, n, law).alpha,
+                                           abs=OPTIMAL_TOL)
+    # the closed form is the rate of the rule actually used
+    closed = mdsd.acceptance_rate(p, q, n, "optimal", law, method="auto")
+    if closed.method == "closed_form":
+        assert closed.rate == pytest.approx(acceptance, abs=1e-12)
+    return acceptance
+
+
+@pytest.mark.parametrize("law", LAWS)
+def test_exact_and_optimal_on_random_cases(law):
+    """Hundreds of random small cases: exact to 1e-12, within 1e-6 of the LP's alpha*."""
+    rng = np.random.default_rng(zlib.crc32(f"optimal-{law}".encode()))
+    checked = 0
+    for i in range(200):
+        vocab = int(rng.integers(2, 7))
+        n = int(rng.integers(1, 5))
+        p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.2, 0.5, 1.0, 3.0])),
+                           zero_p=i % 3 == 0, zero_q=i % 4 == 0)
+        if law_accepts(law, q, n):
+            check_exact_and_optimal(p, q, n, law, lp_check=i % 4 == 0)
+            checked += 1
+    assert checked >= 150
+
+
+@pytest.mark.parametrize("name", list(edge_pairs()))
+@pytest.mark.parametrize("law", LAWS)
+def test_edge_cases(name, law):
+    p, q = edge_pairs()[name]
+    for n in range(1, 5):
+        if law_accepts(law, q, n):
+            check_exact_and_optimal(p, q, n, law, lp_check=True)
+
+
+@pytest.mark.parametrize("law", LAWS)
+def test_more_edge_cases(law):
+    """One-hot q, p = q with n > 1, tiny masses, far-apart p and q."""
+    cases = [
+        (np.array([0.2, 0.3, 0.5]), np.array([0.0, 1.0, 0.0])),
+        (np.array([0.25, 0.25, 0.25, 0.25]), np.array([0.25, 0.25, 0.25, 0.25])),
+        (np.array([1e-30, 1e-30, 1.0 - 2e-30]), np.array([0.5 - 1e-30, 0.5, 1e-30])),
+        (np.array([0.97, 0.01, 0.01, 0.01]), np.array([0.01, 0.01, 0.01, 0.97])),
+    ]
+    for p, q in cases:
+        for n in range(1, 4):
+            if law_accepts(law, q, n):
+                check_exact_and_optimal(p, q, n, law)
+
+
+def test_iid_larger_vocabulary_exact():
+    """A 12-token LM-like pair with 3 i.i.d. drafts: 1728 tuples, still exact and optimal."""
+    p, q = lm_pair(12, seed=4, temperature=0.8)
+    check_exact_and_optimal(p, q, 3, "iid")
+
+
+@pytest.mark.parametrize("seed,temperature,n", [(0, 1.0, 2), (1, 0.7, 4), (2, 0.3, 8)])
+def test_iid_full_vocabulary_attains_alpha(seed, temperature, n):
+    """At V = 2000 the fit's exact acceptance equals the sort-and-scan alpha*."""
+    p, q = lm_pair(2000, seed=seed, temperature=temperature)
+    fit = fit_optimal(p, q, n, "iid")
+    assert fit.certified[0]
+    assert fit.acceptance[0] == pytest.approx(mdsd.optimal_acceptance(p, q, n, "iid"), abs=1e-9)
+    law = np.atleast_2d(output_law_from_fit(fit, mdsd.get_law("iid").sample(q, n, np.random.default_rng(0))))
+    assert np.all(law >= 0) and np.allclose(law.sum(axis=1), 1.0)
+
+
+def test_fit_reuse_matches_front_door():
+    """One fit serves every draft set of its position, batched or one at a time."""
+    rng = np.random.default_rng(5)
+    p, q = random_pair(rng, 6)
+    for law in LAWS:
+        fit = fit_optimal(p, q, 3, law)
+        drafts = mdsd.get_law(law).sample(np.broadcast_to(q, (50, 6)), 3, rng)
+        batched = output_law_from_fit(fit, drafts)
+        direct = mdsd.output_law(np.broadcast_to(p, (50, 6)), np.broadcast_to(q, (50, 6)),
+                                 drafts, "optimal", law)
+        np.testing.assert_allclose(batched, direct, atol=1e-14)
+        np.testing.assert_allclose(output_law_from_fit(fit, drafts[7]), direct[7], atol=1e-14)
+        via_verifier = mdsd.get_verifier("optimal").output_law(
+            np.broadcast_to(p, (50, 6)), np.broadcast_to(q, (50, 6)), drafts,
+            mdsd.get_law(law), fit=fit)
+        np.testing.assert_allclose(via_verifier, direct, atol=1e-14)
+
+
+def test_batched_fit_rows_are_independent():
+    rng = np.random.default_rng(6)
+    pairs = [random_pair(rng, 5) for _ in range(4)]
+    p = np.stack([a for a, _ in pairs])
+    q = np.stack([b for _, b in pairs])
+    fit = fit_optimal(p, q, 2, "iid")
+    for b in range(4):
+        single = fit_optimal(p[b], q[b], 2, "iid")
+        np.testing.assert_allclose(fit.accepted[b], single.accepted[0], atol=1e-15)
+    assert fit.acceptance == pytest.approx(mdsd.optimal_acceptance(p, q, 2, "iid"), abs=1e-12)
+
+
+def test_exact_whatever_the_levels(monkeypatch):
+    """Exactness by construction: random cut levels lose acceptance, never exactness."""
+    rng = np.random.default_rng(7)
+
+    def random_levels(qs, phi, target):
+        levels = rng.random(qs.size + 1)
+        levels[0] = levels[-1] = 0.0
+        return levels, opt._threshold_rates(qs, phi, levels)
+
+    monkeypatch.setattr(opt, "_peel", random_levels)
+    for _ in range(20):
+        vocab, n = int(rng.integers(3, 7)), int(rng.integers(2, 4))
+        p, q = random_pair(rng, vocab)
+        fit = fit_optimal(p, q, n, "iid")
+        marginal, acceptance, _, _ = enumerate_optimal(p, q, n, "iid", fit=fit)
+        np.testing.assert_allclose(marginal, p, rtol=0, atol=MARGINAL_TOL)
+        assert acceptance <= mdsd.optimal_acceptance(p, q, n, "iid") + 1e-12
+        assert acceptance >= fit.acceptance[0] - 1e-12  # sum a is a lower bound
+
+
+def test_peel_rates_match_reference():
+    """The rates accumulated while peeling equal the plain level-by-level computation."""
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        p, q = random_pair(rng, int(rng.integers(3, 30)), concentration=0.5)
+        n = int(rng.integers(2, 6))
+        order = np.flatnonzero(q > 0)
+        order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
+        phi = opt._coverage_curve(q[order], n, mdsd.get_law("iid"))
+        gap = phi - np.concatenate([[0.0], np.cumsum(p[order])])
+        split = order.size - int(np.argmin(gap[::-1]))
+        target = opt._target_curve(p[order], q[order], phi, split)
+        levels, rate = opt._peel(q[order], phi, target)
+        np.testing.assert_allclose(rate, opt._threshold_rates(q[order], phi, levels),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_accepted_mass_is_min_p_cq():
+    """With the fitted levels the accepted-mass vector is min(p, c q) for one scalar c."""
+    rng = np.random.default_rng(9)
+    for _ in range(20):
+        p, q = random_pair(rng, 8, concentration=0.5)
+        fit = fit_optimal(p, q, 3, "iid")
+        a = fit.accepted[0]
+        free = (a < p - 1e-12) & (q > 0)
+        if free.any():
+            c = a[free] / q[free]
+            assert np.allclose(c, c[0], rtol=1e-9)
+            assert np.allclose(a, np.minimum(p, c[0] * q), atol=1e-12)
+
+
+def test_verify_from_fit_samples_output_law():
+    rng = np.random.default_rng(10)
+    p = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
+    q = np.array([0.1, 0.2, 0.4, 0.2, 0.1])
+    fit = fit_optimal(p, q, 2, "iid")
+    drafts = np.tile([2, 1], (20000, 1))
+    tokens, accepted = verify_from_fit(fit, drafts, rng)
+    expected = output_law_from_fit(fit, [2, 1])
+    observed = np.bincount(tokens, minlength=5) / len(tokens)
+    assert np.abs(observed - expected).max() < 0.02
+    assert np.array_equal(accepted, np.isin(tokens, [1, 2]))
+    token, ok = verify_from_fit(fit, [2, 1], rng)
+    assert isinstance(token, int) and isinstance(ok, bool)
+
+
+def test_without_replacement_fallback_warns_and_stays_valid(monkeypatch):
+    monkeypatch.setattr(opt, "MAX_PLAN_SETS", 5)
+    p, q = random_pair(np.random.default_rng(11), 6)
+    with pytest.warns(RuntimeWarning, match="MAX_PLAN_SETS"):
+        fit = fit_optimal(p, q, 2, "without_replacement")
+    assert fit.method == "rrs_without_replacement" and not fit.certified[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        marginal, _, _, _ = enumerate_optimal(p, q, 2, "without_replacement", fit=fit)
+    np.testing.assert_allclose(marginal, p, rtol=0, atol=MARGINAL_TOL)
+
+
+def test_refuses_other_laws_and_bad_drafts():
+    with pytest.raises(ValueError, match="exact only for law"):
+        mdsd.output_law([0.5, 0.5], [0.5, 0.5], [0, 1], "optimal", law="greedy")
+    with pytest.raises(ValueError, match="exact only for law"):
+        fit_optimal([0.5, 0.5], [0.5, 0.5], 2, "conditional_poisson")
+    fit = fit_optimal([0.5, 0.5], [0.5, 0.5], 2, "iid")
+    with pytest.raises(ValueError, match="n = 2"):
+        output_law_from_fit(fit, [0, 1, 1])
+    with pytest.raises(ValueError, match="distinct"):
+        mdsd.output_law([0.5, 0.5], [0.5, 0.5], [0, 0], "optimal", law="without_replacement")
