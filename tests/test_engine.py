@@ -12,7 +12,6 @@ Tiers:
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -38,8 +37,13 @@ def _save_tiny(path, kind: str, vocab: int, hidden: int, layers: int, seed: int)
     """A random tiny Llama or GPT-2 with a word-level tokenizer, saved to ``path``."""
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     words = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, vocab)}
     tok = Tokenizer(WordLevel(vocab=words, unk_token="<unk>"))

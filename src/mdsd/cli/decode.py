@@ -4,33 +4,33 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from mdsd.cli import app
 from mdsd.cli.core import console, fail
 
-TargetOpt = Annotated[Optional[str], typer.Option(
+TargetOpt = Annotated[str | None, typer.Option(
     "--target", help="Target model directory (default: the bundled target).")]
-DraftOpt = Annotated[Optional[str], typer.Option(
+DraftOpt = Annotated[str | None, typer.Option(
     "--draft", help="Draft model directory (default: the bundled draft).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
-DtypeOpt = Annotated[Optional[str], typer.Option(
+DtypeOpt = Annotated[str | None, typer.Option(
     "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU).")]
-TreeOpt = Annotated[Optional[str], typer.Option(
+TreeOpt = Annotated[str | None, typer.Option(
     "--tree", help="Widths per depth, e.g. 3,2,1 (or 3x4 = --drafts 3 --depth 4).")]
 DraftsOpt = Annotated[int, typer.Option("--drafts", "-n", help="Drafts at the first position.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tree depth (chains below the first level).")]
-LawOpt = Annotated[Optional[str], typer.Option(
+LawOpt = Annotated[str | None, typer.Option(
     "--law", help="Draft law (default: the verifier's own law).")]
 VerifierOpt = Annotated[str, typer.Option("--verifier", help="Verifier name.")]
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Temperature (0 = greedy).")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens.")]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass to keep.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus mass to keep.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-m", help="Tokens to generate.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run (numpy Generator).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(
+ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", help="torch intra-op threads (default: torch's choice; 1 is often fastest "
                       "for small models on a busy CPU).")]
 NoEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end of sequence.")]
@@ -135,11 +135,11 @@ def bench(
     draft: DraftOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = None,
-    config: Annotated[Optional[list[str]], typer.Option(
+    config: Annotated[list[str] | None, typer.Option(
         "--config", "-c", help="LAW:VERIFIER:TREE, repeatable (default: a single-draft chain "
                                "and multi-draft trees).")] = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Number of held-out prompts.")] = 6,
-    domain: Annotated[Optional[str], typer.Option(
+    domain: Annotated[str | None, typer.Option(
         "--domain", help="Prompt domain (code, prose; default: alternate both).")] = None,
     temperature: TempOpt = 0.7,
     top_k: TopKOpt = None,

@@ -1,0 +1,96 @@
+"""Tree-decoding benchmark as a Markdown table (for BENCHMARKS.md, section "Tree decoding").
+
+    python benchmarks/bench_decode.py --prompts 12 --max-new-tokens 96 --threads 1 \
+        [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE ...] [--json out.json]
+
+Same runner as ``mdsd bench`` (``mdsd.engine.bench.run_bench``): autoregressive sampling, HF
+assisted generation and the mdsd configurations on the same prompts (held-out prompts, the two
+domains alternating) and per-prompt seeds, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from mdsd.engine import SamplingConfig, TreeConfig
+from mdsd.engine.bench import run_bench
+from mdsd.models import bundled_prompts, load_pair
+
+CONFIGS = (
+    "iid:rrs:1x3",
+    "iid:rrs:1x4",
+    "without_replacement:rrs_without_replacement:3x3",
+    "without_replacement:rrs_without_replacement:3x4",
+    "greedy:greedy:3x4",
+    "iid:rrs:3x4",
+    "without_replacement:rrs_without_replacement:2,2,1,1",
+)
+
+
+def alternating_prompts(n: int) -> list[str]:
+    by_domain: dict[str, list[str]] = {}
+    for row in bundled_prompts():
+        by_domain.setdefault(row["domain"], []).append(row["prompt"])
+    return [p for group in zip(*by_domain.values()) for p in group][:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target")
+    ap.add_argument("--draft")
+    ap.add_argument("--config", action="append")
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pair = load_pair(target=args.target, draft=args.draft)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
+                              stop_on_eos=False)
+    configs = []
+    for spec in args.config or CONFIGS:
+        law, verifier, tree = spec.split(":")
+        configs.append(TreeConfig.make(tree, law or None, verifier))
+    prompts = alternating_prompts(args.prompts)
+    start = time.time()
+    rows = run_bench(pair, prompts, sampling, configs, seed=args.seed, hf=not args.no_hf)
+    elapsed = time.time() - start
+
+    print(f"pair {pair.name}; {len(prompts)} prompts x {args.max_new_tokens} new tokens; "
+          f"T = {args.temperature}, top-k {args.top_k}, top-p {args.top_p}; seed {args.seed}; "
+          f"torch threads {torch.get_num_threads()}; {platform.processor() or platform.machine()}; "
+          f"{elapsed:.0f} s\n")
+    print("| method | tokens/call | tokens/step | accept by depth | draft / target / verify s "
+          "| tokens/s | vs AR | vs HF |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    for r in rows:
+        depth = ", ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-"
+        times = " / ".join(f(r[k], ".1f") for k in ("draft_time_s", "target_time_s",
+                                                     "verify_time_s"))
+        print(f"| {r['method']} | {f(r['tokens_per_call'], '.2f')} | "
+              f"{f(r['block_efficiency'], '.2f')} | {depth} | {times} | "
+              f"{f(r['tokens_per_second'], '.1f')} | {f(r['speedup_vs_autoregressive'], '.2f')} | "
+              f"{f(r['speedup_vs_hf_assisted'], '.2f')} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"pair": pair.name, "prompts": len(prompts), "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
