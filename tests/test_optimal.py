@@ -166,7 +166,7 @@ def test_peel_rates_match_reference():
         phi = opt._coverage_curve(q[order], n, mdsd.get_law("iid"))
         gap = phi - np.concatenate([[0.0], np.cumsum(p[order])])
         split = order.size - int(np.argmin(gap[::-1]))
-        target = opt._target_curve(p[order], q[order], phi, split)
+        target, _ = opt._target_curve(p[order], q[order], phi, split)
         levels, rate = opt._peel(q[order], phi, target)
         np.testing.assert_allclose(rate, opt._threshold_rates(q[order], phi, levels),
                                    rtol=1e-10, atol=1e-12)

@@ -323,8 +323,16 @@ def _fit_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
     split = k - int(np.argmin(gap[::-1]))  # the largest minimiser m*
     alpha_star = min(1.0, max(0.0, 1.0 - (1.0 - cum_p[-1]) + gap[split]))
     # 3. target curve A (rates clip(s, mu, c)) and its mixture of group rules
-    target = _target_curve(ps, qs, phi, split)
-    levels, rate = _peel(qs, phi, target)
+    target, clipped = _target_curve(ps, qs, phi, split)
+    # 4. lossless lumping: a run of tokens whose rate is clipped to the same c (or mu) is never
+    #    cut inside (the target is linear there), so the peel only sees the run's two ends
+    same_run = clipped[1:] & clipped[:-1]
+    same_run[split - 1 : split] = False  # never merge across the H* boundary
+    cuts = np.concatenate([[0], 1 + np.flatnonzero(~same_run), [k]]) if k > 1 else np.array([0, k])
+    coarse_levels, coarse_rate = _peel(np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts])
+    levels = np.ones(k + 1)
+    levels[cuts] = coarse_levels
+    rate = np.repeat(coarse_rate, np.diff(cuts))
     return order, levels, qs * rate, alpha_star
 
 
@@ -346,33 +354,37 @@ def _coverage_curve(qs: np.ndarray, n: int, law: DraftLaw) -> np.ndarray:
     return np.maximum.accumulate(np.clip(phi, 0.0, 1.0))
 
 
-def _target_curve(ps, qs, phi, split) -> np.ndarray:
+def _target_curve(ps, qs, phi, split):
     """A_k = sum_{i < k} t_i q_i with t = min(s, c) before ``split`` and max(s, mu) after.
 
     c = max_{1<=j<=m} (D_m + P_j) / Q_j and mu = min_{m<=j<K} (1 - Phi_m - (P_j - P_m)) / q(tail_j)
     are the closed-form roots of sum min(p, c q) = Phi_m and sum max(p, mu q) = 1 - Phi_m.
+    Returns (A [K + 1], clipped [K]: the rate is c or mu rather than s).
     """
     k = qs.size
     s = ps / qs
     rates = s.copy()
+    clipped = np.zeros(k, dtype=bool)
     if split > 0:
         cum_q = np.cumsum(qs[:split])
         cum_p = np.cumsum(ps[:split])
         low = phi[split] - (cum_p[-1] - cum_p)  # D_m + P_j
         c = float(np.max(low / cum_q))
         rates[:split] = np.minimum(s[:split], c)
+        clipped[:split] = s[:split] > c
     if split < k:
         hp, hq = ps[split:], qs[split:]
         tail_q = np.cumsum(hq[::-1])[::-1]  # q(positions >= j), j = m..K-1
         head_p = np.concatenate([[0.0], np.cumsum(hp)[:-1]])  # P_j - P_m
         mu = float(np.min(((1.0 - phi[split]) - head_p) / tail_q))
         rates[split:] = np.maximum(s[split:], mu)
+        clipped[split:] = s[split:] < mu
     target = np.empty(k + 1)
     target[0] = 0.0
     target[1 : split + 1] = np.cumsum(rates[:split] * qs[:split])
     target[split + 1 :] = phi[split] + np.cumsum(rates[split:] * qs[split:])
     target[split], target[k] = phi[split], 1.0
-    return target
+    return target, clipped
 
 
 def _peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray):
