@@ -8,8 +8,10 @@ Terms used throughout: a draft is *accepted* when the emitted token is one of th
 tree: descend into that child); otherwise the emitted token is the *recovered* token drawn from a
 residual law, and the step ends.
 
-All arrays here are float64 [B, V] (target_probs, draft_probs) and int64 [B, n] (drafts); the
-public functions in ``mdsd.verifiers`` add and remove the batch axis.
+All arrays here are float64 [B, V] (target_probs, draft_probs) and int64 [B, n] (drafts), as
+numpy arrays or torch tensors (CPU or CUDA): the helpers dispatch through ``mdsd._backend``, so
+every verifier runs on both. The public functions in ``mdsd.verifiers`` (numpy) and
+``mdsd.verifiers.torch_backend`` (torch) add and remove the batch axis.
 """
 
 from __future__ import annotations
@@ -18,54 +20,56 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdsd.laws import DraftLaw, top_tokens
+from mdsd._backend import backend, top_mask
+from mdsd.laws import DraftLaw
 
 # Below this total mass a residual is treated as empty: the rejection that would use it has
 # probability ~0, and we fall back to emitting from the current target law (see ``residual``).
 EMPTY_MASS = 1e-300
 
 
-def residual(target: np.ndarray, draft: np.ndarray) -> np.ndarray:
+def residual(target, draft):
     """resid(a, b) = max(a - b, 0) / sum max(a - b, 0), row-wise.  [B, V] x [B, V] -> [B, V]
 
     If a row's positive part is (numerically) empty, a equals b to rounding and the rejection
     leading here has probability ~0; that row returns ``target`` unchanged so the law stays valid.
     """
-    diff = np.maximum(target - draft, 0.0)
-    total = diff.sum(axis=-1, keepdims=True)
-    safe = np.where(total > EMPTY_MASS, total, 1.0)
-    return np.where(total > EMPTY_MASS, diff / safe, target)
+    ops = backend(target)
+    diff = ops.positive_part_(target - draft)
+    total = ops.row_sum(diff, keepdim=True)
+    empty = total <= EMPTY_MASS
+    if ops.any(empty):
+        return ops.where(empty, target, diff / ops.where(empty, 1.0 + 0.0 * total, total))
+    diff /= total
+    return diff
 
 
-def safe_ratio(num: np.ndarray, den: np.ndarray, when_zero: float = 1.0) -> np.ndarray:
+def safe_ratio(num, den, when_zero: float = 1.0):
     """min(1, num / den), with ``when_zero`` where den = 0 (the branch then has no mass)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(den > 0, num / np.where(den > 0, den, 1.0), when_zero)
-    return np.minimum(r, 1.0)
+    ops = backend(num)
+    return ops.minimum(ops.divide_safe(num, den, when_zero), 1.0)
 
 
-def gather(values: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+def gather(values, tokens):
     """values[b, tokens[b]] for [B, V] and [B] (or [B, k]) -> [B] (or [B, k])."""
-    if tokens.ndim == 1:
-        return np.take_along_axis(values, tokens[:, None], axis=1)[:, 0]
-    return np.take_along_axis(values, tokens, axis=1)
+    return backend(values).gather(values, tokens)
 
 
-def scatter_add(out: np.ndarray, tokens: np.ndarray, amount: np.ndarray) -> None:
+def scatter_add(out, tokens, amount) -> None:
     """out[b, tokens[b]] += amount[b], in place."""
-    out[np.arange(out.shape[0]), tokens] += amount
+    backend(out).scatter_add(out, tokens, amount)
 
 
-def draft_set_mask(drafts: np.ndarray, vocab: int) -> np.ndarray:
+def draft_set_mask(drafts, vocab: int):
     """Boolean [B, V]: token y is among the drafts of row b."""
-    mask = np.zeros((drafts.shape[0], vocab), dtype=bool)
-    np.put_along_axis(mask, drafts, True, axis=1)
-    return mask
+    return backend(drafts).mask_of(drafts, vocab)
 
 
-def accepted_mass(output_law: np.ndarray, drafts: np.ndarray) -> np.ndarray:
+def accepted_mass(output_law, drafts):
     """Acceptance given the drafts: sum_{y in set(x)} pi(y | x).  -> [B]"""
-    return np.where(draft_set_mask(drafts, output_law.shape[1]), output_law, 0.0).sum(axis=1)
+    ops = backend(output_law)
+    mask = ops.mask_of(drafts, output_law.shape[1])
+    return ops.row_sum(ops.where(mask, output_law, 0.0 * output_law))
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class Verifier:
     def default_law(self) -> str:
         return self.laws[0]
 
-    def output_law(self, target_probs, draft_probs, drafts, law: DraftLaw) -> np.ndarray:
+    def output_law(self, target_probs, draft_probs, drafts, law: DraftLaw):
         """pi(. | x) for a batch: [B, V], [B, V], [B, n] -> [B, V] float64."""
         raise NotImplementedError
 
@@ -92,30 +96,36 @@ class Verifier:
         return None
 
 
-def check_drafts_for_law(draft_probs: np.ndarray, drafts: np.ndarray, law: DraftLaw) -> None:
+def check_drafts_for_law(draft_probs, drafts, law: DraftLaw) -> None:
     """Refuse drafts that the law cannot produce (they would make the output law wrong)."""
-    drafted_mass = np.take_along_axis(draft_probs, drafts, axis=1)
-    if np.any(drafted_mass <= 0):
-        b, i = np.argwhere(drafted_mass <= 0)[0]
+    ops = backend(draft_probs)
+    drafted_mass = ops.gather(draft_probs, drafts)
+    if ops.any(drafted_mass <= 0):
+        b, i = np.argwhere(np.asarray(_cpu(drafted_mass)) <= 0)[0]
         raise ValueError(
-            f"drafts[{b}, {i}] = {drafts[b, i]} has draft_probs 0: it cannot have been drawn from "
-            f"the draft distribution (was q processed differently for drafting?)"
+            f"drafts[{b}, {i}] = {int(drafts[b, i])} has draft_probs 0: it cannot have been drawn "
+            f"from the draft distribution (was q processed differently for drafting?)"
         )
     n = drafts.shape[1]
     if law.distinct and n > 1:
-        ordered = np.sort(drafts, axis=1)
-        if np.any(ordered[:, 1:] == ordered[:, :-1]):
+        ordered = ops.sort(drafts)
+        if ops.any(ordered[:, 1:] == ordered[:, :-1]):
             raise ValueError(f"drafts repeat a token, but law {law.name!r} draws distinct tokens")
     if law.name == "greedy" and n > 1:
-        top = np.sort(top_tokens(draft_probs, n - 1), axis=1)
-        if np.any(np.sort(drafts[:, :-1], axis=1) != top):
+        vocab = draft_probs.shape[1]
+        given = ops.mask_of(drafts[:, :-1], vocab)
+        if ops.any(given != top_mask(draft_probs, n - 1)):
             raise ValueError(
                 "drafts[:, :n-1] must be the n-1 most probable tokens of draft_probs (ties by "
                 "lower index) for law 'greedy'"
             )
     if law.name == "spechub":
-        hub = np.argmax(draft_probs, axis=1)
-        if np.any((drafts[:, 0] == hub) == (drafts[:, 1] == hub)):
+        hub = ops.argmax(draft_probs)
+        if ops.any((drafts[:, 0] == hub) == (drafts[:, 1] == hub)):
             raise ValueError(
                 "law 'spechub' drafts hold the hub argmax(draft_probs) exactly once"
             )
+
+
+def _cpu(values):
+    return values.detach().cpu().numpy() if hasattr(values, "detach") else values

@@ -1,7 +1,8 @@
 """The published exact verifiers (spec section 4), as conditional output laws.
 
 Shapes: target_probs p and draft_probs q are float64 [B, V]; drafts are int64 [B, n] in draw
-order; every ``output_law`` returns pi(. | x) as float64 [B, V].
+order; every ``output_law`` returns pi(. | x) as float64 [B, V]. Every verifier is written once
+against ``mdsd._backend`` and runs on numpy arrays and on torch tensors (CPU or CUDA).
 """
 
 from __future__ import annotations
@@ -10,16 +11,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdsd.laws import complement_renormalised, top_tokens
+from mdsd._backend import backend, complement_renormalised, top_mask
 from mdsd.verifiers.base import Verifier, gather, residual, safe_ratio, scatter_add
 
-ROOT_ITERATIONS = 80  # bisection steps for K-SEQ's rho*: interval [1, n] shrinks below 1e-22
+ROOT_ITERATIONS = 80  # bisection steps for K-SEQ's rho* (reference): [1, n] shrinks below 1e-22
+INTERVAL_ITERATIONS = 64  # bisection steps on the closed form of beta between two breakpoints
 
 
-def at_least_one(beta: np.ndarray, n: int) -> np.ndarray:
+def at_least_one(beta, n: int):
     """1 - (1 - beta)^n, accurate for tiny beta (log1p/expm1) and exact 1 at beta = 1."""
-    with np.errstate(divide="ignore"):
-        return -np.expm1(n * np.log1p(-np.minimum(beta, 1.0)))
+    ops = backend(beta)
+    return -ops.expm1(n * ops.log1p(-ops.minimum(beta, 1.0)))
+
+
+def drop_token(q, tokens):
+    """q with tokens[b] removed from row b, renormalised (normaliser summed over the rest)."""
+    ops = backend(q)
+    rest = ops.copy(q)
+    ops.put(rest, tokens, 0.0)
+    return rest / ops.row_sum(rest, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -35,8 +45,9 @@ class RRS(Verifier):
     laws: tuple[str, ...] = ("iid",)
 
     def output_law(self, p, q, drafts, law):
-        out = np.zeros_like(p)
-        reach = np.ones(p.shape[0])  # P(all earlier drafts rejected)
+        ops = backend(p)
+        out = 0.0 * p
+        reach = ops.ones_rows(p)  # P(all earlier drafts rejected)
         cur = p
         for i in range(drafts.shape[1]):
             x = drafts[:, i]
@@ -44,13 +55,15 @@ class RRS(Verifier):
             scatter_add(out, x, reach * accept)
             reach = reach * (1.0 - accept)
             cur = residual(cur, q)
-        return out + reach[:, None] * cur
+        out += reach[:, None] * cur
+        return out
 
     def acceptance(self, p, q, n, law):
-        reject_all = np.ones(p.shape[0])
+        ops = backend(p)
+        reject_all = ops.ones_rows(p)
         cur = p
         for _ in range(n):
-            reject_all = reject_all * (1.0 - np.minimum(cur, q).sum(axis=1))
+            reject_all = reject_all * (1.0 - ops.row_sum(ops.minimum(cur, q)))
             cur = residual(cur, q)
         return 1.0 - reject_all
 
@@ -62,14 +75,18 @@ class RRSWithoutReplacement(Verifier):
     cur = p, q_cur = q. For i = 1..n: accept x_i with probability min(1, cur(x_i) / q_cur(x_i));
     on rejection cur <- resid(cur, q_cur), then q_cur <- q_cur without x_i, renormalised.
     If all are rejected, emit y ~ cur.
+
+    ``acceptance``: exact for n = 2 in O(V log V) (``rrs_wor_acceptance_two``); otherwise None
+    (``mdsd.acceptance_rate`` then enumerates small supports or estimates).
     """
 
     name: str = "rrs_without_replacement"
     laws: tuple[str, ...] = ("without_replacement",)
 
     def output_law(self, p, q, drafts, law):
-        out = np.zeros_like(p)
-        reach = np.ones(p.shape[0])
+        ops = backend(p)
+        out = 0.0 * p
+        reach = ops.ones_rows(p)
         cur, q_cur = p, q
         n = drafts.shape[1]
         for i in range(n):
@@ -79,35 +96,154 @@ class RRSWithoutReplacement(Verifier):
             reach = reach * (1.0 - accept)
             cur = residual(cur, q_cur)
             if i < n - 1:
-                q_cur = complement_renormalised(q_cur, x[:, None])
-        return out + reach[:, None] * cur
+                q_cur = drop_token(q_cur, x)
+        out += reach[:, None] * cur
+        return out
+
+    def acceptance(self, p, q, n, law):
+        if n == 1:
+            ops = backend(p)
+            return ops.row_sum(ops.minimum(p, q))
+        if n == 2:
+            return rrs_wor_acceptance_two(p, q)
+        return None
 
 
-def kseq_rho(p: np.ndarray, q: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """K-SEQ's rho* in [1, n] with 1 - (1 - beta)^n = rho * beta, beta(rho) = sum min(q, p / rho).
+def rrs_wor_acceptance_two(p, q):
+    """Exact acceptance of ``rrs_without_replacement`` with n = 2 drafts, O(V log V) per row.
 
-    Bisection keeping g(lo) > 0 >= g(hi), g(rho) = 1 - (1 - beta)^n - rho beta; returns
-    (rho, beta) at the ``hi`` end, where the residual p - min(q, p/rho) c is non-negative, so the
-    verifier stays exact whatever the root-finder's tolerance (it may only lose ~1e-16 acceptance).
+    First draft x ~ q: accepted with probability sum_x min(p_x, q_x) = 1 - D. On rejection
+    (probability D = sum (q - p)_+) the target becomes r = (p - q)_+ / D; the second draft is
+    y ~ q^{-x} = q_y / (1 - q_x), y != x, and is accepted with probability min(1, r_y / q^{-x}_y).
+    Rejecting x happens with probability q_x - min(p_x, q_x) = (q_x - p_x)_+, so
+
+        alpha = (1 - D) + sum_x (q_x - p_x)_+ sum_{y != x} min(q_y / (1 - q_x), r_y).
+
+    With s_x = 1 - q_x, the inner sum is S(s_x) - min(q_x / s_x, r_x), where
+    S(s) = sum_y min(q_y / s, r_y) = sum_{y: q_y / r_y <= s} q_y / s + sum_{y: q_y / r_y > s} r_y
+    is evaluated for all x at once after sorting the thresholds q_y / r_y: O(V log V).
     """
+    ops = backend(p)
+    is_numpy = ops.name == "numpy"
+    excess = ops.positive_part(q - p)  # (q_x - p_x)_+, [B, V]
+    rejected = ops.row_sum(excess, keepdim=True)  # D
+    first = 1.0 - rejected[:, 0]
+    deficit = ops.positive_part(p - q)  # D r
+    r = ops.divide_safe(deficit, rejected + 0.0 * deficit, 0.0)  # residual target, [B, V]
+    # thresholds q_y / r_y (inf where r_y = 0: then min(q_y / s, 0) = 0 always)
+    threshold = ops.divide_safe(q, r, np.inf)
+    threshold = ops.where(r > 0, threshold, np.inf + 0.0 * threshold)
+    order = ops.argsort_descending(-threshold, stable=False)  # ascending thresholds
+    t_sorted = ops.gather(threshold, order)
+    q_cum = ops.cumsum(ops.gather(q, order))  # sum of q_y over the k smallest thresholds
+    r_sorted = ops.gather(r, order)
+    r_total = ops.row_sum(r, keepdim=True)
+    r_cum = ops.cumsum(r_sorted)
+    s = ops.row_sum(q, keepdim=True) - q  # 1 - q_x, as a sum
+    # count of thresholds <= s_x per row (searchsorted row by row)
+    if is_numpy:
+        count = np.stack([np.searchsorted(t_sorted[b], s[b], side="right") for b in range(len(s))])
+    else:
+        import torch
+
+        count = torch.searchsorted(t_sorted.contiguous(), s.contiguous(), right=True)
+    idx = ops.maximum(count - 1, 0)
+    below_q = ops.where(count > 0, ops.gather(q_cum, idx), 0.0 * s)
+    below_r = ops.where(count > 0, ops.gather(r_cum, idx), 0.0 * s)
+    s_safe = ops.where(s > 0, s, 1.0 + 0.0 * s)
+    inner_all = below_q / s_safe + (r_total - below_r)  # S(s_x)
+    own = ops.minimum(q / s_safe, r)
+    inner = ops.positive_part(inner_all - own)
+    second = ops.row_sum(ops.where(excess > 0, excess * inner, 0.0 * excess))
+    return first + second
+
+
+def kseq_rho_reference(p, q, n: int):
+    """K-SEQ's rho* by bisection on [1, n] (80 steps, each O(V)): the plain reference."""
+    ops = backend(p)
 
     def beta(rho):
-        return np.minimum(q, p / rho[:, None]).sum(axis=1)
+        return ops.row_sum(ops.minimum(q, p / rho[:, None]))
 
     def g(rho):
         b = beta(rho)
         return at_least_one(b, n) - rho * b
 
-    lo = np.ones(p.shape[0])
-    hi = np.full(p.shape[0], float(n))
+    lo = ops.ones_rows(p)
+    hi = lo * float(n)
     at_one = g(lo) <= 0  # root at rho = 1 (n = 1, p = q, or disjoint supports)
-    hi = np.where(at_one, lo, hi)
+    hi = ops.where(at_one, lo, hi)
     for _ in range(ROOT_ITERATIONS):
         mid = 0.5 * (lo + hi)
         positive = g(mid) > 0
-        lo = np.where(positive, mid, lo)
-        hi = np.where(positive, hi, mid)
+        lo = ops.where(positive, mid, lo)
+        hi = ops.where(positive, hi, mid)
     return hi, beta(hi)
+
+
+def kseq_rho(p, q, n: int):
+    """K-SEQ's rho* in [1, n] with 1 - (1 - beta)^n = rho * beta, beta(rho) = sum min(q, p / rho).
+
+    Exact after one sort. beta is piecewise of the form A + B / rho between the breakpoints
+    p_x / q_x (capped at n): tokens with p_x / q_x >= rho give q_x, the others p_x / rho. With
+    the breakpoints sorted decreasingly, g(rho) = 1 - (1 - beta)^n - rho beta (decreasing in rho)
+    is evaluated at every breakpoint from prefix sums; the root lies between the two neighbours
+    where g changes sign, where beta = A + B / rho in closed form; bisection on that scalar
+    function (``INTERVAL_ITERATIONS`` steps, O(1) each) keeps g(lo) > 0 >= g(hi). Returns
+    (rho, beta) at the ``hi`` end, beta summed over the vocabulary, so that the residual
+    p - min(q, p / rho) c stays non-negative whatever the tolerance (only ~1e-16 acceptance lost).
+    """
+    ops = backend(p)
+    n_float = float(n)
+    ratio = ops.divide_safe(p, q, n_float)  # q = 0: contributes min(0, .) = 0 either way
+    ratio = ops.minimum(ratio, n_float)  # tokens above n give q for every rho <= n
+    order = ops.argsort_descending(ratio, stable=False)
+    r_sorted = ops.gather(ratio, order)  # [B, V] decreasing, in [0, n]
+    q_head = ops.cumsum(ops.gather(q, order))  # A_k: tokens 1..k give q
+    p_sorted = ops.gather(p, order)
+    p_total = ops.row_sum(p, keepdim=True)
+    p_tail = ops.positive_part(p_total - ops.cumsum(p_sorted))  # B_k: tokens k+1..V give p/rho
+    vocab = p.shape[1]
+    rows = ops.rows(p)
+
+    def g_at(k):  # g at breakpoint k (0-based), [B]; breakpoints below 1 count as positive
+        r = r_sorted[rows, k]
+        in_range = r >= 1.0
+        r = ops.where(in_range, r, 1.0 + 0.0 * r)
+        b = q_head[rows, k] + p_tail[rows, k] / r
+        return ops.where(in_range, at_least_one(b, n) - r * b, 1.0 + 0.0 * r)
+
+    # k*: the number of breakpoints with g <= 0, a prefix since g increases with k (rho falls);
+    # binary search per row, O(log V) evaluations of the closed form
+    low = 0 * rows  # g <= 0 for every k < low
+    high = low + vocab  # g > 0 for every k >= high
+    while ops.any(low < high):
+        mid = (low + high) // 2
+        probe = ops.minimum(mid, vocab - 1)
+        nonpositive = (g_at(probe) <= 0) & (low < high)
+        low = ops.where(nonpositive, mid + 1, low)
+        high = ops.where(nonpositive | (low >= high), high, mid)
+    k_star = low
+    # interval [lo, hi] = [r_(k*+1), r_(k*)], with r_(0) = n and r_(V+1) = 1
+    hi = ops.where(k_star > 0, r_sorted[rows, ops.maximum(k_star - 1, 0)], n_float + 0.0 * p_total[:, 0])
+    lo = ops.where(k_star < vocab, r_sorted[rows, ops.minimum(k_star, vocab - 1)],
+                   1.0 + 0.0 * p_total[:, 0])
+    lo = ops.maximum(lo, 1.0)  # g(1) <= 0 is handled by at_one below
+    head = ops.where(k_star > 0, q_head[rows, ops.maximum(k_star - 1, 0)], 0.0 * lo)
+    tail = ops.where(k_star > 0, p_tail[rows, ops.maximum(k_star - 1, 0)], p_total[:, 0])
+
+    def g(rho):
+        b = head + tail / rho
+        return at_least_one(b, n) - rho * b
+
+    at_one = g(1.0 + 0.0 * lo) <= 0
+    for _ in range(INTERVAL_ITERATIONS):
+        mid = 0.5 * (lo + hi)
+        positive = g(mid) > 0
+        lo = ops.where(positive, mid, lo)
+        hi = ops.where(positive, hi, mid)
+    rho = ops.where(at_one, 1.0 + 0.0 * hi, hi)
+    return rho, ops.row_sum(ops.minimum(q, p / rho[:, None]))
 
 
 @dataclass(frozen=True)
@@ -124,10 +260,11 @@ class KSEQ(Verifier):
     laws: tuple[str, ...] = ("iid",)
 
     def output_law(self, p, q, drafts, law):
+        ops = backend(p)
         n = drafts.shape[1]
         rho, beta = kseq_rho(p, q, n)
-        out = np.zeros_like(p)
-        reach = np.ones(p.shape[0])
+        out = 0.0 * p
+        reach = ops.ones_rows(p)
         for i in range(n):
             x = drafts[:, i]
             accept = safe_ratio(gather(p, x), rho * gather(q, x))
@@ -135,11 +272,12 @@ class KSEQ(Verifier):
             reach = reach * (1.0 - accept)
         accepted_total = at_least_one(beta, n)
         # c = (1 - (1-beta)^n) / beta, whose limit as beta -> 0 is n (disjoint supports).
-        c = np.where(beta > 0, accepted_total / np.where(beta > 0, beta, 1.0), float(n))
-        leftover = p - np.minimum(q, p / rho[:, None]) * c[:, None]
+        c = ops.divide_safe(accepted_total, beta, float(n))
+        leftover = p - ops.minimum(q, p / rho[:, None]) * c[:, None]
         # leftover >= 0 up to rounding (rho is on the safe side of the root); clip, then normalise.
-        recovered = residual(np.maximum(leftover, 0.0), np.zeros_like(p))
-        return out + reach[:, None] * recovered
+        recovered = residual(ops.positive_part(leftover), 0.0 * p)
+        out += reach[:, None] * recovered
+        return out
 
     def acceptance(self, p, q, n, law):
         _, beta = kseq_rho(p, q, n)
@@ -161,19 +299,19 @@ class GreedyVerifier(Verifier):
 
     def output_law(self, p, q, drafts, law):
         n = drafts.shape[1]
-        rest = complement_renormalised(q, top_tokens(q, n - 1))  # q'
+        rest = complement_renormalised(q, top_mask(q, n - 1))  # q'
         last = drafts[:, -1]
         accept = safe_ratio(gather(p, last), gather(rest, last))
-        out = (1.0 - accept)[:, None] * residual(p, rest)
+        out = residual(p, rest)
+        out *= (1.0 - accept)[:, None]
         scatter_add(out, last, accept)
         return out
 
     def acceptance(self, p, q, n, law):
-        top = top_tokens(q, n - 1)
-        rest = complement_renormalised(q, top)
-        in_top = np.zeros(p.shape, dtype=bool)
-        np.put_along_axis(in_top, top, True, axis=1)
-        return np.where(in_top, p, np.minimum(p, rest)).sum(axis=1)
+        ops = backend(p)
+        in_top = top_mask(q, n - 1)
+        rest = complement_renormalised(q, in_top)
+        return ops.row_sum(ops.where(in_top, p, ops.minimum(p, rest)))
 
 
 @dataclass(frozen=True)
@@ -193,37 +331,41 @@ class SpecHubVerifier(Verifier):
     laws: tuple[str, ...] = ("spechub",)
 
     def _tables(self, p, q):
-        rows = np.arange(p.shape[0])
-        hub = np.argmax(q, axis=1)
-        not_hub = np.ones_like(q, dtype=bool)
-        not_hub[rows, hub] = False
+        ops = backend(p)
+        rows = ops.rows(p)
+        hub = ops.argmax(q)
+        not_hub = q == q  # all True, [B, V]
+        ops.put(not_hub, hub, False)
+        zero = 0.0 * p
         q_hub, p_hub = q[rows, hub], p[rows, hub]
-        q_rest = np.where(not_hub, q, 0.0).sum(axis=1)  # 1 - q_a, summed for precision
-        pair_hub_first = np.where(not_hub, q_hub[:, None] * q / q_rest[:, None], 0.0)  # Q(a, i)
-        p1 = np.where(not_hub, np.maximum(p - q, 0.0), 0.0)
-        p2 = np.maximum(p1 - pair_hub_first, 0.0)
-        left_i_first = np.where(not_hub, np.maximum(q - p, 0.0), 0.0).sum(axis=1)  # sum Q'(., a)
-        left_hub_first = np.maximum(pair_hub_first - p1, 0.0).sum(axis=1)  # sum Q'(a, .)
-        p_hub_left = np.maximum(p_hub - left_hub_first, 0.0)  # pa1
-        recovered = p2.copy()
-        recovered[rows, hub] = np.maximum(p_hub_left - left_i_first, 0.0)
+        q_rest = ops.row_sum(ops.where(not_hub, q, zero))  # 1 - q_a, summed for precision
+        pair_hub_first = ops.where(not_hub, q_hub[:, None] * q / q_rest[:, None], zero)  # Q(a, i)
+        p1 = ops.where(not_hub, ops.positive_part(p - q), zero)
+        p2 = ops.positive_part(p1 - pair_hub_first)
+        left_i_first = ops.row_sum(ops.where(not_hub, ops.positive_part(q - p), zero))  # sum Q'(., a)
+        left_hub_first = ops.row_sum(ops.positive_part(pair_hub_first - p1))  # sum Q'(a, .)
+        p_hub_left = ops.positive_part(p_hub - left_hub_first)  # pa1
+        recovered = ops.copy(p2)
+        ops.put(recovered, hub, ops.positive_part(p_hub_left - left_i_first))
         return hub, pair_hub_first, p1, left_i_first, left_hub_first, p_hub, p_hub_left, recovered
 
     def output_law(self, p, q, drafts, law):
-        rows = np.arange(p.shape[0])
+        ops = backend(p)
+        rows = ops.rows(p)
         hub, pair_hub_first, p1, left_i, left_hub, p_hub, p_hub_left, recovered = self._tables(p, q)
         hub_first = drafts[:, 0] == hub
-        other = np.where(hub_first, drafts[:, 1], drafts[:, 0])  # the non-hub draft i
+        other = ops.where(hub_first, drafts[:, 1], drafts[:, 0])  # the non-hub draft i
         # pair (i, a): i first
         accept_i_if_i_first = safe_ratio(p[rows, other], q[rows, other])
         accept_a_if_i_first = safe_ratio(p_hub_left, left_i)
         # pair (a, i): hub first
         accept_i_if_a_first = safe_ratio(p1[rows, other], pair_hub_first[rows, other])
         accept_a_if_a_first = safe_ratio(p_hub, left_hub)
-        accept_i = np.where(hub_first, accept_i_if_a_first, accept_i_if_i_first)
-        accept_a = np.where(hub_first, accept_a_if_a_first, accept_a_if_i_first)
+        accept_i = ops.where(hub_first, accept_i_if_a_first, accept_i_if_i_first)
+        accept_a = ops.where(hub_first, accept_a_if_a_first, accept_a_if_i_first)
         reach = (1.0 - accept_i) * (1.0 - accept_a)
-        out = reach[:, None] * residual(recovered, np.zeros_like(p))
+        out = residual(recovered, 0.0 * p)
+        out *= reach[:, None]
         scatter_add(out, other, accept_i)
         scatter_add(out, hub, (1.0 - accept_i) * accept_a)
         return out
@@ -232,23 +374,30 @@ class SpecHubVerifier(Verifier):
         return GreedyVerifier().acceptance(p, q, 2, law)
 
 
-def importance_law(p: np.ndarray, q: np.ndarray, n: int) -> np.ndarray:
+def importance_law(p, q, n: int):
     """Law p_I of the draft picked by max-importance selection from n i.i.d. drafts.
 
     Tokens are ranked by importance weight p/q (decreasing; ties by lower index); the picked draft
     is the best-ranked one. With G(k) = q(tokens of rank >= k) (summed from the tail):
     p_I(token of rank k) = G(k)^n - G(k+1)^n.   [B, V] -> [B, V]
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        weight = np.where(q > 0, p / np.where(q > 0, q, 1.0), -np.inf)
-    order = np.argsort(-weight, axis=1, kind="stable")
-    q_sorted = np.take_along_axis(q, order, axis=1)
-    tail = np.minimum(np.cumsum(q_sorted[:, ::-1], axis=1)[:, ::-1], 1.0)  # G(k)
-    after = np.concatenate([tail[:, 1:], np.zeros((q.shape[0], 1))], axis=1)  # G(k + 1)
+    ops = backend(p)
+    weight = ops.divide_safe(p, q, -np.inf)
+    order = ops.argsort_descending(weight)
+    q_sorted = ops.gather(q, order)
+    total = ops.row_sum(q_sorted, keepdim=True)
+    # G(k) = q(rank >= k) = total - q(rank < k); G(k + 1) = total - q(rank <= k)
+    head = ops.cumsum(q_sorted)
+    after = ops.positive_part(total - head)  # G(k + 1)
+    tail = ops.minimum(after + q_sorted, 1.0)  # G(k)
+    after = ops.minimum(after, 1.0)
     picked_sorted = tail**n - after**n
-    picked = np.empty_like(q)
-    np.put_along_axis(picked, order, picked_sorted, axis=1)
-    return np.where(q > 0, np.maximum(picked, 0.0), 0.0)
+    picked = 0.0 * q
+    if ops.name == "numpy":
+        np.put_along_axis(picked, order, picked_sorted, axis=1)
+    else:
+        picked.scatter_(1, order, picked_sorted)
+    return ops.where(q > 0, ops.positive_part(picked), 0.0 * q)
 
 
 @dataclass(frozen=True)
@@ -265,14 +414,18 @@ class Importance(Verifier):
     laws: tuple[str, ...] = ("iid",)
 
     def output_law(self, p, q, drafts, law):
+        ops = backend(p)
         picked_law = importance_law(p, q, drafts.shape[1])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            weight = gather(p, drafts) / gather(q, drafts)  # [B, n], q > 0 on drafts
+        weight = gather(p, drafts) / gather(q, drafts)  # [B, n], q > 0 on drafts
         # best weight, ties by lower token id
-        best = np.lexsort((drafts, -weight), axis=1)[:, 0]
-        picked = drafts[np.arange(drafts.shape[0]), best]
+        best = weight == weight.max(1, keepdims=True) if ops.name == "numpy" else (
+            weight == weight.max(1, keepdim=True).values)
+        vocab = p.shape[1]
+        picked = ops.where(best, drafts, vocab + 0 * drafts).min(1)
+        picked = picked if ops.name == "numpy" else picked.values
         accept = safe_ratio(gather(p, picked), gather(picked_law, picked))
-        out = (1.0 - accept)[:, None] * residual(p, picked_law)
+        out = residual(p, picked_law)
+        out *= (1.0 - accept)[:, None]
         scatter_add(out, picked, accept)
         return out
 
@@ -295,11 +448,11 @@ class SampleCheck(Verifier):
     )
 
     def output_law(self, p, q, drafts, law):
-        return p.copy()
+        return backend(p).copy(p)
 
     def acceptance(self, p, q, n, law):
         try:
-            inclusion = law.inclusion_probs(q, n)
+            inclusion = law.inclusion_probs(np.asarray(q), n)
         except NotImplementedError:
             return None
-        return (p * inclusion).sum(axis=1)
+        return (np.asarray(p) * inclusion).sum(axis=1)
