@@ -586,7 +586,10 @@ class OptimalVerifier(Verifier):
         return _output_law_rows(fit, np.asarray(drafts, dtype=np.int64), which)
 
     def acceptance(self, target_probs, draft_probs, n, law):
-        fit, which = _fit_distinct(target_probs, draft_probs, n, _check_law(law))
+        the_law = _check_law(law)
+        fit, which = _fit_distinct(target_probs, draft_probs, n, the_law)
+        if fit.method == "rrs_without_replacement":
+            return RRSWithoutReplacement().acceptance(target_probs, draft_probs, n, the_law)
         if not np.all(fit.certified):
             return None
         return fit.acceptance[which]
