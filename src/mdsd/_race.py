@@ -32,6 +32,7 @@ the weight lambda t e^{-lambda t} is below 40 e^{-40} for lambda t > 40 on the r
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -47,7 +48,8 @@ RIGHT_CUT = 40.0  # nodes with lambda t > RIGHT_CUT carry weight < RIGHT_CUT e^{
 CLAMP = 50.0  # q_i t is capped here: total-variation change of N <= 2 e^{-50} ~ 4e-22 per token
 SPAN = 700.0  # growth allowed to the scaled state within one chunk (e^709 is float64's limit)
 CHUNK_TOKENS = 40000  # tokens per chunk at most, so a chunk's buffers stay in cache
-SATURATED = 1e-22  # a node with P(N <= n - 1) below this is dropped for the remaining prefixes
+SATURATED = 1e-22
+RACE_CPU_THREADS = 1  # torch intra-op threads for the scan on CPU (None: leave torch's setting)  # a node with P(N <= n - 1) below this is dropped for the remaining prefixes
 
 
 def race_nodes(min_rate: float, n: int, step: float = STEP) -> np.ndarray:
@@ -263,6 +265,25 @@ def _maybe_live(q_row, lam, t, n, k_lo):
     return chernoff_lower_tail(torch.clamp(mean_all - after, min=0.0), n) >= SATURATED
 
 
+@contextlib.contextmanager
+def _cpu_threads(device, threads):
+    """Run torch CPU kernels with ``threads`` intra-op threads (restored afterwards).
+
+    The scan's kernels are memory-bound passes of a few MB; on a shared machine torch's thread
+    pool made them ~10x slower (spinning workers competing with other processes), so they run
+    on one thread by default. Set RACE_CPU_THREADS = None to keep torch's setting.
+    """
+    if threads is None or torch.device(device).type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def wor_qall_window(q_row: torch.Tensor, tail: torch.Tensor, n: int, k_lo: int, k_hi: int,
                     step: float | None = None):
     """Qall(H_k), k_lo <= k <= k_hi, for one row; returns (qall [K], error_estimate).
@@ -271,6 +292,11 @@ def wor_qall_window(q_row: torch.Tensor, tail: torch.Tensor, n: int, k_lo: int, 
     error_estimate: max_k |Qall_h - Qall_2h| (the same sum over every other node), an estimate of
     the error of the coarser rule; the returned values use step h and are far more accurate.
     """
+    with _cpu_threads(q_row.device, RACE_CPU_THREADS):
+        return _wor_qall_window(q_row, tail, n, k_lo, k_hi, step)
+
+
+def _wor_qall_window(q_row, tail, n, k_lo, k_hi, step):
     lam = tail[k_lo : k_hi + 1]
     if n == 1:  # one draft: Qall(H) = q(H)
         prefix = torch.cumsum(torch.cat([q_row.new_zeros(1), q_row]), 0)

@@ -3,9 +3,14 @@
 Three methods, chosen in this order by ``method="auto"``:
 
 ``closed_form``  where the verifier has one for the law (rrs, kseq, greedy, spechub, sample_check
-                 except under without_replacement, and any verifier that provides one).
-``enumeration``  sum over every draft tuple x of Pdraft(x) * sum_{y in set(x)} pi(y | x): exact,
-                 when the law has at most ``max_tuples`` tuples.
+                 except under without_replacement, rrs_without_replacement for n <= 2 in
+                 O(V log V), and any verifier that provides one).
+``enumeration``  exact sums over draft sequences. rrs_without_replacement (n >= 3) shares the work
+                 of common draw prefixes (a DP over the draw tree on the support of q: top-k = 64,
+                 n = 4 is ~250k prefixes; refused beyond ``MAX_TREE_ROWS`` per depth). Other
+                 verifiers sum over every draft tuple x of Pdraft(x) sum_{y in set(x)} pi(y | x),
+                 when the law has at most ``max_tuples`` tuples (k^n for i.i.d. drafts from a
+                 top-k q: 64^4 = 1.7e7 is past the default limit; Monte Carlo is used there).
 ``monte_carlo``  Rao-Blackwellised estimate (spec section 1): average sum_{y in set(x)} pi(y | x)
                  over sampled x (no sampling of y), with its standard error.
 """
@@ -80,7 +85,7 @@ def acceptance_rate(target_probs, draft_probs, n: int, verifier="rrs", law=None,
     if method in ("auto", "closed_form"):
         rate = the_verifier.acceptance(p2, q2, n, the_law)
         if rate is not None:
-            return finish(rate, np.zeros(len(p2)), "closed_form")
+            return finish(rate, np.zeros(len(p2)), the_verifier.acceptance_method(n))
         if method == "closed_form":
             raise ValueError(
                 f"method='closed_form': verifier {the_verifier.name!r} has no closed form for law "

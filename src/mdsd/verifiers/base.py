@@ -95,6 +95,10 @@ class Verifier:
         """Exact acceptance rate in closed form, [B] -- or None where there is none."""
         return None
 
+    def acceptance_method(self, n: int) -> str:
+        """How ``acceptance`` computes its value for n drafts (reported by acceptance_rate)."""
+        return "closed_form"
+
 
 def check_drafts_for_law(draft_probs, drafts, law: DraftLaw) -> None:
     """Refuse drafts that the law cannot produce (they would make the output law wrong)."""

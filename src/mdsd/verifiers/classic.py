@@ -101,12 +101,62 @@ class RRSWithoutReplacement(Verifier):
         return out
 
     def acceptance(self, p, q, n, law):
+        ops = backend(p)
         if n == 1:
-            ops = backend(p)
             return ops.row_sum(ops.minimum(p, q))
         if n == 2:
             return rrs_wor_acceptance_two(p, q)
-        return None
+        if ops.name != "numpy":
+            return None
+        rates = []
+        for pr, qr in zip(p, q):
+            rate = rrs_wor_acceptance_tree(pr, qr, n)
+            if rate is None:
+                return None
+            rates.append(rate)
+        return np.array(rates)
+
+    def acceptance_method(self, n):
+        return "closed_form" if n <= 2 else "enumeration"
+
+
+# Exact enumeration of rrs_without_replacement for n >= 3 keeps at most this many draw prefixes
+# (tree nodes) at one depth; each holds two vectors over the support of q (+1 bucket).
+MAX_TREE_ROWS = 300_000
+
+
+def rrs_wor_acceptance_tree(p, q, n: int, max_rows: int = MAX_TREE_ROWS):
+    """Exact acceptance of ``rrs_without_replacement`` by a DP over the draw sequence; float or None.
+
+    p, q: [V] (one row). A node is a rejected draw prefix (x_1..x_i) with its probability w, the
+    verifier's current target cur and draft law q_cur. The next draft x ~ q_cur is accepted with
+    probability min(1, cur_x / q_cur_x), so the node adds w * sum_x min(cur_x, q_cur_x) to alpha,
+    and spawns the child x with weight w (q_cur_x - cur_x)_+, cur' = resid(cur, q_cur) (the same
+    for every child) and q_cur' = q_cur without x. Children with zero weight are pruned; prefixes
+    share their work, so the cost is the number of reachable rejected prefixes times the support
+    of q (at most s (s-1) ... (s-n+2) nodes at the last depth for support s; top-k = 64, n = 4:
+    ~250k). Tokens with q = 0 are never drafted and are merged into one bucket (resid keeps their
+    mass). Returns None when a depth would exceed ``max_rows`` nodes.
+    """
+    support = q > 0
+    cur = np.append(p[support], p[~support].sum())[None, :]  # [R, s + 1]
+    q_cur = np.append(q[support], 0.0)[None, :]
+    weight = np.ones(1)
+    alpha = 0.0
+    for depth in range(n):
+        alpha += float(weight @ np.minimum(cur, q_cur).sum(axis=1))
+        if depth == n - 1:
+            break
+        reject = np.maximum(q_cur - cur, 0.0)  # per unit weight: draw x and reject it
+        rows, tokens = np.nonzero(reject > 0)
+        if rows.size > max_rows:
+            return None
+        if rows.size == 0:
+            break
+        weight = weight[rows] * reject[rows, tokens]
+        cur = residual(cur, q_cur)[rows]
+        q_cur = drop_token(q_cur[rows], tokens)
+    return alpha
 
 
 def rrs_wor_acceptance_two(p, q):
@@ -132,7 +182,7 @@ def rrs_wor_acceptance_two(p, q):
     r = ops.divide_safe(deficit, rejected + 0.0 * deficit, 0.0)  # residual target, [B, V]
     # thresholds q_y / r_y (inf where r_y = 0: then min(q_y / s, 0) = 0 always)
     threshold = ops.divide_safe(q, r, np.inf)
-    threshold = ops.where(r > 0, threshold, np.inf + 0.0 * threshold)
+    threshold = ops.where(r > 0, threshold, np.inf)
     order = ops.argsort_descending(-threshold, stable=False)  # ascending thresholds
     t_sorted = ops.gather(threshold, order)
     q_cum = ops.cumsum(ops.gather(q, order))  # sum of q_y over the k smallest thresholds
