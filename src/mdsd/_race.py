@@ -47,9 +47,9 @@ FAST_TAIL = 1e-15  # left-tail truncation of the fast path (bound on the omitted
 RIGHT_CUT = 40.0  # nodes with lambda t > RIGHT_CUT carry weight < RIGHT_CUT e^{-RIGHT_CUT}
 CLAMP = 50.0  # q_i t is capped here: total-variation change of N <= 2 e^{-50} ~ 4e-22 per token
 SPAN = 700.0  # growth allowed to the scaled state within one chunk (e^709 is float64's limit)
-CHUNK_TOKENS = 40000  # tokens per chunk at most, so a chunk's buffers stay in cache
-SATURATED = 1e-22
-RACE_CPU_THREADS = 1  # torch intra-op threads for the scan on CPU (None: leave torch's setting)  # a node with P(N <= n - 1) below this is dropped for the remaining prefixes
+CHUNK_TOKENS = 8192  # tokens per chunk at most, so a chunk's buffers stay in cache
+SATURATED = 1e-22  # a node with P(N <= n - 1) below this is dropped for the remaining prefixes
+RACE_CPU_THREADS = 1  # torch intra-op threads for the scan on CPU (None: leave torch's setting)
 
 
 def race_nodes(min_rate: float, n: int, step: float = STEP) -> np.ndarray:
