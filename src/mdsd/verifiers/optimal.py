@@ -1,4 +1,4 @@
-"""A verifier that attains alpha* for i.i.d. and without-replacement drafts (spec section 5).
+"""A verifier that attains alpha* (spec section 5): i.i.d. drafts at any size, small without-replacement.
 
 Construction ("random-threshold priority groups"; see docs/optimal.md for the proof sketch).
 
@@ -7,10 +7,9 @@ Construction ("random-threshold priority groups"; see docs/optimal.md for the pr
    Phi_k = P(set(x) meets U_k) = 1 - Qall(V minus U_k) (the scan of the bound, read backwards).
 2. A *group rule* cuts the positions into consecutive groups at some boundaries; it accepts from
    the first group (in priority order) that holds a draft, the draft of that group drawn first.
-   For i.i.d. and for sequential without-replacement drafts (exponential race) the first-drawn
-   token of a group is distributed as q restricted to the group, independently of the event
-   "the first group met is G", so the rule puts mass q_y * rho_G on token y, with the group rate
-   rho_G = (Phi_hi - Phi_lo) / (Q_hi - Q_lo).
+   For i.i.d. drafts the first-drawn token of a group is distributed as q restricted to the
+   group, independently of the event "the first group met is G", so the rule puts mass
+   q_y * rho_G on token y, with the group rate rho_G = (Phi_hi - Phi_lo) / (Q_hi - Q_lo).
 3. A *random-threshold* rule gives every boundary b a level theta_b in [0, 1], draws
    u ~ Uniform[0, 1) and cuts at the boundaries with theta_b <= u. It is a mixture of nested group
    rules, and its mass vector m_y = q_y E_u[rho_{G_u(y)}] is computed exactly from the levels.
@@ -80,7 +79,8 @@ class OptimalFit:
     accept_prob: float64 [B, V]; min(1, p_y / m_y), the probability of keeping a chosen draft y.
     accepted:    float64 [B, V]; a = min(p, m), the accepted-mass vector of the rule used.
     recovered:   float64 [B, V]; the residual law (p - a) / (1 - sum a) of the recovered token.
-    acceptance:  float64 [B]; sum a. The exact acceptance rate when ``certified``.
+    acceptance:  float64 [B]; the acceptance rate of the rule used, exact when ``certified``:
+                 sum a (``threshold``), summed over the table (``plan``), NaN (fallback).
     alpha_star:  float64 [B]; alpha* from the same scan.
     certified:   bool [B]; residual tokens can never be drafts in a rejected step, so the
                  acceptance rate is exactly sum a (true whenever the fit attains alpha*).
@@ -121,7 +121,7 @@ class OptimalFit:
 # -- fit -----------------------------------------------------------------------------------------
 
 
-def fit_optimal(target_probs, draft_probs, n: int, law="without_replacement", *,
+def fit_optimal(target_probs, draft_probs, n: int, law="iid", *,
                 normalize=False) -> OptimalFit:
     """Fit the optimal verifier for one position ([V]) or a batch ([B, V]) of positions.
 
@@ -481,7 +481,8 @@ def output_law_from_fit(fit: OptimalFit, drafts) -> np.ndarray:
     With drafts sorted by priority position p_(1) <= ... <= p_(n), draft i shares the first group
     with draft 1 exactly when u < tau_i = min{theta_c : p_(1) < c <= p_(i)}; so for
     u in [tau_{i+1}, tau_i) the rule picks the earliest-drawn of the first i drafts. Each pick y is
-    kept with probability accept_prob[y]; the rest of the mass goes to the residual law.
+    kept with probability accept_prob[y]; the rest of the mass goes to the residual law. (``plan``
+    fits look the draft set up in their table; the fallback runs rrs_without_replacement.)
     """
     x = np.asarray(drafts, dtype=np.int64)
     single = x.ndim == 1
@@ -566,11 +567,13 @@ def verify_from_fit(fit: OptimalFit, drafts, rng=None):
 
 @dataclass(frozen=True)
 class OptimalVerifier(Verifier):
-    """Attains alpha* for ``iid`` and ``without_replacement`` drafts (spec section 5).
+    """Attains alpha* for ``iid`` drafts, and for ``without_replacement`` on small supports.
 
-    A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
-    the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
-    rest is emitted from resid(p - a). See the module docstring and docs/optimal.md.
+    iid: a random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so
+    that the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p,
+    the rest is emitted from resid(p - a). without_replacement: the exact optimal plan over draft
+    sets while there are at most ``MAX_PLAN_SETS`` of them, else rrs_without_replacement (with a
+    warning). See the module docstring and docs/optimal.md.
     ``output_law`` accepts a precomputed ``fit`` (from :func:`fit_optimal`) to share one fit across
     many draft sets of the same position.
     """
@@ -594,7 +597,7 @@ class OptimalVerifier(Verifier):
             return None
         return fit.acceptance[which]
 
-    def fit(self, target_probs, draft_probs, n, law="without_replacement") -> OptimalFit:
+    def fit(self, target_probs, draft_probs, n, law="iid") -> OptimalFit:
         return fit_optimal(target_probs, draft_probs, n, law)
 
 
