@@ -143,32 +143,33 @@ def chernoff_lower_tail(mean: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(mean > k, torch.exp(log_bound), torch.ones_like(mean))
 
 
-def race_survival(q_row: torch.Tensor, t: torch.Tensor, n: int, k_lo: int, k_hi: int):
-    """G[j, k] = P(N_{H_k}(t_j) <= n - 1) for the prefixes k = k_lo..k_hi of one row.
+def race_arrived(q_row: torch.Tensor, t: torch.Tensor, n: int, k_lo: int, k_hi: int):
+    """F[j, k] = P(N_{H_k}(t_j) >= n) for the prefixes k = k_lo..k_hi of one row.
 
     q_row: [V] float64 in scan order; t: [J] nodes. Returns [J, k_hi - k_lo + 1]. The scan runs
     over tokens 0..k_hi - 1; nodes with t <= SPAN need a single chunk (E_k <= t q(V) <= SPAN),
     the others go through the chunked loop (see the module docstring for the numerics).
     """
-    survival = torch.zeros(t.numel(), k_hi - k_lo + 1, dtype=q_row.dtype, device=q_row.device)
+    arrived = torch.ones(t.numel(), k_hi - k_lo + 1, dtype=q_row.dtype, device=q_row.device)
     small = t <= SPAN
     for group in (small, ~small):
         if bool(group.any()):
-            survival[group] = _survival_chunked(q_row, t[group], n, k_lo, k_hi)
-    return survival
+            arrived[group] = _arrived_chunked(q_row, t[group], n, k_lo, k_hi)
+    return arrived
 
 
-def _survival_chunked(q_row, t, n, k_lo, k_hi):
+def _arrived_chunked(q_row, t, n, k_lo, k_hi):
     num_nodes, dtype, device = t.numel(), q_row.dtype, q_row.device
     qt = torch.clamp(t[:, None] * q_row[None, :k_hi], max=CLAMP)  # [J, K]
     energy = torch.zeros(num_nodes, k_hi + 1, dtype=dtype, device=device)
     torch.cumsum(qt, dim=1, out=energy[:, 1:])  # E_k = sum_{i<k} q_i t, [J, K + 1]
     ratio = torch.expm1(qt, out=qt)  # r_i = e^{q_i t} - 1 <= e^CLAMP, [J, K]
 
-    survival = torch.zeros(num_nodes, k_hi - k_lo + 1, dtype=dtype, device=device)
+    # nodes dropped as saturated keep F = 1 (to within SATURATED) for the rest of the window
+    arrived = torch.ones(num_nodes, k_hi - k_lo + 1, dtype=dtype, device=device)
     if k_lo == 0:
-        survival[:, 0] = 1.0  # empty prefix: nothing arrived
-    state = torch.zeros(num_nodes, n, dtype=dtype, device=device)  # x_start[m], m < n
+        arrived[:, 0] = 0.0  # empty prefix: nothing arrived
+    state = torch.zeros(num_nodes, n + 1, dtype=dtype, device=device)  # x[m], m < n; F last
     state[:, 0] = 1.0
     active = torch.arange(num_nodes, device=device)
     start = 0
@@ -180,65 +181,67 @@ def _survival_chunked(q_row, t, n, k_lo, k_hi):
         else:  # the last prefix where every active node's E grew by at most SPAN
             limit = e_act[:, start : start + 1] + SPAN
             end = int(torch.searchsorted(e_act, limit, right=True).min()) - 1
-            end = min(max(end, start + 1), k_hi)
-        end = min(end, start + CHUNK_TOKENS)
+            end = min(max(end, start + 1), k_hi, start + CHUNK_TOKENS)
         r = (ratio[:, start:end] if everyone else ratio[active, start:end]).contiguous()  # [A, L]
-        x0 = state if everyone else state[active]  # [A, n]
-        total, new_state = _chunk_levels(r, x0, n, start > 0)
-        growth = e_act[:, start + 1 : end + 1] - e_act[:, start : start + 1]  # [A, L]
-        decay = torch.exp(growth.neg_(), out=growth)
-        total *= decay
-        new_state *= decay[:, -1:]
+        x0 = state if everyone else state[active]  # [A, n + 1]
+        # decay[k] = e^{-(E_k - E_start)} at the prefixes start..end
+        decay = torch.exp(e_act[:, start : start + 1] - e_act[:, start : end + 1])
+        part, new_state = _chunk_arrivals(r, decay, x0, n)
         if everyone:
             state = new_state
         else:
             state[active] = new_state
         lo, hi = max(start + 1, k_lo), end  # prefixes of this chunk inside the window
         if lo <= hi:
-            part = total[:, lo - start - 1 : hi - start]
+            part = part[:, lo - start - 1 : hi - start]
             if everyone:
-                survival[:, lo - k_lo : hi - k_lo + 1] = part
+                arrived[:, lo - k_lo : hi - k_lo + 1] = part
             else:
-                survival[active, lo - k_lo : hi - k_lo + 1] = part
+                arrived[active, lo - k_lo : hi - k_lo + 1] = part
         # P(N <= n-1) is non-increasing in k: a node below SATURATED stays negligible
-        active = active[total[:, -1] >= SATURATED]
+        active = active[new_state[:, :n].sum(dim=1) >= SATURATED]
         start = end
-    return survival
+    return arrived
 
 
-def _chunk_levels(r: torch.Tensor, x0: torch.Tensor, n: int, carry: bool):
-    """Scaled levels y[m]_k = x0[m] + sum_{i<=k} r_i y[m-1]_{i-1} over one chunk.
+def _chunk_arrivals(r: torch.Tensor, decay: torch.Tensor, x0: torch.Tensor, n: int):
+    """P(N >= n) at the prefixes of one chunk, and the state at its end.
 
-    r: [A, L] contiguous; x0: [A, n] the state at the chunk start (y[0] is constant x0[0]).
-    Returns (sum_m y[m] at the L prefixes after the start [A, L], y[:, L - 1] as [A, n]).
+    r: [A, L] contiguous (tokens of the chunk); decay: [A, L + 1] = e^{-(E_k - E_start)} at the
+    prefixes start..end; x0: [A, n + 1] = (P(N = m) for m < n, P(N >= n)) at the chunk start.
+    Scaled levels y[m]_k = x[m]_k e^{E_k - E_start} obey y[m]_k = y[m]_{k-1} + r_k y[m-1]_{k-1}
+    (y[0] constant): one cumulative sum per level. The n-th arrival happens at token k with
+    probability a_k x[n-1]_{k-1}, a_k = r_k / (1 + r_k), so F_k = F_start + sum of those: no
+    level sums, and F keeps full relative accuracy when small.
+    Returns (F at the L prefixes after the start [A, L], the state at the end [A, n + 1]).
     """
     rows, width = r.shape
-    incr = torch.mul(r, x0[:, 0:1])  # level 1 increments: r_k * y[0]
     # Each level's cumulative sum is written one element into a flat buffer, so that the same
     # buffer read from element 0 holds y[m] shifted by one prefix (what the next level needs),
     # with column 0 then reset to the value at the chunk start. All operands stay contiguous.
     buffers = [torch.empty(rows * width + 1, dtype=r.dtype, device=r.device) for _ in range(2)]
-    total = None
-    last = torch.empty_like(x0)
-    last[:, 0] = x0[:, 0]
+    incr = torch.empty_like(r)
+    end_state = torch.empty_like(x0)
+    end_state[:, 0] = x0[:, 0]
+    shifted = x0[:, 0:1].expand(rows, width)  # y[0] at prefixes start..end-1
     for m in range(1, n):
+        torch.mul(r, shifted, out=incr)
+        incr[:, 0] += x0[:, m]  # the level's value at the chunk start
         buf = buffers[m % 2]
         level = buf[1:].view(rows, width)  # y[m] at prefixes start+1..end
         torch.cumsum(incr, dim=1, out=level)
-        if carry:
-            level += x0[:, m : m + 1]
-        if total is None:
-            total = level + x0[:, 0:1]
-        else:
-            total += level
-        last[:, m] = level[:, -1]
-        if m + 1 < n:
-            shifted = buf[:-1].view(rows, width)  # y[m] at prefixes start..end-1
-            shifted[:, 0] = x0[:, m]
-            torch.mul(r, shifted, out=incr)
-    if total is None:  # n = 1: only level 0
-        total = x0[:, 0:1].expand(rows, width).clone()
-    return total, last
+        end_state[:, m] = level[:, -1]
+        shifted = buf[:-1].view(rows, width)  # y[m] at prefixes start..end-1
+        shifted[:, 0] = x0[:, m]
+    # F increments a_k x[n-1]_{k-1} = r_k / (1 + r_k) * y[n-1]_{k-1} * decay_{k-1}
+    torch.mul(r, shifted, out=incr)
+    incr *= decay[:, :-1]
+    incr /= 1.0 + r
+    incr[:, 0] += x0[:, n]
+    arrived = torch.cumsum(incr, dim=1)
+    end_state[:, :n] *= decay[:, -1:]
+    end_state[:, n] = arrived[:, -1]
+    return arrived, end_state
 
 
 def _maybe_live(q_row, lam, t, n, k_lo):
@@ -310,11 +313,12 @@ def _wor_qall_window(q_row, tail, n, k_lo, k_hi, step):
                         device=q_row.device)
     t = torch.exp(u)
     live = _maybe_live(q_row, lam, t, n, k_lo)
-    survival = torch.zeros(t.numel(), lam.numel(), dtype=q_row.dtype, device=q_row.device)
+    # nodes certified saturated: F = 1 wherever their weight is not negligible
+    arrived = torch.ones(t.numel(), lam.numel(), dtype=q_row.dtype, device=q_row.device)
     if bool(live.any()):
-        survival[live] = race_survival(q_row, t[live], n, k_lo, k_hi)
+        arrived[live] = race_arrived(q_row, t[live], n, k_lo, k_hi)
     lt = lam[None, :] * t[:, None]  # [J, K]
-    integrand = lt * torch.exp(-lt) * (1.0 - survival)
+    integrand = lt * torch.exp(-lt) * arrived
     qall = step * integrand.sum(dim=0)
     parity = (torch.round(u / step).long() % 2 == 0)[:, None]
     coarse = 2.0 * step * torch.where(parity, integrand, torch.zeros_like(integrand)).sum(dim=0)
