@@ -161,7 +161,8 @@ def race_arrived(q_row: torch.Tensor, t: torch.Tensor, n: int, k_lo: int, k_hi: 
 def _arrived_chunked(q_row, t, n, k_lo, k_hi):
     num_nodes, dtype, device = t.numel(), q_row.dtype, q_row.device
     qt = torch.clamp(t[:, None] * q_row[None, :k_hi], max=CLAMP)  # [J, K]
-    energy = torch.zeros(num_nodes, k_hi + 1, dtype=dtype, device=device)
+    energy = torch.empty(num_nodes, k_hi + 1, dtype=dtype, device=device)
+    energy[:, 0] = 0.0
     torch.cumsum(qt, dim=1, out=energy[:, 1:])  # E_k = sum_{i<k} q_i t, [J, K + 1]
     ratio = torch.expm1(qt, out=qt)  # r_i = e^{q_i t} - 1 <= e^CLAMP, [J, K]
 
@@ -175,17 +176,19 @@ def _arrived_chunked(q_row, t, n, k_lo, k_hi):
     start = 0
     while start < k_hi and active.numel():
         everyone = active.numel() == num_nodes
-        e_act = energy if everyone else energy[active]
-        if float((e_act[:, k_hi] - e_act[:, start]).max()) <= SPAN:
+        e_start = energy[:, start : start + 1] if everyone else energy[active, start : start + 1]
+        e_last = energy[:, k_hi] if everyone else energy[active, k_hi]
+        if float((e_last - e_start[:, 0]).max()) <= SPAN:
             end = min(k_hi, start + CHUNK_TOKENS)
         else:  # the last prefix where every active node's E grew by at most SPAN
-            limit = e_act[:, start : start + 1] + SPAN
-            end = int(torch.searchsorted(e_act, limit, right=True).min()) - 1
+            rest = energy[:, start:] if everyone else energy[:, start:][active]
+            end = start + int(torch.searchsorted(rest, e_start + SPAN, right=True).min()) - 1
             end = min(max(end, start + 1), k_hi, start + CHUNK_TOKENS)
-        r = (ratio[:, start:end] if everyone else ratio[active, start:end]).contiguous()  # [A, L]
+        e_chunk = energy[:, start : end + 1] if everyone else energy[:, start : end + 1][active]
+        r = (ratio[:, start:end] if everyone else ratio[:, start:end][active]).contiguous()  # [A, L]
         x0 = state if everyone else state[active]  # [A, n + 1]
         # decay[k] = e^{-(E_k - E_start)} at the prefixes start..end
-        decay = torch.exp(e_act[:, start : start + 1] - e_act[:, start : end + 1])
+        decay = torch.exp(e_chunk[:, :1] - e_chunk)
         part, new_state = _chunk_arrivals(r, decay, x0, n)
         if everyone:
             state = new_state
@@ -236,7 +239,8 @@ def _chunk_arrivals(r: torch.Tensor, decay: torch.Tensor, x0: torch.Tensor, n: i
     # F increments a_k x[n-1]_{k-1} = r_k / (1 + r_k) * y[n-1]_{k-1} * decay_{k-1}
     torch.mul(r, shifted, out=incr)
     incr *= decay[:, :-1]
-    incr /= 1.0 + r
+    spare = buffers[n % 2][1:].view(rows, width)  # not the one holding y[n-1]
+    incr /= torch.add(r, 1.0, out=spare)
     incr[:, 0] += x0[:, n]
     arrived = torch.cumsum(incr, dim=1)
     end_state[:, :n] *= decay[:, -1:]
@@ -253,7 +257,10 @@ def _maybe_live(q_row, lam, t, n, k_lo):
     - min(t lambda_{k_s}, V - k_s) (all tokens, less what the tokens after k_s can add).
     """
     vocab = q_row.numel()
-    desc = torch.sort(q_row, descending=True).values
+    if q_row.device.type == "cpu":  # numpy's vectorised sort is far faster than torch's on CPU
+        desc = torch.from_numpy(-np.sort(-q_row.numpy()))
+    else:
+        desc = torch.sort(q_row, descending=True).values
     mass_desc = torch.cumsum(desc, 0)
     asc = torch.flip(desc, (0,))
     count_big = vocab - torch.searchsorted(asc, 1.0 / t)  # #{q >= 1/t}
