@@ -130,7 +130,7 @@ def tiny(tmp_path_factory):
 def _config(tiny, **changes):
     base = MeasureConfig(target=tiny["target"], draft=tiny["draft"], prompts=tiny["prompts"],
                          num_prompts=2, max_new_tokens=6, temperatures=(0.5, 1.0), ns=(1, 2, 3),
-                         top_k=None, mc_samples=4)
+                         top_k=None, mc_samples=4, verifier_budget=1.0)
     return base.with_(**changes)
 
 
@@ -249,3 +249,16 @@ def test_render_report_from_csv_only(measured, tmp_path):
     (tmp_path / "results.csv").write_text((out / "results.csv").read_text())
     path = render_report(tmp_path)
     assert "Table 1" in path.read_text()
+
+
+def test_time_budget_subsamples_paired(measured, tiny):
+    out, run = measured
+    config = _config(tiny, verifiers=("rrs", "kseq"), laws=("iid",), ns=(2,), verifier_budget=1e-9)
+    rows, _ = analysis.analyse(config, out / "cache" / config.capture_key())
+    rated = [r for r in rows if r["verifier"] != BOUND_VERIFIER and r["dataset"] != "all"]
+    bounds = {(r["dataset"], r["temperature"]): r for r in rows if r["verifier"] == BOUND_VERIFIER}
+    assert rated and all(r["subsampled"] == 1 and r["positions"] == analysis.FIRST_ROWS
+                         for r in rated)
+    for r in rated:  # the bound of a subsampled row is over the same positions
+        assert r["positions"] < bounds[(r["dataset"], r["temperature"])]["positions"]
+        assert r["acceptance"] <= r["bound"] + EXACT_SLACK

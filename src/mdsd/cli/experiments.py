@@ -80,6 +80,9 @@ def measure(
         DEFAULT.top_k,
     mc_samples: Annotated[int, typer.Option(
         help="Draft sets per position where no exact rate exists (Monte Carlo).")] = DEFAULT.mc_samples,
+    verifier_budget: Annotated[float, typer.Option(
+        help="Analysis seconds per verifier over the sweep; slower verifiers are rated on a random "
+             "subsample of positions (0: no limit).")] = DEFAULT.verifier_budget,
     seed: Annotated[int, typer.Option(help="Seed for generation and Monte Carlo.")] = DEFAULT.seed,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = DEFAULT.device,
     threads: Annotated[int, typer.Option(
@@ -103,7 +106,7 @@ def measure(
         temperatures=_floats(temperatures, "--temperatures"), ns=_ints(n, "--n"),
         laws=_names(laws, LAWS, "law"), verifiers=_names(verifiers, VERIFIERS, "verifier"),
         top_k=top_k or None, seed=seed, device=device, mc_samples=mc_samples,
-        threads=threads or None,
+        threads=threads or None, verifier_budget=verifier_budget or None,
     )
     if any(t <= 0 for t in config.temperatures):
         raise typer.BadParameter("--temperatures must be > 0")

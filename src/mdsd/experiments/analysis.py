@@ -24,6 +24,7 @@ The gap to the bound is a per-position difference, so its CI is paired.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,9 +214,59 @@ def _law_groups(q: np.ndarray, n: int, law_name: str):
     return groups
 
 
+FIRST_ROWS = 2  # rows evaluated before a verifier's cost is extrapolated against its budget
+
+
+def _pair_rates(p, q, n, rows, verifier, law_name, bounds, rng, samples):
+    """Rates of one (verifier, law) at the given rows: (value, mc_var, methods)."""
+    value, mc_var, methods = np.empty(rows.size), np.zeros(rows.size), set()
+    sub_q = q[rows]
+    for group, n_eff, law in _law_groups(sub_q, n, law_name):
+        sel = rows[group]
+        if law.name not in verifier.laws:  # spechub rows clamped to one draft
+            got = RateArrays(bounds[law_name][sel], np.zeros(sel.size), "closed_form")
+        else:
+            got = exact_or_sampled(p[sel], q[sel], n_eff, verifier, law, rng, samples)
+        value[group], mc_var[group] = got.value, got.mc_var
+        methods.update(got.method.split("+"))
+    return value, mc_var, methods
+
+
+def _within_budget(order: np.ndarray, evaluate, budget: float | None):
+    """Evaluate rows in the given (random) order until the time budget is spent.
+
+    Returns (rows evaluated, [results]). The first FIRST_ROWS rows are timed; if the extrapolated
+    cost of the rest fits the budget they follow in one call, otherwise chunks sized to the
+    remaining budget continue until it is spent (always at least the first chunk).
+    """
+    if budget is None or order.size <= FIRST_ROWS:
+        return order, [evaluate(order)]
+    start = time.perf_counter()
+    results, done, size = [], 0, FIRST_ROWS
+    while done < order.size:
+        chunk = order[done : done + size]
+        results.append(evaluate(chunk))
+        done += chunk.size
+        elapsed = time.perf_counter() - start
+        left = budget - elapsed
+        if left <= 0:
+            break
+        per_row = elapsed / done
+        size = max(1, int(left / per_row)) if per_row > 0 else order.size
+    return order[:done], results
+
+
 def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
-              rng: np.random.Generator) -> PositionMetrics:
-    """alpha* of each law and the rate of each (verifier, law) pair at every position."""
+              rng: np.random.Generator, *, order: np.ndarray | None = None,
+              cell_budget=None) -> PositionMetrics:
+    """alpha* of each law and the rate of each (verifier, law) pair at every position.
+
+    cell_budget: seconds per (verifier, law): a number, or a :class:`VerifierBudget` per verifier.
+        A verifier too slow for all positions is rated on the first positions of ``order`` (a
+        random permutation, the same for every n and law, so the subsamples are paired) that fit
+        its budget; the other positions get NaN.
+    """
+    order = np.arange(p.shape[0]) if order is None else order
     laws, pairs = active_pairs(config, n)
     bounds, clamped = {}, {}
     for law_name in laws:
@@ -230,20 +281,56 @@ def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
     rates = {}
     for verifier_name, law_name in pairs:
         verifier = get_verifier(verifier_name)
-        value = np.empty(p.shape[0])
-        mc_var = np.zeros(p.shape[0])
-        methods = set()
-        for rows, n_eff, law in _law_groups(q, n, law_name):
-            if law.name not in verifier.laws:  # spechub rows clamped to one draft
-                got = RateArrays(bounds[law_name][rows], np.zeros(rows.size), "closed_form")
-            else:
-                got = exact_or_sampled(p[rows], q[rows], n_eff, verifier, law, rng,
-                                       config.mc_samples)
-            value[rows], mc_var[rows] = got.value, got.mc_var
-            methods.update(got.method.split("+"))
+
+        def evaluate(rows, verifier=verifier, law_name=law_name):
+            return _pair_rates(p, q, n, rows, verifier, law_name, bounds, rng, config.mc_samples)
+
+        budget = cell_budget.get(verifier_name) if isinstance(cell_budget, dict) else cell_budget
+        start = time.perf_counter()
+        if isinstance(budget, VerifierBudget):
+            done, results = _within_budget(order, evaluate, budget.next_cell())
+            budget.spend(time.perf_counter() - start)
+        else:
+            done, results = _within_budget(order, evaluate, budget)
+        value, mc_var = np.full(p.shape[0], np.nan), np.zeros(p.shape[0])
+        value[done] = np.concatenate([r[0] for r in results])
+        mc_var[done] = np.concatenate([r[1] for r in results])
+        methods = set().union(*(r[2] for r in results))
         method = "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(methods))
         rates[(verifier_name, law_name)] = RateArrays(value, mc_var, method)
     return PositionMetrics(n, bounds, rates, clamped)
+
+
+@dataclass
+class VerifierBudget:
+    """A verifier's analysis time over the sweep, shared by its (dataset, T, n, law) cells: each
+    cell may use what is left divided by the cells left (time a cheap cell does not use rolls
+    over to the later ones)."""
+
+    seconds: float
+    cells: int
+
+    def next_cell(self) -> float:
+        return max(self.seconds, 0.0) / max(self.cells, 1)
+
+    def spend(self, elapsed: float) -> None:
+        self.seconds -= elapsed
+        self.cells -= 1
+
+
+def cell_budgets(config: MeasureConfig, datasets: int) -> dict[str, VerifierBudget | None]:
+    """A :class:`VerifierBudget` of ``config.verifier_budget`` seconds per verifier (None: no
+    limit)."""
+    budgets = {}
+    names = list(VERIFIERS) if config.verifiers is None else list(config.verifiers)
+    for name in names:
+        if config.verifier_budget is None:
+            budgets[name] = None
+            continue
+        cells = sum(sum(1 for v, _ in active_pairs(config, n)[1] if v == name) for n in config.ns)
+        budgets[name] = VerifierBudget(config.verifier_budget,
+                                       cells * datasets * len(config.temperatures))
+    return budgets
 
 
 # ---------------------------------------------------------------- aggregation
@@ -277,17 +364,24 @@ class _Collected:
 
 
 def _row(dataset, temperature, n, law, verifier, c: _Collected) -> dict:
+    total = c.value.size
+    keep = ~np.isnan(c.value)  # positions not evaluated (time budget) are NaN
+    c = _Collected(c.value[keep], c.bound[keep], c.mc_var[keep], c.clusters[keep], c.method,
+                   c.clamped)
     acceptance, ci = clustered_mean(c.value, c.clusters)
     bound, bound_ci = clustered_mean(c.bound, c.clusters)
     gap, gap_ci = clustered_mean(c.bound - c.value, c.clusters)
-    mc_se = math.sqrt(float(c.mc_var.sum())) / c.value.size if c.method == "monte_carlo" else 0.0
-    excess = float(np.max(c.value - c.bound)) if c.value.size else math.nan
+    if c.value.size == 0:
+        mc_se = excess = math.nan
+    else:
+        mc_se = math.sqrt(float(c.mc_var.sum())) / c.value.size if c.method == "monte_carlo" else 0.0
+        excess = float(np.max(c.value - c.bound))
     return {
         "dataset": dataset, "temperature": temperature, "n": n, "law": law, "verifier": verifier,
         "acceptance": acceptance, "ci95": ci, "bound": bound, "bound_ci95": bound_ci, "gap": gap,
         "gap_ci95": gap_ci, "method": c.method, "mc_stderr": mc_se, "positions": int(c.value.size),
         "prompts": int(np.unique(c.clusters).size), "clamped": c.clamped,
-        "max_excess": excess,
+        "max_excess": excess, "subsampled": int(c.value.size < total),
     }
 
 
@@ -298,6 +392,7 @@ def analyse(config: MeasureConfig, cache_dir: Path, *,
     rng = np.random.default_rng([config.seed, 7])
     datasets = datasets_in(cache_dir, config)
     collected: dict[tuple, _Collected] = {}
+    budgets = cell_budgets(config, len(datasets))
     checks = {"wor_below_iid_positions": 0, "exact_above_bound_positions": 0,
               "max_exact_excess": -math.inf, "positions": 0}
     for d_index, dataset in enumerate(datasets):
@@ -306,8 +401,10 @@ def analyse(config: MeasureConfig, cache_dir: Path, *,
             p, q = position_probs(positions)
             clusters = positions.prompt + 1_000_000 * d_index
             checks["positions"] += positions.count
+            order = np.random.default_rng([config.seed, d_index, int(temperature * 1000)]).permutation(
+                positions.count)
             for n in config.ns:
-                metrics = measure_n(p, q, n, config, rng)
+                metrics = measure_n(p, q, n, config, rng, order=order, cell_budget=budgets)
                 for law, bound in metrics.bounds.items():
                     collected[(dataset, temperature, n, law, BOUND_VERIFIER)] = _Collected(
                         bound, bound, np.zeros_like(bound), clusters, "exact",
@@ -317,10 +414,10 @@ def analyse(config: MeasureConfig, cache_dir: Path, *,
                         rate.value, metrics.bounds[law], rate.mc_var, clusters, rate.method,
                         metrics.clamped[law])
                     if rate.method != "monte_carlo":
-                        excess = rate.value - metrics.bounds[law]
+                        excess = (rate.value - metrics.bounds[law])[~np.isnan(rate.value)]
                         checks["exact_above_bound_positions"] += int((excess > EXACT_SLACK).sum())
                         checks["max_exact_excess"] = max(checks["max_exact_excess"],
-                                                         float(excess.max()))
+                                                         float(excess.max(initial=-np.inf)))
                 if "iid" in metrics.bounds and "without_replacement" in metrics.bounds:
                     below = metrics.bounds["without_replacement"] < metrics.bounds["iid"] - EXACT_SLACK
                     checks["wor_below_iid_positions"] += int(below.sum())

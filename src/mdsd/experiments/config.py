@@ -44,7 +44,10 @@ class MeasureConfig:
     top_k: int | None = 50
     seed: int = 0
     device: str = "cpu"
-    mc_samples: int = 8
+    mc_samples: int = 16
+    verifier_budget: float | None = 240.0  # seconds of analysis per verifier over the sweep, shared
+    # by its (dataset, T, n, law) cells; a verifier too slow to rate every position of a cell
+    # within its share is rated on a random subsample (column ``subsampled``). None: no limit.
     threads: int | None = 1  # torch threads during the run (None: leave torch's setting). One
     # thread is much faster for these small models on a shared CPU (less contention).
     extra: dict = field(default_factory=dict)

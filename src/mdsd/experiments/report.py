@@ -18,11 +18,12 @@ from mdsd.experiments.config import TABLE_N, TABLE_TEMPERATURE
 
 COLUMNS = ("dataset", "temperature", "n", "law", "verifier", "acceptance", "ci95", "bound",
            "bound_ci95", "gap", "gap_ci95", "method", "mc_stderr", "positions", "prompts",
-           "clamped", "max_excess")
-_INT = {"n", "positions", "prompts", "clamped"}
+           "clamped", "max_excess", "subsampled")
+_INT = {"n", "positions", "prompts", "clamped", "subsampled"}
 _STR = {"dataset", "law", "verifier", "method"}
 VERIFIER_ORDER = ("rrs", "kseq", "importance", "rrs_without_replacement", "greedy", "spechub",
                   "optimal")
+ZERO_GAP = 1e-6  # a gap this small (probability units) counts as attaining the bound
 LAW_ORDER = ("iid", "without_replacement", "greedy", "spechub", "conditional_poisson")
 
 
@@ -64,6 +65,15 @@ def read_results(out_dir: str | Path) -> tuple[list[dict], dict]:
 
 
 # ---------------------------------------------------------------- tables
+def fmt(value: float, digits: int = 4, small: bool = False) -> str:
+    """Fixed-point, without a minus sign on values that round to zero; ``small``: scientific
+    notation for nonzero values below 10^-digits."""
+    if small and value != 0 and abs(value) < 10.0**-digits:
+        return f"{value:.1e}"
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def _rank(verifier: str, law: str) -> tuple:
     v = VERIFIER_ORDER.index(verifier) if verifier in VERIFIER_ORDER else len(VERIFIER_ORDER)
     return (verifier == "sample_check", v, verifier, LAW_ORDER.index(law) if law in LAW_ORDER else 9)
@@ -91,7 +101,9 @@ def table1(rows: list[dict], temperature: float = TABLE_TEMPERATURE, n: int = TA
         f"{d}: α | {d}: α* | {d}: gap" for d in datasets) + " |"
     lines = [f"**Table 1** (T = {temperature}, n = {n}): acceptance α (± 95% CI), the optimal "
              "acceptance α* of the verifier's draft law, and the gap α* − α (± paired 95% CI). "
-             "Methods: exact unless marked † (Monte Carlo, see the CSV's mc_stderr).", "",
+             "Methods: exact unless marked † (Monte Carlo, see the CSV's mc_stderr); ‡: rated on a "
+             "random subsample of the positions (time budget; α* in that row is over the same "
+             "positions).", "",
              head, "|" + "---|" * (2 + 3 * len(datasets))]
     for verifier, law in keys:
         cells = [verifier, law]
@@ -100,9 +112,9 @@ def table1(rows: list[dict], temperature: float = TABLE_TEMPERATURE, n: int = TA
             if r is None:
                 cells += ["–"] * 3
                 continue
-            mark = "†" if r["method"] == "monte_carlo" else ""
-            cells += [f"{r['acceptance']:.4f} ± {r['ci95']:.4f}{mark}", f"{r['bound']:.4f}",
-                      f"{r['gap']:.4f} ± {r['gap_ci95']:.4f}"]
+            mark = ("†" if r["method"] == "monte_carlo" else "") + ("‡" if r.get("subsampled") else "")
+            cells += [f"{fmt(r['acceptance'])} ± {fmt(r['ci95'])}{mark}", fmt(r["bound"]),
+                      f"{fmt(r['gap'])} ± {fmt(r['gap_ci95'])}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -121,7 +133,7 @@ def bounds_table(rows: list[dict], n: int = TABLE_N) -> str:
              "| law | " + " | ".join(f"T = {t}" for t in temps) + " |",
              "|---|" + "---|" * len(temps)]
     for law in laws:
-        cells = [f"{index[(law, t)]['bound']:.4f} ± {index[(law, t)]['bound_ci95']:.4f}"
+        cells = [f"{fmt(index[(law, t)]['bound'])} ± {fmt(index[(law, t)]['bound_ci95'])}"
                  if (law, t) in index else "–" for t in temps]
         lines.append(f"| {law} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -140,21 +152,27 @@ def gap_table(rows: list[dict], x_name: str, fixed: dict) -> str:
     lines = ["| verifier [law] | " + " | ".join(f"{label} = {x}" for x in xs) + " |",
              "|---|" + "---|" * len(xs)]
     for v, law in keys:
-        cells = [f"{index[(v, law, x)]['gap']:.4f}" if (v, law, x) in index else "–" for x in xs]
+        cells = [fmt(index[(v, law, x)]["gap"]) + ("†" if index[(v, law, x)]["method"] == "monte_carlo"
+                                                      else "")
+                 if (v, law, x) in index else "–" for x in xs]
         lines.append(f"| {v} [{law}] | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- findings
-def _trend(points: list[tuple[float, float]]) -> str:
-    """'grows', 'shrinks' or 'flat/mixed' along x, from the sign of consecutive differences."""
+def _trend(points: list[tuple[float, float, float]]) -> str:
+    """How a gap moves along x, from (x, gap, ci95) points: 'at its bound' when every gap is within
+    its CI of 0 (and < ZERO_GAP), else 'grows' / 'shrinks' when the end-to-end change exceeds the
+    two CIs and most steps agree, else 'non-monotone'."""
     points = sorted(points)
+    if all(abs(g) <= max(ci, ZERO_GAP) for _, g, ci in points):
+        return "at its bound"
     diffs = [b[1] - a[1] for a, b in zip(points, points[1:])]
-    if not diffs:
-        return "single point"
-    if sum(d > 1e-6 for d in diffs) >= 0.75 * len(diffs) and points[-1][1] > points[0][1]:
+    change = points[-1][1] - points[0][1]
+    significant = abs(change) > points[0][2] + points[-1][2]
+    if significant and change > 0 and sum(d > 0 for d in diffs) >= 0.75 * len(diffs):
         return "grows"
-    if sum(d < -1e-6 for d in diffs) >= 0.75 * len(diffs) and points[-1][1] < points[0][1]:
+    if significant and change < 0 and sum(d < 0 for d in diffs) >= 0.75 * len(diffs):
         return "shrinks"
     return "non-monotone"
 
@@ -207,20 +225,23 @@ def findings(rows: list[dict], checks: dict | None = None, *, n: int = TABLE_N,
         keys = sorted({(r["verifier"], r["law"]) for r in sub}, key=lambda k: _rank(*k))
         trends = {}
         for key in keys:
-            pts = [(r[x_name], r["gap"]) for r in sub if (r["verifier"], r["law"]) == key]
+            pts = sorted((r[x_name], r["gap"], r["gap_ci95"]) for r in sub
+                         if (r["verifier"], r["law"]) == key)
             if len(pts) > 1:
-                trends[key] = (_trend(pts), min(pts), max(pts))
+                trends[key] = (_trend(pts), pts[0], pts[-1])
         if not trends:
             continue
         growing = [k for k, t in trends.items() if t[0] == "grows"]
-        parts = [f"{v} [{law}]: {t[0]} ({t[1][1]:.4f} at {t[1][0]} → {t[2][1]:.4f} at {t[2][0]})"
-                 for (v, law), t in trends.items()]
-        optimal_like = [k for k, t in trends.items() if max(abs(t[1][1]), abs(t[2][1])) < 1e-6]
-        detail = "; ".join(parts)
-        if optimal_like:
-            detail += f". Attaining their bound throughout: {[k[0] for k in optimal_like]}"
-        out.append({"claim": f"the gap α* − α grows with {what}",
-                    "holds": None, "detail": f"{len(growing)}/{len(trends)} verifiers: " + detail})
+        at_bound = [k for k, t in trends.items() if t[0] == "at its bound"]
+        parts = [f"{v} [{law}]: {t[0]} ({fmt(t[1][1], small=True)} at {t[1][0]} → "
+                 f"{fmt(t[2][1], small=True)} at {t[2][0]})"
+                 for (v, law), t in trends.items() if t[0] != "at its bound"]
+        detail = (f"grows for {len(growing)} of the {len(trends) - len(at_bound)} verifiers that "
+                  f"fall short: " + ("; ".join(parts) or "none"))
+        if at_bound:
+            detail += (f". At their bound throughout (gap within its CI of 0): "
+                       f"{', '.join(f'{v} [{law}]' for v, law in at_bound)}")
+        out.append({"claim": f"the gap α* − α grows with {what}", "holds": None, "detail": detail})
 
     # 5. greedy vs the best i.i.d./without-replacement verifier along temperature
     sub = [r for r in main if r["n"] == n]
@@ -300,9 +321,21 @@ def render_report(out_dir: str | Path, *, n: int = TABLE_N,
         ns_mc = {(v, law): sorted({r["n"] for r in rows if r["verifier"] == v and r["law"] == law
                                    and r["method"] == "monte_carlo"}) for v, law in seen}
         lines += [f"- {v} [{law}]: n ∈ {ns_mc[(v, law)]}" for v, law in seen] + [""]
+    partial = sorted({(r["verifier"], r["law"]) for r in rows if r.get("subsampled")})
+    if partial:
+        lines += ["## Subsampled rates", "",
+                  "These verifiers were too slow to rate every position within the analysis budget "
+                  f"({(run.get('config') or {}).get('verifier_budget', '?')} s per verifier): "
+                  "they were rated on a random subsample of positions, the same for every n and "
+                  "law (column `positions`; their bound and gap are over the same positions).", ""]
+        for v, law in partial:
+            counts = [r["positions"] for r in rows if r["verifier"] == v and r["law"] == law
+                      and r["dataset"] != ALL_DATASETS]
+            lines.append(f"- {v} [{law}]: {min(counts)}–{max(counts)} positions per (dataset, T, n)")
+        lines.append("")
     lines += ["Files: `results.csv` (tidy: dataset, temperature, n, law, verifier, acceptance, "
               "ci95, bound, bound_ci95, gap, gap_ci95, method, mc_stderr, positions, prompts, "
-              "clamped, max_excess; verifier `alpha*` rows give each law's bound), "
+              "clamped, max_excess, subsampled; verifier `alpha*` rows give each law's bound), "
               "`results.json`, `table1.md`, figures as PNG and SVG.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
