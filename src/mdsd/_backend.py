@@ -9,8 +9,26 @@ Shapes follow the verifiers: values [B, V], tokens [B] or [B, k], per-row scalar
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
+
+
+@contextlib.contextmanager
+def one_cpu_thread():
+    """Run torch CPU kernels on one intra-op thread (restored afterwards): these are short
+    memory-bound passes, and torch's thread pool made them several times slower on a shared
+    machine."""
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class NumpyOps:
@@ -80,7 +98,12 @@ class NumpyOps:
 
     @staticmethod
     def cumsum(values):
-        return np.cumsum(values, axis=-1)
+        # torch's CPU cumsum is ~5x faster than numpy's; same left-to-right order per row
+        values = np.ascontiguousarray(values)
+        if values.dtype not in (np.float64, np.int64):
+            return np.cumsum(values, axis=-1)
+        with one_cpu_thread():
+            return torch.cumsum(torch.from_numpy(values), dim=-1).numpy()
 
     @staticmethod
     def argmax(values):

@@ -248,9 +248,10 @@ def kseq_rho(p, q, n: int):
     ratio = ops.divide_safe(p, q, n_float)  # q = 0: contributes min(0, .) = 0 either way
     ratio = ops.minimum(ratio, n_float)  # tokens above n give q for every rho <= n
     order = ops.argsort_descending(ratio, stable=False)
-    r_sorted = ops.gather(ratio, order)  # [B, V] decreasing, in [0, n]
-    q_head = ops.cumsum(ops.gather(q, order))  # A_k: tokens 1..k give q
-    p_sorted = ops.gather(p, order)
+    q_sorted, p_sorted = ops.gather(q, order), ops.gather(p, order)
+    # the same ratios, recomputed in sorted order (a division is cheaper than a gather)
+    r_sorted = ops.minimum(ops.divide_safe(p_sorted, q_sorted, n_float), n_float)  # decreasing
+    q_head = ops.cumsum(q_sorted)  # A_k: tokens 1..k give q
     p_total = ops.row_sum(p, keepdim=True)
     p_tail = ops.positive_part(p_total - ops.cumsum(p_sorted))  # B_k: tokens k+1..V give p/rho
     vocab = p.shape[1]
