@@ -56,9 +56,11 @@ LAWS = ("iid", "without_replacement")
 # The peeling treats the target as a single group once it is within this distance (probability
 # units) of the chord: it can lose at most about this much acceptance per group.
 CHORD_TOLERANCE = 1e-15
-# Acceptance-certificate tolerance: residual or rejection mass below this counts as zero; a fit
-# whose sum a is this close to its alpha* is certified too (the true rate lies in [sum a, alpha*]).
+# Acceptance-certificate tolerance: residual or rejection mass below this counts as zero.
 CERTIFY_TOLERANCE = 1e-13
+# A fit whose sum a is this close to its alpha* is certified too: the true rate lies in
+# [sum a, alpha*], so sum a is exact to this much (full-vocabulary fits round to ~1e-12).
+CERTIFY_GAP = 1e-10
 # Largest number of distinct draft sets for which a without-replacement fit solves the exact plan.
 MAX_PLAN_SETS = 20_000
 # HiGHS tolerance for the plan LP; capping keeps exactness, this only bounds the acceptance lost.
@@ -82,8 +84,8 @@ class OptimalFit:
     acceptance:  float64 [B]; the acceptance rate of the rule used, exact when ``certified``:
                  sum a (``threshold``), summed over the table (``plan``), NaN (fallback).
     alpha_star:  float64 [B]; alpha* from the same scan.
-    certified:   bool [B]; residual tokens can never be drafts in a rejected step, so the
-                 acceptance rate is exactly sum a (true whenever the fit attains alpha*).
+    certified:   bool [B]; the acceptance rate is sum a: residual tokens can never be drafts in a
+                 rejected step, or sum a is within CERTIFY_GAP of alpha* (the rate lies between).
     support:     int64 [B]; number of tokens with q > 0.
     method:      ``threshold`` (iid), ``plan`` (without_replacement, exact plan over draft sets)
                  or ``rrs_without_replacement`` (fallback for large without-replacement supports).
@@ -200,7 +202,7 @@ def _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, **extra)
     # Empty residual: alpha = 1 to rounding, rejection has probability ~0; emit from p then.
     recovered = np.where(left_total > EMPTY_MASS, left / np.where(left_total > 0, left_total, 1), p)
     certified = _certify(q, rank, levels, left, accept_prob, support)
-    certified |= alpha_star - acceptance <= CERTIFY_TOLERANCE
+    certified |= alpha_star - acceptance <= CERTIFY_GAP
     return OptimalFit(
         law=law.name, n=n, rank=rank, levels=levels, rule_mass=rule_mass,
         accept_prob=accept_prob, accepted=accepted, recovered=recovered,
