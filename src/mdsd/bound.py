@@ -219,14 +219,26 @@ def _wor_objective(p_prefix: np.ndarray, q_sorted: np.ndarray, n: int, device=No
 
 
 def _greedy_closed_form(p, q, n):
-    """alpha* = p(T) + sum_{x not in T} min(p_x, q'_x); H* = T + {x not in T: q'_x > p_x}."""
-    top = top_tokens(q, n - 1)
-    rest = complement_renormalised(q, top)  # q', zero on T
-    in_top = np.zeros(p.shape, dtype=bool)
-    np.put_along_axis(in_top, top, True, axis=1)
-    alpha = np.where(in_top, p, np.minimum(p, rest)).sum(axis=1)
-    optimal_set = in_top | (rest > p)
+    """alpha* = p(T) + sum_{x not in T} min(p_x, q'_x); H* = T + {x not in T: q'_x > p_x}.
+
+    Rows are processed in blocks of about ``BLOCK_ELEMENTS`` entries so that the temporaries stay
+    in cache (a [64, 32000] batch at once was ~1.7x slower per row than one row).
+    """
+    alpha = np.empty(p.shape[0])
+    optimal_set = np.empty(p.shape, dtype=bool)
+    step = max(1, BLOCK_ELEMENTS // p.shape[1])
+    for start in range(0, p.shape[0], step):
+        rows = slice(start, start + step)
+        top = top_tokens(q[rows], n - 1)
+        rest = complement_renormalised(q[rows], top)  # q', zero on T
+        in_top = np.zeros(rest.shape, dtype=bool)
+        np.put_along_axis(in_top, top, True, axis=1)
+        alpha[rows] = np.where(in_top, p[rows], np.minimum(p[rows], rest)).sum(axis=1)
+        optimal_set[rows] = in_top | (rest > p[rows])
     return alpha, optimal_set
+
+
+BLOCK_ELEMENTS = 1 << 16  # entries per block of rows in the closed form (fits in L2 with temporaries)
 
 
 # -- reference ---------------------------------------------------------------------------------
