@@ -223,3 +223,26 @@ def test_refuses_other_laws_and_bad_drafts():
         output_law_from_fit(fit, [0, 1, 1])
     with pytest.raises(ValueError, match="distinct"):
         mdsd.output_law([0.5, 0.5], [0.5, 0.5], [0, 0], "optimal", law="without_replacement")
+
+
+def test_staircase_keeps_the_fit_optimal():
+    """The H* staircase (few cuts at full vocabulary) changes nothing on L: a = min(p, c q)."""
+    p, q = lm_pair(3000, seed=3, temperature=1.0)
+    n = 8
+    order = np.flatnonzero(q > 0)
+    order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
+    ps, qs = p[order], q[order]
+    phi = opt._coverage_curve(qs, n, mdsd.get_law("iid"))
+    gap = phi - np.concatenate([[0.0], np.cumsum(ps)])
+    split = order.size - int(np.argmin(gap[::-1]))
+    target, clipped = opt._target_curve(ps, qs, phi, split)
+    run = np.where(clipped, np.where(np.arange(order.size) < split, 0, 1), -1)
+    stairs, new_run = opt._staircase(ps, qs, phi, split, target, run)
+    assert stairs is not target and np.all(stairs <= phi + 1e-15)
+    assert np.unique(new_run[new_run >= 2]).size < (new_run[split:] >= 0).sum()
+    fit = fit_optimal(p, q, n, "iid")
+    assert fit.acceptance[0] == pytest.approx(mdsd.optimal_acceptance(p, q, n, "iid"), abs=1e-10)
+    a = fit.accepted[0]
+    free = (a < p - 1e-12) & (q > 0)
+    c = np.median(a[free] / q[free])
+    np.testing.assert_allclose(a, np.minimum(p, c * q), rtol=1e-8, atol=1e-13)

@@ -61,6 +61,12 @@ CERTIFY_TOLERANCE = 1e-13
 # A fit whose sum a is this close to its alpha* is certified too: the true rate lies in
 # [sum a, alpha*], so sum a is exact to this much (full-vocabulary fits round to ~1e-12).
 CERTIFY_GAP = 1e-10
+# Safety margin (relative and absolute) on the room Phi - A used by the H* staircase.
+STAIR_MARGIN = 1e-12
+# Largest ratio between the rates of one H* step and the s of its tokens, and the share of the
+# slack 1 - Phi_m - p(H*) the steps may use before the last step takes the rest.
+STAIR_RATIO = 1.5
+STAIR_SHARES = (1.0, 0.5)
 # Largest number of distinct draft sets for which a without-replacement fit solves the exact plan.
 MAX_PLAN_SETS = 20_000
 # HiGHS tolerance for the plan LP; capping keeps exactness, this only bounds the acceptance lost.
@@ -326,10 +332,11 @@ def _fit_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
     alpha_star = min(1.0, max(0.0, 1.0 - (1.0 - cum_p[-1]) + gap[split]))
     # 3. target curve A (rates clip(s, mu, c)) and its mixture of group rules
     target, clipped = _target_curve(ps, qs, phi, split)
-    # 4. lossless lumping: a run of tokens whose rate is clipped to the same c (or mu) is never
-    #    cut inside (the target is linear there), so the peel only sees the run's two ends
-    same_run = clipped[1:] & clipped[:-1]
-    same_run[split - 1 : split] = False  # never merge across the H* boundary
+    run = np.where(clipped, np.where(np.arange(k) < split, 0, 1), -1)  # -1: a unit on its own
+    target, run = _staircase(ps, qs, phi, split, target, run)
+    # 4. lossless lumping: a run of tokens with one common rate is never cut inside (the target is
+    #    linear there), so the peel only sees the run's two ends
+    same_run = (run[1:] == run[:-1]) & (run[1:] >= 0)
     cuts = np.concatenate([[0], 1 + np.flatnonzero(~same_run), [k]]) if k > 1 else np.array([0, k])
     coarse_levels, coarse_rate = _peel(np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts])
     levels = np.ones(k + 1)
@@ -387,6 +394,59 @@ def _target_curve(ps, qs, phi, split):
     target[split + 1 :] = phi[split] + np.cumsum(rates[split:] * qs[split:])
     target[split], target[k] = phi[split], 1.0
     return target, clipped
+
+
+def _staircase(ps, qs, phi, split, target, run):
+    """Try the H* staircase with the whole slack, then with half of it (see _staircase_walk)."""
+    for share in STAIR_SHARES:
+        out, new_run = _staircase_walk(ps, qs, phi, split, target, run, share)
+        if out is not target:
+            return out, new_run
+    return target, run
+
+
+def _staircase_walk(ps, qs, phi, split, target, run, share):
+    """On H* only m >= p matters: replace the exact rates by a few constant steps when it is free.
+
+    Walking H* in order, a token joins the current step (rate = the step's first, largest s, at
+    most STAIR_RATIO times the token's s) while the surplus over the exact target stays below the
+    room Phi - A after it. As soon as one last step can take the rest (its rate, fixed by the
+    total 1 - Phi_m, is at least the largest s in it) the walk stops. The curve stays below Phi
+    at every step boundary and every H* token keeps m >= p; nothing changes on L, so the fit is as
+    optimal as with the exact target, with far fewer cuts at the full vocabulary.
+    Returns (target, run ids); the inputs unchanged when no staircase forms.
+    """
+    k = qs.size
+    if k - split < 3:
+        return target, run
+    s = ps / qs
+    tail_q = np.cumsum(qs[::-1])[::-1]  # q(positions >= j)
+    room = (phi - target) * (1.0 - STAIR_MARGIN) - STAIR_MARGIN
+    # the surplus over p on H* can reach E = 1 - Phi_m - p(H*) in all; keep half for the last step
+    cap = share * max(float(target[k] - phi[split] - ps[split:].sum()), 0.0)
+    # until the mu-region the surplus only grows: cap it by the smallest room still ahead there
+    mu_start = int(np.flatnonzero(run == 1)[0]) if np.any(run == 1) else k
+    ahead = room.copy()
+    ahead[split : mu_start + 1] = np.minimum.accumulate(room[split : mu_start + 1][::-1])[::-1]
+    new_run = run.copy()
+    curve = target.copy()
+    step, step_rate, surplus = 2, s[split], 0.0
+    for j in range(split, k):
+        rest_rate = (1.0 - curve[j]) / tail_q[j]  # one last step from j on
+        if j > split and s[j] <= rest_rate <= step_rate and curve[j] <= phi[j]:
+            new_run[j:] = step + 1
+            curve[j + 1 :] = curve[j] + rest_rate * np.cumsum(qs[j:])
+            curve[k] = target[k]
+            return curve, new_run
+        if j > split and not (step_rate <= STAIR_RATIO * s[j]
+                              and surplus + (step_rate - s[j]) * qs[j] <= min(ahead[j + 1], cap)):
+            step, step_rate = step + 1, s[j]
+        surplus += (step_rate - s[j]) * qs[j]
+        curve[j + 1] = curve[j] + step_rate * qs[j]
+        new_run[j] = step
+        if curve[j + 1] > phi[j + 1]:
+            return target, run
+    return target, run
 
 
 def _peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray):
