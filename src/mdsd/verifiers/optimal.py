@@ -19,6 +19,8 @@ Construction ("random-threshold priority groups"; see docs/optimal.md for the pr
    sum_{k>m*} max(p, mu q) = 1 - Phi_m*. A is concave and lies below Phi at every position, so it
    is a mixture of chord interpolants of Phi; peeling (take the largest share of the one-group
    chord, split where the remainder touches Phi, recurse) finds the levels in O(K^2) worst case.
+   Runs with one common rate are lumped first; on H* (where only m >= p matters) the exact rates
+   are replaced by a staircase of few constant rates when the room Phi - A allows it.
 5. Capping: accept the chosen draft y with probability min(1, p_y / m_y). The accepted-mass vector
    is a = min(p, m); on rejection emit from resid = (p - a) / (1 - sum a). Then
    sum_x Pdraft(x) pi(. | x) = a + (p - a) = p whatever the levels are: exactness does not depend on
