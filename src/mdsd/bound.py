@@ -57,10 +57,14 @@ def scan_order(target_probs: np.ndarray, draft_probs: np.ndarray) -> np.ndarray:
         flat = [scan_order(pr, qr) for pr, qr in zip(p.reshape(-1, p.shape[-1]),
                                                       q.reshape(-1, q.shape[-1]))]
         return np.asarray(flat).reshape(p.shape)
-    key = np.divide(q, p, out=np.full(p.shape, np.inf), where=p > 0)  # q/p, +inf where p = 0
-    np.negative(key, out=key)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        key = np.divide(-q, p)  # -q/p: -inf where p = 0 < q, nan where p = q = 0
     order = np.argsort(key)
     ordered = key[order]
+    if ordered.size and np.isnan(ordered[-1]):  # argsort puts nan last: only then p = q = 0 exists
+        key[np.isnan(key)] = -np.inf  # p = 0 sorts first whatever q is
+        order = np.argsort(key)
+        ordered = key[order]
     head = int(np.searchsorted(ordered, -np.inf, side="right"))  # p = 0
     tail = p.size - int(np.searchsorted(ordered, 0.0))  # q = 0 < p (key -0.0 == 0.0)
     middle = ordered[head : p.size - tail]
