@@ -24,9 +24,11 @@ The gap to the bound is a per-position difference, so its CI is paired.
 from __future__ import annotations
 
 import math
+import re
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ from mdsd.verifiers.classic import importance_law
 Z95 = 1.959963984540054
 ENUM_LIMIT = 2_000  # enumerate draft tuples exactly when every row has at most this many
 CHUNK_ELEMENTS = 2_000_000  # rows x width evaluated at once (memory of the batched kernels)
+SKIPPED = "skipped (too slow)"  # the method of a (verifier, law, n) the time budget skipped
 BOUND_VERIFIER = "alpha*"  # the verifier column of the rows that report a law's bound itself
 ALL_DATASETS = "all"
 EXACT_SLACK = 1e-9  # an exact rate may exceed its bound by rounding only
@@ -184,6 +187,8 @@ class PositionMetrics:
     bounds: dict[str, np.ndarray]
     rates: dict[tuple[str, str], RateArrays]
     clamped: dict[str, int]
+    notes: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # warnings raised
+    seconds: dict[str, float] = field(default_factory=dict)  # time per bound / (verifier, law)
 
 
 def active_pairs(config: MeasureConfig, n: int) -> tuple[list[str], list[tuple[str, str]]]:
@@ -269,7 +274,9 @@ def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
     order = np.arange(p.shape[0]) if order is None else order
     laws, pairs = active_pairs(config, n)
     bounds, clamped = {}, {}
+    seconds, notes = {}, {}
     for law_name in laws:
+        start = time.perf_counter()
         out = np.empty(p.shape[0])
         groups = _law_groups(q, n, law_name)
         clamped[law_name] = int(sum(rows.size for rows, value, _ in groups if value < n))
@@ -278,6 +285,7 @@ def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
                 sel = rows[part]
                 out[sel] = optimal_acceptance(p[sel], q[sel], value, law.name)
         bounds[law_name] = out
+        seconds[f"bound {law_name}"] = time.perf_counter() - start
     rates = {}
     for verifier_name, law_name in pairs:
         verifier = get_verifier(verifier_name)
@@ -287,28 +295,45 @@ def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
 
         budget = cell_budget.get(verifier_name) if isinstance(cell_budget, dict) else cell_budget
         start = time.perf_counter()
-        if isinstance(budget, VerifierBudget):
-            done, results = _within_budget(order, evaluate, budget.next_cell())
-            budget.spend(time.perf_counter() - start)
-        else:
-            done, results = _within_budget(order, evaluate, budget)
+        if isinstance(budget, VerifierBudget) and (law_name, n) in budget.too_slow:
+            # one position took longer than a cell's share before: skip, reported as such
+            rates[(verifier_name, law_name)] = RateArrays(np.full(p.shape[0], np.nan),
+                                                          np.zeros(p.shape[0]), SKIPPED)
+            budget.spend(0.0)
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if isinstance(budget, VerifierBudget):
+                share = budget.next_cell()
+                done, results = _within_budget(order, evaluate, share)
+                spent = time.perf_counter() - start
+                budget.spend(spent)
+                if spent / max(done.size, 1) > share:
+                    budget.too_slow.add((law_name, n))
+            else:
+                done, results = _within_budget(order, evaluate, budget)
+        seconds[f"{verifier_name} [{law_name}]"] = time.perf_counter() - start
+        # one note per kind of warning (numbers stripped), e.g. a verifier's fallback
+        notes[(verifier_name, law_name)] = {re.sub(r"[\d,.]+\d", "#", str(w.message)) for w in caught}
         value, mc_var = np.full(p.shape[0], np.nan), np.zeros(p.shape[0])
         value[done] = np.concatenate([r[0] for r in results])
         mc_var[done] = np.concatenate([r[1] for r in results])
         methods = set().union(*(r[2] for r in results))
         method = "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(methods))
         rates[(verifier_name, law_name)] = RateArrays(value, mc_var, method)
-    return PositionMetrics(n, bounds, rates, clamped)
+    return PositionMetrics(n, bounds, rates, clamped, notes, seconds)
 
 
 @dataclass
 class VerifierBudget:
     """A verifier's analysis time over the sweep, shared by its (dataset, T, n, law) cells: each
     cell may use what is left divided by the cells left (time a cheap cell does not use rolls
-    over to the later ones)."""
+    over to the later ones). Where a single position took longer than its cell's share, the
+    later cells of that (law, n) are skipped (method ``skipped``, no positions)."""
 
     seconds: float
     cells: int
+    too_slow: set = field(default_factory=set)  # (law, n) where one position exceeded a share
 
     def next_cell(self) -> float:
         return max(self.seconds, 0.0) / max(self.cells, 1)
@@ -361,13 +386,14 @@ class _Collected:
     clusters: np.ndarray
     method: str
     clamped: int
+    notes: frozenset = frozenset()
 
 
 def _row(dataset, temperature, n, law, verifier, c: _Collected) -> dict:
     total = c.value.size
     keep = ~np.isnan(c.value)  # positions not evaluated (time budget) are NaN
     c = _Collected(c.value[keep], c.bound[keep], c.mc_var[keep], c.clusters[keep], c.method,
-                   c.clamped)
+                   c.clamped, c.notes)
     acceptance, ci = clustered_mean(c.value, c.clusters)
     bound, bound_ci = clustered_mean(c.bound, c.clusters)
     gap, gap_ci = clustered_mean(c.bound - c.value, c.clusters)
@@ -381,8 +407,16 @@ def _row(dataset, temperature, n, law, verifier, c: _Collected) -> dict:
         "acceptance": acceptance, "ci95": ci, "bound": bound, "bound_ci95": bound_ci, "gap": gap,
         "gap_ci95": gap_ci, "method": c.method, "mc_stderr": mc_se, "positions": int(c.value.size),
         "prompts": int(np.unique(c.clusters).size), "clamped": c.clamped,
-        "max_excess": excess, "subsampled": int(c.value.size < total),
+        "max_excess": excess, "subsampled": int(0 < c.value.size < total),
+        "notes": " | ".join(sorted(c.notes)),
     }
+
+
+def _pooled_method(methods: list[str]) -> str:
+    used = [m for m in methods if m != SKIPPED]
+    if not used:
+        return SKIPPED
+    return "monte_carlo" if "monte_carlo" in used else "+".join(sorted(set("+".join(used).split("+"))))
 
 
 def analyse(config: MeasureConfig, cache_dir: Path, *,
@@ -394,7 +428,7 @@ def analyse(config: MeasureConfig, cache_dir: Path, *,
     collected: dict[tuple, _Collected] = {}
     budgets = cell_budgets(config, len(datasets))
     checks = {"wor_below_iid_positions": 0, "exact_above_bound_positions": 0,
-              "max_exact_excess": -math.inf, "positions": 0}
+              "max_exact_excess": -math.inf, "positions": 0, "seconds": {}}
     for d_index, dataset in enumerate(datasets):
         for temperature in config.temperatures:
             positions = load_positions(cache_dir, config, dataset, float(temperature))
@@ -412,8 +446,10 @@ def analyse(config: MeasureConfig, cache_dir: Path, *,
                 for (verifier, law), rate in metrics.rates.items():
                     collected[(dataset, temperature, n, law, verifier)] = _Collected(
                         rate.value, metrics.bounds[law], rate.mc_var, clusters, rate.method,
-                        metrics.clamped[law])
-                    if rate.method != "monte_carlo":
+                        metrics.clamped[law], frozenset(metrics.notes.get((verifier, law), ())))
+                for what, spent in metrics.seconds.items():
+                    checks["seconds"][what] = checks["seconds"].get(what, 0.0) + spent
+                    if rate.method not in ("monte_carlo", SKIPPED):
                         excess = (rate.value - metrics.bounds[law])[~np.isnan(rate.value)]
                         checks["exact_above_bound_positions"] += int((excess > EXACT_SLACK).sum())
                         checks["max_exact_excess"] = max(checks["max_exact_excess"],
@@ -433,8 +469,8 @@ def analyse(config: MeasureConfig, cache_dir: Path, *,
                 np.concatenate([c.value for c in parts]), np.concatenate([c.bound for c in parts]),
                 np.concatenate([c.mc_var for c in parts]),
                 np.concatenate([c.clusters for c in parts]),
-                "monte_carlo" if any(c.method == "monte_carlo" for c in parts) else parts[0].method,
-                sum(c.clamped for c in parts))
+                _pooled_method([c.method for c in parts]),
+                sum(c.clamped for c in parts), frozenset().union(*(c.notes for c in parts)))
             rows.append(_row(ALL_DATASETS, *key, pooled))
     order = {d: i for i, d in enumerate(datasets + [ALL_DATASETS])}
     rows.sort(key=lambda r: (order[r["dataset"]], r["temperature"], r["n"], r["law"],

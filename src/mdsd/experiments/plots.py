@@ -70,7 +70,7 @@ def _sweep_figure(rows, x_name, fixed, xlabel, title, path_stem, gap=False):
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.0 * len(datasets) + 3.2, 4.6),
                              sharey=True, squeeze=False, layout="constrained")
     for ax, dataset in zip(axes[0], datasets):
-        sub = _select(rows, dataset=dataset, **fixed)
+        sub = [r for r in _select(rows, dataset=dataset, **fixed) if r["positions"]]
         if not gap:
             laws = sorted({r["law"] for r in sub if r["verifier"] == BOUND_VERIFIER},
                           key=lambda law: list(LAW_COLORS).index(law) if law in LAW_COLORS else 99)

@@ -109,8 +109,8 @@ def table1(rows: list[dict], temperature: float = TABLE_TEMPERATURE, n: int = TA
         cells = [verifier, law]
         for d in datasets:
             r = index.get((d, verifier, law))
-            if r is None:
-                cells += ["–"] * 3
+            if r is None or not r["positions"]:
+                cells += ["–" if r is None else "skipped (too slow)", "–", "–"]
                 continue
             mark = ("†" if r["method"] == "monte_carlo" else "") + ("‡" if r.get("subsampled") else "")
             cells += [f"{fmt(r['acceptance'])} ± {fmt(r['ci95'])}{mark}", fmt(r["bound"]),
@@ -147,7 +147,7 @@ def gap_table(rows: list[dict], x_name: str, fixed: dict) -> str:
            and r["verifier"] != "sample_check" and all(r[k] == v for k, v in fixed.items())]
     xs = sorted({r[x_name] for r in sub})
     keys = sorted({(r["verifier"], r["law"]) for r in sub}, key=lambda k: _rank(*k))
-    index = {(r["verifier"], r["law"], r[x_name]): r for r in sub}
+    index = {(r["verifier"], r["law"], r[x_name]): r for r in sub if r["positions"]}
     label = "T" if x_name == "temperature" else "n"
     lines = ["| verifier [law] | " + " | ".join(f"{label} = {x}" for x in xs) + " |",
              "|---|" + "---|" * len(xs)]
@@ -199,7 +199,7 @@ def findings(rows: list[dict], checks: dict | None = None, *, n: int = TABLE_N,
                     "holds": not bad and not per_position, "detail": detail})
 
     # 2. every verifier <= its bound (exact: per position, to rounding; MC: within the paired CI)
-    rates = [r for r in rows if r["verifier"] != BOUND_VERIFIER]
+    rates = [r for r in rows if r["verifier"] != BOUND_VERIFIER and r["positions"]]
     exact = [r for r in rates if r["method"] != "monte_carlo"]
     sampled = [r for r in rates if r["method"] == "monte_carlo"]
     worst = max((r["max_excess"] for r in exact), default=-math.inf)
@@ -332,6 +332,29 @@ def render_report(out_dir: str | Path, *, n: int = TABLE_N,
             counts = [r["positions"] for r in rows if r["verifier"] == v and r["law"] == law
                       and r["dataset"] != ALL_DATASETS]
             lines.append(f"- {v} [{law}]: {min(counts)}–{max(counts)} positions per (dataset, T, n)")
+        lines.append("")
+    skipped = {}
+    for r in rows:
+        if not r["positions"] and r["verifier"] != BOUND_VERIFIER and r["dataset"] != ALL_DATASETS:
+            skipped.setdefault((r["verifier"], r["law"]), set()).add(r["n"])
+    if skipped:
+        lines += ["## Skipped (too slow)", "",
+                  "One position took longer than the verifier's share of the time budget, so the "
+                  "later (dataset, T) cells of these (verifier, law, n) were not rated:", ""]
+        lines += [f"- {v} [{law}]: n ∈ {sorted(ns)}" for (v, law), ns in sorted(skipped.items())]
+        lines.append("")
+    noted = {}
+    for r in rows:
+        for note in filter(None, (r.get("notes") or "").split(" | ")):
+            noted.setdefault((r["verifier"], r["law"], note), set()).add(r["n"])
+    if noted:
+        lines += ["## Warnings raised by verifiers", ""]
+        lines += [f"- {v} [{law}], n ∈ {sorted(ns)}: {note}" for (v, law, note), ns in noted.items()]
+        lines.append("")
+    seconds = (checks or {}).get("seconds")
+    if seconds:
+        lines += ["## Analysis time", "", "| computation | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])]
         lines.append("")
     lines += ["Files: `results.csv` (tidy: dataset, temperature, n, law, verifier, acceptance, "
               "ci95, bound, bound_ci95, gap, gap_ci95, method, mc_stderr, positions, prompts, "
