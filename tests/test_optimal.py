@@ -148,11 +148,12 @@ def test_exact_whatever_the_levels(monkeypatch):
     for _ in range(20):
         vocab, n = int(rng.integers(3, 7)), int(rng.integers(2, 4))
         p, q = random_pair(rng, vocab)
-        fit = fit_optimal(p, q, n, "iid")
-        marginal, acceptance, _, _ = enumerate_optimal(p, q, n, "iid", fit=fit)
-        np.testing.assert_allclose(marginal, p, rtol=0, atol=MARGINAL_TOL)
-        assert acceptance <= mdsd.optimal_acceptance(p, q, n, "iid") + 1e-12
-        assert acceptance >= fit.acceptance[0] - 1e-12  # sum a is a lower bound
+        for law, drafts in (("iid", n), ("without_replacement", 2)):
+            fit = fit_optimal(p, q, drafts, law)
+            marginal, acceptance, _, _ = enumerate_optimal(p, q, drafts, law, fit=fit)
+            np.testing.assert_allclose(marginal, p, rtol=0, atol=MARGINAL_TOL)
+            assert acceptance <= mdsd.optimal_acceptance(p, q, drafts, law) + 1e-12
+            assert acceptance >= fit.acceptance[0] - 1e-12  # sum a is a lower bound
 
 
 def test_peel_rates_match_reference():
@@ -205,12 +206,38 @@ def test_without_replacement_fallback_warns_and_stays_valid(monkeypatch):
     monkeypatch.setattr(opt, "MAX_PLAN_SETS", 5)
     p, q = random_pair(np.random.default_rng(11), 6)
     with pytest.warns(RuntimeWarning, match="MAX_PLAN_SETS"):
-        fit = fit_optimal(p, q, 2, "without_replacement")
+        fit = fit_optimal(p, q, 3, "without_replacement")
     assert fit.method == "rrs_without_replacement" and not fit.certified[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        marginal, _, _, _ = enumerate_optimal(p, q, 2, "without_replacement", fit=fit)
+        marginal, _, _, _ = enumerate_optimal(p, q, 3, "without_replacement", fit=fit)
     np.testing.assert_allclose(marginal, p, rtol=0, atol=MARGINAL_TOL)
+
+
+def test_methods_by_law_and_n():
+    p, q = random_pair(np.random.default_rng(12), 6)
+    assert fit_optimal(p, q, 4, "iid").method == "threshold"
+    assert fit_optimal(p, q, 2, "without_replacement").method == "threshold"
+    assert fit_optimal(p, q, 3, "without_replacement").method == "plan"
+
+
+@pytest.mark.parametrize("vocab", [12, 15])
+def test_two_drafts_without_replacement_exact_and_optimal(vocab):
+    """n = 2 without replacement uses the threshold construction with the q-proportional split."""
+    rng = np.random.default_rng(vocab)
+    for _ in range(10):
+        p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.1, 0.5, 2.0])),
+                           zero_p=True)
+        check_exact_and_optimal(p, q, 2, "without_replacement")
+
+
+@pytest.mark.parametrize("top_k", [64, None])
+def test_two_drafts_without_replacement_attains_alpha_at_scale(top_k):
+    p, q = lm_pair(4000, seed=2, temperature=0.8, top_k=top_k)
+    fit = fit_optimal(p, q, 2, "without_replacement")
+    assert fit.method == "threshold" and fit.certified[0]
+    bound = mdsd.optimal_acceptance(p, q, 2, "without_replacement")
+    assert fit.acceptance[0] == pytest.approx(bound, abs=1e-9)
 
 
 def test_refuses_other_laws_and_bad_drafts():

@@ -99,6 +99,7 @@ class OptimalFit:
                  or ``rrs_without_replacement`` (fallback for large without-replacement supports).
     plan_sets:   per row, [M, n] sorted draft sets of the plan (``plan`` only).
     plan_kept:   per row, [M, n] probability of emitting each member of the set (after capping).
+    cum_mass:    float64 [B, V + 1]; q of the positions before each boundary (``threshold``).
     """
 
     law: str
@@ -118,6 +119,7 @@ class OptimalFit:
     plan_kept: tuple = field(default=(), repr=False)
     target_probs: np.ndarray | None = field(default=None, repr=False)
     draft_probs: np.ndarray | None = field(default=None, repr=False)
+    cum_mass: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -179,7 +181,7 @@ def _check_law(law) -> DraftLaw:
 
 def _fit_rows(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> OptimalFit:
     """Fit every row of p, q [B, V] (already validated); dispatch on the law."""
-    if law.name == "iid":
+    if law.name == "iid" or n <= 2:
         return _fit_threshold(p, q, n, law)
     sets = [law.num_tuples(row, n) // _orderings(law, n) for row in q]
     if max(sets) <= MAX_PLAN_SETS:
@@ -227,6 +229,7 @@ def _fit_threshold(p, q, n, law) -> OptimalFit:
     rule_mass = np.zeros((batch, vocab))
     alpha_star = np.empty(batch)
     support = np.empty(batch, dtype=np.int64)
+    cum_mass = np.zeros((batch, vocab + 1))
     for b in range(batch):
         order, lv, mass_sorted, alpha_star[b] = _fit_row(p[b], q[b], n, law)
         k = order.size
@@ -235,7 +238,9 @@ def _fit_threshold(p, q, n, law) -> OptimalFit:
         rank[b, full_order] = np.arange(vocab)
         levels[b, : k + 1] = lv
         rule_mass[b, order] = mass_sorted
-    return _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support)
+        cum_mass[b, 1:] = np.cumsum(q[b, full_order])
+    return _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support,
+                   cum_mass=cum_mass, draft_probs=q)
 
 
 def _fit_plan(p, q, n, law) -> OptimalFit:
@@ -606,13 +611,61 @@ def _threshold_output_law(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.
     tau = np.take_along_axis(running, pos_sorted, axis=1)
     tau[:, 0] = 1.0
     weight = tau - np.concatenate([tau[:, 1:], np.zeros((rows, 1))], axis=1)  # [B, n]
-    # the pick for "first i drafts": earliest draw index among them
-    earliest = np.minimum.accumulate(by_pos, axis=1)
-    picked = np.take_along_axis(x, earliest, axis=1)  # [B, n]
-    kept = weight * fit.accept_prob[fr[:, None], picked]
+    if fit.law == "without_replacement" and n == 2:
+        kept, picked = _pair_split(fit, x, fr, by_pos, pos_sorted, tau)
+    else:
+        # the pick for "first i drafts": earliest draw index among them
+        earliest = np.minimum.accumulate(by_pos, axis=1)
+        picked = np.take_along_axis(x, earliest, axis=1)  # [B, n]
+        kept = weight * fit.accept_prob[fr[:, None], picked]
     out = fit.recovered[fr] * np.maximum(1.0 - kept.sum(axis=1), 0.0)[:, None]
     np.add.at(out, (np.repeat(np.arange(rows), n), picked.ravel()), kept.ravel())
     return out
+
+
+def _pair_split(fit, x, fr, by_pos, pos_sorted, tau):
+    """Two drafts without replacement: the q-proportional split inside a shared group.
+
+    When both drafts y (earlier position) and z share the first group met G = [a, b), keep y with
+    probability (c_z + alpha (c_y - c_z)) / (c_y + c_z), c = 1 / (1 - q), alpha = q(U_b) / q(G).
+    Summed over the draft pairs this puts mass exactly proportional to q on G (where the
+    first-drawn choice does not: later draws decide whether an earlier group is met), and it is
+    a probability because 1 - q_z >= 1 - q(G) >= q(U_a) / q(U_b). G depends on u through the
+    cuts around the pair, so the choice is integrated over u in [0, tau_2) piece by piece.
+    Returns (kept [B, 2], picked [B, 2]) for picks (y, z).
+    """
+    rows = x.shape[0]
+    first = np.take_along_axis(x, by_pos, axis=1)  # [B, 2] (y, z) in priority order
+    kept = np.empty((rows, 2))
+    for r in range(rows):
+        b = fr[r]
+        p1, p2, tau2 = int(pos_sorted[r, 0]), int(pos_sorted[r, 1]), float(tau[r, 1])
+        shared = _shared_alpha_integral(fit.levels[b], fit.cum_mass[b], p1, p2, tau2)
+        q_pair = fit.draft_probs[b, first[r]]
+        c_y, c_z = 1.0 / (1.0 - q_pair)
+        y_share = (c_z * tau2 + (c_y - c_z) * shared) / (c_y + c_z)
+        y_share = min(max(y_share, 0.0), tau2)
+        kept[r] = (1.0 - tau2 + y_share, tau2 - y_share)
+    return kept * fit.accept_prob[fr[:, None], first], first
+
+
+def _shared_alpha_integral(levels, cum, p1, p2, tau2) -> float:
+    """Integral over u in [0, tau2) of alpha(u) = Q_b / (Q_b - Q_a), [a, b) the group of the pair.
+
+    a(u) = the largest cut c <= p1 with level <= u, b(u) = the smallest cut c > p2 with level <= u;
+    both change only at the running minima of the levels going outwards from the pair.
+    """
+    if tau2 <= 0.0:
+        return 0.0
+    left = np.minimum.accumulate(levels[p1::-1])  # cuts p1, p1 - 1, ..., 0
+    right = np.minimum.accumulate(levels[p2 + 1 :])  # cuts p2 + 1, ..., V
+    edges = np.unique(np.concatenate([left, right, [0.0]]))
+    edges = np.append(edges[edges < tau2], tau2)
+    u = edges[:-1]
+    a = p1 - np.searchsorted(-left, -u, side="left")
+    b = p2 + 1 + np.searchsorted(-right, -u, side="left")
+    alpha = cum[b] / (cum[b] - cum[a])
+    return float(alpha @ np.diff(edges))
 
 
 def verify_from_fit(fit: OptimalFit, drafts, rng=None):
