@@ -35,7 +35,7 @@ class MeasureConfig:
     target: str | None = None  # None: the bundled pair
     draft: str | None = None
     prompts: str | None = None  # JSONL file; None: the bundled held-out prompts of every domain
-    num_prompts: int = 16  # per dataset
+    num_prompts: int = 12  # per dataset
     max_new_tokens: int = 64
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
     ns: tuple[int, ...] = DEFAULT_NS
@@ -45,7 +45,7 @@ class MeasureConfig:
     seed: int = 0
     device: str = "cpu"
     mc_samples: int = 16
-    verifier_budget: float | None = 240.0  # seconds of analysis per verifier over the sweep, shared
+    verifier_budget: float | None = 90.0  # seconds of analysis per verifier over the sweep, shared
     # by its (dataset, T, n, law) cells; a verifier too slow to rate every position of a cell
     # within its share is rated on a random subsample (column ``subsampled``). None: no limit.
     threads: int | None = 1  # torch threads during the run (None: leave torch's setting). One

@@ -94,6 +94,8 @@ def _sweep_figure(rows, x_name, fixed, xlabel, title, path_stem, gap=False):
             label = f"{verifier} [{LAW_LABELS.get(law, law)}]" + (" (Monte Carlo)" if mc else "")
             ax.errorbar(xs, ys, yerr=es, capsize=2, markersize=5, linewidth=1.4, label=label,
                         **styles[(verifier, law)])
+        if gap:
+            ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_title(f"{dataset}")
         if x_name == "n":
             ax.set_xticks(sorted({r["n"] for r in sub}))
