@@ -257,7 +257,7 @@ def test_render_report_from_csv_only(measured, tmp_path):
 def test_time_budget_subsamples_paired(measured, tiny):
     out, run = measured
     config = _config(tiny, verifiers=("rrs", "kseq"), laws=("iid",), ns=(2,), verifier_budget=1e-9)
-    rows, _ = analysis.analyse(config, out / "cache" / config.capture_key())
+    rows, _ = analysis.analyse(config, capture.cache_dir_for(out / "cache", config))
     rated = [r for r in rows if r["verifier"] != BOUND_VERIFIER and r["dataset"] != "all"]
     bounds = {(r["dataset"], r["temperature"]): r for r in rows if r["verifier"] == BOUND_VERIFIER}
     # the first cell of each (verifier, law, n) rates FIRST_ROWS positions; that exceeds its share,

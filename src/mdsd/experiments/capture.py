@@ -9,8 +9,8 @@ at the same positions. The analysis later applies the same ``process_logits(T, t
 Cache layout (one file per (dataset, T, prompt), written atomically, so an interrupted run
 resumes where it stopped)::
 
-    <cache_root>/<capture_key>/meta.json
-    <cache_root>/<capture_key>/<dataset>/T0.70/0003-<sha8 of prompt>.npz
+    <cache_root>/<capture_key>-<weights>/meta.json
+    <cache_root>/<capture_key>-<weights>/<dataset>/T0.70/0003-<sha8 of prompt>.npz
 
 Each file holds ``tokens`` [G] (generated ids) and the logits of both models in one of two forms:
 
@@ -117,8 +117,24 @@ def cache_file(cache_dir: Path, row: PromptRow, temperature: float) -> Path:
     return cache_dir / row.dataset / temperature_dir(temperature) / f"{row.index:04d}-{row.digest}.npz"
 
 
+def weights_fingerprint(config: MeasureConfig) -> str:
+    """Short hash of the weight files' sizes and mtimes (local or bundled models), so that
+    retrained weights never reuse an old cache; a hub id is fingerprinted by its name only."""
+    from importlib import resources
+
+    parts = []
+    for role, source in (("target", config.target), ("draft", config.draft)):
+        path = Path(str(resources.files("mdsd").joinpath("data", "models", role))) if source is None \
+            else Path(source)
+        files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
+        parts.append([role, str(source)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                            for f in files])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
+
+
 def cache_dir_for(cache_root: Path, config: MeasureConfig) -> Path:
-    return Path(cache_root) / config.capture_key()
+    """``<cache_root>/<capture settings hash>-<weights fingerprint>``."""
+    return Path(cache_root) / f"{config.capture_key()}-{weights_fingerprint(config)}"
 
 
 def _write_meta(cache_dir: Path, config: MeasureConfig, pair_name: str, vocab: int) -> None:
