@@ -138,6 +138,10 @@ class NumpyOps:
         return bool(np.any(mask))
 
     @staticmethod
+    def zeros_like(values):
+        return np.zeros_like(values)
+
+    @staticmethod
     def ones_rows(values):
         """A [B] vector of ones like values' rows."""
         return np.ones(values.shape[0], dtype=values.dtype)
@@ -248,6 +252,10 @@ class TorchOps:
     @staticmethod
     def any(mask) -> bool:
         return bool(torch.any(mask))
+
+    @staticmethod
+    def zeros_like(values):
+        return torch.zeros_like(values)
 
     @staticmethod
     def ones_rows(values):

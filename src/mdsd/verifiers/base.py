@@ -39,7 +39,7 @@ def residual(target, draft):
     total = ops.row_sum(diff, keepdim=True)
     empty = total <= EMPTY_MASS
     if ops.any(empty):
-        return ops.where(empty, target, diff / ops.where(empty, 1.0 + 0.0 * total, total))
+        return ops.where(empty, target, diff / ops.where(empty, 1.0, total))
     diff /= total
     return diff
 
@@ -69,7 +69,7 @@ def accepted_mass(output_law, drafts):
     """Acceptance given the drafts: sum_{y in set(x)} pi(y | x).  -> [B]"""
     ops = backend(output_law)
     mask = ops.mask_of(drafts, output_law.shape[1])
-    return ops.row_sum(ops.where(mask, output_law, 0.0 * output_law))
+    return ops.row_sum(ops.where(mask, output_law, 0.0))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ class RRS(Verifier):
 
     def output_law(self, p, q, drafts, law):
         ops = backend(p)
-        out = 0.0 * p
+        out = ops.zeros_like(p)
         reach = ops.ones_rows(p)  # P(all earlier drafts rejected)
         cur = p
         for i in range(drafts.shape[1]):
@@ -85,7 +85,7 @@ class RRSWithoutReplacement(Verifier):
 
     def output_law(self, p, q, drafts, law):
         ops = backend(p)
-        out = 0.0 * p
+        out = ops.zeros_like(p)
         reach = ops.ones_rows(p)
         cur, q_cur = p, q
         n = drafts.shape[1]
@@ -179,7 +179,7 @@ def rrs_wor_acceptance_two(p, q):
     rejected = ops.row_sum(excess, keepdim=True)  # D
     first = 1.0 - rejected[:, 0]
     deficit = ops.positive_part(p - q)  # D r
-    r = ops.divide_safe(deficit, rejected + 0.0 * deficit, 0.0)  # residual target, [B, V]
+    r = ops.divide_safe(deficit, rejected, 0.0)  # residual target, [B, V]
     # thresholds q_y / r_y (inf where r_y = 0: then min(q_y / s, 0) = 0 always)
     threshold = ops.divide_safe(q, r, np.inf)
     threshold = ops.where(r > 0, threshold, np.inf)
@@ -198,13 +198,13 @@ def rrs_wor_acceptance_two(p, q):
 
         count = torch.searchsorted(t_sorted.contiguous(), s.contiguous(), right=True)
     idx = ops.maximum(count - 1, 0)
-    below_q = ops.where(count > 0, ops.gather(q_cum, idx), 0.0 * s)
-    below_r = ops.where(count > 0, ops.gather(r_cum, idx), 0.0 * s)
-    s_safe = ops.where(s > 0, s, 1.0 + 0.0 * s)
+    below_q = ops.where(count > 0, ops.gather(q_cum, idx), 0.0)
+    below_r = ops.where(count > 0, ops.gather(r_cum, idx), 0.0)
+    s_safe = ops.where(s > 0, s, 1.0)
     inner_all = below_q / s_safe + (r_total - below_r)  # S(s_x)
     own = ops.minimum(q / s_safe, r)
     inner = ops.positive_part(inner_all - own)
-    second = ops.row_sum(ops.where(excess > 0, excess * inner, 0.0 * excess))
+    second = ops.row_sum(ops.where(excess > 0, excess * inner, 0.0))
     return first + second
 
 
@@ -260,9 +260,9 @@ def kseq_rho(p, q, n: int):
     def g_at(k):  # g at breakpoint k (0-based), [B]; breakpoints below 1 count as positive
         r = r_sorted[rows, k]
         in_range = r >= 1.0
-        r = ops.where(in_range, r, 1.0 + 0.0 * r)
+        r = ops.where(in_range, r, 1.0)
         b = q_head[rows, k] + p_tail[rows, k] / r
-        return ops.where(in_range, at_least_one(b, n) - r * b, 1.0 + 0.0 * r)
+        return ops.where(in_range, at_least_one(b, n) - r * b, 1.0)
 
     # k*: the number of breakpoints with g <= 0, a prefix since g increases with k (rho falls);
     # binary search per row, O(log V) evaluations of the closed form
@@ -276,24 +276,24 @@ def kseq_rho(p, q, n: int):
         high = ops.where(nonpositive | (low >= high), high, mid)
     k_star = low
     # interval [lo, hi] = [r_(k*+1), r_(k*)], with r_(0) = n and r_(V+1) = 1
-    hi = ops.where(k_star > 0, r_sorted[rows, ops.maximum(k_star - 1, 0)], n_float + 0.0 * p_total[:, 0])
+    hi = ops.where(k_star > 0, r_sorted[rows, ops.maximum(k_star - 1, 0)], n_float)
     lo = ops.where(k_star < vocab, r_sorted[rows, ops.minimum(k_star, vocab - 1)],
-                   1.0 + 0.0 * p_total[:, 0])
+                   1.0)
     lo = ops.maximum(lo, 1.0)  # g(1) <= 0 is handled by at_one below
-    head = ops.where(k_star > 0, q_head[rows, ops.maximum(k_star - 1, 0)], 0.0 * lo)
+    head = ops.where(k_star > 0, q_head[rows, ops.maximum(k_star - 1, 0)], 0.0)
     tail = ops.where(k_star > 0, p_tail[rows, ops.maximum(k_star - 1, 0)], p_total[:, 0])
 
     def g(rho):
         b = head + tail / rho
         return at_least_one(b, n) - rho * b
 
-    at_one = g(1.0 + 0.0 * lo) <= 0
+    at_one = g(1.0) <= 0
     for _ in range(INTERVAL_ITERATIONS):
         mid = 0.5 * (lo + hi)
         positive = g(mid) > 0
         lo = ops.where(positive, mid, lo)
         hi = ops.where(positive, hi, mid)
-    rho = ops.where(at_one, 1.0 + 0.0 * hi, hi)
+    rho = ops.where(at_one, 1.0, hi)
     return rho, ops.row_sum(ops.minimum(q, p / rho[:, None]))
 
 
@@ -314,7 +314,7 @@ class KSEQ(Verifier):
         ops = backend(p)
         n = drafts.shape[1]
         rho, beta = kseq_rho(p, q, n)
-        out = 0.0 * p
+        out = ops.zeros_like(p)
         reach = ops.ones_rows(p)
         for i in range(n):
             x = drafts[:, i]
@@ -326,7 +326,7 @@ class KSEQ(Verifier):
         c = ops.divide_safe(accepted_total, beta, float(n))
         leftover = p - ops.minimum(q, p / rho[:, None]) * c[:, None]
         # leftover >= 0 up to rounding (rho is on the safe side of the root); clip, then normalise.
-        recovered = residual(ops.positive_part(leftover), 0.0 * p)
+        recovered = residual(ops.positive_part(leftover), 0.0)
         out += reach[:, None] * recovered
         return out
 
@@ -387,7 +387,7 @@ class SpecHubVerifier(Verifier):
         hub = ops.argmax(q)
         not_hub = q == q  # all True, [B, V]
         ops.put(not_hub, hub, False)
-        zero = 0.0 * p
+        zero = 0.0
         q_hub, p_hub = q[rows, hub], p[rows, hub]
         q_rest = ops.row_sum(ops.where(not_hub, q, zero))  # 1 - q_a, summed for precision
         pair_hub_first = ops.where(not_hub, q_hub[:, None] * q / q_rest[:, None], zero)  # Q(a, i)
@@ -415,7 +415,7 @@ class SpecHubVerifier(Verifier):
         accept_i = ops.where(hub_first, accept_i_if_a_first, accept_i_if_i_first)
         accept_a = ops.where(hub_first, accept_a_if_a_first, accept_a_if_i_first)
         reach = (1.0 - accept_i) * (1.0 - accept_a)
-        out = residual(recovered, 0.0 * p)
+        out = residual(recovered, 0.0)
         out *= reach[:, None]
         scatter_add(out, other, accept_i)
         scatter_add(out, hub, (1.0 - accept_i) * accept_a)
@@ -443,12 +443,12 @@ def importance_law(p, q, n: int):
     tail = ops.minimum(after + q_sorted, 1.0)  # G(k)
     after = ops.minimum(after, 1.0)
     picked_sorted = tail**n - after**n
-    picked = 0.0 * q
+    picked = ops.zeros_like(q)
     if ops.name == "numpy":
         np.put_along_axis(picked, order, picked_sorted, axis=1)
     else:
         picked.scatter_(1, order, picked_sorted)
-    return ops.where(q > 0, ops.positive_part(picked), 0.0 * q)
+    return ops.where(q > 0, ops.positive_part(picked), 0.0)
 
 
 @dataclass(frozen=True)
@@ -472,7 +472,7 @@ class Importance(Verifier):
         best = weight == weight.max(1, keepdims=True) if ops.name == "numpy" else (
             weight == weight.max(1, keepdim=True).values)
         vocab = p.shape[1]
-        picked = ops.where(best, drafts, vocab + 0 * drafts).min(1)
+        picked = ops.where(best, drafts, vocab).min(1)
         picked = picked if ops.name == "numpy" else picked.values
         accept = safe_ratio(gather(p, picked), gather(picked_law, picked))
         out = residual(p, picked_law)
