@@ -35,7 +35,7 @@ class MeasureConfig:
     target: str | None = None  # None: the bundled pair
     draft: str | None = None
     prompts: str | None = None  # JSONL file; None: the bundled held-out prompts of every domain
-    num_prompts: int = 12  # per dataset
+    num_prompts: int = 16  # per dataset
     max_new_tokens: int = 64
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
     ns: tuple[int, ...] = DEFAULT_NS
