@@ -356,18 +356,42 @@ def _coverage_curve(qs: np.ndarray, n: int, law: DraftLaw) -> np.ndarray:
     """Phi_k = P(set(x) meets the first k tokens of the order), k = 0..K, nondecreasing."""
     k = qs.size
     tail = np.concatenate([np.cumsum(qs[::-1])[::-1], [0.0]])  # q of positions >= k
-    if law.name == "iid":
+    if law.name == "iid" or n == 1:
         head = np.concatenate([[0.0], np.cumsum(qs)])
         with np.errstate(divide="ignore"):
             # log q(V minus U_k): log1p(-head) is accurate while head is small, log(tail) after
             log_rest = np.where(head < 0.5, np.log1p(-np.minimum(head, 1.0)), np.log(tail))
         phi = -np.expm1(n * log_rest)
+    elif law.name == "without_replacement" and n == 2:
+        # closed form Qall(R) = sum_{a in R} q_a (q(R) - q_a) / (1 - q_a) over the last j tokens,
+        # grown token by token with nonnegative increments q_b (sum_{a in R} q_a / (1 - q_a)
+        # + q(R) / (1 - q_b)) so that nothing cancels
+        rest = qs[::-1]
+        left = _others_mass(qs)[::-1]  # 1 - q_a, the mass the second draw is taken from
+        before_q = np.concatenate([[0.0], np.cumsum(rest)[:-1]])
+        before_odds = np.concatenate([[0.0], np.cumsum(rest / left)[:-1]])
+        qall = np.concatenate([[0.0], np.cumsum(rest * (before_odds + before_q / left))])
+        phi = 1.0 - qall[::-1]
     else:
         rest_first = qs[::-1].copy()[None, :]  # complement of U_k: a prefix of the reversed order
         qall = law.qall_prefixes(rest_first, n)[0]  # Qall(last j tokens), j = 0..K
         phi = 1.0 - qall[::-1]
     phi[0], phi[k] = 0.0, 1.0
     return np.maximum.accumulate(np.clip(phi, 0.0, 1.0))
+
+
+def _others_mass(q: np.ndarray) -> np.ndarray:
+    """sum_{b != a} q_b for every a (the 1 - q_a of sampling without replacement).
+
+    1 - q_a loses all precision when q_a is close to 1; only one token can exceed 1/2, and for it
+    the others are summed directly.
+    """
+    total = q.sum()
+    out = total - q
+    top = int(np.argmax(q))
+    if q[top] > 0.5:
+        out[top] = np.delete(q, top).sum()
+    return out
 
 
 def _target_curve(ps, qs, phi, split):
@@ -641,8 +665,7 @@ def _pair_split(fit, x, fr, by_pos, pos_sorted, tau):
         b = fr[r]
         p1, p2, tau2 = int(pos_sorted[r, 0]), int(pos_sorted[r, 1]), float(tau[r, 1])
         shared = _shared_alpha_integral(fit.levels[b], fit.cum_mass[b], p1, p2, tau2)
-        q_pair = fit.draft_probs[b, first[r]]
-        c_y, c_z = 1.0 / (1.0 - q_pair)
+        c_y, c_z = 1.0 / _others_mass(fit.draft_probs[b])[first[r]]
         y_share = (c_z * tau2 + (c_y - c_z) * shared) / (c_y + c_z)
         y_share = min(max(y_share, 0.0), tau2)
         kept[r] = (1.0 - tau2 + y_share, tau2 - y_share)
