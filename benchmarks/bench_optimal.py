@@ -9,7 +9,7 @@ used instead when ``src/mdsd/data/models/target`` exists and ``--model`` is give
 
 Tables (markdown):
 1. speed: median milliseconds of ``fit_optimal`` and of one ``output_law_from_fit`` call, and the
-   split of the fit into its parts (sort, coverage curve Phi, peeling);
+   split of the fit into its parts (sort, coverage curve Phi, target + staircase + peeling);
 2. optimality: mean and max of alpha* - acceptance over positions (acceptance of the rule actually
    used: exact closed form for iid and for the without-replacement plan; Monte Carlo, 4096 draft
    sets, for the without-replacement fallback).
@@ -58,19 +58,22 @@ def fit_parts(p, q, n, law, repeats):
 def speed_table(args):
     rows = []
     cases = [("iid", 8192, TOP_K, n, 1.0) for n in (2, 4, 8)]
-    cases += [("without_replacement", 8192, TOP_K, 2, 1.0)]
+    cases += [("without_replacement", 8192, TOP_K, n, 1.0) for n in (2, 3)]
     if not args.quick:
         cases += [("iid", v, None, n, t) for v in (8192, 32000) for t in (0.7, 1.0)
                   for n in (2, 4, 8)]
+        cases += [("without_replacement", v, None, 2, t) for v in (8192, 32000)
+                  for t in (0.7, 1.0)]
     rng = np.random.default_rng(0)
     for law, vocab, top_k, n, temperature in cases:
         p, q = random_pair(vocab, seed=1, temperature=temperature, top_k=top_k)
         small = top_k is not None
-        repeats = 200 if (small and law == "iid") else 3
+        repeats = 200 if (small and (law == "iid" or n <= 2)) else 3
         drafts = mdsd.get_law(law).sample(q, n, rng)
         t_fit, fit = timed(partial(opt.fit_optimal, p, q, n, law), repeats)
         t_verify, _ = timed(partial(opt.output_law_from_fit, fit, drafts), 20 if small else 5)
-        parts = fit_parts(p, q, n, law, repeats) if law == "iid" else (np.nan,) * 3
+        exact = law == "iid" or n <= 2
+        parts = fit_parts(p, q, n, law, repeats) if exact else (np.nan,) * 3
         rows.append((law, vocab, top_k or "full", n, temperature, int(fit.support[0]), t_fit,
                      t_verify, t_fit + t_verify, *parts))
     print("\n### Speed (one position, one draft set; CPU)\n")

@@ -1,4 +1,4 @@
-"""A verifier that attains alpha* (spec section 5): i.i.d. drafts at any size, small without-replacement.
+"""A verifier that attains alpha* (spec section 5): i.i.d. drafts, two drafts without replacement.
 
 Construction ("random-threshold priority groups"; see docs/optimal.md for the proof sketch).
 
@@ -29,13 +29,14 @@ Construction ("random-threshold priority groups"; see docs/optimal.md for the pr
 Draft laws. For ``iid`` drafts step 2 holds (the first draft, in draw order, that falls in a group
 is q-distributed within it, independently of everything that decides which group is met), and
 the construction is exact and optimal at any vocabulary size (method ``threshold``). For
-sequential ``without_replacement`` drafts step 2 fails for groups after the first (a later draw
-from the same group changes whether an earlier group is met), so the construction is not used
-there. Instead, while the law has at most ``MAX_PLAN_SETS`` draft sets, the fit solves the
-transport problem over draft sets exactly (method ``plan``: a sparse max-flow LP, HiGHS) and keeps
-it as a table set -> kept probabilities; capping by p and the residual make it exact whatever the
-LP's tolerance. Beyond that size the fit falls back to ``rrs_without_replacement`` (method
-``rrs_without_replacement``, exact, not optimal) and warns. See docs/optimal.md.
+sequential ``without_replacement`` drafts the first-drawn choice fails for groups after the first
+(a later draw from the same group changes whether an earlier group is met). With two drafts a
+pair split replaces it and is exactly q-proportional (``_pair_split``), so n <= 2 uses
+``threshold`` too. For n >= 3, while the law has at most ``MAX_PLAN_SETS`` draft sets, the fit
+solves the transport problem over draft sets exactly (method ``plan``: a sparse max-flow LP,
+HiGHS) and keeps it as a table set -> kept probabilities; capping by p and the residual make it
+exact whatever the LP's tolerance. Beyond that size the fit falls back to
+``rrs_without_replacement`` (exact, not optimal) and warns. See docs/optimal.md.
 
 Shapes: target_probs p and draft_probs q are float64 [B, V]; drafts int64 [B, n] in draw order.
 """
@@ -95,8 +96,9 @@ class OptimalFit:
     certified:   bool [B]; the acceptance rate is sum a: residual tokens can never be drafts in a
                  rejected step, or sum a is within CERTIFY_GAP of alpha* (the rate lies between).
     support:     int64 [B]; number of tokens with q > 0.
-    method:      ``threshold`` (iid), ``plan`` (without_replacement, exact plan over draft sets)
-                 or ``rrs_without_replacement`` (fallback for large without-replacement supports).
+    method:      ``threshold`` (iid; without_replacement with n <= 2), ``plan`` (without_replacement,
+                 n >= 3: exact plan over draft sets) or ``rrs_without_replacement`` (fallback for
+                 large without-replacement supports with n >= 3).
     plan_sets:   per row, [M, n] sorted draft sets of the plan (``plan`` only).
     plan_kept:   per row, [M, n] probability of emitting each member of the set (after capping).
     cum_mass:    float64 [B, V + 1]; q of the positions before each boundary (``threshold``).
@@ -707,13 +709,13 @@ def verify_from_fit(fit: OptimalFit, drafts, rng=None):
 
 @dataclass(frozen=True)
 class OptimalVerifier(Verifier):
-    """Attains alpha* for ``iid`` drafts, and for ``without_replacement`` on small supports.
+    """Attains alpha* for ``iid`` drafts and two ``without_replacement`` drafts at any size.
 
-    iid: a random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so
-    that the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p,
-    the rest is emitted from resid(p - a). without_replacement: the exact optimal plan over draft
-    sets while there are at most ``MAX_PLAN_SETS`` of them, else rrs_without_replacement (with a
-    warning). See the module docstring and docs/optimal.md.
+    A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
+    the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
+    rest is emitted from resid(p - a). Three or more without_replacement drafts: the exact optimal
+    plan over draft sets while there are at most ``MAX_PLAN_SETS`` of them, else
+    rrs_without_replacement (with a warning). See the module docstring and docs/optimal.md.
     ``output_law`` accepts a precomputed ``fit`` (from :func:`fit_optimal`) to share one fit across
     many draft sets of the same position.
     """
