@@ -189,18 +189,24 @@ def _arrived_chunked(q_row, t, n, k_lo, k_hi):
             rest = (energy[:, start:] if everyone else energy[:, start:][active]).contiguous()
             end = start + int(torch.searchsorted(rest, e_start + SPAN, right=True).min()) - 1
             end = min(max(end, start + 1), k_hi, start + CHUNK_TOKENS)
-        e_chunk = energy[:, start : end + 1] if everyone else energy[:, start : end + 1][active]
+        if start < k_lo - 1:  # chunks before the window end at prefix k_lo - 1
+            end = min(end, k_lo - 1)
+        outputs = end >= k_lo  # some prefix of this chunk is in the window
         r = (ratio[:, start:end] if everyone else ratio[:, start:end][active]).contiguous()  # [A, L]
         x0 = state if everyone else state[active]  # [A, n + 1]
-        # decay[k] = e^{-(E_k - E_start)} at the prefixes start..end
-        decay = torch.exp(e_chunk[:, :1] - e_chunk)
-        part, new_state = _chunk_arrivals(r, decay, x0, n)
+        if outputs:  # decay[k] = e^{-(E_k - E_start)} at the prefixes start..end
+            e_chunk = energy[:, start : end + 1] if everyone else energy[:, start : end + 1][active]
+            decay = torch.exp(e_chunk[:, :1] - e_chunk)
+        else:  # only the end state is needed: its decay alone
+            e_end = energy[:, end : end + 1] if everyone else energy[active, end : end + 1]
+            decay = torch.exp(e_start - e_end)
+        part, new_state = _chunk_arrivals(r, decay, x0, n, outputs)
         if everyone:
             state = new_state
         else:
             state[active] = new_state
         lo, hi = max(start + 1, k_lo), end  # prefixes of this chunk inside the window
-        if lo <= hi:
+        if outputs and lo <= hi:
             part = part[:, lo - start - 1 : hi - start]
             if everyone:
                 arrived[:, lo - k_lo : hi - k_lo + 1] = part
@@ -212,11 +218,14 @@ def _arrived_chunked(q_row, t, n, k_lo, k_hi):
     return arrived
 
 
-def _chunk_arrivals(r: torch.Tensor, decay: torch.Tensor, x0: torch.Tensor, n: int):
+def _chunk_arrivals(r: torch.Tensor, decay: torch.Tensor, x0: torch.Tensor, n: int,
+                    outputs: bool = True):
     """P(N >= n) at the prefixes of one chunk, and the state at its end.
 
     r: [A, L] contiguous (tokens of the chunk); decay: [A, L + 1] = e^{-(E_k - E_start)} at the
-    prefixes start..end; x0: [A, n + 1] = (P(N = m) for m < n, P(N >= n)) at the chunk start.
+    prefixes start..end ([A, 1], its last column, when outputs=False); x0: [A, n + 1] =
+    (P(N = m) for m < n, P(N >= n)) at the chunk start. outputs=False (a chunk before the window):
+    no per-prefix F; the end state's F is 1 - sum_m P(N = m) (absolute error ~1e-16).
     Scaled levels y[m]_k = x[m]_k e^{E_k - E_start} obey y[m]_k = y[m]_{k-1} + r_k y[m-1]_{k-1}
     (y[0] constant): one cumulative sum per level. The n-th arrival happens at token k with
     probability a_k x[n-1]_{k-1}, a_k = r_k / (1 + r_k), so F_k = F_start + sum of those: no
@@ -235,12 +244,19 @@ def _chunk_arrivals(r: torch.Tensor, decay: torch.Tensor, x0: torch.Tensor, n: i
     for m in range(1, n):
         torch.mul(r, shifted, out=incr)
         incr[:, 0] += x0[:, m]  # the level's value at the chunk start
+        if m == n - 1 and not outputs:  # only the end value of the last level is needed
+            end_state[:, m] = incr.sum(dim=1)
+            break
         buf = buffers[m % 2]
         level = buf[1:].view(rows, width)  # y[m] at prefixes start+1..end
         torch.cumsum(incr, dim=1, out=level)
         end_state[:, m] = level[:, -1]
         shifted = buf[:-1].view(rows, width)  # y[m] at prefixes start..end-1
         shifted[:, 0] = x0[:, m]
+    if not outputs:
+        end_state[:, :n] *= decay[:, -1:]
+        end_state[:, n] = torch.clamp(1.0 - end_state[:, :n].sum(dim=1), min=0.0)
+        return None, end_state
     # F increments a_k x[n-1]_{k-1} = r_k / (1 + r_k) * y[n-1]_{k-1} * decay_{k-1}
     torch.mul(r, shifted, out=incr)
     incr *= decay[:, :-1]
