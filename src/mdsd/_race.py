@@ -155,11 +155,12 @@ def race_arrived(q_row: torch.Tensor, t: torch.Tensor, n: int, k_lo: int, k_hi: 
     over tokens 0..k_hi - 1; nodes with t <= SPAN need a single chunk (E_k <= t q(V) <= SPAN),
     the others go through the chunked loop (see the module docstring for the numerics).
     """
-    arrived = torch.ones(t.numel(), k_hi - k_lo + 1, dtype=q_row.dtype, device=q_row.device)
     small = t <= SPAN
+    if bool(small.all()) or not bool(small.any()):
+        return _arrived_chunked(q_row, t, n, k_lo, k_hi)
+    arrived = torch.empty(t.numel(), k_hi - k_lo + 1, dtype=q_row.dtype, device=q_row.device)
     for group in (small, ~small):
-        if bool(group.any()):
-            arrived[group] = _arrived_chunked(q_row, t[group], n, k_lo, k_hi)
+        arrived[group] = _arrived_chunked(q_row, t[group], n, k_lo, k_hi)
     return arrived
 
 
@@ -341,15 +342,19 @@ def _wor_qall_window(q_row, tail, n, k_lo, k_hi, step):
                         device=q_row.device)
     t = torch.exp(u)
     live = _maybe_live(q_row, lam, t, n, k_lo)
-    # nodes certified saturated: F = 1 wherever their weight is not negligible
-    arrived = torch.ones(t.numel(), lam.numel(), dtype=q_row.dtype, device=q_row.device)
-    if bool(live.any()):
-        arrived[live] = race_arrived(q_row, t[live], n, k_lo, k_hi)
-    lt = lam[None, :] * t[:, None]  # [J, K]
-    integrand = lt * torch.exp(-lt) * arrived
+    # weights h lambda t e^{-lambda t} times F = P(N >= n); nodes certified saturated have F = 1
+    # wherever their weight is not negligible. In place: [J, K] can be large (K = all prefixes).
+    integrand = torch.mul(lam[None, :], t[:, None])  # lambda_k t_j, [J, K]
+    decay = torch.neg(integrand).exp_()
+    integrand.mul_(decay)
+    del decay
+    if bool(live.all()):
+        integrand.mul_(race_arrived(q_row, t, n, k_lo, k_hi))
+    elif bool(live.any()):
+        integrand[live] *= race_arrived(q_row, t[live], n, k_lo, k_hi)
     qall = step * integrand.sum(dim=0)
-    parity = (torch.round(u / step).long() % 2 == 0)[:, None]
-    coarse = 2.0 * step * torch.where(parity, integrand, torch.zeros_like(integrand)).sum(dim=0)
+    first_even = int(torch.round(u[0] / step).long() % 2)  # rows on the grid 2 h Z
+    coarse = 2.0 * step * integrand[first_even::2].sum(dim=0)
     ok = lam > 0
     error = float((qall - coarse)[ok].abs().max()) if bool(ok.any()) else 0.0
     qall = torch.where(ok, qall.clamp(max=1.0), torch.ones_like(qall))
