@@ -280,11 +280,12 @@ def _maybe_live(q_row, lam, t, n, k_lo):
     """
     vocab = q_row.numel()
     if q_row.device.type == "cpu":  # numpy's vectorised sort is far faster than torch's on CPU
-        desc = torch.from_numpy(-np.sort(-q_row.numpy()))
+        asc_np = np.sort(q_row.numpy())
+        asc, desc = torch.from_numpy(asc_np), torch.from_numpy(asc_np[::-1].copy())
     else:
-        desc = torch.sort(q_row, descending=True).values
+        asc = torch.sort(q_row).values
+        desc = torch.flip(asc, (0,))
     mass_desc = torch.cumsum(desc, 0)
-    asc = torch.flip(desc, (0,))
     count_big = vocab - torch.searchsorted(asc, 1.0 / t)  # #{q >= 1/t}
     mass_big = torch.where(count_big > 0, mass_desc[(count_big - 1).clamp(min=0)],
                            torch.zeros_like(t))
@@ -333,12 +334,12 @@ def _wor_qall_window(q_row, tail, n, k_lo, k_hi, step):
     if n == 1:  # one draft: Qall(H) = q(H)
         prefix = torch.cumsum(torch.cat([q_row.new_zeros(1), q_row]), 0)
         return prefix[k_lo : k_hi + 1].clamp(max=1.0), 0.0
-    positive = lam[lam > 0]
-    if positive.numel() == 0:
+    min_rate = float(torch.where(lam > 0, lam, torch.inf).min())
+    if not math.isfinite(min_rate):  # every prefix holds all the mass
         return torch.ones_like(lam), 0.0
     if step is None:  # small problems are cheap: spend nodes on two more digits
         step = fast_step(n) * (SMALL_VOCAB_STEP if q_row.numel() <= SMALL_VOCAB else 1.0)
-    u = torch.as_tensor(fast_nodes(float(positive.min()), n, step), dtype=q_row.dtype,
+    u = torch.as_tensor(fast_nodes(min_rate, n, step), dtype=q_row.dtype,
                         device=q_row.device)
     t = torch.exp(u)
     live = _maybe_live(q_row, lam, t, n, k_lo)
@@ -379,5 +380,10 @@ def wor_qall_prefixes(draft_probs_ordered, n: int, *, device=None):
 
 def tail_masses_torch(q: torch.Tensor) -> torch.Tensor:
     """lambda_k = q(V \\ H_k), k = 0..V, summed from the small end.  [B, V] -> [B, V + 1]"""
+    if q.device.type == "cpu":  # torch.flip is slow on CPU; numpy reverses by a view
+        rows = q.numpy()
+        tail = np.zeros((rows.shape[0], rows.shape[1] + 1))
+        tail[:, :-1] = np.cumsum(rows[:, ::-1], axis=1)[:, ::-1]
+        return torch.from_numpy(tail)
     tail = torch.flip(torch.cumsum(torch.flip(q, (1,)), 1), (1,))
     return torch.cat([tail, q.new_zeros(q.shape[0], 1)], dim=1)
