@@ -10,6 +10,13 @@ tokens sorted by q(x)/p(x) in decreasing order (p = 0 first), so one sort and a 
 prefixes solve it (sort-and-scan). ``greedy`` (and ``spechub``, the same unordered law at n = 2)
 have the closed form alpha* = p(T) + sum_{x not in T} min(p_x, q'_x), T = top-(n-1) of q.
 
+Cost at LLM vocabularies (see BENCHMARKS.md): iid, greedy and spechub are one (vectorised) sort
+or an O(V) selection plus a few passes. ``without_replacement`` integrates the exponential race
+(``mdsd._race``) only on the prefixes that cheap bounds cannot rule out and only on the
+quadrature nodes they need (``_wor_objective``); ``device="cuda"`` runs that integral on a GPU.
+The plain references are kept next to the fast paths: ``mdsd._race.wor_qall_prefixes_reference``
+(a Python loop over the tokens) and the stable-sort scan in tests/test_fast.py.
+
 ``bound_reference`` is the plain brute force over all 2^V subsets, with Qall from the law's explicit
 tuple enumeration: the independent check the tests compare with.
 """
