@@ -42,9 +42,7 @@ TIMING_WARMUP = 20
 TIMING_STEPS = 200
 
 
-def acceptance(
-    target_logits: torch.Tensor, draft_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def acceptance(target_logits: torch.Tensor, draft_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-position ``sum_x min(p_x, q_x)``, p/q = softmax(logits / T) in float64.
 
     Args:
@@ -65,9 +63,7 @@ def domain_stats(pair, stream: np.ndarray, max_windows: int) -> dict:
     sums |= {f"accept_T{t}": 0.0 for t in TEMPERATURES}
     count = 0
     for i in range(0, n, BATCH_WINDOWS):
-        windows = [
-            stream[j * CONTEXT : (j + 1) * CONTEXT] for j in range(i, min(n, i + BATCH_WINDOWS))
-        ]
+        windows = [stream[j * CONTEXT : (j + 1) * CONTEXT] for j in range(i, min(n, i + BATCH_WINDOWS))]
         ids = torch.from_numpy(np.stack(windows).astype(np.int64))  # [b, CONTEXT]
         labels = ids[:, 1:].reshape(-1)  # [positions]
         vocab = pair.vocab_size
@@ -117,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-windows", type=int, default=64, help="per domain")
     parser.add_argument("--out", type=Path, default=REPO / "data_build" / "model_card_stats.json")
+    parser.add_argument("--timing-only", action="store_true", help="measure the decode step only, print it")
     args = parser.parse_args(argv)
     torch.set_num_threads(NUM_THREADS)
 
@@ -128,9 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     context = timing_context(pair)
     for role, model in (("target", pair.target), ("draft", pair.draft)):
         result[role]["decode_step_ms"] = 1e3 * decode_step_seconds(model, context)
-    result["decode_step_ratio"] = (
-        result["target"]["decode_step_ms"] / result["draft"]["decode_step_ms"]
-    )
+    result["decode_step_ratio"] = result["target"]["decode_step_ms"] / result["draft"]["decode_step_ms"]
     print(
         f"decode step: target {result['target']['decode_step_ms']:.3f} ms, "
         f"draft {result['draft']['decode_step_ms']:.3f} ms, "
@@ -138,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
+    if args.timing_only:
+        return
     for domain in ("code", "prose"):
         stream = np.load(TOKEN_DIR / f"{domain}.heldout.npy")
         stats = domain_stats(pair, stream, args.max_windows)
