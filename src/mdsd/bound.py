@@ -64,6 +64,11 @@ def scan_order(target_probs: np.ndarray, draft_probs: np.ndarray) -> np.ndarray:
         flat = [scan_order(pr, qr) for pr, qr in zip(p.reshape(-1, p.shape[-1]),
                                                       q.reshape(-1, q.shape[-1]))]
         return np.asarray(flat).reshape(p.shape)
+    return _scan_order_keys(p, q)[0]
+
+
+def _scan_order_keys(p: np.ndarray, q: np.ndarray):
+    """(order, -q/p in that order, number of p = 0 tokens at the front) for one row."""
     with np.errstate(divide="ignore", invalid="ignore"):
         key = np.divide(-q, p)  # -q/p: -inf where p = 0 < q, nan where p = q = 0
     order = np.argsort(key)
@@ -76,12 +81,13 @@ def scan_order(target_probs: np.ndarray, draft_probs: np.ndarray) -> np.ndarray:
     tail = p.size - int(np.searchsorted(ordered, 0.0))  # q = 0 < p (key -0.0 == 0.0)
     middle = ordered[head : p.size - tail]
     if middle.size > 1 and np.any(middle[1:] == middle[:-1]):
-        return np.argsort(key, kind="stable")
+        order = np.argsort(key, kind="stable")
+        return order, key[order], head
     if head > 1:
         order[:head] = np.sort(order[:head])
     if tail > 1:
         order[p.size - tail :] = np.sort(order[p.size - tail :])
-    return order
+    return order, ordered, head
 
 
 def optimal_bound(target_probs, draft_probs, n: int, law="iid", *, normalize=False,
@@ -150,16 +156,21 @@ def _sort_and_scan(p, q, n, law, device=None):
     alpha, error = np.empty(batch), np.zeros(batch)
     optimal_set = np.zeros((batch, vocab), dtype=bool)
     for b in range(batch):
-        order = scan_order(p[b], q[b])
-        p_sorted, q_sorted = p[b, order], q[b, order]
+        order, keys, head = _scan_order_keys(p[b], q[b])
+        p_sorted = p[b, order]
         p_prefix = prefix_sums(p_sorted)
-        if law.name == "without_replacement":
-            objective, error[b] = _wor_objective(p_prefix, q_sorted, n, device)
-        elif law.name == "iid":  # Qall(H_k) = q(H_k)^n
+        if law.name == "iid":  # Qall(H_k) = q(H_k)^n
+            # q in scan order without a second gather: q = (q/p) p where p > 0 (within 1 ulp),
+            # gathered only for the p = 0 block at the front
+            with np.errstate(invalid="ignore"):  # inf * 0 in the p = 0 block, overwritten next
+                q_sorted = -keys * p_sorted
+            q_sorted[:head] = q[b, order[:head]]
             # q(H_k) may exceed 1 by rounding only: (1 + 1e-16)^n is harmless, alpha is clipped
             objective = p_prefix - int_power(prefix_sums(q_sorted), n)
+        elif law.name == "without_replacement":
+            objective, error[b] = _wor_objective(p_prefix, q[b, order], n, device)
         else:
-            objective = p_prefix - law.qall_prefixes(q_sorted[None, :], n)[0]  # f(H_k), k = 0..V
+            objective = p_prefix - law.qall_prefixes(q[b, order][None, :], n)[0]  # f(H_k)
         best = int(np.argmin(objective))
         alpha[b] = 1.0 + objective[best]
         optimal_set[b, order[:best]] = True
