@@ -2,12 +2,12 @@
 generation and mdsd tree decoding on the same prompts, seeds and sampling transform, in one
 process.
 
-Every method decodes every prompt with a seed derived from (seed, prompt index); one untimed
-warm-up generation per method runs first. Reported per method: generated tokens, target forward
-calls (counted by a forward hook, so the same way for every method), tokens per target call, block
-efficiency (tokens per verification step), mean accepted drafts per step, acceptance by depth,
-draft / target / verification time, tokens per second and speedups relative to autoregressive
-sampling and to HF assisted generation.
+Every method decodes every prompt with a seed derived from (seed, prompt index), methods
+interleaved prompt by prompt; one untimed warm-up generation per method runs first. Reported per
+method: generated tokens, target forward calls (counted by a forward hook, so the same way for
+every method), tokens per target call, block efficiency (tokens per verification step), mean
+accepted drafts per step, acceptance by depth, draft / target / verification time, tokens per
+second and speedups relative to autoregressive sampling and to HF assisted generation.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ from mdsd.engine.decode import (
 )
 
 WARMUP_TOKENS = 8
-DEFAULT_CONFIGS = (
+DEFAULT_CONFIGS = (  # single-draft chains and multi-draft trees at the same depths
+    ("iid", "rrs", "1x3"),
+    ("without_replacement", "rrs_without_replacement", "3x3"),
+    ("greedy", "greedy", "2x3"),
     ("iid", "rrs", "1x4"),
     ("without_replacement", "rrs_without_replacement", "3x4"),
     ("greedy", "greedy", "3x4"),
-    ("without_replacement", "rrs_without_replacement", "2,2,1,1"),
 )
 
 
@@ -68,96 +70,112 @@ class _CallCounter:
         self._handle.remove()
 
 
-def _seeds(seed: int, n: int) -> list[np.random.Generator]:
-    return [np.random.default_rng([seed, i]) for i in range(n)]
+def _seed_of(seed: int, i: int) -> np.random.Generator:
+    return np.random.default_rng([seed, i])
 
 
-def run_decoder(name, decoder, prompts, seed, progress=None) -> MethodResult:
-    """Decode the prompts one by one (prompt i with seed (seed, i)), after an untimed warm-up."""
-    real = decoder.sampling
-    decoder.sampling = dataclasses.replace(real, max_new_tokens=WARMUP_TOKENS)
-    decoder.generate_one(prompts[0], np.random.default_rng(seed))
-    decoder.sampling = real
-    counter = _CallCounter(decoder.pair.target)
-    total = None
-    try:
-        for prompt, rng in zip(prompts, _seeds(seed, len(prompts))):
-            stats = decoder.generate_one(prompt, rng).stats
-            total = stats if total is None else total.merge(stats)
-            if progress:
-                progress()
-    finally:
-        counter.close()
-    return MethodResult(name, total, counter.count)
+class _DecoderMethod:
+    """One mdsd or autoregressive decoder, run prompt by prompt."""
+
+    def __init__(self, name, decoder):
+        self.name, self.decoder, self.stats = name, decoder, None
+
+    def warm_up(self, prompt, seed):
+        real = self.decoder.sampling
+        self.decoder.sampling = dataclasses.replace(real, max_new_tokens=WARMUP_TOKENS)
+        try:
+            self.decoder.generate_one(prompt, np.random.default_rng(seed))
+        finally:
+            self.decoder.sampling = real
+
+    def run(self, prompt, seed, i):
+        stats = self.decoder.generate_one(prompt, _seed_of(seed, i)).stats
+        self.stats = stats if self.stats is None else self.stats.merge(stats)
 
 
-def run_hf_assisted(pair, prompts, sampling: SamplingConfig, seed, progress=None) -> MethodResult:
+class _HFAssisted:
     """``target.generate(..., assistant_model=draft)``: HF's single-draft speculative sampling.
 
     HF samples with torch's global generator; it is seeded per prompt inside
     ``torch.random.fork_rng`` so the caller's global state is left untouched.
     """
-    eos = sorted(eos_ids(pair))
-    greedy = sampling.temperature == 0
-    kwargs = dict(
-        assistant_model=pair.draft,
-        do_sample=not greedy,
-        max_new_tokens=sampling.max_new_tokens,
-        pad_token_id=eos[0] if eos else 0,
-        eos_token_id=(eos if sampling.stop_on_eos and eos else None),
-    )
-    if not greedy:
-        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or 0,
-                      top_p=sampling.top_p if sampling.top_p is not None else 1.0)
-    if not sampling.stop_on_eos:
-        kwargs["min_new_tokens"] = sampling.max_new_tokens
 
-    def one(ids, s, max_new):
-        input_ids = torch.tensor([ids], device=pair.target.device)
+    name = "hf_assisted"
+
+    def __init__(self, pair, sampling: SamplingConfig):
+        eos = sorted(eos_ids(pair))
+        greedy = sampling.temperature == 0
+        self.pair, self.sampling = pair, sampling
+        self.kwargs = dict(
+            assistant_model=pair.draft,
+            do_sample=not greedy,
+            pad_token_id=eos[0] if eos else 0,
+            eos_token_id=(eos if sampling.stop_on_eos and eos else None),
+        )
+        if not greedy:
+            self.kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or 0,
+                               top_p=sampling.top_p if sampling.top_p is not None else 1.0)
+        self.stats = DecodeStats(depth=0)
+
+    def _generate(self, prompt, seed, max_new):
+        ids = encode_prompt(self.pair, prompt)
+        input_ids = torch.tensor([ids], device=self.pair.target.device)
+        min_new = 0 if self.sampling.stop_on_eos else max_new
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(s)
-            out = pair.target.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                       **{**kwargs, "max_new_tokens": max_new,
-                                          "min_new_tokens": min(kwargs.get("min_new_tokens", 0),
-                                                                max_new)})
+            torch.manual_seed(seed)
+            out = self.pair.target.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                            max_new_tokens=max_new, min_new_tokens=min_new,
+                                            **self.kwargs)
         return out.shape[1] - input_ids.shape[1]
 
-    encoded = [encode_prompt(pair, p) for p in prompts]
-    one(encoded[0], seed, WARMUP_TOKENS)
-    counter = _CallCounter(pair.target)
-    stats = DecodeStats(depth=0)
-    try:
-        for i, ids in enumerate(encoded):
-            start = time.perf_counter()
-            new = one(ids, seed * 100003 + i, sampling.max_new_tokens)
-            stats.total_time += time.perf_counter() - start
-            stats.new_tokens += new
-            stats.sequences += 1
-            if progress:
-                progress()
-    finally:
-        counter.close()
-    stats.target_calls = counter.count
-    stats.draft_time = stats.target_time = stats.verify_time = float("nan")  # not measured
-    return MethodResult("hf_assisted", stats, counter.count)
+    def warm_up(self, prompt, seed):
+        self._generate(prompt, seed, WARMUP_TOKENS)
+
+    def run(self, prompt, seed, i):
+        start = time.perf_counter()
+        new = self._generate(prompt, seed * 100003 + i, self.sampling.max_new_tokens)
+        self.stats.total_time += time.perf_counter() - start
+        self.stats.new_tokens += new
+        self.stats.sequences += 1
 
 
 def run_bench(pair, prompts: Sequence, sampling: SamplingConfig,
               configs: Sequence[TreeConfig], *, seed: int = 0, hf: bool = True,
               autoregressive: bool = True,
               progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Run every method over the prompts; rows of statistics with speedups (see module doc)."""
-    results: list[MethodResult] = []
-    tick = (lambda name: (lambda: progress(name))) if progress else (lambda name: None)
+    """Run every method over the prompts; rows of statistics with speedups (see module doc).
+
+    Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
+    a change in machine load during the run affects all methods alike.
+    """
+    methods = []
     if autoregressive:
-        results.append(run_decoder("autoregressive", Autoregressive(pair, sampling), prompts,
-                                   seed, tick("autoregressive")))
+        methods.append(_DecoderMethod("autoregressive", Autoregressive(pair, sampling)))
     if hf:
-        results.append(run_hf_assisted(pair, prompts, sampling, seed, tick("hf_assisted")))
+        methods.append(_HFAssisted(pair, sampling))
     for config in configs:
-        name = f"mdsd {config.describe()}"
-        results.append(run_decoder(name, TreeDecoder(pair, config, sampling), prompts, seed,
-                                   tick(name)))
+        methods.append(_DecoderMethod(f"mdsd {config.describe()}",
+                                      TreeDecoder(pair, config, sampling)))
+    for method in methods:
+        method.warm_up(prompts[0], seed)
+    counters = {}
+    for i, prompt in enumerate(prompts):
+        for method in methods:
+            counter = _CallCounter(pair.target)
+            try:
+                method.run(prompt, seed, i)
+            finally:
+                counter.close()
+            counters[method.name] = counters.get(method.name, 0) + counter.count
+            if progress:
+                progress(method.name)
+    results = []
+    for method in methods:
+        stats = method.stats
+        if isinstance(method, _HFAssisted):
+            stats.target_calls = counters[method.name]
+            stats.draft_time = stats.target_time = stats.verify_time = float("nan")  # unmeasured
+        results.append(MethodResult(method.name, stats, counters[method.name]))
     rows = [r.row() for r in results]
     base = {r["method"]: r["tokens_per_second"] for r in rows}
     for row in rows:
