@@ -62,7 +62,7 @@ def main() -> None:
     configs = []
     for spec in args.config or CONFIGS:
         law, verifier, tree = spec.split(":")
-        configs.append(TreeConfig.make(tree, law or None, verifier))
+        configs.append(TreeConfig.make(tree, law or None, verifier or None))
     prompts = alternating_prompts(args.prompts)
     start = time.time()
     rows = run_bench(pair, prompts, sampling, configs, seed=args.seed, hf=not args.no_hf)

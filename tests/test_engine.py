@@ -145,6 +145,11 @@ def test_build_tree_structure():
     assert np.flatnonzero(t.level_mask(2)[3]).tolist() == [1, 6]  # node 6: parent 1, itself
     assert chain_tree(3, 4).widths == (3, 1, 1, 1) == parse_tree("3x4").widths
     assert parse_tree("2,2").widths == (2, 2)
+    assert TreeConfig.make("2x2", "greedy").verifier == "greedy"
+    assert (TreeConfig.make("2x2").law, TreeConfig.make("2x2").verifier) == (
+        "without_replacement", "rrs_without_replacement")
+    assert TreeConfig.make("2x2", "without_replacement", "optimal").describe() == (
+        "without_replacement/optimal 2x2")
     for bad in ("", "0,1", "x", "3x0"):
         with pytest.raises(ValueError, match="tree|depth|drafts"):
             parse_tree(bad)

@@ -63,7 +63,7 @@ def generate(
     drafts: DraftsOpt = 3,
     depth: DepthOpt = 4,
     law: LawOpt = None,
-    verifier: VerifierOpt = "rrs_without_replacement",
+    verifier: VerifierOpt = None,
     temperature: TempOpt = 0.7,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
@@ -126,7 +126,7 @@ def _parse_config(text: str):
     if len(parts) != 3:
         raise ValueError(f"config must be LAW:VERIFIER:TREE (e.g. greedy:greedy:3x4), got {text!r}")
     law, verifier, tree = parts
-    return TreeConfig.make(tree, law or None, verifier)
+    return TreeConfig.make(tree, law or None, verifier or None)
 
 
 @app.command()

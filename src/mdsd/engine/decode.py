@@ -34,7 +34,14 @@ from mdsd.engine.tree import DraftTree, build_tree, parse_tree
 from mdsd.engine.walk import DraftedTree, RuleBook, categorical, draft_children, walk
 from mdsd.logits import process_logits
 
-LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
+LOW_ACCEPTANCE_WARNING = 0.1
+NATURAL_VERIFIER = {  # the verifier used when only a law is named
+    "iid": "rrs",
+    "without_replacement": "rrs_without_replacement",
+    "greedy": "greedy",
+    "spechub": "spechub",
+    "conditional_poisson": "sample_check",
+}  # warn when the mean acceptance at depth 1 is below this
 
 
 # ---------------------------------------------------------------------- configuration
@@ -76,11 +83,20 @@ class TreeConfig:
     verifier: str = "rrs_without_replacement"
 
     @classmethod
-    def make(cls, tree="3x4", law=None, verifier="rrs_without_replacement") -> TreeConfig:
+    def make(cls, tree="3x4", law=None, verifier=None) -> TreeConfig:
+        """From a tree spec ("3x4", "3,2,1", widths or a DraftTree), a law and a verifier.
+
+        Defaults: no law and no verifier = without_replacement / rrs_without_replacement; a law
+        alone gets its natural verifier (``NATURAL_VERIFIER``); a verifier alone its own law.
+        """
         if isinstance(tree, str):
             tree = parse_tree(tree)
         elif not isinstance(tree, DraftTree):
             tree = build_tree(tree)
+        if verifier is None:
+            if law is None:
+                law = "without_replacement"
+            verifier = NATURAL_VERIFIER.get(law, "sample_check")
         return cls(tree, law, verifier)
 
     def describe(self) -> str:
