@@ -45,7 +45,7 @@ class MeasureConfig:
     seed: int = 0
     device: str = "cpu"
     mc_samples: int = 16
-    verifier_budget: float | None = 90.0  # seconds of analysis per verifier over the sweep, shared
+    verifier_budget: float | None = 150.0  # seconds of analysis per verifier over the sweep, shared
     # by its (dataset, T, n, law) cells; a verifier too slow to rate every position of a cell
     # within its share is rated on a random subsample (column ``subsampled``). None: no limit.
     threads: int | None = 1  # torch threads during the run (None: leave torch's setting). One
