@@ -9,8 +9,9 @@ in training), teacher-forced over non-overlapping 512-token windows:
   float64 from float32 logits, at T = 0.3, 0.7, 1.0; and the greedy agreement
   ``argmax p == argmax q`` (the T -> 0 limit of the acceptance).
 
-And the cost of one decoding step: batch 1, one new token, KV cache holding a ~200-token held-out
-context, 2 threads, median wall time of STEPS calls per model, and the target/draft ratio.
+And the cost of one decoding step: batch 1, one new token, KV cache holding a 200-token held-out
+context, ``--threads`` threads (2), median wall and CPU time of TIMING_STEPS calls per model, and
+the target/draft ratios.
 
 Usage::
 
@@ -84,22 +85,41 @@ def domain_stats(pair, stream: np.ndarray, max_windows: int) -> dict:
 
 
 @torch.inference_mode()
-def decode_step_seconds(model, context: torch.Tensor) -> float:
-    """Median seconds of one cached single-token forward after ``context`` ([1, seq])."""
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=context, use_cache=True)
-    cache = out[key]
-    token = context[:, -1:]  # [1, 1]
-    times = []
+def decode_step_seconds(models: dict, context: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU seconds of one cached single-token forward after ``context``.
+
+    The models' steps are interleaved (target, draft, target, ...) so that both see the same
+    load from other jobs on the machine, which keeps their ratio meaningful on a shared CPU.
+
+    Args:
+        models: ``{role: model}``.
+        context: ``[1, seq]`` token ids put in each KV cache first.
+
+    Returns:
+        ``{role: (wall, cpu)}``: medians of ``time.perf_counter`` / ``time.process_time`` deltas.
+    """
+    state = {}
+    for role, model in models.items():
+        params = inspect.signature(model.forward).parameters
+        key = "cache" if "cache" in params else "past_key_values"
+        state[role] = {
+            "key": key,
+            "cache": model(input_ids=context, use_cache=True)[key],
+            "token": context[:, -1:],
+            "wall": [],
+            "cpu": [],
+        }  # token: [1, 1]
     for step in range(TIMING_WARMUP + TIMING_STEPS):
-        start = time.perf_counter()
-        out = model(input_ids=token, use_cache=True, **{key: cache})
-        elapsed = time.perf_counter() - start
-        cache = out[key]
-        token = out.logits[:, -1:].argmax(-1)  # [1, 1]
-        if step >= TIMING_WARMUP:
-            times.append(elapsed)
-    return float(np.median(times))
+        for role, model in models.items():
+            st = state[role]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            out = model(input_ids=st["token"], use_cache=True, **{st["key"]: st["cache"]})
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            st["cache"], st["token"] = out[st["key"]], out.logits[:, -1:].argmax(-1)
+            if step >= TIMING_WARMUP:
+                st["wall"].append(elapsed)
+                st["cpu"].append(elapsed_cpu)
+    return {role: (float(np.median(st["wall"])), float(np.median(st["cpu"]))) for role, st in state.items()}
 
 
 def timing_context(pair) -> torch.Tensor:
@@ -114,24 +134,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-windows", type=int, default=64, help="per domain")
     parser.add_argument("--out", type=Path, default=REPO / "data_build" / "model_card_stats.json")
     parser.add_argument("--timing-only", action="store_true", help="measure the decode step only, print it")
+    parser.add_argument("--threads", type=int, default=NUM_THREADS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(NUM_THREADS)
+    torch.set_num_threads(args.threads)
 
     pair = load_pair()
-    result: dict = {"pair": pair.name, "temperatures": list(TEMPERATURES), "domains": {}}
+    result: dict = {
+        "pair": pair.name,
+        "temperatures": list(TEMPERATURES),
+        "threads": args.threads,
+        "domains": {},
+    }
     for role, model in (("target", pair.target), ("draft", pair.draft)):
         result[role] = {"parameters": sum(p.numel() for p in model.parameters())}
 
     context = timing_context(pair)
-    for role, model in (("target", pair.target), ("draft", pair.draft)):
-        result[role]["decode_step_ms"] = 1e3 * decode_step_seconds(model, context)
-    result["decode_step_ratio"] = result["target"]["decode_step_ms"] / result["draft"]["decode_step_ms"]
-    print(
-        f"decode step: target {result['target']['decode_step_ms']:.3f} ms, "
-        f"draft {result['draft']['decode_step_ms']:.3f} ms, "
-        f"ratio {result['decode_step_ratio']:.2f}",
-        flush=True,
-    )
+    models = {"target": pair.target, "draft": pair.draft}
+    timings = {
+        # each model's steps back to back, as while the draft proposes k tokens
+        "standalone": {role: decode_step_seconds({role: m}, context)[role] for role, m in models.items()},
+        # alternating single steps: the target's weights evict the draft's from the CPU caches
+        "interleaved": decode_step_seconds(models, context),
+    }
+    for mode, steps in timings.items():
+        for role, (wall, cpu) in steps.items():
+            result[role][f"decode_step_{mode}_ms"] = 1e3 * wall
+            result[role][f"decode_step_{mode}_cpu_ms"] = 1e3 * cpu
+        for kind in (f"decode_step_{mode}_ms", f"decode_step_{mode}_cpu_ms"):
+            result[f"{kind}_ratio"] = result["target"][kind] / result["draft"][kind]
+            print(
+                f"{kind}: target {result['target'][kind]:.3f}, draft {result['draft'][kind]:.3f}, "
+                f"ratio {result[f'{kind}_ratio']:.2f}",
+                flush=True,
+            )
 
     if args.timing_only:
         return
