@@ -12,7 +12,8 @@ domains (``code``, ``prose``), with AdamW, linear warm-up and cosine decay, bf16
 float32 master weights, and stored as float16 safetensors under ``src/mdsd/data/models/``.
 The corpora come from ``scripts/build_corpora.py`` (``data_build/corpora``).
 
-Usage (about 45-60 minutes on 2 CPU cores)::
+Usage (planned 45-60 minutes on 2 idle CPU cores; the run that produced the bundled weights
+took 78 minutes on cores shared with other jobs, see MODEL_CARD.md)::
 
     nohup python scripts/train_pair.py > data_build/train_pair.log 2>&1 &
 """

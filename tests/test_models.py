@@ -185,17 +185,16 @@ def test_bundled_pair_shapes(bundled):
 
 
 def _mean_loss(model, tokenizer, prompts: list[str]) -> float:
-    losses = []
+    """Mean next-token cross-entropy over all prompt tokens, one padded batch."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)  # [n, longest]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     with torch.inference_mode():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # [1, seq]
-            losses.append(model(input_ids=ids, labels=ids).loss.item())
-    return sum(losses) / len(losses)
+        return model(**batch, labels=labels).loss.item()
 
 
 @pytest.mark.parametrize("domain", ["code", "prose"])
 def test_bundled_target_beats_draft(bundled, domain):
-    # deterministic (fixed weights, float32); measured: code 4.21 < 4.34, prose 4.243 < 4.265
+    # deterministic (fixed weights, float32); measured: code 4.241 < 4.380, prose 4.257 < 4.281
     prompts = [row["prompt"] for row in bundled_prompts(domain)[:16]]
     target_loss = _mean_loss(bundled.target, bundled.tokenizer, prompts)
     draft_loss = _mean_loss(bundled.draft, bundled.tokenizer, prompts)

@@ -118,8 +118,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
         return getattr(torch, _DTYPE_NAMES[dtype.removeprefix("torch.")])
     raise ValueError(
-        f"dtype={dtype!r} not understood; use one of {sorted(set(_DTYPE_NAMES.values()))} "
-        "or a torch.dtype"
+        f"dtype={dtype!r} not understood; use one of {sorted(set(_DTYPE_NAMES.values()))} or a torch.dtype"
     )
 
 
@@ -180,8 +179,7 @@ def _check_vocabularies(target_size: int, draft_size: int, what: str = "config.v
     """Raise ValueError, naming both sizes, unless target and draft vocabularies agree."""
     if target_size != draft_size:
         raise ValueError(
-            f"target and draft vocabularies differ: target {what}={target_size}, "
-            f"draft {what}={draft_size}"
+            f"target and draft vocabularies differ: target {what}={target_size}, draft {what}={draft_size}"
         )
 
 
