@@ -21,6 +21,11 @@ LAW_LABELS = {
     "iid": "i.i.d.", "without_replacement": "w/o replacement", "greedy": "greedy",
     "conditional_poisson": "cond. Poisson", "spechub": "SpecHub",
 }
+LAW_DASHES = {
+    "iid": (0, (6, 2)), "without_replacement": (0, (2, 1.5)), "greedy": (0, (6, 1.5, 1.5, 1.5)),
+    "conditional_poisson": (0, (1, 1.5)), "spechub": (0, (3, 3)),
+}
+MIN_POSITIONS = 30  # points rated on fewer positions (time budget) are left out of the figures
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 LINESTYLES = ["-", (0, (5, 1)), "-.", (0, (1, 1))]
 FORMATS = ("png", "svg")
@@ -70,7 +75,7 @@ def _sweep_figure(rows, x_name, fixed, xlabel, title, path_stem, gap=False):
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.0 * len(datasets) + 3.2, 4.6),
                              sharey=True, squeeze=False, layout="constrained")
     for ax, dataset in zip(axes[0], datasets):
-        sub = [r for r in _select(rows, dataset=dataset, **fixed) if r["positions"]]
+        sub = [r for r in _select(rows, dataset=dataset, **fixed) if r["positions"] >= MIN_POSITIONS]
         if not gap:
             laws = sorted({r["law"] for r in sub if r["verifier"] == BOUND_VERIFIER},
                           key=lambda law: list(LAW_COLORS).index(law) if law in LAW_COLORS else 99)
@@ -79,8 +84,8 @@ def _sweep_figure(rows, x_name, fixed, xlabel, title, path_stem, gap=False):
                              if r["law"] == law and r["verifier"] == BOUND_VERIFIER)
                 if pts:
                     xs, ys = zip(*pts)
-                    ax.plot(xs, ys, linestyle="--", linewidth=2.2, alpha=0.55,
-                            color=LAW_COLORS.get(law, "gray"),
+                    ax.plot(xs, ys, linestyle=LAW_DASHES.get(law, "--"), linewidth=2.0, alpha=0.7,
+                            color=LAW_COLORS.get(law, "gray"), marker="_", markersize=12,
                             label=f"α* {LAW_LABELS.get(law, law)} (bound)")
         for verifier, law in keys:
             pts = sorted((r[x_name], r["gap" if gap else "acceptance"],
