@@ -10,7 +10,8 @@ from mdsd.verifiers import VERIFIERS
 
 from conftest import law_accepts, random_pair
 
-CLOSED = [("rrs", "iid"), ("kseq", "iid"), ("greedy", "greedy"), ("spechub", "spechub"),
+CLOSED = [("rrs", "iid"), ("kseq", "iid"), ("importance", "iid"), ("greedy", "greedy"),
+          ("spechub", "spechub"),
           ("sample_check", "iid"), ("sample_check", "greedy"), ("sample_check", "spechub"),
           ("sample_check", "conditional_poisson")]
 
@@ -44,10 +45,11 @@ def test_monte_carlo_within_four_standard_errors(verifier, law):
 
 def test_auto_falls_back_to_monte_carlo_for_large_support(rng):
     p, q = random_pair(rng, 400)
-    result = mdsd.acceptance_rate(p, q, 3, "importance", num_samples=256)
+    result = mdsd.acceptance_rate(p, q, 3, "sample_check", "without_replacement", num_samples=256)
     assert result.method == "monte_carlo"
     assert 0 < result.stderr < 0.05
-    assert result.rate <= mdsd.optimal_acceptance(p, q, 3, "iid") + 4 * result.stderr
+    bound = mdsd.optimal_acceptance(p, q, 3, "without_replacement")
+    assert result.rate <= bound + 4 * result.stderr
 
 
 def test_batched_acceptance_matches_rows(rng):
@@ -62,7 +64,7 @@ def test_batched_acceptance_matches_rows(rng):
 def test_forced_closed_form_without_one_raises(rng):
     p, q = random_pair(rng, 5)
     with pytest.raises(ValueError, match="no closed form"):
-        mdsd.acceptance_rate(p, q, 2, "importance", method="closed_form")
+        mdsd.acceptance_rate(p, q, 2, "sample_check", "without_replacement", method="closed_form")
     with pytest.raises(ValueError, match="unknown method"):
         mdsd.acceptance_rate(p, q, 2, "rrs", method="guess")
 

@@ -7,7 +7,7 @@ with top-k drafting the union of the two models' top-k sets, which holds all of 
 * the acceptance rate of every (verifier, law) pair with the verifier exact for the law, by the
   first exact method available:
   1. the verifier's closed form (``Verifier.acceptance``);
-  2. a closed form computed here (``importance_acceptance``), until the core has one;
+  2. the core's exact closed form for ``importance`` (``importance_acceptance``);
   3. enumeration of all draft tuples, when every row has at most ``ENUM_LIMIT`` tuples;
   4. otherwise Monte Carlo: ``mc_samples`` draft sets per position, each scored by its exact
      conditional acceptance sum_{y in set(x)} pi(y | x) (Rao-Blackwellised), marked ``monte_carlo``
@@ -40,7 +40,7 @@ from mdsd.experiments.config import MeasureConfig
 from mdsd.laws import get_law
 from mdsd.logits import process_logits
 from mdsd.verifiers import VERIFIERS, accepted_mass, get_verifier
-from mdsd.verifiers.classic import importance_law
+from mdsd.verifiers.classic import importance_acceptance
 
 Z95 = 1.959963984540054
 ENUM_LIMIT = 2_000  # enumerate draft tuples exactly when every row has at most this many
@@ -81,43 +81,6 @@ def position_probs(positions: Positions) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- exact rates
-def importance_acceptance(target_probs: np.ndarray, draft_probs: np.ndarray, n: int) -> np.ndarray:
-    """Exact acceptance of the ``importance`` verifier with n i.i.d. drafts, O(n V) per row.
-
-    Rank tokens by p/q decreasing (ties by lower id); G_k = q(rank >= k). The picked draft has rank k
-    with probability p_I(k) = G_k^n - G_{k+1}^n and is accepted w.p. a_k = min(1, p_k / p_I(k));
-    otherwise y ~ r = resid(p, p_I), which is accepted when y is one of the other drafts (all of
-    rank > k). With j > k, P(pick = k, j in set) = G_k^n - G_{k+1}^n - (G_k - q_j)^n +
-    (G_{k+1} - q_j)^n, and expanding the powers binomially with S_m(k) = sum_{j > k} r_j q_j^m:
-
-        alpha = sum_k min(p_k, p_I(k))
-                + sum_k (1 - a_k) sum_{m=1..n} C(n, m) (-1)^(m+1) S_m(k) (G_k^(n-m) - G_{k+1}^(n-m)).
-
-    [B, V] x [B, V] -> [B]. Checked against enumeration in the tests.
-    """
-    p, q = np.asarray(target_probs, np.float64), np.asarray(draft_probs, np.float64)
-    picked = importance_law(p, q, n)  # p_I, [B, V]
-    diff = np.maximum(p - picked, 0.0)
-    mass = diff.sum(axis=1, keepdims=True)
-    resid = np.where(mass > 0, diff / np.where(mass > 0, mass, 1.0), 0.0)  # r, [B, V]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        weight = np.where(q > 0, p / np.where(q > 0, q, 1.0), -np.inf)
-    order = np.argsort(-weight, axis=1, kind="stable")  # rank order, q = 0 tokens last
-    p_s, q_s, pi_s, r_s = (np.take_along_axis(a, order, axis=1) for a in (p, q, picked, resid))
-    tail = np.minimum(np.cumsum(q_s[:, ::-1], axis=1)[:, ::-1], 1.0)  # G_k
-    after = np.concatenate([tail[:, 1:], np.zeros((p.shape[0], 1))], axis=1)  # G_{k+1}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        accept = np.where(pi_s > 0, np.minimum(1.0, p_s / np.where(pi_s > 0, pi_s, 1.0)), 1.0)
-    total = np.minimum(p_s, pi_s).sum(axis=1)
-    second = np.zeros_like(total)
-    for m in range(1, n + 1):
-        terms = r_s * q_s**m
-        later = np.cumsum(terms[:, ::-1], axis=1)[:, ::-1] - terms  # S_m(k): ranks > k
-        coeff = math.comb(n, m) * (-1.0) ** (m + 1)
-        second += coeff * ((1.0 - accept) * later * (tail ** (n - m) - after ** (n - m))).sum(axis=1)
-    return np.clip(total + second, 0.0, 1.0)
-
-
 @dataclass(frozen=True)
 class RateArrays:
     """Per-position acceptance of one (verifier, law): value [B], Monte-Carlo variance of each
