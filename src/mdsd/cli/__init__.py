@@ -16,9 +16,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from mdsd.cli import core  # noqa: E402,F401  (registers commands on `app`)
-from mdsd.cli import decode  # noqa: E402,F401
-from mdsd.cli import experiments  # noqa: E402,F401
+from mdsd.cli import (
+    core,  # noqa: E402,F401  (registers commands on `app`)
+    decode,  # noqa: E402,F401
+    experiments,  # noqa: E402,F401
+)
 
 
 def main() -> None:
