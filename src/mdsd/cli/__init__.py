@@ -16,11 +16,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from mdsd.cli import (
-    core,  # noqa: E402,F401  (registers commands on `app`)
-    decode,  # noqa: E402,F401
-    experiments,  # noqa: E402,F401
-)
+# Command modules register themselves on `app` when imported.
+from mdsd.cli import core, decode, experiments  # noqa: E402,F401
 
 
 def main() -> None:
