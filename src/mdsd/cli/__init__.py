@@ -2,6 +2,7 @@
 
 core:  ``mdsd bound``, ``mdsd compare``
 decode: ``mdsd generate``, ``mdsd bench``
+experiments: ``mdsd measure``, ``mdsd report``
 """
 
 from __future__ import annotations
