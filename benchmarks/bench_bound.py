@@ -24,30 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import llm_like_pair, machine, print_table, timed  # noqa: E402
 
 import mdsd  # noqa: E402
-from mdsd._race import wor_qall_prefixes_reference  # noqa: E402
-from mdsd.laws import top_tokens_reference  # noqa: E402
+from mdsd.bound import scan_reference  # noqa: E402
 
 REFERENCE_STEP = 0.2  # reference quadrature step for the error column (~1e-15 at n <= 8)
 
 
 def reference_alpha(p, q, n, law):
-    if law in ("greedy", "spechub"):
-        top = top_tokens_reference(q, n - 1)
-        rest = q.copy()
-        rest[top] = 0.0
-        rest /= rest.sum()
-        keep = np.ones(p.size, dtype=bool)
-        keep[top] = False
-        return p[top].sum() + np.minimum(p[keep], rest[keep]).sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(p == 0, np.inf, q / p)
-    order = np.argsort(-ratio, kind="stable")
-    p_prefix = np.concatenate([[0.0], np.cumsum(p[order])])
-    if law == "iid":
-        qall = np.minimum(np.concatenate([[0.0], np.cumsum(q[order])]), 1.0) ** n
-    else:
-        qall = wor_qall_prefixes_reference(q[None, order], n, step=REFERENCE_STEP)[0]
-    return 1.0 + np.min(p_prefix - qall)
+    return scan_reference(p, q, n, law, step=REFERENCE_STEP)
 
 
 def main():

@@ -11,6 +11,7 @@ import mdsd
 from mdsd._race import wor_qall_prefixes, wor_qall_prefixes_reference
 from mdsd.acceptance import _enumerate_row
 from mdsd.bound import scan_order
+from mdsd.bound import scan_reference as bound_scan_reference
 from mdsd.laws import top_tokens, top_tokens_reference
 from mdsd.verifiers import VERIFIERS
 from mdsd.verifiers import torch_backend as tb
@@ -94,15 +95,7 @@ def test_fast_qall_torch_input_and_float32_promotion():
 
 def scan_reference(p, q, n, law):
     """alpha* by the plain scan: stable sort, every prefix, reference Qall."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(p == 0, np.inf, q / p)
-    order = np.argsort(-ratio, kind="stable")
-    p_prefix = np.concatenate([[0.0], np.cumsum(p[order])])
-    if law == "iid":
-        qall = np.minimum(np.concatenate([[0.0], np.cumsum(q[order])]), 1.0) ** n
-    else:
-        qall = wor_qall_prefixes_reference(q[None, order], n, step=FINE_STEP)[0]
-    return 1.0 + np.min(p_prefix - qall)
+    return bound_scan_reference(p, q, n, law, step=FINE_STEP)
 
 
 @pytest.mark.parametrize("law", ["iid", "without_replacement"])

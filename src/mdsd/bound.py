@@ -15,7 +15,7 @@ or an O(V) selection plus a few passes. ``without_replacement`` integrates the e
 (``mdsd._race``) only on the prefixes that cheap bounds cannot rule out and only on the
 quadrature nodes they need (``_wor_objective``); ``device="cuda"`` runs that integral on a GPU.
 The plain references are kept next to the fast paths: ``mdsd._race.wor_qall_prefixes_reference``
-(a Python loop over the tokens) and the stable-sort scan in tests/test_fast.py.
+(a Python loop over the tokens) and ``scan_reference`` (stable sort, every prefix, those Qall).
 
 ``bound_reference`` is the plain brute force over all 2^V subsets, with Qall from the law's explicit
 tuple enumeration: the independent check the tests compare with.
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mdsd._race import tail_masses_torch, wor_qall_window
+from mdsd._race import tail_masses_torch, wor_qall_prefixes_reference, wor_qall_window
 from mdsd._validate import as_probs, check_pair
-from mdsd.laws import complement_renormalised, get_law, top_tokens
+from mdsd.laws import complement_renormalised, get_law, top_tokens, top_tokens_reference
 
 
 @dataclass(frozen=True)
@@ -270,6 +270,35 @@ def qall_reference(tuples: np.ndarray, probs: np.ndarray, subset_mask: np.ndarra
     """P(all drafts in H) from an explicit tuple distribution. tuples [M, n], subset_mask [V]."""
     inside = subset_mask[tuples].all(axis=1)
     return float(probs[inside].sum())
+
+
+def scan_reference(target_probs, draft_probs, n: int, law="iid", *, step: float = 0.2) -> float:
+    """alpha* by the plain sort-and-scan: stable sort by q/p, every prefix, reference Qall.
+
+    1-D p, q (validated by the caller). iid: Qall = q(H)^n; without_replacement: the Python-loop
+    race quadrature ``wor_qall_prefixes_reference`` at trapezoid ``step``; greedy / spechub: the
+    closed form with the stable-sort top tokens. The reference the fast paths are compared with.
+    """
+    p, q = np.asarray(target_probs, np.float64), np.asarray(draft_probs, np.float64)
+    if law in ("greedy", "spechub"):
+        top = top_tokens_reference(q, n - 1)
+        rest = q.copy()
+        rest[top] = 0.0
+        rest /= rest.sum()
+        keep = np.ones(p.size, dtype=bool)
+        keep[top] = False
+        return float(p[top].sum() + np.minimum(p[keep], rest[keep]).sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(p == 0, np.inf, q / p)
+    order = np.argsort(-ratio, kind="stable")
+    p_prefix = np.concatenate([[0.0], np.cumsum(p[order])])
+    if law == "iid":
+        qall = np.minimum(np.concatenate([[0.0], np.cumsum(q[order])]), 1.0) ** n
+    elif law == "without_replacement":
+        qall = wor_qall_prefixes_reference(q[None, order], n, step=step)[0]
+    else:
+        qall = get_law(law).qall_prefixes(q[None, order], n)[0]
+    return float(1.0 + np.min(p_prefix - qall))
 
 
 def bound_reference(target_probs, draft_probs, n: int, law="iid", *, max_vocab: int = 14):
