@@ -160,8 +160,17 @@ def bundled_prompts(domain: str | None = None) -> list[dict[str, str]]:
 # ---------------------------------------------------------------- loading
 def _load_model(source: str | Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+    # No per-model "Loading weights" bar on stderr (it interleaves with our own progress and
+    # streamed text); the caller's setting is restored afterwards.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 
