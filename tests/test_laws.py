@@ -76,6 +76,28 @@ def test_qall_prefixes_match_enumeration(law, rng):
             assert fast[k] == pytest.approx(qall_reference(tuples, probs, mask), abs=1e-12)
 
 
+@pytest.mark.parametrize("law", ["greedy", "spechub"])
+def test_closed_form_laws_qall_prefixes_match_enumeration(law, rng):
+    """Greedy / SpecHub Qall of prefixes of any order, with ties in q placed by token id."""
+    for trial in range(30):
+        vocab = int(rng.integers(2, 7))
+        n = 2 if law == "spechub" else int(rng.integers(1, 5))
+        _, q = random_pair(rng, vocab, zero_q=bool(rng.integers(2)))
+        if trial % 3 == 0:
+            q = np.round(q * 4) + 1.0  # ties
+            q /= q.sum()
+        if not law_accepts(law, q, n):
+            continue
+        the_law = mdsd.get_law(law)
+        order = rng.permutation(vocab)
+        fast = the_law.qall_prefixes(q[order][None, :], n, order=order)[0]
+        tuples, probs = the_law.enumerate(q, n)
+        for k in range(vocab + 1):
+            mask = np.zeros(vocab, dtype=bool)
+            mask[order[:k]] = True
+            assert fast[k] == pytest.approx(qall_reference(tuples, probs, mask), abs=1e-12)
+
+
 def test_pitfall_elementary_symmetric_ratio_differs_from_sequential():
     """Spec 3.3: q = (0.5, 0.3, 0.2), n = 2, H = first two: 0.5143 sequential vs 0.4839 ratio."""
     q = np.array([[0.5, 0.3, 0.2]])

@@ -4,7 +4,7 @@ Each law can
 - ``sample`` n drafts (in draw order) with a ``numpy.random.Generator``,
 - ``enumerate`` every draft tuple with its probability (small vocabularies; tests and the LP),
 - give ``Qall(H) = P(all n drafts lie in H)`` for the prefixes of a token order (what the
-  sort-and-scan bound needs), where the law admits the scan.
+  sort-and-scan bound needs; greedy and spechub use their closed form for alpha* instead).
 
 Laws (spec section 2):
 
@@ -137,9 +137,13 @@ class DraftLaw:
         raise NotImplementedError
 
     # -- Qall ---------------------------------------------------------------------------------
-    def qall_prefixes(self, draft_probs_ordered: np.ndarray, n: int) -> np.ndarray:
-        """Qall(first k tokens of the order), k = 0..V. [B, V] (q permuted) -> [B, V + 1]."""
-        raise NotImplementedError(f"law {self.name!r} has no prefix scan; it has a closed form")
+    def qall_prefixes(self, draft_probs_ordered: np.ndarray, n: int, order=None) -> np.ndarray:
+        """Qall(first k tokens of the order), k = 0..V. [B, V] (q permuted) -> [B, V + 1].
+
+        ``order`` (position -> token id) matters only for laws whose draft set depends on token
+        ids through tie-breaking (greedy, spechub); the others depend on the masses alone.
+        """
+        raise NotImplementedError(f"law {self.name!r} has no Qall of prefixes")
 
     def inclusion_probs(self, draft_probs: np.ndarray, n: int) -> np.ndarray:
         """P(token y is among the drafts), for every y. [..., V] -> [..., V]."""
@@ -167,7 +171,7 @@ class IID(DraftLaw):
     def _num_tuples(self, s, n):
         return s**n
 
-    def qall_prefixes(self, draft_probs_ordered, n):
+    def qall_prefixes(self, draft_probs_ordered, n, order=None):
         mass = np.zeros((draft_probs_ordered.shape[0], draft_probs_ordered.shape[1] + 1))
         mass[:, 1:] = np.cumsum(draft_probs_ordered, axis=1)
         return np.minimum(mass, 1.0) ** n
@@ -204,7 +208,7 @@ class WithoutReplacement(DraftLaw):
     def _num_tuples(self, s, n):
         return math.perm(s, n)
 
-    def qall_prefixes(self, draft_probs_ordered, n):
+    def qall_prefixes(self, draft_probs_ordered, n, order=None):
         return wor_qall_prefixes(draft_probs_ordered, n)
 
 
@@ -227,6 +231,30 @@ class Greedy(DraftLaw):
 
     def _num_tuples(self, s, n):
         return s - (n - 1)
+
+    def qall_prefixes(self, draft_probs_ordered, n, order=None):
+        """Qall(first k tokens of the order) = [T within them] * q'(first k), k = 0..V.
+
+        draft_probs_ordered: [B, V], q permuted by ``order`` ([B, V] or [V]: position -> token
+        id; None = the identity). T = top-(n-1) of q with ties by lower *token id*, so the order
+        is needed to place T when q has ties. Returns [B, V + 1].
+        """
+        q_ordered = np.asarray(draft_probs_ordered, dtype=np.float64)
+        batch, vocab = q_ordered.shape
+        if order is None:
+            order = np.arange(vocab)
+        order = np.broadcast_to(np.asarray(order, dtype=np.int64), (batch, vocab))
+        q = np.empty_like(q_ordered)
+        np.put_along_axis(q, order, q_ordered, axis=1)  # back to token order
+        top = top_tokens(q, n - 1)  # [B, n-1] token ids
+        rest = np.take_along_axis(complement_renormalised(q, top), order, axis=1)  # q', ordered
+        position = np.empty_like(order)
+        np.put_along_axis(position, order, np.arange(vocab)[None, :].repeat(batch, 0), axis=1)
+        need = np.take_along_axis(position, top, axis=1).max(axis=1, initial=-1) + 1  # [B]
+        qall = np.zeros((batch, vocab + 1))
+        qall[:, 1:] = np.minimum(np.cumsum(rest, axis=1), 1.0)
+        qall[np.arange(vocab + 1)[None, :] < need[:, None]] = 0.0
+        return qall
 
     def inclusion_probs(self, draft_probs, n):
         top = top_tokens(draft_probs, n - 1)
@@ -264,6 +292,12 @@ class SpecHub(DraftLaw):
 
     def _num_tuples(self, s, n):
         return 2 * (s - 1)
+
+    def qall_prefixes(self, draft_probs_ordered, n, order=None):
+        """Qall of prefixes; the unordered draft set has the greedy law with n = 2."""
+        if n != 2:
+            raise ValueError(f"law 'spechub' is defined for n = 2 drafts only, got n = {n}")
+        return Greedy().qall_prefixes(draft_probs_ordered, 2, order)
 
     def inclusion_probs(self, draft_probs, n):
         self.check(draft_probs, n)
@@ -342,7 +376,7 @@ class ConditionalPoisson(DraftLaw):
     def _num_tuples(self, s, n):
         return math.comb(s, n) * math.factorial(n)
 
-    def qall_prefixes(self, draft_probs_ordered, n):
+    def qall_prefixes(self, draft_probs_ordered, n, order=None):
         values, log_scale = _elementary_symmetric_scaled(draft_probs_ordered, n)
         ratio = values[:, :, n] * np.exp(log_scale - log_scale[:, -1:]) / values[:, -1:, n]
         return np.minimum(ratio, 1.0)
