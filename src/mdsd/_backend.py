@@ -16,19 +16,27 @@ import torch
 
 
 @contextlib.contextmanager
-def one_cpu_thread():
-    """Run torch CPU kernels on one intra-op thread (restored afterwards): these are short
-    memory-bound passes, and torch's thread pool made them several times slower on a shared
-    machine."""
+def torch_threads(threads: int | None):
+    """Run with ``torch.set_num_threads(threads)``, restoring the previous setting afterwards.
+
+    None leaves torch's setting alone.
+    """
     previous = torch.get_num_threads()
-    if previous == 1:
+    if threads is None or threads == previous:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def one_cpu_thread():
+    """Run torch CPU kernels on one intra-op thread (restored afterwards): these are short
+    memory-bound passes, and torch's thread pool made them several times slower on a shared
+    machine."""
+    return torch_threads(1)
 
 
 class NumpyOps:

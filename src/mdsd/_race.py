@@ -43,6 +43,8 @@ import math
 import numpy as np
 import torch
 
+from mdsd._backend import torch_threads
+
 TAIL = 1e-17  # mass allowed to be cut off at each end of the u-integral (reference)
 STEP = 0.2  # trapezoid step in u = log t (reference); discretisation error ~ exp(-a(n) / STEP)
 
@@ -306,15 +308,8 @@ def _cpu_threads(device, threads):
     pool made them ~10x slower (spinning workers competing with other processes), so they run
     on one thread by default. Set RACE_CPU_THREADS = None to keep torch's setting.
     """
-    if threads is None or torch.device(device).type != "cpu":
+    with torch_threads(threads if torch.device(device).type == "cpu" else None):
         yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def wor_qall_window(q_row: torch.Tensor, tail: torch.Tensor, n: int, k_lo: int, k_hi: int,

@@ -11,9 +11,9 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
+from mdsd._backend import torch_threads
 from mdsd.experiments.analysis import analyse
 from mdsd.experiments.capture import capture, load_prompts
 from mdsd.experiments.config import TABLE_N, TABLE_TEMPERATURE, MeasureConfig
@@ -21,22 +21,6 @@ from mdsd.experiments.plots import plot_all
 from mdsd.experiments.report import table1, write_results
 
 Progress = Callable[[str, int], Callable[[int, str], None]]  # (phase, total) -> advance callback
-
-
-@contextmanager
-def torch_threads(threads: int | None):
-    """Run with ``torch.set_num_threads(threads)``, restoring the previous setting afterwards."""
-    if threads is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_sweep(config: MeasureConfig, out_dir: str | Path, *, cache_root: str | Path | None = None,
