@@ -1,4 +1,4 @@
-"""A verifier that attains alpha* (spec section 5): i.i.d. drafts, two drafts without replacement.
+"""A verifier that attains alpha* (spec section 5): i.i.d., without-replacement, conditional Poisson.
 
 Construction ("random-threshold priority groups"; see docs/optimal.md for the proof sketch).
 
@@ -32,11 +32,15 @@ the construction is exact and optimal at any vocabulary size (method ``threshold
 sequential ``without_replacement`` drafts the first-drawn choice fails for groups after the first
 (a later draw from the same group changes whether an earlier group is met). With two drafts a
 pair split replaces it and is exactly q-proportional (``_pair_split``), so n <= 2 uses
-``threshold`` too. For n >= 3, while the law has at most ``MAX_PLAN_SETS`` draft sets, the fit
-solves the transport problem over draft sets exactly (method ``plan``: a sparse max-flow LP,
-HiGHS) and keeps it as a table set -> kept probabilities; capping by p and the residual make it
-exact whatever the LP's tolerance. Beyond that size the fit falls back to
-``rrs_without_replacement`` (exact, not optimal) and warns. See docs/optimal.md.
+``threshold`` too. For n >= 3 (and for ``conditional_poisson`` at any n >= 2) the fit uses
+random *priority orders* instead of groups (method ``orders``, module ``priority_orders``): when
+set(x) meets L = U_{m*} it accepts the drafted L-token that comes first in an order of L drawn from
+a mixture, else the drafted token first in an order of H*. Each order's mass vector is a greedy
+vertex of the coverage function (one Qall scan); Wolfe's minimum-norm-point algorithm writes the
+targets min(p, c q) on L and max(p, mu q) on H* (both lie in the coverage polytopes) as mixtures
+of at most |L| and |H*| orders. Supports above ``MAX_ORDER_SUPPORT`` fall back, with a warning,
+to an exact verifier of the law (``rrs_without_replacement``; ``sample_check`` for
+conditional_poisson). See docs/optimal.md.
 
 Shapes: target_probs p and draft_probs q are float64 [B, V]; drafts int64 [B, n] in draw order.
 """
@@ -47,15 +51,16 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import linprog
-from scipy.sparse import coo_matrix
 
 from mdsd._validate import as_probs, check_pair
 from mdsd.laws import DraftLaw, get_law
 from mdsd.verifiers.base import EMPTY_MASS, Verifier
-from mdsd.verifiers.classic import RRSWithoutReplacement
+from mdsd.verifiers.classic import RRSWithoutReplacement, SampleCheck
+from mdsd.verifiers.priority_orders import decompose, order_vertex
 
-LAWS = ("iid", "without_replacement")
+LAWS = ("iid", "without_replacement", "conditional_poisson")
+# Exact verifier of each law used beyond MAX_ORDER_SUPPORT (not optimal).
+FALLBACK = {"without_replacement": RRSWithoutReplacement(), "conditional_poisson": SampleCheck()}
 # The peeling treats the target as a single group once it is within this distance (probability
 # units) of the chord: it can lose at most about this much acceptance per group.
 CHORD_TOLERANCE = 1e-15
@@ -70,10 +75,9 @@ STAIR_MARGIN = 1e-12
 # slack 1 - Phi_m - p(H*) the steps may use before the last step takes the rest.
 STAIR_RATIO = 1.5
 STAIR_SHARES = (1.0, 0.5)
-# Largest number of distinct draft sets for which a without-replacement fit solves the exact plan.
-MAX_PLAN_SETS = 20_000
-# HiGHS tolerance for the plan LP; capping keeps exactness, this only bounds the acceptance lost.
-PLAN_TOLERANCE = 1e-10
+# Largest support (tokens with q > 0) for which the ``orders`` fit runs: it costs about one Qall
+# scan of the support per token of the support (Wolfe's iterations), plus small least squares.
+MAX_ORDER_SUPPORT = 128
 
 
 @dataclass(frozen=True)
@@ -91,16 +95,17 @@ class OptimalFit:
     accepted:    float64 [B, V]; a = min(p, m), the accepted-mass vector of the rule used.
     recovered:   float64 [B, V]; the residual law (p - a) / (1 - sum a) of the recovered token.
     acceptance:  float64 [B]; the acceptance rate of the rule used, exact when ``certified``:
-                 sum a (``threshold``), summed over the table (``plan``), NaN (fallback).
+                 sum a (``threshold``, ``orders``), NaN (fallback).
     alpha_star:  float64 [B]; alpha* from the same scan.
     certified:   bool [B]; the acceptance rate is sum a: residual tokens can never be drafts in a
                  rejected step, or sum a is within CERTIFY_GAP of alpha* (the rate lies between).
     support:     int64 [B]; number of tokens with q > 0.
-    method:      ``threshold`` (iid; without_replacement with n <= 2), ``plan`` (without_replacement,
-                 n >= 3: exact plan over draft sets) or ``rrs_without_replacement`` (fallback for
-                 large without-replacement supports with n >= 3).
-    plan_sets:   per row, [M, n] sorted draft sets of the plan (``plan`` only).
-    plan_kept:   per row, [M, n] probability of emitting each member of the set (after capping).
+    method:      ``threshold`` (iid; without_replacement with n <= 2), ``orders``
+                 (without_replacement with n >= 3, conditional_poisson with n >= 2: random priority
+                 orders) or the fallback verifier's name (supports above MAX_ORDER_SUPPORT).
+    orders:      per row, (split, ranks_L [J_L, V], weights_L [J_L], ranks_H [J_H, V],
+                 weights_H [J_H]) (``orders`` only): the mixtures of priority orders of L (positions
+                 < split) and of H*; ranks map token -> position in the order (V outside the block).
     cum_mass:    float64 [B, V + 1]; q of the positions before each boundary (``threshold``).
     """
 
@@ -117,8 +122,7 @@ class OptimalFit:
     certified: np.ndarray
     support: np.ndarray
     method: str = "threshold"
-    plan_sets: tuple = field(default=(), repr=False)
-    plan_kept: tuple = field(default=(), repr=False)
+    orders: tuple = field(default=(), repr=False)
     target_probs: np.ndarray | None = field(default=None, repr=False)
     draft_probs: np.ndarray | None = field(default=None, repr=False)
     cum_mass: np.ndarray | None = field(default=None, repr=False)
@@ -183,24 +187,20 @@ def _check_law(law) -> DraftLaw:
 
 def _fit_rows(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> OptimalFit:
     """Fit every row of p, q [B, V] (already validated); dispatch on the law."""
-    if law.name == "iid" or n <= 2:
+    if law.name == "iid" or n == 1 or (law.name == "without_replacement" and n == 2):
         return _fit_threshold(p, q, n, law)
-    sets = [law.num_tuples(row, n) // _orderings(law, n) for row in q]
-    if max(sets) <= MAX_PLAN_SETS:
-        return _fit_plan(p, q, n, law)
+    support = int(np.count_nonzero(q > 0, axis=1).max())
+    if support <= MAX_ORDER_SUPPORT:
+        return _fit_orders(p, q, n, law)
+    fallback = FALLBACK[law.name]
     warnings.warn(
-        f"verifier 'optimal' with law {law.name!r}: {max(sets):,} draft sets exceed MAX_PLAN_SETS "
-        f"= {MAX_PLAN_SETS:,}; no exact optimal construction at this size yet, falling back to "
-        f"rrs_without_replacement (exact, below alpha*)",
+        f"verifier 'optimal' with law {law.name!r} and n = {n}: the draft support has {support:,} "
+        f"tokens, above MAX_ORDER_SUPPORT = {MAX_ORDER_SUPPORT:,}; falling back to "
+        f"{fallback.name} (exact, below alpha*). Draft from a top-k support to stay optimal.",
         RuntimeWarning,
         stacklevel=3,
     )
     return _fit_fallback(p, q, n, law)
-
-
-def _orderings(law: DraftLaw, n: int) -> int:
-    """Draw orders per draft set (without replacement: n!)."""
-    return 1 if law.name == "iid" else int(np.prod(np.arange(1, n + 1)))
 
 
 def _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, **extra) -> OptimalFit:
@@ -245,61 +245,62 @@ def _fit_threshold(p, q, n, law) -> OptimalFit:
                    cum_mass=cum_mass, draft_probs=q)
 
 
-def _fit_plan(p, q, n, law) -> OptimalFit:
-    """without_replacement, small supports: the exact optimal plan over draft sets, as a table."""
+def _fit_orders(p, q, n, law) -> OptimalFit:
+    """Random priority orders on L and on H* (see the module docstring), row by row."""
     batch, vocab = p.shape
+    rank = np.empty((batch, vocab), dtype=np.int64)
+    levels = np.ones((batch, vocab + 1))
     rule_mass = np.zeros((batch, vocab))
     alpha_star = np.empty(batch)
-    tables = []
+    support = np.empty(batch, dtype=np.int64)
+    mixtures = []
     for b in range(batch):
-        sets, set_probs, take = _plan_row(p[b], q[b], n, law)  # [M, n], [M], [M, n]
-        np.add.at(rule_mass[b], sets.ravel(), (set_probs[:, None] * take).ravel())
-        alpha_star[b] = _scan_alpha(p[b], q[b], n, law)
-        tables.append((sets, set_probs, take))
-    rank = np.tile(np.arange(vocab), (batch, 1))
-    levels = np.ones((batch, vocab + 1))
-    support = np.count_nonzero(q > 0, axis=1)
-    fit = _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, method="plan")
-    kept, rates = [], np.empty(batch)
-    for b, (sets, set_probs, take) in enumerate(tables):
-        k = take * fit.accept_prob[b][sets]  # [M, n]
-        emitted = k.sum(axis=1)
-        on_sets = fit.recovered[b][sets].sum(axis=1)  # residual mass that lands on the set
-        rates[b] = set_probs @ (emitted + (1.0 - emitted) * on_sets)
-        kept.append(k)
-    # the table gives the exact acceptance, residual mass on drafts included
-    return OptimalFit(**{**fit.__dict__, "acceptance": np.minimum(rates, 1.0),
-                         "certified": np.ones(batch, dtype=bool),
-                         "plan_sets": tuple(t[0] for t in tables), "plan_kept": tuple(kept)})
+        order, split, mass_sorted, alpha_star[b], blocks = _orders_row(p[b], q[b], n, law)
+        k = order.size
+        support[b] = k
+        rank[b, np.concatenate([order, np.flatnonzero(q[b] <= 0)])] = np.arange(vocab)
+        levels[b, [0, split, k]] = 0.0  # L always takes precedence over H*: a cut at level 0
+        rule_mass[b, order] = mass_sorted
+        ranks = []
+        for block, mix in blocks:
+            r = np.full((mix.weights.size, vocab), vocab, dtype=np.int64)
+            tokens = order[block][mix.orders]  # [J, |block|] token ids, first = top priority
+            np.put_along_axis(r, tokens, np.arange(block.size)[None, :], axis=1)
+            ranks.append((r, mix.weights))
+        mixtures.append((split, *ranks[0], *ranks[1]))
+    return _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, method="orders",
+                   orders=tuple(mixtures))
 
 
-def _plan_row(p, q, n, law):
-    """Max-flow LP: draft sets s (mass P(s)) -> their members y (capacity p_y), maximise flow.
+def _orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
+    """One position: (order [K], split m*, m in order [K], alpha*, [(block, OrderMixture) x 2]).
 
-    Returns (sets [M, n] sorted, P(s) [M], take [M, n]): the probability of emitting each member
-    of s, before capping.
+    Targets as for the thresholds: t = min(s, c) q on L = positions < m* (sum Phi_m*) and
+    t = max(s, mu) q on H* (sum 1 - Phi_m*). L's orders are rules on the draw sets that meet L;
+    H*'s are rules on the draw sets inside H* (contracted by L).
     """
-    tuples, probs = law.enumerate(q, n)
-    sets, inverse = np.unique(np.sort(tuples, axis=1), axis=0, return_inverse=True)
-    set_probs = np.bincount(inverse.ravel(), weights=probs, minlength=len(sets))
-    m = len(sets)
-    cols = np.arange(m * n)
-    rows_set = cols // n
-    rows_tok = m + sets.ravel()
-    a_ub = coo_matrix((np.ones(2 * m * n), (np.concatenate([rows_set, rows_tok]),
-                                            np.tile(cols, 2))), shape=(m + p.size, m * n)).tocsr()
-    b_ub = np.concatenate([set_probs, p])
-    res = linprog(-np.ones(m * n), A_ub=a_ub, b_ub=b_ub, bounds=(0, None), method="highs",
-                  options={"primal_feasibility_tolerance": PLAN_TOLERANCE,
-                           "dual_feasibility_tolerance": PLAN_TOLERANCE})
-    if res.status != 0:
-        raise RuntimeError(f"HiGHS failed on the optimal-verifier plan: {res.message}")
-    flow = np.maximum(res.x.reshape(m, n), 0.0)
-    take = np.where(set_probs[:, None] > 0, flow / np.where(set_probs > 0, set_probs, 1)[:, None],
-                    0.0)
-    total = take.sum(axis=1, keepdims=True)
-    take = np.where(total > 1.0, take / np.maximum(total, 1.0), take)  # a row may overshoot 1e-10
-    return sets, set_probs, take
+    order = np.flatnonzero(q > 0)
+    order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
+    ps, qs = p[order], q[order]
+    qs_law = qs / qs.sum()  # the law's Qall is over the support; q sums to 1 up to rounding
+    k = order.size
+    phi = _coverage_curve(qs, n, law)
+    gap = phi - np.concatenate([[0.0], np.cumsum(ps)])
+    split = k - int(np.argmin(gap[::-1]))
+    alpha_star = min(1.0, max(0.0, 1.0 - (1.0 - ps.sum()) + gap[split]))
+    target, _ = _target_curve(ps, qs, phi, split)
+    t = np.diff(target)
+    low, high, none = np.arange(split), np.arange(split, k), np.arange(0)
+    mass = np.zeros(k)
+    blocks = []
+    for block, before, rest in ((low, none, high), (high, low, none)):
+        def vertex(sigma, block=block, before=before, rest=rest):
+            return order_vertex(law, qs_law, n, rest, block, before, sigma)
+
+        mix = decompose(vertex, t[block], np.arange(block.size))
+        mass[block] = mix.mass
+        blocks.append((block, mix))
+    return order, split, mass, alpha_star, blocks
 
 
 def _scan_alpha(p, q, n, law) -> float:
@@ -321,7 +322,7 @@ def _fit_fallback(p, q, n, law) -> OptimalFit:
         levels=np.ones((batch, vocab + 1)), rule_mass=nan, accept_prob=nan, accepted=nan,
         recovered=nan, acceptance=np.full(batch, np.nan), alpha_star=alpha_star,
         certified=np.zeros(batch, dtype=bool), support=np.count_nonzero(q > 0, axis=1),
-        method="rrs_without_replacement", target_probs=p, draft_probs=q,
+        method=FALLBACK[law.name].name, target_probs=p, draft_probs=q,
     )
 
 
@@ -576,8 +577,8 @@ def output_law_from_fit(fit: OptimalFit, drafts) -> np.ndarray:
     With drafts sorted by priority position p_(1) <= ... <= p_(n), draft i shares the first group
     with draft 1 exactly when u < tau_i = min{theta_c : p_(1) < c <= p_(i)}; so for
     u in [tau_{i+1}, tau_i) the rule picks the earliest-drawn of the first i drafts. Each pick y is
-    kept with probability accept_prob[y]; the rest of the mass goes to the residual law. (``plan``
-    fits look the draft set up in their table; the fallback runs rrs_without_replacement.)
+    kept with probability accept_prob[y]; the rest of the mass goes to the residual law. (``orders``
+    fits take the first draft in each order of the mixture; the fallback runs its verifier.)
     """
     x = np.asarray(drafts, dtype=np.int64)
     single = x.ndim == 1
@@ -594,32 +595,34 @@ def output_law_from_fit(fit: OptimalFit, drafts) -> np.ndarray:
 
 def _output_law_rows(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.ndarray:
     """pi(. | x) for drafts x [R, n], row r served by fit row fr[r]."""
-    if fit.method == "plan":
-        out = _plan_output_law(fit, x, fr)
-    elif fit.method == "rrs_without_replacement":
-        out = RRSWithoutReplacement().output_law(
-            fit.target_probs[fr], fit.draft_probs[fr], x, get_law(fit.law))
-    else:
-        out = _threshold_output_law(fit, x, fr)
-    return out
+    if fit.method == "orders":
+        return _orders_output_law(fit, x, fr)
+    if fit.method != "threshold":
+        return FALLBACK[fit.law].output_law(fit.target_probs[fr], fit.draft_probs[fr], x,
+                                            get_law(fit.law))
+    return _threshold_output_law(fit, x, fr)
 
 
-def _plan_output_law(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.ndarray:
-    """Look each draft set up in its row's plan table."""
+def _orders_output_law(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.ndarray:
+    """Priority orders: the block met first (L, else H*), the first draft in each of its orders."""
     rows, n = x.shape
-    keys = np.sort(x, axis=1)
-    kept = np.zeros((rows, n))
+    out = np.zeros((rows, fit.vocab_size))
+    kept_total = np.zeros(rows)
     for b in np.unique(fr):
+        split, ranks_low, w_low, ranks_high, w_high = fit.orders[b]
         mine = np.flatnonzero(fr == b)
-        sets = fit.plan_sets[b]
-        index = {tuple(s): i for i, s in enumerate(sets.tolist())}
-        try:
-            found = np.array([index[tuple(k)] for k in keys[mine].tolist()], dtype=np.int64)
-        except KeyError as err:
-            raise ValueError(f"drafts {err.args[0]} cannot be drawn from the fitted law") from None
-        kept[mine] = fit.plan_kept[b][found]
-    out = fit.recovered[fr] * np.maximum(1.0 - kept.sum(axis=1), 0.0)[:, None]
-    np.add.at(out, (np.repeat(np.arange(rows), n), keys.ravel()), kept.ravel())
+        meets_low = (fit.rank[b, x[mine]] < split).any(axis=1)
+        for sel, ranks, weights in ((mine[meets_low], ranks_low, w_low),
+                                    (mine[~meets_low], ranks_high, w_high)):
+            if sel.size == 0:
+                continue
+            drafts = x[sel]  # [R', n]
+            first = np.argmin(ranks[:, drafts], axis=2)  # [J, R']
+            picked = np.take_along_axis(drafts.T, first, axis=0)  # [J, R'] token ids
+            kept = weights[:, None] * fit.accept_prob[b, picked]  # [J, R']
+            np.add.at(out, (np.broadcast_to(sel, picked.shape), picked), kept)
+            kept_total[sel] = kept.sum(axis=0)
+    out += fit.recovered[fr] * np.maximum(1.0 - kept_total, 0.0)[:, None]
     return out
 
 
@@ -709,13 +712,14 @@ def verify_from_fit(fit: OptimalFit, drafts, rng=None):
 
 @dataclass(frozen=True)
 class OptimalVerifier(Verifier):
-    """Attains alpha* for ``iid`` drafts and two ``without_replacement`` drafts at any size.
+    """Attains alpha* for ``iid``, ``without_replacement`` and ``conditional_poisson`` drafts.
 
     A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
     the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
-    rest is emitted from resid(p - a). Three or more without_replacement drafts: the exact optimal
-    plan over draft sets while there are at most ``MAX_PLAN_SETS`` of them, else
-    rrs_without_replacement (with a warning). See the module docstring and docs/optimal.md.
+    rest is emitted from resid(p - a). Three or more without_replacement drafts and
+    conditional_poisson drafts: mixtures of priority orders on supports up to
+    ``MAX_ORDER_SUPPORT`` tokens, else the law's fallback verifier (with a warning). See the module
+    docstring and docs/optimal.md.
     ``output_law`` accepts a precomputed ``fit`` (from :func:`fit_optimal`) to share one fit across
     many draft sets of the same position.
     """
@@ -733,11 +737,11 @@ class OptimalVerifier(Verifier):
     def acceptance(self, target_probs, draft_probs, n, law):
         the_law = _check_law(law)
         fit, which = _fit_distinct(target_probs, draft_probs, n, the_law)
-        if fit.method == "rrs_without_replacement":
-            return RRSWithoutReplacement().acceptance(target_probs, draft_probs, n, the_law)
-        if not np.all(fit.certified):
-            return None
-        return fit.acceptance[which]
+        if fit.method in ("threshold", "orders"):
+            if not np.all(fit.certified):
+                return None
+            return fit.acceptance[which]
+        return FALLBACK[the_law.name].acceptance(target_probs, draft_probs, n, the_law)
 
     def fit(self, target_probs, draft_probs, n, law="iid") -> OptimalFit:
         return fit_optimal(target_probs, draft_probs, n, law)

@@ -1,0 +1,171 @@
+"""Random priority orders: a target mass vector as a mixture of "first drafted token" rules.
+
+Coverage function. For a draft law and a set A of tokens let f(A) = P(set(x) meets A)
+= 1 - Qall(V minus A). f is submodular and nondecreasing (a coverage probability).
+
+Priority-order rule. Fix a block G of tokens, the tokens B that take precedence over it (the rule
+for G is used only when set(x) misses B) and an order sigma of G. The rule accepts the drafted
+token of G that comes first in sigma. Its mass vector is the greedy vertex of the coverage
+function contracted by B:
+
+    v_{sigma_k} = f(B + sigma_{<=k}) - f(B + sigma_{<k})
+                = Qall(R + sigma_{>=k}) - Qall(R + sigma_{>k}),    R = V minus B minus G,
+
+exact, for any law whose Qall of the prefixes of a token order is known (``DraftLaw.qall_prefixes``
+on the order [R, sigma reversed, B]): one scan per vertex.
+
+Mixtures. Drawing sigma at random from a finite mixture (weights lambda_j) gives the mass vector
+sum_j lambda_j v(sigma_j). By Edmonds' theorem these mixtures reach exactly the base polytope
+{v >= 0 : v(A) <= f_B(A) for every A in G, v(G) = f_B(G)}, f_B(A) = f(B + A) - f(B). A target t
+in it is written as such a mixture by Wolfe's minimum-norm-point algorithm on ||v - t||^2 over the
+polytope: its linear oracle, min_v <x - t, v>, is the greedy vertex of the order by x - t
+increasing; the active vertices and their weights are the mixture. ``decompose`` returns them.
+The rule mass used downstream is sum_j lambda_j v_j recomputed from the kept vertices, so an
+imperfect decomposition changes how much is accepted, never what the caller believes the rule
+does.
+
+Shapes: q over the block's support; orders are int64 [J, |G|] (position -> index into G).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mdsd.laws import DraftLaw
+
+# Stop when every coordinate of the mixture is this close to the target (probability units).
+MATCH_TOLERANCE = 1e-14
+# Wolfe's optimality test <x - t, x - v> <= GAP_TOLERANCE * ||x - t|| * max ||v - t||: x is the
+# closest point of the polytope to t up to rounding.
+GAP_TOLERANCE = 1e-12
+# Vertices whose weight falls below this are dropped from the active set.
+WEIGHT_FLOOR = 1e-16
+
+
+@dataclass(frozen=True)
+class OrderMixture:
+    """A random priority order over a block: orders [J, G] (indices into the block, first =
+    highest priority), weights [J] (sum 1), mass [G] = sum_j weights_j * v(orders_j), and the
+    distance max |mass - target| left by the decomposition."""
+
+    orders: np.ndarray
+    weights: np.ndarray
+    mass: np.ndarray
+    residual: float
+    iterations: int
+
+
+def order_vertex(law: DraftLaw, q: np.ndarray, n: int, rest: np.ndarray, block: np.ndarray,
+                 before: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Mass vector of the priority-order rule sigma on ``block`` given that set(x) misses ``before``.
+
+    q: [K] draft probabilities of the support (sum 1); rest, block, before: disjoint int64 index
+    arrays covering 0..K-1 (R, G, B); sigma: [|G|] order of the block (indices into ``block``).
+    Returns v [|G|] indexed like ``block``: v_{sigma_k} = Qall(R + sigma_{>=k}) - Qall(R + sigma_{>k}).
+    """
+    g = block.size
+    tokens = np.concatenate([rest, block[sigma[::-1]], before])
+    qall = law.qall_prefixes(q[tokens][None, :], n, order=tokens)[0]  # [K + 1]
+    idx = rest.size + g - np.arange(g)  # prefix R + sigma_{>=k} has length |R| + |G| - k
+    v = np.empty(g)
+    v[sigma] = np.maximum(qall[idx] - qall[idx - 1], 0.0)
+    return v
+
+
+def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarray | None = None,
+              max_iter: int | None = None) -> OrderMixture:
+    """Wolfe's minimum-norm-point algorithm: write ``target`` as a mixture of order vertices.
+
+    vertex(sigma) -> v [G] is the mass vector of the order sigma; start is the first order tried.
+    Major cycle: with x the current mixture and g = x - t, the vertex of the order by g increasing
+    minimises <g, v>; if it cannot decrease ||x - t|| (Wolfe's test) x is optimal, else it joins
+    the active set. Minor cycle: move x to the affine minimiser of ||. - t|| over the active
+    vertices, or as far towards it as the weights stay >= 0, dropping the vertices that reach 0.
+    """
+    size = target.size
+    if size == 0:  # an empty block: one empty order
+        return OrderMixture(np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0), 0.0, 0)
+    max_iter = max_iter if max_iter is not None else 10 * size + 50
+    scale = np.ones(size) if scale is None else np.asarray(scale, dtype=np.float64)
+    mass_of = vertex
+    target = target / scale
+
+    def vertex(sigma):
+        return mass_of(sigma) / scale
+
+    orders = [np.asarray(start, dtype=np.int64)]
+    verts = [vertex(orders[0])]
+    weights = np.ones(1)
+    x = verts[0].copy()
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
+        g = x - target
+        if np.max(np.abs(g * scale), initial=0.0) <= MATCH_TOLERANCE:
+            break
+        sigma = np.argsort(g / scale, kind="stable")  # <g, v / scale> is smallest in this order
+        v = vertex(sigma)
+        spread = max(np.linalg.norm(v - target), np.linalg.norm(g))
+        if g @ (x - v) <= GAP_TOLERANCE * np.linalg.norm(g) * spread:
+            break
+        orders.append(sigma)
+        verts.append(v)
+        weights = np.append(weights, 0.0)
+        while True:  # minor cycle
+            shifted = np.stack(verts, axis=1) - target[:, None]  # [G, s]
+            alpha = _affine_minimiser(shifted)
+            if np.all(alpha > WEIGHT_FLOOR):
+                weights = alpha
+                break
+            # step from weights towards alpha until the first weight reaches 0
+            falling = alpha < weights
+            theta = np.min(weights[falling] / (weights[falling] - alpha[falling]), initial=1.0)
+            theta = min(max(theta, 0.0), 1.0)
+            weights = (1.0 - theta) * weights + theta * alpha
+            keep = weights > WEIGHT_FLOOR
+            if keep.all():  # rounding: drop the smallest so the cycle makes progress
+                keep[np.argmin(weights)] = False
+            orders = [o for o, k in zip(orders, keep) if k]
+            verts = [v for v, k in zip(verts, keep) if k]
+            weights = weights[keep] / weights[keep].sum()
+            if len(verts) == 1:
+                break
+        x = np.stack(verts, axis=1) @ weights
+    mass = (np.stack(verts, axis=1) @ weights) * scale
+    return OrderMixture(np.stack(orders), weights, mass,
+                        float(np.max(np.abs(mass - target * scale))), iterations)
+
+
+def _affine_minimiser(shifted: np.ndarray) -> np.ndarray:
+    """argmin ||S a|| over a with sum a = 1 (S = vertices - target, [G, s]), by least squares on
+    a = e_0 + (e_i - e_0) beta."""
+    if shifted.shape[1] == 1:
+        return np.ones(1)
+    base = shifted[:, 0]
+    beta, *_ = np.linalg.lstsq(shifted[:, 1:] - base[:, None], -base, rcond=None)
+    return np.concatenate([[1.0 - beta.sum()], beta])
+
+
+def first_in_order(ranks: np.ndarray, drafts: np.ndarray) -> np.ndarray:
+    """The draft that comes first in each order: ranks [J, V] (token -> position, large for tokens
+    outside the block), drafts [n] -> token ids [J]."""
+    return drafts[np.argmin(ranks[:, drafts], axis=1)]
+
+
+def mixture_mass_reference(law: DraftLaw, q: np.ndarray, n: int, block: np.ndarray,
+                           before: np.ndarray, orders: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Plain reference: the mixture's mass on the block by enumerating every draft tuple."""
+    tuples, probs = law.enumerate(q, n)
+    in_block = np.isin(np.arange(q.size), block)
+    in_before = np.isin(np.arange(q.size), before)
+    ranks = np.full((len(orders), q.size), q.size, dtype=np.int64)
+    for j, sigma in enumerate(orders):
+        ranks[j, block[sigma]] = np.arange(block.size)
+    mass = np.zeros(q.size)
+    for x, prob in zip(np.asarray(tuples), np.asarray(probs)):
+        if in_before[x].any() or not in_block[x].any():
+            continue
+        np.add.at(mass, first_in_order(ranks, x), prob * weights)
+    return mass[block]
