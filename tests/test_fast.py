@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import mdsd
-from mdsd._race import wor_qall_prefixes, wor_qall_prefixes_reference
+import mdsd._race as race
+from mdsd._race import tail_masses, wor_qall_prefixes, wor_qall_prefixes_reference, wor_qall_window
 from mdsd.acceptance import _enumerate_row
 from mdsd.bound import scan_order
 from mdsd.bound import scan_reference as bound_scan_reference
@@ -30,6 +31,7 @@ FINE_STEP = 0.15  # reference quadrature step: exact to ~1e-15 on these cases
 QALL_TOLERANCE = 1e-10  # the fast quadrature targets ~1e-11 (mdsd._race.FAST_TOLERANCE)
 ALPHA_TOLERANCE = 1e-9  # issue 4: exact to 1e-9 absolute
 CUDA = torch.cuda.is_available()
+KERNELS = ["numba", "torch"]  # the two CPU kernels of the fast race quadrature
 
 
 def llm_like_pair(rng, vocab, zipf=1.1, noise=0.7):
@@ -41,7 +43,7 @@ def llm_like_pair(rng, vocab, zipf=1.1, noise=0.7):
 
 
 def awkward_draft(rng, vocab, kind):
-    """q with ties, zeros or tiny masses."""
+    """q with ties, zeros, tiny masses, or one token holding all but ~1e-9."""
     q = rng.dirichlet(np.full(vocab, 0.5))
     if kind == "ties":
         q = np.round(q * 8) + 1.0
@@ -49,32 +51,80 @@ def awkward_draft(rng, vocab, kind):
         q[rng.choice(vocab, vocab // 3, replace=False)] = 0.0
     elif kind == "tiny":
         q[rng.choice(vocab, vocab // 3, replace=False)] = 1e-30
+    elif kind == "one_big":
+        q *= 1e-9 / q.sum()
+        q[rng.integers(vocab)] = 1.0 - 1e-9
     return q / q.sum()
 
 
 # -- race quadrature -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["plain", "ties", "zeros", "tiny"])
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16])
-def test_fast_qall_equals_reference(kind, n):
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", ["plain", "ties", "zeros", "tiny", "one_big"])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 8, 11, 16])
+def test_fast_qall_equals_reference(kind, n, kernel):
     rng = np.random.default_rng(100 * n + len(kind))
     for vocab in (n + 1, 7, 60, 400):
         q = awkward_draft(rng, vocab, kind)
         if np.count_nonzero(q) < n:
             continue
-        fast = wor_qall_prefixes(q[None, :], n)
+        fast = wor_qall_prefixes(q[None, :], n, kernel=kernel)
         slow = wor_qall_prefixes_reference(q[None, :], n, step=FINE_STEP)
         np.testing.assert_allclose(fast, slow, rtol=0, atol=QALL_TOLERANCE)
 
 
-def test_fast_qall_llm_like_large_vocabulary():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fast_qall_llm_like_large_vocabulary(kernel):
     rng = np.random.default_rng(7)
     _, q = llm_like_pair(rng, 3000)
     order = rng.permutation(3000)
-    fast = wor_qall_prefixes(q[None, order], 8)
+    fast = wor_qall_prefixes(q[None, order], 8, kernel=kernel)
     slow = wor_qall_prefixes_reference(q[None, order], 8, step=FINE_STEP)
     np.testing.assert_allclose(fast, slow, rtol=0, atol=QALL_TOLERANCE)
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 13])
+def test_race_kernels_agree_on_windows(n):
+    """numba and torch kernels on random windows k_lo..k_hi (incl. k_lo = 0, k_hi = V, one prefix):
+    the same nodes and step, so values agree far below the quadrature error, and so do the error
+    estimates; both equal the reference on the window."""
+    rng = np.random.default_rng(40 + n)
+    for i in range(8):
+        vocab = int(rng.choice([n + 2, 50, 700]))
+        if i % 2:
+            _, q = llm_like_pair(rng, vocab, noise=float(rng.choice([0.3, 2.0])))
+        else:
+            q = awkward_draft(rng, vocab, ["plain", "zeros", "tiny", "one_big"][i // 2])
+        if np.count_nonzero(q) < n:
+            continue
+        q = q[rng.permutation(vocab)]
+        tail = tail_masses(q[None, :])[0]
+        windows = [(0, vocab), (0, 0), (vocab, vocab), (vocab // 2, vocab // 2)]
+        windows += [tuple(sorted(rng.integers(0, vocab + 1, size=2))) for _ in range(3)]
+        slow = wor_qall_prefixes_reference(q[None, :], n, step=FINE_STEP)[0]
+        for k_lo, k_hi in windows:
+            k_lo, k_hi = int(k_lo), int(k_hi)
+            compiled, error_numba = wor_qall_window(q, tail, n, k_lo, k_hi, kernel="numba")
+            plain, error_torch = wor_qall_window(torch.from_numpy(q), torch.from_numpy(tail), n, k_lo,
+                                                 k_hi, kernel="torch")
+            assert compiled.shape == (k_hi - k_lo + 1,)
+            np.testing.assert_allclose(compiled, plain.numpy(), rtol=0, atol=1e-13)
+            np.testing.assert_allclose(compiled, slow[k_lo : k_hi + 1], rtol=0, atol=QALL_TOLERANCE)
+            # an estimate (a difference of two sums): the kernels drop different negligible terms
+            assert error_numba == pytest.approx(error_torch, rel=1e-3, abs=1e-14)
+
+
+def test_race_numba_kernel_tiny_masses_and_saturation():
+    """Many surely-arrived tokens (q t clamped) then tiny ones: nodes saturate and are dropped,
+    lower levels of the state underflow (flushed to 0), tiny q = 1e-30 still count."""
+    for n in (2, 8, 16):
+        q = np.concatenate([np.full(20, 0.04), np.full(200, 1e-30), np.full(100, 2e-3)])
+        q /= q.sum()
+        for kernel in KERNELS:
+            fast = wor_qall_prefixes(q[None, :], n, kernel=kernel)
+            slow = wor_qall_prefixes_reference(q[None, :], n, step=FINE_STEP)
+            np.testing.assert_allclose(fast, slow, rtol=0, atol=QALL_TOLERANCE)
 
 
 def test_fast_qall_torch_input_and_float32_promotion():
@@ -82,12 +132,27 @@ def test_fast_qall_torch_input_and_float32_promotion():
     q = rng.dirichlet(np.full(50, 0.4))
     from_numpy = wor_qall_prefixes(q[None, :], 4)
     from_torch = wor_qall_prefixes(torch.tensor(q[None, :]), 4)
+    assert isinstance(from_torch, torch.Tensor) and isinstance(from_numpy, np.ndarray)
     np.testing.assert_allclose(from_torch.numpy(), from_numpy, rtol=0, atol=1e-15)
     q32 = q.astype(np.float32)
-    promoted = wor_qall_prefixes(q32[None, :].astype(np.float64) / q32.astype(np.float64).sum(), 4)
     reference = wor_qall_prefixes_reference(q32[None, :].astype(np.float64)
                                             / q32.astype(np.float64).sum(), 4, step=FINE_STEP)
-    np.testing.assert_allclose(promoted, reference, rtol=0, atol=QALL_TOLERANCE)
+    for kernel in KERNELS:
+        promoted = wor_qall_prefixes(q32[None, :].astype(np.float64) / q32.astype(np.float64).sum(), 4,
+                                     kernel=kernel)
+        np.testing.assert_allclose(promoted, reference, rtol=0, atol=QALL_TOLERANCE)
+
+
+def test_race_kernel_choice():
+    q = np.array([0.5, 0.3, 0.2])
+    tail = tail_masses(q[None, :])[0]
+    with pytest.raises(ValueError, match="kernel"):
+        wor_qall_window(q, tail, 2, 0, 3, kernel="cython")
+    assert race.CPU_KERNEL == "numba" and race._numba_kernel() is not None  # numba is a dependency
+    # Qall of the first two tokens for sequential draws: 0.5 * 0.3/0.5 + 0.3 * 0.5/0.7
+    for kernel in KERNELS:
+        assert wor_qall_window(q, tail, 2, 2, 2, kernel=kernel)[0][0] == pytest.approx(
+            0.3 + 0.15 / 0.7, abs=1e-12)
 
 
 # -- the scan ------------------------------------------------------------------------------
@@ -98,8 +163,11 @@ def scan_reference(p, q, n, law):
     return bound_scan_reference(p, q, n, law, step=FINE_STEP)
 
 
-@pytest.mark.parametrize("law", ["iid", "without_replacement"])
-def test_fast_alpha_equals_plain_scan(law):
+@pytest.mark.parametrize("law,kernel", [("iid", None), ("without_replacement", "numba"),
+                                        ("without_replacement", "torch")])
+def test_fast_alpha_equals_plain_scan(law, kernel, monkeypatch):
+    if kernel:
+        monkeypatch.setattr(race, "CPU_KERNEL", kernel)
     rng = np.random.default_rng(11 if law == "iid" else 12)
     for i in range(24):
         vocab = int(rng.choice([3, 9, 40, 300]))
@@ -127,7 +195,9 @@ def test_fast_alpha_equals_plain_scan(law):
         assert value == pytest.approx(result.alpha, abs=ALPHA_TOLERANCE)
 
 
-def test_fast_alpha_llm_like_full_vocabulary():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fast_alpha_llm_like_full_vocabulary(kernel, monkeypatch):
+    monkeypatch.setattr(race, "CPU_KERNEL", kernel)
     rng = np.random.default_rng(21)
     p, q = llm_like_pair(rng, 2000)
     for n in (2, 8):
@@ -136,7 +206,23 @@ def test_fast_alpha_llm_like_full_vocabulary():
                                      abs=ALPHA_TOLERANCE)
 
 
-def test_alpha_float32_inputs_match_float64():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fast_alpha_when_pruning_fails(kernel, monkeypatch):
+    """p ~ q (alpha* ~ 1): the bounds prune nothing, every prefix is integrated."""
+    monkeypatch.setattr(race, "CPU_KERNEL", kernel)
+    rng = np.random.default_rng(22)
+    p, _ = llm_like_pair(rng, 1500)
+    near = p * np.exp(rng.normal(0, 1e-3, p.size))
+    for q in (p, near / near.sum()):
+        for n in (3, 8):
+            fast = mdsd.optimal_acceptance(p, q, n, "without_replacement")
+            assert fast == pytest.approx(scan_reference(p, q, n, "without_replacement"),
+                                         abs=ALPHA_TOLERANCE)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_alpha_float32_inputs_match_float64(kernel, monkeypatch):
+    monkeypatch.setattr(race, "CPU_KERNEL", kernel)
     rng = np.random.default_rng(5)
     p, q = llm_like_pair(rng, 500)
     p32, q32 = p.astype(np.float32), q.astype(np.float32)

@@ -33,6 +33,12 @@ Two implementations of the same quadrature:
     certified saturated (Chernoff bound) before the first prefix that needs them are never run.
     ``wor_qall_window`` evaluates a window of prefixes k_lo..k_hi only (the bound prunes the
     others) on the nodes that window needs (t <= RIGHT_CUT / min lambda).
+
+On CPU the fast path runs the compiled kernel of ``mdsd._race_numba`` by default: the same nodes,
+step, clamping and saturation rule, in one fused pass over the tokens with the nodes vectorised,
+in unscaled probability space (x_k[m] = x_{k-1}[m] (1 - a_k) + x_{k-1}[m-1] a_k: a convex
+combination, so no chunks, scaling or restarts). ``kernel="torch"`` (or ``CPU_KERNEL = "torch"``)
+selects the torch implementation above on CPU; CUDA tensors always use it.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ SPAN = 700.0  # growth allowed to the scaled state within one chunk (e^709 is fl
 CHUNK_TOKENS = 8192  # tokens per chunk at most, so a chunk's buffers stay in cache
 SATURATED = 1e-22  # a node with P(N <= n - 1) below this is dropped for the remaining prefixes
 RACE_CPU_THREADS = 1  # torch intra-op threads for the scan on CPU (None: leave torch's setting)
+CPU_KERNEL = "numba"  # kernel for CPU inputs when none is named: "numba" or "torch"
+KERNELS = ("numba", "torch")
 
 
 def race_nodes(min_rate: float, n: int, step: float = STEP) -> np.ndarray:
@@ -312,16 +320,86 @@ def _cpu_threads(device, threads):
         yield
 
 
-def wor_qall_window(q_row: torch.Tensor, tail: torch.Tensor, n: int, k_lo: int, k_hi: int,
-                    step: float | None = None):
+def wor_qall_window(q_row, tail, n: int, k_lo: int, k_hi: int, step: float | None = None, *,
+                    kernel: str | None = None):
     """Qall(H_k), k_lo <= k <= k_hi, for one row; returns (qall [K], error_estimate).
 
-    q_row: [V] float64 tensor in scan order; tail: [V + 1] its tail masses lambda_k.
+    q_row: [V] float64 (numpy array or torch tensor) in scan order; tail: [V + 1] its tail masses
+    lambda_k. qall has q_row's type (numpy or torch, same device).
     error_estimate: max_k |Qall_h - Qall_2h| (the same sum over every other node), an estimate of
     the error of the coarser rule; the returned values use step h and are far more accurate.
+    kernel: "numba" (compiled CPU kernel) or "torch"; default ``CPU_KERNEL`` for CPU inputs
+    (numba when it is installed), torch for CUDA tensors.
     """
-    with _cpu_threads(q_row.device, RACE_CPU_THREADS):
-        return _wor_qall_window(q_row, tail, n, k_lo, k_hi, step)
+    is_torch = isinstance(q_row, torch.Tensor)
+    if _use_numba(q_row, kernel):
+        q_np = q_row.numpy() if is_torch else q_row
+        tail_np = tail.numpy() if isinstance(tail, torch.Tensor) else tail
+        qall, error = _wor_qall_window_numba(q_np, tail_np, n, k_lo, k_hi, step)
+        return (torch.from_numpy(qall) if is_torch else qall), error
+    q_t = q_row if is_torch else torch.from_numpy(np.ascontiguousarray(q_row, dtype=np.float64))
+    tail_t = tail if isinstance(tail, torch.Tensor) else torch.from_numpy(np.asarray(tail))
+    with _cpu_threads(q_t.device, RACE_CPU_THREADS):
+        qall, error = _wor_qall_window(q_t, tail_t, n, k_lo, k_hi, step)
+    return (qall if is_torch else qall.cpu().numpy()), error
+
+
+def _use_numba(values, kernel) -> bool:
+    """True when the numba kernel is to run on ``values`` (numpy array or torch tensor)."""
+    if kernel is None:
+        kernel = CPU_KERNEL
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if isinstance(values, torch.Tensor) and values.device.type != "cpu":
+        return False
+    return kernel == "numba" and _numba_kernel() is not None
+
+
+def _numba_kernel():
+    """The module ``mdsd._race_numba``, or None when numba is not installed (imported lazily:
+    importing numba costs ~0.3 s)."""
+    global _NUMBA
+    if _NUMBA is False:
+        try:
+            from mdsd import _race_numba
+        except ImportError:  # pragma: no cover - numba is a dependency
+            _race_numba = None
+        _NUMBA = _race_numba
+    return _NUMBA
+
+
+_NUMBA = False  # not imported yet
+
+
+def _window_step(n: int, vocab: int, step: float | None) -> float:
+    """The fast path's trapezoid step: ``fast_step(n)``, finer for small vocabularies."""
+    if step is not None:
+        return step
+    # small problems are cheap: spend nodes on two more digits
+    return fast_step(n) * (SMALL_VOCAB_STEP if vocab <= SMALL_VOCAB else 1.0)
+
+
+def _wor_qall_window_numba(q_row: np.ndarray, tail: np.ndarray, n: int, k_lo: int, k_hi: int,
+                           step: float | None):
+    """``wor_qall_window`` on the numba kernel (numpy in, numpy out); same nodes as torch's."""
+    q_row = np.ascontiguousarray(q_row, dtype=np.float64)
+    lam = np.ascontiguousarray(tail[k_lo : k_hi + 1], dtype=np.float64)
+    if n == 1:  # one draft: Qall(H) = q(H)
+        prefix = np.concatenate([[0.0], np.cumsum(q_row[:k_hi])])
+        return np.minimum(prefix[k_lo : k_hi + 1], 1.0), 0.0
+    positive = lam[lam > 0]
+    if not positive.size:  # every prefix holds all the mass
+        return np.ones_like(lam), 0.0
+    min_rate = float(positive.min())
+    step = _window_step(n, q_row.size, step)
+    u = fast_nodes(min_rate, n, step)
+    # nodes with min_rate t > RIGHT_CUT carry no weight at any prefix of the window
+    u = u[: max(1, int(np.count_nonzero(np.exp(u) * min_rate <= RIGHT_CUT)))]
+    first_even = round(u[0] / step) % 2  # nodes j with j % 2 == first_even lie on the grid 2hZ
+    qall = np.empty(lam.size)
+    error = _numba_kernel().race_window(q_row, lam, np.exp(u), n, k_lo, k_hi, step, first_even,
+                                        CLAMP, SATURATED, RIGHT_CUT, qall)
+    return qall, float(error)
 
 
 def _wor_qall_window(q_row, tail, n, k_lo, k_hi, step):
@@ -332,8 +410,7 @@ def _wor_qall_window(q_row, tail, n, k_lo, k_hi, step):
     min_rate = float(torch.where(lam > 0, lam, torch.inf).min())
     if not math.isfinite(min_rate):  # every prefix holds all the mass
         return torch.ones_like(lam), 0.0
-    if step is None:  # small problems are cheap: spend nodes on two more digits
-        step = fast_step(n) * (SMALL_VOCAB_STEP if q_row.numel() <= SMALL_VOCAB else 1.0)
+    step = _window_step(n, q_row.numel(), step)
     u = torch.as_tensor(fast_nodes(min_rate, n, step), dtype=q_row.dtype,
                         device=q_row.device)
     t = torch.exp(u)
@@ -357,18 +434,19 @@ def _wor_qall_window(q_row, tail, n, k_lo, k_hi, step):
     return qall, error
 
 
-def wor_qall_prefixes(draft_probs_ordered, n: int, *, device=None):
+def wor_qall_prefixes(draft_probs_ordered, n: int, *, device=None, kernel: str | None = None):
     """Qall(H_k) for the prefixes H_k = first k tokens of the given order, k = 0..V (fast path).
 
     draft_probs_ordered: [B, V] float64 numpy array or torch tensor, q permuted into scan order.
     device: torch device for the computation (default: the tensor's, or CPU).
+    kernel: "numba" or "torch" on CPU (default ``CPU_KERNEL``); CUDA always runs torch.
     Returns [B, V + 1], numpy for numpy input, torch for torch input.
     """
     as_numpy = not isinstance(draft_probs_ordered, torch.Tensor)
     q = torch.as_tensor(np.asarray(draft_probs_ordered) if as_numpy else draft_probs_ordered)
     q = q.to(dtype=torch.float64, device=device)
     tail = tail_masses_torch(q)
-    out = torch.stack([wor_qall_window(q[b], tail[b], n, 0, q.shape[1])[0]
+    out = torch.stack([wor_qall_window(q[b], tail[b], n, 0, q.shape[1], kernel=kernel)[0]
                        for b in range(q.shape[0])])
     return out.cpu().numpy() if as_numpy else out
 

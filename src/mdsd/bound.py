@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mdsd._race import tail_masses_torch, wor_qall_prefixes_reference, wor_qall_window
+from mdsd._race import tail_masses, tail_masses_torch, wor_qall_prefixes_reference, wor_qall_window
 from mdsd._validate import as_probs, check_pair
 from mdsd.laws import complement_renormalised, get_law, top_tokens, top_tokens_reference
 
@@ -232,11 +232,14 @@ def _wor_objective(p_prefix: np.ndarray, q_sorted: np.ndarray, n: int, device=No
     best = float(np.min(p_prefix - qall_low))
     candidates = np.flatnonzero(lower <= best + CANDIDATE_SLACK)
     k_lo, k_hi = int(candidates[0]), int(candidates[-1])
-    q_row = torch.from_numpy(q_sorted).to(device)
-    tail = tail_masses_torch(q_row[None, :])[0]
-    qall, error = wor_qall_window(q_row, tail, n, k_lo, k_hi)
+    if device is None or torch.device(device).type == "cpu":  # numpy in: the numba kernel by default
+        qall, error = wor_qall_window(q_sorted, tail_masses(q_sorted[None, :])[0], n, k_lo, k_hi)
+    else:
+        q_row = torch.from_numpy(q_sorted).to(device)
+        qall, error = wor_qall_window(q_row, tail_masses_torch(q_row[None, :])[0], n, k_lo, k_hi)
+        qall = qall.cpu().numpy()
     objective = np.full(vocab + 1, np.inf)
-    objective[k_lo : k_hi + 1] = p_prefix[k_lo : k_hi + 1] - qall.cpu().numpy()
+    objective[k_lo : k_hi + 1] = p_prefix[k_lo : k_hi + 1] - qall
     return objective, error
 
 

@@ -1,0 +1,187 @@
+"""Compiled CPU kernel (numba) for the exponential-race quadrature of ``mdsd._race``.
+
+The same quadrature as ``mdsd._race.wor_qall_window`` (same nodes t_j = e^{u_j}, same step h,
+same clamping and saturation rules), evaluated in one fused pass over the tokens with the nodes in
+the inner, vectorised loop, in unscaled probability space. For node t write, for token i,
+
+    s_i = e^{-q_i t}  (token i has not arrived by t),   a_i = 1 - s_i = -expm1(-q_i t).
+
+The probabilities x_k[m] = P(N_{H_k}(t) = m), m < n, obey
+
+    x_k[m] = x_{k-1}[m] s_k + x_{k-1}[m-1] a_k,     x_k[0] = x_{k-1}[0] s_k,
+
+a convex combination: every term is non-negative and every x lies in [0, 1], so nothing overflows
+and no scaling or restart is needed (the scaled form of ``mdsd._race`` needs both). The n-th
+arrival happens at token k with probability a_k x_{k-1}[n-1], so
+
+    F_k = P(N_{H_k}(t) >= n) = F_{k-1} + a_k x_{k-1}[n-1],
+
+a sum of non-negative terms (full relative accuracy when F is small). Then, at every prefix k of
+the window k_lo..k_hi with tail mass lambda_k > 0,
+
+    Qall(H_k) = h sum_j lambda_k t_j e^{-lambda_k t_j} F_k(t_j),
+
+over the nodes with lambda_k t_j <= RIGHT_CUT (the others carry weight < RIGHT_CUT e^{-RIGHT_CUT}
+each, and they decay double-exponentially in j). The error estimate is |Qall_h - Qall_2h| with
+Qall_2h the same sum over the nodes on the grid 2hZ, times 2h.
+
+Numerics, as in ``mdsd._race``: (1) q_i t is clamped at CLAMP (each clamp moves the law of N by at
+most 2 e^{-CLAMP} in total variation; it also keeps every product away from subnormals);
+(2) s and a are computed by one range-reduced polynomial with full relative accuracy for both
+(a = -expm1(-q t) directly when q t < ln 2 / 2, where 1 - s would cancel); (3) the nodes are in
+increasing t and P(N_{H_k}(t) <= n-1) is non-increasing in k and in t (each a_i grows with t), so
+the saturated nodes (P(N <= n-1) < SATURATED) form a suffix of the node list: the top node is
+dropped while its sum is below SATURATED, with F = 1 from then on; (4) state entries below TINY are
+set to 0 (a change < 1e-290 each) so that no arithmetic runs on subnormals.
+
+``exp`` here is a vectorisable e^{-x} for x in [0, CLAMP] (Cody-Waite reduction x = k ln 2 - r,
+degree-13 Taylor polynomial for expm1(r) on |r| <= ln 2 / 2, truncation error < 5e-18 relative,
+2^k assembled from its bits): libm's exp is a call LLVM cannot vectorise.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+INV_LN2 = 1.4426950408889634
+LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that k * LN2_HI is exact for |k| < 2^20
+LN2_LO = 1.90821492927058770002e-10
+# 1 / k!, k = 2..13: expm1(r) = r + r^2 (C2 + r (C3 + ...))
+C2, C3, C4, C5 = 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120
+C6, C7, C8, C9 = 1.0 / 720, 1.0 / 5040, 1.0 / 40320, 1.0 / 362880
+C10, C11, C12, C13 = 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800
+TINY = 1e-290  # state entries below this are set to 0 (no subnormal arithmetic; change < 1e-290)
+LANES = 8  # node arrays are padded to a multiple of this (one AVX-512 register of float64)
+
+
+@intrinsic
+def _bits_to_float(typingctx, bits):
+    """Reinterpret an int64 as a float64 (a free bitcast, vectorisable)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, fastmath=False, inline="always")
+def _exp_neg(x):
+    """(e^{-x}, 1 - e^{-x}) for 0 <= x <= 700, each to ~1 ulp relative."""
+    y = -x
+    k = np.floor(y * INV_LN2 + 0.5)  # y = k ln 2 + r, |r| <= ln 2 / 2 (k <= 0)
+    r = (y - k * LN2_HI) - k * LN2_LO
+    p = C12 + r * C13
+    p = C11 + r * p
+    p = C10 + r * p
+    p = C9 + r * p
+    p = C8 + r * p
+    p = C7 + r * p
+    p = C6 + r * p
+    p = C5 + r * p
+    p = C4 + r * p
+    p = C3 + r * p
+    p = C2 + r * p
+    em1 = r + (r * r) * p  # expm1(r)
+    scale = _bits_to_float((np.int64(k) + 1023) << 52)  # 2^k
+    s = scale * (1.0 + em1)
+    a = -em1 if k == 0.0 else 1.0 - s  # k = 0: r = y exactly, no cancellation
+    return s, a
+
+
+@numba.njit(cache=True, fastmath=False)
+def race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, out):
+    """Qall_h(H_k) into out[k - k_lo], k = k_lo..k_hi; returns max_k |Qall_h - Qall_2h|.
+
+    q: [V] float64 in scan order; lam: [k_hi - k_lo + 1] tail masses lambda_k (non-increasing);
+    t: [J] nodes, increasing; first_even: index parity (0 or 1) of the nodes on the grid 2hZ.
+    Prefixes with lambda_k = 0 get 1 and no error.
+    """
+    num = t.size
+    width = (num + LANES - 1) // LANES * LANES
+    tt = np.zeros(width)
+    tt[:num] = t
+    x = np.zeros((n, width))  # x[m, j] = P(N = m) at node j, m < n
+    x[0, :] = 1.0
+    arrived = np.zeros(width)  # F = P(N >= n)
+    s = np.empty(width)
+    a = np.empty(width)
+    term = np.zeros(width)
+    acc = np.zeros(LANES)
+    active = num  # nodes 0..active-1 are scanned; the others are saturated (F = 1)
+    cut = 0  # nodes 0..cut-1 have lambda_k t_j <= right_cut at the current prefix
+    error = 0.0
+    for k in range(k_hi + 1):
+        if k >= k_lo:  # output prefix k
+            lam_k = lam[k - k_lo]
+            if lam_k <= 0.0:
+                out[k - k_lo] = 1.0
+            else:
+                while cut < num and lam_k * tt[cut] <= right_cut:
+                    cut += 1
+                for j in range(cut):
+                    lt = lam_k * tt[j]
+                    e, _ = _exp_neg(lt)
+                    term[j] = lt * e * arrived[j]
+                for j in range(cut, (cut + LANES - 1) // LANES * LANES):
+                    term[j] = 0.0
+                for lane in range(LANES):
+                    acc[lane] = 0.0
+                for j0 in range(0, cut, LANES):
+                    for lane in range(LANES):
+                        acc[lane] += term[j0 + lane]
+                total = 0.0
+                coarse = 0.0
+                for lane in range(LANES):
+                    total += acc[lane]
+                    if lane % 2 == first_even:
+                        coarse += acc[lane]
+                fine = step * total
+                error = max(error, abs(fine - 2.0 * step * coarse))
+                out[k - k_lo] = min(fine, 1.0)
+        if k == k_hi:
+            break
+        qk = q[k]
+        if qk == 0.0 or active == 0:
+            continue
+        for j in range(active):  # s = e^{-q_k t}, a = 1 - s (q_k t clamped)
+            s[j], a[j] = _exp_neg(min(qk * tt[j], clamp))
+        # levels m = n-1 .. 1 in place, F folded into the top level's loop and x[0] into level 1's
+        # (separate short loops for them measured ~2x slower)
+        for m in range(n - 1, 0, -1):
+            upper, lower = x[m], x[m - 1]
+            if m == n - 1 and m == 1:
+                for j in range(active):
+                    arrived[j] += a[j] * upper[j]
+                    value = upper[j] * s[j] + lower[j] * a[j]
+                    upper[j] = value if value >= TINY else 0.0
+                    low = lower[j] * s[j]
+                    lower[j] = low if low >= TINY else 0.0
+            elif m == n - 1:
+                for j in range(active):
+                    arrived[j] += a[j] * upper[j]
+                    value = upper[j] * s[j] + lower[j] * a[j]
+                    upper[j] = value if value >= TINY else 0.0
+            elif m == 1:
+                for j in range(active):
+                    value = upper[j] * s[j] + lower[j] * a[j]
+                    upper[j] = value if value >= TINY else 0.0
+                    low = lower[j] * s[j]
+                    lower[j] = low if low >= TINY else 0.0
+            else:
+                for j in range(active):
+                    value = upper[j] * s[j] + lower[j] * a[j]
+                    upper[j] = value if value >= TINY else 0.0
+        while active > 0:  # drop the top node while saturated
+            below = 0.0
+            for m in range(n):
+                below += x[m, active - 1]
+            if below >= saturated:
+                break
+            active -= 1
+            arrived[active] = 1.0
+    return error
