@@ -55,6 +55,7 @@ C2, C3, C4, C5 = 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120
 C6, C7, C8, C9 = 1.0 / 720, 1.0 / 5040, 1.0 / 40320, 1.0 / 362880
 C10, C11, C12, C13 = 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800
 TINY = 1e-290  # state entries below this are set to 0 (no subnormal arithmetic; change < 1e-290)
+SEGMENT = 64  # tokens per call of the scan (F is recorded after each of them for the outputs)
 LANES = 8  # node arrays are padded to a multiple of this (one AVX-512 register of float64)
 
 
@@ -98,84 +99,41 @@ def race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, ri
     """Qall_h(H_k) into out[k - k_lo], k = k_lo..k_hi; returns max_k |Qall_h - Qall_2h|.
 
     q: [V] float64 in scan order; lam: [k_hi - k_lo + 1] tail masses lambda_k (non-increasing);
-    t: [J] nodes, increasing; first_even: index parity (0 or 1) of the nodes on the grid 2hZ.
-    Prefixes with lambda_k = 0 get 1 and no error.
+    t: [J] nodes, increasing; first_even: index parity (0 or 1) of the nodes on the grid 2hZ;
+    n >= 2. Prefixes with lambda_k = 0 get 1 and no error.
     """
     num = t.size
     width = (num + LANES - 1) // LANES * LANES
-    tt = np.zeros(width)
+    tt = np.zeros(width)  # padding nodes t = 0: s = 1, a = 0
     tt[:num] = t
     x = np.zeros((n, width))  # x[m, j] = P(N = m) at node j, m < n
     x[0, :] = 1.0
     arrived = np.zeros(width)  # F = P(N >= n)
     s = np.empty(width)
     a = np.empty(width)
+    record = np.empty((SEGMENT, width))  # F after each token of a segment
     term = np.zeros(width)
     acc = np.zeros(LANES)
     active = num  # nodes 0..active-1 are scanned; the others are saturated (F = 1)
     cut = 0  # nodes 0..cut-1 have lambda_k t_j <= right_cut at the current prefix
     error = 0.0
-    for k in range(k_hi + 1):
-        if k >= k_lo:  # output prefix k
-            lam_k = lam[k - k_lo]
-            if lam_k <= 0.0:
-                out[k - k_lo] = 1.0
-            else:
-                while cut < num and lam_k * tt[cut] <= right_cut:
-                    cut += 1
-                for j in range(cut):
-                    lt = lam_k * tt[j]
-                    e, _ = _exp_neg(lt)
-                    term[j] = lt * e * arrived[j]
-                for j in range(cut, (cut + LANES - 1) // LANES * LANES):
-                    term[j] = 0.0
-                for lane in range(LANES):
-                    acc[lane] = 0.0
-                for j0 in range(0, cut, LANES):
-                    for lane in range(LANES):
-                        acc[lane] += term[j0 + lane]
-                total = 0.0
-                coarse = 0.0
-                for lane in range(LANES):
-                    total += acc[lane]
-                    if lane % 2 == first_even:
-                        coarse += acc[lane]
-                fine = step * total
-                error = max(error, abs(fine - 2.0 * step * coarse))
-                out[k - k_lo] = min(fine, 1.0)
-        if k == k_hi:
-            break
-        qk = q[k]
-        if qk == 0.0 or active == 0:
-            continue
-        for j in range(active):  # s = e^{-q_k t}, a = 1 - s (q_k t clamped)
-            s[j], a[j] = _exp_neg(min(qk * tt[j], clamp))
-        # levels m = n-1 .. 1 in place, F folded into the top level's loop and x[0] into level 1's
-        # (separate short loops for them measured ~2x slower)
-        for m in range(n - 1, 0, -1):
-            upper, lower = x[m], x[m - 1]
-            if m == n - 1 and m == 1:
-                for j in range(active):
-                    arrived[j] += a[j] * upper[j]
-                    value = upper[j] * s[j] + lower[j] * a[j]
-                    upper[j] = value if value >= TINY else 0.0
-                    low = lower[j] * s[j]
-                    lower[j] = low if low >= TINY else 0.0
-            elif m == n - 1:
-                for j in range(active):
-                    arrived[j] += a[j] * upper[j]
-                    value = upper[j] * s[j] + lower[j] * a[j]
-                    upper[j] = value if value >= TINY else 0.0
-            elif m == 1:
-                for j in range(active):
-                    value = upper[j] * s[j] + lower[j] * a[j]
-                    upper[j] = value if value >= TINY else 0.0
-                    low = lower[j] * s[j]
-                    lower[j] = low if low >= TINY else 0.0
-            else:
-                for j in range(active):
-                    value = upper[j] * s[j] + lower[j] * a[j]
-                    upper[j] = value if value >= TINY else 0.0
+    if k_lo == 0:  # the empty prefix: nothing has arrived
+        cut, error = _output(lam[0], tt, num, arrived, step, first_even, right_cut, cut, error,
+                             term, acc, out, 0)
+    start = 0
+    while start < k_hi:
+        end = min(start + SEGMENT, k_hi)
+        if start < k_lo:  # segments before the window end at prefix k_lo
+            end = min(end, k_lo)
+        keep = end >= k_lo
+        # whole groups of LANES nodes (no scalar remainder loop; saturated nodes keep F = 1:
+        # their increments a x[n-1] < SATURATED vanish against 1)
+        scanned = (active + LANES - 1) // LANES * LANES
+        _scan_segment(q, start, end, tt, x, arrived, s, a, n, scanned, clamp, record, keep)
+        if keep:
+            for k in range(max(start + 1, k_lo), end + 1):
+                cut, error = _output(lam[k - k_lo], tt, num, record[k - start - 1], step, first_even,
+                                     right_cut, cut, error, term, acc, out, k - k_lo)
         while active > 0:  # drop the top node while saturated
             below = 0.0
             for m in range(n):
@@ -184,4 +142,87 @@ def race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, ri
                 break
             active -= 1
             arrived[active] = 1.0
+        start = end
     return error
+
+
+@numba.njit(cache=True, fastmath=False)
+def _scan_segment(q, start, end, tt, x, arrived, s, a, n, active, clamp, record, keep):
+    """Advance the state of nodes 0..active-1 over tokens start..end-1; with keep, record[i] = F
+    after token start + i (every node: the saturated ones hold 1).
+
+    A separate function with ``active`` fixed over the segment: with a trip count that changes
+    inside the token loop the compiled level loops ran ~5x slower.
+    """
+    for k in range(start, end):
+        qk = q[k]
+        if qk > 0.0:  # q_k = 0: s = 1, a = 0, nothing changes
+            # levels m = n-1 .. 1 in place; s = e^{-q_k t}, a = 1 - s (q_k t clamped) and F in the
+            # top level's loop, x[0] in level 1's (separate short loops measured 2-3x slower)
+            for m in range(n - 1, 0, -1):
+                upper, lower = x[m], x[m - 1]
+                if m == n - 1 and m == 1:
+                    for j in range(active):
+                        sj, aj = _exp_neg(min(qk * tt[j], clamp))
+                        arrived[j] += aj * upper[j]  # F_k = F_{k-1} + a_k x_{k-1}[n-1]
+                        value = upper[j] * sj + lower[j] * aj
+                        upper[j] = value if value >= TINY else 0.0
+                        low = lower[j] * sj
+                        lower[j] = low if low >= TINY else 0.0
+                elif m == n - 1:
+                    for j in range(active):
+                        sj, aj = _exp_neg(min(qk * tt[j], clamp))
+                        s[j] = sj
+                        a[j] = aj
+                        arrived[j] += aj * upper[j]
+                        value = upper[j] * sj + lower[j] * aj
+                        upper[j] = value if value >= TINY else 0.0
+                elif m == 1:
+                    for j in range(active):
+                        value = upper[j] * s[j] + lower[j] * a[j]
+                        upper[j] = value if value >= TINY else 0.0
+                        low = lower[j] * s[j]
+                        lower[j] = low if low >= TINY else 0.0
+                else:
+                    for j in range(active):
+                        value = upper[j] * s[j] + lower[j] * a[j]
+                        upper[j] = value if value >= TINY else 0.0
+        if keep:
+            row = record[k - start]
+            for j in range(arrived.size):
+                row[j] = arrived[j]
+
+
+@numba.njit(cache=True, fastmath=False)
+def _output(lam_k, tt, num, arrived, step, first_even, right_cut, cut, error, term, acc, out, i):
+    """out[i] = Qall_h at a prefix with tail mass lam_k and F = arrived; returns (cut, error).
+
+    Sums h lambda t_j e^{-lambda t_j} F(t_j) over the nodes with lambda t_j <= right_cut (``cut``
+    of them, non-decreasing along the window since lambda is non-increasing) in LANES partial
+    sums (fixed order); the lanes of index parity first_even hold the nodes of the grid 2hZ.
+    """
+    if lam_k <= 0.0:
+        out[i] = 1.0
+        return cut, error
+    while cut < num and lam_k * tt[cut] <= right_cut:
+        cut += 1
+    for j in range(cut):
+        lt = lam_k * tt[j]
+        e, _ = _exp_neg(lt)
+        term[j] = lt * e * arrived[j]
+    for j in range(cut, (cut + LANES - 1) // LANES * LANES):
+        term[j] = 0.0
+    for lane in range(LANES):
+        acc[lane] = 0.0
+    for j0 in range(0, cut, LANES):
+        for lane in range(LANES):
+            acc[lane] += term[j0 + lane]
+    total = 0.0
+    coarse = 0.0
+    for lane in range(LANES):
+        total += acc[lane]
+        if lane % 2 == first_even:
+            coarse += acc[lane]
+    fine = step * total
+    out[i] = min(fine, 1.0)
+    return cut, max(error, abs(fine - 2.0 * step * coarse))
