@@ -36,11 +36,12 @@ pair split replaces it and is exactly q-proportional (``_pair_split``), so n <= 
 random *priority orders* instead of groups (method ``orders``, module ``priority_orders``): when
 set(x) meets L = U_{m*} it accepts the drafted L-token that comes first in an order of L drawn from
 a mixture, else the drafted token first in an order of H*. Each order's mass vector is a greedy
-vertex of the coverage function (one Qall scan); Wolfe's minimum-norm-point algorithm writes the
-targets min(p, c q) on L and max(p, mu q) on H* (both lie in the coverage polytopes) as mixtures
-of at most |L| and |H*| orders. Supports above ``MAX_ORDER_SUPPORT`` fall back, with a warning,
-to an exact verifier of the law (``rrs_without_replacement``; ``sample_check`` for
-conditional_poisson). See docs/optimal.md.
+vertex of the coverage function (one Qall scan); Wolfe's minimum-norm-point algorithm finds the
+point of each block's coverage polytope closest to p, as a mixture of at most |L| and |H*| + 1
+orders; by the optimality of H* that point is <= p on L and >= p on H* (Fujishige's theorem on
+minimum-norm bases), so the capped rule accepts alpha*. Supports above ``MAX_ORDER_SUPPORT`` fall
+back, with a warning, to an exact verifier of the law (``rrs_without_replacement``;
+``sample_check`` for conditional_poisson). See docs/optimal.md.
 
 Shapes: target_probs p and draft_probs q are float64 [B, V]; drafts int64 [B, n] in draw order.
 """
@@ -77,7 +78,7 @@ STAIR_RATIO = 1.5
 STAIR_SHARES = (1.0, 0.5)
 # Largest support (tokens with q > 0) for which the ``orders`` fit runs: it costs about one Qall
 # scan of the support per token of the support (Wolfe's iterations), plus small least squares.
-MAX_ORDER_SUPPORT = 128
+MAX_ORDER_SUPPORT = 256
 
 
 @dataclass(frozen=True)
@@ -275,9 +276,13 @@ def _fit_orders(p, q, n, law) -> OptimalFit:
 def _orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
     """One position: (order [K], split m*, m in order [K], alpha*, [(block, OrderMixture) x 2]).
 
-    Targets as for the thresholds: t = min(s, c) q on L = positions < m* (sum Phi_m*) and
-    t = max(s, mu) q on H* (sum 1 - Phi_m*). L's orders are rules on the draw sets that meet L;
-    H*'s are rules on the draw sets inside H* (contracted by L).
+    L = positions < m* (their rule runs when set(x) meets L), H* = the rest (rule on the draw
+    sets inside H*, i.e. f contracted by L). Each block's mixture is the point of its coverage
+    polytope closest to p (Wolfe). That point is <= p on L and >= p on H*: by the optimality of
+    H*, g(A) = f(A) - p(A) is minimised over A in L by L itself, and f(L + B) - f(L) - p(B) over
+    B in H* by the empty set, and the minimum-norm base z of a submodular g has {z < 0} = the
+    smallest and {z <= 0} = the largest minimiser of g (Fujishige). So the capped rule accepts
+    f(L) on L and p on H*: alpha*.
     """
     order = np.flatnonzero(q > 0)
     order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
@@ -288,8 +293,6 @@ def _orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
     gap = phi - np.concatenate([[0.0], np.cumsum(ps)])
     split = k - int(np.argmin(gap[::-1]))
     alpha_star = min(1.0, max(0.0, 1.0 - (1.0 - ps.sum()) + gap[split]))
-    target, _ = _target_curve(ps, qs, phi, split)
-    t = np.diff(target)
     low, high, none = np.arange(split), np.arange(split, k), np.arange(0)
     mass = np.zeros(k)
     blocks = []
@@ -297,7 +300,8 @@ def _orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
         def vertex(sigma, block=block, before=before, rest=rest):
             return order_vertex(law, qs_law, n, rest, block, before, sigma)
 
-        mix = decompose(vertex, t[block], np.arange(block.size))
+        # start from the order by p/q (the scan order): on L its vertex is often the answer
+        mix = decompose(vertex, ps[block], np.arange(block.size))
         mass[block] = mix.mass
         blocks.append((block, mix))
     return order, split, mass, alpha_star, blocks

@@ -18,8 +18,9 @@ Mixtures. Drawing sigma at random from a finite mixture (weights lambda_j) gives
 sum_j lambda_j v(sigma_j). By Edmonds' theorem these mixtures reach exactly the base polytope
 {v >= 0 : v(A) <= f_B(A) for every A in G, v(G) = f_B(G)}, f_B(A) = f(B + A) - f(B). A target t
 in it is written as such a mixture by Wolfe's minimum-norm-point algorithm on ||v - t||^2 over the
-polytope: its linear oracle, min_v <x - t, v>, is the greedy vertex of the order by x - t
-increasing; the active vertices and their weights are the mixture. ``decompose`` returns them.
+polytope (for t outside it: the closest point): its linear oracle, min_v <x - t, v>, is the greedy
+vertex of the order by x - t increasing; the active vertices and their weights are the mixture.
+``decompose`` returns them.
 The rule mass used downstream is sum_j lambda_j v_j recomputed from the kept vertices, so an
 imperfect decomposition changes how much is accepted, never what the caller believes the rule
 does.
@@ -74,8 +75,8 @@ def order_vertex(law: DraftLaw, q: np.ndarray, n: int, rest: np.ndarray, block: 
     return v
 
 
-def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarray | None = None,
-              max_iter: int | None = None) -> OrderMixture:
+def decompose(vertex, target: np.ndarray, start: np.ndarray, *, max_iter: int | None = None
+              ) -> OrderMixture:
     """Wolfe's minimum-norm-point algorithm: write ``target`` as a mixture of order vertices.
 
     vertex(sigma) -> v [G] is the mass vector of the order sigma; start is the first order tried.
@@ -88,34 +89,28 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarra
     if size == 0:  # an empty block: one empty order
         return OrderMixture(np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0), 0.0, 0)
     max_iter = max_iter if max_iter is not None else 10 * size + 50
-    scale = np.ones(size) if scale is None else np.asarray(scale, dtype=np.float64)
-    mass_of = vertex
-    target = target / scale
-
-    def vertex(sigma):
-        return mass_of(sigma) / scale
-
     orders = [np.asarray(start, dtype=np.int64)]
-    verts = [vertex(orders[0])]
+    shifted = (vertex(orders[0]) - target)[None, :]  # [s, G]: active vertices minus the target
+    gram = shifted @ shifted.T  # [s, s], kept up to date as vertices come and go
     weights = np.ones(1)
-    x = verts[0].copy()
+    g = shifted[0].copy()  # x - t
     iterations = 0
     while iterations < max_iter:
         iterations += 1
-        g = x - target
-        if np.max(np.abs(g * scale), initial=0.0) <= MATCH_TOLERANCE:
+        if np.max(np.abs(g), initial=0.0) <= MATCH_TOLERANCE:
             break
-        sigma = np.argsort(g / scale, kind="stable")  # <g, v / scale> is smallest in this order
-        v = vertex(sigma)
-        spread = max(np.linalg.norm(v - target), np.linalg.norm(g))
-        if g @ (x - v) <= GAP_TOLERANCE * np.linalg.norm(g) * spread:
-            break
+        sigma = np.argsort(g, kind="stable")  # the greedy vertex of this order minimises <g, v>
+        c = vertex(sigma) - target
+        spread = max(np.linalg.norm(c), np.linalg.norm(g))
+        if g @ (g - c) <= GAP_TOLERANCE * np.linalg.norm(g) * spread:
+            break  # Wolfe's test: no vertex gets closer to t than x
         orders.append(sigma)
-        verts.append(v)
+        row = shifted @ c
+        shifted = np.vstack([shifted, c])
+        gram = np.block([[gram, row[:, None]], [row[None, :], np.array([[c @ c]])]])
         weights = np.append(weights, 0.0)
         while True:  # minor cycle
-            shifted = np.stack(verts, axis=1) - target[:, None]  # [G, s]
-            alpha = _affine_minimiser(shifted)
+            alpha = _affine_minimiser(gram)
             if np.all(alpha > WEIGHT_FLOOR):
                 weights = alpha
                 break
@@ -128,24 +123,35 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarra
             if keep.all():  # rounding: drop the smallest so the cycle makes progress
                 keep[np.argmin(weights)] = False
             orders = [o for o, k in zip(orders, keep) if k]
-            verts = [v for v, k in zip(verts, keep) if k]
+            shifted, gram = shifted[keep], gram[np.ix_(keep, keep)]
             weights = weights[keep] / weights[keep].sum()
-            if len(verts) == 1:
+            if weights.size == 1:
                 break
-        x = np.stack(verts, axis=1) @ weights
-    mass = (np.stack(verts, axis=1) @ weights) * scale
-    return OrderMixture(np.stack(orders), weights, mass,
-                        float(np.max(np.abs(mass - target * scale))), iterations)
+        g = weights @ shifted
+    mass = weights @ shifted + target
+    return OrderMixture(np.stack(orders), weights, mass, float(np.max(np.abs(mass - target))),
+                        iterations)
 
 
-def _affine_minimiser(shifted: np.ndarray) -> np.ndarray:
-    """argmin ||S a|| over a with sum a = 1 (S = vertices - target, [G, s]), by least squares on
-    a = e_0 + (e_i - e_0) beta."""
-    if shifted.shape[1] == 1:
+def _affine_minimiser(gram: np.ndarray) -> np.ndarray:
+    """argmin ||S^T a|| over a with sum a = 1, from the Gram matrix S S^T [s, s]: the KKT system
+    [[G, 1], [1^T, 0]] [a; mu] = [0; 1] (least squares where it is singular)."""
+    size = gram.shape[0]
+    if size == 1:
         return np.ones(1)
-    base = shifted[:, 0]
-    beta, *_ = np.linalg.lstsq(shifted[:, 1:] - base[:, None], -base, rcond=None)
-    return np.concatenate([[1.0 - beta.sum()], beta])
+    kkt = np.ones((size + 1, size + 1))
+    kkt[:size, :size] = gram
+    kkt[size, size] = 0.0
+    rhs = np.zeros(size + 1)
+    rhs[size] = 1.0
+    try:
+        solution = np.linalg.solve(kkt, rhs)
+    except np.linalg.LinAlgError:
+        solution = None
+    if solution is None or not np.all(np.isfinite(solution)):
+        solution = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+    alpha = solution[:size]
+    return alpha / alpha.sum()
 
 
 def first_in_order(ranks: np.ndarray, drafts: np.ndarray) -> np.ndarray:
