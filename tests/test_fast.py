@@ -115,7 +115,7 @@ def test_race_kernels_agree_on_windows(n):
             assert error_numba == pytest.approx(error_torch, rel=1e-3, abs=1e-14)
 
 
-def test_race_numba_kernel_tiny_masses_and_saturation():
+def test_racenumba_kernel_tiny_masses_and_saturation():
     """Many surely-arrived tokens (q t clamped) then tiny ones: nodes saturate and are dropped,
     lower levels of the state underflow (flushed to 0), tiny q = 1e-30 still count."""
     for n in (2, 8, 16):
@@ -148,7 +148,7 @@ def test_race_kernel_choice():
     tail = tail_masses(q[None, :])[0]
     with pytest.raises(ValueError, match="kernel"):
         wor_qall_window(q, tail, 2, 0, 3, kernel="cython")
-    assert race.CPU_KERNEL == "numba" and race._numba_kernel() is not None  # numba is a dependency
+    assert race.CPU_KERNEL == "numba" and race.numba_kernel() is not None  # numba is a dependency
     # Qall of the first two tokens for sequential draws: 0.5 * 0.3/0.5 + 0.3 * 0.5/0.7
     for kernel in KERNELS:
         assert wor_qall_window(q, tail, 2, 2, 2, kernel=kernel)[0][0] == pytest.approx(
@@ -218,6 +218,29 @@ def test_fast_alpha_when_pruning_fails(kernel, monkeypatch):
             fast = mdsd.optimal_acceptance(p, q, n, "without_replacement")
             assert fast == pytest.approx(scan_reference(p, q, n, "without_replacement"),
                                          abs=ALPHA_TOLERANCE)
+
+
+def test_candidate_window_compiled_equals_numpy():
+    """The pruning bounds of without_replacement alpha*: numba's fused pass = the numpy version."""
+    from mdsd.bound import _candidate_window, prefix_sums
+
+    compiled = race.numba_kernel()
+    rng = np.random.default_rng(23)
+    for i in range(40):
+        vocab, n = int(rng.choice([4, 30, 500, 4000])), int(rng.integers(1, 17))
+        p, q = llm_like_pair(rng, vocab) if i % 2 else random_pair(rng, vocab, zero_p=i % 3 == 0)
+        if i % 5 == 0:
+            q = p.copy()
+        if np.count_nonzero(q) < n:
+            continue
+        order = scan_order(p, q)
+        p_prefix, q_sorted = prefix_sums(p[order]), q[order]
+        top = -np.sort(-q_sorted)[:n]
+        top_mass = np.concatenate([[0.0], np.cumsum(top)])[:n]
+        rest_mass = np.array([q_sorted.sum() - m for m in top_mass])
+        expected = _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass)
+        got = compiled.candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass, 1e-9)
+        assert got == expected
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -352,10 +352,10 @@ def _use_numba(values, kernel) -> bool:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if isinstance(values, torch.Tensor) and values.device.type != "cpu":
         return False
-    return kernel == "numba" and _numba_kernel() is not None
+    return kernel == "numba" and numba_kernel() is not None
 
 
-def _numba_kernel():
+def numba_kernel():
     """The module ``mdsd._race_numba``, or None when numba is not installed (imported lazily:
     importing numba costs ~0.3 s)."""
     global _NUMBA
@@ -397,7 +397,7 @@ def _wor_qall_window_numba(q_row: np.ndarray, tail: np.ndarray, n: int, k_lo: in
     u = u[: max(1, int(np.count_nonzero(np.exp(u) * min_rate <= RIGHT_CUT)))]
     first_even = round(u[0] / step) % 2  # nodes j with j % 2 == first_even lie on the grid 2hZ
     qall = np.empty(lam.size)
-    error = _numba_kernel().race_window(q_row, lam, np.exp(u), n, k_lo, k_hi, step, first_even,
+    error = numba_kernel().race_window(q_row, lam, np.exp(u), n, k_lo, k_hi, step, first_even,
                                         CLAMP, SATURATED, RIGHT_CUT, qall)
     return qall, float(error)
 

@@ -226,3 +226,51 @@ def _output(lam_k, tt, num, arrived, step, first_even, right_cut, cut, error, te
     fine = step * total
     out[i] = min(fine, 1.0)
     return cut, max(error, abs(fine - 2.0 * step * coarse))
+
+
+@numba.njit(cache=True, fastmath=False)
+def candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass, slack):
+    """(k_lo, k_hi): the first and last prefix k whose lower bound p(H_k) - Q_k^n on the objective
+    is within ``slack`` of the best upper bound min_k p(H_k) - L_k (``mdsd.bound._wor_objective``).
+
+    Q_k = min(q(H_k), 1); L_k = prod_{j<n} min(1, max(0, Q_k - R_jk) / max(1 - T_j, 1 - R_jk)) with
+    R_jk = min(T_j, j max_{i<k} q_i, Q_k) (factor 0 where the room is 0); top_mass[j] = T_j (mass
+    of the j largest q), rest_mass[j] = 1 - T_j summed from the other tokens. One fused pass per
+    factor instead of numpy's temporaries.
+    """
+    size = q_sorted.size + 1
+    q_prefix = np.empty(size)
+    running_max = np.empty(size)
+    total, peak = 0.0, 0.0
+    q_prefix[0] = 0.0
+    running_max[0] = 0.0
+    for k in range(1, size):
+        total += q_sorted[k - 1]
+        peak = max(peak, q_sorted[k - 1])
+        q_prefix[k] = min(total, 1.0)
+        running_max[k] = peak
+    low = np.ones(size)
+    for j in range(n):
+        top_j, rest_j = top_mass[j], rest_mass[j]
+        for k in range(size):
+            removed = min(min(top_j, j * running_max[k]), q_prefix[k])
+            room = max(rest_j, 1.0 - removed)
+            factor = max(q_prefix[k] - removed, 0.0) / room if room > 0.0 else 0.0
+            low[k] *= min(factor, 1.0)
+    best = np.inf
+    for k in range(size):
+        best = min(best, p_prefix[k] - low[k])
+    k_lo, k_hi = -1, -1
+    for k in range(size):
+        power, base, e = 1.0, q_prefix[k], n  # Q_k^n by repeated squaring
+        while e:
+            if e & 1:
+                power *= base
+            e >>= 1
+            if e:
+                base *= base
+        if p_prefix[k] - power <= best + slack:
+            if k_lo < 0:
+                k_lo = k
+            k_hi = k
+    return k_lo, k_hi

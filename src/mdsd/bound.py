@@ -29,7 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mdsd._race import tail_masses, tail_masses_torch, wor_qall_prefixes_reference, wor_qall_window
+from mdsd._race import (
+    numba_kernel,
+    tail_masses,
+    tail_masses_torch,
+    wor_qall_prefixes_reference,
+    wor_qall_window,
+)
 from mdsd._validate import as_probs, check_pair
 from mdsd.laws import complement_renormalised, get_law, top_tokens, top_tokens_reference
 
@@ -213,12 +219,32 @@ def _wor_objective(p_prefix: np.ndarray, q_sorted: np.ndarray, n: int, device=No
     left side) =: best; prefixes with lower > best cannot attain the minimum.
     """
     vocab = q_sorted.size
-    q_prefix = np.minimum(prefix_sums(q_sorted), 1.0)
-    lower = p_prefix - int_power(q_prefix, n)
     # T_j <= min(top-j mass of all of q, j * largest q in H, Q)
     top = -np.sort(-np.partition(q_sorted, vocab - n)[vocab - n :]) if vocab > n else -np.sort(-q_sorted)
     top_mass = np.concatenate([[0.0], np.cumsum(top)])[:n]  # T_0..T_{n-1} of q
     rest_mass = np.array([q_sorted.sum() - m for m in top_mass])  # 1 - T_j, summed for precision
+    compiled = numba_kernel()
+    if compiled is not None:  # the same bounds in one fused compiled pass per factor
+        k_lo, k_hi = compiled.candidate_window(p_prefix, q_sorted, n, np.ascontiguousarray(top_mass),
+                                               rest_mass, CANDIDATE_SLACK)
+    else:
+        k_lo, k_hi = _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass)
+    if device is None or torch.device(device).type == "cpu":  # numpy in: the numba kernel by default
+        qall, error = wor_qall_window(q_sorted, tail_masses(q_sorted[None, :])[0], n, k_lo, k_hi)
+    else:
+        q_row = torch.from_numpy(q_sorted).to(device)
+        qall, error = wor_qall_window(q_row, tail_masses_torch(q_row[None, :])[0], n, k_lo, k_hi)
+        qall = qall.cpu().numpy()
+    objective = np.full(vocab + 1, np.inf)
+    objective[k_lo : k_hi + 1] = p_prefix[k_lo : k_hi + 1] - qall
+    return objective, error
+
+
+def _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass):
+    """numpy version of ``mdsd._race_numba.candidate_window`` (used when numba is missing)."""
+    vocab = q_sorted.size
+    q_prefix = np.minimum(prefix_sums(q_sorted), 1.0)
+    lower = p_prefix - int_power(q_prefix, n)
     running_max = np.zeros(vocab + 1)
     np.maximum.accumulate(q_sorted, out=running_max[1:])
     qall_low = np.ones(vocab + 1)
@@ -231,16 +257,7 @@ def _wor_objective(p_prefix: np.ndarray, q_sorted: np.ndarray, n: int, device=No
         qall_low *= np.minimum(factor, 1.0)
     best = float(np.min(p_prefix - qall_low))
     candidates = np.flatnonzero(lower <= best + CANDIDATE_SLACK)
-    k_lo, k_hi = int(candidates[0]), int(candidates[-1])
-    if device is None or torch.device(device).type == "cpu":  # numpy in: the numba kernel by default
-        qall, error = wor_qall_window(q_sorted, tail_masses(q_sorted[None, :])[0], n, k_lo, k_hi)
-    else:
-        q_row = torch.from_numpy(q_sorted).to(device)
-        qall, error = wor_qall_window(q_row, tail_masses_torch(q_row[None, :])[0], n, k_lo, k_hi)
-        qall = qall.cpu().numpy()
-    objective = np.full(vocab + 1, np.inf)
-    objective[k_lo : k_hi + 1] = p_prefix[k_lo : k_hi + 1] - qall
-    return objective, error
+    return int(candidates[0]), int(candidates[-1])
 
 
 def _greedy_closed_form(p, q, n):
