@@ -1,18 +1,20 @@
 """Benchmark of the optimal verifier: speed of fit + verification, and its gap to alpha*.
 
-    /work/venv/bin/python benchmarks/bench_optimal.py [--positions 20] [--quick]
+    python benchmarks/bench_optimal.py [--positions 20] [--quick] [--model]
 
 Inputs are synthetic LM-like pairs (``mdsd.io.random_pair``: target logits N(0, 3^2), draft logits
 perturbed by N(0, 1.5^2)) at V = 8192 (and 32000 for the full-vocabulary timings), processed by
-temperature T and optionally top-k = 64 (the same transform for p and q). The bundled model pair is
-used instead when ``src/mdsd/data/models/target`` exists and ``--model`` is given.
+temperature T and optionally top-k = 64 (the same transform for p and q). With ``--model`` the
+optimality table uses real positions instead: the bundled model pair's logits at every token of
+the first bundled prompts of each domain (V = 8192).
 
 Tables (markdown):
 1. speed: median milliseconds of ``fit_optimal`` and of one ``output_law_from_fit`` call, and the
-   split of the fit into its parts (sort, coverage curve Phi, target + staircase + peeling);
+   split of the threshold fit into its parts (sort, coverage curve Phi, target + staircase +
+   peeling); for the priority-orders fit (without_replacement n >= 3, conditional_poisson) the
+   number of Wolfe iterations instead;
 2. optimality: mean and max of alpha* - acceptance over positions (acceptance of the rule actually
-   used: exact closed form for iid and for the without-replacement plan; Monte Carlo, 4096 draft
-   sets, for the without-replacement fallback).
+   used: exact for ``threshold`` and ``orders``; Monte Carlo, 4096 draft sets, for a fallback).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 import mdsd
 from mdsd.io import random_pair
+from mdsd.logits import process_logits
 from mdsd.verifiers import optimal as opt
 
 TOP_K = 64
@@ -58,7 +61,9 @@ def fit_parts(p, q, n, law, repeats):
 def speed_table(args):
     rows = []
     cases = [("iid", 8192, TOP_K, n, 1.0) for n in (2, 4, 8)]
-    cases += [("without_replacement", 8192, TOP_K, n, 1.0) for n in (2, 3)]
+    cases += [("without_replacement", 8192, TOP_K, n, t) for n in (2, 3, 4, 8) for t in (0.7, 1.0)]
+    cases += [("conditional_poisson", 8192, TOP_K, n, 1.0) for n in (2, 4)]
+    cases += [("without_replacement", 8192, k, 4, 1.0) for k in (128, 256)]
     if not args.quick:
         cases += [("iid", v, None, n, t) for v in (8192, 32000) for t in (0.7, 1.0)
                   for n in (2, 4, 8)]
@@ -68,57 +73,94 @@ def speed_table(args):
     for law, vocab, top_k, n, temperature in cases:
         p, q = random_pair(vocab, seed=1, temperature=temperature, top_k=top_k)
         small = top_k is not None
-        repeats = 200 if (small and (law == "iid" or n <= 2)) else 3
         drafts = mdsd.get_law(law).sample(q, n, rng)
+        t_fit, fit = timed(partial(opt.fit_optimal, p, q, n, law), 3)
+        threshold = fit.method == "threshold"
+        repeats = 200 if (small and threshold) else 7 if small and top_k == TOP_K else 3
         t_fit, fit = timed(partial(opt.fit_optimal, p, q, n, law), repeats)
         t_verify, _ = timed(partial(opt.output_law_from_fit, fit, drafts), 20 if small else 5)
-        exact = law == "iid" or n <= 2
-        parts = fit_parts(p, q, n, law, repeats) if exact else (np.nan,) * 3
-        rows.append((law, vocab, top_k or "full", n, temperature, int(fit.support[0]), t_fit,
-                     t_verify, t_fit + t_verify, *parts))
+        if threshold:
+            parts = "{:.2f} / {:.2f} / {:.2f}".format(*fit_parts(p, q, n, law, repeats))
+        else:
+            row = opt._orders_row(p, q, n, mdsd.get_law(law))
+            parts = "Wolfe iterations L {} + H* {}".format(*(m.iterations for _, m in row[4]))
+        rows.append((law, vocab, top_k or "full", n, temperature, int(fit.support[0]), fit.method,
+                     t_fit, t_verify, t_fit + t_verify, parts))
     print("\n### Speed (one position, one draft set; CPU)\n")
-    print("| law | V | support | n | T | K | fit ms | verify ms | fit+verify ms "
-          "| sort ms | Phi ms | target+peel ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| law | V | support | n | T | K | method | fit ms | verify ms | fit+verify ms "
+          "| sort / Phi / target+peel ms (threshold) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]:.2f} | {r[7]:.3f} "
-              f"| {r[8]:.2f} | {r[9]:.2f} | {r[10]:.2f} | {r[11]:.2f} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]:.2f} "
+              f"| {r[8]:.3f} | {r[9]:.2f} | {r[10]} |")
 
 
 def gap_of(p, q, n, law):
     """(alpha*, acceptance of the rule used, method)."""
     fit = opt.fit_optimal(p, q, n, law)
     bound = mdsd.optimal_acceptance(p, q, n, law)
-    if fit.method == "rrs_without_replacement":
+    if fit.method not in ("threshold", "orders"):  # a fallback: Monte Carlo
         rate = mdsd.acceptance_rate(p, q, n, "optimal", law, method="monte_carlo", rng=0).rate
         return bound, rate, fit.method
     return bound, float(fit.acceptance[0]), fit.method
 
 
+def model_logits(count: int):
+    """Logits (target [count, V], draft [count, V]) of the bundled pair at every token of the first
+    bundled prompts, alternating domains, until ``count`` positions."""
+    import torch
+
+    from mdsd.models import bundled_domains, bundled_prompts, load_pair
+
+    pair = load_pair()
+    by_domain = [bundled_prompts(d) for d in bundled_domains()]
+    target, draft, have = [], [], 0
+    for i in range(max(len(rows) for rows in by_domain)):
+        for rows in by_domain:
+            if have >= count or i >= len(rows):
+                continue
+            ids = pair.tokenizer(rows[i]["prompt"], return_tensors="pt").input_ids[:, :64]
+            with torch.no_grad():
+                target.append(pair.target(ids).logits[0].double().numpy())
+                draft.append(pair.draft(ids).logits[0].double().numpy())
+            have += ids.shape[1]
+    return np.concatenate(target)[:count], np.concatenate(draft)[:count]
+
+
+def positions_of(args, temperature, top_k, seed_base=100):
+    """[(p, q)] at one temperature / top-k: synthetic pairs, or the bundled pair's positions."""
+    if args.model:
+        target, draft = args.model_logits
+        return [(process_logits(t, temperature, top_k), process_logits(d, temperature, top_k))
+                for t, d in zip(target, draft)]
+    return [random_pair(8192, seed=seed_base + seed, temperature=temperature, top_k=top_k)
+            for seed in range(args.positions)]
+
+
 def optimality_table(args):
-    print(f"\n### Optimality (alpha* - acceptance over {args.positions} synthetic positions, "
-          f"V = 8192)\n")
-    print("| law | support | T | n | method | mean alpha* | mean gap | max gap |")
-    print("|---|---|---|---|---|---|---|---|")
-    ns = (2, 3, 4, 8)
-    for law in ("iid", "without_replacement"):
+    source = "positions of the bundled model pair" if args.model else "synthetic positions"
+    print(f"\n### Optimality (alpha* - acceptance over {args.positions} {source}, V = 8192)\n")
+    print("| law | support | T | n | method | positions | mean alpha* | mean gap | max gap |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for law in ("iid", "without_replacement", "conditional_poisson"):
         for top_k in (TOP_K, None):
-            if law == "without_replacement" and top_k is None and args.quick:
+            if law != "iid" and top_k is None and args.quick:
                 continue
             for temperature in (0.3, 0.7, 1.0):
-                for n in ns:
-                    positions = args.positions
-                    if law == "without_replacement" and (n > 2 or top_k is None):
-                        positions = min(positions, args.fallback_positions)  # Monte Carlo
-                    gaps, bounds, method = [], [], ""
-                    for seed in range(positions):
-                        p, q = random_pair(8192, seed=100 + seed, temperature=temperature,
-                                           top_k=top_k)
+                pairs = positions_of(args, temperature, top_k)
+                for n in (2, 3, 4, 8):
+                    fallback = law != "iid" and top_k is None and (
+                        law == "conditional_poisson" or n > 2)
+                    used = pairs[: args.fallback_positions] if fallback else pairs  # Monte Carlo
+                    gaps, bounds, methods = [], [], set()
+                    for p, q in used:
                         bound, rate, method = gap_of(p, q, n, law)
                         gaps.append(bound - rate)
                         bounds.append(bound)
-                    print(f"| {law} | {top_k or 'full'} | {temperature} | {n} | {method} "
-                          f"| {np.mean(bounds):.4f} | {np.mean(gaps):.2e} | {np.max(gaps):.2e} |")
+                        methods.add(method)
+                    print(f"| {law} | {top_k or 'full'} | {temperature} | {n} "
+                          f"| {'+'.join(sorted(methods))} | {len(used)} | {np.mean(bounds):.4f} "
+                          f"| {np.mean(gaps):.2e} | {np.max(gaps):.2e} |")
 
 
 def main():
@@ -126,9 +168,14 @@ def main():
     parser.add_argument("--positions", type=int, default=20)
     parser.add_argument("--fallback-positions", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="top-k timings and iid only")
+    parser.add_argument("--model", action="store_true",
+                        help="optimality on the bundled pair's positions (skips the speed table)")
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning, once per fit
-    speed_table(args)
+    if args.model:
+        args.model_logits = model_logits(args.positions)
+    else:
+        speed_table(args)
     optimality_table(args)
 
 

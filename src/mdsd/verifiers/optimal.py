@@ -281,8 +281,9 @@ def _orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
     polytope closest to p (Wolfe). That point is <= p on L and >= p on H*: by the optimality of
     H*, g(A) = f(A) - p(A) is minimised over A in L by L itself, and f(L + B) - f(L) - p(B) over
     B in H* by the empty set, and the minimum-norm base z of a submodular g has {z < 0} = the
-    smallest and {z <= 0} = the largest minimiser of g (Fujishige). So the capped rule accepts
-    f(L) on L and p on H*: alpha*.
+    smallest and {z <= 0} = the largest minimiser of g (Fujishige; also for the norm weighted by
+    1/q used here). So the capped rule accepts f(L) on L and p on H*: alpha*. Wolfe stops as soon
+    as that sign pattern holds.
     """
     order = np.flatnonzero(q > 0)
     order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
@@ -296,12 +297,14 @@ def _orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
     low, high, none = np.arange(split), np.arange(split, k), np.arange(0)
     mass = np.zeros(k)
     blocks = []
-    for block, before, rest in ((low, none, high), (high, low, none)):
+    for block, before, rest, side in ((low, none, high, "below"), (high, low, none, "above")):
         def vertex(sigma, block=block, before=before, rest=rest):
             return order_vertex(law, qs_law, n, rest, block, before, sigma)
 
-        # start from the order by p/q (the scan order): on L its vertex is often the answer
-        mix = decompose(vertex, ps[block], np.arange(block.size))
+        # start from the order by p/q (the scan order; on L its vertex is often the answer);
+        # distances weighted by 1/q (the weighted minimum-norm base has the same sign pattern)
+        mix = decompose(vertex, ps[block], np.arange(block.size), scale=np.sqrt(qs[block]),
+                        side=side)
         mass[block] = mix.mass
         blocks.append((block, mix))
     return order, split, mass, alpha_star, blocks

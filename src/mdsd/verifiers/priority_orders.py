@@ -75,8 +75,8 @@ def order_vertex(law: DraftLaw, q: np.ndarray, n: int, rest: np.ndarray, block: 
     return v
 
 
-def decompose(vertex, target: np.ndarray, start: np.ndarray, *, max_iter: int | None = None
-              ) -> OrderMixture:
+def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarray | None = None,
+              side: str | None = None, max_iter: int | None = None) -> OrderMixture:
     """Wolfe's minimum-norm-point algorithm: write ``target`` as a mixture of order vertices.
 
     vertex(sigma) -> v [G] is the mass vector of the order sigma; start is the first order tried.
@@ -89,6 +89,13 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, max_iter: int | 
     if size == 0:  # an empty block: one empty order
         return OrderMixture(np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0), 0.0, 0)
     max_iter = max_iter if max_iter is not None else 10 * size + 50
+    scale = np.ones(size) if scale is None else np.asarray(scale, dtype=np.float64)
+    mass_of = vertex
+    target = target / scale
+
+    def vertex(sigma):
+        return mass_of(sigma) / scale
+
     orders = [np.asarray(start, dtype=np.int64)]
     shifted = (vertex(orders[0]) - target)[None, :]  # [s, G]: active vertices minus the target
     gram = shifted @ shifted.T  # [s, s], kept up to date as vertices come and go
@@ -97,9 +104,14 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, max_iter: int | 
     iterations = 0
     while iterations < max_iter:
         iterations += 1
-        if np.max(np.abs(g), initial=0.0) <= MATCH_TOLERANCE:
+        off = g * scale  # mass - t
+        if np.max(np.abs(off), initial=0.0) <= MATCH_TOLERANCE:
             break
-        sigma = np.argsort(g, kind="stable")  # the greedy vertex of this order minimises <g, v>
+        if side is not None and np.maximum(off if side == "below" else -off, 0.0).sum() <= (
+                MATCH_TOLERANCE):
+            break
+        # the greedy vertex of this order minimises <g, v / scale>
+        sigma = np.argsort(g / scale, kind="stable")
         c = vertex(sigma) - target
         spread = max(np.linalg.norm(c), np.linalg.norm(g))
         if g @ (g - c) <= GAP_TOLERANCE * np.linalg.norm(g) * spread:
@@ -128,9 +140,9 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, max_iter: int | 
             if weights.size == 1:
                 break
         g = weights @ shifted
-    mass = weights @ shifted + target
-    return OrderMixture(np.stack(orders), weights, mass, float(np.max(np.abs(mass - target))),
-                        iterations)
+    mass = (weights @ shifted + target) * scale
+    return OrderMixture(np.stack(orders), weights, mass,
+                        float(np.max(np.abs(mass - target * scale))), iterations)
 
 
 def _affine_minimiser(gram: np.ndarray) -> np.ndarray:
