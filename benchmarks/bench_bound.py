@@ -6,6 +6,9 @@ Prints a markdown table: operation, V, n, B, median wall time per (p, q) pair, m
 ratio to one np.argsort of a V-vector timed interleaved in the same run (wall and CPU), and the
 max error against the plain reference (without_replacement: the Python-loop race quadrature at a
 fine step over every prefix; iid / greedy / spechub: the stable-sort scan and closed forms).
+without_replacement runs on the default CPU kernel (numba) and, in "(torch kernel)" rows, on the
+torch kernel (``mdsd._race.CPU_KERNEL = "torch"``); "p = q" rows are the case where the bounds
+prune nothing (alpha* = 1, every prefix integrated).
 The machine may be shared: the CPU-time column is the process's own time, the ratio columns
 compare like with like. With CUDA, the race quadrature is also timed on the GPU (device="cuda").
 """
@@ -24,9 +27,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import llm_like_pair, machine, print_table, timed  # noqa: E402
 
 import mdsd  # noqa: E402
+import mdsd._race as race  # noqa: E402
 from mdsd.bound import scan_reference  # noqa: E402
 
 REFERENCE_STEP = 0.2  # reference quadrature step for the error column (~1e-15 at n <= 8)
+
+
+KERNELS = ["numba", "torch"]
+
+
+def numba_version():
+    try:
+        import numba
+    except ImportError:
+        return "not installed"
+    return numba.__version__
 
 
 def reference_alpha(p, q, n, law):
@@ -42,28 +57,40 @@ def main():
     torch.set_num_threads(1)
     rng = np.random.default_rng(2026)
     print(machine())
-    print(f"numpy {np.__version__}, torch {torch.__version__}, CUDA {torch.cuda.is_available()}\n")
+    print(f"numpy {np.__version__}, torch {torch.__version__}, numba {numba_version()}, "
+          f"CUDA {torch.cuda.is_available()}\n")
 
-    cases = [("without_replacement", 32000, 8), ("without_replacement", 32000, 4),
-             ("without_replacement", 128000, 8), ("iid", 32000, 8), ("iid", 128000, 8),
-             ("greedy", 32000, 8), ("spechub", 32000, 2)]
+    wor = "without_replacement"
+    # (law, V, n, p = q, CPU kernels of the race quadrature)
+    cases = [(wor, 32000, 8, False, KERNELS), (wor, 32000, 4, False, KERNELS),
+             (wor, 128000, 8, False, KERNELS), (wor, 32000, 8, True, KERNELS),
+             ("iid", 32000, 8, False, [None]), ("iid", 128000, 8, False, [None]),
+             ("greedy", 32000, 8, False, [None]), ("spechub", 32000, 2, False, [None])]
     rows = []
-    for law, vocab, n in cases:
+    for law, vocab, n, same, kernels in cases:
         pairs = [llm_like_pair(rng, vocab) for _ in range(3)]
+        if same:
+            pairs = [(p, p) for p, _ in pairs]
         keys = rng.random(vocab)
-        wall, cpu, base_wall, base_cpu = [], [], [], []
-        for p, q in pairs:
-            w, c = timed(lambda: mdsd.optimal_acceptance(p, q, n, law), args.repeats)  # noqa: B023 (called at once)
-            bw, bc = timed(lambda: np.argsort(keys), max(args.repeats, 21))  # noqa: B023 (called at once)
-            wall.append(w), cpu.append(c), base_wall.append(bw), base_cpu.append(bc)
-        check = not args.no_check and (law != "without_replacement" or vocab <= 32000)
-        error = max(abs(mdsd.optimal_acceptance(p, q, n, law) - reference_alpha(p, q, n, law))
-                    for p, q in pairs[:1]) if check else float("nan")
-        w, c, bw, bc = (float(np.median(x)) for x in (wall, cpu, base_wall, base_cpu))
-        rows.append([f"optimal_acceptance {law}", str(vocab), str(n), "1", f"{1e3 * w:.2f}",
-                     f"{1e3 * c:.2f}", f"{1e3 * bw:.3f}", f"{w / bw:.1f}", f"{c / bc:.1f}",
-                     "-" if np.isnan(error) else f"{error:.1e}"])
-        if law == "without_replacement" and torch.cuda.is_available():
+        check = not args.no_check and (law != wor or vocab <= 32000)
+        reference = reference_alpha(*pairs[0], n, law) if check else float("nan")
+        for kernel in kernels:
+            race.CPU_KERNEL = kernel or "numba"
+            mdsd.optimal_acceptance(*pairs[0], n, law)  # warm-up (numba: load the compiled kernel)
+            wall, cpu, base_wall, base_cpu = [], [], [], []
+            for p, q in pairs:
+                w, c = timed(lambda: mdsd.optimal_acceptance(p, q, n, law), args.repeats)  # noqa: B023 (called at once)
+                bw, bc = timed(lambda: np.argsort(keys), max(args.repeats, 21))  # noqa: B023 (called at once)
+                wall.append(w), cpu.append(c), base_wall.append(bw), base_cpu.append(bc)
+            error = abs(mdsd.optimal_acceptance(*pairs[0], n, law) - reference)
+            w, c, bw, bc = (float(np.median(x)) for x in (wall, cpu, base_wall, base_cpu))
+            label = f"optimal_acceptance {law}" + (" p = q" if same else "")
+            label += " (torch kernel)" if kernel == "torch" else ""
+            rows.append([label, str(vocab), str(n), "1", f"{1e3 * w:.2f}",
+                         f"{1e3 * c:.2f}", f"{1e3 * bw:.3f}", f"{w / bw:.1f}", f"{c / bc:.1f}",
+                         "-" if np.isnan(error) else f"{error:.1e}"])
+        race.CPU_KERNEL = "numba"
+        if law == wor and torch.cuda.is_available() and not same:
             p, q = pairs[0]
             mdsd.optimal_acceptance(p, q, n, law, device="cuda")  # warm-up
             gw, gc = timed(lambda: mdsd.optimal_acceptance(p, q, n, law, device="cuda"), args.repeats)  # noqa: B023 (called at once)
@@ -73,8 +100,8 @@ def main():
                          f"{1e3 * gw:.2f}", f"{1e3 * gc:.2f}", f"{1e3 * bw:.3f}", f"{gw / bw:.1f}",
                          f"{gc / bc:.1f}", f"{gpu_error:.1e} vs cpu"])
         # batched input: per-row cost of a [B, V] call vs one row
-        if vocab == 32000 and n in (2, 8):
-            batch = args.batch if law != "without_replacement" else max(8, args.batch // 8)
+        if vocab == 32000 and n in (2, 8) and not same:
+            batch = args.batch if law != wor else max(8, args.batch // 8)
             more = [llm_like_pair(rng, vocab) for _ in range(batch)]
             pb, qb = np.array([a for a, _ in more]), np.array([b for _, b in more])
             bwall, bcpu = timed(lambda: mdsd.optimal_acceptance(pb, qb, n, law), 3)  # noqa: B023 (called at once)
