@@ -1,6 +1,7 @@
 """Fast paths equal their plain references (issue 4): race quadrature, scan, K-SEQ, acceptance,
 top tokens, and the torch backend equals the numpy one."""
 
+import math
 import zlib
 
 import numpy as np
@@ -330,6 +331,57 @@ def test_kseq_rho_equals_bisection():
         c = np.where(beta > 0, at_least_one(beta, n) / np.where(beta > 0, beta, 1.0), n)
         assert np.all(c <= rho * (1 + 1e-12))
         assert np.all((rho >= 1.0) & (rho <= n))
+
+
+def kseq_g(p, q, n, rho):
+    """g(rho) = 1 - (1 - beta)^n - rho beta, beta = sum min(q, p / rho) summed exactly."""
+    beta = math.fsum(np.minimum(q, p / rho))
+    return 1.0 - (1.0 - min(beta, 1.0)) ** n - rho * beta
+
+
+def test_kseq_bracket_selection_equals_sort():
+    """K-SEQ's bracket (lo, hi, A, B) by numba selection = by sorting, on ties, zeros, p = q,
+    ratios capped at n, and LLM-like rows; and the acceptance and rho* from both equal."""
+    from mdsd.verifiers import classic
+    from mdsd.verifiers._kseq_numba import kseq_brackets
+
+    rng = np.random.default_rng(24)
+    checked = 0
+    for i in range(120):
+        vocab, n = int(rng.choice([2, 5, 40, 300, 3000])), int(rng.integers(1, 9))
+        if i % 4 == 3:
+            pairs = [llm_like_pair(rng, vocab) for _ in range(3)]
+            p, q = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
+        else:
+            p, q = (rng.dirichlet(np.full(vocab, 0.3), size=3) for _ in range(2))
+        if i % 5 == 0:
+            q[1] = p[1]  # p = q: every breakpoint is 1
+        if i % 3 == 0:
+            q[:, : vocab // 3] = 0.0  # breakpoints capped at n
+            p[:, -1] = 0.0
+        if i % 7 == 0:  # ties
+            p, q = np.round(p * 6) + 1.0, np.round(q * 6) + 1.0
+        p /= p.sum(axis=1, keepdims=True)
+        q /= q.sum(axis=1, keepdims=True)
+        lo, hi, head, tail = classic._kseq_bracket_sorted(p, q, n)
+        got = kseq_brackets(p, q, n)
+        # where g is 0 to rounding at a breakpoint (p = q, n = 1, ties at the root) the two
+        # searches may stop on either side of it; rho*, beta (below) agree there too
+        clear = np.array([hi[b] > lo[b] and min(abs(kseq_g(p[b], q[b], n, lo[b])),
+                                                abs(kseq_g(p[b], q[b], n, hi[b]))) > 1e-12
+                          for b in range(3)])
+        np.testing.assert_array_equal(got[clear, 1], hi[clear])
+        np.testing.assert_array_equal(got[clear, 0], lo[clear])
+        np.testing.assert_allclose(got[clear, 2], head[clear], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(got[clear, 3], tail[clear], rtol=0, atol=1e-13)
+        checked += int(clear.sum())
+        rho, beta = kseq_rho(p, q, n)
+        rho_t, beta_t = kseq_rho(torch.tensor(p), torch.tensor(q), n)  # the sorted path
+        # the acceptance is what matters: at a double root (p = q) rho moves by ~sqrt(eps)
+        np.testing.assert_allclose(at_least_one(beta, n), at_least_one(beta_t.numpy(), n),
+                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(rho[clear], rho_t.numpy()[clear], rtol=0, atol=1e-12)
+    assert checked > 250  # most brackets are compared
 
 
 def test_rrs_without_replacement_acceptance_exact():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdsd._backend import backend, complement_renormalised, top_mask
+from mdsd._backend import NumpyOps, backend, complement_renormalised, top_mask
 from mdsd.verifiers.base import Verifier, gather, residual, safe_ratio, scatter_add
 
 ROOT_ITERATIONS = 80  # bisection steps for K-SEQ's rho* (reference): [1, n] shrinks below 1e-22
@@ -232,18 +232,9 @@ def kseq_rho_reference(p, q, n: int):
     return hi, beta(hi)
 
 
-def kseq_rho(p, q, n: int):
-    """K-SEQ's rho* in [1, n] with 1 - (1 - beta)^n = rho * beta, beta(rho) = sum min(q, p / rho).
-
-    Exact after one sort. beta is piecewise of the form A + B / rho between the breakpoints
-    p_x / q_x (capped at n): tokens with p_x / q_x >= rho give q_x, the others p_x / rho. With
-    the breakpoints sorted decreasingly, g(rho) = 1 - (1 - beta)^n - rho beta (decreasing in rho)
-    is evaluated at every breakpoint from prefix sums; the root lies between the two neighbours
-    where g changes sign, where beta = A + B / rho in closed form; bisection on that scalar
-    function (``INTERVAL_ITERATIONS`` steps, O(1) each) keeps g(lo) > 0 >= g(hi). Returns
-    (rho, beta) at the ``hi`` end, beta summed over the vocabulary, so that the residual
-    p - min(q, p / rho) c stays non-negative whatever the tolerance (only ~1e-16 acceptance lost).
-    """
+def _kseq_bracket_sorted(p, q, n: int):
+    """(lo, hi, head, tail) of ``kseq_rho`` after one sort (torch, or numpy without numba): the
+    neighbouring breakpoints with g(lo) > 0 >= g(hi), and beta = head + tail / rho between them."""
     ops = backend(p)
     n_float = float(n)
     ratio = ops.divide_safe(p, q, n_float)  # q = 0: contributes min(0, .) = 0 either way
@@ -283,6 +274,45 @@ def kseq_rho(p, q, n: int):
     lo = ops.maximum(lo, 1.0)  # g(1) <= 0 is handled by at_one below
     head = ops.where(k_star > 0, q_head[rows, ops.maximum(k_star - 1, 0)], 0.0)
     tail = ops.where(k_star > 0, p_tail[rows, ops.maximum(k_star - 1, 0)], p_total[:, 0])
+    return lo, hi, head, tail
+
+
+def _kseq_kernel():
+    """``mdsd.verifiers._kseq_numba``, or None without numba (imported on first use)."""
+    global _KSEQ
+    if _KSEQ is False:
+        try:
+            from mdsd.verifiers import _kseq_numba
+        except ImportError:  # pragma: no cover - numba is a dependency
+            _kseq_numba = None
+        _KSEQ = _kseq_numba
+    return _KSEQ
+
+
+_KSEQ = False  # not imported yet
+
+
+def kseq_rho(p, q, n: int):
+    """K-SEQ's rho* in [1, n] with 1 - (1 - beta)^n = rho * beta, beta(rho) = sum min(q, p / rho).
+
+    Exact after one sort (torch) or one selection (numpy: ``mdsd.verifiers._kseq_numba``, expected
+    O(V)). beta is piecewise of the form A + B / rho between the breakpoints
+    p_x / q_x (capped at n): tokens with p_x / q_x >= rho give q_x, the others p_x / rho. With
+    the breakpoints sorted decreasingly, g(rho) = 1 - (1 - beta)^n - rho beta (decreasing in rho)
+    is evaluated at every breakpoint from prefix sums; the root lies between the two neighbours
+    where g changes sign, where beta = A + B / rho in closed form; bisection on that scalar
+    function (``INTERVAL_ITERATIONS`` steps, O(1) each) keeps g(lo) > 0 >= g(hi). Returns
+    (rho, beta) at the ``hi`` end, beta summed over the vocabulary, so that the residual
+    p - min(q, p / rho) c stays non-negative whatever the tolerance (only ~1e-16 acceptance lost).
+    """
+    ops = backend(p)
+    compiled = _kseq_kernel() if ops is NumpyOps else None
+    if compiled is not None:  # the same bracket by selection, expected O(V), no sort
+        bracket = compiled.kseq_brackets(np.ascontiguousarray(p, dtype=np.float64),
+                                         np.ascontiguousarray(q, dtype=np.float64), n)
+        lo, hi, head, tail = bracket[:, 0], bracket[:, 1], bracket[:, 2], bracket[:, 3]
+    else:
+        lo, hi, head, tail = _kseq_bracket_sorted(p, q, n)
 
     def g(rho):
         b = head + tail / rho
