@@ -343,7 +343,7 @@ def test_kseq_bracket_selection_equals_sort():
     """K-SEQ's bracket (lo, hi, A, B) by numba selection = by sorting, on ties, zeros, p = q,
     ratios capped at n, and LLM-like rows; and the acceptance and rho* from both equal."""
     from mdsd.verifiers import classic
-    from mdsd.verifiers._kseq_numba import kseq_brackets
+    from mdsd.verifiers._compiled import kseq_brackets
 
     rng = np.random.default_rng(24)
     checked = 0
@@ -382,6 +382,34 @@ def test_kseq_bracket_selection_equals_sort():
                                    rtol=0, atol=1e-12)
         np.testing.assert_allclose(rho[clear], rho_t.numpy()[clear], rtol=0, atol=1e-12)
     assert checked > 250  # most brackets are compared
+
+
+def test_importance_law_compiled_equals_sorted(monkeypatch):
+    """p_I of max-importance selection: the numba pass after numpy's unstable argsort (tie runs
+    put in token order) = the stable-sort path, with many ties, zeros in p and q, LLM-like rows."""
+    from mdsd.verifiers import classic
+
+    rng = np.random.default_rng(25)
+    for i in range(60):
+        vocab, n = int(rng.choice([2, 7, 50, 2000])), int(rng.integers(1, 9))
+        if i % 3 == 0:  # integer masses: many equal weights p / q
+            p, q = (rng.integers(0, 4, size=(4, vocab)).astype(float) + (i % 2) for _ in range(2))
+            p[:, 0] += 1.0
+            q[:, -1] += 1.0
+        elif i % 3 == 1:
+            pairs = [llm_like_pair(rng, vocab) for _ in range(4)]
+            p, q = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
+        else:
+            p, q = (rng.dirichlet(np.full(vocab, 0.3), size=4) for _ in range(2))
+            q[:, : vocab // 4] = 0.0
+        p /= p.sum(axis=1, keepdims=True)
+        q /= q.sum(axis=1, keepdims=True)
+        compiled = classic.importance_law(p, q, n)
+        with monkeypatch.context() as m:
+            m.setattr(classic, "_COMPILED", None)
+            plain = classic.importance_law(p, q, n)
+        np.testing.assert_allclose(compiled, plain, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(compiled.sum(axis=1), 1.0, rtol=0, atol=1e-12)
 
 
 def test_rrs_without_replacement_acceptance_exact():

@@ -1,4 +1,7 @@
-"""Compiled (numba) bracket of K-SEQ's rho* by selection instead of a full sort.
+"""Compiled (numba) kernels of the classic verifiers for numpy rows.
+
+``kseq_brackets``: the bracket of K-SEQ's rho* by selection instead of a full sort.
+``importance_law_ordered``: the law of max-importance selection from a (fast, unstable) argsort.
 
 K-SEQ solves g(rho) = 1 - (1 - beta)^n - rho beta = 0 on [1, n], with
 beta(rho) = sum_x min(q_x, p_x / rho). With the breakpoints r_x = min(p_x / q_x, n) (n where
@@ -135,3 +138,53 @@ def kseq_brackets(p, q, n):
                 break
         out[b, 0], out[b, 1], out[b, 2], out[b, 3] = max(lo, 1.0), hi, head, tail
     return out
+
+
+@numba.njit(cache=True, fastmath=False, inline="always")
+def _power(x, n):
+    """x^n for an integer n >= 1 by repeated squaring."""
+    result, base = 1.0, x
+    while n:
+        if n & 1:
+            result *= base
+        n >>= 1
+        if n:
+            base *= base
+    return result
+
+
+@numba.njit(cache=True, fastmath=False)
+def importance_law_ordered(weight, q, total, order, n, out):
+    """p_I of ``mdsd.verifiers.classic.importance_law`` into out [B, V], from the weights w = p / q
+    (-inf where q = 0), total [B] = q summed per row (pairwise: numpy), and order [B, V]: the
+    tokens by decreasing w, in any order among equal w.
+
+    Runs of equal finite weights are first put in increasing token id (the verifier's tie rule),
+    in place; then in rank order, with G(k) = q(rank >= k) = total - q(rank < k):
+    p_I(rank k) = min(G(k), 1)^n - min(G(k + 1), 1)^n, clipped at 0, and 0 where q = 0.
+    """
+    rows, vocab = q.shape
+    for b in range(rows):
+        row = order[b]
+        start = 0
+        previous = weight[b, row[0]]
+        for k in range(1, vocab + 1):  # tie runs (q = 0 tokens carry no mass: order irrelevant)
+            if k < vocab:
+                current = weight[b, row[k]]
+                if current == previous:
+                    continue
+            else:
+                current = previous
+            if k - start > 1 and previous > -np.inf:
+                row[start:k] = np.sort(row[start:k])
+            start, previous = k, current
+        head = 0.0
+        for k in range(vocab):
+            x = row[k]
+            qx = q[b, x]
+            head += qx  # q(rank <= k)
+            after = max(total[b] - head, 0.0)  # G(k + 1)
+            tail = min(after + qx, 1.0)  # G(k)
+            after = min(after, 1.0)
+            value = _power(tail, n) - _power(after, n)
+            out[b, x] = max(value, 0.0) if qx > 0.0 else 0.0

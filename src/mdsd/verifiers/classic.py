@@ -277,25 +277,26 @@ def _kseq_bracket_sorted(p, q, n: int):
     return lo, hi, head, tail
 
 
-def _kseq_kernel():
-    """``mdsd.verifiers._kseq_numba``, or None without numba (imported on first use)."""
-    global _KSEQ
-    if _KSEQ is False:
+def _compiled_kernels():
+    """``mdsd.verifiers._compiled`` (numba kernels for numpy rows), or None without numba
+    (imported on first use)."""
+    global _COMPILED
+    if _COMPILED is False:
         try:
-            from mdsd.verifiers import _kseq_numba
+            from mdsd.verifiers import _compiled
         except ImportError:  # pragma: no cover - numba is a dependency
-            _kseq_numba = None
-        _KSEQ = _kseq_numba
-    return _KSEQ
+            _compiled = None
+        _COMPILED = _compiled
+    return _COMPILED
 
 
-_KSEQ = False  # not imported yet
+_COMPILED = False  # not imported yet
 
 
 def kseq_rho(p, q, n: int):
     """K-SEQ's rho* in [1, n] with 1 - (1 - beta)^n = rho * beta, beta(rho) = sum min(q, p / rho).
 
-    Exact after one sort (torch) or one selection (numpy: ``mdsd.verifiers._kseq_numba``, expected
+    Exact after one sort (torch) or one selection (numpy: ``mdsd.verifiers._compiled``, expected
     O(V)). beta is piecewise of the form A + B / rho between the breakpoints
     p_x / q_x (capped at n): tokens with p_x / q_x >= rho give q_x, the others p_x / rho. With
     the breakpoints sorted decreasingly, g(rho) = 1 - (1 - beta)^n - rho beta (decreasing in rho)
@@ -306,7 +307,7 @@ def kseq_rho(p, q, n: int):
     p - min(q, p / rho) c stays non-negative whatever the tolerance (only ~1e-16 acceptance lost).
     """
     ops = backend(p)
-    compiled = _kseq_kernel() if ops is NumpyOps else None
+    compiled = _compiled_kernels() if ops is NumpyOps else None
     if compiled is not None:  # the same bracket by selection, expected O(V), no sort
         bracket = compiled.kseq_brackets(np.ascontiguousarray(p, dtype=np.float64),
                                          np.ascontiguousarray(q, dtype=np.float64), n)
@@ -462,9 +463,18 @@ def importance_law(p, q, n: int):
     Tokens are ranked by importance weight p/q (decreasing; ties by lower index); the picked draft
     is the best-ranked one. With G(k) = q(tokens of rank >= k) (summed from the tail):
     p_I(token of rank k) = G(k)^n - G(k+1)^n.   [B, V] -> [B, V]
+    numpy rows: numpy's (unstable, vectorised) argsort, then one compiled pass that puts tied
+    weights in index order and writes p_I (``mdsd.verifiers._compiled.importance_law_ordered``).
     """
     ops = backend(p)
     weight = ops.divide_safe(p, q, -np.inf)
+    compiled = _compiled_kernels() if ops is NumpyOps else None
+    if compiled is not None:
+        order = np.argsort(-weight, axis=-1)
+        out = np.empty(q.shape)
+        q = np.ascontiguousarray(q, dtype=np.float64)
+        compiled.importance_law_ordered(weight, q, q.sum(axis=1), order, n, out)
+        return out
     order = ops.argsort_descending(weight)
     q_sorted = ops.gather(q, order)
     total = ops.row_sum(q_sorted, keepdim=True)
