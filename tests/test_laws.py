@@ -148,3 +148,25 @@ def test_batched_sampling_shapes(rng):
         x = mdsd.get_law(law).sample(q, n, rng)
         assert x.shape == (4, 3, 2)
         assert np.all(np.take_along_axis(q, x, axis=-1) > 0)
+
+
+def test_conditional_poisson_compiled_prefixes_match_numpy_reference():
+    """The compiled prefix recurrence == the numpy one, incl. zeros, 1e-30 masses and long rows."""
+    law = mdsd.get_law("conditional_poisson")
+    rng = np.random.default_rng(17)
+    for i in range(60):
+        vocab = int(rng.integers(2, 400)) if i % 10 else 20000
+        q = rng.dirichlet(np.ones(vocab) * rng.choice([0.05, 0.5, 2.0]))
+        if i % 3 == 0:
+            q[rng.random(vocab) < 0.3] = 0.0
+        if i % 4 == 0:
+            q[int(rng.integers(vocab))] = 1e-30
+        support = int(np.count_nonzero(q > 0))
+        if support == 0:
+            continue
+        q = q / q.sum()
+        n = int(rng.integers(1, min(support, 12) + 1))
+        fast = law.qall_prefixes(q[None, :], n)
+        slow = law.qall_prefixes_reference(q[None, :], n)
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-13)
+        assert fast[0, -1] == pytest.approx(1.0, abs=1e-15)

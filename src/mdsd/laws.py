@@ -377,6 +377,15 @@ class ConditionalPoisson(DraftLaw):
         return math.comb(s, n) * math.factorial(n)
 
     def qall_prefixes(self, draft_probs_ordered, n, order=None):
+        """e_n(first k tokens) / e_n(all), k = 0..V, by the compiled prefix recurrence
+        (``mdsd._esp_numba``; ``qall_prefixes_reference`` is the numpy one)."""
+        from mdsd._esp_numba import prefix_log_en  # lazy: importing numba costs ~0.3 s
+
+        q = np.ascontiguousarray(draft_probs_ordered, dtype=np.float64)
+        log_en = prefix_log_en(q, int(n))
+        return np.minimum(np.exp(log_en - log_en[:, -1:]), 1.0)
+
+    def qall_prefixes_reference(self, draft_probs_ordered, n, order=None):
         values, log_scale = _elementary_symmetric_scaled(draft_probs_ordered, n)
         ratio = values[:, :, n] * np.exp(log_scale - log_scale[:, -1:]) / values[:, -1:, n]
         return np.minimum(ratio, 1.0)
