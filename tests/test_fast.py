@@ -256,6 +256,28 @@ def test_alpha_float32_inputs_match_float64(kernel, monkeypatch):
     assert a32 == pytest.approx(a64, abs=ALPHA_TOLERANCE)
 
 
+@pytest.mark.parametrize("law", ["iid", "without_replacement"])
+def test_bound_compiled_equals_numpy_paths(law, monkeypatch):
+    """alpha* and H* with the compiled scan / pruning window = with the numpy versions."""
+    import mdsd.bound as bound
+
+    rng = np.random.default_rng(26)
+    for i in range(30):
+        vocab, n = int(rng.choice([3, 40, 2000])), int(rng.integers(1, 9))
+        p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.2, 1.0])),
+                           zero_p=i % 3 == 0, zero_q=i % 4 == 0)
+        if i % 5 == 0:
+            q = awkward_draft(rng, vocab, "ties")
+        if np.count_nonzero(q) < n:
+            continue
+        compiled = mdsd.optimal_bound(p, q, n, law)
+        with monkeypatch.context() as m:
+            m.setattr(bound, "numba_kernel", lambda: None)
+            plain = mdsd.optimal_bound(p, q, n, law)
+        assert compiled.alpha == pytest.approx(plain.alpha, abs=1e-14)
+        np.testing.assert_array_equal(compiled.optimal_set, plain.optimal_set)
+
+
 def test_scan_order_equals_stable_sort():
     rng = np.random.default_rng(9)
     for kind in ("plain", "ties", "zeros", "tiny"):

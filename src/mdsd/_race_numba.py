@@ -1,8 +1,10 @@
-"""Compiled CPU kernel (numba) for the exponential-race quadrature of ``mdsd._race``.
+"""Compiled CPU kernels (numba) of alpha*: the exponential-race quadrature of ``mdsd._race``
+(``race_window``), and for ``mdsd.bound`` the pruning window (``candidate_window``) and the
+i.i.d. scan (``iid_scan``).
 
-The same quadrature as ``mdsd._race.wor_qall_window`` (same nodes t_j = e^{u_j}, same step h,
-same clamping and saturation rules), evaluated in one fused pass over the tokens with the nodes in
-the inner, vectorised loop, in unscaled probability space. For node t write, for token i,
+The race kernel computes the same quadrature as ``mdsd._race.wor_qall_window`` (same nodes
+t_j = e^{u_j}, same step h, same clamping and saturation rules), in one fused pass over the tokens
+with the nodes in the inner, vectorised loop, in unscaled probability space. For node t write, for token i,
 
     s_i = e^{-q_i t}  (token i has not arrived by t),   a_i = 1 - s_i = -expm1(-q_i t).
 
@@ -286,3 +288,39 @@ def candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass, slack):
                 k_lo = k
             k_hi = k
     return k_lo, k_hi
+
+
+@numba.njit(cache=True, fastmath=False, inline="always")
+def _power(x, n):
+    """x^n for an integer n >= 1 by repeated squaring (as ``mdsd.bound.int_power``)."""
+    result, base = 1.0, x
+    while n:
+        if n & 1:
+            result *= base
+        n >>= 1
+        if n:
+            base *= base
+    return result
+
+
+@numba.njit(cache=True, fastmath=False)
+def iid_scan(p, q, order, keys, head, n):
+    """(k*, f(H_k*)): the first minimiser of f(H_k) = p(H_k) - q(H_k)^n over the prefixes of the
+    scan order (k = 0: f = 0), in one pass (i.i.d. drafts: Qall(H) = q(H)^n).
+
+    p, q: [V] rows; order: the scan order; keys: -q/p in that order; head: the number of p = 0
+    tokens at the front, whose q is gathered; elsewhere q = -keys p (within 1 ulp), as in
+    ``mdsd.bound._sort_and_scan``. Prefix sums left to right.
+    """
+    best, value = 0, 0.0
+    p_acc, q_acc = 0.0, 0.0
+    for k in range(order.size):
+        x = order[k]
+        pk = p[x]
+        qk = q[x] if k < head else -keys[k] * pk
+        p_acc += pk
+        q_acc += qk
+        f = p_acc - _power(q_acc, n)
+        if f < value:
+            best, value = k + 1, f
+    return best, value

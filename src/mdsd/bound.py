@@ -162,8 +162,14 @@ def _sort_and_scan(p, q, n, law, device=None):
     batch, vocab = p.shape
     alpha, error = np.empty(batch), np.zeros(batch)
     optimal_set = np.zeros((batch, vocab), dtype=bool)
+    compiled = numba_kernel() if law.name == "iid" else None
     for b in range(batch):
         order, keys, head = _scan_order_keys(p[b], q[b])
+        if compiled is not None:  # iid: the scan below in one compiled pass
+            best, value = compiled.iid_scan(p[b], q[b], order, keys, head, n)
+            alpha[b] = 1.0 + value
+            optimal_set[b, order[:best]] = True
+            continue
         p_sorted = p[b, order]
         p_prefix = prefix_sums(p_sorted)
         if law.name == "iid":  # Qall(H_k) = q(H_k)^n
