@@ -268,6 +268,11 @@ def test_bound_compiled_equals_numpy_paths(law, monkeypatch):
                            zero_p=i % 3 == 0, zero_q=i % 4 == 0)
         if i % 5 == 0:
             q = awkward_draft(rng, vocab, "ties")
+        if i % 2 and vocab > 3:  # p = q = 0 on two tokens: f is flat there, H* is the first minimum
+            p[-2:], q[-2:] = 0.0, 0.0
+            p, q = p / p.sum(), q / q.sum()
+        if i % 6 == 1:  # alpha* = 1: f = 0 at the empty prefix and on the p = q = 0 tokens
+            q = p.copy()
         if np.count_nonzero(q) < n:
             continue
         compiled = mdsd.optimal_bound(p, q, n, law)
