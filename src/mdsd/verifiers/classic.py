@@ -467,14 +467,16 @@ def importance_law(p, q, n: int):
     weights in index order and writes p_I (``mdsd.verifiers._compiled.importance_law_ordered``).
     """
     ops = backend(p)
-    weight = ops.divide_safe(p, q, -np.inf)
     compiled = _compiled_kernels() if ops is NumpyOps else None
     if compiled is not None:
-        order = np.argsort(-weight, axis=-1)
-        out = np.empty(q.shape)
+        p = np.ascontiguousarray(p, dtype=np.float64)
         q = np.ascontiguousarray(q, dtype=np.float64)
-        compiled.importance_law_ordered(weight, q, q.sum(axis=1), order, n, out)
+        key = compiled.importance_keys(p, q)  # -p/q, +inf where q = 0
+        order = np.argsort(key, axis=-1)
+        out = np.empty(q.shape)
+        compiled.importance_law_ordered(key, q, q.sum(axis=1), order, n, out)
         return out
+    weight = ops.divide_safe(p, q, -np.inf)
     order = ops.argsort_descending(weight)
     q_sorted = ops.gather(q, order)
     total = ops.row_sum(q_sorted, keepdim=True)
