@@ -140,19 +140,6 @@ def kseq_brackets(p, q, n):
     return out
 
 
-@numba.njit(cache=True, fastmath=False, inline="always")
-def _power(x, n):
-    """x^n for an integer n >= 1 by repeated squaring."""
-    result, base = 1.0, x
-    while n:
-        if n & 1:
-            result *= base
-        n >>= 1
-        if n:
-            base *= base
-    return result
-
-
 @numba.njit(cache=True, fastmath=False)
 def importance_keys(p, q):
     """Sort keys of max-importance selection: -p/q where q > 0, +inf where q = 0.  [B, V]"""
@@ -173,8 +160,8 @@ def importance_law_ordered(key, q, total, order, n, out):
 
     Runs of equal finite keys are first put in increasing token id (the verifier's tie rule), in
     place; then in rank order, with G(k) = q(rank >= k) = total - q(rank < k):
-    p_I(rank k) = min(G(k), 1)^n - min(G(k + 1), 1)^n, clipped at 0, and 0 where q = 0.
-    (Two passes: finding the runs inside the main pass measured 2x slower.)
+    p_I(rank k) = min(G(k), 1)^n - min(G(k + 1), 1)^n (as d sum_j G(k)^j G(k + 1)^{n-1-j}), and 0
+    where q = 0. (Two passes: finding the runs inside the main pass measured 2x slower.)
     """
     rows, vocab = q.shape
     for b in range(rows):
@@ -196,8 +183,13 @@ def importance_law_ordered(key, q, total, order, n, out):
             x = row[k]
             qx = q[b, x]
             head += qx  # q(rank <= k)
-            after = max(total[b] - head, 0.0)  # G(k + 1)
-            tail = min(after + qx, 1.0)  # G(k)
-            after = min(after, 1.0)
-            value = _power(tail, n) - _power(after, n)
-            out[b, x] = max(value, 0.0) if qx > 0.0 else 0.0
+            unclipped = max(total[b] - head, 0.0)  # G(k + 1)
+            tail = min(unclipped + qx, 1.0)  # G(k)
+            after = min(unclipped, 1.0)
+            # tail^n - after^n = d sum_{j<n} tail^j after^{n-1-j}, d = tail - after: no cancellation
+            d = qx if unclipped + qx <= 1.0 else tail - after
+            power, terms = 1.0, 1.0
+            for _ in range(n - 1):
+                power *= tail
+                terms = terms * after + power
+            out[b, x] = d * terms if qx > 0.0 else 0.0
