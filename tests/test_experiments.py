@@ -77,6 +77,39 @@ def test_clustered_mean():
     assert clustered_mean(np.array([0.5, 0.5]), np.array([0, 1]))[1] == 0.0
 
 
+class _FakeClock:
+    """time.perf_counter stand-in: evaluating a row advances it by that row's cost."""
+
+    def __init__(self, costs):
+        self.now, self.costs = 0.0, costs
+
+    def __call__(self):
+        return self.now
+
+    def evaluate(self, rows):
+        self.now += float(self.costs[rows].sum())
+        return rows
+
+
+@pytest.mark.parametrize("budget, costs, expect_all, overshoot", [
+    (None, np.full(50, 1.0), True, np.inf),     # no limit
+    (10.0, np.full(50, 0.1), True, 0.0),         # fits
+    (10.0, np.full(50, 1.0), False, 0.0),        # uniform cost: stops at the budget
+    (10.0, np.r_[np.full(5, 0.01), np.full(45, 3.0)], False, 3.0),  # cheap first, costly rest
+])
+def test_within_budget_bounded_overshoot(monkeypatch, budget, costs, expect_all, overshoot):
+    clock = _FakeClock(costs)
+    monkeypatch.setattr(analysis.time, "perf_counter", clock)
+    order = np.arange(costs.size)
+    done, results = analysis._within_budget(order, clock.evaluate, budget)
+    assert np.array_equal(done, np.concatenate(results))
+    assert np.array_equal(done, order[: done.size])  # a prefix of the (random) order
+    assert (done.size == order.size) == expect_all
+    assert done.size >= analysis.FIRST_ROWS
+    if budget is not None:
+        assert clock.now <= budget + overshoot + 1e-9  # the old rule ran all 45 costly rows: +125 s
+
+
 def test_load_prompts(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": "b", "domain": "x"}\n\n{"text": "c"}\n')
@@ -260,11 +293,14 @@ def test_time_budget_subsamples_paired(measured, tiny):
     rows, _ = analysis.analyse(config, capture.cache_dir_for(out / "cache", config))
     rated = [r for r in rows if r["verifier"] != BOUND_VERIFIER and r["dataset"] != "all"]
     bounds = {(r["dataset"], r["temperature"]): r for r in rows if r["verifier"] == BOUND_VERIFIER}
-    # the first cell of each (verifier, law, n) rates FIRST_ROWS positions; that exceeds its share,
-    # so the later cells are skipped
+    # each dataset has its own budget: the first cell of each (verifier, law, n) of a dataset rates
+    # FIRST_ROWS positions; that exceeds its share, so the dataset's later cells are skipped
+    datasets = {r["dataset"] for r in rated}
+    assert len(datasets) == 2
     sampled = [r for r in rated if r["positions"]]
     skipped = [r for r in rated if not r["positions"]]
-    assert len(sampled) == 2 and len(skipped) == len(rated) - 2
+    assert len(sampled) == 2 * len(datasets) and len(skipped) == len(rated) - len(sampled)
+    assert {r["dataset"] for r in sampled} == datasets
     assert all(r["method"] == analysis.SKIPPED for r in skipped)
     for r in sampled:  # the bound of a subsampled row is over the same positions
         assert r["subsampled"] == 1 and r["positions"] == analysis.FIRST_ROWS

@@ -206,9 +206,11 @@ def _pair_rates(p, q, n, rows, verifier, law_name, bounds, rng, samples):
 def _within_budget(order: np.ndarray, evaluate, budget: float | None):
     """Evaluate rows in the given (random) order until the time budget is spent.
 
-    Returns (rows evaluated, [results]). The first FIRST_ROWS rows are timed; if the extrapolated
-    cost of the rest fits the budget they follow in one call, otherwise chunks sized to the
-    remaining budget continue until it is spent (always at least the first chunk).
+    Returns (rows evaluated, [results]). The first FIRST_ROWS rows are timed, then chunks follow,
+    each at most as many rows as are done (doubling) and, once the rest no longer fits the budget
+    at the mean cost so far, at most half the remaining budget's worth, until the budget is spent
+    or the rows run out. A run of costly rows after cheap ones overshoots by about one chunk, not
+    by the whole rest (always at least the first chunk).
     """
     if budget is None or order.size <= FIRST_ROWS:
         return order, [evaluate(order)]
@@ -223,7 +225,10 @@ def _within_budget(order: np.ndarray, evaluate, budget: float | None):
         if left <= 0:
             break
         per_row = elapsed / done
-        size = max(1, int(left / per_row)) if per_row > 0 else order.size
+        if per_row <= 0 or per_row * (order.size - done) <= left:
+            size = done  # the rest fits at the mean cost so far: doubling chunks
+        else:
+            size = max(1, min(done, int(0.5 * left / per_row)))
     return order[:done], results
 
 
@@ -296,7 +301,7 @@ def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
 
 @dataclass
 class VerifierBudget:
-    """A verifier's analysis time over the sweep, shared by its (dataset, T, n, law) cells: each
+    """A verifier's analysis time for one dataset, shared by its (T, n, law) cells: each
     cell may use what is left divided by the cells left (time a cheap cell does not use rolls
     over to the later ones). Where a single position took longer than its cell's share, the
     later cells of that (law, n) are skipped (method ``skipped``, no positions)."""
@@ -314,8 +319,9 @@ class VerifierBudget:
 
 
 def cell_budgets(config: MeasureConfig, datasets: int) -> dict[str, VerifierBudget | None]:
-    """A :class:`VerifierBudget` of ``config.verifier_budget`` seconds per verifier (None: no
-    limit)."""
+    """A :class:`VerifierBudget` per verifier for one dataset: ``config.verifier_budget`` seconds
+    split equally between the datasets (None: no limit), so that a costly first dataset cannot
+    leave nothing for the others."""
     budgets = {}
     names = list(VERIFIERS) if config.verifiers is None else list(config.verifiers)
     for name in names:
@@ -323,8 +329,8 @@ def cell_budgets(config: MeasureConfig, datasets: int) -> dict[str, VerifierBudg
             budgets[name] = None
             continue
         cells = sum(sum(1 for v, _ in active_pairs(config, n)[1] if v == name) for n in config.ns)
-        budgets[name] = VerifierBudget(config.verifier_budget,
-                                       cells * datasets * len(config.temperatures))
+        budgets[name] = VerifierBudget(config.verifier_budget / max(datasets, 1),
+                                       cells * len(config.temperatures))
     return budgets
 
 
@@ -398,10 +404,10 @@ def analyse(config: MeasureConfig, cache_dir: Path, *,
     rng = np.random.default_rng([config.seed, 7])
     datasets = datasets_in(cache_dir, config)
     collected: dict[tuple, _Collected] = {}
-    budgets = cell_budgets(config, len(datasets))
     checks = {"wor_below_iid_positions": 0, "exact_above_bound_positions": 0,
               "max_exact_excess": -math.inf, "positions": 0, "seconds": {}}
     for d_index, dataset in enumerate(datasets):
+        budgets = cell_budgets(config, len(datasets))
         for temperature in config.temperatures:
             positions = load_positions(cache_dir, config, dataset, float(temperature))
             p, q = position_probs(positions)

@@ -45,9 +45,10 @@ class MeasureConfig:
     seed: int = 0
     device: str = "cpu"
     mc_samples: int = 16
-    verifier_budget: float | None = 150.0  # seconds of analysis per verifier over the sweep, shared
-    # by its (dataset, T, n, law) cells; a verifier too slow to rate every position of a cell
-    # within its share is rated on a random subsample (column ``subsampled``). None: no limit.
+    verifier_budget: float | None = 150.0  # seconds of analysis per verifier over the sweep, split
+    # equally between the datasets and shared by each dataset's (T, n, law) cells; a verifier
+    # too slow to rate every position of a cell within its share is rated on a random subsample
+    # (column ``subsampled``). None: no limit.
     threads: int | None = 1  # torch threads during the run (None: leave torch's setting). One
     # thread is much faster for these small models on a shared CPU (less contention).
     extra: dict = field(default_factory=dict)
