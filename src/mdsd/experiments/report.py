@@ -257,7 +257,9 @@ def findings(rows: list[dict], checks: dict | None = None, *, n: int = TABLE_N,
     for t in temps:
         at = [r for r in sub if r["temperature"] == t]
         greedy = [r["acceptance"] for r in at if r["verifier"] == "greedy"]
-        others = [r for r in at if r["law"] in ("iid", "without_replacement")]
+        # rows rated on every position only: a subsample's mean is over other positions
+        others = [r for r in at if r["law"] in ("iid", "without_replacement")
+                  and r["positions"] and not r.get("subsampled")]
         if greedy and others:
             best = max(others, key=lambda r: r["acceptance"])
             lead.append(f"T={t}: greedy − {best['verifier']} = {greedy[0] - best['acceptance']:+.4f}")
