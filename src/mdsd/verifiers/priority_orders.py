@@ -119,7 +119,9 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarra
         orders.append(sigma)
         row = shifted @ c
         shifted = np.vstack([shifted, c])
-        gram = np.block([[gram, row[:, None]], [row[None, :], np.array([[c @ c]])]])
+        grown = np.empty((gram.shape[0] + 1, gram.shape[0] + 1))
+        grown[:-1, :-1], grown[:-1, -1], grown[-1, :-1], grown[-1, -1] = gram, row, row, c @ c
+        gram = grown
         weights = np.append(weights, 0.0)
         while True:  # minor cycle
             alpha = _affine_minimiser(gram)
