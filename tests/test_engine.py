@@ -491,3 +491,21 @@ def test_cli_generate_and_bench(tiny):
     res = runner.invoke(app, ["generate", "w3", "--target", target, "--draft", draft,
                               "--verifier", "rrs", "--law", "without_replacement"])
     assert res.exit_code == 2 and "exact only" in res.output
+
+
+def test_cli_generate_notes_full_vocabulary_optimal(tiny):
+    """optimal with priority orders (>= 3 drafts without replacement) and no top-k: a note
+    suggests --top-k; with a top-k, or with two drafts (closed form), no note."""
+    from typer.testing import CliRunner
+
+    from mdsd.cli import app
+
+    target, draft = (str(p) for p in tiny["llama"])
+    base = ["generate", "w3", "--target", target, "--draft", draft, "--threads", "1",
+            "--law", "without_replacement", "--verifier", "optimal", "-m", "2", "--ignore-eos"]
+    runner = CliRunner()
+    for extra, noted in ((["--tree", "3,1"], True), (["--tree", "3,1", "--top-k", "8"], False),
+                         (["--tree", "2,1"], False)):
+        res = runner.invoke(app, base + extra)
+        assert res.exit_code == 0, res.output
+        assert ("--top-k 50" in res.output) == noted, (extra, res.output)

@@ -40,6 +40,17 @@ def _tree_text(tree: str | None, drafts: int, depth: int) -> str:
     return tree if tree is not None else f"{drafts}x{depth}"
 
 
+def optimal_needs_top_k(config, top_k: int | None) -> bool:
+    """True when ``optimal`` will fit priority orders over the whole vocabulary at every node
+    (without replacement with >= 3 drafts, conditional Poisson): milliseconds per node at top-k
+    50, seconds at a full vocabulary (docs/optimal.md)."""
+    if config.verifier != "optimal" or top_k is not None:
+        return False
+    widest = max(config.tree.widths)
+    return (config.law == "conditional_poisson" and widest >= 2) or (
+        config.law == "without_replacement" and widest >= 3)
+
+
 def _load(target, draft, device, dtype, threads):
     import torch
 
@@ -80,6 +91,9 @@ def generate(
     try:
         sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
         config = TreeConfig.make(_tree_text(tree, drafts, depth), law, verifier)
+        if optimal_needs_top_k(config, top_k):
+            typer.echo(f"note: {config.describe()} fits priority orders over the whole vocabulary "
+                       "at every node (seconds each); --top-k 50 makes that ~1 ms.", err=True)
         pair = _load(target, draft, device, dtype, threads)
         decoder = TreeDecoder(pair, config, sampling)
         tok = pair.tokenizer
