@@ -76,6 +76,29 @@ def test_qall_prefixes_match_enumeration(law, rng):
             assert fast[k] == pytest.approx(qall_reference(tuples, probs, mask), abs=1e-12)
 
 
+@pytest.mark.parametrize("law", ["iid", "without_replacement", "conditional_poisson"])
+def test_qall_window_matches_prefixes(law, rng):
+    """qall_window (the optimal verifier's vertex oracle) == the window of qall_prefixes, on small
+    and LM-sized rows (the without-replacement window kernel skips prefixes outside it)."""
+    the_law = mdsd.get_law(law)
+    for trial in range(20):
+        vocab = int(rng.integers(2, 8)) if trial % 2 else int(rng.integers(50, 400))
+        n = int(rng.integers(1, min(vocab, 8) + 1))
+        q = rng.dirichlet(np.full(vocab, 0.3))
+        if trial % 3 == 0:
+            q[rng.integers(vocab)] = 0.0
+            q /= q.sum()
+        if not law_accepts(law, q, n):
+            continue
+        order = rng.permutation(vocab)
+        k_lo = int(rng.integers(0, vocab + 1))
+        k_hi = int(rng.integers(k_lo, vocab + 1))
+        full = the_law.qall_prefixes(q[order][None, :], n)[0]
+        window = the_law.qall_window(q[order], n, k_lo, k_hi)
+        assert window.shape == (k_hi - k_lo + 1,)
+        np.testing.assert_allclose(window, full[k_lo : k_hi + 1], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("law", ["greedy", "spechub"])
 def test_closed_form_laws_qall_prefixes_match_enumeration(law, rng):
     """Greedy / SpecHub Qall of prefixes of any order, with ties in q placed by token id."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdsd._race import wor_qall_prefixes
+from mdsd._race import wor_qall_prefixes, wor_qall_window
 from mdsd._validate import check_choice, check_n
 
 TOP_SELECT_MAX = 64  # top_tokens selects by partition up to this k, else it sorts
@@ -145,6 +145,16 @@ class DraftLaw:
         """
         raise NotImplementedError(f"law {self.name!r} has no Qall of prefixes")
 
+    def qall_window(self, draft_probs_ordered: np.ndarray, n: int, k_lo: int, k_hi: int,
+                    order=None) -> np.ndarray:
+        """Qall(first k tokens of the order), k = k_lo..k_hi, for one row: [V] -> [k_hi - k_lo + 1].
+
+        The same numbers as ``qall_prefixes(row[None])[0, k_lo : k_hi + 1]``; laws with a
+        windowed kernel skip the prefixes outside the window and the batch bookkeeping.
+        """
+        row = np.asarray(draft_probs_ordered)[None, :]
+        return self.qall_prefixes(row, n, order=order)[0, k_lo : k_hi + 1]
+
     def inclusion_probs(self, draft_probs: np.ndarray, n: int) -> np.ndarray:
         """P(token y is among the drafts), for every y. [..., V] -> [..., V]."""
         raise NotImplementedError(f"no closed-form inclusion probabilities for law {self.name!r}")
@@ -210,6 +220,12 @@ class WithoutReplacement(DraftLaw):
 
     def qall_prefixes(self, draft_probs_ordered, n, order=None):
         return wor_qall_prefixes(draft_probs_ordered, n)
+
+    def qall_window(self, draft_probs_ordered, n, k_lo, k_hi, order=None):
+        row = np.ascontiguousarray(draft_probs_ordered, dtype=np.float64)
+        tail = np.zeros(row.size + 1)
+        tail[:-1] = np.cumsum(row[::-1])[::-1]
+        return wor_qall_window(row, tail, n, k_lo, k_hi)[0]
 
 
 @dataclass(frozen=True)

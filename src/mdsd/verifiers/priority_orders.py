@@ -68,10 +68,11 @@ def order_vertex(law: DraftLaw, q: np.ndarray, n: int, rest: np.ndarray, block: 
     """
     g = block.size
     tokens = np.concatenate([rest, block[sigma[::-1]], before])
-    qall = law.qall_prefixes(q[tokens][None, :], n, order=tokens)[0]  # [K + 1]
-    idx = rest.size + g - np.arange(g)  # prefix R + sigma_{>=k} has length |R| + |G| - k
+    # Qall of the prefixes of lengths |R| .. |R| + |G|: window[i] = Qall(first |R| + i tokens)
+    window = law.qall_window(q[tokens], n, rest.size, rest.size + g, order=tokens)  # [G + 1]
     v = np.empty(g)
-    v[sigma] = np.maximum(qall[idx] - qall[idx - 1], 0.0)
+    # prefix R + sigma_{>=k} has length |R| + |G| - k: window index G - k
+    v[sigma] = np.maximum(np.diff(window)[::-1], 0.0)
     return v
 
 
