@@ -81,7 +81,7 @@ def speed_table(args):
         drafts = mdsd.get_law(law).sample(q, n, rng)
         t_fit, fit = timed(partial(opt.fit_optimal, p, q, n, law), 1)
         threshold = fit.method == "threshold"
-        repeats = 200 if (small and threshold) else 7 if small and top_k == TOP_K else 3
+        repeats = 200 if (small and threshold) else 50 if small and top_k == TOP_K else 5
         if small or threshold:  # a full-vocabulary orders fit (seconds): the one run above
             t_fit, fit = timed(partial(opt.fit_optimal, p, q, n, law), repeats)
         t_verify, _ = timed(partial(opt.output_law_from_fit, fit, drafts), 20 if small else 5)
