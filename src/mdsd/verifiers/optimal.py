@@ -70,6 +70,9 @@ CERTIFY_TOLERANCE = 1e-13
 # A fit whose sum a is this close to its alpha* is certified too: the true rate lies in
 # [sum a, alpha*], so sum a is exact to this much (full-vocabulary fits round to ~1e-12).
 CERTIFY_GAP = 1e-10
+# Largest support on which an ``orders`` fit that the sign pattern does not certify gets its
+# exact acceptance anyway (one Qall scan per order of the mixture and residual token).
+EXACT_ORDERS_SUPPORT = 256
 # Safety margin (relative and absolute) on the room Phi - A used by the H* staircase.
 STAIR_MARGIN = 1e-12
 # Largest ratio between the rates of one H* step and the s of its tokens, and the share of the
@@ -101,10 +104,13 @@ class OptimalFit:
     accepted:    float64 [B, V]; a = min(p, m), the accepted-mass vector of the rule used.
     recovered:   float64 [B, V]; the residual law (p - a) / (1 - sum a) of the recovered token.
     acceptance:  float64 [B]; the acceptance rate of the rule used, exact when ``certified``:
-                 sum a (``threshold``, ``orders``), NaN (fallback).
+                 sum a (``threshold``, ``orders``), plus the residual draws that hit a draft for
+                 an ``orders`` fit without the sign pattern (``_orders_acceptance``); NaN
+                 (fallback).
     alpha_star:  float64 [B]; alpha* from the same scan.
-    certified:   bool [B]; the acceptance rate is sum a: residual tokens can never be drafts in a
-                 rejected step, or sum a is within CERTIFY_GAP of alpha* (the rate lies between).
+    certified:   bool [B]; ``acceptance`` is exact: residual tokens can never be drafts in a
+                 rejected step, or sum a is within CERTIFY_GAP of alpha* (the rate lies between),
+                 or (``orders``, support <= EXACT_ORDERS_SUPPORT) it was computed exactly.
     support:     int64 [B]; number of tokens with q > 0.
     method:      ``threshold`` (iid; without_replacement with n <= 2), ``orders``
                  (without_replacement with n >= 3, conditional_poisson with n >= 2: random priority
@@ -259,9 +265,10 @@ def _fit_orders(p, q, n, law) -> OptimalFit:
     rule_mass = np.zeros((batch, vocab))
     alpha_star = np.empty(batch)
     support = np.empty(batch, dtype=np.int64)
-    mixtures = []
+    mixtures, rows = [], []
     for b in range(batch):
         order, split, mass_sorted, alpha_star[b], blocks = _orders_row(p[b], q[b], n, law)
+        rows.append((order, split, blocks))
         k = order.size
         support[b] = k
         rank[b, np.concatenate([order, np.flatnonzero(q[b] <= 0)])] = np.arange(vocab)
@@ -274,8 +281,65 @@ def _fit_orders(p, q, n, law) -> OptimalFit:
             np.put_along_axis(r, tokens, np.arange(block.size)[None, :], axis=1)
             ranks.append((r, mix.weights))
         mixtures.append((split, *ranks[0], *ranks[1]))
-    return _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, method="orders",
-                   orders=tuple(mixtures))
+    fit = _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, method="orders",
+                  orders=tuple(mixtures))
+    for b, (order, split, blocks) in enumerate(rows):
+        if not fit.certified[b] and order.size <= EXACT_ORDERS_SUPPORT:
+            qs = q[b, order]
+            fit.acceptance[b] = min(1.0, _orders_acceptance(
+                law, qs / qs.sum(), n, split, blocks, fit.accept_prob[b, order],
+                fit.recovered[b, order], float(fit.accepted[b].sum())))
+            fit.certified[b] = True
+    return fit
+
+
+def _orders_acceptance(law: DraftLaw, qs: np.ndarray, n: int, split: int, blocks, keep: np.ndarray,
+                       recovered: np.ndarray, accepted_total: float) -> float:
+    """Exact acceptance of a priority-order rule whatever its mixtures (tokens in scan order).
+
+    A step accepts when the kept draft is emitted (sum a) or when a rejected step's residual
+    token z was itself drafted:
+        alpha = sum a + sum_z r_z sum_y (1 - keep_y) P(z in X, chosen = y),
+    with, for an order whose rule picks y = sigma_k when X misses M_y (the block's tokens before
+    y, and L for the H* block) and holds y,
+        P(z in X, chosen = y) = P(chosen = y) - [Qall(C_y - z) - Qall(C_y - z - y)],  C_y = V - M_y,
+    which is 0 for z in M_y and P(chosen = y) for z = y. Qall(C_y - z) over the orders' prefixes is
+    one scan per (order, z) with z moved out of the scanned prefix.
+    """
+    k = qs.size
+    low, high, none = np.arange(split), np.arange(split, k), np.arange(0)
+    residual = np.flatnonzero(recovered > 0)
+    extra = 0.0
+    for (block, mix), before, rest in zip(blocks, (none, low), (high, none)):
+        g = block.size
+        reject = 1.0 - keep[block]  # indexed like block
+        if g == 0 or not np.any(reject > 0):
+            continue
+        in_before = np.zeros(k, dtype=bool)
+        in_before[before] = True
+        for sigma, weight in zip(mix.orders, mix.weights):
+            chosen = order_vertex(law, qs, n, rest, block, before, sigma)  # P(chosen = y), [g]
+            position = np.empty(k, dtype=np.int64)  # order position of each block token
+            position[block[sigma]] = np.arange(g)
+            for z in residual:
+                if in_before[z]:
+                    continue  # z in M_y for every y of this block
+                z_in_block = position[z] if np.isin(z, block[sigma]) else g
+                scan_rest = rest[rest != z]
+                scan_block = block[sigma[::-1]]
+                scan_block = scan_block[scan_block != z]
+                tokens = np.concatenate([scan_rest, scan_block, [z], before]).astype(np.int64)
+                window = law.qall_window(qs[tokens], n, scan_rest.size,
+                                         scan_rest.size + scan_block.size, order=tokens)
+                step = np.diff(window)  # step[c - 1]: Qall(C - z) - Qall(C - z - y), c = |C_y - z in block|
+                ks = np.arange(min(z_in_block, g))  # y = sigma_k before z (or all when z not in block)
+                counts = scan_block.size - ks  # sigma tokens of C_y - z: sigma_{>=k} without z
+                both = chosen[sigma[ks]] - step[counts - 1]
+                total = float(np.dot(reject[sigma[ks]], np.maximum(both, 0.0)))
+                if z_in_block < g:  # y = z: P(z in X, chosen = z) = P(chosen = z)
+                    total += reject[sigma[z_in_block]] * chosen[sigma[z_in_block]]
+                extra += weight * recovered[z] * total
+    return accepted_total + extra
 
 
 def _orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
