@@ -383,3 +383,16 @@ def test_decompose_recovers_a_mixture_of_vertices(weighted):
     reference = priority_orders.mixture_mass_reference(law, q, 3, block, before, mix.orders,
                                                        mix.weights)
     np.testing.assert_allclose(reference, target, rtol=0, atol=1e-13)
+
+
+def test_compact_moves_only_the_last_rows_into_holes():
+    """Wolfe's active-set buffer: dropping rows keeps every kept row once, in the returned order."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        count = int(rng.integers(1, 12))
+        buffer = rng.normal(size=(count + 3, 5))
+        before = buffer[:count].copy()
+        keep = rng.random(count) < 0.6
+        kept = priority_orders._compact(buffer, keep)
+        assert sorted(kept.tolist()) == np.flatnonzero(keep).tolist()
+        np.testing.assert_array_equal(buffer[: kept.size], before[kept])

@@ -98,10 +98,14 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarra
         return mass_of(sigma) / scale
 
     orders = [np.asarray(start, dtype=np.int64)]
-    shifted = (vertex(orders[0]) - target)[None, :]  # [s, G]: active vertices minus the target
-    gram = shifted @ shifted.T  # [s, s], kept up to date as vertices come and go
+    # active vertices minus the target, rows 0..count-1 of a buffer that grows by doubling (no
+    # copy of the active set per iteration: at a full vocabulary it holds hundreds of rows)
+    buffer = np.empty((8, size))
+    buffer[0] = vertex(orders[0]) - target
+    count = 1
+    gram = buffer[:1] @ buffer[:1].T  # [s, s], kept up to date as vertices come and go
     weights = np.ones(1)
-    g = shifted[0].copy()  # x - t
+    g = buffer[0].copy()  # x - t
     iterations = 0
     while iterations < max_iter:
         iterations += 1
@@ -118,9 +122,12 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarra
         if g @ (g - c) <= GAP_TOLERANCE * np.linalg.norm(g) * spread:
             break  # Wolfe's test: no vertex gets closer to t than x
         orders.append(sigma)
-        row = shifted @ c
-        shifted = np.vstack([shifted, c])
-        grown = np.empty((gram.shape[0] + 1, gram.shape[0] + 1))
+        row = buffer[:count] @ c
+        if count == buffer.shape[0]:
+            buffer = np.concatenate([buffer, np.empty_like(buffer)])
+        buffer[count] = c
+        count += 1
+        grown = np.empty((count, count))
         grown[:-1, :-1], grown[:-1, -1], grown[-1, :-1], grown[-1, -1] = gram, row, row, c @ c
         gram = grown
         weights = np.append(weights, 0.0)
@@ -137,15 +144,30 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarra
             keep = weights > WEIGHT_FLOOR
             if keep.all():  # rounding: drop the smallest so the cycle makes progress
                 keep[np.argmin(weights)] = False
-            orders = [o for o, k in zip(orders, keep) if k]
-            shifted, gram = shifted[keep], gram[np.ix_(keep, keep)]
-            weights = weights[keep] / weights[keep].sum()
+            kept = _compact(buffer, keep)
+            count = kept.size
+            orders = [orders[i] for i in kept]
+            gram = gram[np.ix_(kept, kept)]
+            weights = weights[kept] / weights[kept].sum()
             if weights.size == 1:
                 break
-        g = weights @ shifted
+        g = weights @ buffer[:count]
+    shifted = buffer[:count]
     mass = (weights @ shifted + target) * scale
     return OrderMixture(np.stack(orders), weights, mass,
                         float(np.max(np.abs(mass - target * scale))), iterations)
+
+
+def _compact(buffer: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Drop the rows of buffer[:keep.size] where keep is False by moving the last kept rows into
+    the holes (only the moved rows are copied). Returns the old index of each new row 0..k-1."""
+    new_count = int(keep.sum())
+    movers = np.flatnonzero(keep[new_count:]) + new_count  # kept rows beyond the new end
+    holes = np.flatnonzero(~keep[:new_count])  # dropped rows before it (as many as movers)
+    buffer[holes] = buffer[movers]
+    kept = np.arange(new_count)
+    kept[holes] = movers
+    return kept
 
 
 def _affine_minimiser(gram: np.ndarray) -> np.ndarray:
