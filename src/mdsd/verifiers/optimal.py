@@ -319,12 +319,12 @@ def _orders_acceptance(law: DraftLaw, qs: np.ndarray, n: int, split: int, blocks
         in_before[before] = True
         for sigma, weight in zip(mix.orders, mix.weights):
             chosen = order_vertex(law, qs, n, rest, block, before, sigma)  # P(chosen = y), [g]
-            position = np.empty(k, dtype=np.int64)  # order position of each block token
-            position[block[sigma]] = np.arange(g)
+            position = np.full(k, g, dtype=np.int64)  # order position of each block token
+            position[block[sigma]] = np.arange(g)  # (g: not in the block)
             for z in residual:
                 if in_before[z]:
                     continue  # z in M_y for every y of this block
-                z_in_block = position[z] if np.isin(z, block[sigma]) else g
+                z_in_block = int(position[z])
                 scan_rest = rest[rest != z]
                 scan_block = block[sigma[::-1]]
                 scan_block = scan_block[scan_block != z]
