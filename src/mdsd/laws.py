@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdsd._race import wor_qall_prefixes, wor_qall_window
+from mdsd._race import tail_masses_numpy, wor_qall_prefixes, wor_qall_window
 from mdsd._validate import check_choice, check_n
 
 TOP_SELECT_MAX = 64  # top_tokens selects by partition up to this k, else it sorts
@@ -223,9 +223,7 @@ class WithoutReplacement(DraftLaw):
 
     def qall_window(self, draft_probs_ordered, n, k_lo, k_hi, order=None):
         row = np.ascontiguousarray(draft_probs_ordered, dtype=np.float64)
-        tail = np.zeros(row.size + 1)
-        tail[:-1] = np.cumsum(row[::-1])[::-1]
-        return wor_qall_window(row, tail, n, k_lo, k_hi)[0]
+        return wor_qall_window(row, tail_masses_numpy(row[None, :])[0], n, k_lo, k_hi)[0]
 
 
 @dataclass(frozen=True)

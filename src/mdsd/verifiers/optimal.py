@@ -321,13 +321,13 @@ def _orders_acceptance(law: DraftLaw, qs: np.ndarray, n: int, split: int, blocks
             chosen = order_vertex(law, qs, n, rest, block, before, sigma)  # P(chosen = y), [g]
             position = np.full(k, g, dtype=np.int64)  # order position of each block token
             position[block[sigma]] = np.arange(g)  # (g: not in the block)
+            block_reversed = block[sigma[::-1]]  # sigma_{G-1}, ..., sigma_0: C_y grows from the end
             for z in residual:
                 if in_before[z]:
                     continue  # z in M_y for every y of this block
                 z_in_block = int(position[z])
                 scan_rest = rest[rest != z]
-                scan_block = block[sigma[::-1]]
-                scan_block = scan_block[scan_block != z]
+                scan_block = block_reversed[block_reversed != z]
                 tokens = np.concatenate([scan_rest, scan_block, [z], before]).astype(np.int64)
                 window = law.qall_window(qs[tokens], n, scan_rest.size,
                                          scan_rest.size + scan_block.size, order=tokens)
