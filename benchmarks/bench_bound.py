@@ -57,15 +57,23 @@ def main():
     torch.set_num_threads(1)
     rng = np.random.default_rng(2026)
     print(machine())
-    print(f"numpy {np.__version__}, torch {torch.__version__}, numba {numba_version()}, "
-          f"CUDA {torch.cuda.is_available()}\n")
+    print(
+        f"numpy {np.__version__}, torch {torch.__version__}, numba {numba_version()}, "
+        f"CUDA {torch.cuda.is_available()}\n"
+    )
 
     wor = "without_replacement"
     # (law, V, n, p = q, CPU kernels of the race quadrature)
-    cases = [(wor, 32000, 8, False, KERNELS), (wor, 32000, 4, False, KERNELS),
-             (wor, 128000, 8, False, KERNELS), (wor, 32000, 8, True, KERNELS),
-             ("iid", 32000, 8, False, [None]), ("iid", 128000, 8, False, [None]),
-             ("greedy", 32000, 8, False, [None]), ("spechub", 32000, 2, False, [None])]
+    cases = [
+        (wor, 32000, 8, False, KERNELS),
+        (wor, 32000, 4, False, KERNELS),
+        (wor, 128000, 8, False, KERNELS),
+        (wor, 32000, 8, True, KERNELS),
+        ("iid", 32000, 8, False, [None]),
+        ("iid", 128000, 8, False, [None]),
+        ("greedy", 32000, 8, False, [None]),
+        ("spechub", 32000, 2, False, [None]),
+    ]
     rows = []
     for law, vocab, n, same, kernels in cases:
         pairs = [llm_like_pair(rng, vocab) for _ in range(3)]
@@ -86,31 +94,77 @@ def main():
             w, c, bw, bc = (float(np.median(x)) for x in (wall, cpu, base_wall, base_cpu))
             label = f"optimal_acceptance {law}" + (" p = q" if same else "")
             label += " (torch kernel)" if kernel == "torch" else ""
-            rows.append([label, str(vocab), str(n), "1", f"{1e3 * w:.2f}",
-                         f"{1e3 * c:.2f}", f"{1e3 * bw:.3f}", f"{w / bw:.1f}", f"{c / bc:.1f}",
-                         "-" if np.isnan(error) else f"{error:.1e}"])
+            rows.append(
+                [
+                    label,
+                    str(vocab),
+                    str(n),
+                    "1",
+                    f"{1e3 * w:.2f}",
+                    f"{1e3 * c:.2f}",
+                    f"{1e3 * bw:.3f}",
+                    f"{w / bw:.1f}",
+                    f"{c / bc:.1f}",
+                    "-" if np.isnan(error) else f"{error:.1e}",
+                ]
+            )
         race.CPU_KERNEL = "numba"
         if law == wor and torch.cuda.is_available() and not same:
             p, q = pairs[0]
             mdsd.optimal_acceptance(p, q, n, law, device="cuda")  # warm-up
             gw, gc = timed(lambda: mdsd.optimal_acceptance(p, q, n, law, device="cuda"), args.repeats)  # noqa: B023 (called at once)
-            gpu_error = abs(mdsd.optimal_acceptance(p, q, n, law, device="cuda")
-                            - mdsd.optimal_acceptance(p, q, n, law))
-            rows.append([f"optimal_acceptance {law} (cuda)", str(vocab), str(n), "1",
-                         f"{1e3 * gw:.2f}", f"{1e3 * gc:.2f}", f"{1e3 * bw:.3f}", f"{gw / bw:.1f}",
-                         f"{gc / bc:.1f}", f"{gpu_error:.1e} vs cpu"])
+            gpu_error = abs(
+                mdsd.optimal_acceptance(p, q, n, law, device="cuda") - mdsd.optimal_acceptance(p, q, n, law)
+            )
+            rows.append(
+                [
+                    f"optimal_acceptance {law} (cuda)",
+                    str(vocab),
+                    str(n),
+                    "1",
+                    f"{1e3 * gw:.2f}",
+                    f"{1e3 * gc:.2f}",
+                    f"{1e3 * bw:.3f}",
+                    f"{gw / bw:.1f}",
+                    f"{gc / bc:.1f}",
+                    f"{gpu_error:.1e} vs cpu",
+                ]
+            )
         # batched input: per-row cost of a [B, V] call vs one row
         if vocab == 32000 and n in (2, 8) and not same:
             batch = args.batch if law != wor else max(8, args.batch // 8)
             more = [llm_like_pair(rng, vocab) for _ in range(batch)]
             pb, qb = np.array([a for a, _ in more]), np.array([b for _, b in more])
             bwall, bcpu = timed(lambda: mdsd.optimal_acceptance(pb, qb, n, law), 3)  # noqa: B023 (called at once)
-            rows.append([f"optimal_acceptance {law} batched", str(vocab), str(n), str(batch),
-                         f"{1e3 * bwall / batch:.2f}", f"{1e3 * bcpu / batch:.2f}",
-                         f"{1e3 * bw:.3f}", f"{bwall / batch / bw:.1f}",
-                         f"{bcpu / batch / bc:.1f}", "per row"])
-    print_table(["operation", "V", "n", "B", "median ms (wall)", "median ms (CPU)",
-                 "argsort ms", "ratio wall", "ratio CPU", "max error vs reference"], rows)
+            rows.append(
+                [
+                    f"optimal_acceptance {law} batched",
+                    str(vocab),
+                    str(n),
+                    str(batch),
+                    f"{1e3 * bwall / batch:.2f}",
+                    f"{1e3 * bcpu / batch:.2f}",
+                    f"{1e3 * bw:.3f}",
+                    f"{bwall / batch / bw:.1f}",
+                    f"{bcpu / batch / bc:.1f}",
+                    "per row",
+                ]
+            )
+    print_table(
+        [
+            "operation",
+            "V",
+            "n",
+            "B",
+            "median ms (wall)",
+            "median ms (CPU)",
+            "argsort ms",
+            "ratio wall",
+            "ratio CPU",
+            "max error vs reference",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pair = load_pair(target=args.target, draft=args.draft)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens,
-                              stop_on_eos=False)
+    sampling = SamplingConfig(
+        args.temperature, args.top_k, args.top_p, args.max_new_tokens, stop_on_eos=False
+    )
     configs = []
     for spec in args.config or CONFIGS:
         law, verifier, tree = spec.split(":")
@@ -68,12 +69,16 @@ def main() -> None:
     rows = run_bench(pair, prompts, sampling, configs, seed=args.seed, hf=not args.no_hf)
     elapsed = time.time() - start
 
-    print(f"pair {pair.name}; {len(prompts)} prompts x {args.max_new_tokens} new tokens; "
-          f"T = {args.temperature}, top-k {args.top_k}, top-p {args.top_p}; seed {args.seed}; "
-          f"torch threads {torch.get_num_threads()}; {platform.processor() or platform.machine()}; "
-          f"{elapsed:.0f} s\n")
-    print("| method | tokens/call | tokens/step | accept by depth | draft / target / verify s "
-          "| tokens/s | vs AR | vs HF |")
+    print(
+        f"pair {pair.name}; {len(prompts)} prompts x {args.max_new_tokens} new tokens; "
+        f"T = {args.temperature}, top-k {args.top_k}, top-p {args.top_p}; seed {args.seed}; "
+        f"torch threads {torch.get_num_threads()}; {platform.processor() or platform.machine()}; "
+        f"{elapsed:.0f} s\n"
+    )
+    print(
+        "| method | tokens/call | tokens/step | accept by depth | draft / target / verify s "
+        "| tokens/s | vs AR | vs HF |"
+    )
     print("|---|---|---|---|---|---|---|---|")
 
     def f(x, fmt):
@@ -81,12 +86,13 @@ def main() -> None:
 
     for r in rows:
         depth = ", ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-"
-        times = " / ".join(f(r[k], ".1f") for k in ("draft_time_s", "target_time_s",
-                                                     "verify_time_s"))
-        print(f"| {r['method']} | {f(r['tokens_per_call'], '.2f')} | "
-              f"{f(r['block_efficiency'], '.2f')} | {depth} | {times} | "
-              f"{f(r['tokens_per_second'], '.1f')} | {f(r['speedup_vs_autoregressive'], '.2f')} | "
-              f"{f(r['speedup_vs_hf_assisted'], '.2f')} |")
+        times = " / ".join(f(r[k], ".1f") for k in ("draft_time_s", "target_time_s", "verify_time_s"))
+        print(
+            f"| {r['method']} | {f(r['tokens_per_call'], '.2f')} | "
+            f"{f(r['block_efficiency'], '.2f')} | {depth} | {times} | "
+            f"{f(r['tokens_per_second'], '.1f')} | {f(r['speedup_vs_autoregressive'], '.2f')} | "
+            f"{f(r['speedup_vs_hf_assisted'], '.2f')} |"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"pair": pair.name, "prompts": len(prompts), "rows": rows}, fh, indent=1)

@@ -68,12 +68,14 @@ def speed_table(args):
     cases += [("conditional_poisson", 8192, TOP_K, n, 1.0) for n in (2, 4)]
     cases += [("without_replacement", 8192, k, 4, 1.0) for k in (128, 256)]
     if not args.quick:
-        cases += [("iid", v, None, n, t) for v in (8192, 32000) for t in (0.7, 1.0)
-                  for n in (2, 4, 8)]
-        cases += [("without_replacement", v, None, 2, t) for v in (8192, 32000)
-                  for t in (0.7, 1.0)]
-        cases += [(law, v, None, 4, t) for law in ("without_replacement", "conditional_poisson")
-                  for v in (8192, 32000) for t in (0.7, 1.0)]
+        cases += [("iid", v, None, n, t) for v in (8192, 32000) for t in (0.7, 1.0) for n in (2, 4, 8)]
+        cases += [("without_replacement", v, None, 2, t) for v in (8192, 32000) for t in (0.7, 1.0)]
+        cases += [
+            (law, v, None, 4, t)
+            for law in ("without_replacement", "conditional_poisson")
+            for v in (8192, 32000)
+            for t in (0.7, 1.0)
+        ]
     rng = np.random.default_rng(0)
     for law, vocab, top_k, n, temperature in cases:
         p, q = random_pair(vocab, seed=1, temperature=temperature, top_k=top_k)
@@ -90,15 +92,32 @@ def speed_table(args):
         else:
             row = opt._orders_row(p, q, n, mdsd.get_law(law))
             parts = "Wolfe iterations L {} + H* {}".format(*(m.iterations for _, m in row[4]))
-        rows.append((law, vocab, top_k or "full", n, temperature, int(fit.support[0]), fit.method,
-                     t_fit, t_verify, t_fit + t_verify, parts))
+        rows.append(
+            (
+                law,
+                vocab,
+                top_k or "full",
+                n,
+                temperature,
+                int(fit.support[0]),
+                fit.method,
+                t_fit,
+                t_verify,
+                t_fit + t_verify,
+                parts,
+            )
+        )
     print("\n### Speed (one position, one draft set; CPU)\n")
-    print("| law | V | support | n | T | K | method | fit ms | verify ms | fit+verify ms "
-          "| sort / Phi / target+peel ms (threshold) |")
+    print(
+        "| law | V | support | n | T | K | method | fit ms | verify ms | fit+verify ms "
+        "| sort / Phi / target+peel ms (threshold) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]:.2f} "
-              f"| {r[8]:.3f} | {r[9]:.2f} | {r[10]} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]:.2f} "
+            f"| {r[8]:.3f} | {r[9]:.2f} | {r[10]} |"
+        )
 
 
 def gap_of(p, q, n, law):
@@ -141,17 +160,20 @@ def positions_of(args, temperature, top_k, seed_base=100):
     """[(p, q)] at one temperature / top-k: synthetic pairs, or the bundled pair's positions."""
     if args.model:
         target, draft = args.model_logits
-        return [(process_logits(t, temperature, top_k), process_logits(d, temperature, top_k))
-                for t, d in zip(target, draft)]
-    return [random_pair(8192, seed=seed_base + seed, temperature=temperature, top_k=top_k)
-            for seed in range(args.positions)]
+        return [
+            (process_logits(t, temperature, top_k), process_logits(d, temperature, top_k))
+            for t, d in zip(target, draft)
+        ]
+    return [
+        random_pair(8192, seed=seed_base + seed, temperature=temperature, top_k=top_k)
+        for seed in range(args.positions)
+    ]
 
 
 def optimality_table(args):
     source = "positions of the bundled model pair" if args.model else "synthetic positions"
     print(f"\n### Optimality (alpha* - acceptance over {args.positions} {source}, V = 8192)\n")
-    print("| law | support | T | n | method | positions | mean alpha* | mean gap | max gap "
-          "| median fit ms |")
+    print("| law | support | T | n | method | positions | mean alpha* | mean gap | max gap | median fit ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for law in args.laws:
         for top_k in (TOP_K, None):
@@ -160,8 +182,7 @@ def optimality_table(args):
             for temperature in (0.3, 0.7, 1.0):
                 pairs = positions_of(args, temperature, top_k)
                 for n in (2, 3, 4, 8):
-                    costly = law != "iid" and top_k is None and (
-                        law == "conditional_poisson" or n > 2)
+                    costly = law != "iid" and top_k is None and (law == "conditional_poisson" or n > 2)
                     used = pairs[: args.full_positions] if costly else pairs
                     gaps, bounds, methods, times = [], [], set(), []
                     for p, q in used:
@@ -170,22 +191,31 @@ def optimality_table(args):
                         gaps.append(bound - rate)
                         bounds.append(bound)
                         methods.add(method)
-                    print(f"| {law} | {top_k or 'full'} | {temperature} | {n} "
-                          f"| {'+'.join(sorted(methods))} | {len(used)} | {np.mean(bounds):.4f} "
-                          f"| {np.mean(gaps):.2e} | {np.max(gaps):.2e} "
-                          f"| {1e3 * np.median(times):.1f} |", flush=True)
+                    print(
+                        f"| {law} | {top_k or 'full'} | {temperature} | {n} "
+                        f"| {'+'.join(sorted(methods))} | {len(used)} | {np.mean(bounds):.4f} "
+                        f"| {np.mean(gaps):.2e} | {np.max(gaps):.2e} "
+                        f"| {1e3 * np.median(times):.1f} |",
+                        flush=True,
+                    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, default=20)
-    parser.add_argument("--full-positions", type=int, default=3,
-                        help="positions per T for full-vocabulary orders fits (seconds each)")
+    parser.add_argument(
+        "--full-positions",
+        type=int,
+        default=3,
+        help="positions per T for full-vocabulary orders fits (seconds each)",
+    )
     parser.add_argument("--quick", action="store_true", help="top-k timings and iid only")
-    parser.add_argument("--laws", nargs="+",
-                        default=["iid", "without_replacement", "conditional_poisson"])
-    parser.add_argument("--model", action="store_true",
-                        help="optimality on the bundled pair's positions (skips the speed table)")
+    parser.add_argument("--laws", nargs="+", default=["iid", "without_replacement", "conditional_poisson"])
+    parser.add_argument(
+        "--model",
+        action="store_true",
+        help="optimality on the bundled pair's positions (skips the speed table)",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning, once per fit
     if args.model:

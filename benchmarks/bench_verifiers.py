@@ -66,8 +66,10 @@ def main():
     torch.set_num_threads(1)
     rng = np.random.default_rng(2026)
     print(machine())
-    print(f"numpy {np.__version__}, torch {torch.__version__}, numba {numba_version()}, "
-          f"CUDA {torch.cuda.is_available()}\n")
+    print(
+        f"numpy {np.__version__}, torch {torch.__version__}, numba {numba_version()}, "
+        f"CUDA {torch.cuda.is_available()}\n"
+    )
     batch, vocab = args.batch, args.vocab
     pairs = [llm_like_pair(rng, vocab) for _ in range(batch)]
     p, q = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
@@ -79,9 +81,20 @@ def main():
 
     def row(name, n, backend, wall_cpu, base, error):
         wall, cpu = wall_cpu
-        rows.append([name, backend, str(vocab), str(n), str(batch), f"{1e3 * wall / batch:.3f}",
-                     f"{1e3 * cpu / batch:.3f}", f"{1e3 * base[0] / batch:.3f}",
-                     f"{wall / base[0]:.2f}", error])
+        rows.append(
+            [
+                name,
+                backend,
+                str(vocab),
+                str(n),
+                str(batch),
+                f"{1e3 * wall / batch:.3f}",
+                f"{1e3 * cpu / batch:.3f}",
+                f"{1e3 * base[0] / batch:.3f}",
+                f"{wall / base[0]:.2f}",
+                error,
+            ]
+        )
 
     for name, verifier in VERIFIERS.items():
         if name == "optimal":
@@ -94,12 +107,23 @@ def main():
         reference = "-"
         if name == "kseq":
             reference = f"{np.abs(expected - kseq_reference_law(p, q, x)).max():.1e} vs bisection"
-        row(f"output_law {name}", n, "numpy",
-            timed(lambda: mdsd.output_law(p, q, x, name), args.repeats), np_base, reference)  # noqa: B023 (called at once)
+        row(
+            f"output_law {name}",
+            n,
+            "numpy",
+            timed(lambda: mdsd.output_law(p, q, x, name), args.repeats),
+            np_base,
+            reference,
+        )  # noqa: B023 (called at once)
         got = tb.output_law(tp, tq, tx, name).numpy()
-        row(f"output_law {name}", n, "torch cpu",
-            timed(lambda: tb.output_law(tp, tq, tx, name), args.repeats), torch_base,  # noqa: B023 (called at once)
-            f"{np.abs(got - expected).max():.1e} vs numpy")
+        row(
+            f"output_law {name}",
+            n,
+            "torch cpu",
+            timed(lambda: tb.output_law(tp, tq, tx, name), args.repeats),
+            torch_base,  # noqa: B023 (called at once)
+            f"{np.abs(got - expected).max():.1e} vs numpy",
+        )
         for device in devices:
             dp, dq, dx = tp.to(device), tq.to(device), tx.to(device)
 
@@ -113,30 +137,71 @@ def main():
 
             run()
             got = tb.output_law(dp, dq, dx, name).cpu().numpy()
-            row(f"output_law {name}", n, device, timed(run, args.repeats),
-                timed(base, args.repeats), f"{np.abs(got - expected).max():.1e} vs numpy")
+            row(
+                f"output_law {name}",
+                n,
+                device,
+                timed(run, args.repeats),
+                timed(base, args.repeats),
+                f"{np.abs(got - expected).max():.1e} vs numpy",
+            )
     x = mdsd.get_law("iid").sample(q, args.n, rng)
-    row("verify rrs (sample)", args.n, "numpy",
-        timed(lambda: mdsd.verify(p, q, x, "rrs", rng=1), args.repeats), np_base, "-")
+    row(
+        "verify rrs (sample)",
+        args.n,
+        "numpy",
+        timed(lambda: mdsd.verify(p, q, x, "rrs", rng=1), args.repeats),
+        np_base,
+        "-",
+    )
     generator = torch.Generator().manual_seed(1)
-    row("verify rrs (sample)", args.n, "torch cpu",
+    row(
+        "verify rrs (sample)",
+        args.n,
+        "torch cpu",
         timed(lambda: tb.verify(tp, tq, torch.tensor(x), "rrs", generator=generator), args.repeats),
-        torch_base, "-")
+        torch_base,
+        "-",
+    )
     # K-SEQ's rho*: exact after one selection (numpy: numba buckets) or one sort (torch) vs the
     # 80-step bisection
-    row("kseq rho* (selection)", args.n, "numpy", timed(lambda: kseq_rho(p, q, args.n), args.repeats),
-        np_base, "-")
-    row("kseq rho* (one sort)", args.n, "torch cpu",
-        timed(lambda: kseq_rho(tp, tq, args.n), args.repeats), torch_base, "-")
-    row("kseq rho* (bisection, reference)", args.n, "numpy",
-        timed(lambda: kseq_rho_reference(p, q, args.n), max(1, args.repeats // 2)), np_base, "-")
+    row(
+        "kseq rho* (selection)",
+        args.n,
+        "numpy",
+        timed(lambda: kseq_rho(p, q, args.n), args.repeats),
+        np_base,
+        "-",
+    )
+    row(
+        "kseq rho* (one sort)",
+        args.n,
+        "torch cpu",
+        timed(lambda: kseq_rho(tp, tq, args.n), args.repeats),
+        torch_base,
+        "-",
+    )
+    row(
+        "kseq rho* (bisection, reference)",
+        args.n,
+        "numpy",
+        timed(lambda: kseq_rho_reference(p, q, args.n), max(1, args.repeats // 2)),
+        np_base,
+        "-",
+    )
     # exact rrs_without_replacement acceptance
     two = rrs_wor_acceptance_two(p, q)
-    mc = mdsd.acceptance_rate(p[0], q[0], 2, "rrs_without_replacement", method="monte_carlo",
-                              num_samples=4096, rng=1)
-    row("acceptance rrs_without_replacement (n=2, closed form)", 2, "numpy",
-        timed(lambda: rrs_wor_acceptance_two(p, q), args.repeats), np_base,
-        f"{abs(two[0] - mc.rate):.1e} vs MC (stderr {mc.stderr:.1e})")
+    mc = mdsd.acceptance_rate(
+        p[0], q[0], 2, "rrs_without_replacement", method="monte_carlo", num_samples=4096, rng=1
+    )
+    row(
+        "acceptance rrs_without_replacement (n=2, closed form)",
+        2,
+        "numpy",
+        timed(lambda: rrs_wor_acceptance_two(p, q), args.repeats),
+        np_base,
+        f"{abs(two[0] - mc.rate):.1e} vs MC (stderr {mc.stderr:.1e})",
+    )
     top = top_tokens_reference(q[0], 64)
     q_top = np.zeros(vocab)
     q_top[top] = q[0, top]
@@ -144,13 +209,32 @@ def main():
     saved = batch
     batch = 1
     tree = rrs_wor_acceptance_tree(p[0], q_top, 4)
-    mc = mdsd.acceptance_rate(p[0], q_top, 4, "rrs_without_replacement", method="monte_carlo",
-                              num_samples=4096, rng=1)
-    row("acceptance rrs_without_replacement (top-64, n=4, draw-tree DP)", 4, "numpy",
-        timed(lambda: rrs_wor_acceptance_tree(p[0], q_top, 4), 1), (np_base[0] / saved, 0.0),
-        f"{abs(tree - mc.rate):.1e} vs MC (stderr {mc.stderr:.1e})")
-    print_table(["operation", "backend", "V", "n", "B", "ms/row (wall)", "ms/row (CPU)",
-                 "sort ms/row", "ratio wall", "max error"], rows)
+    mc = mdsd.acceptance_rate(
+        p[0], q_top, 4, "rrs_without_replacement", method="monte_carlo", num_samples=4096, rng=1
+    )
+    row(
+        "acceptance rrs_without_replacement (top-64, n=4, draw-tree DP)",
+        4,
+        "numpy",
+        timed(lambda: rrs_wor_acceptance_tree(p[0], q_top, 4), 1),
+        (np_base[0] / saved, 0.0),
+        f"{abs(tree - mc.rate):.1e} vs MC (stderr {mc.stderr:.1e})",
+    )
+    print_table(
+        [
+            "operation",
+            "backend",
+            "V",
+            "n",
+            "B",
+            "ms/row (wall)",
+            "ms/row (CPU)",
+            "sort ms/row",
+            "ratio wall",
+            "max error",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -10,10 +10,17 @@ from mdsd.verifiers import VERIFIERS
 
 from conftest import law_accepts, random_pair
 
-CLOSED = [("rrs", "iid"), ("kseq", "iid"), ("importance", "iid"), ("greedy", "greedy"),
-          ("spechub", "spechub"),
-          ("sample_check", "iid"), ("sample_check", "greedy"), ("sample_check", "spechub"),
-          ("sample_check", "conditional_poisson")]
+CLOSED = [
+    ("rrs", "iid"),
+    ("kseq", "iid"),
+    ("importance", "iid"),
+    ("greedy", "greedy"),
+    ("spechub", "spechub"),
+    ("sample_check", "iid"),
+    ("sample_check", "greedy"),
+    ("sample_check", "spechub"),
+    ("sample_check", "conditional_poisson"),
+]
 
 
 @pytest.mark.parametrize("verifier,law", CLOSED)
@@ -37,8 +44,7 @@ def test_monte_carlo_within_four_standard_errors(verifier, law):
     p, q = random_pair(rng, 6)
     n = 2
     exact = mdsd.acceptance_rate(p, q, n, verifier, law, method="enumeration").rate
-    estimate = mdsd.acceptance_rate(p, q, n, verifier, law, method="monte_carlo", rng=1,
-                                    num_samples=4000)
+    estimate = mdsd.acceptance_rate(p, q, n, verifier, law, method="monte_carlo", rng=1, num_samples=4000)
     assert estimate.method == "monte_carlo" and estimate.num_samples == 4000
     assert abs(estimate.rate - exact) <= 4 * estimate.stderr + 1e-12
 

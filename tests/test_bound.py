@@ -16,8 +16,9 @@ def _cases(rng, count):
     for i in range(count):
         vocab = int(rng.integers(2, 7))
         n = int(rng.integers(1, 5))
-        p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.3, 1.0, 3.0])),
-                           zero_p=i % 4 == 0, zero_q=i % 5 == 0)
+        p, q = random_pair(
+            rng, vocab, concentration=float(rng.choice([0.3, 1.0, 3.0])), zero_p=i % 4 == 0, zero_q=i % 5 == 0
+        )
         yield p, q, n
 
 
@@ -82,16 +83,16 @@ def test_batched_equals_rows(rng):
         n = 2
         batched = mdsd.optimal_acceptance(p, q, n, law)
         assert batched.shape == (3, 4)
-        rows = [[mdsd.optimal_acceptance(p[i, j], q[i, j], n, law) for j in range(4)]
-                for i in range(3)]
+        rows = [[mdsd.optimal_acceptance(p[i, j], q[i, j], n, law) for j in range(4)] for i in range(3)]
         np.testing.assert_allclose(batched, rows, atol=1e-12)
 
 
 def test_float32_inputs_are_promoted(rng):
     p, q = random_pair(rng, 30)
     a64 = mdsd.optimal_acceptance(p, q, 3, "without_replacement")
-    a32 = mdsd.optimal_acceptance(p.astype(np.float32), q.astype(np.float32), 3,
-                                  "without_replacement", normalize=True)
+    a32 = mdsd.optimal_acceptance(
+        p.astype(np.float32), q.astype(np.float32), 3, "without_replacement", normalize=True
+    )
     assert abs(a64 - a32) < 1e-6
 
 

@@ -17,8 +17,9 @@ def run(*args):
 
 
 def test_bound_random_json():
-    result = run("bound", "--random", "64", "--seed", "3", "-n", "2,4", "--law",
-                 "without_replacement", "--json")
+    result = run(
+        "bound", "--random", "64", "--seed", "3", "-n", "2,4", "--law", "without_replacement", "--json"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert [row["n"] for row in data["bounds"]] == [2, 4]
@@ -34,8 +35,7 @@ def test_compare_from_npz_file(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     (res,) = data["results"]
-    assert set(res["bounds"]) == {"iid", "without_replacement", "greedy", "spechub",
-                                  "conditional_poisson"}
+    assert set(res["bounds"]) == {"iid", "without_replacement", "greedy", "spechub", "conditional_poisson"}
     for row in res["verifiers"]:
         assert row["acceptance"] <= row["bound"] + 4 * row["stderr"] + 1e-12
     greedy = next(r for r in res["verifiers"] if r["verifier"] == "greedy")
@@ -45,8 +45,19 @@ def test_compare_from_npz_file(tmp_path):
 def test_two_files_and_logits(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps([0.0, 1.0, 2.0, 3.0]))
     np.save(tmp_path / "d.npy", np.array([3.0, 2.0, 1.0, 0.0]))
-    result = run("bound", str(tmp_path / "t.json"), str(tmp_path / "d.npy"), "--logits",
-                 "--temperature", "0.5", "--top-k", "3", "-n", "1", "--json")
+    result = run(
+        "bound",
+        str(tmp_path / "t.json"),
+        str(tmp_path / "d.npy"),
+        "--logits",
+        "--temperature",
+        "0.5",
+        "--top-k",
+        "3",
+        "-n",
+        "1",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert 0 <= json.loads(result.output)["bounds"][0]["alpha_star"] <= 1
 

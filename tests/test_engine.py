@@ -48,18 +48,33 @@ def _save_tiny(path, kind: str, vocab: int, hidden: int, layers: int, seed: int)
     words = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, vocab)}
     tok = Tokenizer(WordLevel(vocab=words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                            eos_token="<eos>").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
     torch.manual_seed(seed)
     if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-            max_position_embeddings=48, eos_token_id=1))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                max_position_embeddings=48,
+                eos_token_id=1,
+            )
+        )
     else:
-        model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=2, n_positions=48,
-            eos_token_id=1, bos_token_id=1))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab,
+                n_embd=hidden,
+                n_layer=layers,
+                n_head=2,
+                n_positions=48,
+                eos_token_id=1,
+                bos_token_id=1,
+            )
+        )
     with torch.no_grad():  # sharper random distributions than the default init
         for param in model.parameters():
             if param.dim() > 1:
@@ -82,8 +97,10 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     dirs = {}
     for kind in ("llama", "gpt2"):
-        dirs[kind] = (_save_tiny(root / f"{kind}_t", kind, VOCAB, 32, 2, 0),
-                      _save_tiny(root / f"{kind}_d", kind, VOCAB, 16, 1, 1))
+        dirs[kind] = (
+            _save_tiny(root / f"{kind}_t", kind, VOCAB, 32, 2, 0),
+            _save_tiny(root / f"{kind}_d", kind, VOCAB, 16, 1, 1),
+        )
     dirs["wide"] = _save_tiny(root / "wide", "llama", VOCAB + 4, 16, 1, 2)
     return dirs
 
@@ -147,9 +164,12 @@ def test_build_tree_structure():
     assert parse_tree("2,2").widths == (2, 2)
     assert TreeConfig.make("2x2", "greedy").verifier == "greedy"
     assert (TreeConfig.make("2x2").law, TreeConfig.make("2x2").verifier) == (
-        "without_replacement", "rrs_without_replacement")
+        "without_replacement",
+        "rrs_without_replacement",
+    )
     assert TreeConfig.make("2x2", "without_replacement", "optimal").describe() == (
-        "without_replacement/optimal 2x2")
+        "without_replacement/optimal 2x2"
+    )
     for bad in ("", "0,1", "x", "3x0"):
         with pytest.raises(ValueError, match="tree|depth|drafts"):
             parse_tree(bad)
@@ -177,13 +197,14 @@ def test_tree_logits_and_caches_match_plain_forward(request, family, widths):
                 want = oracle.logits(pair.target, seq + path)
                 np.testing.assert_allclose(logits[node + 1], want, atol=LOGIT_TOL, rtol=0)
                 if node in drafted.draft_probs:  # q the children were drawn from
-                    np.testing.assert_allclose(drafted.draft_probs[node], oracle.q(seq + path),
-                                               atol=LOGIT_TOL, rtol=0)
+                    np.testing.assert_allclose(
+                        drafted.draft_probs[node], oracle.q(seq + path), atol=LOGIT_TOL, rtol=0
+                    )
             seq += emitted
         # the caches now hold exactly the committed prefix: next logits = a full forward
         assert dec.target.cached == len(seq) - 1
-        got_t = dec.target.causal(np.asarray(seq[dec.target.cached:]))[0]
-        got_d = dec.draft.causal(np.asarray(seq[dec.draft.cached:]))[0]
+        got_t = dec.target.causal(np.asarray(seq[dec.target.cached :]))[0]
+        got_d = dec.draft.causal(np.asarray(seq[dec.draft.cached :]))[0]
     np.testing.assert_allclose(got_t, oracle.logits(pair.target, seq), atol=LOGIT_TOL, rtol=0)
     np.testing.assert_allclose(got_d, oracle.logits(pair.draft, seq), atol=LOGIT_TOL, rtol=0)
 
@@ -218,11 +239,11 @@ def _drafted_trees(tree, book, q_of, context):
         kids = tree.children(node)
         options, rule = enumerate_children(q, len(kids), book)
         for drafts, pr in options:
-            tokens[kids.start:kids.start + drafts.size] = drafts
-            valid[kids.start:kids.start + drafts.size] = True
+            tokens[kids.start : kids.start + drafts.size] = drafts
+            valid[kids.start : kids.start + drafts.size] = True
             rules[node], qs[node] = rule, q
             yield from rec(k + 1, tokens, valid, rules, qs, prob * pr)
-            valid[kids.start:kids.stop] = False
+            valid[kids.start : kids.stop] = False
         rules.pop(node, None)
         qs.pop(node, None)
 
@@ -233,6 +254,7 @@ def _step_law(tree, book, oracle, context):
     """Exact law of the tokens one engine step emits after ``context``."""
     law = {}
     for drafted, prob in _drafted_trees(tree, book, oracle.q, context):
+
         def target_probs(node, drafted=drafted):
             return oracle.p(context + _path_tokens(tree, drafted, node))
 
@@ -289,8 +311,9 @@ def test_first_two_tokens_follow_target_law(llama, law, verifier, temperature):
         _assert_same_law(got, want, LAW_TOL)
 
 
-@pytest.mark.parametrize("law,verifier", [("without_replacement", "rrs_without_replacement"),
-                                          ("iid", "importance")])
+@pytest.mark.parametrize(
+    "law,verifier", [("without_replacement", "rrs_without_replacement"), ("iid", "importance")]
+)
 def test_first_three_tokens_with_top_p(gpt2, law, verifier):
     sampling = SamplingConfig(0.8, top_k=TOP_K + 1, top_p=0.9)
     oracle = Oracle(gpt2, sampling)
@@ -334,9 +357,15 @@ class SyntheticModels:
         return self._probs(1, context)
 
 
-@pytest.mark.parametrize("law,verifier", [("without_replacement", "rrs_without_replacement"),
-                                          ("iid", "kseq"), ("spechub", "spechub"),
-                                          ("conditional_poisson", "sample_check")])
+@pytest.mark.parametrize(
+    "law,verifier",
+    [
+        ("without_replacement", "rrs_without_replacement"),
+        ("iid", "kseq"),
+        ("spechub", "spechub"),
+        ("conditional_poisson", "sample_check"),
+    ],
+)
 def test_sampled_walk_and_drafts_follow_their_exact_laws(law, verifier):
     """The sampling paths (``draft_children``, ``walk``) against the enumerations the exact
     tests use (``enumerate_children``, ``emission_law``), by G-tests."""
@@ -373,8 +402,9 @@ def test_sampled_walk_and_drafts_follow_their_exact_laws(law, verifier):
 def test_engine_samples_follow_target_law(llama):
     """End to end: the engine's own sampled output, first two tokens, G-test."""
     sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=2, stop_on_eos=False)
-    dec = TreeDecoder(llama, TreeConfig.make((2, 1), "without_replacement",
-                                             "rrs_without_replacement"), sampling)
+    dec = TreeDecoder(
+        llama, TreeConfig.make((2, 1), "without_replacement", "rrs_without_replacement"), sampling
+    )
     results = dec.generate([PROMPT] * 1200, seed=1234)
     counts = {}
     for r in results:
@@ -385,8 +415,9 @@ def test_engine_samples_follow_target_law(llama):
 
 def test_seeded_runs_replay(llama):
     sampling = SamplingConfig(1.0, max_new_tokens=12, stop_on_eos=False)
-    dec = TreeDecoder(llama, TreeConfig.make("3x3", "without_replacement",
-                                             "rrs_without_replacement"), sampling)
+    dec = TreeDecoder(
+        llama, TreeConfig.make("3x3", "without_replacement", "rrs_without_replacement"), sampling
+    )
     a = dec.generate([PROMPT, [4, 4]], seed=5)
     b = dec.generate([PROMPT, [4, 4]], seed=5)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
@@ -408,9 +439,10 @@ def _greedy_continuation(pair, context, k):
 
 @pytest.mark.filterwarnings("ignore:acceptance at depth 1")
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("law,verifier,tree", [("iid", "rrs", "3x3"),
-                                               ("without_replacement", "sample_check", "3,2,1"),
-                                               ("spechub", "spechub", "2,2")])
+@pytest.mark.parametrize(
+    "law,verifier,tree",
+    [("iid", "rrs", "3x3"), ("without_replacement", "sample_check", "3,2,1"), ("spechub", "spechub", "2,2")],
+)
 def test_temperature_zero_is_target_greedy(request, family, law, verifier, tree):
     pair = request.getfixturevalue(family)
     sampling = SamplingConfig(0.0, max_new_tokens=15, stop_on_eos=False)
@@ -432,8 +464,11 @@ def test_bad_input(llama, tiny):
     with pytest.raises(ValueError, match="spechub"):
         TreeDecoder(llama, TreeConfig.make("3x2", "spechub", "spechub"), sampling)
     with pytest.raises(ValueError, match="width"):
-        TreeDecoder(llama, TreeConfig.make(f"{VOCAB + 1}x1", "without_replacement",
-                                           "rrs_without_replacement"), sampling)
+        TreeDecoder(
+            llama,
+            TreeConfig.make(f"{VOCAB + 1}x1", "without_replacement", "rrs_without_replacement"),
+            sampling,
+        )
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(-1.0)
     dec = TreeDecoder(llama, TreeConfig.make("2x2", "iid", "rrs"), sampling)
@@ -452,8 +487,16 @@ def test_bad_input(llama, tiny):
 def test_unsupported_model_refused(llama):
     from transformers import OPTConfig, OPTForCausalLM
 
-    opt = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
-                                   ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
+    opt = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    )
     pair = ModelPair(target=opt.eval(), draft=llama.draft, tokenizer=llama.tokenizer, name="x")
     with pytest.raises(ValueError, match="target model type 'opt'"):
         TreeDecoder(pair, TreeConfig.make("2x2", "iid", "rrs"), SamplingConfig(1.0))
@@ -482,14 +525,45 @@ def test_cli_generate_and_bench(tiny):
 
     target, draft = (str(p) for p in tiny["llama"])
     runner = CliRunner()
-    res = runner.invoke(app, ["generate", "w3 w4", "--target", target, "--draft", draft,
-                              "--threads", "1", "--tree", "2,1", "--law", "without_replacement", "-m", "5",
-                              "--ignore-eos", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "w3 w4",
+            "--target",
+            target,
+            "--draft",
+            draft,
+            "--threads",
+            "1",
+            "--tree",
+            "2,1",
+            "--law",
+            "without_replacement",
+            "-m",
+            "5",
+            "--ignore-eos",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output[res.output.index('{"prompt"'):].splitlines()[0])
+    out = json.loads(res.output[res.output.index('{"prompt"') :].splitlines()[0])
     assert len(out["token_ids"]) == 5 and out["metrics"]["steps"] >= 1
-    res = runner.invoke(app, ["generate", "w3", "--target", target, "--draft", draft,
-                              "--verifier", "rrs", "--law", "without_replacement"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            "w3",
+            "--target",
+            target,
+            "--draft",
+            draft,
+            "--verifier",
+            "rrs",
+            "--law",
+            "without_replacement",
+        ],
+    )
     assert res.exit_code == 2 and "exact only" in res.output
 
 
@@ -501,11 +575,29 @@ def test_cli_generate_notes_full_vocabulary_optimal(tiny):
     from mdsd.cli import app
 
     target, draft = (str(p) for p in tiny["llama"])
-    base = ["generate", "w3", "--target", target, "--draft", draft, "--threads", "1",
-            "--law", "without_replacement", "--verifier", "optimal", "-m", "2", "--ignore-eos"]
+    base = [
+        "generate",
+        "w3",
+        "--target",
+        target,
+        "--draft",
+        draft,
+        "--threads",
+        "1",
+        "--law",
+        "without_replacement",
+        "--verifier",
+        "optimal",
+        "-m",
+        "2",
+        "--ignore-eos",
+    ]
     runner = CliRunner()
-    for extra, noted in ((["--tree", "3,1"], True), (["--tree", "3,1", "--top-k", "8"], False),
-                         (["--tree", "2,1"], False)):
+    for extra, noted in (
+        (["--tree", "3,1"], True),
+        (["--tree", "3,1", "--top-k", "8"], False),
+        (["--tree", "2,1"], False),
+    ):
         res = runner.invoke(app, base + extra)
         assert res.exit_code == 0, res.output
         assert ("--top-k 50" in res.output) == noted, (extra, res.output)

@@ -50,10 +50,18 @@ def test_topk_layout_is_exact(rng):
     batch, vocab, k, temperature = 7, 40, 5, 0.7
     target, draft = rng.normal(size=(batch, vocab)) * 2, rng.normal(size=(batch, vocab)) * 2
     target[0, :] = draft[0, :]  # identical top-k sets in one row
-    packed = {name: compress_logits(z.astype(np.float32), k) for name, z in
-              (("target", target), ("draft", draft))}
-    positions = Positions("d", temperature, packed["target"]["logits"], packed["draft"]["logits"],
-                          packed["target"]["index"], packed["draft"]["index"], np.zeros(batch, int))
+    packed = {
+        name: compress_logits(z.astype(np.float32), k) for name, z in (("target", target), ("draft", draft))
+    }
+    positions = Positions(
+        "d",
+        temperature,
+        packed["target"]["logits"],
+        packed["draft"]["logits"],
+        packed["target"]["index"],
+        packed["draft"]["index"],
+        np.zeros(batch, int),
+    )
     p, q = position_probs(positions)
     p_full = mdsd.process_logits(target.astype(np.float32), temperature, k)
     q_full = mdsd.process_logits(draft.astype(np.float32), temperature, k)
@@ -63,9 +71,11 @@ def test_topk_layout_is_exact(rng):
         assert np.sort(q[b][q[b] > 0]) == pytest.approx(np.sort(q_full[b][q_full[b] > 0]), abs=1e-15)
     for law in ("iid", "greedy", "without_replacement"):
         assert mdsd.optimal_acceptance(p, q, 3, law) == pytest.approx(
-            mdsd.optimal_acceptance(p_full, q_full, 3, law), abs=1e-12)
+            mdsd.optimal_acceptance(p_full, q_full, 3, law), abs=1e-12
+        )
     assert mdsd.acceptance_rate(p, q, 3, "kseq").rate == pytest.approx(
-        mdsd.acceptance_rate(p_full, q_full, 3, "kseq").rate, abs=1e-12)
+        mdsd.acceptance_rate(p_full, q_full, 3, "kseq").rate, abs=1e-12
+    )
 
 
 def test_clustered_mean():
@@ -91,12 +101,15 @@ class _FakeClock:
         return rows
 
 
-@pytest.mark.parametrize("budget, costs, expect_all, overshoot", [
-    (None, np.full(50, 1.0), True, np.inf),     # no limit
-    (10.0, np.full(50, 0.1), True, 0.0),         # fits
-    (10.0, np.full(50, 1.0), False, 0.0),        # uniform cost: stops at the budget
-    (10.0, np.r_[np.full(5, 0.01), np.full(45, 3.0)], False, 3.0),  # cheap first, costly rest
-])
+@pytest.mark.parametrize(
+    "budget, costs, expect_all, overshoot",
+    [
+        (None, np.full(50, 1.0), True, np.inf),  # no limit
+        (10.0, np.full(50, 0.1), True, 0.0),  # fits
+        (10.0, np.full(50, 1.0), False, 0.0),  # uniform cost: stops at the budget
+        (10.0, np.r_[np.full(5, 0.01), np.full(45, 3.0)], False, 3.0),  # cheap first, costly rest
+    ],
+)
 def test_within_budget_bounded_overshoot(monkeypatch, budget, costs, expect_all, overshoot):
     clock = _FakeClock(costs)
     monkeypatch.setattr(analysis.time, "perf_counter", clock)
@@ -114,8 +127,7 @@ def test_load_prompts(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": "b", "domain": "x"}\n\n{"text": "c"}\n')
     rows = load_prompts(path, None)
-    assert [(r.dataset, r.index, r.text) for r in rows] == [("mine", 0, "a"), ("x", 0, "b"),
-                                                            ("mine", 1, "c")]
+    assert [(r.dataset, r.index, r.text) for r in rows] == [("mine", 0, "a"), ("x", 0, "b"), ("mine", 1, "c")]
     assert [r.text for r in load_prompts(path, 1)] == ["a", "b"]
     path.write_text('{"nope": 1}\n')
     with pytest.raises(ValueError, match="prompt"):
@@ -136,9 +148,17 @@ def _save_tiny(path, hidden: int, layers: int, seed: int):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
     fast.save_pretrained(path)
-    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=True, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=1,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # sharper than the default init, so that p and q differ visibly
@@ -156,14 +176,26 @@ def tiny(tmp_path_factory):
             for i in range(2):
                 words = " ".join(f"w{(5 * i + 3 * j + len(dataset)) % 30 + 2}" for j in range(6))
                 f.write(json.dumps({"domain": dataset, "prompt": words}) + "\n")
-    return {"target": _save_tiny(root / "target", 32, 2, 0),
-            "draft": _save_tiny(root / "draft", 16, 1, 1), "prompts": str(prompts)}
+    return {
+        "target": _save_tiny(root / "target", 32, 2, 0),
+        "draft": _save_tiny(root / "draft", 16, 1, 1),
+        "prompts": str(prompts),
+    }
 
 
 def _config(tiny, **changes):
-    base = MeasureConfig(target=tiny["target"], draft=tiny["draft"], prompts=tiny["prompts"],
-                         num_prompts=2, max_new_tokens=6, temperatures=(0.5, 1.0), ns=(1, 2, 3),
-                         top_k=None, mc_samples=4, verifier_budget=1.0)
+    base = MeasureConfig(
+        target=tiny["target"],
+        draft=tiny["draft"],
+        prompts=tiny["prompts"],
+        num_prompts=2,
+        max_new_tokens=6,
+        temperatures=(0.5, 1.0),
+        ns=(1, 2, 3),
+        top_k=None,
+        mc_samples=4,
+        verifier_budget=1.0,
+    )
     return base.with_(**changes)
 
 
@@ -176,8 +208,15 @@ def measured(tiny, tmp_path_factory):
 
 def test_outputs_exist_and_schema(measured):
     out, run = measured
-    for name in ("results.csv", "results.json", "table1.md", "figure1_temperature.png",
-                 "figure1_temperature.svg", "figure2_drafts.png", "figure2_drafts.svg"):
+    for name in (
+        "results.csv",
+        "results.json",
+        "table1.md",
+        "figure1_temperature.png",
+        "figure1_temperature.svg",
+        "figure2_drafts.png",
+        "figure2_drafts.svg",
+    ):
         assert (out / name).stat().st_size > 0, name
     with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -189,8 +228,13 @@ def test_outputs_exist_and_schema(measured):
     verifiers = {r["verifier"] for r in rows}
     assert set(mdsd.VERIFIERS) <= verifiers | {"spechub"}  # the whole registry is measured
     assert BOUND_VERIFIER in verifiers
-    assert {r["law"] for r in rows} >= {"iid", "without_replacement", "greedy",
-                                        "conditional_poisson", "spechub"}
+    assert {r["law"] for r in rows} >= {
+        "iid",
+        "without_replacement",
+        "greedy",
+        "conditional_poisson",
+        "spechub",
+    }
     assert run["generated_files"] == 2 * 2 * 2 and run["cached_files"] == 0
     assert run["positions_per_temperature"] > 0
 
@@ -259,16 +303,36 @@ def test_cli_measure_topk_and_report(tiny, tmp_path):
     from mdsd.cli import app
 
     runner = CliRunner()
-    result = runner.invoke(app, [
-        "measure", "--target", tiny["target"], "--draft", tiny["draft"], "--prompts",
-        tiny["prompts"], "--num-prompts", "1", "--max-new-tokens", "5", "--temperatures", "0.7",
-        "--n", "2,3", "--top-k", "6", "--verifiers", "rrs,rrs_without_replacement,greedy",
-        "--out", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        [
+            "measure",
+            "--target",
+            tiny["target"],
+            "--draft",
+            tiny["draft"],
+            "--prompts",
+            tiny["prompts"],
+            "--num-prompts",
+            "1",
+            "--max-new-tokens",
+            "5",
+            "--temperatures",
+            "0.7",
+            "--n",
+            "2,3",
+            "--top-k",
+            "6",
+            "--verifiers",
+            "rrs,rrs_without_replacement,greedy",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows, run = read_results(tmp_path)
     assert run["config"]["top_k"] == 6
-    assert {r["verifier"] for r in rows} == {"rrs", "rrs_without_replacement", "greedy",
-                                            BOUND_VERIFIER}
+    assert {r["verifier"] for r in rows} == {"rrs", "rrs_without_replacement", "greedy", BOUND_VERIFIER}
     # top-k 6: every draft tuple can be enumerated, so nothing is Monte Carlo
     assert all(r["method"] != "monte_carlo" for r in rows)
     (tmp_path / "report.md").unlink()
@@ -315,13 +379,29 @@ def test_time_budget_subsamples_paired(measured, tiny):
 
 def test_greedy_finding_ignores_subsampled_rows():
     """A verifier rated on a subsample averages other positions: it must not be the comparison."""
-    def row(verifier, law, acceptance, subsampled=0):
-        return {"dataset": "all", "temperature": 0.3, "n": 3, "verifier": verifier, "law": law,
-                "acceptance": acceptance, "bound": 0.95, "gap": 0.95 - acceptance,
-                "gap_ci95": 0.01, "positions": 100, "subsampled": subsampled,
-                "method": "closed_form", "max_excess": -1.0, "bound_error": 0.0}
 
-    rows = [row("greedy", "greedy", 0.80), row("rrs", "iid", 0.78),
-            row("optimal", "without_replacement", 0.94, subsampled=1)]
+    def row(verifier, law, acceptance, subsampled=0):
+        return {
+            "dataset": "all",
+            "temperature": 0.3,
+            "n": 3,
+            "verifier": verifier,
+            "law": law,
+            "acceptance": acceptance,
+            "bound": 0.95,
+            "gap": 0.95 - acceptance,
+            "gap_ci95": 0.01,
+            "positions": 100,
+            "subsampled": subsampled,
+            "method": "closed_form",
+            "max_excess": -1.0,
+            "bound_error": 0.0,
+        }
+
+    rows = [
+        row("greedy", "greedy", 0.80),
+        row("rrs", "iid", 0.78),
+        row("optimal", "without_replacement", 0.94, subsampled=1),
+    ]
     lead = [f for f in findings(rows) if f["claim"].startswith("greedy beats")]
     assert len(lead) == 1 and lead[0]["detail"] == "T=0.3: greedy − rrs = +0.0200"

@@ -107,8 +107,9 @@ def test_race_kernels_agree_on_windows(n):
         for k_lo, k_hi in windows:
             k_lo, k_hi = int(k_lo), int(k_hi)
             compiled, error_numba = wor_qall_window(q, tail, n, k_lo, k_hi, kernel="numba")
-            plain, error_torch = wor_qall_window(torch.from_numpy(q), torch.from_numpy(tail), n, k_lo,
-                                                 k_hi, kernel="torch")
+            plain, error_torch = wor_qall_window(
+                torch.from_numpy(q), torch.from_numpy(tail), n, k_lo, k_hi, kernel="torch"
+            )
             assert compiled.shape == (k_hi - k_lo + 1,)
             np.testing.assert_allclose(compiled, plain.numpy(), rtol=0, atol=1e-13)
             np.testing.assert_allclose(compiled, slow[k_lo : k_hi + 1], rtol=0, atol=QALL_TOLERANCE)
@@ -136,11 +137,13 @@ def test_fast_qall_torch_input_and_float32_promotion():
     assert isinstance(from_torch, torch.Tensor) and isinstance(from_numpy, np.ndarray)
     np.testing.assert_allclose(from_torch.numpy(), from_numpy, rtol=0, atol=1e-15)
     q32 = q.astype(np.float32)
-    reference = wor_qall_prefixes_reference(q32[None, :].astype(np.float64)
-                                            / q32.astype(np.float64).sum(), 4, step=FINE_STEP)
+    reference = wor_qall_prefixes_reference(
+        q32[None, :].astype(np.float64) / q32.astype(np.float64).sum(), 4, step=FINE_STEP
+    )
     for kernel in KERNELS:
-        promoted = wor_qall_prefixes(q32[None, :].astype(np.float64) / q32.astype(np.float64).sum(), 4,
-                                     kernel=kernel)
+        promoted = wor_qall_prefixes(
+            q32[None, :].astype(np.float64) / q32.astype(np.float64).sum(), 4, kernel=kernel
+        )
         np.testing.assert_allclose(promoted, reference, rtol=0, atol=QALL_TOLERANCE)
 
 
@@ -153,7 +156,8 @@ def test_race_kernel_choice():
     # Qall of the first two tokens for sequential draws: 0.5 * 0.3/0.5 + 0.3 * 0.5/0.7
     for kernel in KERNELS:
         assert wor_qall_window(q, tail, 2, 2, 2, kernel=kernel)[0][0] == pytest.approx(
-            0.3 + 0.15 / 0.7, abs=1e-12)
+            0.3 + 0.15 / 0.7, abs=1e-12
+        )
 
 
 # -- the scan ------------------------------------------------------------------------------
@@ -164,8 +168,9 @@ def scan_reference(p, q, n, law):
     return bound_scan_reference(p, q, n, law, step=FINE_STEP)
 
 
-@pytest.mark.parametrize("law,kernel", [("iid", None), ("without_replacement", "numba"),
-                                        ("without_replacement", "torch")])
+@pytest.mark.parametrize(
+    "law,kernel", [("iid", None), ("without_replacement", "numba"), ("without_replacement", "torch")]
+)
 def test_fast_alpha_equals_plain_scan(law, kernel, monkeypatch):
     if kernel:
         monkeypatch.setattr(race, "CPU_KERNEL", kernel)
@@ -176,8 +181,9 @@ def test_fast_alpha_equals_plain_scan(law, kernel, monkeypatch):
         if i % 3 == 0:
             p, q = llm_like_pair(rng, vocab, noise=float(rng.choice([0.3, 1.0, 2.0])))
         else:
-            p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.2, 1.0])),
-                               zero_p=i % 4 == 0, zero_q=i % 5 == 0)
+            p, q = random_pair(
+                rng, vocab, concentration=float(rng.choice([0.2, 1.0])), zero_p=i % 4 == 0, zero_q=i % 5 == 0
+            )
         if i % 6 == 1:
             q = awkward_draft(rng, vocab, "tiny")
         if law == "without_replacement" and np.count_nonzero(q) < n:
@@ -186,8 +192,7 @@ def test_fast_alpha_equals_plain_scan(law, kernel, monkeypatch):
         assert result.alpha == pytest.approx(scan_reference(p, q, n, law), abs=ALPHA_TOLERANCE)
         # H* attains alpha*: f(H*) from the reference Qall of the set's own order
         k = int(result.optimal_set.sum())
-        order = np.concatenate([np.flatnonzero(result.optimal_set),
-                                np.flatnonzero(~result.optimal_set)])
+        order = np.concatenate([np.flatnonzero(result.optimal_set), np.flatnonzero(~result.optimal_set)])
         if law == "iid":
             qall = min(q[result.optimal_set].sum(), 1.0) ** n
         else:
@@ -203,8 +208,7 @@ def test_fast_alpha_llm_like_full_vocabulary(kernel, monkeypatch):
     p, q = llm_like_pair(rng, 2000)
     for n in (2, 8):
         fast = mdsd.optimal_acceptance(p, q, n, "without_replacement")
-        assert fast == pytest.approx(scan_reference(p, q, n, "without_replacement"),
-                                     abs=ALPHA_TOLERANCE)
+        assert fast == pytest.approx(scan_reference(p, q, n, "without_replacement"), abs=ALPHA_TOLERANCE)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -217,8 +221,7 @@ def test_fast_alpha_when_pruning_fails(kernel, monkeypatch):
     for q in (p, near / near.sum()):
         for n in (3, 8):
             fast = mdsd.optimal_acceptance(p, q, n, "without_replacement")
-            assert fast == pytest.approx(scan_reference(p, q, n, "without_replacement"),
-                                         abs=ALPHA_TOLERANCE)
+            assert fast == pytest.approx(scan_reference(p, q, n, "without_replacement"), abs=ALPHA_TOLERANCE)
 
 
 def test_candidate_window_compiled_equals_numpy():
@@ -264,8 +267,9 @@ def test_bound_compiled_equals_numpy_paths(law, monkeypatch):
     rng = np.random.default_rng(26)
     for i in range(30):
         vocab, n = int(rng.choice([3, 40, 2000])), int(rng.integers(1, 9))
-        p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.2, 1.0])),
-                           zero_p=i % 3 == 0, zero_q=i % 4 == 0)
+        p, q = random_pair(
+            rng, vocab, concentration=float(rng.choice([0.2, 1.0])), zero_p=i % 3 == 0, zero_q=i % 4 == 0
+        )
         if i % 5 == 0:
             q = awkward_draft(rng, vocab, "ties")
         if i % 2 and vocab > 3:  # p = q = 0 on two tokens: f is flat there, H* is the first minimum
@@ -394,9 +398,13 @@ def test_kseq_bracket_selection_equals_sort():
         got = kseq_brackets(p, q, n)
         # where g is 0 to rounding at a breakpoint (p = q, n = 1, ties at the root) the two
         # searches may stop on either side of it; rho*, beta (below) agree there too
-        clear = np.array([hi[b] > lo[b] and min(abs(kseq_g(p[b], q[b], n, lo[b])),
-                                                abs(kseq_g(p[b], q[b], n, hi[b]))) > 1e-12
-                          for b in range(3)])
+        clear = np.array(
+            [
+                hi[b] > lo[b]
+                and min(abs(kseq_g(p[b], q[b], n, lo[b])), abs(kseq_g(p[b], q[b], n, hi[b]))) > 1e-12
+                for b in range(3)
+            ]
+        )
         np.testing.assert_array_equal(got[clear, 1], hi[clear])
         np.testing.assert_array_equal(got[clear, 0], lo[clear])
         np.testing.assert_allclose(got[clear, 2], head[clear], rtol=0, atol=1e-13)
@@ -405,8 +413,7 @@ def test_kseq_bracket_selection_equals_sort():
         rho, beta = kseq_rho(p, q, n)
         rho_t, beta_t = kseq_rho(torch.tensor(p), torch.tensor(q), n)  # the sorted path
         # the acceptance is what matters: at a double root (p = q) rho moves by ~sqrt(eps)
-        np.testing.assert_allclose(at_least_one(beta, n), at_least_one(beta_t.numpy(), n),
-                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose(at_least_one(beta, n), at_least_one(beta_t.numpy(), n), rtol=0, atol=1e-12)
         np.testing.assert_allclose(rho[clear], rho_t.numpy()[clear], rtol=0, atol=1e-12)
     assert checked > 250  # most brackets are compared
 
@@ -452,8 +459,9 @@ def test_rrs_without_replacement_acceptance_exact():
         exact = _enumerate_row(p, q, n, verifier, law)
         if n == 2:
             assert rrs_wor_acceptance_two(p[None], q[None])[0] == pytest.approx(exact, abs=1e-12)
-            assert rrs_wor_acceptance_two(torch.tensor(p[None]), torch.tensor(q[None]))[0].item() \
-                == pytest.approx(exact, abs=1e-12)
+            assert rrs_wor_acceptance_two(torch.tensor(p[None]), torch.tensor(q[None]))[
+                0
+            ].item() == pytest.approx(exact, abs=1e-12)
         assert rrs_wor_acceptance_tree(p, q, n) == pytest.approx(exact, abs=1e-12)
 
 
@@ -468,8 +476,9 @@ def test_acceptance_rate_methods_for_rrs_without_replacement():
     q_top /= q_top.sum()
     four = mdsd.acceptance_rate(p, q_top, 4, "rrs_without_replacement")
     assert four.method == "enumeration"
-    estimate = mdsd.acceptance_rate(p, q_top, 4, "rrs_without_replacement", method="monte_carlo",
-                                    num_samples=4096, rng=1)
+    estimate = mdsd.acceptance_rate(
+        p, q_top, 4, "rrs_without_replacement", method="monte_carlo", num_samples=4096, rng=1
+    )
     assert abs(four.rate - estimate.rate) < 5 * estimate.stderr + 1e-12
 
 
@@ -500,8 +509,13 @@ def test_torch_output_law_equals_numpy(verifier, law, device):
         except ValueError:
             continue
         expected = mdsd.output_law(p, q, x, verifier, law)
-        got = tb.output_law(torch.tensor(p, device=device), torch.tensor(q, device=device),
-                            torch.tensor(x, device=device), verifier, law)
+        got = tb.output_law(
+            torch.tensor(p, device=device),
+            torch.tensor(q, device=device),
+            torch.tensor(x, device=device),
+            verifier,
+            law,
+        )
         np.testing.assert_allclose(got.cpu().numpy(), expected, rtol=0, atol=1e-12)
 
 
@@ -519,9 +533,13 @@ def test_torch_batched_path_is_exact(verifier, law):
         except ValueError:
             continue
         rows = len(tuples)
-        out = tb.output_law(torch.tensor(np.broadcast_to(p, (rows, vocab)).copy()),
-                            torch.tensor(np.broadcast_to(q, (rows, vocab)).copy()),
-                            torch.tensor(tuples), verifier, law).numpy()
+        out = tb.output_law(
+            torch.tensor(np.broadcast_to(p, (rows, vocab)).copy()),
+            torch.tensor(np.broadcast_to(q, (rows, vocab)).copy()),
+            torch.tensor(tuples),
+            verifier,
+            law,
+        ).numpy()
         np.testing.assert_allclose(probs @ out, p, rtol=0, atol=1e-12)
 
 

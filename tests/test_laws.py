@@ -1,6 +1,5 @@
 """Draft laws: enumeration sums to 1, sampling follows the enumerated law, Qall prefixes."""
 
-
 import numpy as np
 import pytest
 from scipy.stats import chisquare

@@ -41,11 +41,14 @@ def test_pair_uses_identical_transform():
     assert np.all((p > 0).sum(axis=-1) <= 10)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"temperature": -1.0}, "temperature"),
-    ({"top_k": 0}, "top_k"),
-    ({"top_p": 1.5}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
 def test_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mdsd.process_logits([0.0, 1.0], **kwargs)

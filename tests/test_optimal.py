@@ -24,8 +24,13 @@ def enumerate_optimal(p, q, n, law, fit=None):
     """(marginal [V], acceptance, output laws [M, V], tuples [M, n]) by enumerating the law."""
     tuples, probs = mdsd.get_law(law).enumerate(q, n)
     if fit is None:
-        out = mdsd.output_law(np.broadcast_to(p, (len(tuples), p.size)),
-                              np.broadcast_to(q, (len(tuples), q.size)), tuples, "optimal", law)
+        out = mdsd.output_law(
+            np.broadcast_to(p, (len(tuples), p.size)),
+            np.broadcast_to(q, (len(tuples), q.size)),
+            tuples,
+            "optimal",
+            law,
+        )
     else:
         out = output_law_from_fit(fit, tuples)
     return probs @ out, float(probs @ accepted_mass(out, tuples)), out, tuples
@@ -39,8 +44,7 @@ def check_exact_and_optimal(p, q, n, law, lp_check=False):
     assert acceptance <= bound + 1e-12
     assert acceptance == pytest.approx(bound, abs=OPTIMAL_TOL)
     if lp_check:
-        assert acceptance == pytest.approx(lp.lp_optimal_acceptance(p, q, n, law).alpha,
-                                           abs=OPTIMAL_TOL)
+        assert acceptance == pytest.approx(lp.lp_optimal_acceptance(p, q, n, law).alpha, abs=OPTIMAL_TOL)
     # the closed form is the rate of the rule actually used (sum a; for priority orders it may be
     # certified by its distance to alpha* instead, where the rate lies in [sum a, alpha*])
     closed = mdsd.acceptance_rate(p, q, n, "optimal", law, method="auto")
@@ -58,8 +62,13 @@ def test_exact_and_optimal_on_random_cases(law):
     for i in range(200):
         vocab = int(rng.integers(2, 7))
         n = int(rng.integers(1, 5))
-        p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.2, 0.5, 1.0, 3.0])),
-                           zero_p=i % 3 == 0, zero_q=i % 4 == 0)
+        p, q = random_pair(
+            rng,
+            vocab,
+            concentration=float(rng.choice([0.2, 0.5, 1.0, 3.0])),
+            zero_p=i % 3 == 0,
+            zero_q=i % 4 == 0,
+        )
         if law_accepts(law, q, n):
             check_exact_and_optimal(p, q, n, law, lp_check=i % 4 == 0)
             checked += 1
@@ -115,13 +124,14 @@ def test_fit_reuse_matches_front_door():
         fit = fit_optimal(p, q, 3, law)
         drafts = mdsd.get_law(law).sample(np.broadcast_to(q, (50, 6)), 3, rng)
         batched = output_law_from_fit(fit, drafts)
-        direct = mdsd.output_law(np.broadcast_to(p, (50, 6)), np.broadcast_to(q, (50, 6)),
-                                 drafts, "optimal", law)
+        direct = mdsd.output_law(
+            np.broadcast_to(p, (50, 6)), np.broadcast_to(q, (50, 6)), drafts, "optimal", law
+        )
         np.testing.assert_allclose(batched, direct, atol=1e-14)
         np.testing.assert_allclose(output_law_from_fit(fit, drafts[7]), direct[7], atol=1e-14)
         via_verifier = mdsd.get_verifier("optimal").output_law(
-            np.broadcast_to(p, (50, 6)), np.broadcast_to(q, (50, 6)), drafts,
-            mdsd.get_law(law), fit=fit)
+            np.broadcast_to(p, (50, 6)), np.broadcast_to(q, (50, 6)), drafts, mdsd.get_law(law), fit=fit
+        )
         np.testing.assert_allclose(via_verifier, direct, atol=1e-14)
 
 
@@ -171,8 +181,7 @@ def test_peel_rates_match_reference():
         split = order.size - int(np.argmin(gap[::-1]))
         target, _ = opt._target_curve(p[order], q[order], phi, split)
         levels, rate = opt._peel(q[order], phi, target)
-        np.testing.assert_allclose(rate, opt._threshold_rates(q[order], phi, levels),
-                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(rate, opt._threshold_rates(q[order], phi, levels), rtol=1e-10, atol=1e-12)
 
 
 def test_accepted_mass_is_min_p_cq():
@@ -204,8 +213,10 @@ def test_verify_from_fit_samples_output_law():
     assert isinstance(token, int) and isinstance(ok, bool)
 
 
-@pytest.mark.parametrize("law, fallback", [("without_replacement", "rrs_without_replacement"),
-                                           ("conditional_poisson", "sample_check")])
+@pytest.mark.parametrize(
+    "law, fallback",
+    [("without_replacement", "rrs_without_replacement"), ("conditional_poisson", "sample_check")],
+)
 def test_fallback_warns_and_stays_valid(monkeypatch, law, fallback):
     monkeypatch.setattr(opt, "MAX_ORDER_SUPPORT", 5)
     p, q = random_pair(np.random.default_rng(11), 6)
@@ -234,8 +245,7 @@ def test_two_drafts_without_replacement_exact_and_optimal(vocab):
     """n = 2 without replacement uses the threshold construction with the q-proportional split."""
     rng = np.random.default_rng(vocab)
     for _ in range(10):
-        p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.1, 0.5, 2.0])),
-                           zero_p=True)
+        p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.1, 0.5, 2.0])), zero_p=True)
         check_exact_and_optimal(p, q, 2, "without_replacement")
 
 
@@ -302,8 +312,9 @@ def test_order_mixture_mass_matches_enumeration(law):
         for (block, mix), before in zip(blocks, (np.arange(0), low)):
             if block.size == 0:
                 continue
-            reference = priority_orders.mixture_mass_reference(the_law, qs, n, block, before,
-                                                               mix.orders, mix.weights)
+            reference = priority_orders.mixture_mass_reference(
+                the_law, qs, n, block, before, mix.orders, mix.weights
+            )
             np.testing.assert_allclose(mix.mass, reference, rtol=0, atol=1e-13)
             assert np.all(mix.weights > 0) and mix.weights.sum() == pytest.approx(1.0, abs=1e-14)
         assert np.all(mass[:split] <= ps[:split] + 1e-13)
@@ -349,8 +360,15 @@ def test_three_drafts_without_replacement_exact_at_nine_tokens():
         check_exact_and_optimal(p, q, 3, "without_replacement", lp_check=True)
 
 
-@pytest.mark.parametrize("law, n", [("without_replacement", 3), ("without_replacement", 4),
-                                    ("without_replacement", 8), ("conditional_poisson", 3)])
+@pytest.mark.parametrize(
+    "law, n",
+    [
+        ("without_replacement", 3),
+        ("without_replacement", 4),
+        ("without_replacement", 8),
+        ("conditional_poisson", 3),
+    ],
+)
 def test_orders_attain_alpha_at_top_k(law, n):
     """Top-64 drafting on a 4,000-token LM-like pair: acceptance == alpha*, certified."""
     p, q = lm_pair(4000, seed=4, temperature=0.9, top_k=64)
@@ -380,8 +398,7 @@ def test_decompose_recovers_a_mixture_of_vertices(weighted):
     scale = np.sqrt(q[block]) if weighted else None
     mix = priority_orders.decompose(vertex, target, np.arange(block.size), scale=scale)
     assert mix.residual <= 1e-13
-    reference = priority_orders.mixture_mass_reference(law, q, 3, block, before, mix.orders,
-                                                       mix.weights)
+    reference = priority_orders.mixture_mass_reference(law, q, 3, block, before, mix.orders, mix.weights)
     np.testing.assert_allclose(reference, target, rtol=0, atol=1e-13)
 
 

@@ -6,14 +6,17 @@ import pytest
 import mdsd
 
 
-@pytest.mark.parametrize("p,match", [
-    ([0.5, np.nan], r"target_probs contains a non-finite value nan"),
-    ([0.5, np.inf], r"target_probs contains a non-finite value inf"),
-    ([1.2, -0.2], r"target_probs has negative mass -0.2"),
-    ([0.5, 0.6], r"target_probs must sum to 1.*1\.1.*normalize=True"),
-    ([], r"target_probs has an empty vocabulary"),
-    (0.5, r"target_probs must have at least one dimension"),
-])
+@pytest.mark.parametrize(
+    "p,match",
+    [
+        ([0.5, np.nan], r"target_probs contains a non-finite value nan"),
+        ([0.5, np.inf], r"target_probs contains a non-finite value inf"),
+        ([1.2, -0.2], r"target_probs has negative mass -0.2"),
+        ([0.5, 0.6], r"target_probs must sum to 1.*1\.1.*normalize=True"),
+        ([], r"target_probs has an empty vocabulary"),
+        (0.5, r"target_probs must have at least one dimension"),
+    ],
+)
 def test_bad_target(p, match):
     with pytest.raises(ValueError, match=match):
         mdsd.optimal_acceptance(p, [0.5, 0.5], 2)
@@ -29,8 +32,9 @@ def test_shapes_must_match():
         mdsd.optimal_acceptance([0.5, 0.5], [0.2, 0.3, 0.5], 1)
 
 
-@pytest.mark.parametrize("n,match", [(0, "n must be >= 1, got 0"), (1.5, "n must be an integer"),
-                                     (True, "n must be an integer")])
+@pytest.mark.parametrize(
+    "n,match", [(0, "n must be >= 1, got 0"), (1.5, "n must be an integer"), (True, "n must be an integer")]
+)
 def test_bad_n(n, match):
     with pytest.raises(ValueError, match=match):
         mdsd.optimal_acceptance([0.5, 0.5], [0.5, 0.5], n)

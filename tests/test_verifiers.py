@@ -18,8 +18,9 @@ ATTAINS_BOUND = {"greedy", "spechub"}
 def enumerate_verifier(p, q, n, verifier, law):
     tuples, probs = mdsd.get_law(law).enumerate(q, n)
     rows = len(tuples)
-    out = mdsd.output_law(np.broadcast_to(p, (rows, p.size)), np.broadcast_to(q, (rows, q.size)),
-                          tuples, verifier, law)
+    out = mdsd.output_law(
+        np.broadcast_to(p, (rows, p.size)), np.broadcast_to(q, (rows, q.size)), tuples, verifier, law
+    )
     return probs @ out, float(probs @ accepted_mass(out, tuples)), out
 
 
@@ -41,8 +42,9 @@ def test_exact_on_random_cases(verifier, law):
     for i in range(100):
         vocab = int(rng.integers(2, 7))
         n = 2 if law == "spechub" else int(rng.integers(1, 5))
-        p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.3, 1.0])),
-                           zero_p=i % 3 == 0, zero_q=i % 4 == 0)
+        p, q = random_pair(
+            rng, vocab, concentration=float(rng.choice([0.3, 1.0])), zero_p=i % 3 == 0, zero_q=i % 4 == 0
+        )
         if law_accepts(law, q, n):
             check_exact(p, q, n, verifier, law)
             checked += 1
@@ -76,8 +78,14 @@ def test_verify_samples_output_law(verifier, law):
     drafts = mdsd.get_law(law).sample(q, n, rng)
     expected_law = mdsd.output_law(p, q, drafts, verifier, law)
     count = 20000
-    tokens, accepted = mdsd.verify(np.broadcast_to(p, (count, 5)), np.broadcast_to(q, (count, 5)),
-                                   np.broadcast_to(drafts, (count, n)), verifier, law, rng=rng)
+    tokens, accepted = mdsd.verify(
+        np.broadcast_to(p, (count, 5)),
+        np.broadcast_to(q, (count, 5)),
+        np.broadcast_to(drafts, (count, n)),
+        verifier,
+        law,
+        rng=rng,
+    )
     observed = np.bincount(tokens, minlength=5)
     support = expected_law > 0
     assert observed[~support].sum() == 0

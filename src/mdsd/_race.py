@@ -229,8 +229,7 @@ def _arrived_chunked(q_row, t, n, k_lo, k_hi):
     return arrived
 
 
-def _chunk_arrivals(r: torch.Tensor, decay: torch.Tensor, x0: torch.Tensor, n: int,
-                    outputs: bool = True):
+def _chunk_arrivals(r: torch.Tensor, decay: torch.Tensor, x0: torch.Tensor, n: int, outputs: bool = True):
     """P(N >= n) at the prefixes of one chunk, and the state at its end.
 
     r: [A, L] contiguous (tokens of the chunk); decay: [A, L + 1] = e^{-(E_k - E_start)} at the
@@ -297,8 +296,7 @@ def _maybe_live(q_row, lam, t, n, k_lo):
         desc = torch.flip(asc, (0,))
     mass_desc = torch.cumsum(desc, 0)
     count_big = vocab - torch.searchsorted(asc, 1.0 / t)  # #{q >= 1/t}
-    mass_big = torch.where(count_big > 0, mass_desc[(count_big - 1).clamp(min=0)],
-                           torch.zeros_like(t))
+    mass_big = torch.where(count_big > 0, mass_desc[(count_big - 1).clamp(min=0)], torch.zeros_like(t))
     mass_small = torch.clamp(mass_desc[-1] - mass_big, min=0.0)
     mean_all = (1.0 - math.exp(-1.0)) * (count_big + t * mass_small)
     # k_s(j): first window prefix with lambda_k t_j <= RIGHT_CUT (lam is non-increasing)
@@ -320,8 +318,9 @@ def _cpu_threads(device, threads):
         yield
 
 
-def wor_qall_window(q_row, tail, n: int, k_lo: int, k_hi: int, step: float | None = None, *,
-                    kernel: str | None = None):
+def wor_qall_window(
+    q_row, tail, n: int, k_lo: int, k_hi: int, step: float | None = None, *, kernel: str | None = None
+):
     """Qall(H_k), k_lo <= k <= k_hi, for one row; returns (qall [K], error_estimate).
 
     q_row: [V] float64 (numpy array or torch tensor) in scan order; tail: [V + 1] its tail masses
@@ -379,8 +378,9 @@ def _window_step(n: int, vocab: int, step: float | None) -> float:
     return fast_step(n) * (SMALL_VOCAB_STEP if vocab <= SMALL_VOCAB else 1.0)
 
 
-def _wor_qall_window_numba(q_row: np.ndarray, tail: np.ndarray, n: int, k_lo: int, k_hi: int,
-                           step: float | None):
+def _wor_qall_window_numba(
+    q_row: np.ndarray, tail: np.ndarray, n: int, k_lo: int, k_hi: int, step: float | None
+):
     """``wor_qall_window`` on the numba kernel (numpy in, numpy out); same nodes as torch's."""
     q_row = np.ascontiguousarray(q_row, dtype=np.float64)
     lam = np.ascontiguousarray(tail[k_lo : k_hi + 1], dtype=np.float64)
@@ -397,8 +397,9 @@ def _wor_qall_window_numba(q_row: np.ndarray, tail: np.ndarray, n: int, k_lo: in
     u = u[: max(1, int(np.count_nonzero(np.exp(u) * min_rate <= RIGHT_CUT)))]
     first_even = round(u[0] / step) % 2  # nodes j with j % 2 == first_even lie on the grid 2hZ
     qall = np.empty(lam.size)
-    error = numba_kernel().race_window(q_row, lam, np.exp(u), n, k_lo, k_hi, step, first_even,
-                                        CLAMP, SATURATED, RIGHT_CUT, qall)
+    error = numba_kernel().race_window(
+        q_row, lam, np.exp(u), n, k_lo, k_hi, step, first_even, CLAMP, SATURATED, RIGHT_CUT, qall
+    )
     return qall, float(error)
 
 
@@ -411,8 +412,7 @@ def _wor_qall_window(q_row, tail, n, k_lo, k_hi, step):
     if not math.isfinite(min_rate):  # every prefix holds all the mass
         return torch.ones_like(lam), 0.0
     step = _window_step(n, q_row.numel(), step)
-    u = torch.as_tensor(fast_nodes(min_rate, n, step), dtype=q_row.dtype,
-                        device=q_row.device)
+    u = torch.as_tensor(fast_nodes(min_rate, n, step), dtype=q_row.dtype, device=q_row.device)
     t = torch.exp(u)
     live = _maybe_live(q_row, lam, t, n, k_lo)
     # weights h lambda t e^{-lambda t} times F = P(N >= n); nodes certified saturated have F = 1
@@ -448,13 +448,18 @@ def wor_qall_prefixes(draft_probs_ordered, n: int, *, device=None, kernel: str |
         # iteration of the optimal verifier's fit, on short rows where the overhead dominates)
         q_np = np.ascontiguousarray(draft_probs_ordered, dtype=np.float64)
         tail_np = tail_masses_numpy(q_np)
-        return np.stack([_wor_qall_window_numba(q_np[b], tail_np[b], n, 0, q_np.shape[1], None)[0]
-                         for b in range(q_np.shape[0])])
+        return np.stack(
+            [
+                _wor_qall_window_numba(q_np[b], tail_np[b], n, 0, q_np.shape[1], None)[0]
+                for b in range(q_np.shape[0])
+            ]
+        )
     q = torch.as_tensor(np.asarray(draft_probs_ordered) if as_numpy else draft_probs_ordered)
     q = q.to(dtype=torch.float64, device=device)
     tail = tail_masses_torch(q)
-    out = torch.stack([wor_qall_window(q[b], tail[b], n, 0, q.shape[1], kernel=kernel)[0]
-                       for b in range(q.shape[0])])
+    out = torch.stack(
+        [wor_qall_window(q[b], tail[b], n, 0, q.shape[1], kernel=kernel)[0] for b in range(q.shape[0])]
+    )
     return out.cpu().numpy() if as_numpy else out
 
 

@@ -80,8 +80,9 @@ def _fma(typingctx, x, y, z):
 
     def codegen(context, builder, signature, args):
         double = ir.DoubleType()
-        fn = builder.module.declare_intrinsic("llvm.fma", [double],
-                                              ir.FunctionType(double, [double, double, double]))
+        fn = builder.module.declare_intrinsic(
+            "llvm.fma", [double], ir.FunctionType(double, [double, double, double])
+        )
         return builder.call(fn, args)
 
     return sig, codegen
@@ -132,8 +133,9 @@ def race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, ri
     cut = 0  # nodes 0..cut-1 have lambda_k t_j <= right_cut at the current prefix
     error = 0.0
     if k_lo == 0:  # the empty prefix: nothing has arrived
-        cut, error = _output(lam[0], tt, num, arrived, step, first_even, right_cut, cut, error,
-                             term, acc, out, 0)
+        cut, error = _output(
+            lam[0], tt, num, arrived, step, first_even, right_cut, cut, error, term, acc, out, 0
+        )
     start = 0
     while start < k_hi:
         end = min(start + SEGMENT, k_hi)
@@ -146,8 +148,21 @@ def race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, ri
         _scan_segment(q, start, end, tt, x, arrived, s, a, n, scanned, clamp, record, keep)
         if keep:
             for k in range(max(start + 1, k_lo), end + 1):
-                cut, error = _output(lam[k - k_lo], tt, num, record[k - start - 1], step, first_even,
-                                     right_cut, cut, error, term, acc, out, k - k_lo)
+                cut, error = _output(
+                    lam[k - k_lo],
+                    tt,
+                    num,
+                    record[k - start - 1],
+                    step,
+                    first_even,
+                    right_cut,
+                    cut,
+                    error,
+                    term,
+                    acc,
+                    out,
+                    k - k_lo,
+                )
         while active > 0:  # drop the top node while saturated
             below = 0.0
             for m in range(n):

@@ -48,9 +48,7 @@ def as_probs(x, name: str, *, normalize: bool = False) -> np.ndarray:
         )
     if arr.size and arr.min() < 0:
         bad = np.argwhere(arr < 0)[0]
-        raise ValueError(
-            f"{name} has negative mass {arr[tuple(bad)]} at index {tuple(bad.tolist())}"
-        )
+        raise ValueError(f"{name} has negative mass {arr[tuple(bad)]} at index {tuple(bad.tolist())}")
     if np.any(sums <= 0):
         raise ValueError(f"{name} has a row with zero total mass")
     if not normalize:
@@ -68,8 +66,7 @@ def check_pair(p: np.ndarray, q: np.ndarray, p_name="target_probs", q_name="draf
     """Both arrays must have the same shape (same vocabulary, same batch)."""
     if p.shape != q.shape:
         raise ValueError(
-            f"{p_name} and {q_name} must have the same shape (same vocabulary), got {p.shape} and "
-            f"{q.shape}"
+            f"{p_name} and {q_name} must have the same shape (same vocabulary), got {p.shape} and {q.shape}"
         )
 
 

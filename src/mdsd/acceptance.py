@@ -48,9 +48,19 @@ class AcceptanceRate:
     num_samples: int = 0
 
 
-def acceptance_rate(target_probs, draft_probs, n: int, verifier="rrs", law=None, *,
-                    method="auto", rng=None, num_samples: int = SAMPLES,
-                    max_tuples: int = MAX_TUPLES, normalize=False) -> AcceptanceRate:
+def acceptance_rate(
+    target_probs,
+    draft_probs,
+    n: int,
+    verifier="rrs",
+    law=None,
+    *,
+    method="auto",
+    rng=None,
+    num_samples: int = SAMPLES,
+    max_tuples: int = MAX_TUPLES,
+    normalize=False,
+) -> AcceptanceRate:
     """Acceptance rate P(y in set(x)) of ``verifier`` with n drafts from ``law``.
 
     Args:
@@ -97,8 +107,9 @@ def acceptance_rate(target_probs, draft_probs, n: int, verifier="rrs", law=None,
         rates = [_enumerate_row(pr, qr, n, the_verifier, the_law) for pr, qr in zip(p2, q2)]
         return finish(rates, np.zeros(len(p2)), "enumeration")
     rng = np.random.default_rng(0 if rng is None else rng)
-    rates, errors = zip(*(_monte_carlo_row(pr, qr, n, the_verifier, the_law, rng, num_samples)
-                          for pr, qr in zip(p2, q2)))
+    rates, errors = zip(
+        *(_monte_carlo_row(pr, qr, n, the_verifier, the_law, rng, num_samples) for pr, qr in zip(p2, q2))
+    )
     return finish(rates, errors, "monte_carlo", num_samples)
 
 

@@ -68,8 +68,7 @@ def scan_order(target_probs: np.ndarray, draft_probs: np.ndarray) -> np.ndarray:
     """
     p, q = np.asarray(target_probs), np.asarray(draft_probs)
     if p.ndim != 1:
-        flat = [scan_order(pr, qr) for pr, qr in zip(p.reshape(-1, p.shape[-1]),
-                                                      q.reshape(-1, q.shape[-1]))]
+        flat = [scan_order(pr, qr) for pr, qr in zip(p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1]))]
         return np.asarray(flat).reshape(p.shape)
     return _scan_order_keys(p, q)[0]
 
@@ -97,8 +96,9 @@ def _scan_order_keys(p: np.ndarray, q: np.ndarray):
     return order, ordered, head
 
 
-def optimal_bound(target_probs, draft_probs, n: int, law="iid", *, normalize=False,
-                  device=None) -> OptimalBound:
+def optimal_bound(
+    target_probs, draft_probs, n: int, law="iid", *, normalize=False, device=None
+) -> OptimalBound:
     """Optimal acceptance rate alpha* of ``law`` with n drafts, and an optimal set H*.
 
     Args:
@@ -145,8 +145,7 @@ def optimal_bound(target_probs, draft_probs, n: int, law="iid", *, normalize=Fal
     )
 
 
-def optimal_acceptance(target_probs, draft_probs, n: int, law="iid", *, normalize=False,
-                       device=None):
+def optimal_acceptance(target_probs, draft_probs, n: int, law="iid", *, normalize=False, device=None):
     """alpha* = 1 + min_H [p(H) - Qall(H)]: a float for 1-D inputs, an array for [..., V].
 
     See :func:`optimal_bound` for the arguments and the laws.
@@ -232,8 +231,9 @@ def _wor_objective(p_prefix: np.ndarray, q_sorted: np.ndarray, n: int, device=No
     rest_mass = np.array([q_sorted.sum() - m for m in top_mass])  # 1 - T_j, summed for precision
     compiled = numba_kernel()
     if compiled is not None:  # the same bounds in one fused compiled pass per factor
-        k_lo, k_hi = compiled.candidate_window(p_prefix, q_sorted, n, np.ascontiguousarray(top_mass),
-                                               rest_mass, CANDIDATE_SLACK)
+        k_lo, k_hi = compiled.candidate_window(
+            p_prefix, q_sorted, n, np.ascontiguousarray(top_mass), rest_mass, CANDIDATE_SLACK
+        )
     else:
         k_lo, k_hi = _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass)
     if device is None or torch.device(device).type == "cpu":  # numpy in: the numba kernel by default
@@ -259,8 +259,7 @@ def _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass):
         removed = np.minimum(np.minimum(top_mass[j], j * running_max), q_prefix)
         room = np.maximum(rest_mass[j], 1.0 - removed)  # 1 - removed >= 1 - T_j
         # room = 0 only when H holds all the mass but rounding: the factor 0 is still a bound
-        factor = np.divide(np.maximum(q_prefix - removed, 0.0), room, out=np.zeros_like(room),
-                           where=room > 0)
+        factor = np.divide(np.maximum(q_prefix - removed, 0.0), room, out=np.zeros_like(room), where=room > 0)
         qall_low *= np.minimum(factor, 1.0)
     best = float(np.min(p_prefix - qall_low))
     candidates = np.flatnonzero(lower <= best + CANDIDATE_SLACK)

@@ -14,8 +14,12 @@ import numpy as np
 
 from mdsd.logits import probs_from_logits
 
-PAIR_KEYS = (("p", "q"), ("target", "draft"), ("target_probs", "draft_probs"),
-             ("target_logits", "draft_logits"))
+PAIR_KEYS = (
+    ("p", "q"),
+    ("target", "draft"),
+    ("target_probs", "draft_probs"),
+    ("target_logits", "draft_logits"),
+)
 
 
 def _read_any(path: Path):
@@ -31,8 +35,9 @@ def _read_any(path: Path):
         return json.loads(path.read_text())
     if suffix in (".txt", ".csv"):
         return np.array(path.read_text().replace(",", " ").split(), dtype=np.float64)
-    raise ValueError(f"input file {str(path)!r}: unsupported format {suffix!r} "
-                     f"(use .npy, .npz, .json, .txt or .csv)")
+    raise ValueError(
+        f"input file {str(path)!r}: unsupported format {suffix!r} (use .npy, .npz, .json, .txt or .csv)"
+    )
 
 
 def _split_pair(obj, path: Path):
@@ -43,17 +48,20 @@ def _split_pair(obj, path: Path):
         if len(obj) == 1:
             obj = next(iter(obj.values()))
         else:
-            raise ValueError(f"{str(path)!r} holds keys {sorted(obj)}; expected one of "
-                             f"{[f'{a}/{b}' for a, b in PAIR_KEYS]}")
+            raise ValueError(
+                f"{str(path)!r} holds keys {sorted(obj)}; expected one of "
+                f"{[f'{a}/{b}' for a, b in PAIR_KEYS]}"
+            )
     arr = np.asarray(obj, dtype=np.float64)
     if arr.ndim >= 2 and arr.shape[0] == 2:
         return arr[0], arr[1]
-    raise ValueError(f"{str(path)!r} holds one array of shape {arr.shape}; give the draft file too, "
-                     f"or store both as a [2, V] array")
+    raise ValueError(
+        f"{str(path)!r} holds one array of shape {arr.shape}; give the draft file too, "
+        f"or store both as a [2, V] array"
+    )
 
 
-def read_pair(target_path, draft_path=None, *, logits=False, temperature=1.0, top_k=None,
-              top_p=None):
+def read_pair(target_path, draft_path=None, *, logits=False, temperature=1.0, top_k=None, top_p=None):
     """(p, q) as float64 from one file holding both or two files (one each).
 
     With ``logits=True`` the files hold logits, turned into probabilities by
@@ -79,8 +87,7 @@ def _single(obj, path: Path):
     return obj
 
 
-def random_pair(vocab_size: int, seed: int = 0, *, temperature: float = 1.0, top_k=None,
-                top_p=None):
+def random_pair(vocab_size: int, seed: int = 0, *, temperature: float = 1.0, top_k=None, top_p=None):
     """A random LM-like (p, q): target logits z ~ N(0, 3^2), draft logits z + N(0, 1.5^2).
 
     Heavy-headed like real next-token distributions; q is a perturbed copy of p, so the pair has

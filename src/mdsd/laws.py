@@ -145,8 +145,9 @@ class DraftLaw:
         """
         raise NotImplementedError(f"law {self.name!r} has no Qall of prefixes")
 
-    def qall_window(self, draft_probs_ordered: np.ndarray, n: int, k_lo: int, k_hi: int,
-                    order=None) -> np.ndarray:
+    def qall_window(
+        self, draft_probs_ordered: np.ndarray, n: int, k_lo: int, k_hi: int, order=None
+    ) -> np.ndarray:
         """Qall(first k tokens of the order), k = k_lo..k_hi, for one row: [V] -> [k_hi - k_lo + 1].
 
         The same numbers as ``qall_prefixes(row[None])[0, k_lo : k_hi + 1]``; laws with a
@@ -422,8 +423,7 @@ class ConditionalPoisson(DraftLaw):
 
 
 LAWS: dict[str, DraftLaw] = {
-    law.name: law
-    for law in (IID(), WithoutReplacement(), Greedy(), SpecHub(), ConditionalPoisson())
+    law.name: law for law in (IID(), WithoutReplacement(), Greedy(), SpecHub(), ConditionalPoisson())
 }
 
 

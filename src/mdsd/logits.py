@@ -20,8 +20,9 @@ import numpy as np
 from mdsd._validate import _to_numpy
 
 
-def process_logits(logits, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> np.ndarray:
+def process_logits(
+    logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> np.ndarray:
     """Sampling probabilities (float64, [..., V]) from logits [..., V]; see the module docstring.
 
     >>> process_logits([0.0, 0.0, 10.0], temperature=0).tolist()
@@ -49,7 +50,7 @@ def process_logits(logits, temperature: float = 1.0, top_k: int | None = None,
     vocab = z.shape[-1]
     if top_k is not None and top_k < vocab:
         order = np.argsort(-z, axis=-1, kind="stable")
-        drop = order[..., int(top_k):]
+        drop = order[..., int(top_k) :]
         np.put_along_axis(z, drop, -np.inf, axis=-1)
     probs = _softmax(z)
     if top_p is not None and top_p < 1.0:
@@ -70,8 +71,13 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def probs_from_logits(target_logits, draft_logits, temperature: float = 1.0,
-                      top_k: int | None = None, top_p: float | None = None):
+def probs_from_logits(
+    target_logits,
+    draft_logits,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+):
     """(p, q) from target and draft logits with the identical transform (float64).
 
     Each model's distribution is truncated by its own top-k / top-p set, as each is sampled from.
@@ -82,5 +88,7 @@ def probs_from_logits(target_logits, draft_logits, temperature: float = 1.0,
             f"target_logits and draft_logits must have the same shape (same vocabulary), got "
             f"{np.shape(target_logits)} and {np.shape(draft_logits)}"
         )
-    return (process_logits(target_logits, temperature, top_k, top_p),
-            process_logits(draft_logits, temperature, top_k, top_p))
+    return (
+        process_logits(target_logits, temperature, top_k, top_p),
+        process_logits(draft_logits, temperature, top_k, top_p),
+    )

@@ -90,8 +90,7 @@ def solve_lp(target_probs, tuples, tuple_probs) -> LPResult:
             b_eq=b_eq,
             bounds=(0, None),
             method="highs",
-            options={"primal_feasibility_tolerance": tolerance,
-                     "dual_feasibility_tolerance": tolerance},
+            options={"primal_feasibility_tolerance": tolerance, "dual_feasibility_tolerance": tolerance},
         )
         if res.status == 0:
             break

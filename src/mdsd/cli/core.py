@@ -20,15 +20,18 @@ from mdsd.verifiers import VERIFIERS
 
 DEFAULT_RANDOM_VOCAB = 1000
 
-TargetArg = Annotated[Path | None, typer.Argument(
-    help="File with p (or both p and q: .npz/.json with keys p,q or a [2, V] array).")]
+TargetArg = Annotated[
+    Path | None,
+    typer.Argument(help="File with p (or both p and q: .npz/.json with keys p,q or a [2, V] array)."),
+]
 DraftArg = Annotated[Path | None, typer.Argument(help="File with q (if not in TARGET).")]
 LogitsOpt = Annotated[bool, typer.Option("--logits", help="Inputs are logits, not probabilities.")]
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Temperature (0 = greedy).")]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus mass to keep.")]
-RandomOpt = Annotated[int | None, typer.Option(
-    "--random", help="Use a random LM-like pair with this vocabulary size.")]
+RandomOpt = Annotated[
+    int | None, typer.Option("--random", help="Use a random LM-like pair with this vocabulary size.")
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random and Monte Carlo.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 NormOpt = Annotated[bool, typer.Option("--normalize", help="Renormalise inputs that do not sum to 1.")]
@@ -63,8 +66,7 @@ def load_inputs(target, draft, logits, temperature, top_k, top_p, random, seed):
         vocab = DEFAULT_RANDOM_VOCAB if random is None else random
         p, q = random_pair(vocab, seed, temperature=temperature, top_k=top_k, top_p=top_p)
         return p, q, f"random pair (V = {vocab}, seed = {seed})"
-    p, q = read_pair(target, draft, logits=logits, temperature=temperature, top_k=top_k,
-                     top_p=top_p)
+    p, q = read_pair(target, draft, logits=logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return p, q, str(target) + (f" / {draft}" if draft else "")
 
 
@@ -101,8 +103,14 @@ def bound(
         rows = []
         for k in parse_ns(n):
             result = optimal_bound(p, q, k, law, normalize=normalize)
-            rows.append({"n": k, "law": law, "alpha_star": result.alpha,
-                         "optimal_set_size": int(result.optimal_set.sum())})
+            rows.append(
+                {
+                    "n": k,
+                    "law": law,
+                    "alpha_star": result.alpha,
+                    "optimal_set_size": int(result.optimal_set.sum()),
+                }
+            )
     except ValueError as err:
         fail(str(err))
     if as_json:
@@ -112,8 +120,7 @@ def bound(
     for col in ("n", "law", "alpha*", "|H*|"):
         table.add_column(col, justify="right")
     for row in rows:
-        table.add_row(str(row["n"]), row["law"], f"{row['alpha_star']:.6f}",
-                      str(row["optimal_set_size"]))
+        table.add_row(str(row["n"]), row["law"], f"{row['alpha_star']:.6f}", str(row["optimal_set_size"]))
     console().print(table)
 
 
@@ -123,8 +130,7 @@ def compare(
     draft: DraftArg = None,
     n: Annotated[str, typer.Option("-n", help="Number of drafts: 3 or a list 2,3,4.")] = "2,3,4",
     laws: Annotated[str | None, typer.Option(help="Comma list of laws (default: all).")] = None,
-    verifiers: Annotated[str | None, typer.Option(
-        help="Comma list of verifiers (default: all).")] = None,
+    verifiers: Annotated[str | None, typer.Option(help="Comma list of verifiers (default: all).")] = None,
     logits: LogitsOpt = False,
     temperature: TempOpt = 1.0,
     top_k: TopKOpt = None,
@@ -140,13 +146,13 @@ def compare(
         p, q, source = load_inputs(target, draft, logits, temperature, top_k, top_p, random, seed)
         law_names = parse_names(laws, LAWS, "law")
         verifier_names = parse_names(verifiers, VERIFIERS, "verifier")
-        results = [compare_one(p, q, k, law_names, verifier_names, seed, samples, normalize)
-                   for k in parse_ns(n)]
+        results = [
+            compare_one(p, q, k, law_names, verifier_names, seed, samples, normalize) for k in parse_ns(n)
+        ]
     except ValueError as err:
         fail(str(err))
     if as_json:
-        typer.echo(json.dumps({"source": source, "vocab_size": int(p.shape[-1]),
-                               "results": results}))
+        typer.echo(json.dumps({"source": source, "vocab_size": int(p.shape[-1]), "results": results}))
         return
     out = console()
     for res in results:
@@ -159,8 +165,14 @@ def compare(
             method = row["method"]
             if method == "monte_carlo":
                 method = f"MC ±{row['stderr']:.1e}"
-            table.add_row(row["verifier"], row["law"], f"{row['acceptance']:.6f}", method,
-                          f"{row['bound']:.6f}", f"{row['gap']:.2e}")
+            table.add_row(
+                row["verifier"],
+                row["law"],
+                f"{row['acceptance']:.6f}",
+                method,
+                f"{row['bound']:.6f}",
+                f"{row['gap']:.2e}",
+            )
         out.print(table)
 
 
@@ -174,16 +186,26 @@ def applicable(law: str, q: np.ndarray, n: int) -> bool:
 
 def compare_one(p, q, n, law_names, verifier_names, seed, samples, normalize):
     """alpha* per law and each verifier's acceptance under each of its laws, for n drafts."""
-    bounds = {law: optimal_bound(p, q, n, law, normalize=normalize).alpha
-              for law in law_names if applicable(law, q, n)}
+    bounds = {
+        law: optimal_bound(p, q, n, law, normalize=normalize).alpha
+        for law in law_names
+        if applicable(law, q, n)
+    }
     rows = []
     for name in verifier_names:
         for law in VERIFIERS[name].laws:
             if law not in bounds:
                 continue
-            rate = acceptance_rate(p, q, n, name, law, rng=seed, num_samples=samples,
-                                   normalize=normalize)
-            rows.append({"verifier": name, "law": law, "acceptance": rate.rate,
-                         "stderr": rate.stderr, "method": rate.method, "bound": bounds[law],
-                         "gap": bounds[law] - rate.rate})
+            rate = acceptance_rate(p, q, n, name, law, rng=seed, num_samples=samples, normalize=normalize)
+            rows.append(
+                {
+                    "verifier": name,
+                    "law": law,
+                    "acceptance": rate.rate,
+                    "stderr": rate.stderr,
+                    "method": rate.method,
+                    "bound": bounds[law],
+                    "gap": bounds[law] - rate.rate,
+                }
+            )
     return {"n": n, "bounds": bounds, "verifiers": rows}

@@ -11,28 +11,36 @@ import typer
 from mdsd.cli import app
 from mdsd.cli.core import console, fail
 
-TargetOpt = Annotated[str | None, typer.Option(
-    "--target", help="Target model directory (default: the bundled target).")]
-DraftOpt = Annotated[str | None, typer.Option(
-    "--draft", help="Draft model directory (default: the bundled draft).")]
+TargetOpt = Annotated[
+    str | None, typer.Option("--target", help="Target model directory (default: the bundled target).")
+]
+DraftOpt = Annotated[
+    str | None, typer.Option("--draft", help="Draft model directory (default: the bundled draft).")
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
-DtypeOpt = Annotated[str | None, typer.Option(
-    "--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU).")]
-TreeOpt = Annotated[str | None, typer.Option(
-    "--tree", help="Widths per depth, e.g. 3,2,1 (or 3x4 = --drafts 3 --depth 4).")]
+DtypeOpt = Annotated[
+    str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU).")
+]
+TreeOpt = Annotated[
+    str | None, typer.Option("--tree", help="Widths per depth, e.g. 3,2,1 (or 3x4 = --drafts 3 --depth 4).")
+]
 DraftsOpt = Annotated[int, typer.Option("--drafts", "-n", help="Drafts at the first position.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tree depth (chains below the first level).")]
-LawOpt = Annotated[str | None, typer.Option(
-    "--law", help="Draft law (default: the verifier's own law).")]
+LawOpt = Annotated[str | None, typer.Option("--law", help="Draft law (default: the verifier's own law).")]
 VerifierOpt = Annotated[str, typer.Option("--verifier", help="Verifier name.")]
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Temperature (0 = greedy).")]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus mass to keep.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-m", help="Tokens to generate.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run (numpy Generator).")]
-ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", help="torch intra-op threads (default: torch's choice; 1 is often fastest "
-                      "for small models on a busy CPU).")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="torch intra-op threads (default: torch's choice; 1 is often fastest "
+        "for small models on a busy CPU).",
+    ),
+]
 NoEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end of sequence.")]
 
 
@@ -48,7 +56,8 @@ def optimal_needs_top_k(config, top_k: int | None) -> bool:
         return False
     widest = max(config.tree.widths)
     return (config.law == "conditional_poisson" and widest >= 2) or (
-        config.law == "without_replacement" and widest >= 3)
+        config.law == "without_replacement" and widest >= 3
+    )
 
 
 def _load(target, draft, device, dtype, threads):
@@ -92,8 +101,11 @@ def generate(
         sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
         config = TreeConfig.make(_tree_text(tree, drafts, depth), law, verifier)
         if optimal_needs_top_k(config, top_k):
-            typer.echo(f"note: {config.describe()} fits priority orders over the whole vocabulary "
-                       "at every node (seconds each); --top-k 50 makes that ~1 ms.", err=True)
+            typer.echo(
+                f"note: {config.describe()} fits priority orders over the whole vocabulary "
+                "at every node (seconds each); --top-k 50 makes that ~1 ms.",
+                err=True,
+            )
         pair = _load(target, draft, device, dtype, threads)
         decoder = TreeDecoder(pair, config, sampling)
         tok = pair.tokenizer
@@ -104,7 +116,7 @@ def generate(
                 return
             shown["ids"] += new_ids
             text = tok.decode(shown["ids"])
-            sys.stdout.write(text[len(shown["text"]):])
+            sys.stdout.write(text[len(shown["text"]) :])
             sys.stdout.flush()
             shown["text"] = text
 
@@ -113,11 +125,13 @@ def generate(
         result = decoder.generate([prompt], seed=seed, on_tokens=stream)[0]
     except ValueError as err:
         fail(str(err))
-    metrics = result.stats.as_dict() | {"stop_reason": result.stop_reason,
-                                        "config": config.describe()}
+    metrics = result.stats.as_dict() | {"stop_reason": result.stop_reason, "config": config.describe()}
     if as_json:
-        typer.echo(json.dumps({"prompt": prompt, "text": result.text,
-                               "token_ids": result.token_ids, "metrics": metrics}))
+        typer.echo(
+            json.dumps(
+                {"prompt": prompt, "text": result.text, "token_ids": result.token_ids, "metrics": metrics}
+            )
+        )
         return
     sys.stdout.write("\n")
     if stats:
@@ -149,12 +163,18 @@ def bench(
     draft: DraftOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = None,
-    config: Annotated[list[str] | None, typer.Option(
-        "--config", "-c", help="LAW:VERIFIER:TREE, repeatable (default: a single-draft chain "
-                               "and multi-draft trees).")] = None,
+    config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="LAW:VERIFIER:TREE, repeatable (default: a single-draft chain and multi-draft trees).",
+        ),
+    ] = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Number of held-out prompts.")] = 6,
-    domain: Annotated[str | None, typer.Option(
-        "--domain", help="Prompt domain (code, prose; default: alternate both).")] = None,
+    domain: Annotated[
+        str | None, typer.Option("--domain", help="Prompt domain (code, prose; default: alternate both).")
+    ] = None,
     temperature: TempOpt = 0.7,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
@@ -196,18 +216,32 @@ def bench(
             def tick(name):
                 progress.update(task, advance=1, description=name[:40])
 
-            result = run_bench(pair, texts, sampling, configs, seed=seed, hf=not no_hf,
-                               progress=tick)
+            result = run_bench(pair, texts, sampling, configs, seed=seed, hf=not no_hf, progress=tick)
     except ValueError as err:
         fail(str(err))
     if as_json:
-        typer.echo(json.dumps({"pair": pair.name, "prompts": len(texts),
-                               "sampling": sampling.__dict__, "rows": result}))
+        typer.echo(
+            json.dumps(
+                {"pair": pair.name, "prompts": len(texts), "sampling": sampling.__dict__, "rows": result}
+            )
+        )
         return
-    table = Table(title=f"{pair.name}: {len(texts)} prompts, T = {temperature}, top-k {top_k}, "
-                        f"top-p {top_p}, {max_new_tokens} new tokens, seed {seed}")
-    for col in ("method", "tokens", "target calls", "tokens/call", "tokens/step",
-                "accept by depth", "draft/target/verify s", "tokens/s", "vs AR", "vs HF"):
+    table = Table(
+        title=f"{pair.name}: {len(texts)} prompts, T = {temperature}, top-k {top_k}, "
+        f"top-p {top_p}, {max_new_tokens} new tokens, seed {seed}"
+    )
+    for col in (
+        "method",
+        "tokens",
+        "target calls",
+        "tokens/call",
+        "tokens/step",
+        "accept by depth",
+        "draft/target/verify s",
+        "tokens/s",
+        "vs AR",
+        "vs HF",
+    ):
         table.add_column(col, justify="right" if col != "method" else "left")
 
     def f(x, fmt):
@@ -215,13 +249,18 @@ def bench(
 
     for r in result:
         depth = ",".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-"
-        table.add_row(r["method"], str(r["new_tokens"]), str(r["target_calls"]),
-                      f(r["tokens_per_call"], ".2f"), f(r["block_efficiency"], ".2f"), depth,
-                      "/".join(f(r[k], ".2f") for k in ("draft_time_s", "target_time_s",
-                                                          "verify_time_s")),
-                      f(r["tokens_per_second"], ".1f"),
-                      f(r["speedup_vs_autoregressive"], ".2f"),
-                      f(r["speedup_vs_hf_assisted"], ".2f"))
+        table.add_row(
+            r["method"],
+            str(r["new_tokens"]),
+            str(r["target_calls"]),
+            f(r["tokens_per_call"], ".2f"),
+            f(r["block_efficiency"], ".2f"),
+            depth,
+            "/".join(f(r[k], ".2f") for k in ("draft_time_s", "target_time_s", "verify_time_s")),
+            f(r["tokens_per_second"], ".1f"),
+            f(r["speedup_vs_autoregressive"], ".2f"),
+            f(r["speedup_vs_hf_assisted"], ".2f"),
+        )
     wide = console()
     if not wide.is_terminal:
         from rich.console import Console

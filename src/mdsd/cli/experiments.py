@@ -58,35 +58,53 @@ def _progress_factory(progress: Progress):
 
 @app.command()
 def measure(
-    target: Annotated[str | None, typer.Option(
-        help="Target model (directory or hub id); default: bundled.")] = None,
-    draft: Annotated[str | None, typer.Option(
-        help="Draft model (directory or hub id); default: bundled.")] = None,
-    prompts: Annotated[Path | None, typer.Option(
-        help="JSONL prompts ({'prompt': ..., 'domain': ...}); default: bundled held-out prompts.")] = None,
-    temperatures: Annotated[str, typer.Option(help="Comma list of temperatures (> 0).")] =
-        ",".join(map(str, DEFAULT.temperatures)),
-    n: Annotated[str, typer.Option("--n", "-n", help="Comma list of draft counts.")] =
-        ",".join(map(str, DEFAULT.ns)),
+    target: Annotated[
+        str | None, typer.Option(help="Target model (directory or hub id); default: bundled.")
+    ] = None,
+    draft: Annotated[
+        str | None, typer.Option(help="Draft model (directory or hub id); default: bundled.")
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSONL prompts ({'prompt': ..., 'domain': ...}); default: bundled held-out prompts."
+        ),
+    ] = None,
+    temperatures: Annotated[str, typer.Option(help="Comma list of temperatures (> 0).")] = ",".join(
+        map(str, DEFAULT.temperatures)
+    ),
+    n: Annotated[str, typer.Option("--n", "-n", help="Comma list of draft counts.")] = ",".join(
+        map(str, DEFAULT.ns)
+    ),
     laws: Annotated[str, typer.Option(help="Comma list of draft laws.")] = ",".join(ALL_LAWS),
-    verifiers: Annotated[str | None, typer.Option(
-        help="Comma list of verifiers; default: every registered one.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (paper: 128).")] =
-        DEFAULT.max_new_tokens,
-    num_prompts: Annotated[int, typer.Option(help="Prompts per dataset (paper scale: 200).")] =
-        DEFAULT.num_prompts,
-    top_k: Annotated[int, typer.Option(
-        help="Top-k of the sampling transform (0: full vocabulary; exact but much slower).")] =
-        DEFAULT.top_k,
-    mc_samples: Annotated[int, typer.Option(
-        help="Draft sets per position where no exact rate exists (Monte Carlo).")] = DEFAULT.mc_samples,
-    verifier_budget: Annotated[float, typer.Option(
-        help="Analysis seconds per verifier over the sweep; slower verifiers are rated on a random "
-             "subsample of positions (0: no limit).")] = DEFAULT.verifier_budget,
+    verifiers: Annotated[
+        str | None, typer.Option(help="Comma list of verifiers; default: every registered one.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Tokens generated per prompt (paper: 128).")
+    ] = DEFAULT.max_new_tokens,
+    num_prompts: Annotated[
+        int, typer.Option(help="Prompts per dataset (paper scale: 200).")
+    ] = DEFAULT.num_prompts,
+    top_k: Annotated[
+        int, typer.Option(help="Top-k of the sampling transform (0: full vocabulary; exact but much slower).")
+    ] = DEFAULT.top_k,
+    mc_samples: Annotated[
+        int, typer.Option(help="Draft sets per position where no exact rate exists (Monte Carlo).")
+    ] = DEFAULT.mc_samples,
+    verifier_budget: Annotated[
+        float,
+        typer.Option(
+            help="Analysis seconds per verifier over the sweep; slower verifiers are rated on a random "
+            "subsample of positions (0: no limit)."
+        ),
+    ] = DEFAULT.verifier_budget,
     seed: Annotated[int, typer.Option(help="Seed for generation and Monte Carlo.")] = DEFAULT.seed,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = DEFAULT.device,
-    threads: Annotated[int, typer.Option(
-        help="Torch threads (0: leave torch's default). One is fastest on a small shared CPU.")] = 1,
+    threads: Annotated[
+        int,
+        typer.Option(help="Torch threads (0: leave torch's default). One is fastest on a small shared CPU."),
+    ] = 1,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/measure"),
     cache: Annotated[Path | None, typer.Option(help="Logit cache directory; default OUT/cache.")] = None,
     report: Annotated[bool, typer.Option(help="Also write OUT/report.md.")] = True,
@@ -101,35 +119,47 @@ def measure(
     from mdsd.experiments.sweep import run_sweep
 
     config = MeasureConfig(
-        target=target, draft=draft, prompts=str(prompts) if prompts else None,
-        num_prompts=num_prompts, max_new_tokens=max_new_tokens,
-        temperatures=_floats(temperatures, "--temperatures"), ns=_ints(n, "--n"),
-        laws=_names(laws, LAWS, "law"), verifiers=_names(verifiers, VERIFIERS, "verifier"),
-        top_k=top_k or None, seed=seed, device=device, mc_samples=mc_samples,
-        threads=threads or None, verifier_budget=verifier_budget or None,
+        target=target,
+        draft=draft,
+        prompts=str(prompts) if prompts else None,
+        num_prompts=num_prompts,
+        max_new_tokens=max_new_tokens,
+        temperatures=_floats(temperatures, "--temperatures"),
+        ns=_ints(n, "--n"),
+        laws=_names(laws, LAWS, "law"),
+        verifiers=_names(verifiers, VERIFIERS, "verifier"),
+        top_k=top_k or None,
+        seed=seed,
+        device=device,
+        mc_samples=mc_samples,
+        threads=threads or None,
+        verifier_budget=verifier_budget or None,
     )
     if any(t <= 0 for t in config.temperatures):
         raise typer.BadParameter("--temperatures must be > 0")
     if max_new_tokens < 1 or num_prompts < 1 or mc_samples < 2 or top_k < 0:
-        raise typer.BadParameter("--max-new-tokens, --num-prompts must be >= 1, --mc-samples >= 2, "
-                                 "--top-k >= 0")
+        raise typer.BadParameter(
+            "--max-new-tokens, --num-prompts must be >= 1, --mc-samples >= 2, --top-k >= 0"
+        )
     console = Console(stderr=True)
     command = "mdsd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:
-            run = run_sweep(config, out, cache_root=cache, command=command,
-                            progress=_progress_factory(progress))
+            run = run_sweep(
+                config, out, cache_root=cache, command=command, progress=_progress_factory(progress)
+            )
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     if report:
         render_report(out, replot=False)
-    console.print(f"wrote {out}/results.csv, results.json, table1.md, figures"
-                  + (", report.md" if report else "")
-                  + f" in {run['wall_s']:.0f} s ({run['generated_files']} sequences generated, "
-                    f"{run['cached_files']} from cache)")
+    console.print(
+        f"wrote {out}/results.csv, results.json, table1.md, figures"
+        + (", report.md" if report else "")
+        + f" in {run['wall_s']:.0f} s ({run['generated_files']} sequences generated, "
+        f"{run['cached_files']} from cache)"
+    )
 
 
 @app.command("report")

@@ -113,8 +113,11 @@ class _HFAssisted:
             eos_token_id=(eos if sampling.stop_on_eos and eos else None),
         )
         if not greedy:
-            self.kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k or 0,
-                               top_p=sampling.top_p if sampling.top_p is not None else 1.0)
+            self.kwargs.update(
+                temperature=sampling.temperature,
+                top_k=sampling.top_k or 0,
+                top_p=sampling.top_p if sampling.top_p is not None else 1.0,
+            )
         self.stats = DecodeStats(depth=0)
 
     def _generate(self, prompt, seed, max_new):
@@ -123,9 +126,13 @@ class _HFAssisted:
         min_new = 0 if self.sampling.stop_on_eos else max_new
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(seed)
-            out = self.pair.target.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                            max_new_tokens=max_new, min_new_tokens=min_new,
-                                            **self.kwargs)
+            out = self.pair.target.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new,
+                min_new_tokens=min_new,
+                **self.kwargs,
+            )
         return out.shape[1] - input_ids.shape[1]
 
     def warm_up(self, prompt, seed):
@@ -139,10 +146,17 @@ class _HFAssisted:
         self.stats.sequences += 1
 
 
-def run_bench(pair, prompts: Sequence, sampling: SamplingConfig,
-              configs: Sequence[TreeConfig], *, seed: int = 0, hf: bool = True,
-              autoregressive: bool = True,
-              progress: Callable[[str], None] | None = None) -> list[dict]:
+def run_bench(
+    pair,
+    prompts: Sequence,
+    sampling: SamplingConfig,
+    configs: Sequence[TreeConfig],
+    *,
+    seed: int = 0,
+    hf: bool = True,
+    autoregressive: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Run every method over the prompts; rows of statistics with speedups (see module doc).
 
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
@@ -154,8 +168,7 @@ def run_bench(pair, prompts: Sequence, sampling: SamplingConfig,
     if hf:
         methods.append(_HFAssisted(pair, sampling))
     for config in configs:
-        methods.append(_DecoderMethod(f"mdsd {config.describe()}",
-                                      TreeDecoder(pair, config, sampling)))
+        methods.append(_DecoderMethod(f"mdsd {config.describe()}", TreeDecoder(pair, config, sampling)))
     for method in methods:
         method.warm_up(prompts[0], seed)
     counters = {}
@@ -180,7 +193,6 @@ def run_bench(pair, prompts: Sequence, sampling: SamplingConfig,
     base = {r["method"]: r["tokens_per_second"] for r in rows}
     for row in rows:
         tps = row["tokens_per_second"]
-        row["speedup_vs_autoregressive"] = (tps / base["autoregressive"]
-                                            if "autoregressive" in base else None)
+        row["speedup_vs_autoregressive"] = tps / base["autoregressive"] if "autoregressive" in base else None
         row["speedup_vs_hf_assisted"] = tps / base["hf_assisted"] if "hf_assisted" in base else None
     return rows

@@ -102,8 +102,7 @@ class TreeConfig:
     def describe(self) -> str:
         """Short name, e.g. ``without_replacement/rrs_without_replacement 3x4``."""
         widths = self.tree.widths
-        shape = (f"{widths[0]}x{len(widths)}" if all(w == 1 for w in widths[1:])
-                 else self.tree.describe())
+        shape = f"{widths[0]}x{len(widths)}" if all(w == 1 for w in widths[1:]) else self.tree.describe()
         return f"{self.law or 'default'}/{self.verifier} {shape}"
 
 
@@ -137,8 +136,19 @@ class DecodeStats:
         if self.depth != other.depth:
             raise ValueError("cannot merge statistics of trees of different depths")
         out = DecodeStats(depth=self.depth)
-        for name in ("sequences", "new_tokens", "target_calls", "steps", "step_tokens", "accepted",
-                     "draft_calls", "draft_time", "target_time", "verify_time", "total_time"):
+        for name in (
+            "sequences",
+            "new_tokens",
+            "target_calls",
+            "steps",
+            "step_tokens",
+            "accepted",
+            "draft_calls",
+            "draft_time",
+            "target_time",
+            "verify_time",
+            "total_time",
+        ):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("depth_tries", "depth_accepts", "depth_expected"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
@@ -200,8 +210,7 @@ class Generation:
 # ---------------------------------------------------------------------- shared helpers
 def eos_ids(pair) -> set[int]:
     ids = set()
-    for source in (getattr(pair.target, "generation_config", None), pair.target.config,
-                   pair.tokenizer):
+    for source in (getattr(pair.target, "generation_config", None), pair.target.config, pair.tokenizer):
         value = getattr(source, "eos_token_id", None)
         if value is None:
             continue
@@ -258,9 +267,14 @@ def _check_pair(pair) -> None:
 class _Decoder:
     """What both decoders share: a loop over the prompts of a batch (one after another)."""
 
-    def generate(self, prompts: Sequence, *, seed: int | None = None,
-                 rng: np.random.Generator | None = None,
-                 on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence,
+        *,
+        seed: int | None = None,
+        rng: np.random.Generator | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> list[Generation]:
         """Decode each prompt (string or token ids); ``on_tokens(index, new_ids)`` streams."""
         rng = np.random.default_rng(seed) if rng is None else rng
         results = []
@@ -285,8 +299,9 @@ class Autoregressive(_Decoder):
         self.eos = eos_ids(pair)
 
     @torch.inference_mode()
-    def generate_one(self, prompt, rng: np.random.Generator,
-                     on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+    def generate_one(
+        self, prompt, rng: np.random.Generator, on_tokens: Callable[[list[int]], None] | None = None
+    ) -> Generation:
         ids = encode_prompt(self.pair, prompt)
         ctx = check_context(self.pair, ids, 1)
         stats = DecodeStats(depth=0, sequences=1)
@@ -302,8 +317,9 @@ class Autoregressive(_Decoder):
             stats.target_time += t1 - t0
             stats.verify_time += time.perf_counter() - t1
             stats.target_calls += 1
-            new, stop = _finish([token], self.sampling.max_new_tokens - len(out), self.eos,
-                                self.sampling.stop_on_eos)
+            new, stop = _finish(
+                [token], self.sampling.max_new_tokens - len(out), self.eos, self.sampling.stop_on_eos
+            )
             out += new
             if on_tokens:
                 on_tokens(new)
@@ -331,8 +347,7 @@ class TreeDecoder(_Decoder):
     (naming ``target`` / ``draft``) and mismatched vocabularies.
     """
 
-    def __init__(self, pair, config: TreeConfig, sampling: SamplingConfig, *,
-                 check_attention: bool = True):
+    def __init__(self, pair, config: TreeConfig, sampling: SamplingConfig, *, check_attention: bool = True):
         _check_pair(pair)
         check_supported(pair.target, "target")
         check_supported(pair.draft, "draft")
@@ -356,13 +371,15 @@ class TreeDecoder(_Decoder):
         self.eos = eos_ids(pair)
         # frozen masks: target over all nodes; draft per level d = 1..D-1
         self._target_mask = self.target.additive(self.tree.ancestor_mask[1:, 1:])
-        self._level_masks = {d: self.draft.additive(self.tree.level_mask(d))
-                             for d in range(1, self.tree.depth)}
+        self._level_masks = {
+            d: self.draft.additive(self.tree.level_mask(d)) for d in range(1, self.tree.depth)
+        }
 
     # -------------------------------------------------------------- public
     @torch.inference_mode()
-    def generate_one(self, prompt, rng: np.random.Generator,
-                     on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+    def generate_one(
+        self, prompt, rng: np.random.Generator, on_tokens: Callable[[list[int]], None] | None = None
+    ) -> Generation:
         ids = encode_prompt(self.pair, prompt)
         ctx = check_context(self.pair, ids, self.tree.depth)
         stats = DecodeStats(depth=self.tree.depth, sequences=1)
@@ -375,8 +392,9 @@ class TreeDecoder(_Decoder):
         reason = "length"
         while True:
             emitted = self.step(seq, rng, stats)
-            new, stop = _finish(emitted, self.sampling.max_new_tokens - len(out), self.eos,
-                                self.sampling.stop_on_eos)
+            new, stop = _finish(
+                emitted, self.sampling.max_new_tokens - len(out), self.eos, self.sampling.stop_on_eos
+            )
             out += new
             seq += new
             if on_tokens:
@@ -392,14 +410,18 @@ class TreeDecoder(_Decoder):
         stats.draft_calls = self.draft.calls
         self.target.calls = self.draft.calls = 0
         stats.total_time = time.perf_counter() - start
-        if stats.steps >= 8 and stats.depth_tries[0] and (
-                stats.depth_expected[0] / stats.depth_tries[0] < LOW_ACCEPTANCE_WARNING):
+        if (
+            stats.steps >= 8
+            and stats.depth_tries[0]
+            and (stats.depth_expected[0] / stats.depth_tries[0] < LOW_ACCEPTANCE_WARNING)
+        ):
             import warnings
 
             warnings.warn(
                 f"acceptance at depth 1 is {stats.depth_expected[0] / stats.depth_tries[0]:.3f}: "
                 "the draft model rarely agrees with the target; use a shallower tree",
-                stacklevel=2)
+                stacklevel=2,
+            )
         return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
 
     # -------------------------------------------------------------- one step
@@ -411,34 +433,45 @@ class TreeDecoder(_Decoder):
         valid = np.zeros(n, dtype=bool)
         rules, qs = {}, {}
         # level 0: the committed tokens the draft has not seen; q of the root
-        logits = self.draft.causal(np.asarray(seq[self.draft.cached:]), keep=1)
+        logits = self.draft.causal(np.asarray(seq[self.draft.cached :]), keep=1)
         frontier = {-1: probs(logits[0])}  # node -> q(. | path to node), nodes with children
         for d in range(1, tree.depth + 1):
             for node, q in frontier.items():
                 kids = tree.children(node)
                 drafts, rule = draft_children(q, len(kids), self.book, rng)
                 k = drafts.size
-                tokens[kids.start:kids.start + k] = drafts
-                tokens[kids.start + k:kids.stop] = drafts[0]  # unused slots: never verified
-                valid[kids.start:kids.start + k] = True
+                tokens[kids.start : kids.start + k] = drafts
+                tokens[kids.start + k : kids.stop] = drafts[0]  # unused slots: never verified
+                valid[kids.start : kids.start + k] = True
                 rules[node], qs[node] = rule, q
             if d == tree.depth:
                 break
             level = tree.level(d)
-            logits = self.draft.tree(tokens[level.start:level.stop], 0, self._level_masks[d],
-                                     tree.depths[level.start:level.stop], len(seq) - 1,
-                                     keep=len(level))
-            rows = np.flatnonzero(valid[level.start:level.stop])
+            logits = self.draft.tree(
+                tokens[level.start : level.stop],
+                0,
+                self._level_masks[d],
+                tree.depths[level.start : level.stop],
+                len(seq) - 1,
+                keep=len(level),
+            )
+            rows = np.flatnonzero(valid[level.start : level.stop])
             row_probs = probs(logits[rows])  # float64 only for the valid rows
             frontier = {level.start + int(r): row_probs[j] for j, r in enumerate(rows)}
         return DraftedTree(tokens, valid, rules, qs)
 
     def target_logits(self, seq: list[int], drafted: DraftedTree) -> np.ndarray:
         """Target logits of the root (row 0) and every node (row i + 1), float32 [N + 1, V]."""
-        fresh = np.asarray(seq[self.target.cached:])
+        fresh = np.asarray(seq[self.target.cached :])
         n = self.tree.num_nodes
-        return self.target.tree(np.concatenate([fresh, drafted.tokens]), len(fresh),
-                                self._target_mask, self.tree.depths, len(seq) - 1, keep=n + 1)
+        return self.target.tree(
+            np.concatenate([fresh, drafted.tokens]),
+            len(fresh),
+            self._target_mask,
+            self.tree.depths,
+            len(seq) - 1,
+            keep=n + 1,
+        )
 
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""

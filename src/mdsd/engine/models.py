@@ -105,10 +105,10 @@ class ModelRunner:
         for layer in self.cache.layers:
             keys, values = layer.keys, layer.values
             if idx is not None:
-                keys[:, :, base:base + k] = keys[:, :, idx]  # the gather copies before writing
-                values[:, :, base:base + k] = values[:, :, idx]
-            layer.keys = keys[:, :, :base + k]
-            layer.values = values[:, :, :base + k]
+                keys[:, :, base : base + k] = keys[:, :, idx]  # the gather copies before writing
+                values[:, :, base : base + k] = values[:, :, idx]
+            layer.keys = keys[:, :, : base + k]
+            layer.values = values[:, :, : base + k]
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, ids, keep: int, **kwargs) -> np.ndarray:
@@ -128,8 +128,15 @@ class ModelRunner:
         """Plain causal forward of ``ids`` after the cache; logits of the last ``keep`` rows."""
         return self._forward(ids, keep)
 
-    def tree(self, ids: np.ndarray, num_causal: int, tree_mask: torch.Tensor,
-             node_depths: np.ndarray, root_position: int, keep: int) -> np.ndarray:
+    def tree(
+        self,
+        ids: np.ndarray,
+        num_causal: int,
+        tree_mask: torch.Tensor,
+        node_depths: np.ndarray,
+        root_position: int,
+        keep: int,
+    ) -> np.ndarray:
         """Forward ``ids`` = num_causal committed tokens, then T tree nodes.
 
         tree_mask: [T, C_tree] additive float over the keys that belong to the tree (the last
@@ -143,17 +150,20 @@ class ModelRunner:
         keys = cached + total_new
         mask = torch.zeros((total_new, keys), dtype=self.dtype, device=self.device)
         if num_causal > 1:  # causal block of the committed tokens
-            mask[:num_causal, cached:cached + num_causal] = torch.triu(
-                torch.full((num_causal, num_causal), self.hidden, dtype=self.dtype,
-                           device=self.device), diagonal=1)
+            mask[:num_causal, cached : cached + num_causal] = torch.triu(
+                torch.full((num_causal, num_causal), self.hidden, dtype=self.dtype, device=self.device),
+                diagonal=1,
+            )
         if num_causal > 0:  # committed tokens never see the tree
-            mask[:num_causal, cached + num_causal:] = self.hidden
-        mask[num_causal:, keys - tree_mask.shape[1]:] = tree_mask
-        positions = np.concatenate([np.arange(cached, cached + num_causal),
-                                    root_position + np.asarray(node_depths)])
+            mask[:num_causal, cached + num_causal :] = self.hidden
+        mask[num_causal:, keys - tree_mask.shape[1] :] = tree_mask
+        positions = np.concatenate(
+            [np.arange(cached, cached + num_causal), root_position + np.asarray(node_depths)]
+        )
         assert positions.size == total_new and num_tree == len(node_depths)
         return self._forward(
-            ids, keep,
+            ids,
+            keep,
             attention_mask=mask[None, None],
             position_ids=torch.as_tensor(positions, dtype=torch.long, device=self.device)[None],
         )
@@ -181,8 +191,14 @@ def check_tree_attention(runner: ModelRunner, name: str, vocab: int, seed: int =
     mask = runner.additive(tree.ancestor_mask[1:, 1:])  # [N, N] over the tree's keys
     runner.reset()
     runner.causal(context[:-1])
-    got = runner.tree(np.concatenate([context[-1:], nodes]), 1, mask, tree.depths,
-                      root_position=len(context) - 1, keep=tree.num_nodes)
+    got = runner.tree(
+        np.concatenate([context[-1:], nodes]),
+        1,
+        mask,
+        tree.depths,
+        root_position=len(context) - 1,
+        keep=tree.num_nodes,
+    )
     for i in range(tree.num_nodes):
         path = [i] if tree.parents[i] < 0 else [int(tree.parents[i]), i]
         runner.reset()

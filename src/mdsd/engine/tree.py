@@ -120,8 +120,8 @@ def build_tree(widths) -> DraftTree:
         parent_level = [-1] if d == 1 else list(range(level_starts[d - 2], level_starts[d - 1]))
         for k, parent in enumerate(parent_level):
             first = start + k * width
-            parents[first:first + width] = parent
-            depths[first:first + width] = d
+            parents[first : first + width] = parent
+            depths[first : first + width] = d
             child_starts[parent + 1] = first
 
     # 1. ancestor-or-self relation with the root as index 0

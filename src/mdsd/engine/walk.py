@@ -90,8 +90,9 @@ def categorical(probs: np.ndarray, rng: np.random.Generator) -> int:
     return min(int(np.searchsorted(cdf, u, side="right")), probs.size - 1)
 
 
-def draft_children(q: np.ndarray, width: int, book: RuleBook,
-                   rng: np.random.Generator) -> tuple[np.ndarray, NodeRule]:
+def draft_children(
+    q: np.ndarray, width: int, book: RuleBook, rng: np.random.Generator
+) -> tuple[np.ndarray, NodeRule]:
     """Draw the children of one node: (tokens [n_eff] in draw order, the node's rule)."""
     rule = book.rule(width, support_of(q))
     if rule.n_eff == 1:  # every law with one draft is one categorical draw from q
@@ -137,16 +138,18 @@ class WalkResult:
     expected_accept: list
 
 
-def walk(tree, drafted: DraftedTree, target_probs: Callable[[int], np.ndarray],
-         rng: np.random.Generator) -> WalkResult:
+def walk(
+    tree, drafted: DraftedTree, target_probs: Callable[[int], np.ndarray], rng: np.random.Generator
+) -> WalkResult:
     """Verify a drafted tree node by node; ``target_probs(node)`` gives p(. | path to node)."""
     node, path, expected = -1, [], []
     while True:
         p = target_probs(node)
         kids = [c for c in tree.children(node) if drafted.valid[c]]
         if not kids:  # accepted leaf: bonus token
-            return WalkResult(path, [int(drafted.tokens[i]) for i in path] + [categorical(p, rng)],
-                              True, expected)
+            return WalkResult(
+                path, [int(drafted.tokens[i]) for i in path] + [categorical(p, rng)], True, expected
+            )
         drafts = drafted.tokens[kids]
         pi = node_output_law(p, drafted.draft_probs[node], drafts, drafted.rules[node])
         expected.append(float(pi[np.unique(drafts)].sum()))
@@ -158,8 +161,9 @@ def walk(tree, drafted: DraftedTree, target_probs: Callable[[int], np.ndarray],
         path.append(node)
 
 
-def emission_law(tree, drafted: DraftedTree, target_probs: Callable[[int], np.ndarray],
-                 tol: float = 0.0) -> dict[tuple[int, ...], float]:
+def emission_law(
+    tree, drafted: DraftedTree, target_probs: Callable[[int], np.ndarray], tol: float = 0.0
+) -> dict[tuple[int, ...], float]:
     """Exact law of ``walk(...).emitted`` for a fixed drafted tree (enumerates every branch).
 
     Returns {emitted token tuple: probability}; branches of probability <= tol are dropped.

@@ -62,8 +62,10 @@ def position_probs(positions: Positions) -> tuple[np.ndarray, np.ndarray]:
     """
     t = positions.temperature
     if positions.target_index is None:
-        return (process_logits(positions.target_logits.astype(np.float64), t),
-                process_logits(positions.draft_logits.astype(np.float64), t))
+        return (
+            process_logits(positions.target_logits.astype(np.float64), t),
+            process_logits(positions.draft_logits.astype(np.float64), t),
+        )
     t_idx, d_idx = positions.target_index.astype(np.int64), positions.draft_index.astype(np.int64)
     batch = t_idx.shape[0]
     union = np.sort(np.concatenate([t_idx, d_idx], axis=1), axis=1)  # [B, 2k], with repeats
@@ -118,12 +120,16 @@ def exact_or_sampled(p, q, n, verifier, law, rng, samples) -> RateArrays:
     per chunk of rows; the method string joins the methods used, ``monte_carlo`` if any)."""
     if p.shape[0] <= EXACT_CHUNK_ROWS:
         return _exact_or_sampled(p, q, n, verifier, law, rng, samples)
-    parts = [_exact_or_sampled(p[s], q[s], n, verifier, law, rng, samples)
-             for s in (slice(i, i + EXACT_CHUNK_ROWS) for i in range(0, p.shape[0], EXACT_CHUNK_ROWS))]
+    parts = [
+        _exact_or_sampled(p[s], q[s], n, verifier, law, rng, samples)
+        for s in (slice(i, i + EXACT_CHUNK_ROWS) for i in range(0, p.shape[0], EXACT_CHUNK_ROWS))
+    ]
     methods = {part.method for part in parts}
-    return RateArrays(np.concatenate([part.value for part in parts]),
-                      np.concatenate([part.mc_var for part in parts]),
-                      "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(methods)))
+    return RateArrays(
+        np.concatenate([part.value for part in parts]),
+        np.concatenate([part.mc_var for part in parts]),
+        "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(methods)),
+    )
 
 
 def _exact_or_sampled(p, q, n, verifier, law, rng, samples) -> RateArrays:
@@ -134,8 +140,10 @@ def _exact_or_sampled(p, q, n, verifier, law, rng, samples) -> RateArrays:
     if verifier.name == "importance" and law.name == "iid":
         return RateArrays(importance_acceptance(p, q, n), zeros, "closed_form")
     if max(law.num_tuples(row, n) for row in q) <= ENUM_LIMIT:
-        rates = [acceptance_rate(pr, qr, n, verifier.name, law.name, method="enumeration").rate
-                 for pr, qr in zip(p, q)]
+        rates = [
+            acceptance_rate(pr, qr, n, verifier.name, law.name, method="enumeration").rate
+            for pr, qr in zip(p, q)
+        ]
         return RateArrays(np.asarray(rates), zeros, "enumeration")
     value, var = _monte_carlo(p, q, n, verifier, law, rng, samples)
     return RateArrays(value, var, "monte_carlo")
@@ -162,8 +170,7 @@ def active_pairs(config: MeasureConfig, n: int) -> tuple[list[str], list[tuple[s
     for the law. ``spechub`` (n = 2 only) joins the laws when a selected verifier needs it."""
     names = list(VERIFIERS) if config.verifiers is None else list(config.verifiers)
     laws = [law for law in config.laws if law != "spechub"]
-    if n == 2 and ("spechub" in config.laws
-                   or any(get_verifier(v).default_law == "spechub" for v in names)):
+    if n == 2 and ("spechub" in config.laws or any(get_verifier(v).default_law == "spechub" for v in names)):
         laws.append("spechub")
     pairs = [(v, law) for v in names for law in get_verifier(v).laws if law in laws]
     return laws, pairs
@@ -232,9 +239,16 @@ def _within_budget(order: np.ndarray, evaluate, budget: float | None):
     return order[:done], results
 
 
-def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
-              rng: np.random.Generator, *, order: np.ndarray | None = None,
-              cell_budget=None) -> PositionMetrics:
+def measure_n(
+    p: np.ndarray,
+    q: np.ndarray,
+    n: int,
+    config: MeasureConfig,
+    rng: np.random.Generator,
+    *,
+    order: np.ndarray | None = None,
+    cell_budget=None,
+) -> PositionMetrics:
     """alpha* of each law and the rate of each (verifier, law) pair at every position.
 
     cell_budget: seconds per (verifier, law): a number, or a :class:`VerifierBudget` per verifier.
@@ -257,8 +271,9 @@ def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
                 sel = rows[part]
                 result = optimal_bound(p[sel], q[sel], value, law.name)
                 out[sel] = result.alpha
-                bound_error[law_name] = max(bound_error.get(law_name, 0.0),
-                                            float(getattr(result, "error_estimate", 0.0)))
+                bound_error[law_name] = max(
+                    bound_error.get(law_name, 0.0), float(getattr(result, "error_estimate", 0.0))
+                )
         bounds[law_name] = out
         seconds[f"bound {law_name}"] = time.perf_counter() - start
     rates = {}
@@ -272,8 +287,9 @@ def measure_n(p: np.ndarray, q: np.ndarray, n: int, config: MeasureConfig,
         start = time.perf_counter()
         if isinstance(budget, VerifierBudget) and (law_name, n) in budget.too_slow:
             # one position took longer than a cell's share before: skip, reported as such
-            rates[(verifier_name, law_name)] = RateArrays(np.full(p.shape[0], np.nan),
-                                                          np.zeros(p.shape[0]), SKIPPED)
+            rates[(verifier_name, law_name)] = RateArrays(
+                np.full(p.shape[0], np.nan), np.zeros(p.shape[0]), SKIPPED
+            )
             budget.spend(0.0)
             continue
         with warnings.catch_warnings(record=True) as caught:
@@ -329,8 +345,9 @@ def cell_budgets(config: MeasureConfig, datasets: int) -> dict[str, VerifierBudg
             budgets[name] = None
             continue
         cells = sum(sum(1 for v, _ in active_pairs(config, n)[1] if v == name) for n in config.ns)
-        budgets[name] = VerifierBudget(config.verifier_budget / max(datasets, 1),
-                                       cells * len(config.temperatures))
+        budgets[name] = VerifierBudget(
+            config.verifier_budget / max(datasets, 1), cells * len(config.temperatures)
+        )
     return budgets
 
 
@@ -369,8 +386,16 @@ class _Collected:
 def _row(dataset, temperature, n, law, verifier, c: _Collected) -> dict:
     total = c.value.size
     keep = ~np.isnan(c.value)  # positions not evaluated (time budget) are NaN
-    c = _Collected(c.value[keep], c.bound[keep], c.mc_var[keep], c.clusters[keep], c.method,
-                   c.clamped, c.notes, c.bound_error)
+    c = _Collected(
+        c.value[keep],
+        c.bound[keep],
+        c.mc_var[keep],
+        c.clusters[keep],
+        c.method,
+        c.clamped,
+        c.notes,
+        c.bound_error,
+    )
     acceptance, ci = clustered_mean(c.value, c.clusters)
     bound, bound_ci = clustered_mean(c.bound, c.clusters)
     gap, gap_ci = clustered_mean(c.bound - c.value, c.clusters)
@@ -380,11 +405,24 @@ def _row(dataset, temperature, n, law, verifier, c: _Collected) -> dict:
         mc_se = math.sqrt(float(c.mc_var.sum())) / c.value.size if c.method == "monte_carlo" else 0.0
         excess = float(np.max(c.value - c.bound))
     return {
-        "dataset": dataset, "temperature": temperature, "n": n, "law": law, "verifier": verifier,
-        "acceptance": acceptance, "ci95": ci, "bound": bound, "bound_ci95": bound_ci, "gap": gap,
-        "gap_ci95": gap_ci, "method": c.method, "mc_stderr": mc_se, "positions": int(c.value.size),
-        "prompts": int(np.unique(c.clusters).size), "clamped": c.clamped,
-        "max_excess": excess, "bound_error": c.bound_error,
+        "dataset": dataset,
+        "temperature": temperature,
+        "n": n,
+        "law": law,
+        "verifier": verifier,
+        "acceptance": acceptance,
+        "ci95": ci,
+        "bound": bound,
+        "bound_ci95": bound_ci,
+        "gap": gap,
+        "gap_ci95": gap_ci,
+        "method": c.method,
+        "mc_stderr": mc_se,
+        "positions": int(c.value.size),
+        "prompts": int(np.unique(c.clusters).size),
+        "clamped": c.clamped,
+        "max_excess": excess,
+        "bound_error": c.bound_error,
         "subsampled": int(0 < c.value.size < total),
         "notes": " | ".join(sorted(c.notes)),
     }
@@ -397,15 +435,21 @@ def _pooled_method(methods: list[str]) -> str:
     return "monte_carlo" if "monte_carlo" in used else "+".join(sorted(set("+".join(used).split("+"))))
 
 
-def analyse(config: MeasureConfig, cache_dir: Path, *,
-            progress: Callable[[int, str], None] | None = None) -> tuple[list[dict], dict]:
+def analyse(
+    config: MeasureConfig, cache_dir: Path, *, progress: Callable[[int, str], None] | None = None
+) -> tuple[list[dict], dict]:
     """Tidy rows (one per dataset, T, n, law, verifier; ``alpha*`` rows give each law's bound) for
     every dataset and for all datasets pooled, and the per-position checks."""
     rng = np.random.default_rng([config.seed, 7])
     datasets = datasets_in(cache_dir, config)
     collected: dict[tuple, _Collected] = {}
-    checks = {"wor_below_iid_positions": 0, "exact_above_bound_positions": 0,
-              "max_exact_excess": -math.inf, "positions": 0, "seconds": {}}
+    checks = {
+        "wor_below_iid_positions": 0,
+        "exact_above_bound_positions": 0,
+        "max_exact_excess": -math.inf,
+        "positions": 0,
+        "seconds": {},
+    }
     for d_index, dataset in enumerate(datasets):
         budgets = cell_budgets(config, len(datasets))
         for temperature in config.temperatures:
@@ -414,33 +458,50 @@ def analyse(config: MeasureConfig, cache_dir: Path, *,
             clusters = positions.prompt + 1_000_000 * d_index
             checks["positions"] += positions.count
             order = np.random.default_rng([config.seed, d_index, int(temperature * 1000)]).permutation(
-                positions.count)
+                positions.count
+            )
             for n in config.ns:
                 metrics = measure_n(p, q, n, config, rng, order=order, cell_budget=budgets)
                 for law, bound in metrics.bounds.items():
                     collected[(dataset, temperature, n, law, BOUND_VERIFIER)] = _Collected(
-                        bound, bound, np.zeros_like(bound), clusters, "exact",
-                        metrics.clamped[law], frozenset(), metrics.bound_error[law])
+                        bound,
+                        bound,
+                        np.zeros_like(bound),
+                        clusters,
+                        "exact",
+                        metrics.clamped[law],
+                        frozenset(),
+                        metrics.bound_error[law],
+                    )
                 for (verifier, law), rate in metrics.rates.items():
                     collected[(dataset, temperature, n, law, verifier)] = _Collected(
-                        rate.value, metrics.bounds[law], rate.mc_var, clusters, rate.method,
-                        metrics.clamped[law], frozenset(metrics.notes.get((verifier, law), ())),
-                        metrics.bound_error[law])
+                        rate.value,
+                        metrics.bounds[law],
+                        rate.mc_var,
+                        clusters,
+                        rate.method,
+                        metrics.clamped[law],
+                        frozenset(metrics.notes.get((verifier, law), ())),
+                        metrics.bound_error[law],
+                    )
                     if rate.method not in ("monte_carlo", SKIPPED):
                         excess = (rate.value - metrics.bounds[law])[~np.isnan(rate.value)]
                         slack = EXACT_SLACK + metrics.bound_error[law]
                         checks["exact_above_bound_positions"] += int((excess > slack).sum())
-                        checks["max_exact_excess"] = max(checks["max_exact_excess"],
-                                                         float(excess.max(initial=-np.inf)))
+                        checks["max_exact_excess"] = max(
+                            checks["max_exact_excess"], float(excess.max(initial=-np.inf))
+                        )
                 for what, spent in metrics.seconds.items():
                     checks["seconds"][what] = checks["seconds"].get(what, 0.0) + spent
                 if "iid" in metrics.bounds and "without_replacement" in metrics.bounds:
-                    slack = (EXACT_SLACK + metrics.bound_error["without_replacement"]
-                             + metrics.bound_error["iid"])
+                    slack = (
+                        EXACT_SLACK + metrics.bound_error["without_replacement"] + metrics.bound_error["iid"]
+                    )
                     below = metrics.bounds["without_replacement"] < metrics.bounds["iid"] - slack
                     checks["wor_below_iid_positions"] += int(below.sum())
-                checks["max_bound_error"] = max(checks.get("max_bound_error", 0.0),
-                                                *metrics.bound_error.values())
+                checks["max_bound_error"] = max(
+                    checks.get("max_bound_error", 0.0), *metrics.bound_error.values()
+                )
             if progress is not None:
                 progress(1, f"{dataset} T={temperature} ({positions.count} positions)")
 
@@ -450,14 +511,25 @@ def analyse(config: MeasureConfig, cache_dir: Path, *,
         for key in sorted(keys, key=str):
             parts = [collected[(d,) + key] for d in datasets if (d,) + key in collected]
             pooled = _Collected(
-                np.concatenate([c.value for c in parts]), np.concatenate([c.bound for c in parts]),
+                np.concatenate([c.value for c in parts]),
+                np.concatenate([c.bound for c in parts]),
                 np.concatenate([c.mc_var for c in parts]),
                 np.concatenate([c.clusters for c in parts]),
                 _pooled_method([c.method for c in parts]),
-                sum(c.clamped for c in parts), frozenset().union(*(c.notes for c in parts)),
-                max(c.bound_error for c in parts))
+                sum(c.clamped for c in parts),
+                frozenset().union(*(c.notes for c in parts)),
+                max(c.bound_error for c in parts),
+            )
             rows.append(_row(ALL_DATASETS, *key, pooled))
     order = {d: i for i, d in enumerate(datasets + [ALL_DATASETS])}
-    rows.sort(key=lambda r: (order[r["dataset"]], r["temperature"], r["n"], r["law"],
-                             r["verifier"] != BOUND_VERIFIER, r["verifier"]))
+    rows.sort(
+        key=lambda r: (
+            order[r["dataset"]],
+            r["temperature"],
+            r["n"],
+            r["law"],
+            r["verifier"] != BOUND_VERIFIER,
+            r["verifier"],
+        )
+    )
     return rows, checks

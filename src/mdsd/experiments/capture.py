@@ -124,11 +124,13 @@ def weights_fingerprint(config: MeasureConfig) -> str:
 
     parts = []
     for role, source in (("target", config.target), ("draft", config.draft)):
-        path = Path(str(resources.files("mdsd").joinpath("data", "models", role))) if source is None \
+        path = (
+            Path(str(resources.files("mdsd").joinpath("data", "models", role)))
+            if source is None
             else Path(source)
+        )
         files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
-        parts.append([role, str(source)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
-                                            for f in files])
+        parts.append([role, str(source)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
 
 
@@ -139,9 +141,14 @@ def cache_dir_for(cache_root: Path, config: MeasureConfig) -> Path:
 
 def _write_meta(cache_dir: Path, config: MeasureConfig, pair_name: str, vocab: int) -> None:
     meta = {
-        "format": FORMAT_VERSION, "pair": pair_name, "target": config.target,
-        "draft": config.draft, "top_k": config.top_k, "max_new_tokens": config.max_new_tokens,
-        "seed": config.seed, "vocab_size": vocab,
+        "format": FORMAT_VERSION,
+        "pair": pair_name,
+        "target": config.target,
+        "draft": config.draft,
+        "top_k": config.top_k,
+        "max_new_tokens": config.max_new_tokens,
+        "seed": config.seed,
+        "vocab_size": vocab,
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -236,11 +243,13 @@ def generate_rows(pair, row: PromptRow, temperatures: list[float], config: Measu
     results = []
     for r in range(batch):
         g = len(tokens[r])
-        results.append((
-            np.asarray(tokens[r], dtype=np.int64),
-            np.stack(target_logits[r]).astype(np.float32),  # [G, V]
-            draft_all[r, :g].astype(np.float32),  # [G, V]
-        ))
+        results.append(
+            (
+                np.asarray(tokens[r], dtype=np.int64),
+                np.stack(target_logits[r]).astype(np.float32),  # [G, V]
+                draft_all[r, :g].astype(np.float32),  # [G, V]
+            )
+        )
     return results
 
 
@@ -254,8 +263,9 @@ def compress_logits(logits: np.ndarray, top_k: int | None) -> dict[str, np.ndarr
 
 
 # ---------------------------------------------------------------- front door
-def capture(config: MeasureConfig, cache_root: str | Path, *, pair=None,
-            progress: Callable | None = None) -> CaptureSummary:
+def capture(
+    config: MeasureConfig, cache_root: str | Path, *, pair=None, progress: Callable | None = None
+) -> CaptureSummary:
     """Make sure every (dataset, T, prompt) of ``config`` is cached; generate what is missing.
 
     The models are loaded (``mdsd.models.load_pair``) only when something is missing, unless a
@@ -282,10 +292,20 @@ def capture(config: MeasureConfig, cache_root: str | Path, *, pair=None,
             for temperature, (tokens, t_logits, d_logits) in zip(
                 missing, generate_rows(pair, row, missing, config)
             ):
-                arrays = {"tokens": tokens, "meta": np.array(json.dumps({
-                    "dataset": row.dataset, "index": row.index, "digest": row.digest,
-                    "temperature": temperature, "top_k": config.top_k,
-                }))}
+                arrays = {
+                    "tokens": tokens,
+                    "meta": np.array(
+                        json.dumps(
+                            {
+                                "dataset": row.dataset,
+                                "index": row.index,
+                                "digest": row.digest,
+                                "temperature": temperature,
+                                "top_k": config.top_k,
+                            }
+                        )
+                    ),
+                }
                 for name, logits in (("target", t_logits), ("draft", d_logits)):
                     for part, value in compress_logits(logits, config.top_k).items():
                         arrays[f"{name}_{part}"] = value
@@ -324,8 +344,7 @@ def datasets_in(cache_dir: Path, config: MeasureConfig) -> list[str]:
     return list(dict.fromkeys(row.dataset for row in rows))
 
 
-def load_positions(cache_dir: Path, config: MeasureConfig, dataset: str,
-                   temperature: float) -> Positions:
+def load_positions(cache_dir: Path, config: MeasureConfig, dataset: str, temperature: float) -> Positions:
     """All cached positions of the configured prompts of ``dataset`` at ``temperature``."""
     rows = [r for r in load_prompts(config.prompts, config.num_prompts) if r.dataset == dataset]
     parts: dict[str, list[np.ndarray]] = {}
@@ -341,8 +360,11 @@ def load_positions(cache_dir: Path, config: MeasureConfig, dataset: str,
             prompt_ids.append(np.full(f["tokens"].size, row.index, dtype=np.int64))
     joined = {k: np.concatenate(v) for k, v in parts.items()}
     return Positions(
-        dataset=dataset, temperature=temperature,
-        target_logits=joined["target_logits"], draft_logits=joined["draft_logits"],
-        target_index=joined.get("target_index"), draft_index=joined.get("draft_index"),
+        dataset=dataset,
+        temperature=temperature,
+        target_logits=joined["target_logits"],
+        draft_logits=joined["draft_logits"],
+        target_index=joined.get("target_index"),
+        draft_index=joined.get("draft_index"),
         prompt=np.concatenate(prompt_ids),
     )

@@ -57,8 +57,11 @@ class MeasureConfig:
         """Short hash of everything that changes the cached logits (not the temperatures: each
         (dataset, T, prompt) has its own file, so adding a temperature reuses the rest)."""
         payload = {
-            "target": self.target, "draft": self.draft, "max_new_tokens": self.max_new_tokens,
-            "top_k": self.top_k, "seed": self.seed,
+            "target": self.target,
+            "draft": self.draft,
+            "max_new_tokens": self.max_new_tokens,
+            "top_k": self.top_k,
+            "seed": self.seed,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -14,16 +14,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mdsd.experiments.analysis import ALL_DATASETS, BOUND_VERIFIER  # noqa: E402
 
 LAW_COLORS = {
-    "iid": "#1f77b4", "without_replacement": "#ff7f0e", "greedy": "#2ca02c",
-    "conditional_poisson": "#9467bd", "spechub": "#d62728",
+    "iid": "#1f77b4",
+    "without_replacement": "#ff7f0e",
+    "greedy": "#2ca02c",
+    "conditional_poisson": "#9467bd",
+    "spechub": "#d62728",
 }
 LAW_LABELS = {
-    "iid": "i.i.d.", "without_replacement": "w/o replacement", "greedy": "greedy",
-    "conditional_poisson": "cond. Poisson", "spechub": "SpecHub",
+    "iid": "i.i.d.",
+    "without_replacement": "w/o replacement",
+    "greedy": "greedy",
+    "conditional_poisson": "cond. Poisson",
+    "spechub": "SpecHub",
 }
 LAW_DASHES = {
-    "iid": (0, (6, 2)), "without_replacement": (0, (2, 1.5)), "greedy": (0, (6, 1.5, 1.5, 1.5)),
-    "conditional_poisson": (0, (1, 1.5)), "spechub": (0, (3, 3)),
+    "iid": (0, (6, 2)),
+    "without_replacement": (0, (2, 1.5)),
+    "greedy": (0, (6, 1.5, 1.5, 1.5)),
+    "conditional_poisson": (0, (1, 1.5)),
+    "spechub": (0, (3, 3)),
 }
 MIN_POSITIONS = 30  # points rated on fewer positions (time budget) are left out of the figures
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -53,7 +62,8 @@ def _style(keys):
         i = seen.get(law, 0)
         seen[law] = i + 1
         styles[(verifier, law)] = dict(
-            color=LAW_COLORS.get(law, "black"), marker=MARKERS[i % len(MARKERS)],
+            color=LAW_COLORS.get(law, "black"),
+            marker=MARKERS[i % len(MARKERS)],
             linestyle=LINESTYLES[i % len(LINESTYLES)] if verifier != "sample_check" else ":",
         )
     return styles
@@ -72,33 +82,63 @@ def _sweep_figure(rows, x_name, fixed, xlabel, title, path_stem, gap=False):
     datasets = _datasets(rows)
     keys = curve_keys(rows, include_baseline=not gap)
     styles = _style(keys)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.0 * len(datasets) + 3.2, 4.6),
-                             sharey=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(datasets),
+        figsize=(5.0 * len(datasets) + 3.2, 4.6),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, dataset in zip(axes[0], datasets):
         sub = [r for r in _select(rows, dataset=dataset, **fixed) if r["positions"] >= MIN_POSITIONS]
         if not gap:
-            laws = sorted({r["law"] for r in sub if r["verifier"] == BOUND_VERIFIER},
-                          key=lambda law: list(LAW_COLORS).index(law) if law in LAW_COLORS else 99)
+            laws = sorted(
+                {r["law"] for r in sub if r["verifier"] == BOUND_VERIFIER},
+                key=lambda law: list(LAW_COLORS).index(law) if law in LAW_COLORS else 99,
+            )
             for law in laws:
-                pts = sorted((r[x_name], r["bound"]) for r in sub
-                             if r["law"] == law and r["verifier"] == BOUND_VERIFIER)
+                pts = sorted(
+                    (r[x_name], r["bound"])
+                    for r in sub
+                    if r["law"] == law and r["verifier"] == BOUND_VERIFIER
+                )
                 if pts:
                     xs, ys = zip(*pts)
-                    ax.plot(xs, ys, linestyle=LAW_DASHES.get(law, "--"), linewidth=2.0, alpha=0.7,
-                            color=LAW_COLORS.get(law, "gray"), marker="_", markersize=12,
-                            label=f"α* {LAW_LABELS.get(law, law)} (bound)")
+                    ax.plot(
+                        xs,
+                        ys,
+                        linestyle=LAW_DASHES.get(law, "--"),
+                        linewidth=2.0,
+                        alpha=0.7,
+                        color=LAW_COLORS.get(law, "gray"),
+                        marker="_",
+                        markersize=12,
+                        label=f"α* {LAW_LABELS.get(law, law)} (bound)",
+                    )
         for verifier, law in keys:
-            pts = sorted((r[x_name], r["gap" if gap else "acceptance"],
-                          r["gap_ci95" if gap else "ci95"]) for r in sub
-                         if r["verifier"] == verifier and r["law"] == law)
+            pts = sorted(
+                (r[x_name], r["gap" if gap else "acceptance"], r["gap_ci95" if gap else "ci95"])
+                for r in sub
+                if r["verifier"] == verifier and r["law"] == law
+            )
             if not pts:
                 continue
             xs, ys, es = zip(*pts)
-            mc = any(r["method"] == "monte_carlo" for r in sub
-                     if r["verifier"] == verifier and r["law"] == law)
+            mc = any(
+                r["method"] == "monte_carlo" for r in sub if r["verifier"] == verifier and r["law"] == law
+            )
             label = f"{verifier} [{LAW_LABELS.get(law, law)}]" + (" (Monte Carlo)" if mc else "")
-            ax.errorbar(xs, ys, yerr=es, capsize=2, markersize=5, linewidth=1.4, label=label,
-                        **styles[(verifier, law)])
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=es,
+                capsize=2,
+                markersize=5,
+                linewidth=1.4,
+                label=label,
+                **styles[(verifier, law)],
+            )
         if gap:
             ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_title(f"{dataset}")
@@ -106,8 +146,9 @@ def _sweep_figure(rows, x_name, fixed, xlabel, title, path_stem, gap=False):
             ax.set_xticks(sorted({r["n"] for r in sub}))
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("gap α* − α (acceptance probability)" if gap
-                          else "acceptance rate α (probability per position)")
+    axes[0][0].set_ylabel(
+        "gap α* − α (acceptance probability)" if gap else "acceptance rate α (probability per position)"
+    )
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
@@ -120,8 +161,7 @@ def _sweep_figure(rows, x_name, fixed, xlabel, title, path_stem, gap=False):
     return paths
 
 
-def plot_all(rows: list[dict], out_dir: str | Path, *, n: int = 3,
-             temperature: float = 0.7) -> list[Path]:
+def plot_all(rows: list[dict], out_dir: str | Path, *, n: int = 3, temperature: float = 0.7) -> list[Path]:
     """Write figure1 (α vs T at n), figure2 (α vs n at T) and figure3 (gaps) as PNG and SVG."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,19 +171,41 @@ def plot_all(rows: list[dict], out_dir: str | Path, *, n: int = 3,
     temperature = temperature if temperature in temps else temps[len(temps) // 2]
     paths = []
     if len(temps) > 1:
-        paths += _sweep_figure(rows, "temperature", {"n": n}, "temperature T",
-                               f"Acceptance vs temperature (n = {n} drafts); dashed: optimal α* of "
-                               "each draft law", out / "figure1_temperature")
+        paths += _sweep_figure(
+            rows,
+            "temperature",
+            {"n": n},
+            "temperature T",
+            f"Acceptance vs temperature (n = {n} drafts); dashed: optimal α* of each draft law",
+            out / "figure1_temperature",
+        )
     if len(ns) > 1:
-        paths += _sweep_figure(rows, "n", {"temperature": temperature}, "number of drafts n",
-                               f"Acceptance vs number of drafts (T = {temperature})",
-                               out / "figure2_drafts")
+        paths += _sweep_figure(
+            rows,
+            "n",
+            {"temperature": temperature},
+            "number of drafts n",
+            f"Acceptance vs number of drafts (T = {temperature})",
+            out / "figure2_drafts",
+        )
     if len(temps) > 1:
-        paths += _sweep_figure(rows, "temperature", {"n": n}, "temperature T",
-                               f"Gap to the bound of each verifier's law vs temperature (n = {n})",
-                               out / "figure3_gap_temperature", gap=True)
+        paths += _sweep_figure(
+            rows,
+            "temperature",
+            {"n": n},
+            "temperature T",
+            f"Gap to the bound of each verifier's law vs temperature (n = {n})",
+            out / "figure3_gap_temperature",
+            gap=True,
+        )
     if len(ns) > 1:
-        paths += _sweep_figure(rows, "n", {"temperature": temperature}, "number of drafts n",
-                               f"Gap to the bound vs number of drafts (T = {temperature})",
-                               out / "figure4_gap_drafts", gap=True)
+        paths += _sweep_figure(
+            rows,
+            "n",
+            {"temperature": temperature},
+            "number of drafts n",
+            f"Gap to the bound vs number of drafts (T = {temperature})",
+            out / "figure4_gap_drafts",
+            gap=True,
+        )
     return paths

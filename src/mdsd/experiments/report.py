@@ -16,13 +16,30 @@ from pathlib import Path
 from mdsd.experiments.analysis import ALL_DATASETS, BOUND_VERIFIER, EXACT_SLACK
 from mdsd.experiments.config import TABLE_N, TABLE_TEMPERATURE
 
-COLUMNS = ("dataset", "temperature", "n", "law", "verifier", "acceptance", "ci95", "bound",
-           "bound_ci95", "gap", "gap_ci95", "method", "mc_stderr", "positions", "prompts",
-           "clamped", "max_excess", "bound_error", "subsampled")
+COLUMNS = (
+    "dataset",
+    "temperature",
+    "n",
+    "law",
+    "verifier",
+    "acceptance",
+    "ci95",
+    "bound",
+    "bound_ci95",
+    "gap",
+    "gap_ci95",
+    "method",
+    "mc_stderr",
+    "positions",
+    "prompts",
+    "clamped",
+    "max_excess",
+    "bound_error",
+    "subsampled",
+)
 _INT = {"n", "positions", "prompts", "clamped", "subsampled"}
 _STR = {"dataset", "law", "verifier", "method"}
-VERIFIER_ORDER = ("rrs", "kseq", "importance", "rrs_without_replacement", "greedy", "spechub",
-                  "optimal")
+VERIFIER_ORDER = ("rrs", "kseq", "importance", "rrs_without_replacement", "greedy", "spechub", "optimal")
 ZERO_GAP = 1e-6  # a gap this small (probability units) counts as attaining the bound
 LAW_ORDER = ("iid", "without_replacement", "greedy", "spechub", "conditional_poisson")
 
@@ -37,8 +54,9 @@ def write_results(out_dir: str | Path, rows: list[dict], run: dict) -> list[Path
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.10g}" if isinstance(v, float) else v) for k, v in row.items()})
-    (out / "results.json").write_text(json.dumps({"run": run, "rows": rows}, indent=1,
-                                                 default=_json_default) + "\n")
+    (out / "results.json").write_text(
+        json.dumps({"run": run, "rows": rows}, indent=1, default=_json_default) + "\n"
+    )
     return [out / "results.csv", out / "results.json"]
 
 
@@ -59,8 +77,7 @@ def read_results(out_dir: str | Path) -> tuple[list[dict], dict]:
     rows = []
     with open(out / "results.csv", newline="") as f:
         for raw in csv.DictReader(f):
-            rows.append({k: (v if k in _STR else int(v) if k in _INT else float(v))
-                         for k, v in raw.items()})
+            rows.append({k: (v if k in _STR else int(v) if k in _INT else float(v)) for k, v in raw.items()})
     return rows, {}
 
 
@@ -92,19 +109,23 @@ def table1(rows: list[dict], temperature: float = TABLE_TEMPERATURE, n: int = TA
     """Markdown: per verifier (and its law) and dataset, α ± CI, the law's α*, and the gap α* − α."""
     temperature = _closest([r["temperature"] for r in rows], temperature)
     n = _closest([r["n"] for r in rows], n)
-    sub = [r for r in rows if r["temperature"] == temperature and r["n"] == n
-           and r["verifier"] != BOUND_VERIFIER]
+    sub = [
+        r for r in rows if r["temperature"] == temperature and r["n"] == n and r["verifier"] != BOUND_VERIFIER
+    ]
     datasets = _datasets(sub)
     keys = sorted({(r["verifier"], r["law"]) for r in sub}, key=lambda k: _rank(*k))
     index = {(r["dataset"], r["verifier"], r["law"]): r for r in sub}
-    head = "| verifier | draft law | " + " | ".join(
-        f"{d}: α | {d}: α* | {d}: gap" for d in datasets) + " |"
-    lines = [f"**Table 1** (T = {temperature}, n = {n}): acceptance α (± 95% CI), the optimal "
-             "acceptance α* of the verifier's draft law, and the gap α* − α (± paired 95% CI). "
-             "Methods: exact unless marked † (Monte Carlo, see the CSV's mc_stderr); ‡: rated on a "
-             "random subsample of the positions (time budget; α* in that row is over the same "
-             "positions).", "",
-             head, "|" + "---|" * (2 + 3 * len(datasets))]
+    head = "| verifier | draft law | " + " | ".join(f"{d}: α | {d}: α* | {d}: gap" for d in datasets) + " |"
+    lines = [
+        f"**Table 1** (T = {temperature}, n = {n}): acceptance α (± 95% CI), the optimal "
+        "acceptance α* of the verifier's draft law, and the gap α* − α (± paired 95% CI). "
+        "Methods: exact unless marked † (Monte Carlo, see the CSV's mc_stderr); ‡: rated on a "
+        "random subsample of the positions (time budget; α* in that row is over the same "
+        "positions).",
+        "",
+        head,
+        "|" + "---|" * (2 + 3 * len(datasets)),
+    ]
     for verifier, law in keys:
         cells = [verifier, law]
         for d in datasets:
@@ -113,8 +134,11 @@ def table1(rows: list[dict], temperature: float = TABLE_TEMPERATURE, n: int = TA
                 cells += ["–" if r is None else "skipped (too slow)", "–", "–"]
                 continue
             mark = ("†" if r["method"] == "monte_carlo" else "") + ("‡" if r.get("subsampled") else "")
-            cells += [f"{fmt(r['acceptance'])} ± {fmt(r['ci95'])}{mark}", fmt(r["bound"]),
-                      f"{fmt(r['gap'])} ± {fmt(r['gap_ci95'])}"]
+            cells += [
+                f"{fmt(r['acceptance'])} ± {fmt(r['ci95'])}{mark}",
+                fmt(r["bound"]),
+                f"{fmt(r['gap'])} ± {fmt(r['gap_ci95'])}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -124,17 +148,23 @@ def bounds_table(rows: list[dict], n: int = TABLE_N) -> str:
     n = _closest([r["n"] for r in rows], n)
     datasets = _datasets(rows)
     dataset = ALL_DATASETS if ALL_DATASETS in datasets else datasets[0]
-    sub = [r for r in rows if r["verifier"] == BOUND_VERIFIER and r["n"] == n
-           and r["dataset"] == dataset]
+    sub = [r for r in rows if r["verifier"] == BOUND_VERIFIER and r["n"] == n and r["dataset"] == dataset]
     laws = sorted({r["law"] for r in sub}, key=lambda x: LAW_ORDER.index(x) if x in LAW_ORDER else 9)
     temps = sorted({r["temperature"] for r in sub})
     index = {(r["law"], r["temperature"]): r for r in sub}
-    lines = [f"**Optimal acceptance α*** by draft law (dataset: {dataset}, n = {n}; ± 95% CI)", "",
-             "| law | " + " | ".join(f"T = {t}" for t in temps) + " |",
-             "|---|" + "---|" * len(temps)]
+    lines = [
+        f"**Optimal acceptance α*** by draft law (dataset: {dataset}, n = {n}; ± 95% CI)",
+        "",
+        "| law | " + " | ".join(f"T = {t}" for t in temps) + " |",
+        "|---|" + "---|" * len(temps),
+    ]
     for law in laws:
-        cells = [f"{fmt(index[(law, t)]['bound'])} ± {fmt(index[(law, t)]['bound_ci95'])}"
-                 if (law, t) in index else "–" for t in temps]
+        cells = [
+            f"{fmt(index[(law, t)]['bound'])} ± {fmt(index[(law, t)]['bound_ci95'])}"
+            if (law, t) in index
+            else "–"
+            for t in temps
+        ]
         lines.append(f"| {law} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -143,18 +173,29 @@ def gap_table(rows: list[dict], x_name: str, fixed: dict) -> str:
     """Markdown: gap α* − α of each verifier along temperature or n (pooled dataset)."""
     datasets = _datasets(rows)
     dataset = ALL_DATASETS if ALL_DATASETS in datasets else datasets[0]
-    sub = [r for r in rows if r["dataset"] == dataset and r["verifier"] != BOUND_VERIFIER
-           and r["verifier"] != "sample_check" and all(r[k] == v for k, v in fixed.items())]
+    sub = [
+        r
+        for r in rows
+        if r["dataset"] == dataset
+        and r["verifier"] != BOUND_VERIFIER
+        and r["verifier"] != "sample_check"
+        and all(r[k] == v for k, v in fixed.items())
+    ]
     xs = sorted({r[x_name] for r in sub})
     keys = sorted({(r["verifier"], r["law"]) for r in sub}, key=lambda k: _rank(*k))
     index = {(r["verifier"], r["law"], r[x_name]): r for r in sub if r["positions"]}
     label = "T" if x_name == "temperature" else "n"
-    lines = ["| verifier [law] | " + " | ".join(f"{label} = {x}" for x in xs) + " |",
-             "|---|" + "---|" * len(xs)]
+    lines = [
+        "| verifier [law] | " + " | ".join(f"{label} = {x}" for x in xs) + " |",
+        "|---|" + "---|" * len(xs),
+    ]
     for v, law in keys:
-        cells = [fmt(index[(v, law, x)]["gap"]) + ("†" if index[(v, law, x)]["method"] == "monte_carlo"
-                                                      else "")
-                 if (v, law, x) in index else "–" for x in xs]
+        cells = [
+            fmt(index[(v, law, x)]["gap"]) + ("†" if index[(v, law, x)]["method"] == "monte_carlo" else "")
+            if (v, law, x) in index
+            else "–"
+            for x in xs
+        ]
         lines.append(f"| {v} [{law}] | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -177,26 +218,38 @@ def _trend(points: list[tuple[float, float, float]]) -> str:
     return "non-monotone"
 
 
-def findings(rows: list[dict], checks: dict | None = None, *, n: int = TABLE_N,
-             temperature: float = TABLE_TEMPERATURE) -> list[dict]:
+def findings(
+    rows: list[dict], checks: dict | None = None, *, n: int = TABLE_N, temperature: float = TABLE_TEMPERATURE
+) -> list[dict]:
     """The paper's claims checked on the rows: [{'claim', 'holds' (bool or None), 'detail'}]."""
     out = []
-    bounds = {(r["dataset"], r["temperature"], r["n"], r["law"]): r for r in rows
-              if r["verifier"] == BOUND_VERIFIER}
+    bounds = {
+        (r["dataset"], r["temperature"], r["n"], r["law"]): r for r in rows if r["verifier"] == BOUND_VERIFIER
+    }
 
     # 1. without-replacement alpha* >= iid alpha*
-    pairs = [(k, bounds[k], bounds[k[:3] + ("iid",)]) for k in bounds
-             if k[3] == "without_replacement" and k[:3] + ("iid",) in bounds]
+    pairs = [
+        (k, bounds[k], bounds[k[:3] + ("iid",)])
+        for k in bounds
+        if k[3] == "without_replacement" and k[:3] + ("iid",) in bounds
+    ]
     if pairs:
         bad = [k for k, w, i in pairs if w["bound"] < i["bound"] - EXACT_SLACK]
         margin = min(w["bound"] - i["bound"] for _, w, i in pairs)
         per_position = (checks or {}).get("wor_below_iid_positions")
-        detail = (f"{len(pairs) - len(bad)}/{len(pairs)} (dataset, T, n) settings; smallest mean "
-                  f"margin α*_wor − α*_iid = {margin:.2e}")
+        detail = (
+            f"{len(pairs) - len(bad)}/{len(pairs)} (dataset, T, n) settings; smallest mean "
+            f"margin α*_wor − α*_iid = {margin:.2e}"
+        )
         if per_position is not None:
             detail += f"; positions where it fails: {per_position}"
-        out.append({"claim": "without-replacement α* ≥ i.i.d. α*",
-                    "holds": not bad and not per_position, "detail": detail})
+        out.append(
+            {
+                "claim": "without-replacement α* ≥ i.i.d. α*",
+                "holds": not bad and not per_position,
+                "detail": detail,
+            }
+        )
 
     # 2. every verifier <= its bound (exact: per position, to rounding; MC: within the paired CI)
     rates = [r for r in rows if r["verifier"] != BOUND_VERIFIER and r["positions"]]
@@ -206,19 +259,26 @@ def findings(rows: list[dict], checks: dict | None = None, *, n: int = TABLE_N,
     over = [r for r in exact if r["max_excess"] > EXACT_SLACK + r.get("bound_error", 0.0)]
     bad_mc = [r for r in sampled if r["gap"] + r["gap_ci95"] < 0]
     bound_error = max((r.get("bound_error", 0.0) for r in rows), default=0.0)
-    detail = (f"exact rates ({len(exact)} rows): largest per-position excess α − α* = {worst:.1e}, "
-              f"{len(over)} rows beyond the tolerance ({EXACT_SLACK:.0e} + the bound's own error "
-              f"estimate, at most {bound_error:.1e})")
+    detail = (
+        f"exact rates ({len(exact)} rows): largest per-position excess α − α* = {worst:.1e}, "
+        f"{len(over)} rows beyond the tolerance ({EXACT_SLACK:.0e} + the bound's own error "
+        f"estimate, at most {bound_error:.1e})"
+    )
     if worst > EXACT_SLACK:
         top = max(exact, key=lambda r: r["max_excess"])
-        detail += (f"; the largest excess is {top['verifier']} [{top['law']}] at T = "
-                   f"{top['temperature']}, n = {top['n']}, {top['method']}")
+        detail += (
+            f"; the largest excess is {top['verifier']} [{top['law']}] at T = "
+            f"{top['temperature']}, n = {top['n']}, {top['method']}"
+        )
     if sampled:
-        detail += (f"; Monte-Carlo rates ({len(sampled)} rows, verifiers "
-                   f"{sorted({r['verifier'] for r in sampled})}): {len(bad_mc)} with the gap's 95% CI "
-                   "entirely below 0")
-    out.append({"claim": "every verifier ≤ the α* of its law", "holds": not over and not bad_mc,
-                "detail": detail})
+        detail += (
+            f"; Monte-Carlo rates ({len(sampled)} rows, verifiers "
+            f"{sorted({r['verifier'] for r in sampled})}): {len(bad_mc)} with the gap's 95% CI "
+            "entirely below 0"
+        )
+    out.append(
+        {"claim": "every verifier ≤ the α* of its law", "holds": not over and not bad_mc, "detail": detail}
+    )
 
     # 3./4. gap trends with T (at n) and with n (at T), pooled dataset
     datasets = _datasets(rows)
@@ -226,28 +286,38 @@ def findings(rows: list[dict], checks: dict | None = None, *, n: int = TABLE_N,
     n = _closest([r["n"] for r in rows], n)
     temperature = _closest([r["temperature"] for r in rows], temperature)
     main = [r for r in rates if r["dataset"] == dataset and r["verifier"] != "sample_check"]
-    for x_name, fixed, what in (("temperature", {"n": n}, f"temperature (n = {n})"),
-                                ("n", {"temperature": temperature}, f"n (T = {temperature})")):
+    for x_name, fixed, what in (
+        ("temperature", {"n": n}, f"temperature (n = {n})"),
+        ("n", {"temperature": temperature}, f"n (T = {temperature})"),
+    ):
         sub = [r for r in main if all(r[k] == v for k, v in fixed.items())]
         keys = sorted({(r["verifier"], r["law"]) for r in sub}, key=lambda k: _rank(*k))
         trends = {}
         for key in keys:
-            pts = sorted((r[x_name], r["gap"], r["gap_ci95"]) for r in sub
-                         if (r["verifier"], r["law"]) == key)
+            pts = sorted(
+                (r[x_name], r["gap"], r["gap_ci95"]) for r in sub if (r["verifier"], r["law"]) == key
+            )
             if len(pts) > 1:
                 trends[key] = (_trend(pts), pts[0], pts[-1])
         if not trends:
             continue
         growing = [k for k, t in trends.items() if t[0] == "grows"]
         at_bound = [k for k, t in trends.items() if t[0] == "at its bound"]
-        parts = [f"{v} [{law}]: {t[0]} ({fmt(t[1][1], small=True)} at {t[1][0]} → "
-                 f"{fmt(t[2][1], small=True)} at {t[2][0]})"
-                 for (v, law), t in trends.items() if t[0] != "at its bound"]
-        detail = (f"grows for {len(growing)} of the {len(trends) - len(at_bound)} verifiers that "
-                  f"fall short: " + ("; ".join(parts) or "none"))
+        parts = [
+            f"{v} [{law}]: {t[0]} ({fmt(t[1][1], small=True)} at {t[1][0]} → "
+            f"{fmt(t[2][1], small=True)} at {t[2][0]})"
+            for (v, law), t in trends.items()
+            if t[0] != "at its bound"
+        ]
+        detail = (
+            f"grows for {len(growing)} of the {len(trends) - len(at_bound)} verifiers that "
+            f"fall short: " + ("; ".join(parts) or "none")
+        )
         if at_bound:
-            detail += (f". At their bound throughout (gap within its CI of 0): "
-                       f"{', '.join(f'{v} [{law}]' for v, law in at_bound)}")
+            detail += (
+                f". At their bound throughout (gap within its CI of 0): "
+                f"{', '.join(f'{v} [{law}]' for v, law in at_bound)}"
+            )
         out.append({"claim": f"the gap α* − α grows with {what}", "holds": None, "detail": detail})
 
     # 5. greedy vs the best i.i.d./without-replacement verifier along temperature
@@ -258,20 +328,30 @@ def findings(rows: list[dict], checks: dict | None = None, *, n: int = TABLE_N,
         at = [r for r in sub if r["temperature"] == t]
         greedy = [r["acceptance"] for r in at if r["verifier"] == "greedy"]
         # rows rated on every position only: a subsample's mean is over other positions
-        others = [r for r in at if r["law"] in ("iid", "without_replacement")
-                  and r["positions"] and not r.get("subsampled")]
+        others = [
+            r
+            for r in at
+            if r["law"] in ("iid", "without_replacement") and r["positions"] and not r.get("subsampled")
+        ]
         if greedy and others:
             best = max(others, key=lambda r: r["acceptance"])
             lead.append(f"T={t}: greedy − {best['verifier']} = {greedy[0] - best['acceptance']:+.4f}")
     if lead:
-        out.append({"claim": f"greedy beats the best i.i.d./w-o-replacement verifier at low T, less "
-                             f"so near T = 1 (n = {n})", "holds": None, "detail": "; ".join(lead)})
+        out.append(
+            {
+                "claim": f"greedy beats the best i.i.d./w-o-replacement verifier at low T, less "
+                f"so near T = 1 (n = {n})",
+                "holds": None,
+                "detail": "; ".join(lead),
+            }
+        )
     return out
 
 
 # ---------------------------------------------------------------- report
-def render_report(out_dir: str | Path, *, n: int = TABLE_N,
-                  temperature: float = TABLE_TEMPERATURE, replot: bool = True) -> Path:
+def render_report(
+    out_dir: str | Path, *, n: int = TABLE_N, temperature: float = TABLE_TEMPERATURE, replot: bool = True
+) -> Path:
     """Write ``report.md`` in ``out_dir`` (tables, figures, findings) from its results files."""
     from mdsd.experiments.plots import plot_all
 
@@ -299,10 +379,16 @@ def render_report(out_dir: str | Path, *, n: int = TABLE_N,
         "temperature T; at every generated position the target's p and the draft's q (same "
         "temperature and top-k) are recorded, and α* of each draft law and the acceptance rate "
         "of each verifier under its law are computed exactly per position (Monte Carlo only where "
-        "marked) and averaged over positions. 95% CIs are clustered by prompt.", "",
-        "## Table 1", "", table1(rows, temperature, n), "",
-        bounds_table(rows, n), "",
-        "## Figures", "",
+        "marked) and averaged over positions. 95% CIs are clustered by prompt.",
+        "",
+        "## Table 1",
+        "",
+        table1(rows, temperature, n),
+        "",
+        bounds_table(rows, n),
+        "",
+        "## Figures",
+        "",
     ]
     for path in figures:
         if path.suffix == ".png":
@@ -313,33 +399,63 @@ def render_report(out_dir: str | Path, *, n: int = TABLE_N,
         lines += [f"- {mark} **{item['claim']}** — {item['detail']}", ""]
     temps_fixed = {"n": _closest([r["n"] for r in rows], n)}
     n_fixed = {"temperature": _closest([r["temperature"] for r in rows], temperature)}
-    lines += [f"### Gap α* − α vs temperature (pooled, n = {temps_fixed['n']})", "",
-              gap_table(rows, "temperature", temps_fixed), "",
-              "### Gap α* − α vs number of drafts (pooled, T = {})".format(n_fixed["temperature"]), "",
-              gap_table(rows, "n", n_fixed), ""]
-    methods = sorted({(r["verifier"], r["law"], r["method"]) for r in rows
-                      if r["verifier"] != BOUND_VERIFIER and r["method"] == "monte_carlo"})
+    lines += [
+        f"### Gap α* − α vs temperature (pooled, n = {temps_fixed['n']})",
+        "",
+        gap_table(rows, "temperature", temps_fixed),
+        "",
+        "### Gap α* − α vs number of drafts (pooled, T = {})".format(n_fixed["temperature"]),
+        "",
+        gap_table(rows, "n", n_fixed),
+        "",
+    ]
+    methods = sorted(
+        {
+            (r["verifier"], r["law"], r["method"])
+            for r in rows
+            if r["verifier"] != BOUND_VERIFIER and r["method"] == "monte_carlo"
+        }
+    )
     if methods:
-        lines += ["## Monte-Carlo rates", "",
-                  "No exact method was available for these (verifier, law, n): each position's "
-                  "rate is the mean exact conditional acceptance over "
-                  f"{(run.get('config') or {}).get('mc_samples', '?')} sampled draft sets "
-                  "(Rao-Blackwellised); the CSV column mc_stderr is the sampling standard error of "
-                  "each mean (the CI also includes it).", ""]
+        lines += [
+            "## Monte-Carlo rates",
+            "",
+            "No exact method was available for these (verifier, law, n): each position's "
+            "rate is the mean exact conditional acceptance over "
+            f"{(run.get('config') or {}).get('mc_samples', '?')} sampled draft sets "
+            "(Rao-Blackwellised); the CSV column mc_stderr is the sampling standard error of "
+            "each mean (the CI also includes it).",
+            "",
+        ]
         seen = sorted({(v, law) for v, law, _ in methods})
-        ns_mc = {(v, law): sorted({r["n"] for r in rows if r["verifier"] == v and r["law"] == law
-                                   and r["method"] == "monte_carlo"}) for v, law in seen}
+        ns_mc = {
+            (v, law): sorted(
+                {
+                    r["n"]
+                    for r in rows
+                    if r["verifier"] == v and r["law"] == law and r["method"] == "monte_carlo"
+                }
+            )
+            for v, law in seen
+        }
         lines += [f"- {v} [{law}]: n ∈ {ns_mc[(v, law)]}" for v, law in seen] + [""]
     partial = sorted({(r["verifier"], r["law"]) for r in rows if r.get("subsampled")})
     if partial:
-        lines += ["## Subsampled rates", "",
-                  "These verifiers were too slow to rate every position within the analysis budget "
-                  f"({(run.get('config') or {}).get('verifier_budget', '?')} s per verifier): "
-                  "they were rated on a random subsample of positions, the same for every n and "
-                  "law (column `positions`; their bound and gap are over the same positions).", ""]
+        lines += [
+            "## Subsampled rates",
+            "",
+            "These verifiers were too slow to rate every position within the analysis budget "
+            f"({(run.get('config') or {}).get('verifier_budget', '?')} s per verifier): "
+            "they were rated on a random subsample of positions, the same for every n and "
+            "law (column `positions`; their bound and gap are over the same positions).",
+            "",
+        ]
         for v, law in partial:
-            counts = [r["positions"] for r in rows if r["verifier"] == v and r["law"] == law
-                      and r["dataset"] != ALL_DATASETS]
+            counts = [
+                r["positions"]
+                for r in rows
+                if r["verifier"] == v and r["law"] == law and r["dataset"] != ALL_DATASETS
+            ]
             lines.append(f"- {v} [{law}]: {min(counts)}–{max(counts)} positions per (dataset, T, n)")
         lines.append("")
     skipped = {}
@@ -347,9 +463,13 @@ def render_report(out_dir: str | Path, *, n: int = TABLE_N,
         if not r["positions"] and r["verifier"] != BOUND_VERIFIER and r["dataset"] != ALL_DATASETS:
             skipped.setdefault((r["verifier"], r["law"]), set()).add(r["n"])
     if skipped:
-        lines += ["## Skipped (too slow)", "",
-                  "One position took longer than the verifier's share of the time budget, so the "
-                  "later (dataset, T) cells of these (verifier, law, n) were not rated:", ""]
+        lines += [
+            "## Skipped (too slow)",
+            "",
+            "One position took longer than the verifier's share of the time budget, so the "
+            "later (dataset, T) cells of these (verifier, law, n) were not rated:",
+            "",
+        ]
         lines += [f"- {v} [{law}]: n ∈ {sorted(ns)}" for (v, law), ns in sorted(skipped.items())]
         lines.append("")
     noted = {}
@@ -365,10 +485,13 @@ def render_report(out_dir: str | Path, *, n: int = TABLE_N,
         lines += ["## Analysis time", "", "| computation | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])]
         lines.append("")
-    lines += ["Files: `results.csv` (tidy: dataset, temperature, n, law, verifier, acceptance, "
-              "ci95, bound, bound_ci95, gap, gap_ci95, method, mc_stderr, positions, prompts, "
-              "clamped, max_excess, bound_error, subsampled; verifier `alpha*` rows give each law's bound), "
-              "`results.json`, `table1.md`, figures as PNG and SVG.", ""]
+    lines += [
+        "Files: `results.csv` (tidy: dataset, temperature, n, law, verifier, acceptance, "
+        "ci95, bound, bound_ci95, gap, gap_ci95, method, mc_stderr, positions, prompts, "
+        "clamped, max_excess, bound_error, subsampled; verifier `alpha*` rows give each law's bound), "
+        "`results.json`, `table1.md`, figures as PNG and SVG.",
+        "",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

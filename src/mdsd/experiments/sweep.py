@@ -23,8 +23,15 @@ from mdsd.experiments.report import table1, write_results
 Progress = Callable[[str, int], Callable[[int, str], None]]  # (phase, total) -> advance callback
 
 
-def run_sweep(config: MeasureConfig, out_dir: str | Path, *, cache_root: str | Path | None = None,
-              command: str = "mdsd measure", pair=None, progress: Progress | None = None) -> dict:
+def run_sweep(
+    config: MeasureConfig,
+    out_dir: str | Path,
+    *,
+    cache_root: str | Path | None = None,
+    command: str = "mdsd measure",
+    pair=None,
+    progress: Progress | None = None,
+) -> dict:
     """Capture, analyse and write ``results.csv``/``results.json``/``table1.md``/figures to out_dir.
 
     Returns the run record (also stored in results.json under ``run``).
@@ -38,13 +45,16 @@ def _run(config, out, cache_root, command, pair, progress) -> dict:
     start = time.perf_counter()
     prompts = load_prompts(config.prompts, config.num_prompts)
     total = len(prompts) * len(config.temperatures)
-    summary = capture(config, cache_root, pair=pair,
-                      progress=progress("capture", total) if progress else None)
+    summary = capture(
+        config, cache_root, pair=pair, progress=progress("capture", total) if progress else None
+    )
     captured = time.perf_counter()
     datasets = list(dict.fromkeys(p.dataset for p in prompts))
-    rows, checks = analyse(config, summary.cache_dir,
-                           progress=progress("analysis", len(datasets) * len(config.temperatures))
-                           if progress else None)
+    rows, checks = analyse(
+        config,
+        summary.cache_dir,
+        progress=progress("analysis", len(datasets) * len(config.temperatures)) if progress else None,
+    )
     analysed = time.perf_counter()
     per_temperature = checks["positions"] // max(1, len(config.temperatures))
     meta_path = summary.cache_dir / "meta.json"

@@ -32,8 +32,15 @@ def register(verifier: Verifier) -> Verifier:
     return verifier
 
 
-for _v in (RRS(), RRSWithoutReplacement(), KSEQ(), SpecHubVerifier(), GreedyVerifier(),
-           Importance(), SampleCheck()):
+for _v in (
+    RRS(),
+    RRSWithoutReplacement(),
+    KSEQ(),
+    SpecHubVerifier(),
+    GreedyVerifier(),
+    Importance(),
+    SampleCheck(),
+):
     register(_v)
 register(OptimalVerifier())
 
@@ -105,8 +112,7 @@ def _sample_rows(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum((cdf <= u).sum(axis=1), probs.shape[1] - 1)
 
 
-def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, rng=None,
-           normalize=False):
+def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, rng=None, normalize=False):
     """Run a verifier: draw y ~ pi(. | x). Returns (token, accepted), accepted = y in set(x).
 
     Batched input gives arrays ``tokens [B]`` and ``accepted [B]``. ``rng`` is a

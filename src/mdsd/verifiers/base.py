@@ -126,9 +126,7 @@ def check_drafts_for_law(draft_probs, drafts, law: DraftLaw) -> None:
     if law.name == "spechub":
         hub = ops.argmax(draft_probs)
         if ops.any((drafts[:, 0] == hub) == (drafts[:, 1] == hub)):
-            raise ValueError(
-                "law 'spechub' drafts hold the hub argmax(draft_probs) exactly once"
-            )
+            raise ValueError("law 'spechub' drafts hold the hub argmax(draft_probs) exactly once")
 
 
 def _cpu(values):

@@ -269,8 +269,7 @@ def _kseq_bracket_sorted(p, q, n: int):
     k_star = low
     # interval [lo, hi] = [r_(k*+1), r_(k*)], with r_(0) = n and r_(V+1) = 1
     hi = ops.where(k_star > 0, r_sorted[rows, ops.maximum(k_star - 1, 0)], n_float)
-    lo = ops.where(k_star < vocab, r_sorted[rows, ops.minimum(k_star, vocab - 1)],
-                   1.0)
+    lo = ops.where(k_star < vocab, r_sorted[rows, ops.minimum(k_star, vocab - 1)], 1.0)
     lo = ops.maximum(lo, 1.0)  # g(1) <= 0 is handled by at_one below
     head = ops.where(k_star > 0, q_head[rows, ops.maximum(k_star - 1, 0)], 0.0)
     tail = ops.where(k_star > 0, p_tail[rows, ops.maximum(k_star - 1, 0)], p_total[:, 0])
@@ -309,8 +308,9 @@ def kseq_rho(p, q, n: int):
     ops = backend(p)
     compiled = _compiled_kernels() if ops is NumpyOps else None
     if compiled is not None:  # the same bracket by selection, expected O(V), no sort
-        bracket = compiled.kseq_brackets(np.ascontiguousarray(p, dtype=np.float64),
-                                         np.ascontiguousarray(q, dtype=np.float64), n)
+        bracket = compiled.kseq_brackets(
+            np.ascontiguousarray(p, dtype=np.float64), np.ascontiguousarray(q, dtype=np.float64), n
+        )
         lo, hi, head, tail = bracket[:, 0], bracket[:, 1], bracket[:, 2], bracket[:, 3]
     else:
         lo, hi, head, tail = _kseq_bracket_sorted(p, q, n)
@@ -557,8 +557,11 @@ class Importance(Verifier):
         picked_law = importance_law(p, q, drafts.shape[1])
         weight = gather(p, drafts) / gather(q, drafts)  # [B, n], q > 0 on drafts
         # best weight, ties by lower token id
-        best = weight == weight.max(1, keepdims=True) if ops.name == "numpy" else (
-            weight == weight.max(1, keepdim=True).values)
+        best = (
+            weight == weight.max(1, keepdims=True)
+            if ops.name == "numpy"
+            else (weight == weight.max(1, keepdim=True).values)
+        )
         vocab = p.shape[1]
         picked = ops.where(best, drafts, vocab).min(1)
         picked = picked if ops.name == "numpy" else picked.values

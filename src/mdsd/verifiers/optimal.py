@@ -151,8 +151,7 @@ class OptimalFit:
 # -- fit -----------------------------------------------------------------------------------------
 
 
-def fit_optimal(target_probs, draft_probs, n: int, law="iid", *,
-                normalize=False) -> OptimalFit:
+def fit_optimal(target_probs, draft_probs, n: int, law="iid", *, normalize=False) -> OptimalFit:
     """Fit the optimal verifier for one position ([V]) or a batch ([B, V]) of positions.
 
     Args:
@@ -228,10 +227,19 @@ def _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, **extra)
     certified = _certify(q, rank, levels, left, accept_prob, support)
     certified |= alpha_star - acceptance <= CERTIFY_GAP
     return OptimalFit(
-        law=law.name, n=n, rank=rank, levels=levels, rule_mass=rule_mass,
-        accept_prob=accept_prob, accepted=accepted, recovered=recovered,
-        acceptance=np.minimum(acceptance, 1.0), alpha_star=alpha_star, certified=certified,
-        support=support, **extra,
+        law=law.name,
+        n=n,
+        rank=rank,
+        levels=levels,
+        rule_mass=rule_mass,
+        accept_prob=accept_prob,
+        accepted=accepted,
+        recovered=recovered,
+        acceptance=np.minimum(acceptance, 1.0),
+        alpha_star=alpha_star,
+        certified=certified,
+        support=support,
+        **extra,
     )
 
 
@@ -253,8 +261,9 @@ def _fit_threshold(p, q, n, law) -> OptimalFit:
         levels[b, : k + 1] = lv
         rule_mass[b, order] = mass_sorted
         cum_mass[b, 1:] = np.cumsum(q[b, full_order])
-    return _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support,
-                   cum_mass=cum_mass, draft_probs=q)
+    return _finish(
+        p, q, n, law, rule_mass, rank, levels, alpha_star, support, cum_mass=cum_mass, draft_probs=q
+    )
 
 
 def _fit_orders(p, q, n, law) -> OptimalFit:
@@ -281,20 +290,39 @@ def _fit_orders(p, q, n, law) -> OptimalFit:
             np.put_along_axis(r, tokens, np.arange(block.size)[None, :], axis=1)
             ranks.append((r, mix.weights))
         mixtures.append((split, *ranks[0], *ranks[1]))
-    fit = _finish(p, q, n, law, rule_mass, rank, levels, alpha_star, support, method="orders",
-                  orders=tuple(mixtures))
+    fit = _finish(
+        p, q, n, law, rule_mass, rank, levels, alpha_star, support, method="orders", orders=tuple(mixtures)
+    )
     for b, (order, split, blocks) in enumerate(rows):
         if not fit.certified[b] and order.size <= EXACT_ORDERS_SUPPORT:
             qs = q[b, order]
-            fit.acceptance[b] = min(1.0, _orders_acceptance(
-                law, qs / qs.sum(), n, split, blocks, fit.accept_prob[b, order],
-                fit.recovered[b, order], float(fit.accepted[b].sum())))
+            fit.acceptance[b] = min(
+                1.0,
+                _orders_acceptance(
+                    law,
+                    qs / qs.sum(),
+                    n,
+                    split,
+                    blocks,
+                    fit.accept_prob[b, order],
+                    fit.recovered[b, order],
+                    float(fit.accepted[b].sum()),
+                ),
+            )
             fit.certified[b] = True
     return fit
 
 
-def _orders_acceptance(law: DraftLaw, qs: np.ndarray, n: int, split: int, blocks, keep: np.ndarray,
-                       recovered: np.ndarray, accepted_total: float) -> float:
+def _orders_acceptance(
+    law: DraftLaw,
+    qs: np.ndarray,
+    n: int,
+    split: int,
+    blocks,
+    keep: np.ndarray,
+    recovered: np.ndarray,
+    accepted_total: float,
+) -> float:
     """Exact acceptance of a priority-order rule whatever its mixtures (tokens in scan order).
 
     A step accepts when the kept draft is emitted (sum a) or when a rejected step's residual
@@ -329,8 +357,9 @@ def _orders_acceptance(law: DraftLaw, qs: np.ndarray, n: int, split: int, blocks
                 scan_rest = rest[rest != z]
                 scan_block = block_reversed[block_reversed != z]
                 tokens = np.concatenate([scan_rest, scan_block, [z], before]).astype(np.int64)
-                window = law.qall_window(qs[tokens], n, scan_rest.size,
-                                         scan_rest.size + scan_block.size, order=tokens)
+                window = law.qall_window(
+                    qs[tokens], n, scan_rest.size, scan_rest.size + scan_block.size, order=tokens
+                )
                 step = np.diff(window)  # step[c - 1]: Qall(C - z) - Qall(C - z - y), c = |C_y - z in block|
                 ks = np.arange(min(z_in_block, g))  # y = sigma_k before z (or all when z not in block)
                 counts = scan_block.size - ks  # sigma tokens of C_y - z: sigma_{>=k} without z
@@ -367,6 +396,7 @@ def _orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
     mass = np.zeros(k)
     blocks = []
     for block, before, rest, side in ((low, none, high, "below"), (high, low, none, "above")):
+
         def vertex(sigma, block=block, before=before, rest=rest):
             return order_vertex(law, qs_law, n, rest, block, before, sigma)
 
@@ -390,8 +420,7 @@ def _order_mixture(vertex, target: np.ndarray, qs: np.ndarray, side: str):
     best, best_name, best_violation = None, None, np.inf
     for name in ORDER_NORMS:
         # start from the order by p/q (the scan order; on L its vertex is often the answer)
-        mix = decompose(vertex, target, np.arange(size), scale=scales[name], side=side,
-                        max_iter=short)
+        mix = decompose(vertex, target, np.arange(size), scale=scales[name], side=side, max_iter=short)
         violation = _violation(mix.mass, target, side)
         if violation <= MATCH_TOLERANCE:
             return mix
@@ -400,8 +429,7 @@ def _order_mixture(vertex, target: np.ndarray, qs: np.ndarray, side: str):
     full = min(10 * size + 50, ORDER_FULL_BUDGET)
     if full <= short:
         return best
-    mix = decompose(vertex, target, np.arange(size), scale=scales[best_name], side=side,
-                    max_iter=full)
+    mix = decompose(vertex, target, np.arange(size), scale=scales[best_name], side=side, max_iter=full)
     return mix if _violation(mix.mass, target, side) <= best_violation else best
 
 
@@ -426,11 +454,21 @@ def _fit_fallback(p, q, n, law) -> OptimalFit:
     alpha_star = np.array([_scan_alpha(p[b], q[b], n, law) for b in range(batch)])
     nan = np.full((batch, vocab), np.nan)
     return OptimalFit(
-        law=law.name, n=n, rank=np.tile(np.arange(vocab), (batch, 1)),
-        levels=np.ones((batch, vocab + 1)), rule_mass=nan, accept_prob=nan, accepted=nan,
-        recovered=nan, acceptance=np.full(batch, np.nan), alpha_star=alpha_star,
-        certified=np.zeros(batch, dtype=bool), support=np.count_nonzero(q > 0, axis=1),
-        method=FALLBACK[law.name].name, target_probs=p, draft_probs=q,
+        law=law.name,
+        n=n,
+        rank=np.tile(np.arange(vocab), (batch, 1)),
+        levels=np.ones((batch, vocab + 1)),
+        rule_mass=nan,
+        accept_prob=nan,
+        accepted=nan,
+        recovered=nan,
+        acceptance=np.full(batch, np.nan),
+        alpha_star=alpha_star,
+        certified=np.zeros(batch, dtype=bool),
+        support=np.count_nonzero(q > 0, axis=1),
+        method=FALLBACK[law.name].name,
+        target_probs=p,
+        draft_probs=q,
     )
 
 
@@ -580,8 +618,9 @@ def _staircase_walk(ps, qs, phi, split, target, run, share):
             curve[j + 1 :] = curve[j] + rest_rate * np.cumsum(qs[j:])
             curve[k] = target[k]
             return curve, new_run
-        if j > split and not (step_rate <= STAIR_RATIO * s[j]
-                              and surplus + (step_rate - s[j]) * qs[j] <= min(ahead[j + 1], cap)):
+        if j > split and not (
+            step_rate <= STAIR_RATIO * s[j] and surplus + (step_rate - s[j]) * qs[j] <= min(ahead[j + 1], cap)
+        ):
             step, step_rate = step + 1, s[j]
         surplus += (step_rate - s[j]) * qs[j]
         curve[j + 1] = curve[j] + step_rate * qs[j]
@@ -706,8 +745,7 @@ def _output_law_rows(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.ndarr
     if fit.method == "orders":
         return _orders_output_law(fit, x, fr)
     if fit.method != "threshold":
-        return FALLBACK[fit.law].output_law(fit.target_probs[fr], fit.draft_probs[fr], x,
-                                            get_law(fit.law))
+        return FALLBACK[fit.law].output_law(fit.target_probs[fr], fit.draft_probs[fr], x, get_law(fit.law))
     return _threshold_output_law(fit, x, fr)
 
 
@@ -720,8 +758,10 @@ def _orders_output_law(fit: OptimalFit, x: np.ndarray, fr: np.ndarray) -> np.nda
         split, ranks_low, w_low, ranks_high, w_high = fit.orders[b]
         mine = np.flatnonzero(fr == b)
         meets_low = (fit.rank[b, x[mine]] < split).any(axis=1)
-        for sel, ranks, weights in ((mine[meets_low], ranks_low, w_low),
-                                    (mine[~meets_low], ranks_high, w_high)):
+        for sel, ranks, weights in (
+            (mine[meets_low], ranks_low, w_low),
+            (mine[~meets_low], ranks_high, w_high),
+        ):
             if sel.size == 0:
                 continue
             drafts = x[sel]  # [R', n]

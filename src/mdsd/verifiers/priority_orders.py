@@ -58,8 +58,15 @@ class OrderMixture:
     iterations: int
 
 
-def order_vertex(law: DraftLaw, q: np.ndarray, n: int, rest: np.ndarray, block: np.ndarray,
-                 before: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+def order_vertex(
+    law: DraftLaw,
+    q: np.ndarray,
+    n: int,
+    rest: np.ndarray,
+    block: np.ndarray,
+    before: np.ndarray,
+    sigma: np.ndarray,
+) -> np.ndarray:
     """Mass vector of the priority-order rule sigma on ``block`` given that set(x) misses ``before``.
 
     q: [K] draft probabilities of the support (sum 1); rest, block, before: disjoint int64 index
@@ -76,8 +83,15 @@ def order_vertex(law: DraftLaw, q: np.ndarray, n: int, rest: np.ndarray, block: 
     return v
 
 
-def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarray | None = None,
-              side: str | None = None, max_iter: int | None = None) -> OrderMixture:
+def decompose(
+    vertex,
+    target: np.ndarray,
+    start: np.ndarray,
+    *,
+    scale: np.ndarray | None = None,
+    side: str | None = None,
+    max_iter: int | None = None,
+) -> OrderMixture:
     """Wolfe's minimum-norm-point algorithm: write ``target`` as a mixture of order vertices.
 
     vertex(sigma) -> v [G] is the mass vector of the order sigma; start is the first order tried.
@@ -112,8 +126,7 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarra
         off = g * scale  # mass - t
         if np.max(np.abs(off), initial=0.0) <= MATCH_TOLERANCE:
             break
-        if side is not None and np.maximum(off if side == "below" else -off, 0.0).sum() <= (
-                MATCH_TOLERANCE):
+        if side is not None and np.maximum(off if side == "below" else -off, 0.0).sum() <= (MATCH_TOLERANCE):
             break
         # the greedy vertex of this order minimises <g, v / scale>
         sigma = np.argsort(g / scale, kind="stable")
@@ -154,8 +167,9 @@ def decompose(vertex, target: np.ndarray, start: np.ndarray, *, scale: np.ndarra
         g = weights @ buffer[:count]
     shifted = buffer[:count]
     mass = (weights @ shifted + target) * scale
-    return OrderMixture(np.stack(orders), weights, mass,
-                        float(np.max(np.abs(mass - target * scale))), iterations)
+    return OrderMixture(
+        np.stack(orders), weights, mass, float(np.max(np.abs(mass - target * scale))), iterations
+    )
 
 
 def _compact(buffer: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -197,8 +211,15 @@ def first_in_order(ranks: np.ndarray, drafts: np.ndarray) -> np.ndarray:
     return drafts[np.argmin(ranks[:, drafts], axis=1)]
 
 
-def mixture_mass_reference(law: DraftLaw, q: np.ndarray, n: int, block: np.ndarray,
-                           before: np.ndarray, orders: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def mixture_mass_reference(
+    law: DraftLaw,
+    q: np.ndarray,
+    n: int,
+    block: np.ndarray,
+    before: np.ndarray,
+    orders: np.ndarray,
+    weights: np.ndarray,
+) -> np.ndarray:
     """Plain reference: the mixture's mass on the block by enumerating every draft tuple."""
     tuples, probs = law.enumerate(q, n)
     in_block = np.isin(np.arange(q.size), block)

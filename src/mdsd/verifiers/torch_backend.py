@@ -58,11 +58,12 @@ def _prepare(target_probs, draft_probs, drafts, verifier, law, check):
     x2 = x.reshape(1, -1) if single else x
     if check:
         if p.shape != q.shape:
-            raise ValueError(f"target_probs and draft_probs must have the same shape, got "
-                             f"{tuple(p.shape)} and {tuple(q.shape)}")
+            raise ValueError(
+                f"target_probs and draft_probs must have the same shape, got "
+                f"{tuple(p.shape)} and {tuple(q.shape)}"
+            )
         if x2.ndim != 2 or x2.shape[0] != p2.shape[0] or x2.shape[1] == 0:
-            raise ValueError(f"drafts must be [n] or [B, n] matching target_probs, got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(f"drafts must be [n] or [B, n] matching target_probs, got {tuple(x.shape)}")
         if bool(((x2 < 0) | (x2 >= p2.shape[1])).any()):
             raise ValueError(f"drafts hold a token id outside the vocabulary [0, {p2.shape[1]})")
         n = x2.shape[1]
@@ -71,8 +72,10 @@ def _prepare(target_probs, draft_probs, drafts, verifier, law, check):
         if the_law.distinct:
             smallest = int((q2 > 0).sum(dim=-1).min())
             if n > smallest:
-                raise ValueError(f"n = {n} drafts are more than the support of draft_probs "
-                                 f"({smallest} tokens); law {the_law.name!r} draws distinct tokens")
+                raise ValueError(
+                    f"n = {n} drafts are more than the support of draft_probs "
+                    f"({smallest} tokens); law {the_law.name!r} draws distinct tokens"
+                )
         check_drafts_for_law(q2, x2, the_law)
     return p2, q2, x2, the_verifier, the_law, single
 
@@ -82,9 +85,7 @@ def output_law(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, c
 
     Shapes as :func:`mdsd.output_law`: [V], [V], [n] -> [V]; [B, V], [B, V], [B, n] -> [B, V].
     """
-    p, q, x, the_verifier, the_law, single = _prepare(
-        target_probs, draft_probs, drafts, verifier, law, check
-    )
+    p, q, x, the_verifier, the_law, single = _prepare(target_probs, draft_probs, drafts, verifier, law, check)
     out = the_verifier.output_law(p, q, x, the_law)
     return out[0] if single else out
 
@@ -97,13 +98,10 @@ def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -
     return torch.clamp(idx, max=probs.shape[1] - 1)
 
 
-def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, generator=None,
-           check=True):
+def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, generator=None, check=True):
     """Run a verifier: y ~ pi(. | x). Returns (tokens [B], accepted [B] bool) as tensors (0-d
     tensors for one position). ``generator``: a torch.Generator on the inputs' device."""
-    p, q, x, the_verifier, the_law, single = _prepare(
-        target_probs, draft_probs, drafts, verifier, law, check
-    )
+    p, q, x, the_verifier, the_law, single = _prepare(target_probs, draft_probs, drafts, verifier, law, check)
     law_given_x = the_verifier.output_law(p, q, x, the_law)
     tokens = sample_rows(law_given_x, generator)
     accepted = draft_set_mask(x, p.shape[1])[torch.arange(p.shape[0], device=p.device), tokens]
