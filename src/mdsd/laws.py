@@ -30,6 +30,7 @@ import numpy as np
 
 from mdsd._race import tail_masses_numpy, wor_qall_prefixes, wor_qall_window
 from mdsd._validate import check_choice, check_n
+from mdsd.sampling import categorical
 
 TOP_SELECT_MAX = 64  # top_tokens selects by partition up to this k, else it sorts
 
@@ -75,14 +76,6 @@ def complement_renormalised(draft_probs: np.ndarray, excluded: np.ndarray) -> np
     rest = np.array(draft_probs, dtype=np.float64, copy=True)
     np.put_along_axis(rest, excluded, 0.0, axis=-1)
     return rest / rest.sum(axis=-1, keepdims=True)
-
-
-def _categorical(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw from each row of probs [..., V] by inverse CDF; zero-mass tokens are never drawn."""
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(probs.shape[:-1] + (1,)) * cdf[..., -1:]
-    idx = np.sum(cdf <= u, axis=-1)
-    return np.minimum(idx, probs.shape[-1] - 1)
 
 
 @dataclass(frozen=True)
@@ -171,7 +164,7 @@ class IID(DraftLaw):
 
     def _sample(self, q, n, rng):
         expanded = np.broadcast_to(q[..., None, :], q.shape[:-1] + (n, q.shape[-1]))
-        return _categorical(expanded, rng)
+        return categorical(expanded, rng)
 
     def _enumerate(self, q, n):
         support = np.flatnonzero(q > 0)
@@ -235,7 +228,7 @@ class Greedy(DraftLaw):
     def _sample(self, q, n, rng):
         top = top_tokens(q, n - 1)
         rest = complement_renormalised(q, top)
-        last = _categorical(rest, rng)
+        last = categorical(rest, rng)
         return np.concatenate([top, last[..., None]], axis=-1)
 
     def _enumerate(self, q, n):
@@ -291,9 +284,9 @@ class SpecHub(DraftLaw):
 
     def _sample(self, q, n, rng):
         hub = np.argmax(q, axis=-1)  # ties by lower index
-        first = _categorical(q, rng)
+        first = categorical(q, rng)
         without_hub = complement_renormalised(q, hub[..., None])
-        other = _categorical(without_hub, rng)
+        other = categorical(without_hub, rng)
         second = np.where(first == hub, other, hub)
         return np.stack([first, second], axis=-1)
 

@@ -31,8 +31,9 @@ import torch
 
 from mdsd.engine.models import ModelRunner, check_supported, check_tree_attention, context_length
 from mdsd.engine.tree import DraftTree, build_tree, parse_tree
-from mdsd.engine.walk import DraftedTree, RuleBook, categorical, draft_children, walk
+from mdsd.engine.walk import DraftedTree, RuleBook, draft_children, walk
 from mdsd.logits import process_logits
+from mdsd.sampling import categorical
 
 LOW_ACCEPTANCE_WARNING = 0.1
 NATURAL_VERIFIER = {  # the verifier used when only a law is named
@@ -313,7 +314,7 @@ class Autoregressive(_Decoder):
             t0 = time.perf_counter()
             logits = self.target.causal(np.asarray(pending), keep=1)[0]
             t1 = time.perf_counter()
-            token = categorical(self.sampling.probs(logits), rng)
+            token = int(categorical(self.sampling.probs(logits), rng))
             stats.target_time += t1 - t0
             stats.verify_time += time.perf_counter() - t1
             stats.target_calls += 1

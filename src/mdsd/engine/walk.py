@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdsd.laws import DraftLaw, get_law
+from mdsd.sampling import categorical
 from mdsd.verifiers import Verifier, resolve
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
@@ -81,13 +82,6 @@ class RuleBook:
 
 def support_of(q: np.ndarray) -> int:
     return int(np.count_nonzero(q))
-
-
-def categorical(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """One draw from a probability vector [V] by inverse CDF (zero-mass tokens never drawn)."""
-    cdf = np.cumsum(probs)
-    u = rng.random() * cdf[-1]
-    return min(int(np.searchsorted(cdf, u, side="right")), probs.size - 1)
 
 
 def draft_children(
@@ -148,12 +142,12 @@ def walk(
         kids = [c for c in tree.children(node) if drafted.valid[c]]
         if not kids:  # accepted leaf: bonus token
             return WalkResult(
-                path, [int(drafted.tokens[i]) for i in path] + [categorical(p, rng)], True, expected
+                path, [int(drafted.tokens[i]) for i in path] + [int(categorical(p, rng))], True, expected
             )
         drafts = drafted.tokens[kids]
         pi = node_output_law(p, drafted.draft_probs[node], drafts, drafted.rules[node])
         expected.append(float(pi[np.unique(drafts)].sum()))
-        y = categorical(pi, rng)
+        y = int(categorical(pi, rng))
         hits = np.flatnonzero(drafts == y)
         if hits.size == 0:  # recovered token ends the step
             return WalkResult(path, [int(drafted.tokens[i]) for i in path] + [y], False, expected)

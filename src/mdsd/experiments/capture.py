@@ -36,6 +36,7 @@ import numpy as np
 
 from mdsd.experiments.config import MeasureConfig
 from mdsd.logits import process_logits
+from mdsd.sampling import categorical
 
 FORMAT_VERSION = 1
 
@@ -170,12 +171,6 @@ def _row_rng(seed: int, row: PromptRow, temperature: float) -> np.random.Generat
     )
 
 
-def _sample(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """One draw from a probability vector by inverse CDF; zero-mass tokens are never drawn."""
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.size - 1))
-
-
 def _cache_kwarg(model) -> str:
     """transformers 5.x names the KV cache ``cache``; 4.x named it ``past_key_values``."""
     import inspect
@@ -224,7 +219,7 @@ def generate_rows(pair, row: PromptRow, temperatures: list[float], config: Measu
                     step.append(eos if eos is not None else 0)
                     continue
                 probs = process_logits(logits[r], temperature, config.top_k)
-                token = _sample(probs, rngs[r])
+                token = int(categorical(probs, rngs[r]))
                 tokens[r].append(token)
                 target_logits[r].append(logits[r].copy())
                 done[r] = eos is not None and token == eos

@@ -106,12 +106,6 @@ def output_law(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, n
     return out[0] if single else out
 
 
-def _sample_rows(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    cdf = np.cumsum(probs, axis=1)
-    u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(axis=1), probs.shape[1] - 1)
-
-
 def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, rng=None, normalize=False):
     """Run a verifier: draw y ~ pi(. | x). Returns (token, accepted), accepted = y in set(x).
 
@@ -122,8 +116,7 @@ def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, rng=N
         target_probs, draft_probs, drafts, verifier, law, normalize
     )
     rng = np.random.default_rng(rng)
-    law_given_x = the_verifier.output_law(p, q, x, the_law)
-    tokens = _sample_rows(law_given_x, rng)
+    tokens = the_verifier.sample(p, q, x, the_law, rng)
     accepted = draft_set_mask(x, p.shape[1])[np.arange(p.shape[0]), tokens]
     if single:
         return int(tokens[0]), bool(accepted[0])

@@ -22,6 +22,7 @@ import numpy as np
 
 from mdsd._backend import backend, top_mask
 from mdsd.laws import DraftLaw
+from mdsd.sampling import categorical
 
 # Below this total mass a residual is treated as empty: the rejection that would use it has
 # probability ~0, and we fall back to emitting from the current target law (see ``residual``).
@@ -90,6 +91,16 @@ class Verifier:
     def output_law(self, target_probs, draft_probs, drafts, law: DraftLaw):
         """pi(. | x) for a batch: [B, V], [B, V], [B, n] -> [B, V] float64."""
         raise NotImplementedError
+
+    def sample(self, target_probs, draft_probs, drafts, law: DraftLaw, rng: np.random.Generator):
+        """Draw the emitted token y ~ pi(. | x) for each row: [B, V], [B, V], [B, n] -> [B] int64.
+
+        Reference implementation: build ``output_law`` and draw once from it by inverse CDF.
+        Verifiers override it with an early-exit sampler of the same conditional law (decide the
+        drafts in order from their ratios, touch the vocabulary only on a rejection); tests
+        compare every override with this reference. Inputs are validated numpy arrays.
+        """
+        return categorical(self.output_law(target_probs, draft_probs, drafts, law), rng)
 
     def acceptance(self, target_probs, draft_probs, n: int, law: DraftLaw):
         """Exact acceptance rate in closed form, [B] -- or None where there is none."""
