@@ -20,7 +20,7 @@ import torch
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder, build_tree, chain_tree, parse_tree
 from mdsd.engine.decode import Autoregressive, DecodeStats
-from mdsd.engine.walk import DraftedTree, RuleBook, emission_law, enumerate_children
+from mdsd.engine.walk import DraftedTree, RuleBook, as_support, emission_law, enumerate_children
 from mdsd.models import ModelPair, load_pair
 from mdsd.verifiers import VERIFIERS
 
@@ -190,7 +190,8 @@ def test_tree_logits_and_caches_match_plain_forward(request, family, widths):
     with torch.inference_mode():
         for _ in range(4):
             emitted = dec.step(seq, rng, stats)
-            drafted, logits, _ = dec.last_step
+            drafted = dec.last_step.drafted
+            logits = dec.target.logits(dec.last_step.target_hidden)
             tree = dec.tree
             for node in [-1] + list(np.flatnonzero(drafted.valid)):
                 path = _path_tokens(tree, drafted, node)
@@ -198,7 +199,10 @@ def test_tree_logits_and_caches_match_plain_forward(request, family, widths):
                 np.testing.assert_allclose(logits[node + 1], want, atol=LOGIT_TOL, rtol=0)
                 if node in drafted.draft_probs:  # q the children were drawn from
                     np.testing.assert_allclose(
-                        drafted.draft_probs[node], oracle.q(seq + path), atol=LOGIT_TOL, rtol=0
+                        as_support(drafted.draft_probs[node]).dense(),
+                        oracle.q(seq + path),
+                        atol=LOGIT_TOL,
+                        rtol=0,
                     )
             seq += emitted
         # the caches now hold exactly the committed prefix: next logits = a full forward

@@ -61,7 +61,7 @@ class _CallCounter:
 
     def __init__(self, module):
         self.count = 0
-        self._handle = module.register_forward_hook(self._hook)
+        self._handle = module.register_forward_hook(self._hook)  # the decoder stack: every forward
 
     def _hook(self, *args):
         self.count += 1
@@ -174,7 +174,7 @@ def run_bench(
     counters = {}
     for i, prompt in enumerate(prompts):
         for method in methods:
-            counter = _CallCounter(pair.target)
+            counter = _CallCounter(pair.target.base_model)
             try:
                 method.run(prompt, seed, i)
             finally:

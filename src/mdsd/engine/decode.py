@@ -32,7 +32,7 @@ import torch
 from mdsd.engine.models import ModelRunner, check_supported, check_tree_attention, context_length
 from mdsd.engine.tree import DraftTree, build_tree, parse_tree
 from mdsd.engine.walk import DraftedTree, RuleBook, draft_children, walk
-from mdsd.logits import process_logits
+from mdsd.logits import SupportProbs, process_logits, process_logits_row
 from mdsd.sampling import categorical
 
 LOW_ACCEPTANCE_WARNING = 0.1
@@ -73,6 +73,11 @@ class SamplingConfig:
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """float64 sampling probabilities from logits [..., V] (``mdsd.logits.process_logits``)."""
         return process_logits(logits, self.temperature, self.top_k, self.top_p)
+
+    def row_probs(self, logits: np.ndarray) -> SupportProbs:
+        """The same transform of one trusted logits row [V], stored on its support
+        (``mdsd.logits.process_logits_row``: the engine's fast path, tested equal to ``probs``)."""
+        return process_logits_row(logits, self.temperature, self.top_k, self.top_p)
 
 
 @dataclass(frozen=True)
@@ -314,7 +319,8 @@ class Autoregressive(_Decoder):
             t0 = time.perf_counter()
             logits = self.target.causal(np.asarray(pending), keep=1)[0]
             t1 = time.perf_counter()
-            token = int(categorical(self.sampling.probs(logits), rng))
+            probs = self.sampling.row_probs(logits)
+            token = probs.token(int(categorical(probs.values, rng)))
             stats.target_time += t1 - t0
             stats.verify_time += time.perf_counter() - t1
             stats.target_calls += 1
@@ -337,24 +343,51 @@ class Autoregressive(_Decoder):
 
 
 # ---------------------------------------------------------------------- tree decoding
+@dataclass(frozen=True)
+class StepRecord:
+    """The last step of a ``TreeDecoder``, kept for inspection and tests.
+
+    drafted: the drafted tree; target_hidden: the target's final hidden states [N + 1, H] of the
+    root and every node (``decoder.target.logits(target_hidden)`` gives their logits); result:
+    the verification walk.
+    """
+
+    drafted: DraftedTree
+    target_hidden: torch.Tensor
+    result: object
+
+
 class TreeDecoder(_Decoder):
     """Multi-draft tree speculative decoding (see the module docstring).
 
     >>> dec = TreeDecoder(load_pair(), TreeConfig.make("3x4"), SamplingConfig(0.7))  # doctest: +SKIP
     >>> dec.generate(["def f(x):"], seed=0)[0].text                                   # doctest: +SKIP
 
+    ``exact_acceptance=True`` makes ``stats.acceptance_by_depth`` Rao-Blackwellised (the exact
+    acceptance given the drafts at every visited node, one output law per node); by default it
+    averages the 0/1 outcomes, which costs nothing.
+
     Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
     tree width larger than the vocabulary for laws drawing distinct tokens, unsupported models
     (naming ``target`` / ``draft``) and mismatched vocabularies.
     """
 
-    def __init__(self, pair, config: TreeConfig, sampling: SamplingConfig, *, check_attention: bool = True):
+    def __init__(
+        self,
+        pair,
+        config: TreeConfig,
+        sampling: SamplingConfig,
+        *,
+        check_attention: bool = True,
+        exact_acceptance: bool = False,
+    ):
         _check_pair(pair)
         check_supported(pair.target, "target")
         check_supported(pair.draft, "draft")
         self.pair = pair
         self.config = config
         self.sampling = sampling
+        self.exact_acceptance = exact_acceptance
         self.tree = config.tree
         self.book = RuleBook(config.law, config.verifier, self.tree.widths)
         self.vocab = int(pair.target.config.vocab_size)
@@ -427,15 +460,19 @@ class TreeDecoder(_Decoder):
 
     # -------------------------------------------------------------- one step
     def draft_tree(self, seq: list[int], rng: np.random.Generator) -> DraftedTree:
-        """Expand the tree with the draft model (its cache then holds seq + depths 1..D-1)."""
-        tree, probs = self.tree, self.sampling.probs
+        """Expand the tree with the draft model (its cache then holds seq + depths 1..D-1).
+
+        Per level: one draft forward over the level's nodes, the output layer on the valid rows
+        only, the sampling transform per row on its support, children drawn per node.
+        """
+        tree, row_probs = self.tree, self.sampling.row_probs
         n = tree.num_nodes
         tokens = np.zeros(n, dtype=np.int64)
         valid = np.zeros(n, dtype=bool)
         rules, qs = {}, {}
         # level 0: the committed tokens the draft has not seen; q of the root
-        logits = self.draft.causal(np.asarray(seq[self.draft.cached :]), keep=1)
-        frontier = {-1: probs(logits[0])}  # node -> q(. | path to node), nodes with children
+        hidden = self.draft.causal_hidden(np.asarray(seq[self.draft.cached :]), keep=1)
+        frontier = {-1: row_probs(self.draft.logits(hidden)[0])}  # node -> q(. | path to node)
         for d in range(1, tree.depth + 1):
             for node, q in frontier.items():
                 kids = tree.children(node)
@@ -448,24 +485,25 @@ class TreeDecoder(_Decoder):
             if d == tree.depth:
                 break
             level = tree.level(d)
-            logits = self.draft.tree(
+            hidden = self.draft.tree_hidden(
                 tokens[level.start : level.stop],
                 0,
                 self._level_masks[d],
                 tree.depths[level.start : level.stop],
                 len(seq) - 1,
                 keep=len(level),
-            )
+            )  # [m_d, H]
             rows = np.flatnonzero(valid[level.start : level.stop])
-            row_probs = probs(logits[rows])  # float64 only for the valid rows
-            frontier = {level.start + int(r): row_probs[j] for j, r in enumerate(rows)}
+            logits = self.draft.logits(hidden[torch.as_tensor(rows)])  # [valid rows, V]
+            frontier = {level.start + int(r): row_probs(logits[j]) for j, r in enumerate(rows)}
         return DraftedTree(tokens, valid, rules, qs)
 
-    def target_logits(self, seq: list[int], drafted: DraftedTree) -> np.ndarray:
-        """Target logits of the root (row 0) and every node (row i + 1), float32 [N + 1, V]."""
+    def target_hidden(self, seq: list[int], drafted: DraftedTree) -> torch.Tensor:
+        """One target forward over (fresh committed tokens, every node): final hidden states of
+        the root (row 0) and of every node (row i + 1), [N + 1, H]."""
         fresh = np.asarray(seq[self.target.cached :])
         n = self.tree.num_nodes
-        return self.target.tree(
+        return self.target.tree_hidden(
             np.concatenate([fresh, drafted.tokens]),
             len(fresh),
             self._target_mask,
@@ -474,15 +512,28 @@ class TreeDecoder(_Decoder):
             keep=n + 1,
         )
 
+    def target_logits(self, seq: list[int], drafted: DraftedTree) -> np.ndarray:
+        """Target logits of the root (row 0) and every node (row i + 1), float32 [N + 1, V]
+        (for inspection: decoding applies the output layer to the visited rows only)."""
+        return self.target.logits(self.target_hidden(seq, drafted))
+
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""
         t0 = time.perf_counter()
         drafted = self.draft_tree(seq, rng)
         t1 = time.perf_counter()
-        logits = self.target_logits(seq, drafted)
+        hidden = self.target_hidden(seq, drafted)  # [N + 1, H]
         t2 = time.perf_counter()
-        probs = self.sampling.probs
-        result = walk(self.tree, drafted, lambda node: probs(logits[node + 1]), rng)
+        head_time = 0.0
+
+        def target_probs(node: int) -> SupportProbs:  # p(. | path to node), for visited nodes
+            nonlocal head_time
+            start = time.perf_counter()
+            logits = self.target.logits(hidden[node + 1 : node + 2])[0]
+            head_time += time.perf_counter() - start
+            return self.sampling.row_probs(logits)
+
+        result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)
         t3 = time.perf_counter()
         # keep the committed prefix + the accepted path in both caches
         base = len(seq)
@@ -490,7 +541,7 @@ class TreeDecoder(_Decoder):
         self.target.keep_positions(base, base + path)
         self.draft.keep_positions(base, base + path[self.tree.depths[path] < self.tree.depth])
         t4 = time.perf_counter()
-        self.last_step = (drafted, logits, result)  # for inspection and tests
+        self.last_step = StepRecord(drafted, hidden, result)  # for inspection and tests
         # statistics
         stats.steps += 1
         stats.step_tokens += len(result.emitted)
@@ -500,6 +551,6 @@ class TreeDecoder(_Decoder):
             stats.depth_expected[d] += expected
             stats.depth_accepts[d] += d < len(result.path)
         stats.draft_time += t1 - t0
-        stats.target_time += t2 - t1
-        stats.verify_time += (t3 - t2) + (t4 - t3)
+        stats.target_time += (t2 - t1) + head_time
+        stats.verify_time += (t3 - t2 - head_time) + (t4 - t3)
         return result.emitted
