@@ -11,7 +11,7 @@ Three methods, chosen in this order by ``method="auto"``:
                  verifiers sum over every draft tuple x of Pdraft(x) sum_{y in set(x)} pi(y | x),
                  when the law has at most ``max_tuples`` tuples (k^n for i.i.d. drafts from a
                  top-k q: 64^4 = 1.7e7 is past the default limit; Monte Carlo is used there).
-``monte_carlo``  Rao-Blackwellised estimate (spec section 1): average sum_{y in set(x)} pi(y | x)
+``monte_carlo``  Rao-Blackwellised estimate (docs/theory.md §6): average sum_{y in set(x)} pi(y | x)
                  over sampled x (no sampling of y), with its standard error.
 """
 

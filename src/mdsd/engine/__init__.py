@@ -1,4 +1,4 @@
-"""Multi-draft tree speculative decoding on Hugging Face models (spec section 6).
+"""Multi-draft tree speculative decoding on Hugging Face models (docs/theory.md §7).
 
 Layers, bottom up:
 

@@ -1,7 +1,7 @@
 """Multi-draft tree speculative decoding on a Hugging Face target/draft pair, and the
 autoregressive baseline.
 
-One decoding step (spec section 6), for a committed sequence s of length L whose last token (the
+One decoding step (docs/theory.md §7), for a committed sequence s of length L whose last token (the
 root) is not yet in the target's cache:
 
 1. Draft: the draft model expands the tree level by level, one forward per level with its KV

@@ -1,6 +1,6 @@
 """What the engine needs from a Hugging Face causal LM: checks, tree forwards, KV-cache surgery.
 
-Tree attention (spec section 6): the new tokens of a forward are (a) committed tokens not yet in
+Tree attention (docs/theory.md §7): the new tokens of a forward are (a) committed tokens not yet in
 the cache, attended causally, then (b) tree nodes, each attending to everything committed, its
 ancestors and itself. The model gets an additive float 4-D mask ``[1, 1, queries, keys]`` (0 =
 visible, dtype minimum = hidden), which both the SDPA and the eager attention paths of

@@ -4,7 +4,7 @@ The engine (``mdsd.engine.decode``) gets probabilities from the models and calls
 tests call the same functions to compute the *exact* law of what the engine emits
 (``emission_law``), so the sampling code and the law it is checked against share every rule.
 
-Rules (spec section 6):
+Rules (docs/theory.md §7):
 
 * Each node's children are drawn from q(. | path to the node) by the draft law, with
   ``node_rule``: the number of children actually drafted is ``n_eff`` = the tree width, except

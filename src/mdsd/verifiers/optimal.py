@@ -1,4 +1,4 @@
-"""A verifier that attains alpha* (spec section 5): i.i.d., without-replacement, conditional Poisson.
+"""A verifier that attains alpha* (docs/theory.md §5.8): i.i.d., without-replacement, conditional Poisson.
 
 Construction ("random-threshold priority groups"; see docs/optimal.md for the proof sketch).
 
