@@ -176,17 +176,21 @@ def test_build_tree_structure():
 
 
 # ---------------------------------------------------------------- 2. plumbing
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "family,static_cache", [("llama", True), ("llama", False), ("gpt2", True)]
+)  # llama: the lean static-cache forward and Hugging Face's; gpt2: Hugging Face's
 @pytest.mark.parametrize("widths", [(3, 2, 1), (2, 1, 1)])
-def test_tree_logits_and_caches_match_plain_forward(request, family, widths):
+def test_tree_logits_and_caches_match_plain_forward(request, family, static_cache, widths):
     pair = request.getfixturevalue(family)
     sampling = SamplingConfig(1.0)
-    dec = TreeDecoder(pair, TreeConfig.make(widths, "iid", "rrs"), sampling)
+    dec = TreeDecoder(pair, TreeConfig.make(widths, "iid", "rrs"), sampling, static_cache=static_cache)
+    expected_runner = "StaticLlamaRunner" if family == "llama" and static_cache else "ModelRunner"
+    assert type(dec.target).__name__ == type(dec.draft).__name__ == expected_runner
     oracle = Oracle(pair, sampling)
     rng = np.random.default_rng(0)
     seq, stats = list(PROMPT), DecodeStats(depth=len(widths))
-    dec.target.reset()
-    dec.draft.reset()
+    dec.target.reset(40)
+    dec.draft.reset(40)
     with torch.inference_mode():
         for _ in range(4):
             emitted = dec.step(seq, rng, stats)
@@ -398,6 +402,65 @@ def test_sampled_walk_and_drafts_follow_their_exact_laws(law, verifier):
     assert abs(sum(want.values()) - 1.0) < LAW_TOL
     counts = {}
     for _ in range(2000):
+        key = tuple(walk(tree, drafted, target_probs, rng).emitted)
+        counts[key] = counts.get(key, 0) + 1
+    assert _g_test_pvalue(counts, want) > G_TEST_ALPHA
+
+
+@pytest.mark.parametrize("law,verifier", EXACT_PAIRS)
+def test_verification_on_the_union_support_is_exact(law, verifier):
+    """``walk.verify_node`` verifies on the union of the supports of p and q: the output law
+    there, mapped back to token ids, equals the full-vocabulary output law for every drafted
+    set (enumeration, 1e-12), with top-k supports that overlap only partly."""
+    from mdsd.engine.walk import common_support, node_output_law
+    from mdsd.logits import process_logits_row
+
+    gen = np.random.default_rng(3)
+    for _ in range(6):
+        p_row = process_logits_row(gen.normal(size=VOCAB) * 2, 1.0, top_k=4)
+        q_row = process_logits_row(gen.normal(size=VOCAB) * 2, 1.0, top_k=5)
+        p, q = p_row.dense(), q_row.dense()
+        width = 2
+        book = RuleBook(law, verifier, (width,))
+        tokens, p_local, q_local = common_support(p_row, q_row)
+        options, rule = enumerate_children(q, width, book)
+        for drafts, _ in options:
+            full = node_output_law(p, q, drafts, rule)
+            local = node_output_law(p_local, q_local, np.searchsorted(tokens, drafts), rule)
+            mapped = np.zeros(VOCAB)
+            mapped[tokens] = local
+            np.testing.assert_allclose(mapped, full, rtol=0, atol=1e-12)
+
+
+def test_walk_on_supports_follows_emission_law():
+    """The sampled walk with p and q stored on their top-k supports (as the engine stores them)
+    against the exact emission law of the dense vectors: G-test, false-positive rate 1e-4."""
+    from mdsd.engine.walk import walk
+    from mdsd.logits import process_logits_row
+
+    tree = build_tree((3, 1))
+    book = RuleBook("without_replacement", "rrs_without_replacement", tree.widths)
+
+    def logits_of(which, context):
+        return np.random.default_rng([11, which, len(context)] + list(context)).normal(size=8) * 2
+
+    def p_row(context):
+        return process_logits_row(logits_of(0, context), 1.0, top_k=5)
+
+    def q_row(context):
+        return process_logits_row(logits_of(1, context), 1.0, top_k=4)
+
+    drafted_dense, _ = next(iter(_drafted_trees(tree, book, lambda c: q_row(c).dense(), [])))
+    sparse_q = {node: q_row(_path_tokens(tree, drafted_dense, node)) for node in drafted_dense.draft_probs}
+    drafted = DraftedTree(drafted_dense.tokens, drafted_dense.valid, drafted_dense.rules, sparse_q)
+
+    def target_probs(node):
+        return p_row(_path_tokens(tree, drafted, node))
+
+    want = emission_law(tree, drafted_dense, lambda node: target_probs(node).dense())
+    rng = np.random.default_rng(5)
+    counts = {}
+    for _ in range(3000):
         key = tuple(walk(tree, drafted, target_probs, rng).emitted)
         counts[key] = counts.get(key, 0) + 1
     assert _g_test_pvalue(counts, want) > G_TEST_ALPHA

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mdsd.engine.models import ModelRunner, check_supported, check_tree_attention, context_length
+from mdsd.engine.models import check_supported, check_tree_attention, context_length
+from mdsd.engine.static_llama import make_runner
 from mdsd.engine.tree import DraftTree, build_tree, parse_tree
 from mdsd.engine.walk import DraftedTree, RuleBook, draft_children, walk
 from mdsd.logits import SupportProbs, process_logits, process_logits_row
@@ -250,6 +251,12 @@ def check_context(pair, prompt_ids: list[int], lookahead: int) -> int | None:
     return ctx
 
 
+def _capacity(prompt_ids: list[int], sampling: SamplingConfig, lookahead: int, ctx: int | None) -> int:
+    """Cache positions a run can need: prompt + new tokens + one step's lookahead (<= context)."""
+    need = len(prompt_ids) + sampling.max_new_tokens + lookahead + 1
+    return need if ctx is None else min(need, ctx)
+
+
 def _finish(emitted: list[int], budget: int, eos: set[int], stop_on_eos: bool):
     """Truncate a step's tokens at the budget / first EOS; returns (tokens, stop reason or None)."""
     if stop_on_eos and eos:
@@ -297,11 +304,11 @@ class _Decoder:
 class Autoregressive(_Decoder):
     """Plain sampling from the target with its KV cache (the baseline), same transform."""
 
-    def __init__(self, pair, sampling: SamplingConfig):
+    def __init__(self, pair, sampling: SamplingConfig, *, static_cache: bool = True):
         _check_pair(pair)
         self.pair = pair
         self.sampling = sampling
-        self.target = ModelRunner(pair.target)
+        self.target = make_runner(pair.target, static_cache)
         self.eos = eos_ids(pair)
 
     @torch.inference_mode()
@@ -312,7 +319,7 @@ class Autoregressive(_Decoder):
         ctx = check_context(self.pair, ids, 1)
         stats = DecodeStats(depth=0, sequences=1)
         start = time.perf_counter()
-        self.target.reset()
+        self.target.reset(_capacity(ids, self.sampling, 1, ctx))
         self.target.calls = 0
         pending, out, reason = ids, [], "length"
         while True:
@@ -363,6 +370,9 @@ class TreeDecoder(_Decoder):
     >>> dec = TreeDecoder(load_pair(), TreeConfig.make("3x4"), SamplingConfig(0.7))  # doctest: +SKIP
     >>> dec.generate(["def f(x):"], seed=0)[0].text                                   # doctest: +SKIP
 
+    ``static_cache=True`` runs Llama-family models (llama, mistral, qwen2) through the lean
+    forward over a preallocated cache (``mdsd.engine.static_llama``); False, or other models,
+    use Hugging Face's forward with its ``DynamicCache``. Both give the same logits (tested).
     ``exact_acceptance=True`` makes ``stats.acceptance_by_depth`` Rao-Blackwellised (the exact
     acceptance given the drafts at every visited node, one output law per node); by default it
     averages the 0/1 outcomes, which costs nothing.
@@ -380,6 +390,7 @@ class TreeDecoder(_Decoder):
         *,
         check_attention: bool = True,
         exact_acceptance: bool = False,
+        static_cache: bool = True,
     ):
         _check_pair(pair)
         check_supported(pair.target, "target")
@@ -396,8 +407,8 @@ class TreeDecoder(_Decoder):
                 f"tree width {self.tree.max_width} exceeds the vocabulary ({self.vocab} tokens); "
                 f"law {self.book.law.name!r} draws distinct tokens"
             )
-        self.target = ModelRunner(pair.target)
-        self.draft = ModelRunner(pair.draft)
+        self.target = make_runner(pair.target, static_cache)
+        self.draft = make_runner(pair.draft, static_cache)
         if check_attention:
             with torch.inference_mode():
                 check_tree_attention(self.target, "target", self.vocab)
@@ -418,8 +429,9 @@ class TreeDecoder(_Decoder):
         ctx = check_context(self.pair, ids, self.tree.depth)
         stats = DecodeStats(depth=self.tree.depth, sequences=1)
         start = time.perf_counter()
-        self.target.reset()
-        self.draft.reset()
+        capacity = _capacity(ids, self.sampling, self.tree.depth + 1, ctx)
+        self.target.reset(capacity)
+        self.draft.reset(capacity)
         self.target.calls = self.draft.calls = 0
         seq = list(ids)
         out: list[int] = []

@@ -81,7 +81,8 @@ class ModelRunner:
         self._checked_layers = False
 
     # ------------------------------------------------------------------ cache
-    def reset(self) -> None:
+    def reset(self, capacity: int | None = None) -> None:
+        """Empty the cache (``capacity``: positions the caller will need; a hint only here)."""
         self.cache = self._dynamic_cache(config=self.model.config)
         self._checked_layers = False
 
