@@ -85,18 +85,22 @@ class SamplingConfig:
 class TreeConfig:
     """Tree shape, draft law and verifier of a speculative run."""
 
-    tree: DraftTree = field(default_factory=lambda: build_tree((3, 1, 1, 1)))
+    tree: DraftTree | None = field(default_factory=lambda: build_tree((3, 1, 1, 1)))  # None: auto
     law: str | None = "without_replacement"
     verifier: str = "rrs_without_replacement"
 
     @classmethod
     def make(cls, tree="3x4", law=None, verifier=None) -> TreeConfig:
-        """From a tree spec ("3x4", "3,2,1", widths or a DraftTree), a law and a verifier.
+        """From a tree spec ("3x4", "3,2,1", widths, a DraftTree or "auto"), a law and a verifier.
 
-        Defaults: no law and no verifier = without_replacement / rrs_without_replacement; a law
-        alone gets its natural verifier (``NATURAL_VERIFIER``); a verifier alone its own law.
+        ``"auto"``: the decoder chooses the shape (possibly plain sampling) from a calibration of
+        the pair on this machine (``mdsd.engine.auto``). Defaults: no law and no verifier =
+        without_replacement / rrs_without_replacement; a law alone gets its natural verifier
+        (``NATURAL_VERIFIER``); a verifier alone its own law.
         """
-        if isinstance(tree, str):
+        if isinstance(tree, str) and tree.strip().lower() == "auto":
+            tree = None
+        elif isinstance(tree, str):
             tree = parse_tree(tree)
         elif not isinstance(tree, DraftTree):
             tree = build_tree(tree)
@@ -108,6 +112,8 @@ class TreeConfig:
 
     def describe(self) -> str:
         """Short name, e.g. ``without_replacement/rrs_without_replacement 3x4``."""
+        if self.tree is None:
+            return f"{self.law or 'default'}/{self.verifier} auto"
         widths = self.tree.widths
         shape = f"{widths[0]}x{len(widths)}" if all(w == 1 for w in widths[1:]) else self.tree.describe()
         return f"{self.law or 'default'}/{self.verifier} {shape}"
@@ -399,14 +405,10 @@ class TreeDecoder(_Decoder):
         self.config = config
         self.sampling = sampling
         self.exact_acceptance = exact_acceptance
-        self.tree = config.tree
-        self.book = RuleBook(config.law, config.verifier, self.tree.widths)
+        self.static_cache = static_cache
         self.vocab = int(pair.target.config.vocab_size)
-        if self.book.law.distinct and self.tree.max_width > self.vocab:
-            raise ValueError(
-                f"tree width {self.tree.max_width} exceeds the vocabulary ({self.vocab} tokens); "
-                f"law {self.book.law.name!r} draws distinct tokens"
-            )
+        widths = (2,) if config.tree is None else config.tree.widths  # auto: checked when chosen
+        self.book = RuleBook(config.law, config.verifier, widths)
         self.target = make_runner(pair.target, static_cache)
         self.draft = make_runner(pair.draft, static_cache)
         if check_attention:
@@ -414,17 +416,62 @@ class TreeDecoder(_Decoder):
                 check_tree_attention(self.target, "target", self.vocab)
                 check_tree_attention(self.draft, "draft", self.vocab)
         self.eos = eos_ids(pair)
+        self.tree: DraftTree | None = None
+        self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
+        self._plain: Autoregressive | None = None  # auto chose plain sampling
+        if config.tree is not None:
+            self._use_tree(config.tree)
+
+    def _use_tree(self, tree: DraftTree) -> None:
+        """Adopt a tree shape: check it against the law, build its frozen masks."""
+        if self.book.law.distinct and tree.max_width > self.vocab:
+            raise ValueError(
+                f"tree width {tree.max_width} exceeds the vocabulary ({self.vocab} tokens); "
+                f"law {self.book.law.name!r} draws distinct tokens"
+            )
+        self.book = RuleBook(self.config.law, self.config.verifier, tree.widths)
+        self.tree = tree
         # frozen masks: target over all nodes; draft per level d = 1..D-1
-        self._target_mask = self.target.additive(self.tree.ancestor_mask[1:, 1:])
-        self._level_masks = {
-            d: self.draft.additive(self.tree.level_mask(d)) for d in range(1, self.tree.depth)
-        }
+        self._target_mask = self.target.additive(tree.ancestor_mask[1:, 1:])
+        self._level_masks = {d: self.draft.additive(tree.level_mask(d)) for d in range(1, tree.depth)}
+
+    @torch.inference_mode()
+    def choose_tree(self, prompts, rng: np.random.Generator | None = None, *, cache_dir="default"):
+        """For ``TreeConfig.make("auto")``: calibrate on ``prompts`` (or load the cached
+        calibration) and adopt the shape of highest predicted tokens/s; returns the
+        ``mdsd.engine.auto.TreeChoice``. ``cache_dir=None`` disables the on-disk cache."""
+        from mdsd.engine import auto
+
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts: --tree auto needs at least one prompt to calibrate on")
+        rng = np.random.default_rng(0) if rng is None else rng
+        cache = auto.default_cache_dir() if cache_dir == "default" else cache_dir
+        calibration = auto.load_or_calibrate(self, prompts, rng, cache)
+        max_width = 2 if self.book.law.name == "spechub" else auto.MAX_WIDTH
+        choice = auto.choose_tree(calibration, max_width=max_width)
+        self.auto_choice = choice
+        if choice.widths:
+            self._use_tree(build_tree(choice.widths))
+        else:
+            self._plain = Autoregressive(self.pair, self.sampling, static_cache=self.static_cache)
+        return choice
+
+    def generate(self, prompts: Sequence, *, seed=None, rng=None, on_tokens=None) -> list[Generation]:
+        """Decode each prompt; an auto tree is chosen first, calibrated on these prompts."""
+        if self.tree is None and self._plain is None:
+            self.choose_tree(prompts)
+        return super().generate(prompts, seed=seed, rng=rng, on_tokens=on_tokens)
 
     # -------------------------------------------------------------- public
     @torch.inference_mode()
     def generate_one(
         self, prompt, rng: np.random.Generator, on_tokens: Callable[[list[int]], None] | None = None
     ) -> Generation:
+        if self.tree is None and self._plain is None:
+            self.choose_tree([prompt])
+        if self._plain is not None:
+            return self._plain.generate_one(prompt, rng, on_tokens)
         ids = encode_prompt(self.pair, prompt)
         ctx = check_context(self.pair, ids, self.tree.depth)
         stats = DecodeStats(depth=self.tree.depth, sequences=1)
