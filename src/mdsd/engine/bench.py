@@ -168,7 +168,12 @@ def run_bench(
     if hf:
         methods.append(_HFAssisted(pair, sampling))
     for config in configs:
-        methods.append(_DecoderMethod(f"mdsd {config.describe()}", TreeDecoder(pair, config, sampling)))
+        decoder = TreeDecoder(pair, config, sampling)
+        name = f"mdsd {config.describe()}"
+        if config.tree is None:  # auto: calibrate on these prompts, name the chosen shape
+            choice = decoder.choose_tree(prompts)
+            name += f" ({choice.describe()})"
+        methods.append(_DecoderMethod(name, decoder))
     for method in methods:
         method.warm_up(prompts[0], seed)
     counters = {}
@@ -190,6 +195,12 @@ def run_bench(
             stats.draft_time = stats.target_time = stats.verify_time = float("nan")  # unmeasured
         results.append(MethodResult(method.name, stats, counters[method.name]))
     rows = [r.row() for r in results]
+    for row, method in zip(rows, methods):
+        choice = getattr(getattr(method, "decoder", None), "auto_choice", None)
+        if choice is not None:
+            row["chosen_tree"] = choice.describe()
+            row["predicted_tokens_per_second"] = choice.tokens_per_s
+            row["predicted_speedup_vs_autoregressive"] = choice.predicted_speedup
     base = {r["method"]: r["tokens_per_second"] for r in rows}
     for row in rows:
         tps = row["tokens_per_second"]

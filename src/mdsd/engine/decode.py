@@ -470,7 +470,8 @@ class TreeDecoder(_Decoder):
     ) -> Generation:
         if self.tree is None and self._plain is None:
             self.choose_tree([prompt])
-        if self._plain is not None:
+        if self._plain is not None:  # auto chose plain sampling
+            self._plain.sampling = self.sampling
             return self._plain.generate_one(prompt, rng, on_tokens)
         ids = encode_prompt(self.pair, prompt)
         ctx = check_context(self.pair, ids, self.tree.depth)
