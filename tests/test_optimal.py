@@ -9,9 +9,18 @@ import pytest
 import mdsd
 from mdsd import lp
 from mdsd.io import random_pair as lm_pair
-from mdsd.verifiers import accepted_mass, priority_orders
+from mdsd.verifiers import accepted_mass
 from mdsd.verifiers import optimal as opt
-from mdsd.verifiers.optimal import fit_optimal, output_law_from_fit, verify_from_fit
+from mdsd.verifiers.optimal import (
+    fit_optimal,
+    orders,
+    output_law_from_fit,
+    priority_orders,
+    threshold,
+    verify_from_fit,
+)
+from mdsd.verifiers.optimal import verifier as front
+from mdsd.verifiers.optimal.common import priority_scan
 
 from conftest import edge_pairs, law_accepts, random_pair
 
@@ -154,9 +163,9 @@ def test_exact_whatever_the_levels(monkeypatch):
     def random_levels(qs, phi, target):
         levels = rng.random(qs.size + 1)
         levels[0] = levels[-1] = 0.0
-        return levels, opt._threshold_rates(qs, phi, levels)
+        return levels, threshold._threshold_rates(qs, phi, levels)
 
-    monkeypatch.setattr(opt, "_peel", random_levels)
+    monkeypatch.setattr(threshold, "_peel", random_levels)
     for _ in range(20):
         vocab, n = int(rng.integers(3, 7)), int(rng.integers(2, 4))
         p, q = random_pair(rng, vocab)
@@ -174,14 +183,12 @@ def test_peel_rates_match_reference():
     for _ in range(20):
         p, q = random_pair(rng, int(rng.integers(3, 30)), concentration=0.5)
         n = int(rng.integers(2, 6))
-        order = np.flatnonzero(q > 0)
-        order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
-        phi = opt._coverage_curve(q[order], n, mdsd.get_law("iid"))
-        gap = phi - np.concatenate([[0.0], np.cumsum(p[order])])
-        split = order.size - int(np.argmin(gap[::-1]))
-        target, _ = opt._target_curve(p[order], q[order], phi, split)
-        levels, rate = opt._peel(q[order], phi, target)
-        np.testing.assert_allclose(rate, opt._threshold_rates(q[order], phi, levels), rtol=1e-10, atol=1e-12)
+        scan = priority_scan(p, q, n, mdsd.get_law("iid"))
+        order, phi, split = scan.order, scan.phi, scan.split
+        target, _ = threshold._target_curve(p[order], q[order], phi, split)
+        levels, rate = threshold._peel(q[order], phi, target)
+        reference = threshold._threshold_rates(q[order], phi, levels)
+        np.testing.assert_allclose(rate, reference, rtol=1e-10, atol=1e-12)
 
 
 def test_accepted_mass_is_min_p_cq():
@@ -218,7 +225,7 @@ def test_verify_from_fit_samples_output_law():
     [("without_replacement", "rrs_without_replacement"), ("conditional_poisson", "sample_check")],
 )
 def test_fallback_warns_and_stays_valid(monkeypatch, law, fallback):
-    monkeypatch.setattr(opt, "MAX_ORDER_SUPPORT", 5)
+    monkeypatch.setattr(front, "MAX_ORDER_SUPPORT", 5)
     p, q = random_pair(np.random.default_rng(11), 6)
     with pytest.warns(RuntimeWarning, match="MAX_ORDER_SUPPORT"):
         fit = fit_optimal(p, q, 3, law)
@@ -274,15 +281,12 @@ def test_staircase_keeps_the_fit_optimal():
     """The H* staircase (few cuts at full vocabulary) changes nothing on L: a = min(p, c q)."""
     p, q = lm_pair(3000, seed=3, temperature=1.0)
     n = 8
-    order = np.flatnonzero(q > 0)
-    order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
+    scan = priority_scan(p, q, n, mdsd.get_law("iid"))
+    order, phi, split = scan.order, scan.phi, scan.split
     ps, qs = p[order], q[order]
-    phi = opt._coverage_curve(qs, n, mdsd.get_law("iid"))
-    gap = phi - np.concatenate([[0.0], np.cumsum(ps)])
-    split = order.size - int(np.argmin(gap[::-1]))
-    target, clipped = opt._target_curve(ps, qs, phi, split)
+    target, clipped = threshold._target_curve(ps, qs, phi, split)
     run = np.where(clipped, np.where(np.arange(order.size) < split, 0, 1), -1)
-    stairs, new_run = opt._staircase(ps, qs, phi, split, target, run)
+    stairs, new_run = threshold._staircase(ps, qs, phi, split, target, run)
     assert stairs is not target and np.all(stairs <= phi + 1e-15)
     assert np.unique(new_run[new_run >= 2]).size < (new_run[split:] >= 0).sum()
     fit = fit_optimal(p, q, n, "iid")
@@ -306,10 +310,11 @@ def test_order_mixture_mass_matches_enumeration(law):
     for _ in range(12):
         vocab, n = int(rng.integers(5, 9)), int(rng.integers(2, 5))
         p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.3, 1.0, 3.0])))
-        order, split, mass, _, blocks = opt._orders_row(p, q, n, the_law)
+        row = orders.fit_orders_row(p, q, n, the_law)
+        order, split, mass = row.order, row.split, row.rule_mass
         ps, qs = p[order], q[order]
         low = np.arange(split)
-        for (block, mix), before in zip(blocks, (np.arange(0), low)):
+        for block, mix, before, _ in row.blocks():
             if block.size == 0:
                 continue
             reference = priority_orders.mixture_mass_reference(
@@ -335,7 +340,7 @@ def test_orders_exact_whatever_the_mixture(monkeypatch, law):
         mass = sum(w * vertex(o) for w, o in zip(weights, orders))
         return priority_orders.OrderMixture(orders, weights, mass, 1.0, 0)
 
-    monkeypatch.setattr(opt, "decompose", random_mixture)
+    monkeypatch.setattr(orders, "decompose", random_mixture)
     checked = []
     for vocab, n in [(6, 3), (7, 4), (5, 3), (8, 3), (9, 5)]:
         p, q = random_pair(rng, vocab, concentration=0.5, zero_p=True)
