@@ -12,6 +12,7 @@ from mdsd.io import random_pair as lm_pair
 from mdsd.verifiers import accepted_mass
 from mdsd.verifiers import optimal as opt
 from mdsd.verifiers.optimal import (
+    common,
     fit_optimal,
     orders,
     output_law_from_fit,
@@ -418,3 +419,58 @@ def test_compact_moves_only_the_last_rows_into_holes():
         kept = priority_orders._compact(buffer, keep)
         assert sorted(kept.tolist()) == np.flatnonzero(keep).tolist()
         np.testing.assert_array_equal(buffer[: kept.size], before[kept])
+
+
+def test_compiled_peel_equals_reference():
+    """The numba peel returns the reference's levels and rates bit for bit (LM-like pairs with
+    many cuts, and small random ones)."""
+    rng = np.random.default_rng(31)
+    cases = [lm_pair(3000, seed=s, temperature=t) for s, t in ((1, 1.0), (2, 0.7))]
+    cases += [random_pair(rng, int(rng.integers(2, 40)), concentration=0.5) for _ in range(30)]
+    for i, (p, q) in enumerate(cases):
+        n = 2 + i % 5
+        scan = priority_scan(p, q, n, mdsd.get_law("iid"))
+        order, phi = scan.order, scan.phi
+        target, _ = threshold._target_curve(p[order], q[order], phi, scan.split)
+        levels, rate = threshold._peel(q[order], phi, target)
+        ref_levels, ref_rate = threshold._peel_reference(q[order], phi, target)
+        np.testing.assert_array_equal(levels, ref_levels)
+        np.testing.assert_array_equal(rate, ref_rate)
+
+
+def test_compiled_staircase_equals_reference():
+    """The numba staircase walk returns the reference's curve and run ids bit for bit, whether a
+    staircase forms or not."""
+    rng = np.random.default_rng(32)
+    cases = [lm_pair(3000, seed=s, temperature=t) for s, t in ((3, 1.0), (4, 0.7), (5, 0.3))]
+    cases += [random_pair(rng, int(rng.integers(4, 60)), concentration=0.3) for _ in range(30)]
+    formed = 0
+    for i, (p, q) in enumerate(cases):
+        n = 2 + i % 7
+        scan = priority_scan(p, q, n, mdsd.get_law("iid"))
+        order, phi, split = scan.order, scan.phi, scan.split
+        target, clipped = threshold._target_curve(p[order], q[order], phi, split)
+        run = np.where(clipped, np.where(np.arange(order.size) < split, 0, 1), -1)
+        for share in threshold.STAIR_SHARES:
+            args = (p[order], q[order], phi, split, target, run, share)
+            curve, new_run = threshold._staircase_walk(*args)
+            ref_curve, ref_run = threshold._staircase_walk_reference(*args)
+            np.testing.assert_array_equal(curve, ref_curve)
+            np.testing.assert_array_equal(new_run, ref_run)
+            formed += curve is not target
+    assert formed >= 3
+
+
+def test_priority_order_equals_stable_sort():
+    """The fast priority order (unstable sort, p = 0 block in id order, stable sort on ties) is
+    the stable sort of p/q decreasing over q > 0, with zeros and ties."""
+    rng = np.random.default_rng(33)
+    for i in range(60):
+        vocab = int(rng.choice([2, 7, 300]))
+        p, q = random_pair(rng, vocab, zero_p=i % 2 == 0, zero_q=i % 3 == 0)
+        if i % 4 == 0:  # tied ratios: p = q on a block
+            p[: vocab // 2] = q[: vocab // 2]
+            p /= p.sum()
+        if i % 5 == 0:
+            p = q.copy()
+        np.testing.assert_array_equal(common.priority_order(p, q), common.priority_order_reference(p, q))

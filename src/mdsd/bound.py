@@ -201,6 +201,7 @@ def prefix_scan(p_ordered, q_ordered, n: int, law: DraftLaw, *, order=None, devi
     q_prefix = np.minimum(prefix_sums(q_ordered), 1.0)
     error = 0.0
     if law.qall_by_quadrature(n):
+        q_ordered = np.ascontiguousarray(q_ordered)  # the compiled kernels take contiguous rows
         qall, error = _wor_window(p_prefix, q_prefix, q_ordered, n, device)
         objective = np.where(np.isnan(qall), np.inf, p_prefix - qall)
     else:

@@ -74,7 +74,7 @@ def fit_orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Order
     """
     scan = priority_scan(p, q, n, law, curve=False)
     order, split = scan.order, scan.split
-    ps, qs = p[order], q[order]
+    ps, qs = scan.target_probs, scan.draft_probs
     qs_law = qs / qs.sum()  # the law's Qall is over the support; q sums to 1 up to rounding
     k = order.size
     low, high, none = np.arange(split), np.arange(split, k), np.arange(0)

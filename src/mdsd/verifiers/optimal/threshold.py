@@ -72,7 +72,7 @@ def fit_threshold_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Th
     """One position [V], [V]: the priority scan, the target curve and its levels."""
     scan = priority_scan(p, q, n, law)
     order, phi, split = scan.order, scan.phi, scan.split
-    ps, qs = p[order], q[order]
+    ps, qs = scan.target_probs, scan.draft_probs
     k = order.size
     target, clipped = _target_curve(ps, qs, phi, split)
     run = np.where(clipped, np.where(np.arange(k) < split, 0, 1), -1)  # -1: a unit on its own
@@ -205,6 +205,33 @@ def _staircase(ps, qs, phi, split, target, run):
 
 
 def _staircase_walk(ps, qs, phi, split, target, run, share):
+    """``_staircase_walk_reference`` with the walk in the compiled kernel (same numbers)."""
+    from mdsd.verifiers.optimal._threshold_numba import staircase_walk
+
+    k = qs.size
+    if k - split < 3:
+        return target, run
+    s, tail_q, ahead, cap = _staircase_inputs(ps, qs, phi, split, target, run, share)
+    curve, new_run = target.copy(), run.copy()
+    formed = staircase_walk(s, qs, tail_q, phi, ahead, cap, split, STAIR_RATIO, curve, new_run)
+    return (curve, new_run) if formed else (target, run)
+
+
+def _staircase_inputs(ps, qs, phi, split, target, run, share):
+    """(s = p/q, q of positions >= j, the room still ahead, the cap on the surplus) for the walk."""
+    s = ps / qs
+    tail_q = np.cumsum(qs[::-1])[::-1]  # q(positions >= j)
+    room = (phi - target) * (1.0 - STAIR_MARGIN) - STAIR_MARGIN
+    # the surplus over p on H* can reach E = 1 - Phi_m - p(H*) in all; keep half for the last step
+    cap = share * max(float(target[-1] - phi[split] - ps[split:].sum()), 0.0)
+    # until the mu-region the surplus only grows: cap it by the smallest room still ahead there
+    mu_start = int(np.flatnonzero(run == 1)[0]) if np.any(run == 1) else qs.size
+    ahead = room.copy()
+    ahead[split : mu_start + 1] = np.minimum.accumulate(room[split : mu_start + 1][::-1])[::-1]
+    return s, np.ascontiguousarray(tail_q), ahead, cap
+
+
+def _staircase_walk_reference(ps, qs, phi, split, target, run, share):
     """On H* only m >= p matters: replace the exact rates by a few constant steps when it is free.
 
     Walking H* in order, a token joins the current step (rate = the step's first, largest s, at
@@ -218,15 +245,7 @@ def _staircase_walk(ps, qs, phi, split, target, run, share):
     k = qs.size
     if k - split < 3:
         return target, run
-    s = ps / qs
-    tail_q = np.cumsum(qs[::-1])[::-1]  # q(positions >= j)
-    room = (phi - target) * (1.0 - STAIR_MARGIN) - STAIR_MARGIN
-    # the surplus over p on H* can reach E = 1 - Phi_m - p(H*) in all; keep half for the last step
-    cap = share * max(float(target[k] - phi[split] - ps[split:].sum()), 0.0)
-    # until the mu-region the surplus only grows: cap it by the smallest room still ahead there
-    mu_start = int(np.flatnonzero(run == 1)[0]) if np.any(run == 1) else k
-    ahead = room.copy()
-    ahead[split : mu_start + 1] = np.minimum.accumulate(room[split : mu_start + 1][::-1])[::-1]
+    s, tail_q, ahead, cap = _staircase_inputs(ps, qs, phi, split, target, run, share)
     new_run = run.copy()
     curve = target.copy()
     step, step_rate, surplus = 2, s[split], 0.0
@@ -250,6 +269,18 @@ def _staircase_walk(ps, qs, phi, split, target, run, share):
 
 
 def _peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray):
+    """(levels [K + 1], rate [K]) of ``_peel_reference`` by the compiled kernel (same numbers)."""
+    from mdsd.verifiers.optimal._threshold_numba import peel  # lazy: importing numba costs ~0.3 s
+
+    return peel(
+        np.ascontiguousarray(qs, dtype=np.float64),
+        np.ascontiguousarray(phi, dtype=np.float64),
+        np.ascontiguousarray(target, dtype=np.float64),
+        CHORD_TOLERANCE,
+    )
+
+
+def _peel_reference(qs: np.ndarray, phi: np.ndarray, target: np.ndarray):
     """Write the target curve as a random-threshold mixture of group rules.
 
     On an interval [lo, hi] whose ends are cuts: take the largest share lam of the one-group rule
