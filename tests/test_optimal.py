@@ -474,3 +474,90 @@ def test_priority_order_equals_stable_sort():
         if i % 5 == 0:
             p = q.copy()
         np.testing.assert_array_equal(common.priority_order(p, q), common.priority_order_reference(p, q))
+
+
+# -- sampling (the decoding path) ------------------------------------------------------------------
+
+SAMPLE_CASES = [
+    ("iid", 2),
+    ("iid", 3),
+    ("without_replacement", 2),
+    ("without_replacement", 3),
+    ("without_replacement", 4),
+    ("conditional_poisson", 2),
+    ("conditional_poisson", 3),
+]
+G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
+
+
+def g_test_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    """p-value of the G-test of counts against the law probs (cells with probs > 0)."""
+    from scipy.stats import chi2
+
+    cells = probs > 0
+    observed, expected = counts[cells], probs[cells] * counts.sum()
+    hit = observed > 0
+    statistic = 2.0 * float(np.sum(observed[hit] * np.log(observed[hit] / expected[hit])))
+    return float(chi2.sf(statistic, max(int(cells.sum()) - 1, 1)))
+
+
+def row_sampler(law, n):
+    """(fit one row, draw one token from it) for the method the law and n use."""
+    if front.method_for(mdsd.get_law(law), n, 0) == "threshold":
+        return threshold.fit_threshold_row, threshold.sample_threshold_row
+    return orders.fit_orders_row, orders.sample_orders_row
+
+
+@pytest.mark.parametrize("law, n", SAMPLE_CASES)
+def test_sample_matches_output_law(law, n):
+    """The direct sampler of a fit (draw the threshold / order, keep or reject, residual only on a
+    rejection) has the conditional law output_law(. | x) for fixed drafts x: a seeded G-test per
+    draft set (false-positive rate 1e-4 each, 2 draft sets per case), and no token outside the
+    law's support is ever drawn. Cases with residual mass, so rejections are exercised."""
+    rng = np.random.default_rng(zlib.crc32(f"sample-{law}-{n}".encode()))
+    the_law = mdsd.get_law(law)
+    fit_row, sample_row = row_sampler(law, n)
+    p, q = random_pair(rng, 7, concentration=0.7, zero_p=True)
+    row = fit_row(p, q, n, the_law)
+    draws = 3000
+    for drafts in the_law.sample(np.broadcast_to(q, (2, 7)), n, rng):
+        expected = output_law_from_fit(fit_optimal(p, q, n, law), drafts)
+        tokens = np.array([sample_row(row, p, drafts, rng) for _ in range(draws)])
+        counts = np.bincount(tokens, minlength=7)
+        assert np.all(counts[expected <= 0] == 0)
+        assert g_test_pvalue(counts, expected) > G_TEST_MIN_P
+
+
+@pytest.mark.parametrize("law, n", SAMPLE_CASES)
+def test_verifier_sample_is_the_row_sampler(law, n):
+    """OptimalVerifier.sample on a batch = fit each row, then its row sampler, with the same
+    generator (seeded replay), and returns int64 [B]."""
+    rng = np.random.default_rng(zlib.crc32(f"replay-{law}-{n}".encode()))
+    the_law = mdsd.get_law(law)
+    fit_row, sample_row = row_sampler(law, n)
+    pairs = [random_pair(rng, 6, zero_p=True) for _ in range(4)]
+    p, q = np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
+    drafts = the_law.sample(q, n, rng)
+    tokens = mdsd.get_verifier("optimal").sample(p, q, drafts, the_law, np.random.default_rng(1))
+    replay = np.random.default_rng(1)
+    expected = [sample_row(fit_row(p[b], q[b], n, the_law), p[b], drafts[b], replay) for b in range(4)]
+    assert tokens.dtype == np.int64 and tokens.shape == (4,)
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def test_sample_at_top_k_and_fallback(monkeypatch):
+    """Top-64 rows of a 4,000-token pair sample tokens of the support of output_law; beyond
+    MAX_ORDER_SUPPORT sample warns and uses the fallback verifier."""
+    p, q = lm_pair(4000, seed=6, temperature=0.9, top_k=64)
+    verifier = mdsd.get_verifier("optimal")
+    rng = np.random.default_rng(34)
+    for law, n in (("iid", 4), ("without_replacement", 2), ("without_replacement", 4)):
+        drafts = mdsd.get_law(law).sample(q, n, rng)
+        token = verifier.sample(p[None], q[None], drafts[None], mdsd.get_law(law), rng)[0]
+        assert output_law_from_fit(fit_optimal(p, q, n, law), drafts)[token] > 0
+    monkeypatch.setattr(front, "MAX_ORDER_SUPPORT", 5)
+    p, q = random_pair(np.random.default_rng(35), 6)
+    drafts = mdsd.get_law("without_replacement").sample(q, 3, rng)
+    with pytest.warns(RuntimeWarning, match="MAX_ORDER_SUPPORT"):
+        token = verifier.sample(p[None], q[None], drafts[None], mdsd.get_law("without_replacement"), rng)
+    assert 0 <= int(token[0]) < 6
