@@ -9,9 +9,19 @@ import pytest
 import mdsd
 from mdsd import lp
 from mdsd.io import random_pair as lm_pair
-from mdsd.verifiers import accepted_mass, priority_orders
+from mdsd.verifiers import accepted_mass
 from mdsd.verifiers import optimal as opt
-from mdsd.verifiers.optimal import fit_optimal, output_law_from_fit, verify_from_fit
+from mdsd.verifiers.optimal import (
+    common,
+    fit_optimal,
+    orders,
+    output_law_from_fit,
+    priority_orders,
+    threshold,
+    verify_from_fit,
+)
+from mdsd.verifiers.optimal import verifier as front
+from mdsd.verifiers.optimal.common import priority_scan
 
 from conftest import edge_pairs, law_accepts, random_pair
 
@@ -154,9 +164,9 @@ def test_exact_whatever_the_levels(monkeypatch):
     def random_levels(qs, phi, target):
         levels = rng.random(qs.size + 1)
         levels[0] = levels[-1] = 0.0
-        return levels, opt._threshold_rates(qs, phi, levels)
+        return levels, threshold._threshold_rates(qs, phi, levels)
 
-    monkeypatch.setattr(opt, "_peel", random_levels)
+    monkeypatch.setattr(threshold, "_peel", random_levels)
     for _ in range(20):
         vocab, n = int(rng.integers(3, 7)), int(rng.integers(2, 4))
         p, q = random_pair(rng, vocab)
@@ -174,14 +184,12 @@ def test_peel_rates_match_reference():
     for _ in range(20):
         p, q = random_pair(rng, int(rng.integers(3, 30)), concentration=0.5)
         n = int(rng.integers(2, 6))
-        order = np.flatnonzero(q > 0)
-        order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
-        phi = opt._coverage_curve(q[order], n, mdsd.get_law("iid"))
-        gap = phi - np.concatenate([[0.0], np.cumsum(p[order])])
-        split = order.size - int(np.argmin(gap[::-1]))
-        target, _ = opt._target_curve(p[order], q[order], phi, split)
-        levels, rate = opt._peel(q[order], phi, target)
-        np.testing.assert_allclose(rate, opt._threshold_rates(q[order], phi, levels), rtol=1e-10, atol=1e-12)
+        scan = priority_scan(p, q, n, mdsd.get_law("iid"))
+        order, phi, split = scan.order, scan.phi, scan.split
+        target, _ = threshold._target_curve(p[order], q[order], phi, split)
+        levels, rate = threshold._peel(q[order], phi, target)
+        reference = threshold._threshold_rates(q[order], phi, levels)
+        np.testing.assert_allclose(rate, reference, rtol=1e-10, atol=1e-12)
 
 
 def test_accepted_mass_is_min_p_cq():
@@ -218,7 +226,7 @@ def test_verify_from_fit_samples_output_law():
     [("without_replacement", "rrs_without_replacement"), ("conditional_poisson", "sample_check")],
 )
 def test_fallback_warns_and_stays_valid(monkeypatch, law, fallback):
-    monkeypatch.setattr(opt, "MAX_ORDER_SUPPORT", 5)
+    monkeypatch.setattr(front, "MAX_ORDER_SUPPORT", 5)
     p, q = random_pair(np.random.default_rng(11), 6)
     with pytest.warns(RuntimeWarning, match="MAX_ORDER_SUPPORT"):
         fit = fit_optimal(p, q, 3, law)
@@ -274,15 +282,12 @@ def test_staircase_keeps_the_fit_optimal():
     """The H* staircase (few cuts at full vocabulary) changes nothing on L: a = min(p, c q)."""
     p, q = lm_pair(3000, seed=3, temperature=1.0)
     n = 8
-    order = np.flatnonzero(q > 0)
-    order = order[np.argsort(-(p[order] / q[order]), kind="stable")]
+    scan = priority_scan(p, q, n, mdsd.get_law("iid"))
+    order, phi, split = scan.order, scan.phi, scan.split
     ps, qs = p[order], q[order]
-    phi = opt._coverage_curve(qs, n, mdsd.get_law("iid"))
-    gap = phi - np.concatenate([[0.0], np.cumsum(ps)])
-    split = order.size - int(np.argmin(gap[::-1]))
-    target, clipped = opt._target_curve(ps, qs, phi, split)
+    target, clipped = threshold._target_curve(ps, qs, phi, split)
     run = np.where(clipped, np.where(np.arange(order.size) < split, 0, 1), -1)
-    stairs, new_run = opt._staircase(ps, qs, phi, split, target, run)
+    stairs, new_run = threshold._staircase(ps, qs, phi, split, target, run)
     assert stairs is not target and np.all(stairs <= phi + 1e-15)
     assert np.unique(new_run[new_run >= 2]).size < (new_run[split:] >= 0).sum()
     fit = fit_optimal(p, q, n, "iid")
@@ -306,10 +311,11 @@ def test_order_mixture_mass_matches_enumeration(law):
     for _ in range(12):
         vocab, n = int(rng.integers(5, 9)), int(rng.integers(2, 5))
         p, q = random_pair(rng, vocab, concentration=float(rng.choice([0.3, 1.0, 3.0])))
-        order, split, mass, _, blocks = opt._orders_row(p, q, n, the_law)
+        row = orders.fit_orders_row(p, q, n, the_law)
+        order, split, mass = row.order, row.split, row.rule_mass
         ps, qs = p[order], q[order]
         low = np.arange(split)
-        for (block, mix), before in zip(blocks, (np.arange(0), low)):
+        for block, mix, before, _ in row.blocks():
             if block.size == 0:
                 continue
             reference = priority_orders.mixture_mass_reference(
@@ -335,7 +341,7 @@ def test_orders_exact_whatever_the_mixture(monkeypatch, law):
         mass = sum(w * vertex(o) for w, o in zip(weights, orders))
         return priority_orders.OrderMixture(orders, weights, mass, 1.0, 0)
 
-    monkeypatch.setattr(opt, "decompose", random_mixture)
+    monkeypatch.setattr(orders, "decompose", random_mixture)
     checked = []
     for vocab, n in [(6, 3), (7, 4), (5, 3), (8, 3), (9, 5)]:
         p, q = random_pair(rng, vocab, concentration=0.5, zero_p=True)
@@ -413,3 +419,145 @@ def test_compact_moves_only_the_last_rows_into_holes():
         kept = priority_orders._compact(buffer, keep)
         assert sorted(kept.tolist()) == np.flatnonzero(keep).tolist()
         np.testing.assert_array_equal(buffer[: kept.size], before[kept])
+
+
+def test_compiled_peel_equals_reference():
+    """The numba peel returns the reference's levels and rates bit for bit (LM-like pairs with
+    many cuts, and small random ones)."""
+    rng = np.random.default_rng(31)
+    cases = [lm_pair(3000, seed=s, temperature=t) for s, t in ((1, 1.0), (2, 0.7))]
+    cases += [random_pair(rng, int(rng.integers(2, 40)), concentration=0.5) for _ in range(30)]
+    for i, (p, q) in enumerate(cases):
+        n = 2 + i % 5
+        scan = priority_scan(p, q, n, mdsd.get_law("iid"))
+        order, phi = scan.order, scan.phi
+        target, _ = threshold._target_curve(p[order], q[order], phi, scan.split)
+        levels, rate = threshold._peel(q[order], phi, target)
+        ref_levels, ref_rate = threshold._peel_reference(q[order], phi, target)
+        np.testing.assert_array_equal(levels, ref_levels)
+        np.testing.assert_array_equal(rate, ref_rate)
+
+
+def test_compiled_staircase_equals_reference():
+    """The numba staircase walk returns the reference's curve and run ids bit for bit, whether a
+    staircase forms or not."""
+    rng = np.random.default_rng(32)
+    cases = [lm_pair(3000, seed=s, temperature=t) for s, t in ((3, 1.0), (4, 0.7), (5, 0.3))]
+    cases += [random_pair(rng, int(rng.integers(4, 60)), concentration=0.3) for _ in range(30)]
+    formed = 0
+    for i, (p, q) in enumerate(cases):
+        n = 2 + i % 7
+        scan = priority_scan(p, q, n, mdsd.get_law("iid"))
+        order, phi, split = scan.order, scan.phi, scan.split
+        target, clipped = threshold._target_curve(p[order], q[order], phi, split)
+        run = np.where(clipped, np.where(np.arange(order.size) < split, 0, 1), -1)
+        for share in threshold.STAIR_SHARES:
+            args = (p[order], q[order], phi, split, target, run, share)
+            curve, new_run = threshold._staircase_walk(*args)
+            ref_curve, ref_run = threshold._staircase_walk_reference(*args)
+            np.testing.assert_array_equal(curve, ref_curve)
+            np.testing.assert_array_equal(new_run, ref_run)
+            formed += curve is not target
+    assert formed >= 3
+
+
+def test_priority_order_equals_stable_sort():
+    """The fast priority order (unstable sort, p = 0 block in id order, stable sort on ties) is
+    the stable sort of p/q decreasing over q > 0, with zeros and ties."""
+    rng = np.random.default_rng(33)
+    for i in range(60):
+        vocab = int(rng.choice([2, 7, 300]))
+        p, q = random_pair(rng, vocab, zero_p=i % 2 == 0, zero_q=i % 3 == 0)
+        if i % 4 == 0:  # tied ratios: p = q on a block
+            p[: vocab // 2] = q[: vocab // 2]
+            p /= p.sum()
+        if i % 5 == 0:
+            p = q.copy()
+        np.testing.assert_array_equal(common.priority_order(p, q), common.priority_order_reference(p, q))
+
+
+# -- sampling (the decoding path) ------------------------------------------------------------------
+
+SAMPLE_CASES = [
+    ("iid", 2),
+    ("iid", 3),
+    ("without_replacement", 2),
+    ("without_replacement", 3),
+    ("without_replacement", 4),
+    ("conditional_poisson", 2),
+    ("conditional_poisson", 3),
+]
+G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
+
+
+def g_test_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    """p-value of the G-test of counts against the law probs (cells with probs > 0)."""
+    from scipy.stats import chi2
+
+    cells = probs > 0
+    observed, expected = counts[cells], probs[cells] * counts.sum()
+    hit = observed > 0
+    statistic = 2.0 * float(np.sum(observed[hit] * np.log(observed[hit] / expected[hit])))
+    return float(chi2.sf(statistic, max(int(cells.sum()) - 1, 1)))
+
+
+def row_sampler(law, n):
+    """(fit one row, draw one token from it) for the method the law and n use."""
+    if front.method_for(mdsd.get_law(law), n, 0) == "threshold":
+        return threshold.fit_threshold_row, threshold.sample_threshold_row
+    return orders.fit_orders_row, orders.sample_orders_row
+
+
+@pytest.mark.parametrize("law, n", SAMPLE_CASES)
+def test_sample_matches_output_law(law, n):
+    """The direct sampler of a fit (draw the threshold / order, keep or reject, residual only on a
+    rejection) has the conditional law output_law(. | x) for fixed drafts x: a seeded G-test per
+    draft set (false-positive rate 1e-4 each, 2 draft sets per case), and no token outside the
+    law's support is ever drawn. Cases with residual mass, so rejections are exercised."""
+    rng = np.random.default_rng(zlib.crc32(f"sample-{law}-{n}".encode()))
+    the_law = mdsd.get_law(law)
+    fit_row, sample_row = row_sampler(law, n)
+    p, q = random_pair(rng, 7, concentration=0.7, zero_p=True)
+    row = fit_row(p, q, n, the_law)
+    draws = 3000
+    for drafts in the_law.sample(np.broadcast_to(q, (2, 7)), n, rng):
+        expected = output_law_from_fit(fit_optimal(p, q, n, law), drafts)
+        tokens = np.array([sample_row(row, p, drafts, rng) for _ in range(draws)])
+        counts = np.bincount(tokens, minlength=7)
+        assert np.all(counts[expected <= 0] == 0)
+        assert g_test_pvalue(counts, expected) > G_TEST_MIN_P
+
+
+@pytest.mark.parametrize("law, n", SAMPLE_CASES)
+def test_verifier_sample_is_the_row_sampler(law, n):
+    """OptimalVerifier.sample on a batch = fit each row, then its row sampler, with the same
+    generator (seeded replay), and returns int64 [B]."""
+    rng = np.random.default_rng(zlib.crc32(f"replay-{law}-{n}".encode()))
+    the_law = mdsd.get_law(law)
+    fit_row, sample_row = row_sampler(law, n)
+    pairs = [random_pair(rng, 6, zero_p=True) for _ in range(4)]
+    p, q = np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
+    drafts = the_law.sample(q, n, rng)
+    tokens = mdsd.get_verifier("optimal").sample(p, q, drafts, the_law, np.random.default_rng(1))
+    replay = np.random.default_rng(1)
+    expected = [sample_row(fit_row(p[b], q[b], n, the_law), p[b], drafts[b], replay) for b in range(4)]
+    assert tokens.dtype == np.int64 and tokens.shape == (4,)
+    np.testing.assert_array_equal(tokens, expected)
+
+
+def test_sample_at_top_k_and_fallback(monkeypatch):
+    """Top-64 rows of a 4,000-token pair sample tokens of the support of output_law; beyond
+    MAX_ORDER_SUPPORT sample warns and uses the fallback verifier."""
+    p, q = lm_pair(4000, seed=6, temperature=0.9, top_k=64)
+    verifier = mdsd.get_verifier("optimal")
+    rng = np.random.default_rng(34)
+    for law, n in (("iid", 4), ("without_replacement", 2), ("without_replacement", 4)):
+        drafts = mdsd.get_law(law).sample(q, n, rng)
+        token = verifier.sample(p[None], q[None], drafts[None], mdsd.get_law(law), rng)[0]
+        assert output_law_from_fit(fit_optimal(p, q, n, law), drafts)[token] > 0
+    monkeypatch.setattr(front, "MAX_ORDER_SUPPORT", 5)
+    p, q = random_pair(np.random.default_rng(35), 6)
+    drafts = mdsd.get_law("without_replacement").sample(q, 3, rng)
+    with pytest.warns(RuntimeWarning, match="MAX_ORDER_SUPPORT"):
+        token = verifier.sample(p[None], q[None], drafts[None], mdsd.get_law("without_replacement"), rng)
+    assert 0 <= int(token[0]) < 6

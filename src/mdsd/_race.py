@@ -447,7 +447,7 @@ def wor_qall_prefixes(draft_probs_ordered, n: int, *, device=None, kernel: str |
         # numpy in, compiled kernel: no torch round trip (this is called once per Wolfe
         # iteration of the optimal verifier's fit, on short rows where the overhead dominates)
         q_np = np.ascontiguousarray(draft_probs_ordered, dtype=np.float64)
-        tail_np = tail_masses_numpy(q_np)
+        tail_np = tail_masses(q_np)
         return np.stack(
             [
                 _wor_qall_window_numba(q_np[b], tail_np[b], n, 0, q_np.shape[1], None)[0]
@@ -463,16 +463,9 @@ def wor_qall_prefixes(draft_probs_ordered, n: int, *, device=None, kernel: str |
     return out.cpu().numpy() if as_numpy else out
 
 
-def tail_masses_numpy(rows: np.ndarray) -> np.ndarray:
-    """lambda_k = q(V \\ H_k), k = 0..V, summed from the small end.  [B, V] -> [B, V + 1]"""
-    tail = np.zeros((rows.shape[0], rows.shape[1] + 1))
-    tail[:, :-1] = np.cumsum(rows[:, ::-1], axis=1)[:, ::-1]
-    return tail
-
-
 def tail_masses_torch(q: torch.Tensor) -> torch.Tensor:
     """lambda_k = q(V \\ H_k), k = 0..V, summed from the small end.  [B, V] -> [B, V + 1]"""
     if q.device.type == "cpu":  # torch.flip is slow on CPU; numpy reverses by a view
-        return torch.from_numpy(tail_masses_numpy(q.numpy()))
+        return torch.from_numpy(tail_masses(q.numpy()))
     tail = torch.flip(torch.cumsum(torch.flip(q, (1,)), 1), (1,))
     return torch.cat([tail, q.new_zeros(q.shape[0], 1)], dim=1)

@@ -307,7 +307,7 @@ def candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass, slack):
 
 @numba.njit(cache=True, fastmath=False, inline="always")
 def _power(x, n):
-    """x^n for an integer n >= 1 by repeated squaring (as ``mdsd.bound.int_power``)."""
+    """x^n for an integer n >= 1 by repeated squaring (as ``mdsd.laws.int_power``)."""
     result, base = 1.0, x
     while n:
         if n & 1:
@@ -335,7 +335,7 @@ def iid_scan(p, q, order, keys, head, n):
         qk = q[x] if k < head else -keys[k] * pk
         p_acc += pk
         q_acc += qk
-        f = p_acc - _power(q_acc, n)
+        f = p_acc - _power(min(q_acc, 1.0), n)  # q(H) > 1 by rounding only: Qall <= 1
         if f < value:
             best, value = k + 1, f
     return best, value

@@ -38,7 +38,14 @@ from mdsd._race import (
     wor_qall_window,
 )
 from mdsd._validate import as_probs, check_pair
-from mdsd.laws import complement_renormalised, get_law, top_tokens, top_tokens_reference
+from mdsd.laws import (
+    IID,
+    DraftLaw,
+    complement_renormalised,
+    get_law,
+    top_tokens,
+    top_tokens_reference,
+)
 
 
 @dataclass(frozen=True)
@@ -156,57 +163,92 @@ def optimal_acceptance(target_probs, draft_probs, n: int, law="iid", *, normaliz
     return optimal_bound(target_probs, draft_probs, n, law, normalize=normalize, device=device).alpha
 
 
+@dataclass(frozen=True)
+class PrefixScan:
+    """The sort-and-scan of one (p, q) row: f(H_k) = p(H_k) - Qall(H_k) over the prefixes H_k.
+
+    H_k is the first k tokens of the scan order (q/p decreasing for ``optimal_bound``; any order
+    a caller passes to :func:`prefix_scan`, e.g. the optimal verifier's).
+
+    order:    int64 [V]; position -> token id (None when the caller permuted p and q itself).
+    p_prefix: float64 [V + 1]; p(H_k), summed left to right.
+    q_prefix: float64 [V + 1]; q(H_k), summed left to right, capped at 1.
+    qall:     float64 [V + 1]; Qall(H_k) from the law (``DraftLaw.qall_prefixes``); NaN on the
+              prefixes a quadrature law's scan pruned (they cannot attain the minimum).
+    best:     k*, the first minimiser of f; H* = order[:best].
+    alpha:    1 + f(H_k*), alpha* before clipping to [0, 1].
+    error:    estimate of the quadrature error of the evaluated Qall (0 for closed forms).
+    The arrays are None for the compiled i.i.d. scan (``curves=False``), which keeps no curves.
+    """
+
+    order: np.ndarray | None
+    p_prefix: np.ndarray | None
+    q_prefix: np.ndarray | None
+    qall: np.ndarray | None
+    best: int
+    alpha: float
+    error: float = 0.0
+
+
+def prefix_scan(p_ordered, q_ordered, n: int, law: DraftLaw, *, order=None, device=None) -> PrefixScan:
+    """Scan the prefixes of one row already permuted into scan order: [V], [V] -> PrefixScan.
+
+    Qall comes from the law itself; for a law that integrates it numerically
+    (``law.qall_by_quadrature(n)``: without_replacement, n >= 3) only the prefixes whose cheap
+    bounds leave them in the running are evaluated (``_wor_window``). ``order`` is stored as is.
+    """
+    p_prefix = prefix_sums(p_ordered)
+    q_prefix = np.minimum(prefix_sums(q_ordered), 1.0)
+    error = 0.0
+    if law.qall_by_quadrature(n):
+        q_ordered = np.ascontiguousarray(q_ordered)  # the compiled kernels take contiguous rows
+        qall, error = _wor_window(p_prefix, q_prefix, q_ordered, n, device)
+        objective = np.where(np.isnan(qall), np.inf, p_prefix - qall)
+    else:
+        qall = law.qall_prefixes(q_ordered[None, :], n, order=order)[0]
+        objective = p_prefix - qall
+    best = int(np.argmin(objective))
+    return PrefixScan(order, p_prefix, q_prefix, qall, best, 1.0 + float(objective[best]), error)
+
+
 def _sort_and_scan(p, q, n, law, device=None):
     """[B, V] x [B, V] -> alpha [B], H* [B, V], error [B] by the prefix scan of the q/p order."""
     batch, vocab = p.shape
     alpha, error = np.empty(batch), np.zeros(batch)
     optimal_set = np.zeros((batch, vocab), dtype=bool)
-    compiled = numba_kernel() if law.name == "iid" else None
     for b in range(batch):
-        order, keys, head = _scan_order_keys(p[b], q[b])
-        if compiled is not None:  # iid: the scan below in one compiled pass
-            best, value = compiled.iid_scan(p[b], q[b], order, keys, head, n)
-            alpha[b] = 1.0 + value
-            optimal_set[b, order[:best]] = True
-            continue
-        p_sorted = p[b, order]
-        p_prefix = prefix_sums(p_sorted)
-        if law.name == "iid":  # Qall(H_k) = q(H_k)^n
-            # q in scan order without a second gather: q = (q/p) p where p > 0 (within 1 ulp),
-            # gathered only for the p = 0 block at the front
-            with np.errstate(invalid="ignore"):  # inf * 0 in the p = 0 block, overwritten next
-                q_sorted = -keys * p_sorted
-            q_sorted[:head] = q[b, order[:head]]
-            # q(H_k) may exceed 1 by rounding only: (1 + 1e-16)^n is harmless, alpha is clipped
-            objective = p_prefix - int_power(prefix_sums(q_sorted), n)
-        elif law.name == "without_replacement":
-            objective, error[b] = _wor_objective(p_prefix, q[b, order], n, device)
-        else:
-            objective = p_prefix - law.qall_prefixes(q[b, order][None, :], n)[0]  # f(H_k)
-        best = int(np.argmin(objective))
-        alpha[b] = 1.0 + objective[best]
-        optimal_set[b, order[:best]] = True
+        scan = scan_row(p[b], q[b], n, law, device=device, curves=False)
+        alpha[b], error[b] = scan.alpha, scan.error
+        optimal_set[b, scan.order[: scan.best]] = True
     return alpha, optimal_set, error
 
 
+def scan_row(p_row, q_row, n: int, law: DraftLaw, *, device=None, curves: bool = True) -> PrefixScan:
+    """The sort-and-scan of alpha* for one validated row: order by q/p, then :func:`prefix_scan`.
+
+    curves=False lets i.i.d. drafts take the compiled one-pass scan (``mdsd._race_numba.iid_scan``),
+    which returns k* and f(H_k*) only (the record's curves are None).
+    """
+    order, keys, head = _scan_order_keys(p_row, q_row)
+    compiled = numba_kernel() if law.name == "iid" and not curves else None
+    if compiled is not None:
+        best, value = compiled.iid_scan(p_row, q_row, order, keys, head, n)
+        return PrefixScan(order, None, None, None, int(best), 1.0 + float(value))
+    return prefix_scan(p_row[order], q_row[order], n, law, order=order, device=device)
+
+
 def prefix_sums(values: np.ndarray) -> np.ndarray:
-    """[0, v_0, v_0 + v_1, ...]: the V + 1 prefix sums of a [V] float64 vector (torch's cumsum,
-    several times faster than numpy's on one core; same left-to-right order)."""
+    """[0, v_0, v_0 + v_1, ...]: the V + 1 prefix sums of a [V] float64 vector, left to right
+    (torch's cumsum on long rows, several times faster than numpy's on one core)."""
     out = np.zeros(values.size + 1)
-    torch.cumsum(torch.from_numpy(values), 0, out=torch.from_numpy(out)[1:])
+    if values.size < TORCH_CUMSUM_MIN:
+        np.cumsum(values, out=out[1:])
+    else:
+        torch.cumsum(torch.from_numpy(np.ascontiguousarray(values)), 0, out=torch.from_numpy(out)[1:])
     return out
 
 
-def int_power(values: np.ndarray, n: int) -> np.ndarray:
-    """values ** n for an integer n >= 1 by repeated squaring (numpy's float power is slower)."""
-    result, base = None, values
-    while n:
-        if n & 1:
-            result = base.copy() if result is None else result * base
-        n >>= 1
-        if n:
-            base = base * base
-    return result
+TORCH_CUMSUM_MIN = 2048  # below this length numpy's cumsum wins (no torch call overhead)
 
 
 # Prefixes whose lower bound is within this of the best upper bound are evaluated exactly; it
@@ -214,8 +256,9 @@ def int_power(values: np.ndarray, n: int) -> np.ndarray:
 CANDIDATE_SLACK = 1e-9
 
 
-def _wor_objective(p_prefix: np.ndarray, q_sorted: np.ndarray, n: int, device=None):
-    """f(H_k) = p(H_k) - Qall(H_k) where it can be the minimum, +inf elsewhere; and an error estimate.
+def _wor_window(p_prefix, q_prefix, q_sorted, n, device=None):
+    """Qall(H_k) where f(H_k) = p(H_k) - Qall(H_k) can be the minimum, NaN elsewhere; and an
+    error estimate (without_replacement, n >= 3: the race integral of ``mdsd._race``).
 
     Cheap bounds prune the prefixes (only these are integrated, and only on the quadrature nodes
     they need): with Q = q(H), T_j = an upper bound on the mass of the j largest q in H,
@@ -235,23 +278,24 @@ def _wor_objective(p_prefix: np.ndarray, q_sorted: np.ndarray, n: int, device=No
             p_prefix, q_sorted, n, np.ascontiguousarray(top_mass), rest_mass, CANDIDATE_SLACK
         )
     else:
-        k_lo, k_hi = _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass)
+        k_lo, k_hi = _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass, q_prefix)
+    qall = np.full(vocab + 1, np.nan)
     if device is None or torch.device(device).type == "cpu":  # numpy in: the numba kernel by default
-        qall, error = wor_qall_window(q_sorted, tail_masses(q_sorted[None, :])[0], n, k_lo, k_hi)
+        window, error = wor_qall_window(q_sorted, tail_masses(q_sorted[None, :])[0], n, k_lo, k_hi)
     else:
         q_row = torch.from_numpy(q_sorted).to(device)
-        qall, error = wor_qall_window(q_row, tail_masses_torch(q_row[None, :])[0], n, k_lo, k_hi)
-        qall = qall.cpu().numpy()
-    objective = np.full(vocab + 1, np.inf)
-    objective[k_lo : k_hi + 1] = p_prefix[k_lo : k_hi + 1] - qall
-    return objective, error
+        window, error = wor_qall_window(q_row, tail_masses_torch(q_row[None, :])[0], n, k_lo, k_hi)
+        window = window.cpu().numpy()
+    qall[k_lo : k_hi + 1] = window
+    return qall, error
 
 
-def _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass):
+def _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass, q_prefix=None):
     """numpy version of ``mdsd._race_numba.candidate_window`` (used when numba is missing)."""
     vocab = q_sorted.size
-    q_prefix = np.minimum(prefix_sums(q_sorted), 1.0)
-    lower = p_prefix - int_power(q_prefix, n)
+    if q_prefix is None:
+        q_prefix = np.minimum(prefix_sums(q_sorted), 1.0)
+    lower = p_prefix - IID.qall_of_mass(q_prefix, n)  # Qall <= q(H)^n (the i.i.d. Qall)
     running_max = np.zeros(vocab + 1)
     np.maximum.accumulate(q_sorted, out=running_max[1:])
     qall_low = np.ones(vocab + 1)
@@ -301,16 +345,15 @@ def qall_reference(tuples: np.ndarray, probs: np.ndarray, subset_mask: np.ndarra
 def scan_reference(target_probs, draft_probs, n: int, law="iid", *, step: float = 0.2) -> float:
     """alpha* by the plain sort-and-scan: stable sort by q/p, every prefix, reference Qall.
 
-    1-D p, q (validated by the caller). iid: Qall = q(H)^n; without_replacement: the Python-loop
-    race quadrature ``wor_qall_prefixes_reference`` at trapezoid ``step``; greedy / spechub: the
-    closed form with the stable-sort top tokens. The reference the fast paths are compared with.
+    1-D p, q (validated by the caller). without_replacement: the Python-loop race quadrature
+    ``wor_qall_prefixes_reference`` at trapezoid ``step`` (every n); other prefix-scan laws: the
+    law's ``qall_prefixes``; greedy / spechub: the closed form with the stable-sort top tokens.
+    The reference the fast paths are compared with.
     """
     p, q = np.asarray(target_probs, np.float64), np.asarray(draft_probs, np.float64)
     if law in ("greedy", "spechub"):
         top = top_tokens_reference(q, n - 1)
-        rest = q.copy()
-        rest[top] = 0.0
-        rest /= rest.sum()
+        rest = complement_renormalised(q, top)
         keep = np.ones(p.size, dtype=bool)
         keep[top] = False
         return float(p[top].sum() + np.minimum(p[keep], rest[keep]).sum())
@@ -318,9 +361,7 @@ def scan_reference(target_probs, draft_probs, n: int, law="iid", *, step: float 
         ratio = np.where(p == 0, np.inf, q / p)
     order = np.argsort(-ratio, kind="stable")
     p_prefix = np.concatenate([[0.0], np.cumsum(p[order])])
-    if law == "iid":
-        qall = np.minimum(np.concatenate([[0.0], np.cumsum(q[order])]), 1.0) ** n
-    elif law == "without_replacement":
+    if law == "without_replacement":
         qall = wor_qall_prefixes_reference(q[None, order], n, step=step)[0]
     else:
         qall = get_law(law).qall_prefixes(q[None, order], n)[0]

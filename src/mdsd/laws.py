@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdsd._race import tail_masses_numpy, wor_qall_prefixes, wor_qall_window
+from mdsd._race import tail_masses, wor_qall_prefixes, wor_qall_window
 from mdsd._validate import check_choice, check_n
 from mdsd.sampling import categorical
 
@@ -76,6 +76,61 @@ def complement_renormalised(draft_probs: np.ndarray, excluded: np.ndarray) -> np
     rest = np.array(draft_probs, dtype=np.float64, copy=True)
     np.put_along_axis(rest, excluded, 0.0, axis=-1)
     return rest / rest.sum(axis=-1, keepdims=True)
+
+
+def others_mass(draft_probs: np.ndarray) -> np.ndarray:
+    """sum_{b != a} q_b for every token a of a row [V] (the 1 - q_a of sampling without
+    replacement: the mass the next draw is taken from once a is drawn).
+
+    1 - q_a loses all precision when q_a is close to 1; only one token can exceed 1/2, and for it
+    the others are summed directly.
+    """
+    total = draft_probs.sum()
+    out = total - draft_probs
+    top = int(np.argmax(draft_probs))
+    if draft_probs[top] > 0.5:
+        out[top] = np.delete(draft_probs, top).sum()
+    return out
+
+
+def int_power(values: np.ndarray, n: int) -> np.ndarray:
+    """values ** n for an integer n >= 1 by repeated squaring (numpy's float power is slower).
+
+    The compiled kernels use the scalar twin ``mdsd._race_numba._power`` (same squaring order).
+    """
+    result, base = None, values
+    while n:
+        if n & 1:
+            result = base.copy() if result is None else result * base
+        n >>= 1
+        if n:
+            base = base * base
+    return result
+
+
+def prefix_mass(draft_probs_ordered: np.ndarray) -> np.ndarray:
+    """q of the prefixes, [B, V] -> [B, V + 1]: 0, q_0, q_0 + q_1, ..., capped at 1 (rounding)."""
+    mass = np.zeros((draft_probs_ordered.shape[0], draft_probs_ordered.shape[1] + 1))
+    np.cumsum(draft_probs_ordered, axis=1, out=mass[:, 1:])
+    return np.minimum(mass, 1.0, out=mass)
+
+
+def two_draft_qall_prefixes(draft_probs_ordered: np.ndarray) -> np.ndarray:
+    """Qall of the prefixes for two draws without replacement, in closed form. [V] -> [V + 1].
+
+    Qall(H) = sum_{a in H} q_a (q(H) - q_a) / (1 - q_a); adding token b to H adds
+    q_b (sum_{a in H} q_a / (1 - q_a) + q(H) / (1 - q_b)) >= 0, so the prefixes are grown with
+    non-negative increments and nothing cancels. Needs >= 2 tokens with q > 0 (so 1 - q_a > 0).
+    """
+    q = draft_probs_ordered
+    left = others_mass(q)  # 1 - q_a
+    before_q = np.zeros(q.size)
+    np.cumsum(q[:-1], out=before_q[1:])
+    before_odds = np.zeros(q.size)
+    np.cumsum(q[:-1] / left[:-1], out=before_odds[1:])
+    qall = np.zeros(q.size + 1)
+    np.cumsum(q * (before_odds + before_q / left), out=qall[1:])
+    return np.minimum(qall, 1.0, out=qall)
 
 
 @dataclass(frozen=True)
@@ -138,6 +193,11 @@ class DraftLaw:
         """
         raise NotImplementedError(f"law {self.name!r} has no Qall of prefixes")
 
+    def qall_by_quadrature(self, n: int) -> bool:
+        """True when ``qall_prefixes`` integrates numerically (costly per prefix), so a scan
+        should evaluate only the prefixes that can attain its minimum (``qall_window``)."""
+        return False
+
     def qall_window(
         self, draft_probs_ordered: np.ndarray, n: int, k_lo: int, k_hi: int, order=None
     ) -> np.ndarray:
@@ -176,9 +236,14 @@ class IID(DraftLaw):
         return s**n
 
     def qall_prefixes(self, draft_probs_ordered, n, order=None):
-        mass = np.zeros((draft_probs_ordered.shape[0], draft_probs_ordered.shape[1] + 1))
-        mass[:, 1:] = np.cumsum(draft_probs_ordered, axis=1)
-        return np.minimum(mass, 1.0) ** n
+        """Qall(H) = q(H)^n."""
+        return self.qall_of_mass(prefix_mass(np.asarray(draft_probs_ordered, dtype=np.float64)), n)
+
+    @staticmethod
+    def qall_of_mass(mass: np.ndarray, n: int) -> np.ndarray:
+        """q(H)^n from q(H) (any shape; q(H) <= 1). Also an upper bound on Qall(H) of the other
+        laws, used to prune the without-replacement scan."""
+        return int_power(mass, n)
 
     def inclusion_probs(self, draft_probs, n):
         # 1 - (1 - q)^n, via log1p/expm1 to keep precision for tiny q
@@ -213,11 +278,20 @@ class WithoutReplacement(DraftLaw):
         return math.perm(s, n)
 
     def qall_prefixes(self, draft_probs_ordered, n, order=None):
+        """n = 1: q(H); n = 2: the closed form ``two_draft_qall_prefixes``; else the race integral."""
+        if n == 2:
+            rows = np.asarray(draft_probs_ordered, dtype=np.float64)
+            return np.stack([two_draft_qall_prefixes(row) for row in rows])
         return wor_qall_prefixes(draft_probs_ordered, n)
+
+    def qall_by_quadrature(self, n):
+        return n >= 3
 
     def qall_window(self, draft_probs_ordered, n, k_lo, k_hi, order=None):
         row = np.ascontiguousarray(draft_probs_ordered, dtype=np.float64)
-        return wor_qall_window(row, tail_masses_numpy(row[None, :])[0], n, k_lo, k_hi)[0]
+        if n == 2:
+            return two_draft_qall_prefixes(row)[k_lo : k_hi + 1]
+        return wor_qall_window(row, tail_masses(row[None, :])[0], n, k_lo, k_hi)[0]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""Compiled (numba) loops of the random-threshold fit (``mdsd.verifiers.optimal.threshold``):
+the H* staircase walk (one step per H* token) and the peeling (one step per cut), which are
+Python loops over up to the whole vocabulary in their references ``_staircase_walk_reference``
+and ``_peel_reference``.
+
+Same arithmetic in the same order (sequential prefix sums, first minimiser), so the results equal
+the references' bit for bit (``tests/test_optimal.py`` compares them). The intervals of the peel
+are disjoint except for their shared ends, whose curve value is Phi there, so one working curve
+[K + 1] is updated in place instead of a copy per interval.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True)
+def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
+    """(levels [K + 1], rate [K]) of the random-threshold mixture of chords of phi for target."""
+    k = qs.size
+    levels = np.ones(k + 1)
+    levels[0] = 0.0
+    levels[k] = 0.0
+    rate = np.zeros(k)
+    curve = target.copy()
+    local_q = np.empty(k)
+    chord = np.empty(k)
+    excess = np.empty(k)
+    stack_lo = np.empty(2 * k + 2, dtype=np.int64)
+    stack_hi = np.empty(2 * k + 2, dtype=np.int64)
+    stack_offset = np.empty(2 * k + 2)
+    stack_scale = np.empty(2 * k + 2)
+    stack_lo[0], stack_hi[0], stack_offset[0], stack_scale[0] = 0, k, 0.0, 1.0
+    top = 1
+    while top > 0:
+        top -= 1
+        lo, hi, offset, scale = stack_lo[top], stack_hi[top], stack_offset[top], stack_scale[top]
+        size = hi - lo
+        acc = 0.0
+        for i in range(size):  # q of positions lo..lo+i, summed locally
+            acc += qs[lo + i]
+            local_q[i] = acc
+        mass = local_q[size - 1]
+        rise = phi[hi] - phi[lo]
+        rho = rise / mass
+        if size == 1:
+            rate[lo] += scale * rho
+            continue
+        largest = 0.0
+        for i in range(size - 1):  # interior points lo+1..hi-1
+            chord[i] = phi[lo] + rise * (local_q[i] / mass)
+            excess[i] = max(curve[lo + 1 + i] - chord[i], 0.0)
+            largest = max(largest, excess[i])
+        if largest <= tolerance:
+            for i in range(lo, hi):
+                rate[i] += scale * rho
+            continue
+        # largest lam with excess <= (1 - lam) room; room <= excess means a touch: lam = 0
+        j, lam = 0, np.inf
+        for i in range(size - 1):
+            room = phi[lo + 1 + i] - chord[i]
+            share = 1.0 - excess[i] / room if room > excess[i] else 0.0
+            if share < lam:
+                j, lam = i, share
+        step = scale * lam * rho
+        for i in range(lo, hi):
+            rate[i] += step
+        cut = lo + 1 + j
+        levels[cut] = offset + scale * lam
+        for i in range(size - 1):
+            curve[lo + 1 + i] = chord[i] + excess[i] / (1.0 - lam)
+        curve[cut] = phi[cut]
+        child_offset, child_scale = offset + scale * lam, scale * (1.0 - lam)
+        stack_lo[top], stack_hi[top] = lo, cut
+        stack_offset[top], stack_scale[top] = child_offset, child_scale
+        stack_lo[top + 1], stack_hi[top + 1] = cut, hi
+        stack_offset[top + 1], stack_scale[top + 1] = child_offset, child_scale
+        top += 2
+    return levels, rate
+
+
+@numba.njit(cache=True)
+def staircase_walk(s, qs, tail_q, phi, ahead, cap, split, ratio, curve, new_run) -> bool:
+    """The walk of ``_staircase_walk_reference`` on H* = positions split..K-1; writes curve
+    [K + 1] and new_run [K] in place (copies of the target and run ids) and returns True when a
+    staircase formed (False: the caller keeps the target)."""
+    k = qs.size
+    step, step_rate, surplus = 2, s[split], 0.0
+    for j in range(split, k):
+        rest_rate = (1.0 - curve[j]) / tail_q[j]  # one last step from j on
+        if j > split and s[j] <= rest_rate and rest_rate <= step_rate and curve[j] <= phi[j]:
+            last = curve[k]
+            acc = 0.0
+            for i in range(j, k):
+                new_run[i] = step + 1
+                acc += qs[i]
+                curve[i + 1] = curve[j] + rest_rate * acc
+            curve[k] = last
+            return True
+        if j > split and not (
+            step_rate <= ratio * s[j] and surplus + (step_rate - s[j]) * qs[j] <= min(ahead[j + 1], cap)
+        ):
+            step, step_rate = step + 1, s[j]
+        surplus += (step_rate - s[j]) * qs[j]
+        curve[j + 1] = curve[j] + step_rate * qs[j]
+        new_run[j] = step
+        if curve[j + 1] > phi[j + 1]:
+            return False
+    return False

@@ -1,0 +1,178 @@
+"""What every method of the optimal verifier shares: the priority order and its scan, the fit
+record's common fields, and the capping of a rule's mass vector by p (docs/optimal.md).
+
+Shapes: target_probs p and draft_probs q are float64 [B, V] (or [V] for one row); K is the number
+of tokens with q > 0 (the support, in priority order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from mdsd.bound import prefix_scan
+from mdsd.laws import DraftLaw
+from mdsd.sampling import categorical
+from mdsd.verifiers.base import EMPTY_MASS
+
+
+@dataclass(frozen=True)
+class PriorityScan:
+    """The priority order of one position and the coverage curve of its prefixes.
+
+    order:      int64 [K]; the tokens with q > 0 by s = p/q decreasing, ties by lower id.
+    phi:        float64 [K + 1]; Phi_k = P(set(x) meets U_k), U_k = order[:k]; nondecreasing,
+                Phi_0 = 0, Phi_K = 1. NaN-free only where ``curve`` was asked for (see
+                :func:`priority_scan`).
+    split:      m* = the largest minimiser of Phi_k - p(U_k): L = U_m*, H* = the rest.
+    alpha_star: alpha* = 1 - p(q = 0) + Phi_m* - p(U_m*), clipped to [0, 1].
+    target_probs, draft_probs: float64 [K]; p and q in the order.
+    """
+
+    order: np.ndarray
+    phi: np.ndarray | None
+    split: int
+    alpha_star: float
+    target_probs: np.ndarray
+    draft_probs: np.ndarray
+
+
+def priority_order(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Tokens with q > 0 by the ratio p/q decreasing, ties by lower id: int64 [K].
+
+    Fast path (as ``mdsd.bound.scan_order``): numpy's default (vectorised, unstable) argsort; the
+    p = 0 block at the end is then put in id order, and only if two positive ratios tie is the
+    stable sort used instead. ``priority_order_reference`` is the stable sort.
+    """
+    support = np.flatnonzero(q > 0)
+    key = -(p[support] / q[support])  # -p/q <= 0; -0.0 where p = 0
+    idx = np.argsort(key)
+    ordered = key[idx]
+    zeros = int(np.searchsorted(ordered, 0.0))  # first p = 0 token (-0.0 == 0.0)
+    if zeros > 1 and np.any(ordered[1:zeros] == ordered[: zeros - 1]):
+        return support[np.argsort(key, kind="stable")]
+    if support.size - zeros > 1:
+        idx[zeros:] = np.sort(idx[zeros:])
+    return support[idx]
+
+
+def priority_order_reference(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``priority_order`` by one stable argsort (the plain reference)."""
+    support = np.flatnonzero(q > 0)
+    return support[np.argsort(-(p[support] / q[support]), kind="stable")]
+
+
+def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve: bool = True) -> PriorityScan:
+    """The bound's prefix scan (``mdsd.bound.prefix_scan``) read in the verifier's direction.
+
+    The complement of U_k is the last K - k tokens of the priority order, so the scan runs over
+    the reversed order: H_j = the last j tokens, f(H_j) = p(H_j) - Qall(H_j), and
+    Phi_k = 1 - Qall(H_{K-k}), Phi_k - p(U_k) = 1 - p(supp q) + f(H_{K-k}). Its first minimiser
+    j* gives m* = K - j*. curve=False: the caller needs m* and alpha* only (a quadrature law
+    may then prune the prefixes that cannot attain the minimum; phi is None).
+    """
+    order = priority_order(p, q)
+    k = order.size
+    ps, qs = p[order], q[order]
+    scan = prefix_scan(ps[::-1], qs[::-1], n, law)  # the complement first
+    phi = None
+    if curve:
+        phi = 1.0 - scan.qall[::-1]
+        phi[0], phi[k] = 0.0, 1.0
+        phi = np.maximum.accumulate(np.clip(phi, 0.0, 1.0))
+    return PriorityScan(order, phi, k - scan.best, min(1.0, max(0.0, scan.alpha)), ps, qs)
+
+
+@dataclass(frozen=True)
+class CappedRule:
+    """A rule's mass vector m capped by p, batched [B, V] (exact whatever m is).
+
+    accept_prob: min(1, p_y / m_y), the probability of keeping a chosen draft y (0 where m = 0).
+    accepted:    a = min(p, m), the accepted-mass vector.
+    recovered:   the residual law (p - a) / (1 - sum a) of the recovered token (p itself where the
+                 residual is empty: alpha = 1 to rounding, a rejection has probability ~0).
+    """
+
+    accept_prob: np.ndarray
+    accepted: np.ndarray
+    recovered: np.ndarray
+
+
+def cap_rule(p: np.ndarray, rule_mass: np.ndarray) -> CappedRule:
+    """Accept the chosen draft y with probability min(1, p_y / m_y); on rejection emit from
+    resid(p - a). Then sum_x Pdraft(x) pi(. | x) = a + (p - a) = p whatever m is."""
+    accepted = np.minimum(p, rule_mass)
+    positive = rule_mass > 0
+    accept_prob = np.minimum(np.where(positive, accepted / np.where(positive, rule_mass, 1.0), 0.0), 1.0)
+    left = np.maximum(p - accepted, 0.0)
+    left_total = left.sum(axis=1, keepdims=True)
+    recovered = np.where(left_total > EMPTY_MASS, left / np.where(left_total > 0, left_total, 1), p)
+    return CappedRule(accept_prob, accepted, recovered)
+
+
+@dataclass(frozen=True)
+class OptimalFit:
+    """The fields every fit of the optimal verifier has, batched over rows b (positions).
+
+    law, n:      the draft law's name and the number of drafts.
+    accept_prob: float64 [B, V]; min(1, p_y / m_y), the probability of keeping a chosen draft y.
+    accepted:    float64 [B, V]; a = min(p, m), the accepted-mass vector of the rule used.
+    recovered:   float64 [B, V]; the residual law (p - a) / (1 - sum a) of the recovered token.
+    acceptance:  float64 [B]; the acceptance rate of the rule used, exact where ``certified``.
+    alpha_star:  float64 [B]; alpha* from the same scan.
+    certified:   bool [B]; ``acceptance`` is exact.
+    support:     int64 [B]; number of tokens with q > 0.
+    The subclasses (one per method) add what their output law needs; ``method`` names it.
+    """
+
+    method: ClassVar[str] = ""
+    law: str
+    n: int
+    accept_prob: np.ndarray
+    accepted: np.ndarray
+    recovered: np.ndarray
+    acceptance: np.ndarray
+    alpha_star: np.ndarray
+    certified: np.ndarray
+    support: np.ndarray
+
+    @property
+    def batch_size(self) -> int:
+        return self.acceptance.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.accepted.shape[1]
+
+
+def residual_row(p: np.ndarray, order: np.ndarray, rule_mass: np.ndarray) -> np.ndarray:
+    """Unnormalised residual max(p - m, 0) of one row [V] (= p - min(p, m)), m [K] in ``order``;
+    p itself where it is empty (see :class:`CappedRule`)."""
+    left = p.copy()
+    left[order] = np.maximum(p[order] - rule_mass, 0.0)
+    return left if left.sum() > EMPTY_MASS else p
+
+
+# Up to this many (position, draft) comparisons a draft's position is found by comparing with the
+# order; beyond it through a token -> position table (O(V)).
+COMPARE_POSITIONS_MAX = 32_768
+
+
+def positions_of(order: np.ndarray, drafts: np.ndarray, vocab: int) -> np.ndarray:
+    """Position in ``order`` [K] of each draft [n] (every draft has q > 0, so it is there)."""
+    if order.size * drafts.size <= COMPARE_POSITIONS_MAX:
+        return np.argmax(order[None, :] == drafts[:, None], axis=1)
+    rank = np.empty(vocab, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    return rank[drafts]
+
+
+def keep_or_recover(p: np.ndarray, order: np.ndarray, rule_mass: np.ndarray, chosen: int, rng) -> int:
+    """Keep the chosen draft (position ``chosen`` of ``order``) with probability min(1, p_y / m_y)
+    (0 where m_y = 0), else draw the recovered token from the residual max(p - m, 0)."""
+    mass, token = rule_mass[chosen], int(order[chosen])
+    if mass > 0 and rng.random() * mass < p[token]:
+        return token
+    return int(categorical(residual_row(p, order, rule_mass), rng))
