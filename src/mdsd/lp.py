@@ -116,3 +116,172 @@ def lp_optimal_acceptance(target_probs, draft_probs, n: int, law="iid") -> LPRes
         )
     tuples, probs = the_law.enumerate(q, n)
     return solve_lp(target_probs, tuples, probs)
+
+
+# -- the sequence-level optimum over drafted trees ------------------------------------------
+MAX_TREE_LP_VARIABLES = 2_000_000  # (tree, block) pairs; beyond this the LP is too large to build
+MAX_TREE_LP_SEQUENCES = 100_000  # V^(D+1) losslessness rows at most
+
+
+@dataclass(frozen=True)
+class TreeOptimum:
+    """The best expected block length of any lossless verifier for a drafting setup.
+
+    value:           max E|z| (tokens emitted per step, accepted drafts + 1).
+    status:          HiGHS's message.
+    num_trees:       drafted trees with positive probability.
+    num_variables:   (tree, block) pairs of the LP.
+    num_constraints: equality rows (one per tree, one per block, one per sequence of length D+1).
+    trees:           [(DraftedTree, P(tree))] when the coupling was requested, else None.
+    coupling:        per tree, {block: pi(T, z)} (sums to P(T)) when requested, else None.
+    """
+
+    value: float
+    status: str
+    num_trees: int
+    num_variables: int
+    num_constraints: int
+    trees: list | None = None
+    coupling: list | None = None
+
+
+def _tree_blocks(tree, target) -> list[tuple[int, ...]]:
+    """Blocks a verifier may emit for this tree: a root path's tokens plus one token, p(z) > 0."""
+    from mdsd.sequence.enumerate import sequence_probability
+
+    paths = {()}
+    prefix_of = {-1: ()}
+    for i, parent in enumerate(tree.parents.tolist()):
+        prefix_of[i] = prefix_of[parent] + (int(tree.tokens[i]),)
+        paths.add(prefix_of[i])
+    blocks = []
+    for path in sorted(paths, key=lambda s: (len(s), s)):
+        if sequence_probability(target, path) == 0.0:
+            continue
+        row = target(path)
+        blocks += [path + (y,) for y in np.flatnonzero(row > 0).tolist()]
+    return blocks
+
+
+def tree_optimum(widths, laws, target, draft, *, return_coupling: bool = False) -> TreeOptimum:
+    """Maximise the expected emitted tokens per step over all lossless tree verifiers (small V).
+
+    Args:
+        widths: children per node at each depth (D = len(widths)); (1,) * k is a chain.
+        laws: the draft law of each depth's children: one name or one per depth.
+        target, draft: prefix models p(. | prefix), q(. | prefix): callables prefix tuple -> [V]
+            or dicts {prefix tuple: [V]} (see ``mdsd.sequence.enumerate``).
+        return_coupling: also return the drafted trees and the optimal plan.
+
+    Variables pi(T, z) >= 0 for every drafted tree T (``enumerate_drafted_trees``) and block z
+    (a root path of T plus one token); auxiliaries P(z) = sum_T pi(T, z). Constraints:
+    sum_z pi(T, z) = P(T), and losslessness: for every s in V^(D+1),
+    sum_j P(z = s_1..s_{j+1}) p(s_{j+2..D+1} | s_1..s_{j+1}) = p(s). Objective: max sum pi |z|.
+    On a chain the value is block verification's expected length (Sun et al., arXiv 2403.10444;
+    Thomas & Pal, arXiv 2602.16961). Refuses (ValueError) problems above
+    ``MAX_TREE_LP_VARIABLES`` variables, ``MAX_TREE_LP_SEQUENCES`` sequences, or the drafted-tree
+    limit of ``enumerate_drafted_trees``. See docs/tree_verification.md.
+    """
+    import itertools
+
+    from mdsd.sequence.enumerate import (
+        PrefixModel,
+        check_widths,
+        enumerate_drafted_trees,
+        sequence_probability,
+    )
+
+    widths = check_widths(widths)
+    target, draft = PrefixModel(target, "target"), PrefixModel(draft, "draft")
+    vocab, length = target.vocab, len(widths) + 1
+    if vocab**length > MAX_TREE_LP_SEQUENCES:
+        raise ValueError(
+            f"the LP needs V^(D+1) = {vocab**length:,} losslessness rows, more than "
+            f"MAX_TREE_LP_SEQUENCES = {MAX_TREE_LP_SEQUENCES:,}; use a smaller vocabulary or depth"
+        )
+    trees = enumerate_drafted_trees(widths, laws, target, draft)
+
+    # 1. columns: pi(T, z) for every tree and block, then P(z) for every distinct block
+    tree_blocks = [_tree_blocks(tree, target) for tree, _ in trees]
+    num_pairs = sum(len(b) for b in tree_blocks)
+    if num_pairs > MAX_TREE_LP_VARIABLES:
+        raise ValueError(
+            f"the tree LP would have {num_pairs:,} (tree, block) variables, more than "
+            f"MAX_TREE_LP_VARIABLES = {MAX_TREE_LP_VARIABLES:,}; use a smaller vocabulary or tree"
+        )
+    block_index: dict[tuple[int, ...], int] = {}
+    for blocks in tree_blocks:
+        for z in blocks:
+            block_index.setdefault(z, len(block_index))
+    num_blocks = len(block_index)
+    num_vars = num_pairs + num_blocks
+
+    # 2. rows: trees, then block aggregation, then sequences
+    rows, cols, vals = [], [], []
+    gain = np.zeros(num_vars)
+    col = 0
+    for t, blocks in enumerate(tree_blocks):
+        for z in blocks:
+            rows += [t, len(trees) + block_index[z]]
+            cols += [col, col]
+            vals += [1.0, -1.0]
+            gain[col] = len(z)
+            col += 1
+    for b in block_index.values():
+        rows.append(len(trees) + b)
+        cols.append(num_pairs + b)
+        vals.append(1.0)
+    seq_row0 = len(trees) + num_blocks
+    sequences = list(itertools.product(range(vocab), repeat=length))
+    seq_index = {s: i for i, s in enumerate(sequences)}
+    for z, b in block_index.items():
+        for rest in itertools.product(range(vocab), repeat=length - len(z)):
+            s = z + rest
+            weight = sequence_probability(target, s, len(z))
+            if weight > 0:
+                rows.append(seq_row0 + seq_index[s])
+                cols.append(num_pairs + b)
+                vals.append(weight)
+    num_rows = seq_row0 + len(sequences)
+    a_eq = coo_matrix((vals, (rows, cols)), shape=(num_rows, num_vars)).tocsr()
+    b_eq = np.concatenate(
+        [
+            [prob for _, prob in trees],
+            np.zeros(num_blocks),
+            [sequence_probability(target, s) for s in sequences],
+        ]
+    )
+
+    # 3. solve (tightest tolerance first, as in solve_lp)
+    for tolerance in TREE_LP_TOLERANCES:
+        res = linprog(
+            -gain,
+            A_eq=a_eq,
+            b_eq=b_eq,
+            bounds=(0, None),
+            method="highs",
+            options={"primal_feasibility_tolerance": tolerance, "dual_feasibility_tolerance": tolerance},
+        )
+        if res.status == 0:
+            break
+    if res.status != 0:
+        raise RuntimeError(f"HiGHS failed on the tree LP: {res.message}")
+    coupling = None
+    if return_coupling:
+        plan = np.maximum(res.x[:num_pairs], 0.0)
+        coupling, col = [], 0
+        for blocks in tree_blocks:
+            coupling.append({z: float(plan[col + i]) for i, z in enumerate(blocks) if plan[col + i] > 0})
+            col += len(blocks)
+    return TreeOptimum(
+        value=float(-res.fun),
+        status=str(res.message),
+        num_trees=len(trees),
+        num_variables=num_vars,
+        num_constraints=num_rows,
+        trees=trees if return_coupling else None,
+        coupling=coupling,
+    )
+
+
+TREE_LP_TOLERANCES = (1e-10, 1e-9, 1e-7)
