@@ -288,6 +288,8 @@ def test_cli_measure_topk_and_report(tiny, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
+    # not a terminal: plain progress lines, one per capture prompt and per analysis unit
+    assert "capture: alpha prompt 0" in result.output and "analysis: alpha T=0.7 n=3" in result.output
     rows, run = read_results(tmp_path)
     assert run["config"]["top_k"] == 6
     assert {r["verifier"] for r in rows} == {"rrs", "rrs_without_replacement", "greedy", BOUND_VERIFIER}

@@ -60,19 +60,20 @@ def parse_ns(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
-        raise typer.BadParameter(f"-n must be an integer or a comma list like 2,3,4, got {text!r}") from None
+        raise ValueError(f"-n must be an integer or a comma list like 2,3,4, got {text!r}") from None
     if not values or any(v < 1 for v in values):
-        raise typer.BadParameter(f"-n values must be >= 1, got {text!r}")
+        raise ValueError(f"-n values must be >= 1, got {text!r}")
     return values
 
 
 def parse_names(text: str | None, registry, what: str) -> list[str]:
+    """'a,b' -> ['a', 'b'], each checked against the registry; None -> every registered name."""
     if text is None:
         return list(registry)
     names = [t.strip() for t in text.split(",") if t.strip()]
     for name in names:
         if name not in registry:
-            raise typer.BadParameter(f"unknown {what} {name!r}; choose from {sorted(registry)}")
+            raise ValueError(f"unknown {what} {name!r}; choose from {sorted(registry)}")
     return names
 
 
@@ -162,7 +163,7 @@ def load_inputs(target, draft, logits, temperature, top_k, top_p, random, seed):
     """(p, q, description) from files or --random (default: a random pair of V = 1000); p and q
     are [V] or [B, V] (a file with more leading axes is flattened to rows)."""
     if target is not None and random is not None:
-        raise typer.BadParameter("give input files or --random, not both")
+        raise ValueError("give input files or --random, not both")
     if target is not None and not logits:
         given = [
             flag

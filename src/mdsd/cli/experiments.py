@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from mdsd.cli import app
-from mdsd.cli.core import check_model_path, fail, progress_display
+from mdsd.cli.core import check_model_path, fail, parse_names, progress_display
 from mdsd.experiments.config import DEFAULT, MeasureConfig
 from mdsd.experiments.vocabulary import MEASURED_LAWS
 from mdsd.laws import LAWS
@@ -19,30 +19,27 @@ from mdsd.verifiers import VERIFIERS
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
+    """'0.3,0.7' -> (0.3, 0.7); empty items ('0.3,,0.7') are refused."""
     try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError as err:
-        raise typer.BadParameter(f"{what} must be a comma list of numbers, got {text!r}") from err
-    if not values:
-        raise typer.BadParameter(f"{what} is empty")
-    return values
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        fail(f"{what} must be a comma list of numbers like 0.3,0.7, got {text!r}")
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
     values = _floats(text, what)
     if any(v != int(v) or v < 1 for v in values):
-        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+        fail(f"{what} must be positive integers, got {text!r}")
     return tuple(int(v) for v in values)
 
 
 def _names(text: str | None, registry, what: str) -> tuple[str, ...] | None:
     if text is None:
         return None
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    for name in names:
-        if name not in registry:
-            raise typer.BadParameter(f"unknown {what} {name!r}; choose from {sorted(registry)}")
-    return names
+    try:
+        return tuple(parse_names(text, registry, what))
+    except ValueError as err:
+        fail(str(err))
 
 
 def _subsample(text: str) -> tuple[str, ...]:
@@ -51,11 +48,9 @@ def _subsample(text: str) -> tuple[str, ...]:
     for entry in entries:
         verifier, _, law = entry.partition(":")
         if verifier not in VERIFIERS:
-            raise typer.BadParameter(
-                f"--subsample: unknown verifier {verifier!r}; choose from {sorted(VERIFIERS)}"
-            )
+            fail(f"--subsample: unknown verifier {verifier!r}; choose from {sorted(VERIFIERS)}")
         if law and law not in LAWS:
-            raise typer.BadParameter(f"--subsample: unknown law {law!r} in {entry!r}")
+            fail(f"--subsample: unknown law {law!r} in {entry!r}")
     return entries
 
 
