@@ -366,7 +366,8 @@ def render_report(
             f"- Command: `{run.get('command', 'mdsd measure')}`",
             f"- Date: {run.get('date', '?')}; wall time {run.get('wall_s', float('nan')):.0f} s "
             f"(capture {run.get('capture_s', float('nan')):.0f} s, analysis "
-            f"{run.get('analysis_s', float('nan')):.0f} s) on {run.get('machine', '?')}",
+            f"{run.get('analysis_s', float('nan')):.0f} s on "
+            f"{run.get('analysis_workers', '1 process')}) on {run.get('machine', '?')}",
             f"- Pair: {run.get('pair', '?')}; prompts: {cfg.get('prompts') or 'bundled held-out'} "
             f"({cfg.get('num_prompts')} per dataset), up to {cfg.get('max_new_tokens')} generated "
             f"tokens, top-k {cfg.get('top_k')}, seed {cfg.get('seed')}",
@@ -470,7 +471,15 @@ def render_report(
         lines.append("")
     seconds = (checks or {}).get("seconds")
     if seconds:
-        lines += ["## Analysis time", "", "| computation | seconds |", "|---|---|"]
+        lines += [
+            "## Analysis time",
+            "",
+            "Seconds per computation, summed over the work units (on parallel workers the wall "
+            "time is shorter).",
+            "",
+            "| computation | seconds |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {v:.1f} |" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])]
         lines.append("")
     lines += [
