@@ -581,6 +581,23 @@ def test_bench_rows(llama):
         assert r["new_tokens"] == 12 and r["target_calls"] >= 1
         assert r["speedup_vs_autoregressive"] > 0
     assert rows[0]["target_calls"] == 12  # one target call per autoregressive token
+    for r in rows[2:]:  # the per-step profile of tree methods, in autoregressive steps
+        for key in ("draft_level_ar_steps", "target_forward_ar_steps", "overhead_ar_steps"):
+            assert r[key] > 0
+
+
+def test_bench_auto_tree(llama, monkeypatch, tmp_path):
+    from mdsd.engine.bench import run_bench
+
+    monkeypatch.setenv("MDSD_CACHE_DIR", str(tmp_path))
+    sampling = SamplingConfig(0.7, top_k=TOP_K, max_new_tokens=6, stop_on_eos=False)
+    configs = [TreeConfig.make("auto", "without_replacement", "rrs_without_replacement")]
+    rows = run_bench(llama, [PROMPT, [5, 6]], sampling, configs, seed=0, hf=False)
+    auto_row = rows[-1]
+    assert auto_row["method"].startswith("mdsd without_replacement/rrs_without_replacement auto (")
+    assert auto_row["new_tokens"] == 12 and auto_row["predicted_tokens_per_second"] > 0
+    assert auto_row["chosen_tree"] in auto_row["method"]
+    assert list(tmp_path.glob("auto-tree/*.json"))  # the calibration was cached
 
 
 def test_cli_generate_and_bench(tiny):

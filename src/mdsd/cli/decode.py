@@ -22,7 +22,13 @@ DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU).")
 ]
 TreeOpt = Annotated[
-    str | None, typer.Option("--tree", help="Widths per depth, e.g. 3,2,1 (or 3x4 = --drafts 3 --depth 4).")
+    str | None,
+    typer.Option(
+        "--tree",
+        help="Widths per depth, e.g. 3,2,1 (or 3x4 = --drafts 3 --depth 4), or 'auto': the shape "
+        "of highest predicted tokens/s from a calibration of the pair on this machine "
+        "(possibly plain sampling).",
+    ),
 ]
 DraftsOpt = Annotated[int, typer.Option("--drafts", "-n", help="Drafts at the first position.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tree depth (chains below the first level).")]
@@ -57,7 +63,7 @@ def optimal_needs_top_k(config, top_k: int | None) -> bool:
     50, seconds at a full vocabulary (docs/optimal.md)."""
     if config.verifier != "optimal" or top_k is not None:
         return False
-    widest = max(config.tree.widths)
+    widest = 4 if config.tree is None else max(config.tree.widths)  # auto: up to 4 drafts
     return (config.law == "conditional_poisson" and widest >= 2) or (
         config.law == "without_replacement" and widest >= 3
     )
@@ -186,6 +192,13 @@ def generate(
         result = decoder.generate([prompt], seed=seed, on_tokens=stream)[0]
     except ValueError as err:
         fail(str(err))
+    if decoder.auto_choice is not None:
+        choice = decoder.auto_choice
+        typer.echo(
+            f"auto tree: {choice.describe()} (predicted {choice.tokens_per_s:.1f} tokens/s, "
+            f"{choice.predicted_speedup:.2f}x autoregressive)",
+            err=True,
+        )
     metrics = result.stats.as_dict() | {"stop_reason": result.stop_reason, "config": config.describe()}
     if as_json:
         typer.echo(
@@ -324,6 +337,7 @@ def bench(
         "tokens/step",
         "accept by depth",
         "draft/target/verify s",
+        "AR steps: draft level/target/other",
         "tokens/s",
         "vs AR",
         "vs HF",
@@ -343,6 +357,10 @@ def bench(
             f(r["block_efficiency"], ".2f"),
             depth,
             "/".join(f(r[k], ".2f") for k in ("draft_time_s", "target_time_s", "verify_time_s")),
+            "/".join(
+                f(r.get(k), ".2f")
+                for k in ("draft_level_ar_steps", "target_forward_ar_steps", "overhead_ar_steps")
+            ),
             f(r["tokens_per_second"], ".1f"),
             f(r["speedup_vs_autoregressive"], ".2f"),
             f(r["speedup_vs_hf_assisted"], ".2f"),
@@ -351,3 +369,10 @@ def bench(
     if not wide.is_terminal:
         wide = Console(width=200)
     wide.print(table)
+    for r in result:
+        if "chosen_tree" in r:
+            wide.print(
+                f"{r['method']}: predicted {r['predicted_tokens_per_second']:.1f} tokens/s "
+                f"({r['predicted_speedup_vs_autoregressive']:.2f}x autoregressive), measured "
+                f"{f(r['tokens_per_second'], '.1f')} tokens/s ({f(r['speedup_vs_autoregressive'], '.2f')}x)"
+            )

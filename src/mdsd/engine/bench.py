@@ -57,7 +57,7 @@ class MethodResult:
 
 
 class _CallCounter:
-    """Counts forward calls of a module (a forward hook), whoever makes them."""
+    """Counts forward calls of a module (a forward hook), whoever makes them through it."""
 
     def __init__(self, module):
         self.count = 0
@@ -146,6 +146,34 @@ class _HFAssisted:
         self.stats.sequences += 1
 
 
+def _own_calls(method) -> int:
+    """Target forwards an mdsd decoder made through a runner that no forward hook sees."""
+    from mdsd.engine.static_llama import StaticLlamaRunner
+
+    decoder = getattr(method, "decoder", None)
+    runner = getattr(getattr(decoder, "_plain", None) or decoder, "target", None)
+    return method.stats.target_calls if isinstance(runner, StaticLlamaRunner) else 0
+
+
+def _add_profile(rows: list[dict], results: list[MethodResult]) -> None:
+    """Per step of each tree method, in autoregressive steps of the same run (AR time / token):
+    ``draft_level_ar_steps`` (draft forward + output layer per level), ``target_forward_ar_steps``
+    (the tree forward + output layer of the visited rows), ``overhead_ar_steps`` (everything
+    outside the two models: sampling transform, drafting, verification, cache bookkeeping)."""
+    base = next((r.stats for r in results if r.name == "autoregressive"), None)
+    if base is None or not base.new_tokens:
+        return
+    ar_step = base.total_time / base.new_tokens
+    for row, result in zip(rows, results):
+        s = result.stats
+        if not s.steps or not s.depth:
+            continue
+        outside = s.total_time - s.draft_model_time - s.target_model_time
+        row["draft_level_ar_steps"] = s.draft_model_time / (s.steps * s.depth) / ar_step
+        row["target_forward_ar_steps"] = s.target_model_time / s.steps / ar_step
+        row["overhead_ar_steps"] = outside / s.steps / ar_step
+
+
 def run_bench(
     pair,
     prompts: Sequence,
@@ -193,8 +221,10 @@ def run_bench(
         if isinstance(method, _HFAssisted):
             stats.target_calls = counters[method.name]
             stats.draft_time = stats.target_time = stats.verify_time = float("nan")  # unmeasured
-        results.append(MethodResult(method.name, stats, counters[method.name]))
+        # mdsd's lean runner bypasses the module the hook watches: its own count is added
+        results.append(MethodResult(method.name, stats, counters[method.name] + _own_calls(method)))
     rows = [r.row() for r in results]
+    _add_profile(rows, results)
     for row, method in zip(rows, methods):
         choice = getattr(getattr(method, "decoder", None), "auto_choice", None)
         if choice is not None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mdsd.engine.models import check_supported, check_tree_attention, context_length
+from mdsd.engine.runner import check_supported, check_tree_attention, context_length
 from mdsd.engine.static_llama import make_runner
 from mdsd.engine.tree import DraftTree, build_tree, parse_tree
 from mdsd.engine.walk import DraftedTree, RuleBook, draft_children, walk
@@ -139,6 +139,8 @@ class DecodeStats:
     target_time: float = 0.0
     verify_time: float = 0.0
     total_time: float = 0.0
+    draft_model_time: float = 0.0  # inside the draft's forwards and output layer
+    target_model_time: float = 0.0  # inside the target's forwards and output layer
 
     def __post_init__(self):
         for name in ("depth_tries", "depth_accepts", "depth_expected"):
@@ -161,6 +163,8 @@ class DecodeStats:
             "target_time",
             "verify_time",
             "total_time",
+            "draft_model_time",
+            "target_model_time",
         ):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("depth_tries", "depth_accepts", "depth_expected"):
@@ -183,7 +187,8 @@ class DecodeStats:
 
     @property
     def acceptance_by_depth(self) -> list[float]:
-        """P(accept at depth d | verification reached depth d), d = 1..D (Rao-Blackwellised)."""
+        """P(accept at depth d | verification reached depth d), d = 1..D: the mean of the exact
+        acceptance given the drafts (``exact_acceptance=True``) or of the 0/1 outcomes."""
         return [e / t if t else float("nan") for e, t in zip(self.depth_expected, self.depth_tries)]
 
     @property
@@ -205,6 +210,8 @@ class DecodeStats:
             "target_time_s": self.target_time,
             "verify_time_s": self.verify_time,
             "total_time_s": self.total_time,
+            "draft_model_time_s": self.draft_model_time,
+            "target_model_time_s": self.target_model_time,
             "tokens_per_second": self.tokens_per_second,
         }
 
@@ -327,6 +334,7 @@ class Autoregressive(_Decoder):
         start = time.perf_counter()
         self.target.reset(_capacity(ids, self.sampling, 1, ctx))
         self.target.calls = 0
+        self.target.model_time = 0.0
         pending, out, reason = ids, [], "length"
         while True:
             t0 = time.perf_counter()
@@ -351,6 +359,7 @@ class Autoregressive(_Decoder):
                 break
             pending = [token]
         stats.new_tokens = len(out)
+        stats.target_model_time = self.target.model_time
         stats.total_time = time.perf_counter() - start
         return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
 
@@ -481,6 +490,7 @@ class TreeDecoder(_Decoder):
         self.target.reset(capacity)
         self.draft.reset(capacity)
         self.target.calls = self.draft.calls = 0
+        self.target.model_time = self.draft.model_time = 0.0
         seq = list(ids)
         out: list[int] = []
         reason = "length"
@@ -502,6 +512,8 @@ class TreeDecoder(_Decoder):
         stats.new_tokens = len(out)
         stats.target_calls = self.target.calls
         stats.draft_calls = self.draft.calls
+        stats.target_model_time = self.target.model_time
+        stats.draft_model_time = self.draft.model_time
         self.target.calls = self.draft.calls = 0
         stats.total_time = time.perf_counter() - start
         if (

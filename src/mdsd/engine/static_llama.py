@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mdsd.engine.models import ModelRunner
+from mdsd.engine.runner import ModelRunner
 
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
 

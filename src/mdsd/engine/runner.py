@@ -17,6 +17,7 @@ that ignores custom 4-D masks is refused instead of decoding from a wrong distri
 from __future__ import annotations
 
 import inspect
+import time
 
 import numpy as np
 import torch
@@ -78,6 +79,7 @@ class ModelRunner:
         self._dynamic_cache = DynamicCache
         self.cache = None
         self.calls = 0
+        self.model_time = 0.0  # seconds inside forwards and the output layer (for the profile)
         self._checked_layers = False
 
     # ------------------------------------------------------------------ cache
@@ -135,15 +137,24 @@ class ModelRunner:
         The engine applies the output layer only to the rows it needs: every valid node of a
         draft level, but only the visited nodes of the target's tree.
         """
-        return self._head(hidden).float().cpu().numpy()
+        start = time.perf_counter()
+        out = self._head(hidden).float().cpu().numpy()
+        self.model_time += time.perf_counter() - start
+        return out
 
     def causal_hidden(self, ids: np.ndarray, keep: int = 1) -> torch.Tensor:
         """Plain causal forward of ``ids`` after the cache; hidden states of the last ``keep``."""
-        return self._hidden(ids, keep)
+        return self._timed(ids, keep)
+
+    def _timed(self, ids, keep: int, **kwargs) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self._hidden(ids, keep, **kwargs)
+        self.model_time += time.perf_counter() - start
+        return out
 
     def causal(self, ids: np.ndarray, keep: int = 1) -> np.ndarray:
         """Plain causal forward of ``ids`` after the cache; logits of the last ``keep`` rows."""
-        return self.logits(self._hidden(ids, keep))
+        return self.logits(self._timed(ids, keep))
 
     def tree_hidden(
         self,
@@ -174,7 +185,7 @@ class ModelRunner:
             [np.arange(cached, cached + num_causal), root_position + np.asarray(node_depths)]
         )
         assert positions.size == total_new and total_new - num_causal == len(node_depths)
-        return self._hidden(
+        return self._timed(
             ids,
             keep,
             attention_mask=mask[None, None],
