@@ -2,6 +2,7 @@
 
     python benchmarks/bench_optimal.py [--positions 20] [--full-positions 3] [--quick] [--model]
     python benchmarks/bench_optimal.py --decode-only [--decode-repeats 50]
+    python benchmarks/bench_optimal.py --no-optimality   (speed and decoding-path tables only)
 
 Inputs are synthetic LM-like pairs (``mdsd.io.random_pair``: target logits N(0, 3^2), draft logits
 perturbed by N(0, 1.5^2)) at V = 8192 (and 32000 for the full-vocabulary timings), processed by
@@ -261,6 +262,7 @@ def main():
         help="only the decoding-path table (fit + sample against the reference path)",
     )
     parser.add_argument("--decode-repeats", type=int, default=50, help="runs per decoding-path row (top-k)")
+    parser.add_argument("--no-optimality", action="store_true", help="skip the optimality table")
     parser.add_argument("--laws", nargs="+", default=["iid", "without_replacement", "conditional_poisson"])
     parser.add_argument(
         "--model",
@@ -277,7 +279,8 @@ def main():
     else:
         speed_table(args)
         decode_table(args)
-    optimality_table(args)
+    if not args.no_optimality:
+        optimality_table(args)
 
 
 if __name__ == "__main__":
