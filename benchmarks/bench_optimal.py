@@ -1,6 +1,8 @@
 """Benchmark of the optimal verifier: speed of fit + verification, and its gap to alpha*.
 
     python benchmarks/bench_optimal.py [--positions 20] [--full-positions 3] [--quick] [--model]
+    python benchmarks/bench_optimal.py --decode-only [--decode-repeats 50]
+    python benchmarks/bench_optimal.py --no-optimality   (speed and decoding-path tables only)
 
 Inputs are synthetic LM-like pairs (``mdsd.io.random_pair``: target logits N(0, 3^2), draft logits
 perturbed by N(0, 1.5^2)) at V = 8192 (and 32000 for the full-vocabulary timings), processed by
@@ -10,9 +12,13 @@ the first bundled prompts of each domain (V = 8192).
 
 Tables (markdown):
 1. speed: median milliseconds of ``fit_optimal`` and of one ``output_law_from_fit`` call, and the
-   split of the threshold fit into its parts (sort, coverage curve Phi, target + staircase +
-   peeling); for the priority-orders fit (without_replacement n >= 3, conditional_poisson) the
-   number of Wolfe iterations instead;
+   split of the threshold fit into its parts (the priority scan: sort, the bound's prefix scan,
+   Phi; the compiled levels kernel: target, staircase, lumping, peel); for the priority-orders
+   fit (without_replacement n >= 3, conditional_poisson) the number of Wolfe iterations instead;
+1b. decoding path: median milliseconds of ``OptimalVerifier.sample`` for one position (fit +
+   sample, what the engine calls per tree node) and of the reference ``Verifier.sample`` (fit,
+   output law, categorical draw) in the same run, with their ratio, and ``np.argsort`` of the
+   vocabulary as a yardstick for the machine's load (medians of this process's CPU time);
 2. optimality: mean and max of alpha* - acceptance over positions (acceptance of the rule actually
    used: exact for ``threshold`` and ``orders``; Monte Carlo, 4096 draft sets, for a fallback),
    and the median fit time. Full-vocabulary ``orders`` fits (without_replacement n >= 3,
@@ -33,32 +39,72 @@ import mdsd
 from mdsd.io import random_pair
 from mdsd.logits import process_logits
 from mdsd.verifiers import optimal as opt
+from mdsd.verifiers.base import Verifier
+from mdsd.verifiers.optimal import orders, threshold
+from mdsd.verifiers.optimal.common import priority_scan
 
 TOP_K = 64
 
 
-def timed(fn, repeats):
-    """Median wall time of fn() in milliseconds, and its last result."""
+def timed(fn, repeats, clock=time.perf_counter):
+    """Median time of fn() in milliseconds (wall clock, or the given clock), and its last result."""
     times, out = [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         out = fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return 1e3 * float(np.median(times)), out
 
 
 def fit_parts(p, q, n, law, repeats):
-    """Milliseconds of the fit's steps for one position: sort, Phi, target + peel."""
+    """Milliseconds of the threshold fit's steps for one position: the priority scan (sort, the
+    bound's prefix scan, Phi) and the compiled levels kernel (target, staircase, lumping, peel)."""
     the_law = mdsd.get_law(law)
+    t_scan, scan = timed(lambda: priority_scan(p, q, n, the_law), repeats)
+    args = (scan.target_probs, scan.draft_probs, scan.phi, scan.split)
+    t_levels, _ = timed(lambda: threshold._fit_levels(*args), repeats)
+    return t_scan, t_levels
 
-    def sort():
-        order = np.flatnonzero(q > 0)
-        return order[np.argsort(-(p[order] / q[order]), kind="stable")]
 
-    t_sort, order = timed(sort, repeats)
-    t_phi, phi = timed(lambda: opt._coverage_curve(q[order], n, the_law), repeats)
-    t_all, _ = timed(lambda: opt._fit_row(p, q, n, the_law), repeats)
-    return t_sort, t_phi, max(t_all - t_sort - t_phi, 0.0)
+def decode_table(args):
+    """Fit + sample of one position (``OptimalVerifier.sample``, the engine's per-node call)
+    against the reference path (``Verifier.sample``: fit, output law, one categorical draw) and
+    a same-run ``np.argsort`` of the vocabulary (machine-load yardstick)."""
+    verifier = mdsd.get_verifier("optimal")
+    cases = [(law, n) for law, ns in DECODE_CASES.items() for n in ns]
+    rows = []
+    for vocab, top_k in ((8192, TOP_K), (32000, None)):
+        for law, n in cases:
+            if top_k is None and law != "iid" and not (law == "without_replacement" and n == 2):
+                continue  # full-vocabulary orders fits: seconds, see the speed table
+            for temperature in (0.7, 1.0):
+                p, q = random_pair(vocab, seed=1, temperature=temperature, top_k=top_k)
+                the_law = mdsd.get_law(law)
+                rng = np.random.default_rng(0)
+                x = the_law.sample(q, n, rng)[None]
+                inputs = (p[None], q[None], x, the_law, rng)
+                repeats = args.decode_repeats if top_k else max(3, args.decode_repeats // 10)
+                cpu = {"clock": time.process_time}  # this process's CPU time: a shared machine
+                verifier.sample(*inputs)  # warm-up (numba's compiled kernels load once)
+                t_sample, _ = timed(partial(verifier.sample, *inputs), repeats, **cpu)
+                t_reference, _ = timed(partial(Verifier.sample, verifier, *inputs), repeats, **cpu)
+                t_sort, _ = timed(partial(np.argsort, p), repeats, **cpu)
+                rows.append((law, vocab, top_k or "full", n, temperature, t_sample, t_reference, t_sort))
+    print("\n### Decoding path: fit + sample of one position (OptimalVerifier.sample; CPU ms)\n")
+    print(
+        "| law | V | support | n | T | sample ms | reference ms | reference / sample "
+        "| argsort(V) ms | sample / argsort |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for law, vocab, support, n, temperature, t_sample, t_reference, t_sort in rows:
+        print(
+            f"| {law} | {vocab} | {support} | {n} | {temperature} | {t_sample:.3f} | {t_reference:.3f} "
+            f"| {t_reference / t_sample:.1f} | {t_sort:.3f} | {t_sample / t_sort:.1f} |",
+            flush=True,
+        )
+
+
+DECODE_CASES = {"iid": (2, 4, 8), "without_replacement": (2, 3, 4), "conditional_poisson": (2, 4)}
 
 
 def speed_table(args):
@@ -82,16 +128,16 @@ def speed_table(args):
         small = top_k is not None
         drafts = mdsd.get_law(law).sample(q, n, rng)
         t_fit, fit = timed(partial(opt.fit_optimal, p, q, n, law), 1)
-        threshold = fit.method == "threshold"
-        repeats = 200 if (small and threshold) else 50 if small and top_k == TOP_K else 5
-        if small or threshold:  # a full-vocabulary orders fit (seconds): the one run above
+        is_threshold = fit.method == "threshold"
+        repeats = 200 if (small and is_threshold) else 50 if small and top_k == TOP_K else 5
+        if small or is_threshold:  # a full-vocabulary orders fit (seconds): the one run above
             t_fit, fit = timed(partial(opt.fit_optimal, p, q, n, law), repeats)
         t_verify, _ = timed(partial(opt.output_law_from_fit, fit, drafts), 20 if small else 5)
-        if threshold:
-            parts = "{:.2f} / {:.2f} / {:.2f}".format(*fit_parts(p, q, n, law, repeats))
+        if is_threshold:
+            parts = "{:.2f} / {:.2f}".format(*fit_parts(p, q, n, law, repeats))
         else:
-            row = opt._orders_row(p, q, n, mdsd.get_law(law))
-            parts = "Wolfe iterations L {} + H* {}".format(*(m.iterations for _, m in row[4]))
+            row = orders.fit_orders_row(p, q, n, mdsd.get_law(law))
+            parts = f"Wolfe iterations L {row.low.iterations} + H* {row.high.iterations}"
         rows.append(
             (
                 law,
@@ -110,7 +156,7 @@ def speed_table(args):
     print("\n### Speed (one position, one draft set; CPU)\n")
     print(
         "| law | V | support | n | T | K | method | fit ms | verify ms | fit+verify ms "
-        "| sort / Phi / target+peel ms (threshold) |"
+        "| scan / levels kernel ms (threshold) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -210,6 +256,13 @@ def main():
         help="positions per T for full-vocabulary orders fits (seconds each)",
     )
     parser.add_argument("--quick", action="store_true", help="top-k timings and iid only")
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="only the decoding-path table (fit + sample against the reference path)",
+    )
+    parser.add_argument("--decode-repeats", type=int, default=50, help="runs per decoding-path row (top-k)")
+    parser.add_argument("--no-optimality", action="store_true", help="skip the optimality table")
     parser.add_argument("--laws", nargs="+", default=["iid", "without_replacement", "conditional_poisson"])
     parser.add_argument(
         "--model",
@@ -218,11 +271,16 @@ def main():
     )
     args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning, once per fit
+    if args.decode_only:
+        decode_table(args)
+        return
     if args.model:
         args.model_logits = model_logits(args.positions)
     else:
         speed_table(args)
-    optimality_table(args)
+        decode_table(args)
+    if not args.no_optimality:
+        optimality_table(args)
 
 
 if __name__ == "__main__":

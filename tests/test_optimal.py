@@ -161,12 +161,12 @@ def test_exact_whatever_the_levels(monkeypatch):
     """Exactness by construction: random cut levels lose acceptance, never exactness."""
     rng = np.random.default_rng(7)
 
-    def random_levels(qs, phi, target):
+    def random_levels(ps, qs, phi, split):
         levels = rng.random(qs.size + 1)
         levels[0] = levels[-1] = 0.0
         return levels, threshold._threshold_rates(qs, phi, levels)
 
-    monkeypatch.setattr(threshold, "_peel", random_levels)
+    monkeypatch.setattr(threshold, "_fit_levels", random_levels)
     for _ in range(20):
         vocab, n = int(rng.integers(3, 7)), int(rng.integers(2, 4))
         p, q = random_pair(rng, vocab)
@@ -561,3 +561,24 @@ def test_sample_at_top_k_and_fallback(monkeypatch):
     with pytest.warns(RuntimeWarning, match="MAX_ORDER_SUPPORT"):
         token = verifier.sample(p[None], q[None], drafts[None], mdsd.get_law("without_replacement"), rng)
     assert 0 <= int(token[0]) < 6
+
+
+def test_compiled_fit_levels_match_reference():
+    """The one-kernel fit (target, staircase, lumping, peel) gives the numpy composition's cuts
+    and rule mass (to rounding), at full vocabularies (many cuts, staircases) and on small random
+    pairs."""
+    rng = np.random.default_rng(36)
+    cases = [lm_pair(3000, seed=s, temperature=t) for s, t in ((7, 1.0), (8, 0.7), (9, 0.3))]
+    cases += [random_pair(rng, int(rng.integers(2, 60)), concentration=0.4, zero_p=True) for _ in range(40)]
+    for i, (p, q) in enumerate(cases):
+        for law, n in (("iid", 2 + i % 7), ("without_replacement", 2)):
+            scan = priority_scan(p, q, n, mdsd.get_law(law))
+            args = (scan.target_probs, scan.draft_probs, scan.phi, scan.split)
+            levels, rate = threshold._fit_levels(*args)
+            ref_levels, ref_rate = threshold._fit_levels_reference(*args)
+            np.testing.assert_allclose(
+                rate * scan.draft_probs, ref_rate * scan.draft_probs, rtol=1e-9, atol=1e-14
+            )
+            # the levels themselves are ill-conditioned (a share 1 - excess / room), the mass is not
+            assert levels[0] == levels[-1] == 0.0 and np.all((levels >= 0) & (levels <= 1))
+            assert np.array_equal(levels < 1, ref_levels < 1)  # the same cuts

@@ -260,7 +260,7 @@ def _output(lam_k, tt, num, arrived, step, first_even, right_cut, cut, error, te
 @numba.njit(cache=True, fastmath=False)
 def candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass, slack):
     """(k_lo, k_hi): the first and last prefix k whose lower bound p(H_k) - Q_k^n on the objective
-    is within ``slack`` of the best upper bound min_k p(H_k) - L_k (``mdsd.bound._wor_objective``).
+    is within ``slack`` of the best upper bound min_k p(H_k) - L_k (``mdsd.bound._wor_window``).
 
     Q_k = min(q(H_k), 1); L_k = prod_{j<n} min(1, max(0, Q_k - R_jk) / max(1 - T_j, 1 - R_jk)) with
     R_jk = min(T_j, j max_{i<k} q_i, Q_k) (factor 0 where the room is 0); top_mass[j] = T_j (mass
@@ -325,7 +325,7 @@ def iid_scan(p, q, order, keys, head, n):
 
     p, q: [V] rows; order: the scan order; keys: -q/p in that order; head: the number of p = 0
     tokens at the front, whose q is gathered; elsewhere q = -keys p (within 1 ulp), as in
-    ``mdsd.bound._sort_and_scan``. Prefix sums left to right.
+    ``mdsd.bound.scan_row``. Prefix sums left to right.
     """
     best, value = 0, 0.0
     p_acc, q_acc = 0.0, 0.0

@@ -13,7 +13,7 @@ have the closed form alpha* = p(T) + sum_{x not in T} min(p_x, q'_x), T = top-(n
 Cost at LLM vocabularies (see BENCHMARKS.md): iid, greedy and spechub are one (vectorised) sort
 or an O(V) selection plus a few passes. ``without_replacement`` integrates the exponential race
 (``mdsd._race``) only on the prefixes that cheap bounds cannot rule out and only on the
-quadrature nodes they need (``_wor_objective``), with a compiled (numba) kernel on CPU;
+quadrature nodes they need (``_wor_window``), with a compiled (numba) kernel on CPU;
 ``device="cuda"`` runs that integral on a GPU (torch).
 The plain references are kept next to the fast paths: ``mdsd._race.wor_qall_prefixes_reference``
 (a Python loop over the tokens) and ``scan_reference`` (stable sort, every prefix, those Qall).

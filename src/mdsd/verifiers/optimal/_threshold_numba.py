@@ -108,3 +108,116 @@ def staircase_walk(s, qs, tail_q, phi, ahead, cap, split, ratio, curve, new_run)
         if curve[j + 1] > phi[j + 1]:
             return False
     return False
+
+
+@numba.njit(cache=True)
+def target_curve(ps, qs, phi, split):
+    """(A [K + 1], run ids [K]) of ``threshold._target_curve``: rates min(s, c) on L and
+    max(s, mu) on H*; run 0 / 1 where the rate is c / mu (clipped), -1 elsewhere."""
+    k = qs.size
+    s = ps / qs
+    rates = s.copy()
+    run = np.full(k, -1, dtype=np.int64)
+    if split > 0:
+        total_p = 0.0
+        for i in range(split):
+            total_p += ps[i]
+        c, cum_q, cum_p = -np.inf, 0.0, 0.0
+        for i in range(split):  # c = max_j (D_m + P_j) / Q_j, P_j = p of positions > j in L
+            cum_q += qs[i]
+            cum_p += ps[i]
+            c = max(c, (phi[split] - (total_p - cum_p)) / cum_q)
+        for i in range(split):
+            if s[i] > c:
+                rates[i], run[i] = c, 0
+    if split < k:
+        tail_q = np.empty(k - split)
+        acc = 0.0
+        for i in range(k - 1, split - 1, -1):
+            acc += qs[i]
+            tail_q[i - split] = acc
+        mu, head_p = np.inf, 0.0
+        for i in range(split, k):  # mu = min_j (1 - Phi_m - (P_j - P_m)) / q(tail_j)
+            mu = min(mu, ((1.0 - phi[split]) - head_p) / tail_q[i - split])
+            head_p += ps[i]
+        for i in range(split, k):
+            if s[i] < mu:
+                rates[i], run[i] = mu, 1
+    target = np.empty(k + 1)
+    target[0] = 0.0
+    acc = 0.0
+    for i in range(split):
+        acc += rates[i] * qs[i]
+        target[i + 1] = acc
+    acc = 0.0
+    for i in range(split, k):
+        acc += rates[i] * qs[i]
+        target[i + 1] = phi[split] + acc
+    target[split], target[k] = phi[split], 1.0
+    return target, run
+
+
+@numba.njit(cache=True)
+def staircase(ps, qs, phi, split, target, run, margin, ratio, shares):
+    """``threshold._staircase``: the walk with each share of the slack in turn; (curve, run ids),
+    the inputs themselves when no staircase forms."""
+    k = qs.size
+    if k - split < 3:
+        return target, run
+    s = ps / qs
+    tail_q = np.empty(k)
+    acc = 0.0
+    for i in range(k - 1, -1, -1):
+        acc += qs[i]
+        tail_q[i] = acc
+    room = (phi - target) * (1.0 - margin) - margin
+    slack = target[k] - phi[split]
+    for i in range(split, k):
+        slack -= ps[i]
+    mu_start = k
+    for i in range(k):
+        if run[i] == 1:
+            mu_start = i
+            break
+    ahead = room.copy()
+    for i in range(mu_start - 1, split - 1, -1):  # smallest room still ahead, up to the mu-region
+        ahead[i] = min(ahead[i], ahead[i + 1])
+    for share in shares:
+        cap = share * max(slack, 0.0)
+        curve, new_run = target.copy(), run.copy()
+        if staircase_walk(s, qs, tail_q, phi, ahead, cap, split, ratio, curve, new_run):
+            return curve, new_run
+    return target, run
+
+
+@numba.njit(cache=True)
+def fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares):
+    """(levels [K + 1], rate [K]) of the random-threshold fit from the priority scan: the target
+    curve, the H* staircase, the lossless lumping of runs with one rate, the peel."""
+    k = qs.size
+    target, run = target_curve(ps, qs, phi, split)
+    target, run = staircase(ps, qs, phi, split, target, run, margin, ratio, shares)
+    cuts = np.empty(k + 1, dtype=np.int64)
+    cuts[0], count = 0, 1
+    for i in range(1, k):  # a cut wherever the run changes or a unit stands on its own
+        if not (run[i] == run[i - 1] and run[i] >= 0):
+            cuts[count] = i
+            count += 1
+    cuts[count] = k
+    count += 1
+    coarse_q = np.zeros(count - 1)
+    for c in range(count - 1):
+        for i in range(cuts[c], cuts[c + 1]):
+            coarse_q[c] += qs[i]
+    coarse_phi, coarse_target = np.empty(count), np.empty(count)
+    for c in range(count):
+        coarse_phi[c], coarse_target[c] = phi[cuts[c]], target[cuts[c]]
+    coarse_levels, coarse_rate = peel(coarse_q, coarse_phi, coarse_target, chord_tolerance)
+    levels = np.ones(k + 1)
+    rate = np.empty(k)
+    for c in range(count - 1):
+        levels[cuts[c]] = coarse_levels[c]
+        for i in range(cuts[c], cuts[c + 1]):
+            rate[i] = coarse_rate[c]
+    levels[k] = coarse_levels[count - 1]
+    return levels, rate

@@ -74,21 +74,38 @@ def fit_threshold_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Th
     order, phi, split = scan.order, scan.phi, scan.split
     ps, qs = scan.target_probs, scan.draft_probs
     k = order.size
-    target, clipped = _target_curve(ps, qs, phi, split)
-    run = np.where(clipped, np.where(np.arange(k) < split, 0, 1), -1)  # -1: a unit on its own
-    target, run = _staircase(ps, qs, phi, split, target, run)
-    # lossless lumping: a run of tokens with one common rate is never cut inside (the target is
-    # linear there), so the peel only sees the run's two ends
-    same_run = (run[1:] == run[:-1]) & (run[1:] >= 0)
-    cuts = np.concatenate([[0], 1 + np.flatnonzero(~same_run), [k]]) if k > 1 else np.array([0, k])
-    coarse_levels, coarse_rate = _peel(np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts])
-    levels = np.ones(k + 1)
-    levels[cuts] = coarse_levels
-    rate = np.repeat(coarse_rate, np.diff(cuts))
+    levels, rate = _fit_levels(ps, qs, phi, split)
     cum_mass = np.zeros(k + 1)
     np.cumsum(qs, out=cum_mass[1:])
     others = others_mass(qs) if uses_pair_split(law, n) else None
     return ThresholdRow(order, levels, qs * rate, cum_mass, others, scan.alpha_star)
+
+
+def _fit_levels(ps: np.ndarray, qs: np.ndarray, phi: np.ndarray, split: int):
+    """(levels [K + 1], rate [K]) for the scan in priority order: ``_fit_levels_reference`` in one
+    compiled kernel (``_threshold_numba.fit_levels``; equal up to rounding, tested)."""
+    from mdsd.verifiers.optimal._threshold_numba import fit_levels  # lazy: numba costs ~0.3 s
+
+    return fit_levels(ps, qs, phi, split, CHORD_TOLERANCE, STAIR_MARGIN, STAIR_RATIO, _SHARES)
+
+
+_SHARES = np.array(STAIR_SHARES)
+
+
+def _fit_levels_reference(ps: np.ndarray, qs: np.ndarray, phi: np.ndarray, split: int):
+    """Target curve A (rates clip(s, mu, c)), the H* staircase, the lossless lumping of runs with
+    one common rate (the target is linear there, so the peel only sees a run's two ends), and the
+    mixture of group rules by peeling; in numpy. Returns (levels [K + 1], rate [K])."""
+    k = qs.size
+    target, clipped = _target_curve(ps, qs, phi, split)
+    run = np.where(clipped, np.where(np.arange(k) < split, 0, 1), -1)  # -1: a unit on its own
+    target, run = _staircase(ps, qs, phi, split, target, run)
+    same_run = (run[1:] == run[:-1]) & (run[1:] >= 0)
+    cuts = np.concatenate([[0], 1 + np.flatnonzero(~same_run), [k]]) if k > 1 else np.array([0, k])
+    coarse_levels, coarse_rate = _peel_reference(np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts])
+    levels = np.ones(k + 1)
+    levels[cuts] = coarse_levels
+    return levels, np.repeat(coarse_rate, np.diff(cuts))
 
 
 @dataclass(frozen=True)
