@@ -209,12 +209,21 @@ RULES = [
     ("node", "spechub", "spechub"),
     ("node", "conditional_poisson", "optimal"),
     ("node", "iid", "sample_check"),
+    ("hybrid", "iid", "optimal"),
+    ("hybrid", "without_replacement", "rrs_without_replacement"),
+    ("hybrid", "greedy", "greedy"),
+    ("traversal", "greedy", None),
+    ("traversal", "spechub", None),
+    ("traversal", "conditional_poisson", None),  # chains only: one draw from q, any law
 ]
 
 
-def _laws_for(law, widths, vocab):
+def _laws_for(law, widths, vocab, method=None):
     """Per-depth laws, or None when the law cannot draw this shape (spechub: width 2 only;
-    distinct laws: width <= V). Width-1 depths of spechub use iid (a single draft)."""
+    distinct laws: width <= V; traversal of conditional_poisson: chains only). Width-1 depths of spechub use
+    iid (a single draft)."""
+    if method == "traversal" and law == "conditional_poisson":
+        return [law] * len(widths) if max(widths) == 1 else None
     if law == "spechub":
         if 2 not in widths or any(w > 2 for w in widths):
             return None
@@ -232,9 +241,9 @@ def _node_verifier_for(laws, verifier):
 @pytest.mark.parametrize("method,law,verifier", RULES)
 @pytest.mark.parametrize("vocab,widths", SHAPES)
 def test_tree_law_is_lossless(method, law, verifier, vocab, widths):
-    laws = _laws_for(law, widths, vocab)
+    laws = _laws_for(law, widths, vocab, method)
     if laws is None:
-        pytest.skip(f"law {law} cannot draw widths {widths} over {vocab} tokens")
+        pytest.skip(f"{method} with law {law} cannot handle widths {widths} over {vocab} tokens")
     zero_q = 0.3 if law == "iid" else 0.0  # distinct laws need full support at width = V
     p, q = tables(hash((vocab, widths)) % 1000, vocab, len(widths), zero_p=0.3, zero_q=zero_q)
     trees = enumerate_drafted_trees(widths, laws, p, q)
@@ -297,10 +306,25 @@ def test_tree_rules_below_lp_optimum(vocab, widths, law):
         "traversal": expected_block_length(marginal_block_law(trees, "traversal")),
         "node": expected_block_length(marginal_block_law(trees, "node")),
         "node_optimal": expected_block_length(marginal_block_law(trees, "node", "optimal")),
+        "hybrid_optimal": expected_block_length(marginal_block_law(trees, "hybrid", "optimal")),
     }
     for name, value in values.items():
         assert value <= optimum.value + LP_TOL, name
     assert values["node"] <= values["node_optimal"] + LP_TOL
+    assert values["node_optimal"] <= values["hybrid_optimal"] + LP_TOL
+
+
+@pytest.mark.parametrize("law", ["iid", "without_replacement"])
+@pytest.mark.parametrize("seed", range(3))
+def test_hybrid_never_below_node_on_n_by_depth_trees(law, seed):
+    """On n x D trees the hybrid replaces token by block verification on the chains below the
+    root, and block >= token on every chain."""
+    p, q = tables(40 + seed, 3, 3)
+    trees = enumerate_drafted_trees((2, 1, 1), [law, "iid", "iid"], p, q)
+    for verifier in (None, "optimal"):
+        node = expected_block_length(marginal_block_law(trees, "node", verifier))
+        hybrid = expected_block_length(marginal_block_law(trees, "hybrid", verifier))
+        assert node <= hybrid + EXACT
 
 
 def test_lp_coupling_is_lossless_and_feasible():
@@ -332,8 +356,8 @@ def test_lp_refuses_large_problems():
 
 # -- tree samplers -------------------------------------------------------------------------
 def _fixed_tree(law):
-    p, q = tables(4, 3, 2)
-    trees = enumerate_drafted_trees((2, 2), law, p, q)
+    p, q = tables(4, 3, 3)
+    trees = enumerate_drafted_trees((2, 1, 1), law, p, q)
     return max(trees, key=lambda pair: pair[1])[0]
 
 
@@ -396,9 +420,11 @@ def test_drafted_tree_validation():
 
 def test_tree_method_validation():
     parents, tokens, p, q = _small_tree_args()
-    greedy_tree = drafted_tree(parents, tokens, p, q, "greedy")
+    cp_tree = drafted_tree(parents, tokens, p, q, "conditional_poisson")
     with pytest.raises(ValueError, match="traversal"):
-        tree_emission_law(greedy_tree, "traversal")
+        tree_emission_law(cp_tree, "traversal")
+    greedy_tree = drafted_tree(parents, tokens, p, q, "greedy")
+    assert abs(sum(tree_emission_law(greedy_tree, "hybrid").values()) - 1.0) < EXACT  # node step at the root
     iid_tree = drafted_tree(parents, tokens, p, q, "iid")
     with pytest.raises(ValueError, match="method"):
         tree_emission_law(iid_tree, "bogus")

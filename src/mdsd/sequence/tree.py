@@ -12,16 +12,24 @@ and their proof sketches.
                verifier of ``mdsd.verifiers`` over its children with p(. | path); if it emits a
                child's token, descend into the first child holding it; otherwise the emitted
                token ends the step; at a leaf, emit a bonus token from p(. | path).
-``traversal``  Traversal Verification (Weng et al., arXiv 2505.12398), for ``iid`` and
-               ``without_replacement`` children: block verification run over the tree in
-               depth-first post-order. A node carries a weight w (root 1; child c of a node with
-               current (w, p, q): w_c = min(1, w p(c) / q(c))). Visit the children of a node in
-               draw order, each with its whole subtree; when a child's subtree is rejected, update
-               the node: p <- max(w p - q, 0) normalised, w <- r / (r + 1 - w) with
-               r = sum max(w p - q, 0), and (``without_replacement``) q <- q without the child's
-               token, renormalised. When every child is rejected, accept the node with
-               probability w and emit y ~ p (its current residual); else reject it. The root
-               always accepts (its w stays 1). On a chain this is block verification.
+``traversal``  Traversal Verification (Weng et al., arXiv 2505.12398): block verification run
+               over the tree in depth-first post-order. A node carries a weight w (root 1) and a
+               current target p. Its children are visited in draw order, each with its whole
+               subtree; child c enters with w_c = min(1, w p(c) / q(c)), where q is the law of
+               c given its earlier siblings (``sibling_conditional``: q for iid; q without the
+               earlier tokens for without_replacement; point masses and q' for greedy and
+               spechub). When a child's subtree is rejected, the node is updated with that q:
+               p <- max(w p - q, 0) normalised, w <- r / (r + 1 - w), r = sum max(w p - q, 0).
+               When every child is rejected, accept the node with probability w and emit
+               y ~ p (its current residual); else reject it. The root always accepts (its w
+               stays 1). On a chain this is block verification. The paper states it for iid and
+               without-replacement siblings; the sibling conditionals extend its proof to greedy
+               and spechub (docs/tree_verification.md).
+``hybrid``     ``node`` at every node with two or more children, then, from the first node whose
+               subtree is a chain, block verification of that chain (traversal from weight 1).
+               Lossless because the chain below an accepted node was drawn independently of the
+               decisions above it; on "n x D" trees it is never worse than ``node`` with the
+               same token-level verifier (block >= token on every chain).
 
 ``tree_emission_law`` gives the exact law {emitted token tuple: probability} by visiting every
 branch once (the node states after a run of rejections are deterministic); ``tree_verify`` samples
@@ -35,13 +43,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdsd._validate import as_drafts, as_probs, check_choice
-from mdsd.laws import get_law
+from mdsd.laws import complement_renormalised, get_law, top_tokens
 from mdsd.sampling import categorical
 from mdsd.verifiers import resolve
 from mdsd.verifiers.base import check_drafts_for_law, residual
 
-TREE_METHODS = ("node", "traversal")
-TRAVERSAL_LAWS = ("iid", "without_replacement")
+TREE_METHODS = ("node", "traversal", "hybrid")
+TRAVERSAL_LAWS = ("iid", "without_replacement", "greedy", "spechub")
 # The token-level verifier node-by-node verification uses at a node when none is named.
 DEFAULT_NODE_VERIFIER = {
     "iid": "rrs",
@@ -171,10 +179,24 @@ def _node_output_law(tree: DraftedTree, row: int, verifier) -> np.ndarray:
     return the_verifier.output_law(p, q, drafts, the_law)[0]
 
 
-def _node_law(tree: DraftedTree, verifier) -> dict[tuple[int, ...], float]:
+def _chain_rows(tree: DraftedTree) -> frozenset[int]:
+    """Rows whose subtree is a chain (every row in it has at most one child)."""
+    chain = set()
+    for row in range(len(tree.children) - 1, -1, -1):  # children come after their parents
+        kids = tree.children[row]
+        if not kids or (len(kids) == 1 and kids[0] + 1 in chain):
+            chain.add(row)
+    return frozenset(chain)
+
+
+def _node_law(tree: DraftedTree, verifier, hybrid: bool = False) -> dict[tuple[int, ...], float]:
     out: dict[tuple[int, ...], float] = {}
+    chains = _chain_rows(tree) if hybrid else frozenset()
 
     def visit(row: int, prefix: tuple[int, ...], mass: float) -> None:
+        if row in chains:  # hybrid: block verification of the chain below, from weight 1
+            _traversal_visit(tree, out, row, 1.0, prefix, mass)
+            return
         kids = tree.children[row]
         pi = tree.target_probs[row] if not kids else _node_output_law(tree, row, verifier)
         drafts = tree.child_tokens(row)
@@ -189,9 +211,12 @@ def _node_law(tree: DraftedTree, verifier) -> dict[tuple[int, ...], float]:
     return out
 
 
-def _node_sample(tree: DraftedTree, verifier, rng: np.random.Generator) -> TreeResult:
+def _node_sample(tree: DraftedTree, verifier, rng: np.random.Generator, hybrid: bool = False) -> TreeResult:
+    chains = _chain_rows(tree) if hybrid else frozenset()
     row, path = 0, []
     while True:
+        if row in chains:
+            return _traversal_sample_from(tree, row, path, rng)
         kids = tree.children[row]
         if not kids:
             y = int(categorical(tree.target_probs[row], rng))
@@ -208,35 +233,61 @@ def _node_sample(tree: DraftedTree, verifier, rng: np.random.Generator) -> TreeR
 
 
 # -- traversal verification ----------------------------------------------------------------
+def sibling_conditional(law: str, draft_probs: np.ndarray, drawn: list[int], n: int) -> np.ndarray:
+    """The law of a node's next child given its earlier children ``drawn`` (n children in all).
+
+    iid: q. without_replacement: q without the drawn tokens, renormalised. greedy: the i-th of the
+    top-(n-1) tokens of q (a point mass) for i < n, then q without them, renormalised. spechub
+    (hub a = argmax q): q first; then q without a if the first child is a, else a point mass at a.
+    [V] -> [V].
+    """
+    q = draft_probs
+    i = len(drawn)
+    if n == 1 or law == "iid" or i == 0 and law in ("without_replacement", "spechub"):
+        return q  # a single child is one draw from q under every law
+    if law == "without_replacement":
+        return complement_renormalised(q, np.asarray(drawn, dtype=np.int64))
+    if law == "greedy":
+        top = top_tokens(q, n - 1)
+        return np.eye(q.size)[top[i]] if i < n - 1 else complement_renormalised(q, top)
+    if law == "spechub":
+        hub = int(np.argmax(q))
+        return complement_renormalised(q, np.array([hub])) if drawn[0] == hub else np.eye(q.size)[hub]
+    raise ValueError(f"method 'traversal' has no sibling conditionals for law {law!r}")
+
+
 @dataclass
 class _NodeState:
-    """The running (w, p, q) of one node during traversal verification."""
+    """The running (w, p) of one node during traversal verification, and its children's law."""
 
     weight: float
     target: np.ndarray  # [V] current p (a residual after rejections)
-    draft: np.ndarray  # [V] current q
-    distinct: bool  # without replacement: a rejected child's token leaves q
+    law: str
+    base_draft: np.ndarray  # [V] q(. | path to the node)
+    num_children: int
+    drawn: list[int]  # the children folded in so far (all rejected)
+
+    @property
+    def draft(self) -> np.ndarray:
+        """The law of the next child given the earlier ones.  [V]"""
+        return sibling_conditional(self.law, self.base_draft, self.drawn, self.num_children)
 
     def child_weight(self, token: int) -> float:
-        """w_c = min(1, w p(c) / q(c)); q(c) > 0 (checked on input; only rejected tokens leave q)."""
+        """w_c = min(1, w p(c) / q(c)), q the child's conditional law (q(c) > 0: it was drawn)."""
         return min(1.0, self.weight * self.target[token] / self.draft[token])
 
     def reject(self, token: int) -> None:
         """Fold a rejected child into the node (see the module docstring)."""
-        weight = self.weight
+        weight, draft = self.weight, self.draft
         if weight < 1.0:
             scaled = weight * self.target
-            excess = float(np.maximum(scaled - self.draft, 0.0).sum())
-            deficit = float(np.maximum(self.draft - scaled, 0.0).sum())  # = excess + 1 - w > 0
+            excess = float(np.maximum(scaled - draft, 0.0).sum())
+            deficit = float(np.maximum(draft - scaled, 0.0).sum())  # = excess + 1 - w > 0
             self.weight = excess / deficit
         # w = 1 keeps w = 1, as r / (r + 1 - w) = 1; an exact tie p = q has rejection probability 0
         if weight > 0.0:
-            self.target = _weighted_residual(self.target, self.draft, weight)
-        if self.distinct:
-            rest = self.draft.copy()
-            rest[token] = 0.0
-            total = rest.sum()
-            self.draft = rest / total if total > 0 else rest
+            self.target = _weighted_residual(self.target, draft, weight)
+        self.drawn = self.drawn + [token]
 
 
 def _weighted_residual(target: np.ndarray, draft: np.ndarray, weight: float) -> np.ndarray:
@@ -245,44 +296,48 @@ def _weighted_residual(target: np.ndarray, draft: np.ndarray, weight: float) -> 
 
 
 def _state(tree: DraftedTree, row: int, weight: float) -> _NodeState:
-    distinct = get_law(tree.laws[row]).distinct
-    return _NodeState(weight, tree.target_probs[row], tree.draft_probs[row], distinct)
+    law, kids = tree.laws[row], tree.children[row]
+    return _NodeState(weight, tree.target_probs[row], law, tree.draft_probs[row], len(kids), [])
 
 
-def _check_traversal(tree: DraftedTree) -> None:
+def _check_traversal(tree: DraftedTree, rows=None) -> None:
+    """Traversal needs the siblings' sequential conditionals (``sibling_conditional``); a single
+    child is one draw from q under every law, so rows with one child may have any law."""
     for row, kids in enumerate(tree.children):
-        if kids and tree.laws[row] not in TRAVERSAL_LAWS:
+        if (rows is None or row in rows) and len(kids) > 1 and tree.laws[row] not in TRAVERSAL_LAWS:
             raise ValueError(
                 f"method 'traversal' is exact for laws {list(TRAVERSAL_LAWS)}; row {row} drew its "
-                f"children with law {tree.laws[row]!r}"
+                f"{len(kids)} children with law {tree.laws[row]!r}"
             )
 
 
+def _traversal_visit(tree, out, row: int, weight: float, prefix: tuple[int, ...], mass: float) -> float:
+    """Traversal of the subtree of ``row``, entered with probability ``mass`` and weight w: add
+    its accepting outcomes to ``out`` and return the probability that it is entered and rejected.
+    Every node is visited once: the node states after a run of rejections are deterministic."""
+    state = _state(tree, row, weight)
+    for child in tree.children[row]:
+        token = int(tree.tokens[child])
+        mass = _traversal_visit(tree, out, child + 1, state.child_weight(token), prefix + (token,), mass)
+        if mass <= 0.0:
+            return 0.0
+        state.reject(token)
+    accept = mass * state.weight
+    if accept > 0.0:
+        for y in np.flatnonzero(state.target > 0).tolist():
+            _add(out, prefix + (y,), accept * state.target[y])
+    return mass * (1.0 - state.weight)
+
+
 def _traversal_law(tree: DraftedTree) -> dict[tuple[int, ...], float]:
-    """Exact block law: every node is visited once, with the probability of entering it."""
     out: dict[tuple[int, ...], float] = {}
-
-    def visit(row: int, weight: float, prefix: tuple[int, ...], mass: float) -> float:
-        """Add the accepting outcomes of this subtree, entered with probability ``mass``;
-        return the probability that it is entered and rejected."""
-        state = _state(tree, row, weight)
-        for child in tree.children[row]:
-            token = int(tree.tokens[child])
-            mass = visit(child + 1, state.child_weight(token), prefix + (token,), mass)
-            if mass <= 0.0:
-                return 0.0
-            state.reject(token)
-        accept = mass * state.weight
-        if accept > 0.0:
-            for y in np.flatnonzero(state.target > 0).tolist():
-                _add(out, prefix + (y,), accept * state.target[y])
-        return mass * (1.0 - state.weight)
-
-    visit(0, 1.0, (), 1.0)
+    _traversal_visit(tree, out, 0, 1.0, (), 1.0)
     return out
 
 
-def _traversal_sample(tree: DraftedTree, rng: np.random.Generator) -> TreeResult:
+def _traversal_sample_from(tree: DraftedTree, start: int, path: list[int], rng) -> TreeResult:
+    """Traversal of the subtree of row ``start`` (reached by ``path``) with weight 1."""
+
     def visit(row: int, weight: float, path: list[int]) -> TreeResult | None:
         state = _state(tree, row, weight)
         kids = tree.children[row]
@@ -292,11 +347,11 @@ def _traversal_sample(tree: DraftedTree, rng: np.random.Generator) -> TreeResult
             if found is not None:
                 return found
             state.reject(token)
-        if row == 0 or rng.random() < state.weight:  # the root's weight is 1
+        if row == start or rng.random() < state.weight:  # the start's weight stays 1
             return _result(tree, path, int(categorical(state.target, rng)), bonus=not kids)
         return None
 
-    return visit(0, 1.0, [])
+    return visit(start, 1.0, list(path))
 
 
 # -- front doors ---------------------------------------------------------------------------
@@ -313,12 +368,14 @@ def _check_method(tree: DraftedTree, method: str, verifier) -> None:
     check_choice(method, TREE_METHODS, "method")
     if method == "traversal":
         if verifier is not None:
-            raise ValueError("verifier is used by method 'node' only; pass verifier=None")
+            raise ValueError("verifier is used by methods 'node' and 'hybrid' only; pass verifier=None")
         _check_traversal(tree)
-    else:
-        for row, kids in enumerate(tree.children):
-            if kids:
-                _node_verifier(tree, row, verifier)  # raises for an inexact (verifier, law) pair
+        return
+    chains = _chain_rows(tree) if method == "hybrid" else frozenset()
+    for row, kids in enumerate(tree.children):
+        if kids and row not in chains:
+            _node_verifier(tree, row, verifier)  # raises for an inexact (verifier, law) pair
+    _check_traversal(tree, chains)
 
 
 def tree_emission_law(tree: DraftedTree, method="traversal", verifier=None) -> dict[tuple[int, ...], float]:
@@ -326,15 +383,18 @@ def tree_emission_law(tree: DraftedTree, method="traversal", verifier=None) -> d
 
     Args:
         tree: a :class:`DraftedTree` (see :func:`drafted_tree`).
-        method: ``"traversal"`` (Traversal Verification, arXiv 2505.12398; laws iid and
-            without_replacement) or ``"node"`` (node-by-node walk with a token-level verifier).
-        verifier: for ``"node"``: a name from ``mdsd.VERIFIERS`` exact for every node's law, or
-            None for each law's default (``DEFAULT_NODE_VERIFIER``).
+        method: ``"traversal"`` (Traversal Verification, arXiv 2505.12398; siblings drawn iid or
+            without replacement), ``"node"`` (node-by-node walk with a token-level verifier) or
+            ``"hybrid"`` (node steps at branching nodes, block verification on chain subtrees).
+        verifier: for ``"node"`` and ``"hybrid"``: a name from ``mdsd.VERIFIERS`` exact for
+            every node's law, or None for each law's default (``DEFAULT_NODE_VERIFIER``).
 
     The keys are the accepted path's tokens plus one token; the values sum to 1.
     """
     _check_method(tree, method, verifier)
-    return _traversal_law(tree) if method == "traversal" else _node_law(tree, verifier)
+    if method == "traversal":
+        return _traversal_law(tree)
+    return _node_law(tree, verifier, hybrid=method == "hybrid")
 
 
 def tree_verify(tree: DraftedTree, method="traversal", verifier=None, rng=None) -> TreeResult:
@@ -345,7 +405,9 @@ def tree_verify(tree: DraftedTree, method="traversal", verifier=None, rng=None) 
     """
     _check_method(tree, method, verifier)
     rng = np.random.default_rng(rng)
-    return _traversal_sample(tree, rng) if method == "traversal" else _node_sample(tree, verifier, rng)
+    if method == "traversal":
+        return _traversal_sample_from(tree, 0, [], rng)
+    return _node_sample(tree, verifier, rng, hybrid=method == "hybrid")
 
 
 def expected_block_length(block_law: dict[tuple[int, ...], float]) -> float:
