@@ -149,18 +149,33 @@ def _enumerate_row(p, q, n, verifier, law) -> float:
 
 def _monte_carlo_rows(p2, q2, n, verifier, law, rng, num_samples) -> tuple[np.ndarray, np.ndarray]:
     """Per row: mean and standard error of sum_{y in set(x)} pi(y | x) over ``num_samples``
-    sampled x. Rows are repeated num_samples times and evaluated in chunks of whole rows."""
+    sampled x. Rows are repeated num_samples times and evaluated in chunks of whole rows; a row
+    too wide for one chunk is evaluated alone, its samples in chunks."""
+    vocab = p2.shape[1]
+    if vocab * num_samples > CHUNK_ELEMENTS:
+        values = np.empty((len(p2), num_samples))
+        for b in range(len(p2)):
+            for part in _chunks(num_samples, vocab):
+                rows = part.stop - part.start
+                pb, qb = np.broadcast_to(p2[b], (rows, vocab)), np.broadcast_to(q2[b], (rows, vocab))
+                x = law.sample(qb, n, rng)
+                values[b, part] = accepted_mass(verifier.output_law(pb, qb, x, law), x)
+        return _mean_and_stderr(values)
     rates, stderr = np.empty(len(p2)), np.empty(len(p2))
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // (p2.shape[1] * num_samples))
+    rows_per_chunk = CHUNK_ELEMENTS // (vocab * num_samples)
     for start in range(0, len(p2), rows_per_chunk):
         part = slice(start, min(start + rows_per_chunk, len(p2)))
         pb = np.repeat(p2[part], num_samples, axis=0)  # [b * S, V]
         qb = np.repeat(q2[part], num_samples, axis=0)
         x = law.sample(qb, n, rng)  # [b * S, n]
         values = accepted_mass(verifier.output_law(pb, qb, x, law), x).reshape(-1, num_samples)
-        rates[part] = values.mean(axis=1)
-        if num_samples > 1:
-            stderr[part] = values.std(axis=1, ddof=1) / np.sqrt(num_samples)
-        else:
-            stderr[part] = np.inf
+        rates[part], stderr[part] = _mean_and_stderr(values)
     return rates, stderr
+
+
+def _mean_and_stderr(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row means of [B, S] samples and their standard errors (inf with a single sample)."""
+    samples = values.shape[1]
+    if samples < 2:
+        return values.mean(axis=1), np.full(values.shape[0], np.inf)
+    return values.mean(axis=1), values.std(axis=1, ddof=1) / np.sqrt(samples)

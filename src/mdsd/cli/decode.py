@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
 from typing import Annotated
 
 import typer
@@ -86,6 +88,24 @@ def _load(target, draft, device, dtype, threads):
         raise ValueError(
             f"cannot load the model pair ({target or 'bundled'}, {draft or 'bundled'}): {err}"
         ) from err
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Silence library deprecation notices during a bench (transformers logs one per HF assisted
+    call, e.g. about generation_config, which tears the progress bar; they are not the user's to
+    fix); restores the previous settings."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _bench_texts(prompts_file, domain, prompts) -> list[str]:
@@ -283,7 +303,6 @@ def bench(
 ):
     """Autoregressive vs HF assisted generation vs mdsd trees: same prompts, seeds, transform."""
     import os
-    import warnings
 
     from rich.console import Console
     from rich.table import Table
@@ -305,11 +324,8 @@ def bench(
         methods = (1 if no_hf else 2) + len(configs)
         with (
             progress_display(Console(stderr=True), disable=as_json, transient=True) as progress,
-            warnings.catch_warnings(),
+            _quiet_libraries(),
         ):
-            # library deprecation notices would tear the progress bar (and are not ours to fix)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
             task = progress.add_task("bench", total=methods * len(texts))
 
             def tick(name):

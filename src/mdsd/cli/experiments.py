@@ -136,6 +136,15 @@ def measure(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/measure"),
     cache: Annotated[Path | None, typer.Option(help="Logit cache directory; default OUT/cache.")] = None,
     report: Annotated[bool, typer.Option(help="Also write OUT/report.md.", metavar="")] = True,
+    capture_only: Annotated[
+        bool,
+        typer.Option(
+            "--capture-only",
+            help="Only fill the logit cache (e.g. on a GPU machine), then stop; analyse later from "
+            "the cache (--cache), anywhere.",
+            metavar="",
+        ),
+    ] = False,
 ) -> None:
     """Measure acceptance rates and alpha* on a model pair (Hu et al. 2025, Table 1, Figs 1-2).
 
@@ -200,9 +209,17 @@ def measure(
                 progress=_progress_factory(progress),
                 runner=runner,
                 workers=described,
+                capture_only=capture_only,
             )
     except (ValueError, FileNotFoundError, OSError) as err:
         fail(str(err))
+    if capture_only:
+        console.print(
+            f"cached {run['cache_dir']} in {run['wall_s']:.0f} s ({run['generated_files']} sequences "
+            f"generated, {run['cached_files']} from cache); analyse with the same options and "
+            "--cache pointing at the cache root"
+        )
+        return
     if report:
         render_report(out, replot=False)
     console.print(
