@@ -258,28 +258,36 @@ def _drafted_trees(tree, book, q_of, context):
     yield from rec(0, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), {}, {}, 1.0)
 
 
-def _step_law(tree, book, oracle, context):
-    """Exact law of the tokens one engine step emits after ``context``."""
+def _step_law(tree, book, oracle, context, decoder=None):
+    """Exact law of the tokens one engine step emits after ``context`` (with ``decoder``: its
+    sequence-level rule, on the same drafted trees)."""
+    from mdsd.sequence import tree_emission_law
+
     law = {}
     for drafted, prob in _drafted_trees(tree, book, oracle.q, context):
 
         def target_probs(node, drafted=drafted):
             return oracle.p(context + _path_tokens(tree, drafted, node))
 
-        for emitted, pr in emission_law(tree, drafted, target_probs).items():
+        if decoder is not None and decoder.sequence_method is not None:
+            sequence_tree, _ = decoder.sequence_tree(drafted, target_probs)
+            emitted_law = tree_emission_law(sequence_tree, decoder.sequence_method)
+        else:
+            emitted_law = emission_law(tree, drafted, target_probs)
+        for emitted, pr in emitted_law.items():
             law[emitted] = law.get(emitted, 0.0) + prob * pr
     return law
 
 
-def _first_tokens_law(tree, book, oracle, context, k):
+def _first_tokens_law(tree, book, oracle, context, k, decoder=None):
     """Exact law of the first k generated tokens (steps chained through the engine's rules)."""
     out = {}
-    for emitted, prob in _step_law(tree, book, oracle, context).items():
+    for emitted, prob in _step_law(tree, book, oracle, context, decoder).items():
         if len(emitted) >= k:
             key = emitted[:k]
             out[key] = out.get(key, 0.0) + prob
         else:
-            rest = _first_tokens_law(tree, book, oracle, context + list(emitted), k - len(emitted))
+            rest = _first_tokens_law(tree, book, oracle, context + list(emitted), k - len(emitted), decoder)
             for tail, pr in rest.items():
                 key = emitted + tail
                 out[key] = out.get(key, 0.0) + prob * pr
@@ -317,6 +325,37 @@ def test_first_two_tokens_follow_target_law(llama, law, verifier, temperature):
         book = RuleBook(law, verifier, widths)
         got = _first_tokens_law(build_tree(widths), book, oracle, PROMPT, 2)
         _assert_same_law(got, want, LAW_TOL)
+
+
+@pytest.mark.parametrize(
+    "verifier,law,widths",
+    [
+        ("block", "iid", (1, 1)),
+        ("traversal", "iid", (2, 1)),
+        ("traversal", "without_replacement", (2, 1)),
+        ("traversal", "greedy", (3,)),
+        ("hybrid", "without_replacement", (2, 1)),
+    ],
+)
+def test_sequence_verifiers_follow_target_law(llama, verifier, law, widths):
+    """Engine with a sequence-level rule: exact law of the first two tokens == target law."""
+    sampling = SamplingConfig(1.0, top_k=TOP_K)
+    oracle = Oracle(llama, sampling)
+    dec = TreeDecoder(llama, TreeConfig.make(widths, law, verifier), sampling, check_attention=False)
+    got = _first_tokens_law(dec.tree, dec.book, oracle, PROMPT, 2, decoder=dec)
+    _assert_same_law(got, _autoregressive_law(oracle, PROMPT, 2), LAW_TOL)
+    out = dec.generate([PROMPT], seed=0)[0]  # and the sampling path runs
+    assert out.stats.steps >= 1
+
+
+def test_sequence_verifier_errors(llama):
+    sampling = SamplingConfig(1.0)
+    with pytest.raises(ValueError, match="block"):
+        TreeDecoder(llama, TreeConfig.make((2, 1), "iid", "block"), sampling, check_attention=False)
+    with pytest.raises(ValueError, match="law"):
+        TreeDecoder(
+            llama, TreeConfig.make((2,), "conditional_poisson", "traversal"), sampling, check_attention=False
+        )
 
 
 @pytest.mark.parametrize(

@@ -32,11 +32,16 @@ import torch
 from mdsd.engine.runner import check_supported, check_tree_attention, context_length
 from mdsd.engine.static_llama import make_runner
 from mdsd.engine.tree import DraftTree, build_tree, parse_tree
-from mdsd.engine.walk import DraftedTree, RuleBook, draft_children, walk
+from mdsd.engine.walk import DraftedTree, RuleBook, WalkResult, as_support, draft_children, walk
 from mdsd.logits import SupportProbs, process_logits, process_logits_row
 from mdsd.sampling import categorical
 
 LOW_ACCEPTANCE_WARNING = 0.1
+SEQUENCE_VERIFIERS = {  # sequence-level rules (mdsd.sequence): name -> tree method
+    "traversal": "traversal",  # Traversal Verification, arXiv 2505.12398
+    "hybrid": "hybrid",  # node steps at branching nodes, block verification on chains
+    "block": "traversal",  # block verification (arXiv 2403.10444) = traversal on a chain
+}
 NATURAL_VERIFIER = {  # the verifier used when only a law is named
     "iid": "rrs",
     "without_replacement": "rrs_without_replacement",
@@ -108,6 +113,8 @@ class TreeConfig:
             if law is None:
                 law = "without_replacement"
             verifier = NATURAL_VERIFIER.get(law, "sample_check")
+        elif verifier in SEQUENCE_VERIFIERS and law is None:
+            law = "iid" if verifier == "block" else "without_replacement"
         return cls(tree, law, verifier)
 
     def describe(self) -> str:
@@ -265,9 +272,10 @@ def check_context(pair, prompt_ids: list[int], lookahead: int) -> int | None:
 
 
 def _capacity(prompt_ids: list[int], sampling: SamplingConfig, lookahead: int, ctx: int | None) -> int:
-    """Cache positions a run can need: prompt + new tokens + one step's lookahead (<= context)."""
-    need = len(prompt_ids) + sampling.max_new_tokens + lookahead + 1
-    return need if ctx is None else min(need, ctx)
+    """Cache entries a run can need: the committed tokens (at most the prompt + new tokens, and
+    the context) plus one step's uncommitted entries (``lookahead``: the tree's nodes)."""
+    committed = len(prompt_ids) + sampling.max_new_tokens
+    return (committed if ctx is None else min(committed, ctx)) + lookahead + 1
 
 
 def _finish(emitted: list[int], budget: int, eos: set[int], stop_on_eos: bool):
@@ -417,7 +425,8 @@ class TreeDecoder(_Decoder):
         self.static_cache = static_cache
         self.vocab = int(pair.target.config.vocab_size)
         widths = (2,) if config.tree is None else config.tree.widths  # auto: checked when chosen
-        self.book = RuleBook(config.law, config.verifier, widths)
+        self.sequence_method = SEQUENCE_VERIFIERS.get(config.verifier)
+        self.book = RuleBook(config.law, self._node_verifier(), widths)
         self.target = make_runner(pair.target, static_cache)
         self.draft = make_runner(pair.draft, static_cache)
         if check_attention:
@@ -438,11 +447,31 @@ class TreeDecoder(_Decoder):
                 f"tree width {tree.max_width} exceeds the vocabulary ({self.vocab} tokens); "
                 f"law {self.book.law.name!r} draws distinct tokens"
             )
-        self.book = RuleBook(self.config.law, self.config.verifier, tree.widths)
+        if self.config.verifier == "block" and any(w != 1 for w in tree.widths):
+            raise ValueError(
+                f"verifier 'block' verifies one draft chain (widths 1,...,1), got tree "
+                f"{tree.describe()}; use 'traversal' or 'hybrid' for trees"
+            )
+        self.book = RuleBook(self.config.law, self._node_verifier(), tree.widths)
         self.tree = tree
         # frozen masks: target over all nodes; draft per level d = 1..D-1
         self._target_mask = self.target.additive(tree.ancestor_mask[1:, 1:])
         self._level_masks = {d: self.draft.additive(tree.level_mask(d)) for d in range(1, tree.depth)}
+
+    def _node_verifier(self) -> str:
+        """The token-level verifier of the per-node rules; for a sequence-level rule, the law's
+        natural verifier (it only fixes how nodes draft; verification is the sequence rule's)."""
+        if self.sequence_method is None:
+            return self.config.verifier
+        from mdsd.sequence.tree import TRAVERSAL_LAWS
+
+        law = self.config.law
+        if self.sequence_method == "traversal" and law not in TRAVERSAL_LAWS:
+            raise ValueError(
+                f"law {law!r} has no traversal rule; verifier {self.config.verifier!r} needs one of "
+                f"{list(TRAVERSAL_LAWS)}"
+            )
+        return NATURAL_VERIFIER.get(law, "sample_check")
 
     @torch.inference_mode()
     def choose_tree(self, prompts, rng: np.random.Generator | None = None, *, cache_dir="default"):
@@ -486,7 +515,7 @@ class TreeDecoder(_Decoder):
         ctx = check_context(self.pair, ids, self.tree.depth)
         stats = DecodeStats(depth=self.tree.depth, sequences=1)
         start = time.perf_counter()
-        capacity = _capacity(ids, self.sampling, self.tree.depth + 1, ctx)
+        capacity = _capacity(ids, self.sampling, self.tree.num_nodes + 1, ctx)
         self.target.reset(capacity)
         self.draft.reset(capacity)
         self.target.calls = self.draft.calls = 0
@@ -589,6 +618,37 @@ class TreeDecoder(_Decoder):
         (for inspection: decoding applies the output layer to the visited rows only)."""
         return self.target.logits(self.target_hidden(seq, drafted))
 
+    def sequence_tree(self, drafted: DraftedTree, target_probs: Callable[[int], object]):
+        """The drafted tree as an ``mdsd.sequence.DraftedTree`` over its valid nodes (dense p at
+        the root and every node, q and draft law at every node with children); returns it with
+        the engine ids of its nodes [N_valid]."""
+        from mdsd.sequence import drafted_tree
+
+        nodes = np.flatnonzero(drafted.valid)  # breadth first: parents precede children
+        compact = {-1: -1} | {int(node): i for i, node in enumerate(nodes)}
+        parents = [compact[int(self.tree.parents[node])] for node in nodes]
+        rows = [-1] + [int(node) for node in nodes]
+        p = np.stack([as_support(target_probs(row)).dense() for row in rows])  # [N_valid + 1, V]
+        q = np.zeros_like(p)
+        laws = []
+        for i, row in enumerate(rows):
+            if row in drafted.draft_probs:
+                q[i] = as_support(drafted.draft_probs[row]).dense()
+                laws.append(drafted.rules[row].law.name)
+            else:
+                laws.append(self.book.law.name)
+        return drafted_tree(parents, drafted.tokens[nodes], p, q, laws), nodes
+
+    def verify_sequence(self, drafted: DraftedTree, target_probs, rng) -> WalkResult:
+        """Verify the drafted tree with the configured sequence-level rule (``mdsd.sequence``)."""
+        from mdsd.sequence import tree_verify
+
+        tree, nodes = self.sequence_tree(drafted, target_probs)
+        result = tree_verify(tree, self.sequence_method, None, rng)
+        path = [int(nodes[i]) for i in result.path]
+        reached = [1.0] * len(path) + ([] if result.bonus else [0.0])
+        return WalkResult(path, list(result.tokens), result.bonus, reached)
+
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""
         t0 = time.perf_counter()
@@ -605,7 +665,15 @@ class TreeDecoder(_Decoder):
             head_time += time.perf_counter() - start
             return self.sampling.row_probs(logits)
 
-        result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)
+        if self.sequence_method is None:
+            result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)
+        else:  # a sequence-level rule reads p at every node
+            start = time.perf_counter()
+            logits = self.target.logits(hidden)  # [N + 1, V]
+            head_time += time.perf_counter() - start
+            result = self.verify_sequence(
+                drafted, lambda node: self.sampling.row_probs(logits[node + 1]), rng
+            )
         t3 = time.perf_counter()
         # keep the committed prefix + the accepted path in both caches
         base = len(seq)
