@@ -79,7 +79,10 @@ def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
     vocab = logits.shape[-1]
     if k >= vocab:
         return np.arange(vocab)
-    kth = logits[np.argpartition(logits, vocab - k)[vocab - k]]  # the k-th largest value
+    chosen = np.argpartition(logits, vocab - k)[vocab - k :]  # the k largest, ties arbitrary
+    kth = logits[chosen].min()  # the k-th largest value
+    if np.count_nonzero(logits == kth) == np.count_nonzero(logits[chosen] == kth):
+        return np.sort(chosen)  # no tied entry left out: the set is the stable sort's
     above = np.flatnonzero(logits > kth)
     tied = np.flatnonzero(logits == kth)[: k - above.size]
     return np.union1d(above, tied)
