@@ -195,6 +195,13 @@ def generate(
             )
         pair = _load(target, draft, device, dtype, threads)
         decoder = TreeDecoder(pair, config, sampling)
+        if config.tree is None:  # --tree auto: calibrate on the prompt before streaming
+            choice = decoder.choose_tree([prompt])
+            typer.echo(
+                f"auto tree: {choice.describe()} (predicted {choice.tokens_per_s:.1f} tokens/s, "
+                f"{choice.predicted_speedup:.2f}x autoregressive)",
+                err=True,
+            )
         tok = pair.tokenizer
         shown = {"ids": [], "text": ""}
 
@@ -212,13 +219,6 @@ def generate(
         result = decoder.generate([prompt], seed=seed, on_tokens=stream)[0]
     except ValueError as err:
         fail(str(err))
-    if decoder.auto_choice is not None:
-        choice = decoder.auto_choice
-        typer.echo(
-            f"auto tree: {choice.describe()} (predicted {choice.tokens_per_s:.1f} tokens/s, "
-            f"{choice.predicted_speedup:.2f}x autoregressive)",
-            err=True,
-        )
     metrics = result.stats.as_dict() | {"stop_reason": result.stop_reason, "config": config.describe()}
     if as_json:
         typer.echo(
