@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Command modules register themselves on `app` when imported.
-from mdsd.cli import audit, core, decode, experiments  # noqa: E402,F401
+from mdsd.cli import audit, core, decode, experiments, trees  # noqa: E402,F401
 
 
 def main() -> None:
