@@ -1,7 +1,13 @@
 """Tree-decoding benchmark as a Markdown table (for BENCHMARKS.md, section "Tree decoding").
 
-    python benchmarks/bench_decode.py --prompts 12 --max-new-tokens 96 --threads 1 \
+    python benchmarks/bench_decode.py --prompts 8 --max-new-tokens 96 --threads 1 \
+        [--temperature T] [--top-k K] [--dtype bfloat16] [--prompts-file FILE] \
         [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE ...] [--json out.json]
+
+TREE may be ``auto`` (``mdsd.engine.auto``: chosen from a calibration on the same prompts; the
+table then names the chosen shape and the predicted tokens/s). The profile columns give, per
+verification step and in autoregressive steps of the same run, a draft level (forward + output
+layer), the target's tree forward (+ output layer of the visited rows) and everything else.
 
 Same runner as ``mdsd bench`` (``mdsd.engine.bench.run_bench``): autoregressive sampling, HF
 assisted generation and the mdsd configurations on the same prompts (held-out prompts, the two
@@ -29,6 +35,7 @@ CONFIGS = (
     "greedy:greedy:3x4",
     "iid:rrs:3x4",
     "without_replacement:rrs_without_replacement:2,2,1,1",
+    "without_replacement:rrs_without_replacement:auto",
 )
 
 
@@ -51,12 +58,14 @@ def main() -> None:
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--prompts-file", help="one prompt per line (default: bundled held-out prompts)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    pair = load_pair(target=args.target, draft=args.draft)
+    pair = load_pair(target=args.target, draft=args.draft, dtype=args.dtype)
     sampling = SamplingConfig(
         args.temperature, args.top_k, args.top_p, args.max_new_tokens, stop_on_eos=False
     )
@@ -64,7 +73,11 @@ def main() -> None:
     for spec in args.config or CONFIGS:
         law, verifier, tree = spec.split(":")
         configs.append(TreeConfig.make(tree, law or None, verifier or None))
-    prompts = alternating_prompts(args.prompts)
+    if args.prompts_file:
+        with open(args.prompts_file) as fh:
+            prompts = [line.rstrip("\n") for line in fh if line.strip()][: args.prompts]
+    else:
+        prompts = alternating_prompts(args.prompts)
     start = time.time()
     rows = run_bench(pair, prompts, sampling, configs, seed=args.seed, hf=not args.no_hf)
     elapsed = time.time() - start
@@ -77,9 +90,9 @@ def main() -> None:
     )
     print(
         "| method | tokens/call | tokens/step | accept by depth | draft / target / verify s "
-        "| tokens/s | vs AR | vs HF |"
+        "| AR steps per step: draft level / target / other | tokens/s | vs AR | vs HF |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
@@ -87,12 +100,23 @@ def main() -> None:
     for r in rows:
         depth = ", ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-"
         times = " / ".join(f(r[k], ".1f") for k in ("draft_time_s", "target_time_s", "verify_time_s"))
+        profile = " / ".join(
+            f(r.get(k), ".2f")
+            for k in ("draft_level_ar_steps", "target_forward_ar_steps", "overhead_ar_steps")
+        )
         print(
             f"| {r['method']} | {f(r['tokens_per_call'], '.2f')} | "
-            f"{f(r['block_efficiency'], '.2f')} | {depth} | {times} | "
+            f"{f(r['block_efficiency'], '.2f')} | {depth} | {times} | {profile} | "
             f"{f(r['tokens_per_second'], '.1f')} | {f(r['speedup_vs_autoregressive'], '.2f')} | "
             f"{f(r['speedup_vs_hf_assisted'], '.2f')} |"
         )
+    for r in rows:
+        if "chosen_tree" in r:
+            print(
+                f"\n{r['method']}: predicted {r['predicted_tokens_per_second']:.1f} tokens/s "
+                f"({r['predicted_speedup_vs_autoregressive']:.2f}x AR), measured "
+                f"{r['tokens_per_second']:.1f} tokens/s ({r['speedup_vs_autoregressive']:.2f}x AR)"
+            )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"pair": pair.name, "prompts": len(prompts), "rows": rows}, fh, indent=1)

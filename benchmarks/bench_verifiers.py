@@ -111,17 +111,17 @@ def main():
             f"output_law {name}",
             n,
             "numpy",
-            timed(lambda: mdsd.output_law(p, q, x, name), args.repeats),
+            timed(lambda: mdsd.output_law(p, q, x, name), args.repeats),  # noqa: B023 (called at once)
             np_base,
             reference,
-        )  # noqa: B023 (called at once)
+        )
         got = tb.output_law(tp, tq, tx, name).numpy()
         row(
             f"output_law {name}",
             n,
             "torch cpu",
-            timed(lambda: tb.output_law(tp, tq, tx, name), args.repeats),
-            torch_base,  # noqa: B023 (called at once)
+            timed(lambda: tb.output_law(tp, tq, tx, name), args.repeats),  # noqa: B023 (called at once)
+            torch_base,
             f"{np.abs(got - expected).max():.1e} vs numpy",
         )
         for device in devices:

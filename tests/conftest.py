@@ -29,7 +29,7 @@ def law_accepts(law, q, n):
 
 
 def edge_pairs():
-    """Edge cases of the spec: zeros, p = q, disjoint supports, one-hot p or q, ties."""
+    """Edge cases (docs/theory.md §6): zeros, p = q, disjoint supports, one-hot p or q, ties."""
     u5 = np.full(5, 0.2)
     return {
         "p_equals_q": (np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.1, 0.2, 0.3, 0.4])),

@@ -1,4 +1,4 @@
-"""alpha*: sort-and-scan == brute force over subsets == the HiGHS LP (spec section 7)."""
+"""alpha*: sort-and-scan == brute force over subsets == the HiGHS LP (docs/theory.md §6)."""
 
 import zlib
 

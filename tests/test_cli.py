@@ -1,12 +1,18 @@
-"""The CLI runs on random and file inputs and prints valid JSON."""
+"""The CLI runs on random and file inputs and prints valid JSON; bad input is refused with one
+line and exit code 2 (checked on the exact command lines, in a separate process)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import mdsd as mdsd_lib
 from mdsd.cli import app
+from mdsd.engine.tree import parse_tree
 
 runner = CliRunner()
 
@@ -72,3 +78,142 @@ def test_table_output_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"p": [0.5, 0.6], "q": [0.5, 0.5]}))
     off = run("bound", str(tmp_path / "bad.json"))
     assert off.exit_code != 0 and "must sum to 1" in off.output
+
+
+# ---------------------------------------------------------------- exact command lines (subprocess)
+def mdsd(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``mdsd ARGS`` as a separate process (this checkout's package, stdout/stderr piped)."""
+    return subprocess.run(
+        [sys.executable, "-c", "from mdsd.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=os.environ | {"COLUMNS": "120"},
+        timeout=600,
+    )
+
+
+def assert_refused(result, *fragments: str) -> None:
+    """Exit code 2, no traceback, one 'Error: ...' line on stderr holding every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def batch_files(tmp_path):
+    rng = np.random.default_rng(5)
+    p, q = rng.dirichlet(np.ones(6), size=4), rng.dirichlet(np.ones(6), size=4)  # [4, 6]
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "q.npy", q)
+    return tmp_path / "p.npy", tmp_path / "q.npy", p, q
+
+
+def test_bound_batched_files_per_row(batch_files):
+    """[B, V] files: --json lists alpha* per row (equal to the library's per-row values)."""
+    p_path, q_path, p, q = batch_files
+    result = mdsd("bound", str(p_path), str(q_path), "-n", "2,3", "--law", "greedy", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["batch"] == 4
+    for row in data["bounds"]:
+        expected = [mdsd_lib.optimal_acceptance(p[b], q[b], row["n"], "greedy") for b in range(4)]
+        assert row["alpha_star"] == pytest.approx(expected, abs=1e-12)
+    table = run("bound", str(p_path), str(q_path))
+    assert table.exit_code == 0 and "4 rows" in table.output
+
+
+def test_compare_batched_files_json(batch_files):
+    p_path, q_path, p, q = batch_files
+    result = run("compare", str(p_path), str(q_path), "-n", "2", "--verifiers", "rrs,greedy", "--json")
+    assert result.exit_code == 0, result.output
+    (res,) = json.loads(result.output)["results"]
+    rrs = next(r for r in res["verifiers"] if r["verifier"] == "rrs")
+    assert rrs["acceptance"] == pytest.approx(
+        mdsd_lib.acceptance_rate(p, q, 2, "rrs").rate.tolist(), abs=1e-12
+    )
+    assert len(res["bounds"]["iid"]) == 4
+    table = run("compare", str(p_path), str(q_path), "-n", "2")
+    assert table.exit_code == 0, table.output
+
+
+def test_missing_model_directory_is_one_line(tmp_path):
+    assert_refused(mdsd("generate", "hello", "--target", "./no_such_model"), "--target", "does not exist")
+    assert_refused(mdsd("bench", "--draft", str(tmp_path / "none" / "x")), "--draft", "does not exist")
+    measured = run("measure", "--target", "./no_such_model", "--out", str(tmp_path / "m"))
+    assert measured.exit_code == 2 and "does not exist" in measured.output
+
+
+def test_sampling_options_need_logits(batch_files, tmp_path):
+    p_path, q_path, _, _ = batch_files
+    assert_refused(mdsd("bound", str(p_path), str(q_path), "-t", "0.5"), "--temperature", "--logits")
+    refused = run("bound", str(p_path), str(q_path), "--top-k", "3", "--top-p", "0.9")
+    assert refused.exit_code == 2 and "--top-k, --top-p apply to logits" in refused.output
+    np.save(tmp_path / "z.npy", np.array([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 1.0, 0.0]]))
+    bad_p = run("bound", str(tmp_path / "z.npy"), "--logits", "--top-p", "1.5")
+    assert bad_p.exit_code == 2 and "--top-p must be in (0, 1]" in bad_p.output
+    # top-k 0 means no truncation, as in measure and generate
+    full = run("bound", str(tmp_path / "z.npy"), "--logits", "--json")
+    zero = run("bound", str(tmp_path / "z.npy"), "--logits", "--top-k", "0", "--json")
+    assert zero.exit_code == 0 and json.loads(zero.output) == json.loads(full.output)
+    negative = run("bound", "--random", "20", "--top-k", "-1")
+    assert negative.exit_code == 2 and "--top-k must be >= 0" in negative.output
+
+
+def test_malformed_lists_refused():
+    assert_refused(mdsd("generate", "hello", "--tree", "3,-1"), "tree", "'3,-1'")
+    assert_refused(mdsd("bound", "--random", "20", "-n", "2,,3"), "-n", "'2,,3'")
+    for bad in ("3,-1", "2,,3", "3,"):
+        with pytest.raises(ValueError, match="tree"):
+            parse_tree(bad)
+    assert parse_tree("3, 2,1").widths == (3, 2, 1)
+    bad_t = run("measure", "--temperatures", "0.5,,0.7", "--out", "unused")
+    assert bad_t.exit_code == 2 and "--temperatures" in bad_t.output
+
+
+def test_file_errors_name_the_file_and_the_flag(tmp_path):
+    np.save(tmp_path / "twice.npy", np.array([0.5, 1.0, 0.5]))
+    assert_refused(mdsd("bound", str(tmp_path / "twice.npy"), str(tmp_path / "twice.npy")), "--normalize")
+    (tmp_path / "bad.txt").write_text("0.5 abc 0.5")
+    bad = run("bound", str(tmp_path / "bad.txt"), str(tmp_path / "bad.txt"))
+    assert bad.exit_code == 2 and "bad.txt" in bad.output and "could not convert" in bad.output
+    (tmp_path / "bad.json").write_text("[0.5, ")
+    broken = run("bound", str(tmp_path / "bad.json"))
+    assert broken.exit_code == 2 and "bad.json" in broken.output
+
+
+def test_bench_prompts_file_and_flags(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"nope": 1}\n')
+    assert_refused(mdsd("bench", "--prompts-file", str(tmp_path / "bad.jsonl")), "bad.jsonl", "line 2")
+    missing = run("bench", "--prompts-file", str(tmp_path / "none.txt"))
+    assert missing.exit_code == 2 and "none.txt" in missing.output and "does not exist" in missing.output
+    help_text = run("bench", "--help").output
+    for flag in ("--ignore-eos", "--stop-at-eos", "--no-hf", "--json"):
+        line = next(line for line in help_text.splitlines() if flag in line)
+        assert "<bool>" not in line, line
+    assert "--prompts-file" in help_text
+
+
+def test_bench_progress_lines_when_piped(tmp_path):
+    """Piped (no terminal): plain progress lines on stderr and no library deprecation notice
+    among them (HF assisted generation logs one per call), the table on stdout; a plain-text
+    prompts file works."""
+    (tmp_path / "prompts.txt").write_text("def add(a, b):\n")
+    result = mdsd(
+        "bench",
+        "--prompts-file",
+        str(tmp_path / "prompts.txt"),
+        "-m",
+        "3",
+        "-c",
+        "iid:rrs:2x2",
+        "--stop-at-eos",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3 and all("/3 " in line for line in lines), result.stderr
+    assert "autoregressive" in lines[0] and "hf_assisted" in lines[1]
+    assert "1 prompts" in result.stdout and "mdsd iid/rrs 2x2" in result.stdout

@@ -20,7 +20,7 @@ import torch
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder, build_tree, chain_tree, parse_tree
 from mdsd.engine.decode import Autoregressive, DecodeStats
-from mdsd.engine.walk import DraftedTree, RuleBook, emission_law, enumerate_children
+from mdsd.engine.walk import DraftedTree, RuleBook, as_support, emission_law, enumerate_children
 from mdsd.models import ModelPair, load_pair
 from mdsd.verifiers import VERIFIERS
 
@@ -176,21 +176,26 @@ def test_build_tree_structure():
 
 
 # ---------------------------------------------------------------- 2. plumbing
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "family,static_cache", [("llama", True), ("llama", False), ("gpt2", True)]
+)  # llama: the lean static-cache forward and Hugging Face's; gpt2: Hugging Face's
 @pytest.mark.parametrize("widths", [(3, 2, 1), (2, 1, 1)])
-def test_tree_logits_and_caches_match_plain_forward(request, family, widths):
+def test_tree_logits_and_caches_match_plain_forward(request, family, static_cache, widths):
     pair = request.getfixturevalue(family)
     sampling = SamplingConfig(1.0)
-    dec = TreeDecoder(pair, TreeConfig.make(widths, "iid", "rrs"), sampling)
+    dec = TreeDecoder(pair, TreeConfig.make(widths, "iid", "rrs"), sampling, static_cache=static_cache)
+    expected_runner = "StaticLlamaRunner" if family == "llama" and static_cache else "ModelRunner"
+    assert type(dec.target).__name__ == type(dec.draft).__name__ == expected_runner
     oracle = Oracle(pair, sampling)
     rng = np.random.default_rng(0)
     seq, stats = list(PROMPT), DecodeStats(depth=len(widths))
-    dec.target.reset()
-    dec.draft.reset()
+    dec.target.reset(40)
+    dec.draft.reset(40)
     with torch.inference_mode():
         for _ in range(4):
             emitted = dec.step(seq, rng, stats)
-            drafted, logits, _ = dec.last_step
+            drafted = dec.last_step.drafted
+            logits = dec.target.logits(dec.last_step.target_hidden)
             tree = dec.tree
             for node in [-1] + list(np.flatnonzero(drafted.valid)):
                 path = _path_tokens(tree, drafted, node)
@@ -198,7 +203,10 @@ def test_tree_logits_and_caches_match_plain_forward(request, family, widths):
                 np.testing.assert_allclose(logits[node + 1], want, atol=LOGIT_TOL, rtol=0)
                 if node in drafted.draft_probs:  # q the children were drawn from
                     np.testing.assert_allclose(
-                        drafted.draft_probs[node], oracle.q(seq + path), atol=LOGIT_TOL, rtol=0
+                        as_support(drafted.draft_probs[node]).dense(),
+                        oracle.q(seq + path),
+                        atol=LOGIT_TOL,
+                        rtol=0,
                     )
             seq += emitted
         # the caches now hold exactly the committed prefix: next logits = a full forward
@@ -250,28 +258,36 @@ def _drafted_trees(tree, book, q_of, context):
     yield from rec(0, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), {}, {}, 1.0)
 
 
-def _step_law(tree, book, oracle, context):
-    """Exact law of the tokens one engine step emits after ``context``."""
+def _step_law(tree, book, oracle, context, decoder=None):
+    """Exact law of the tokens one engine step emits after ``context`` (with ``decoder``: its
+    sequence-level rule, on the same drafted trees)."""
+    from mdsd.sequence import tree_emission_law
+
     law = {}
     for drafted, prob in _drafted_trees(tree, book, oracle.q, context):
 
         def target_probs(node, drafted=drafted):
             return oracle.p(context + _path_tokens(tree, drafted, node))
 
-        for emitted, pr in emission_law(tree, drafted, target_probs).items():
+        if decoder is not None and decoder.sequence_method is not None:
+            sequence_tree, _ = decoder.sequence_tree(drafted, target_probs)
+            emitted_law = tree_emission_law(sequence_tree, decoder.sequence_method)
+        else:
+            emitted_law = emission_law(tree, drafted, target_probs)
+        for emitted, pr in emitted_law.items():
             law[emitted] = law.get(emitted, 0.0) + prob * pr
     return law
 
 
-def _first_tokens_law(tree, book, oracle, context, k):
+def _first_tokens_law(tree, book, oracle, context, k, decoder=None):
     """Exact law of the first k generated tokens (steps chained through the engine's rules)."""
     out = {}
-    for emitted, prob in _step_law(tree, book, oracle, context).items():
+    for emitted, prob in _step_law(tree, book, oracle, context, decoder).items():
         if len(emitted) >= k:
             key = emitted[:k]
             out[key] = out.get(key, 0.0) + prob
         else:
-            rest = _first_tokens_law(tree, book, oracle, context + list(emitted), k - len(emitted))
+            rest = _first_tokens_law(tree, book, oracle, context + list(emitted), k - len(emitted), decoder)
             for tail, pr in rest.items():
                 key = emitted + tail
                 out[key] = out.get(key, 0.0) + prob * pr
@@ -309,6 +325,37 @@ def test_first_two_tokens_follow_target_law(llama, law, verifier, temperature):
         book = RuleBook(law, verifier, widths)
         got = _first_tokens_law(build_tree(widths), book, oracle, PROMPT, 2)
         _assert_same_law(got, want, LAW_TOL)
+
+
+@pytest.mark.parametrize(
+    "verifier,law,widths",
+    [
+        ("block", "iid", (1, 1)),
+        ("traversal", "iid", (2, 1)),
+        ("traversal", "without_replacement", (2, 1)),
+        ("traversal", "greedy", (3,)),
+        ("hybrid", "without_replacement", (2, 1)),
+    ],
+)
+def test_sequence_verifiers_follow_target_law(llama, verifier, law, widths):
+    """Engine with a sequence-level rule: exact law of the first two tokens == target law."""
+    sampling = SamplingConfig(1.0, top_k=TOP_K)
+    oracle = Oracle(llama, sampling)
+    dec = TreeDecoder(llama, TreeConfig.make(widths, law, verifier), sampling, check_attention=False)
+    got = _first_tokens_law(dec.tree, dec.book, oracle, PROMPT, 2, decoder=dec)
+    _assert_same_law(got, _autoregressive_law(oracle, PROMPT, 2), LAW_TOL)
+    out = dec.generate([PROMPT], seed=0)[0]  # and the sampling path runs
+    assert out.stats.steps >= 1
+
+
+def test_sequence_verifier_errors(llama):
+    sampling = SamplingConfig(1.0)
+    with pytest.raises(ValueError, match="block"):
+        TreeDecoder(llama, TreeConfig.make((2, 1), "iid", "block"), sampling, check_attention=False)
+    with pytest.raises(ValueError, match="law"):
+        TreeDecoder(
+            llama, TreeConfig.make((2,), "conditional_poisson", "traversal"), sampling, check_attention=False
+        )
 
 
 @pytest.mark.parametrize(
@@ -394,6 +441,65 @@ def test_sampled_walk_and_drafts_follow_their_exact_laws(law, verifier):
     assert abs(sum(want.values()) - 1.0) < LAW_TOL
     counts = {}
     for _ in range(2000):
+        key = tuple(walk(tree, drafted, target_probs, rng).emitted)
+        counts[key] = counts.get(key, 0) + 1
+    assert _g_test_pvalue(counts, want) > G_TEST_ALPHA
+
+
+@pytest.mark.parametrize("law,verifier", EXACT_PAIRS)
+def test_verification_on_the_union_support_is_exact(law, verifier):
+    """``walk.verify_node`` verifies on the union of the supports of p and q: the output law
+    there, mapped back to token ids, equals the full-vocabulary output law for every drafted
+    set (enumeration, 1e-12), with top-k supports that overlap only partly."""
+    from mdsd.engine.walk import common_support, node_output_law
+    from mdsd.logits import process_logits_row
+
+    gen = np.random.default_rng(3)
+    for _ in range(6):
+        p_row = process_logits_row(gen.normal(size=VOCAB) * 2, 1.0, top_k=4)
+        q_row = process_logits_row(gen.normal(size=VOCAB) * 2, 1.0, top_k=5)
+        p, q = p_row.dense(), q_row.dense()
+        width = 2
+        book = RuleBook(law, verifier, (width,))
+        tokens, p_local, q_local = common_support(p_row, q_row)
+        options, rule = enumerate_children(q, width, book)
+        for drafts, _ in options:
+            full = node_output_law(p, q, drafts, rule)
+            local = node_output_law(p_local, q_local, np.searchsorted(tokens, drafts), rule)
+            mapped = np.zeros(VOCAB)
+            mapped[tokens] = local
+            np.testing.assert_allclose(mapped, full, rtol=0, atol=1e-12)
+
+
+def test_walk_on_supports_follows_emission_law():
+    """The sampled walk with p and q stored on their top-k supports (as the engine stores them)
+    against the exact emission law of the dense vectors: G-test, false-positive rate 1e-4."""
+    from mdsd.engine.walk import walk
+    from mdsd.logits import process_logits_row
+
+    tree = build_tree((3, 1))
+    book = RuleBook("without_replacement", "rrs_without_replacement", tree.widths)
+
+    def logits_of(which, context):
+        return np.random.default_rng([11, which, len(context)] + list(context)).normal(size=8) * 2
+
+    def p_row(context):
+        return process_logits_row(logits_of(0, context), 1.0, top_k=5)
+
+    def q_row(context):
+        return process_logits_row(logits_of(1, context), 1.0, top_k=4)
+
+    drafted_dense, _ = next(iter(_drafted_trees(tree, book, lambda c: q_row(c).dense(), [])))
+    sparse_q = {node: q_row(_path_tokens(tree, drafted_dense, node)) for node in drafted_dense.draft_probs}
+    drafted = DraftedTree(drafted_dense.tokens, drafted_dense.valid, drafted_dense.rules, sparse_q)
+
+    def target_probs(node):
+        return p_row(_path_tokens(tree, drafted, node))
+
+    want = emission_law(tree, drafted_dense, lambda node: target_probs(node).dense())
+    rng = np.random.default_rng(5)
+    counts = {}
+    for _ in range(3000):
         key = tuple(walk(tree, drafted, target_probs, rng).emitted)
         counts[key] = counts.get(key, 0) + 1
     assert _g_test_pvalue(counts, want) > G_TEST_ALPHA
@@ -514,6 +620,23 @@ def test_bench_rows(llama):
         assert r["new_tokens"] == 12 and r["target_calls"] >= 1
         assert r["speedup_vs_autoregressive"] > 0
     assert rows[0]["target_calls"] == 12  # one target call per autoregressive token
+    for r in rows[2:]:  # the per-step profile of tree methods, in autoregressive steps
+        for key in ("draft_level_ar_steps", "target_forward_ar_steps", "overhead_ar_steps"):
+            assert r[key] > 0
+
+
+def test_bench_auto_tree(llama, monkeypatch, tmp_path):
+    from mdsd.engine.bench import run_bench
+
+    monkeypatch.setenv("MDSD_CACHE_DIR", str(tmp_path))
+    sampling = SamplingConfig(0.7, top_k=TOP_K, max_new_tokens=6, stop_on_eos=False)
+    configs = [TreeConfig.make("auto", "without_replacement", "rrs_without_replacement")]
+    rows = run_bench(llama, [PROMPT, [5, 6]], sampling, configs, seed=0, hf=False)
+    auto_row = rows[-1]
+    assert auto_row["method"].startswith("mdsd without_replacement/rrs_without_replacement auto (")
+    assert auto_row["new_tokens"] == 12 and auto_row["predicted_tokens_per_second"] > 0
+    assert auto_row["chosen_tree"] in auto_row["method"]
+    assert list(tmp_path.glob("auto-tree/*.json"))  # the calibration was cached
 
 
 def test_cli_generate_and_bench(tiny):
@@ -601,3 +724,54 @@ def test_cli_generate_notes_full_vocabulary_optimal(tiny):
         res = runner.invoke(app, base + extra)
         assert res.exit_code == 0, res.output
         assert ("--top-k 50" in res.output) == noted, (extra, res.output)
+
+
+# ---------------------------------------------------------------- 6. auto trees
+def _calibration(rates, draft_s, target_s=(1.0, 1.1, 1.3, 1.6, 2.2, 3.4, 5.8)):
+    from mdsd.engine.auto import AcceptanceProfile, Calibration, CostModel
+
+    tokens = (1, 2, 4, 8, 16, 32, 64)
+    cost = CostModel(
+        tokens, tuple(target_s), tuple(draft_s * np.asarray(tokens) ** 0.2), 0.01, (0.01,) * 4, 0.0
+    )
+    return Calibration(AcceptanceProfile(tuple(rates), 100), cost)
+
+
+def test_auto_tree_model():
+    from mdsd.engine.auto import choose_tree, expected_tokens, predict
+
+    rates = (0.6, 0.75, 0.82, 0.86)
+    # E = 1 + a + a^2 for a chain of two single drafts; + a_2 * a_1 for widths (2, 1)
+    assert expected_tokens((1, 1), rates) == pytest.approx(1 + 0.6 + 0.36)
+    assert expected_tokens((2, 1), rates) == pytest.approx(1 + 0.75 + 0.75 * 0.6)
+    cheap = choose_tree(_calibration(rates, draft_s=0.02))
+    assert cheap.widths and cheap.predicted_speedup > 1.0
+    # the choice is the best of every enumerated shape
+    for widths in [(1,), (2, 1), (3, 1, 1), (4, 2, 1, 1), (2, 2, 2)]:
+        assert predict(widths, _calibration(rates, draft_s=0.02)).tokens_per_s <= cheap.tokens_per_s + 1e-12
+    # a draft as slow as the target cannot pay: plain sampling (depth 0)
+    assert choose_tree(_calibration(rates, draft_s=1.0)).widths == ()
+    assert choose_tree(_calibration((0.01, 0.02, 0.03, 0.04), draft_s=0.02)).widths == ()
+
+
+def test_auto_tree_decoder(llama, tmp_path, monkeypatch):
+    sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=6, stop_on_eos=False)
+    config = TreeConfig.make("auto", "without_replacement", "rrs_without_replacement")
+    assert config.tree is None and config.describe().endswith(" auto")
+    dec = TreeDecoder(llama, config, sampling)
+    with pytest.raises(ValueError, match="prompts"):
+        dec.choose_tree([], cache_dir=tmp_path)
+    choice = dec.choose_tree([PROMPT, [4, 4, 2]], cache_dir=tmp_path)
+    assert choice.tokens_per_s >= choice.autoregressive_tokens_per_s
+    assert (dec.tree is None) == (choice.widths == ())
+    out = dec.generate([PROMPT], seed=0)[0]
+    assert len(out.token_ids) == 6
+    # the calibration is cached: a second decoder loads it instead of measuring again
+    import mdsd.engine.auto as auto
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibrated again instead of loading the cache")
+
+    monkeypatch.setattr(auto, "calibrate", refuse)
+    again = TreeDecoder(llama, config, sampling).choose_tree([PROMPT, [4, 4, 2]], cache_dir=tmp_path)
+    assert again == choice

@@ -121,7 +121,7 @@ def test_closed_form_laws_qall_prefixes_match_enumeration(law, rng):
 
 
 def test_pitfall_elementary_symmetric_ratio_differs_from_sequential():
-    """Spec 3.3: q = (0.5, 0.3, 0.2), n = 2, H = first two: 0.5143 sequential vs 0.4839 ratio."""
+    """docs/theory.md §4.3: q = (0.5, 0.3, 0.2), n = 2, H = first two: 0.5143 sequential vs 0.4839 ratio."""
     q = np.array([[0.5, 0.3, 0.2]])
     sequential = mdsd.get_law("without_replacement").qall_prefixes(q, 2)[0, 2]
     ratio = mdsd.get_law("conditional_poisson").qall_prefixes(q, 2)[0, 2]

@@ -61,3 +61,38 @@ def test_bad_logits():
         mdsd.process_logits([-np.inf, -np.inf])
     with pytest.raises(ValueError, match="same shape"):
         mdsd.probs_from_logits(np.zeros(3), np.zeros(4))
+
+
+def test_process_logits_row_equals_process_logits():
+    """The engine's per-row transform on the support keeps the same tokens with the same float64
+    probabilities as ``process_logits``, ties at the top-k boundary and -inf logits included."""
+    from mdsd.logits import process_logits, process_logits_row
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        vocab = int(rng.integers(1, 30))
+        logits = (rng.normal(size=vocab) * 3).astype(np.float32)
+        if rng.random() < 0.5:
+            logits = np.round(logits)  # ties
+        if rng.random() < 0.2 and vocab > 1:
+            logits[rng.integers(0, vocab)] = -np.inf
+        temperature = [0.0, 0.5, 1.0, 1.7][rng.integers(4)]
+        top_k = [None, 1, 2, 5, 40][rng.integers(5)]
+        top_p = [None, 0.3, 0.9, 1.0][rng.integers(4)]
+        want = process_logits(logits, temperature, top_k, top_p)
+        got = process_logits_row(logits, temperature, top_k, top_p)
+        np.testing.assert_array_equal(got.dense() > 0, want > 0)
+        np.testing.assert_allclose(got.dense(), want, rtol=0, atol=1e-15)
+        assert got.support_size == np.count_nonzero(want)
+        if got.indices is not None:
+            assert np.all(np.diff(got.indices) > 0) and np.all(got.values > 0)
+
+
+def test_top_k_indices_tie_rule():
+    from mdsd.logits import top_k_indices
+
+    logits = np.array([1.0, 3.0, 2.0, 3.0, 2.0, 2.0])
+    assert top_k_indices(logits, 1).tolist() == [1]
+    assert top_k_indices(logits, 3).tolist() == [1, 2, 3]  # lower id wins among the tied 2.0s
+    assert top_k_indices(logits, 4).tolist() == [1, 2, 3, 4]
+    assert top_k_indices(logits, 9).tolist() == list(range(6))

@@ -62,7 +62,7 @@ def test_exact_on_edge_cases(name, verifier, law):
 
 
 def test_spechub_hub_close_to_one():
-    """Spec: q_a = 0.99998 must not leave an empty residual with mass still to place."""
+    """docs/theory.md §5.5: q_a = 0.99998 must not leave an empty residual with mass still to place."""
     q = np.array([0.99998, 1e-5, 1e-5])
     p = np.array([0.2, 0.5, 0.3])
     check_exact(p, q, 2, "spechub", "spechub")

@@ -3,7 +3,7 @@
 Sequential sampling without replacement from ``q`` has the law of the arrival order of an
 exponential race: token i arrives at T_i ~ Exp(rate q_i), independently, and the n drafts are the
 first n arrivals. All n drafts lie in H exactly when the n-th arrival from H comes before the first
-arrival from L = V \\ H, which arrives at an Exp(lambda) time with lambda = q(L). Hence (spec 3.2)
+arrival from L = V \\ H, which arrives at an Exp(lambda) time with lambda = q(L). Hence (docs/theory.md §4.1)
 
     Qall(H) = int_0^inf lambda * exp(-lambda t) * P(N_H(t) >= n) dt,
 

@@ -1,4 +1,4 @@
-"""The optimal acceptance rate alpha* of a draft law (Hu et al., ICLR 2025; spec section 3).
+"""The optimal acceptance rate alpha* of a draft law (Hu et al., ICLR 2025; docs/theory.md §3).
 
 For target p, draft q, n drafts from a law with Qall(H) = P(all n drafts lie in H), the best
 acceptance P(y in set(x)) of any verifier that emits y ~ p exactly is the optimal-transport value

@@ -23,9 +23,29 @@ PAIR_KEYS = (
 
 
 def _read_any(path: Path):
-    suffix = path.suffix.lower()
+    """The file's content (array, dict of arrays, or JSON object); errors name the file."""
     if not path.exists():
         raise ValueError(f"input file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"input file {str(path)!r} is a directory")
+    try:
+        return _parse(path)
+    except (ValueError, OSError, EOFError) as err:
+        if str(err).startswith(f"input file {str(path)!r}"):
+            raise
+        raise ValueError(f"input file {str(path)!r}: cannot read it: {err}") from err
+
+
+def _floats(obj, path: Path) -> np.ndarray:
+    """obj as a float64 array; a non-numeric or ragged content names the file."""
+    try:
+        return np.asarray(obj, dtype=np.float64)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"input file {str(path)!r}: not an array of numbers ({err})") from err
+
+
+def _parse(path: Path):
+    suffix = path.suffix.lower()
     if suffix == ".npy":
         return np.load(path, allow_pickle=False)
     if suffix == ".npz":
@@ -44,7 +64,7 @@ def _split_pair(obj, path: Path):
     if isinstance(obj, dict):
         for a, b in PAIR_KEYS:
             if a in obj and b in obj:
-                return np.asarray(obj[a], dtype=np.float64), np.asarray(obj[b], dtype=np.float64)
+                return _floats(obj[a], path), _floats(obj[b], path)
         if len(obj) == 1:
             obj = next(iter(obj.values()))
         else:
@@ -52,7 +72,7 @@ def _split_pair(obj, path: Path):
                 f"{str(path)!r} holds keys {sorted(obj)}; expected one of "
                 f"{[f'{a}/{b}' for a, b in PAIR_KEYS]}"
             )
-    arr = np.asarray(obj, dtype=np.float64)
+    arr = _floats(obj, path)
     if arr.ndim >= 2 and arr.shape[0] == 2:
         return arr[0], arr[1]
     raise ValueError(
@@ -72,8 +92,8 @@ def read_pair(target_path, draft_path=None, *, logits=False, temperature=1.0, to
         p, q = _split_pair(_read_any(target_path), target_path)
     else:
         draft_path = Path(draft_path)
-        p = np.asarray(_single(_read_any(target_path), target_path), dtype=np.float64)
-        q = np.asarray(_single(_read_any(draft_path), draft_path), dtype=np.float64)
+        p = _floats(_single(_read_any(target_path), target_path), target_path)
+        q = _floats(_single(_read_any(draft_path), draft_path), draft_path)
     if logits:
         return probs_from_logits(p, q, temperature, top_k, top_p)
     return p, q

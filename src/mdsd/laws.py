@@ -6,7 +6,7 @@ Each law can
 - give ``Qall(H) = P(all n drafts lie in H)`` for the prefixes of a token order (what the
   sort-and-scan bound needs; greedy and spechub use their closed form for alpha* instead).
 
-Laws (spec section 2):
+Laws (docs/theory.md §2):
 
 ``iid``                  x_i i.i.d. ~ q.                       Qall(H) = q(H)^n.
 ``without_replacement``  x_1 ~ q, x_k ~ q restricted to the tokens not yet drawn (sequential;

@@ -15,6 +15,8 @@ Transform, in order (as in Hugging Face's samplers):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from mdsd._validate import _to_numpy
@@ -49,9 +51,11 @@ def process_logits(
     z = z / temperature
     vocab = z.shape[-1]
     if top_k is not None and top_k < vocab:
-        order = np.argsort(-z, axis=-1, kind="stable")
-        drop = order[..., int(top_k) :]
-        np.put_along_axis(z, drop, -np.inf, axis=-1)
+        keep = np.zeros(z.shape, dtype=bool)
+        rows = z.reshape(-1, vocab)
+        for row, kept in zip(rows, keep.reshape(-1, vocab)):
+            kept[top_k_indices(row, int(top_k))] = True
+        z = np.where(keep, z, -np.inf)
     probs = _softmax(z)
     if top_p is not None and top_p < 1.0:
         order = np.argsort(-probs, axis=-1, kind="stable")
@@ -63,6 +67,86 @@ def process_logits(
         z = np.where(keep, z, -np.inf)
         probs = _softmax(z)
     return probs
+
+
+def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
+    """The k largest entries of a row [V], ascending token ids; ties at the boundary: lower id wins.
+
+    O(V) by ``np.argpartition`` (not a full sort): everything strictly above the k-th largest
+    value is kept, then the lowest ids among the entries equal to it fill the remaining places,
+    the same set a stable descending sort would keep.
+    """
+    vocab = logits.shape[-1]
+    if k >= vocab:
+        return np.arange(vocab)
+    chosen = np.argpartition(logits, vocab - k)[vocab - k :]  # the k largest, ties arbitrary
+    kth = logits[chosen].min()  # the k-th largest value
+    if np.count_nonzero(logits == kth) == np.count_nonzero(logits[chosen] == kth):
+        return np.sort(chosen)  # no tied entry left out: the set is the stable sort's
+    above = np.flatnonzero(logits > kth)
+    tied = np.flatnonzero(logits == kth)[: k - above.size]
+    return np.union1d(above, tied)
+
+
+@dataclass(frozen=True)
+class SupportProbs:
+    """A probability vector stored on its support (the engine's p and q per tree node).
+
+    indices: [k] int64 ascending token ids, or None when the vector is stored densely.
+    values:  [k] float64 probabilities of those tokens (or [V] when dense); they sum to 1.
+    vocab:   V.
+    """
+
+    indices: np.ndarray | None
+    values: np.ndarray
+    vocab: int
+
+    @property
+    def support_size(self) -> int:
+        return int(self.values.size if self.indices is not None else np.count_nonzero(self.values))
+
+    def dense(self) -> np.ndarray:
+        """The probability vector [V] float64."""
+        if self.indices is None:
+            return self.values
+        out = np.zeros(self.vocab)
+        out[self.indices] = self.values
+        return out
+
+    def token(self, position: int) -> int:
+        """Token id of an entry of ``values``."""
+        return int(position if self.indices is None else self.indices[position])
+
+
+def process_logits_row(
+    logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> SupportProbs:
+    """``process_logits`` of one trusted row [V] (float32 or float64), stored on its support.
+
+    The same transform, with the same kept tokens and float64 probabilities (tested equal to
+    ``process_logits``), without its input checks and without touching the whole vocabulary
+    more than a few times: top-k by ``top_k_indices``, softmax and top-p over the kept tokens
+    only. Dense (``indices=None``) only when neither top-k nor temperature 0 truncates.
+    """
+    vocab = logits.shape[-1]
+    if temperature == 0:
+        return SupportProbs(np.array([int(np.argmax(logits))]), np.ones(1), vocab)
+    if top_k is not None and top_k < vocab:
+        indices = top_k_indices(logits, int(top_k))
+        z = logits[indices].astype(np.float64) / temperature
+    else:
+        indices, z = None, logits.astype(np.float64) / temperature
+    probs = _softmax(z)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        sorted_probs = probs[order]
+        kept = np.sort(order[(np.cumsum(sorted_probs) - sorted_probs) < top_p])
+        indices = kept if indices is None else indices[kept]
+        probs = _softmax(z[kept])
+    if indices is not None and not np.all(probs > 0):  # -inf logits that top-k kept
+        nonzero = probs > 0
+        indices, probs = indices[nonzero], probs[nonzero]
+    return SupportProbs(indices, probs, vocab)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 core:  ``mdsd bound``, ``mdsd compare``
 decode: ``mdsd generate``, ``mdsd bench``
 experiments: ``mdsd measure``, ``mdsd report``
+audit: ``mdsd audit`` (mdsd.testing)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ app = typer.Typer(
 )
 
 # Command modules register themselves on `app` when imported.
-from mdsd.cli import core, decode, experiments  # noqa: E402,F401
+from mdsd.cli import audit, core, decode, experiments  # noqa: E402,F401
 
 
 def main() -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
 from typing import Annotated
 
 import typer
 
 from mdsd.cli import app
-from mdsd.cli.core import console, fail
+from mdsd.cli.core import check_model_path, console, fail, progress_display, sampling_options
 
 TargetOpt = Annotated[
     str | None, typer.Option("--target", help="Target model directory (default: the bundled target).")
@@ -22,14 +24,22 @@ DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU).")
 ]
 TreeOpt = Annotated[
-    str | None, typer.Option("--tree", help="Widths per depth, e.g. 3,2,1 (or 3x4 = --drafts 3 --depth 4).")
+    str | None,
+    typer.Option(
+        "--tree",
+        help="Widths per depth, e.g. 3,2,1 (or 3x4 = --drafts 3 --depth 4), or 'auto': the shape "
+        "of highest predicted tokens/s from a calibration of the pair on this machine "
+        "(possibly plain sampling).",
+    ),
 ]
 DraftsOpt = Annotated[int, typer.Option("--drafts", "-n", help="Drafts at the first position.")]
 DepthOpt = Annotated[int, typer.Option("--depth", help="Tree depth (chains below the first level).")]
 LawOpt = Annotated[str | None, typer.Option("--law", help="Draft law (default: the verifier's own law).")]
 VerifierOpt = Annotated[str, typer.Option("--verifier", help="Verifier name.")]
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Temperature (0 = greedy).")]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")]
+TopKOpt = Annotated[
+    int | None, typer.Option("--top-k", help="Keep the k most likely tokens (0: no truncation).")
+]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus mass to keep.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-m", help="Tokens to generate.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run (numpy Generator).")]
@@ -41,7 +51,8 @@ ThreadsOpt = Annotated[
         "for small models on a busy CPU).",
     ),
 ]
-NoEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end of sequence.")]
+NoEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end of sequence.", metavar="")]
+SMALL_MACHINE_CORES = 4  # on this many cores or fewer, bench defaults to one torch thread
 
 
 def _tree_text(tree: str | None, drafts: int, depth: int) -> str:
@@ -54,7 +65,7 @@ def optimal_needs_top_k(config, top_k: int | None) -> bool:
     50, seconds at a full vocabulary (docs/optimal.md)."""
     if config.verifier != "optimal" or top_k is not None:
         return False
-    widest = max(config.tree.widths)
+    widest = 4 if config.tree is None else max(config.tree.widths)  # auto: up to 4 drafts
     return (config.law == "conditional_poisson" and widest >= 2) or (
         config.law == "without_replacement" and widest >= 3
     )
@@ -67,9 +78,84 @@ def _load(target, draft, device, dtype, threads):
 
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    return load_pair(target=target, draft=draft, device=device, dtype=dtype)
+    check_model_path("--target", target)
+    check_model_path("--draft", draft)
+    try:
+        return load_pair(target=target, draft=draft, device=device, dtype=dtype)
+    except OSError as err:  # hub ids that cannot be resolved, unreadable weights
+        raise ValueError(
+            f"cannot load the model pair ({target or 'bundled'}, {draft or 'bundled'}): {err}"
+        ) from err
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Silence library deprecation notices during a bench (transformers logs one per HF assisted
+    call, e.g. about generation_config, which tears the progress bar; they are not the user's to
+    fix); restores the previous settings."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def _bench_texts(prompts_file, domain, prompts) -> list[str]:
+    """The prompts of a bench run: the first ``prompts`` of ``prompts_file`` (JSONL records with a
+    ``prompt`` field like the bundled sets, or plain text, one prompt per line) or of the bundled
+    held-out prompts (domains alternating unless ``domain`` is given)."""
+    from mdsd.models import bundled_prompts
+
+    if prompts_file is not None:
+        rows = _read_prompts_file(prompts_file)
+        if domain is not None:
+            rows = [r for r in rows if r.get("domain") == domain]
+            if not rows:
+                raise ValueError(f"--prompts-file {str(prompts_file)!r} has no prompt of domain {domain!r}")
+        return [r["prompt"] for r in rows][:prompts]
+    rows = bundled_prompts(domain)
+    if domain is None:  # alternate the domains
+        by = {}
+        for r in rows:
+            by.setdefault(r["domain"], []).append(r["prompt"])
+        return [t for group in zip(*by.values()) for t in group][:prompts]
+    return [r["prompt"] for r in rows][:prompts]
+
+
+def _read_prompts_file(path) -> list[dict]:
+    """Records {'prompt', 'domain'?} from a .jsonl file, else one prompt per non-empty line."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompts-file {str(path)!r} does not exist")
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--prompts-file {str(path)!r}: cannot read it ({err})") from None
+    if not lines:
+        raise ValueError(f"--prompts-file {str(path)!r} holds no prompt")
+    if path.suffix.lower() != ".jsonl":
+        return [{"prompt": line} for line in lines]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--prompts-file {str(path)!r} line {number}: not JSON ({err})") from None
+        text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"--prompts-file {str(path)!r} line {number}: no 'prompt' string field")
+        rows.append({"prompt": text, "domain": record.get("domain")})
+    return rows
 
 
 @app.command()
@@ -97,6 +183,7 @@ def generate(
     """Generate text with multi-draft tree speculative decoding (streams to stdout)."""
     from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
 
+    temperature, top_k, top_p = sampling_options(temperature, top_k, top_p, default_temperature=0.7)
     try:
         sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
         config = TreeConfig.make(_tree_text(tree, drafts, depth), law, verifier)
@@ -125,6 +212,13 @@ def generate(
         result = decoder.generate([prompt], seed=seed, on_tokens=stream)[0]
     except ValueError as err:
         fail(str(err))
+    if decoder.auto_choice is not None:
+        choice = decoder.auto_choice
+        typer.echo(
+            f"auto tree: {choice.describe()} (predicted {choice.tokens_per_s:.1f} tokens/s, "
+            f"{choice.predicted_speedup:.2f}x autoregressive)",
+            err=True,
+        )
     metrics = result.stats.as_dict() | {"stop_reason": result.stop_reason, "config": config.describe()}
     if as_json:
         typer.echo(
@@ -171,7 +265,15 @@ def bench(
             help="LAW:VERIFIER:TREE, repeatable (default: a single-draft chain and multi-draft trees).",
         ),
     ] = None,
-    prompts: Annotated[int, typer.Option("--prompts", help="Number of held-out prompts.")] = 6,
+    prompts: Annotated[int, typer.Option("--prompts", help="Number of prompts.")] = 6,
+    prompts_file: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts-file",
+            help="Prompts to use: JSONL like the bundled sets ({'prompt': ..., 'domain': ...}) or "
+            "plain text, one prompt per line (default: the bundled held-out prompts).",
+        ),
+    ] = None,
     domain: Annotated[
         str | None, typer.Option("--domain", help="Prompt domain (code, prose; default: alternate both).")
     ] = None,
@@ -180,37 +282,50 @@ def bench(
     top_p: TopPOpt = None,
     max_new_tokens: MaxNewOpt = 64,
     seed: SeedOpt = 0,
-    threads: ThreadsOpt = None,
-    no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip HF assisted generation.")] = False,
-    ignore_eos: NoEosOpt = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help=f"torch intra-op threads (default: 1 on machines with <= {SMALL_MACHINE_CORES} cores, "
+            "else torch's choice). CPU speedups depend on it.",
+        ),
+    ] = None,
+    no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip HF assisted generation.", metavar="")] = False,
+    ignore_eos: Annotated[
+        bool,
+        typer.Option(
+            "--ignore-eos/--stop-at-eos",
+            help="Generate max-new-tokens per prompt (equal work per method) or stop at end of sequence.",
+            metavar="",
+        ),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.", metavar="")] = False,
 ):
     """Autoregressive vs HF assisted generation vs mdsd trees: same prompts, seeds, transform."""
-    from rich.progress import Progress
+    import os
+
+    from rich.console import Console
     from rich.table import Table
 
     from mdsd.engine import SamplingConfig
     from mdsd.engine.bench import DEFAULT_CONFIGS, run_bench
-    from mdsd.models import bundled_prompts
 
+    temperature, top_k, top_p = sampling_options(temperature, top_k, top_p, default_temperature=0.7)
+    if threads is None and (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:
+        threads = 1
     try:
         sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
         specs = config or [":".join(c) for c in DEFAULT_CONFIGS]
         configs = [_parse_config(c) for c in specs]
         if prompts < 1:
-            raise ValueError(f"prompts must be >= 1, got {prompts}")
+            raise ValueError(f"--prompts must be >= 1, got {prompts}")
+        texts = _bench_texts(prompts_file, domain, prompts)
         pair = _load(target, draft, device, dtype, threads)
-        rows = bundled_prompts(domain)
-        if domain is None:  # alternate the domains
-            by = {}
-            for r in rows:
-                by.setdefault(r["domain"], []).append(r["prompt"])
-            texts = [t for group in zip(*by.values()) for t in group]
-        else:
-            texts = [r["prompt"] for r in rows]
-        texts = texts[:prompts]
         methods = (1 if no_hf else 2) + len(configs)
-        with Progress(transient=True, disable=as_json) as progress:
+        with (
+            progress_display(Console(stderr=True), disable=as_json, transient=True) as progress,
+            _quiet_libraries(),
+        ):
             task = progress.add_task("bench", total=methods * len(texts))
 
             def tick(name):
@@ -228,7 +343,7 @@ def bench(
         return
     table = Table(
         title=f"{pair.name}: {len(texts)} prompts, T = {temperature}, top-k {top_k}, "
-        f"top-p {top_p}, {max_new_tokens} new tokens, seed {seed}"
+        f"top-p {top_p}, {max_new_tokens} new tokens, seed {seed}, {threads or 'default'} torch threads"
     )
     for col in (
         "method",
@@ -238,6 +353,7 @@ def bench(
         "tokens/step",
         "accept by depth",
         "draft/target/verify s",
+        "AR steps: draft level/target/other",
         "tokens/s",
         "vs AR",
         "vs HF",
@@ -257,13 +373,22 @@ def bench(
             f(r["block_efficiency"], ".2f"),
             depth,
             "/".join(f(r[k], ".2f") for k in ("draft_time_s", "target_time_s", "verify_time_s")),
+            "/".join(
+                f(r.get(k), ".2f")
+                for k in ("draft_level_ar_steps", "target_forward_ar_steps", "overhead_ar_steps")
+            ),
             f(r["tokens_per_second"], ".1f"),
             f(r["speedup_vs_autoregressive"], ".2f"),
             f(r["speedup_vs_hf_assisted"], ".2f"),
         )
     wide = console()
     if not wide.is_terminal:
-        from rich.console import Console
-
         wide = Console(width=200)
     wide.print(table)
+    for r in result:
+        if "chosen_tree" in r:
+            wide.print(
+                f"{r['method']}: predicted {r['predicted_tokens_per_second']:.1f} tokens/s "
+                f"({r['predicted_speedup_vs_autoregressive']:.2f}x autoregressive), measured "
+                f"{f(r['tokens_per_second'], '.1f')} tokens/s ({f(r['speedup_vs_autoregressive'], '.2f')}x)"
+            )

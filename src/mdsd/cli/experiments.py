@@ -9,42 +9,52 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mdsd.cli import app
-from mdsd.experiments.config import ALL_LAWS, DEFAULT, MeasureConfig
+from mdsd.cli.core import check_model_path, fail, parse_names, progress_display
+from mdsd.experiments.config import DEFAULT, MeasureConfig
+from mdsd.experiments.vocabulary import MEASURED_LAWS
 from mdsd.laws import LAWS
 from mdsd.verifiers import VERIFIERS
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
+    """'0.3,0.7' -> (0.3, 0.7); empty items ('0.3,,0.7') are refused."""
     try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError as err:
-        raise typer.BadParameter(f"{what} must be a comma list of numbers, got {text!r}") from err
-    if not values:
-        raise typer.BadParameter(f"{what} is empty")
-    return values
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        fail(f"{what} must be a comma list of numbers like 0.3,0.7, got {text!r}")
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
     values = _floats(text, what)
     if any(v != int(v) or v < 1 for v in values):
-        raise typer.BadParameter(f"{what} must be positive integers, got {text!r}")
+        fail(f"{what} must be positive integers, got {text!r}")
     return tuple(int(v) for v in values)
 
 
 def _names(text: str | None, registry, what: str) -> tuple[str, ...] | None:
     if text is None:
         return None
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    for name in names:
-        if name not in registry:
-            raise typer.BadParameter(f"unknown {what} {name!r}; choose from {sorted(registry)}")
-    return names
+    try:
+        return tuple(parse_names(text, registry, what))
+    except ValueError as err:
+        fail(str(err))
 
 
-def _progress_factory(progress: Progress):
+def _subsample(text: str) -> tuple[str, ...]:
+    """'optimal,rrs:iid' -> ('optimal', 'rrs:iid'); 'none' or '' -> ()."""
+    entries = tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
+    for entry in entries:
+        verifier, _, law = entry.partition(":")
+        if verifier not in VERIFIERS:
+            fail(f"--subsample: unknown verifier {verifier!r}; choose from {sorted(VERIFIERS)}")
+        if law and law not in LAWS:
+            fail(f"--subsample: unknown law {law!r} in {entry!r}")
+    return entries
+
+
+def _progress_factory(progress):
     def make(phase: str, total: int):
         task = progress.add_task(phase, total=total)
 
@@ -76,7 +86,7 @@ def measure(
     n: Annotated[str, typer.Option("--n", "-n", help="Comma list of draft counts.")] = ",".join(
         map(str, DEFAULT.ns)
     ),
-    laws: Annotated[str, typer.Option(help="Comma list of draft laws.")] = ",".join(ALL_LAWS),
+    laws: Annotated[str, typer.Option(help="Comma list of draft laws.")] = ",".join(MEASURED_LAWS),
     verifiers: Annotated[
         str | None, typer.Option(help="Comma list of verifiers; default: every registered one.")
     ] = None,
@@ -92,13 +102,31 @@ def measure(
     mc_samples: Annotated[
         int, typer.Option(help="Draft sets per position where no exact rate exists (Monte Carlo).")
     ] = DEFAULT.mc_samples,
-    verifier_budget: Annotated[
-        float,
+    subsample: Annotated[
+        str,
         typer.Option(
-            help="Analysis seconds per verifier over the sweep; slower verifiers are rated on a random "
-            "subsample of positions (0: no limit)."
+            help="Comma list of VERIFIER or VERIFIER:LAW rated on a seeded subsample of positions "
+            "('none': rate everything on every position)."
         ),
-    ] = DEFAULT.verifier_budget,
+    ] = ",".join(DEFAULT.subsample),
+    subsample_positions: Annotated[
+        int,
+        typer.Option(
+            help="Positions per (dataset, T) of the --subsample pairs, chosen by the seed "
+            "(0: every position, a fully exact run)."
+        ),
+    ] = DEFAULT.subsample_positions,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Local analysis processes (default: min(cores, 4)); results do not depend on it."),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the analysis on an existing Dask cluster at this scheduler address "
+            "(tcp://host:8786; needs mdsd[cluster]); results do not depend on it."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for generation and Monte Carlo.")] = DEFAULT.seed,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = DEFAULT.device,
     threads: Annotated[
@@ -107,7 +135,16 @@ def measure(
     ] = 1,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/measure"),
     cache: Annotated[Path | None, typer.Option(help="Logit cache directory; default OUT/cache.")] = None,
-    report: Annotated[bool, typer.Option(help="Also write OUT/report.md.")] = True,
+    report: Annotated[bool, typer.Option(help="Also write OUT/report.md.", metavar="")] = True,
+    capture_only: Annotated[
+        bool,
+        typer.Option(
+            "--capture-only",
+            help="Only fill the logit cache (e.g. on a GPU machine), then stop; analyse later from "
+            "the cache (--cache), anywhere.",
+            metavar="",
+        ),
+    ] = False,
 ) -> None:
     """Measure acceptance rates and alpha* on a model pair (Hu et al. 2025, Table 1, Figs 1-2).
 
@@ -115,9 +152,28 @@ def measure(
 
     Rates are exact where the core allows; Monte Carlo otherwise (marked in the outputs).
     """
+    from mdsd.experiments.parallel import dask_runner, default_workers, process_runner
     from mdsd.experiments.report import render_report
     from mdsd.experiments.sweep import run_sweep
 
+    if any(t <= 0 for t in _floats(temperatures, "--temperatures")):
+        fail("--temperatures must be > 0")
+    if max_new_tokens < 1 or num_prompts < 1:
+        fail("--max-new-tokens and --num-prompts must be >= 1")
+    if mc_samples < 2:
+        fail(f"--mc-samples must be >= 2, got {mc_samples}")
+    if top_k < 0:
+        fail(f"--top-k must be >= 0 (0: no truncation), got {top_k}")
+    if subsample_positions < 0:
+        fail(f"--subsample-positions must be >= 0 (0: every position), got {subsample_positions}")
+    if workers is not None and workers < 1:
+        fail(f"--workers must be >= 1, got {workers}")
+    if workers is not None and cluster is not None:
+        fail("give --workers or --cluster, not both")
+    if prompts is not None and not prompts.is_file():
+        fail(f"--prompts: file {str(prompts)!r} does not exist")
+    for flag, value in (("--target", target), ("--draft", draft)):
+        check_model_path(flag, value)
     config = MeasureConfig(
         target=target,
         draft=draft,
@@ -133,32 +189,44 @@ def measure(
         device=device,
         mc_samples=mc_samples,
         threads=threads or None,
-        verifier_budget=verifier_budget or None,
+        subsample=_subsample(subsample),
+        subsample_positions=subsample_positions or None,
     )
-    if any(t <= 0 for t in config.temperatures):
-        raise typer.BadParameter("--temperatures must be > 0")
-    if max_new_tokens < 1 or num_prompts < 1 or mc_samples < 2 or top_k < 0:
-        raise typer.BadParameter(
-            "--max-new-tokens, --num-prompts must be >= 1, --mc-samples >= 2, --top-k >= 0"
-        )
+    if cluster is not None:
+        runner, described = dask_runner(cluster), f"Dask cluster {cluster}"
+    else:
+        count = default_workers() if workers is None else workers
+        runner, described = process_runner(count), f"{count} local process" + ("es" if count > 1 else "")
     console = Console(stderr=True)
     command = "mdsd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console) as progress:
+        with progress_display(console) as progress:
             run = run_sweep(
-                config, out, cache_root=cache, command=command, progress=_progress_factory(progress)
+                config,
+                out,
+                cache_root=cache,
+                command=command,
+                progress=_progress_factory(progress),
+                runner=runner,
+                workers=described,
+                capture_only=capture_only,
             )
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
+    except (ValueError, FileNotFoundError, OSError) as err:
+        fail(str(err))
+    if capture_only:
+        console.print(
+            f"cached {run['cache_dir']} in {run['wall_s']:.0f} s ({run['generated_files']} sequences "
+            f"generated, {run['cached_files']} from cache); analyse with the same options and "
+            "--cache pointing at the cache root"
+        )
+        return
     if report:
         render_report(out, replot=False)
     console.print(
         f"wrote {out}/results.csv, results.json, table1.md, figures"
         + (", report.md" if report else "")
-        + f" in {run['wall_s']:.0f} s ({run['generated_files']} sequences generated, "
-        f"{run['cached_files']} from cache)"
+        + f" in {run['wall_s']:.0f} s (analysis on {described}; {run['generated_files']} "
+        f"sequences generated, {run['cached_files']} from cache)"
     )
 
 
@@ -174,6 +242,5 @@ def report_command(
     try:
         path = render_report(directory, n=n, temperature=temperature)
     except FileNotFoundError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
+        fail(str(err))
     Console(stderr=True).print(f"wrote {path}")

@@ -1,11 +1,13 @@
-"""Multi-draft tree speculative decoding on Hugging Face models (spec section 6).
+"""Multi-draft tree speculative decoding on Hugging Face models (docs/theory.md §7).
 
 Layers, bottom up:
 
 - :mod:`mdsd.engine.tree`: tree shapes built once into a frozen :class:`DraftTree`;
 - :mod:`mdsd.engine.walk`: drafting rules and node-by-node verification in numpy, plus
   :func:`emission_law`, the exact law of what a step emits (used by the tests);
-- :mod:`mdsd.engine.models`: 4-D-mask tree forwards and KV-cache surgery on HF models;
+- :mod:`mdsd.engine.runner`: 4-D-mask tree forwards and KV-cache surgery on HF models
+  (``ModelRunner``); :mod:`mdsd.engine.static_llama`: the lean Llama-family forward;
+- :mod:`mdsd.engine.auto`: ``--tree auto`` (calibration, cost model, shape search);
 - :mod:`mdsd.engine.decode`: :class:`TreeDecoder` and the :class:`Autoregressive` baseline;
 - :mod:`mdsd.engine.bench`: the benchmark behind ``mdsd bench``.
 

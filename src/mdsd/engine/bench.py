@@ -57,11 +57,11 @@ class MethodResult:
 
 
 class _CallCounter:
-    """Counts forward calls of a module (a forward hook), whoever makes them."""
+    """Counts forward calls of a module (a forward hook), whoever makes them through it."""
 
     def __init__(self, module):
         self.count = 0
-        self._handle = module.register_forward_hook(self._hook)
+        self._handle = module.register_forward_hook(self._hook)  # the decoder stack: every forward
 
     def _hook(self, *args):
         self.count += 1
@@ -146,6 +146,34 @@ class _HFAssisted:
         self.stats.sequences += 1
 
 
+def _own_calls(method) -> int:
+    """Target forwards an mdsd decoder made through a runner that no forward hook sees."""
+    from mdsd.engine.static_llama import StaticLlamaRunner
+
+    decoder = getattr(method, "decoder", None)
+    runner = getattr(getattr(decoder, "_plain", None) or decoder, "target", None)
+    return method.stats.target_calls if isinstance(runner, StaticLlamaRunner) else 0
+
+
+def _add_profile(rows: list[dict], results: list[MethodResult]) -> None:
+    """Per step of each tree method, in autoregressive steps of the same run (AR time / token):
+    ``draft_level_ar_steps`` (draft forward + output layer per level), ``target_forward_ar_steps``
+    (the tree forward + output layer of the visited rows), ``overhead_ar_steps`` (everything
+    outside the two models: sampling transform, drafting, verification, cache bookkeeping)."""
+    base = next((r.stats for r in results if r.name == "autoregressive"), None)
+    if base is None or not base.new_tokens:
+        return
+    ar_step = base.total_time / base.new_tokens
+    for row, result in zip(rows, results):
+        s = result.stats
+        if not s.steps or not s.depth:
+            continue
+        outside = s.total_time - s.draft_model_time - s.target_model_time
+        row["draft_level_ar_steps"] = s.draft_model_time / (s.steps * s.depth) / ar_step
+        row["target_forward_ar_steps"] = s.target_model_time / s.steps / ar_step
+        row["overhead_ar_steps"] = outside / s.steps / ar_step
+
+
 def run_bench(
     pair,
     prompts: Sequence,
@@ -168,13 +196,18 @@ def run_bench(
     if hf:
         methods.append(_HFAssisted(pair, sampling))
     for config in configs:
-        methods.append(_DecoderMethod(f"mdsd {config.describe()}", TreeDecoder(pair, config, sampling)))
+        decoder = TreeDecoder(pair, config, sampling)
+        name = f"mdsd {config.describe()}"
+        if config.tree is None:  # auto: calibrate on these prompts, name the chosen shape
+            choice = decoder.choose_tree(prompts)
+            name += f" ({choice.describe()})"
+        methods.append(_DecoderMethod(name, decoder))
     for method in methods:
         method.warm_up(prompts[0], seed)
     counters = {}
     for i, prompt in enumerate(prompts):
         for method in methods:
-            counter = _CallCounter(pair.target)
+            counter = _CallCounter(pair.target.base_model)
             try:
                 method.run(prompt, seed, i)
             finally:
@@ -188,8 +221,16 @@ def run_bench(
         if isinstance(method, _HFAssisted):
             stats.target_calls = counters[method.name]
             stats.draft_time = stats.target_time = stats.verify_time = float("nan")  # unmeasured
-        results.append(MethodResult(method.name, stats, counters[method.name]))
+        # mdsd's lean runner bypasses the module the hook watches: its own count is added
+        results.append(MethodResult(method.name, stats, counters[method.name] + _own_calls(method)))
     rows = [r.row() for r in results]
+    _add_profile(rows, results)
+    for row, method in zip(rows, methods):
+        choice = getattr(getattr(method, "decoder", None), "auto_choice", None)
+        if choice is not None:
+            row["chosen_tree"] = choice.describe()
+            row["predicted_tokens_per_second"] = choice.tokens_per_s
+            row["predicted_speedup_vs_autoregressive"] = choice.predicted_speedup
     base = {r["method"]: r["tokens_per_second"] for r in rows}
     for row in rows:
         tps = row["tokens_per_second"]

@@ -1,7 +1,7 @@
 """Multi-draft tree speculative decoding on a Hugging Face target/draft pair, and the
 autoregressive baseline.
 
-One decoding step (spec section 6), for a committed sequence s of length L whose last token (the
+One decoding step (docs/theory.md §7), for a committed sequence s of length L whose last token (the
 root) is not yet in the target's cache:
 
 1. Draft: the draft model expands the tree level by level, one forward per level with its KV
@@ -29,13 +29,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mdsd.engine.models import ModelRunner, check_supported, check_tree_attention, context_length
+from mdsd.engine.runner import check_supported, check_tree_attention, context_length
+from mdsd.engine.static_llama import make_runner
 from mdsd.engine.tree import DraftTree, build_tree, parse_tree
-from mdsd.engine.walk import DraftedTree, RuleBook, draft_children, walk
-from mdsd.logits import process_logits
+from mdsd.engine.walk import DraftedTree, RuleBook, WalkResult, as_support, draft_children, walk
+from mdsd.logits import SupportProbs, process_logits, process_logits_row
 from mdsd.sampling import categorical
 
 LOW_ACCEPTANCE_WARNING = 0.1
+SEQUENCE_VERIFIERS = {  # sequence-level rules (mdsd.sequence): name -> tree method
+    "traversal": "traversal",  # Traversal Verification, arXiv 2505.12398
+    "hybrid": "hybrid",  # node steps at branching nodes, block verification on chains
+    "block": "traversal",  # block verification (arXiv 2403.10444) = traversal on a chain
+}
 NATURAL_VERIFIER = {  # the verifier used when only a law is named
     "iid": "rrs",
     "without_replacement": "rrs_without_replacement",
@@ -74,23 +80,32 @@ class SamplingConfig:
         """float64 sampling probabilities from logits [..., V] (``mdsd.logits.process_logits``)."""
         return process_logits(logits, self.temperature, self.top_k, self.top_p)
 
+    def row_probs(self, logits: np.ndarray) -> SupportProbs:
+        """The same transform of one trusted logits row [V], stored on its support
+        (``mdsd.logits.process_logits_row``: the engine's fast path, tested equal to ``probs``)."""
+        return process_logits_row(logits, self.temperature, self.top_k, self.top_p)
+
 
 @dataclass(frozen=True)
 class TreeConfig:
     """Tree shape, draft law and verifier of a speculative run."""
 
-    tree: DraftTree = field(default_factory=lambda: build_tree((3, 1, 1, 1)))
+    tree: DraftTree | None = field(default_factory=lambda: build_tree((3, 1, 1, 1)))  # None: auto
     law: str | None = "without_replacement"
     verifier: str = "rrs_without_replacement"
 
     @classmethod
     def make(cls, tree="3x4", law=None, verifier=None) -> TreeConfig:
-        """From a tree spec ("3x4", "3,2,1", widths or a DraftTree), a law and a verifier.
+        """From a tree spec ("3x4", "3,2,1", widths, a DraftTree or "auto"), a law and a verifier.
 
-        Defaults: no law and no verifier = without_replacement / rrs_without_replacement; a law
-        alone gets its natural verifier (``NATURAL_VERIFIER``); a verifier alone its own law.
+        ``"auto"``: the decoder chooses the shape (possibly plain sampling) from a calibration of
+        the pair on this machine (``mdsd.engine.auto``). Defaults: no law and no verifier =
+        without_replacement / rrs_without_replacement; a law alone gets its natural verifier
+        (``NATURAL_VERIFIER``); a verifier alone its own law.
         """
-        if isinstance(tree, str):
+        if isinstance(tree, str) and tree.strip().lower() == "auto":
+            tree = None
+        elif isinstance(tree, str):
             tree = parse_tree(tree)
         elif not isinstance(tree, DraftTree):
             tree = build_tree(tree)
@@ -98,10 +113,14 @@ class TreeConfig:
             if law is None:
                 law = "without_replacement"
             verifier = NATURAL_VERIFIER.get(law, "sample_check")
+        elif verifier in SEQUENCE_VERIFIERS and law is None:
+            law = "iid" if verifier == "block" else "without_replacement"
         return cls(tree, law, verifier)
 
     def describe(self) -> str:
         """Short name, e.g. ``without_replacement/rrs_without_replacement 3x4``."""
+        if self.tree is None:
+            return f"{self.law or 'default'}/{self.verifier} auto"
         widths = self.tree.widths
         shape = f"{widths[0]}x{len(widths)}" if all(w == 1 for w in widths[1:]) else self.tree.describe()
         return f"{self.law or 'default'}/{self.verifier} {shape}"
@@ -127,6 +146,8 @@ class DecodeStats:
     target_time: float = 0.0
     verify_time: float = 0.0
     total_time: float = 0.0
+    draft_model_time: float = 0.0  # inside the draft's forwards and output layer
+    target_model_time: float = 0.0  # inside the target's forwards and output layer
 
     def __post_init__(self):
         for name in ("depth_tries", "depth_accepts", "depth_expected"):
@@ -149,6 +170,8 @@ class DecodeStats:
             "target_time",
             "verify_time",
             "total_time",
+            "draft_model_time",
+            "target_model_time",
         ):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("depth_tries", "depth_accepts", "depth_expected"):
@@ -171,7 +194,8 @@ class DecodeStats:
 
     @property
     def acceptance_by_depth(self) -> list[float]:
-        """P(accept at depth d | verification reached depth d), d = 1..D (Rao-Blackwellised)."""
+        """P(accept at depth d | verification reached depth d), d = 1..D: the mean of the exact
+        acceptance given the drafts (``exact_acceptance=True``) or of the 0/1 outcomes."""
         return [e / t if t else float("nan") for e, t in zip(self.depth_expected, self.depth_tries)]
 
     @property
@@ -193,6 +217,8 @@ class DecodeStats:
             "target_time_s": self.target_time,
             "verify_time_s": self.verify_time,
             "total_time_s": self.total_time,
+            "draft_model_time_s": self.draft_model_time,
+            "target_model_time_s": self.target_model_time,
             "tokens_per_second": self.tokens_per_second,
         }
 
@@ -245,6 +271,13 @@ def check_context(pair, prompt_ids: list[int], lookahead: int) -> int | None:
     return ctx
 
 
+def _capacity(prompt_ids: list[int], sampling: SamplingConfig, lookahead: int, ctx: int | None) -> int:
+    """Cache entries a run can need: the committed tokens (at most the prompt + new tokens, and
+    the context) plus one step's uncommitted entries (``lookahead``: the tree's nodes)."""
+    committed = len(prompt_ids) + sampling.max_new_tokens
+    return (committed if ctx is None else min(committed, ctx)) + lookahead + 1
+
+
 def _finish(emitted: list[int], budget: int, eos: set[int], stop_on_eos: bool):
     """Truncate a step's tokens at the budget / first EOS; returns (tokens, stop reason or None)."""
     if stop_on_eos and eos:
@@ -292,11 +325,11 @@ class _Decoder:
 class Autoregressive(_Decoder):
     """Plain sampling from the target with its KV cache (the baseline), same transform."""
 
-    def __init__(self, pair, sampling: SamplingConfig):
+    def __init__(self, pair, sampling: SamplingConfig, *, static_cache: bool = True):
         _check_pair(pair)
         self.pair = pair
         self.sampling = sampling
-        self.target = ModelRunner(pair.target)
+        self.target = make_runner(pair.target, static_cache)
         self.eos = eos_ids(pair)
 
     @torch.inference_mode()
@@ -307,14 +340,16 @@ class Autoregressive(_Decoder):
         ctx = check_context(self.pair, ids, 1)
         stats = DecodeStats(depth=0, sequences=1)
         start = time.perf_counter()
-        self.target.reset()
+        self.target.reset(_capacity(ids, self.sampling, 1, ctx))
         self.target.calls = 0
+        self.target.model_time = 0.0
         pending, out, reason = ids, [], "length"
         while True:
             t0 = time.perf_counter()
             logits = self.target.causal(np.asarray(pending), keep=1)[0]
             t1 = time.perf_counter()
-            token = int(categorical(self.sampling.probs(logits), rng))
+            probs = self.sampling.row_probs(logits)
+            token = probs.token(int(categorical(probs.values, rng)))
             stats.target_time += t1 - t0
             stats.verify_time += time.perf_counter() - t1
             stats.target_calls += 1
@@ -332,62 +367,159 @@ class Autoregressive(_Decoder):
                 break
             pending = [token]
         stats.new_tokens = len(out)
+        stats.target_model_time = self.target.model_time
         stats.total_time = time.perf_counter() - start
         return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
 
 
 # ---------------------------------------------------------------------- tree decoding
+@dataclass(frozen=True)
+class StepRecord:
+    """The last step of a ``TreeDecoder``, kept for inspection and tests.
+
+    drafted: the drafted tree; target_hidden: the target's final hidden states [N + 1, H] of the
+    root and every node (``decoder.target.logits(target_hidden)`` gives their logits); result:
+    the verification walk.
+    """
+
+    drafted: DraftedTree
+    target_hidden: torch.Tensor
+    result: object
+
+
 class TreeDecoder(_Decoder):
     """Multi-draft tree speculative decoding (see the module docstring).
 
     >>> dec = TreeDecoder(load_pair(), TreeConfig.make("3x4"), SamplingConfig(0.7))  # doctest: +SKIP
     >>> dec.generate(["def f(x):"], seed=0)[0].text                                   # doctest: +SKIP
 
+    ``static_cache=True`` runs Llama-family models (llama, mistral, qwen2) through the lean
+    forward over a preallocated cache (``mdsd.engine.static_llama``); False, or other models,
+    use Hugging Face's forward with its ``DynamicCache``. Both give the same logits (tested).
+    ``exact_acceptance=True`` makes ``stats.acceptance_by_depth`` Rao-Blackwellised (the exact
+    acceptance given the drafts at every visited node, one output law per node); by default it
+    averages the 0/1 outcomes, which costs nothing.
+
     Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
     tree width larger than the vocabulary for laws drawing distinct tokens, unsupported models
     (naming ``target`` / ``draft``) and mismatched vocabularies.
     """
 
-    def __init__(self, pair, config: TreeConfig, sampling: SamplingConfig, *, check_attention: bool = True):
+    def __init__(
+        self,
+        pair,
+        config: TreeConfig,
+        sampling: SamplingConfig,
+        *,
+        check_attention: bool = True,
+        exact_acceptance: bool = False,
+        static_cache: bool = True,
+    ):
         _check_pair(pair)
         check_supported(pair.target, "target")
         check_supported(pair.draft, "draft")
         self.pair = pair
         self.config = config
         self.sampling = sampling
-        self.tree = config.tree
-        self.book = RuleBook(config.law, config.verifier, self.tree.widths)
+        self.exact_acceptance = exact_acceptance
+        self.static_cache = static_cache
         self.vocab = int(pair.target.config.vocab_size)
-        if self.book.law.distinct and self.tree.max_width > self.vocab:
-            raise ValueError(
-                f"tree width {self.tree.max_width} exceeds the vocabulary ({self.vocab} tokens); "
-                f"law {self.book.law.name!r} draws distinct tokens"
-            )
-        self.target = ModelRunner(pair.target)
-        self.draft = ModelRunner(pair.draft)
+        widths = (2,) if config.tree is None else config.tree.widths  # auto: checked when chosen
+        self.sequence_method = SEQUENCE_VERIFIERS.get(config.verifier)
+        self.book = RuleBook(config.law, self._node_verifier(), widths)
+        self.target = make_runner(pair.target, static_cache)
+        self.draft = make_runner(pair.draft, static_cache)
         if check_attention:
             with torch.inference_mode():
                 check_tree_attention(self.target, "target", self.vocab)
                 check_tree_attention(self.draft, "draft", self.vocab)
         self.eos = eos_ids(pair)
+        self.tree: DraftTree | None = None
+        self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
+        self._plain: Autoregressive | None = None  # auto chose plain sampling
+        if config.tree is not None:
+            self._use_tree(config.tree)
+
+    def _use_tree(self, tree: DraftTree) -> None:
+        """Adopt a tree shape: check it against the law, build its frozen masks."""
+        if self.book.law.distinct and tree.max_width > self.vocab:
+            raise ValueError(
+                f"tree width {tree.max_width} exceeds the vocabulary ({self.vocab} tokens); "
+                f"law {self.book.law.name!r} draws distinct tokens"
+            )
+        if self.config.verifier == "block" and any(w != 1 for w in tree.widths):
+            raise ValueError(
+                f"verifier 'block' verifies one draft chain (widths 1,...,1), got tree "
+                f"{tree.describe()}; use 'traversal' or 'hybrid' for trees"
+            )
+        self.book = RuleBook(self.config.law, self._node_verifier(), tree.widths)
+        self.tree = tree
         # frozen masks: target over all nodes; draft per level d = 1..D-1
-        self._target_mask = self.target.additive(self.tree.ancestor_mask[1:, 1:])
-        self._level_masks = {
-            d: self.draft.additive(self.tree.level_mask(d)) for d in range(1, self.tree.depth)
-        }
+        self._target_mask = self.target.additive(tree.ancestor_mask[1:, 1:])
+        self._level_masks = {d: self.draft.additive(tree.level_mask(d)) for d in range(1, tree.depth)}
+
+    def _node_verifier(self) -> str:
+        """The token-level verifier of the per-node rules; for a sequence-level rule, the law's
+        natural verifier (it only fixes how nodes draft; verification is the sequence rule's)."""
+        if self.sequence_method is None:
+            return self.config.verifier
+        from mdsd.sequence.tree import TRAVERSAL_LAWS
+
+        law = self.config.law
+        if self.sequence_method == "traversal" and law not in TRAVERSAL_LAWS:
+            raise ValueError(
+                f"law {law!r} has no traversal rule; verifier {self.config.verifier!r} needs one of "
+                f"{list(TRAVERSAL_LAWS)}"
+            )
+        return NATURAL_VERIFIER.get(law, "sample_check")
+
+    @torch.inference_mode()
+    def choose_tree(self, prompts, rng: np.random.Generator | None = None, *, cache_dir="default"):
+        """For ``TreeConfig.make("auto")``: calibrate on ``prompts`` (or load the cached
+        calibration) and adopt the shape of highest predicted tokens/s; returns the
+        ``mdsd.engine.auto.TreeChoice``. ``cache_dir=None`` disables the on-disk cache."""
+        from mdsd.engine import auto
+
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts: --tree auto needs at least one prompt to calibrate on")
+        rng = np.random.default_rng(0) if rng is None else rng
+        cache = auto.default_cache_dir() if cache_dir == "default" else cache_dir
+        calibration = auto.load_or_calibrate(self, prompts, rng, cache)
+        max_width = 2 if self.book.law.name == "spechub" else auto.MAX_WIDTH
+        choice = auto.choose_tree(calibration, max_width=max_width)
+        self.auto_choice = choice
+        if choice.widths:
+            self._use_tree(build_tree(choice.widths))
+        else:
+            self._plain = Autoregressive(self.pair, self.sampling, static_cache=self.static_cache)
+        return choice
+
+    def generate(self, prompts: Sequence, *, seed=None, rng=None, on_tokens=None) -> list[Generation]:
+        """Decode each prompt; an auto tree is chosen first, calibrated on these prompts."""
+        if self.tree is None and self._plain is None:
+            self.choose_tree(prompts)
+        return super().generate(prompts, seed=seed, rng=rng, on_tokens=on_tokens)
 
     # -------------------------------------------------------------- public
     @torch.inference_mode()
     def generate_one(
         self, prompt, rng: np.random.Generator, on_tokens: Callable[[list[int]], None] | None = None
     ) -> Generation:
+        if self.tree is None and self._plain is None:
+            self.choose_tree([prompt])
+        if self._plain is not None:  # auto chose plain sampling
+            self._plain.sampling = self.sampling
+            return self._plain.generate_one(prompt, rng, on_tokens)
         ids = encode_prompt(self.pair, prompt)
         ctx = check_context(self.pair, ids, self.tree.depth)
         stats = DecodeStats(depth=self.tree.depth, sequences=1)
         start = time.perf_counter()
-        self.target.reset()
-        self.draft.reset()
+        capacity = _capacity(ids, self.sampling, self.tree.num_nodes + 1, ctx)
+        self.target.reset(capacity)
+        self.draft.reset(capacity)
         self.target.calls = self.draft.calls = 0
+        self.target.model_time = self.draft.model_time = 0.0
         seq = list(ids)
         out: list[int] = []
         reason = "length"
@@ -409,6 +541,8 @@ class TreeDecoder(_Decoder):
         stats.new_tokens = len(out)
         stats.target_calls = self.target.calls
         stats.draft_calls = self.draft.calls
+        stats.target_model_time = self.target.model_time
+        stats.draft_model_time = self.draft.model_time
         self.target.calls = self.draft.calls = 0
         stats.total_time = time.perf_counter() - start
         if (
@@ -427,15 +561,19 @@ class TreeDecoder(_Decoder):
 
     # -------------------------------------------------------------- one step
     def draft_tree(self, seq: list[int], rng: np.random.Generator) -> DraftedTree:
-        """Expand the tree with the draft model (its cache then holds seq + depths 1..D-1)."""
-        tree, probs = self.tree, self.sampling.probs
+        """Expand the tree with the draft model (its cache then holds seq + depths 1..D-1).
+
+        Per level: one draft forward over the level's nodes, the output layer on the valid rows
+        only, the sampling transform per row on its support, children drawn per node.
+        """
+        tree, row_probs = self.tree, self.sampling.row_probs
         n = tree.num_nodes
         tokens = np.zeros(n, dtype=np.int64)
         valid = np.zeros(n, dtype=bool)
         rules, qs = {}, {}
         # level 0: the committed tokens the draft has not seen; q of the root
-        logits = self.draft.causal(np.asarray(seq[self.draft.cached :]), keep=1)
-        frontier = {-1: probs(logits[0])}  # node -> q(. | path to node), nodes with children
+        hidden = self.draft.causal_hidden(np.asarray(seq[self.draft.cached :]), keep=1)
+        frontier = {-1: row_probs(self.draft.logits(hidden)[0])}  # node -> q(. | path to node)
         for d in range(1, tree.depth + 1):
             for node, q in frontier.items():
                 kids = tree.children(node)
@@ -448,24 +586,25 @@ class TreeDecoder(_Decoder):
             if d == tree.depth:
                 break
             level = tree.level(d)
-            logits = self.draft.tree(
+            hidden = self.draft.tree_hidden(
                 tokens[level.start : level.stop],
                 0,
                 self._level_masks[d],
                 tree.depths[level.start : level.stop],
                 len(seq) - 1,
                 keep=len(level),
-            )
+            )  # [m_d, H]
             rows = np.flatnonzero(valid[level.start : level.stop])
-            row_probs = probs(logits[rows])  # float64 only for the valid rows
-            frontier = {level.start + int(r): row_probs[j] for j, r in enumerate(rows)}
+            logits = self.draft.logits(hidden[torch.as_tensor(rows)])  # [valid rows, V]
+            frontier = {level.start + int(r): row_probs(logits[j]) for j, r in enumerate(rows)}
         return DraftedTree(tokens, valid, rules, qs)
 
-    def target_logits(self, seq: list[int], drafted: DraftedTree) -> np.ndarray:
-        """Target logits of the root (row 0) and every node (row i + 1), float32 [N + 1, V]."""
+    def target_hidden(self, seq: list[int], drafted: DraftedTree) -> torch.Tensor:
+        """One target forward over (fresh committed tokens, every node): final hidden states of
+        the root (row 0) and of every node (row i + 1), [N + 1, H]."""
         fresh = np.asarray(seq[self.target.cached :])
         n = self.tree.num_nodes
-        return self.target.tree(
+        return self.target.tree_hidden(
             np.concatenate([fresh, drafted.tokens]),
             len(fresh),
             self._target_mask,
@@ -474,15 +613,67 @@ class TreeDecoder(_Decoder):
             keep=n + 1,
         )
 
+    def target_logits(self, seq: list[int], drafted: DraftedTree) -> np.ndarray:
+        """Target logits of the root (row 0) and every node (row i + 1), float32 [N + 1, V]
+        (for inspection: decoding applies the output layer to the visited rows only)."""
+        return self.target.logits(self.target_hidden(seq, drafted))
+
+    def sequence_tree(self, drafted: DraftedTree, target_probs: Callable[[int], object]):
+        """The drafted tree as an ``mdsd.sequence.DraftedTree`` over its valid nodes (dense p at
+        the root and every node, q and draft law at every node with children); returns it with
+        the engine ids of its nodes [N_valid]."""
+        from mdsd.sequence import drafted_tree
+
+        nodes = np.flatnonzero(drafted.valid)  # breadth first: parents precede children
+        compact = {-1: -1} | {int(node): i for i, node in enumerate(nodes)}
+        parents = [compact[int(self.tree.parents[node])] for node in nodes]
+        rows = [-1] + [int(node) for node in nodes]
+        p = np.stack([as_support(target_probs(row)).dense() for row in rows])  # [N_valid + 1, V]
+        q = np.zeros_like(p)
+        laws = []
+        for i, row in enumerate(rows):
+            if row in drafted.draft_probs:
+                q[i] = as_support(drafted.draft_probs[row]).dense()
+                laws.append(drafted.rules[row].law.name)
+            else:
+                laws.append(self.book.law.name)
+        return drafted_tree(parents, drafted.tokens[nodes], p, q, laws), nodes
+
+    def verify_sequence(self, drafted: DraftedTree, target_probs, rng) -> WalkResult:
+        """Verify the drafted tree with the configured sequence-level rule (``mdsd.sequence``)."""
+        from mdsd.sequence import tree_verify
+
+        tree, nodes = self.sequence_tree(drafted, target_probs)
+        result = tree_verify(tree, self.sequence_method, None, rng)
+        path = [int(nodes[i]) for i in result.path]
+        reached = [1.0] * len(path) + ([] if result.bonus else [0.0])
+        return WalkResult(path, list(result.tokens), result.bonus, reached)
+
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""
         t0 = time.perf_counter()
         drafted = self.draft_tree(seq, rng)
         t1 = time.perf_counter()
-        logits = self.target_logits(seq, drafted)
+        hidden = self.target_hidden(seq, drafted)  # [N + 1, H]
         t2 = time.perf_counter()
-        probs = self.sampling.probs
-        result = walk(self.tree, drafted, lambda node: probs(logits[node + 1]), rng)
+        head_time = 0.0
+
+        def target_probs(node: int) -> SupportProbs:  # p(. | path to node), for visited nodes
+            nonlocal head_time
+            start = time.perf_counter()
+            logits = self.target.logits(hidden[node + 1 : node + 2])[0]
+            head_time += time.perf_counter() - start
+            return self.sampling.row_probs(logits)
+
+        if self.sequence_method is None:
+            result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)
+        else:  # a sequence-level rule reads p at every node
+            start = time.perf_counter()
+            logits = self.target.logits(hidden)  # [N + 1, V]
+            head_time += time.perf_counter() - start
+            result = self.verify_sequence(
+                drafted, lambda node: self.sampling.row_probs(logits[node + 1]), rng
+            )
         t3 = time.perf_counter()
         # keep the committed prefix + the accepted path in both caches
         base = len(seq)
@@ -490,7 +681,7 @@ class TreeDecoder(_Decoder):
         self.target.keep_positions(base, base + path)
         self.draft.keep_positions(base, base + path[self.tree.depths[path] < self.tree.depth])
         t4 = time.perf_counter()
-        self.last_step = (drafted, logits, result)  # for inspection and tests
+        self.last_step = StepRecord(drafted, hidden, result)  # for inspection and tests
         # statistics
         stats.steps += 1
         stats.step_tokens += len(result.emitted)
@@ -500,6 +691,6 @@ class TreeDecoder(_Decoder):
             stats.depth_expected[d] += expected
             stats.depth_accepts[d] += d < len(result.path)
         stats.draft_time += t1 - t0
-        stats.target_time += t2 - t1
-        stats.verify_time += (t3 - t2) + (t4 - t3)
+        stats.target_time += (t2 - t1) + head_time
+        stats.verify_time += (t3 - t2 - head_time) + (t4 - t3)
         return result.emitted

@@ -156,7 +156,7 @@ def parse_tree(text: str) -> DraftTree:
     match = re.fullmatch(r"(\d+)\s*x\s*(\d+)", spec)
     if match:
         return chain_tree(int(match.group(1)), int(match.group(2)))
-    parts = [s.strip() for s in re.split(r"[,\-\s]+", spec) if s.strip()]
+    parts = [s.strip() for s in spec.split(",")]  # every part a number: no '-1', no empty '2,,3'
     if not parts or not all(s.isdigit() for s in parts):
         raise ValueError(
             f"tree must be widths per depth like '3,2,1' or drafts x depth like '3x4', got {text!r}"

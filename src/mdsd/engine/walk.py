@@ -4,7 +4,7 @@ The engine (``mdsd.engine.decode``) gets probabilities from the models and calls
 tests call the same functions to compute the *exact* law of what the engine emits
 (``emission_law``), so the sampling code and the law it is checked against share every rule.
 
-Rules (spec section 6):
+Rules (docs/theory.md §7):
 
 * Each node's children are drawn from q(. | path to the node) by the draft law, with
   ``node_rule``: the number of children actually drafted is ``n_eff`` = the tree width, except
@@ -20,6 +20,13 @@ Rules (spec section 6):
   that token, a choice that does not look at the subtrees); otherwise the emitted (recovered)
   token ends the step. At a node without valid children (an accepted leaf), emit a bonus token
   from p(. | path).
+
+Probabilities are ``SupportProbs`` (stored on their support, as the engine's top-k / top-p
+transform makes them) or dense [V] vectors. Sampling (``draft_children``, ``walk``) works on the
+supports: a node is verified on the union of the supports of p and q by the verifier's early-exit
+sampler (``Verifier.sample``), never building the output law over the vocabulary. The exact
+laws (``enumerate_children``, ``emission_law``) use the dense vectors and ``output_law``; tests
+check that each sampler follows them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdsd.laws import DraftLaw, get_law
+from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical
 from mdsd.verifiers import Verifier, resolve
 
@@ -80,23 +88,87 @@ class RuleBook:
         return rule
 
 
-def support_of(q: np.ndarray) -> int:
-    return int(np.count_nonzero(q))
+def as_support(probs) -> SupportProbs:
+    """A ``SupportProbs`` as is; a dense probability vector [V] wrapped (dense storage)."""
+    if isinstance(probs, SupportProbs):
+        return probs
+    probs = np.asarray(probs, dtype=np.float64)
+    return SupportProbs(None, probs, probs.size)
 
 
-def draft_children(
-    q: np.ndarray, width: int, book: RuleBook, rng: np.random.Generator
-) -> tuple[np.ndarray, NodeRule]:
-    """Draw the children of one node: (tokens [n_eff] in draw order, the node's rule)."""
-    rule = book.rule(width, support_of(q))
+def support_of(q) -> int:
+    return as_support(q).support_size
+
+
+def draft_children(q, width: int, book: RuleBook, rng: np.random.Generator) -> tuple[np.ndarray, NodeRule]:
+    """Draw the children of one node from q (``SupportProbs`` or [V]): (tokens [n_eff] in draw
+    order, the node's rule).
+
+    Drawn on q's support: zero-mass tokens are never drafted, and ascending token ids keep every
+    law's tie-breaking by id, so the law is that of the dense q.
+    """
+    q = as_support(q)
+    rule = book.rule(width, q.support_size)
     if rule.n_eff == 1:  # every law with one draft is one categorical draw from q
-        return np.array([categorical(q, rng)], dtype=np.int64), rule
-    return rule.law.sample(q, rule.n_eff, rng), rule
+        local = np.array([categorical(q.values, rng)], dtype=np.int64)
+    else:
+        local = rule.law.sample(q.values, rule.n_eff, rng)
+    return (local if q.indices is None else q.indices[local]), rule
 
 
 def node_output_law(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, rule: NodeRule) -> np.ndarray:
     """pi(. | drafts) at one node: the law of the emitted token, float64 [V]."""
     return rule.verifier.output_law(p[None, :], q[None, :], drafts[None, :], rule.law)[0]
+
+
+def common_support(p: SupportProbs, q: SupportProbs):
+    """(tokens [K] or None, p [K], q [K]): both laws on the union of their supports.
+
+    Tokens outside both supports have p = q = 0: no exact verifier emits them and no draft law
+    draws them, so verifying on the union (ascending ids, which keeps tie-breaking by id) gives
+    the full-vocabulary conditional law restricted to it (tested). Dense when either is dense.
+    """
+    if p.indices is None or q.indices is None:
+        return None, p.dense(), q.dense()
+    tokens = np.union1d(p.indices, q.indices)
+    p_local, q_local = np.zeros(tokens.size), np.zeros(tokens.size)
+    p_local[np.searchsorted(tokens, p.indices)] = p.values
+    q_local[np.searchsorted(tokens, q.indices)] = q.values
+    return tokens, p_local, q_local
+
+
+@dataclass(frozen=True)
+class NodeVerdict:
+    """One node's verification.
+
+    token:      the emitted token (a child's token = accepted, else the recovered token).
+    accepted:   whether ``token`` is one of the drafts.
+    acceptance: P(accept | drafts) when computed exactly (``exact_acceptance=True``: the mass
+                of pi(. | drafts) on the drafts), else ``float(accepted)`` (an unbiased estimate
+                of the same number that costs nothing).
+    """
+
+    token: int
+    accepted: bool
+    acceptance: float
+
+
+def verify_node(
+    p, q, drafts: np.ndarray, rule: NodeRule, rng: np.random.Generator, exact_acceptance: bool = False
+) -> NodeVerdict:
+    """One draw from pi(. | drafts) at a node by the verifier's sampler, on the union support."""
+    tokens, p_local, q_local = common_support(as_support(p), as_support(q))
+    local = drafts if tokens is None else np.searchsorted(tokens, drafts)
+    args = (p_local[None], q_local[None], local[None], rule.law)
+    y_local = int(rule.verifier.sample(*args, rng)[0])
+    token = y_local if tokens is None else int(tokens[y_local])
+    accepted = bool(np.any(drafts == token))
+    if exact_acceptance:
+        pi = rule.verifier.output_law(*args)[0]
+        acceptance = float(pi[np.unique(local)].sum())
+    else:
+        acceptance = float(accepted)
+    return NodeVerdict(token, accepted, acceptance)
 
 
 @dataclass
@@ -106,7 +178,7 @@ class DraftedTree:
     tokens: [N] int64 (invalid slots hold a copy of a valid sibling token, never verified).
     valid:  [N] bool.
     rules:  node (-1 = root) -> NodeRule used to draft its children (only nodes with children).
-    draft_probs: node (-1 = root) -> q [V] float64 the children were drawn from.
+    draft_probs: node (-1 = root) -> q the children were drawn from (``SupportProbs`` or [V]).
     """
 
     tokens: np.ndarray
@@ -122,8 +194,8 @@ class WalkResult:
     path:    accepted nodes, root to deepest.
     emitted: the emitted tokens: the accepted path's tokens then one recovered or bonus token.
     bonus:   True when the last token is a bonus token (the whole path to a leaf was accepted).
-    expected_accept: per visited depth, the acceptance probability given the drafts
-             (mass of pi on the drafted tokens; a noise-free acceptance estimate).
+    expected_accept: per visited depth, the acceptance given the drafts: exact (mass of pi on
+             the drafted tokens) with ``exact_acceptance``, else the 0/1 outcome.
     """
 
     path: list
@@ -133,25 +205,30 @@ class WalkResult:
 
 
 def walk(
-    tree, drafted: DraftedTree, target_probs: Callable[[int], np.ndarray], rng: np.random.Generator
+    tree,
+    drafted: DraftedTree,
+    target_probs: Callable[[int], object],
+    rng: np.random.Generator,
+    *,
+    exact_acceptance: bool = False,
 ) -> WalkResult:
-    """Verify a drafted tree node by node; ``target_probs(node)`` gives p(. | path to node)."""
+    """Verify a drafted tree node by node; ``target_probs(node)`` gives p(. | path to node)
+    (``SupportProbs`` or [V]) and is called only for the nodes the walk visits."""
     node, path, expected = -1, [], []
     while True:
-        p = target_probs(node)
+        p = as_support(target_probs(node))
         kids = [c for c in tree.children(node) if drafted.valid[c]]
         if not kids:  # accepted leaf: bonus token
-            return WalkResult(
-                path, [int(drafted.tokens[i]) for i in path] + [int(categorical(p, rng))], True, expected
-            )
+            bonus = p.token(int(categorical(p.values, rng)))
+            return WalkResult(path, [int(drafted.tokens[i]) for i in path] + [bonus], True, expected)
         drafts = drafted.tokens[kids]
-        pi = node_output_law(p, drafted.draft_probs[node], drafts, drafted.rules[node])
-        expected.append(float(pi[np.unique(drafts)].sum()))
-        y = int(categorical(pi, rng))
-        hits = np.flatnonzero(drafts == y)
-        if hits.size == 0:  # recovered token ends the step
-            return WalkResult(path, [int(drafted.tokens[i]) for i in path] + [y], False, expected)
-        node = kids[int(hits[0])]
+        rule, q = drafted.rules[node], drafted.draft_probs[node]
+        verdict = verify_node(p, q, drafts, rule, rng, exact_acceptance)
+        expected.append(verdict.acceptance)
+        if not verdict.accepted:  # recovered token ends the step
+            emitted = [int(drafted.tokens[i]) for i in path] + [verdict.token]
+            return WalkResult(path, emitted, False, expected)
+        node = kids[int(np.flatnonzero(drafts == verdict.token)[0])]
         path.append(node)
 
 
@@ -165,7 +242,7 @@ def emission_law(
     out: dict[tuple[int, ...], float] = {}
 
     def visit(node, prefix, mass):
-        p = target_probs(node)
+        p = as_support(target_probs(node)).dense()
         kids = [c for c in tree.children(node) if drafted.valid[c]]
         if not kids:
             for y in np.flatnonzero(p > 0):
@@ -173,7 +250,8 @@ def emission_law(
                 out[key] = out.get(key, 0.0) + mass * p[y]
             return
         drafts = drafted.tokens[kids]
-        pi = node_output_law(p, drafted.draft_probs[node], drafts, drafted.rules[node])
+        q = as_support(drafted.draft_probs[node]).dense()
+        pi = node_output_law(p, q, drafts, drafted.rules[node])
         for y in np.flatnonzero(pi > 0):
             m = mass * pi[y]
             if m <= tol:
@@ -191,6 +269,7 @@ def emission_law(
 
 def enumerate_children(q: np.ndarray, width: int, book: RuleBook):
     """Every children tuple ``draft_children`` can return, with its probability and the rule."""
+    q = as_support(q).dense()
     rule = book.rule(width, support_of(q))
     if rule.n_eff == 1:
         support = np.flatnonzero(q > 0)

@@ -1,17 +1,20 @@
 """Per-position acceptance metrics from cached logits, and their aggregation with 95% CIs.
 
-For one (dataset, T) all positions are processed at once as [B, W] arrays (W = the vocabulary, or
-with top-k drafting the union of the two models' top-k sets, which holds all of p's and q's mass):
+For one (dataset, T, n) -- a *work unit* -- all positions are processed at once as [B, W] arrays
+(W = the vocabulary, or with top-k drafting the union of the two models' top-k sets, which holds
+all of p's and q's mass):
 
 * alpha* of every draft law (``mdsd.optimal_bound``, batched, with its error estimate);
-* the acceptance rate of every (verifier, law) pair with the verifier exact for the law, by the
-  first exact method available:
-  1. the verifier's closed form (``Verifier.acceptance``);
-  2. the core's exact closed form for ``importance`` (``importance_acceptance``);
-  3. enumeration of all draft tuples, when every row has at most ``ENUM_LIMIT`` tuples;
-  4. otherwise Monte Carlo: ``mc_samples`` draft sets per position, each scored by its exact
-     conditional acceptance sum_{y in set(x)} pi(y | x) (Rao-Blackwellised), marked ``monte_carlo``
-     with its sampling standard error.
+* the acceptance rate of every (verifier, law) pair with the verifier exact for the law, by
+  :func:`mdsd.acceptance_rate` (closed form, else enumeration of all draft tuples when every row
+  of a chunk has at most ``ENUM_LIMIT`` tuples, else Rao-Blackwellised Monte Carlo with
+  ``mc_samples`` draft sets per position, marked ``monte_carlo`` with its standard error).
+
+Every result is a function of the configuration and the seed only: the Monte-Carlo generator of
+each (dataset, T, n, verifier, law) is seeded from those names, and the (verifier, law) pairs of
+``config.subsample`` are rated on a seeded subsample of ``config.subsample_positions`` positions
+per (dataset, T) -- the same positions for every n and law, so bound and rate stay paired. So the
+work units can run in any order, on any number of processes (``mdsd.experiments.parallel``).
 
 Rows whose q has fewer than n positive tokens cannot draw n distinct drafts; distinct laws use
 n_eff = |supp q| there (counted in ``clamped``).
@@ -27,6 +30,7 @@ import math
 import re
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,19 +41,19 @@ from mdsd.acceptance import acceptance_rate
 from mdsd.bound import optimal_bound
 from mdsd.experiments.capture import Positions, datasets_in, load_positions
 from mdsd.experiments.config import MeasureConfig
+from mdsd.experiments.vocabulary import ALL_DATASETS, BOUND_VERIFIER, law_rank, verifier_rank
 from mdsd.laws import get_law
 from mdsd.logits import process_logits
-from mdsd.verifiers import VERIFIERS, accepted_mass, get_verifier
-from mdsd.verifiers.classic import importance_acceptance
+from mdsd.verifiers import VERIFIERS, get_verifier
 
 Z95 = 1.959963984540054
-ENUM_LIMIT = 2_000  # enumerate draft tuples exactly when every row has at most this many
+ENUM_LIMIT = 2_000  # enumerate draft tuples exactly when every row of a chunk has at most this many
 CHUNK_ELEMENTS = 2_000_000  # rows x width evaluated at once (memory of the batched kernels)
-SKIPPED = "skipped (too slow)"  # the method of a (verifier, law, n) the time budget skipped
-BOUND_VERIFIER = "alpha*"  # the verifier column of the rows that report a law's bound itself
-ALL_DATASETS = "all"
+EXACT_CHUNK_ROWS = 256  # rows per method choice (a chunk without a closed form falls back alone)
 EXACT_SLACK = 1e-9  # an exact rate may exceed its bound by rounding only (plus the bound's own
 # error estimate, e.g. the race quadrature's for without_replacement)
+
+__all__ = ["ALL_DATASETS", "BOUND_VERIFIER", "analyse", "measure_unit", "position_probs", "work_units"]
 
 
 # ---------------------------------------------------------------- probabilities
@@ -82,11 +86,11 @@ def position_probs(positions: Positions) -> tuple[np.ndarray, np.ndarray]:
     return process_logits(grids[0], t), process_logits(grids[1], t)
 
 
-# ---------------------------------------------------------------- exact rates
+# ---------------------------------------------------------------- rates of one unit
 @dataclass(frozen=True)
 class RateArrays:
-    """Per-position acceptance of one (verifier, law): value [B], Monte-Carlo variance of each
-    position's estimate (0 for exact methods), and the method."""
+    """Per-position acceptance of one (verifier, law): value [B] (NaN at positions not rated),
+    Monte-Carlo variance of each position's estimate (0 for exact methods), and the method."""
 
     value: np.ndarray
     mc_var: np.ndarray
@@ -99,57 +103,28 @@ def _chunks(rows: int, width: int, per_row: int = 1):
         yield slice(start, min(start + size, rows))
 
 
-def _monte_carlo(p, q, n, verifier, law, rng, samples) -> tuple[np.ndarray, np.ndarray]:
-    """Rao-Blackwellised estimate per row: mean over sampled x of sum_{y in set(x)} pi(y | x)."""
-    value, var = np.empty(p.shape[0]), np.empty(p.shape[0])
-    for part in _chunks(p.shape[0], p.shape[1], samples):
-        pb = np.repeat(p[part], samples, axis=0)  # [b * S, W]
-        qb = np.repeat(q[part], samples, axis=0)
-        x = law.sample(qb, n, rng)  # [b * S, n]
-        got = accepted_mass(verifier.output_law(pb, qb, x, law), x).reshape(-1, samples)
-        value[part] = got.mean(axis=1)
-        var[part] = got.var(axis=1, ddof=1) / samples if samples > 1 else np.inf
-    return value, var
+def stream_seed(config: MeasureConfig, *names) -> list[int]:
+    """Seed material of one random stream: the run's seed and stable hashes of ``names`` (dataset,
+    T, n, verifier, law), so a stream never depends on what ran before it or where."""
+    return [config.seed] + [zlib.crc32(repr(name).encode()) for name in names]
 
 
-EXACT_CHUNK_ROWS = 256  # rows per call to a verifier's closed form (a chunk falls back alone)
+def subsample_rows(config: MeasureConfig, dataset: str, temperature: float, count: int) -> np.ndarray:
+    """Sorted positions [k] rated by the subsampled (verifier, law) pairs at (dataset, T): the
+    first ``config.subsample_positions`` of a seeded permutation (all positions when None or
+    when there are fewer)."""
+    limit = config.subsample_positions
+    if limit is None or count <= limit:
+        return np.arange(count)
+    order = np.random.default_rng(stream_seed(config, "subsample", dataset, temperature)).permutation(count)
+    return np.sort(order[:limit])
 
 
-def exact_or_sampled(p, q, n, verifier, law, rng, samples) -> RateArrays:
-    """Acceptance of ``verifier`` under ``law`` per row, by the first available method (chosen
-    per chunk of rows; the method string joins the methods used, ``monte_carlo`` if any)."""
-    if p.shape[0] <= EXACT_CHUNK_ROWS:
-        return _exact_or_sampled(p, q, n, verifier, law, rng, samples)
-    parts = [
-        _exact_or_sampled(p[s], q[s], n, verifier, law, rng, samples)
-        for s in (slice(i, i + EXACT_CHUNK_ROWS) for i in range(0, p.shape[0], EXACT_CHUNK_ROWS))
-    ]
-    methods = {part.method for part in parts}
-    return RateArrays(
-        np.concatenate([part.value for part in parts]),
-        np.concatenate([part.mc_var for part in parts]),
-        "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(methods)),
-    )
+def is_subsampled(config: MeasureConfig, verifier: str, law: str) -> bool:
+    """Whether ``config.subsample`` names the verifier (all its laws) or ``verifier:law``."""
+    return verifier in config.subsample or f"{verifier}:{law}" in config.subsample
 
 
-def _exact_or_sampled(p, q, n, verifier, law, rng, samples) -> RateArrays:
-    zeros = np.zeros(p.shape[0])
-    closed = verifier.acceptance(p, q, n, law)
-    if closed is not None:
-        return RateArrays(np.clip(np.asarray(closed, np.float64), 0.0, 1.0), zeros, "closed_form")
-    if verifier.name == "importance" and law.name == "iid":
-        return RateArrays(importance_acceptance(p, q, n), zeros, "closed_form")
-    if max(law.num_tuples(row, n) for row in q) <= ENUM_LIMIT:
-        rates = [
-            acceptance_rate(pr, qr, n, verifier.name, law.name, method="enumeration").rate
-            for pr, qr in zip(p, q)
-        ]
-        return RateArrays(np.asarray(rates), zeros, "enumeration")
-    value, var = _monte_carlo(p, q, n, verifier, law, rng, samples)
-    return RateArrays(value, var, "monte_carlo")
-
-
-# ---------------------------------------------------------------- one (dataset, T, n)
 @dataclass(frozen=True)
 class PositionMetrics:
     """Per-position alpha* per law and rates per (verifier, law) for one n; ``clamped`` counts the
@@ -192,51 +167,51 @@ def _law_groups(q: np.ndarray, n: int, law_name: str):
     return groups
 
 
-FIRST_ROWS = 2  # rows evaluated before a verifier's cost is extrapolated against its budget
-
-
-def _pair_rates(p, q, n, rows, verifier, law_name, bounds, rng, samples):
-    """Rates of one (verifier, law) at the given rows: (value, mc_var, methods)."""
-    value, mc_var, methods = np.empty(rows.size), np.zeros(rows.size), set()
-    sub_q = q[rows]
-    for group, n_eff, law in _law_groups(sub_q, n, law_name):
+def _pair_rates(p, q, n, rows, verifier, law_name, bounds, rng, samples) -> RateArrays:
+    """Rates of one (verifier, law) at the given rows (of [B] positions; NaN elsewhere)."""
+    value, mc_var, methods = np.full(p.shape[0], np.nan), np.zeros(p.shape[0]), set()
+    for group, n_eff, law in _law_groups(q[rows], n, law_name):
         sel = rows[group]
-        if law.name not in verifier.laws:  # spechub rows clamped to one draft
-            got = RateArrays(bounds[law_name][sel], np.zeros(sel.size), "closed_form")
-        else:
-            got = exact_or_sampled(p[sel], q[sel], n_eff, verifier, law, rng, samples)
-        value[group], mc_var[group] = got.value, got.mc_var
+        if law.name not in verifier.laws:  # spechub rows clamped to one draft: greedy = its bound
+            value[sel] = bounds[law_name][sel]
+            methods.add("closed_form")
+            continue
+        got = acceptance_rate(
+            p[sel],
+            q[sel],
+            n_eff,
+            verifier.name,
+            law.name,
+            rng=rng,
+            num_samples=samples,
+            max_tuples=ENUM_LIMIT,
+            chunk_rows=EXACT_CHUNK_ROWS,
+        )
+        value[sel], mc_var[sel] = got.rate, np.square(got.stderr)
         methods.update(got.method.split("+"))
-    return value, mc_var, methods
+    method = "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(methods))
+    return RateArrays(value, mc_var, method)
 
 
-def _within_budget(order: np.ndarray, evaluate, budget: float | None):
-    """Evaluate rows in the given (random) order until the time budget is spent.
-
-    Returns (rows evaluated, [results]). The first FIRST_ROWS rows are timed, then chunks follow,
-    each at most as many rows as are done (doubling) and, once the rest no longer fits the budget
-    at the mean cost so far, at most half the remaining budget's worth, until the budget is spent
-    or the rows run out. A run of costly rows after cheap ones overshoots by about one chunk, not
-    by the whole rest (always at least the first chunk).
-    """
-    if budget is None or order.size <= FIRST_ROWS:
-        return order, [evaluate(order)]
-    start = time.perf_counter()
-    results, done, size = [], 0, FIRST_ROWS
-    while done < order.size:
-        chunk = order[done : done + size]
-        results.append(evaluate(chunk))
-        done += chunk.size
-        elapsed = time.perf_counter() - start
-        left = budget - elapsed
-        if left <= 0:
-            break
-        per_row = elapsed / done
-        if per_row <= 0 or per_row * (order.size - done) <= left:
-            size = done  # the rest fits at the mean cost so far: doubling chunks
-        else:
-            size = max(1, min(done, int(0.5 * left / per_row)))
-    return order[:done], results
+def _bounds(p, q, n, laws):
+    """alpha* [B] per law, the clamped row counts, the error estimates and the seconds spent."""
+    bounds, clamped, bound_error, seconds = {}, {}, {}, {}
+    for law_name in laws:
+        start = time.perf_counter()
+        out = np.empty(p.shape[0])
+        groups = _law_groups(q, n, law_name)
+        clamped[law_name] = int(sum(rows.size for rows, value, _ in groups if value < n))
+        bound_error[law_name] = 0.0
+        for rows, value, law in groups:
+            for part in _chunks(rows.size, p.shape[1], value + 1):
+                sel = rows[part]
+                result = optimal_bound(p[sel], q[sel], value, law.name)
+                out[sel] = result.alpha
+                error = float(getattr(result, "error_estimate", 0.0))
+                bound_error[law_name] = max(bound_error[law_name], error)
+        bounds[law_name] = out
+        seconds[f"bound {law_name}"] = time.perf_counter() - start
+    return bounds, clamped, bound_error, seconds
 
 
 def measure_n(
@@ -244,111 +219,81 @@ def measure_n(
     q: np.ndarray,
     n: int,
     config: MeasureConfig,
-    rng: np.random.Generator,
     *,
-    order: np.ndarray | None = None,
-    cell_budget=None,
+    dataset: str = "",
+    temperature: float = 0.0,
 ) -> PositionMetrics:
-    """alpha* of each law and the rate of each (verifier, law) pair at every position.
+    """alpha* of each law at every position and the rate of each (verifier, law) pair at every
+    position (at the :func:`subsample_rows` positions for the pairs of ``config.subsample``).
 
-    cell_budget: seconds per (verifier, law): a number, or a :class:`VerifierBudget` per verifier.
-        A verifier too slow for all positions is rated on the first positions of ``order`` (a
-        random permutation, the same for every n and law, so the subsamples are paired) that fit
-        its budget; the other positions get NaN.
+    ``dataset`` and ``temperature`` name the unit: they seed its random streams.
     """
-    order = np.arange(p.shape[0]) if order is None else order
     laws, pairs = active_pairs(config, n)
-    bounds, clamped = {}, {}
-    seconds, notes, bound_error = {}, {}, {}
-    for law_name in laws:
-        bound_error[law_name] = 0.0
-        start = time.perf_counter()
-        out = np.empty(p.shape[0])
-        groups = _law_groups(q, n, law_name)
-        clamped[law_name] = int(sum(rows.size for rows, value, _ in groups if value < n))
-        for rows, value, law in groups:
-            for part in _chunks(rows.size, p.shape[1], value + 1):
-                sel = rows[part]
-                result = optimal_bound(p[sel], q[sel], value, law.name)
-                out[sel] = result.alpha
-                bound_error[law_name] = max(
-                    bound_error.get(law_name, 0.0), float(getattr(result, "error_estimate", 0.0))
-                )
-        bounds[law_name] = out
-        seconds[f"bound {law_name}"] = time.perf_counter() - start
-    rates = {}
+    bounds, clamped, bound_error, seconds = _bounds(p, q, n, laws)
+    every_row = np.arange(p.shape[0])
+    some_rows = subsample_rows(config, dataset, temperature, p.shape[0])
+    rates, notes = {}, {}
     for verifier_name, law_name in pairs:
-        verifier = get_verifier(verifier_name)
-
-        def evaluate(rows, verifier=verifier, law_name=law_name):
-            return _pair_rates(p, q, n, rows, verifier, law_name, bounds, rng, config.mc_samples)
-
-        budget = cell_budget.get(verifier_name) if isinstance(cell_budget, dict) else cell_budget
+        rows = some_rows if is_subsampled(config, verifier_name, law_name) else every_row
+        rng = np.random.default_rng(stream_seed(config, dataset, temperature, n, verifier_name, law_name))
         start = time.perf_counter()
-        if isinstance(budget, VerifierBudget) and (law_name, n) in budget.too_slow:
-            # one position took longer than a cell's share before: skip, reported as such
-            rates[(verifier_name, law_name)] = RateArrays(
-                np.full(p.shape[0], np.nan), np.zeros(p.shape[0]), SKIPPED
-            )
-            budget.spend(0.0)
-            continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if isinstance(budget, VerifierBudget):
-                share = budget.next_cell()
-                done, results = _within_budget(order, evaluate, share)
-                spent = time.perf_counter() - start
-                budget.spend(spent)
-                if spent / max(done.size, 1) > share:
-                    budget.too_slow.add((law_name, n))
-            else:
-                done, results = _within_budget(order, evaluate, budget)
+            rates[(verifier_name, law_name)] = _pair_rates(
+                p, q, n, rows, get_verifier(verifier_name), law_name, bounds, rng, config.mc_samples
+            )
         seconds[f"{verifier_name} [{law_name}]"] = time.perf_counter() - start
         # one note per kind of warning (numbers stripped), e.g. a verifier's fallback
         notes[(verifier_name, law_name)] = {re.sub(r"[\d,.]+\d", "#", str(w.message)) for w in caught}
-        value, mc_var = np.full(p.shape[0], np.nan), np.zeros(p.shape[0])
-        value[done] = np.concatenate([r[0] for r in results])
-        mc_var[done] = np.concatenate([r[1] for r in results])
-        methods = set().union(*(r[2] for r in results))
-        method = "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(methods))
-        rates[(verifier_name, law_name)] = RateArrays(value, mc_var, method)
     return PositionMetrics(n, bounds, rates, clamped, notes, seconds, bound_error)
 
 
-@dataclass
-class VerifierBudget:
-    """A verifier's analysis time for one dataset, shared by its (T, n, law) cells: each
-    cell may use what is left divided by the cells left (time a cheap cell does not use rolls
-    over to the later ones). Where a single position took longer than its cell's share, the
-    later cells of that (law, n) are skipped (method ``skipped``, no positions)."""
+# ---------------------------------------------------------------- work units
+@dataclass(frozen=True)
+class WorkUnit:
+    """One (dataset, T, n) of the analysis: self-contained (positions, not a cache path), so it can
+    be shipped to another process or cluster worker."""
 
-    seconds: float
-    cells: int
-    too_slow: set = field(default_factory=set)  # (law, n) where one position exceeded a share
+    config: MeasureConfig
+    dataset_index: int
+    positions: Positions
+    n: int
 
-    def next_cell(self) -> float:
-        return max(self.seconds, 0.0) / max(self.cells, 1)
-
-    def spend(self, elapsed: float) -> None:
-        self.seconds -= elapsed
-        self.cells -= 1
+    @property
+    def label(self) -> str:
+        return f"{self.positions.dataset} T={self.positions.temperature} n={self.n}"
 
 
-def cell_budgets(config: MeasureConfig, datasets: int) -> dict[str, VerifierBudget | None]:
-    """A :class:`VerifierBudget` per verifier for one dataset: ``config.verifier_budget`` seconds
-    split equally between the datasets (None: no limit), so that a costly first dataset cannot
-    leave nothing for the others."""
-    budgets = {}
-    names = list(VERIFIERS) if config.verifiers is None else list(config.verifiers)
-    for name in names:
-        if config.verifier_budget is None:
-            budgets[name] = None
-            continue
-        cells = sum(sum(1 for v, _ in active_pairs(config, n)[1] if v == name) for n in config.ns)
-        budgets[name] = VerifierBudget(
-            config.verifier_budget / max(datasets, 1), cells * len(config.temperatures)
-        )
-    return budgets
+@dataclass(frozen=True)
+class UnitResult:
+    """A work unit's per-position metrics and the prompt (cluster) id of each position."""
+
+    dataset: str
+    temperature: float
+    metrics: PositionMetrics
+    clusters: np.ndarray
+
+
+def measure_unit(unit: WorkUnit) -> UnitResult:
+    """Run one work unit (a pure function of the unit: any process, any order)."""
+    positions = unit.positions
+    p, q = position_probs(positions)
+    metrics = measure_n(
+        p, q, unit.n, unit.config, dataset=positions.dataset, temperature=float(positions.temperature)
+    )
+    clusters = positions.prompt + 1_000_000 * unit.dataset_index
+    return UnitResult(positions.dataset, float(positions.temperature), metrics, clusters)
+
+
+def work_units(config: MeasureConfig, cache_dir: Path) -> list[WorkUnit]:
+    """Every (dataset, T, n) of the sweep, positions loaded from the cache (costliest n first, so
+    that a pool finishes evenly)."""
+    units = []
+    for d_index, dataset in enumerate(datasets_in(cache_dir, config)):
+        for temperature in config.temperatures:
+            positions = load_positions(cache_dir, config, dataset, float(temperature))
+            units += [WorkUnit(config, d_index, positions, n) for n in config.ns]
+    return sorted(units, key=lambda u: -u.n)
 
 
 # ---------------------------------------------------------------- aggregation
@@ -429,82 +374,40 @@ def _row(dataset, temperature, n, law, verifier, c: _Collected) -> dict:
 
 
 def _pooled_method(methods: list[str]) -> str:
-    used = [m for m in methods if m != SKIPPED]
-    if not used:
-        return SKIPPED
-    return "monte_carlo" if "monte_carlo" in used else "+".join(sorted(set("+".join(used).split("+"))))
+    return "monte_carlo" if "monte_carlo" in methods else "+".join(sorted(set("+".join(methods).split("+"))))
+
+
+Runner = Callable[[list[WorkUnit], Callable[[WorkUnit], None] | None], list[UnitResult]]
+
+
+def run_serial(units: list[WorkUnit], done: Callable[[WorkUnit], None] | None = None) -> list[UnitResult]:
+    """Run the work units one after the other in this process."""
+    results = []
+    for unit in units:
+        results.append(measure_unit(unit))
+        if done is not None:
+            done(unit)
+    return results
 
 
 def analyse(
-    config: MeasureConfig, cache_dir: Path, *, progress: Callable[[int, str], None] | None = None
+    config: MeasureConfig,
+    cache_dir: Path,
+    *,
+    progress: Callable[[int, str], None] | None = None,
+    runner: Runner | None = None,
 ) -> tuple[list[dict], dict]:
     """Tidy rows (one per dataset, T, n, law, verifier; ``alpha*`` rows give each law's bound) for
-    every dataset and for all datasets pooled, and the per-position checks."""
-    rng = np.random.default_rng([config.seed, 7])
-    datasets = datasets_in(cache_dir, config)
-    collected: dict[tuple, _Collected] = {}
-    checks = {
-        "wor_below_iid_positions": 0,
-        "exact_above_bound_positions": 0,
-        "max_exact_excess": -math.inf,
-        "positions": 0,
-        "seconds": {},
-    }
-    for d_index, dataset in enumerate(datasets):
-        budgets = cell_budgets(config, len(datasets))
-        for temperature in config.temperatures:
-            positions = load_positions(cache_dir, config, dataset, float(temperature))
-            p, q = position_probs(positions)
-            clusters = positions.prompt + 1_000_000 * d_index
-            checks["positions"] += positions.count
-            order = np.random.default_rng([config.seed, d_index, int(temperature * 1000)]).permutation(
-                positions.count
-            )
-            for n in config.ns:
-                metrics = measure_n(p, q, n, config, rng, order=order, cell_budget=budgets)
-                for law, bound in metrics.bounds.items():
-                    collected[(dataset, temperature, n, law, BOUND_VERIFIER)] = _Collected(
-                        bound,
-                        bound,
-                        np.zeros_like(bound),
-                        clusters,
-                        "exact",
-                        metrics.clamped[law],
-                        frozenset(),
-                        metrics.bound_error[law],
-                    )
-                for (verifier, law), rate in metrics.rates.items():
-                    collected[(dataset, temperature, n, law, verifier)] = _Collected(
-                        rate.value,
-                        metrics.bounds[law],
-                        rate.mc_var,
-                        clusters,
-                        rate.method,
-                        metrics.clamped[law],
-                        frozenset(metrics.notes.get((verifier, law), ())),
-                        metrics.bound_error[law],
-                    )
-                    if rate.method not in ("monte_carlo", SKIPPED):
-                        excess = (rate.value - metrics.bounds[law])[~np.isnan(rate.value)]
-                        slack = EXACT_SLACK + metrics.bound_error[law]
-                        checks["exact_above_bound_positions"] += int((excess > slack).sum())
-                        checks["max_exact_excess"] = max(
-                            checks["max_exact_excess"], float(excess.max(initial=-np.inf))
-                        )
-                for what, spent in metrics.seconds.items():
-                    checks["seconds"][what] = checks["seconds"].get(what, 0.0) + spent
-                if "iid" in metrics.bounds and "without_replacement" in metrics.bounds:
-                    slack = (
-                        EXACT_SLACK + metrics.bound_error["without_replacement"] + metrics.bound_error["iid"]
-                    )
-                    below = metrics.bounds["without_replacement"] < metrics.bounds["iid"] - slack
-                    checks["wor_below_iid_positions"] += int(below.sum())
-                checks["max_bound_error"] = max(
-                    checks.get("max_bound_error", 0.0), *metrics.bound_error.values()
-                )
-            if progress is not None:
-                progress(1, f"{dataset} T={temperature} ({positions.count} positions)")
+    every dataset and for all datasets pooled, and the per-position checks.
 
+    runner: how the work units run (default :func:`run_serial`; ``mdsd.experiments.parallel``
+        has process-pool and Dask runners). The rows do not depend on it.
+    """
+    datasets = datasets_in(cache_dir, config)
+    units = work_units(config, cache_dir)
+    done = None if progress is None else (lambda unit: progress(1, unit.label))
+    results = (runner or run_serial)(units, done)
+    collected, checks = _collect(results)
     rows = [_row(*key, c) for key, c in collected.items()]
     if len(datasets) > 1:
         keys = {key[1:] for key in collected}
@@ -527,9 +430,67 @@ def analyse(
             order[r["dataset"]],
             r["temperature"],
             r["n"],
+            law_rank(r["law"]),
             r["law"],
             r["verifier"] != BOUND_VERIFIER,
-            r["verifier"],
+            verifier_rank(r["verifier"]),
         )
     )
     return rows, checks
+
+
+def _collect(results: list[UnitResult]) -> tuple[dict[tuple, _Collected], dict]:
+    """Per-(dataset, T, n, law, verifier) arrays and the per-position checks of the units
+    (sums and maxima: independent of the order the units finished in)."""
+    collected: dict[tuple, _Collected] = {}
+    checks = {
+        "wor_below_iid_positions": 0,
+        "exact_above_bound_positions": 0,
+        "max_exact_excess": -math.inf,
+        "max_bound_error": 0.0,
+        "positions": 0,
+        "seconds": {},
+    }
+    first_n = min((r.metrics.n for r in results), default=0)
+    for result in results:
+        metrics, clusters = result.metrics, result.clusters
+        key = (result.dataset, result.temperature, metrics.n)
+        if metrics.n == first_n:  # count each (dataset, T) once
+            checks["positions"] += int(clusters.size)
+        for law, bound in metrics.bounds.items():
+            collected[key + (law, BOUND_VERIFIER)] = _Collected(
+                bound,
+                bound,
+                np.zeros_like(bound),
+                clusters,
+                "exact",
+                metrics.clamped[law],
+                frozenset(),
+                metrics.bound_error[law],
+            )
+        for (verifier, law), rate in metrics.rates.items():
+            collected[key + (law, verifier)] = _Collected(
+                rate.value,
+                metrics.bounds[law],
+                rate.mc_var,
+                clusters,
+                rate.method,
+                metrics.clamped[law],
+                frozenset(metrics.notes.get((verifier, law), ())),
+                metrics.bound_error[law],
+            )
+            if rate.method != "monte_carlo":
+                excess = (rate.value - metrics.bounds[law])[~np.isnan(rate.value)]
+                slack = EXACT_SLACK + metrics.bound_error[law]
+                checks["exact_above_bound_positions"] += int((excess > slack).sum())
+                checks["max_exact_excess"] = max(
+                    checks["max_exact_excess"], float(excess.max(initial=-np.inf))
+                )
+        for what, spent in metrics.seconds.items():
+            checks["seconds"][what] = checks["seconds"].get(what, 0.0) + spent
+        if "iid" in metrics.bounds and "without_replacement" in metrics.bounds:
+            slack = EXACT_SLACK + metrics.bound_error["without_replacement"] + metrics.bound_error["iid"]
+            below = metrics.bounds["without_replacement"] < metrics.bounds["iid"] - slack
+            checks["wor_below_iid_positions"] += int(below.sum())
+        checks["max_bound_error"] = max(checks["max_bound_error"], *metrics.bound_error.values(), 0.0)
+    return collected, checks

@@ -1,6 +1,6 @@
 """Typed configuration of a measurement sweep (Hu et al., ICLR 2025, Section 6 protocol).
 
-``DEFAULT`` is sized to finish in about 15 minutes on a 2-core CPU with the bundled pair;
+``DEFAULT`` is sized to finish in about 3 minutes on a 2-core CPU with the bundled pair;
 ``PAPER`` is the paper-scale sweep (up to 128 generated tokens; use 200 prompts per domain, all
 the bundled held-out prompts).
 """
@@ -11,7 +11,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-ALL_LAWS = ("iid", "without_replacement", "greedy", "conditional_poisson")
+from mdsd.experiments.vocabulary import MEASURED_LAWS
+
 DEFAULT_TEMPERATURES = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 DEFAULT_NS = (1, 2, 3, 4, 6, 8)
 TABLE_TEMPERATURE = 0.7  # the paper's default setting, used for Table 1
@@ -23,13 +24,19 @@ class MeasureConfig:
     """What to capture and how to analyse it.
 
     Capture (changes the cached logits): target, draft, prompts, num_prompts, max_new_tokens,
-    top_k, seed, temperatures. Analysis only: ns, laws, verifiers, mc_samples.
+    top_k, seed, temperatures. Analysis only: ns, laws, verifiers, mc_samples, subsample,
+    subsample_positions.
 
     top_k: the sampling transform keeps the top_k logits of each model (HF ``generate``'s
         default is 50). p and q are then exactly zero off their top-k sets, the cache stores only
         the kept logits, and every rate is computed on the union of the two supports (exact, no
         dropped mass). None: the full vocabulary (dense float16 cache, much slower analysis).
     mc_samples: draft sets sampled per position where a (verifier, law) has no exact method.
+    subsample: verifiers (``name``: all its laws) or ``name:law`` pairs rated on a seeded subsample
+        of ``subsample_positions`` positions per (dataset, T), the same for every n and law (by
+        default the per-position priority-order fits of ``optimal``, ~1-15 ms each). Results
+        depend on these two values and the seed only. ``subsample=()`` or
+        ``subsample_positions=None``: every position (an exact run).
     """
 
     target: str | None = None  # None: the bundled pair
@@ -39,16 +46,14 @@ class MeasureConfig:
     max_new_tokens: int = 64
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES
     ns: tuple[int, ...] = DEFAULT_NS
-    laws: tuple[str, ...] = ALL_LAWS
+    laws: tuple[str, ...] = MEASURED_LAWS
     verifiers: tuple[str, ...] | None = None  # None: every verifier in the registry
     top_k: int | None = 50
     seed: int = 0
     device: str = "cpu"
     mc_samples: int = 16
-    verifier_budget: float | None = 150.0  # seconds of analysis per verifier over the sweep, split
-    # equally between the datasets and shared by each dataset's (T, n, law) cells; a verifier
-    # too slow to rate every position of a cell within its share is rated on a random subsample
-    # (column ``subsampled``). None: no limit.
+    subsample: tuple[str, ...] = ("optimal:without_replacement", "optimal:conditional_poisson")
+    subsample_positions: int | None = 256
     threads: int | None = 1  # torch threads during the run (None: leave torch's setting). One
     # thread is much faster for these small models on a shared CPU (less contention).
     extra: dict = field(default_factory=dict)

@@ -11,7 +11,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mdsd.experiments.analysis import ALL_DATASETS, BOUND_VERIFIER  # noqa: E402
+from mdsd.experiments.vocabulary import (  # noqa: E402
+    ALL_DATASETS,
+    BASELINE_VERIFIER,
+    BOUND_VERIFIER,
+    LAW_LABELS,
+    sort_laws,
+    sort_pairs,
+)
 
 LAW_COLORS = {
     "iid": "#1f77b4",
@@ -20,13 +27,6 @@ LAW_COLORS = {
     "conditional_poisson": "#9467bd",
     "spechub": "#d62728",
 }
-LAW_LABELS = {
-    "iid": "i.i.d.",
-    "without_replacement": "w/o replacement",
-    "greedy": "greedy",
-    "conditional_poisson": "cond. Poisson",
-    "spechub": "SpecHub",
-}
 LAW_DASHES = {
     "iid": (0, (6, 2)),
     "without_replacement": (0, (2, 1.5)),
@@ -34,7 +34,7 @@ LAW_DASHES = {
     "conditional_poisson": (0, (1, 1.5)),
     "spechub": (0, (3, 3)),
 }
-MIN_POSITIONS = 30  # points rated on fewer positions (time budget) are left out of the figures
+MIN_POSITIONS = 30  # points rated on fewer positions (a tiny subsample) are left out of the figures
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 LINESTYLES = ["-", (0, (5, 1)), "-.", (0, (1, 1))]
 FORMATS = ("png", "svg")
@@ -42,17 +42,15 @@ FORMATS = ("png", "svg")
 
 def curve_keys(rows: list[dict], include_baseline: bool = False) -> list[tuple[str, str]]:
     """(verifier, law) pairs to draw: each verifier under its laws; sample_check only if asked."""
-    from mdsd.experiments.report import _rank
-
     keys = []
     for r in rows:
         key = (r["verifier"], r["law"])
         if r["verifier"] == BOUND_VERIFIER or key in keys:
             continue
-        if r["verifier"] == "sample_check" and not (include_baseline and r["law"] == "iid"):
+        if r["verifier"] == BASELINE_VERIFIER and not (include_baseline and r["law"] == "iid"):
             continue
         keys.append(key)
-    return sorted(keys, key=lambda k: _rank(*k))
+    return sort_pairs(keys)
 
 
 def _style(keys):
@@ -64,9 +62,32 @@ def _style(keys):
         styles[(verifier, law)] = dict(
             color=LAW_COLORS.get(law, "black"),
             marker=MARKERS[i % len(MARKERS)],
-            linestyle=LINESTYLES[i % len(LINESTYLES)] if verifier != "sample_check" else ":",
+            linestyle=LINESTYLES[i % len(LINESTYLES)] if verifier != BASELINE_VERIFIER else ":",
         )
     return styles
+
+
+def _subsample_bound(ax, sub, x_name, verifier, law, color):
+    """A subsampled verifier's rate is over other positions than its law's α* curve: draw α* over
+    the verifier's own positions (the row's ``bound``) dotted, so the pair is compared like for
+    like and no curve appears to cross its bound."""
+    pts = sorted(
+        (r[x_name], r["bound"])
+        for r in sub
+        if r["verifier"] == verifier and r["law"] == law and r.get("subsampled")
+    )
+    if pts:
+        xs, ys = zip(*pts)
+        ax.plot(
+            xs,
+            ys,
+            linestyle=":",
+            linewidth=1.2,
+            color=color,
+            marker="x",
+            markersize=6,
+            label=f"α* {LAW_LABELS.get(law, law)} on {verifier}'s subsample",
+        )
 
 
 def _datasets(rows):
@@ -93,10 +114,7 @@ def _sweep_figure(rows, x_name, fixed, xlabel, title, path_stem, gap=False):
     for ax, dataset in zip(axes[0], datasets):
         sub = [r for r in _select(rows, dataset=dataset, **fixed) if r["positions"] >= MIN_POSITIONS]
         if not gap:
-            laws = sorted(
-                {r["law"] for r in sub if r["verifier"] == BOUND_VERIFIER},
-                key=lambda law: list(LAW_COLORS).index(law) if law in LAW_COLORS else 99,
-            )
+            laws = sort_laws({r["law"] for r in sub if r["verifier"] == BOUND_VERIFIER})
             for law in laws:
                 pts = sorted(
                     (r[x_name], r["bound"])
@@ -129,6 +147,8 @@ def _sweep_figure(rows, x_name, fixed, xlabel, title, path_stem, gap=False):
                 r["method"] == "monte_carlo" for r in sub if r["verifier"] == verifier and r["law"] == law
             )
             label = f"{verifier} [{LAW_LABELS.get(law, law)}]" + (" (Monte Carlo)" if mc else "")
+            if not gap:
+                _subsample_bound(ax, sub, x_name, verifier, law, styles[(verifier, law)]["color"])
             ax.errorbar(
                 xs,
                 ys,

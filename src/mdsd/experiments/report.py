@@ -13,8 +13,15 @@ import json
 import math
 from pathlib import Path
 
-from mdsd.experiments.analysis import ALL_DATASETS, BOUND_VERIFIER, EXACT_SLACK
+from mdsd.experiments.analysis import EXACT_SLACK
 from mdsd.experiments.config import TABLE_N, TABLE_TEMPERATURE
+from mdsd.experiments.vocabulary import (
+    ALL_DATASETS,
+    BASELINE_VERIFIER,
+    BOUND_VERIFIER,
+    sort_laws,
+    sort_pairs,
+)
 
 COLUMNS = (
     "dataset",
@@ -39,9 +46,7 @@ COLUMNS = (
 )
 _INT = {"n", "positions", "prompts", "clamped", "subsampled"}
 _STR = {"dataset", "law", "verifier", "method"}
-VERIFIER_ORDER = ("rrs", "kseq", "importance", "rrs_without_replacement", "greedy", "spechub", "optimal")
 ZERO_GAP = 1e-6  # a gap this small (probability units) counts as attaining the bound
-LAW_ORDER = ("iid", "without_replacement", "greedy", "spechub", "conditional_poisson")
 
 
 # ---------------------------------------------------------------- files
@@ -91,11 +96,6 @@ def fmt(value: float, digits: int = 4, small: bool = False) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
-def _rank(verifier: str, law: str) -> tuple:
-    v = VERIFIER_ORDER.index(verifier) if verifier in VERIFIER_ORDER else len(VERIFIER_ORDER)
-    return (verifier == "sample_check", v, verifier, LAW_ORDER.index(law) if law in LAW_ORDER else 9)
-
-
 def _datasets(rows) -> list[str]:
     return list(dict.fromkeys(r["dataset"] for r in rows))
 
@@ -113,15 +113,15 @@ def table1(rows: list[dict], temperature: float = TABLE_TEMPERATURE, n: int = TA
         r for r in rows if r["temperature"] == temperature and r["n"] == n and r["verifier"] != BOUND_VERIFIER
     ]
     datasets = _datasets(sub)
-    keys = sorted({(r["verifier"], r["law"]) for r in sub}, key=lambda k: _rank(*k))
+    keys = sort_pairs({(r["verifier"], r["law"]) for r in sub})
     index = {(r["dataset"], r["verifier"], r["law"]): r for r in sub}
     head = "| verifier | draft law | " + " | ".join(f"{d}: α | {d}: α* | {d}: gap" for d in datasets) + " |"
     lines = [
         f"**Table 1** (T = {temperature}, n = {n}): acceptance α (± 95% CI), the optimal "
         "acceptance α* of the verifier's draft law, and the gap α* − α (± paired 95% CI). "
         "Methods: exact unless marked † (Monte Carlo, see the CSV's mc_stderr); ‡: rated on a "
-        "random subsample of the positions (time budget; α* in that row is over the same "
-        "positions).",
+        "seeded random subsample of the positions (`--subsample-positions`; α* in that row is "
+        "over the same positions).",
         "",
         head,
         "|" + "---|" * (2 + 3 * len(datasets)),
@@ -131,7 +131,7 @@ def table1(rows: list[dict], temperature: float = TABLE_TEMPERATURE, n: int = TA
         for d in datasets:
             r = index.get((d, verifier, law))
             if r is None or not r["positions"]:
-                cells += ["–" if r is None else "skipped (too slow)", "–", "–"]
+                cells += ["–", "–", "–"]
                 continue
             mark = ("†" if r["method"] == "monte_carlo" else "") + ("‡" if r.get("subsampled") else "")
             cells += [
@@ -149,7 +149,7 @@ def bounds_table(rows: list[dict], n: int = TABLE_N) -> str:
     datasets = _datasets(rows)
     dataset = ALL_DATASETS if ALL_DATASETS in datasets else datasets[0]
     sub = [r for r in rows if r["verifier"] == BOUND_VERIFIER and r["n"] == n and r["dataset"] == dataset]
-    laws = sorted({r["law"] for r in sub}, key=lambda x: LAW_ORDER.index(x) if x in LAW_ORDER else 9)
+    laws = sort_laws({r["law"] for r in sub})
     temps = sorted({r["temperature"] for r in sub})
     index = {(r["law"], r["temperature"]): r for r in sub}
     lines = [
@@ -178,11 +178,11 @@ def gap_table(rows: list[dict], x_name: str, fixed: dict) -> str:
         for r in rows
         if r["dataset"] == dataset
         and r["verifier"] != BOUND_VERIFIER
-        and r["verifier"] != "sample_check"
+        and r["verifier"] != BASELINE_VERIFIER
         and all(r[k] == v for k, v in fixed.items())
     ]
     xs = sorted({r[x_name] for r in sub})
-    keys = sorted({(r["verifier"], r["law"]) for r in sub}, key=lambda k: _rank(*k))
+    keys = sort_pairs({(r["verifier"], r["law"]) for r in sub})
     index = {(r["verifier"], r["law"], r[x_name]): r for r in sub if r["positions"]}
     label = "T" if x_name == "temperature" else "n"
     lines = [
@@ -285,13 +285,13 @@ def findings(
     dataset = ALL_DATASETS if ALL_DATASETS in datasets else datasets[0]
     n = _closest([r["n"] for r in rows], n)
     temperature = _closest([r["temperature"] for r in rows], temperature)
-    main = [r for r in rates if r["dataset"] == dataset and r["verifier"] != "sample_check"]
+    main = [r for r in rates if r["dataset"] == dataset and r["verifier"] != BASELINE_VERIFIER]
     for x_name, fixed, what in (
         ("temperature", {"n": n}, f"temperature (n = {n})"),
         ("n", {"temperature": temperature}, f"n (T = {temperature})"),
     ):
         sub = [r for r in main if all(r[k] == v for k, v in fixed.items())]
-        keys = sorted({(r["verifier"], r["law"]) for r in sub}, key=lambda k: _rank(*k))
+        keys = sort_pairs({(r["verifier"], r["law"]) for r in sub})
         trends = {}
         for key in keys:
             pts = sorted(
@@ -366,7 +366,8 @@ def render_report(
             f"- Command: `{run.get('command', 'mdsd measure')}`",
             f"- Date: {run.get('date', '?')}; wall time {run.get('wall_s', float('nan')):.0f} s "
             f"(capture {run.get('capture_s', float('nan')):.0f} s, analysis "
-            f"{run.get('analysis_s', float('nan')):.0f} s) on {run.get('machine', '?')}",
+            f"{run.get('analysis_s', float('nan')):.0f} s on "
+            f"{run.get('analysis_workers', '1 process')}) on {run.get('machine', '?')}",
             f"- Pair: {run.get('pair', '?')}; prompts: {cfg.get('prompts') or 'bundled held-out'} "
             f"({cfg.get('num_prompts')} per dataset), up to {cfg.get('max_new_tokens')} generated "
             f"tokens, top-k {cfg.get('top_k')}, seed {cfg.get('seed')}",
@@ -441,13 +442,15 @@ def render_report(
         lines += [f"- {v} [{law}]: n ∈ {ns_mc[(v, law)]}" for v, law in seen] + [""]
     partial = sorted({(r["verifier"], r["law"]) for r in rows if r.get("subsampled")})
     if partial:
+        cfg = run.get("config") or {}
         lines += [
             "## Subsampled rates",
             "",
-            "These verifiers were too slow to rate every position within the analysis budget "
-            f"({(run.get('config') or {}).get('verifier_budget', '?')} s per verifier): "
-            "they were rated on a random subsample of positions, the same for every n and "
-            "law (column `positions`; their bound and gap are over the same positions).",
+            "These (verifier, law) pairs (configuration `subsample`) were rated on a seeded random "
+            f"subsample of {cfg.get('subsample_positions', '?')} positions per (dataset, T), the "
+            "same positions for every n and law (column `positions`; their bound and gap are over "
+            "the same positions, and the figures draw that bound as a dotted line). The subsample "
+            "depends on the seed only; `--subsample-positions 0` rates every position.",
             "",
         ]
         for v, law in partial:
@@ -457,20 +460,6 @@ def render_report(
                 if r["verifier"] == v and r["law"] == law and r["dataset"] != ALL_DATASETS
             ]
             lines.append(f"- {v} [{law}]: {min(counts)}–{max(counts)} positions per (dataset, T, n)")
-        lines.append("")
-    skipped = {}
-    for r in rows:
-        if not r["positions"] and r["verifier"] != BOUND_VERIFIER and r["dataset"] != ALL_DATASETS:
-            skipped.setdefault((r["verifier"], r["law"]), set()).add(r["n"])
-    if skipped:
-        lines += [
-            "## Skipped (too slow)",
-            "",
-            "One position took longer than the verifier's share of the time budget, so the "
-            "later (dataset, T) cells of these (verifier, law, n) were not rated:",
-            "",
-        ]
-        lines += [f"- {v} [{law}]: n ∈ {sorted(ns)}" for (v, law), ns in sorted(skipped.items())]
         lines.append("")
     noted = {}
     for r in rows:
@@ -482,7 +471,15 @@ def render_report(
         lines.append("")
     seconds = (checks or {}).get("seconds")
     if seconds:
-        lines += ["## Analysis time", "", "| computation | seconds |", "|---|---|"]
+        lines += [
+            "## Analysis time",
+            "",
+            "Seconds per computation, summed over the work units (on parallel workers the wall "
+            "time is shorter).",
+            "",
+            "| computation | seconds |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {v:.1f} |" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])]
         lines.append("")
     lines += [

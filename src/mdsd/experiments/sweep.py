@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mdsd._backend import torch_threads
-from mdsd.experiments.analysis import analyse
+from mdsd.experiments.analysis import Runner, analyse
 from mdsd.experiments.capture import capture, load_prompts
 from mdsd.experiments.config import TABLE_N, TABLE_TEMPERATURE, MeasureConfig
 from mdsd.experiments.plots import plot_all
@@ -31,16 +31,25 @@ def run_sweep(
     command: str = "mdsd measure",
     pair=None,
     progress: Progress | None = None,
+    runner: Runner | None = None,
+    workers: str = "1 process",
+    capture_only: bool = False,
 ) -> dict:
     """Capture, analyse and write ``results.csv``/``results.json``/``table1.md``/figures to out_dir.
+
+    runner: how the analysis work units run (default: serially in this process; see
+        ``mdsd.experiments.parallel``); ``workers`` describes it in the run record. The results
+        do not depend on it.
+    capture_only: fill the cache and stop (e.g. on a GPU machine; analyse elsewhere from a copy
+        of the cache, docs/measure.md); returns the capture record and writes nothing to out_dir.
 
     Returns the run record (also stored in results.json under ``run``).
     """
     with torch_threads(config.threads):
-        return _run(config, Path(out_dir), cache_root, command, pair, progress)
+        return _run(config, Path(out_dir), cache_root, command, pair, progress, runner, workers, capture_only)
 
 
-def _run(config, out, cache_root, command, pair, progress) -> dict:
+def _run(config, out, cache_root, command, pair, progress, runner, workers, capture_only) -> dict:
     cache_root = Path(cache_root) if cache_root is not None else out / "cache"
     start = time.perf_counter()
     prompts = load_prompts(config.prompts, config.num_prompts)
@@ -49,11 +58,21 @@ def _run(config, out, cache_root, command, pair, progress) -> dict:
         config, cache_root, pair=pair, progress=progress("capture", total) if progress else None
     )
     captured = time.perf_counter()
+    if capture_only:
+        return {
+            "cache_dir": str(summary.cache_dir),
+            "generated_files": summary.generated,
+            "cached_files": summary.cached,
+            "capture_s": captured - start,
+            "wall_s": captured - start,
+        }
     datasets = list(dict.fromkeys(p.dataset for p in prompts))
+    units = len(datasets) * len(config.temperatures) * len(config.ns)
     rows, checks = analyse(
         config,
         summary.cache_dir,
-        progress=progress("analysis", len(datasets) * len(config.temperatures)) if progress else None,
+        progress=progress("analysis", units) if progress else None,
+        runner=runner,
     )
     analysed = time.perf_counter()
     per_temperature = checks["positions"] // max(1, len(config.temperatures))
@@ -76,6 +95,7 @@ def _run(config, out, cache_root, command, pair, progress) -> dict:
         "capture_s": captured - start,
         "analysis_s": analysed - captured,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
+        "analysis_workers": workers,
     }
     run["wall_s"] = time.perf_counter() - start
     write_results(out, rows, run)

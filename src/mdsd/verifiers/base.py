@@ -1,7 +1,7 @@
 """What every verifier shares: the interface, the residual, and the draft checks.
 
 A verifier maps (p, q, drafts) to the *conditional output law* pi(. | x) of the emitted token
-(spec section 1). Sampling is one categorical draw from it; exactness is the identity
+(docs/theory.md §1). Sampling is one categorical draw from it; exactness is the identity
 sum_x Pdraft(x) pi(. | x) = p; the acceptance given x is sum_{y in set(x)} pi(y | x).
 
 Terms used throughout: a draft is *accepted* when the emitted token is one of the drafts (in a

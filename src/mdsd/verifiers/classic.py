@@ -1,4 +1,4 @@
-"""The published exact verifiers (spec section 4), as conditional output laws.
+"""The published exact verifiers (docs/theory.md §5), as conditional output laws.
 
 Shapes: target_probs p and draft_probs q are float64 [B, V]; drafts are int64 [B, n] in draw
 order; every ``output_law`` returns pi(. | x) as float64 [B, V]. Every verifier is written once

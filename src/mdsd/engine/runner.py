@@ -1,6 +1,6 @@
 """What the engine needs from a Hugging Face causal LM: checks, tree forwards, KV-cache surgery.
 
-Tree attention (spec section 6): the new tokens of a forward are (a) committed tokens not yet in
+Tree attention (docs/theory.md §7): the new tokens of a forward are (a) committed tokens not yet in
 the cache, attended causally, then (b) tree nodes, each attending to everything committed, its
 ancestors and itself. The model gets an additive float 4-D mask ``[1, 1, queries, keys]`` (0 =
 visible, dtype minimum = hidden), which both the SDPA and the eager attention paths of
@@ -17,6 +17,7 @@ that ignores custom 4-D masks is refused instead of decoding from a wrong distri
 from __future__ import annotations
 
 import inspect
+import time
 
 import numpy as np
 import torch
@@ -58,8 +59,10 @@ def context_length(model) -> int | None:
 class ModelRunner:
     """A causal LM with its DynamicCache and the three forwards the engine uses.
 
-    All methods run under the caller's ``torch.inference_mode()``. Logits come back as float32
-    numpy arrays [rows, V] (the engine converts only the rows it needs to float64).
+    All methods run under the caller's ``torch.inference_mode()``. A forward returns the final
+    hidden states of the rows asked for; ``logits`` applies the output layer to the rows the
+    engine needs (float32 numpy [rows, V]). The cache is the model's ``DynamicCache``; after a
+    tree forward ``keep_positions`` keeps the committed prefix and the accepted path.
     """
 
     def __init__(self, model):
@@ -69,15 +72,19 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.dtype
         self.hidden = torch.finfo(self.dtype).min
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._body = model.base_model  # the decoder stack without the output layer
+        self._head = model.get_output_embeddings()
+        params = inspect.signature(self._body.forward).parameters
+        self._body_cache_kw = "cache" if "cache" in params else "past_key_values"
         self._dynamic_cache = DynamicCache
         self.cache = None
         self.calls = 0
+        self.model_time = 0.0  # seconds inside forwards and the output layer (for the profile)
         self._checked_layers = False
 
     # ------------------------------------------------------------------ cache
-    def reset(self) -> None:
+    def reset(self, capacity: int | None = None) -> None:
+        """Empty the cache (``capacity``: positions the caller will need; a hint only here)."""
         self.cache = self._dynamic_cache(config=self.model.config)
         self._checked_layers = False
 
@@ -111,22 +118,79 @@ class ModelRunner:
             layer.values = values[:, :, : base + k]
 
     # ------------------------------------------------------------------ forwards
-    def _forward(self, ids, keep: int, **kwargs) -> np.ndarray:
-        out = self.model(
+    def _hidden(self, ids, keep: int, **kwargs) -> torch.Tensor:
+        """Final hidden states of the last ``keep`` new tokens, [keep, H] (the cache grows)."""
+        out = self._body(
             input_ids=torch.as_tensor(ids, dtype=torch.long, device=self.device)[None, :],
             use_cache=True,
-            logits_to_keep=keep,
-            **{self._cache_kw: self.cache},
+            **{self._body_cache_kw: self.cache},
             **kwargs,
         )
         self.calls += 1
         if not self._checked_layers:
             self._check_layers()
-        return out.logits[0].float().cpu().numpy()  # [keep, V]
+        return out.last_hidden_state[0, -keep:]
+
+    def logits(self, hidden: torch.Tensor) -> np.ndarray:
+        """Logits of hidden-state rows [r, H] -> float32 numpy [r, V] (the output layer alone).
+
+        The engine applies the output layer only to the rows it needs: every valid node of a
+        draft level, but only the visited nodes of the target's tree.
+        """
+        start = time.perf_counter()
+        out = self._head(hidden).float().cpu().numpy()
+        self.model_time += time.perf_counter() - start
+        return out
+
+    def causal_hidden(self, ids: np.ndarray, keep: int = 1) -> torch.Tensor:
+        """Plain causal forward of ``ids`` after the cache; hidden states of the last ``keep``."""
+        return self._timed(ids, keep)
+
+    def _timed(self, ids, keep: int, **kwargs) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self._hidden(ids, keep, **kwargs)
+        self.model_time += time.perf_counter() - start
+        return out
 
     def causal(self, ids: np.ndarray, keep: int = 1) -> np.ndarray:
         """Plain causal forward of ``ids`` after the cache; logits of the last ``keep`` rows."""
-        return self._forward(ids, keep)
+        return self.logits(self._timed(ids, keep))
+
+    def tree_hidden(
+        self,
+        ids: np.ndarray,
+        num_causal: int,
+        tree_mask: torch.Tensor,
+        node_depths: np.ndarray,
+        root_position: int,
+        keep: int,
+    ) -> torch.Tensor:
+        """Forward ``ids`` = num_causal committed tokens, then T tree nodes; hidden [keep, H].
+
+        tree_mask: [T, C_tree] additive float over the keys that belong to the tree (the last
+            C_tree keys, ending with these nodes); tree nodes see every earlier key.
+        node_depths: [T] depth of each node; its position id is root_position + depth.
+        root_position: position of the root (the last committed token).
+        """
+        cached = self.cached
+        total_new = len(ids)
+        keys = cached + total_new
+        mask = torch.zeros((total_new, keys), dtype=self.dtype, device=self.device)
+        if num_causal > 1:  # causal block of the committed tokens
+            mask[:num_causal, cached : cached + num_causal] = self._causal_block(num_causal)
+        if num_causal > 0:  # committed tokens never see the tree
+            mask[:num_causal, cached + num_causal :] = self.hidden
+        mask[num_causal:, keys - tree_mask.shape[1] :] = tree_mask
+        positions = np.concatenate(
+            [np.arange(cached, cached + num_causal), root_position + np.asarray(node_depths)]
+        )
+        assert positions.size == total_new and total_new - num_causal == len(node_depths)
+        return self._timed(
+            ids,
+            keep,
+            attention_mask=mask[None, None],
+            position_ids=torch.as_tensor(positions, dtype=torch.long, device=self.device)[None],
+        )
 
     def tree(
         self,
@@ -137,36 +201,13 @@ class ModelRunner:
         root_position: int,
         keep: int,
     ) -> np.ndarray:
-        """Forward ``ids`` = num_causal committed tokens, then T tree nodes.
+        """``tree_hidden`` followed by the output layer on all ``keep`` rows: logits [keep, V]."""
+        return self.logits(self.tree_hidden(ids, num_causal, tree_mask, node_depths, root_position, keep))
 
-        tree_mask: [T, C_tree] additive float over the keys that belong to the tree (the last
-            C_tree keys, ending with these nodes); tree nodes see every earlier key.
-        node_depths: [T] depth of each node; its position id is root_position + depth.
-        root_position: position of the root (the last committed token).
-        """
-        cached = self.cached
-        total_new = len(ids)
-        num_tree = total_new - num_causal
-        keys = cached + total_new
-        mask = torch.zeros((total_new, keys), dtype=self.dtype, device=self.device)
-        if num_causal > 1:  # causal block of the committed tokens
-            mask[:num_causal, cached : cached + num_causal] = torch.triu(
-                torch.full((num_causal, num_causal), self.hidden, dtype=self.dtype, device=self.device),
-                diagonal=1,
-            )
-        if num_causal > 0:  # committed tokens never see the tree
-            mask[:num_causal, cached + num_causal :] = self.hidden
-        mask[num_causal:, keys - tree_mask.shape[1] :] = tree_mask
-        positions = np.concatenate(
-            [np.arange(cached, cached + num_causal), root_position + np.asarray(node_depths)]
-        )
-        assert positions.size == total_new and num_tree == len(node_depths)
-        return self._forward(
-            ids,
-            keep,
-            attention_mask=mask[None, None],
-            position_ids=torch.as_tensor(positions, dtype=torch.long, device=self.device)[None],
-        )
+    def _causal_block(self, size: int) -> torch.Tensor:
+        """[size, size] additive causal mask (hidden above the diagonal)."""
+        full = torch.full((size, size), self.hidden, dtype=self.dtype, device=self.device)
+        return torch.triu(full, diagonal=1)
 
     def additive(self, visible: np.ndarray) -> torch.Tensor:
         """Bool visibility [..] -> additive float mask on the model's device and dtype."""

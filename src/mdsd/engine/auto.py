@@ -1,0 +1,326 @@
+"""``--tree auto``: choose the draft tree that maximises expected tokens per second.
+
+Two measurements, one model (after Sequoia, Chen et al. 2024, arXiv 2402.12374, which searches tree
+shapes by dynamic programming over a per-position acceptance vector; ours are uniform trees, few
+enough to enumerate):
+
+1. **Acceptance profile** of the pair under the sampling transform, law and verifier: at real
+   positions of text sampled from the target on the given prompts, the exact acceptance rate
+   ``rates[n - 1]`` = mean over positions of P(accept | n drafts), n = 1..max_width
+   (``mdsd.acceptance_rate``: closed form or enumeration; Monte Carlo only where no exact method
+   exists, as it reports).
+2. **Cost model** of this machine: time of a target forward with m new tokens, of a draft level
+   with m nodes (forward, output layer, sampling transform per row), of the output layer and
+   transform per visited target node, and of one verification per node with n drafts.
+
+A tree with widths (w_1..w_D) has m_d = w_1 ... w_d nodes at depth d. Treating acceptance as the
+same at every depth (the stationary approximation Sequoia also makes), the expected tokens per
+step are E = 1 + sum_d prod_{i <= d} rates[w_i - 1] and the walk visits about E nodes, so
+
+    step time = draft(level 0) + sum_{d < D} draft(m_d) + target(1 + sum_d m_d) + E (head + verify)
+    tokens/s  = E / step time,   against 1 / (target(1) + head) for plain sampling.
+
+``choose_tree`` enumerates every shape with widths <= max_width, depth <= max_depth and at most
+max_nodes nodes, and returns the best, or plain sampling (depth 0) when nothing beats it. The
+choice depends on timings, so it is machine-dependent (the output law is the target's whatever
+the tree); the calibration is cached on disk per (pair, dtype, device, threads, sampling, law,
+verifier), and ``TreeDecoder`` reports the chosen shape so a run can be pinned with ``--tree``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdsd.engine.walk import RuleBook, common_support, draft_children, verify_node
+from mdsd.sampling import categorical
+
+MAX_WIDTH = 4
+MAX_DEPTH = 6
+MAX_NODES = 64
+CALIBRATION_TOKENS = 24  # sampled positions per prompt
+CALIBRATION_PROMPTS = 4
+TIMING_REPEATS = 7
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # forward sizes timed for the cost model
+
+
+@dataclass(frozen=True)
+class AcceptanceProfile:
+    """rates[n - 1]: mean exact P(accept | n drafts) at one node, n = 1..len(rates)."""
+
+    rates: tuple[float, ...]
+    positions: int
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per operation on this machine (medians of timed repeats).
+
+    target_s[i], draft_s[i]: a forward with ``tokens[i]`` new tokens (draft: with the output
+    layer and the sampling transform on every row, as a tree level does); head_s: output layer
+    and transform of one visited target row; verify_s[n - 1]: one node verification with n
+    drafts; sample_s: one draw from the target (plain sampling's per-token extra).
+    """
+
+    tokens: tuple[int, ...]
+    target_s: tuple[float, ...]
+    draft_s: tuple[float, ...]
+    head_s: float
+    verify_s: tuple[float, ...]
+    sample_s: float
+
+    def target(self, m: float) -> float:
+        return float(
+            np.interp(m, self.tokens, self.target_s, right=_extrapolate(self.tokens, self.target_s, m))
+        )
+
+    def draft(self, m: float) -> float:
+        return float(
+            np.interp(m, self.tokens, self.draft_s, right=_extrapolate(self.tokens, self.draft_s, m))
+        )
+
+    def autoregressive_step(self) -> float:
+        return self.target(1) + self.head_s + self.sample_s
+
+
+def _extrapolate(xs, ys, x) -> float:
+    """Linear continuation of the last segment beyond the largest timed size."""
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return ys[-1] + slope * (x - xs[-1])
+
+
+@dataclass(frozen=True)
+class TreeChoice:
+    """The chosen shape (empty = plain sampling) with its predicted throughput."""
+
+    widths: tuple[int, ...]
+    expected_tokens: float
+    step_s: float
+    tokens_per_s: float
+    autoregressive_tokens_per_s: float
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.tokens_per_s / self.autoregressive_tokens_per_s
+
+    def describe(self) -> str:
+        return ",".join(map(str, self.widths)) if self.widths else "autoregressive"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    profile: AcceptanceProfile
+    cost: CostModel
+
+
+# ---------------------------------------------------------------------- the model
+def expected_tokens(widths: tuple[int, ...], rates: tuple[float, ...]) -> float:
+    """E = 1 + sum_d prod_{i <= d} rates[w_i - 1]: accepted drafts + the final token."""
+    total, reach = 1.0, 1.0
+    for w in widths:
+        reach *= rates[w - 1]
+        total += reach
+    return total
+
+
+def predict(widths: tuple[int, ...], calibration: Calibration) -> TreeChoice:
+    """Predicted tokens per second of a tree shape (empty = plain sampling)."""
+    cost = calibration.cost
+    ar = 1.0 / cost.autoregressive_step()
+    if not widths:
+        return TreeChoice((), 1.0, cost.autoregressive_step(), ar, ar)
+    rates = calibration.profile.rates
+    level_sizes = list(itertools.accumulate(widths, lambda a, b: a * b))
+    e = expected_tokens(widths, rates)
+    verify = float(np.mean([cost.verify_s[w - 1] for w in widths]))
+    step = (
+        cost.draft(1)
+        + sum(cost.draft(m) for m in level_sizes[:-1])
+        + cost.target(1 + sum(level_sizes))
+        + e * (cost.head_s + verify)
+    )
+    return TreeChoice(tuple(widths), float(e), float(step), float(e / step), ar)
+
+
+def choose_tree(
+    calibration: Calibration,
+    *,
+    max_width: int = MAX_WIDTH,
+    max_depth: int = MAX_DEPTH,
+    max_nodes: int = MAX_NODES,
+    min_width: int = 1,
+) -> TreeChoice:
+    """The shape of highest predicted tokens/s (plain sampling included, as depth 0)."""
+    max_width = min(max_width, len(calibration.profile.rates))
+    best = predict((), calibration)
+    for depth in range(1, max_depth + 1):
+        for widths in itertools.product(range(min_width, max_width + 1), repeat=depth):
+            if sum(itertools.accumulate(widths, lambda a, b: a * b)) > max_nodes:
+                continue
+            choice = predict(widths, calibration)
+            if choice.tokens_per_s > best.tokens_per_s:
+                best = choice
+    return best
+
+
+# ---------------------------------------------------------------------- calibration
+def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MAX_WIDTH) -> Calibration:
+    """Measure the acceptance profile and the cost model with a ``TreeDecoder``'s runners."""
+    contexts, targets, drafts = _sample_positions(decoder, prompts, rng)
+    profile = _acceptance_profile(targets, drafts, decoder.book, max_width)
+    cost = _cost_model(decoder, contexts, targets, drafts, max_width, rng)
+    return Calibration(profile, cost)
+
+
+def _sample_positions(decoder, prompts, rng):
+    """(context ids, p, q) at positions of text sampled from the target after each prompt."""
+    from mdsd.engine.decode import encode_prompt
+
+    contexts, targets, drafts = [], [], []
+    row_probs = decoder.sampling.row_probs
+    for prompt in list(prompts)[:CALIBRATION_PROMPTS]:
+        ids = encode_prompt(decoder.pair, prompt)
+        for runner in (decoder.target, decoder.draft):
+            runner.reset(len(ids) + CALIBRATION_TOKENS + 1)
+        pending = list(ids)
+        for _ in range(CALIBRATION_TOKENS):
+            p = row_probs(decoder.target.causal(np.asarray(pending), keep=1)[0])
+            q = row_probs(decoder.draft.causal(np.asarray(pending), keep=1)[0])
+            contexts.append(list(ids))
+            targets.append(p)
+            drafts.append(q)
+            token = p.token(int(categorical(p.values, rng)))
+            ids.append(token)
+            pending = [token]
+    if not targets:
+        raise ValueError("prompts: --tree auto needs at least one prompt to calibrate on")
+    return contexts, targets, drafts
+
+
+def _acceptance_profile(targets, drafts, book: RuleBook, max_width: int) -> AcceptanceProfile:
+    """Mean exact acceptance per number of drafts, on each position's union support."""
+    from mdsd.acceptance import acceptance_rate
+
+    rates = []
+    for n in range(1, max_width + 1):
+        values = []
+        for p_row, q_row in zip(targets, drafts):
+            _, p, q = common_support(p_row, q_row)
+            rule = book.rule(n, int(np.count_nonzero(q)))  # n_eff < n where the support is small
+            result = acceptance_rate(p, q, rule.n_eff, verifier=rule.verifier.name, law=rule.law.name)
+            values.append(float(result.rate))
+        rates.append(float(np.mean(values)))
+    # more drafts never lower the optimum; keep the profile monotone against estimation noise
+    return AcceptanceProfile(tuple(np.maximum.accumulate(rates)), len(targets))
+
+
+def _median_time(fn, repeats: int = TIMING_REPEATS) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> CostModel:
+    vocab = decoder.vocab
+    context = contexts[0]
+    row_probs = decoder.sampling.row_probs
+    counts = tuple(m for m in TOKEN_COUNTS if m <= MAX_NODES + 1)
+    target_s, draft_s = [], []
+    for m in counts:
+        tokens = rng.integers(0, vocab, size=m)
+        target_s.append(_median_time(lambda t=tokens: _tree_forward(decoder.target, context, t, None)))
+        draft_s.append(_median_time(lambda t=tokens: _tree_forward(decoder.draft, context, t, row_probs)))
+    hidden = decoder.target.causal_hidden(np.asarray(context), keep=1)
+    head_s = _median_time(lambda: row_probs(decoder.target.logits(hidden)[0]))
+    p0 = targets[0]
+    sample_s = _median_time(lambda: categorical(p0.values, rng))
+    verify_s = []
+    for n in range(1, max_width + 1):
+        cases = []
+        for p, q in list(zip(targets, drafts))[:8]:
+            kids, rule = draft_children(q, n, decoder.book, rng)
+            cases.append((p, q, kids, rule))
+        verify_s.append(
+            _median_time(lambda c=cases: [verify_node(p, q, k, r, rng) for p, q, k, r in c]) / len(cases)
+        )
+    return CostModel(counts, tuple(target_s), tuple(draft_s), head_s, tuple(verify_s), sample_s)
+
+
+def _tree_forward(runner, context, tokens, row_probs) -> None:
+    """One forward of ``tokens`` as a chain after ``context`` (cost does not depend on the mask);
+    with ``row_probs``, the output layer and transform on every row (a draft level)."""
+    runner.reset(len(context) + len(tokens) + 1)
+    runner.causal_hidden(np.asarray(context[:-1]), keep=1)
+    m = len(tokens)
+    mask = runner.additive(np.tril(np.ones((m, m), dtype=bool)))
+    hidden = runner.tree_hidden(tokens, 0, mask, np.arange(1, m + 1), len(context) - 1, keep=m)
+    if row_probs is not None:
+        for row in runner.logits(hidden):
+            row_probs(row)
+
+
+# ---------------------------------------------------------------------- cache
+def calibration_key(decoder, prompts) -> str:
+    """Digest of what the calibration depends on (models, dtype, device, threads, sampling,
+    law, verifier, calibration prompts)."""
+    pair = decoder.pair
+    parts = {
+        "pair": pair.name,
+        "target": [int(sum(p.numel() for p in pair.target.parameters())), str(pair.target.dtype)],
+        "draft": [int(sum(p.numel() for p in pair.draft.parameters())), str(pair.draft.dtype)],
+        "device": str(pair.target.device),
+        "threads": torch.get_num_threads(),
+        "runner": type(decoder.target).__name__,
+        "sampling": repr(decoder.sampling),
+        "law": decoder.book.law.name,
+        "verifier": decoder.book.verifier.name,
+        "prompts": [str(p) for p in list(prompts)[:CALIBRATION_PROMPTS]],
+        "limits": [CALIBRATION_TOKENS, MAX_WIDTH, TOKEN_COUNTS],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MDSD_CACHE_DIR", Path.home() / ".cache" / "mdsd")) / "auto-tree"
+
+
+def load_or_calibrate(decoder, prompts, rng, cache_dir: Path | None) -> Calibration:
+    """The cached calibration for this setting, or a new one (then cached)."""
+    path = None if cache_dir is None else Path(cache_dir) / f"{calibration_key(decoder, prompts)}.json"
+    if path is not None and path.exists():
+        data = json.loads(path.read_text())
+        return Calibration(AcceptanceProfile(**_tuples(data["profile"])), CostModel(**_tuples(data["cost"])))
+    calibration = calibrate(decoder, prompts, rng)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(calibration)))
+    return calibration
+
+
+def _tuples(record: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+
+
+__all__ = [
+    "AcceptanceProfile",
+    "Calibration",
+    "CostModel",
+    "TreeChoice",
+    "calibrate",
+    "choose_tree",
+    "expected_tokens",
+    "load_or_calibrate",
+    "predict",
+]
