@@ -129,8 +129,19 @@ class ThresholdFit(OptimalFit):
     others_mass: np.ndarray | None
 
 
-def stack_rows(rows: list[ThresholdRow], q: np.ndarray):
-    """Token-indexed arrays of a batch of rows: (rank, levels, rule_mass, cum_mass, others)."""
+@dataclass(frozen=True)
+class TokenArrays:
+    """A batch of threshold rows indexed by token id (fields as in :class:`ThresholdFit`)."""
+
+    rank: np.ndarray
+    levels: np.ndarray
+    rule_mass: np.ndarray
+    cum_mass: np.ndarray
+    others_mass: np.ndarray | None
+
+
+def stack_rows(rows: list[ThresholdRow], q: np.ndarray) -> TokenArrays:
+    """The token-indexed arrays of a batch of rows (q [B, V] places the q = 0 tokens last)."""
     batch, vocab = q.shape
     rank = np.empty((batch, vocab), dtype=np.int64)
     levels = np.ones((batch, vocab + 1))
@@ -146,7 +157,7 @@ def stack_rows(rows: list[ThresholdRow], q: np.ndarray):
         cum_mass[b, 1:] = np.cumsum(q[b, full_order])
         if others is not None:
             others[b, row.order] = row.others
-    return rank, levels, rule_mass, cum_mass, others
+    return TokenArrays(rank, levels, rule_mass, cum_mass, others)
 
 
 def sample_threshold_row(row: ThresholdRow, p: np.ndarray, drafts: np.ndarray, rng) -> int:

@@ -151,12 +151,12 @@ def _fit_distinct(p, q, n, law):
 def _fit_threshold(p, q, n, law) -> ThresholdFit:
     """The random-threshold construction, row by row (``threshold.fit_threshold_row``)."""
     rows = [fit_threshold_row(p[b], q[b], n, law) for b in range(p.shape[0])]
-    rank, levels, rule_mass, cum_mass, others = stack_rows(rows, q)
-    capped = cap_rule(p, rule_mass)
+    arrays = stack_rows(rows, q)
+    capped = cap_rule(p, arrays.rule_mass)
     support = np.array([row.order.size for row in rows], dtype=np.int64)
     alpha_star = np.array([row.alpha_star for row in rows])
     acceptance = capped.accepted.sum(axis=1)
-    certified = _certify(q, rank, levels, p - capped.accepted, capped.accept_prob)
+    certified = _certify(q, arrays.rank, arrays.levels, p - capped.accepted, capped.accept_prob)
     certified |= alpha_star - acceptance <= CERTIFY_GAP
     return ThresholdFit(
         law.name,
@@ -168,11 +168,11 @@ def _fit_threshold(p, q, n, law) -> ThresholdFit:
         alpha_star,
         certified,
         support,
-        rank=rank,
-        levels=levels,
-        rule_mass=rule_mass,
-        cum_mass=cum_mass,
-        others_mass=others,
+        rank=arrays.rank,
+        levels=arrays.levels,
+        rule_mass=arrays.rule_mass,
+        cum_mass=arrays.cum_mass,
+        others_mass=arrays.others_mass,
     )
 
 
