@@ -340,6 +340,18 @@ def test_lp_coupling_is_lossless_and_feasible():
     assert abs(expected_block_length(marginal) - optimum.value) < 1e-8
 
 
+def test_lp_first_acceptance_constraint():
+    """P(|z| >= 2) <= alpha* of the root for every verifier: alpha* is feasible, more is not."""
+    p, q = tables(22, 3, 2)
+    free = tree_optimum((2, 1), ["without_replacement", "iid"], p, q)
+    assert free.max_violation < 1e-8
+    alpha = mdsd.optimal_acceptance(p[()], q[()], 2, "without_replacement")
+    constrained = tree_optimum((2, 1), ["without_replacement", "iid"], p, q, first_acceptance=alpha - 1e-12)
+    assert constrained.value <= free.value + LP_TOL
+    with pytest.raises(ValueError, match="first_acceptance"):
+        tree_optimum((2, 1), ["without_replacement", "iid"], p, q, first_acceptance=alpha + 1e-3)
+
+
 def test_lp_refuses_large_problems():
     p, q = tables(0, 2, 1)
     big_vocab = int(round(MAX_TREE_LP_SEQUENCES ** (1 / 3))) + 2

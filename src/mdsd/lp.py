@@ -247,7 +247,9 @@ def _build_tree_lp(widths, laws, target, draft, vocab: int, length: int) -> _Tre
     return _TreeLP(a_eq, np.asarray(rhs), gain, trees, tree_blocks, num_pairs)
 
 
-def tree_optimum(widths, laws, target, draft, *, return_coupling: bool = False) -> TreeOptimum:
+def tree_optimum(
+    widths, laws, target, draft, *, return_coupling: bool = False, first_acceptance: float | None = None
+) -> TreeOptimum:
     """Maximise the expected emitted tokens per step over all lossless tree verifiers (small V).
 
     Args:
@@ -256,6 +258,9 @@ def tree_optimum(widths, laws, target, draft, *, return_coupling: bool = False) 
         target, draft: prefix models p(. | prefix), q(. | prefix): callables prefix tuple -> [V]
             or dicts {prefix tuple: [V]} (see ``mdsd.sequence.enumerate``).
         return_coupling: also return the drafted trees and the optimal plan.
+        first_acceptance: if given, also require P(|z| >= 2) >= first_acceptance (the first
+            draft position is accepted at least that often): the best E|z| of verifiers that
+            are that good at the root, e.g. first_acceptance = alpha* of the root's drafts.
 
     Variables pi(T, z) >= 0 for every drafted tree T (``enumerate_drafted_trees``) and block z
     (a root path of T plus one token); auxiliaries P(z) = sum_T pi(T, z). Constraints:
@@ -281,12 +286,19 @@ def tree_optimum(widths, laws, target, draft, *, return_coupling: bool = False) 
     a_eq, b_eq, gain, trees, tree_blocks = lp.a_eq, lp.b_eq, lp.gain, lp.trees, lp.tree_blocks
     num_pairs = lp.num_pairs
     num_rows, num_vars = a_eq.shape
+    a_ub = b_ub = None
+    if first_acceptance is not None:
+        # -sum_{|z| >= 2} pi(T, z) <= -first_acceptance
+        a_ub = -(gain >= 2).astype(np.float64)[None, :]
+        b_ub = np.array([-float(first_acceptance)])
     # Tightest tolerance first, as in solve_lp. HiGHS's presolve can declare these problems
     # infeasible when some trees have probabilities ~1e-14 (they are feasible: node-by-node
     # verification is a solution, ~1e-16 residual), so the later attempts run without it.
     for tolerance, presolve in TREE_LP_ATTEMPTS:
         res = linprog(
             -gain,
+            A_ub=a_ub,
+            b_ub=b_ub,
             A_eq=a_eq,
             b_eq=b_eq,
             bounds=(0, None),
@@ -299,6 +311,8 @@ def tree_optimum(widths, laws, target, draft, *, return_coupling: bool = False) 
         )
         if res.status == 0:
             break
+    if res.status == 2 and first_acceptance is not None:
+        raise ValueError(f"first_acceptance = {first_acceptance} is more than any lossless verifier attains")
     if res.status != 0:
         raise RuntimeError(f"HiGHS failed on the tree LP: {res.message}")
     coupling = None
