@@ -12,6 +12,7 @@ Tiers:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -346,6 +347,33 @@ def test_sequence_verifiers_follow_target_law(llama, verifier, law, widths):
     _assert_same_law(got, _autoregressive_law(oracle, PROMPT, 2), LAW_TOL)
     out = dec.generate([PROMPT], seed=0)[0]  # and the sampling path runs
     assert out.stats.steps >= 1
+
+
+@pytest.mark.parametrize(
+    "law,verifier",
+    [("without_replacement", "rrs_without_replacement"), ("iid", "kseq"), ("greedy", "greedy")],
+)
+def test_engine_walk_law_equals_sequence_node_law(law, verifier):
+    """The engine's node-by-node walk (``walk.emission_law``, the law its sampler follows) and
+    ``mdsd.sequence``'s reference node method give the same law on every drafted tree (1e-12)."""
+    from mdsd.sequence import drafted_tree, tree_emission_law
+
+    models = SyntheticModels(5, seed=3, top_k=4)
+    tree = build_tree((2, 2))
+    book = RuleBook(law, verifier, tree.widths)
+    for drafted, _ in itertools.islice(_drafted_trees(tree, book, models.q, []), 12):
+        nodes = np.flatnonzero(drafted.valid)
+        compact = {-1: -1} | {int(n): i for i, n in enumerate(nodes)}
+        rows = [-1] + [int(n) for n in nodes]
+        p = np.stack([models.p(_path_tokens(tree, drafted, r)) for r in rows])
+        q = np.stack([drafted.draft_probs.get(r, np.zeros(5)) for r in rows])
+        laws = [drafted.rules[r].law.name if r in drafted.rules else law for r in rows]
+        parents = [compact[int(tree.parents[n])] for n in nodes]
+        reference = tree_emission_law(
+            drafted_tree(parents, drafted.tokens[nodes], p, q, laws), "node", verifier
+        )
+        fast = emission_law(tree, drafted, lambda node, d=drafted: models.p(_path_tokens(tree, d, node)))
+        _assert_same_law(fast, reference, 1e-12)
 
 
 def test_sequence_verifier_errors(llama):
