@@ -21,7 +21,7 @@ import torch
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder, build_tree, chain_tree, parse_tree
 from mdsd.engine.decode import Autoregressive, DecodeStats
-from mdsd.engine.walk import DraftedTree, RuleBook, as_support, emission_law, enumerate_children
+from mdsd.engine.walk import DraftedSlots, RuleBook, as_support, emission_law, enumerate_children
 from mdsd.models import ModelPair, load_pair
 from mdsd.verifiers import VERIFIERS
 
@@ -238,13 +238,13 @@ def _drafted_trees(tree, book, q_of, context):
 
     def rec(k, tokens, valid, rules, qs, prob):
         if k == len(internal):
-            yield DraftedTree(tokens.copy(), valid.copy(), dict(rules), dict(qs)), prob
+            yield DraftedSlots(tokens.copy(), valid.copy(), dict(rules), dict(qs)), prob
             return
         node = internal[k]
         if node >= 0 and not valid[node]:
             yield from rec(k + 1, tokens, valid, rules, qs, prob)
             return
-        q = q_of(context + _path_tokens(tree, DraftedTree(tokens, valid, {}, {}), node))
+        q = q_of(context + _path_tokens(tree, DraftedSlots(tokens, valid, {}, {}), node))
         kids = tree.children(node)
         options, rule = enumerate_children(q, len(kids), book)
         for drafts, pr in options:
@@ -519,7 +519,7 @@ def test_walk_on_supports_follows_emission_law():
 
     drafted_dense, _ = next(iter(_drafted_trees(tree, book, lambda c: q_row(c).dense(), [])))
     sparse_q = {node: q_row(_path_tokens(tree, drafted_dense, node)) for node in drafted_dense.draft_probs}
-    drafted = DraftedTree(drafted_dense.tokens, drafted_dense.valid, drafted_dense.rules, sparse_q)
+    drafted = DraftedSlots(drafted_dense.tokens, drafted_dense.valid, drafted_dense.rules, sparse_q)
 
     def target_probs(node):
         return p_row(_path_tokens(tree, drafted, node))

@@ -32,7 +32,7 @@ import torch
 from mdsd.engine.runner import check_supported, check_tree_attention, context_length
 from mdsd.engine.static_llama import make_runner
 from mdsd.engine.tree import DraftTree, build_tree, parse_tree
-from mdsd.engine.walk import DraftedTree, RuleBook, WalkResult, as_support, draft_children, walk
+from mdsd.engine.walk import DraftedSlots, RuleBook, WalkResult, as_support, draft_children, walk
 from mdsd.logits import SupportProbs, process_logits, process_logits_row
 from mdsd.sampling import categorical
 
@@ -382,7 +382,7 @@ class StepRecord:
     the verification walk.
     """
 
-    drafted: DraftedTree
+    drafted: DraftedSlots
     target_hidden: torch.Tensor
     result: object
 
@@ -560,7 +560,7 @@ class TreeDecoder(_Decoder):
         return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
 
     # -------------------------------------------------------------- one step
-    def draft_tree(self, seq: list[int], rng: np.random.Generator) -> DraftedTree:
+    def draft_tree(self, seq: list[int], rng: np.random.Generator) -> DraftedSlots:
         """Expand the tree with the draft model (its cache then holds seq + depths 1..D-1).
 
         Per level: one draft forward over the level's nodes, the output layer on the valid rows
@@ -597,9 +597,9 @@ class TreeDecoder(_Decoder):
             rows = np.flatnonzero(valid[level.start : level.stop])
             logits = self.draft.logits(hidden[torch.as_tensor(rows)])  # [valid rows, V]
             frontier = {level.start + int(r): row_probs(logits[j]) for j, r in enumerate(rows)}
-        return DraftedTree(tokens, valid, rules, qs)
+        return DraftedSlots(tokens, valid, rules, qs)
 
-    def target_hidden(self, seq: list[int], drafted: DraftedTree) -> torch.Tensor:
+    def target_hidden(self, seq: list[int], drafted: DraftedSlots) -> torch.Tensor:
         """One target forward over (fresh committed tokens, every node): final hidden states of
         the root (row 0) and of every node (row i + 1), [N + 1, H]."""
         fresh = np.asarray(seq[self.target.cached :])
@@ -613,13 +613,13 @@ class TreeDecoder(_Decoder):
             keep=n + 1,
         )
 
-    def target_logits(self, seq: list[int], drafted: DraftedTree) -> np.ndarray:
+    def target_logits(self, seq: list[int], drafted: DraftedSlots) -> np.ndarray:
         """Target logits of the root (row 0) and every node (row i + 1), float32 [N + 1, V]
         (for inspection: decoding applies the output layer to the visited rows only)."""
         return self.target.logits(self.target_hidden(seq, drafted))
 
-    def sequence_tree(self, drafted: DraftedTree, target_probs: Callable[[int], object]):
-        """The drafted tree as an ``mdsd.sequence.DraftedTree`` over its valid nodes (dense p at
+    def sequence_tree(self, drafted: DraftedSlots, target_probs: Callable[[int], object]):
+        """The drafted tree as an ``mdsd.sequence.DraftedSlots`` over its valid nodes (dense p at
         the root and every node, q and draft law at every node with children); returns it with
         the engine ids of its nodes [N_valid]."""
         from mdsd.sequence import drafted_tree
@@ -639,7 +639,7 @@ class TreeDecoder(_Decoder):
                 laws.append(self.book.law.name)
         return drafted_tree(parents, drafted.tokens[nodes], p, q, laws), nodes
 
-    def verify_sequence(self, drafted: DraftedTree, target_probs, rng) -> WalkResult:
+    def verify_sequence(self, drafted: DraftedSlots, target_probs, rng) -> WalkResult:
         """Verify the drafted tree with the configured sequence-level rule (``mdsd.sequence``)."""
         from mdsd.sequence import tree_verify
 

@@ -172,8 +172,10 @@ def verify_node(
 
 
 @dataclass
-class DraftedTree:
-    """One drafted tree: tokens of every node slot and the per-node rules (N = tree.num_nodes).
+class DraftedSlots:
+    """The engine's drafted tree: tokens in the fixed node slots of a ``DraftTree`` shape and the
+    per-node rules (N = tree.num_nodes); ``TreeDecoder.sequence_tree`` converts it to the
+    validated ``mdsd.sequence.DraftedTree`` over the valid nodes.
 
     tokens: [N] int64 (invalid slots hold a copy of a valid sibling token, never verified).
     valid:  [N] bool.
@@ -206,7 +208,7 @@ class WalkResult:
 
 def walk(
     tree,
-    drafted: DraftedTree,
+    drafted: DraftedSlots,
     target_probs: Callable[[int], object],
     rng: np.random.Generator,
     *,
@@ -233,7 +235,7 @@ def walk(
 
 
 def emission_law(
-    tree, drafted: DraftedTree, target_probs: Callable[[int], np.ndarray], tol: float = 0.0
+    tree, drafted: DraftedSlots, target_probs: Callable[[int], np.ndarray], tol: float = 0.0
 ) -> dict[tuple[int, ...], float]:
     """Exact law of ``walk(...).emitted`` for a fixed drafted tree (enumerates every branch).
 
