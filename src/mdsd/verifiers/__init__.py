@@ -11,7 +11,7 @@ import numpy as np
 
 from mdsd._validate import as_drafts, as_probs, check_choice, check_pair
 from mdsd.laws import DraftLaw, get_law
-from mdsd.verifiers.base import Verifier, accepted_mass, check_drafts_for_law, draft_set_mask
+from mdsd.verifiers.base import Verifier, accepted_mass, check_drafts_for_law
 from mdsd.verifiers.classic import (
     KSEQ,
     RRS,
@@ -106,18 +106,52 @@ def output_law(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, n
     return out[0] if single else out
 
 
-def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, rng=None, normalize=False):
+def _trusted(target_probs, draft_probs, drafts, verifier, law):
+    """``_prepare`` without the checks: float64 / int64 views, the batch axis added."""
+    p = np.asarray(target_probs, dtype=np.float64)
+    q = np.asarray(draft_probs, dtype=np.float64)
+    x = np.asarray(drafts, dtype=np.int64)
+    single = p.ndim == 1
+    if single:
+        p, q, x = p[None], q[None], x[None]
+    the_verifier, the_law = resolve(verifier, law)
+    return p, q, x, the_verifier, the_law, single
+
+
+def verify(
+    target_probs,
+    draft_probs,
+    drafts,
+    verifier="rrs",
+    law=None,
+    *,
+    rng=None,
+    normalize=False,
+    check=True,
+):
     """Run a verifier: draw y ~ pi(. | x). Returns (token, accepted), accepted = y in set(x).
 
     Batched input gives arrays ``tokens [B]`` and ``accepted [B]``. ``rng`` is a
     ``numpy.random.Generator`` or an int seed (None: fresh entropy).
+
+    The classic verifiers sample by early exit (``Verifier.sample``): the drafts are tested in
+    order from their ratios and the vocabulary is read only after a rejection, never building
+    pi(. | x); the draws follow ``output_law`` exactly. ``check=False`` skips the input checks
+    (probability rows, shapes, draft ids, drafts the law can produce), which themselves cost
+    several passes over the vocabulary: for trusted callers such as a decoding engine, with float64
+    rows that sum to 1 and valid drafts; the draws are the same as with ``check=True`` (whose
+    renormalisation moves p and q by rounding only). ``normalize`` applies only with ``check``.
+
+    >>> verify([0.0, 1.0], [0.5, 0.5], [1], rng=0)
+    (1, True)
     """
-    p, q, x, the_verifier, the_law, single = _prepare(
-        target_probs, draft_probs, drafts, verifier, law, normalize
-    )
-    rng = np.random.default_rng(rng)
+    prepare = _prepare if check else _trusted
+    args = (normalize,) if check else ()
+    p, q, x, the_verifier, the_law, single = prepare(target_probs, draft_probs, drafts, verifier, law, *args)
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
     tokens = the_verifier.sample(p, q, x, the_law, rng)
-    accepted = draft_set_mask(x, p.shape[1])[np.arange(p.shape[0]), tokens]
+    accepted = (x == tokens[:, None]).any(axis=1)
     if single:
         return int(tokens[0]), bool(accepted[0])
     return tokens, accepted

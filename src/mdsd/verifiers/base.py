@@ -111,6 +111,49 @@ class Verifier:
         return "closed_form"
 
 
+def inverse_cdf(values, uniforms):
+    """One inverse-CDF draw per row of ``values`` [B, V] (need not be normalised) at uniforms [B]:
+    the first token whose cumulative mass exceeds u * total, clipped to V - 1 (as
+    ``mdsd.sampling.categorical``; zero-mass tokens are never drawn).  -> [B] int64"""
+    ops = backend(values)
+    cdf = ops.cumsum(values)  # [B, V]
+    threshold = uniforms[:, None] * cdf[:, -1:]
+    drawn = ops.row_sum(cdf <= threshold)
+    return (
+        drawn.clip(max=values.shape[1] - 1) if ops.name == "torch" else np.minimum(drawn, values.shape[1] - 1)
+    )
+
+
+@dataclass(frozen=True)
+class EarlyExitVerifier(Verifier):
+    """A verifier that samples pi(. | x) by early exit instead of building it.
+
+    Subclasses run their chain of tests (draft t_j accepted with probability a_j, computed from the
+    state earlier rejections left; if every test rejects, y ~ a final law R) on uniforms drawn up
+    front: ``uniforms_per_row(n)`` of them per row, so the draws are a function of the seed and one
+    batched call draws what the same rows drawn one by one from the same generator would.
+    ``sample_with_branch`` returns (tokens [B], branch [B]): the test that accepted (0-based), or
+    the number of tests when the token came from R. The reference is ``Verifier.sample`` (build
+    ``output_law``, draw once); tests/test_verify_fast.py compares the two, exactly.
+    """
+
+    def uniforms_per_row(self, n: int) -> int:
+        """Uniforms one row consumes for n drafts: one per test, one for the final draw."""
+        raise NotImplementedError
+
+    def sample_with_branch(self, target_probs, draft_probs, drafts, law, uniforms, vectorised=False):
+        """(tokens [B] int64, branch [B] int64) from uniforms [B, uniforms_per_row(n)].
+
+        numpy rows run the compiled kernels of ``mdsd.verifiers._early_exit``; torch tensors (and
+        numpy with ``vectorised=True``) run the batch-vectorised version: all rows take test 1
+        together, and only the rows it rejects go on to touch the vocabulary."""
+        raise NotImplementedError
+
+    def sample(self, target_probs, draft_probs, drafts, law: DraftLaw, rng: np.random.Generator):
+        uniforms = rng.random((target_probs.shape[0], self.uniforms_per_row(drafts.shape[1])))
+        return self.sample_with_branch(target_probs, draft_probs, drafts, law, uniforms)[0]
+
+
 def check_drafts_for_law(draft_probs, drafts, law: DraftLaw) -> None:
     """Refuse drafts that the law cannot produce (they would make the output law wrong)."""
     ops = backend(draft_probs)

@@ -3,6 +3,11 @@
 Shapes: target_probs p and draft_probs q are float64 [B, V]; drafts are int64 [B, n] in draw
 order; every ``output_law`` returns pi(. | x) as float64 [B, V]. Every verifier is written once
 against ``mdsd._backend`` and runs on numpy arrays and on torch tensors (CPU or CUDA).
+
+Sampling (``sample``, ``sample_with_branch``) exits early: the drafts are tested in order from
+their ratios, and the vocabulary is read only after a rejection (see
+``mdsd.verifiers._early_exit`` for the compiled numpy kernels; the ``_*_vectorised`` functions
+below are the batch versions for torch, written against ``mdsd._backend``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdsd._backend import NumpyOps, backend, complement_renormalised, top_mask
-from mdsd.verifiers.base import Verifier, gather, residual, safe_ratio, scatter_add
+from mdsd.verifiers.base import (
+    EarlyExitVerifier,
+    gather,
+    inverse_cdf,
+    residual,
+    safe_ratio,
+    scatter_add,
+)
 
 ROOT_ITERATIONS = 80  # bisection steps for K-SEQ's rho* (reference): [1, n] shrinks below 1e-22
 INTERVAL_ITERATIONS = 64  # bisection steps on the closed form of beta between two breakpoints
@@ -33,8 +45,189 @@ def drop_token(q, tokens):
     return rest / ops.row_sum(rest, keepdim=True)
 
 
+# -- early-exit sampling: dispatch, and the batch-vectorised versions (torch; numpy on request) ---
+
+
+def _early_exit_kernels(values, vectorised: bool):
+    """``mdsd.verifiers._early_exit`` for numpy rows (None for torch, with ``vectorised``, or
+    without numba): imported on first use."""
+    global _EARLY_EXIT
+    if vectorised or backend(values) is not NumpyOps:
+        return None
+    if _EARLY_EXIT is False:
+        try:
+            from mdsd.verifiers import _early_exit
+        except ImportError:  # pragma: no cover - numba is a dependency
+            _early_exit = None
+        _EARLY_EXIT = _early_exit
+    return _EARLY_EXIT
+
+
+_EARLY_EXIT = False  # not imported yet
+
+
+def _run_kernel(kernel, p, q, drafts, uniforms, *extra):
+    """Call a row kernel of ``_early_exit`` on contiguous float64 / int64 copies (views when the
+    inputs already are); returns (tokens [B], branch [B])."""
+    rows = p.shape[0]
+    tokens, branch = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
+    kernel(
+        np.ascontiguousarray(p, dtype=np.float64),
+        np.ascontiguousarray(q, dtype=np.float64),
+        np.ascontiguousarray(drafts, dtype=np.int64),
+        np.ascontiguousarray(uniforms, dtype=np.float64),
+        *extra,
+        tokens,
+        branch,
+    )
+    return tokens, branch
+
+
+def _undecided(drafts):
+    """(tokens, branch) filled with -1, like drafts' rows: [B] int64 each."""
+    tokens = drafts[:, 0] * 0 - 1
+    return tokens, tokens * 1
+
+
+def _rrs_vectorised(p, q, drafts, uniforms, distinct: bool):
+    """RRS (``distinct``: without replacement) on a batch: test i on the rows still undecided,
+    residual update only for the rows it rejects, final inverse-CDF draw for the rows left."""
+    tokens, branch = _undecided(drafts)
+    n = drafts.shape[1]
+    live = backend(p).rows(p)  # row ids still undecided
+    cur, q_cur = p, q
+    for i in range(n):
+        x = drafts[live, i]
+        accept = uniforms[live, i] < safe_ratio(gather(cur, x), gather(q_cur, x))
+        tokens[live[accept]], branch[live[accept]] = x[accept], i
+        keep = ~accept
+        live, x, cur, q_cur = live[keep], x[keep], cur[keep], q_cur[keep]
+        if live.shape[0] == 0:
+            return tokens, branch
+        cur = residual(cur, q_cur)
+        if distinct and i < n - 1:
+            q_cur = drop_token(q_cur, x)
+    tokens[live], branch[live] = inverse_cdf(cur, uniforms[live, n]), n
+    return tokens, branch
+
+
+def _kseq_vectorised(p, q, drafts, uniforms):
+    """K-SEQ on a batch: tests decided from the bounds rho* in [1, n] where they can be; rho* is
+    computed only for the rows with a test between the bounds or with every test rejected."""
+    ops = backend(p)
+    tokens, branch = _undecided(drafts)
+    n = drafts.shape[1]
+    rho, beta = ops.full((p.shape[0],), np.nan, p), ops.full((p.shape[0],), np.nan, p)
+    live = ops.rows(p)
+
+    def fill(rows):  # rho*, beta for the rows that have none yet
+        rows = rows[rho[rows] != rho[rows]]
+        if rows.shape[0]:
+            rho[rows], beta[rows] = kseq_rho(p[rows], q[rows], n)
+
+    for i in range(n):
+        x = drafts[live, i]
+        p_x, q_x, u = gather(p[live], x), gather(q[live], x), uniforms[live, i]
+        fill(live[(u >= safe_ratio(p_x, n * q_x)) & (u < safe_ratio(p_x, q_x))])
+        known = rho[live] == rho[live]
+        exact = safe_ratio(p_x, ops.where(known, rho[live], 1.0) * q_x)
+        accept = ops.where(known, u < exact, u < safe_ratio(p_x, n * q_x))
+        tokens[live[accept]], branch[live[accept]] = x[accept], i
+        live = live[~accept]
+        if live.shape[0] == 0:
+            return tokens, branch
+    fill(live)
+    p_live, r, b = p[live], rho[live], beta[live]
+    c = ops.divide_safe(at_least_one(b, n), b, float(n))
+    leftover = ops.positive_part(p_live - ops.minimum(q[live], p_live / r[:, None]) * c[:, None])
+    empty = ops.row_sum(leftover, keepdim=True) <= 0
+    tokens[live], branch[live] = inverse_cdf(ops.where(empty, p_live, leftover), uniforms[live, n]), n
+    return tokens, branch
+
+
+def _greedy_vectorised(p, q, drafts, uniforms):
+    """The greedy law's verifier on a batch: q' = q off the first n - 1 drafts (one pass), the
+    test of x_n, and resid(p, q') only for the rows it rejects."""
+    tokens, branch = _undecided(drafts)
+    rest = complement_renormalised(q, backend(q).mask_of(drafts[:, :-1], q.shape[1]))  # q'
+    last = drafts[:, -1]
+    accept = uniforms[:, 0] < safe_ratio(gather(p, last), gather(rest, last))
+    tokens[accept], branch[accept] = last[accept], 0
+    rejected = ~accept
+    if backend(p).any(rejected):
+        values = residual(p[rejected], rest[rejected])
+        tokens[rejected], branch[rejected] = inverse_cdf(values, uniforms[rejected, 1]), 1
+    return tokens, branch
+
+
+def _spechub_vectorised(verifier, p, q, drafts, uniforms):
+    """SpecHub on a batch: rows whose non-hub draft comes first and passes min(1, p_i / q_i) stop
+    there; the others build the hub tables (``SpecHubVerifier._tables``) on their rows only."""
+    ops = backend(p)
+    tokens, branch = _undecided(drafts)
+    d0, d1 = drafts[:, 0], drafts[:, 1]
+    q0, q1 = gather(q, d0), gather(q, d1)
+    hub_first = (q0 > q1) | ((q0 == q1) & (d0 < d1))
+    other = ops.where(hub_first, d1, d0)
+    early = ~hub_first & (uniforms[:, 0] < safe_ratio(gather(p, other), gather(q, other)))
+    tokens[early], branch[early] = other[early], 0
+    live = ops.rows(p)[~early]
+    if live.shape[0] == 0:
+        return tokens, branch
+    p, q, other, hub_first, u = p[live], q[live], other[live], hub_first[live], uniforms[live]
+    hub, pair_hub_first, p1, left_i, left_hub, p_hub, p_hub_left, recovered = verifier._tables(p, q)
+    first = hub_first & (u[:, 0] < safe_ratio(gather(p1, other), gather(pair_hub_first, other)))
+    accept_hub = ops.where(hub_first, safe_ratio(p_hub, left_hub), safe_ratio(p_hub_left, left_i))
+    second = ~first & (u[:, 1] < accept_hub)
+    empty = ops.row_sum(recovered, keepdim=True) <= 0
+    tokens[live] = inverse_cdf(ops.where(empty, p, recovered), u[:, 2])
+    branch[live] = 2
+    tokens[live[second]], branch[live[second]] = hub[second], 1
+    tokens[live[first]], branch[live[first]] = other[first], 0
+    return tokens, branch
+
+
+def _picked_draft(p, q, drafts):
+    """Max-importance selection: the draft with the largest p / q, ties by lower id.  -> [B]"""
+    ops = backend(p)
+    weight = gather(p, drafts) / gather(q, drafts)  # [B, n], q > 0 on drafts
+    best = weight == (
+        weight.max(1, keepdims=True) if ops.name == "numpy" else weight.max(1, keepdim=True).values
+    )
+    picked = ops.where(best, drafts, p.shape[1]).min(1)
+    return picked if ops.name == "numpy" else picked.values
+
+
+def _importance_vectorised(p, q, drafts, uniforms):
+    """Importance selection on a batch: p_I(picked) from one pass (no sort), the test, and the
+    whole law p_I (``importance_law``, one sort) only for the rows it rejects."""
+    ops = backend(p)
+    tokens, branch = _undecided(drafts)
+    n = drafts.shape[1]
+    picked = _picked_draft(p, q, drafts)
+    weight = ops.divide_safe(p, q, -np.inf)  # [B, V]
+    best = gather(weight, picked)[:, None]
+    ids = ops.rows(p.T)[None, :]  # token ids, [1, V]
+    later = (weight < best) | ((weight == best) & (ids > picked[:, None]))
+    after_unclipped = ops.row_sum(ops.where(later & (q > 0), q, 0.0))  # G_after
+    q_s = gather(q, picked)
+    tail, after = ops.minimum(after_unclipped + q_s, 1.0), ops.minimum(after_unclipped, 1.0)
+    d = ops.where(after_unclipped + q_s <= 1.0, q_s, tail - after)
+    power, terms = ops.ones_rows(p), ops.ones_rows(p)
+    for _ in range(n - 1):  # tail^n - after^n = d sum_j tail^j after^(n-1-j)
+        power = power * tail
+        terms = terms * after + power
+    accept = uniforms[:, 0] < safe_ratio(gather(p, picked), d * terms)
+    tokens[accept], branch[accept] = picked[accept], 0
+    rejected = ~accept
+    if ops.any(rejected):
+        values = residual(p[rejected], importance_law(p[rejected], q[rejected], n))
+        tokens[rejected], branch[rejected] = inverse_cdf(values, uniforms[rejected, 1]), 1
+    return tokens, branch
+
+
 @dataclass(frozen=True)
-class RRS(Verifier):
+class RRS(EarlyExitVerifier):
     """Recursive rejection sampling (SpecInfer), for i.i.d. drafts.
 
     cur = p. For i = 1..n: accept x_i with probability min(1, cur(x_i) / q(x_i)); on rejection
@@ -59,6 +252,15 @@ class RRS(Verifier):
         out += reach[:, None] * cur
         return out
 
+    def uniforms_per_row(self, n):
+        return n + 1
+
+    def sample_with_branch(self, p, q, drafts, law, uniforms, vectorised=False):
+        kernels = _early_exit_kernels(p, vectorised)
+        if kernels is None:
+            return _rrs_vectorised(p, q, drafts, uniforms, distinct=False)
+        return _run_kernel(kernels.rrs_sample, p, q, drafts, uniforms, False)
+
     def acceptance(self, p, q, n, law):
         ops = backend(p)
         reject_all = ops.ones_rows(p)
@@ -70,7 +272,7 @@ class RRS(Verifier):
 
 
 @dataclass(frozen=True)
-class RRSWithoutReplacement(Verifier):
+class RRSWithoutReplacement(EarlyExitVerifier):
     """Recursive rejection sampling for drafts sampled without replacement (verify in draw order).
 
     cur = p, q_cur = q. For i = 1..n: accept x_i with probability min(1, cur(x_i) / q_cur(x_i));
@@ -100,6 +302,15 @@ class RRSWithoutReplacement(Verifier):
                 q_cur = drop_token(q_cur, x)
         out += reach[:, None] * cur
         return out
+
+    def uniforms_per_row(self, n):
+        return n + 1
+
+    def sample_with_branch(self, p, q, drafts, law, uniforms, vectorised=False):
+        kernels = _early_exit_kernels(p, vectorised)
+        if kernels is None:
+            return _rrs_vectorised(p, q, drafts, uniforms, distinct=True)
+        return _run_kernel(kernels.rrs_sample, p, q, drafts, uniforms, True)
 
     def acceptance(self, p, q, n, law):
         ops = backend(p)
@@ -330,7 +541,7 @@ def kseq_rho(p, q, n: int):
 
 
 @dataclass(frozen=True)
-class KSEQ(Verifier):
+class KSEQ(EarlyExitVerifier):
     """K-SEQ (SpecTr, Sun et al. 2023), for i.i.d. drafts.
 
     beta(rho) = sum_x min(q_x, p_x / rho); rho* in [1, n] solves 1 - (1 - beta)^n = rho beta.
@@ -362,13 +573,32 @@ class KSEQ(Verifier):
         out += reach[:, None] * recovered
         return out
 
+    def uniforms_per_row(self, n):
+        return n + 1
+
+    def sample_with_branch(self, p, q, drafts, law, uniforms, vectorised=False):
+        kernels = _early_exit_kernels(p, vectorised)
+        if kernels is None:
+            return _kseq_vectorised(p, q, drafts, uniforms)
+        unknown = np.full(p.shape[0], np.nan)
+        tokens, branch = _run_kernel(kernels.kseq_sample, p, q, drafts, uniforms, unknown, unknown)
+        pending = np.flatnonzero(branch < 0)  # a test between the bounds, or all rejected
+        if pending.size:
+            rho, beta = np.empty(pending.size), np.empty(pending.size)
+            target, draft = np.ascontiguousarray(p[pending]), np.ascontiguousarray(q[pending])
+            kernels.kseq_rho_rows(target, draft, drafts.shape[1], INTERVAL_ITERATIONS, rho, beta)
+            tokens[pending], branch[pending] = _run_kernel(
+                kernels.kseq_sample, target, draft, drafts[pending], uniforms[pending], rho, beta
+            )
+        return tokens, branch
+
     def acceptance(self, p, q, n, law):
         _, beta = kseq_rho(p, q, n)
         return at_least_one(beta, n)
 
 
 @dataclass(frozen=True)
-class GreedyVerifier(Verifier):
+class GreedyVerifier(EarlyExitVerifier):
     """The optimal verifier of the greedy law (Hu et al., ICLR 2025).
 
     Drafts are T = top-(n-1) of q plus x_n ~ q'. Single-draft speculative sampling of p against q'
@@ -390,6 +620,15 @@ class GreedyVerifier(Verifier):
         scatter_add(out, last, accept)
         return out
 
+    def uniforms_per_row(self, n):
+        return 2
+
+    def sample_with_branch(self, p, q, drafts, law, uniforms, vectorised=False):
+        kernels = _early_exit_kernels(p, vectorised)
+        if kernels is None:
+            return _greedy_vectorised(p, q, drafts, uniforms)
+        return _run_kernel(kernels.greedy_sample, p, q, drafts, uniforms)
+
     def acceptance(self, p, q, n, law):
         ops = backend(p)
         in_top = top_mask(q, n - 1)
@@ -398,7 +637,7 @@ class GreedyVerifier(Verifier):
 
 
 @dataclass(frozen=True)
-class SpecHubVerifier(Verifier):
+class SpecHubVerifier(EarlyExitVerifier):
     """SpecHub (Sun et al., EMNLP 2024) for n = 2 drafts with hub a = argmax q.
 
     Q(a, i) = q_a q_i / (1 - q_a); p1(i) = max(p_i - q_i, 0); p2(i) = max(p1(i) - Q(a, i), 0);
@@ -452,6 +691,15 @@ class SpecHubVerifier(Verifier):
         scatter_add(out, other, accept_i)
         scatter_add(out, hub, (1.0 - accept_i) * accept_a)
         return out
+
+    def uniforms_per_row(self, n):
+        return 3
+
+    def sample_with_branch(self, p, q, drafts, law, uniforms, vectorised=False):
+        kernels = _early_exit_kernels(p, vectorised)
+        if kernels is None:
+            return _spechub_vectorised(self, p, q, drafts, uniforms)
+        return _run_kernel(kernels.spechub_sample, p, q, drafts, uniforms)
 
     def acceptance(self, p, q, n, law):
         return GreedyVerifier().acceptance(p, q, 2, law)
@@ -540,7 +788,7 @@ def importance_acceptance(target_probs: np.ndarray, draft_probs: np.ndarray, n: 
 
 
 @dataclass(frozen=True)
-class Importance(Verifier):
+class Importance(EarlyExitVerifier):
     """Importance selection + single-draft speculative sampling (Khisti et al., ICLR 2025 form).
 
     Rule: pick the draft with the largest importance weight p(x)/q(x) (ties by lower token id), a
@@ -571,12 +819,29 @@ class Importance(Verifier):
         scatter_add(out, picked, accept)
         return out
 
+    def uniforms_per_row(self, n):
+        return 2
+
+    def sample_with_branch(self, p, q, drafts, law, uniforms, vectorised=False):
+        kernels = _early_exit_kernels(p, vectorised)
+        if kernels is None:
+            return _importance_vectorised(p, q, drafts, uniforms)
+        tokens, branch = _run_kernel(kernels.importance_sample, p, q, drafts, uniforms)
+        pending = np.flatnonzero(branch < 0)  # rejected: y ~ resid(p, p_I) needs all of p_I
+        if pending.size:
+            target = np.ascontiguousarray(p[pending], dtype=np.float64)
+            picked_law = importance_law(target, q[pending], drafts.shape[1])
+            drawn = np.empty(pending.size, dtype=np.int64)
+            kernels.residual_draw(target, picked_law, uniforms[pending, 1], drawn)
+            tokens[pending], branch[pending] = drawn, 1
+        return tokens, branch
+
     def acceptance(self, p, q, n, law):
         return importance_acceptance(np.asarray(p), np.asarray(q), n)
 
 
 @dataclass(frozen=True)
-class SampleCheck(Verifier):
+class SampleCheck(EarlyExitVerifier):
     """Draw y ~ p and accept iff y is a draft. Exact for every law; the baseline.
 
     Acceptance = sum_y p(y) P(y in set(x)) (inclusion probabilities of the law); optimal for
@@ -594,6 +859,19 @@ class SampleCheck(Verifier):
 
     def output_law(self, p, q, drafts, law):
         return backend(p).copy(p)
+
+    def uniforms_per_row(self, n):
+        return 1
+
+    def sample_with_branch(self, p, q, drafts, law, uniforms, vectorised=False):
+        """y ~ p directly (one sum, one search): no test, branch 0 for every row."""
+        kernels = _early_exit_kernels(p, vectorised)
+        if kernels is None:
+            tokens = inverse_cdf(p, uniforms[:, 0])
+        else:
+            tokens = np.empty(p.shape[0], dtype=np.int64)
+            kernels.categorical_draw(np.ascontiguousarray(p, dtype=np.float64), uniforms[:, 0], tokens)
+        return tokens, tokens * 0
 
     def acceptance(self, p, q, n, law):
         try:

@@ -19,7 +19,7 @@ import torch
 
 from mdsd._validate import SUM_TOLERANCE
 from mdsd.verifiers import resolve
-from mdsd.verifiers.base import check_drafts_for_law, draft_set_mask
+from mdsd.verifiers.base import EarlyExitVerifier, check_drafts_for_law
 
 # The optimal verifier is fitted per position on the host (LP / peeling); it has no torch path.
 HOST_ONLY = ("optimal",)
@@ -100,11 +100,21 @@ def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -
 
 def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, generator=None, check=True):
     """Run a verifier: y ~ pi(. | x). Returns (tokens [B], accepted [B] bool) as tensors (0-d
-    tensors for one position). ``generator``: a torch.Generator on the inputs' device."""
+    tensors for one position). ``generator``: a torch.Generator on the inputs' device.
+
+    The classic verifiers exit early (``EarlyExitVerifier.sample_with_branch``, vectorised over
+    the batch): all rows take the first test from O(1) numbers, and only the rows it rejects go
+    on to the residual passes over the vocabulary; the uniforms, a fixed number per row, are drawn
+    up front from ``generator``. Other verifiers draw once from ``output_law`` (``sample_rows``).
+    """
     p, q, x, the_verifier, the_law, single = _prepare(target_probs, draft_probs, drafts, verifier, law, check)
-    law_given_x = the_verifier.output_law(p, q, x, the_law)
-    tokens = sample_rows(law_given_x, generator)
-    accepted = draft_set_mask(x, p.shape[1])[torch.arange(p.shape[0], device=p.device), tokens]
+    if isinstance(the_verifier, EarlyExitVerifier):
+        shape = (p.shape[0], the_verifier.uniforms_per_row(x.shape[1]))
+        uniforms = torch.rand(shape, generator=generator, dtype=p.dtype, device=p.device)
+        tokens = the_verifier.sample_with_branch(p, q, x, the_law, uniforms)[0]
+    else:
+        tokens = sample_rows(the_verifier.output_law(p, q, x, the_law), generator)
+    accepted = (x == tokens[:, None]).any(dim=1)
     if single:
         return tokens[0], accepted[0]
     return tokens, accepted

@@ -1,0 +1,404 @@
+"""Compiled (numba) early-exit samplers of the classic verifiers, for numpy rows.
+
+Every classic verifier emits its token by a short chain of tests: draft t_1 is accepted with
+probability a_1; on rejection t_2 with probability a_2 (computed from the state the rejection left);
+...; if every test rejects, the token is drawn from a final law R. ``Verifier.output_law`` sums this
+chain into pi(. | x) over the whole vocabulary. The kernels here run the chain instead, with the
+uniforms drawn up front by the caller (``uniforms [B, k]``, k fixed per verifier): test j accepts
+iff ``uniforms[b, j] < a_j``; the final draw is the inverse CDF of R at ``uniforms[b, k - 1]``. A
+test that needs only O(1) numbers (the first draft's ratio p(x) / q(x)) touches no vocabulary; the
+vocabulary is read only after a rejection (one pass per residual update) and for the final draw
+(one pass for the total, one search that stops at the drawn token).
+
+Outputs: ``tokens [B]`` and ``branch [B]``: j when test j accepted (0-based), k - 1 when the token
+came from the final draw, -1 when the row is left pending for the caller (K-SEQ without rho*,
+importance after a rejection). The branch makes the conditional law checkable exactly: tests are
+thresholds in their uniform and the final draw is monotone in its uniform, so locating the
+breakpoints in each uniform recovers every a_j and R (tests/test_verify_fast.py).
+
+Numerics: sums use four accumulators (``_sum``; a different rounding order from numpy's pairwise
+sum, same value to ~1e-16 relative); the search walks blocks of four with the same rounding caveat
+and falls back to the last token of positive mass should rounding leave the threshold unreached
+(an event of probability ~1e-16). Tokens of zero mass are never drawn.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from mdsd.verifiers._compiled import _g, kseq_brackets
+from mdsd.verifiers.base import EMPTY_MASS
+
+
+@numba.njit(cache=True, fastmath=False)
+def _sum(values, lo, hi):
+    """sum(values[lo:hi]) with four accumulators (independent add chains, ~4x a single one)."""
+    s0 = s1 = s2 = s3 = 0.0
+    stop = lo + (hi - lo) // 4 * 4
+    for y in range(lo, stop, 4):
+        s0 += values[y]
+        s1 += values[y + 1]
+        s2 += values[y + 2]
+        s3 += values[y + 3]
+    for y in range(stop, hi):
+        s0 += values[y]
+    return (s0 + s1) + (s2 + s3)
+
+
+@numba.njit(cache=True, fastmath=False)
+def _residual_into(cur, cur_scale, q_cur, q_scale, out):
+    """out = (cur cur_scale - q_cur q_scale)_+ in one pass; returns its sum (four accumulators)."""
+    s0 = s1 = s2 = s3 = 0.0
+    vocab = cur.size
+    stop = vocab // 4 * 4
+    for y in range(0, stop, 4):
+        d0 = max(cur[y] * cur_scale - q_cur[y] * q_scale, 0.0)
+        d1 = max(cur[y + 1] * cur_scale - q_cur[y + 1] * q_scale, 0.0)
+        d2 = max(cur[y + 2] * cur_scale - q_cur[y + 2] * q_scale, 0.0)
+        d3 = max(cur[y + 3] * cur_scale - q_cur[y + 3] * q_scale, 0.0)
+        out[y], out[y + 1], out[y + 2], out[y + 3] = d0, d1, d2, d3
+        s0 += d0
+        s1 += d1
+        s2 += d2
+        s3 += d3
+    for y in range(stop, vocab):
+        out[y] = max(cur[y] * cur_scale - q_cur[y] * q_scale, 0.0)
+        s0 += out[y]
+    return (s0 + s1) + (s2 + s3)
+
+
+@numba.njit(cache=True, fastmath=False)
+def _sum_negative(values):
+    """sum(max(-values, 0)) with four accumulators."""
+    s0 = s1 = s2 = s3 = 0.0
+    stop = values.size // 4 * 4
+    for y in range(0, stop, 4):
+        s0 += max(-values[y], 0.0)
+        s1 += max(-values[y + 1], 0.0)
+        s2 += max(-values[y + 2], 0.0)
+        s3 += max(-values[y + 3], 0.0)
+    for y in range(stop, values.size):
+        s0 += max(-values[y], 0.0)
+    return (s0 + s1) + (s2 + s3)
+
+
+@numba.njit(cache=True, fastmath=False)
+def _search(values, threshold):
+    """The first token whose running sum of ``values`` exceeds ``threshold`` (inverse CDF).
+
+    Blocks of four are skipped on their block sum; inside the block that crosses, the running sum
+    is walked token by token. If rounding leaves the threshold unreached, the last token of
+    positive mass (never a zero-mass token)."""
+    vocab = values.size
+    acc = 0.0
+    stop = vocab // 4 * 4
+    for y in range(0, stop, 4):
+        block = (values[y] + values[y + 1]) + (values[y + 2] + values[y + 3])
+        if acc + block > threshold:
+            for k in range(y, y + 4):
+                acc += values[k]
+                if acc > threshold and values[k] > 0.0:
+                    return k
+        else:
+            acc += block
+    for k in range(stop, vocab):
+        acc += values[k]
+        if acc > threshold and values[k] > 0.0:
+            return k
+    for k in range(vocab - 1, -1, -1):
+        if values[k] > 0.0:
+            return k
+    return vocab - 1  # an all-zero row: cannot happen for validated inputs
+
+
+@numba.njit(cache=True, fastmath=False)
+def _ratio(num, den):
+    """min(1, num / den), 1 where den = 0 (``mdsd.verifiers.base.safe_ratio``)."""
+    return min(1.0, num / den) if den > 0.0 else 1.0
+
+
+@numba.njit(cache=True, fastmath=False)
+def _draw(values, u):
+    """Inverse-CDF draw from ``values`` (need not be normalised) at uniform u."""
+    return _search(values, u * _sum(values, 0, values.size))
+
+
+@numba.njit(cache=True, fastmath=False)
+def rrs_sample(p, q, drafts, uniforms, distinct, tokens, branch):
+    """Recursive rejection sampling (``RRS``; ``distinct``: ``RRSWithoutReplacement``).
+
+    cur = p, q_cur = q. Test i: accept x_i iff u_i < min(1, cur(x_i) / q_cur(x_i)). On rejection
+    (one pass): cur <- (cur - q_cur)_+ / total, kept unchanged when total <= EMPTY_MASS (as
+    ``base.residual``); without replacement also q_cur <- q_cur without x_i, renormalised by the sum
+    of the kept entries. All n rejected: y ~ cur by inverse CDF at u_n. ``uniforms`` [B, n + 1].
+    cur is stored unnormalised (values * scale) in one of two buffers; the other receives the next
+    residual, so an empty residual leaves cur intact.
+    """
+    rows, vocab = p.shape
+    n = drafts.shape[1]
+    work = np.empty((0, 0))  # [3, V] on the first rejection: two cur buffers and q_cur
+    for b in range(rows):
+        cur, cur_scale, cur_total = p[b], 1.0, -1.0  # cur_x = cur[x] * cur_scale
+        q_cur, q_scale = q[b], 1.0
+        slot = 0
+        tokens[b], branch[b] = -1, -1
+        for i in range(n):
+            x = drafts[b, i]
+            if uniforms[b, i] < _ratio(cur[x] * cur_scale, q_cur[x] * q_scale):
+                tokens[b], branch[b] = x, i
+                break
+            if work.shape[0] == 0:
+                work = np.empty((3, vocab))
+            out = work[slot]
+            total = _residual_into(cur, cur_scale, q_cur, q_scale, out)
+            if total > EMPTY_MASS:
+                cur, cur_scale, cur_total = out, 1.0 / total, total
+                slot = 1 - slot
+            if distinct and i < n - 1:
+                kept = work[2]
+                if i == 0:
+                    kept[:] = q[b]
+                kept[x] = 0.0
+                rest = _sum(kept, 0, vocab)
+                q_cur, q_scale = kept, (1.0 / rest if rest > 0.0 else 1.0)
+        if tokens[b] < 0:
+            if cur_total < 0.0:  # every residual was empty: cur is still p
+                cur_total = _sum(cur, 0, vocab)
+            tokens[b], branch[b] = _search(cur, uniforms[b, n] * cur_total), n
+
+
+@numba.njit(cache=True, fastmath=False)
+def kseq_sample(p, q, drafts, uniforms, rho, beta, tokens, branch):
+    """K-SEQ (``KSEQ``): test i accepts x_i iff u_i < min(1, p(x_i) / (rho* q(x_i))).
+
+    rho* needs a pass over the vocabulary, but rho* lies in [1, n], so a test is decided without
+    it when u_i < min(1, p / (n q)) (accept) or u_i >= min(1, p / q) (reject): correctly rounded
+    products and quotients are monotone, so these bounds hold in floating point too. Rows where
+    ``rho[b]`` is NaN and a test falls between the bounds, or every test rejects, are left pending
+    (branch -1); the caller computes rho*, beta for them and calls again. The final draw: y ~
+    (p - min(q, p / rho) c)_+, c = (1 - (1 - beta)^n) / beta (n when beta = 0), drawn
+    proportionally while its total is positive, else from p. ``uniforms`` [B, n + 1].
+    """
+    rows, vocab = p.shape
+    n = drafts.shape[1]
+    nf = float(n)
+    work = np.empty(0)
+    for b in range(rows):
+        known = rho[b] == rho[b]
+        tokens[b], branch[b] = -1, -1
+        decided = True
+        for i in range(n):
+            x = drafts[b, i]
+            px, qx, u = p[b, x], q[b, x], uniforms[b, i]
+            if known:
+                accept = u < _ratio(px, rho[b] * qx)
+            elif u < _ratio(px, nf * qx):
+                accept = True
+            elif u >= _ratio(px, qx):
+                accept = False
+            else:
+                decided = False
+                break
+            if accept:
+                tokens[b], branch[b] = x, i
+                break
+        if tokens[b] >= 0 or not decided or not known:
+            continue
+        if work.size == 0:
+            work = np.empty(vocab)
+        accepted_total = -np.expm1(nf * np.log1p(-min(beta[b], 1.0)))
+        c = accepted_total / beta[b] if beta[b] > 0.0 else nf
+        inv_rho = 1.0 / rho[b]
+        for y in range(vocab):
+            py = p[b, y]
+            work[y] = max(py - min(q[b, y], py * inv_rho) * c, 0.0)
+        total = _sum(work, 0, vocab)
+        values = work if total > 0.0 else p[b]
+        tokens[b], branch[b] = _draw(values, uniforms[b, n]), n
+
+
+@numba.njit(cache=True, fastmath=False)
+def kseq_rho_rows(p, q, n, iterations, rho, beta):
+    """K-SEQ's rho*, beta per row into rho [B], beta [B]: ``mdsd.verifiers.classic.kseq_rho``
+    compiled (the same bracket, the same ``iterations`` bisection steps on g between the two
+    breakpoints, rho = 1 where g(1) <= 0, beta = sum min(q, p / rho) at the ``hi`` end)."""
+    bracket = kseq_brackets(p, q, n)
+    nf = float(n)
+    for b in range(p.shape[0]):
+        lo, hi, head, tail = bracket[b, 0], bracket[b, 1], bracket[b, 2], bracket[b, 3]
+        at_one = _g(head, tail, 1.0, nf) <= 0.0
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if _g(head, tail, mid, nf) > 0.0:
+                lo = mid
+            else:
+                hi = mid
+        r = 1.0 if at_one else hi
+        s0 = s1 = 0.0
+        vocab = p.shape[1]
+        for y in range(0, vocab - 1, 2):
+            s0 += min(q[b, y], p[b, y] / r)
+            s1 += min(q[b, y + 1], p[b, y + 1] / r)
+        if vocab % 2:
+            s0 += min(q[b, vocab - 1], p[b, vocab - 1] / r)
+        rho[b], beta[b] = r, s0 + s1
+
+
+@numba.njit(cache=True, fastmath=False)
+def greedy_sample(p, q, drafts, uniforms, tokens, branch):
+    """The greedy law's verifier (``GreedyVerifier``): T = drafts[:n-1], q' = q off T, renormalised
+    by S = q(V minus T) summed over its own entries (one pass). Accept x_n iff
+    u_0 < min(1, p(x_n) / q'(x_n)); else y ~ (p - q')_+ (T keeps its target mass) by inverse CDF at
+    u_1, or y ~ p when that residual is empty. ``uniforms`` [B, 2]."""
+    rows, vocab = p.shape
+    n = drafts.shape[1]
+    work = np.empty(0)
+    for b in range(rows):
+        top = np.sort(drafts[b, : n - 1])
+        rest, lo = 0.0, 0  # S: the sum over the gaps between the sorted top tokens
+        for t in top:
+            rest += _sum(q[b], lo, t)
+            lo = t + 1
+        rest += _sum(q[b], lo, vocab)
+        last = drafts[b, n - 1]
+        q_last = q[b, last] / rest
+        if uniforms[b, 0] < _ratio(p[b, last], q_last):
+            tokens[b], branch[b] = last, 0
+            continue
+        if work.size == 0:
+            work = np.empty(vocab)
+        inv_rest = 1.0 / rest
+        for y in range(vocab):
+            work[y] = max(p[b, y] - q[b, y] * inv_rest, 0.0)
+        for t in top:
+            work[t] = p[b, t]  # q' = 0 on T
+        total = _sum(work, 0, vocab)
+        values = work if total > EMPTY_MASS else p[b]
+        tokens[b], branch[b] = _draw(values, uniforms[b, 1]), 1
+
+
+@numba.njit(cache=True, fastmath=False)
+def spechub_sample(p, q, drafts, uniforms, tokens, branch):
+    """SpecHub (``SpecHubVerifier``), n = 2: hub a = the draft of larger q (ties: lower id, i.e.
+    argmax q as the law guarantees), i the other draft.
+
+    Test 0 (token i): i first: min(1, p_i / q_i), no pass; hub first: min(1, p1_i / Q(a, i)) with
+    Q(a, y) = q_a q_y / q_rest, q_rest = q(V minus a) summed (one pass). Test 1 (the hub): needs
+    sum Q'(., a) = sum_{y != a} (q_y - p_y)_+ (same pass) and sum Q'(a, .) = sum (Q(a, y) - p1_y)_+
+    (second pass); then y ~ p2 off a, (pa1 - sum Q'(., a))_+ on a, proportionally (from p if all
+    zero). ``uniforms`` [B, 3].
+    """
+    rows, vocab = p.shape
+    work = np.empty(0)
+    for b in range(rows):
+        d0, d1 = drafts[b, 0], drafts[b, 1]
+        q0, q1 = q[b, d0], q[b, d1]
+        hub = d0 if (q0 > q1 or (q0 == q1 and d0 < d1)) else d1
+        other = d1 if hub == d0 else d0
+        hub_first = hub == d0
+        p_i, q_i, p_hub, q_hub = p[b, other], q[b, other], p[b, hub], q[b, hub]
+        if not hub_first and uniforms[b, 0] < _ratio(p_i, q_i):
+            tokens[b], branch[b] = other, 0
+            continue
+        q_rest = _sum(q[b], 0, hub) + _sum(q[b], hub + 1, vocab)  # 1 - q_a, summed
+        hub_share = q_hub / q_rest
+        if hub_first and uniforms[b, 0] < _ratio(max(p_i - q_i, 0.0), q_i * hub_share):
+            tokens[b], branch[b] = other, 0
+            continue
+        if work.size == 0:
+            work = np.empty(vocab)
+        for y in range(vocab):
+            work[y] = max(q[b, y] - p[b, y], 0.0)
+        work[hub] = 0.0
+        left_i = _sum(work, 0, vocab)  # sum Q'(., a)
+        for y in range(vocab):  # p1 - Q(a, .), off the hub
+            work[y] = max(p[b, y] - q[b, y], 0.0) - q[b, y] * hub_share
+        work[hub] = 0.0
+        left_hub = _sum_negative(work)  # sum Q'(a, .) = sum (Q - p1)_+
+        p_hub_left = max(p_hub - left_hub, 0.0)  # pa1
+        accept_hub = _ratio(p_hub, left_hub) if hub_first else _ratio(p_hub_left, left_i)
+        if uniforms[b, 1] < accept_hub:
+            tokens[b], branch[b] = hub, 1
+            continue
+        for y in range(vocab):
+            work[y] = max(work[y], 0.0)  # p2
+        work[hub] = max(p_hub_left - left_i, 0.0)
+        values = work if _sum(work, 0, vocab) > 0.0 else p[b]
+        tokens[b], branch[b] = _draw(values, uniforms[b, 2]), 2
+
+
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
+def importance_sample(p, q, drafts, uniforms, tokens, branch):
+    """Importance selection (``Importance``), the O(1)-plus-one-pass part.
+
+    The picked draft s has the largest weight p / q among the drafts (ties: lower id). Its
+    selection probability p_I(s) = G^n - G_after^n, G_after = q(tokens ranked after s: smaller
+    weight, or equal weight and larger id), G = G_after + q_s (both clipped at 1), needs one pass
+    and no sort. Accept s iff u_0 < min(1, p_s / p_I(s)); rejected rows are left pending (branch
+    -1): their residual resid(p, p_I) needs the whole law p_I (one sort, ``importance_law``) and is
+    drawn by ``residual_draw`` at u_1. ``uniforms`` [B, 2].
+    """
+    rows, vocab = p.shape
+    n = drafts.shape[1]
+    for b in range(rows):
+        best, best_weight = -1, -np.inf
+        for j in range(n):
+            x = drafts[b, j]
+            weight = p[b, x] / q[b, x] if q[b, x] > 0.0 else -np.inf
+            if weight > best_weight or (weight == best_weight and x < best):
+                best, best_weight = x, weight
+        a0 = a1 = a2 = a3 = 0.0  # G_after, four accumulators
+        stop = vocab // 4 * 4
+        for y in range(0, stop, 4):
+            a0 += _later(p[b, y], q[b, y], y, best_weight, best)
+            a1 += _later(p[b, y + 1], q[b, y + 1], y + 1, best_weight, best)
+            a2 += _later(p[b, y + 2], q[b, y + 2], y + 2, best_weight, best)
+            a3 += _later(p[b, y + 3], q[b, y + 3], y + 3, best_weight, best)
+        for y in range(stop, vocab):
+            a0 += _later(p[b, y], q[b, y], y, best_weight, best)
+        after_unclipped = (a0 + a1) + (a2 + a3)
+        q_s = q[b, best]
+        tail, after = min(after_unclipped + q_s, 1.0), min(after_unclipped, 1.0)
+        d = q_s if after_unclipped + q_s <= 1.0 else tail - after
+        power, terms = 1.0, 1.0
+        for _ in range(n - 1):  # tail^n - after^n = d sum_j tail^j after^(n-1-j)
+            power *= tail
+            terms = terms * after + power
+        picked = d * terms
+        if uniforms[b, 0] < _ratio(p[b, best], picked):
+            tokens[b], branch[b] = best, 0
+        else:
+            tokens[b], branch[b] = -1, -1
+
+
+@numba.njit(cache=True, fastmath=False, inline="always", error_model="numpy")
+def _later(py, qy, y, best_weight, best):
+    """q_y if token y ranks after the picked token (smaller weight, or equal and larger id); 0
+    where q_y = 0 (its weight p_y / 0 is inf or nan, but it adds nothing). Branch-free."""
+    weight = py / qy
+    later = (weight < best_weight) | ((weight == best_weight) & (y > best))
+    return qy if later else 0.0
+
+
+@numba.njit(cache=True, fastmath=False)
+def residual_draw(target, law, uniforms, tokens):
+    """y ~ resid(target, law) = (target - law)_+ / total per row, by inverse CDF at uniforms [B];
+    from ``target`` where total <= EMPTY_MASS (as ``base.residual``)."""
+    rows, vocab = target.shape
+    work = np.empty(vocab)
+    for b in range(rows):
+        for y in range(vocab):
+            work[y] = max(target[b, y] - law[b, y], 0.0)
+        total = _sum(work, 0, vocab)
+        if total > EMPTY_MASS:
+            tokens[b] = _search(work, uniforms[b] * total)
+        else:
+            tokens[b] = _draw(target[b], uniforms[b])
+
+
+@numba.njit(cache=True, fastmath=False)
+def categorical_draw(probs, uniforms, tokens):
+    """y ~ probs (rows need not be normalised) by inverse CDF at uniforms [B]."""
+    for b in range(probs.shape[0]):
+        tokens[b] = _draw(probs[b], uniforms[b])
