@@ -138,7 +138,7 @@ def test_mdsd_verifiers_pass(law, verifier):
 
 def test_spechub_without_shortcut_passes_one_call_at_a_time():
     exact = functools.partial(faulty.spechub_hub_shortcut, threshold=1.0)
-    assert_lossless(exact, law="spechub", n=2, vocab_sizes=(3, 5), trials=1500)
+    assert_lossless(exact, law="spechub", n=2, vocab_sizes=(3,), trials=1000)
 
 
 def test_save_load_replay(tmp_path):
