@@ -16,7 +16,7 @@ empirical law). Both are approximate: the plug-in is biased upward by about
 removes. The verdict comes from the G-test, never from the interval.
 
 Acceptance: a lossless verifier accepts with probability <= alpha* (the optimal-transport bound,
-Hu et al., arXiv:2410.18234; docs/optimal.md). With K accepted of N, the p-value of
+Hu et al., arXiv:2502.18779; docs/optimal.md). With K accepted of N, the p-value of
 "rate <= alpha*" is P(Binomial(N, alpha*) >= K): a small value proves that the verifier cannot be
 lossless.
 """
