@@ -70,6 +70,10 @@ def audit(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Decoder: tokens per run.")] = 2,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="Decoder temperature.")] = 1.0,
     exhaustive: Annotated[bool, typer.Option("--exhaustive", help="Run every case after a loss.")] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="Decoder: torch intra-op threads (1 is fastest for tiny models)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     save_worst: Annotated[
         str | None, typer.Option("--save-worst", help="Write the worst case to FILE (.npz or .json).")
@@ -102,6 +106,10 @@ def audit(
                 fn, law=law, widths=tree_widths, trials=trials, exhaustive=exhaustive, **extra, **common
             )
         else:
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(max(1, threads))
             result = audit_decoder(
                 fn, max_new_tokens=max_new_tokens, runs=trials, temperature=temperature, **common
             )

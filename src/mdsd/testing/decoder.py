@@ -17,7 +17,7 @@ import numpy as np
 
 from mdsd.logits import process_logits
 from mdsd.testing._calls import FnError, as_token, describe_call_error
-from mdsd.testing.result import WorstCase
+from mdsd.testing.result import CaseRow, WorstCase
 from mdsd.testing.stats import law_test
 from mdsd.testing.token import DEFAULT_ALPHA, finish
 
@@ -143,8 +143,6 @@ def audit_decoder(
     if error:
         return finish("decoder", label, None, None, seed, [], alpha, error)
     fit = law_test(counts, law, np.random.default_rng([int(seed), 2]))
-    from mdsd.testing.result import CaseRow
-
     row = CaseRow("tiny_llama", vocab, runs, fit.pvalue, fit.tv, fit.tv_low, fit.tv_high, fit.impossible)
     worst = WorstCase(
         kind="decoder",

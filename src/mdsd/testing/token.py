@@ -143,7 +143,7 @@ def _audit_case(fn, case: TokenCase, law, n, trials, case_seed, drafter, batched
     counts = np.bincount(outcome.tokens, minlength=case.vocab)
     accepted = int((outcome.tokens[:, None] == outcome.drafts).any(axis=1).sum())
     fit = law_test(counts, p, rng)
-    bound = _bound(p, q, n, law) if drafter is None or law is not None else None
+    bound = _bound(p, q, n, law) if law is not None else None
     acc = acceptance_test(accepted, trials, bound)
     row = CaseRow(
         case.name,
