@@ -43,14 +43,16 @@ def _names(text: str | None, registry, what: str) -> tuple[str, ...] | None:
 
 
 def _subsample(text: str) -> tuple[str, ...]:
-    """'optimal,rrs:iid' -> ('optimal', 'rrs:iid'); 'none' or '' -> ()."""
+    """'optimal,rrs:iid,kseq:iid:4' -> the entries, each VERIFIER[:LAW[:N]]; 'none' or '' -> ()."""
     entries = tuple(t.strip() for t in text.split(",") if t.strip() and t.strip() != "none")
     for entry in entries:
-        verifier, _, law = entry.partition(":")
+        verifier, law, n, *rest = entry.split(":") + ["", ""]
         if verifier not in VERIFIERS:
             fail(f"--subsample: unknown verifier {verifier!r}; choose from {sorted(VERIFIERS)}")
         if law and law not in LAWS:
             fail(f"--subsample: unknown law {law!r} in {entry!r}")
+        if (n and not n.isdigit()) or any(rest):
+            fail(f"--subsample entries are VERIFIER[:LAW[:N]], got {entry!r}")
     return entries
 
 
@@ -105,7 +107,7 @@ def measure(
     subsample: Annotated[
         str,
         typer.Option(
-            help="Comma list of VERIFIER or VERIFIER:LAW rated on a seeded subsample of positions "
+            help="Comma list of VERIFIER[:LAW[:N]] rated on a seeded subsample of positions "
             "('none': rate everything on every position)."
         ),
     ] = ",".join(DEFAULT.subsample),

@@ -120,9 +120,12 @@ def subsample_rows(config: MeasureConfig, dataset: str, temperature: float, coun
     return np.sort(order[:limit])
 
 
-def is_subsampled(config: MeasureConfig, verifier: str, law: str) -> bool:
-    """Whether ``config.subsample`` names the verifier (all its laws) or ``verifier:law``."""
-    return verifier in config.subsample or f"{verifier}:{law}" in config.subsample
+def is_subsampled(config: MeasureConfig, verifier: str, law: str, n: int) -> bool:
+    """Whether an entry of ``config.subsample`` covers (verifier, law, n): ``verifier`` (all its
+    laws and n), ``verifier:law`` (every n) or ``verifier:law:n``."""
+    return any(
+        entry in (verifier, f"{verifier}:{law}", f"{verifier}:{law}:{n}") for entry in config.subsample
+    )
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ def measure_n(
     some_rows = subsample_rows(config, dataset, temperature, p.shape[0])
     rates, notes = {}, {}
     for verifier_name, law_name in pairs:
-        rows = some_rows if is_subsampled(config, verifier_name, law_name) else every_row
+        rows = some_rows if is_subsampled(config, verifier_name, law_name, n) else every_row
         rng = np.random.default_rng(stream_seed(config, dataset, temperature, n, verifier_name, law_name))
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:

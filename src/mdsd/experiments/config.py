@@ -32,10 +32,12 @@ class MeasureConfig:
         the kept logits, and every rate is computed on the union of the two supports (exact, no
         dropped mass). None: the full vocabulary (dense float16 cache, much slower analysis).
     mc_samples: draft sets sampled per position where a (verifier, law) has no exact method.
-    subsample: verifiers (``name``: all its laws) or ``name:law`` pairs rated on a seeded subsample
-        of ``subsample_positions`` positions per (dataset, T), the same for every n and law (by
-        default the per-position priority-order fits of ``optimal``, ~1-15 ms each). Results
-        depend on these two values and the seed only. ``subsample=()`` or
+    subsample: entries ``verifier`` (all its laws and n), ``verifier:law`` or ``verifier:law:n``
+        rated on a seeded subsample of ``subsample_positions`` positions per (dataset, T), the same
+        for every n and law. By default the costly exact rates: ``optimal``'s per-position fits
+        (~1-15 ms each) and ``rrs_without_replacement`` at n = 4 (its exact draw-tree enumeration,
+        ~75 ms per position at top-k 50; at n >= 6 the tree is too large and Monte Carlo is cheap).
+        Results depend on these two values and the seed only. ``subsample=()`` or
         ``subsample_positions=None``: every position (an exact run).
     """
 
@@ -52,8 +54,8 @@ class MeasureConfig:
     seed: int = 0
     device: str = "cpu"
     mc_samples: int = 16
-    subsample: tuple[str, ...] = ("optimal:without_replacement", "optimal:conditional_poisson")
-    subsample_positions: int | None = 256
+    subsample: tuple[str, ...] = ("optimal", "rrs_without_replacement:without_replacement:4")
+    subsample_positions: int | None = 64
     threads: int | None = 1  # torch threads during the run (None: leave torch's setting). One
     # thread is much faster for these small models on a shared CPU (less contention).
     extra: dict = field(default_factory=dict)
