@@ -19,7 +19,6 @@ Everything is a function of the arguments and the seed.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -165,8 +164,8 @@ def markdown_table(rows: Sequence[TreeRow]) -> str:
     ]
     key = {(r.shape, r.rule, r.temperature): r for r in rows}
     shapes = list(dict.fromkeys(r.shape for r in rows))
-    rules = list(dict.fromkeys(r.rule for r in rows))
-    for shape, rule in itertools.product(shapes, rules):
+    pairs = list(dict.fromkeys((r.shape, r.rule) for r in rows))  # each shape's rules in run order
+    for shape, rule in sorted(pairs, key=lambda pair: shapes.index(pair[0])):
         cells = []
         for t in temperatures:
             r = key.get((shape, rule, t))
