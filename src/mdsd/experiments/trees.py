@@ -207,7 +207,10 @@ def plot(rows: Sequence[TreeRow], path) -> None:
         ax.set_title(f"T = {t}")
         ax.set_xlabel("tree shape")
     axes[0].set_ylabel("exact tokens per step (mean over positions)")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
+    values = [r.tokens_per_step for r in rows]
+    axes[0].set_ylim(max(0.0, min(values) - 0.25), max(values) + 0.1)  # the differences, not the bars' feet
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(rules), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path)
     plt.close(fig)
