@@ -46,7 +46,7 @@ def run_sampler(backend, name, p, q, drafts, law, uniforms):
     """(tokens, branch) as numpy, for rows [R, V], [R, V], [R, n] and uniforms [R, k]."""
     verifier = VERIFIERS[name]
     if backend == "torch":
-        t = [torch.as_tensor(np.ascontiguousarray(a)) for a in (p, q, drafts, uniforms)]
+        t = [torch.tensor(np.ascontiguousarray(a)) for a in (p, q, drafts, uniforms)]
         tokens, branch = verifier.sample_with_branch(t[0], t[1], t[2], law, t[3])
         return tokens.numpy(), branch.numpy()
     return verifier.sample_with_branch(p, q, drafts, law, uniforms, vectorised=backend == "vectorised")
