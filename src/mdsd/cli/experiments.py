@@ -99,7 +99,10 @@ def measure(
         int, typer.Option(help="Prompts per dataset (paper scale: 200).")
     ] = DEFAULT.num_prompts,
     top_k: Annotated[
-        int, typer.Option(help="Top-k of the sampling transform (0: full vocabulary; exact but much slower).")
+        int,
+        typer.Option(
+            help="Top-k of the sampling transform (0: no truncation, the full vocabulary; much slower)."
+        ),
     ] = DEFAULT.top_k,
     mc_samples: Annotated[
         int, typer.Option(help="Draft sets per position where no exact rate exists (Monte Carlo).")
@@ -126,7 +129,7 @@ def measure(
         str | None,
         typer.Option(
             help="Run the analysis on an existing Dask cluster at this scheduler address "
-            "(tcp://host:8786; needs mdsd[cluster]); results do not depend on it."
+            "(tcp://host:8786; needs dask.distributed, the 'cluster' extra); results do not depend on it."
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for generation and Monte Carlo.")] = DEFAULT.seed,

@@ -333,7 +333,7 @@ class _Collected:
 
 def _row(dataset, temperature, n, law, verifier, c: _Collected) -> dict:
     total = c.value.size
-    keep = ~np.isnan(c.value)  # positions not evaluated (time budget) are NaN
+    keep = ~np.isnan(c.value)  # positions outside a subsample are NaN
     c = _Collected(
         c.value[keep],
         c.bound[keep],

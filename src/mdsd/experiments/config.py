@@ -1,6 +1,6 @@
 """Typed configuration of a measurement sweep (Hu et al., ICLR 2025, Section 6 protocol).
 
-``DEFAULT`` is sized to finish in about 3 minutes on a 2-core CPU with the bundled pair;
+``DEFAULT`` takes about 12 CPU-minutes with the bundled pair (capture + analysis);
 ``PAPER`` is the paper-scale sweep (up to 128 generated tokens; use 200 prompts per domain, all
 the bundled held-out prompts).
 """
