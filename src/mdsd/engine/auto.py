@@ -260,6 +260,7 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
         tokens = rng.integers(0, vocab, size=m)
         target_s.append(_median_time(lambda t=tokens: _tree_forward(decoder.target, context, t, None)))
         draft_s.append(_median_time(lambda t=tokens: _tree_forward(decoder.draft, context, t, row_probs)))
+    decoder.target.reset(len(context) + 1)
     hidden = decoder.target.causal_hidden(np.asarray(context), keep=1)
     head_s = _median_time(lambda: row_probs(decoder.target.logits(hidden)[0]))
     p0 = targets[0]
