@@ -256,10 +256,12 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
     row_probs = decoder.sampling.row_probs
     counts = tuple(m for m in TOKEN_COUNTS if m <= MAX_NODES + 1)
     target_s, draft_s = [], []
-    for m in counts:
-        tokens = rng.integers(0, vocab, size=m)
-        target_s.append(_median_time(lambda t=tokens: _tree_forward(decoder.target, context, t, None)))
-        draft_s.append(_median_time(lambda t=tokens: _tree_forward(decoder.draft, context, t, row_probs)))
+    for runner, probs, out in ((decoder.target, None, target_s), (decoder.draft, row_probs, draft_s)):
+        runner.reset(len(context) + max(counts) + 1)
+        runner.causal_hidden(np.asarray(context[:-1]), keep=1)  # the prefill is not timed
+        for m in counts:
+            tokens = rng.integers(0, vocab, size=m)
+            out.append(_median_time(lambda r=runner, t=tokens, f=probs: _tree_forward(r, context, t, f)))
     decoder.target.reset(len(context) + 1)
     hidden = decoder.target.causal_hidden(np.asarray(context), keep=1)
     head_s = _median_time(lambda: row_probs(decoder.target.logits(hidden)[0]))
@@ -278,16 +280,17 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
 
 
 def _tree_forward(runner, context, tokens, row_probs) -> None:
-    """One forward of ``tokens`` as a chain after ``context`` (cost does not depend on the mask);
-    with ``row_probs``, the output layer and transform on every row (a draft level)."""
-    runner.reset(len(context) + len(tokens) + 1)
-    runner.causal_hidden(np.asarray(context[:-1]), keep=1)
+    """One forward of ``tokens`` as a chain after the cached ``context[:-1]`` (cost does not
+    depend on the mask), then back to that cache; with ``row_probs``, the output layer and
+    transform on every row (a draft level)."""
+    base = runner.cached
     m = len(tokens)
     mask = runner.additive(np.tril(np.ones((m, m), dtype=bool)))
     hidden = runner.tree_hidden(tokens, 0, mask, np.arange(1, m + 1), len(context) - 1, keep=m)
     if row_probs is not None:
         for row in runner.logits(hidden):
             row_probs(row)
+    runner.keep_positions(base, np.zeros(0, dtype=np.int64))
 
 
 # ---------------------------------------------------------------------- cache
