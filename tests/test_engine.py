@@ -759,9 +759,8 @@ def _calibration(rates, draft_s, target_s=(1.0, 1.1, 1.3, 1.6, 2.2, 3.4, 5.8)):
     from mdsd.engine.auto import AcceptanceProfile, Calibration, CostModel
 
     tokens = (1, 2, 4, 8, 16, 32, 64)
-    cost = CostModel(
-        tokens, tuple(target_s), tuple(draft_s * np.asarray(tokens) ** 0.2), 0.01, (0.01,) * 4, 0.0
-    )
+    draft = tuple(draft_s * np.asarray(tokens) ** 0.2)
+    cost = CostModel(tokens, tuple(target_s), draft, 0.01, (0.01,) * 4, 0.0, target_s[0])
     return Calibration(AcceptanceProfile(tuple(rates), 100), cost)
 
 

@@ -66,7 +66,9 @@ class CostModel:
     """Seconds per operation on this machine (medians of timed repeats).
 
     target_s[i], draft_s[i]: a forward with ``tokens[i]`` new tokens (draft: with the output
-    layer and the sampling transform on every row, as a tree level does); head_s: output layer
+    layer and the sampling transform on every row, as a tree level does), each timed right after
+    a forward of the other model, as the decoding loop alternates them (which evicts the weights
+    from the CPU caches); head_s: output layer
     and transform of one visited target row; verify_s[n - 1]: one node verification with n
     drafts; sample_s: one draw from the target (plain sampling's per-token extra).
     """
@@ -77,6 +79,7 @@ class CostModel:
     head_s: float
     verify_s: tuple[float, ...]
     sample_s: float
+    autoregressive_s: float  # the target's 1-token forward alone (no draft in between)
 
     def target(self, m: float) -> float:
         return float(
@@ -89,7 +92,7 @@ class CostModel:
         )
 
     def autoregressive_step(self) -> float:
-        return self.target(1) + self.head_s + self.sample_s
+        return self.autoregressive_s + self.head_s + self.sample_s
 
 
 def _extrapolate(xs, ys, x) -> float:
@@ -240,10 +243,14 @@ def _acceptance_profile(targets, drafts, book: RuleBook, max_width: int) -> Acce
     return AcceptanceProfile(tuple(np.maximum.accumulate(rates)), len(targets))
 
 
-def _median_time(fn, repeats: int = TIMING_REPEATS) -> float:
+def _median_time(fn, repeats: int = TIMING_REPEATS, setup=None) -> float:
+    """Median time of ``fn()``; ``setup()`` runs untimed before each call (e.g. the other
+    model's forward, which evicts this one's weights from the caches as in the decoding loop)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -256,12 +263,24 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
     row_probs = decoder.sampling.row_probs
     counts = tuple(m for m in TOKEN_COUNTS if m <= MAX_NODES + 1)
     target_s, draft_s = [], []
-    for runner, probs, out in ((decoder.target, None, target_s), (decoder.draft, row_probs, draft_s)):
+    for runner in (decoder.target, decoder.draft):
         runner.reset(len(context) + max(counts) + 1)
         runner.causal_hidden(np.asarray(context[:-1]), keep=1)  # the prefill is not timed
+    one = rng.integers(0, vocab, size=1)
+
+    autoregressive_s = _median_time(lambda: _tree_forward(decoder.target, context, one, None))
+
+    def other(runner):  # the other model's 1-token forward: the loop alternates the two models
+        return lambda: _tree_forward(runner, context, one, None)
+
+    for runner, probs, out, evict in (
+        (decoder.target, None, target_s, other(decoder.draft)),
+        (decoder.draft, row_probs, draft_s, other(decoder.target)),
+    ):
         for m in counts:
             tokens = rng.integers(0, vocab, size=m)
-            out.append(_median_time(lambda r=runner, t=tokens, f=probs: _tree_forward(r, context, t, f)))
+            fn = lambda r=runner, t=tokens, f=probs: _tree_forward(r, context, t, f)  # noqa: E731
+            out.append(_median_time(fn, setup=evict))
     decoder.target.reset(len(context) + 1)
     hidden = decoder.target.causal_hidden(np.asarray(context), keep=1)
     head_s = _median_time(lambda: row_probs(decoder.target.logits(hidden)[0]))
@@ -276,7 +295,9 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
         verify_s.append(
             _median_time(lambda c=cases: [verify_node(p, q, k, r, rng) for p, q, k, r in c]) / len(cases)
         )
-    return CostModel(counts, tuple(target_s), tuple(draft_s), head_s, tuple(verify_s), sample_s)
+    return CostModel(
+        counts, tuple(target_s), tuple(draft_s), head_s, tuple(verify_s), sample_s, autoregressive_s
+    )
 
 
 def _tree_forward(runner, context, tokens, row_probs) -> None:
