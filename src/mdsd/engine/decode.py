@@ -613,11 +613,6 @@ class TreeDecoder(_Decoder):
             keep=n + 1,
         )
 
-    def target_logits(self, seq: list[int], drafted: DraftedSlots) -> np.ndarray:
-        """Target logits of the root (row 0) and every node (row i + 1), float32 [N + 1, V]
-        (for inspection: decoding applies the output layer to the visited rows only)."""
-        return self.target.logits(self.target_hidden(seq, drafted))
-
     def sequence_tree(self, drafted: DraftedSlots, target_probs: Callable[[int], object]):
         """The drafted tree as an ``mdsd.sequence.DraftedSlots`` over its valid nodes (dense p at
         the root and every node, q and draft law at every node with children); returns it with

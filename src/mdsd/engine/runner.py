@@ -192,18 +192,6 @@ class ModelRunner:
             position_ids=torch.as_tensor(positions, dtype=torch.long, device=self.device)[None],
         )
 
-    def tree(
-        self,
-        ids: np.ndarray,
-        num_causal: int,
-        tree_mask: torch.Tensor,
-        node_depths: np.ndarray,
-        root_position: int,
-        keep: int,
-    ) -> np.ndarray:
-        """``tree_hidden`` followed by the output layer on all ``keep`` rows: logits [keep, V]."""
-        return self.logits(self.tree_hidden(ids, num_causal, tree_mask, node_depths, root_position, keep))
-
     def _causal_block(self, size: int) -> torch.Tensor:
         """[size, size] additive causal mask (hidden above the diagonal)."""
         full = torch.full((size, size), self.hidden, dtype=self.dtype, device=self.device)
@@ -232,13 +220,15 @@ def check_tree_attention(runner: ModelRunner, name: str, vocab: int, seed: int =
     mask = runner.additive(tree.ancestor_mask[1:, 1:])  # [N, N] over the tree's keys
     runner.reset()
     runner.causal(context[:-1])
-    got = runner.tree(
-        np.concatenate([context[-1:], nodes]),
-        1,
-        mask,
-        tree.depths,
-        root_position=len(context) - 1,
-        keep=tree.num_nodes,
+    got = runner.logits(
+        runner.tree_hidden(
+            np.concatenate([context[-1:], nodes]),
+            1,
+            mask,
+            tree.depths,
+            root_position=len(context) - 1,
+            keep=tree.num_nodes,
+        )
     )
     for i in range(tree.num_nodes):
         path = [i] if tree.parents[i] < 0 else [int(tree.parents[i]), i]
