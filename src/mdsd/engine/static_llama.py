@@ -47,7 +47,7 @@ def supports_static(model) -> bool:
 
 @dataclass(frozen=True)
 class _Layer:
-    """One decoder layer's weights, q/k/v and gate/up fused (views of nothing: fresh tensors)."""
+    """One decoder layer's weights: q/k/v and gate/up fused into new tensors, the rest the model's own."""
 
     input_norm: torch.nn.Module
     qkv: torch.Tensor  # [(H + 2 H_kv) d, hidden]
