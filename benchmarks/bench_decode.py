@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from mdsd._backend import set_threads
 from mdsd.engine import SamplingConfig, TreeConfig
 from mdsd.engine.bench import run_bench
 from mdsd.models import bundled_prompts, load_pair
@@ -61,10 +62,12 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--prompts-file", help="one prompt per line (default: bundled held-out prompts)")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--matmul", default="auto", choices=["auto", "numpy", "torch"])
+    ap.add_argument("--matmul-baseline", choices=["numpy", "torch"], help="add an autoregressive row with it")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     pair = load_pair(target=args.target, draft=args.draft, dtype=args.dtype)
     sampling = SamplingConfig(
         args.temperature, args.top_k, args.top_p, args.max_new_tokens, stop_on_eos=False
@@ -79,7 +82,16 @@ def main() -> None:
     else:
         prompts = alternating_prompts(args.prompts)
     start = time.time()
-    rows = run_bench(pair, prompts, sampling, configs, seed=args.seed, hf=not args.no_hf)
+    rows = run_bench(
+        pair,
+        prompts,
+        sampling,
+        configs,
+        seed=args.seed,
+        hf=not args.no_hf,
+        matmul=args.matmul,
+        matmul_baseline=args.matmul_baseline,
+    )
     elapsed = time.time() - start
 
     print(

@@ -178,15 +178,19 @@ def test_build_tree_structure():
 
 # ---------------------------------------------------------------- 2. plumbing
 @pytest.mark.parametrize(
-    "family,static_cache", [("llama", True), ("llama", False), ("gpt2", True)]
-)  # llama: the lean static-cache forward and Hugging Face's; gpt2: Hugging Face's
+    "family,static_cache,matmul",
+    [("llama", True, "numpy"), ("llama", True, "torch"), ("llama", False, "auto"), ("gpt2", True, "auto")],
+)  # llama: the lean static-cache forward (both matmul backends) and Hugging Face's; gpt2: HF's
 @pytest.mark.parametrize("widths", [(3, 2, 1), (2, 1, 1)])
-def test_tree_logits_and_caches_match_plain_forward(request, family, static_cache, widths):
+def test_tree_logits_and_caches_match_plain_forward(request, family, static_cache, matmul, widths):
     pair = request.getfixturevalue(family)
     sampling = SamplingConfig(1.0)
-    dec = TreeDecoder(pair, TreeConfig.make(widths, "iid", "rrs"), sampling, static_cache=static_cache)
+    config = TreeConfig.make(widths, "iid", "rrs")
+    dec = TreeDecoder(pair, config, sampling, static_cache=static_cache, matmul=matmul)
     expected_runner = "StaticLlamaRunner" if family == "llama" and static_cache else "ModelRunner"
     assert type(dec.target).__name__ == type(dec.draft).__name__ == expected_runner
+    if expected_runner == "StaticLlamaRunner":
+        assert dec.target.matmul == dec.draft.matmul == matmul
     oracle = Oracle(pair, sampling)
     rng = np.random.default_rng(0)
     seq, stats = list(PROMPT), DecodeStats(depth=len(widths))
@@ -224,6 +228,21 @@ def _path_tokens(tree, drafted, node):
         path.append(int(drafted.tokens[node]))
         node = int(tree.parents[node])
     return path[::-1]
+
+
+def test_matmul_backend_choice_and_errors(llama):
+    from mdsd.engine.static_llama import choose_matmul
+
+    assert choose_matmul(llama.target) == "numpy"  # float32 on the CPU
+    assert choose_matmul(llama.target, "torch") == "torch"
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        choose_matmul(llama.target, "blas")
+    half = type(llama.target)(llama.target.config).to(torch.bfloat16)
+    assert choose_matmul(half) == "torch"
+    with pytest.raises(ValueError, match="matmul 'numpy' needs a float32 model"):
+        choose_matmul(half, "numpy")
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        Autoregressive(llama, SamplingConfig(1.0), matmul="fast")
 
 
 # ---------------------------------------------------------------- 3. exact law

@@ -32,6 +32,15 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
+def set_threads(threads: int) -> None:
+    """Use ``threads`` threads in torch and in numpy's BLAS (the engine's float32 CPU matmul,
+    ``mdsd.engine.static_llama``), so that a thread setting applies to both."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads, user_api="blas")
+
+
 class NumpyOps:
     name = "numpy"
 

@@ -107,9 +107,9 @@ def audit(
             )
         else:
             if threads is not None:
-                import torch
+                from mdsd._backend import set_threads
 
-                torch.set_num_threads(max(1, threads))
+                set_threads(max(1, threads))
             result = audit_decoder(
                 fn, max_new_tokens=max_new_tokens, runs=trials, temperature=temperature, **common
             )

@@ -51,6 +51,14 @@ ThreadsOpt = Annotated[
         "for small models on a busy CPU).",
     ),
 ]
+MatmulOpt = Annotated[
+    str,
+    typer.Option(
+        "--matmul",
+        help="Projection backend of the lean forward: auto (numpy's BLAS for float32 on the CPU, "
+        "else torch), numpy, torch.",
+    ),
+]
 NoEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end of sequence.", metavar="")]
 SMALL_MACHINE_CORES = 4  # on this many cores or fewer, bench defaults to one torch thread
 
@@ -72,14 +80,13 @@ def optimal_needs_top_k(config, top_k: int | None) -> bool:
 
 
 def _load(target, draft, device, dtype, threads):
-    import torch
-
+    from mdsd._backend import set_threads
     from mdsd.models import load_pair
 
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+        set_threads(threads)
     check_model_path("--target", target)
     check_model_path("--draft", draft)
     try:
@@ -176,6 +183,7 @@ def generate(
     max_new_tokens: MaxNewOpt = 128,
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
+    matmul: MatmulOpt = "auto",
     ignore_eos: NoEosOpt = False,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Print metrics to stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print text and metrics as JSON.")] = False,
@@ -194,7 +202,7 @@ def generate(
                 err=True,
             )
         pair = _load(target, draft, device, dtype, threads)
-        decoder = TreeDecoder(pair, config, sampling)
+        decoder = TreeDecoder(pair, config, sampling, matmul=matmul)
         if config.tree is None:  # --tree auto: calibrate on the prompt before streaming
             choice = decoder.choose_tree([prompt])
             typer.echo(
@@ -290,6 +298,7 @@ def bench(
             "else torch's choice). CPU speedups depend on it.",
         ),
     ] = None,
+    matmul: MatmulOpt = "auto",
     no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip HF assisted generation.", metavar="")] = False,
     ignore_eos: Annotated[
         bool,
@@ -331,7 +340,9 @@ def bench(
             def tick(name):
                 progress.update(task, advance=1, description=name[:40])
 
-            result = run_bench(pair, texts, sampling, configs, seed=seed, hf=not no_hf, progress=tick)
+            result = run_bench(
+                pair, texts, sampling, configs, seed=seed, hf=not no_hf, matmul=matmul, progress=tick
+            )
     except ValueError as err:
         fail(str(err))
     if as_json:

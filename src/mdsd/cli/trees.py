@@ -45,8 +45,7 @@ def trees_command(
     threads: Annotated[int, typer.Option("--threads", help="torch intra-op threads.")] = 1,
 ):
     """Score node-by-node, traversal and hybrid verification on the same drafted trees."""
-    import torch
-
+    from mdsd._backend import set_threads
     from mdsd.models import bundled_prompts, load_pair
 
     try:
@@ -64,7 +63,7 @@ def trees_command(
     rule_list = [r.strip() for r in rules.split(",") if r.strip()]
     check_model_path("--target", target)
     check_model_path("--draft", draft)
-    torch.set_num_threads(threads)
+    set_threads(threads)
     try:
         pair = load_pair(target=target, draft=draft)
         by_domain: dict[str, list[str]] = {}

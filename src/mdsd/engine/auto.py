@@ -323,7 +323,7 @@ def _tree_forward(runner, context, tokens, row_probs) -> None:
 
 # ---------------------------------------------------------------------- cache
 def calibration_key(decoder, prompts) -> str:
-    """Digest of what the calibration depends on (models, dtype, device, threads, sampling,
+    """Digest of what the calibration depends on (models, dtype, device, threads, matmul, sampling,
     law, verifier, calibration prompts)."""
     pair = decoder.pair
     parts = {
@@ -333,6 +333,7 @@ def calibration_key(decoder, prompts) -> str:
         "device": str(pair.target.device),
         "threads": torch.get_num_threads(),
         "runner": type(decoder.target).__name__,
+        "matmul": getattr(decoder.target, "matmul", None),
         "sampling": repr(decoder.sampling),
         "law": decoder.book.law.name,
         "verifier": decoder.book.verifier.name,

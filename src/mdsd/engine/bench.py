@@ -183,20 +183,30 @@ def run_bench(
     seed: int = 0,
     hf: bool = True,
     autoregressive: bool = True,
+    matmul: str = "auto",
+    matmul_baseline: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Run every method over the prompts; rows of statistics with speedups (see module doc).
+
+    ``matmul``: the lean forward's projection backend for every mdsd method
+    (``mdsd.engine.static_llama.choose_matmul``); ``matmul_baseline`` adds a second
+    autoregressive row with that backend ("autoregressive (matmul torch)"), so a run shows
+    what the backend alone is worth.
 
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
     a change in machine load during the run affects all methods alike.
     """
     methods = []
     if autoregressive:
-        methods.append(_DecoderMethod("autoregressive", Autoregressive(pair, sampling)))
+        methods.append(_DecoderMethod("autoregressive", Autoregressive(pair, sampling, matmul=matmul)))
+    if matmul_baseline is not None:
+        plain = Autoregressive(pair, sampling, matmul=matmul_baseline)
+        methods.append(_DecoderMethod(f"autoregressive (matmul {matmul_baseline})", plain))
     if hf:
         methods.append(_HFAssisted(pair, sampling))
     for config in configs:
-        decoder = TreeDecoder(pair, config, sampling)
+        decoder = TreeDecoder(pair, config, sampling, matmul=matmul)
         name = f"mdsd {config.describe()}"
         if config.tree is None:  # auto: calibrate on these prompts, name the chosen shape
             choice = decoder.choose_tree(prompts)

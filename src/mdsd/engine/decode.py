@@ -325,11 +325,11 @@ class _Decoder:
 class Autoregressive(_Decoder):
     """Plain sampling from the target with its KV cache (the baseline), same transform."""
 
-    def __init__(self, pair, sampling: SamplingConfig, *, static_cache: bool = True):
+    def __init__(self, pair, sampling: SamplingConfig, *, static_cache: bool = True, matmul: str = "auto"):
         _check_pair(pair)
         self.pair = pair
         self.sampling = sampling
-        self.target = make_runner(pair.target, static_cache)
+        self.target = make_runner(pair.target, static_cache, matmul)
         self.eos = eos_ids(pair)
 
     @torch.inference_mode()
@@ -396,6 +396,8 @@ class TreeDecoder(_Decoder):
     ``static_cache=True`` runs Llama-family models (llama, mistral, qwen2) through the lean
     forward over a preallocated cache (``mdsd.engine.static_llama``); False, or other models,
     use Hugging Face's forward with its ``DynamicCache``. Both give the same logits (tested).
+    ``matmul`` ("auto", "numpy", "torch") picks the lean forward's projection backend
+    (``mdsd.engine.static_llama.choose_matmul``: numpy's BLAS for float32 models on the CPU).
     ``exact_acceptance=True`` makes ``stats.acceptance_by_depth`` Rao-Blackwellised (the exact
     acceptance given the drafts at every visited node, one output law per node); by default it
     averages the 0/1 outcomes, which costs nothing.
@@ -414,6 +416,7 @@ class TreeDecoder(_Decoder):
         check_attention: bool = True,
         exact_acceptance: bool = False,
         static_cache: bool = True,
+        matmul: str = "auto",
     ):
         _check_pair(pair)
         check_supported(pair.target, "target")
@@ -423,12 +426,13 @@ class TreeDecoder(_Decoder):
         self.sampling = sampling
         self.exact_acceptance = exact_acceptance
         self.static_cache = static_cache
+        self.matmul = matmul
         self.vocab = int(pair.target.config.vocab_size)
         widths = (2,) if config.tree is None else config.tree.widths  # auto: checked when chosen
         self.sequence_method = SEQUENCE_VERIFIERS.get(config.verifier)
         self.book = RuleBook(config.law, self._node_verifier(), widths)
-        self.target = make_runner(pair.target, static_cache)
-        self.draft = make_runner(pair.draft, static_cache)
+        self.target = make_runner(pair.target, static_cache, matmul)
+        self.draft = make_runner(pair.draft, static_cache, matmul)
         if check_attention:
             with torch.inference_mode():
                 check_tree_attention(self.target, "target", self.vocab)
@@ -453,6 +457,7 @@ class TreeDecoder(_Decoder):
                 f"{tree.describe()}; use 'traversal' or 'hybrid' for trees"
             )
         self.book = RuleBook(self.config.law, self._node_verifier(), tree.widths)
+        self.book.warm_up(tree.widths)
         self.tree = tree
         # frozen masks: target over all nodes; draft per level d = 1..D-1
         self._target_mask = self.target.additive(tree.ancestor_mask[1:, 1:])
@@ -492,7 +497,9 @@ class TreeDecoder(_Decoder):
         if choice.widths:
             self._use_tree(build_tree(choice.widths))
         else:
-            self._plain = Autoregressive(self.pair, self.sampling, static_cache=self.static_cache)
+            self._plain = Autoregressive(
+                self.pair, self.sampling, static_cache=self.static_cache, matmul=self.matmul
+            )
         return choice
 
     def generate(self, prompts: Sequence, *, seed=None, rng=None, on_tokens=None) -> list[Generation]:

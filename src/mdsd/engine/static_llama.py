@@ -22,6 +22,8 @@ SiLU MLPs; other models use ``ModelRunner``.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,33 +47,125 @@ def supports_static(model) -> bool:
     )
 
 
+MATMULS = ("auto", "torch", "numpy")
+NUMPY_MATMUL_MAX_BYTES = 4 * 2**30  # "auto": the BLAS copies of larger models would cost too much memory
+
+
+def choose_matmul(model, matmul: str = "auto") -> str:
+    """The projection backend: "numpy" (OpenBLAS through numpy, on transposed weight copies) or
+    "torch" (``F.linear``); "auto" takes numpy for a float32 model on the CPU of at most
+    ``NUMPY_MATMUL_MAX_BYTES`` of weights, else torch. Raises ValueError naming ``matmul``."""
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul must be one of {list(MATMULS)}, got {matmul!r}")
+    cpu_float32 = model.device.type == "cpu" and model.dtype == torch.float32
+    if matmul == "numpy" and not cpu_float32:
+        raise ValueError(
+            f"matmul 'numpy' needs a float32 model on the CPU, got {model.dtype} on {model.device}"
+        )
+    if matmul != "auto":
+        return matmul
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return "numpy" if cpu_float32 and size <= NUMPY_MATMUL_MAX_BYTES else "torch"
+
+
+class _BlasThreads:
+    """Give numpy's BLAS the thread budget of torch's intra-op setting during a forward.
+
+    With the numpy backend the projections run in numpy's BLAS and the remaining torch operations
+    are small; when both libraries run several threads on the same cores, torch's OpenMP workers
+    spin while the BLAS works and a forward gets several times slower. Inside ``with
+    blas_threads:`` torch runs one thread and the BLAS ``torch.get_num_threads()``; both settings
+    are restored on exit.
+    """
+
+    def __init__(self):
+        from threadpoolctl import ThreadpoolController
+
+        self._blas = ThreadpoolController().select(user_api="blas").lib_controllers
+
+    def __enter__(self):
+        self._budget = torch.get_num_threads()
+        self._before = [c.num_threads for c in self._blas]
+        torch.set_num_threads(1)
+        for c in self._blas:
+            c.set_num_threads(self._budget)
+
+    def __exit__(self, *exc):
+        for c, n in zip(self._blas, self._before):
+            c.set_num_threads(n)
+        torch.set_num_threads(self._budget)
+
+
+class _Linear:
+    """y = x W^T (+ b) for x [m, in] -> [m, out], by ``F.linear`` or by numpy's BLAS.
+
+    The numpy form keeps W^T as a C-contiguous float32 array [in, out] (a copy made once) and
+    multiplies the tensor's own memory, so no data moves between torch and numpy. On the AMD
+    Zen 3 CPU of BENCHMARKS.md, OpenBLAS on this layout takes about half of torch's MKL time for one
+    row and a third for 2-16 rows (``benchmarks/bench_matmul.py``).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul: str):
+        weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.weight = None if matmul == "numpy" else weight  # [out, in]
+        self.weight_t = weight.t().contiguous().numpy() if matmul == "numpy" else None  # [in, out]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is None:
+            return F.linear(x, self.weight, self.bias)
+        out = torch.from_numpy(x.contiguous().numpy() @ self.weight_t)
+        return out if self.bias is None else out + self.bias
+
+    def numpy(self, x: torch.Tensor) -> np.ndarray:
+        """The product as float32 numpy [m, out] (the output layer's form)."""
+        if self.weight_t is None:
+            return self(x).float().cpu().numpy()
+        out = x.contiguous().numpy() @ self.weight_t
+        return out if self.bias is None else out + self.bias.numpy()
+
+
+class _Norm:
+    """The model's RMSNorm; for float32 models the same formula as one fused ``F.rms_norm``."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        self.module = module
+        self.fused = dtype == torch.float32 and eps is not None and hasattr(module, "weight")
+        self.eps = None if eps is None else float(eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self.module(x)
+        return F.rms_norm(x, (x.shape[-1],), self.module.weight, self.eps)
+
+
 @dataclass(frozen=True)
 class _Layer:
-    """One decoder layer's weights: q/k/v and gate/up fused into new tensors, the rest the model's own."""
+    """One decoder layer: norms and projections (q/k/v and gate/up fused into one each)."""
 
-    input_norm: torch.nn.Module
-    qkv: torch.Tensor  # [(H + 2 H_kv) d, hidden]
-    qkv_bias: torch.Tensor | None  # [(H + 2 H_kv) d]
-    out: torch.Tensor  # [hidden, H d]
-    post_norm: torch.nn.Module
-    gate_up: torch.Tensor  # [2 I, hidden]
-    down: torch.Tensor  # [hidden, I]
+    input_norm: _Norm
+    qkv: _Linear  # [hidden] -> [(H + 2 H_kv) d]
+    out: _Linear  # [H d] -> [hidden]
+    post_norm: _Norm
+    gate_up: _Linear  # [hidden] -> [2 I]
+    down: _Linear  # [I] -> [hidden]
 
 
-def _fuse(layer) -> _Layer:
+def _fuse(layer, dtype: torch.dtype, matmul: str) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     bias = None
     if attn.q_proj.bias is not None:
-        bias = torch.cat([p.bias for p in projections]).detach()
+        bias = torch.cat([p.bias for p in projections])
+    gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
     return _Layer(
-        layer.input_layernorm,
-        torch.cat([p.weight for p in projections]).detach(),
-        bias,
-        attn.o_proj.weight.detach(),
-        layer.post_attention_layernorm,
-        torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-        mlp.down_proj.weight.detach(),
+        _Norm(layer.input_layernorm, dtype),
+        _Linear(torch.cat([p.weight for p in projections]), bias, matmul),
+        _Linear(attn.o_proj.weight, attn.o_proj.bias, matmul),
+        _Norm(layer.post_attention_layernorm, dtype),
+        _Linear(gate_up, None, matmul),
+        _Linear(mlp.down_proj.weight, None, matmul),
     )
 
 
@@ -79,20 +173,24 @@ class StaticLlamaRunner(ModelRunner):
     """``ModelRunner`` with the lean forward and a preallocated cache (see the module docstring).
 
     ``reset(capacity)`` sizes the cache for ``capacity`` positions (it grows when asked for
-    more); a forward past the capacity raises ValueError.
+    more); a forward past the capacity raises ValueError. ``matmul`` picks the projections'
+    backend (``choose_matmul``); both give the model's logits to float32 rounding (tested).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, matmul: str = "auto"):
         super().__init__(model)
         config = model.config
         body = model.base_model
+        self.matmul = choose_matmul(model, matmul)
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self._embed = body.embed_tokens
         self._rotary = body.rotary_emb
-        self._final_norm = body.norm
-        self._layers = [_fuse(layer) for layer in body.layers]
+        self._final_norm = _Norm(body.norm, self.dtype)
+        self._layers = [_fuse(layer, self.dtype, self.matmul) for layer in body.layers]
+        self._output = _Linear(self._head.weight, getattr(self._head, "bias", None), self.matmul)
+        self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
         self._length = 0
 
@@ -120,14 +218,25 @@ class StaticLlamaRunner(ModelRunner):
         self._length = base + k
 
     # ------------------------------------------------------------------ forward
+    def logits(self, hidden: torch.Tensor) -> np.ndarray:
+        start = time.perf_counter()
+        with self._threads:
+            out = self._output.numpy(hidden)  # [rows, V]
+        self.model_time += time.perf_counter() - start
+        return out
+
     def _hidden(self, ids, keep: int, attention_mask=None, position_ids=None) -> torch.Tensor:
+        with self._threads:
+            return self._forward(ids, keep, attention_mask, position_ids)
+
+    def _forward(self, ids, keep: int, attention_mask, position_ids) -> torch.Tensor:
         start = self._length
         m = len(ids)
         end = start + m
         if self._keys is None or end > self._keys.shape[2]:
             capacity = 0 if self._keys is None else self._keys.shape[2]
             raise ValueError(f"the static cache holds {capacity} positions; this forward needs {end}")
-        tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device)[None]  # [1, m]
+        tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device)  # [m]
         if position_ids is None:
             position_ids = torch.arange(start, end, device=self.device)[None]
         if attention_mask is not None:
@@ -138,45 +247,44 @@ class StaticLlamaRunner(ModelRunner):
             mask = mask[None, None]
         else:
             mask = None
-        x = self._embed(tokens)  # [1, m, hidden]
+        x = self._embed(tokens)  # [m, hidden]
         cos, sin = self._rotary(x, position_ids)  # [1, m, d]
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [m, 1, d]
         for i, layer in enumerate(self._layers):
             x = x + self._attention(i, layer, layer.input_norm(x), cos, sin, mask, start, end)
-            h = layer.post_norm(x)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)  # [m, I] each
+            x = x + layer.down(F.silu(gate) * up)
         self._length = end
         self.calls += 1
-        return self._final_norm(x)[0, -keep:]
+        return self._final_norm(x[-keep:])
 
     def _attention(self, i, layer: _Layer, h, cos, sin, mask, start: int, end: int):
-        m, d = h.shape[1], self.head_dim
-        qkv = F.linear(h, layer.qkv, layer.qkv_bias)[0]  # [m, (H + 2 H_kv) d]
-        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = q.view(m, self.heads, d).transpose(0, 1)  # [H, m, d]
-        k = k.view(m, self.kv_heads, d).transpose(0, 1)  # [H_kv, m, d]
-        v = v.view(m, self.kv_heads, d).transpose(0, 1)
-        q, k = _rotate(q, cos[0], sin[0]), _rotate(k, cos[0], sin[0])
-        self._keys[i, :, start:end] = k
-        self._values[i, :, start:end] = v
+        m, d, heads, kv_heads = h.shape[0], self.head_dim, self.heads, self.kv_heads
+        qkv = layer.qkv(h).view(m, heads + 2 * kv_heads, d)
+        qk = _rotate(qkv[:, : heads + kv_heads], cos, sin)  # [m, H + H_kv, d]
+        self._keys[i, :, start:end] = qk[:, heads:].transpose(0, 1)  # [H_kv, m, d]
+        self._values[i, :, start:end] = qkv[:, heads + kv_heads :].transpose(0, 1)
         out = F.scaled_dot_product_attention(
-            q[None],
+            qk[:, :heads].transpose(0, 1)[None],  # [1, H, m, d]
             self._keys[i, :, :end][None],
             self._values[i, :, :end][None],
             attn_mask=mask,
-            enable_gqa=self.kv_heads != self.heads,
+            enable_gqa=kv_heads != heads,
         )  # [1, H, m, d]
-        return F.linear(out.transpose(1, 2).reshape(1, m, self.heads * d), layer.out)
+        return layer.out(out[0].transpose(0, 1).reshape(m, heads * d))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [heads, m, d] with cos / sin [m, d] (rotate-half convention)."""
+    """Rotary embedding of x [m, heads, d] with cos / sin [m, 1, d] (rotate-half convention)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
-def make_runner(model, fast: bool = True) -> ModelRunner:
-    """The engine's runner for ``model``: ``StaticLlamaRunner`` where it applies, else the
-    Hugging Face forward (``ModelRunner``)."""
-    return StaticLlamaRunner(model) if fast and supports_static(model) else ModelRunner(model)
+def make_runner(model, fast: bool = True, matmul: str = "auto") -> ModelRunner:
+    """The engine's runner for ``model``: ``StaticLlamaRunner`` (with ``matmul``) where it
+    applies, else the Hugging Face forward (``ModelRunner``)."""
+    if fast and supports_static(model):
+        return StaticLlamaRunner(model, matmul)
+    choose_matmul(model, matmul)  # validates the argument
+    return ModelRunner(model)

@@ -87,6 +87,16 @@ class RuleBook:
             self._cache[key] = rule
         return rule
 
+    def warm_up(self, widths: tuple[int, ...]) -> None:
+        """Draft and verify one toy node per width (4 tokens, a private generator): loads the
+        compiled samplers (numba's import and on-disk cache, about a second once per process)
+        before decoding, so that it is not charged to the first step."""
+        gen = np.random.default_rng(0)
+        p, q = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.4, 0.3, 0.2, 0.1])
+        for width in sorted(set(widths)):
+            drafts, rule = draft_children(q, width, self, gen)
+            verify_node(p, q, drafts, rule, gen)
+
 
 def as_support(probs) -> SupportProbs:
     """A ``SupportProbs`` as is; a dense probability vector [V] wrapped (dense storage)."""
