@@ -245,6 +245,20 @@ def test_matmul_backend_choice_and_errors(llama):
         Autoregressive(llama, SamplingConfig(1.0), matmul="fast")
 
 
+def test_rotary_table_equals_the_models_rotary_module(llama):
+    """The lean forward's cos / sin lookup holds the module's numbers bit for bit."""
+    from mdsd.engine.static_llama import StaticLlamaRunner
+
+    runner = StaticLlamaRunner(llama.target)
+    runner.reset(40)
+    positions = torch.tensor([[0, 5, 17, 39]])
+    with torch.inference_mode():
+        cos, sin = runner._rotary(torch.zeros(1), positions)  # [1, 4, d]
+    table_cos, table_sin = runner._rotary_table
+    assert torch.equal(table_cos[positions[0], 0], cos[0])
+    assert torch.equal(table_sin[positions[0], 0], sin[0])
+
+
 # ---------------------------------------------------------------- 3. exact law
 def _drafted_trees(tree, book, q_of, context):
     """Every drafted tree the engine can produce after ``context``, with its probability.

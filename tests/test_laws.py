@@ -192,3 +192,22 @@ def test_conditional_poisson_compiled_prefixes_match_numpy_reference():
         slow = law.qall_prefixes_reference(q[None, :], n)
         np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-13)
         assert fast[0, -1] == pytest.approx(1.0, abs=1e-15)
+
+
+def test_without_replacement_sampling_is_gumbel_top_n_in_stable_order():
+    """The O(V) selection draws what a stable argsort of the Gumbel keys gives (zeros in q make
+    -inf keys, which tie; n up to V)."""
+    from mdsd.laws import WithoutReplacement
+
+    law = WithoutReplacement()
+    gen = np.random.default_rng(4)
+    for _ in range(40):
+        vocab = int(gen.integers(2, 300))
+        q = gen.dirichlet(np.full(vocab, 0.3)) * (gen.random(vocab) < 0.7)
+        q = q / q.sum() if q.sum() > 0 else np.full(vocab, 1.0 / vocab)
+        for n in (1, 2, 4, vocab):
+            seed = int(gen.integers(1 << 30))
+            got = law._sample(q, n, np.random.default_rng(seed))
+            with np.errstate(divide="ignore"):
+                keys = np.log(q) + np.random.default_rng(seed).gumbel(size=q.shape)
+            np.testing.assert_array_equal(got, np.argsort(-keys, kind="stable")[:n])

@@ -257,10 +257,11 @@ class WithoutReplacement(DraftLaw):
 
     def _sample(self, q, n, rng):
         # Gumbel-top-n: the top-n keys log q + Gumbel, in decreasing key order, are sequential
-        # draws without replacement in draw order.
+        # draws without replacement in draw order (top_tokens: O(V) selection, the same tokens
+        # and order as a stable argsort).
         with np.errstate(divide="ignore"):
             keys = np.log(q) + rng.gumbel(size=q.shape)
-        return np.argsort(-keys, axis=-1, kind="stable")[..., :n]
+        return top_tokens(keys, n)
 
     def _enumerate(self, q, n):
         support = np.flatnonzero(q > 0).tolist()

@@ -192,6 +192,7 @@ class StaticLlamaRunner(ModelRunner):
         self._output = _Linear(self._head.weight, getattr(self._head, "bias", None), self.matmul)
         self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
+        self._rotary_table = None  # (cos, sin) [capacity, 1, head_dim] when the RoPE is static
         self._length = 0
 
     # ------------------------------------------------------------------ cache
@@ -201,7 +202,22 @@ class StaticLlamaRunner(ModelRunner):
             shape = (len(self._layers), self.kv_heads, capacity, self.head_dim)
             self._keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self._values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._rotary_table = self._static_rotary(capacity)
         self._length = 0
+
+    def _static_rotary(self, capacity: int):
+        """cos / sin of positions 0..capacity-1 from the model's rotary module, looked up per
+        forward instead of recomputed. Each entry depends on its own position only (an outer
+        product of positions and frequencies, then cos / sin), so the table holds the module's
+        numbers bit for bit. RoPE variants that rescale with the sequence length ("dynamic",
+        "longrope") are recomputed per forward: None."""
+        rope_type = str(getattr(self._rotary, "rope_type", "default"))
+        if "dynamic" in rope_type or "longrope" in rope_type:
+            return None
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        positions = torch.arange(capacity, device=self.device)[None]
+        cos, sin = self._rotary(probe, positions)  # [1, capacity, d]
+        return cos[0, :, None], sin[0, :, None]  # [capacity, 1, d]
 
     @property
     def cached(self) -> int:
@@ -248,8 +264,11 @@ class StaticLlamaRunner(ModelRunner):
         else:
             mask = None
         x = self._embed(tokens)  # [m, hidden]
-        cos, sin = self._rotary(x, position_ids)  # [1, m, d]
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [m, 1, d]
+        if self._rotary_table is not None:
+            cos, sin = (table[position_ids[0]] for table in self._rotary_table)  # [m, 1, d]
+        else:
+            cos, sin = self._rotary(x, position_ids)  # [1, m, d]
+            cos, sin = cos[0, :, None], sin[0, :, None]  # [m, 1, d]
         for i, layer in enumerate(self._layers):
             x = x + self._attention(i, layer, layer.input_norm(x), cos, sin, mask, start, end)
             gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)  # [m, I] each
