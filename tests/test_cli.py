@@ -217,3 +217,14 @@ def test_bench_progress_lines_when_piped(tmp_path):
     assert len(lines) == 3 and all("/3 " in line for line in lines), result.stderr
     assert "autoregressive" in lines[0] and "hf_assisted" in lines[1]
     assert "1 prompts" in result.stdout and "mdsd iid/rrs 2x2" in result.stdout
+
+
+def test_generate_streams_text_and_reports_the_tree(tmp_path):
+    """The bundled pair, three tokens: text on stdout, one metrics line naming the tree."""
+    result = runner.invoke(
+        app,
+        ["generate", "Once", "--max-new-tokens", "3", "--tree", "1x2", "--law", "iid", "--threads", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Once")
+    assert "[iid/rrs 1x2] 3 tokens" in result.output and "tokens/step" in result.output

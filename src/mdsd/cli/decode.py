@@ -227,7 +227,11 @@ def generate(
         result = decoder.generate([prompt], seed=seed, on_tokens=stream)[0]
     except ValueError as err:
         fail(str(err))
-    metrics = result.stats.as_dict() | {"stop_reason": result.stop_reason, "config": config.describe()}
+    choice = decoder.auto_choice
+    described = config.describe()
+    if choice is not None:  # --tree auto: name what ran
+        described = f"{described}: {choice.describe()}"
+    metrics = result.stats.as_dict() | {"stop_reason": result.stop_reason, "config": described}
     if as_json:
         typer.echo(
             json.dumps(
@@ -238,10 +242,13 @@ def generate(
     sys.stdout.write("\n")
     if stats:
         s = result.stats
-        depth_acc = ", ".join(f"{a:.2f}" for a in s.acceptance_by_depth)
+        if s.steps:  # a tree ran
+            depth_acc = ", ".join(f"{a:.2f}" for a in s.acceptance_by_depth)
+            tree = f"{s.block_efficiency:.2f} tokens/step, acceptance by depth [{depth_acc}], "
+        else:  # --tree auto chose plain sampling
+            tree = ""
         typer.echo(
-            f"[{config.describe()}] {s.new_tokens} tokens, {s.target_calls} target calls, "
-            f"{s.block_efficiency:.2f} tokens/step, acceptance by depth [{depth_acc}], "
+            f"[{described}] {s.new_tokens} tokens, {s.target_calls} target calls, {tree}"
             f"{s.tokens_per_second:.1f} tokens/s (draft {s.draft_time:.2f}s, target "
             f"{s.target_time:.2f}s, verify {s.verify_time:.2f}s); stop: {result.stop_reason}",
             err=True,
