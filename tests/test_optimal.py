@@ -341,7 +341,14 @@ def test_orders_exact_whatever_the_mixture(monkeypatch, law):
         mass = sum(w * vertex(o) for w, o in zip(weights, orders))
         return priority_orders.OrderMixture(orders, weights, mass, 1.0, 0)
 
+    def random_mixture_compiled(the_law, q, n, rest, block, before, target, start, **kwargs):
+        def vertex(sigma):
+            return priority_orders.order_vertex(the_law, q, n, rest, block, before, sigma)
+
+        return random_mixture(vertex, target, start)
+
     monkeypatch.setattr(orders, "decompose", random_mixture)
+    monkeypatch.setattr(orders, "decompose_compiled", random_mixture_compiled)
     checked = []
     for vocab, n in [(6, 3), (7, 4), (5, 3), (8, 3), (9, 5)]:
         p, q = random_pair(rng, vocab, concentration=0.5, zero_p=True)
@@ -582,3 +589,69 @@ def test_compiled_fit_levels_match_reference():
             # the levels themselves are ill-conditioned (a share 1 - excess / room), the mass is not
             assert levels[0] == levels[-1] == 0.0 and np.all((levels >= 0) & (levels <= 1))
             assert np.array_equal(levels < 1, ref_levels < 1)  # the same cuts
+
+
+def _wor_block(gen, support: int, zeros: bool):
+    """A random block problem: q over the support (some zero masses), rest / block / before."""
+    q = gen.dirichlet(np.full(support, 0.5))
+    if zeros:
+        q[gen.random(support) < 0.2] = 0.0
+        q[0] = max(q[0], 0.1)
+        q = q / q.sum()
+    perm = gen.permutation(support).astype(np.int64)
+    cut_a, cut_b = sorted(gen.integers(0, support + 1, size=2))
+    cut_b = max(cut_b, cut_a + 1)
+    return q, perm[cut_b:], perm[cut_a:cut_b], perm[:cut_a]  # q, rest, block, before
+
+
+@pytest.mark.parametrize("law_name", ["without_replacement", "conditional_poisson"])
+def test_compiled_vertex_equals_reference(law_name):
+    """The compiled vertex is the reference's: to the last bit without replacement (same tail
+    masses, nodes and race kernel), to rounding for conditional Poisson (exp of the same log e_n)."""
+    from mdsd.verifiers.optimal import _orders_numba
+
+    law = mdsd.get_law(law_name)
+    gen = np.random.default_rng(21)
+    for trial in range(40):
+        support, n = int(gen.integers(4, 70)), int(gen.integers(2, 7))
+        q, rest, block, before = _wor_block(gen, support, zeros=trial % 2 == 1)
+        if np.count_nonzero(q) < n:
+            continue
+        sigma = gen.permutation(block.size).astype(np.int64)
+        want = priority_orders.order_vertex(law, q, n, rest, block, before, sigma)
+        code = _orders_numba.LAW_CODES[law_name]
+        race = _orders_numba.race_settings(n, support)
+        got = _orders_numba.order_vertex(q, n, code, rest, block, before, sigma, race)
+        if law_name == "without_replacement" and n >= 3:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("law_name", ["without_replacement", "conditional_poisson"])
+@pytest.mark.parametrize("side", [None, "below", "above"])
+def test_compiled_decompose_equals_reference(law_name, side):
+    """decompose_compiled takes Wolfe's steps of decompose with order_vertex: the same orders in
+    the same rows, weights and masses to rounding, the same iteration count."""
+    law = mdsd.get_law(law_name)
+    gen = np.random.default_rng(22)
+    for trial in range(25):
+        support, n = int(gen.integers(4, 50)), int(gen.integers(3, 6))
+        q, rest, block, before = _wor_block(gen, support, zeros=trial % 3 == 0)
+        if np.count_nonzero(q) < n:
+            continue
+        target = gen.dirichlet(np.ones(block.size)) * gen.uniform(0.2, 1.0)
+        scale = np.sqrt(q[block] + 1e-3) if trial % 2 else None
+
+        def vertex(sigma, rest=rest, block=block, before=before, q=q, n=n):
+            return priority_orders.order_vertex(law, q, n, rest, block, before, sigma)
+
+        start = np.arange(block.size)
+        kwargs = {"scale": scale, "side": side, "max_iter": 300}
+        want = priority_orders.decompose(vertex, target, start, **kwargs)
+        got = priority_orders.decompose_compiled(law, q, n, rest, block, before, target, start, **kwargs)
+        assert got.iterations == want.iterations
+        np.testing.assert_array_equal(got.orders, want.orders)
+        np.testing.assert_allclose(got.weights, want.weights, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got.mass, want.mass, rtol=0, atol=1e-12)
+        assert got.residual == pytest.approx(want.residual, abs=1e-12)

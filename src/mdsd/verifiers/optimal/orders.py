@@ -14,18 +14,27 @@ bases), so the capped rule (``common.cap_rule``) accepts alpha*.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from mdsd.laws import DraftLaw
 from mdsd.verifiers.optimal.common import OptimalFit, keep_or_recover, positions_of, priority_scan
-from mdsd.verifiers.optimal.priority_orders import MATCH_TOLERANCE, OrderMixture, decompose, order_vertex
+from mdsd.verifiers.optimal.priority_orders import (
+    MATCH_TOLERANCE,
+    OrderMixture,
+    decompose,
+    decompose_compiled,
+    order_vertex,
+)
 
 # Wolfe's norms tried in turn for a block, the short budget of each (at least size / 8
 # iterations) and the budget of the final run with the norm that came closest.
 ORDER_NORMS = ("q", "plain", "q_floor")
 ORDER_SHORT_BUDGET = 200
 ORDER_FULL_BUDGET = 3000
+# laws whose Wolfe loop runs compiled (``priority_orders.decompose_compiled``); others: the reference
+COMPILED_LAWS = ("without_replacement", "conditional_poisson")
 
 
 @dataclass(frozen=True)
@@ -80,12 +89,18 @@ def fit_orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Order
     low, high, none = np.arange(split), np.arange(split, k), np.arange(0)
     mass = np.zeros(k)
     mixtures = []
+    # without replacement, n = 2 has its own closed form in the law (not the race): reference
+    compiled = law.name in COMPILED_LAWS and (law.name != "without_replacement" or n >= 3)
     for block, before, rest, side in ((low, none, high, "below"), (high, low, none, "above")):
+        if compiled:  # the same Wolfe loop and vertices, compiled (tested equal)
+            wolfe = partial(decompose_compiled, law, qs_law, n, rest, block, before)
+        else:
 
-        def vertex(sigma, block=block, before=before, rest=rest):
-            return order_vertex(law, qs_law, n, rest, block, before, sigma)
+            def vertex(sigma, block=block, before=before, rest=rest):
+                return order_vertex(law, qs_law, n, rest, block, before, sigma)
 
-        mix = _order_mixture(vertex, ps[block], qs[block], side)
+            wolfe = partial(decompose, vertex)
+        mix = _order_mixture(wolfe, ps[block], qs[block], side)
         mass[block] = mix.mass
         mixtures.append(mix)
     return OrdersRow(order, split, mixtures[0], mixtures[1], mass, scan.alpha_star)
@@ -204,21 +219,23 @@ def orders_acceptance(
     return accepted_total + extra
 
 
-def _order_mixture(vertex, target: np.ndarray, qs: np.ndarray, side: str):
-    """Wolfe on one block, trying the norms of ``ORDER_NORMS`` in turn (each with a short budget);
+def _order_mixture(wolfe, target: np.ndarray, qs: np.ndarray, side: str):
+    """Wolfe on one block (``wolfe(target, start, scale=, side=, max_iter=)``: ``decompose`` with
+    the block's vertex oracle, or its compiled form ``decompose_compiled``), trying the norms of
+    ``ORDER_NORMS`` in turn (each with a short budget);
     the first whose mixture has the sign pattern (<= p on L, >= p on H*) wins. Otherwise the norm
     that came closest runs again with the full budget. Every norm has the same sign pattern at its
     minimum-norm point, but how many iterations it takes to reach it varies by orders of magnitude
     between positions (1/q weights suit peaked top-k rows, the plain norm long flat tails)."""
     size = target.size
     if size == 0:
-        return decompose(vertex, target, np.arange(0))
+        return wolfe(target, np.arange(0))
     scales = {"q": np.sqrt(qs), "plain": None, "q_floor": np.sqrt(qs + 1e-2 * qs.max())}
     short = max(ORDER_SHORT_BUDGET, size // 8)
     best, best_name, best_violation = None, None, np.inf
     for name in ORDER_NORMS:
         # start from the order by p/q (the scan order; on L its vertex is often the answer)
-        mix = decompose(vertex, target, np.arange(size), scale=scales[name], side=side, max_iter=short)
+        mix = wolfe(target, np.arange(size), scale=scales[name], side=side, max_iter=short)
         violation = _violation(mix.mass, target, side)
         if violation <= MATCH_TOLERANCE:
             return mix
@@ -227,7 +244,7 @@ def _order_mixture(vertex, target: np.ndarray, qs: np.ndarray, side: str):
     full = min(10 * size + 50, ORDER_FULL_BUDGET)
     if full <= short:
         return best
-    mix = decompose(vertex, target, np.arange(size), scale=scales[best_name], side=side, max_iter=full)
+    mix = wolfe(target, np.arange(size), scale=scales[best_name], side=side, max_iter=full)
     return mix if _violation(mix.mass, target, side) <= best_violation else best
 
 

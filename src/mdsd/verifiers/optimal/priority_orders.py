@@ -172,6 +172,50 @@ def decompose(
     )
 
 
+def decompose_compiled(
+    law: DraftLaw,
+    q: np.ndarray,
+    n: int,
+    rest: np.ndarray,
+    block: np.ndarray,
+    before: np.ndarray,
+    target: np.ndarray,
+    start: np.ndarray,
+    *,
+    scale: np.ndarray | None = None,
+    side: str | None = None,
+    max_iter: int | None = None,
+) -> OrderMixture:
+    """``decompose`` with the vertex oracle ``order_vertex`` of ``law`` (without replacement or
+    conditional Poisson), the whole loop compiled (``_orders_numba.decompose``; tests compare it
+    with this module's reference). Arguments as in ``order_vertex`` and ``decompose``."""
+    from mdsd.verifiers.optimal import _orders_numba
+
+    size = target.size
+    if size == 0:
+        return OrderMixture(np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0), 0.0, 0)
+    max_iter = max_iter if max_iter is not None else 10 * size + 50
+    scale = np.ones(size) if scale is None else np.asarray(scale, dtype=np.float64)
+    index = [np.ascontiguousarray(a, dtype=np.int64) for a in (rest, block, before, start)]
+    orders, weights, mass, iterations = _orders_numba.decompose(
+        np.ascontiguousarray(q, dtype=np.float64),
+        int(n),
+        _orders_numba.LAW_CODES[law.name],
+        *index[:3],
+        np.ascontiguousarray(target, dtype=np.float64),
+        index[3],
+        np.ascontiguousarray(scale),
+        {None: 0, "below": 1, "above": 2}[side],
+        int(max_iter),
+        _orders_numba.race_settings(n, q.size),
+        MATCH_TOLERANCE,
+        GAP_TOLERANCE,
+        WEIGHT_FLOOR,
+    )
+    residual = float(np.max(np.abs(mass - (target / scale) * scale)))
+    return OrderMixture(orders, weights, mass, residual, int(iterations))
+
+
 def _compact(buffer: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Drop the rows of buffer[:keep.size] where keep is False by moving the last kept rows into
     the holes (only the moved rows are copied). Returns the old index of each new row 0..k-1."""

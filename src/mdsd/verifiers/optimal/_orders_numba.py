@@ -1,0 +1,223 @@
+"""Compiled priority-order fits (the fast path of ``mdsd.verifiers.optimal.priority_orders.decompose``
+with ``order_vertex``) for the two laws fitted by priority orders: drafts without replacement
+(n >= 3) and conditional Poisson.
+
+The same algorithm, step for step: Wolfe's minimum-norm point over the coverage polytope of one
+block, each greedy vertex one Qall scan over the order [R, sigma reversed, B]: for drafts without
+replacement the exponential-race quadrature (``mdsd._race_numba.race_window``) with the nodes of
+``mdsd._race.wor_qall_window``'s numba path (``race_nodes_fast`` below mirrors
+``mdsd._race.fast_nodes`` and its right-cut pruning); for conditional Poisson the prefix
+elementary symmetric polynomials (``mdsd._esp_numba.prefix_log_en``), as ``ConditionalPoisson.qall_prefixes``.
+Running the whole loop compiled removes the per-iteration Python work (an argsort, a vertex scan's
+setup, the Gram update and the small KKT solve), which dominated a fit at top-k 64 (docs/optimal.md,
+"Priority orders"). Tests compare every vertex and the decomposition with the Python reference.
+
+Shapes: q over the block's support (float64 [K], sums to 1); rest, block, before: int64 index
+arrays into it; orders are rows of indices into ``block``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from mdsd._esp_numba import prefix_log_en
+from mdsd._race_numba import race_window
+
+WITHOUT_REPLACEMENT, CONDITIONAL_POISSON = 0, 1  # law codes
+LAW_CODES = {"without_replacement": WITHOUT_REPLACEMENT, "conditional_poisson": CONDITIONAL_POISSON}
+
+
+@numba.njit(cache=True, fastmath=False)
+def race_nodes_fast(min_rate, n, step, fast_tail, right_cut):
+    """Nodes u_j = step * j of ``mdsd._race.fast_nodes`` with the right-cut pruning of
+    ``_wor_qall_window_numba`` (nodes with t min_rate > right_cut carry no weight), and the parity
+    of the first node's grid index."""
+    log_left = math.log(fast_tail) + math.lgamma(n + 1) + math.log(-math.expm1(-(n + 1) * step) / step)
+    u_lo = log_left / (n + 1)
+    u_hi = math.log(right_cut / min_rate)
+    j_lo = math.floor(u_lo / step)
+    j_hi = max(math.ceil(u_hi / step), j_lo + 1)
+    u = step * np.arange(j_lo, j_hi + 1).astype(np.float64)
+    keep = 0
+    for j in range(u.size):
+        if math.exp(u[j]) * min_rate <= right_cut:
+            keep += 1
+    u = u[: max(1, keep)]
+    first_even = int(round(u[0] / step)) % 2
+    return u, first_even
+
+
+@numba.njit(cache=True, fastmath=False)
+def wor_window(q, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated):
+    """Qall(first k tokens of q's order), k = k_lo..k_hi, for n >= 2 drafts without replacement:
+    ``mdsd._race.wor_qall_window`` on the numba kernel (same tail masses, nodes and step)."""
+    size = q.size
+    tail = np.zeros(size + 1)  # lambda_k = q(tokens k..), summed from the small end
+    running = 0.0
+    for i in range(size - 1, -1, -1):
+        running += q[i]
+        tail[i] = running
+    lam = tail[k_lo : k_hi + 1].copy()
+    out = np.ones(lam.size)
+    min_rate = np.inf
+    for value in lam:
+        if value > 0.0 and value < min_rate:
+            min_rate = value
+    if min_rate == np.inf:  # every prefix holds all the mass
+        return out
+    u, first_even = race_nodes_fast(min_rate, n, step, fast_tail, right_cut)
+    race_window(q, lam, np.exp(u), n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, out)
+    return out
+
+
+@numba.njit(cache=True, fastmath=False)
+def qall_window(q, n, law, k_lo, k_hi, race):
+    """Qall(first k tokens of q's order), k = k_lo..k_hi, for the law code ``law``."""
+    if law == WITHOUT_REPLACEMENT:
+        step, fast_tail, right_cut, clamp, saturated = race
+        return wor_window(q, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated)
+    log_en = prefix_log_en(q.reshape((1, q.size)), n)[0]  # conditional Poisson: e_n ratios
+    return np.minimum(np.exp(log_en[k_lo : k_hi + 1] - log_en[-1]), 1.0)
+
+
+@numba.njit(cache=True, fastmath=False)
+def order_vertex(q, n, law, rest, block, before, sigma, race):
+    """Mass vector [|G|] of the priority-order rule sigma on ``block`` given that the drafts miss
+    ``before``: v_{sigma_k} = Qall(R + sigma_{>=k}) - Qall(R + sigma_{>k}) (clipped at 0).
+    law: a law code; race = (step, fast_tail, right_cut, clamp, saturated) (without replacement)."""
+    g = block.size
+    r = rest.size
+    tokens = np.empty(r + g + before.size, dtype=np.int64)
+    tokens[:r] = rest
+    for i in range(g):
+        tokens[r + i] = block[sigma[g - 1 - i]]
+    tokens[r + g :] = before
+    window = qall_window(q[tokens], n, law, r, r + g, race)
+    v = np.empty(g)
+    for k in range(g):  # prefix R + sigma_{>=k} has length |R| + |G| - k: window index G - k
+        v[sigma[k]] = max(window[g - k] - window[g - k - 1], 0.0)
+    return v
+
+
+@numba.njit(cache=True, fastmath=False)
+def _affine_minimiser(gram):
+    """argmin ||S^T a|| over sum a = 1 from the Gram matrix (``priority_orders._affine_minimiser``)."""
+    size = gram.shape[0]
+    if size == 1:
+        return np.ones(1)
+    kkt = np.ones((size + 1, size + 1))
+    kkt[:size, :size] = gram
+    kkt[size, size] = 0.0
+    rhs = np.zeros(size + 1)
+    rhs[size] = 1.0
+    solved = True
+    try:
+        solution = np.linalg.solve(kkt, rhs)
+    except Exception:
+        solved = False
+        solution = rhs
+    if not solved or not np.all(np.isfinite(solution)):
+        solution = np.linalg.lstsq(kkt, rhs)[0]
+    alpha = solution[:size].copy()
+    return alpha / alpha.sum()
+
+
+@numba.njit(cache=True, fastmath=False)
+def decompose(
+    q, n, law, rest, block, before, target, start, scale, side, max_iter, race, match_tol, gap_tol, floor
+):
+    """Wolfe's minimum-norm point for one block (``priority_orders.decompose`` with the law's
+    ``order_vertex``). side: 0 none, 1 "below", 2 "above".
+
+    Returns (orders [J, G] int64, weights [J], mass [G], iterations)."""
+    size = target.size
+    t = target / scale
+    capacity = 8
+    orders = np.empty((capacity, size), dtype=np.int64)
+    buffer = np.empty((capacity, size))  # active vertices minus the target
+    orders[0] = start
+    buffer[0] = order_vertex(q, n, law, rest, block, before, start, race) / scale - t
+    count = 1
+    gram = np.empty((1, 1))
+    gram[0, 0] = np.dot(buffer[0], buffer[0])
+    weights = np.ones(1)
+    g = buffer[0].copy()
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
+        off = g * scale
+        if np.max(np.abs(off)) <= match_tol:
+            break
+        if side != 0:
+            violation = 0.0
+            for value in off:
+                violation += max(value if side == 1 else -value, 0.0)
+            if violation <= match_tol:
+                break
+        sigma = np.argsort(g / scale, kind="mergesort")
+        c = order_vertex(q, n, law, rest, block, before, sigma, race) / scale - t
+        spread = max(np.linalg.norm(c), np.linalg.norm(g))
+        if np.dot(g, g - c) <= gap_tol * np.linalg.norm(g) * spread:
+            break
+        if count == capacity:
+            capacity *= 2
+            grown_orders = np.empty((capacity, size), dtype=np.int64)
+            grown_orders[:count] = orders[:count]
+            orders = grown_orders
+            grown_buffer = np.empty((capacity, size))
+            grown_buffer[:count] = buffer[:count]
+            buffer = grown_buffer
+        row = buffer[:count] @ c
+        orders[count] = sigma
+        buffer[count] = c
+        count += 1
+        grown = np.empty((count, count))
+        grown[:-1, :-1] = gram
+        grown[:-1, -1] = row
+        grown[-1, :-1] = row
+        grown[-1, -1] = np.dot(c, c)
+        gram = grown
+        extended = np.zeros(count)
+        extended[:-1] = weights
+        weights = extended
+        while True:  # minor cycle
+            alpha = _affine_minimiser(gram)
+            if np.all(alpha > floor):
+                weights = alpha
+                break
+            theta = 1.0
+            for i in range(count):
+                if alpha[i] < weights[i]:
+                    theta = min(theta, weights[i] / (weights[i] - alpha[i]))
+            theta = min(max(theta, 0.0), 1.0)
+            weights = (1.0 - theta) * weights + theta * alpha
+            keep = weights > floor
+            if np.all(keep):  # rounding: drop the smallest so the cycle makes progress
+                keep[np.argmin(weights)] = False
+            # the reference's compaction: the last kept rows move into the holes
+            count = int(keep.sum())
+            kept = np.arange(count)
+            movers = np.flatnonzero(keep[count:]) + count
+            holes = np.flatnonzero(~keep[:count])
+            kept[holes] = movers
+            orders[:count] = orders[kept]
+            buffer[:count] = buffer[kept]
+            gram = gram[kept][:, kept].copy()
+            weights = weights[kept] / weights[kept].sum()
+            if count == 1:
+                break
+        g = weights @ buffer[:count]
+    mass = (weights @ buffer[:count] + t) * scale
+    return orders[:count].copy(), weights, mass, iterations
+
+
+def race_settings(n: int, support: int) -> tuple[float, float, float, float, float]:
+    """(step, fast_tail, right_cut, clamp, saturated) of ``mdsd._race.wor_qall_window``'s numba
+    path for n drafts over ``support`` tokens."""
+    from mdsd import _race
+
+    step = _race.fast_step(n) * (_race.SMALL_VOCAB_STEP if support <= _race.SMALL_VOCAB else 1.0)
+    return (step, _race.FAST_TAIL, _race.RIGHT_CUT, _race.CLAMP, _race.SATURATED)
