@@ -35,20 +35,14 @@ from mdsd.engine.tree import DraftTree, build_tree, parse_tree
 from mdsd.engine.walk import DraftedSlots, RuleBook, WalkResult, as_support, draft_children, walk
 from mdsd.logits import SupportProbs, process_logits, process_logits_row
 from mdsd.sampling import categorical
+from mdsd.verifiers import natural_verifier
 
-LOW_ACCEPTANCE_WARNING = 0.1
+LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
 SEQUENCE_VERIFIERS = {  # sequence-level rules (mdsd.sequence): name -> tree method
     "traversal": "traversal",  # Traversal Verification, arXiv 2505.12398
     "hybrid": "hybrid",  # node steps at branching nodes, block verification on chains
     "block": "traversal",  # block verification (arXiv 2403.10444) = traversal on a chain
 }
-NATURAL_VERIFIER = {  # the verifier used when only a law is named
-    "iid": "rrs",
-    "without_replacement": "rrs_without_replacement",
-    "greedy": "greedy",
-    "spechub": "spechub",
-    "conditional_poisson": "sample_check",
-}  # warn when the mean acceptance at depth 1 is below this
 
 
 # ---------------------------------------------------------------------- configuration
@@ -101,7 +95,7 @@ class TreeConfig:
         ``"auto"``: the decoder chooses the shape (possibly plain sampling) from a calibration of
         the pair on this machine (``mdsd.engine.auto``). Defaults: no law and no verifier =
         without_replacement / rrs_without_replacement; a law alone gets its natural verifier
-        (``NATURAL_VERIFIER``); a verifier alone its own law.
+        (``mdsd.verifiers.natural_verifier``); a verifier alone its own law.
         """
         if isinstance(tree, str) and tree.strip().lower() == "auto":
             tree = None
@@ -112,7 +106,7 @@ class TreeConfig:
         if verifier is None:
             if law is None:
                 law = "without_replacement"
-            verifier = NATURAL_VERIFIER.get(law, "sample_check")
+            verifier = natural_verifier(law)
         elif verifier in SEQUENCE_VERIFIERS and law is None:
             law = "iid" if verifier == "block" else "without_replacement"
         return cls(tree, law, verifier)
@@ -476,7 +470,7 @@ class TreeDecoder(_Decoder):
                 f"law {law!r} has no traversal rule; verifier {self.config.verifier!r} needs one of "
                 f"{list(TRAVERSAL_LAWS)}"
             )
-        return NATURAL_VERIFIER.get(law, "sample_check")
+        return natural_verifier(law)
 
     @torch.inference_mode()
     def choose_tree(self, prompts, rng: np.random.Generator | None = None, *, cache_dir="default"):
