@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdsd._backend import NumpyOps, backend, complement_renormalised, top_mask
+from mdsd._optional import compiled_module
 from mdsd.verifiers.base import (
     EarlyExitVerifier,
     gather,
@@ -50,20 +51,10 @@ def drop_token(q, tokens):
 
 def _early_exit_kernels(values, vectorised: bool):
     """``mdsd.verifiers._early_exit`` for numpy rows (None for torch, with ``vectorised``, or
-    without numba): imported on first use."""
-    global _EARLY_EXIT
+    without numba): imported on first use (``mdsd._optional.compiled_module``)."""
     if vectorised or backend(values) is not NumpyOps:
         return None
-    if _EARLY_EXIT is False:
-        try:
-            from mdsd.verifiers import _early_exit
-        except ImportError:  # pragma: no cover - numba is a dependency
-            _early_exit = None
-        _EARLY_EXIT = _early_exit
-    return _EARLY_EXIT
-
-
-_EARLY_EXIT = False  # not imported yet
+    return compiled_module("mdsd.verifiers._early_exit")
 
 
 def _run_kernel(kernel, p, q, drafts, uniforms, *extra):
@@ -489,18 +480,8 @@ def _kseq_bracket_sorted(p, q, n: int):
 
 def _compiled_kernels():
     """``mdsd.verifiers._compiled`` (numba kernels for numpy rows), or None without numba
-    (imported on first use)."""
-    global _COMPILED
-    if _COMPILED is False:
-        try:
-            from mdsd.verifiers import _compiled
-        except ImportError:  # pragma: no cover - numba is a dependency
-            _compiled = None
-        _COMPILED = _compiled
-    return _COMPILED
-
-
-_COMPILED = False  # not imported yet
+    (imported on first use, ``mdsd._optional.compiled_module``)."""
+    return compiled_module("mdsd.verifiers._compiled")
 
 
 def kseq_rho(p, q, n: int):
