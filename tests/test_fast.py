@@ -16,7 +16,7 @@ from mdsd.bound import scan_order
 from mdsd.bound import scan_reference as bound_scan_reference
 from mdsd.laws import top_tokens, top_tokens_reference
 from mdsd.verifiers import VERIFIERS
-from mdsd.verifiers import torch_backend as tb
+from mdsd.verifiers import torch_api as tb
 from mdsd.verifiers.classic import (
     RRSWithoutReplacement,
     at_least_one,

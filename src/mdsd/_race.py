@@ -50,8 +50,8 @@ import math
 import numpy as np
 import torch
 
-from mdsd._backend import torch_threads
 from mdsd._optional import compiled_module
+from mdsd._threads import torch_threads
 
 TAIL = 1e-17  # mass allowed to be cut off at each end of the u-integral (reference)
 STEP = 0.2  # trapezoid step in u = log t (reference); discretisation error ~ exp(-a(n) / STEP)

@@ -2,12 +2,12 @@
 
 Shapes: target_probs p and draft_probs q are float64 [B, V]; drafts are int64 [B, n] in draw
 order; every ``output_law`` returns pi(. | x) as float64 [B, V]. Every verifier is written once
-against ``mdsd._backend`` and runs on numpy arrays and on torch tensors (CPU or CUDA).
+against ``mdsd._array_ops`` and runs on numpy arrays and on torch tensors (CPU or CUDA).
 
 Sampling (``sample``, ``sample_with_branch``) exits early: the drafts are tested in order from
 their ratios, and the vocabulary is read only after a rejection (see
 ``mdsd.verifiers._early_exit`` for the compiled numpy kernels; the ``_*_vectorised`` functions
-below are the batch versions for torch, written against ``mdsd._backend``).
+below are the batch versions for torch, written against ``mdsd._array_ops``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdsd._backend import NumpyOps, backend, complement_renormalised, top_mask
+from mdsd._array_ops import NumpyOps, backend, complement_renormalised, top_mask
 from mdsd._optional import compiled_module
 from mdsd.verifiers.base import (
     EarlyExitVerifier,
