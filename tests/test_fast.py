@@ -17,8 +17,8 @@ from mdsd.bound import scan_reference as bound_scan_reference
 from mdsd.laws import top_tokens, top_tokens_reference
 from mdsd.verifiers import VERIFIERS
 from mdsd.verifiers import torch_api as tb
-from mdsd.verifiers.classic import (
-    RRSWithoutReplacement,
+from mdsd.verifiers.classic import RRSWithoutReplacement
+from mdsd.verifiers.classic_math import (
     at_least_one,
     kseq_rho,
     kseq_rho_reference,
@@ -368,7 +368,7 @@ def kseq_g(p, q, n, rho):
 def test_kseq_bracket_selection_equals_sort():
     """K-SEQ's bracket (lo, hi, A, B) by numba selection = by sorting, on ties, zeros, p = q,
     ratios capped at n, and LLM-like rows; and the acceptance and rho* from both equal."""
-    from mdsd.verifiers import classic
+    from mdsd.verifiers import classic_math
     from mdsd.verifiers._compiled import kseq_brackets
 
     rng = np.random.default_rng(24)
@@ -389,7 +389,7 @@ def test_kseq_bracket_selection_equals_sort():
             p, q = np.round(p * 6) + 1.0, np.round(q * 6) + 1.0
         p /= p.sum(axis=1, keepdims=True)
         q /= q.sum(axis=1, keepdims=True)
-        lo, hi, head, tail = classic._kseq_bracket_sorted(p, q, n)
+        lo, hi, head, tail = classic_math._kseq_bracket_sorted(p, q, n)
         got = kseq_brackets(p, q, n)
         # where g is 0 to rounding at a breakpoint (p = q, n = 1, ties at the root) the two
         # searches may stop on either side of it; rho*, beta (below) agree there too
@@ -416,7 +416,7 @@ def test_kseq_bracket_selection_equals_sort():
 def test_importance_law_compiled_equals_sorted(monkeypatch):
     """p_I of max-importance selection: the numba pass after numpy's unstable argsort (tie runs
     put in token order) = the stable-sort path, with many ties, zeros in p and q, LLM-like rows."""
-    from mdsd.verifiers import classic
+    from mdsd.verifiers import classic_math
 
     rng = np.random.default_rng(25)
     for i in range(60):
@@ -433,10 +433,10 @@ def test_importance_law_compiled_equals_sorted(monkeypatch):
             q[:, : vocab // 4] = 0.0
         p /= p.sum(axis=1, keepdims=True)
         q /= q.sum(axis=1, keepdims=True)
-        compiled = classic.importance_law(p, q, n)
+        compiled = classic_math.importance_law(p, q, n)
         with monkeypatch.context() as m:
-            m.setattr(classic, "_compiled_kernels", lambda: None)
-            plain = classic.importance_law(p, q, n)
+            m.setattr(classic_math, "compiled_kernels", lambda: None)
+            plain = classic_math.importance_law(p, q, n)
         np.testing.assert_allclose(compiled, plain, rtol=0, atol=1e-14)
         np.testing.assert_allclose(compiled.sum(axis=1), 1.0, rtol=0, atol=1e-12)
 
