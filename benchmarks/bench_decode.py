@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from mdsd._backend import set_threads
+from mdsd._threads import set_threads
 from mdsd.engine import SamplingConfig, TreeConfig
 from mdsd.engine.bench import run_bench
 from mdsd.models import bundled_prompts, load_pair

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mdsd._backend import set_threads
+from mdsd._threads import set_threads
 from mdsd.engine.static_llama import StaticLlamaRunner
 from mdsd.models import load_pair
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from mdsd._backend import torch_threads
+from mdsd._threads import torch_threads
 from mdsd.experiments import analysis, capture
 from mdsd.experiments.config import DEFAULT
 

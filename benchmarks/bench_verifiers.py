@@ -26,9 +26,9 @@ from _common import llm_like_pair, machine, print_table, timed  # noqa: E402
 import mdsd  # noqa: E402
 from mdsd.laws import top_tokens_reference  # noqa: E402
 from mdsd.verifiers import VERIFIERS  # noqa: E402
-from mdsd.verifiers import torch_backend as tb  # noqa: E402
-from mdsd.verifiers.classic import (  # noqa: E402
-    KSEQ,
+from mdsd.verifiers import torch_api as tb  # noqa: E402
+from mdsd.verifiers.classic import KSEQ  # noqa: E402
+from mdsd.verifiers.classic_math import (  # noqa: E402
     kseq_rho,
     kseq_rho_reference,
     rrs_wor_acceptance_tree,

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder, build_tree, chain_tree, parse_tree
-from mdsd.engine.decode import Autoregressive, DecodeStats
+from mdsd.engine.decode import Autoregressive
+from mdsd.engine.records import DecodeStats
 from mdsd.engine.walk import DraftedSlots, RuleBook, as_support, emission_law, enumerate_children
 from mdsd.models import ModelPair, load_pair
 from mdsd.verifiers import VERIFIERS

@@ -18,7 +18,7 @@ from mdsd.experiments.capture import Positions, compress_logits, load_prompts
 from mdsd.experiments.config import MeasureConfig
 from mdsd.experiments.report import COLUMNS, findings, read_results, render_report
 from mdsd.experiments.sweep import run_sweep
-from mdsd.verifiers.classic import importance_acceptance
+from mdsd.verifiers.classic_math import importance_acceptance
 
 TINY_VOCAB = 32
 

@@ -16,9 +16,9 @@ from mdsd.bound import scan_order
 from mdsd.bound import scan_reference as bound_scan_reference
 from mdsd.laws import top_tokens, top_tokens_reference
 from mdsd.verifiers import VERIFIERS
-from mdsd.verifiers import torch_backend as tb
-from mdsd.verifiers.classic import (
-    RRSWithoutReplacement,
+from mdsd.verifiers import torch_api as tb
+from mdsd.verifiers.classic import RRSWithoutReplacement
+from mdsd.verifiers.classic_math import (
     at_least_one,
     kseq_rho,
     kseq_rho_reference,
@@ -152,7 +152,7 @@ def test_race_kernel_choice():
     tail = tail_masses(q[None, :])[0]
     with pytest.raises(ValueError, match="kernel"):
         wor_qall_window(q, tail, 2, 0, 3, kernel="cython")
-    assert race.CPU_KERNEL == "numba" and race.numba_kernel() is not None  # numba is a dependency
+    assert race.numba_kernel() is not None  # numba is a dependency
     # Qall of the first two tokens for sequential draws: 0.5 * 0.3/0.5 + 0.3 * 0.5/0.7
     for kernel in KERNELS:
         assert wor_qall_window(q, tail, 2, 2, 2, kernel=kernel)[0][0] == pytest.approx(
@@ -169,11 +169,9 @@ def scan_reference(p, q, n, law):
 
 
 @pytest.mark.parametrize(
-    "law,kernel", [("iid", None), ("without_replacement", "numba"), ("without_replacement", "torch")]
+    "law,kernel", [("iid", "numba"), ("without_replacement", "numba"), ("without_replacement", "torch")]
 )
-def test_fast_alpha_equals_plain_scan(law, kernel, monkeypatch):
-    if kernel:
-        monkeypatch.setattr(race, "CPU_KERNEL", kernel)
+def test_fast_alpha_equals_plain_scan(law, kernel):
     rng = np.random.default_rng(11 if law == "iid" else 12)
     for i in range(24):
         vocab = int(rng.choice([3, 9, 40, 300]))
@@ -188,7 +186,7 @@ def test_fast_alpha_equals_plain_scan(law, kernel, monkeypatch):
             q = awkward_draft(rng, vocab, "tiny")
         if law == "without_replacement" and np.count_nonzero(q) < n:
             continue
-        result = mdsd.optimal_bound(p, q, n, law)
+        result = mdsd.optimal_bound(p, q, n, law, kernel=kernel)
         assert result.alpha == pytest.approx(scan_reference(p, q, n, law), abs=ALPHA_TOLERANCE)
         # H* attains alpha*: f(H*) from the reference Qall of the set's own order
         k = int(result.optimal_set.sum())
@@ -202,25 +200,23 @@ def test_fast_alpha_equals_plain_scan(law, kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_fast_alpha_llm_like_full_vocabulary(kernel, monkeypatch):
-    monkeypatch.setattr(race, "CPU_KERNEL", kernel)
+def test_fast_alpha_llm_like_full_vocabulary(kernel):
     rng = np.random.default_rng(21)
     p, q = llm_like_pair(rng, 2000)
     for n in (2, 8):
-        fast = mdsd.optimal_acceptance(p, q, n, "without_replacement")
+        fast = mdsd.optimal_acceptance(p, q, n, "without_replacement", kernel=kernel)
         assert fast == pytest.approx(scan_reference(p, q, n, "without_replacement"), abs=ALPHA_TOLERANCE)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_fast_alpha_when_pruning_fails(kernel, monkeypatch):
+def test_fast_alpha_when_pruning_fails(kernel):
     """p ~ q (alpha* ~ 1): the bounds prune nothing, every prefix is integrated."""
-    monkeypatch.setattr(race, "CPU_KERNEL", kernel)
     rng = np.random.default_rng(22)
     p, _ = llm_like_pair(rng, 1500)
     near = p * np.exp(rng.normal(0, 1e-3, p.size))
     for q in (p, near / near.sum()):
         for n in (3, 8):
-            fast = mdsd.optimal_acceptance(p, q, n, "without_replacement")
+            fast = mdsd.optimal_acceptance(p, q, n, "without_replacement", kernel=kernel)
             assert fast == pytest.approx(scan_reference(p, q, n, "without_replacement"), abs=ALPHA_TOLERANCE)
 
 
@@ -248,12 +244,11 @@ def test_candidate_window_compiled_equals_numpy():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_alpha_float32_inputs_match_float64(kernel, monkeypatch):
-    monkeypatch.setattr(race, "CPU_KERNEL", kernel)
+def test_alpha_float32_inputs_match_float64(kernel):
     rng = np.random.default_rng(5)
     p, q = llm_like_pair(rng, 500)
     p32, q32 = p.astype(np.float32), q.astype(np.float32)
-    a32 = mdsd.optimal_acceptance(p32, q32, 4, "without_replacement", normalize=True)
+    a32 = mdsd.optimal_acceptance(p32, q32, 4, "without_replacement", normalize=True, kernel=kernel)
     p64, q64 = p32.astype(np.float64), q32.astype(np.float64)
     a64 = scan_reference(p64 / p64.sum(), q64 / q64.sum(), 4, "without_replacement")
     assert a32 == pytest.approx(a64, abs=ALPHA_TOLERANCE)
@@ -373,7 +368,7 @@ def kseq_g(p, q, n, rho):
 def test_kseq_bracket_selection_equals_sort():
     """K-SEQ's bracket (lo, hi, A, B) by numba selection = by sorting, on ties, zeros, p = q,
     ratios capped at n, and LLM-like rows; and the acceptance and rho* from both equal."""
-    from mdsd.verifiers import classic
+    from mdsd.verifiers import classic_math
     from mdsd.verifiers._compiled import kseq_brackets
 
     rng = np.random.default_rng(24)
@@ -394,7 +389,7 @@ def test_kseq_bracket_selection_equals_sort():
             p, q = np.round(p * 6) + 1.0, np.round(q * 6) + 1.0
         p /= p.sum(axis=1, keepdims=True)
         q /= q.sum(axis=1, keepdims=True)
-        lo, hi, head, tail = classic._kseq_bracket_sorted(p, q, n)
+        lo, hi, head, tail = classic_math._kseq_bracket_sorted(p, q, n)
         got = kseq_brackets(p, q, n)
         # where g is 0 to rounding at a breakpoint (p = q, n = 1, ties at the root) the two
         # searches may stop on either side of it; rho*, beta (below) agree there too
@@ -421,7 +416,7 @@ def test_kseq_bracket_selection_equals_sort():
 def test_importance_law_compiled_equals_sorted(monkeypatch):
     """p_I of max-importance selection: the numba pass after numpy's unstable argsort (tie runs
     put in token order) = the stable-sort path, with many ties, zeros in p and q, LLM-like rows."""
-    from mdsd.verifiers import classic
+    from mdsd.verifiers import classic_math
 
     rng = np.random.default_rng(25)
     for i in range(60):
@@ -438,10 +433,10 @@ def test_importance_law_compiled_equals_sorted(monkeypatch):
             q[:, : vocab // 4] = 0.0
         p /= p.sum(axis=1, keepdims=True)
         q /= q.sum(axis=1, keepdims=True)
-        compiled = classic.importance_law(p, q, n)
+        compiled = classic_math.importance_law(p, q, n)
         with monkeypatch.context() as m:
-            m.setattr(classic, "_COMPILED", None)
-            plain = classic.importance_law(p, q, n)
+            m.setattr(classic_math, "compiled_kernels", lambda: None)
+            plain = classic_math.importance_law(p, q, n)
         np.testing.assert_allclose(compiled, plain, rtol=0, atol=1e-14)
         np.testing.assert_allclose(compiled.sum(axis=1), 1.0, rtol=0, atol=1e-12)
 

@@ -23,7 +23,7 @@ from scipy.stats import chi2
 
 import mdsd
 from mdsd.verifiers import VERIFIERS
-from mdsd.verifiers import torch_backend as tb
+from mdsd.verifiers import torch_api as tb
 from mdsd.verifiers.base import EarlyExitVerifier
 
 from conftest import edge_pairs, law_accepts, random_pair

@@ -37,8 +37,9 @@ Two implementations of the same quadrature:
 On CPU the fast path runs the compiled kernel of ``mdsd._race_numba`` by default: the same nodes,
 step, clamping and saturation rule, in one fused pass over the tokens with the nodes vectorised,
 in unscaled probability space (x_k[m] = x_{k-1}[m] (1 - a_k) + x_{k-1}[m-1] a_k: a convex
-combination, so no chunks, scaling or restarts). ``kernel="torch"`` (or ``CPU_KERNEL = "torch"``)
-selects the torch implementation above on CPU; CUDA tensors always use it.
+combination, so no chunks, scaling or restarts). ``kernel="torch"`` (an argument of every function
+that runs the quadrature, up to ``mdsd.optimal_bound``) selects the torch implementation above on
+CPU; CUDA tensors always use it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ import math
 import numpy as np
 import torch
 
-from mdsd._backend import torch_threads
+from mdsd._optional import compiled_module
+from mdsd._threads import torch_threads
 
 TAIL = 1e-17  # mass allowed to be cut off at each end of the u-integral (reference)
 STEP = 0.2  # trapezoid step in u = log t (reference); discretisation error ~ exp(-a(n) / STEP)
@@ -63,8 +65,7 @@ SPAN = 700.0  # growth allowed to the scaled state within one chunk (e^709 is fl
 CHUNK_TOKENS = 8192  # tokens per chunk at most, so a chunk's buffers stay in cache
 SATURATED = 1e-22  # a node with P(N <= n - 1) below this is dropped for the remaining prefixes
 RACE_CPU_THREADS = 1  # torch intra-op threads for the scan on CPU (None: leave torch's setting)
-CPU_KERNEL = "numba"  # kernel for CPU inputs when none is named: "numba" or "torch"
-KERNELS = ("numba", "torch")
+KERNELS = ("numba", "torch")  # kernels for CPU inputs (``kernel=``); CUDA tensors always run torch
 
 
 def race_nodes(min_rate: float, n: int, step: float = STEP) -> np.ndarray:
@@ -319,7 +320,7 @@ def _cpu_threads(device, threads):
 
 
 def wor_qall_window(
-    q_row, tail, n: int, k_lo: int, k_hi: int, step: float | None = None, *, kernel: str | None = None
+    q_row, tail, n: int, k_lo: int, k_hi: int, step: float | None = None, *, kernel: str = "numba"
 ):
     """Qall(H_k), k_lo <= k <= k_hi, for one row; returns (qall [K], error_estimate).
 
@@ -327,8 +328,8 @@ def wor_qall_window(
     lambda_k. qall has q_row's type (numpy or torch, same device).
     error_estimate: max_k |Qall_h - Qall_2h| (the same sum over every other node), an estimate of
     the error of the coarser rule; the returned values use step h and are far more accurate.
-    kernel: "numba" (compiled CPU kernel) or "torch"; default ``CPU_KERNEL`` for CPU inputs
-    (numba when it is installed), torch for CUDA tensors.
+    kernel: "numba" (compiled CPU kernel, the default; torch when numba is not installed) or
+    "torch", for CPU inputs; CUDA tensors always run torch.
     """
     is_torch = isinstance(q_row, torch.Tensor)
     if _use_numba(q_row, kernel):
@@ -345,8 +346,6 @@ def wor_qall_window(
 
 def _use_numba(values, kernel) -> bool:
     """True when the numba kernel is to run on ``values`` (numpy array or torch tensor)."""
-    if kernel is None:
-        kernel = CPU_KERNEL
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if isinstance(values, torch.Tensor) and values.device.type != "cpu":
@@ -355,19 +354,9 @@ def _use_numba(values, kernel) -> bool:
 
 
 def numba_kernel():
-    """The module ``mdsd._race_numba``, or None when numba is not installed (imported lazily:
-    importing numba costs ~0.3 s)."""
-    global _NUMBA
-    if _NUMBA is False:
-        try:
-            from mdsd import _race_numba
-        except ImportError:  # pragma: no cover - numba is a dependency
-            _race_numba = None
-        _NUMBA = _race_numba
-    return _NUMBA
-
-
-_NUMBA = False  # not imported yet
+    """The module ``mdsd._race_numba``, or None when numba is not installed (imported on first
+    use, ``mdsd._optional.compiled_module``: importing numba costs ~0.3 s)."""
+    return compiled_module("mdsd._race_numba")
 
 
 def _window_step(n: int, vocab: int, step: float | None) -> float:
@@ -434,12 +423,12 @@ def _wor_qall_window(q_row, tail, n, k_lo, k_hi, step):
     return qall, error
 
 
-def wor_qall_prefixes(draft_probs_ordered, n: int, *, device=None, kernel: str | None = None):
+def wor_qall_prefixes(draft_probs_ordered, n: int, *, device=None, kernel: str = "numba"):
     """Qall(H_k) for the prefixes H_k = first k tokens of the given order, k = 0..V (fast path).
 
     draft_probs_ordered: [B, V] float64 numpy array or torch tensor, q permuted into scan order.
     device: torch device for the computation (default: the tensor's, or CPU).
-    kernel: "numba" or "torch" on CPU (default ``CPU_KERNEL``); CUDA always runs torch.
+    kernel: "numba" (default) or "torch" on CPU; CUDA always runs torch.
     Returns [B, V + 1], numpy for numpy input, torch for torch input.
     """
     as_numpy = not isinstance(draft_probs_ordered, torch.Tensor)

@@ -104,7 +104,7 @@ def _scan_order_keys(p: np.ndarray, q: np.ndarray):
 
 
 def optimal_bound(
-    target_probs, draft_probs, n: int, law="iid", *, normalize=False, device=None
+    target_probs, draft_probs, n: int, law="iid", *, normalize=False, device=None, kernel="numba"
 ) -> OptimalBound:
     """Optimal acceptance rate alpha* of ``law`` with n drafts, and an optimal set H*.
 
@@ -117,6 +117,8 @@ def optimal_bound(
         normalize: renormalise rows that do not sum to 1 instead of raising.
         device: torch device for the race quadrature of ``without_replacement`` (e.g. "cuda");
             default CPU. The sort and the scan stay on the host; results agree to ~1e-12.
+        kernel: that quadrature's CPU kernel, ``"numba"`` (compiled, the default) or ``"torch"``
+            (``mdsd._race``; the two are compared by the tests); ignored on CUDA.
 
     Note on ``without_replacement``: Qall is computed exactly by the exponential-race integral.
     The elementary-symmetric ratio e_n(q_H) / e_n(q) is exact only for ``conditional_poisson``;
@@ -136,7 +138,7 @@ def optimal_bound(
     p2, q2 = p.reshape(-1, vocab), q.reshape(-1, vocab)
 
     if the_law.prefix_scan:
-        alpha, optimal_set, error = _sort_and_scan(p2, q2, n, the_law, device)
+        alpha, optimal_set, error = _sort_and_scan(p2, q2, n, the_law, device, kernel)
     else:
         alpha, optimal_set = _greedy_closed_form(p2, q2, n)
         error = np.zeros(len(p2))
@@ -152,7 +154,9 @@ def optimal_bound(
     )
 
 
-def optimal_acceptance(target_probs, draft_probs, n: int, law="iid", *, normalize=False, device=None):
+def optimal_acceptance(
+    target_probs, draft_probs, n: int, law="iid", *, normalize=False, device=None, kernel="numba"
+):
     """alpha* = 1 + min_H [p(H) - Qall(H)]: a float for 1-D inputs, an array for [..., V].
 
     See :func:`optimal_bound` for the arguments and the laws.
@@ -160,7 +164,9 @@ def optimal_acceptance(target_probs, draft_probs, n: int, law="iid", *, normaliz
     >>> round(optimal_acceptance([0.6, 0.4], [0.4, 0.6], 1), 12)
     0.8
     """
-    return optimal_bound(target_probs, draft_probs, n, law, normalize=normalize, device=device).alpha
+    return optimal_bound(
+        target_probs, draft_probs, n, law, normalize=normalize, device=device, kernel=kernel
+    ).alpha
 
 
 @dataclass(frozen=True)
@@ -190,19 +196,22 @@ class PrefixScan:
     error: float = 0.0
 
 
-def prefix_scan(p_ordered, q_ordered, n: int, law: DraftLaw, *, order=None, device=None) -> PrefixScan:
+def prefix_scan(
+    p_ordered, q_ordered, n: int, law: DraftLaw, *, order=None, device=None, kernel="numba"
+) -> PrefixScan:
     """Scan the prefixes of one row already permuted into scan order: [V], [V] -> PrefixScan.
 
     Qall comes from the law itself; for a law that integrates it numerically
     (``law.qall_by_quadrature(n)``: without_replacement, n >= 3) only the prefixes whose cheap
-    bounds leave them in the running are evaluated (``_wor_window``). ``order`` is stored as is.
+    bounds leave them in the running are evaluated (``_wor_window``, with the race ``kernel``).
+    ``order`` is stored as is.
     """
     p_prefix = prefix_sums(p_ordered)
     q_prefix = np.minimum(prefix_sums(q_ordered), 1.0)
     error = 0.0
     if law.qall_by_quadrature(n):
         q_ordered = np.ascontiguousarray(q_ordered)  # the compiled kernels take contiguous rows
-        qall, error = _wor_window(p_prefix, q_prefix, q_ordered, n, device)
+        qall, error = _wor_window(p_prefix, q_prefix, q_ordered, n, device, kernel)
         objective = np.where(np.isnan(qall), np.inf, p_prefix - qall)
     else:
         qall = law.qall_prefixes(q_ordered[None, :], n, order=order)[0]
@@ -211,19 +220,21 @@ def prefix_scan(p_ordered, q_ordered, n: int, law: DraftLaw, *, order=None, devi
     return PrefixScan(order, p_prefix, q_prefix, qall, best, 1.0 + float(objective[best]), error)
 
 
-def _sort_and_scan(p, q, n, law, device=None):
+def _sort_and_scan(p, q, n, law, device=None, kernel="numba"):
     """[B, V] x [B, V] -> alpha [B], H* [B, V], error [B] by the prefix scan of the q/p order."""
     batch, vocab = p.shape
     alpha, error = np.empty(batch), np.zeros(batch)
     optimal_set = np.zeros((batch, vocab), dtype=bool)
     for b in range(batch):
-        scan = scan_row(p[b], q[b], n, law, device=device, curves=False)
+        scan = scan_row(p[b], q[b], n, law, device=device, curves=False, kernel=kernel)
         alpha[b], error[b] = scan.alpha, scan.error
         optimal_set[b, scan.order[: scan.best]] = True
     return alpha, optimal_set, error
 
 
-def scan_row(p_row, q_row, n: int, law: DraftLaw, *, device=None, curves: bool = True) -> PrefixScan:
+def scan_row(
+    p_row, q_row, n: int, law: DraftLaw, *, device=None, curves: bool = True, kernel="numba"
+) -> PrefixScan:
     """The sort-and-scan of alpha* for one validated row: order by q/p, then :func:`prefix_scan`.
 
     curves=False lets i.i.d. drafts take the compiled one-pass scan (``mdsd._race_numba.iid_scan``),
@@ -234,7 +245,7 @@ def scan_row(p_row, q_row, n: int, law: DraftLaw, *, device=None, curves: bool =
     if compiled is not None:
         best, value = compiled.iid_scan(p_row, q_row, order, keys, head, n)
         return PrefixScan(order, None, None, None, int(best), 1.0 + float(value))
-    return prefix_scan(p_row[order], q_row[order], n, law, order=order, device=device)
+    return prefix_scan(p_row[order], q_row[order], n, law, order=order, device=device, kernel=kernel)
 
 
 def prefix_sums(values: np.ndarray) -> np.ndarray:
@@ -256,7 +267,7 @@ TORCH_CUMSUM_MIN = 2048  # below this length numpy's cumsum wins (no torch call 
 CANDIDATE_SLACK = 1e-9
 
 
-def _wor_window(p_prefix, q_prefix, q_sorted, n, device=None):
+def _wor_window(p_prefix, q_prefix, q_sorted, n, device=None, kernel="numba"):
     """Qall(H_k) where f(H_k) = p(H_k) - Qall(H_k) can be the minimum, NaN elsewhere; and an
     error estimate (without_replacement, n >= 3: the race integral of ``mdsd._race``).
 
@@ -280,8 +291,9 @@ def _wor_window(p_prefix, q_prefix, q_sorted, n, device=None):
     else:
         k_lo, k_hi = _candidate_window(p_prefix, q_sorted, n, top_mass, rest_mass, q_prefix)
     qall = np.full(vocab + 1, np.nan)
-    if device is None or torch.device(device).type == "cpu":  # numpy in: the numba kernel by default
-        window, error = wor_qall_window(q_sorted, tail_masses(q_sorted[None, :])[0], n, k_lo, k_hi)
+    if device is None or torch.device(device).type == "cpu":  # numpy in: the kernel named
+        tail = tail_masses(q_sorted[None, :])[0]
+        window, error = wor_qall_window(q_sorted, tail, n, k_lo, k_hi, kernel=kernel)
     else:
         q_row = torch.from_numpy(q_sorted).to(device)
         window, error = wor_qall_window(q_row, tail_masses_torch(q_row[None, :])[0], n, k_lo, k_hi)

@@ -107,7 +107,7 @@ def audit(
             )
         else:
             if threads is not None:
-                from mdsd._backend import set_threads
+                from mdsd._threads import set_threads
 
                 set_threads(max(1, threads))
             result = audit_decoder(

@@ -208,6 +208,18 @@ def _summary(x) -> str:
     return f"{arr.mean():.6f} ({arr.min():.4f}–{arr.max():.4f})"
 
 
+def _batch_and_caption(p: np.ndarray, source: str) -> tuple[int | None, str]:
+    """The number of [B, V] rows (None for one [V] pair) and the tables' caption of the inputs."""
+    batch = int(p.shape[0]) if p.ndim == 2 else None
+    return batch, (f"{source}, {batch} rows: mean (min–max)" if batch else source)
+
+
+def _echo_json(p: np.ndarray, source: str, **fields) -> None:
+    """Print the --json output of ``bound`` / ``compare``: the inputs' description, then ``fields``."""
+    batch, _ = _batch_and_caption(p, source)
+    typer.echo(json.dumps({"source": source, "vocab_size": int(p.shape[-1]), "batch": batch} | fields))
+
+
 @app.command()
 def bound(
     target: TargetArg = None,
@@ -241,13 +253,10 @@ def bound(
             )
     except ValueError as err:
         fail(cli_message(err))
-    batch = int(p.shape[0]) if p.ndim == 2 else None
+    batch, what = _batch_and_caption(p, source)
     if as_json:
-        typer.echo(
-            json.dumps({"source": source, "vocab_size": int(p.shape[-1]), "batch": batch, "bounds": rows})
-        )
+        _echo_json(p, source, bounds=rows)
         return
-    what = f"{source}, {batch} rows: mean (min–max)" if batch else source
     table = Table(title=f"alpha* ({what})")
     for col in ("n", "law", "alpha*", "|H*|"):
         table.add_column(col, justify="right")
@@ -289,15 +298,12 @@ def compare(
         ]
     except ValueError as err:
         fail(cli_message(err))
-    batch = int(p.shape[0]) if p.ndim == 2 else None
     if as_json:
-        typer.echo(
-            json.dumps({"source": source, "vocab_size": int(p.shape[-1]), "batch": batch, "results": results})
-        )
+        _echo_json(p, source, results=results)
         return
+    _, what = _batch_and_caption(p, source)
     out = console()
     for res in results:
-        what = f"{source}, {batch} rows: mean (min–max)" if batch else source
         table = Table(title=f"n = {res['n']} drafts — {what}")
         for col in ("verifier", "law", "acceptance", "method", "alpha* (law)", "gap"):
             table.add_column(col, justify="right" if col not in ("verifier", "law") else "left")

@@ -80,7 +80,7 @@ def optimal_needs_top_k(config, top_k: int | None) -> bool:
 
 
 def _load(target, draft, device, dtype, threads):
-    from mdsd._backend import set_threads
+    from mdsd._threads import set_threads
     from mdsd.models import load_pair
 
     if threads is not None:

@@ -45,7 +45,7 @@ def trees_command(
     threads: Annotated[int, typer.Option("--threads", help="torch intra-op threads.")] = 1,
 ):
     """Score node-by-node, traversal and hybrid verification on the same drafted trees."""
-    from mdsd._backend import set_threads
+    from mdsd._threads import set_threads
     from mdsd.models import bundled_prompts, load_pair
 
     try:

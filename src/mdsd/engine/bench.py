@@ -20,15 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mdsd.engine.decode import (
-    Autoregressive,
-    DecodeStats,
-    SamplingConfig,
-    TreeConfig,
-    TreeDecoder,
-    encode_prompt,
-    eos_ids,
-)
+from mdsd.engine.decode import Autoregressive, TreeDecoder, encode_prompt, eos_ids
+from mdsd.engine.records import DecodeStats, SamplingConfig, TreeConfig
 
 WARMUP_TOKENS = 8
 DEFAULT_CONFIGS = (  # single-draft chains and multi-draft trees at the same depths

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mdsd._backend import torch_threads
+from mdsd._threads import torch_threads
 from mdsd.experiments.analysis import Runner, analyse
 from mdsd.experiments.capture import capture, load_prompts
 from mdsd.experiments.config import TABLE_N, TABLE_TEMPERATURE, MeasureConfig

@@ -45,19 +45,14 @@ import numpy as np
 from mdsd._validate import as_drafts, as_probs, check_choice
 from mdsd.laws import complement_renormalised, get_law, top_tokens
 from mdsd.sampling import categorical
-from mdsd.verifiers import resolve
+from mdsd.verifiers import NATURAL_VERIFIERS, natural_verifier, resolve
 from mdsd.verifiers.base import check_drafts_for_law, residual
 
 TREE_METHODS = ("node", "traversal", "hybrid")
 TRAVERSAL_LAWS = ("iid", "without_replacement", "greedy", "spechub")
-# The token-level verifier node-by-node verification uses at a node when none is named.
-DEFAULT_NODE_VERIFIER = {
-    "iid": "rrs",
-    "without_replacement": "rrs_without_replacement",
-    "greedy": "greedy",
-    "spechub": "spechub",
-    "conditional_poisson": "optimal",
-}
+# The token-level verifier node-by-node verification uses at a node when none is named: the
+# verifier layer's table (``mdsd.verifiers.NATURAL_VERIFIERS``), shared with the engine.
+DEFAULT_NODE_VERIFIER = NATURAL_VERIFIERS
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +163,7 @@ def chain_as_tree(target_probs, draft_probs, drafts, law="iid") -> DraftedTree:
 # -- node by node --------------------------------------------------------------------------
 def _node_verifier(tree: DraftedTree, row: int, verifier):
     law = tree.laws[row]
-    name = DEFAULT_NODE_VERIFIER[law] if verifier is None else verifier
+    name = natural_verifier(law) if verifier is None else verifier
     return resolve(name, law)
 
 
@@ -387,7 +382,8 @@ def tree_emission_law(tree: DraftedTree, method="traversal", verifier=None) -> d
             without replacement), ``"node"`` (node-by-node walk with a token-level verifier) or
             ``"hybrid"`` (node steps at branching nodes, block verification on chain subtrees).
         verifier: for ``"node"`` and ``"hybrid"``: a name from ``mdsd.VERIFIERS`` exact for
-            every node's law, or None for each law's default (``DEFAULT_NODE_VERIFIER``).
+            every node's law, or None for each law's natural verifier
+            (``mdsd.verifiers.natural_verifier``).
 
     The keys are the accepted path's tokens plus one token; the values sum to 1.
     """

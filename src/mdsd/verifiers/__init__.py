@@ -7,6 +7,8 @@ batch ([B, V], [B, V], [B, n]).
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import numpy as np
 
 from mdsd._validate import as_drafts, as_probs, check_choice, check_pair
@@ -61,6 +63,35 @@ def resolve(verifier, law) -> tuple[Verifier, DraftLaw]:
             f"got law {the_law.name!r}"
         )
     return the_verifier, the_law
+
+
+# The verifier used when only a draft law is named (the engine's ``TreeConfig.make(law=...)`` and
+# the node verifier of its sequence rules; the per-node rule of ``mdsd.sequence`` node / hybrid
+# verification when ``verifier=None``). Each entry is the law's own closed-form rule: O(n V) per
+# node, no fitted optimisation. conditional_poisson has no rule of its own; ``optimal`` attains
+# alpha* for it but fits priority orders at every node (up to seconds per node on a full
+# vocabulary, docs/optimal.md), so it is opt-in by name (as it is for iid and without_replacement)
+# and the default is ``sample_check``, the exact rule ``optimal`` itself falls back to.
+NATURAL_VERIFIERS = MappingProxyType(
+    {
+        "iid": "rrs",
+        "without_replacement": "rrs_without_replacement",
+        "greedy": "greedy",
+        "spechub": "spechub",
+        "conditional_poisson": "sample_check",
+    }
+)
+
+
+def natural_verifier(law) -> str:
+    """The name of the verifier used when only ``law`` is named (``NATURAL_VERIFIERS``).
+
+    Raises ValueError naming ``law`` for an unknown law.
+
+    >>> natural_verifier("iid")
+    'rrs'
+    """
+    return NATURAL_VERIFIERS[get_law(law).name]
 
 
 def _prepare(target_probs, draft_probs, drafts, verifier, law, normalize):
@@ -158,10 +189,12 @@ def verify(
 
 
 __all__ = [
+    "NATURAL_VERIFIERS",
     "VERIFIERS",
     "Verifier",
     "accepted_mass",
     "get_verifier",
+    "natural_verifier",
     "output_law",
     "register",
     "resolve",

@@ -9,7 +9,7 @@ q_x = 0), tokens with r_x >= rho give q_x and the others p_x / rho, so at rho = 
 
     beta(v) = A(v) + B(v) / v,   A(v) = q({x: r_x >= v}),   B(v) = p({x: r_x < v}),
 
-and g is decreasing in rho. ``mdsd.verifiers.classic.kseq_rho`` needs the two neighbouring
+and g is decreasing in rho. ``mdsd.verifiers.classic_math.kseq_rho`` needs the two neighbouring
 breakpoints hi > lo between which g changes sign (g <= 0 at hi, g > 0 at lo; breakpoints below 1
 count as g > 0) and (A, B) on that interval; the sorted version finds them by a binary search over
 all breakpoints in sorted order. Here, without a sort: one pass puts the breakpoints >= 1 into
@@ -154,7 +154,7 @@ def importance_keys(p, q):
 
 @numba.njit(cache=True, fastmath=False)
 def importance_law_ordered(key, q, total, order, n, out):
-    """p_I of ``mdsd.verifiers.classic.importance_law`` into out [B, V], from the keys -p/q (+inf
+    """p_I of ``mdsd.verifiers.classic_math.importance_law`` into out [B, V], from the keys -p/q (+inf
     where q = 0; ``importance_keys``), total [B] = q summed per row (pairwise: numpy), and order
     [B, V]: the tokens by increasing key (decreasing weight), in any order among equal keys.
 

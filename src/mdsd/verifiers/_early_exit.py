@@ -220,7 +220,7 @@ def kseq_sample(p, q, drafts, uniforms, rho, beta, tokens, branch):
 
 @numba.njit(cache=True, fastmath=False)
 def kseq_rho_rows(p, q, n, iterations, rho, beta):
-    """K-SEQ's rho*, beta per row into rho [B], beta [B]: ``mdsd.verifiers.classic.kseq_rho``
+    """K-SEQ's rho*, beta per row into rho [B], beta [B]: ``mdsd.verifiers.classic_math.kseq_rho``
     compiled (the same bracket, the same ``iterations`` bisection steps on g between the two
     breakpoints, rho = 1 where g(1) <= 0, beta = sum min(q, p / rho) at the ``hi`` end)."""
     bracket = kseq_brackets(p, q, n)

@@ -9,9 +9,9 @@ tree: descend into that child); otherwise the emitted token is the *recovered* t
 residual law, and the step ends.
 
 All arrays here are float64 [B, V] (target_probs, draft_probs) and int64 [B, n] (drafts), as
-numpy arrays or torch tensors (CPU or CUDA): the helpers dispatch through ``mdsd._backend``, so
+numpy arrays or torch tensors (CPU or CUDA): the helpers dispatch through ``mdsd._array_ops``, so
 every verifier runs on both. The public functions in ``mdsd.verifiers`` (numpy) and
-``mdsd.verifiers.torch_backend`` (torch) add and remove the batch axis.
+``mdsd.verifiers.torch_api`` (torch) add and remove the batch axis.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdsd._backend import backend, top_mask
+from mdsd._array_ops import backend, top_mask
 from mdsd.laws import DraftLaw
 from mdsd.sampling import categorical
 

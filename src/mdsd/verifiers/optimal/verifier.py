@@ -148,17 +148,21 @@ def _fit_distinct(p, q, n, law):
     return _fit_rows(p[first], q[first], n, law), which.ravel()
 
 
-def _fit_threshold(p, q, n, law) -> ThresholdFit:
-    """The random-threshold construction, row by row (``threshold.fit_threshold_row``)."""
-    rows = [fit_threshold_row(p[b], q[b], n, law) for b in range(p.shape[0])]
-    arrays = stack_rows(rows, q)
-    capped = cap_rule(p, arrays.rule_mass)
-    support = np.array([row.order.size for row in rows], dtype=np.int64)
-    alpha_star = np.array([row.alpha_star for row in rows])
+def _cap_and_certify(p, q, rule_mass, rank, levels, rows):
+    """Cap a fitted rule at p (``cap_rule``); its acceptance [B]; and which rows are certified
+    exact, by the sign pattern (``_certify``) or by a gap to alpha* below ``CERTIFY_GAP``."""
+    capped = cap_rule(p, rule_mass)
     acceptance = capped.accepted.sum(axis=1)
-    certified = _certify(q, arrays.rank, arrays.levels, p - capped.accepted, capped.accept_prob)
-    certified |= alpha_star - acceptance <= CERTIFY_GAP
-    return ThresholdFit(
+    certified = _certify(q, rank, levels, p - capped.accepted, capped.accept_prob)
+    certified |= np.array([row.alpha_star for row in rows]) - acceptance <= CERTIFY_GAP
+    return capped, acceptance, certified
+
+
+def _fit_fields(law, n, capped, acceptance, certified, rows) -> tuple:
+    """The ``OptimalFit`` fields, in order, of a capped rule fitted row by row."""
+    alpha_star = np.array([row.alpha_star for row in rows])
+    support = np.array([row.order.size for row in rows], dtype=np.int64)
+    return (
         law.name,
         n,
         capped.accept_prob,
@@ -168,6 +172,16 @@ def _fit_threshold(p, q, n, law) -> ThresholdFit:
         alpha_star,
         certified,
         support,
+    )
+
+
+def _fit_threshold(p, q, n, law) -> ThresholdFit:
+    """The random-threshold construction, row by row (``threshold.fit_threshold_row``)."""
+    rows = [fit_threshold_row(p[b], q[b], n, law) for b in range(p.shape[0])]
+    arrays = stack_rows(rows, q)
+    capped, acceptance, certified = _cap_and_certify(p, q, arrays.rule_mass, arrays.rank, arrays.levels, rows)
+    return ThresholdFit(
+        *_fit_fields(law, n, capped, acceptance, certified, rows),
         rank=arrays.rank,
         levels=arrays.levels,
         rule_mass=arrays.rule_mass,
@@ -189,11 +203,7 @@ def _fit_orders(p, q, n, law) -> OrdersFit:
         rank[b, np.concatenate([row.order, np.flatnonzero(q[b] <= 0)])] = np.arange(vocab)
         levels[b, [0, row.split, k]] = 0.0
         rule_mass[b, row.order] = row.rule_mass
-    capped = cap_rule(p, rule_mass)
-    alpha_star = np.array([row.alpha_star for row in rows])
-    acceptance = capped.accepted.sum(axis=1)
-    certified = _certify(q, rank, levels, p - capped.accepted, capped.accept_prob)
-    certified |= alpha_star - acceptance <= CERTIFY_GAP
+    capped, acceptance, certified = _cap_and_certify(p, q, rule_mass, rank, levels, rows)
     for b, row in enumerate(rows):
         if not certified[b] and row.order.size <= EXACT_ORDERS_SUPPORT:
             qs = q[b, row.order]
@@ -208,15 +218,7 @@ def _fit_orders(p, q, n, law) -> OrdersFit:
             )
             acceptance[b], certified[b] = exact, True
     return OrdersFit(
-        law.name,
-        n,
-        capped.accept_prob,
-        capped.accepted,
-        capped.recovered,
-        np.minimum(acceptance, 1.0),
-        alpha_star,
-        certified,
-        np.array([row.order.size for row in rows], dtype=np.int64),
+        *_fit_fields(law, n, capped, acceptance, certified, rows),
         rank=rank,
         rule_mass=rule_mass,
         rows=rows,

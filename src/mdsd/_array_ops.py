@@ -5,40 +5,15 @@ float64 arrays or on torch float64 tensors (CPU or CUDA) unchanged; arithmetic o
 and boolean masks are shared by both libraries, everything else goes through here.
 
 Shapes follow the verifiers: values [B, V], tokens [B] or [B, k], per-row scalars [B].
+
+(Named for what it holds, the array operations; ``mdsd.verifiers.torch_api`` is the verifiers'
+front door for torch tensors, and ``mdsd._threads`` the thread-count helpers.)
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """Run with ``torch.set_num_threads(threads)``, restoring the previous setting afterwards.
-
-    None leaves torch's setting alone.
-    """
-    previous = torch.get_num_threads()
-    if threads is None or threads == previous:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def set_threads(threads: int) -> None:
-    """Use ``threads`` threads in torch and in numpy's BLAS (the engine's float32 CPU matmul,
-    ``mdsd.engine.static_llama``), so that a thread setting applies to both."""
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(threads)
-    threadpool_limits(threads, user_api="blas")
 
 
 class NumpyOps:

@@ -1,8 +1,10 @@
 """The verifiers on torch tensors (CPU or CUDA): ``output_law`` and ``verify`` for a batch.
 
 Same verifiers, same laws, same results as :func:`mdsd.output_law` and :func:`mdsd.verify` (the
-verifier code is shared through ``mdsd._backend``), computed in float64 on the inputs' device.
+verifier code is shared through ``mdsd._array_ops``), computed in float64 on the inputs' device.
 Randomness comes from a ``torch.Generator`` on that device.
+(The torch API of the verifiers, hence the name; the array operations both share are
+``mdsd._array_ops``.)
 
 Inputs: target_probs p and draft_probs q, [V] or [B, V] (any float dtype: promoted to float64);
 drafts [n] or [B, n] integer token ids in draw order. Validation is done on the device and costs
