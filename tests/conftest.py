@@ -18,6 +18,8 @@ import mdsd
 
 ALL_LAWS = list(mdsd.LAWS)
 CUDA = torch.cuda.is_available()
+FINE_STEP = 0.15  # step of the reference race quadrature: exact to ~1e-15 on the tested cases
+RACE_KERNELS = ["numba", "torch"]  # the two CPU kernels of the fast race quadrature (mdsd._race)
 
 
 # ---------------------------------------------------------------- random and edge-case pairs

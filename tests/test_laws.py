@@ -6,6 +6,7 @@ from scipy.stats import chisquare
 
 import mdsd
 from mdsd.bound import qall_reference
+from mdsd.laws import top_tokens, top_tokens_reference
 
 from conftest import ALL_LAWS, law_accepts, random_pair
 
@@ -192,3 +193,12 @@ def test_conditional_poisson_compiled_prefixes_match_numpy_reference():
         slow = law.qall_prefixes_reference(q[None, :], n)
         np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-13)
         assert fast[0, -1] == pytest.approx(1.0, abs=1e-15)
+
+
+def test_top_tokens_equals_stable_sort():
+    rng = np.random.default_rng(10)
+    for _ in range(30):
+        vocab = int(rng.integers(2, 80))
+        q = rng.integers(0, 5, size=(3, vocab)).astype(float)  # many ties and zeros
+        for k in (1, 2, min(7, vocab)):
+            np.testing.assert_array_equal(top_tokens(q, k), top_tokens_reference(q, k))
