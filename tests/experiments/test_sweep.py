@@ -61,7 +61,8 @@ def test_bounds_dominate_rates(measured):
         methods.add(r["method"])
         assert r["positions"] > 0
         assert 0.0 <= r["acceptance"] <= 1.0
-        if r["method"] == "monte_carlo":
+        if r["method"] == "monte_carlo":  # noise only: below alpha* + the 95% CI (false-positive
+            # rate <= 2.5% per row, and only for a rule attaining alpha*; these are well below; seeded)
             assert r["gap"] + r["gap_ci95"] >= 0.0
             mc_errors.append(r["mc_stderr"])
         else:

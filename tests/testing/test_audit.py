@@ -1,4 +1,4 @@
-"""Tests of mdsd.testing (the losslessness audit) and ``mdsd audit``.
+"""Tests of mdsd.testing (the losslessness audit).
 
 Tiers:
 1. exact: the faulty example rules' losses by enumeration (the numbers docs/audit.md quotes);
@@ -7,7 +7,7 @@ Tiers:
    token, tree and decoder level. Every audit here has a family-wise false-positive rate
    <= 1e-4 (Bonferroni over its cases), so a "passes" assertion fails spuriously with
    probability <= 1e-4 for a given seed -- and the seeds are fixed, so the outcome is stable;
-3. bad input: one-line verdicts, never a crash; the CLI's exit codes 0 / 1 / 2.
+3. bad input: one-line verdicts, never a crash (the CLI: tests/cli/test_audit.py).
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import mdsd
-from mdsd.cli import app
 from mdsd.testing import (
     AuditResult,
     WorstCase,
@@ -196,14 +194,6 @@ def test_tree_audit_reports_bad_blocks():
 
 
 # ---------------------------------------------------------------- 2c. decoder-level audits
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
@@ -266,39 +256,3 @@ def test_bad_arguments_raise_value_error():
         audit_verifier(3, law="iid", n=2)
     with pytest.raises(ValueError, match="widths"):
         audit_tree_verifier(node_by_node(good), law="iid", widths=(0,))
-
-
-def test_cli_exit_codes(tmp_path):
-    runner = CliRunner()
-    res = runner.invoke(
-        app, ["audit", "mdsd:rrs", "--law", "iid", "-n", "2", "--vocab-sizes", "3,5", "--trials", "500"]
-    )
-    assert res.exit_code == 0, res.output
-    assert "PASSED" in res.output
-    worst = tmp_path / "worst.json"
-    res = runner.invoke(
-        app, ["audit", "mdsd.testing.faulty:sibling_same_residual", "--law", "iid", "-n", "2", "--json",
-              "--save-worst", str(worst)],
-    )  # fmt: skip
-    assert res.exit_code == 1, res.output
-    out = json.loads(res.output)
-    assert out["status"] == "loss" and out["verdict"].startswith("LOSS FOUND")
-    assert WorstCase.load(worst).kind == "token"
-    user_file = tmp_path / "myverifier.py"
-    user_file.write_text("def verify(p, q, drafts, rng):\n    return int(drafts[0])\n")
-    res = runner.invoke(app, ["audit", f"{user_file}:verify", "--law", "iid", "-n", "2"])
-    assert res.exit_code == 1 and "LOSS FOUND" in res.output
-    for args, message in (
-        (["audit", "no_such_module:f", "--law", "iid"], "cannot import module"),
-        (["audit", f"{user_file}:missing", "--law", "iid"], "has no attribute"),
-        (["audit", "nocolon", "--law", "iid"], "MODULE:FUNCTION"),
-        (["audit", "mdsd:rrs", "--law", "iid", "--kind", "nope"], "--kind"),
-        (["audit", "mdsd:rrs"], "--law is required"),
-    ):
-        res = runner.invoke(app, args)
-        assert res.exit_code == 2, (args, res.output)
-        assert message in res.output and "Traceback" not in res.output
-    res = runner.invoke(
-        app, ["audit", f"{user_file}:verify", "--kind", "tree", "--law", "iid", "--trials", "5"]
-    )
-    assert res.exit_code == 1 and "ERROR" in res.output

@@ -23,7 +23,7 @@ from mdsd.verifiers.optimal import (
 from mdsd.verifiers.optimal import verifier as front
 from mdsd.verifiers.optimal.common import priority_scan
 
-from conftest import edge_pairs, law_accepts, random_pair
+from conftest import edge_pairs, g_test_pvalue, law_accepts, random_pair
 
 LAWS = ["iid", "without_replacement", "conditional_poisson"]
 MARGINAL_TOL = 1e-12  # sum_x P(x) pi(. | x) = p
@@ -488,17 +488,6 @@ SAMPLE_CASES = [
     ("conditional_poisson", 3),
 ]
 G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
-
-
-def g_test_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
-    """p-value of the G-test of counts against the law probs (cells with probs > 0)."""
-    from scipy.stats import chi2
-
-    cells = probs > 0
-    observed, expected = counts[cells], probs[cells] * counts.sum()
-    hit = observed > 0
-    statistic = 2.0 * float(np.sum(observed[hit] * np.log(observed[hit] / expected[hit])))
-    return float(chi2.sf(statistic, max(int(cells.sum()) - 1, 1)))
 
 
 def row_sampler(law, n):
