@@ -7,10 +7,7 @@ import pytest
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
 
-from .helpers import (
-    PROMPT,
-    TOP_K,
-)
+from .helpers import PROMPT, TOP_K
 
 
 def _calibration(rates, draft_s, target_s=(1.0, 1.1, 1.3, 1.6, 2.2, 3.4, 5.8)):

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from mdsd.engine import SamplingConfig, TreeConfig
 
-from .helpers import (
-    PROMPT,
-    TOP_K,
-)
+from .helpers import PROMPT, TOP_K
 
 
 def test_bench_rows(llama):

@@ -10,11 +10,7 @@ from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
 from mdsd.engine.decode import Autoregressive
 from mdsd.models import ModelPair, load_pair
 
-from .helpers import (
-    PROMPT,
-    VOCAB,
-    Oracle,
-)
+from .helpers import PROMPT, VOCAB, Oracle
 
 
 def test_sequence_verifier_errors(llama):

@@ -13,13 +13,7 @@ from mdsd.engine.decode import Autoregressive, DecodeStats
 from mdsd.engine.walk import as_support
 from mdsd.models import ModelPair
 
-from .helpers import (
-    LOGIT_TOL,
-    PROMPT,
-    VOCAB,
-    Oracle,
-    path_tokens,
-)
+from .helpers import LOGIT_TOL, PROMPT, VOCAB, Oracle, path_tokens
 
 
 @pytest.mark.parametrize(
