@@ -117,7 +117,7 @@ class Backend:
         """numpy (or anything array-like) -> this backend (float64 stays float64)."""
         if not self.is_torch:
             return np.asarray(values)
-        return torch.as_tensor(np.ascontiguousarray(values), device=self.device)
+        return torch.from_numpy(np.array(values)).to(self.device)  # a writable copy
 
     def numpy(self, values) -> np.ndarray:
         """This backend -> numpy."""
