@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import mdsd
+from mdsd.laws import top_tokens_reference
 from mdsd.verifiers import VERIFIERS
 
-from conftest import law_accepts, random_pair
+from conftest import law_accepts, llm_like_pair, random_pair
 
 CLOSED = [
     ("rrs", "iid"),
@@ -40,6 +41,8 @@ def test_closed_form_equals_enumeration(verifier, law):
 
 @pytest.mark.parametrize("verifier,law", [(v, law) for v in VERIFIERS for law in VERIFIERS[v].laws])
 def test_monte_carlo_within_four_standard_errors(verifier, law):
+    """The seeded Monte Carlo estimate is within 4 standard errors of enumeration (normal
+    approximation: false-positive rate 6.3e-5 per case)."""
     rng = np.random.default_rng(zlib.crc32(f"mc/{verifier}/{law}".encode()))
     p, q = random_pair(rng, 6)
     n = 2
@@ -50,6 +53,8 @@ def test_monte_carlo_within_four_standard_errors(verifier, law):
 
 
 def test_auto_falls_back_to_monte_carlo_for_large_support(rng):
+    """Beyond the enumeration budget, auto uses Monte Carlo; its estimate is below alpha* + 4
+    standard errors (one-sided, false-positive rate <= 3.2e-5; seeded)."""
     p, q = random_pair(rng, 400)
     result = mdsd.acceptance_rate(p, q, 3, "sample_check", "without_replacement", num_samples=256)
     assert result.method == "monte_carlo"
@@ -79,3 +84,50 @@ def test_single_draft_is_total_variation_overlap():
     p, q = np.array([0.7, 0.2, 0.1]), np.array([0.2, 0.3, 0.5])
     for verifier in ("rrs", "kseq", "importance"):
         assert mdsd.acceptance_rate(p, q, 1, verifier).rate == pytest.approx(0.2 + 0.2 + 0.1)
+
+
+def test_acceptance_rate_methods_for_rrs_without_replacement():
+    """Closed form at n = 2, enumeration on a top-12 support at n = 4, and the seeded Monte Carlo
+    estimate within 5 standard errors of it (false-positive rate 5.7e-7)."""
+    rng = np.random.default_rng(18)
+    p, q = llm_like_pair(rng, 2000)
+    two = mdsd.acceptance_rate(p, q, 2, "rrs_without_replacement")
+    assert two.method == "closed_form"
+    top = top_tokens_reference(q, 12)
+    q_top = np.zeros_like(q)
+    q_top[top] = q[top]
+    q_top /= q_top.sum()
+    four = mdsd.acceptance_rate(p, q_top, 4, "rrs_without_replacement")
+    assert four.method == "enumeration"
+    estimate = mdsd.acceptance_rate(
+        p, q_top, 4, "rrs_without_replacement", method="monte_carlo", num_samples=4096, rng=1
+    )
+    assert abs(four.rate - estimate.rate) < 5 * estimate.stderr + 1e-12
+
+
+def test_acceptance_ladder_knobs_used_by_the_analysis(rng, monkeypatch):
+    """acceptance_rate's chunk_rows picks the method per chunk (the rates equal the unchunked
+    ones); its batched Monte Carlo equals the one-row-at-a-time path draw for draw and is within
+    5 standard errors of enumeration (per row: false-positive rate < 6e-7 each, 5 rows)."""
+    import mdsd.acceptance as acceptance_module
+
+    p, q = rng.dirichlet(np.ones(5), size=5), rng.dirichlet(np.ones(5), size=5)  # [5, 5]
+    exact = mdsd.acceptance_rate(p, q, 3, "rrs_without_replacement", method="enumeration").rate
+    chunked = mdsd.acceptance_rate(
+        p, q, 3, "sample_check", "without_replacement", max_tuples=10**6, chunk_rows=2
+    )
+    whole = mdsd.acceptance_rate(p, q, 3, "sample_check", "without_replacement", max_tuples=10**6)
+    assert chunked.method == whole.method == "enumeration"
+    assert chunked.rate == pytest.approx(whole.rate, abs=1e-15)
+    mixed = mdsd.acceptance_rate(p, q, 3, "sample_check", "without_replacement", max_tuples=0, chunk_rows=2)
+    assert mixed.method == "monte_carlo" and np.all(mixed.stderr > 0)
+    batched = mdsd.acceptance_rate(
+        p, q, 3, "rrs_without_replacement", method="monte_carlo", rng=7, num_samples=3000
+    )
+    assert np.all(np.abs(batched.rate - exact) <= 5 * batched.stderr)
+    monkeypatch.setattr(acceptance_module, "CHUNK_ELEMENTS", 64)  # forces one row at a time
+    row_by_row = mdsd.acceptance_rate(
+        p, q, 3, "rrs_without_replacement", method="monte_carlo", rng=7, num_samples=3000
+    )
+    assert np.array_equal(row_by_row.rate, batched.rate)
+    assert np.array_equal(row_by_row.stderr, batched.stderr)

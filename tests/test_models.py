@@ -10,6 +10,8 @@ import torch
 from mdsd import models
 from mdsd.models import ModelPair, bundled_domains, bundled_prompts, load_pair
 
+from conftest import save_tiny_model
+
 TINY_VOCAB = 64
 PROMPT_MIN_CHARS, PROMPT_MAX_CHARS = 200, 400
 PROMPTS_PER_DOMAIN = 200
@@ -17,30 +19,10 @@ PROMPTS_PER_DOMAIN = 200
 
 # ---------------------------------------------------------------- tiny random pairs
 def _save_tiny(path, vocab_size: int, hidden: int = 16, layers: int = 1, seed: int = 0):
-    """A randomly initialised Llama and a word-level tokenizer of ``vocab_size`` tokens."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, vocab_size)}
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    fast.save_pretrained(path)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        eos_token_id=1,
+    """A randomly initialised Llama (tied embeddings) and a word-level tokenizer of ``vocab_size``."""
+    return save_tiny_model(
+        path, vocab=vocab_size, hidden=hidden, layers=layers, seed=seed, tie_embeddings=True
     )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,16 @@
-"""The CLI runs on random and file inputs and prints valid JSON; bad input is refused with one
-line and exit code 2 (checked on the exact command lines, in a separate process)."""
+"""``mdsd bound`` / ``mdsd compare`` (mdsd.cli.core) run on random and file inputs and print valid
+JSON; bad input is refused with one line and exit code 2 (checked on the exact command
+lines, in a separate process)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import mdsd as mdsd_lib
-from mdsd.cli import app
 from mdsd.engine.tree import parse_tree
 
-runner = CliRunner()
-
-
-def run(*args):
-    result = runner.invoke(app, list(args))
-    return result
+from .helpers import assert_refused, mdsd, run
 
 
 def test_bound_random_json():
@@ -43,6 +34,8 @@ def test_compare_from_npz_file(tmp_path):
     (res,) = data["results"]
     assert set(res["bounds"]) == {"iid", "without_replacement", "greedy", "spechub", "conditional_poisson"}
     for row in res["verifiers"]:
+        # Monte Carlo rows within 4 standard errors above alpha* (one-sided false-positive rate
+        # <= 3.2e-5 per row, and only for a rule attaining alpha*; seeded)
         assert row["acceptance"] <= row["bound"] + 4 * row["stderr"] + 1e-12
     greedy = next(r for r in res["verifiers"] if r["verifier"] == "greedy")
     assert greedy["gap"] == pytest.approx(0.0, abs=1e-12)
@@ -81,26 +74,6 @@ def test_table_output_and_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- exact command lines (subprocess)
-def mdsd(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    """Run ``mdsd ARGS`` as a separate process (this checkout's package, stdout/stderr piped)."""
-    return subprocess.run(
-        [sys.executable, "-c", "from mdsd.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=os.environ | {"COLUMNS": "120"},
-        timeout=600,
-    )
-
-
-def assert_refused(result, *fragments: str) -> None:
-    """Exit code 2, no traceback, one 'Error: ...' line on stderr holding every fragment."""
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture
@@ -183,48 +156,3 @@ def test_file_errors_name_the_file_and_the_flag(tmp_path):
     (tmp_path / "bad.json").write_text("[0.5, ")
     broken = run("bound", str(tmp_path / "bad.json"))
     assert broken.exit_code == 2 and "bad.json" in broken.output
-
-
-def test_bench_prompts_file_and_flags(tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"nope": 1}\n')
-    assert_refused(mdsd("bench", "--prompts-file", str(tmp_path / "bad.jsonl")), "bad.jsonl", "line 2")
-    missing = run("bench", "--prompts-file", str(tmp_path / "none.txt"))
-    assert missing.exit_code == 2 and "none.txt" in missing.output and "does not exist" in missing.output
-    help_text = run("bench", "--help").output
-    for flag in ("--ignore-eos", "--stop-at-eos", "--no-hf", "--json"):
-        line = next(line for line in help_text.splitlines() if flag in line)
-        assert "<bool>" not in line, line
-    assert "--prompts-file" in help_text
-
-
-def test_bench_progress_lines_when_piped(tmp_path):
-    """Piped (no terminal): plain progress lines on stderr and no library deprecation notice
-    among them (HF assisted generation logs one per call), the table on stdout; a plain-text
-    prompts file works."""
-    (tmp_path / "prompts.txt").write_text("def add(a, b):\n")
-    result = mdsd(
-        "bench",
-        "--prompts-file",
-        str(tmp_path / "prompts.txt"),
-        "-m",
-        "3",
-        "-c",
-        "iid:rrs:2x2",
-        "--stop-at-eos",
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 3 and all("/3 " in line for line in lines), result.stderr
-    assert "autoregressive" in lines[0] and "hf_assisted" in lines[1]
-    assert "1 prompts" in result.stdout and "mdsd iid/rrs 2x2" in result.stdout
-
-
-def test_generate_streams_text_and_reports_the_tree(tmp_path):
-    """The bundled pair, three tokens: text on stdout, one metrics line naming the tree."""
-    result = runner.invoke(
-        app,
-        ["generate", "Once", "--max-new-tokens", "3", "--tree", "1x2", "--law", "iid", "--threads", "1"],
-    )
-    assert result.exit_code == 0, result.output
-    assert result.output.startswith("Once")
-    assert "[iid/rrs 1x2] 3 tokens" in result.output and "tokens/step" in result.output

@@ -70,7 +70,8 @@ def test_spechub_hub_close_to_one():
 
 @pytest.mark.parametrize("verifier,law", PAIRS)
 def test_verify_samples_output_law(verifier, law):
-    """Seeded chi-square test: verify() draws follow output_law (p-value > 1e-4)."""
+    """Seeded chi-square test: verify() draws follow output_law (p-value > 1e-4: false-positive
+    rate 1e-4)."""
     rng = np.random.default_rng(3)
     p = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
     q = np.array([0.1, 0.2, 0.4, 0.2, 0.1])

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from mdsd.experiments import trees
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(one_thread):
     from mdsd.models import ModelPair
     from mdsd.testing.decoder import _IdTokenizer, tiny_llama_pair
 
-    torch.set_num_threads(1)
     target, draft = tiny_llama_pair(vocab=8)
     return ModelPair(target, draft, _IdTokenizer(), "tiny")
 

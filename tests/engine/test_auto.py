@@ -1,0 +1,59 @@
+"""mdsd.engine.auto: the tree-choice model and the auto-tree decoder with its cached calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
+
+from .helpers import PROMPT, TOP_K
+
+
+def _calibration(rates, draft_s, target_s=(1.0, 1.1, 1.3, 1.6, 2.2, 3.4, 5.8)):
+    from mdsd.engine.auto import AcceptanceProfile, Calibration, CostModel
+
+    tokens = (1, 2, 4, 8, 16, 32, 64)
+    draft = tuple(draft_s * np.asarray(tokens) ** 0.2)
+    cost = CostModel(tokens, tuple(target_s), draft, 0.01, (0.01,) * 4, 0.0, target_s[0])
+    return Calibration(AcceptanceProfile(tuple(rates), 100), cost)
+
+
+def test_auto_tree_model():
+    from mdsd.engine.auto import choose_tree, expected_tokens, predict
+
+    rates = (0.6, 0.75, 0.82, 0.86)
+    # E = 1 + a + a^2 for a chain of two single drafts; + a_2 * a_1 for widths (2, 1)
+    assert expected_tokens((1, 1), rates) == pytest.approx(1 + 0.6 + 0.36)
+    assert expected_tokens((2, 1), rates) == pytest.approx(1 + 0.75 + 0.75 * 0.6)
+    cheap = choose_tree(_calibration(rates, draft_s=0.02))
+    assert cheap.widths and cheap.predicted_speedup > 1.0
+    # the choice is the best of every enumerated shape
+    for widths in [(1,), (2, 1), (3, 1, 1), (4, 2, 1, 1), (2, 2, 2)]:
+        assert predict(widths, _calibration(rates, draft_s=0.02)).tokens_per_s <= cheap.tokens_per_s + 1e-12
+    # a draft as slow as the target cannot pay: plain sampling (depth 0)
+    assert choose_tree(_calibration(rates, draft_s=1.0)).widths == ()
+    assert choose_tree(_calibration((0.01, 0.02, 0.03, 0.04), draft_s=0.02)).widths == ()
+
+
+def test_auto_tree_decoder(llama, tmp_path, monkeypatch):
+    sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=6, stop_on_eos=False)
+    config = TreeConfig.make("auto", "without_replacement", "rrs_without_replacement")
+    assert config.tree is None and config.describe().endswith(" auto")
+    dec = TreeDecoder(llama, config, sampling)
+    with pytest.raises(ValueError, match="prompts"):
+        dec.choose_tree([], cache_dir=tmp_path)
+    choice = dec.choose_tree([PROMPT, [4, 4, 2]], cache_dir=tmp_path)
+    assert choice.tokens_per_s >= choice.autoregressive_tokens_per_s
+    assert (dec.tree is None) == (choice.widths == ())
+    out = dec.generate([PROMPT], seed=0)[0]
+    assert len(out.token_ids) == 6
+    # the calibration is cached: a second decoder loads it instead of measuring again
+    import mdsd.engine.auto as auto
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibrated again instead of loading the cache")
+
+    monkeypatch.setattr(auto, "calibrate", refuse)
+    again = TreeDecoder(llama, config, sampling).choose_tree([PROMPT, [4, 4, 2]], cache_dir=tmp_path)
+    assert again == choice

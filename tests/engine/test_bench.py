@@ -1,0 +1,37 @@
+"""mdsd.engine.bench: the benchmark rows (autoregressive, HF assisted, tree methods, auto tree)."""
+
+from __future__ import annotations
+
+from mdsd.engine import SamplingConfig, TreeConfig
+
+from .helpers import PROMPT, TOP_K
+
+
+def test_bench_rows(llama):
+    from mdsd.engine.bench import run_bench
+
+    sampling = SamplingConfig(0.7, max_new_tokens=6, stop_on_eos=False)
+    configs = [TreeConfig.make("1x2", "iid", "rrs"), TreeConfig.make("2x2", "greedy", "greedy")]
+    rows = run_bench(llama, [PROMPT, [5, 6]], sampling, configs, seed=0)
+    assert [r["method"] for r in rows][:2] == ["autoregressive", "hf_assisted"]
+    for r in rows:
+        assert r["new_tokens"] == 12 and r["target_calls"] >= 1
+        assert r["speedup_vs_autoregressive"] > 0
+    assert rows[0]["target_calls"] == 12  # one target call per autoregressive token
+    for r in rows[2:]:  # the per-step profile of tree methods, in autoregressive steps
+        for key in ("draft_level_ar_steps", "target_forward_ar_steps", "overhead_ar_steps"):
+            assert r[key] > 0
+
+
+def test_bench_auto_tree(llama, monkeypatch, tmp_path):
+    from mdsd.engine.bench import run_bench
+
+    monkeypatch.setenv("MDSD_CACHE_DIR", str(tmp_path))
+    sampling = SamplingConfig(0.7, top_k=TOP_K, max_new_tokens=6, stop_on_eos=False)
+    configs = [TreeConfig.make("auto", "without_replacement", "rrs_without_replacement")]
+    rows = run_bench(llama, [PROMPT, [5, 6]], sampling, configs, seed=0, hf=False)
+    auto_row = rows[-1]
+    assert auto_row["method"].startswith("mdsd without_replacement/rrs_without_replacement auto (")
+    assert auto_row["new_tokens"] == 12 and auto_row["predicted_tokens_per_second"] > 0
+    assert auto_row["chosen_tree"] in auto_row["method"]
+    assert list(tmp_path.glob("auto-tree/*.json"))  # the calibration was cached

@@ -1,0 +1,93 @@
+"""mdsd.engine.decode: seeded replay, temperature 0 is the target's greedy continuation, bad
+input raises ValueError."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
+from mdsd.engine.decode import Autoregressive
+from mdsd.models import ModelPair, load_pair
+
+from .helpers import PROMPT, VOCAB, Oracle
+
+
+def test_sequence_verifier_errors(llama):
+    sampling = SamplingConfig(1.0)
+    with pytest.raises(ValueError, match="block"):
+        TreeDecoder(llama, TreeConfig.make((2, 1), "iid", "block"), sampling, check_attention=False)
+    with pytest.raises(ValueError, match="law"):
+        TreeDecoder(
+            llama, TreeConfig.make((2,), "conditional_poisson", "traversal"), sampling, check_attention=False
+        )
+
+
+def test_seeded_runs_replay(llama):
+    sampling = SamplingConfig(1.0, max_new_tokens=12, stop_on_eos=False)
+    dec = TreeDecoder(
+        llama, TreeConfig.make("3x3", "without_replacement", "rrs_without_replacement"), sampling
+    )
+    a = dec.generate([PROMPT, [4, 4]], seed=5)
+    b = dec.generate([PROMPT, [4, 4]], seed=5)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert all(len(r.token_ids) == 12 and r.stop_reason == "length" for r in a)
+    stats = a[0].stats.merge(a[1].stats)
+    assert stats.new_tokens == 24 and stats.steps == stats.target_calls
+    assert 1.0 <= stats.block_efficiency <= 4.0
+    assert len(stats.acceptance_by_depth) == 3
+
+
+def _greedy_continuation(pair, context, k):
+    oracle = Oracle(pair, SamplingConfig(0.0))
+    out = []
+    for _ in range(k):
+        out.append(int(np.argmax(oracle.logits(pair.target, context + out))))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:acceptance at depth 1")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "law,verifier,tree",
+    [("iid", "rrs", "3x3"), ("without_replacement", "sample_check", "3,2,1"), ("spechub", "spechub", "2,2")],
+)
+def test_temperature_zero_is_target_greedy(request, family, law, verifier, tree):
+    pair = request.getfixturevalue(family)
+    sampling = SamplingConfig(0.0, max_new_tokens=15, stop_on_eos=False)
+    dec = TreeDecoder(pair, TreeConfig.make(tree, law, verifier), sampling)
+    got = dec.generate([PROMPT], seed=0)[0].token_ids
+    assert got == _greedy_continuation(pair, PROMPT, 15)
+    ar = Autoregressive(pair, sampling).generate([PROMPT], seed=0)[0].token_ids
+    assert ar == got
+
+
+def test_bad_input(llama, tiny):
+    sampling = SamplingConfig(1.0)
+    with pytest.raises(ValueError, match="law"):
+        TreeDecoder(llama, TreeConfig.make("2x2", "nope", "rrs"), sampling)
+    with pytest.raises(ValueError, match="verifier"):
+        TreeDecoder(llama, TreeConfig.make("2x2", "iid", "nope"), sampling)
+    with pytest.raises(ValueError, match="exact only"):
+        TreeDecoder(llama, TreeConfig.make("2x2", "without_replacement", "rrs"), sampling)
+    with pytest.raises(ValueError, match="spechub"):
+        TreeDecoder(llama, TreeConfig.make("3x2", "spechub", "spechub"), sampling)
+    with pytest.raises(ValueError, match="width"):
+        TreeDecoder(
+            llama,
+            TreeConfig.make(f"{VOCAB + 1}x1", "without_replacement", "rrs_without_replacement"),
+            sampling,
+        )
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(-1.0)
+    dec = TreeDecoder(llama, TreeConfig.make("2x2", "iid", "rrs"), sampling)
+    with pytest.raises(ValueError, match="prompt"):
+        dec.generate([[3] * 47], seed=0)
+    with pytest.raises(ValueError, match="prompt"):
+        dec.generate([[VOCAB + 3]], seed=0)
+    with pytest.raises(ValueError, match="vocabular"):
+        load_pair(target=tiny["llama"][0], draft=tiny["wide"])
+    wide = load_pair(target=tiny["wide"], draft=tiny["wide"])
+    mixed = ModelPair(target=llama.target, draft=wide.draft, tokenizer=llama.tokenizer, name="x")
+    with pytest.raises(ValueError, match="draft"):
+        TreeDecoder(mixed, TreeConfig.make("2x2", "iid", "rrs"), sampling)

@@ -1,0 +1,116 @@
+"""The engine's sampling paths against its exact laws, by seeded G-tests (each fails a correct
+engine with probability G_TEST_ALPHA = 1e-4): drafting and walking a tree, the walk on top-k
+supports, and end to end the first two generated tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder, build_tree
+from mdsd.engine.walk import DraftedSlots, RuleBook, emission_law, enumerate_children
+
+from .helpers import (
+    G_TEST_ALPHA,
+    LAW_TOL,
+    PROMPT,
+    TOP_K,
+    Oracle,
+    SyntheticModels,
+    autoregressive_law,
+    drafted_trees,
+    g_test_pvalue_of,
+    path_tokens,
+)
+
+
+@pytest.mark.parametrize(
+    "law,verifier",
+    [
+        ("without_replacement", "rrs_without_replacement"),
+        ("iid", "kseq"),
+        ("spechub", "spechub"),
+        ("conditional_poisson", "sample_check"),
+    ],
+)
+def test_sampled_walk_and_drafts_follow_their_exact_laws(law, verifier):
+    """The sampling paths (``draft_children``, ``walk``) against the enumerations the exact
+    tests use (``enumerate_children``, ``emission_law``), by G-tests (false-positive rate 1e-4
+    each, 2 tests)."""
+    from mdsd.engine.walk import draft_children, walk
+
+    models = SyntheticModels(6, seed=7, top_k=5)
+    tree = build_tree((2, 2))
+    book = RuleBook(law, verifier, tree.widths)
+    rng = np.random.default_rng(99)
+    # 1. drafts of one node
+    q = models.q([])
+    options, _ = enumerate_children(q, 2, book)
+    want = {tuple(t.tolist()): pr for t, pr in options}
+    counts = {}
+    for _ in range(2000):
+        drafts, _ = draft_children(q, 2, book, rng)
+        counts[tuple(drafts.tolist())] = counts.get(tuple(drafts.tolist()), 0) + 1
+    assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA
+    # 2. verification walks over one fixed drafted tree
+    drafted, _ = next(iter(drafted_trees(tree, book, models.q, [])))
+
+    def target_probs(node):
+        return models.p(path_tokens(tree, drafted, node))
+
+    want = emission_law(tree, drafted, target_probs)
+    assert abs(sum(want.values()) - 1.0) < LAW_TOL
+    counts = {}
+    for _ in range(2000):
+        key = tuple(walk(tree, drafted, target_probs, rng).emitted)
+        counts[key] = counts.get(key, 0) + 1
+    assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA
+
+
+def test_walk_on_supports_follows_emission_law():
+    """The sampled walk with p and q stored on their top-k supports (as the engine stores them)
+    against the exact emission law of the dense vectors: G-test, false-positive rate 1e-4."""
+    from mdsd.engine.walk import walk
+    from mdsd.logits import process_logits_row
+
+    tree = build_tree((3, 1))
+    book = RuleBook("without_replacement", "rrs_without_replacement", tree.widths)
+
+    def logits_of(which, context):
+        return np.random.default_rng([11, which, len(context)] + list(context)).normal(size=8) * 2
+
+    def p_row(context):
+        return process_logits_row(logits_of(0, context), 1.0, top_k=5)
+
+    def q_row(context):
+        return process_logits_row(logits_of(1, context), 1.0, top_k=4)
+
+    drafted_dense, _ = next(iter(drafted_trees(tree, book, lambda c: q_row(c).dense(), [])))
+    sparse_q = {node: q_row(path_tokens(tree, drafted_dense, node)) for node in drafted_dense.draft_probs}
+    drafted = DraftedSlots(drafted_dense.tokens, drafted_dense.valid, drafted_dense.rules, sparse_q)
+
+    def target_probs(node):
+        return p_row(path_tokens(tree, drafted, node))
+
+    want = emission_law(tree, drafted_dense, lambda node: target_probs(node).dense())
+    rng = np.random.default_rng(5)
+    counts = {}
+    for _ in range(3000):
+        key = tuple(walk(tree, drafted, target_probs, rng).emitted)
+        counts[key] = counts.get(key, 0) + 1
+    assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA
+
+
+def test_engine_samples_follow_target_law(llama):
+    """End to end: the engine's own sampled output, first two tokens, G-test
+    (false-positive rate 1e-4)."""
+    sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=2, stop_on_eos=False)
+    dec = TreeDecoder(
+        llama, TreeConfig.make((2, 1), "without_replacement", "rrs_without_replacement"), sampling
+    )
+    results = dec.generate([PROMPT] * 1200, seed=1234)
+    counts = {}
+    for r in results:
+        counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
+    want = autoregressive_law(Oracle(llama, sampling), PROMPT, 2)
+    assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA

@@ -1,0 +1,162 @@
+"""mdsd.verifiers.classic: the fast paths of the classic verifiers equal their references
+(K-SEQ's rho* and brackets, the importance law, RRS without replacement's acceptance, the
+importance acceptance), exactly by enumeration on small vocabularies."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mdsd
+from mdsd.acceptance import _enumerate_row
+from mdsd.verifiers.classic import RRSWithoutReplacement
+from mdsd.verifiers.classic_math import (
+    at_least_one,
+    importance_acceptance,
+    kseq_rho,
+    kseq_rho_reference,
+    rrs_wor_acceptance_tree,
+    rrs_wor_acceptance_two,
+)
+
+from conftest import llm_like_pair, random_pair
+
+
+def test_kseq_rho_equals_bisection():
+    rng = np.random.default_rng(16)
+    for i in range(200):
+        vocab, n = int(rng.integers(2, 60)), int(rng.integers(1, 9))
+        p = rng.dirichlet(np.full(vocab, 0.3), size=3)
+        q = rng.dirichlet(np.full(vocab, 0.3), size=3)
+        if i % 3 == 0:
+            p[:, 0] = 0.0
+            p /= p.sum(axis=1, keepdims=True)
+        if i % 5 == 0:
+            q[:, -1] = 0.0
+            q /= q.sum(axis=1, keepdims=True)
+        rho, beta = kseq_rho(p, q, n)
+        _, beta_ref = kseq_rho_reference(p, q, n)
+        # the acceptance 1 - (1 - beta)^n is what matters (rho is not unique where g is flat)
+        np.testing.assert_allclose(at_least_one(beta, n), at_least_one(beta_ref, n), atol=1e-12)
+        # rho is on the safe side of the root: c = (1 - (1-beta)^n) / beta <= rho
+        c = np.where(beta > 0, at_least_one(beta, n) / np.where(beta > 0, beta, 1.0), n)
+        assert np.all(c <= rho * (1 + 1e-12))
+        assert np.all((rho >= 1.0) & (rho <= n))
+
+
+def kseq_g(p, q, n, rho):
+    """g(rho) = 1 - (1 - beta)^n - rho beta, beta = sum min(q, p / rho) summed exactly."""
+    beta = math.fsum(np.minimum(q, p / rho))
+    return 1.0 - (1.0 - min(beta, 1.0)) ** n - rho * beta
+
+
+def test_kseq_bracket_selection_equals_sort():
+    """K-SEQ's bracket (lo, hi, A, B) by numba selection = by sorting, on ties, zeros, p = q,
+    ratios capped at n, and LLM-like rows; and the acceptance and rho* from both equal."""
+    from mdsd.verifiers import classic_math
+    from mdsd.verifiers._compiled import kseq_brackets
+
+    rng = np.random.default_rng(24)
+    checked = 0
+    for i in range(120):
+        vocab, n = int(rng.choice([2, 5, 40, 300, 3000])), int(rng.integers(1, 9))
+        if i % 4 == 3:
+            pairs = [llm_like_pair(rng, vocab) for _ in range(3)]
+            p, q = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
+        else:
+            p, q = (rng.dirichlet(np.full(vocab, 0.3), size=3) for _ in range(2))
+        if i % 5 == 0:
+            q[1] = p[1]  # p = q: every breakpoint is 1
+        if i % 3 == 0:
+            q[:, : vocab // 3] = 0.0  # breakpoints capped at n
+            p[:, -1] = 0.0
+        if i % 7 == 0:  # ties
+            p, q = np.round(p * 6) + 1.0, np.round(q * 6) + 1.0
+        p /= p.sum(axis=1, keepdims=True)
+        q /= q.sum(axis=1, keepdims=True)
+        lo, hi, head, tail = classic_math._kseq_bracket_sorted(p, q, n)
+        got = kseq_brackets(p, q, n)
+        # where g is 0 to rounding at a breakpoint (p = q, n = 1, ties at the root) the two
+        # searches may stop on either side of it; rho*, beta (below) agree there too
+        clear = np.array(
+            [
+                hi[b] > lo[b]
+                and min(abs(kseq_g(p[b], q[b], n, lo[b])), abs(kseq_g(p[b], q[b], n, hi[b]))) > 1e-12
+                for b in range(3)
+            ]
+        )
+        np.testing.assert_array_equal(got[clear, 1], hi[clear])
+        np.testing.assert_array_equal(got[clear, 0], lo[clear])
+        np.testing.assert_allclose(got[clear, 2], head[clear], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(got[clear, 3], tail[clear], rtol=0, atol=1e-13)
+        checked += int(clear.sum())
+        rho, beta = kseq_rho(p, q, n)
+        rho_t, beta_t = kseq_rho(torch.tensor(p), torch.tensor(q), n)  # the sorted path
+        # the acceptance is what matters: at a double root (p = q) rho moves by ~sqrt(eps)
+        np.testing.assert_allclose(at_least_one(beta, n), at_least_one(beta_t.numpy(), n), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(rho[clear], rho_t.numpy()[clear], rtol=0, atol=1e-12)
+    assert checked > 250  # most brackets are compared
+
+
+def test_importance_law_compiled_equals_sorted(monkeypatch):
+    """p_I of max-importance selection: the numba pass after numpy's unstable argsort (tie runs
+    put in token order) = the stable-sort path, with many ties, zeros in p and q, LLM-like rows."""
+    from mdsd.verifiers import classic_math
+
+    rng = np.random.default_rng(25)
+    for i in range(60):
+        vocab, n = int(rng.choice([2, 7, 50, 2000])), int(rng.integers(1, 9))
+        if i % 3 == 0:  # integer masses: many equal weights p / q
+            p, q = (rng.integers(0, 4, size=(4, vocab)).astype(float) + (i % 2) for _ in range(2))
+            p[:, 0] += 1.0
+            q[:, -1] += 1.0
+        elif i % 3 == 1:
+            pairs = [llm_like_pair(rng, vocab) for _ in range(4)]
+            p, q = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
+        else:
+            p, q = (rng.dirichlet(np.full(vocab, 0.3), size=4) for _ in range(2))
+            q[:, : vocab // 4] = 0.0
+        p /= p.sum(axis=1, keepdims=True)
+        q /= q.sum(axis=1, keepdims=True)
+        compiled = classic_math.importance_law(p, q, n)
+        with monkeypatch.context() as m:
+            m.setattr(classic_math, "compiled_kernels", lambda: None)
+            plain = classic_math.importance_law(p, q, n)
+        np.testing.assert_allclose(compiled, plain, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(compiled.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+
+
+def test_rrs_without_replacement_acceptance_exact():
+    rng = np.random.default_rng(17)
+    law, verifier = mdsd.get_law("without_replacement"), RRSWithoutReplacement()
+    for i in range(60):
+        vocab, n = int(rng.integers(2, 7)), int(rng.integers(2, 5))
+        p, q = random_pair(rng, vocab, zero_p=i % 3 == 0, zero_q=i % 4 == 0)
+        if i % 7 == 0:
+            q = p.copy()
+        if np.count_nonzero(q) < n:
+            continue
+        exact = _enumerate_row(p, q, n, verifier, law)
+        if n == 2:
+            assert rrs_wor_acceptance_two(p[None], q[None])[0] == pytest.approx(exact, abs=1e-12)
+            assert rrs_wor_acceptance_two(torch.tensor(p[None]), torch.tensor(q[None]))[
+                0
+            ].item() == pytest.approx(exact, abs=1e-12)
+        assert rrs_wor_acceptance_tree(p, q, n) == pytest.approx(exact, abs=1e-12)
+
+
+def test_importance_acceptance_matches_enumeration(rng):
+    for trial in range(60):
+        vocab, n = int(rng.integers(2, 7)), int(rng.integers(1, 5))
+        p, q = rng.dirichlet(np.full(vocab, 0.5)), rng.dirichlet(np.full(vocab, 0.5))
+        if trial % 3 == 0:
+            q[rng.integers(vocab)] = 0.0
+            q /= q.sum()
+        if trial % 4 == 0:
+            p[rng.integers(vocab)] = 0.0
+            p /= p.sum()
+        if trial % 7 == 0:
+            q = p.copy()
+        exact = mdsd.acceptance_rate(p, q, n, "importance", method="enumeration").rate
+        assert importance_acceptance(p[None], q[None], n)[0] == pytest.approx(exact, abs=1e-12)
