@@ -14,7 +14,7 @@ Outputs: ``tokens [B]`` and ``branch [B]``: j when test j accepted (0-based), k 
 came from the final draw, -1 when the row is left pending for the caller (K-SEQ without rho*,
 importance after a rejection). The branch makes the conditional law checkable exactly: tests are
 thresholds in their uniform and the final draw is monotone in its uniform, so locating the
-breakpoints in each uniform recovers every a_j and R (tests/test_verify_fast.py).
+breakpoints in each uniform recovers every a_j and R (tests/verifiers/test_early_exit.py).
 
 Numerics: sums use four accumulators (``_sum``; a different rounding order from numpy's pairwise
 sum, same value to ~1e-16 relative); the search walks blocks of four with the same rounding caveat

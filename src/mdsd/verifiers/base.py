@@ -134,7 +134,7 @@ class EarlyExitVerifier(Verifier):
     batched call draws what the same rows drawn one by one from the same generator would.
     ``sample_with_branch`` returns (tokens [B], branch [B]): the test that accepted (0-based), or
     the number of tests when the token came from R. The reference is ``Verifier.sample`` (build
-    ``output_law``, draw once); tests/test_verify_fast.py compares the two, exactly.
+    ``output_law``, draw once); tests/verifiers/test_early_exit.py compares the two, exactly.
     """
 
     def uniforms_per_row(self, n: int) -> int:

@@ -4,7 +4,7 @@ Python loops over up to the whole vocabulary in their references ``_staircase_wa
 and ``_peel_reference``.
 
 Same arithmetic in the same order (sequential prefix sums, first minimiser), so the results equal
-the references' bit for bit (``tests/test_optimal.py`` compares them). The intervals of the peel
+the references' bit for bit (``tests/verifiers/test_optimal.py`` compares them). The intervals of the peel
 are disjoint except for their shared ends, whose curve value is Phi there, so one working curve
 [K + 1] is updated in place instead of a copy per interval.
 """
