@@ -81,14 +81,15 @@ def test_table_output_and_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- exact command lines (subprocess)
-def mdsd(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    """Run ``mdsd ARGS`` as a separate process (this checkout's package, stdout/stderr piped)."""
+def mdsd(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """Run ``mdsd ARGS`` as a separate process (this checkout's package, stdout/stderr piped;
+    ``env`` adds environment variables)."""
     return subprocess.run(
         [sys.executable, "-c", "from mdsd.cli import main; main()", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=os.environ | {"COLUMNS": "120"},
+        env=os.environ | {"COLUMNS": "120"} | (env or {}),
         timeout=600,
     )
 
@@ -145,6 +146,25 @@ def test_missing_model_directory_is_one_line(tmp_path):
     assert_refused(mdsd("bench", "--draft", str(tmp_path / "none" / "x")), "--draft", "does not exist")
     measured = run("measure", "--target", "./no_such_model", "--out", str(tmp_path / "m"))
     assert measured.exit_code == 2 and "does not exist" in measured.output
+
+
+def test_uncached_hub_id_offline_is_one_line(tmp_path):
+    """A bare hub id with no local directory and an empty hub cache, offline: refused at once
+    (exit 2, one line naming the option), by generate and by a measure that needs a capture."""
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    generated = mdsd("generate", "hello", "--target", "some-org/some-model", env=offline)
+    assert_refused(generated, "--target 'some-org/some-model' is not a local directory", "local hub cache")
+    measured = mdsd(
+        "measure",
+        "--draft",
+        "some-org/some-model",
+        "--num-prompts",
+        "1",
+        "--out",
+        str(tmp_path / "m"),
+        env=offline,
+    )
+    assert_refused(measured, "--draft 'some-org/some-model'", "HF_HUB_OFFLINE is set")
 
 
 def test_sampling_options_need_logits(batch_files, tmp_path):

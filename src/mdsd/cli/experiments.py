@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from mdsd.cli import app
-from mdsd.cli.core import check_model_path, fail, parse_names, progress_display
+from mdsd.cli.core import check_model_path, cli_message, fail, parse_names, progress_display
 from mdsd.experiments.config import DEFAULT, MeasureConfig
 from mdsd.experiments.vocabulary import MEASURED_LAWS
 from mdsd.laws import LAWS
@@ -217,7 +217,7 @@ def measure(
                 capture_only=capture_only,
             )
     except (ValueError, FileNotFoundError, OSError) as err:
-        fail(str(err))
+        fail(cli_message(err))
     if capture_only:
         console.print(
             f"cached {run['cache_dir']} in {run['wall_s']:.0f} s ({run['generated_files']} sequences "
