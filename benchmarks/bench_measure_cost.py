@@ -4,6 +4,9 @@ Runs every (dataset, T = 0.7, n) work unit of the default sweep in this process 
 prints the process CPU seconds per 1,000 positions of each unit and of the whole analysis at
 that temperature (all n, laws and verifiers, with the default seeded subsample). CPU time, not
 wall time, so that a busy machine does not inflate it; divide by the workers for the wall time.
+Then, on the subsampled positions of the code dataset, the exact rate of RRS without replacement
+at n = 4 by the compiled draw-tree walk (the analysis' path) against its numpy reference, with
+the ratio of the two CPU times measured in this run.
 
     python benchmarks/bench_measure_cost.py runs/measure-cache
 
@@ -19,6 +22,7 @@ from pathlib import Path
 from mdsd._threads import torch_threads
 from mdsd.experiments import analysis, capture
 from mdsd.experiments.config import DEFAULT
+from mdsd.verifiers.classic_math import rrs_wor_acceptance_tree, rrs_wor_acceptance_walk
 
 TEMPERATURE = 0.7
 
@@ -43,6 +47,27 @@ def main(cache_root: str) -> None:
         f"all n at T = {TEMPERATURE}: {count} positions, {total_cpu:.1f} CPU s, "
         f"{1000 * total_cpu / count:.1f} CPU s per 1,000 positions (width <= 2 x top-k = "
         f"{2 * (config.top_k or 0)} tokens)"
+    )
+
+    tree_walk_against_reference(config, units)
+
+
+def tree_walk_against_reference(config, units, n: int = 4) -> None:
+    """CPU ms per position of ``rrs_wor_acceptance_walk`` and ``rrs_wor_acceptance_tree``."""
+    positions = next(u.positions for u in units if u.positions.dataset == "code")
+    p, q = analysis.position_probs(positions)
+    rows = analysis.subsample_rows(config, "code", TEMPERATURE, p.shape[0])
+    rrs_wor_acceptance_walk(p[rows[0]], q[rows[0]], n)  # compile
+    times, values = {}, {}
+    for name, rate in (("reference", rrs_wor_acceptance_tree), ("walk", rrs_wor_acceptance_walk)):
+        start = time.process_time()
+        values[name] = [rate(p[r], q[r], n) for r in rows]
+        times[name] = 1000 * (time.process_time() - start) / rows.size
+    diff = max(abs(a - b) for a, b in zip(values["reference"], values["walk"]) if a is not None)
+    print(
+        f"rrs_without_replacement n = {n}, {rows.size} positions: reference {times['reference']:.1f} ms, "
+        f"compiled walk {times['walk']:.2f} ms per position ({times['reference'] / times['walk']:.1f}x), "
+        f"max |difference| {diff:.1e}"
     )
 
 

@@ -131,3 +131,15 @@ def test_acceptance_ladder_knobs_used_by_the_analysis(rng, monkeypatch):
     )
     assert np.array_equal(row_by_row.rate, batched.rate)
     assert np.array_equal(row_by_row.stderr, batched.stderr)
+
+
+def test_sample_check_one_draft_without_replacement_is_closed_form(rng):
+    """At n = 1 the without-replacement inclusion probabilities are q: sample_check's rate is
+    sum p q in closed form, equal to enumeration."""
+    p, q = rng.dirichlet(np.ones(6), size=4), rng.dirichlet(np.ones(6), size=4)
+    q[0, 2] = 0.0
+    q[0] /= q[0].sum()
+    closed = mdsd.acceptance_rate(p, q, 1, "sample_check", "without_replacement")
+    exact = mdsd.acceptance_rate(p, q, 1, "sample_check", "without_replacement", method="enumeration")
+    assert closed.method == "closed_form"
+    np.testing.assert_allclose(closed.rate, exact.rate, rtol=0, atol=1e-12)

@@ -197,3 +197,96 @@ def test_bundled_forward_with_cache(bundled):
             :, -1
         ]  # [1, vocab]
     torch.testing.assert_close(full, step, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- hub ids without network
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """An empty local hub cache and a hub that must not be asked (any request fails the test)."""
+    from huggingface_hub import HfApi, constants
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub was queried")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(HfApi, "model_info", no_network)
+    return tmp_path / "hub"
+
+
+def _cache_as_hub(hub, repo: str, source) -> None:
+    """Lay out ``source``'s files as the hub cache's snapshot of ``repo`` at main."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    shutil.copytree(source, folder / "snapshots" / commit)
+
+
+def test_uncached_hub_id_offline_fails_at_once(empty_hub, monkeypatch):
+    """HF_HUB_OFFLINE and no cached copy: a ValueError naming the argument, no hub request."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        ValueError,
+        match=r"^target='some-org/some-model' is not a local directory and not in the local hub cache",
+    ):
+        load_pair(target="some-org/some-model")
+    with pytest.raises(ValueError, match=r"^draft=.*HF_HUB_OFFLINE is set"):
+        models.resolve_source("some-org/other-model", "draft")
+
+
+def test_uncached_hub_id_unreachable_or_unknown(empty_hub, monkeypatch):
+    """Online mode: one metadata request decides; an unreachable hub or an unknown repository is
+    refused with the reason, a reachable repository is handed to transformers as the id."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def unreachable(self, repo_id, timeout=None, **kwargs):
+        asked.append(timeout)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    with pytest.raises(ValueError, match=r"^target=.*cannot be reached \(\[Errno -2\] Name or service"):
+        models.resolve_source("some-org/some-model", "target")
+    assert asked == [models.HUB_PROBE_TIMEOUT]
+
+    class Missing(RepositoryNotFoundError):  # what model_info raises on a 404 (no HTTP response here)
+        def __init__(self):
+            Exception.__init__(self, "404 Client Error: Repository Not Found")
+
+    def unknown(self, repo_id, timeout=None, **kwargs):
+        raise Missing()
+
+    monkeypatch.setattr(HfApi, "model_info", unknown)
+    with pytest.raises(ValueError, match=r"^draft=.*the hub has no such model"):
+        models.resolve_source("some-org/some-model", "draft")
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, timeout=None, **kwargs: None)
+    assert models.resolve_source("some-org/some-model", "target") == "some-org/some-model"
+
+
+def test_cached_hub_ids_load_without_network(tiny_dirs, empty_hub, monkeypatch):
+    """Hub ids present in the local hub cache load from their snapshots (offline or not), with
+    the same weights as the directories they were copied from."""
+    from huggingface_hub import constants
+
+    _cache_as_hub(empty_hub, "org/tiny-target", tiny_dirs["target"])
+    _cache_as_hub(empty_hub, "org/tiny-draft", tiny_dirs["draft"])
+    for offline in (True, False):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        pair = load_pair(target="org/tiny-target", draft="org/tiny-draft")
+        assert pair.name == "org/tiny-target|org/tiny-draft"
+        local = load_pair(target=tiny_dirs["target"], draft=tiny_dirs["draft"])
+        for model, reference in ((pair.target, local.target), (pair.draft, local.draft)):
+            for (name, value), (_, expected) in zip(
+                model.state_dict().items(), reference.state_dict().items()
+            ):
+                assert torch.equal(value, expected), name
+    assert models.resolve_source(tiny_dirs["target"], "target") == tiny_dirs["target"]
+    with pytest.raises(ValueError, match=r"^target=.* is a file"):
+        models.resolve_source(tiny_dirs["target"] / "config.json", "target")

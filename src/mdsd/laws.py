@@ -288,6 +288,14 @@ class WithoutReplacement(DraftLaw):
     def qall_by_quadrature(self, n):
         return n >= 3
 
+    def inclusion_probs(self, draft_probs, n):
+        """n = 1: q itself (renormalised, as ``enumerate``); for n >= 2 the inclusion
+        probabilities of successive sampling have no closed form here."""
+        if n != 1:
+            return super().inclusion_probs(draft_probs, n)
+        q = np.asarray(draft_probs, dtype=np.float64)
+        return q / q.sum(axis=-1, keepdims=True)
+
     def qall_window(self, draft_probs_ordered, n, k_lo, k_hi, order=None):
         row = np.ascontiguousarray(draft_probs_ordered, dtype=np.float64)
         if n == 2:

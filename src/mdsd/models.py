@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["BUNDLED_NAME", "ModelPair", "bundled_domains", "bundled_prompts", "load_pair"]
+__all__ = ["BUNDLED_NAME", "ModelPair", "bundled_domains", "bundled_prompts", "load_pair", "resolve_source"]
 
 BUNDLED_NAME = "mdsd-bundled"
 _DATA_PACKAGE = "mdsd"
@@ -158,6 +158,52 @@ def bundled_prompts(domain: str | None = None) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------- loading
+HUB_PROBE_TIMEOUT = 5.0  # seconds: one metadata request deciding whether a hub id can be fetched
+
+
+def resolve_source(source: str | Path, argument: str) -> str | Path:
+    """Where a model named by ``argument`` (``target`` / ``draft``) is read from, without waiting
+    on the network when it cannot be fetched.
+
+    1. an existing directory: itself (a file is refused);
+    2. a hub id (``org/name``) in the local hub cache: its snapshot directory
+       (``snapshot_download(local_files_only=True)``; no network, the cached revision of main);
+    3. a hub id not cached: refused at once under ``HF_HUB_OFFLINE=1``; else one metadata request
+       (``HfApi.model_info``, ``HUB_PROBE_TIMEOUT`` s) decides: a reachable, existing repository
+       is returned as is (transformers downloads it), an unreachable hub or an unknown repository
+       is refused.
+
+    Raises ValueError with a one-line message naming ``argument``.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{argument}={str(source)!r} is a file; give a model directory or a hub id")
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo = str(source)
+    cache = constants.HF_HUB_CACHE
+    where = f"{argument}={repo!r} is not a local directory and not in the local hub cache ({cache})"
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except HFValidationError:
+        raise ValueError(f"{argument}: directory {repo!r} does not exist (and it is not a hub id)") from None
+    except (LocalEntryNotFoundError, OSError):
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{where}; HF_HUB_OFFLINE is set, so it cannot be downloaded")
+    try:
+        HfApi().model_info(repo, timeout=HUB_PROBE_TIMEOUT)
+    except RepositoryNotFoundError:
+        raise ValueError(f"{where}, and the hub has no such model (or it is private: log in)") from None
+    except Exception as err:  # no network, proxy, timeout, server error: not loadable now
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{where}, and the hub cannot be reached ({reason})") from None
+    return repo
+
+
 def _load_model(source: str | Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -218,27 +264,32 @@ def load_pair(
             (``config.vocab_size``, or the tokenizers' lengths) differ; the message names both
             sizes.
 
-    The bundled pair is read from package data; it needs neither network nor hub cache.
+    The bundled pair is read from package data; it needs neither network nor hub cache. A hub id
+    is read from the local hub cache when it is there, and refused at once (ValueError naming the
+    argument) when it is neither cached nor reachable (:func:`resolve_source`).
     """
     from transformers import AutoConfig
 
     torch_device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, torch_device)
+    # 0. where each model is read from: fails at once for a hub id neither cached nor reachable
+    target_dir = None if target is None else resolve_source(target, "target")
+    draft_dir = None if draft is None else resolve_source(draft, "draft")
     with _package_path(*_MODELS_DIR) as bundled_dir:
-        target_src = bundled_dir / "target" if target is None else target
-        draft_src = bundled_dir / "draft" if draft is None else draft
+        target_src = bundled_dir / "target" if target is None else target_dir
+        draft_src = bundled_dir / "draft" if draft is None else draft_dir
         # 1. vocabularies, from the configs, before any weights are read
         _check_vocabularies(
             AutoConfig.from_pretrained(str(target_src)).vocab_size,
             AutoConfig.from_pretrained(str(draft_src)).vocab_size,
         )
         # 2. tokenizers: the target's is the pair's; the draft's, where it has one, must agree
-        tokenizer_src = bundled_dir / "tokenizer" if target is None else target
+        tokenizer_src = bundled_dir / "tokenizer" if target is None else target_dir
         tokenizer = _try_load_tokenizer(tokenizer_src)
         if tokenizer is None:
             raise ValueError(f"no tokenizer could be loaded from target={str(tokenizer_src)!r}")
         if draft is not None and draft != target:
-            draft_tokenizer = _try_load_tokenizer(draft)
+            draft_tokenizer = _try_load_tokenizer(draft_dir)
             if draft_tokenizer is not None:
                 _check_vocabularies(len(tokenizer), len(draft_tokenizer), "tokenizer length")
         # 3. weights

@@ -18,14 +18,15 @@ def run(*args):
     return result
 
 
-def mdsd(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    """Run ``mdsd ARGS`` as a separate process (this checkout's package, stdout/stderr piped)."""
+def mdsd(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """Run ``mdsd ARGS`` as a separate process (this checkout's package, stdout/stderr piped;
+    ``env`` adds environment variables)."""
     return subprocess.run(
         [sys.executable, "-c", "from mdsd.cli import main; main()", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=os.environ | {"COLUMNS": "120"},
+        env=os.environ | {"COLUMNS": "120"} | (env or {}),
         timeout=600,
     )
 

@@ -120,6 +120,25 @@ def test_missing_model_directory_is_one_line(tmp_path):
     assert measured.exit_code == 2 and "does not exist" in measured.output
 
 
+def test_uncached_hub_id_offline_is_one_line(tmp_path):
+    """A bare hub id with no local directory and an empty hub cache, offline: refused at once
+    (exit 2, one line naming the option), by generate and by a measure that needs a capture."""
+    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    generated = mdsd("generate", "hello", "--target", "some-org/some-model", env=offline)
+    assert_refused(generated, "--target 'some-org/some-model' is not a local directory", "local hub cache")
+    measured = mdsd(
+        "measure",
+        "--draft",
+        "some-org/some-model",
+        "--num-prompts",
+        "1",
+        "--out",
+        str(tmp_path / "m"),
+        env=offline,
+    )
+    assert_refused(measured, "--draft 'some-org/some-model'", "HF_HUB_OFFLINE is set")
+
+
 def test_sampling_options_need_logits(batch_files, tmp_path):
     p_path, q_path, _, _ = batch_files
     assert_refused(mdsd("bound", str(p_path), str(q_path), "-t", "0.5"), "--temperature", "--logits")

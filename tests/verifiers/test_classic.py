@@ -18,6 +18,7 @@ from mdsd.verifiers.classic_math import (
     kseq_rho_reference,
     rrs_wor_acceptance_tree,
     rrs_wor_acceptance_two,
+    rrs_wor_acceptance_walk,
 )
 
 from conftest import llm_like_pair, random_pair
@@ -160,3 +161,41 @@ def test_importance_acceptance_matches_enumeration(rng):
             q = p.copy()
         exact = mdsd.acceptance_rate(p, q, n, "importance", method="enumeration").rate
         assert importance_acceptance(p[None], q[None], n)[0] == pytest.approx(exact, abs=1e-12)
+
+
+def test_rrs_wor_walk_matches_tree_and_enumeration(rng):
+    """The compiled draw-tree walk (the analysis' path for rrs_without_replacement, n >= 3) equals
+    the numpy reference and enumeration of every draft sequence to 1e-12, zeros, ties and q = p
+    included; on LLM-like top-k rows it matches the reference and refuses the same rows."""
+    law, verifier = mdsd.get_law("without_replacement"), mdsd.get_verifier("rrs_without_replacement")
+    for trial in range(80):
+        vocab, n = int(rng.integers(2, 8)), int(rng.integers(1, 6))
+        p, q = rng.dirichlet(np.full(vocab, 0.6)), rng.dirichlet(np.full(vocab, 0.6))
+        if trial % 3 == 0:
+            q[rng.integers(vocab)] = 0.0
+            q /= q.sum()
+        if trial % 4 == 0:
+            p[rng.integers(vocab)] = 0.0
+            p /= p.sum()
+        if trial % 5 == 0:
+            p = np.round(p * 4) / 4 + 1e-3  # ties between p and q
+            p /= p.sum()
+            q = np.round(q * 4) / 4 + 1e-3
+            q /= q.sum()
+        if trial % 7 == 0:
+            q = p.copy()
+        if np.count_nonzero(q) < n:
+            continue
+        exact = _enumerate_row(p, q, n, verifier, law)
+        assert rrs_wor_acceptance_walk(p, q, n) == pytest.approx(exact, abs=1e-12)
+        assert rrs_wor_acceptance_walk(p, q, n) == pytest.approx(rrs_wor_acceptance_tree(p, q, n), abs=1e-12)
+    for _ in range(6):  # 40 tokens of a 200-token LLM-like pair: thousands of tree nodes
+        logits = 3.0 * rng.standard_normal(200)
+        p = mdsd.process_logits(logits, 1.0, 40)
+        q = mdsd.process_logits(logits + 1.5 * rng.standard_normal(200), 1.0, 40)
+        for n, max_rows in ((3, 10**6), (4, 10**6), (4, 5_000), (5, 20_000)):
+            reference = rrs_wor_acceptance_tree(p, q, n, max_rows)
+            walked = rrs_wor_acceptance_walk(p, q, n, max_rows)
+            assert (walked is None) == (reference is None)
+            if reference is not None:
+                assert walked == pytest.approx(reference, abs=1e-12)

@@ -85,8 +85,15 @@ def fail(message: str) -> None:
 
 
 def cli_message(err: Exception) -> str:
-    """A library error phrased for the command line (keyword arguments -> flags)."""
-    return str(err).replace("Pass normalize=True to renormalise", "Pass --normalize to renormalise")
+    """A library error phrased for the command line (keyword arguments -> flags: a message that
+    starts with ``target=``/``draft=``, e.g. ``mdsd.models.resolve_source``'s, names the option)."""
+    message = str(err).replace("Pass normalize=True to renormalise", "Pass --normalize to renormalise")
+    for argument in ("target", "draft"):
+        if message.startswith(f"{argument}="):
+            return f"--{argument} {message[len(argument) + 1 :]}"
+        if message.startswith(f"{argument}:"):
+            return f"--{argument}{message[len(argument) :]}"
+    return message
 
 
 def sampling_options(temperature, top_k, top_p, *, default_temperature: float = 1.0):

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from mdsd.cli import app
-from mdsd.cli.core import check_model_path, console, fail, progress_display, sampling_options
+from mdsd.cli.core import check_model_path, cli_message, console, fail, progress_display, sampling_options
 
 TargetOpt = Annotated[
     str | None, typer.Option("--target", help="Target model directory (default: the bundled target).")
@@ -226,7 +226,7 @@ def generate(
             sys.stdout.write(prompt)
         result = decoder.generate([prompt], seed=seed, on_tokens=stream)[0]
     except ValueError as err:
-        fail(str(err))
+        fail(cli_message(err))
     choice = decoder.auto_choice
     described = config.describe()
     if choice is not None:  # --tree auto: name what ran
@@ -351,7 +351,7 @@ def bench(
                 pair, texts, sampling, configs, seed=seed, hf=not no_hf, matmul=matmul, progress=tick
             )
     except ValueError as err:
-        fail(str(err))
+        fail(cli_message(err))
     if as_json:
         typer.echo(
             json.dumps(

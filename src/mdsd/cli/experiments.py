@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from mdsd.cli import app
-from mdsd.cli.core import check_model_path, fail, parse_names, progress_display
+from mdsd.cli.core import check_model_path, cli_message, fail, parse_names, progress_display
 from mdsd.experiments.config import DEFAULT, MeasureConfig
 from mdsd.experiments.vocabulary import MEASURED_LAWS
 from mdsd.laws import LAWS
@@ -123,7 +123,10 @@ def measure(
     ] = DEFAULT.subsample_positions,
     workers: Annotated[
         int | None,
-        typer.Option(help="Local analysis processes (default: min(cores, 4)); results do not depend on it."),
+        typer.Option(
+            help="Local processes for the analysis and, on the CPU, the capture (default: min(cores, 4); "
+            "each capture process loads the pair); results do not depend on it."
+        ),
     ] = None,
     cluster: Annotated[
         str | None,
@@ -197,11 +200,13 @@ def measure(
         subsample=_subsample(subsample),
         subsample_positions=subsample_positions or None,
     )
+    count = default_workers() if workers is None else workers
     if cluster is not None:
         runner, described = dask_runner(cluster), f"Dask cluster {cluster}"
     else:
-        count = default_workers() if workers is None else workers
         runner, described = process_runner(count), f"{count} local process" + ("es" if count > 1 else "")
+    # the capture runs here: on the CPU on as many processes (each loads the pair), on a GPU in one
+    capture_workers = count if device == "cpu" else 1
     console = Console(stderr=True)
     command = "mdsd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -215,9 +220,10 @@ def measure(
                 runner=runner,
                 workers=described,
                 capture_only=capture_only,
+                capture_workers=capture_workers,
             )
     except (ValueError, FileNotFoundError, OSError) as err:
-        fail(str(err))
+        fail(cli_message(err))
     if capture_only:
         console.print(
             f"cached {run['cache_dir']} in {run['wall_s']:.0f} s ({run['generated_files']} sequences "

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from mdsd.cli import app
-from mdsd.cli.core import check_model_path, fail, progress_display
+from mdsd.cli.core import check_model_path, cli_message, fail, progress_display
 from mdsd.experiments import trees
 
 
@@ -85,7 +85,7 @@ def trees_command(
                 progress=lambda name: progress.update(task, advance=1, description=name),
             )
     except (ValueError, KeyError) as err:
-        fail(str(err).strip("'\""))
+        fail(cli_message(err).strip("'\""))
     out.mkdir(parents=True, exist_ok=True)
     table = trees.markdown_table(rows)
     command = (

@@ -24,6 +24,7 @@ Each file holds ``tokens`` [G] (generated ids) and the logits of both models in 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -152,7 +153,9 @@ def _write_meta(cache_dir: Path, config: MeasureConfig, pair_name: str, vocab: i
         "vocab_size": vocab,
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = cache_dir / f"meta.json.tmp{os.getpid()}"  # atomic: capture processes may race here
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, cache_dir / "meta.json")
 
 
 def _save_atomic(path: Path, **arrays) -> None:
@@ -259,57 +262,130 @@ def compress_logits(logits: np.ndarray, top_k: int | None) -> dict[str, np.ndarr
 
 # ---------------------------------------------------------------- front door
 def capture(
-    config: MeasureConfig, cache_root: str | Path, *, pair=None, progress: Callable | None = None
+    config: MeasureConfig,
+    cache_root: str | Path,
+    *,
+    pair=None,
+    progress: Callable | None = None,
+    workers: int = 1,
 ) -> CaptureSummary:
     """Make sure every (dataset, T, prompt) of ``config`` is cached; generate what is missing.
 
     The models are loaded (``mdsd.models.load_pair``) only when something is missing, unless a
     loaded ``pair`` is passed. ``progress(advance_positions, description)`` is called after each
-    prompt if given.
+    prompt if given. ``workers`` > 1 (and no ``pair``): the missing prompts are generated on that
+    many local processes, each with its own copy of the pair and ``config.threads`` torch threads
+    (one by default); every file is the same as from one process, since each prompt is generated
+    alone from its own seeded generator.
     """
     rows = load_prompts(config.prompts, config.num_prompts)
     cache_dir = cache_dir_for(Path(cache_root), config)
     temperatures = [float(t) for t in config.temperatures]
     if any(t <= 0 for t in temperatures):
         raise ValueError(f"temperatures must be > 0 (T = 0 is greedy: alpha is trivial), got {temperatures}")
-    generated = cached = positions = 0
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    todo = []  # (row, missing temperatures)
     for row in rows:
         missing = [t for t in temperatures if not cache_file(cache_dir, row, t).exists()]
-        cached += len(temperatures) - len(missing)
         if missing:
+            todo.append((row, missing))
+        elif progress is not None:
+            progress(len(temperatures), f"{row.dataset} prompt {row.index} (cached)")
+    generated = sum(len(missing) for _, missing in todo)
+    cached = len(rows) * len(temperatures) - generated
+    if workers > 1 and pair is None and len(todo) > 1:
+        positions = _capture_on_processes(config, cache_dir, todo, workers, progress)
+    else:
+        positions = 0
+        for row, missing in todo:
             if pair is None:
                 from mdsd.models import load_pair
 
                 pair = load_pair(config.target, config.draft, device=config.device)
-                _write_meta(cache_dir, config, pair.name, pair.vocab_size)
-            if not (cache_dir / "meta.json").exists():
-                _write_meta(cache_dir, config, pair.name, pair.vocab_size)
-            for temperature, (tokens, t_logits, d_logits) in zip(
-                missing, generate_rows(pair, row, missing, config)
-            ):
-                arrays = {
-                    "tokens": tokens,
-                    "meta": np.array(
-                        json.dumps(
-                            {
-                                "dataset": row.dataset,
-                                "index": row.index,
-                                "digest": row.digest,
-                                "temperature": temperature,
-                                "top_k": config.top_k,
-                            }
-                        )
-                    ),
-                }
-                for name, logits in (("target", t_logits), ("draft", d_logits)):
-                    for part, value in compress_logits(logits, config.top_k).items():
-                        arrays[f"{name}_{part}"] = value
-                _save_atomic(cache_file(cache_dir, row, temperature), **arrays)
-                generated += 1
-                positions += len(tokens)
-        if progress is not None:
-            progress(len(temperatures), f"{row.dataset} prompt {row.index}")
+            positions += _capture_row(pair, config, cache_dir, row, missing)
+            if progress is not None:
+                progress(len(temperatures), f"{row.dataset} prompt {row.index}")
     return CaptureSummary(cache_dir, generated, cached, positions)
+
+
+def _capture_row(pair, config: MeasureConfig, cache_dir: Path, row: PromptRow, missing: list[float]) -> int:
+    """Generate one prompt at the ``missing`` temperatures and cache each; returns the positions."""
+    if not (cache_dir / "meta.json").exists():
+        _write_meta(cache_dir, config, pair.name, pair.vocab_size)
+    positions = 0
+    for temperature, (tokens, t_logits, d_logits) in zip(missing, generate_rows(pair, row, missing, config)):
+        arrays = {
+            "tokens": tokens,
+            "meta": np.array(
+                json.dumps(
+                    {
+                        "dataset": row.dataset,
+                        "index": row.index,
+                        "digest": row.digest,
+                        "temperature": temperature,
+                        "top_k": config.top_k,
+                    }
+                )
+            ),
+        }
+        for name, logits in (("target", t_logits), ("draft", d_logits)):
+            for part, value in compress_logits(logits, config.top_k).items():
+                arrays[f"{name}_{part}"] = value
+        _save_atomic(cache_file(cache_dir, row, temperature), **arrays)
+        positions += len(tokens)
+    return positions
+
+
+def _capture_on_processes(config, cache_dir, todo, workers, progress) -> int:
+    """The prompts of ``todo`` on ``workers`` spawned processes (one task per prompt)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from mdsd.models import resolve_source
+
+    for argument, source in (("target", config.target), ("draft", config.draft)):
+        if source is not None:  # refuse an unloadable model here, before any process starts
+            resolve_source(source, argument)
+    context = multiprocessing.get_context("spawn")
+    positions = 0
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(todo)),
+        mp_context=context,
+        initializer=_init_capture_process,
+        initargs=(config.threads or 1,),
+    ) as pool:
+        futures = {
+            pool.submit(_capture_row_in_process, config, cache_dir, row, missing): row
+            for row, missing in todo
+        }
+        for future in as_completed(futures):
+            positions += future.result()
+            row = futures[future]
+            if progress is not None:
+                progress(len(config.temperatures), f"{row.dataset} prompt {row.index}")
+    return positions
+
+
+def _init_capture_process(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=1)
+def _process_pair(target: str | None, draft: str | None, device: str):
+    """The pair of a capture process, loaded by its first task and kept for the next ones."""
+    from mdsd.models import load_pair
+
+    return load_pair(target, draft, device=device)
+
+
+def _capture_row_in_process(
+    config: MeasureConfig, cache_dir: Path, row: PromptRow, missing: list[float]
+) -> int:
+    pair = _process_pair(config.target, config.draft, config.device)
+    return _capture_row(pair, config, cache_dir, row, missing)
 
 
 # ---------------------------------------------------------------- reading back

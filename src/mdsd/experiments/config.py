@@ -1,6 +1,6 @@
 """Typed configuration of a measurement sweep (Hu et al., ICLR 2025, Section 6 protocol).
 
-``DEFAULT`` takes about 12 CPU-minutes with the bundled pair (capture + analysis);
+``DEFAULT`` takes about 9 CPU-minutes with the bundled pair (capture + analysis, docs/measure.md);
 ``PAPER`` is the paper-scale sweep (up to 128 generated tokens; use 200 prompts per domain, all
 the bundled held-out prompts).
 """
@@ -36,7 +36,7 @@ class MeasureConfig:
         rated on a seeded subsample of ``subsample_positions`` positions per (dataset, T), the same
         for every n and law. By default the costly exact rates: ``optimal``'s per-position fits
         (~1-15 ms each) and ``rrs_without_replacement`` at n = 4 (its exact draw-tree enumeration,
-        ~75 ms per position at top-k 50; at n >= 6 the tree is too large and Monte Carlo is cheap).
+        ~5 ms per position at top-k 50; at n >= 6 the tree is too large and Monte Carlo is cheap).
         Results depend on these two values and the seed only. ``subsample=()`` or
         ``subsample_positions=None``: every position (an exact run).
     """

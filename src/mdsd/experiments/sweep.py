@@ -34,6 +34,7 @@ def run_sweep(
     runner: Runner | None = None,
     workers: str = "1 process",
     capture_only: bool = False,
+    capture_workers: int = 1,
 ) -> dict:
     """Capture, analyse and write ``results.csv``/``results.json``/``table1.md``/figures to out_dir.
 
@@ -42,20 +43,39 @@ def run_sweep(
         do not depend on it.
     capture_only: fill the cache and stop (e.g. on a GPU machine; analyse elsewhere from a copy
         of the cache, docs/measure.md); returns the capture record and writes nothing to out_dir.
+    capture_workers: local processes generating the missing prompts (each loads the pair); the
+        cached files do not depend on it.
 
     Returns the run record (also stored in results.json under ``run``).
     """
     with torch_threads(config.threads):
-        return _run(config, Path(out_dir), cache_root, command, pair, progress, runner, workers, capture_only)
+        return _run(
+            config,
+            Path(out_dir),
+            cache_root,
+            command,
+            pair,
+            progress,
+            runner,
+            workers,
+            capture_only,
+            capture_workers,
+        )
 
 
-def _run(config, out, cache_root, command, pair, progress, runner, workers, capture_only) -> dict:
+def _run(
+    config, out, cache_root, command, pair, progress, runner, workers, capture_only, capture_workers
+) -> dict:
     cache_root = Path(cache_root) if cache_root is not None else out / "cache"
     start = time.perf_counter()
     prompts = load_prompts(config.prompts, config.num_prompts)
     total = len(prompts) * len(config.temperatures)
     summary = capture(
-        config, cache_root, pair=pair, progress=progress("capture", total) if progress else None
+        config,
+        cache_root,
+        pair=pair,
+        progress=progress("capture", total) if progress else None,
+        workers=capture_workers,
     )
     captured = time.perf_counter()
     if capture_only:
@@ -96,6 +116,7 @@ def _run(config, out, cache_root, command, pair, progress, runner, workers, capt
         "analysis_s": analysed - captured,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
         "analysis_workers": workers,
+        "capture_workers": capture_workers,
     }
     run["wall_s"] = time.perf_counter() - start
     write_results(out, rows, run)

@@ -193,3 +193,130 @@ def importance_law_ordered(key, q, total, order, n, out):
                 power *= tail
                 terms = terms * after + power
             out[b, x] = d * terms if qx > 0.0 else 0.0
+
+
+EMPTY_MASS = 1e-300  # as ``mdsd.verifiers.base.EMPTY_MASS``: a residual this small is empty
+
+
+@numba.njit(cache=True, fastmath=False)
+def _residual_into(cur, q_cur, out):
+    """out = resid(cur, q_cur) = (cur - q_cur)_+ / sum (cur - q_cur)_+; cur itself where that
+    mass is (numerically) empty, as ``mdsd.verifiers.base.residual``."""
+    total = 0.0
+    for y in range(cur.size):
+        diff = cur[y] - q_cur[y]
+        out[y] = diff if diff > 0.0 else 0.0
+        total += out[y]
+    if total <= EMPTY_MASS:
+        out[:] = cur
+    else:
+        out /= total
+
+
+@numba.njit(cache=True, fastmath=False)
+def _leaf_terms(cur, q_cur, nxt):
+    """Sum over the children t of a node one draw before the last (q_cur_t > cur_t) of
+    (q_cur_t - cur_t) * sum_{y != t} min(nxt_y, q_cur_y / s_t), s_t = sum_{y != t} q_cur_y, and
+    their number. With thresholds h_y = q_cur_y / nxt_y sorted once, the inner sum is
+    S(s) - min(nxt_t, q_cur_t / s), S(s) = sum_{h_y <= s} q_cur_y / s + sum_{h_y > s} nxt_y (as
+    ``mdsd.verifiers.classic_math.rrs_wor_acceptance_two``): O(m log m) for all children, not O(m^2).
+    """
+    m = cur.size
+    threshold = np.empty(m)
+    total_q, total_next = 0.0, 0.0
+    for y in range(m):
+        # nxt_y = 0: min(0, .) = 0 on either side of the split; inf keeps it in the nxt part
+        threshold[y] = q_cur[y] / nxt[y] if nxt[y] > 0.0 else np.inf
+        total_q += q_cur[y]
+        total_next += nxt[y]
+    order = np.argsort(threshold)
+    sorted_threshold = threshold[order]
+    below_q = np.zeros(m + 1)  # q_cur of the k smallest thresholds
+    below_next = np.zeros(m + 1)  # nxt of the k smallest thresholds
+    for k in range(m):
+        below_q[k + 1] = below_q[k] + q_cur[order[k]]
+        below_next[k + 1] = below_next[k] + nxt[order[k]]
+    value, count = 0.0, 0
+    for t in range(m):
+        reject = q_cur[t] - cur[t]
+        if not reject > 0.0:
+            continue
+        count += 1
+        rest = total_q - q_cur[t]
+        if not rest > 0.0:  # no token left to draw (unreachable for n <= |supp q|): adds nothing
+            continue
+        k = np.searchsorted(sorted_threshold, rest, side="right")
+        inner = below_q[k] / rest + (total_next - below_next[k]) - min(nxt[t], q_cur[t] / rest)
+        value += reject * max(inner, 0.0)
+    return value, count
+
+
+@numba.njit(cache=True, fastmath=False)
+def rrs_wor_tree(cur0, q0, n, max_rows):
+    """Acceptance of ``rrs_without_replacement`` with n >= 2 drafts by a depth-first walk of the
+    draw tree of ``mdsd.verifiers.classic_math.rrs_wor_acceptance_tree`` (its compiled twin: the same
+    nodes, the same value up to the order of the sums).
+
+    cur0, q0: [m] p and q on the support of q plus one bucket (q = 0) for the rest. A node at
+    depth d (a rejected prefix x_1..x_d, weight w) adds w * sum_y min(cur_y, q_cur_y); its
+    children are the tokens t with q_cur_t > cur_t (weight w (q_cur_t - cur_t), target
+    resid(cur, q_cur), draft law q_cur without t, renormalised). The stack holds one node per
+    depth (memory O(n m)); the last depth is summed in bulk by ``_leaf_terms``. Returns
+    (alpha, True), or (nan, False) as soon as some depth has more than ``max_rows`` nodes (the
+    reference's limit per depth, so both refuse the same rows).
+    """
+    m = cur0.size
+    cur = np.empty((n - 1, m))  # target of the node on the stack at each depth < n - 1
+    q_cur = np.empty((n - 1, m))  # its draft law
+    nxt = np.empty((n - 1, m))  # resid(cur, q_cur): the target of its children
+    weight = np.empty(n - 1)
+    cursor = np.zeros(n - 1, dtype=np.int64)  # next child token to try at each depth
+    counts = np.zeros(n, dtype=np.int64)  # nodes seen per depth
+    cur[0] = cur0
+    q_cur[0] = q0
+    weight[0] = 1.0
+    alpha = 0.0
+    for y in range(m):
+        alpha += min(cur0[y], q0[y])
+    _residual_into(cur[0], q_cur[0], nxt[0])
+    depth = 0
+    while depth >= 0:
+        if depth == n - 2:  # its children are the leaves: all at once, then back up
+            value, count = _leaf_terms(cur[depth], q_cur[depth], nxt[depth])
+            counts[n - 1] += count
+            if counts[n - 1] > max_rows:
+                return np.nan, False
+            alpha += weight[depth] * value
+            depth -= 1
+            continue
+        t = cursor[depth]
+        while t < m and not (q_cur[depth, t] - cur[depth, t] > 0.0):
+            t += 1
+        if t == m:  # every child of this node done: back to its parent
+            depth -= 1
+            continue
+        cursor[depth] = t + 1
+        child = depth + 1
+        counts[child] += 1
+        if counts[child] > max_rows:
+            return np.nan, False
+        rest = 0.0
+        for y in range(m):
+            if y != t:
+                rest += q_cur[depth, y]
+        if not rest > 0.0:  # no token left to draw (unreachable for n <= |supp q|): adds nothing
+            continue
+        w = weight[depth] * (q_cur[depth, t] - cur[depth, t])
+        own = 0.0
+        for y in range(m):
+            q_cur[child, y] = q_cur[depth, y] / rest
+            cur[child, y] = nxt[depth, y]
+        q_cur[child, t] = 0.0
+        for y in range(m):
+            own += min(cur[child, y], q_cur[child, y])
+        alpha += w * own
+        weight[child] = w
+        cursor[child] = 0
+        _residual_into(cur[child], q_cur[child], nxt[child])
+        depth = child
+    return alpha, True

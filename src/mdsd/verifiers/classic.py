@@ -44,8 +44,8 @@ from mdsd.verifiers.classic_math import (
     importance_law,
     kseq_rho,
     picked_draft,
-    rrs_wor_acceptance_tree,
     rrs_wor_acceptance_two,
+    rrs_wor_acceptance_walk,
 )
 
 
@@ -143,7 +143,7 @@ class RRSWithoutReplacement(RecursiveRejection):
             return None
         rates = []
         for pr, qr in zip(p, q):
-            rate = rrs_wor_acceptance_tree(pr, qr, n)
+            rate = rrs_wor_acceptance_walk(pr, qr, n)
             if rate is None:
                 return None
             rates.append(rate)

@@ -73,6 +73,26 @@ def rrs_wor_acceptance_tree(p, q, n: int, max_rows: int = MAX_TREE_ROWS):
     return alpha
 
 
+def rrs_wor_acceptance_walk(p, q, n: int, max_rows: int = MAX_TREE_ROWS):
+    """:func:`rrs_wor_acceptance_tree` by its compiled twin (``mdsd.verifiers._compiled.
+    rrs_wor_tree``): the same draw tree walked depth first, one node per depth in memory. The cost
+    is the number of inner nodes times the support (the last draw of every prefix is summed in
+    O(s log s) per parent), without the per-depth [R, s + 1] arrays. Same value up to the order
+    of the sums, same refusals (None when a depth would exceed ``max_rows`` nodes); the
+    reference where numba is missing.
+    """
+    compiled = compiled_kernels()
+    if compiled is None:  # pragma: no cover - numba is a dependency
+        return rrs_wor_acceptance_tree(p, q, n, max_rows)
+    if n == 1:  # one draft: the root alone
+        return float(np.minimum(p, q).sum())
+    support = q > 0
+    cur = np.append(p[support], p[~support].sum())  # [s + 1]: q = 0 tokens in one bucket
+    q_cur = np.append(q[support], 0.0)
+    alpha, complete = compiled.rrs_wor_tree(cur, q_cur, n, max_rows)
+    return float(alpha) if complete else None
+
+
 def rrs_wor_acceptance_two(p, q):
     """Exact acceptance of ``rrs_without_replacement`` with n = 2 drafts, O(V log V) per row.
 
