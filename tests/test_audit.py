@@ -99,6 +99,10 @@ def test_pool_bins_and_g_test():
     assert law_test(np.array([500, 300, 1, 0, 0, 199, 0]), probs, rng).pvalue == 0.0  # impossible
     fit = law_test(np.array([700, 100, 0, 0, 0, 200, 0]), probs, rng)
     assert fit.pvalue < 1e-20 and fit.tv_low > 0.1
+    # a loss confined to rare tokens (expected 18 of 20000): the TV keeps their short bin
+    near_one = np.array([1 - 9e-4, 9e-4 - 5e-6, 5e-6])
+    fit = law_test(np.array([20000, 0, 0]), near_one, rng)
+    assert fit.pvalue < 1e-6 and abs(fit.tv - 9e-4) < EXACT
 
 
 @pytest.mark.parametrize("vocab", [5, 50, 1000])
@@ -116,7 +120,7 @@ def test_tv_interval_covers_the_true_tv_at_any_vocab(vocab):
 
     rng = np.random.default_rng(vocab)
     target = token_cases(vocab, 0)[0].target_probs
-    bins = pool_bins(target, 4000, TV_MIN_EXPECTED)
+    bins = pool_bins(target, 4000, TV_MIN_EXPECTED, keep_short=True)
     for shift in (0.0, 0.05):
         emitted = (1 - shift) * target + shift * np.eye(vocab)[np.argmin(target)]
         true_tv = 0.5 * np.abs(np.bincount(bins, emitted) - np.bincount(bins, target)).sum()
@@ -403,3 +407,8 @@ def test_cli_exit_codes(tmp_path):
         app, ["audit", f"{user_file}:verify", "--kind", "tree", "--law", "iid", "--trials", "5"]
     )
     assert res.exit_code == 1 and "ERROR" in res.output
+    res = runner.invoke(
+        app, ["audit", "mdsd:traversal", "--kind", "tree", "--law", "iid", "--vocab-sizes", "3",
+              "--trials", "200"],
+    )  # fmt: skip
+    assert res.exit_code == 0 and "PASSED" in res.output, res.output
