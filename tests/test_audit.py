@@ -109,9 +109,9 @@ def test_pool_bins_and_g_test():
 def test_tv_interval_covers_the_true_tv_at_any_vocab(vocab):
     """The TV interval (triangle inequality + bootstrap of the sampling error) covers the true
     binned TV: 0 for counts drawn from p itself (a lossless verifier, where the plug-in is biased
-    upward: the former basic-bootstrap interval held 0 only 15% of the time at V = 1000), and 0.05
-    for a law moved 0.05 towards p's least likely token. 200 seeded draws each; coverage is about
-    0.93 at 0 and 1.0 at 0.05; a one-sided binomial test of coverage >= 0.88 at level 1e-4
+    upward: the former basic-bootstrap interval held 0 only 15% of the time at V = 1000), and about
+    0.05 for a law moved 0.05 towards p's least likely token. 200 seeded draws each; coverage is
+    about 0.93 at 0 and 1.0 at 0.05; a one-sided binomial test of coverage >= 0.88 at level 1e-4
     (false-positive rate <= 1e-4 per test while the coverage is >= 0.88)."""
     from scipy.stats import binom
 
