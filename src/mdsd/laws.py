@@ -50,6 +50,9 @@ def top_tokens(draft_probs: np.ndarray, k: int) -> np.ndarray:
     rows = q.reshape(-1, vocab)
     out = np.empty((rows.shape[0], k), dtype=np.int64)
     for b, row in enumerate(rows):
+        if b > 0 and np.array_equal(row, rows[b - 1]):  # batches often repeat one position
+            out[b] = out[b - 1]
+            continue
         threshold = np.partition(row, vocab - k)[vocab - k]  # the k-th largest value
         above = np.flatnonzero(row > threshold)
         equal = np.flatnonzero(row == threshold)[: k - above.size]
@@ -426,14 +429,38 @@ class ConditionalPoisson(DraftLaw):
     name: str = "conditional_poisson"
 
     def _sample(self, q, n, rng):
-        flat = q.reshape(-1, q.shape[-1])
-        out = np.empty((flat.shape[0], n), dtype=np.int64)
-        for b, row in enumerate(flat):
-            out[b] = self._sample_row(row, n, rng)
-        return out.reshape(q.shape[:-1] + (n,))
+        """The sequential inclusion of ``_sample_row``, run for all rows at once: one backward DP
+        per run of equal rows of q, then one pass over the tokens deciding every row's inclusion of
+        token k together. [B, V] -> [B, n], each row a uniformly permuted subset."""
+        vocab = q.shape[-1]
+        flat = q.reshape(-1, vocab)
+        if flat.shape[0] == 0:
+            return np.zeros(q.shape[:-1] + (n,), dtype=np.int64)
+        # one DP per run of equal consecutive rows (batches often repeat one position)
+        starts = np.concatenate([[True], (flat[1:] != flat[:-1]).any(axis=1)])  # [B]
+        which = np.cumsum(starts) - 1  # row -> its run
+        values, log_scale = _elementary_symmetric_scaled(flat[starts][:, ::-1], n)  # j = tokens from the end
+        chosen = np.zeros((flat.shape[0], n), dtype=np.int64)
+        need = np.full(flat.shape[0], n, dtype=np.int64)
+        for k in range(vocab):
+            active = np.flatnonzero(need > 0)
+            if active.size == 0:
+                break
+            row, m, j = which[active], need[active], vocab - k
+            total = values[row, j, m]  # e_m(tokens k..V-1), scaled
+            take = (
+                flat[active, k]
+                * values[row, j - 1, m - 1]
+                * np.exp(log_scale[row, j - 1] - log_scale[row, j])
+            )
+            hit = active[(total > 0) & (rng.random(active.size) * total < take)]
+            chosen[hit, n - need[hit]] = k
+            need[hit] -= 1
+        return rng.permuted(chosen, axis=1).reshape(q.shape[:-1] + (n,))
 
     @staticmethod
     def _sample_row(q, n, rng):
+        """One row [V] -> [n]: the plain reference of ``_sample`` (token by token)."""
         # Backward DP suffix[k, m] = e_m(q_k..q_{V-1}) (scaled); then include token k with
         # probability q_k e_{m-1}(suffix after k) / e_m(suffix from k).
         vocab = q.size

@@ -46,3 +46,8 @@ def test_cli_exit_codes(tmp_path):
         app, ["audit", f"{user_file}:verify", "--kind", "tree", "--law", "iid", "--trials", "5"]
     )
     assert res.exit_code == 1 and "ERROR" in res.output
+    res = runner.invoke(
+        app, ["audit", "mdsd:traversal", "--kind", "tree", "--law", "iid", "--vocab-sizes", "3",
+              "--trials", "200"],
+    )  # fmt: skip
+    assert res.exit_code == 0 and "PASSED" in res.output, res.output

@@ -27,6 +27,7 @@ from mdsd.testing import (
     replay,
     verifier_fn,
 )
+from mdsd.testing.stats import law_test
 
 SMALL = {"vocab_sizes": (3, 5), "trials": 1000}  # larger V: scripts/audit_false_alarms.py
 
@@ -69,6 +70,42 @@ def test_mdsd_verifiers_pass(law, verifier):
 def test_spechub_without_shortcut_passes_one_call_at_a_time():
     exact = functools.partial(faulty.spechub_hub_shortcut, threshold=1.0)
     assert_lossless(exact, law="spechub", n=2, vocab_sizes=(3,), trials=1000)
+
+
+def test_optimal_sample_reuses_fits_without_changing_draws():
+    """OptimalVerifier.sample fits a run of equal rows once (what makes optimal audits cheap);
+    the fit draws no randomness, so the tokens equal row-by-row sampling with the same stream."""
+    verifier, law = mdsd.VERIFIERS["optimal"], mdsd.get_law("without_replacement")
+    rows = np.random.default_rng(3).dirichlet(np.ones(6), size=(2, 2))  # two (p, q) positions
+    order = [0] * 5 + [1] * 4 + [0] * 3
+    p, q = rows[order, 0], rows[order, 1]  # [12, 6]
+    drafts = law.sample(q, 3, np.random.default_rng(4))
+    batched = verifier.sample(p, q, drafts, law, np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    one_by_one = [
+        verifier.sample(p[b : b + 1], q[b : b + 1], drafts[b : b + 1], law, rng)[0] for b in range(12)
+    ]
+    assert batched.tolist() == one_by_one
+
+
+def test_conditional_poisson_batched_sampler_matches_enumeration():
+    """The batched conditional-Poisson sampler (one DP per run of equal rows; the audit's draft
+    sets) and its token-by-token reference ``_sample_row`` both follow the enumerated law of
+    ordered draft tuples, for rows that alternate (one DP each) and a row with a tiny mass and a
+    zero. G-tests, each with false-positive rate 1e-4 (4 tests: <= 4e-4 in all, seeded)."""
+    the_law = mdsd.get_law("conditional_poisson")
+    positions = np.array([[0.4, 0.3, 0.2, 0.1, 0.0], [0.05, 0.25, 1e-3, 0.35, 0.349]])
+    rng = np.random.default_rng(11)
+    batched = the_law.sample(positions[np.arange(12000) % 2], 3, rng)  # [12000, 3], runs of one row
+    for i, q in enumerate(positions):
+        tuples, probs = the_law.enumerate(q, 3)
+        index = {t: k for k, t in enumerate(map(tuple, tuples.tolist()))}
+        reference = [the_law._sample_row(q, 3, rng) for _ in range(2000)]
+        for drawn in (batched[i::2], reference):
+            counts = np.zeros(len(tuples))
+            for t in map(tuple, np.asarray(drawn).tolist()):
+                counts[index[t]] += 1  # a KeyError would be an impossible tuple
+            assert law_test(counts, probs, rng).pvalue > 1e-4
 
 
 def test_save_load_replay(tmp_path):

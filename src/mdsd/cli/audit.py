@@ -32,13 +32,17 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def resolve_target(target: str, kind: str, law: str | None, widths):
-    """The callable to audit: ``MODULE:FUNCTION``, ``path/file.py:FUNCTION`` or ``mdsd:VERIFIER``
+    """The callable to audit: ``MODULE:FUNCTION``, ``path/file.py:FUNCTION``, ``mdsd:VERIFIER``
     (one of mdsd's verifiers: batched at token level, node by node in trees, in the TreeDecoder
-    for decoders). Returns (fn, batched). Raises ValueError in one line."""
-    from mdsd.testing import engine_generate_fn, node_by_node, verifier_fn
+    for decoders) or, for tree audits, ``mdsd:METHOD`` (``mdsd.tree_verify`` with method node,
+    traversal or hybrid). Returns (fn, batched). Raises ValueError in one line."""
+    from mdsd.sequence import TREE_METHODS
+    from mdsd.testing import engine_generate_fn, node_by_node, tree_method_fn, verifier_fn
     from mdsd.testing._calls import load_function
     from mdsd.verifiers import VERIFIERS
 
+    if kind == "tree" and target.startswith("mdsd:") and target[5:] in TREE_METHODS:
+        return tree_method_fn(target[5:]), False
     if target.startswith("mdsd:") and target[5:] in VERIFIERS:
         name = target[5:]
         if kind == "token":
@@ -53,7 +57,10 @@ def resolve_target(target: str, kind: str, law: str | None, widths):
 def audit(
     target: Annotated[
         str,
-        typer.Argument(help="MODULE:FUNCTION, path/to/file.py:FUNCTION, or mdsd:VERIFIER (mdsd's own)."),
+        typer.Argument(
+            help="MODULE:FUNCTION, path/to/file.py:FUNCTION, mdsd:VERIFIER (mdsd's own), or with "
+            "--kind tree mdsd:node / mdsd:traversal / mdsd:hybrid (mdsd.tree_verify)."
+        ),
     ],
     kind: Annotated[str, typer.Option("--kind", help="token, tree or decoder.")] = "token",
     law: Annotated[str | None, typer.Option("--law", help=f"Draft law: {', '.join(LAWS)}.")] = None,

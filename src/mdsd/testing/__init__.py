@@ -2,7 +2,8 @@
 exact target law (docs/audit.md).
 
 - :func:`audit_verifier`: a token-level multi-draft verifier ``fn(p, q, drafts, rng) -> token``;
-- :func:`audit_tree_verifier`: a tree verifier ``fn(tree: AuditTree, rng) -> emitted tokens``;
+- :func:`audit_tree_verifier`: a tree verifier ``fn(tree: DraftedTree, rng) -> emitted tokens``
+  (``mdsd.sequence.DraftedTree``, the project's drafted-tree record);
 - :func:`audit_decoder`: a whole decoder ``generate_fn(target, draft, input_ids, ...)`` on a tiny
   random Hugging Face Llama pair; :func:`engine_generate_fn` adapts mdsd's own TreeDecoder;
 - :func:`assert_lossless`: the pytest helper;
@@ -16,7 +17,7 @@ from __future__ import annotations
 from mdsd.testing.decoder import audit_decoder, engine_generate_fn, naive_generate_fn, tiny_llama_pair
 from mdsd.testing.result import AuditResult, CaseRow, WorstCase
 from mdsd.testing.token import audit_verifier, replay, verifier_fn
-from mdsd.testing.tree import AuditTree, audit_tree_verifier, node_by_node
+from mdsd.testing.tree import audit_tree_verifier, node_by_node, tree_method_fn
 
 KINDS = {"token": audit_verifier, "tree": audit_tree_verifier, "decoder": audit_decoder}
 
@@ -40,7 +41,6 @@ def assert_lossless(fn, *, kind: str = "token", **kwargs) -> AuditResult:
 
 __all__ = [
     "AuditResult",
-    "AuditTree",
     "CaseRow",
     "WorstCase",
     "assert_lossless",
@@ -52,5 +52,6 @@ __all__ = [
     "node_by_node",
     "replay",
     "tiny_llama_pair",
+    "tree_method_fn",
     "verifier_fn",
 ]

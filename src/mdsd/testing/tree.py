@@ -6,7 +6,9 @@ sampling from the target's conditionals to a fixed length D + 1 (D = tree depth)
 target's sequence law p(s) = prod_i p(s_i | s_<i) (docs/audit.md; Sun et al., arXiv:2403.10444,
 define the same criterion for block verification). The audit builds random per-prefix
 conditional tables p(. | prefix) and q(. | prefix) on a small vocabulary, drafts trees by the law,
-calls ``fn(tree, rng)``, extends each block, and G-tests the law of the V^(D+1) sequences.
+calls ``fn(tree, rng)`` with each tree as the project's tree record
+:class:`mdsd.sequence.DraftedTree` (docs/tree_verification.md), extends each block, and G-tests
+the law of the V^(D+1) sequences.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mdsd._validate import check_choice
 from mdsd.laws import DraftLaw, get_law
 from mdsd.sampling import categorical
+from mdsd.sequence import TREE_METHODS, DraftedTree, TreeResult, drafted_tree, tree_verify
 from mdsd.testing._calls import FnError, as_token, describe_call_error
 from mdsd.testing.result import AuditResult, CaseRow, WorstCase
 from mdsd.testing.stats import law_test
@@ -30,72 +34,47 @@ DEFAULT_TREE_TRIALS = 3000
 TREE_FAMILIES = ("lm_like", "dirichlet", "zeros", "p_equals_q", "peaked_q")
 
 
-@dataclass(frozen=True)
-class AuditTree:
-    """A drafted tree as the audit hands it to a tree verifier.
-
-    parents:      int64 [N], the parent of each node (-1: a child of the root); parents come
-                  before their children (breadth-first order).
-    tokens:       int64 [N], the drafted token of each node.
-    target_probs: float64 [N + 1, V]; row 0 is p(. | prefix) at the root, row i + 1 is
-                  p(. | prefix, path to node i).
-    draft_probs:  float64 [N + 1, V], the same rows of q (the children of a node were drawn from
-                  its row by ``law``).
-    law:          the draft law of every node's children.
-    """
-
-    parents: np.ndarray
-    tokens: np.ndarray
-    target_probs: np.ndarray
-    draft_probs: np.ndarray
-    law: str
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.parents.size)
-
-    def children(self, node: int) -> np.ndarray:
-        """Node ids whose parent is ``node`` (-1 = the root), in drafting order."""
-        return np.flatnonzero(self.parents == node)
-
-    def row(self, node: int) -> int:
-        """Row of ``target_probs`` / ``draft_probs`` for ``node`` (-1 = the root)."""
-        return node + 1
-
-    def path(self, node: int) -> list[int]:
-        """Tokens from the root to ``node`` (empty for the root)."""
-        out = []
-        while node >= 0:
-            out.append(int(self.tokens[node]))
-            node = int(self.parents[node])
-        return out[::-1]
-
-
 def node_by_node(token_verifier: Callable) -> Callable:
     """A tree verifier from a token-level one ``fn(p, q, drafts, rng) -> token``.
 
-    From the root: verify the node's children with its p and q rows; if the token emitted is a
-    child's, descend into the first child holding it, else stop; at a node without children emit
-    a bonus token from its p row. Lossless whenever the token-level verifier is lossless for the
-    law the children were drawn by (docs/engine.md).
+    The walk of ``mdsd.tree_verify(tree, method="node")`` (docs/tree_verification.md) with a
+    user's token verifier: from the root row, verify the row's children with its p and q rows; if
+    the token emitted is a child's, descend into the first child holding it, else stop; at a row
+    without children emit a bonus token from its p row. Lossless whenever the token-level verifier
+    is lossless for the law the children were drawn by.
     """
 
-    def tree_verifier(tree: AuditTree, rng: np.random.Generator) -> list[int]:
-        node, emitted = -1, []
+    def tree_verifier(tree: DraftedTree, rng: np.random.Generator) -> list[int]:
+        row, emitted = 0, []
         while True:
-            kids = tree.children(node)
-            p, q = tree.target_probs[tree.row(node)], tree.draft_probs[tree.row(node)]
-            if kids.size == 0:
+            p, q = tree.target_probs[row], tree.draft_probs[row]  # [V], [V]
+            if not tree.children[row]:
                 emitted.append(int(categorical(p, rng)))
                 return emitted
-            token = int(token_verifier(p, q, tree.tokens[kids], rng))
+            drafts = tree.child_tokens(row)  # [n]
+            token = int(token_verifier(p, q, drafts, rng))
             emitted.append(token)
-            hits = kids[tree.tokens[kids] == token]
+            hits = np.flatnonzero(drafts == token)
             if hits.size == 0:
                 return emitted
-            node = int(hits[0])
+            row = tree.children[row][int(hits[0])] + 1
 
     tree_verifier.__qualname__ = f"node_by_node({getattr(token_verifier, '__qualname__', 'fn')})"
+    return tree_verifier
+
+
+def tree_method_fn(method: str = "traversal", verifier: str | None = None) -> Callable:
+    """One of mdsd's sequence rules, ``mdsd.tree_verify(tree, method, verifier)``, as a tree
+    verifier for :func:`audit_tree_verifier` (methods ``node``, ``traversal``, ``hybrid``;
+    docs/tree_verification.md)."""
+    check_choice(method, TREE_METHODS, "method")
+
+    def tree_verifier(tree: DraftedTree, rng: np.random.Generator) -> TreeResult:
+        return tree_verify(tree, method, verifier, rng=rng)
+
+    suffix = f", {verifier}" if verifier else ""
+    tree_verifier.__qualname__ = tree_verifier.__name__ = f"tree_verify[{method}{suffix}]"
+    tree_verifier.__module__ = "mdsd"
     return tree_verifier
 
 
@@ -175,9 +154,10 @@ class DraftPool:
         return self.sets[prefix][i]
 
 
-def draft_tree(tables: ConditionalTables, widths, pool: DraftPool) -> AuditTree:
+def draft_tree(tables: ConditionalTables, widths, pool: DraftPool) -> DraftedTree:
     """Draft a tree: each node at depth d < len(widths) gets widths[d] children, from the pool
-    of its prefix (drawn from its q row by the law)."""
+    of its prefix (drawn from its q row by the law); built and validated by
+    :func:`mdsd.sequence.drafted_tree` (rows: the root, then node i at row i + 1)."""
     parents, tokens, paths = [], [], []
     frontier = [(-1, ())]
     for _ in widths:
@@ -191,11 +171,9 @@ def draft_tree(tables: ConditionalTables, widths, pool: DraftPool) -> AuditTree:
                 next_frontier.append((len(tokens) - 1, paths[-1]))
         frontier = next_frontier
     rows = [()] + paths
-    target = np.array([tables.target[r] for r in rows])
-    draft = np.array([tables.draft[r] for r in rows])
-    for arr in (target, draft):
-        arr.setflags(write=False)
-    return AuditTree(np.array(parents, np.int64), np.array(tokens, np.int64), target, draft, pool.law)
+    target = np.array([tables.target[r] for r in rows])  # [N + 1, V]
+    draft = np.array([tables.draft[r] for r in rows])  # [N + 1, V]
+    return drafted_tree(parents, tokens, target, draft, pool.law)
 
 
 def extend(block: list[int], tables: ConditionalTables, rng) -> tuple[int, ...]:
@@ -219,19 +197,25 @@ def audit_tree_verifier(
     name: str | None = None,
     exhaustive: bool = False,
 ) -> AuditResult:
-    """Audit a tree verifier ``fn(tree: AuditTree, rng) -> emitted tokens`` for losslessness.
+    """Audit a tree verifier ``fn(tree: DraftedTree, rng) -> emitted tokens`` for losslessness.
 
     Args:
-        fn: returns the emitted block: the accepted path's tokens and one more (recovered or
-            bonus) token; 1 to depth + 1 tokens.
+        fn: gets each drafted tree as a :class:`mdsd.sequence.DraftedTree` (read-only arrays;
+            ``tree.children[row]``, ``tree.child_tokens(row)``, ``tree.target_probs[row]``,
+            ``tree.draft_probs[row]``, ``tree.laws[row]``; row 0 = the root, row i + 1 = node i)
+            and a ``numpy.random.Generator``; returns the emitted block: the accepted path's
+            tokens and one more (recovered or bonus) token, 1 to depth + 1 tokens, as a
+            sequence of ints or a :class:`mdsd.sequence.TreeResult` (what ``mdsd.tree_verify``
+            returns).
         law: draft law of every node's children (``mdsd.LAWS``).
         widths: children per node at each depth, e.g. (2, 1): two root children, one child each.
         vocab_sizes: small vocabularies (the test has V^(depth + 1) cells).
         trials: drafted trees per case (default 3000).
         seed, alpha, name, exhaustive: as in :func:`mdsd.testing.audit_verifier`.
 
-    >>> from mdsd.testing import verifier_fn
-    >>> audit_tree_verifier(node_by_node(verifier_fn("rrs")), law="iid", trials=300).passed
+    >>> from mdsd.sequence import tree_verify
+    >>> traversal = lambda tree, rng: tree_verify(tree, "traversal", rng=rng)
+    >>> audit_tree_verifier(traversal, law="iid", trials=300).passed
     True
     """
     the_law = get_law(law)
@@ -315,6 +299,8 @@ def _call(fn, tree, rng, vocab, depth, where) -> list[int]:
         value = fn(tree, rng)
     except Exception as err:  # noqa: BLE001 -- fn is user code
         raise FnError(f"fn raised {describe_call_error(err)} {where}") from None
+    if isinstance(value, TreeResult):
+        value = value.tokens
     if hasattr(value, "tolist"):
         value = value.tolist()
     if not isinstance(value, list | tuple):

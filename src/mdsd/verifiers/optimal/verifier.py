@@ -313,6 +313,18 @@ def verify_from_fit(fit: OptimalFit, drafts, rng=None):
     return tokens, accepted
 
 
+def _fit_row_for_sampling(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
+    """(method, row fit) of one position [V], [V] for ``OptimalVerifier.sample``; the fit is a
+    deterministic function of (p, q, n, law) and draws no randomness (None for the fallback)."""
+    method = method_for(law, n, 0 if law.name == "iid" else int(np.count_nonzero(q)))
+    if method == "threshold":
+        return method, fit_threshold_row(p, q, n, law)
+    if method == "orders":
+        return method, fit_orders_row(p, q, n, law)
+    _warn_fallback(law, n, int(np.count_nonzero(q)))
+    return method, None
+
+
 @dataclass(frozen=True)
 class OptimalVerifier(Verifier):
     """Attains alpha* for ``iid``, ``without_replacement`` and ``conditional_poisson`` drafts.
@@ -345,15 +357,17 @@ class OptimalVerifier(Verifier):
         the_law = check_law(law)
         n = drafts.shape[1]
         out = np.empty(drafts.shape[0], dtype=np.int64)
+        fitted = None  # (p, q, method, row fit): a row equal to the previous one reuses its fit
         for b in range(drafts.shape[0]):
             p, q, x = target_probs[b], draft_probs[b], drafts[b]
-            method = method_for(the_law, n, 0 if the_law.name == "iid" else int(np.count_nonzero(q)))
+            if fitted is None or not (np.array_equal(p, fitted[0]) and np.array_equal(q, fitted[1])):
+                fitted = (p, q, *_fit_row_for_sampling(p, q, n, the_law))
+            method, row_fit = fitted[2], fitted[3]
             if method == "threshold":
-                out[b] = sample_threshold_row(fit_threshold_row(p, q, n, the_law), p, x, rng)
+                out[b] = sample_threshold_row(row_fit, p, x, rng)
             elif method == "orders":
-                out[b] = sample_orders_row(fit_orders_row(p, q, n, the_law), p, x, rng)
+                out[b] = sample_orders_row(row_fit, p, x, rng)
             else:
-                _warn_fallback(the_law, n, int(np.count_nonzero(q)))
                 out[b] = FALLBACK[the_law.name].sample(p[None], q[None], x[None], the_law, rng)[0]
         return out
 
