@@ -5,6 +5,7 @@ S x P x 1e-4 false alarms are expected (0.03 for 20 x 14): every audit should pa
 
     PYTHONPATH=src python scripts/audit_false_alarms.py --seeds 20
     PYTHONPATH=src python scripts/audit_false_alarms.py --seeds 20 --pairs optimal --seed-major
+    PYTHONPATH=src python scripts/audit_false_alarms.py --seeds 20 --first-seed 6 --pairs optimal
 
 One line per audit (pair, seed, verdict, smallest p-value, seconds), then one per pair
 (passed / audits run, smallest p-value, seconds per audit). ``--seed-major`` runs seed 0 of every
@@ -62,6 +63,7 @@ def audit_once(law: str, verifier: str, seed: int, sizes, trials) -> tuple[bool,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed..seeds-1")
     parser.add_argument("--vocab-sizes", default="3,5,50,1000")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--pairs", default=None, help="comma list: verifier names or law/verifier")
@@ -71,9 +73,9 @@ def main() -> None:
     pairs = exact_pairs(args.pairs)
     tallies = {pair: PairTally() for pair in pairs}
     order = (
-        [(seed, pair) for seed in range(args.seeds) for pair in pairs]
+        [(seed, pair) for seed in range(args.first_seed, args.seeds) for pair in pairs]
         if args.seed_major
-        else [(seed, pair) for pair in pairs for seed in range(args.seeds)]
+        else [(seed, pair) for pair in pairs for seed in range(args.first_seed, args.seeds)]
     )
     for seed, (law, verifier) in order:
         passed, smallest, elapsed = audit_once(law, verifier, seed, sizes, args.trials)
