@@ -18,6 +18,9 @@ Laws (docs/theory.md §2):
 ``conditional_poisson``  an n-subset S with P(S) proportional to prod_{i in S} q_i, in uniformly
                          random order.  Qall(H) = e_n(q_H) / e_n(q) (elementary symmetric
                          polynomials). This ratio is *not* Qall for ``without_replacement``.
+
+The module is one place for the five laws (~540 lines): each law's sampler, enumeration and
+closed forms sit together in its class, and the shared base (validation, batching) above them.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ The emitted sequence has exactly the target's law (temperature / top-k / top-p a
 tests compute the exact law through the same ``walk`` functions. Batches of prompts are decoded
 one sequence after another (each with its own caches), so results are correct for any batch size
 but there is no batching speed-up.
+
+The module holds the two decoders (~510 lines); their records (configs, statistics, generations)
+are in ``mdsd.engine.records``.
 """
 
 from __future__ import annotations
