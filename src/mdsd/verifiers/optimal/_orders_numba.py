@@ -219,5 +219,5 @@ def race_settings(n: int, support: int) -> tuple[float, float, float, float, flo
     path for n drafts over ``support`` tokens."""
     from mdsd import _race
 
-    step = _race.fast_step(n) * (_race.SMALL_VOCAB_STEP if support <= _race.SMALL_VOCAB else 1.0)
+    step = _race._window_step(n, support, None)
     return (step, _race.FAST_TAIL, _race.RIGHT_CUT, _race.CLAMP, _race.SATURATED)

@@ -83,6 +83,17 @@ def order_vertex(
     return v
 
 
+def _empty_mixture() -> OrderMixture:
+    """The mixture of an empty block: one empty order of weight 1."""
+    return OrderMixture(np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0), 0.0, 0)
+
+
+def _loop_settings(size: int, max_iter: int | None, scale) -> tuple[int, np.ndarray]:
+    """Wolfe's iteration budget (default 10 |G| + 50) and the norm's scale (default ones) [G]."""
+    max_iter = max_iter if max_iter is not None else 10 * size + 50
+    return max_iter, (np.ones(size) if scale is None else np.asarray(scale, dtype=np.float64))
+
+
 def decompose(
     vertex,
     target: np.ndarray,
@@ -102,9 +113,8 @@ def decompose(
     """
     size = target.size
     if size == 0:  # an empty block: one empty order
-        return OrderMixture(np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0), 0.0, 0)
-    max_iter = max_iter if max_iter is not None else 10 * size + 50
-    scale = np.ones(size) if scale is None else np.asarray(scale, dtype=np.float64)
+        return _empty_mixture()
+    max_iter, scale = _loop_settings(size, max_iter, scale)
     mass_of = vertex
     target = target / scale
 
@@ -192,10 +202,9 @@ def decompose_compiled(
     from mdsd.verifiers.optimal import _orders_numba
 
     size = target.size
-    if size == 0:
-        return OrderMixture(np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0), 0.0, 0)
-    max_iter = max_iter if max_iter is not None else 10 * size + 50
-    scale = np.ones(size) if scale is None else np.asarray(scale, dtype=np.float64)
+    if size == 0:  # an empty block: one empty order
+        return _empty_mixture()
+    max_iter, scale = _loop_settings(size, max_iter, scale)
     index = [np.ascontiguousarray(a, dtype=np.int64) for a in (rest, block, before, start)]
     orders, weights, mass, iterations = _orders_numba.decompose(
         np.ascontiguousarray(q, dtype=np.float64),
