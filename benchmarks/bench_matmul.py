@@ -1,19 +1,24 @@
-"""Benchmark: the lean forward's projection backends, numpy's BLAS against torch's ``F.linear``.
+"""Benchmark: the lean forward's backends: projections and whole forwards by number of rows.
 
-Usage: python benchmarks/bench_matmul.py [--target DIR] [--rows 1,2,4,8,16] [--repeats 20]
+Usage: python benchmarks/bench_matmul.py [--target DIR] [--rows 1,2,4,6,8,12,16] [--repeats 20]
 
-Every projection of the target model (fused q/k/v, output, fused gate/up, down, the output
-layer), multiplied in model order so that the weights stream from memory as in a forward (they
-do not stay in cache between passes), for ``rows`` input rows (1 = an autoregressive step, 2-16 =
-tree forwards):
+Table 1, every projection of the target model (fused q/k/v, output, fused gate/up, down, the
+output layer), multiplied in model order so that the weights stream from memory as in a forward
+(they do not stay in cache between passes), for ``rows`` input rows (1 = an autoregressive step,
+2-16 = tree forwards):
 
 - torch: ``F.linear(x, W)`` on the model's [out, in] weights (torch's CPU BLAS);
-- numpy: ``x @ W^T`` on C-contiguous [in, out] copies (numpy's BLAS; ``StaticLlamaRunner``'s
-  default for float32 on the CPU, ``mdsd.engine.static_llama._Linear``).
+- numpy: ``x @ W^T`` on C-contiguous [in, out] copies (numpy's BLAS);
+- panels: ``mdsd.engine._llama_numba.project`` on the weight panels of
+  ``mdsd.engine._panel_gemm`` (the compiled kernel up to ``PANEL_MAX_ROWS`` rows, np.dot beyond),
+  the projections of ``StaticLlamaRunner(matmul="numba")``, the default for float32 on the CPU.
 
-Prints the milliseconds per pass (median over ``repeats``), the numpy / torch ratio and, per
-backend, the cost of ``rows`` rows relative to one row (what a tree forward costs against an
-autoregressive step). ``--threads`` threads (default 1) in torch and in the BLAS.
+Table 2, the whole forward of ``rows`` new tokens after a 64-token context plus the output layer
+on one row (``StaticLlamaRunner.causal``), per backend ("torch", "numpy", "numba"), against the
+numba forward of one row: what a tree forward costs relative to an autoregressive step.
+
+Milliseconds are medians over ``repeats``, backends interleaved within each repeat.
+``--threads`` threads (default 1) in torch and in the BLAS.
 """
 
 from __future__ import annotations
@@ -26,63 +31,115 @@ import torch
 import torch.nn.functional as F
 
 from mdsd._threads import set_threads
+from mdsd.engine import _llama_numba as kernels
 from mdsd.engine.static_llama import StaticLlamaRunner
 from mdsd.models import load_pair
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each function, the functions run in turn within each repeat."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def _projections(runner) -> list:
+    layers = [(ly.qkv, ly.out, ly.gate_up, ly.down) for ly in runner._layers]
+    return [lin for group in layers for lin in group] + [runner._output]
+
+
+def projection_table(pair, rows_list, repeats) -> None:
+    runner = StaticLlamaRunner(pair.target, matmul="numba")
+    linears = _projections(runner)
+    torch_weights = [torch.from_numpy(np.ascontiguousarray(lin.weight_t.T)) for lin in linears]
+    megabytes = sum(w.numel() for w in torch_weights) * 4 / 1e6
+    print(f"Projections: {len(linears)} matrices, {megabytes:.1f} MB of float32 weights\n")
+    print(
+        "| rows | torch ms | numpy ms | panels ms | numpy / torch | panels / numpy | torch vs 1 row "
+        "| numpy vs 1 row | panels vs 1 row |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    gen = np.random.default_rng(0)
+    base = {}
+    for rows in rows_list:
+        x = {
+            k: gen.standard_normal((rows, k)).astype(np.float32) for k in {w.shape[1] for w in torch_weights}
+        }
+        xt = {k: torch.from_numpy(v) for k, v in x.items()}
+        with torch.inference_mode():
+            ms = _interleaved_ms(
+                {
+                    "torch": lambda xt=xt: [F.linear(xt[w.shape[1]], w) for w in torch_weights],
+                    "numpy": lambda x=x: [x[lin.weight_t.shape[0]] @ lin.weight_t for lin in linears],
+                    "panels": lambda x=x: [
+                        kernels.project(
+                            x[lin.weight_t.shape[0]], lin.panels, lin.weight_t, lin.bias_np, lin.gemm
+                        )
+                        for lin in linears
+                    ],
+                },
+                repeats,
+            )
+        for name in ms:
+            base.setdefault(name, ms[name])
+        t, n, p = ms["torch"], ms["numpy"], ms["panels"]
+        print(
+            f"| {rows} | {t:.2f} | {n:.2f} | {p:.2f} | {n / t:.2f} | {p / n:.2f} | {t / base['torch']:.2f} | "
+            f"{n / base['numpy']:.2f} | {p / base['panels']:.2f} |"
+        )
+
+
+def forward_table(pair, rows_list, repeats) -> None:
+    runners = {m: StaticLlamaRunner(pair.target, matmul=m) for m in ("torch", "numpy", "numba")}
+    context = np.arange(2, 66)
+    with torch.inference_mode():
+        for runner in runners.values():
+            runner.reset(128)
+            runner.causal(context)
+    cached = len(context)
+
+    def forward(runner, ids):
+        runner._length = cached  # the same context before every forward
+        runner.causal(ids, keep=1)
+
+    print("\nWhole forward (64-token context, output layer on one row):\n")
+    print(
+        "| rows | torch ms | numpy ms | numba ms | numba / numpy | torch vs numba 1 row "
+        "| numpy vs numba 1 row | numba vs numba 1 row |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    one = None
+    for rows in rows_list:
+        ids = np.arange(3, 3 + rows)
+        with torch.inference_mode():
+            ms = _interleaved_ms(
+                {m: lambda r=r, ids=ids: forward(r, ids) for m, r in runners.items()}, repeats
+            )
+        one = one or ms["numba"]
+        t, n, c = ms["torch"], ms["numpy"], ms["numba"]
+        cells = [t, n, c, c / n, t / one, n / one, c / one]
+        print(f"| {rows} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target")
-    ap.add_argument("--rows", default="1,2,4,8,16")
+    ap.add_argument("--rows", default="1,2,4,6,8,12,16")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     set_threads(args.threads)
     pair = load_pair(target=args.target, draft=args.target)
-    numpy_runner = StaticLlamaRunner(pair.target, matmul="numpy")
-    torch_runner = StaticLlamaRunner(pair.target, matmul="torch")
-
-    def projections(runner):
-        layers = [(ly.qkv, ly.out, ly.gate_up, ly.down) for ly in runner._layers]
-        return [lin for group in layers for lin in group] + [runner._output]
-
-    torch_weights = [lin.weight for lin in projections(torch_runner)]  # [out, in]
-    numpy_weights = [lin.weight_t for lin in projections(numpy_runner)]  # [in, out]
-    megabytes = sum(w.numel() for w in torch_weights) * 4 / 1e6
-    print(
-        f"{pair.target.config.model_type} target, {len(torch_weights)} projections, "
-        f"{megabytes:.1f} MB of float32 weights; {args.threads} thread(s); median of {args.repeats}\n"
-    )
-    print("| rows | torch ms | numpy ms | numpy / torch | torch vs 1 row | numpy vs 1 row |")
-    print("|---|---|---|---|---|---|")
-    gen = np.random.default_rng(0)
-    base = {}
-    for rows in [int(r) for r in args.rows.split(",")]:
-        inputs = {
-            w.shape[1]: gen.standard_normal((rows, w.shape[1])).astype(np.float32) for w in torch_weights
-        }
-        tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
-        with torch.inference_mode():
-            t = _median_ms(
-                lambda x=tensors: [F.linear(x[w.shape[1]], w) for w in torch_weights], args.repeats
-            )
-        n = _median_ms(lambda x=inputs: [x[w.shape[0]] @ w for w in numpy_weights], args.repeats)
-        base.setdefault("torch", t)
-        base.setdefault("numpy", n)
-        print(
-            f"| {rows} | {t:.2f} | {n:.2f} | {n / t:.2f} | {t / base['torch']:.2f} | "
-            f"{n / base['numpy']:.2f} |"
-        )
+    rows_list = [int(r) for r in args.rows.split(",")]
+    print(f"{pair.target.config.model_type} target; {args.threads} thread(s); median of {args.repeats}\n")
+    projection_table(pair, rows_list, args.repeats)
+    forward_table(pair, rows_list, args.repeats)
 
 
 if __name__ == "__main__":

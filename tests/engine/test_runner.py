@@ -1,6 +1,7 @@
 """mdsd.engine.runner and static_llama: tree-forward logits and the KV caches after accepted paths
-equal plain forwards (Hugging Face and the lean static-cache Llama, both matmul backends); model
-checks."""
+equal plain forwards (Hugging Face and the lean static-cache Llama, every matmul backend); the
+compiled forward against the torch one (GQA, q/k/v biases, dynamic RoPE, every row-count path);
+model checks."""
 
 from __future__ import annotations
 
@@ -19,8 +20,14 @@ from .helpers import LOGIT_TOL, PROMPT, VOCAB, Oracle, path_tokens
 
 @pytest.mark.parametrize(
     "family,static_cache,matmul",
-    [("llama", True, "numpy"), ("llama", True, "torch"), ("llama", False, "auto"), ("gpt2", True, "auto")],
-)  # llama: the lean static-cache forward (both matmul backends) and Hugging Face's; gpt2: HF's
+    [
+        ("llama", True, "numba"),
+        ("llama", True, "numpy"),
+        ("llama", True, "torch"),
+        ("llama", False, "auto"),
+        ("gpt2", True, "auto"),
+    ],
+)  # llama: the lean static-cache forward (every matmul backend) and Hugging Face's; gpt2: HF's
 @pytest.mark.parametrize("widths", [(3, 2, 1), (2, 1, 1)])
 def test_tree_logits_and_caches_match_plain_forward(request, family, static_cache, matmul, widths):
     pair = request.getfixturevalue(family)
@@ -65,16 +72,82 @@ def test_tree_logits_and_caches_match_plain_forward(request, family, static_cach
 def test_matmul_backend_choice_and_errors(llama):
     from mdsd.engine.static_llama import choose_matmul
 
-    assert choose_matmul(llama.target) == "numpy"  # float32 on the CPU
+    assert choose_matmul(llama.target) == "numba"  # float32 on the CPU
     assert choose_matmul(llama.target, "torch") == "torch"
     with pytest.raises(ValueError, match="matmul must be one of"):
         choose_matmul(llama.target, "blas")
     half = type(llama.target)(llama.target.config).to(torch.bfloat16)
     assert choose_matmul(half) == "torch"
-    with pytest.raises(ValueError, match="matmul 'numpy' needs a float32 model"):
-        choose_matmul(half, "numpy")
+    for backend in ("numpy", "numba"):
+        with pytest.raises(ValueError, match=f"matmul '{backend}' needs a float32 model"):
+            choose_matmul(half, backend)
     with pytest.raises(ValueError, match="matmul must be one of"):
         Autoregressive(llama, SamplingConfig(1.0), matmul="fast")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 20])
+@pytest.mark.parametrize("bias", [False, True])
+def test_panel_products_equal_the_blas(rows, bias):
+    """``project`` (the compiled panel kernel for up to PANEL_MAX_ROWS rows, in passes of
+    MAX_ROWS, np.dot beyond) equals x @ W^T (+ b) in float64 to float32 rounding, with an output
+    width that is not a multiple of the panel width (the zero-padded last panel)."""
+    from mdsd.engine import _llama_numba as kernels
+    from mdsd.engine._panel_gemm import PANEL, gemm_kernel, pack_panels
+
+    gen = np.random.default_rng(rows)
+    weight_t = gen.normal(size=(37, 3 * PANEL + 5)).astype(np.float32)  # [in, out]
+    x = gen.normal(size=(rows, 37)).astype(np.float32)
+    b = gen.normal(size=weight_t.shape[1]).astype(np.float32) if bias else np.zeros(0, np.float32)
+    got = kernels.project(x, pack_panels(weight_t), weight_t, b, gemm_kernel())
+    want = x.astype(np.float64) @ weight_t + (b if bias else 0.0)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def _variant_model(kind: str):
+    """A tiny random model the compiled forward must follow: grouped-query attention, q/k/v
+    biases (Qwen2), or a RoPE rescaled with the sequence length ("dynamic", no cos / sin table)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+    common |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0} if kind == "dynamic" else None
+    config = LlamaConfig(**common, **({"rope_parameters": rope} if rope else {}))
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["gqa", "qwen2", "dynamic"])
+def test_compiled_forward_equals_the_torch_forward(kind):
+    """matmul "numba" against the torch forward (itself tested against Hugging Face's above):
+    a causal prompt of 20 tokens (the many-row BLAS layer), then 1, 3 and 9 new tokens, then a
+    tree forward under a 4-D mask (2-8 rows: the panel layer); logits to float32 rounding and
+    equal caches."""
+    from mdsd.engine.static_llama import StaticLlamaRunner
+    from mdsd.engine.tree import build_tree
+
+    model = _variant_model(kind)
+    runners = {backend: StaticLlamaRunner(model, backend) for backend in ("torch", "numba")}
+    assert runners["numba"]._compiled_layers is not None
+    gen = np.random.default_rng(1)
+    tree = build_tree((2, 2))
+    mask = runners["torch"].additive(tree.ancestor_mask[1:, 1:])
+    got = {}
+    with torch.inference_mode():
+        for backend, runner in runners.items():
+            runner.reset(48)
+            gen = np.random.default_rng(1)
+            logits = [runner.causal(gen.integers(0, 50, size=20), keep=20)]
+            logits += [runner.causal(gen.integers(0, 50, size=m), keep=m) for m in (1, 3, 9)]
+            ids = gen.integers(0, 50, size=tree.num_nodes + 1)
+            hidden = runner.tree_hidden(ids, 1, mask, tree.depths, runner.cached, keep=tree.num_nodes)
+            logits.append(runner.logits(hidden))
+            got[backend] = (logits, runner._keys[:, :, : runner.cached].clone())
+            assert (runner._rotary_table is None) == (kind == "dynamic")  # dynamic: per forward
+    for want, have in zip(got["torch"][0], got["numba"][0]):
+        np.testing.assert_allclose(have, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0)
+    torch.testing.assert_close(got["numba"][1], got["torch"][1], atol=1e-5, rtol=1e-5)
 
 
 def test_rotary_table_equals_the_models_rotary_module(llama):

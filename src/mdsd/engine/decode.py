@@ -48,6 +48,7 @@ from mdsd.sampling import categorical
 from mdsd.verifiers import natural_verifier
 
 LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
+HEAD_BATCH_ROWS = 6  # trees of at most this many rows (root + nodes) get the output layer at once
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -467,6 +468,20 @@ class TreeDecoder(_Decoder):
         reached = [1.0] * len(path) + ([] if result.bonus else [0.0])
         return WalkResult(path, list(result.tokens), result.bonus, reached)
 
+    def _head_batch(self, node: int, drafted: DraftedSlots) -> np.ndarray:
+        """The nodes (-1: root) whose target logits are computed with ``node``'s, [rows].
+
+        The output layer reads its whole weight matrix per call, and a call on a few rows costs
+        little more than on one (``mdsd.engine._panel_gemm``). The walk visits a node, then
+        one of its children: for a tree of at most ``HEAD_BATCH_ROWS`` rows every valid node is
+        computed at the first visit; otherwise a visited node comes with its valid children.
+        """
+        valid = np.flatnonzero(drafted.valid)
+        if valid.size + 1 <= HEAD_BATCH_ROWS:
+            return np.concatenate([[-1], valid]) if node == -1 else np.asarray([node])
+        kids = self.tree.children(node)
+        return np.concatenate([[node], np.flatnonzero(drafted.valid[kids]) + kids.start])
+
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""
         t0 = time.perf_counter()
@@ -475,13 +490,17 @@ class TreeDecoder(_Decoder):
         hidden = self.target_hidden(seq, drafted)  # [N + 1, H]
         t2 = time.perf_counter()
         head_time = 0.0
+        head_rows: dict[int, np.ndarray] = {}  # node -> target logits [V], computed ahead
 
         def target_probs(node: int) -> SupportProbs:  # p(. | path to node), for visited nodes
             nonlocal head_time
-            start = time.perf_counter()
-            logits = self.target.logits(hidden[node + 1 : node + 2])[0]
-            head_time += time.perf_counter() - start
-            return self.sampling.row_probs(logits)
+            if node not in head_rows:
+                start = time.perf_counter()
+                batch = self._head_batch(node, drafted)
+                logits = self.target.logits(hidden[torch.as_tensor(batch + 1)])  # [rows, V]
+                head_rows.update(zip(batch.tolist(), logits))
+                head_time += time.perf_counter() - start
+            return self.sampling.row_probs(head_rows.pop(node))
 
         if self.sequence_method is None:
             result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)

@@ -47,25 +47,27 @@ def supports_static(model) -> bool:
     )
 
 
-MATMULS = ("auto", "torch", "numpy")
+MATMULS = ("auto", "torch", "numpy", "numba")
 NUMPY_MATMUL_MAX_BYTES = 4 * 2**30  # "auto": the BLAS copies of larger models would cost too much memory
 
 
 def choose_matmul(model, matmul: str = "auto") -> str:
-    """The projection backend: "numpy" (OpenBLAS through numpy, on transposed weight copies) or
-    "torch" (``F.linear``); "auto" takes numpy for a float32 model on the CPU of at most
+    """The forward's backend: "torch" (``F.linear`` and torch operations), "numpy" (projections
+    by OpenBLAS through numpy on transposed weight copies, the rest in torch) or "numba" (each
+    decoder layer one compiled call, ``mdsd.engine._llama_numba``: weight panels for 2-8 rows,
+    the BLAS otherwise); "auto" takes numba for a float32 model on the CPU of at most
     ``NUMPY_MATMUL_MAX_BYTES`` of weights, else torch. Raises ValueError naming ``matmul``."""
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {list(MATMULS)}, got {matmul!r}")
     cpu_float32 = model.device.type == "cpu" and model.dtype == torch.float32
-    if matmul == "numpy" and not cpu_float32:
+    if matmul in ("numpy", "numba") and not cpu_float32:
         raise ValueError(
-            f"matmul 'numpy' needs a float32 model on the CPU, got {model.dtype} on {model.device}"
+            f"matmul {matmul!r} needs a float32 model on the CPU, got {model.dtype} on {model.device}"
         )
     if matmul != "auto":
         return matmul
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return "numpy" if cpu_float32 and size <= NUMPY_MATMUL_MAX_BYTES else "torch"
+    return "numba" if cpu_float32 and size <= NUMPY_MATMUL_MAX_BYTES else "torch"
 
 
 class _BlasThreads:
@@ -79,6 +81,7 @@ class _BlasThreads:
     """
 
     def __init__(self):
+        import scipy.linalg.cython_blas  # noqa: F401  (the BLAS of numba's np.dot, controlled too)
         from threadpoolctl import ThreadpoolController
 
         self._blas = ThreadpoolController().select(user_api="blas").lib_controllers
@@ -97,32 +100,56 @@ class _BlasThreads:
 
 
 class _Linear:
-    """y = x W^T (+ b) for x [m, in] -> [m, out], by ``F.linear`` or by numpy's BLAS.
+    """y = x W^T (+ b) for x [m, in] -> [m, out], by ``F.linear``, numpy's BLAS or the compiled
+    kernels (``matmul`` "torch", "numpy", "numba").
 
     The numpy form keeps W^T as a C-contiguous float32 array [in, out] (a copy made once) and
     multiplies the tensor's own memory, so no data moves between torch and numpy. On the AMD
     Zen 3 CPU of BENCHMARKS.md, OpenBLAS on this layout takes about half of torch's MKL time for one
-    row and a third for 2-16 rows (``benchmarks/bench_matmul.py``).
+    row and a third for 2-16 rows (``benchmarks/bench_matmul.py``). The numba form adds the
+    weight panels of ``mdsd.engine._panel_gemm.pack_panels`` (a few rows read each weight once).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul: str):
         weight = weight.detach()
+        self.matmul = matmul
         self.bias = None if bias is None else bias.detach()
-        self.weight = None if matmul == "numpy" else weight  # [out, in]
-        self.weight_t = weight.t().contiguous().numpy() if matmul == "numpy" else None  # [in, out]
+        self.weight = weight if matmul == "torch" else None  # [out, in]
+        self.weight_t = None if matmul == "torch" else weight.t().contiguous().numpy()  # [in, out]
+        self.panels = None  # [P, in, PANEL]
+        self.bias_np = np.zeros(0, np.float32) if bias is None else self.bias.numpy()
+        if matmul == "numba":
+            from mdsd.engine._panel_gemm import gemm_kernel, pack_panels
+
+            self.panels = pack_panels(self.weight_t)
+            self.gemm = gemm_kernel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is None:
             return F.linear(x, self.weight, self.bias)
-        out = torch.from_numpy(x.contiguous().numpy() @ self.weight_t)
-        return out if self.bias is None else out + self.bias
+        return torch.from_numpy(self.numpy(x))
 
     def numpy(self, x: torch.Tensor) -> np.ndarray:
         """The product as float32 numpy [m, out] (the output layer's form)."""
         if self.weight_t is None:
             return self(x).float().cpu().numpy()
+        if self.panels is not None:
+            return _compiled().project(
+                x.contiguous().numpy(), self.panels, self.weight_t, self.bias_np, self.gemm
+            )
         out = x.contiguous().numpy() @ self.weight_t
-        return out if self.bias is None else out + self.bias.numpy()
+        return out if self.bias is None else out + self.bias_np
+
+    def compiled(self) -> tuple:
+        """(panels, W^T, bias) for the compiled layer (bias empty when there is none)."""
+        return self.panels, self.weight_t, self.bias_np
+
+
+def _compiled():
+    """The compiled decoder kernels (imported on first use: numba's import costs ~0.3 s)."""
+    from mdsd._optional import compiled_module
+
+    return compiled_module("mdsd.engine._llama_numba")
 
 
 class _Norm:
@@ -190,10 +217,36 @@ class StaticLlamaRunner(ModelRunner):
         self._final_norm = _Norm(body.norm, self.dtype)
         self._layers = [_fuse(layer, self.dtype, self.matmul) for layer in body.layers]
         self._output = _Linear(self._head.weight, getattr(self._head, "bias", None), self.matmul)
+        self._compiled_layers = self._compiled_weights() if self.matmul == "numba" else None
         self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
         self._rotary_table = None  # (cos, sin) [capacity, 1, head_dim] when the RoPE is static
         self._length = 0
+
+    def _compiled_weights(self) -> list[tuple]:
+        """Per layer, the arrays of ``_llama_numba.decoder_layer`` (numpy views, no copies but
+        the panels); sets the embedding table and final norm the compiled forward reads."""
+        norms = [self._final_norm] + [
+            n for layer in self._layers for n in (layer.input_norm, layer.post_norm)
+        ]
+        eps = {n.eps for n in norms}
+        if not all(n.fused for n in norms) or len(eps) != 1:
+            raise ValueError("matmul 'numba' needs RMSNorm layers with a weight and one epsilon")
+        self._eps = eps.pop()
+        self._gemm = self._output.gemm
+        self._embed_table = self._embed.weight.detach().numpy()  # [V, hidden]
+        self._final_norm_weight = self._final_norm.module.weight.detach().numpy()
+        return [
+            (
+                layer.input_norm.module.weight.detach().numpy(),
+                *layer.qkv.compiled(),
+                *layer.out.compiled(),
+                layer.post_norm.module.weight.detach().numpy(),
+                *layer.gate_up.compiled()[:2],
+                *layer.down.compiled()[:2],
+            )
+            for layer in self._layers
+        ]
 
     # ------------------------------------------------------------------ cache
     def reset(self, capacity: int | None = None) -> None:
@@ -243,15 +296,64 @@ class StaticLlamaRunner(ModelRunner):
 
     def _hidden(self, ids, keep: int, attention_mask=None, position_ids=None) -> torch.Tensor:
         with self._threads:
+            if self._compiled_layers is not None:
+                return self._forward_compiled(ids, keep, attention_mask, position_ids)
             return self._forward(ids, keep, attention_mask, position_ids)
+
+    def _check_capacity(self, end: int) -> None:
+        if self._keys is None or end > self._keys.shape[2]:
+            capacity = 0 if self._keys is None else self._keys.shape[2]
+            raise ValueError(f"the static cache holds {capacity} positions; this forward needs {end}")
+
+    def _forward_compiled(self, ids, keep: int, attention_mask, position_ids) -> torch.Tensor:
+        """``_forward``'s steps with each decoder layer one compiled call (matmul "numba")."""
+        kernels = _compiled()
+        start, m = self._length, len(ids)
+        end = start + m
+        self._check_capacity(end)
+        x = self._embed_table[np.asarray(ids, dtype=np.int64)]  # [m, hidden]
+        if position_ids is None:
+            positions = np.arange(start, end)
+        else:
+            positions = position_ids[0].cpu().numpy()
+        if self._rotary_table is not None:
+            cos, sin = (table[positions, 0].numpy() for table in self._rotary_table)  # [m, d]
+        else:
+            cos, sin = self._rotary(torch.from_numpy(x), torch.as_tensor(positions)[None])
+            cos, sin = cos[0].numpy(), sin[0].numpy()  # [m, d]
+        if attention_mask is None:
+            mask = np.zeros((0, 0), dtype=np.float32)
+        else:
+            mask = np.ascontiguousarray(attention_mask[0, 0].numpy())  # [m, end]
+        causal = attention_mask is None and m > 1
+        keys, values = self._keys.numpy(), self._values.numpy()  # [layers, H_kv, capacity, d]
+        layer = kernels.decoder_layer if m <= kernels.PANEL_MAX_ROWS else kernels.decoder_layer_blas
+        for i, weights in enumerate(self._compiled_layers):
+            x = layer(
+                x,
+                weights,
+                keys[i],
+                values[i],
+                start,
+                mask,
+                causal,
+                cos,
+                sin,
+                self.heads,
+                self.kv_heads,
+                self._eps,
+                self._gemm,
+            )
+        self._length = end
+        self.calls += 1
+        last = np.ascontiguousarray(x[-keep:])
+        return torch.from_numpy(kernels.rms_norm(last, self._final_norm_weight, self._eps))
 
     def _forward(self, ids, keep: int, attention_mask, position_ids) -> torch.Tensor:
         start = self._length
         m = len(ids)
         end = start + m
-        if self._keys is None or end > self._keys.shape[2]:
-            capacity = 0 if self._keys is None else self._keys.shape[2]
-            raise ValueError(f"the static cache holds {capacity} positions; this forward needs {end}")
+        self._check_capacity(end)
         tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device)  # [m]
         if position_ids is None:
             position_ids = torch.arange(start, end, device=self.device)[None]

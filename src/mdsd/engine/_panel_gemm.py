@@ -1,0 +1,148 @@
+"""Small-M matrix products x [m, in] @ W^T [in, out] at the memory bound of one row (m <= 6).
+
+A decoder forward over the few tokens of a draft tree multiplies 2-16 rows by every weight
+matrix. General BLAS kernels pack the weights on every call and, on the CPU of BENCHMARKS.md,
+take 1.9-2.2x the time of one row for 2-8 rows (``benchmarks/bench_matmul.py``), although the
+arithmetic is a small fraction of the time it takes to read the weights once. This kernel reads
+them once for all rows:
+
+- W^T is stored once, at load, as *panels* [P, in, PANEL]: column block c of W^T is the
+  contiguous array ``panels[c]`` (the last block zero-padded), so one product streams every
+  weight exactly once, in memory order;
+- per panel, the ``rows x PANEL`` outputs stay in vector registers (``rows * PANEL / 8``
+  accumulators of eight floats) while k runs over the input dimension: for each k, two vector
+  loads of ``panels[c, k]``, one broadcast of ``x[r, k]`` per row and fused multiply-adds.
+
+numba cannot hold such a tile in registers (its arrays live in memory; its superword vectoriser
+is off by default), so the kernel is written as LLVM IR (one function per row count 1..6 and a
+dispatcher on the row count) and compiled for the host CPU by llvmlite, numba's own LLVM binding.
+``gemm_kernel()`` returns it as a ctypes function, which numba code calls as a first-class
+function (``mdsd.engine._llama_numba.project``). Each output is the in-order sum over k of
+float32 fused multiply-adds: deterministic, equal to a float64 product to float32 rounding
+(tests/engine/test_runner.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+PANEL = 16  # output columns per panel: two vectors of eight float32
+MAX_ROWS = 6  # rows per pass (12 accumulator + 2 weight + 1 broadcast vector registers of 16)
+
+GEMM_SIGNATURE = ctypes.CFUNCTYPE(
+    None,
+    ctypes.c_void_p,  # x [rows, k_dim] float32, C order
+    ctypes.c_void_p,  # panels [n_panels, k_dim, PANEL] float32
+    ctypes.c_void_p,  # out [rows, out_stride] float32 (columns 0 .. n_panels * PANEL - 1 written)
+    ctypes.c_int64,  # rows: 1 .. MAX_ROWS (other values: nothing is written)
+    ctypes.c_int64,  # n_panels >= 1
+    ctypes.c_int64,  # k_dim >= 1
+    ctypes.c_int64,  # out_stride: floats between output rows
+)
+
+
+def pack_panels(weight_t: np.ndarray) -> np.ndarray:
+    """W^T [in, out] -> float32 panels [ceil(out / PANEL), in, PANEL], the last zero-padded."""
+    k_dim, cols = weight_t.shape
+    blocks = -(-cols // PANEL)
+    padded = np.zeros((k_dim, blocks * PANEL), dtype=np.float32)
+    padded[:, :cols] = weight_t
+    return np.ascontiguousarray(padded.reshape(k_dim, blocks, PANEL).transpose(1, 0, 2))
+
+
+def _rows_kernel_ir(rows: int) -> list[str]:
+    """LLVM IR of ``gemm_r{rows}``: for each panel p, for k in 0..K-1,
+    acc[r] += broadcast(x[r, k]) * panels[p, k, :] (two <8 x float> per row), then store."""
+    acc = [(r, c) for r in range(rows) for c in range(2)]
+    ir = [
+        f"define internal void @gemm_r{rows}(ptr noalias nocapture readonly %x, "
+        "ptr noalias nocapture readonly %w, ptr noalias nocapture %out, i64 %P, i64 %K, i64 %ldo) {",
+        "entry:",
+    ]
+    ir += [f"  %xrow{r} = mul i64 %K, {r}\n  %orow{r} = mul i64 %ldo, {r}" for r in range(rows)]
+    ir += ["  br label %panel", "panel:", "  %p = phi i64 [0, %entry], [%p.next, %store]"]
+    ir += ["  %pbase = mul i64 %p, %K", "  br label %inner", "inner:"]
+    ir += ["  %k = phi i64 [0, %panel], [%k.next, %inner]"]
+    ir += [f"  %a{r}.{c} = phi <8 x float> [zeroinitializer, %panel], [%n{r}.{c}, %inner]" for r, c in acc]
+    ir += [
+        "  %wrow = add i64 %pbase, %k",
+        f"  %w.at0 = mul i64 %wrow, {PANEL}",
+        "  %w.at1 = add i64 %w.at0, 8",
+    ]
+    for c in range(2):
+        ir += [f"  %w.ptr{c} = getelementptr float, ptr %w, i64 %w.at{c}"]
+        ir += [f"  %w{c} = load <8 x float>, ptr %w.ptr{c}, align 4"]
+    for r in range(rows):
+        ir += [
+            f"  %x.at{r} = add i64 %xrow{r}, %k",
+            f"  %x.ptr{r} = getelementptr float, ptr %x, i64 %x.at{r}",
+            f"  %x{r} = load float, ptr %x.ptr{r}, align 4",
+            f"  %x.ins{r} = insertelement <8 x float> poison, float %x{r}, i64 0",
+            f"  %xb{r} = shufflevector <8 x float> %x.ins{r}, <8 x float> poison, <8 x i32> zeroinitializer",
+        ]
+        ir += [
+            f"  %n{r}.{c} = call <8 x float> @llvm.fma.v8f32(<8 x float> %xb{r}, <8 x float> %w{c}, "
+            f"<8 x float> %a{r}.{c})"
+            for c in range(2)
+        ]
+    ir += ["  %k.next = add i64 %k, 1", "  %k.done = icmp eq i64 %k.next, %K"]
+    ir += ["  br i1 %k.done, label %store, label %inner", "store:", f"  %col = mul i64 %p, {PANEL}"]
+    for r, c in acc:
+        ir += [
+            f"  %o.base{r}.{c} = add i64 %orow{r}, %col",
+            f"  %o.at{r}.{c} = add i64 %o.base{r}.{c}, {8 * c}",
+            f"  %o.ptr{r}.{c} = getelementptr float, ptr %out, i64 %o.at{r}.{c}",
+            f"  store <8 x float> %n{r}.{c}, ptr %o.ptr{r}.{c}, align 4",
+        ]
+    ir += ["  %p.next = add i64 %p, 1", "  %p.done = icmp eq i64 %p.next, %P"]
+    ir += ["  br i1 %p.done, label %exit, label %panel", "exit:", "  ret void", "}"]
+    return ir
+
+
+def module_ir() -> str:
+    """The LLVM IR module: ``gemm_r1`` .. ``gemm_r{MAX_ROWS}`` and the exported dispatcher
+    ``mdsd_panel_gemm(x, panels, out, rows, n_panels, k_dim, out_stride)``."""
+    ir = ["declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)", ""]
+    for rows in range(1, MAX_ROWS + 1):
+        ir += _rows_kernel_ir(rows) + [""]
+    cases = " ".join(f"i64 {r}, label %rows{r}" for r in range(1, MAX_ROWS + 1))
+    ir += [
+        "define void @mdsd_panel_gemm(ptr %x, ptr %w, ptr %out, i64 %rows, i64 %P, i64 %K, i64 %ldo) {",
+        "entry:",
+        f"  switch i64 %rows, label %exit [{cases}]",
+    ]
+    for r in range(1, MAX_ROWS + 1):
+        ir += [f"rows{r}:", f"  call void @gemm_r{r}(ptr %x, ptr %w, ptr %out, i64 %P, i64 %K, i64 %ldo)"]
+        ir += ["  br label %exit"]
+    ir += ["exit:", "  ret void", "}"]
+    return "\n".join(ir)
+
+
+@functools.cache
+def _compiled() -> tuple:
+    """(execution engine, ctypes function): compiled once per process for the host CPU (~50 ms).
+    The engine owns the machine code, so it is kept alive with the function."""
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    machine = llvm.Target.from_default_triple().create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
+    )
+    module = llvm.parse_assembly(module_ir())
+    module.verify()
+    engine = llvm.create_mcjit_compiler(module, machine)
+    engine.finalize_object()
+    return engine, GEMM_SIGNATURE(engine.get_function_address("mdsd_panel_gemm"))
+
+
+def gemm_kernel():
+    """The compiled kernel (a ctypes function of ``GEMM_SIGNATURE``), or None where llvmlite
+    cannot compile for this machine (the forward then uses numpy's BLAS)."""
+    try:
+        return _compiled()[1]
+    except Exception:  # pragma: no cover - llvmlite ships with numba for every supported CPU
+        return None
