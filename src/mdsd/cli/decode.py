@@ -55,8 +55,8 @@ MatmulOpt = Annotated[
     str,
     typer.Option(
         "--matmul",
-        help="Projection backend of the lean forward: auto (numpy's BLAS for float32 on the CPU, "
-        "else torch), numpy, torch.",
+        help="Backend of the lean forward: auto (numba for float32 on the CPU, else torch), numba "
+        "(compiled layers, small-row products on weight panels), numpy (numpy's BLAS), torch.",
     ),
 ]
 NoEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end of sequence.", metavar="")]

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mdsd.engine.decode import HEAD_BATCH_ROWS
 from mdsd.engine.walk import RuleBook, draft_children, verify_node
 from mdsd.sampling import categorical
 
@@ -74,14 +75,17 @@ class CostModel:
     layer and the sampling transform on every row, as a tree level does), each timed right after
     a forward of the other model, as the decoding loop alternates them (which evicts the weights
     from the CPU caches); head_s: output layer
-    and transform of one visited target row; verify_s[n - 1]: one node verification with n
-    drafts; sample_s: one draw from the target (plain sampling's per-token extra).
+    and transform of one visited target row; head_rows_s[r - 1]: the output layer alone on r
+    rows at once (a small tree's rows, ``decode.HEAD_BATCH_ROWS``); verify_s[n - 1]: one node
+    verification with n drafts; sample_s: one draw from the target (plain sampling's per-token
+    extra).
     """
 
     tokens: tuple[int, ...]
     target_s: tuple[float, ...]
     draft_s: tuple[float, ...]
     head_s: float
+    head_rows_s: tuple[float, ...]
     verify_s: tuple[float, ...]
     sample_s: float
     autoregressive_s: float  # the target's 1-token forward alone (no draft in between)
@@ -150,11 +154,13 @@ def predict(widths: tuple[int, ...], calibration: Calibration) -> TreeChoice:
     level_sizes = list(itertools.accumulate(widths, lambda a, b: a * b))
     e = expected_tokens(widths, rates)
     verify = float(np.mean([cost.verify_s[w - 1] for w in widths]))
+    rows = 1 + sum(level_sizes)
+    if rows <= len(cost.head_rows_s):  # one output-layer call on every row, a transform per visit
+        head = cost.head_rows_s[rows - 1] + e * (cost.head_s - cost.head_rows_s[0])
+    else:
+        head = e * cost.head_s
     step = (
-        cost.draft(1)
-        + sum(cost.draft(m) for m in level_sizes[:-1])
-        + cost.target(1 + sum(level_sizes))
-        + e * (cost.head_s + verify)
+        cost.draft(1) + sum(cost.draft(m) for m in level_sizes[:-1]) + cost.target(rows) + head + e * verify
     )
     return TreeChoice(tuple(widths), float(e), float(step), float(e / step), ar)
 
@@ -291,6 +297,8 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
     decoder.target.reset(len(context) + 1)
     hidden = decoder.target.causal_hidden(np.asarray(context), keep=1)
     head_s = _median_time(lambda: row_probs(decoder.target.logits(hidden)[0]))
+    stacked = [hidden.expand(r, -1).contiguous() for r in range(1, HEAD_BATCH_ROWS + 1)]  # [r, H]
+    head_rows_s = tuple(_median_time(lambda h=h: decoder.target.logits(h)) for h in stacked)
     p0 = targets[0]
     sample_s = _median_time(lambda: categorical(p0.values, rng))
     verify_s = []
@@ -303,7 +311,14 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
             _median_time(lambda c=cases: [verify_node(p, q, k, r, rng) for p, q, k, r in c]) / len(cases)
         )
     return CostModel(
-        counts, tuple(target_s), tuple(draft_s), head_s, tuple(verify_s), sample_s, autoregressive_s
+        counts,
+        tuple(target_s),
+        tuple(draft_s),
+        head_s,
+        head_rows_s,
+        tuple(verify_s),
+        sample_s,
+        autoregressive_s,
     )
 
 

@@ -472,15 +472,14 @@ class TreeDecoder(_Decoder):
         """The nodes (-1: root) whose target logits are computed with ``node``'s, [rows].
 
         The output layer reads its whole weight matrix per call, and a call on a few rows costs
-        little more than on one (``mdsd.engine._panel_gemm``). The walk visits a node, then
-        one of its children: for a tree of at most ``HEAD_BATCH_ROWS`` rows every valid node is
-        computed at the first visit; otherwise a visited node comes with its valid children.
+        little more than on one (``mdsd.engine._panel_gemm``): for a tree of at most
+        ``HEAD_BATCH_ROWS`` rows, every valid node is computed when the root is visited; in
+        larger trees, one visited node per call.
         """
         valid = np.flatnonzero(drafted.valid)
-        if valid.size + 1 <= HEAD_BATCH_ROWS:
-            return np.concatenate([[-1], valid]) if node == -1 else np.asarray([node])
-        kids = self.tree.children(node)
-        return np.concatenate([[node], np.flatnonzero(drafted.valid[kids]) + kids.start])
+        if node == -1 and valid.size + 1 <= HEAD_BATCH_ROWS:
+            return np.concatenate([[-1], valid])
+        return np.asarray([node])
 
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""

@@ -71,7 +71,7 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
-        self.hidden = torch.finfo(self.dtype).min
+        self.hidden = float(torch.finfo(self.dtype).min)  # the additive masks' "not visible"
         self._body = model.base_model  # the decoder stack without the output layer
         self._head = model.get_output_embeddings()
         params = inspect.signature(self._body.forward).parameters
@@ -160,22 +160,22 @@ class ModelRunner:
         self,
         ids: np.ndarray,
         num_causal: int,
-        tree_mask: torch.Tensor,
+        tree_mask: np.ndarray,
         node_depths: np.ndarray,
         root_position: int,
         keep: int,
     ) -> torch.Tensor:
         """Forward ``ids`` = num_causal committed tokens, then T tree nodes; hidden [keep, H].
 
-        tree_mask: [T, C_tree] additive float over the keys that belong to the tree (the last
-            C_tree keys, ending with these nodes); tree nodes see every earlier key.
+        tree_mask: [T, C_tree] additive float32 (``additive``) over the keys that belong to the
+            tree (the last C_tree keys, ending with these nodes); tree nodes see every earlier key.
         node_depths: [T] depth of each node; its position id is root_position + depth.
         root_position: position of the root (the last committed token).
         """
         cached = self.cached
         total_new = len(ids)
         keys = cached + total_new
-        mask = torch.zeros((total_new, keys), dtype=self.dtype, device=self.device)
+        mask = np.zeros((total_new, keys), dtype=np.float32)  # [new, keys] additive
         if num_causal > 1:  # causal block of the committed tokens
             mask[:num_causal, cached : cached + num_causal] = self._causal_block(num_causal)
         if num_causal > 0:  # committed tokens never see the tree
@@ -185,23 +185,29 @@ class ModelRunner:
             [np.arange(cached, cached + num_causal), root_position + np.asarray(node_depths)]
         )
         assert positions.size == total_new and total_new - num_causal == len(node_depths)
-        return self._timed(
+        start = time.perf_counter()
+        out = self._masked_hidden(ids, keep, mask, positions)
+        self.model_time += time.perf_counter() - start
+        return out
+
+    def _masked_hidden(self, ids, keep: int, mask: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """The forward of ``tree_hidden`` under an additive float32 mask [new, keys] and explicit
+        position ids [new]."""
+        return self._hidden(
             ids,
             keep,
-            attention_mask=mask[None, None],
+            attention_mask=torch.from_numpy(mask).to(device=self.device, dtype=self.dtype)[None, None],
             position_ids=torch.as_tensor(positions, dtype=torch.long, device=self.device)[None],
         )
 
-    def _causal_block(self, size: int) -> torch.Tensor:
-        """[size, size] additive causal mask (hidden above the diagonal)."""
-        full = torch.full((size, size), self.hidden, dtype=self.dtype, device=self.device)
-        return torch.triu(full, diagonal=1)
+    def _causal_block(self, size: int) -> np.ndarray:
+        """[size, size] additive causal mask (hidden above the diagonal), float32."""
+        return np.triu(np.full((size, size), self.hidden, dtype=np.float32), k=1)
 
-    def additive(self, visible: np.ndarray) -> torch.Tensor:
-        """Bool visibility [..] -> additive float mask on the model's device and dtype."""
-        out = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        out[torch.as_tensor(~visible, device=self.device)] = self.hidden
-        return out
+    def additive(self, visible: np.ndarray) -> np.ndarray:
+        """Bool visibility [..] -> additive float32 mask (0 visible, ``hidden`` not): exact in
+        the model's dtype, the dtype's most negative finite number."""
+        return np.where(visible, np.float32(0.0), np.float32(self.hidden))
 
 
 def check_tree_attention(runner: ModelRunner, name: str, vocab: int, seed: int = 0) -> None:

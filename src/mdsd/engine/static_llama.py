@@ -64,10 +64,16 @@ def choose_matmul(model, matmul: str = "auto") -> str:
         raise ValueError(
             f"matmul {matmul!r} needs a float32 model on the CPU, got {model.dtype} on {model.device}"
         )
+    from mdsd.engine._panel_gemm import gemm_kernel
+
+    if matmul == "numba" and gemm_kernel() is None:
+        raise ValueError("matmul 'numba': llvmlite cannot compile the panel kernel here; use 'numpy'")
     if matmul != "auto":
         return matmul
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return "numba" if cpu_float32 and size <= NUMPY_MATMUL_MAX_BYTES else "torch"
+    if not cpu_float32 or size > NUMPY_MATMUL_MAX_BYTES:
+        return "torch"
+    return "numba" if gemm_kernel() is not None else "numpy"
 
 
 class _BlasThreads:
@@ -123,6 +129,7 @@ class _Linear:
 
             self.panels = pack_panels(self.weight_t)
             self.gemm = gemm_kernel()
+            self._project = _compiled().project
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_t is None:
@@ -134,9 +141,7 @@ class _Linear:
         if self.weight_t is None:
             return self(x).float().cpu().numpy()
         if self.panels is not None:
-            return _compiled().project(
-                x.contiguous().numpy(), self.panels, self.weight_t, self.bias_np, self.gemm
-            )
+            return self._project(x.contiguous().numpy(), self.panels, self.weight_t, self.bias_np, self.gemm)
         out = x.contiguous().numpy() @ self.weight_t
         return out if self.bias is None else out + self.bias_np
 
@@ -221,6 +226,7 @@ class StaticLlamaRunner(ModelRunner):
         self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
         self._rotary_table = None  # (cos, sin) [capacity, 1, head_dim] when the RoPE is static
+        self._rotary_numpy = None  # the same as numpy [capacity, head_dim]
         self._length = 0
 
     def _compiled_weights(self) -> list[tuple]:
@@ -233,6 +239,7 @@ class StaticLlamaRunner(ModelRunner):
         if not all(n.fused for n in norms) or len(eps) != 1:
             raise ValueError("matmul 'numba' needs RMSNorm layers with a weight and one epsilon")
         self._eps = eps.pop()
+        self._kernels = _compiled()
         self._gemm = self._output.gemm
         self._embed_table = self._embed.weight.detach().numpy()  # [V, hidden]
         self._final_norm_weight = self._final_norm.module.weight.detach().numpy()
@@ -256,6 +263,8 @@ class StaticLlamaRunner(ModelRunner):
             self._keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self._values = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self._rotary_table = self._static_rotary(capacity)
+            if self._rotary_table is not None:  # the compiled forward's [capacity, d] copies
+                self._rotary_numpy = tuple(t[:, 0].contiguous().numpy() for t in self._rotary_table)
         self._length = 0
 
     def _static_rotary(self, capacity: int):
@@ -296,8 +305,8 @@ class StaticLlamaRunner(ModelRunner):
 
     def _hidden(self, ids, keep: int, attention_mask=None, position_ids=None) -> torch.Tensor:
         with self._threads:
-            if self._compiled_layers is not None:
-                return self._forward_compiled(ids, keep, attention_mask, position_ids)
+            if self._compiled_layers is not None:  # a causal forward (tree forwards: _masked_hidden)
+                return self._forward_compiled(ids, keep)
             return self._forward(ids, keep, attention_mask, position_ids)
 
     def _check_capacity(self, end: int) -> None:
@@ -305,27 +314,28 @@ class StaticLlamaRunner(ModelRunner):
             capacity = 0 if self._keys is None else self._keys.shape[2]
             raise ValueError(f"the static cache holds {capacity} positions; this forward needs {end}")
 
-    def _forward_compiled(self, ids, keep: int, attention_mask, position_ids) -> torch.Tensor:
-        """``_forward``'s steps with each decoder layer one compiled call (matmul "numba")."""
-        kernels = _compiled()
+    def _masked_hidden(self, ids, keep: int, mask: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        if self._compiled_layers is None:
+            return super()._masked_hidden(ids, keep, mask, positions)
+        with self._threads:
+            return self._forward_compiled(ids, keep, mask, positions)
+
+    def _forward_compiled(self, ids, keep: int, mask=None, positions=None) -> torch.Tensor:
+        """``_forward``'s steps with each decoder layer one compiled call (matmul "numba");
+        ``mask`` additive float32 [m, end] (None: causal), ``positions`` [m] (None: next)."""
+        kernels = self._kernels
         start, m = self._length, len(ids)
         end = start + m
         self._check_capacity(end)
         x = self._embed_table[np.asarray(ids, dtype=np.int64)]  # [m, hidden]
-        if position_ids is None:
-            positions = np.arange(start, end)
-        else:
-            positions = position_ids[0].cpu().numpy()
-        if self._rotary_table is not None:
-            cos, sin = (table[positions, 0].numpy() for table in self._rotary_table)  # [m, d]
+        positions = np.arange(start, end) if positions is None else positions
+        if self._rotary_numpy is not None:
+            cos, sin = (table[positions] for table in self._rotary_numpy)  # [m, d]
         else:
             cos, sin = self._rotary(torch.from_numpy(x), torch.as_tensor(positions)[None])
             cos, sin = cos[0].numpy(), sin[0].numpy()  # [m, d]
-        if attention_mask is None:
-            mask = np.zeros((0, 0), dtype=np.float32)
-        else:
-            mask = np.ascontiguousarray(attention_mask[0, 0].numpy())  # [m, end]
-        causal = attention_mask is None and m > 1
+        causal = mask is None and m > 1
+        mask = np.zeros((0, 0), dtype=np.float32) if mask is None else mask
         keys, values = self._keys.numpy(), self._values.numpy()  # [layers, H_kv, capacity, d]
         layer = kernels.decoder_layer if m <= kernels.PANEL_MAX_ROWS else kernels.decoder_layer_blas
         for i, weights in enumerate(self._compiled_layers):
@@ -361,7 +371,7 @@ class StaticLlamaRunner(ModelRunner):
             mask = attention_mask  # [1, 1, m, end] additive
         elif m > 1:  # causal block over the new tokens
             mask = torch.zeros((m, end), dtype=self.dtype, device=self.device)
-            mask[:, start:] = self._causal_block(m)
+            mask[:, start:] = torch.from_numpy(self._causal_block(m)).to(self.device, self.dtype)
             mask = mask[None, None]
         else:
             mask = None
