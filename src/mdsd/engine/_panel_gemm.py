@@ -1,4 +1,4 @@
-"""Small-M matrix products x [m, in] @ W^T [in, out] at the memory bound of one row (m <= 6).
+"""Small-M matrix products x [m, in] @ W^T [in, out] at the memory bound of one row (m <= 6 per pass).
 
 A decoder forward over the few tokens of a draft tree multiplies 2-16 rows by every weight
 matrix. General BLAS kernels pack the weights on every call and, on the CPU of BENCHMARKS.md,

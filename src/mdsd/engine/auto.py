@@ -270,35 +270,56 @@ def _median_time(fn, repeats: int = TIMING_REPEATS, setup=None) -> float:
     return float(np.median(times))
 
 
+def _interleaved_times(items: dict, repeats: int = TIMING_REPEATS) -> dict:
+    """Median seconds of each ``fn`` of ``items`` = {key: (fn, setup)}, timed in rounds (every
+    item once per round) so that a change of the machine's load during calibration affects every
+    item alike; ``setup()`` runs untimed right before its ``fn()``."""
+    for fn, _ in items.values():
+        fn()  # warm-up
+    times = {key: [] for key in items}
+    for _ in range(repeats):
+        for key, (fn, setup) in items.items():
+            setup()
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: float(np.median(t)) for key, t in times.items()}
+
+
 def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> CostModel:
+    """Forwards and output layers are timed as the loops run them: plain sampling's forward right
+    after another target forward; a tree's target forward right after a draft forward, a draft
+    level right after a target forward (which evicts the draft's weights from the CPU caches);
+    the target's output layer right after a target forward of the body."""
     vocab = decoder.vocab
     context = contexts[0]
     row_probs = decoder.sampling.row_probs
     counts = tuple(m for m in TOKEN_COUNTS if m <= MAX_NODES + 1)
-    target_s, draft_s = [], []
     for runner in (decoder.target, decoder.draft):
         runner.reset(len(context) + max(counts) + 1)
         runner.causal_hidden(np.asarray(context[:-1]), keep=1)  # the prefill is not timed
     one = rng.integers(0, vocab, size=1)
-
-    autoregressive_s = _median_time(lambda: _tree_forward(decoder.target, context, one, None))
-
-    def other(runner):  # the other model's 1-token forward: the loop alternates the two models
-        return lambda: _tree_forward(runner, context, one, None)
-
-    for runner, probs, out, evict in (
-        (decoder.target, None, target_s, other(decoder.draft)),
-        (decoder.draft, row_probs, draft_s, other(decoder.target)),
-    ):
-        for m in counts:
-            tokens = rng.integers(0, vocab, size=m)
-            fn = lambda r=runner, t=tokens, f=probs: _tree_forward(r, context, t, f)  # noqa: E731
-            out.append(_median_time(fn, setup=evict))
-    decoder.target.reset(len(context) + 1)
-    hidden = decoder.target.causal_hidden(np.asarray(context), keep=1)
-    head_s = _median_time(lambda: row_probs(decoder.target.logits(hidden)[0]))
+    target_one = lambda: _tree_forward(decoder.target, context, one, None)  # noqa: E731
+    draft_one = lambda: _tree_forward(decoder.draft, context, one, None)  # noqa: E731
+    hidden = decoder.target.causal_hidden(np.asarray(context[-1:]), keep=1)  # [1, H]
     stacked = [hidden.expand(r, -1).contiguous() for r in range(1, HEAD_BATCH_ROWS + 1)]  # [r, H]
-    head_rows_s = tuple(_median_time(lambda h=h: decoder.target.logits(h)) for h in stacked)
+    items = {"autoregressive": (target_one, target_one)}
+    for m in counts:
+        tokens = rng.integers(0, vocab, size=m)
+        items[("target", m)] = (lambda t=tokens: _tree_forward(decoder.target, context, t, None), draft_one)
+        items[("draft", m)] = (
+            lambda t=tokens: _tree_forward(decoder.draft, context, t, row_probs),
+            target_one,
+        )
+    items["head"] = (lambda: row_probs(decoder.target.logits(hidden)[0]), target_one)
+    for r, h in enumerate(stacked, start=1):
+        items[("head", r)] = (lambda h=h: decoder.target.logits(h), target_one)
+    seconds = _interleaved_times(items)
+    autoregressive_s = seconds["autoregressive"]
+    target_s = [seconds["target", m] for m in counts]
+    draft_s = [seconds["draft", m] for m in counts]
+    head_s = seconds["head"]
+    head_rows_s = tuple(seconds["head", r] for r in range(1, HEAD_BATCH_ROWS + 1))
     p0 = targets[0]
     sample_s = _median_time(lambda: categorical(p0.values, rng))
     verify_s = []
