@@ -16,7 +16,7 @@ def _calibration(rates, draft_s, target_s=(1.0, 1.1, 1.3, 1.6, 2.2, 3.4, 5.8)):
     tokens = (1, 2, 4, 8, 16, 32, 64)
     draft = tuple(draft_s * np.asarray(tokens) ** 0.2)
     head_rows = (0.008, 0.009, 0.010, 0.011, 0.012, 0.013)  # the output layer on 1..6 rows at once
-    cost = CostModel(tokens, tuple(target_s), draft, 0.01, head_rows, (0.01,) * 4, 0.0, target_s[0])
+    cost = CostModel(tokens, tuple(target_s), draft, draft[0], 0.01, head_rows, (0.01,) * 4, 0.0, target_s[0])
     return Calibration(AcceptanceProfile(tuple(rates), 100), cost)
 
 
