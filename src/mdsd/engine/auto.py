@@ -38,7 +38,7 @@ import itertools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -385,6 +385,7 @@ def calibration_key(decoder, prompts) -> str:
         "verifier": decoder.book.verifier.name,
         "prompts": [str(p) for p in list(prompts)[:CALIBRATION_PROMPTS]],
         "limits": [CALIBRATION_TOKENS, MAX_WIDTH, TOKEN_COUNTS],
+        "cost_model": [f.name for f in fields(CostModel)],  # a calibration of an older layout is stale
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
