@@ -63,7 +63,9 @@ def main() -> None:
     ap.add_argument("--prompts-file", help="one prompt per line (default: bundled held-out prompts)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--matmul", default="auto", choices=["auto", "numba", "numpy", "torch"])
-    ap.add_argument("--matmul-baseline", choices=["numba", "numpy", "torch"], help="add an autoregressive row with it")
+    ap.add_argument(
+        "--matmul-baseline", choices=["numba", "numpy", "torch"], help="add an autoregressive row with it"
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.threads:
