@@ -423,8 +423,9 @@ def capture(
     many local processes, each with its own copy of the pair and ``config.threads`` torch threads
     (one by default); every file is the same as from one process, since each prompt is generated
     alone from its own seeded generator. ``lean``: generate through the engine's lean forward
-    where both models support it (:func:`lean_forwards`; about 3x faster on a CPU for the bundled
-    pair), else through the Hugging Face forward; the two agree to float32 rounding.
+    where both models support it (:func:`lean_forwards`; 1.7x less CPU time for the bundled
+    pair, ``benchmarks/bench_capture.py``), else through the Hugging Face forward; the two agree
+    to float32 rounding.
     """
     rows = load_prompts(config.prompts, config.num_prompts)
     cache_dir = cache_dir_for(Path(cache_root), config)
