@@ -241,8 +241,8 @@ def generate_rows(
 
     Each temperature's sequence is sampled with its own seeded generator (:func:`_row_rng`)
     until EOS or ``config.max_new_tokens`` tokens. ``forwards`` (:func:`lean_forwards`): the
-    lean runners, one sequence at a time over a cache that keeps the shared prompt; None: the
-    Hugging Face forward, the temperatures as one batch. Both compute the same logits to
+    lean runners, the temperatures as chains of one tree over the prompt; None: the Hugging
+    Face forward, the temperatures as one batch. Both compute the same logits to
     float32 rounding (tested), hence the same tokens but for a draw that falls within that
     rounding of a boundary.
     """
