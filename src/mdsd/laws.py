@@ -41,8 +41,10 @@ TOP_SELECT_MAX = 64  # top_tokens selects by partition up to this k, else it sor
 def top_tokens(draft_probs: np.ndarray, k: int) -> np.ndarray:
     """The k most probable tokens of each row, most probable first, ties by lower index.
 
-    draft_probs: [..., V] -> [..., k] int64. O(V) per row for small k: the k-th largest value v is
-    found by partition; the tokens above v and then the lowest-index tokens equal to v are taken.
+    draft_probs: [..., V] -> [..., k] int64. O(V) per row for small k, vectorised over the rows:
+    the k-th largest value v of each row is found by partition; the tokens above v and then the
+    lowest-index tokens equal to v are taken (the same tokens and order as a stable descending
+    sort, ``top_tokens_reference``).
     """
     q = np.asarray(draft_probs)
     vocab = q.shape[-1]
@@ -50,18 +52,15 @@ def top_tokens(draft_probs: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(q.shape[:-1] + (0,), dtype=np.int64)
     if k >= vocab or k > TOP_SELECT_MAX:
         return np.argsort(-q, axis=-1, kind="stable")[..., :k]
-    rows = q.reshape(-1, vocab)
-    out = np.empty((rows.shape[0], k), dtype=np.int64)
-    for b, row in enumerate(rows):
-        if b > 0 and np.array_equal(row, rows[b - 1]):  # batches often repeat one position
-            out[b] = out[b - 1]
-            continue
-        threshold = np.partition(row, vocab - k)[vocab - k]  # the k-th largest value
-        above = np.flatnonzero(row > threshold)
-        equal = np.flatnonzero(row == threshold)[: k - above.size]
-        chosen = np.concatenate([above, equal])
-        out[b] = chosen[np.lexsort((chosen, -row[chosen]))]
-    return out.reshape(q.shape[:-1] + (k,))
+    rows = q.reshape(-1, vocab)  # [R, V]
+    threshold = np.partition(rows, vocab - k, axis=-1)[:, vocab - k, None]  # [R, 1] k-th largest
+    above = rows > threshold  # [R, V]
+    equal = rows == threshold
+    room = k - np.count_nonzero(above, axis=-1, keepdims=True)  # [R, 1] places left for ties
+    chosen = above | (equal & (np.cumsum(equal, axis=-1) <= room))  # exactly k per row
+    index = np.nonzero(chosen)[1].reshape(-1, k)  # [R, k] ascending ids
+    order = np.argsort(-np.take_along_axis(rows, index, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(index, order, axis=-1).reshape(q.shape[:-1] + (k,))
 
 
 def top_tokens_reference(draft_probs: np.ndarray, k: int) -> np.ndarray:

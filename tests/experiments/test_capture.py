@@ -59,3 +59,75 @@ def test_capture_on_processes_writes_the_same_files(tiny, tmp_path):
     assert json.loads((one.cache_dir / "meta.json").read_text()) == json.loads(
         (two.cache_dir / "meta.json").read_text()
     )
+
+
+def _tiny_pair(tiny):
+    from mdsd.models import load_pair
+
+    return load_pair(tiny["target"], tiny["draft"], device="cpu")
+
+
+def test_lean_capture_matches_the_hugging_face_forward(tiny, one_thread):
+    """The lean capture (the temperatures as chains of one tree through ``StaticLlamaRunner``)
+    gives the Hugging Face batched capture's tokens and, position by position, both models'
+    logits to float32 rounding. A second pass makes the most frequent generated token the EOS,
+    so chains stop at different lengths: the masks of unequal chains and the draft's single
+    forward over them are covered too."""
+    pair = _tiny_pair(tiny)
+    forwards = capture.lean_forwards(pair)
+    assert forwards is not None
+    config = measure_config(tiny, max_new_tokens=24, temperatures=(0.3, 0.7, 1.0, 1.5, 2.0))
+    temperatures = [float(t) for t in config.temperatures]
+    rows = load_prompts(config.prompts, config.num_prompts)
+
+    def compare() -> tuple[list[int], list[int]]:
+        lengths, generated = [], []
+        for row in rows:
+            hf = capture.generate_rows(pair, row, temperatures, config)
+            lean = capture.generate_rows(pair, row, temperatures, config, forwards)
+            for a, b in zip(hf, lean):
+                assert np.array_equal(a.tokens, b.tokens), row
+                for x, y in ((a.target_logits, b.target_logits), (a.draft_logits, b.draft_logits)):
+                    assert x.shape == y.shape == (a.tokens.size, 32) and x.dtype == y.dtype == np.float32
+                    scale = max(1.0, float(np.abs(x).max()))
+                    np.testing.assert_allclose(y, x, rtol=0, atol=2e-6 * scale)
+                lengths.append(a.tokens.size)
+                generated += a.tokens.tolist()
+        return lengths, generated
+
+    lengths, generated = compare()
+    assert set(lengths) == {24}  # the tiny models' own EOS is never drawn here
+    pair.tokenizer.eos_token = f"w{np.bincount(generated).argmax()}"
+    lengths, _ = compare()
+    assert len(set(lengths)) > 2 and min(lengths) < 24
+
+
+def test_capture_lean_switch_and_non_llama_models(tiny, tmp_path):
+    """``capture(lean=False)`` (the Hugging Face forward) writes the same tokens and logits to
+    float32 rounding as the default lean capture; a GPT-2 pair has no lean runner and is
+    captured through the Hugging Face forward."""
+    from mdsd.models import load_pair
+
+    from conftest import save_tiny_model
+
+    config = measure_config(tiny, top_k=8)
+    lean = capture.capture(config, tmp_path / "lean")
+    hf = capture.capture(config, tmp_path / "hf", lean=False)
+    files = sorted(lean.cache_dir.rglob("*.npz"))
+    assert len(files) == 8 and lean.positions == hf.positions
+    for fa in files:
+        with np.load(fa) as x, np.load(hf.cache_dir / fa.relative_to(lean.cache_dir)) as y:
+            assert np.array_equal(x["tokens"], y["tokens"])
+            for name in ("target", "draft"):
+                assert np.array_equal(x[f"{name}_index"], y[f"{name}_index"])
+                np.testing.assert_allclose(x[f"{name}_logits"], y[f"{name}_logits"], rtol=1e-5, atol=1e-5)
+
+    root = tmp_path / "gpt2"
+    gpt2 = {
+        "target": str(save_tiny_model(root / "target", vocab=32, hidden=16, layers=1, seed=2, kind="gpt2")),
+        "draft": str(save_tiny_model(root / "draft", vocab=32, hidden=16, layers=1, seed=3, kind="gpt2")),
+        "prompts": tiny["prompts"],
+    }
+    assert capture.lean_forwards(load_pair(gpt2["target"], gpt2["draft"], device="cpu")) is None
+    summary = capture.capture(measure_config(gpt2, num_prompts=1), tmp_path / "gpt2-cache")
+    assert summary.generated == 4 and summary.positions > 0

@@ -201,3 +201,22 @@ def test_results_identical_for_any_number_of_workers(measured, tiny, tmp_path):
     with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
         run_sweep(config, tmp_path / "dask", cache_root=cache, runner=dask_runner(cluster))
     assert one == (tmp_path / "dask" / "results.csv").read_bytes()
+
+
+def test_warm_kernels_changes_no_result(tiny, tmp_path):
+    """Compiling the analysis kernels on a process of their own during the capture
+    (``warm_kernels=True``) leaves results.csv byte-identical; the warm-up itself runs on both
+    cache forms (top-k and the full vocabulary)."""
+    from mdsd.experiments.parallel import warm_kernels, warm_positions
+
+    config = measure_config(tiny, temperatures=(1.0,), ns=(2, 3), laws=("iid", "without_replacement"))
+    run_sweep(config, tmp_path / "plain", cache_root=tmp_path / "cache-plain")
+    run = run_sweep(config, tmp_path / "warm", cache_root=tmp_path / "cache-warm", warm_kernels=True)
+    assert run["generated_files"] == 4 and run["warm_up_wait_s"] >= 0
+    assert (tmp_path / "plain" / "results.csv").read_bytes() == (
+        tmp_path / "warm" / "results.csv"
+    ).read_bytes()
+    for top_k in (None, 8):
+        positions = warm_positions(config.with_(top_k=top_k), 1.0)
+        assert (positions.target_index is None) == (top_k is None) and positions.count > 0
+        assert warm_kernels(config.with_(top_k=top_k)) > 0

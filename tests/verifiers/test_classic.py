@@ -147,6 +147,28 @@ def test_rrs_without_replacement_acceptance_exact():
         assert rrs_wor_acceptance_tree(p, q, n) == pytest.approx(exact, abs=1e-12)
 
 
+def test_rrs_without_replacement_two_drafts_near_one_hot_q():
+    """n = 2 with q's top token at 1 - 1.3e-8 (and p's elsewhere, near one-hot too, as at T = 0.1
+    in ``mdsd measure``): the second draft's law q_y / (1 - q_x) needs 1 - q_x summed from the
+    other tokens; as total - q_x it was 5e-9 off. Exact value in rational arithmetic."""
+    from fractions import Fraction
+
+    p = np.array([1 - 1.0e-10 - 3e-12, 6e-11, 3e-11, 1e-11, 3e-12])
+    q = np.array([1.3e-8 - 2e-11, 1 - 1.3e-8 - 2e-13, 1.5e-11, 5e-12, 2e-13])
+    P, Q = [Fraction(x) for x in p], [Fraction(x) for x in q]
+    P, Q = [x / sum(P) for x in P], [x / sum(Q) for x in Q]  # normalised exactly, not in float
+    rejected = sum(max(b - a, 0) for a, b in zip(P, Q))
+    r = [max(a - b, 0) / rejected for a, b in zip(P, Q)]
+    exact = 1 - rejected
+    for x in range(q.size):
+        others = 1 - Q[x]
+        exact += max(Q[x] - P[x], 0) * sum(min(Q[y] / others, r[y]) for y in range(q.size) if y != x)
+    assert rrs_wor_acceptance_two(p[None], q[None])[0] == pytest.approx(float(exact), abs=1e-12)
+    assert rrs_wor_acceptance_two(torch.tensor(p[None]), torch.tensor(q[None]))[0].item() == pytest.approx(
+        float(exact), abs=1e-12
+    )
+
+
 def test_importance_acceptance_matches_enumeration(rng):
     for trial in range(60):
         vocab, n = int(rng.integers(2, 7)), int(rng.integers(1, 5))

@@ -221,6 +221,7 @@ def measure(
                 workers=described,
                 capture_only=capture_only,
                 capture_workers=capture_workers,
+                warm_kernels=cluster is None,
             )
     except (ValueError, FileNotFoundError, OSError) as err:
         fail(cli_message(err))

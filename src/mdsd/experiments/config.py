@@ -1,6 +1,6 @@
 """Typed configuration of a measurement sweep (Hu et al., ICLR 2025, Section 6 protocol).
 
-``DEFAULT`` takes about 9 CPU-minutes with the bundled pair (capture + analysis, docs/measure.md);
+``DEFAULT`` takes 3-4.5 CPU-minutes with the bundled pair (capture + analysis, docs/measure.md);
 ``PAPER`` is the paper-scale sweep (up to 128 generated tokens; use 200 prompts per domain, all
 the bundled held-out prompts).
 """

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
+import numpy as np
+
 from mdsd.experiments.analysis import UnitResult, WorkUnit, measure_unit, run_serial
+from mdsd.experiments.capture import Positions, compress_logits
+from mdsd.experiments.config import MeasureConfig
 
 Done = Callable[[WorkUnit], None] | None
 MAX_DEFAULT_WORKERS = 4
@@ -87,3 +92,62 @@ def dask_runner(address: str) -> Callable[[list[WorkUnit], Done], list[UnitResul
             client.close()
 
     return run
+
+
+# ---------------------------------------------------------------- compiled kernels
+WARM_POSITIONS = 8  # synthetic positions per (T, n) of the warm-up
+WARM_VOCAB = 160  # their vocabulary (above the default top-k 50, so the top-k layout is exercised)
+
+
+def warm_positions(config: MeasureConfig, temperature: float) -> Positions:
+    """A few synthetic positions in the cache's form (top-k or dense as ``config.top_k``): rows
+    from flat to peaked, so the analysis takes the paths the real positions take (fits of
+    several blocks, enumeration and Monte Carlo, clamped rows)."""
+    rng = np.random.default_rng([config.seed, WARM_POSITIONS, WARM_VOCAB])
+    vocab = max(WARM_VOCAB, 2 * (config.top_k or 0))
+    scale = np.geomspace(0.3, 12.0, WARM_POSITIONS)[:, None]  # [B, 1]
+    forms = [
+        compress_logits(
+            (scale * rng.standard_normal((WARM_POSITIONS, vocab))).astype(np.float32), config.top_k
+        )
+        for _ in range(2)
+    ]  # target, draft
+    return Positions(
+        dataset="warm-up",
+        temperature=temperature,
+        target_logits=forms[0]["logits"],
+        draft_logits=forms[1]["logits"],
+        target_index=forms[0].get("index"),
+        draft_index=forms[1].get("index"),
+        prompt=np.arange(WARM_POSITIONS) // 2,
+    )
+
+
+def warm_kernels(config: MeasureConfig) -> float:
+    """Compile every numba kernel the analysis of ``config`` calls (or load it from numba's
+    on-disk cache, ``cache=True``) by analysing :func:`warm_positions` at the lowest and highest
+    temperature for every n; returns the seconds taken. Compiling takes about a CPU-minute, once
+    per installation: every analysis process would otherwise pay it on a cold cache
+    (docs/measure.md, "Runtime"). The results are discarded."""
+    start = time.perf_counter()
+    for temperature in sorted({min(config.temperatures), max(config.temperatures)}):
+        positions = warm_positions(config, float(temperature))
+        for n in config.ns:
+            measure_unit(WorkUnit(config, 0, positions, n))
+    return time.perf_counter() - start
+
+
+def start_warm_kernels(config: MeasureConfig) -> multiprocessing.Process:
+    """:func:`warm_kernels` on a spawned daemon process (one thread), e.g. while the capture runs,
+    so that the analysis processes started after ``join()`` load compiled kernels. A daemon: it
+    ends with this process if the run stops early; its exit code is not an error of the run
+    (the analysis compiles whatever is missing)."""
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=_warm_in_process, args=(config,), name="mdsd-warm-kernels", daemon=True)
+    process.start()
+    return process
+
+
+def _warm_in_process(config: MeasureConfig) -> None:
+    _init_worker()
+    warm_kernels(config)

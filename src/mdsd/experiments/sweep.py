@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mdsd._threads import torch_threads
 from mdsd.experiments.analysis import Runner, analyse
-from mdsd.experiments.capture import capture, load_prompts
+from mdsd.experiments.capture import capture, load_prompts, missing_files
 from mdsd.experiments.config import TABLE_N, TABLE_TEMPERATURE, MeasureConfig
 from mdsd.experiments.plots import plot_all
 from mdsd.experiments.report import table1, write_results
@@ -35,6 +35,7 @@ def run_sweep(
     workers: str = "1 process",
     capture_only: bool = False,
     capture_workers: int = 1,
+    warm_kernels: bool = False,
 ) -> dict:
     """Capture, analyse and write ``results.csv``/``results.json``/``table1.md``/figures to out_dir.
 
@@ -45,6 +46,10 @@ def run_sweep(
         of the cache, docs/measure.md); returns the capture record and writes nothing to out_dir.
     capture_workers: local processes generating the missing prompts (each loads the pair); the
         cached files do not depend on it.
+    warm_kernels: when something is to be captured, compile the analysis' numba kernels on a
+        process of their own meanwhile (``mdsd.experiments.parallel.start_warm_kernels``), so
+        that local analysis processes load them from numba's cache instead of each compiling
+        them; useless for a cluster runner, whose workers compile their own.
 
     Returns the run record (also stored in results.json under ``run``).
     """
@@ -60,16 +65,22 @@ def run_sweep(
             workers,
             capture_only,
             capture_workers,
+            warm_kernels,
         )
 
 
 def _run(
-    config, out, cache_root, command, pair, progress, runner, workers, capture_only, capture_workers
+    config, out, cache_root, command, pair, progress, runner, workers, capture_only, capture_workers, warm
 ) -> dict:
     cache_root = Path(cache_root) if cache_root is not None else out / "cache"
     start = time.perf_counter()
     prompts = load_prompts(config.prompts, config.num_prompts)
     total = len(prompts) * len(config.temperatures)
+    warming = None
+    if warm and not capture_only and missing_files(config, cache_root):
+        from mdsd.experiments.parallel import start_warm_kernels
+
+        warming = start_warm_kernels(config)
     summary = capture(
         config,
         cache_root,
@@ -78,6 +89,9 @@ def _run(
         workers=capture_workers,
     )
     captured = time.perf_counter()
+    if warming is not None:
+        warming.join()
+    warmed = time.perf_counter()
     if capture_only:
         return {
             "cache_dir": str(summary.cache_dir),
@@ -113,7 +127,8 @@ def _run(
         "positions_per_temperature": per_temperature,
         "checks": checks,
         "capture_s": captured - start,
-        "analysis_s": analysed - captured,
+        "warm_up_wait_s": warmed - captured,  # the kernels' warm-up (own process) outlasting the capture
+        "analysis_s": analysed - warmed,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
         "analysis_workers": workers,
         "capture_workers": capture_workers,

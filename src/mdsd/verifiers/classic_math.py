@@ -123,7 +123,10 @@ def rrs_wor_acceptance_two(p, q):
     r_sorted = ops.gather(r, order)
     r_total = ops.row_sum(r, keepdim=True)
     r_cum = ops.cumsum(r_sorted)
-    s = ops.row_sum(q, keepdim=True) - q  # 1 - q_x, as a sum
+    # 1 - q_x as the sum of the others: total - q_x loses all precision when q_x is close to 1,
+    # and only one token of a row can exceed 1/2, so for it the others are summed directly
+    big = q > 0.5
+    s = ops.where(big, ops.row_sum(ops.where(big, 0.0, q), keepdim=True), ops.row_sum(q, keepdim=True) - q)
     # count of thresholds <= s_x per row (searchsorted row by row)
     if is_numpy:
         count = np.stack([np.searchsorted(t_sorted[b], s[b], side="right") for b in range(len(s))])
