@@ -12,9 +12,10 @@ vocabulary is read only after a rejection (one pass per residual update) and for
 
 Outputs: ``tokens [B]`` and ``branch [B]``: j when test j accepted (0-based), k - 1 when the token
 came from the final draw, -1 when the row is left pending for the caller (K-SEQ without rho*,
-importance after a rejection). The branch makes the conditional law checkable exactly: tests are
-thresholds in their uniform and the final draw is monotone in its uniform, so locating the
-breakpoints in each uniform recovers every a_j and R (tests/verifiers/test_early_exit.py).
+importance after a rejection: its residual is drawn by ``importance_residual_draw``). The branch
+makes the conditional law checkable exactly: tests are thresholds in their uniform and the final
+draw is monotone in its uniform (along token ids; along the rank order p / q for importance), so
+locating the breakpoints in each uniform recovers every a_j and R (tests/verifiers/test_early_exit.py).
 
 Numerics: sums use four accumulators (``_sum``; a different rounding order from numpy's pairwise
 sum, same value to ~1e-16 relative); the search walks blocks of four with the same rounding caveat
@@ -28,6 +29,7 @@ import numba
 import numpy as np
 
 from mdsd.verifiers._compiled import _g, kseq_brackets
+from mdsd.verifiers._importance_residual import importance_residual_draw  # noqa: F401 (a kernel)
 from mdsd.verifiers.base import EMPTY_MASS
 
 
@@ -336,8 +338,9 @@ def importance_sample(p, q, drafts, uniforms, tokens, branch):
     selection probability p_I(s) = G^n - G_after^n, G_after = q(tokens ranked after s: smaller
     weight, or equal weight and larger id), G = G_after + q_s (both clipped at 1), needs one pass
     and no sort. Accept s iff u_0 < min(1, p_s / p_I(s)); rejected rows are left pending (branch
-    -1): their residual resid(p, p_I) needs the whole law p_I (one sort, ``importance_law``) and is
-    drawn by ``residual_draw`` at u_1. ``uniforms`` [B, 2].
+    -1): their residual resid(p, p_I) is drawn at u_1 by ``importance_residual_draw``
+    (``mdsd.verifiers._importance_residual``: a radix selection instead of a sort). ``uniforms``
+    [B, 2].
     """
     rows, vocab = p.shape
     n = drafts.shape[1]
@@ -379,22 +382,6 @@ def _later(py, qy, y, best_weight, best):
     weight = py / qy
     later = (weight < best_weight) | ((weight == best_weight) & (y > best))
     return qy if later else 0.0
-
-
-@numba.njit(cache=True, fastmath=False)
-def residual_draw(target, law, uniforms, tokens):
-    """y ~ resid(target, law) = (target - law)_+ / total per row, by inverse CDF at uniforms [B];
-    from ``target`` where total <= EMPTY_MASS (as ``base.residual``)."""
-    rows, vocab = target.shape
-    work = np.empty(vocab)
-    for b in range(rows):
-        for y in range(vocab):
-            work[y] = max(target[b, y] - law[b, y], 0.0)
-        total = _sum(work, 0, vocab)
-        if total > EMPTY_MASS:
-            tokens[b] = _search(work, uniforms[b] * total)
-        else:
-            tokens[b] = _draw(target[b], uniforms[b])
 
 
 @numba.njit(cache=True, fastmath=False)
