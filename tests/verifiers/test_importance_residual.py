@@ -23,10 +23,10 @@ ONE_BITS = np.float64(1.0).view(np.int64)
 
 def draw(p, q, n, uniforms, leaf):
     tokens = np.empty(uniforms.size, dtype=np.int64)
-    rows = uniforms.size
     importance_residual_draw(
-        np.ascontiguousarray(np.broadcast_to(p, (rows, p.size))),
-        np.ascontiguousarray(np.broadcast_to(q, (rows, q.size))),
+        p[None],
+        q[None],
+        np.zeros(uniforms.size, dtype=np.int64),  # every draw from the one row
         n,
         uniforms,
         tokens,

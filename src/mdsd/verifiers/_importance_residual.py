@@ -33,8 +33,6 @@ tests/verifiers/test_importance_residual.py compares the exact law of the draw w
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 
@@ -48,6 +46,7 @@ _KEY_INF = 0x7FF0000000000000  # bits(inf): weights p / q are at most this
 _ROOT_SHIFT = 45  # root parts: the exponent and the first 7 mantissa bits of w
 _ROOT_BASE = (1023 - 16) << 7  # the root part of w = 2^-16
 _ROOT_PARTS = 32 << 7  # 2^-16 <= w < 2^16 in 1/128 octaves; the rest in the two end parts
+_NOT_KEPT = _ROOT_PARTS  # the root part of a token with q = 0 or p = 0: none
 _SPLIT = 256  # parts per split below the root
 _STACK = 8 * _SPLIT + 1  # depth first: one split's parts per level, at most 8 levels of 8 bits
 
@@ -66,15 +65,16 @@ def _power_difference(lower, width, n):
     return d * terms
 
 
-@numba.njit(cache=True, fastmath=False)
+@numba.njit(cache=True, fastmath=False, inline="always")
 def _weight(key):
-    """The non-negative double whose bits are ``key`` (inf for an exponent of all ones)."""
-    exponent, mantissa = key >> 52, key & ((1 << 52) - 1)
-    if exponent >= 2047:
-        return np.inf
-    if exponent == 0:
-        return math.ldexp(float(mantissa), -1074)
-    return math.ldexp(float(mantissa + (1 << 52)), int(exponent) - 1075)
+    """The double whose bits are ``key``."""
+    return np.int64(key).view(np.float64)
+
+
+@numba.njit(cache=True, fastmath=False, inline="always")
+def _key(w):
+    """bits(w): for w >= 0, ordered as the values."""
+    return np.float64(w).view(np.int64)
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -83,12 +83,20 @@ def _whole_set_mass(key_lo, key_hi, below, q_mass, target_mass, n):
 
     Keys in [key_lo, key_hi]; below = A; q_mass = Q_S; target_mass = p(S)."""
     above = below + q_mass
-    upper_rate = n * min(above, 1.0) ** (n - 1)
-    if _weight(key_lo) >= upper_rate * (1.0 + MARGIN):  # p >= p_I on every token: telescopes
+    if _weight(key_lo) >= _rate(min(above, 1.0), n) * (1.0 + MARGIN):  # p >= p_I: telescopes
         return max(target_mass - _power_difference(below, q_mass, n), 0.0)
-    if above <= 1.0 and _weight(key_hi) <= n * below ** (n - 1) * (1.0 - MARGIN):  # p <= p_I
+    if above <= 1.0 and _weight(key_hi) <= _rate(below, n) * (1.0 - MARGIN):  # p <= p_I
         return 0.0
     return -1.0
+
+
+@numba.njit(cache=True, fastmath=False, inline="always")
+def _rate(g, n):
+    """n g^(n-1), the bound on p_I / q at G = g."""
+    power = 1.0
+    for _ in range(n - 1):
+        power *= g
+    return n * power
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -291,70 +299,92 @@ def _root_keys(d):
     return (0 if d == 0 else first), (_KEY_INF if d == _ROOT_PARTS - 1 else last)
 
 
-@numba.njit(cache=True, fastmath=False, inline="always")
-def _key(w, cell, cell_bits):
-    """bits(w), through a one-element buffer and its int64 view."""
-    cell[0] = w
-    return cell_bits[0]
-
-
 @numba.njit(cache=True, fastmath=False)
-def _gather(p, q, wanted, root, out_ids, out_keys, start, cell, cell_bits):
-    """Copy the kept tokens (p, q > 0) of the root parts with wanted[d] and their keys into
-    out_ids, out_keys, grouped by part (in id order within a part) from ``start``; sets
-    root[_START][d] for them. Returns the end."""
+def _gather(p, q, digits, wanted, root, out_ids, out_keys):
+    """Copy the kept tokens of the root parts with wanted[d] (``digits`` [V]: each token's root
+    part, _NOT_KEPT for q = 0 or p = 0) and their keys into out_ids, out_keys, grouped by part
+    (in id order within a part); sets root[_START][d] for them."""
     part_count, part_start = root[_COUNT], root[_START]
-    first = start
+    first = 0
     for d in range(wanted.size):
         if wanted[d]:
             part_start[d] = first
             first += part_count[d]
     for y in range(p.size):
-        if q[y] > 0.0 and p[y] > 0.0:
-            key = _key(p[y] / q[y], cell, cell_bits)
-            d = _root_digit(key)
-            if wanted[d]:
-                out_ids[part_start[d]], out_keys[part_start[d]] = y, key
-                part_start[d] += 1
+        d = digits[y]
+        if d != _NOT_KEPT and wanted[d]:
+            out_ids[part_start[d]], out_keys[part_start[d]] = y, _key(p[y] / q[y])
+            part_start[d] += 1
     for d in range(wanted.size):
         if wanted[d]:
             part_start[d] -= part_count[d]
-    return first
 
 
 @numba.njit(cache=True, fastmath=False)
-def importance_residual_draw(p, q, n, uniforms, tokens, leaf=LEAF):
-    """y ~ resid(p, p_I) per row of p, q [B, V] (p_I: the law of max-importance selection from n
-    i.i.d. drafts) by inverse CDF at uniforms [B] along the rank order (weight p / q decreasing,
-    ties by lower id; q = 0 tokens last, by id); y ~ p in the same order where the residual mass
-    is <= EMPTY_MASS. Writes tokens [B]. ``leaf``: sets of at most this many tokens are summed
-    token by token (a parameter for the tests; any value >= 1 gives the same law).
-
-    Buffers of V entries are written only as far as the gathered parts reach (a fresh page costs
-    about as much as the arithmetic on it), so no pass writes an array over the whole vocabulary."""
-    vocab = p.shape[1]
-    cell = np.empty(1)
-    gathered = (np.empty(vocab, dtype=np.int64), np.empty(vocab, dtype=np.int64))  # ids, keys
-    work = (
-        (np.empty(vocab, dtype=np.int64), np.empty(vocab, dtype=np.int64)),  # counting-sort scratch
-        np.empty(vocab),  # leaf values
-        _parts_table(_SPLIT),  # the splits inside _set_mass
-        np.empty((4, _STACK), dtype=np.int64),  # stack: lo, hi, key_lo, key_hi
-        np.empty((3, _STACK)),  # stack: A, q, p
+def importance_residual_draw(p, q, rows, n, uniforms, tokens, leaf=LEAF):
+    """y ~ resid(p, p_I) for the rows ``rows`` [R] of p, q [B, V] (p_I: the law of max-importance
+    selection from n i.i.d. drafts) by inverse CDF at uniforms [R] along the rank order (weight
+    p / q decreasing, ties by lower id; q = 0 tokens last, by id); y ~ p in the same order where
+    the residual mass is <= EMPTY_MASS. Writes tokens [R]. ``leaf``: sets of at most this many
+    tokens are summed token by token (a parameter for the tests; any value >= 1 gives the same
+    law)."""
+    root = _parts_table(_ROOT_PARTS + 1)  # zeroed between rows; the last slot: _NOT_KEPT
+    tables = (
+        _parts_table(_SPLIT),
+        _parts_table(_SPLIT),
+        np.empty((4, _STACK), dtype=np.int64),
+        np.empty((3, _STACK)),
     )
-    root, parts = _parts_table(_ROOT_PARTS), _parts_table(_SPLIT)  # root: zeroed between rows
     wanted = np.zeros(_ROOT_PARTS, dtype=np.bool_)
-    for b in range(p.shape[0]):
-        tokens[b] = _draw_row(p[b], q[b], n, leaf, uniforms[b], gathered, work, root, parts, wanted, cell)
+    digits = np.empty(p.shape[1], dtype=np.uint16)  # each token's root part (2 bytes: few pages)
+    for r in range(rows.size):
+        b = rows[r]
+        tokens[r] = _draw_row(p[b], q[b], n, leaf, uniforms[r], root, tables, wanted, digits)
 
 
 @numba.njit(cache=True, fastmath=False)
-def _draw_row(p, q, n, leaf, u, gathered, work, root, parts, wanted, cell):
-    """One row of ``importance_residual_draw`` (steps 1-3); leaves ``root`` and ``wanted`` zeroed."""
-    ids, keys = gathered
-    cell_bits = cell.view(np.int64)
-    zero_q_mass, zero_p_q = 0.0, 0.0  # p(q = 0); q(p = 0)
-    first, last = _ROOT_PARTS, -1  # the root parts in use
+def _buffers(size, tables):
+    """Gathered ids and keys, and the work tuple of ``_set_mass`` (counting-sort scratch, leaf
+    values, its parts table, the stack), for ``size`` gathered tokens. Sized by what is gathered,
+    not by V: a fresh page costs about as much as the arithmetic on it."""
+    ids, keys = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+    scratch = (np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64))
+    return ids, keys, (scratch, np.empty(size), tables[0], tables[2], tables[3])
+
+
+@numba.njit(cache=True, fastmath=False, error_model="numpy")  # p / q where q = 0: set aside
+def _root_parts(p, q, root, digits):
+    """Step 1: each token's root part into digits [V] (_NOT_KEPT for q = 0 or p = 0), then count,
+    q and p of the kept tokens per root part (two branch-free loops: the first vectorises, the
+    second is a histogram). Returns (first, last root part in use, p(q = 0), q(p = 0))."""
+    for y in range(p.size):
+        kept = (q[y] > 0.0) & (p[y] > 0.0)
+        digits[y] = _root_digit(_key(p[y] / q[y])) if kept else _NOT_KEPT
+    root_count, root_q, root_p = root[_COUNT], root[_Q], root[_P]
+    for y in range(p.size):  # the _NOT_KEPT slot collects p and q of the tokens set aside
+        d = digits[y]
+        root_count[d] += 1
+        root_q[d] += q[y]
+        root_p[d] += p[y]
+    zero_q_mass, zero_p_q = 0.0, 0.0
+    if root_count[_NOT_KEPT] > 0:
+        for y in range(p.size):
+            if digits[y] == _NOT_KEPT:
+                zero_q_mass += p[y] if q[y] <= 0.0 else 0.0
+                zero_p_q += q[y] if q[y] > 0.0 else 0.0
+    first, last = _ROOT_PARTS, -1
+    for d in range(_ROOT_PARTS):
+        if root_count[d] > 0:
+            first, last = min(first, d), d
+    root_count[_NOT_KEPT], root_q[_NOT_KEPT], root_p[_NOT_KEPT] = 0, 0.0, 0.0
+    return first, last, zero_q_mass, zero_p_q
+
+
+@numba.njit(cache=True, fastmath=False)
+def _bound_root_parts(root, first, last, zero_p_q, n, wanted):
+    """Step 2 on the root parts (bottom of the order first): each part's A (_BELOW) and its mass
+    where the bounds decide it, else -1 and ``wanted`` (an open part, gathered next). Returns
+    (the decided mass, p of the kept tokens)."""
     root_count, root_q, root_p, root_below, root_mass = (
         root[_COUNT],
         root[_Q],
@@ -362,28 +392,36 @@ def _draw_row(p, q, n, leaf, u, gathered, work, root, parts, wanted, cell):
         root[_BELOW],
         root[_MASS],
     )
-    for y in range(p.size):  # step 1 and the root parts
-        if q[y] <= 0.0:
-            zero_q_mass += p[y]
-        elif p[y] <= 0.0:
-            zero_p_q += q[y]
-        else:
-            d = _root_digit(_key(p[y] / q[y], cell, cell_bits))
-            root_count[d] += 1
-            root_q[d] += q[y]
-            root_p[d] += p[y]
-            first, last = min(first, d), max(last, d)
-    kept_mass, p_mass, below, mixed = 0.0, 0.0, zero_p_q, False
-    for d in range(first, last + 1):  # step 2 on the root parts, from the bottom of the order
+    below, decided, p_mass = zero_p_q, 0.0, 0.0
+    for d in range(first, last + 1):
         root_below[d] = below
         if root_count[d] > 0:
             key_lo, key_hi = _root_keys(d)
             root_mass[d] = _whole_set_mass(key_lo, key_hi, below, root_q[d], root_p[d], n)
+            if root_mass[d] >= 0.0:
+                decided += root_mass[d]
             wanted[d] = root_mass[d] < 0.0
-            mixed |= wanted[d]
         below += root_q[d]
         p_mass += root_p[d]
-    end = _gather(p, q, wanted, root, ids, keys, 0, cell, cell_bits) if mixed else 0
+    return decided, p_mass
+
+
+@numba.njit(cache=True, fastmath=False)
+def _draw_row(p, q, n, leaf, u, root, tables, wanted, digits):
+    """One row of ``importance_residual_draw`` (steps 1-3): a pass for the root parts, a scan
+    of ``digits`` that gathers the open parts, their masses, the draw (one more scan if its part
+    is not open). Leaves ``root`` and ``wanted`` zeroed."""
+    root_count, root_q, root_p, root_mass = root[_COUNT], root[_Q], root[_P], root[_MASS]
+    root_below = root[_BELOW]
+    first, last, zero_q_mass, zero_p_q = _root_parts(p, q, root, digits)
+    decided, p_mass = _bound_root_parts(root, first, last, zero_p_q, n, wanted)
+    size = 0
+    for d in range(first, last + 1):
+        size += root_count[d] if wanted[d] else 0
+    ids, keys, work = _buffers(size, tables)
+    if size > 0:
+        _gather(p, q, digits, wanted, root, ids, keys)
+    kept_mass = decided
     for d in range(first, last + 1):
         if wanted[d]:
             lo = root[_START][d]
@@ -392,7 +430,6 @@ def _draw_row(p, q, n, leaf, u, gathered, work, root, parts, wanted, cell):
                 ids, keys, p, q, lo, lo + root_count[d], key_lo, key_hi, root_below[d],
                 root_q[d], root_p[d], n, leaf, work,
             )  # fmt: skip
-        if root_count[d] > 0:
             kept_mass += root_mass[d]
     from_target = kept_mass + zero_q_mass <= EMPTY_MASS
     if from_target:  # an empty residual: draw from p (as ``base.residual``)
@@ -403,15 +440,16 @@ def _draw_row(p, q, n, leaf, u, gathered, work, root, parts, wanted, cell):
     if kept_mass > 0.0 and (u * total < kept_mass or zero_q_mass <= 0.0):  # step 3
         d, threshold = _choose(root_mass, first, last, u * total)
         if d >= 0:
-            if not wanted[d]:
+            if not wanted[d]:  # a decided part: gather it
                 wanted[first : last + 1] = False
                 wanted[d] = True
-                _gather(p, q, wanted, root, ids, keys, end, cell, cell_bits)
+                ids, keys, work = _buffers(root_count[d], tables)
+                _gather(p, q, digits, wanted, root, ids, keys)
             lo = root[_START][d]
             key_lo, key_hi = _root_keys(d)
             token = _descend(
                 ids, keys, p, q, lo, lo + root_count[d], key_lo, key_hi, root_below[d], n, leaf,
-                from_target, threshold, work, parts,
+                from_target, threshold, work, tables[1],
             )  # fmt: skip
     if token < 0:
         token = _draw_unranked(p, q, u * total - kept_mass)

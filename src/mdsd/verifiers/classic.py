@@ -345,8 +345,9 @@ class Importance(EarlyExitVerifier):
         if pending.size:
             drawn = np.empty(pending.size, dtype=np.int64)
             kernels.importance_residual_draw(
-                np.ascontiguousarray(p[pending], dtype=np.float64),
-                np.ascontiguousarray(q[pending], dtype=np.float64),
+                np.ascontiguousarray(p, dtype=np.float64),  # views when already so (no row copies)
+                np.ascontiguousarray(q, dtype=np.float64),
+                pending,
                 drafts.shape[1],
                 np.ascontiguousarray(uniforms[pending, 1], dtype=np.float64),
                 drawn,
