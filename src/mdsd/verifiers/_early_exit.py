@@ -185,7 +185,6 @@ def kseq_sample(p, q, drafts, uniforms, rho, beta, tokens, branch):
     rows, vocab = p.shape
     n = drafts.shape[1]
     nf = float(n)
-    work = np.empty(0)
     for b in range(rows):
         known = rho[b] == rho[b]
         tokens[b], branch[b] = -1, -1
@@ -207,17 +206,32 @@ def kseq_sample(p, q, drafts, uniforms, rho, beta, tokens, branch):
                 break
         if tokens[b] >= 0 or not decided or not known:
             continue
-        if work.size == 0:
-            work = np.empty(vocab)
         accepted_total = -np.expm1(nf * np.log1p(-min(beta[b], 1.0)))
         c = accepted_total / beta[b] if beta[b] > 0.0 else nf
         inv_rho = 1.0 / rho[b]
-        for y in range(vocab):
-            py = p[b, y]
-            work[y] = max(py - min(q[b, y], py * inv_rho) * c, 0.0)
-        total = _sum(work, 0, vocab)
-        values = work if total > 0.0 else p[b]
-        tokens[b], branch[b] = _draw(values, uniforms[b, n]), n
+        total = _kseq_leftover(p[b], q[b], inv_rho, c, np.inf)[1]
+        if total > 0.0:
+            token = _kseq_leftover(p[b], q[b], inv_rho, c, uniforms[b, n] * total)[0]
+        else:
+            token = _draw(p[b], uniforms[b, n])
+        tokens[b], branch[b] = token, n
+
+
+@numba.njit(cache=True, fastmath=False)
+def _kseq_leftover(p, q, inv_rho, c, threshold):
+    """K-SEQ's final law (p - min(q, p / rho) c)_+, computed on the fly (no buffer over V: a fresh
+    page costs about as much as the arithmetic on it): (the first token whose running sum exceeds
+    ``threshold``, else the last token of positive mass; the running sum). threshold = inf gives
+    the total."""
+    acc, last = 0.0, -1
+    for y in range(p.size):
+        value = max(p[y] - min(q[y], p[y] * inv_rho) * c, 0.0)
+        if value > 0.0:
+            acc += value
+            last = y
+            if acc > threshold:
+                return y, acc
+    return last, acc
 
 
 @numba.njit(cache=True, fastmath=False)

@@ -198,7 +198,10 @@ class KSEQ(EarlyExitVerifier):
         pending = np.flatnonzero(branch < 0)  # a test between the bounds, or all rejected
         if pending.size:
             rho, beta = np.empty(pending.size), np.empty(pending.size)
-            target, draft = np.ascontiguousarray(p[pending]), np.ascontiguousarray(q[pending])
+            if pending.size == p.shape[0]:  # every row (one position): no row copies
+                target, draft = np.ascontiguousarray(p), np.ascontiguousarray(q)
+            else:
+                target, draft = np.ascontiguousarray(p[pending]), np.ascontiguousarray(q[pending])
             kernels.kseq_rho_rows(target, draft, drafts.shape[1], INTERVAL_ITERATIONS, rho, beta)
             tokens[pending], branch[pending] = run_kernel(
                 kernels.kseq_sample, target, draft, drafts[pending], uniforms[pending], rho, beta
