@@ -3,6 +3,7 @@
     python benchmarks/bench_optimal.py [--positions 20] [--full-positions 3] [--quick] [--model]
     python benchmarks/bench_optimal.py --decode-only [--decode-repeats 50]
     python benchmarks/bench_optimal.py --no-optimality   (speed and decoding-path tables only)
+    python benchmarks/bench_optimal.py --full-profile    (V = 32,000 decoding path by parts)
 
 Inputs are synthetic LM-like pairs (``mdsd.io.random_pair``: target logits N(0, 3^2), draft logits
 perturbed by N(0, 1.5^2)) at V = 8192 (and 32000 for the full-vocabulary timings), processed by
@@ -36,12 +37,13 @@ from functools import partial
 import numpy as np
 
 import mdsd
+from mdsd.bound import prefix_scan
 from mdsd.io import random_pair
 from mdsd.logits import process_logits
 from mdsd.verifiers import optimal as opt
 from mdsd.verifiers.base import Verifier
 from mdsd.verifiers.optimal import orders, threshold
-from mdsd.verifiers.optimal.common import priority_scan
+from mdsd.verifiers.optimal.common import priority_order, priority_scan
 
 TOP_K = 64
 
@@ -105,6 +107,48 @@ def decode_table(args):
 
 
 DECODE_CASES = {"iid": (2, 4, 8), "without_replacement": (2, 3, 4), "conditional_poisson": (2, 4)}
+
+
+def full_profile_table(args):
+    """The full-vocabulary decoding path (V = 32,000: iid n = 4, without_replacement n = 2) split
+    into its parts, CPU-time medians of this process: ``OptimalVerifier.sample`` (fit + sample),
+    the priority order (a sort of the support), the bound's prefix scan, the compiled levels
+    kernel (target, staircase, lumping, peel) with the number of cuts it places, the sampling
+    from a fitted row; ``np.argsort`` and ``np.cumsum`` of the vocabulary as yardsticks."""
+    verifier = mdsd.get_verifier("optimal")
+    repeats = max(5, args.decode_repeats // 5)
+    print("\n### Full vocabulary: the decoding path by parts (CPU ms)\n")
+    print(
+        "| law | n | T | sample ms | order ms | prefix scan ms | levels ms | cuts | sample row ms "
+        "| argsort ms | cumsum ms | sample / argsort |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for law, n in (("iid", 4), ("without_replacement", 2)):
+        for temperature in (0.7, 1.0):
+            p, q = random_pair(32000, seed=1, temperature=temperature)
+            the_law = mdsd.get_law(law)
+            rng = np.random.default_rng(0)
+            x = the_law.sample(q, n, rng)
+            scan = priority_scan(p, q, n, the_law)
+            ps, qs = scan.target_probs, scan.draft_probs
+            row = threshold.fit_threshold_row(p, q, n, the_law)
+            cpu = {"clock": time.process_time}
+            parts = [
+                partial(verifier.sample, p[None], q[None], x[None], the_law, rng),
+                partial(priority_order, p, q),
+                partial(prefix_scan, ps[::-1], qs[::-1], n, the_law),
+                partial(threshold._fit_levels, ps, qs, scan.phi, scan.split),
+                partial(threshold.sample_threshold_row, row, p, x, rng),
+                partial(np.argsort, p),
+                partial(np.cumsum, p),
+            ]
+            ms = [timed(fn, repeats, **cpu)[0] for fn in parts]
+            cuts = int(np.count_nonzero(row.levels < 1.0))  # boundaries some rule cuts at
+            print(
+                f"| {law} | {n} | {temperature} | " + " | ".join(f"{t:.3f}" for t in ms[:4]) + f" | {cuts} "
+                f"| {ms[4]:.3f} | {ms[5]:.3f} | {ms[6]:.3f} | {ms[0] / ms[5]:.1f} |",
+                flush=True,
+            )
 
 
 def speed_table(args):
@@ -263,6 +307,11 @@ def main():
     )
     parser.add_argument("--decode-repeats", type=int, default=50, help="runs per decoding-path row (top-k)")
     parser.add_argument("--no-optimality", action="store_true", help="skip the optimality table")
+    parser.add_argument(
+        "--full-profile",
+        action="store_true",
+        help="only the V = 32,000 decoding path split into its parts (~20 s)",
+    )
     parser.add_argument("--laws", nargs="+", default=["iid", "without_replacement", "conditional_poisson"])
     parser.add_argument(
         "--model",
@@ -273,6 +322,9 @@ def main():
     warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's warning, once per fit
     if args.decode_only:
         decode_table(args)
+        return
+    if args.full_profile:
+        full_profile_table(args)
         return
     if args.model:
         args.model_logits = model_logits(args.positions)

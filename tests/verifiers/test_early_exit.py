@@ -4,7 +4,8 @@ Tiers:
 1. exact: each sampler is a deterministic function of its uniforms (tests are thresholds in their
    uniform, the final draw is an inverse CDF, monotone in its uniform), so its conditional law is
    recovered exactly by locating those breakpoints by bisection on the float64 grid, then
-   compared with ``output_law`` to 1e-12, for fixed drafts; summed over every draft tuple of the
+   compared with ``output_law`` to 1e-12, for fixed drafts (the final draw runs along the token ids,
+   along the rank order p / q for importance); summed over every draft tuple of the
    law it must give p (exactness of the fast path itself);
 2. the compiled kernels, the batch-vectorised version (numpy and torch) and single vs batched
    calls draw the same tokens from the same uniforms / seed; ``check=False`` draws what
@@ -24,6 +25,7 @@ import mdsd
 from mdsd.verifiers import VERIFIERS
 from mdsd.verifiers import torch_api as tb
 from mdsd.verifiers.base import EarlyExitVerifier
+from mdsd.verifiers.classic_math import importance_rank
 
 from conftest import edge_pairs, g_test_pvalue, law_accepts, random_pair
 
@@ -107,9 +109,21 @@ def sampler_law(backend, name, p, q, drafts, law):
         for j in range(m):
             out[tokens[j]] += reach * accept[j]
             reach *= 1.0 - accept[j]
-    cuts = first_false(lambda u: call(fixed(m, u))[0] <= np.arange(vocab), vocab)
-    final = np.diff(np.concatenate([[0.0], cuts]))
+    order = draw_order(name, p, q)  # the final draw is an inverse CDF along this order
+    position = np.empty(vocab, dtype=np.int64)
+    position[order] = np.arange(vocab)
+    cuts = first_false(lambda u: position[call(fixed(m, u))[0]] <= np.arange(vocab), vocab)
+    final = np.zeros(vocab)
+    final[order] = np.diff(np.concatenate([[0.0], cuts]))
     return out + reach * final
+
+
+def draw_order(name, p, q):
+    """The token order of a verifier's final inverse-CDF draw: the rank order for importance
+    (p / q decreasing, ties by lower id, q = 0 last), the token ids for the others."""
+    if name == "importance":
+        return importance_rank(p[None], q[None])[0]
+    return np.arange(p.size)
 
 
 def check_exact(backend, name, law, p, q, drafts):

@@ -12,9 +12,10 @@ vocabulary is read only after a rejection (one pass per residual update) and for
 
 Outputs: ``tokens [B]`` and ``branch [B]``: j when test j accepted (0-based), k - 1 when the token
 came from the final draw, -1 when the row is left pending for the caller (K-SEQ without rho*,
-importance after a rejection). The branch makes the conditional law checkable exactly: tests are
-thresholds in their uniform and the final draw is monotone in its uniform, so locating the
-breakpoints in each uniform recovers every a_j and R (tests/verifiers/test_early_exit.py).
+importance after a rejection: its residual is drawn by ``importance_residual_draw``). The branch
+makes the conditional law checkable exactly: tests are thresholds in their uniform and the final
+draw is monotone in its uniform (along token ids; along the rank order p / q for importance), so
+locating the breakpoints in each uniform recovers every a_j and R (tests/verifiers/test_early_exit.py).
 
 Numerics: sums use four accumulators (``_sum``; a different rounding order from numpy's pairwise
 sum, same value to ~1e-16 relative); the search walks blocks of four with the same rounding caveat
@@ -28,6 +29,7 @@ import numba
 import numpy as np
 
 from mdsd.verifiers._compiled import _g, kseq_brackets
+from mdsd.verifiers._importance_residual import importance_residual_draw  # noqa: F401 (a kernel)
 from mdsd.verifiers.base import EMPTY_MASS
 
 
@@ -183,7 +185,6 @@ def kseq_sample(p, q, drafts, uniforms, rho, beta, tokens, branch):
     rows, vocab = p.shape
     n = drafts.shape[1]
     nf = float(n)
-    work = np.empty(0)
     for b in range(rows):
         known = rho[b] == rho[b]
         tokens[b], branch[b] = -1, -1
@@ -205,17 +206,32 @@ def kseq_sample(p, q, drafts, uniforms, rho, beta, tokens, branch):
                 break
         if tokens[b] >= 0 or not decided or not known:
             continue
-        if work.size == 0:
-            work = np.empty(vocab)
         accepted_total = -np.expm1(nf * np.log1p(-min(beta[b], 1.0)))
         c = accepted_total / beta[b] if beta[b] > 0.0 else nf
         inv_rho = 1.0 / rho[b]
-        for y in range(vocab):
-            py = p[b, y]
-            work[y] = max(py - min(q[b, y], py * inv_rho) * c, 0.0)
-        total = _sum(work, 0, vocab)
-        values = work if total > 0.0 else p[b]
-        tokens[b], branch[b] = _draw(values, uniforms[b, n]), n
+        total = _kseq_leftover(p[b], q[b], inv_rho, c, np.inf)[1]
+        if total > 0.0:
+            token = _kseq_leftover(p[b], q[b], inv_rho, c, uniforms[b, n] * total)[0]
+        else:
+            token = _draw(p[b], uniforms[b, n])
+        tokens[b], branch[b] = token, n
+
+
+@numba.njit(cache=True, fastmath=False)
+def _kseq_leftover(p, q, inv_rho, c, threshold):
+    """K-SEQ's final law (p - min(q, p / rho) c)_+, computed on the fly (no buffer over V: a fresh
+    page costs about as much as the arithmetic on it): (the first token whose running sum exceeds
+    ``threshold``, else the last token of positive mass; the running sum). threshold = inf gives
+    the total."""
+    acc, last = 0.0, -1
+    for y in range(p.size):
+        value = max(p[y] - min(q[y], p[y] * inv_rho) * c, 0.0)
+        if value > 0.0:
+            acc += value
+            last = y
+            if acc > threshold:
+                return y, acc
+    return last, acc
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -336,8 +352,9 @@ def importance_sample(p, q, drafts, uniforms, tokens, branch):
     selection probability p_I(s) = G^n - G_after^n, G_after = q(tokens ranked after s: smaller
     weight, or equal weight and larger id), G = G_after + q_s (both clipped at 1), needs one pass
     and no sort. Accept s iff u_0 < min(1, p_s / p_I(s)); rejected rows are left pending (branch
-    -1): their residual resid(p, p_I) needs the whole law p_I (one sort, ``importance_law``) and is
-    drawn by ``residual_draw`` at u_1. ``uniforms`` [B, 2].
+    -1): their residual resid(p, p_I) is drawn at u_1 by ``importance_residual_draw``
+    (``mdsd.verifiers._importance_residual``: a radix selection instead of a sort). ``uniforms``
+    [B, 2].
     """
     rows, vocab = p.shape
     n = drafts.shape[1]
@@ -379,22 +396,6 @@ def _later(py, qy, y, best_weight, best):
     weight = py / qy
     later = (weight < best_weight) | ((weight == best_weight) & (y > best))
     return qy if later else 0.0
-
-
-@numba.njit(cache=True, fastmath=False)
-def residual_draw(target, law, uniforms, tokens):
-    """y ~ resid(target, law) = (target - law)_+ / total per row, by inverse CDF at uniforms [B];
-    from ``target`` where total <= EMPTY_MASS (as ``base.residual``)."""
-    rows, vocab = target.shape
-    work = np.empty(vocab)
-    for b in range(rows):
-        for y in range(vocab):
-            work[y] = max(target[b, y] - law[b, y], 0.0)
-        total = _sum(work, 0, vocab)
-        if total > EMPTY_MASS:
-            tokens[b] = _search(work, uniforms[b] * total)
-        else:
-            tokens[b] = _draw(target[b], uniforms[b])
 
 
 @numba.njit(cache=True, fastmath=False)

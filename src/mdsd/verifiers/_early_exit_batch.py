@@ -17,7 +17,14 @@ import numpy as np
 from mdsd._array_ops import NumpyOps, backend, complement_renormalised
 from mdsd._optional import compiled_module
 from mdsd.verifiers.base import gather, inverse_cdf, residual, safe_ratio
-from mdsd.verifiers.classic_math import at_least_one, drop_token, importance_law, kseq_rho, picked_draft
+from mdsd.verifiers.classic_math import (
+    at_least_one,
+    drop_token,
+    importance_law,
+    importance_rank,
+    kseq_rho,
+    picked_draft,
+)
 
 
 def early_exit_kernels(values, vectorised: bool):
@@ -151,7 +158,8 @@ def spechub_vectorised(verifier, p, q, drafts, uniforms):
 
 def importance_vectorised(p, q, drafts, uniforms):
     """Importance selection on a batch: p_I(picked) from one pass (no sort), the test, and the
-    whole law p_I (``importance_law``, one sort) only for the rows it rejects."""
+    whole law p_I (``importance_law``, one sort) only for the rows it rejects; their residual token
+    is drawn by inverse CDF along the rank order (``importance_rank``), as the compiled path."""
     ops = backend(p)
     tokens, branch = _undecided(drafts)
     n = drafts.shape[1]
@@ -172,6 +180,9 @@ def importance_vectorised(p, q, drafts, uniforms):
     tokens[accept], branch[accept] = picked[accept], 0
     rejected = ~accept
     if ops.any(rejected):
-        values = residual(p[rejected], importance_law(p[rejected], q[rejected], n))
-        tokens[rejected], branch[rejected] = inverse_cdf(values, uniforms[rejected, 1]), 1
+        p_rej, q_rej = p[rejected], q[rejected]
+        values = residual(p_rej, importance_law(p_rej, q_rej, n))
+        order = importance_rank(p_rej, q_rej)  # the draw runs along the rank order
+        drawn = inverse_cdf(gather(values, order), uniforms[rejected, 1])
+        tokens[rejected], branch[rejected] = gather(order, drawn), 1
     return tokens, branch

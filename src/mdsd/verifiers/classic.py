@@ -198,7 +198,10 @@ class KSEQ(EarlyExitVerifier):
         pending = np.flatnonzero(branch < 0)  # a test between the bounds, or all rejected
         if pending.size:
             rho, beta = np.empty(pending.size), np.empty(pending.size)
-            target, draft = np.ascontiguousarray(p[pending]), np.ascontiguousarray(q[pending])
+            if pending.size == p.shape[0]:  # every row (one position): no row copies
+                target, draft = np.ascontiguousarray(p), np.ascontiguousarray(q)
+            else:
+                target, draft = np.ascontiguousarray(p[pending]), np.ascontiguousarray(q[pending])
             kernels.kseq_rho_rows(target, draft, drafts.shape[1], INTERVAL_ITERATIONS, rho, beta)
             tokens[pending], branch[pending] = run_kernel(
                 kernels.kseq_sample, target, draft, drafts[pending], uniforms[pending], rho, beta
@@ -321,6 +324,9 @@ class Importance(EarlyExitVerifier):
     deterministic member of Khisti et al.'s canonical family. Its exact law p_I has the closed form
     of ``importance_law``; then accept the picked token s with probability min(1, p(s)/p_I(s)),
     else emit y ~ resid(p, p_I). Exact for i.i.d. drafts for any p, q.
+    Sampling draws the residual token by inverse CDF along the rank order (p / q decreasing, ties
+    by lower id, q = 0 last), which the compiled path refines only where the draw lands
+    (``mdsd.verifiers._importance_residual``: no sort of the vocabulary).
     """
 
     name: str = "importance"
@@ -338,12 +344,17 @@ class Importance(EarlyExitVerifier):
         if kernels is None:
             return importance_vectorised(p, q, drafts, uniforms)
         tokens, branch = run_kernel(kernels.importance_sample, p, q, drafts, uniforms)
-        pending = np.flatnonzero(branch < 0)  # rejected: y ~ resid(p, p_I) needs all of p_I
+        pending = np.flatnonzero(branch < 0)  # rejected: y ~ resid(p, p_I) in rank order, no sort
         if pending.size:
-            target = np.ascontiguousarray(p[pending], dtype=np.float64)
-            picked_law = importance_law(target, q[pending], drafts.shape[1])
             drawn = np.empty(pending.size, dtype=np.int64)
-            kernels.residual_draw(target, picked_law, uniforms[pending, 1], drawn)
+            kernels.importance_residual_draw(
+                np.ascontiguousarray(p, dtype=np.float64),  # views when already so (no row copies)
+                np.ascontiguousarray(q, dtype=np.float64),
+                pending,
+                drafts.shape[1],
+                np.ascontiguousarray(uniforms[pending, 1], dtype=np.float64),
+                drawn,
+            )
             tokens[pending], branch[pending] = drawn, 1
         return tokens, branch
 

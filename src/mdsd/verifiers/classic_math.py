@@ -266,6 +266,13 @@ def picked_draft(p, q, drafts):
     return picked if ops.name == "numpy" else picked.values
 
 
+def importance_rank(p, q):
+    """Tokens in max-importance rank order: p / q decreasing, ties by lower id, q = 0 tokens last
+    (by id). The importance verifier draws its residual token along this order.  [B, V] int64"""
+    ops = backend(p)
+    return ops.argsort_descending(ops.divide_safe(p, q, -np.inf))
+
+
 def importance_law(p, q, n: int):
     """Law p_I of the draft picked by max-importance selection from n i.i.d. drafts.
 
