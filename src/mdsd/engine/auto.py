@@ -38,7 +38,7 @@ import itertools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,10 @@ class CostModel:
     and transform of one visited target row; head_rows_s[r - 1]: the output layer alone on r
     rows at once (a small tree's rows, ``decode.HEAD_BATCH_ROWS``); verify_s[n - 1]: one node
     verification with n drafts; sample_s: one draw from the target (plain sampling's per-token
-    extra).
+    extra); step_overhead_s: what real steps of short chains take beyond (or below) the model of
+    these items (drafting the children, the walk, cache and statistics bookkeeping, cache
+    effects), added to every tree's step; autoregressive_step_s: the median of real
+    plain-sampling steps (forward, output layer, transform, draw), the baseline of the speedups.
     """
 
     tokens: tuple[int, ...]
@@ -93,6 +96,8 @@ class CostModel:
     verify_s: tuple[float, ...]
     sample_s: float
     autoregressive_s: float  # the target's 1-token forward alone (no draft in between)
+    step_overhead_s: float = 0.0  # real chain steps minus their predicted time (may be < 0)
+    autoregressive_step_s: float = 0.0  # a real plain-sampling step (0: the sum of its items)
 
     def target(self, m: float) -> float:
         return float(
@@ -105,6 +110,8 @@ class CostModel:
         )
 
     def autoregressive_step(self) -> float:
+        if self.autoregressive_step_s > 0:
+            return self.autoregressive_step_s
         return self.autoregressive_s + self.head_s + self.sample_s
 
 
@@ -169,6 +176,7 @@ def predict(widths: tuple[int, ...], calibration: Calibration) -> TreeChoice:
         + cost.target(rows)
         + head
         + e * verify
+        + cost.step_overhead_s
     )
     return TreeChoice(tuple(widths), float(e), float(step), float(e / step), ar)
 
@@ -202,7 +210,49 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
     contexts, targets, drafts = _sample_positions(decoder, prompts, rng)
     profile = _acceptance_profile(targets, drafts, decoder.book, max_width)
     cost = _cost_model(decoder, contexts, targets, drafts, max_width, rng)
-    return Calibration(profile, cost)
+    overhead = _step_overhead(decoder, contexts[0], Calibration(profile, cost), rng)
+    plain = _autoregressive_step(decoder, contexts[0], rng)
+    return Calibration(profile, replace(cost, step_overhead_s=overhead, autoregressive_step_s=plain))
+
+
+def _autoregressive_step(decoder, context, rng) -> float:
+    """Median seconds of real plain-sampling steps after ``context`` (the steps of
+    ``decode.Autoregressive``: one-token forward, output layer, transform, draw)."""
+    runner, row_probs = decoder.target, decoder.sampling.row_probs
+    runner.reset(len(context) + TIMING_REPEATS + 2)
+    pending, times = list(context), []
+    for i in range(TIMING_REPEATS + 1):
+        start = time.perf_counter()
+        probs = row_probs(runner.causal(np.asarray(pending), keep=1)[0])
+        pending = [probs.token(int(categorical(probs.values, rng)))]
+        if i:  # the first step prefills the cache
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _step_overhead(decoder, context, calibration: Calibration, rng) -> float:
+    """The loop's own seconds per step that the cost items miss (or count twice): real steps of
+    the chains (1,) and (1, 1) after ``context`` (medians of ``TIMING_REPEATS`` steps; the first
+    step, which prefills the caches, untimed) minus their predicted step times, averaged."""
+    from mdsd.engine.records import DecodeStats
+    from mdsd.engine.tree import build_tree
+
+    residuals = []
+    for widths in ((1,), (1, 1)):
+        decoder._use_tree(build_tree(widths))
+        seq = list(context)
+        for runner in (decoder.target, decoder.draft):
+            runner.reset(len(seq) + (TIMING_REPEATS + 1) * (len(widths) + 1) + 1)
+        stats = DecodeStats(depth=len(widths), sequences=1)
+        times = []
+        for i in range(TIMING_REPEATS + 1):
+            start = time.perf_counter()
+            seq += decoder.step(seq, rng, stats)
+            if i:
+                times.append(time.perf_counter() - start)
+        residuals.append(float(np.median(times)) - predict(widths, calibration).step_s)
+    decoder.tree = None  # the caller adopts the chosen shape
+    return float(np.mean(residuals))
 
 
 def _sample_positions(decoder, prompts, rng):
@@ -309,6 +359,7 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
     one = rng.integers(0, vocab, size=1)
     target_one = lambda: _tree_forward(decoder.target, context, one, None)  # noqa: E731
     draft_one = lambda: _tree_forward(decoder.draft, context, one, None)  # noqa: E731
+    draft_level = lambda: _tree_forward(decoder.draft, context, one, row_probs)  # noqa: E731
     hidden = decoder.target.causal_hidden(np.asarray(context[-1:]), keep=1)  # [1, H]
     stacked = [hidden.expand(r, -1).contiguous() for r in range(1, HEAD_BATCH_ROWS + 1)]  # [r, H]
     items = {"autoregressive": (target_one, target_one)}
@@ -317,7 +368,7 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
         items[("target", m)] = (lambda t=tokens: _tree_forward(decoder.target, context, t, None), draft_one)
         items[("draft", m)] = (
             lambda t=tokens: _tree_forward(decoder.draft, context, t, row_probs),
-            draft_one,
+            draft_level,
         )
     items["draft root"] = (lambda: _tree_forward(decoder.draft, context, one, row_probs), target_one)
     items["head"] = (lambda: row_probs(decoder.target.logits(hidden)[0]), target_one)
