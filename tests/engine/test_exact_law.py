@@ -127,3 +127,17 @@ def test_verification_on_the_union_support_is_exact(law, verifier):
             mapped = np.zeros(VOCAB)
             mapped[tokens] = local
             np.testing.assert_allclose(mapped, full, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "law,single",
+    [("iid", True), ("without_replacement", True), ("conditional_poisson", False)],
+)
+def test_optimal_single_draft_nodes_use_classic_sampling(law, single):
+    """One draft that is one draw from q: classic speculative sampling attains alpha* with an
+    early exit, so ``optimal`` nodes with one draft use it (other laws keep the optimal fit);
+    nodes with several drafts keep ``optimal``. The exact-law tests above cover the emitted law."""
+    book = RuleBook(law, "optimal", (3, 1))
+    one, three = book.rule(1, 10), book.rule(3, 10)
+    assert (one.verifier.name, one.law.name) == (("rrs", "iid") if single else ("optimal", law))
+    assert (three.verifier.name, three.n_eff) == ("optimal", 3)

@@ -42,6 +42,7 @@ from mdsd.sampling import categorical
 from mdsd.verifiers import Verifier, resolve
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
+ONE_DRAW_LAWS = ("iid", "without_replacement")  # one draft of these laws = one draw from q
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,20 @@ class RuleBook:
                 n_eff = min(width, support)
             else:
                 n_eff = width
-            if n_eff == 1 and self.law.name == "spechub":
+            if n_eff == 1 and self._single_draft_is_classic():
                 rule = self._single
             else:
                 rule = NodeRule(n_eff, self.law, self.verifier)
             self._cache[key] = rule
         return rule
+
+    def _single_draft_is_classic(self) -> bool:
+        """Nodes with one draft use classic speculative sampling: for spechub (defined for two
+        drafts), and for ``optimal`` under a law whose one draft is one draw from q, where
+        classic sampling attains alpha* = sum min(p, q) with an early exit and no fit."""
+        if self.law.name == "spechub":
+            return True
+        return self.verifier.name == "optimal" and self.law.name in ONE_DRAW_LAWS
 
     def warm_up(self, widths: tuple[int, ...]) -> None:
         """Draft and verify one toy node per width (4 tokens, a private generator): loads the
