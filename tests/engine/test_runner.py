@@ -103,9 +103,36 @@ def test_panel_products_equal_the_blas(rows, bias):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3, 6, 7])
+def test_16_bit_panels_give_the_float32_products_bit_for_bit(fmt, rows):
+    """Weights that a 16-bit format holds exactly (``storage_format``) give the same products
+    from 16-bit panels as from float32 panels, bit for bit; ``storage_format`` picks the format
+    (float16 first; bfloat16 for values beyond float16's range; float32 otherwise)."""
+    from mdsd.engine import _llama_numba as kernels
+    from mdsd.engine._panel_gemm import PANEL, gemm_kernel, pack_panels, storage_format
+
+    gen = np.random.default_rng(rows)
+    weight_t = gen.normal(size=(40, 2 * PANEL + 3)).astype(np.float32)  # [in, out]
+    assert storage_format(weight_t) == "f32"
+    if fmt == "f16":
+        weight_t = weight_t.astype(np.float16).astype(np.float32)
+    else:  # bfloat16: keep the high 16 bits; one value beyond float16's range
+        weight_t = (weight_t.view(np.uint32) & 0xFFFF0000).view(np.float32)
+        weight_t[0, 0] = 2.0**20
+    assert storage_format(weight_t) == fmt
+    x = gen.normal(size=(rows, 40)).astype(np.float32)
+    none = np.zeros(0, np.float32)
+    want = kernels.project(x, pack_panels(weight_t), weight_t, none, gemm_kernel())
+    got = kernels.project(x, pack_panels(weight_t, fmt), weight_t, none, gemm_kernel(fmt))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ weight_t, atol=1e-4, rtol=1e-5)
+
+
 def _variant_model(kind: str):
     """A tiny random model the compiled forward must follow: grouped-query attention, q/k/v
-    biases (Qwen2), or a RoPE rescaled with the sequence length ("dynamic", no cos / sin table)."""
+    biases (Qwen2), a RoPE rescaled with the sequence length ("dynamic", no cos / sin table), or
+    float16 weights in a float32 model ("f16": 16-bit panels)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -115,10 +142,13 @@ def _variant_model(kind: str):
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
     rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0} if kind == "dynamic" else None
     config = LlamaConfig(**common, **({"rope_parameters": rope} if rope else {}))
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    if kind == "f16":  # a float16 checkpoint loaded in float32: 16-bit weight panels
+        model = model.half().float()
+    return model
 
 
-@pytest.mark.parametrize("kind", ["gqa", "qwen2", "dynamic"])
+@pytest.mark.parametrize("kind", ["gqa", "qwen2", "dynamic", "f16"])
 def test_compiled_forward_equals_the_torch_forward(kind):
     """matmul "numba" against the torch forward (itself tested against Hugging Face's above):
     a causal prompt of 20 tokens (the many-row BLAS layer), then 1, 3 and 9 new tokens, then a
@@ -130,6 +160,7 @@ def test_compiled_forward_equals_the_torch_forward(kind):
     model = _variant_model(kind)
     runners = {backend: StaticLlamaRunner(model, backend) for backend in ("torch", "numba")}
     assert runners["numba"]._compiled_layers is not None
+    assert runners["numba"].panel_format == ("f16" if kind == "f16" else "f32")
     gen = np.random.default_rng(1)
     tree = build_tree((2, 2))
     mask = runners["torch"].additive(tree.ancestor_mask[1:, 1:])

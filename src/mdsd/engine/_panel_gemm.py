@@ -35,7 +35,7 @@ MAX_ROWS = 6  # rows per pass (12 accumulator + 2 weight + 1 broadcast vector re
 GEMM_SIGNATURE = ctypes.CFUNCTYPE(
     None,
     ctypes.c_void_p,  # x [rows, k_dim] float32, C order
-    ctypes.c_void_p,  # panels [n_panels, k_dim, PANEL] float32
+    ctypes.c_void_p,  # panels [n_panels, k_dim, PANEL] in the kernel's format
     ctypes.c_void_p,  # out [rows, out_stride] float32 (columns 0 .. n_panels * PANEL - 1 written)
     ctypes.c_int64,  # rows: 1 .. MAX_ROWS (other values: nothing is written)
     ctypes.c_int64,  # n_panels >= 1
@@ -44,21 +44,49 @@ GEMM_SIGNATURE = ctypes.CFUNCTYPE(
 )
 
 
-def pack_panels(weight_t: np.ndarray) -> np.ndarray:
-    """W^T [in, out] -> float32 panels [ceil(out / PANEL), in, PANEL], the last zero-padded."""
+# Storage formats of the panels: the IR element type and the numpy dtype holding it. 16-bit
+# formats are used only for weights they hold exactly (``storage_format``): a checkpoint saved in
+# float16 or bfloat16 and loaded in float32 has such weights, and reading half the bytes then gives
+# the same products bit for bit.
+FORMATS = {"f32": ("float", np.float32), "f16": ("half", np.uint16), "bf16": ("bfloat", np.uint16)}
+
+
+def storage_format(weight_t: np.ndarray) -> str:
+    """The narrowest format holding every float32 weight exactly: "f16", "bf16" or "f32"."""
+    weight_t = np.asarray(weight_t, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        if np.array_equal(weight_t.astype(np.float16).astype(np.float32), weight_t):
+            return "f16"
+    if not np.any(weight_t.view(np.uint32) & 0xFFFF):  # the low 16 bits of every float are zero
+        return "bf16"
+    return "f32"
+
+
+def pack_panels(weight_t: np.ndarray, fmt: str = "f32") -> np.ndarray:
+    """W^T [in, out] -> panels [ceil(out / PANEL), in, PANEL], the last zero-padded, in ``fmt``
+    (float32; float16 or bfloat16 bit patterns as uint16 -- exact only for weights
+    ``storage_format`` accepts, which the caller checks)."""
     k_dim, cols = weight_t.shape
     blocks = -(-cols // PANEL)
     padded = np.zeros((k_dim, blocks * PANEL), dtype=np.float32)
     padded[:, :cols] = weight_t
+    if fmt == "f16":
+        padded = padded.astype(np.float16).view(np.uint16)
+    elif fmt == "bf16":
+        padded = (padded.view(np.uint32) >> 16).astype(np.uint16)
+    elif fmt != "f32":
+        raise ValueError(f"fmt must be one of {list(FORMATS)}, got {fmt!r}")
     return np.ascontiguousarray(padded.reshape(k_dim, blocks, PANEL).transpose(1, 0, 2))
 
 
-def _rows_kernel_ir(rows: int) -> list[str]:
-    """LLVM IR of ``gemm_r{rows}``: for each panel p, for k in 0..K-1,
-    acc[r] += broadcast(x[r, k]) * panels[p, k, :] (two <8 x float> per row), then store."""
+def _rows_kernel_ir(rows: int, fmt: str = "f32") -> list[str]:
+    """LLVM IR of ``gemm_{fmt}_r{rows}``: for each panel p, for k in 0..K-1,
+    acc[r] += broadcast(x[r, k]) * panels[p, k, :] (two <8 x float> per row; 16-bit weights
+    widened to float32 exactly), then store."""
+    elem = FORMATS[fmt][0]
     acc = [(r, c) for r in range(rows) for c in range(2)]
     ir = [
-        f"define internal void @gemm_r{rows}(ptr noalias nocapture readonly %x, "
+        f"define internal void @gemm_{fmt}_r{rows}(ptr noalias nocapture readonly %x, "
         "ptr noalias nocapture readonly %w, ptr noalias nocapture %out, i64 %P, i64 %K, i64 %ldo) {",
         "entry:",
     ]
@@ -73,8 +101,12 @@ def _rows_kernel_ir(rows: int) -> list[str]:
         "  %w.at1 = add i64 %w.at0, 8",
     ]
     for c in range(2):
-        ir += [f"  %w.ptr{c} = getelementptr float, ptr %w, i64 %w.at{c}"]
-        ir += [f"  %w{c} = load <8 x float>, ptr %w.ptr{c}, align 4"]
+        ir += [f"  %w.ptr{c} = getelementptr {elem}, ptr %w, i64 %w.at{c}"]
+        if elem == "float":
+            ir += [f"  %w{c} = load <8 x float>, ptr %w.ptr{c}, align 4"]
+        else:
+            ir += [f"  %w.raw{c} = load <8 x {elem}>, ptr %w.ptr{c}, align 2"]
+            ir += [f"  %w{c} = fpext <8 x {elem}> %w.raw{c} to <8 x float>"]
     for r in range(rows):
         ir += [
             f"  %x.at{r} = add i64 %xrow{r}, %k",
@@ -103,28 +135,34 @@ def _rows_kernel_ir(rows: int) -> list[str]:
 
 
 def module_ir() -> str:
-    """The LLVM IR module: ``gemm_r1`` .. ``gemm_r{MAX_ROWS}`` and the exported dispatcher
-    ``mdsd_panel_gemm(x, panels, out, rows, n_panels, k_dim, out_stride)``."""
+    """The LLVM IR module: per format, ``gemm_{fmt}_r1`` .. ``gemm_{fmt}_r{MAX_ROWS}`` and the
+    exported dispatcher ``mdsd_panel_gemm_{fmt}(x, panels, out, rows, n_panels, k_dim,
+    out_stride)``."""
     ir = ["declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)", ""]
-    for rows in range(1, MAX_ROWS + 1):
-        ir += _rows_kernel_ir(rows) + [""]
-    cases = " ".join(f"i64 {r}, label %rows{r}" for r in range(1, MAX_ROWS + 1))
-    ir += [
-        "define void @mdsd_panel_gemm(ptr %x, ptr %w, ptr %out, i64 %rows, i64 %P, i64 %K, i64 %ldo) {",
-        "entry:",
-        f"  switch i64 %rows, label %exit [{cases}]",
-    ]
-    for r in range(1, MAX_ROWS + 1):
-        ir += [f"rows{r}:", f"  call void @gemm_r{r}(ptr %x, ptr %w, ptr %out, i64 %P, i64 %K, i64 %ldo)"]
-        ir += ["  br label %exit"]
-    ir += ["exit:", "  ret void", "}"]
+    for fmt in FORMATS:
+        for rows in range(1, MAX_ROWS + 1):
+            ir += _rows_kernel_ir(rows, fmt) + [""]
+        cases = " ".join(f"i64 {r}, label %rows{r}" for r in range(1, MAX_ROWS + 1))
+        ir += [
+            f"define void @mdsd_panel_gemm_{fmt}(ptr %x, ptr %w, ptr %out, i64 %rows, i64 %P, i64 %K, "
+            "i64 %ldo) {",
+            "entry:",
+            f"  switch i64 %rows, label %exit [{cases}]",
+        ]
+        for r in range(1, MAX_ROWS + 1):
+            ir += [
+                f"rows{r}:",
+                f"  call void @gemm_{fmt}_r{r}(ptr %x, ptr %w, ptr %out, i64 %P, i64 %K, i64 %ldo)",
+                "  br label %exit",
+            ]
+        ir += ["exit:", "  ret void", "}", ""]
     return "\n".join(ir)
 
 
 @functools.cache
 def _compiled() -> tuple:
-    """(execution engine, ctypes function): compiled once per process for the host CPU (~50 ms).
-    The engine owns the machine code, so it is kept alive with the function."""
+    """(execution engine, {format: ctypes function}): compiled once per process for the host
+    CPU (~0.1 s). The engine owns the machine code, so it is kept alive with the functions."""
     import llvmlite.binding as llvm
 
     llvm.initialize_native_target()
@@ -136,13 +174,14 @@ def _compiled() -> tuple:
     module.verify()
     engine = llvm.create_mcjit_compiler(module, machine)
     engine.finalize_object()
-    return engine, GEMM_SIGNATURE(engine.get_function_address("mdsd_panel_gemm"))
+    kernels = {fmt: GEMM_SIGNATURE(engine.get_function_address(f"mdsd_panel_gemm_{fmt}")) for fmt in FORMATS}
+    return engine, kernels
 
 
-def gemm_kernel():
-    """The compiled kernel (a ctypes function of ``GEMM_SIGNATURE``), or None where llvmlite
-    cannot compile for this machine (the forward then uses numpy's BLAS)."""
+def gemm_kernel(fmt: str = "f32"):
+    """The compiled kernel for panels in ``fmt`` (a ctypes function of ``GEMM_SIGNATURE``), or
+    None where llvmlite cannot compile for this machine (the forward then uses numpy's BLAS)."""
     try:
-        return _compiled()[1]
+        return _compiled()[1][fmt]
     except Exception:  # pragma: no cover - llvmlite ships with numba for every supported CPU
         return None

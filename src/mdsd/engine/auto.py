@@ -431,6 +431,7 @@ def calibration_key(decoder, prompts) -> str:
         "threads": torch.get_num_threads(),
         "runner": type(decoder.target).__name__,
         "matmul": getattr(decoder.target, "matmul", None),
+        "panels": [getattr(r, "panel_format", None) for r in (decoder.target, decoder.draft)],
         "sampling": repr(decoder.sampling),
         "law": decoder.book.law.name,
         "verifier": decoder.book.verifier.name,

@@ -113,10 +113,12 @@ class _Linear:
     multiplies the tensor's own memory, so no data moves between torch and numpy. On the AMD
     Zen 3 CPU of BENCHMARKS.md, OpenBLAS on this layout takes about half of torch's MKL time for one
     row and a third for 2-16 rows (``benchmarks/bench_matmul.py``). The numba form adds the
-    weight panels of ``mdsd.engine._panel_gemm.pack_panels`` (a few rows read each weight once).
+    weight panels of ``mdsd.engine._panel_gemm.pack_panels`` (a few rows read each weight once),
+    stored in float16 or bfloat16 when every weight is exactly representable there (a checkpoint
+    saved in 16 bits, loaded in float32): half the bytes to read, the same products bit for bit.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul: str):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, matmul: str, fmt: str = "f32"):
         weight = weight.detach()
         self.matmul = matmul
         self.bias = None if bias is None else bias.detach()
@@ -127,8 +129,9 @@ class _Linear:
         if matmul == "numba":
             from mdsd.engine._panel_gemm import gemm_kernel, pack_panels
 
-            self.panels = pack_panels(self.weight_t)
-            self.gemm = gemm_kernel()
+            self.format = fmt  # the model's panel format (``_panel_format``)
+            self.panels = pack_panels(self.weight_t, fmt)
+            self.gemm = gemm_kernel(fmt)
             self._project = _compiled().project
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +187,21 @@ class _Layer:
     down: _Linear  # [I] -> [hidden]
 
 
-def _fuse(layer, dtype: torch.dtype, matmul: str) -> _Layer:
+def _panel_format(model) -> str:
+    """The narrowest panel format holding every projection weight of ``model`` exactly ("f16",
+    "bf16" or "f32"; ``mdsd.engine._panel_gemm.storage_format``): one format for the whole model,
+    so that every layer calls one kernel."""
+    from mdsd.engine._panel_gemm import storage_format
+
+    matrices = [p for name, p in model.named_parameters() if p.dim() == 2]
+    formats = {storage_format(p.detach().cpu().numpy()) for p in matrices}
+    for fmt in ("f16", "bf16"):
+        if formats == {fmt}:
+            return fmt
+    return "f32"
+
+
+def _fuse(layer, dtype: torch.dtype, matmul: str, fmt: str = "f32") -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     bias = None
@@ -193,11 +210,11 @@ def _fuse(layer, dtype: torch.dtype, matmul: str) -> _Layer:
     gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
     return _Layer(
         _Norm(layer.input_layernorm, dtype),
-        _Linear(torch.cat([p.weight for p in projections]), bias, matmul),
-        _Linear(attn.o_proj.weight, attn.o_proj.bias, matmul),
+        _Linear(torch.cat([p.weight for p in projections]), bias, matmul, fmt),
+        _Linear(attn.o_proj.weight, attn.o_proj.bias, matmul, fmt),
         _Norm(layer.post_attention_layernorm, dtype),
-        _Linear(gate_up, None, matmul),
-        _Linear(mlp.down_proj.weight, None, matmul),
+        _Linear(gate_up, None, matmul, fmt),
+        _Linear(mlp.down_proj.weight, None, matmul, fmt),
     )
 
 
@@ -220,8 +237,10 @@ class StaticLlamaRunner(ModelRunner):
         self._embed = body.embed_tokens
         self._rotary = body.rotary_emb
         self._final_norm = _Norm(body.norm, self.dtype)
-        self._layers = [_fuse(layer, self.dtype, self.matmul) for layer in body.layers]
-        self._output = _Linear(self._head.weight, getattr(self._head, "bias", None), self.matmul)
+        self.panel_format = _panel_format(model) if self.matmul == "numba" else None
+        fmt = self.panel_format or "f32"
+        self._layers = [_fuse(layer, self.dtype, self.matmul, fmt) for layer in body.layers]
+        self._output = _Linear(self._head.weight, getattr(self._head, "bias", None), self.matmul, fmt)
         self._compiled_layers = self._compiled_weights() if self.matmul == "numba" else None
         self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
