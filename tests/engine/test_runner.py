@@ -85,20 +85,24 @@ def test_matmul_backend_choice_and_errors(llama):
         Autoregressive(llama, SamplingConfig(1.0), matmul="fast")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 20])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 20, 25])
 @pytest.mark.parametrize("bias", [False, True])
-def test_panel_products_equal_the_blas(rows, bias):
-    """``project`` (the compiled panel kernel for up to PANEL_MAX_ROWS rows, in passes of
-    MAX_ROWS, np.dot beyond) equals x @ W^T (+ b) in float64 to float32 rounding, with an output
-    width that is not a multiple of the panel width (the zero-padded last panel)."""
+@pytest.mark.parametrize("fmt", ["f32", "f16"])
+def test_panel_products_equal_the_blas(rows, bias, fmt):
+    """``project`` (the compiled panel kernel up to ``panel_max_rows`` rows -- 12 on float32
+    panels, 24 on 16-bit ones -- in passes of MAX_ROWS, np.dot beyond) equals x @ W^T (+ b) in
+    float64 to float32 rounding, with an output width that is not a multiple of the panel width
+    (the zero-padded last panel)."""
     from mdsd.engine import _llama_numba as kernels
     from mdsd.engine._panel_gemm import PANEL, gemm_kernel, pack_panels
 
     gen = np.random.default_rng(rows)
     weight_t = gen.normal(size=(37, 3 * PANEL + 5)).astype(np.float32)  # [in, out]
+    if fmt == "f16":
+        weight_t = weight_t.astype(np.float16).astype(np.float32)
     x = gen.normal(size=(rows, 37)).astype(np.float32)
     b = gen.normal(size=weight_t.shape[1]).astype(np.float32) if bias else np.zeros(0, np.float32)
-    got = kernels.project(x, pack_panels(weight_t), weight_t, b, gemm_kernel())
+    got = kernels.project(x, pack_panels(weight_t, fmt), weight_t, b, gemm_kernel(fmt))
     want = x.astype(np.float64) @ weight_t + (b if bias else 0.0)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 

@@ -9,7 +9,7 @@ each decoder layer is one compiled call with the same steps:
     a = softmax(q K^T / sqrt(d) + mask) V ; x = x + a W_o
     h = rms_norm(x) ; g, u = h W_gu ; x = x + (silu(g) * u) W_down
 
-The projections of up to ``PANEL_MAX_ROWS`` rows (a one-token step, a draft tree's nodes) run on
+The projections of up to ``panel_max_rows`` rows (a one-token step, a draft tree's nodes) run on
 the weight panels of ``mdsd.engine._panel_gemm`` (each weight read once for all rows, outputs in
 registers), passed in as ``gemm``; more rows run ``decoder_layer_blas``: the same steps, the
 products by numpy's BLAS from Python (numba's ``np.dot`` binds scipy's BLAS, whose many-row kernels
@@ -24,7 +24,19 @@ import numpy as np
 
 from mdsd.engine._panel_gemm import MAX_ROWS, PANEL
 
-PANEL_MAX_ROWS = 12  # rows multiplied on the panels (passes of _panel_gemm.MAX_ROWS rows)
+# Rows multiplied on the panels (passes of _panel_gemm.MAX_ROWS rows; more rows use the BLAS):
+# float32 panels stream 2x the bytes of 16-bit ones, so the BLAS wins sooner
+# (``benchmarks/bench_matmul.py``: 16 rows on float32 panels ~1.6x numpy's time; 24 rows on
+# float16 panels ~0.7x).
+PANEL_MAX_ROWS_F32 = 12
+PANEL_MAX_ROWS_16 = 24
+
+
+@numba.njit(cache=True)
+def panel_max_rows(itemsize):
+    """The largest row count multiplied on panels of ``itemsize`` bytes per weight."""
+    return PANEL_MAX_ROWS_16 if itemsize == 2 else PANEL_MAX_ROWS_F32
+
 
 _JIT = {"cache": True, "boundscheck": False, "fastmath": {"contract"}}
 
@@ -32,11 +44,11 @@ _JIT = {"cache": True, "boundscheck": False, "fastmath": {"contract"}}
 @numba.njit(**_JIT)
 def project(x, panels, weight_t, bias, gemm):
     """x [m, in] @ W^T [in, out] (+ bias [out] when it is non-empty), W^T also given as
-    panels [P, in, PANEL]: the panel kernel ``gemm`` for m <= PANEL_MAX_ROWS, else np.dot."""
+    panels [P, in, PANEL]: the panel kernel ``gemm`` up to ``panel_max_rows`` rows, else np.dot."""
     x = np.ascontiguousarray(x)
     m, k_dim = x.shape
     cols = weight_t.shape[1]
-    if m <= PANEL_MAX_ROWS:
+    if m <= panel_max_rows(panels.itemsize):
         n_panels = panels.shape[0]
         width = n_panels * PANEL
         out = np.empty((m, width), dtype=np.float32)

@@ -356,7 +356,8 @@ class StaticLlamaRunner(ModelRunner):
         causal = mask is None and m > 1
         mask = np.zeros((0, 0), dtype=np.float32) if mask is None else mask
         keys, values = self._keys.numpy(), self._values.numpy()  # [layers, H_kv, capacity, d]
-        layer = kernels.decoder_layer if m <= kernels.PANEL_MAX_ROWS else kernels.decoder_layer_blas
+        max_rows = kernels.panel_max_rows(self._output.panels.itemsize)
+        layer = kernels.decoder_layer if m <= max_rows else kernels.decoder_layer_blas
         for i, weights in enumerate(self._compiled_layers):
             x = layer(
                 x,
