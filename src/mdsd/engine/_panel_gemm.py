@@ -16,10 +16,12 @@ them once for all rows:
 numba cannot hold such a tile in registers (its arrays live in memory; its superword vectoriser
 is off by default), so the kernel is written as LLVM IR (one function per row count 1..6 and a
 dispatcher on the row count) and compiled for the host CPU by llvmlite, numba's own LLVM binding.
-``gemm_kernel()`` returns it as a ctypes function, which numba code calls as a first-class
-function (``mdsd.engine._llama_numba.project``). Each output is the in-order sum over k of
-float32 fused multiply-adds: deterministic, equal to a float64 product to float32 rounding
-(tests/engine/test_runner.py).
+``gemm_kernel(fmt)`` returns it as a ctypes function, which numba code calls as a first-class
+function (``mdsd.engine._llama_numba.project``). Panels are float32, or float16 / bfloat16 for
+weights those formats hold exactly (``storage_format``; widened to float32 in registers, so the
+products are those of float32 panels bit for bit, from half the bytes). Each output is the
+in-order sum over k of float32 fused multiply-adds: deterministic, equal to a float64 product to
+float32 rounding (tests/engine/test_runner.py).
 """
 
 from __future__ import annotations
