@@ -260,6 +260,7 @@ class StaticLlamaRunner(ModelRunner):
         self._eps = eps.pop()
         self._kernels = _compiled()
         self._gemm = self._output.gemm
+        self._panel_max_rows = self._kernels.panel_max_rows(self._output.panels.itemsize)
         self._embed_table = self._embed.weight.detach().numpy()  # [V, hidden]
         self._final_norm_weight = self._final_norm.module.weight.detach().numpy()
         return [
@@ -356,8 +357,7 @@ class StaticLlamaRunner(ModelRunner):
         causal = mask is None and m > 1
         mask = np.zeros((0, 0), dtype=np.float32) if mask is None else mask
         keys, values = self._keys.numpy(), self._values.numpy()  # [layers, H_kv, capacity, d]
-        max_rows = kernels.panel_max_rows(self._output.panels.itemsize)
-        layer = kernels.decoder_layer if m <= max_rows else kernels.decoder_layer_blas
+        layer = kernels.decoder_layer if m <= self._panel_max_rows else kernels.decoder_layer_blas
         for i, weights in enumerate(self._compiled_layers):
             x = layer(
                 x,
