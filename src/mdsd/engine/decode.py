@@ -476,9 +476,10 @@ class TreeDecoder(_Decoder):
         ``HEAD_BATCH_ROWS`` rows, every valid node is computed when the root is visited; in
         larger trees, one visited node per call.
         """
-        valid = np.flatnonzero(drafted.valid)
-        if node == -1 and valid.size + 1 <= HEAD_BATCH_ROWS:
-            return np.concatenate([[-1], valid])
+        if node == -1:
+            valid = np.flatnonzero(drafted.valid)
+            if valid.size + 1 <= HEAD_BATCH_ROWS:
+                return np.concatenate([[-1], valid])
         return np.asarray([node])
 
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
