@@ -2,7 +2,8 @@
 
     python benchmarks/bench_decode.py --prompts 8 --max-new-tokens 96 --threads 1 \
         [--temperature T] [--top-k K] [--dtype bfloat16] [--prompts-file FILE] \
-        [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE ...] [--json out.json]
+        [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE[:DRAFT_VOCAB] ...] [--draft-vocab K]
+        [--json out.json]
 
 TREE may be ``auto`` (``mdsd.engine.auto``: chosen from a calibration on the same prompts; the
 table then names the chosen shape and the predicted tokens/s). The profile columns give, per
@@ -66,6 +67,9 @@ def main() -> None:
     ap.add_argument(
         "--matmul-baseline", choices=["numba", "numpy", "torch"], help="add an autoregressive row with it"
     )
+    ap.add_argument(
+        "--draft-vocab", type=int, help="draft output layer over K tokens (mdsd.engine.vocab) in every config"
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.threads:
@@ -76,8 +80,9 @@ def main() -> None:
     )
     configs = []
     for spec in args.config or CONFIGS:
-        law, verifier, tree = spec.split(":")
-        configs.append(TreeConfig.make(tree, law or None, verifier or None))
+        law, verifier, tree, *vocab = spec.split(":")
+        vocab = int(vocab[0]) if vocab and vocab[0] else args.draft_vocab
+        configs.append(TreeConfig.make(tree, law or None, verifier or None, vocab))
     if args.prompts_file:
         with open(args.prompts_file) as fh:
             prompts = [line.rstrip("\n") for line in fh if line.strip()][: args.prompts]

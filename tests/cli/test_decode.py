@@ -92,3 +92,32 @@ def test_generate_streams_text_and_reports_the_tree():
     assert res.exit_code == 0, res.output
     assert res.output.startswith("Once")
     assert "[iid/rrs 1x2] 3 tokens" in res.output and "tokens/step" in res.output
+
+
+def test_draft_vocab_option(tiny):
+    """--draft-vocab K and the config's fourth field: decoding works, named in the bench table;
+    bad sizes exit with code 2 and one line naming the option."""
+    models = ["--target", tiny[0], "--draft", tiny[1], "--threads", "1"]
+    res = run(
+        "generate",
+        "w3 w4",
+        *models,
+        "--tree",
+        "1x2",
+        "--draft-vocab",
+        "6",
+        "-m",
+        "4",
+        "--ignore-eos",
+        "--json",
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index('{"prompt"') :].splitlines()[0])
+    assert len(out["token_ids"]) == 4
+    res = run("bench", *models, "--prompts", "1", "-m", "3", "--no-hf", "-c", "iid:rrs:1x2:6", "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output[res.output.index("{") :])["rows"]
+    assert rows[-1]["method"] == "mdsd iid/rrs 1x2 vocab 6"
+    assert_refused(mdsd("generate", "w3", *models, "--draft-vocab", "0"), "draft_vocab")
+    assert_refused(mdsd("generate", "w3", *models, "--draft-vocab", "13"), "draft_vocab")
+    assert_refused(mdsd("bench", *models, "--no-hf", "-c", "iid:rrs:1x2:six"), "DRAFT_VOCAB")

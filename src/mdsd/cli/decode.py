@@ -59,6 +59,14 @@ MatmulOpt = Annotated[
         "(compiled layers, small-row products on weight panels), numpy (numpy's BLAS), torch.",
     ),
 ]
+DraftVocabOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--draft-vocab",
+        help="Draft over its K most likely tokens only (a smaller draft output layer, still exact; "
+        "default: the whole vocabulary).",
+    ),
+]
 NoEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end of sequence.", metavar="")]
 SMALL_MACHINE_CORES = 4  # on this many cores or fewer, bench defaults to one torch thread
 
@@ -184,6 +192,7 @@ def generate(
     seed: SeedOpt = 0,
     threads: ThreadsOpt = None,
     matmul: MatmulOpt = "auto",
+    draft_vocab: DraftVocabOpt = None,
     ignore_eos: NoEosOpt = False,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Print metrics to stderr.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print text and metrics as JSON.")] = False,
@@ -194,7 +203,7 @@ def generate(
     temperature, top_k, top_p = sampling_options(temperature, top_k, top_p, default_temperature=0.7)
     try:
         sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
-        config = TreeConfig.make(_tree_text(tree, drafts, depth), law, verifier)
+        config = TreeConfig.make(_tree_text(tree, drafts, depth), law, verifier, draft_vocab)
         if optimal_needs_top_k(config, top_k):
             typer.echo(
                 f"note: {config.describe()} fits priority orders over the whole vocabulary "
@@ -255,15 +264,22 @@ def generate(
         )
 
 
-def _parse_config(text: str):
-    """LAW:VERIFIER:TREE, e.g. without_replacement:rrs_without_replacement:3x4."""
+def _parse_config(text: str, draft_vocab: int | None = None):
+    """LAW:VERIFIER:TREE[:DRAFT_VOCAB], e.g. without_replacement:rrs_without_replacement:3x4 or
+    iid:rrs:1x3:2048 (``draft_vocab``: the size when the spec names none)."""
     from mdsd.engine import TreeConfig
 
     parts = text.split(":")
-    if len(parts) != 3:
-        raise ValueError(f"config must be LAW:VERIFIER:TREE (e.g. greedy:greedy:3x4), got {text!r}")
-    law, verifier, tree = parts
-    return TreeConfig.make(tree, law or None, verifier or None)
+    if len(parts) not in (3, 4):
+        raise ValueError(
+            f"config must be LAW:VERIFIER:TREE[:DRAFT_VOCAB] (e.g. greedy:greedy:3x4), got {text!r}"
+        )
+    law, verifier, tree = parts[:3]
+    if len(parts) == 4 and parts[3]:
+        if not parts[3].isdigit():
+            raise ValueError(f"config: DRAFT_VOCAB must be a positive integer, got {parts[3]!r}")
+        draft_vocab = int(parts[3])
+    return TreeConfig.make(tree, law or None, verifier or None, draft_vocab)
 
 
 @app.command()
@@ -277,7 +293,8 @@ def bench(
         typer.Option(
             "--config",
             "-c",
-            help="LAW:VERIFIER:TREE, repeatable (default: a single-draft chain and multi-draft trees).",
+            help="LAW:VERIFIER:TREE[:DRAFT_VOCAB], repeatable (default: a single-draft chain and "
+            "multi-draft trees).",
         ),
     ] = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Number of prompts.")] = 6,
@@ -306,6 +323,7 @@ def bench(
         ),
     ] = None,
     matmul: MatmulOpt = "auto",
+    draft_vocab: DraftVocabOpt = None,
     no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip HF assisted generation.", metavar="")] = False,
     ignore_eos: Annotated[
         bool,
@@ -332,7 +350,7 @@ def bench(
     try:
         sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
         specs = config or [":".join(c) for c in DEFAULT_CONFIGS]
-        configs = [_parse_config(c) for c in specs]
+        configs = [_parse_config(c, draft_vocab) for c in specs]
         if prompts < 1:
             raise ValueError(f"--prompts must be >= 1, got {prompts}")
         texts = _bench_texts(prompts_file, domain, prompts)

@@ -268,7 +268,7 @@ def _sample_positions(decoder, prompts, rng):
         pending = list(ids)
         for _ in range(CALIBRATION_TOKENS):
             p = row_probs(decoder.target.causal(np.asarray(pending), keep=1)[0])
-            q = row_probs(decoder.draft.causal(np.asarray(pending), keep=1)[0])
+            q = decoder.draft_probs(decoder.draft.causal(np.asarray(pending), keep=1)[0])
             contexts.append(list(ids))
             targets.append(p)
             drafts.append(q)
@@ -359,7 +359,8 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
     one = rng.integers(0, vocab, size=1)
     target_one = lambda: _tree_forward(decoder.target, context, one, None)  # noqa: E731
     draft_one = lambda: _tree_forward(decoder.draft, context, one, None)  # noqa: E731
-    draft_level = lambda: _tree_forward(decoder.draft, context, one, row_probs)  # noqa: E731
+    draft_probs = decoder.draft_probs
+    draft_level = lambda: _tree_forward(decoder.draft, context, one, draft_probs)  # noqa: E731
     hidden = decoder.target.causal_hidden(np.asarray(context[-1:]), keep=1)  # [1, H]
     stacked = [hidden.expand(r, -1).contiguous() for r in range(1, HEAD_BATCH_ROWS + 1)]  # [r, H]
     items = {"autoregressive": (target_one, target_one)}
@@ -367,10 +368,10 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
         tokens = rng.integers(0, vocab, size=m)
         items[("target", m)] = (lambda t=tokens: _tree_forward(decoder.target, context, t, None), draft_one)
         items[("draft", m)] = (
-            lambda t=tokens: _tree_forward(decoder.draft, context, t, row_probs),
+            lambda t=tokens: _tree_forward(decoder.draft, context, t, draft_probs),
             draft_level,
         )
-    items["draft root"] = (lambda: _tree_forward(decoder.draft, context, one, row_probs), target_one)
+    items["draft root"] = (lambda: _tree_forward(decoder.draft, context, one, draft_probs), target_one)
     items["head"] = (lambda: row_probs(decoder.target.logits(hidden)[0]), target_one)
     for r, h in enumerate(stacked, start=1):
         items[("head", r)] = (lambda h=h: decoder.target.logits(h), target_one)
@@ -432,6 +433,7 @@ def calibration_key(decoder, prompts) -> str:
         "runner": type(decoder.target).__name__,
         "matmul": getattr(decoder.target, "matmul", None),
         "panels": [getattr(r, "panel_format", None) for r in (decoder.target, decoder.draft)],
+        "draft_vocab": _ids_digest(decoder.draft.output_ids),
         "sampling": repr(decoder.sampling),
         "law": decoder.book.law.name,
         "verifier": decoder.book.verifier.name,
@@ -440,6 +442,12 @@ def calibration_key(decoder, prompts) -> str:
         "cost_model": [f.name for f in fields(CostModel)],  # a calibration of an older layout is stale
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _ids_digest(token_ids) -> str | None:
+    if token_ids is None:
+        return None
+    return hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:

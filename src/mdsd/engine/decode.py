@@ -7,7 +7,8 @@ root) is not yet in the target's cache:
 1. Draft: the draft model expands the tree level by level, one forward per level with its KV
    cache and a 4-D mask (level 0 = the committed tokens it has not seen, causally); each node's
    children are drawn from q(. | path) by the draft law (``walk.draft_children``), with q from
-   ``mdsd.logits.process_logits`` -- the same transform as the target's p.
+   ``mdsd.logits.process_logits`` -- the same transform as the target's p (with ``draft_vocab``,
+   over the draft's kept tokens only: ``mdsd.engine.vocab``).
 2. Target: one forward over (root, all nodes) with the tree mask and position ids
    L - 1 + depth.
 3. Verify node by node from the root (``walk.walk``); emitted = accepted path + one recovered or
@@ -42,6 +43,7 @@ from mdsd.engine.records import (
 from mdsd.engine.runner import check_supported, check_tree_attention, context_length
 from mdsd.engine.static_llama import make_runner
 from mdsd.engine.tree import DraftTree, build_tree
+from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary
 from mdsd.engine.walk import DraftedSlots, RuleBook, WalkResult, as_support, draft_children, walk
 from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical
@@ -254,6 +256,8 @@ class TreeDecoder(_Decoder):
             with torch.inference_mode():
                 check_tree_attention(self.target, "target", self.vocab)
                 check_tree_attention(self.draft, "draft", self.vocab)
+        self.draft_vocab = None
+        self.use_draft_vocabulary(as_draft_vocabulary(config.draft_vocab, pair.draft))
         self.eos = eos_ids(pair)
         self.tree: DraftTree | None = None
         self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
@@ -279,6 +283,16 @@ class TreeDecoder(_Decoder):
         # frozen masks: target over all nodes; draft per level d = 1..D-1
         self._target_mask = self.target.additive(tree.ancestor_mask[1:, 1:])
         self._level_masks = {d: self.draft.additive(tree.level_mask(d)) for d in range(1, tree.depth)}
+
+    def use_draft_vocabulary(self, vocabulary: DraftVocabulary | None) -> None:
+        """Draft over ``vocabulary`` only (``mdsd.engine.vocab``; None: the whole vocabulary).
+        The decoder stays exact: the verifier is given the draft law it samples from."""
+        if vocabulary is not None and vocabulary.vocab != self.vocab:
+            raise ValueError(
+                f"draft_vocab: a vocabulary of {vocabulary.vocab} tokens for a pair of {self.vocab}"
+            )
+        self.draft_vocab = vocabulary
+        self.draft.restrict_output(None if vocabulary is None else vocabulary.token_ids)
 
     def _node_verifier(self) -> str:
         """The token-level verifier of the per-node rules; for a sequence-level rule, the law's
@@ -384,13 +398,17 @@ class TreeDecoder(_Decoder):
         return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
 
     # -------------------------------------------------------------- one step
+    def draft_probs(self, logits: np.ndarray) -> SupportProbs:
+        """q from one row of the draft's output layer (over ``draft_vocab`` when it is set)."""
+        return self.sampling.row_probs(logits, self.draft.output_ids, self.vocab)
+
     def draft_tree(self, seq: list[int], rng: np.random.Generator) -> DraftedSlots:
         """Expand the tree with the draft model (its cache then holds seq + depths 1..D-1).
 
         Per level: one draft forward over the level's nodes, the output layer on the valid rows
         only, the sampling transform per row on its support, children drawn per node.
         """
-        tree, row_probs = self.tree, self.sampling.row_probs
+        tree, row_probs = self.tree, self.draft_probs
         n = tree.num_nodes
         tokens = np.zeros(n, dtype=np.int64)
         valid = np.zeros(n, dtype=bool)

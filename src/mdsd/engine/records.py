@@ -50,23 +50,45 @@ class SamplingConfig:
         """float64 sampling probabilities from logits [..., V] (``mdsd.logits.process_logits``)."""
         return process_logits(logits, self.temperature, self.top_k, self.top_p)
 
-    def row_probs(self, logits: np.ndarray) -> SupportProbs:
+    def row_probs(
+        self, logits: np.ndarray, token_ids: np.ndarray | None = None, vocab: int = 0
+    ) -> SupportProbs:
         """The same transform of one trusted logits row [V], stored on its support
-        (``mdsd.logits.process_logits_row``: the engine's fast path, tested equal to ``probs``)."""
-        return process_logits_row(logits, self.temperature, self.top_k, self.top_p)
+        (``mdsd.logits.process_logits_row``: the engine's fast path, tested equal to ``probs``).
+
+        With ``token_ids`` [K] ascending: ``logits`` [K] are those tokens' logits and every other
+        token of the ``vocab`` has logit -inf (a draft output layer over part of the vocabulary,
+        ``mdsd.engine.vocab``); the result is over the whole vocabulary.
+        """
+        probs = process_logits_row(logits, self.temperature, self.top_k, self.top_p)
+        if token_ids is None:
+            return probs
+        values = probs.values
+        indices = token_ids if probs.indices is None else token_ids[probs.indices]
+        if probs.indices is None and not np.all(values > 0):  # underflow to 0 on the dense path
+            indices, values = indices[values > 0], values[values > 0]
+        return SupportProbs(indices, values, vocab)
 
 
 @dataclass(frozen=True)
 class TreeConfig:
-    """Tree shape, draft law and verifier of a speculative run."""
+    """Tree shape, draft law and verifier of a speculative run; ``draft_vocab`` K: the draft's
+    output layer over its K most likely tokens only (``mdsd.engine.vocab``; None: all)."""
 
     tree: DraftTree | None = field(default_factory=lambda: build_tree((3, 1, 1, 1)))  # None: auto
     law: str | None = "without_replacement"
     verifier: str = "rrs_without_replacement"
+    draft_vocab: int | None = None
+
+    def __post_init__(self):
+        k = self.draft_vocab
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1):
+            raise ValueError(f"draft_vocab must be a positive integer or None, got {k!r}")
 
     @classmethod
-    def make(cls, tree="3x4", law=None, verifier=None) -> TreeConfig:
-        """From a tree spec ("3x4", "3,2,1", widths, a DraftTree or "auto"), a law and a verifier.
+    def make(cls, tree="3x4", law=None, verifier=None, draft_vocab=None) -> TreeConfig:
+        """From a tree spec ("3x4", "3,2,1", widths, a DraftTree or "auto"), a law, a verifier
+        and a draft vocabulary size.
 
         ``"auto"``: the decoder chooses the shape (possibly plain sampling) from a calibration of
         the pair on this machine (``mdsd.engine.auto``). Defaults: no law and no verifier =
@@ -85,15 +107,16 @@ class TreeConfig:
             verifier = natural_verifier(law)
         elif verifier in SEQUENCE_VERIFIERS and law is None:
             law = "iid" if verifier == "block" else "without_replacement"
-        return cls(tree, law, verifier)
+        return cls(tree, law, verifier, draft_vocab)
 
     def describe(self) -> str:
-        """Short name, e.g. ``without_replacement/rrs_without_replacement 3x4``."""
+        """Short name, e.g. ``without_replacement/rrs_without_replacement 3x4`` (+ ``vocab K``)."""
+        vocab = "" if self.draft_vocab is None else f" vocab {self.draft_vocab}"
         if self.tree is None:
-            return f"{self.law or 'default'}/{self.verifier} auto"
+            return f"{self.law or 'default'}/{self.verifier} auto{vocab}"
         widths = self.tree.widths
         shape = f"{widths[0]}x{len(widths)}" if all(w == 1 for w in widths[1:]) else self.tree.describe()
-        return f"{self.law or 'default'}/{self.verifier} {shape}"
+        return f"{self.law or 'default'}/{self.verifier} {shape}{vocab}"
 
 
 # ---------------------------------------------------------------------- statistics

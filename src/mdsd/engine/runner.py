@@ -74,6 +74,8 @@ class ModelRunner:
         self.hidden = float(torch.finfo(self.dtype).min)  # the additive masks' "not visible"
         self._body = model.base_model  # the decoder stack without the output layer
         self._head = model.get_output_embeddings()
+        self._full_head = self._head
+        self.output_ids = None  # [K] token ids of the logits' columns (None: the whole vocabulary)
         params = inspect.signature(self._body.forward).parameters
         self._body_cache_kw = "cache" if "cache" in params else "past_key_values"
         self._dynamic_cache = DynamicCache
@@ -141,6 +143,20 @@ class ModelRunner:
         out = self._head(hidden).float().cpu().numpy()
         self.model_time += time.perf_counter() - start
         return out
+
+    def restrict_output(self, token_ids: np.ndarray | None) -> None:
+        """Compute the logits of ``token_ids`` [K] (ascending) only: ``logits`` then returns
+        [rows, K], column j for token ``token_ids[j]`` (``mdsd.engine.vocab``); None restores
+        the whole vocabulary."""
+        self.output_ids = None if token_ids is None else np.asarray(token_ids, dtype=np.int64)
+        if token_ids is None:
+            self._head = self._full_head
+            return
+        ids = torch.as_tensor(self.output_ids, device=self.device)
+        weight = self._full_head.weight[ids].detach()
+        bias = getattr(self._full_head, "bias", None)
+        bias = None if bias is None else bias[ids].detach()
+        self._head = lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
 
     def causal_hidden(self, ids: np.ndarray, keep: int = 1) -> torch.Tensor:
         """Plain causal forward of ``ids`` after the cache; hidden states of the last ``keep``."""
