@@ -215,3 +215,18 @@ def test_unsupported_model_refused(llama):
     pair = ModelPair(target=opt.eval(), draft=llama.draft, tokenizer=llama.tokenizer, name="x")
     with pytest.raises(ValueError, match="target model type 'opt'"):
         TreeDecoder(pair, TreeConfig.make("2x2", "iid", "rrs"), SamplingConfig(1.0))
+
+
+def test_bfloat16_pair_decodes_on_the_lean_forward(tiny):
+    """A bfloat16 pair runs the lean forward with torch's matmul (the compiled layers are for
+    float32): the decoder's own tree-attention check passes and decoding runs, with and without
+    a draft vocabulary."""
+    from mdsd.models import load_pair
+
+    pair = load_pair(target=tiny["llama"][0], draft=tiny["llama"][1], dtype="bfloat16")
+    sampling = SamplingConfig(1.0, max_new_tokens=5, stop_on_eos=False)
+    for vocab in (None, 6):
+        dec = TreeDecoder(pair, TreeConfig.make("2x2", "iid", "rrs", draft_vocab=vocab), sampling)
+        assert type(dec.target).__name__ == "StaticLlamaRunner" and dec.target.matmul == "torch"
+        out = dec.generate([PROMPT], seed=0)[0]
+        assert len(out.token_ids) == 5

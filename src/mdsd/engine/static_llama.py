@@ -292,7 +292,8 @@ class StaticLlamaRunner(ModelRunner):
             self._keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self._values = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self._rotary_table = self._static_rotary(capacity)
-            if self._rotary_table is not None:  # the compiled forward's [capacity, d] copies
+            if self._rotary_table is not None and self._compiled_layers is not None:
+                # the compiled forward's [capacity, d] copies (float32 models only)
                 self._rotary_numpy = tuple(t[:, 0].contiguous().numpy() for t in self._rotary_table)
         self._length = 0
 
