@@ -85,6 +85,13 @@ def test_matmul_backend_choice_and_errors(llama):
         Autoregressive(llama, SamplingConfig(1.0), matmul="fast")
 
 
+def _kernel_widths() -> list[int]:
+    """Vector widths the host runs: 8 floats (AVX2) everywhere, 16 with AVX-512F."""
+    from mdsd.engine._panel_gemm import host_width
+
+    return sorted({8, host_width()})
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 20, 25])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("fmt", ["f32", "f16"])
@@ -92,7 +99,8 @@ def test_panel_products_equal_the_blas(rows, bias, fmt):
     """``project`` (the compiled panel kernel up to ``panel_max_rows`` rows -- 12 on float32
     panels, 24 on 16-bit ones -- in passes of MAX_ROWS, np.dot beyond) equals x @ W^T (+ b) in
     float64 to float32 rounding, with an output width that is not a multiple of the panel width
-    (the zero-padded last panel)."""
+    (the zero-padded last panel), for every vector width the host runs; the widths agree bit
+    for bit."""
     from mdsd.engine import _llama_numba as kernels
     from mdsd.engine._panel_gemm import PANEL, gemm_kernel, pack_panels
 
@@ -102,9 +110,32 @@ def test_panel_products_equal_the_blas(rows, bias, fmt):
         weight_t = weight_t.astype(np.float16).astype(np.float32)
     x = gen.normal(size=(rows, 37)).astype(np.float32)
     b = gen.normal(size=weight_t.shape[1]).astype(np.float32) if bias else np.zeros(0, np.float32)
-    got = kernels.project(x, pack_panels(weight_t, fmt), weight_t, b, gemm_kernel(fmt))
     want = x.astype(np.float64) @ weight_t + (b if bias else 0.0)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    results = [
+        kernels.project(x, pack_panels(weight_t, fmt), weight_t, b, gemm_kernel(fmt, width))
+        for width in _kernel_widths()
+    ]
+    for got in results:
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+        np.testing.assert_array_equal(got, results[0])
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16"])
+def test_kernel_passes_cover_every_row(fmt):
+    """The kernel alone, called with more rows than a pass holds (MAX_ROWS per width): every
+    row of the output is the product, in passes, for each vector width."""
+    from mdsd.engine._panel_gemm import MAX_ROWS, PANEL, gemm_kernel, pack_panels
+
+    gen = np.random.default_rng(5)
+    weight_t = gen.normal(size=(19, 2 * PANEL)).astype(np.float32)
+    weight_t = (weight_t.view(np.uint32) & 0xFFFF0000).view(np.float32)  # bfloat16 values
+    panels = pack_panels(weight_t, fmt)
+    for width in _kernel_widths():
+        rows = 2 * MAX_ROWS[width] + 3
+        x = gen.normal(size=(rows, 19)).astype(np.float32)
+        out = np.full((rows, 2 * PANEL), np.nan, dtype=np.float32)
+        gemm_kernel(fmt, width)(x.ctypes.data, panels.ctypes.data, out.ctypes.data, rows, 2, 19, 2 * PANEL)
+        np.testing.assert_allclose(out, x.astype(np.float64) @ weight_t, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["f16", "bf16"])

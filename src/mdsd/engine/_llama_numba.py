@@ -22,9 +22,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from mdsd.engine._panel_gemm import MAX_ROWS, PANEL
+from mdsd.engine._panel_gemm import PANEL
 
-# Rows multiplied on the panels (passes of _panel_gemm.MAX_ROWS rows; more rows use the BLAS):
+# Rows multiplied on the panels (the kernel runs passes of _panel_gemm.MAX_ROWS rows; more rows
+# use the BLAS):
 # float32 panels stream 2x the bytes of 16-bit ones, so the BLAS wins sooner
 # (``benchmarks/bench_matmul.py``: 16 rows on float32 panels ~1.6x numpy's time; 24 rows on
 # float16 panels ~0.7x).
@@ -52,17 +53,7 @@ def project(x, panels, weight_t, bias, gemm):
         n_panels = panels.shape[0]
         width = n_panels * PANEL
         out = np.empty((m, width), dtype=np.float32)
-        for first in range(0, m, MAX_ROWS):
-            rows = min(MAX_ROWS, m - first)
-            gemm(
-                x[first:].ctypes.data,
-                panels.ctypes.data,
-                out[first:].ctypes.data,
-                rows,
-                n_panels,
-                k_dim,
-                width,
-            )
+        gemm(x.ctypes.data, panels.ctypes.data, out.ctypes.data, m, n_panels, k_dim, width)
         if width != cols:
             out = np.ascontiguousarray(out[:, :cols])
     else:

@@ -1,21 +1,23 @@
-"""Small-M matrix products x [m, in] @ W^T [in, out] at the memory bound of one row (m <= 6 per pass).
+"""Small-M matrix products x [m, in] @ W^T [in, out] at the memory bound of one row.
 
 A decoder forward over the few tokens of a draft tree multiplies 2-16 rows by every weight
-matrix. General BLAS kernels pack the weights on every call and, on the CPU of BENCHMARKS.md,
+matrix. General BLAS kernels pack the weights on every call and, on the CPUs of BENCHMARKS.md,
 take 1.9-2.2x the time of one row for 2-8 rows (``benchmarks/bench_matmul.py``), although the
 arithmetic is a small fraction of the time it takes to read the weights once. This kernel reads
-them once for all rows:
+them once for all rows of a pass:
 
 - W^T is stored once, at load, as *panels* [P, in, PANEL]: column block c of W^T is the
   contiguous array ``panels[c]`` (the last block zero-padded), so one product streams every
   weight exactly once, in memory order;
-- per panel, the ``rows x PANEL`` outputs stay in vector registers (``rows * PANEL / 8``
-  accumulators of eight floats) while k runs over the input dimension: for each k, two vector
-  loads of ``panels[c, k]``, one broadcast of ``x[r, k]`` per row and fused multiply-adds.
+- per panel, the ``rows x PANEL`` outputs stay in vector registers while k runs over the input
+  dimension: for each k, PANEL / width vector loads of ``panels[c, k]``, one broadcast of
+  ``x[r, k]`` per row and fused multiply-adds. With AVX2 (vectors of 8 floats, 16 registers) a
+  pass takes up to 6 rows; with AVX-512 (16 floats, 32 registers) up to 24 rows, one
+  accumulator per row (``MAX_ROWS``; the dispatcher runs passes until every row is done).
 
 numba cannot hold such a tile in registers (its arrays live in memory; its superword vectoriser
-is off by default), so the kernel is written as LLVM IR (one function per row count 1..6 and a
-dispatcher on the row count) and compiled for the host CPU by llvmlite, numba's own LLVM binding.
+is off by default), so the kernel is written as LLVM IR (one function per row count and a
+dispatcher of passes) and compiled for the host CPU by llvmlite, numba's own LLVM binding.
 ``gemm_kernel(fmt)`` returns it as a ctypes function, which numba code calls as a first-class
 function (``mdsd.engine._llama_numba.project``). Panels are float32, or float16 / bfloat16 for
 weights those formats hold exactly (``storage_format``; widened to float32 in registers, so the
@@ -31,15 +33,18 @@ import functools
 
 import numpy as np
 
-PANEL = 16  # output columns per panel: two vectors of eight float32
-MAX_ROWS = 6  # rows per pass (12 accumulator + 2 weight + 1 broadcast vector registers of 16)
+PANEL = 16  # output columns per panel: two vectors of eight float32, or one of sixteen
+# Rows per pass by vector width: 8 floats (AVX2, 16 vector registers): 12 accumulator + 2 weight +
+# 1 broadcast registers at 6 rows; 16 floats (AVX-512, 32 registers): one accumulator per row,
+# 24 rows + weight + broadcast.
+MAX_ROWS = {8: 6, 16: 24}
 
 GEMM_SIGNATURE = ctypes.CFUNCTYPE(
     None,
     ctypes.c_void_p,  # x [rows, k_dim] float32, C order
     ctypes.c_void_p,  # panels [n_panels, k_dim, PANEL] in the kernel's format
     ctypes.c_void_p,  # out [rows, out_stride] float32 (columns 0 .. n_panels * PANEL - 1 written)
-    ctypes.c_int64,  # rows: 1 .. MAX_ROWS (other values: nothing is written)
+    ctypes.c_int64,  # rows >= 0 (passes of MAX_ROWS[width] rows)
     ctypes.c_int64,  # n_panels >= 1
     ctypes.c_int64,  # k_dim >= 1
     ctypes.c_int64,  # out_stride: floats between output rows
@@ -81,90 +86,119 @@ def pack_panels(weight_t: np.ndarray, fmt: str = "f32") -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k_dim, blocks, PANEL).transpose(1, 0, 2))
 
 
-def _rows_kernel_ir(rows: int, fmt: str = "f32") -> list[str]:
+def _rows_kernel_ir(rows: int, fmt: str, width: int) -> list[str]:
     """LLVM IR of ``gemm_{fmt}_r{rows}``: for each panel p, for k in 0..K-1,
-    acc[r] += broadcast(x[r, k]) * panels[p, k, :] (two <8 x float> per row; 16-bit weights
-    widened to float32 exactly), then store."""
+    acc[r] += broadcast(x[r, k]) * panels[p, k, :] (PANEL / width vectors of ``width`` floats per
+    row; 16-bit weights widened to float32 exactly), then store."""
     elem = FORMATS[fmt][0]
-    acc = [(r, c) for r in range(rows) for c in range(2)]
+    vec, parts = f"<{width} x float>", PANEL // width
+    acc = [(r, c) for r in range(rows) for c in range(parts)]
     ir = [
         f"define internal void @gemm_{fmt}_r{rows}(ptr noalias nocapture readonly %x, "
-        "ptr noalias nocapture readonly %w, ptr noalias nocapture %out, i64 %P, i64 %K, i64 %ldo) {",
+        "ptr noalias nocapture readonly %w, ptr noalias nocapture %out, i64 %P, i64 %K, i64 %ldo) #0 {",
         "entry:",
     ]
     ir += [f"  %xrow{r} = mul i64 %K, {r}\n  %orow{r} = mul i64 %ldo, {r}" for r in range(rows)]
     ir += ["  br label %panel", "panel:", "  %p = phi i64 [0, %entry], [%p.next, %store]"]
     ir += ["  %pbase = mul i64 %p, %K", "  br label %inner", "inner:"]
     ir += ["  %k = phi i64 [0, %panel], [%k.next, %inner]"]
-    ir += [f"  %a{r}.{c} = phi <8 x float> [zeroinitializer, %panel], [%n{r}.{c}, %inner]" for r, c in acc]
-    ir += [
-        "  %wrow = add i64 %pbase, %k",
-        f"  %w.at0 = mul i64 %wrow, {PANEL}",
-        "  %w.at1 = add i64 %w.at0, 8",
-    ]
-    for c in range(2):
+    ir += [f"  %a{r}.{c} = phi {vec} [zeroinitializer, %panel], [%n{r}.{c}, %inner]" for r, c in acc]
+    ir += ["  %wrow = add i64 %pbase, %k", f"  %w.base = mul i64 %wrow, {PANEL}"]
+    for c in range(parts):
+        ir += [f"  %w.at{c} = add i64 %w.base, {width * c}"]
         ir += [f"  %w.ptr{c} = getelementptr {elem}, ptr %w, i64 %w.at{c}"]
         if elem == "float":
-            ir += [f"  %w{c} = load <8 x float>, ptr %w.ptr{c}, align 4"]
+            ir += [f"  %w{c} = load {vec}, ptr %w.ptr{c}, align 4"]
         else:
-            ir += [f"  %w.raw{c} = load <8 x {elem}>, ptr %w.ptr{c}, align 2"]
-            ir += [f"  %w{c} = fpext <8 x {elem}> %w.raw{c} to <8 x float>"]
+            ir += [f"  %w.raw{c} = load <{width} x {elem}>, ptr %w.ptr{c}, align 2"]
+            ir += [f"  %w{c} = fpext <{width} x {elem}> %w.raw{c} to {vec}"]
     for r in range(rows):
         ir += [
             f"  %x.at{r} = add i64 %xrow{r}, %k",
             f"  %x.ptr{r} = getelementptr float, ptr %x, i64 %x.at{r}",
             f"  %x{r} = load float, ptr %x.ptr{r}, align 4",
-            f"  %x.ins{r} = insertelement <8 x float> poison, float %x{r}, i64 0",
-            f"  %xb{r} = shufflevector <8 x float> %x.ins{r}, <8 x float> poison, <8 x i32> zeroinitializer",
+            f"  %x.ins{r} = insertelement {vec} poison, float %x{r}, i64 0",
+            f"  %xb{r} = shufflevector {vec} %x.ins{r}, {vec} poison, <{width} x i32> zeroinitializer",
         ]
         ir += [
-            f"  %n{r}.{c} = call <8 x float> @llvm.fma.v8f32(<8 x float> %xb{r}, <8 x float> %w{c}, "
-            f"<8 x float> %a{r}.{c})"
-            for c in range(2)
+            f"  %n{r}.{c} = call {vec} @llvm.fma.v{width}f32({vec} %xb{r}, {vec} %w{c}, {vec} %a{r}.{c})"
+            for c in range(parts)
         ]
     ir += ["  %k.next = add i64 %k, 1", "  %k.done = icmp eq i64 %k.next, %K"]
     ir += ["  br i1 %k.done, label %store, label %inner", "store:", f"  %col = mul i64 %p, {PANEL}"]
     for r, c in acc:
         ir += [
             f"  %o.base{r}.{c} = add i64 %orow{r}, %col",
-            f"  %o.at{r}.{c} = add i64 %o.base{r}.{c}, {8 * c}",
+            f"  %o.at{r}.{c} = add i64 %o.base{r}.{c}, {width * c}",
             f"  %o.ptr{r}.{c} = getelementptr float, ptr %out, i64 %o.at{r}.{c}",
-            f"  store <8 x float> %n{r}.{c}, ptr %o.ptr{r}.{c}, align 4",
+            f"  store {vec} %n{r}.{c}, ptr %o.ptr{r}.{c}, align 4",
         ]
     ir += ["  %p.next = add i64 %p, 1", "  %p.done = icmp eq i64 %p.next, %P"]
     ir += ["  br i1 %p.done, label %exit, label %panel", "exit:", "  ret void", "}"]
     return ir
 
 
-def module_ir() -> str:
-    """The LLVM IR module: per format, ``gemm_{fmt}_r1`` .. ``gemm_{fmt}_r{MAX_ROWS}`` and the
-    exported dispatcher ``mdsd_panel_gemm_{fmt}(x, panels, out, rows, n_panels, k_dim,
-    out_stride)``."""
-    ir = ["declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)", ""]
-    for fmt in FORMATS:
-        for rows in range(1, MAX_ROWS + 1):
-            ir += _rows_kernel_ir(rows, fmt) + [""]
-        cases = " ".join(f"i64 {r}, label %rows{r}" for r in range(1, MAX_ROWS + 1))
+def _dispatcher_ir(fmt: str, width: int) -> list[str]:
+    """``mdsd_panel_gemm_{fmt}(x, panels, out, rows, n_panels, k_dim, out_stride)``: passes of
+    up to MAX_ROWS[width] rows, each by the kernel of its row count."""
+    most = MAX_ROWS[width]
+    cases = " ".join(f"i64 {r}, label %rows{r}" for r in range(1, most + 1))
+    ir = [
+        f"define void @mdsd_panel_gemm_{fmt}(ptr %x, ptr %w, ptr %out, i64 %rows, i64 %P, i64 %K, "
+        "i64 %ldo) {",
+        "entry:",
+        "  br label %loop",
+        "loop:",
+        "  %done = phi i64 [0, %entry], [%done.next, %next]",
+        "  %left = sub i64 %rows, %done",
+        "  %more = icmp sgt i64 %left, 0",
+        "  br i1 %more, label %pass, label %exit",
+        "pass:",
+        f"  %big = icmp sgt i64 %left, {most}",
+        f"  %r = select i1 %big, i64 {most}, i64 %left",
+        "  %x.off = mul i64 %done, %K",
+        "  %xp = getelementptr float, ptr %x, i64 %x.off",
+        "  %o.off = mul i64 %done, %ldo",
+        "  %op = getelementptr float, ptr %out, i64 %o.off",
+        f"  switch i64 %r, label %next [{cases}]",
+    ]
+    for r in range(1, most + 1):
         ir += [
-            f"define void @mdsd_panel_gemm_{fmt}(ptr %x, ptr %w, ptr %out, i64 %rows, i64 %P, i64 %K, "
-            "i64 %ldo) {",
-            "entry:",
-            f"  switch i64 %rows, label %exit [{cases}]",
+            f"rows{r}:",
+            f"  call void @gemm_{fmt}_r{r}(ptr %xp, ptr %w, ptr %op, i64 %P, i64 %K, i64 %ldo)",
+            "  br label %next",
         ]
-        for r in range(1, MAX_ROWS + 1):
-            ir += [
-                f"rows{r}:",
-                f"  call void @gemm_{fmt}_r{r}(ptr %x, ptr %w, ptr %out, i64 %P, i64 %K, i64 %ldo)",
-                "  br label %exit",
-            ]
-        ir += ["exit:", "  ret void", "}", ""]
+    ir += ["next:", "  %done.next = add i64 %done, %r", "  br label %loop", "exit:", "  ret void", "}"]
+    return ir
+
+
+def module_ir(width: int = 8) -> str:
+    """The LLVM IR module for vectors of ``width`` floats: per format, ``gemm_{fmt}_r1`` ..
+    ``gemm_{fmt}_r{MAX_ROWS[width]}`` and the exported dispatcher ``mdsd_panel_gemm_{fmt}``."""
+    vec = f"<{width} x float>"
+    ir = [f"declare {vec} @llvm.fma.v{width}f32({vec}, {vec}, {vec})", ""]
+    for fmt in FORMATS:
+        for rows in range(1, MAX_ROWS[width] + 1):
+            ir += _rows_kernel_ir(rows, fmt, width) + [""]
+        ir += _dispatcher_ir(fmt, width) + [""]
+    # explicit 512-bit vectors stay whole where the CPU prefers 256-bit ones for autovectorising
+    bits = 32 * width
+    ir += [f'attributes #0 = {{ "min-legal-vector-width"="{bits}" "prefer-vector-width"="{bits}" }}']
     return "\n".join(ir)
 
 
+def host_width() -> int:
+    """Floats per vector register of this CPU for the kernel: 16 with AVX-512F, else 8."""
+    import llvmlite.binding as llvm
+
+    return 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
+
+
 @functools.cache
-def _compiled() -> tuple:
-    """(execution engine, {format: ctypes function}): compiled once per process for the host
-    CPU (~0.1 s). The engine owns the machine code, so it is kept alive with the functions."""
+def _compiled(width: int) -> tuple:
+    """(execution engine, {format: ctypes function}) for vectors of ``width`` floats: compiled
+    once per process for the host CPU (~0.1-0.3 s). The engine owns the machine code, so it is
+    kept alive with the functions."""
     import llvmlite.binding as llvm
 
     llvm.initialize_native_target()
@@ -172,7 +206,7 @@ def _compiled() -> tuple:
     machine = llvm.Target.from_default_triple().create_target_machine(
         cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
     )
-    module = llvm.parse_assembly(module_ir())
+    module = llvm.parse_assembly(module_ir(width))
     module.verify()
     engine = llvm.create_mcjit_compiler(module, machine)
     engine.finalize_object()
@@ -180,10 +214,12 @@ def _compiled() -> tuple:
     return engine, kernels
 
 
-def gemm_kernel(fmt: str = "f32"):
-    """The compiled kernel for panels in ``fmt`` (a ctypes function of ``GEMM_SIGNATURE``), or
-    None where llvmlite cannot compile for this machine (the forward then uses numpy's BLAS)."""
+def gemm_kernel(fmt: str = "f32", width: int | None = None):
+    """The compiled kernel for panels in ``fmt`` with vectors of ``width`` floats (None: the
+    host's, ``host_width``), a ctypes function of ``GEMM_SIGNATURE``; None where llvmlite cannot
+    compile for this machine (the forward then uses numpy's BLAS). Every width gives the same
+    products bit for bit (each output is the same in-order chain of fused multiply-adds)."""
     try:
-        return _compiled()[1][fmt]
+        return _compiled(width or host_width())[1][fmt]
     except Exception:  # pragma: no cover - llvmlite ships with numba for every supported CPU
         return None

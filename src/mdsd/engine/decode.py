@@ -50,7 +50,10 @@ from mdsd.sampling import categorical
 from mdsd.verifiers import natural_verifier
 
 LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
-HEAD_BATCH_ROWS = 6  # trees of at most this many rows (root + nodes) get the output layer at once
+# Trees of at most this many rows (root + nodes; 3x4 has 13) get the output layer on every row at
+# once: on the weight panels 13 rows cost ~1.6x one row with AVX-512 and ~2.5x with AVX2's passes
+# of 6 (benchmarks/bench_matmul.py), less than the ~3 visited rows one call each.
+HEAD_BATCH_ROWS = 13
 
 
 # ---------------------------------------------------------------------- shared helpers
