@@ -20,7 +20,9 @@ LAW_TOL = 1e-10
 G_TEST_ALPHA = 1e-4  # threshold of every G-test here: each fails a correct engine with probability 1e-4
 
 
-_LOGITS: dict = {}  # (model id, context) -> last-position logits, shared by every test
+# (model id, context) -> (model, last-position logits), shared by every test; holding the model
+# keeps its id from being reused by a later model while the entry exists
+_LOGITS: dict = {}
 
 
 class Oracle:
@@ -35,8 +37,8 @@ class Oracle:
         if key not in _LOGITS:
             with torch.inference_mode():
                 ids = torch.tensor([list(context)])
-                _LOGITS[key] = model(input_ids=ids).logits[0, -1].float().numpy()
-        return _LOGITS[key]
+                _LOGITS[key] = (model, model(input_ids=ids).logits[0, -1].float().numpy())
+        return _LOGITS[key][1]
 
     def _processed(self, model, context):
         key = (id(model), tuple(context))

@@ -259,5 +259,36 @@ def test_bfloat16_pair_decodes_on_the_lean_forward(tiny):
     for vocab in (None, 6):
         dec = TreeDecoder(pair, TreeConfig.make("2x2", "iid", "rrs", draft_vocab=vocab), sampling)
         assert type(dec.target).__name__ == "StaticLlamaRunner" and dec.target.matmul == "torch"
+        assert dec.target.dtype == torch.bfloat16
         out = dec.generate([PROMPT], seed=0)[0]
         assert len(out.token_ids) == 5
+    # matmul "torch" keeps the draft in bfloat16 too
+    dec = TreeDecoder(pair, TreeConfig.make("2x2", "iid", "rrs"), sampling, matmul="torch")
+    assert dec.draft.dtype == torch.bfloat16 and dec.draft.matmul == "torch"
+
+
+def test_16_bit_draft_runs_in_float32_on_the_compiled_forward(tiny):
+    """A bfloat16 draft on the CPU (matmul "auto") runs a float32 copy of itself on the compiled
+    forward, its weights on exact 16-bit panels; the q the walk verifies with is that copy's
+    (the float32 model's own forward), so the verifier knows the law the drafts came from."""
+    from mdsd.models import load_pair
+
+    pair = load_pair(target=tiny["llama"][0], draft=tiny["llama"][1], dtype="bfloat16")
+    sampling = SamplingConfig(1.0)
+    dec = TreeDecoder(pair, TreeConfig.make((2, 1), "iid", "rrs"), sampling)
+    assert dec.draft.dtype == torch.float32 and dec.draft.matmul == "numba"
+    assert dec.draft.panel_format in ("f16", "bf16")
+    assert pair.draft.dtype == torch.bfloat16  # the pair's own model is untouched
+    copy = Oracle(ModelPair(target=pair.target, draft=dec.draft.model, tokenizer=None, name="x"), sampling)
+    rng = np.random.default_rng(0)
+    seq, stats = list(PROMPT), DecodeStats(depth=2)
+    dec.target.reset(40)
+    dec.draft.reset(40)
+    with torch.inference_mode():
+        for _ in range(3):
+            emitted = dec.step(seq, rng, stats)
+            drafted = dec.last_step.drafted
+            for node, q in drafted.draft_probs.items():
+                path = path_tokens(dec.tree, drafted, node)
+                np.testing.assert_allclose(as_support(q).dense(), copy.q(seq + path), atol=LOGIT_TOL)
+            seq += emitted

@@ -41,7 +41,7 @@ from mdsd.engine.records import (
     TreeConfig,
 )
 from mdsd.engine.runner import check_supported, check_tree_attention, context_length
-from mdsd.engine.static_llama import make_runner
+from mdsd.engine.static_llama import draft_runner, make_runner
 from mdsd.engine.tree import DraftTree, build_tree
 from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary
 from mdsd.engine.walk import DraftedSlots, RuleBook, WalkResult, as_support, draft_children, walk
@@ -254,7 +254,7 @@ class TreeDecoder(_Decoder):
         self.sequence_method = SEQUENCE_VERIFIERS.get(config.verifier)
         self.book = RuleBook(config.law, self._node_verifier(), widths)
         self.target = make_runner(pair.target, static_cache, matmul)
-        self.draft = make_runner(pair.draft, static_cache, matmul)
+        self.draft = draft_runner(pair.draft, static_cache, matmul)  # 16-bit on the CPU: float32
         if check_attention:
             with torch.inference_mode():
                 check_tree_attention(self.target, "target", self.vocab)

@@ -23,6 +23,7 @@ SiLU MLPs; other models use ``ModelRunner``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass
 
@@ -440,6 +441,32 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def draft_runner(model, fast: bool = True, matmul: str = "auto") -> ModelRunner:
+    """The draft's runner: ``make_runner``, except that with ``matmul`` "auto" a float16 or
+    bfloat16 Llama-family draft on the CPU runs a float32 copy on the compiled forward. Its
+    weights stay exact (16-bit panels hold them, ``_panel_format``); its activations are float32
+    instead of 16-bit. Speculative decoding is exact for any draft distribution the verifier is
+    given, and the engine verifies with the q this runner computes, so the output law is the
+    target's as before; only the speed and, by rounding, the acceptance change. torch's 16-bit
+    forward pays its per-operation dispatch on every draft level; the compiled one does not."""
+    if fast and matmul == "auto" and _compiled_float32_pays(model):
+        model = copy.deepcopy(model).float().eval()
+    return make_runner(model, fast, matmul)
+
+
+def _compiled_float32_pays(model) -> bool:
+    from mdsd.engine._panel_gemm import gemm_kernel
+
+    float32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    return (
+        model.dtype in (torch.float16, torch.bfloat16)
+        and model.device.type == "cpu"
+        and supports_static(model)
+        and float32_bytes <= NUMPY_MATMUL_MAX_BYTES
+        and gemm_kernel() is not None
+    )
 
 
 def make_runner(model, fast: bool = True, matmul: str = "auto") -> ModelRunner:
