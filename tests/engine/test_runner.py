@@ -92,12 +92,12 @@ def _kernel_widths() -> list[int]:
     return sorted({8, host_width()})
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 20, 25])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 12, 13, 20, 25, 40, 70])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("fmt", ["f32", "f16"])
 def test_panel_products_equal_the_blas(rows, bias, fmt):
-    """``project`` (the compiled panel kernel up to ``panel_max_rows`` rows -- 12 on float32
-    panels, 24 on 16-bit ones -- in passes of MAX_ROWS, np.dot beyond) equals x @ W^T (+ b) in
+    """``project`` (the compiled panel kernel up to ``panel_max_rows`` rows -- 12 / 24 on float32
+    panels, 24 / 64 on 16-bit ones with AVX2 / AVX-512 -- np.dot beyond) equals x @ W^T (+ b) in
     float64 to float32 rounding, with an output width that is not a multiple of the panel width
     (the zero-padded last panel), for every vector width the host runs; the widths agree bit
     for bit."""
@@ -172,7 +172,7 @@ def _variant_model(kind: str):
 
     torch.manual_seed(0)
     common = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
-    common |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    common |= dict(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
     rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0} if kind == "dynamic" else None
@@ -186,9 +186,10 @@ def _variant_model(kind: str):
 @pytest.mark.parametrize("kind", ["gqa", "qwen2", "dynamic", "f16"])
 def test_compiled_forward_equals_the_torch_forward(kind):
     """matmul "numba" against the torch forward (itself tested against Hugging Face's above):
-    a causal prompt of 20 tokens (the many-row BLAS layer), then 1, 3 and 9 new tokens, then a
-    tree forward under a 4-D mask (2-8 rows: the panel layer); logits to float32 rounding and
-    equal caches."""
+    a causal prompt longer than every panel row limit (the many-row BLAS layer), then 1, 3, 9 and
+    20 new tokens, then a tree forward under a 4-D mask (2-8 rows: the panel layer); logits to
+    float32 rounding and equal caches."""
+    from mdsd.engine._llama_numba import PANEL_MAX_ROWS_16
     from mdsd.engine.static_llama import StaticLlamaRunner
     from mdsd.engine.tree import build_tree
 
@@ -202,10 +203,11 @@ def test_compiled_forward_equals_the_torch_forward(kind):
     got = {}
     with torch.inference_mode():
         for backend, runner in runners.items():
-            runner.reset(48)
+            runner.reset(128)
             gen = np.random.default_rng(1)
-            logits = [runner.causal(gen.integers(0, 50, size=20), keep=20)]
-            logits += [runner.causal(gen.integers(0, 50, size=m), keep=m) for m in (1, 3, 9)]
+            prompt = PANEL_MAX_ROWS_16 + 6
+            logits = [runner.causal(gen.integers(0, 50, size=prompt), keep=prompt)]
+            logits += [runner.causal(gen.integers(0, 50, size=m), keep=m) for m in (1, 3, 9, 20)]
             ids = gen.integers(0, 50, size=tree.num_nodes + 1)
             hidden = runner.tree_hidden(ids, 1, mask, tree.depths, runner.cached, keep=tree.num_nodes)
             logits.append(runner.logits(hidden))

@@ -22,15 +22,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from mdsd.engine._panel_gemm import PANEL
+from mdsd.engine._panel_gemm import PANEL, host_width
 
 # Rows multiplied on the panels (the kernel runs passes of _panel_gemm.MAX_ROWS rows; more rows
-# use the BLAS):
-# float32 panels stream 2x the bytes of 16-bit ones, so the BLAS wins sooner
-# (``benchmarks/bench_matmul.py``: 16 rows on float32 panels ~1.6x numpy's time; 24 rows on
-# float16 panels ~0.7x).
-PANEL_MAX_ROWS_F32 = 12
-PANEL_MAX_ROWS_16 = 24
+# use the BLAS), by where the BLAS wins (``benchmarks/bench_matmul.py``, one thread): with AVX2
+# (AMD Zen 3) 16 rows on float32 panels took ~1.6x numpy's time and 24 rows on float16 panels
+# ~0.7x; with AVX-512 (passes of 24 rows) float32 panels beat the BLAS up to ~24 rows and float16
+# ones up to ~96 (64 rows: 0.74x), which also makes a prompt's prefill ~25% faster.
+_WIDE = host_width() == 16  # a global of the compiled code: fixed per CPU, as numba's cache is
+PANEL_MAX_ROWS_F32 = 24 if _WIDE else 12
+PANEL_MAX_ROWS_16 = 64 if _WIDE else 24
 
 
 @numba.njit(cache=True)
