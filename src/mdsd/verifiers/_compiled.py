@@ -53,91 +53,93 @@ def _bucket(r, scale):
 @numba.njit(cache=True, fastmath=False)
 def kseq_brackets(p, q, n):
     """Per row of [B, V] p, q: (lo, hi, head, tail) with g(lo) > 0 >= g(hi) between neighbouring
-    breakpoints (lo = 1, hi = n where none), head = A and tail = B on (lo, hi]."""
-    rows, vocab = p.shape
-    out = np.empty((rows, 4))
+    breakpoints (lo = 1, hi = n where none), head = A and tail = B on (lo, hi] -- the rows of
+    ``kseq_bracket_row``: [B, 4]."""
+    out = np.empty((p.shape[0], 4))
+    for b in range(p.shape[0]):
+        out[b, 0], out[b, 1], out[b, 2], out[b, 3] = kseq_bracket_row(p[b], q[b], n)
+    return out
+
+
+@numba.njit(cache=True, fastmath=False)
+def kseq_bracket_row(p, q, n):
+    """``kseq_brackets`` of one row p, q [V]: (lo, hi, head, tail)."""
+    vocab = p.size
     nf = float(n)
     scale = BUCKETS / (nf - 1.0) if n > 1 else 0.0
     # bucket 0: r < 1 (these tokens give p / rho for every rho in [1, n]); 1..BUCKETS: r >= 1
-    bucket_q = np.empty(BUCKETS + 1)
-    bucket_p = np.empty(BUCKETS + 1)
-    bucket_min = np.empty(BUCKETS + 1)
-    bucket_count = np.empty(BUCKETS + 1, dtype=np.int64)
-    for b in range(rows):
-        bucket_q[:] = 0.0
-        bucket_p[:] = 0.0
-        bucket_min[:] = np.inf
-        bucket_count[:] = 0
-        for x in range(vocab):  # branch-free: every token goes to a bucket
-            px, qx = p[b, x], q[b, x]
-            r = min(px / qx, nf) if qx > 0.0 else nf
-            i = _bucket(r, scale)
-            bucket_q[i] += qx
-            bucket_p[i] += px
-            bucket_count[i] += 1
-            bucket_min[i] = min(bucket_min[i], r)
-        # low[i] = p of the buckets below i (bucket 0: r < 1), summed from the bottom
-        low = np.empty(BUCKETS + 2)
-        low[0] = 0.0
-        for i in range(BUCKETS + 1):
-            low[i + 1] = low[i] + bucket_p[i]
-        # from the top bucket down, with A = q of the buckets above: the highest bucket whose
-        # smallest breakpoint has g > 0 holds the sign change (or it lies just above that bucket)
-        above_q = 0.0
-        hi, head_hi, tail_hi = nf, 0.0, low[BUCKETS + 1]  # the bracket's top so far
-        found = -1
-        for i in range(BUCKETS, 0, -1):
-            if bucket_count[i] == 0:
-                continue
-            v = bucket_min[i]
-            head_v = above_q + bucket_q[i]  # tokens with r >= v
-            if _g(head_v, low[i], v, nf) <= 0.0:
-                hi, head_hi, tail_hi = v, head_v, low[i]
-                above_q = head_v
-            else:
-                found = i
-                break
-        if found < 0:  # every breakpoint >= 1 has g <= 0: the bracket is [1, the smallest]
-            out[b, 0], out[b, 1], out[b, 2], out[b, 3] = 1.0, hi, head_hi, tail_hi
+    bucket_q = np.zeros(BUCKETS + 1)
+    bucket_p = np.zeros(BUCKETS + 1)
+    bucket_min = np.full(BUCKETS + 1, np.inf)
+    bucket_count = np.zeros(BUCKETS + 1, dtype=np.int64)
+    for x in range(vocab):  # branch-free: every token goes to a bucket
+        px, qx = p[x], q[x]
+        r = min(px / qx, nf) if qx > 0.0 else nf
+        i = _bucket(r, scale)
+        bucket_q[i] += qx
+        bucket_p[i] += px
+        bucket_count[i] += 1
+        bucket_min[i] = min(bucket_min[i], r)
+    # low[i] = p of the buckets below i (bucket 0: r < 1), summed from the bottom
+    low = np.empty(BUCKETS + 2)
+    low[0] = 0.0
+    for i in range(BUCKETS + 1):
+        low[i + 1] = low[i] + bucket_p[i]
+    # from the top bucket down, with A = q of the buckets above: the highest bucket whose
+    # smallest breakpoint has g > 0 holds the sign change (or it lies just above that bucket)
+    above_q = 0.0
+    hi, head_hi, tail_hi = nf, 0.0, low[BUCKETS + 1]  # the bracket's top so far
+    found = -1
+    for i in range(BUCKETS, 0, -1):
+        if bucket_count[i] == 0:
             continue
-        # the tokens of bucket `found`, decreasing: the sign change is among them or at hi
-        count = bucket_count[found]
-        cand_r = np.empty(count)
-        cand_q = np.empty(count)
-        cand_p = np.empty(count)
-        c = 0
-        for x in range(vocab):
-            px, qx = p[b, x], q[b, x]
-            r = min(px / qx, nf) if qx > 0.0 else nf
-            if _bucket(r, scale) == found:
-                cand_r[c], cand_q[c], cand_p[c] = r, qx, px
-                c += 1
-        order = np.argsort(-cand_r)
-        # suffix[c] = p of the candidates from sorted position c on (the smaller breakpoints)
-        suffix = np.empty(count + 1)
-        suffix[count] = 0.0
-        for c in range(count - 1, -1, -1):
-            suffix[c] = suffix[c + 1] + cand_p[order[c]]
-        lo = bucket_min[found]
-        head, tail = above_q, low[found] + suffix[0]  # on (lo, hi]: the bucket's tokens give p
-        c = 0
-        while c < count:  # the distinct values u, decreasing; g(u) <= 0 moves hi down to u
-            u = cand_r[order[c]]
-            group_q = 0.0
-            e = c
-            while e < count and cand_r[order[e]] == u:
-                group_q += cand_q[order[e]]
-                e += 1
-            head_u = head + group_q
-            tail_u = low[found] + suffix[e]
-            if _g(head_u, tail_u, u, nf) <= 0.0:
-                hi, head, tail = u, head_u, tail_u
-                c = e
-            else:
-                lo = u
-                break
-        out[b, 0], out[b, 1], out[b, 2], out[b, 3] = max(lo, 1.0), hi, head, tail
-    return out
+        v = bucket_min[i]
+        head_v = above_q + bucket_q[i]  # tokens with r >= v
+        if _g(head_v, low[i], v, nf) <= 0.0:
+            hi, head_hi, tail_hi = v, head_v, low[i]
+            above_q = head_v
+        else:
+            found = i
+            break
+    if found < 0:  # every breakpoint >= 1 has g <= 0: the bracket is [1, the smallest]
+        return 1.0, hi, head_hi, tail_hi
+    # the tokens of bucket `found`, decreasing: the sign change is among them or at hi
+    count = bucket_count[found]
+    cand_r = np.empty(count)
+    cand_q = np.empty(count)
+    cand_p = np.empty(count)
+    c = 0
+    for x in range(vocab):
+        px, qx = p[x], q[x]
+        r = min(px / qx, nf) if qx > 0.0 else nf
+        if _bucket(r, scale) == found:
+            cand_r[c], cand_q[c], cand_p[c] = r, qx, px
+            c += 1
+    order = np.argsort(-cand_r)
+    # suffix[c] = p of the candidates from sorted position c on (the smaller breakpoints)
+    suffix = np.empty(count + 1)
+    suffix[count] = 0.0
+    for c in range(count - 1, -1, -1):
+        suffix[c] = suffix[c + 1] + cand_p[order[c]]
+    lo = bucket_min[found]
+    head, tail = above_q, low[found] + suffix[0]  # on (lo, hi]: the bucket's tokens give p
+    c = 0
+    while c < count:  # the distinct values u, decreasing; g(u) <= 0 moves hi down to u
+        u = cand_r[order[c]]
+        group_q = 0.0
+        e = c
+        while e < count and cand_r[order[e]] == u:
+            group_q += cand_q[order[e]]
+            e += 1
+        head_u = head + group_q
+        tail_u = low[found] + suffix[e]
+        if _g(head_u, tail_u, u, nf) <= 0.0:
+            hi, head, tail = u, head_u, tail_u
+            c = e
+        else:
+            lo = u
+            break
+    return max(lo, 1.0), hi, head, tail
 
 
 @numba.njit(cache=True, fastmath=False)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from mdsd.verifiers._compiled import _g, kseq_brackets
+from mdsd.verifiers._compiled import _g, kseq_bracket_row
 from mdsd.verifiers._importance_residual import importance_residual_draw  # noqa: F401 (a kernel)
 from mdsd.verifiers.base import EMPTY_MASS
 
@@ -206,15 +206,42 @@ def kseq_sample(p, q, drafts, uniforms, rho, beta, tokens, branch):
                 break
         if tokens[b] >= 0 or not decided or not known:
             continue
-        accepted_total = -np.expm1(nf * np.log1p(-min(beta[b], 1.0)))
-        c = accepted_total / beta[b] if beta[b] > 0.0 else nf
-        inv_rho = 1.0 / rho[b]
-        total = _kseq_leftover(p[b], q[b], inv_rho, c, np.inf)[1]
-        if total > 0.0:
-            token = _kseq_leftover(p[b], q[b], inv_rho, c, uniforms[b, n] * total)[0]
-        else:
-            token = _draw(p[b], uniforms[b, n])
-        tokens[b], branch[b] = token, n
+        tokens[b], branch[b] = _kseq_final(p[b], q[b], uniforms[b, n], rho[b], beta[b], n), n
+
+
+@numba.njit(cache=True, fastmath=False)
+def kseq_sample_pending(p, q, drafts, uniforms, iterations, tokens, branch):
+    """``kseq_sample``'s second call for the rows it left pending (branch -1), each finished
+    before the next starts (rho*, beta by ``_kseq_rho_row``, the tests, the final draw): one
+    row's p and q stay in the core's cache through its three passes, and no pending rows are
+    copied. The same tokens as computing rho*, beta for those rows and calling ``kseq_sample``."""
+    n = drafts.shape[1]
+    for b in range(p.shape[0]):
+        if branch[b] >= 0:
+            continue
+        rho, beta = _kseq_rho_row(p[b], q[b], n, iterations)
+        tokens[b], branch[b] = -1, -1
+        for i in range(n):
+            x = drafts[b, i]
+            if uniforms[b, i] < _ratio(p[b, x], rho * q[b, x]):
+                tokens[b], branch[b] = x, i
+                break
+        if tokens[b] < 0:
+            tokens[b], branch[b] = _kseq_final(p[b], q[b], uniforms[b, n], rho, beta, n), n
+
+
+@numba.njit(cache=True, fastmath=False)
+def _kseq_final(p, q, uniform, rho, beta, n):
+    """K-SEQ's draw when every test rejects: y ~ (p - min(q, p / rho) c)_+ while its total is
+    positive, else y ~ p; one row p, q [V]."""
+    nf = float(n)
+    accepted_total = -np.expm1(nf * np.log1p(-min(beta, 1.0)))
+    c = accepted_total / beta if beta > 0.0 else nf
+    inv_rho = 1.0 / rho
+    total = _kseq_leftover(p, q, inv_rho, c, np.inf)[1]
+    if total > 0.0:
+        return _kseq_leftover(p, q, inv_rho, c, uniform * total)[0]
+    return _draw(p, uniform)
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -235,30 +262,28 @@ def _kseq_leftover(p, q, inv_rho, c, threshold):
 
 
 @numba.njit(cache=True, fastmath=False)
-def kseq_rho_rows(p, q, n, iterations, rho, beta):
-    """K-SEQ's rho*, beta per row into rho [B], beta [B]: ``mdsd.verifiers.classic_math.kseq_rho``
+def _kseq_rho_row(p, q, n, iterations):
+    """K-SEQ's (rho*, beta) of one row p, q [V]: ``mdsd.verifiers.classic_math.kseq_rho``
     compiled (the same bracket, the same ``iterations`` bisection steps on g between the two
     breakpoints, rho = 1 where g(1) <= 0, beta = sum min(q, p / rho) at the ``hi`` end)."""
-    bracket = kseq_brackets(p, q, n)
+    lo, hi, head, tail = kseq_bracket_row(p, q, n)
     nf = float(n)
-    for b in range(p.shape[0]):
-        lo, hi, head, tail = bracket[b, 0], bracket[b, 1], bracket[b, 2], bracket[b, 3]
-        at_one = _g(head, tail, 1.0, nf) <= 0.0
-        for _ in range(iterations):
-            mid = 0.5 * (lo + hi)
-            if _g(head, tail, mid, nf) > 0.0:
-                lo = mid
-            else:
-                hi = mid
-        r = 1.0 if at_one else hi
-        s0 = s1 = 0.0
-        vocab = p.shape[1]
-        for y in range(0, vocab - 1, 2):
-            s0 += min(q[b, y], p[b, y] / r)
-            s1 += min(q[b, y + 1], p[b, y + 1] / r)
-        if vocab % 2:
-            s0 += min(q[b, vocab - 1], p[b, vocab - 1] / r)
-        rho[b], beta[b] = r, s0 + s1
+    at_one = _g(head, tail, 1.0, nf) <= 0.0
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if _g(head, tail, mid, nf) > 0.0:
+            lo = mid
+        else:
+            hi = mid
+    r = 1.0 if at_one else hi
+    s0 = s1 = 0.0
+    vocab = p.size
+    for y in range(0, vocab - 1, 2):
+        s0 += min(q[y], p[y] / r)
+        s1 += min(q[y + 1], p[y + 1] / r)
+    if vocab % 2:
+        s0 += min(q[vocab - 1], p[vocab - 1] / r)
+    return r, s0 + s1
 
 
 @numba.njit(cache=True, fastmath=False)

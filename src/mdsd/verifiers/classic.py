@@ -195,16 +195,15 @@ class KSEQ(EarlyExitVerifier):
             return kseq_vectorised(p, q, drafts, uniforms)
         unknown = np.full(p.shape[0], np.nan)
         tokens, branch = run_kernel(kernels.kseq_sample, p, q, drafts, uniforms, unknown, unknown)
-        pending = np.flatnonzero(branch < 0)  # a test between the bounds, or all rejected
-        if pending.size:
-            rho, beta = np.empty(pending.size), np.empty(pending.size)
-            if pending.size == p.shape[0]:  # every row (one position): no row copies
-                target, draft = np.ascontiguousarray(p), np.ascontiguousarray(q)
-            else:
-                target, draft = np.ascontiguousarray(p[pending]), np.ascontiguousarray(q[pending])
-            kernels.kseq_rho_rows(target, draft, drafts.shape[1], INTERVAL_ITERATIONS, rho, beta)
-            tokens[pending], branch[pending] = run_kernel(
-                kernels.kseq_sample, target, draft, drafts[pending], uniforms[pending], rho, beta
+        if np.any(branch < 0):  # a test between the bounds, or all rejected: rho* row by row
+            kernels.kseq_sample_pending(
+                np.ascontiguousarray(p, dtype=np.float64),
+                np.ascontiguousarray(q, dtype=np.float64),
+                np.ascontiguousarray(drafts, dtype=np.int64),
+                np.ascontiguousarray(uniforms, dtype=np.float64),
+                INTERVAL_ITERATIONS,
+                tokens,
+                branch,
             )
         return tokens, branch
 
