@@ -58,3 +58,41 @@ def test_auto_tree_decoder(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(auto, "calibrate", refuse)
     again = TreeDecoder(llama, config, sampling).choose_tree([PROMPT, [4, 4, 2]], cache_dir=tmp_path)
     assert again == choice
+
+
+def test_per_node_overhead_is_charged_by_tree_size():
+    """The fitted loop overhead a + b N adds b per node: a 12-node tree pays 12 b more, a chain
+    of one node b; with b large enough, wide trees lose to chains."""
+    from dataclasses import replace
+
+    from mdsd.engine.auto import Calibration, choose_tree, predict
+
+    rates = (0.6, 0.75, 0.82, 0.86)
+    calibration = _calibration(rates, draft_s=0.02)
+    costly = Calibration(calibration.profile, replace(calibration.cost, step_overhead_per_node_s=0.05))
+    for widths, nodes in (((1,), 1), ((4, 1, 1), 12), ((2, 2), 6)):
+        extra = predict(widths, costly).step_s - predict(widths, calibration).step_s
+        assert extra == pytest.approx(0.05 * nodes)
+    assert max(choose_tree(costly).widths, default=1) <= max(choose_tree(calibration).widths)
+
+
+def test_auto_with_block_verification_chooses_a_chain(llama, tmp_path):
+    """Block verification checks one draft chain: auto calibrates and chooses among chains."""
+    sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=5, stop_on_eos=False)
+    dec = TreeDecoder(llama, TreeConfig.make("auto", "iid", "block"), sampling)
+    choice = dec.choose_tree([PROMPT], cache_dir=tmp_path)
+    assert all(w == 1 for w in choice.widths)
+    assert len(dec.generate([PROMPT], seed=0)[0].token_ids) == 5
+
+
+def test_calibration_key_names_the_draft_vocabulary(llama):
+    from mdsd.engine.auto import calibration_key
+
+    sampling = SamplingConfig(1.0, top_k=TOP_K)
+    keys = {
+        calibration_key(
+            TreeDecoder(llama, TreeConfig.make("auto", "iid", "rrs", draft_vocab=k), sampling), [PROMPT]
+        )
+        for k in (None, 6, 8)
+    }
+    assert len(keys) == 3

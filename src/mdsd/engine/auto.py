@@ -81,9 +81,10 @@ class CostModel:
     and transform of one visited target row; head_rows_s[r - 1]: the output layer alone on r
     rows at once (a small tree's rows, ``decode.HEAD_BATCH_ROWS``); verify_s[n - 1]: one node
     verification with n drafts; sample_s: one draw from the target (plain sampling's per-token
-    extra); step_overhead_s: what real steps of short chains take beyond (or below) the model of
-    these items (drafting the children, the walk, cache and statistics bookkeeping, cache
-    effects), added to every tree's step; autoregressive_step_s: the median of real
+    extra); step_overhead_s + step_overhead_per_node_s * N: what real steps of a tree of N nodes
+    take beyond (or below) the model of these items (drafting the children, the walk, cache and
+    statistics bookkeeping, cache effects), a line fitted to real steps of three small shapes and
+    added to every tree's step; autoregressive_step_s: the median of real
     plain-sampling steps (forward, output layer, transform, draw), the baseline of the speedups.
     """
 
@@ -96,7 +97,8 @@ class CostModel:
     verify_s: tuple[float, ...]
     sample_s: float
     autoregressive_s: float  # the target's 1-token forward alone (no draft in between)
-    step_overhead_s: float = 0.0  # real chain steps minus their predicted time (may be < 0)
+    step_overhead_s: float = 0.0  # real steps minus their predicted time at N = 0 (may be < 0)
+    step_overhead_per_node_s: float = 0.0  # ... and per node of the tree (>= 0)
     autoregressive_step_s: float = 0.0  # a real plain-sampling step (0: the sum of its items)
 
     def target(self, m: float) -> float:
@@ -177,6 +179,7 @@ def predict(widths: tuple[int, ...], calibration: Calibration) -> TreeChoice:
         + head
         + e * verify
         + cost.step_overhead_s
+        + cost.step_overhead_per_node_s * sum(level_sizes)
     )
     return TreeChoice(tuple(widths), float(e), float(step), float(e / step), ar)
 
@@ -210,9 +213,10 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
     contexts, targets, drafts = _sample_positions(decoder, prompts, rng)
     profile = _acceptance_profile(targets, drafts, decoder.book, max_width)
     cost = _cost_model(decoder, contexts, targets, drafts, max_width, rng)
-    overhead = _step_overhead(decoder, contexts[0], Calibration(profile, cost), rng)
+    base, per_node = _step_overhead(decoder, contexts[0], Calibration(profile, cost), rng)
     plain = _autoregressive_step(decoder, contexts[0], rng)
-    return Calibration(profile, replace(cost, step_overhead_s=overhead, autoregressive_step_s=plain))
+    cost = replace(cost, step_overhead_s=base, step_overhead_per_node_s=per_node, autoregressive_step_s=plain)
+    return Calibration(profile, cost)
 
 
 def _autoregressive_step(decoder, context, rng) -> float:
@@ -230,15 +234,23 @@ def _autoregressive_step(decoder, context, rng) -> float:
     return float(np.median(times))
 
 
-def _step_overhead(decoder, context, calibration: Calibration, rng) -> float:
-    """The loop's own seconds per step that the cost items miss (or count twice): real steps of
-    the chains (1,) and (1, 1) after ``context`` (medians of ``TIMING_REPEATS`` steps; the first
-    step, which prefills the caches, untimed) minus their predicted step times, averaged."""
+OVERHEAD_SHAPES = ((1,), (1, 1), (2, 1))  # 1, 2 and 4 nodes; width 2 suits every law
+CHAIN_OVERHEAD_SHAPES = ((1,), (1, 1), (1, 1, 1))  # for rules that verify chains only (block)
+
+
+def _step_overhead(decoder, context, calibration: Calibration, rng) -> tuple[float, float]:
+    """The loop's own seconds per step that the cost items miss (or count twice), as a line
+    a + b N in the tree's node count N: real steps of ``OVERHEAD_SHAPES`` after ``context``
+    (medians of ``TIMING_REPEATS`` steps; the first step, which prefills the caches, untimed)
+    minus their predicted step times, fitted by least squares with b >= 0 (wider trees draft,
+    transform and verify more rows per step). Returns (a, b)."""
     from mdsd.engine.records import DecodeStats
     from mdsd.engine.tree import build_tree
 
-    residuals = []
-    for widths in ((1,), (1, 1)):
+    residuals, nodes = [], []
+    chains_only = decoder.config.verifier == "block"
+    for widths in CHAIN_OVERHEAD_SHAPES if chains_only else OVERHEAD_SHAPES:
+        nodes.append(sum(itertools.accumulate(widths, lambda a, b: a * b)))
         decoder._use_tree(build_tree(widths))
         seq = list(context)
         for runner in (decoder.target, decoder.draft):
@@ -252,7 +264,8 @@ def _step_overhead(decoder, context, calibration: Calibration, rng) -> float:
                 times.append(time.perf_counter() - start)
         residuals.append(float(np.median(times)) - predict(widths, calibration).step_s)
     decoder.tree = None  # the caller adopts the chosen shape
-    return float(np.mean(residuals))
+    per_node = max(0.0, float(np.polyfit(nodes, residuals, 1)[0]))
+    return float(np.mean(np.asarray(residuals) - per_node * np.asarray(nodes))), per_node
 
 
 def _sample_positions(decoder, prompts, rng):

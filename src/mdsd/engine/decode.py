@@ -326,6 +326,8 @@ class TreeDecoder(_Decoder):
         cache = auto.default_cache_dir() if cache_dir == "default" else cache_dir
         calibration = auto.load_or_calibrate(self, prompts, rng, cache)
         max_width = 2 if self.book.law.name == "spechub" else auto.MAX_WIDTH
+        if self.config.verifier == "block":  # block verification checks one chain
+            max_width = 1
         choice = auto.choose_tree(calibration, max_width=max_width)
         self.auto_choice = choice
         if choice.widths:
