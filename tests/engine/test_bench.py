@@ -35,3 +35,15 @@ def test_bench_auto_tree(llama, monkeypatch, tmp_path):
     assert auto_row["new_tokens"] == 12 and auto_row["predicted_tokens_per_second"] > 0
     assert auto_row["chosen_tree"] in auto_row["method"]
     assert list(tmp_path.glob("auto-tree/*.json"))  # the calibration was cached
+
+
+def test_default_grid_adds_quarter_vocabulary_drafts():
+    """``mdsd bench``'s default grid: the full-vocabulary trees, then a 1x2 chain and the auto tree
+    with the draft over V // 4 tokens; with --draft-vocab K, the grid alone with K everywhere."""
+    from mdsd.engine.bench import DEFAULT_CONFIGS, default_configs
+
+    grid = default_configs(8192)
+    assert [c.draft_vocab for c in grid] == [None] * len(DEFAULT_CONFIGS) + [2048, 2048]
+    assert grid[-2].describe() == "iid/rrs 1x2 vocab 2048" and grid[-1].tree is None
+    assert [c.draft_vocab for c in default_configs(8192, 1024)] == [1024] * len(DEFAULT_CONFIGS)
+    assert len(default_configs(4)) == len(DEFAULT_CONFIGS)  # too small a vocabulary to cut

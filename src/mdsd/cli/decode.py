@@ -293,8 +293,9 @@ def bench(
         typer.Option(
             "--config",
             "-c",
-            help="LAW:VERIFIER:TREE[:DRAFT_VOCAB], repeatable (default: a single-draft chain and "
-            "multi-draft trees).",
+            help="LAW:VERIFIER:TREE[:DRAFT_VOCAB], repeatable (default: single-draft chains and "
+            "multi-draft trees, plus a 1x2 chain and the auto tree with the draft over a quarter of "
+            "the vocabulary).",
         ),
     ] = None,
     prompts: Annotated[int, typer.Option("--prompts", help="Number of prompts.")] = 6,
@@ -342,19 +343,19 @@ def bench(
     from rich.table import Table
 
     from mdsd.engine import SamplingConfig
-    from mdsd.engine.bench import DEFAULT_CONFIGS, run_bench
+    from mdsd.engine.bench import default_configs, run_bench
 
     temperature, top_k, top_p = sampling_options(temperature, top_k, top_p, default_temperature=0.7)
     if threads is None and (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:
         threads = 1
     try:
         sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
-        specs = config or [":".join(c) for c in DEFAULT_CONFIGS]
-        configs = [_parse_config(c, draft_vocab) for c in specs]
+        configs = [_parse_config(c, draft_vocab) for c in config or []]
         if prompts < 1:
             raise ValueError(f"--prompts must be >= 1, got {prompts}")
         texts = _bench_texts(prompts_file, domain, prompts)
         pair = _load(target, draft, device, dtype, threads)
+        configs = configs or default_configs(int(pair.target.config.vocab_size), draft_vocab)
         methods = (1 if no_hf else 2) + len(configs)
         with (
             progress_display(Console(stderr=True), disable=as_json, transient=True) as progress,

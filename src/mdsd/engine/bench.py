@@ -32,6 +32,23 @@ DEFAULT_CONFIGS = (  # single-draft chains and multi-draft trees at the same dep
     ("without_replacement", "rrs_without_replacement", "3x4"),
     ("greedy", "greedy", "3x4"),
 )
+# with the draft's output layer over a quarter of the vocabulary (FR-Spec's ratio, 32k of 128k;
+# ``mdsd.engine.vocab``): a short chain and the auto shape
+SMALL_VOCAB_CONFIGS = (
+    ("iid", "rrs", "1x2"),
+    ("without_replacement", "rrs_without_replacement", "auto"),
+)
+
+
+def default_configs(vocab: int, draft_vocab: int | None = None) -> list[TreeConfig]:
+    """``mdsd bench``'s grid for a pair of ``vocab`` tokens: ``DEFAULT_CONFIGS`` and, with the
+    draft over vocab // 4 tokens, ``SMALL_VOCAB_CONFIGS``; with ``draft_vocab`` K, the grid alone
+    with every draft over K tokens."""
+    grid = [TreeConfig.make(tree, law, verifier, draft_vocab) for law, verifier, tree in DEFAULT_CONFIGS]
+    if draft_vocab is not None or vocab < 8:
+        return grid
+    small = [TreeConfig.make(tree, law, verifier, vocab // 4) for law, verifier, tree in SMALL_VOCAB_CONFIGS]
+    return grid + small
 
 
 @dataclass
