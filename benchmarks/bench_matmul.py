@@ -17,6 +17,10 @@ Table 2, the whole forward of ``rows`` new tokens after a 64-token context plus 
 on one row (``StaticLlamaRunner.causal``), per backend ("torch", "numpy", "numba"), against the
 numba forward of one row: what a tree forward costs relative to an autoregressive step.
 
+Table 3, the panel kernel alone over the same projections (``rows`` and 24) by vector width: 8
+floats (AVX2, passes of 6 rows) against 16 (AVX-512, passes of 24 rows) where the CPU has
+AVX-512; the same products bit for bit.
+
 Milliseconds are medians over ``repeats``, backends interleaved within each repeat.
 ``--threads`` threads (default 1) in torch and in the BLAS.
 """
@@ -127,6 +131,48 @@ def forward_table(pair, rows_list, repeats) -> None:
         print(f"| {rows} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
 
 
+def width_table(pair, rows_list, repeats) -> None:
+    """The panel kernel alone over every projection of the target, by vector width: 8 floats
+    (AVX2, passes of 6 rows) and, where the CPU has AVX-512, 16 floats (passes of 24 rows)."""
+    from mdsd.engine._panel_gemm import MAX_ROWS, PANEL, gemm_kernel, host_width
+
+    runner = StaticLlamaRunner(pair.target, matmul="numba")
+    linears = _projections(runner)
+    widths = sorted({8, host_width()})
+    fmt = runner.panel_format
+    passes = [MAX_ROWS[w] for w in widths]
+    print(f"\nThe panel kernel alone by vector width ({fmt} panels; rows per pass {passes}):\n")
+    print("| rows | " + " | ".join(f"{w} floats ms" for w in widths) + " | ratio |")
+    print("|---|" + "---|" * (len(widths) + 1))
+    gen = np.random.default_rng(0)
+    for rows in rows_list:
+        x = {
+            lin.panels.shape[1]: gen.standard_normal((rows, lin.panels.shape[1])).astype(np.float32)
+            for lin in linears
+        }
+        out = {
+            lin.panels.shape[0]: np.empty((rows, lin.panels.shape[0] * PANEL), np.float32) for lin in linears
+        }
+
+        def run(kernel, x=x, out=out, rows=rows):
+            for lin in linears:
+                n_panels, k_dim, _ = lin.panels.shape
+                o = out[n_panels]
+                kernel(
+                    x[k_dim].ctypes.data,
+                    lin.panels.ctypes.data,
+                    o.ctypes.data,
+                    rows,
+                    n_panels,
+                    k_dim,
+                    o.shape[1],
+                )
+
+        ms = _interleaved_ms({w: lambda w=w: run(gemm_kernel(fmt, w)) for w in widths}, repeats)
+        cells = [ms[w] for w in widths] + [ms[widths[-1]] / ms[widths[0]]]
+        print(f"| {rows} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target")
@@ -140,6 +186,7 @@ def main() -> None:
     print(f"{pair.target.config.model_type} target; {args.threads} thread(s); median of {args.repeats}\n")
     projection_table(pair, rows_list, args.repeats)
     forward_table(pair, rows_list, args.repeats)
+    width_table(pair, sorted(set(rows_list) | {24}), args.repeats)
 
 
 if __name__ == "__main__":
