@@ -17,11 +17,13 @@ A tree with widths (w_1..w_D) has m_d = w_1 ... w_d nodes at depth d. Treating a
 same at every depth (the stationary approximation Sequoia also makes), the expected tokens per
 step are E = 1 + sum_d prod_{i <= d} rates[w_i - 1] and the walk visits about E nodes, so
 
-    step time = draft_root + sum_{d < D} draft(m_d) + target(1 + sum_d m_d) + head + E verify
-    tokens/s  = E / step time,   against 1 / (target(1) + head) for plain sampling,
+    step time = draft_root + sum_{d < D} draft(m_d) + target(1 + N) + head + E verify + a + b N
+    tokens/s  = E / step time,   against 1 / (a real plain-sampling step) for plain sampling,
 
-where head is one output-layer call on every row for a tree of at most ``HEAD_BATCH_ROWS`` rows
-(plus a transform per visited row), else E single-row calls.
+where N = sum_d m_d, head is one output-layer call on every row for a tree of at most
+``HEAD_BATCH_ROWS`` rows (plus a transform per visited row), else E single-row calls, and a + b N
+the loop's own work per step: real steps of ``OVERHEAD_SHAPES`` minus their predicted items, a
+line fitted in N (real tree steps and plain-sampling steps alternate on one sequence).
 
 ``choose_tree`` enumerates every shape with widths <= max_width, depth <= max_depth and at most
 max_nodes nodes, and returns the best, or plain sampling (depth 0) unless the best is predicted
@@ -213,57 +215,56 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
     contexts, targets, drafts = _sample_positions(decoder, prompts, rng)
     profile = _acceptance_profile(targets, drafts, decoder.book, max_width)
     cost = _cost_model(decoder, contexts, targets, drafts, max_width, rng)
-    base, per_node = _step_overhead(decoder, contexts[0], Calibration(profile, cost), rng)
-    plain = _autoregressive_step(decoder, contexts[0], rng)
+    shapes = CHAIN_OVERHEAD_SHAPES if decoder.config.verifier == "block" else OVERHEAD_SHAPES
+    steps, plain = _real_steps(decoder, contexts[0], shapes, rng)
+    base, per_node = _step_overhead(steps, Calibration(profile, cost))
     cost = replace(cost, step_overhead_s=base, step_overhead_per_node_s=per_node, autoregressive_step_s=plain)
     return Calibration(profile, cost)
 
 
-def _autoregressive_step(decoder, context, rng) -> float:
-    """Median seconds of real plain-sampling steps after ``context`` (the steps of
-    ``decode.Autoregressive``: one-token forward, output layer, transform, draw)."""
-    runner, row_probs = decoder.target, decoder.sampling.row_probs
-    runner.reset(len(context) + TIMING_REPEATS + 2)
-    pending, times = list(context), []
-    for i in range(TIMING_REPEATS + 1):
+def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
+    """Median seconds of real decoding steps after ``context``: one step of each tree shape and
+    one plain-sampling step (the steps of ``decode.Autoregressive``: one-token forward, output
+    layer, transform, draw) in turn, ``TIMING_REPEATS`` rounds after an untimed first one (which
+    prefills the caches), all on one growing sequence, so that every kind sees the same state of
+    the machine. Returns ({shape: seconds}, plain-sampling seconds)."""
+    from mdsd.engine.records import DecodeStats
+    from mdsd.engine.tree import build_tree
+
+    trees = {widths: build_tree(widths) for widths in shapes}
+    seq = list(context)
+    per_round = sum(tree.depth + 1 for tree in trees.values()) + 1
+    for runner in (decoder.target, decoder.draft):
+        runner.reset(len(seq) + (TIMING_REPEATS + 1) * per_round + 1)
+    row_probs, target = decoder.sampling.row_probs, decoder.target
+    times = {widths: [] for widths in shapes} | {(): []}
+    for _ in range(TIMING_REPEATS + 1):
+        for widths, tree in trees.items():
+            decoder._use_tree(tree)
+            stats = DecodeStats(depth=tree.depth, sequences=1)
+            start = time.perf_counter()
+            seq += decoder.step(seq, rng, stats)
+            times[widths].append(time.perf_counter() - start)
         start = time.perf_counter()
-        probs = row_probs(runner.causal(np.asarray(pending), keep=1)[0])
-        pending = [probs.token(int(categorical(probs.values, rng)))]
-        if i:  # the first step prefills the cache
-            times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        probs = row_probs(target.causal(np.asarray(seq[target.cached :]), keep=1)[0])
+        seq.append(probs.token(int(categorical(probs.values, rng))))
+        times[()].append(time.perf_counter() - start)
+    decoder.tree = None  # the caller adopts the chosen shape
+    medians = {widths: float(np.median(t[1:])) for widths, t in times.items()}
+    return {w: t for w, t in medians.items() if w}, medians[()]
 
 
 OVERHEAD_SHAPES = ((1,), (1, 1), (2, 1))  # 1, 2 and 4 nodes; width 2 suits every law
 CHAIN_OVERHEAD_SHAPES = ((1,), (1, 1), (1, 1, 1))  # for rules that verify chains only (block)
 
 
-def _step_overhead(decoder, context, calibration: Calibration, rng) -> tuple[float, float]:
+def _step_overhead(steps: dict, calibration: Calibration) -> tuple[float, float]:
     """The loop's own seconds per step that the cost items miss (or count twice), as a line
-    a + b N in the tree's node count N: real steps of ``OVERHEAD_SHAPES`` after ``context``
-    (medians of ``TIMING_REPEATS`` steps; the first step, which prefills the caches, untimed)
-    minus their predicted step times, fitted by least squares with b >= 0 (wider trees draft,
-    transform and verify more rows per step). Returns (a, b)."""
-    from mdsd.engine.records import DecodeStats
-    from mdsd.engine.tree import build_tree
-
-    residuals, nodes = [], []
-    chains_only = decoder.config.verifier == "block"
-    for widths in CHAIN_OVERHEAD_SHAPES if chains_only else OVERHEAD_SHAPES:
-        nodes.append(sum(itertools.accumulate(widths, lambda a, b: a * b)))
-        decoder._use_tree(build_tree(widths))
-        seq = list(context)
-        for runner in (decoder.target, decoder.draft):
-            runner.reset(len(seq) + (TIMING_REPEATS + 1) * (len(widths) + 1) + 1)
-        stats = DecodeStats(depth=len(widths), sequences=1)
-        times = []
-        for i in range(TIMING_REPEATS + 1):
-            start = time.perf_counter()
-            seq += decoder.step(seq, rng, stats)
-            if i:
-                times.append(time.perf_counter() - start)
-        residuals.append(float(np.median(times)) - predict(widths, calibration).step_s)
-    decoder.tree = None  # the caller adopts the chosen shape
+    a + b N in the tree's node count N: real steps (``_real_steps``) minus their predicted step
+    times, fitted by least squares with b >= 0 (wider trees draft, transform and verify more
+    rows per step). Returns (a, b)."""
+    nodes = [sum(itertools.accumulate(w, lambda a, b: a * b)) for w in steps]
+    residuals = [seconds - predict(w, calibration).step_s for w, seconds in steps.items()]
     per_node = max(0.0, float(np.polyfit(nodes, residuals, 1)[0]))
     return float(np.mean(np.asarray(residuals) - per_node * np.asarray(nodes))), per_node
 

@@ -55,8 +55,8 @@ NUMPY_MATMUL_MAX_BYTES = 4 * 2**30  # "auto": the BLAS copies of larger models w
 def choose_matmul(model, matmul: str = "auto") -> str:
     """The forward's backend: "torch" (``F.linear`` and torch operations), "numpy" (projections
     by OpenBLAS through numpy on transposed weight copies, the rest in torch) or "numba" (each
-    decoder layer one compiled call, ``mdsd.engine._llama_numba``: weight panels for 2-8 rows,
-    the BLAS otherwise); "auto" takes numba for a float32 model on the CPU of at most
+    decoder layer one compiled call, ``mdsd.engine._llama_numba``: weight panels for a few rows,
+    the BLAS for many); "auto" takes numba for a float32 model on the CPU of at most
     ``NUMPY_MATMUL_MAX_BYTES`` of weights, else torch. Raises ValueError naming ``matmul``."""
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {list(MATMULS)}, got {matmul!r}")
