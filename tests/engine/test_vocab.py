@@ -217,3 +217,20 @@ def test_bad_draft_vocabularies_are_refused(llama):
     dec = TreeDecoder(llama, TreeConfig.make("1x2", "iid", "rrs"), sampling)
     with pytest.raises(ValueError, match="draft_vocab"):
         dec.use_draft_vocabulary(DraftVocabulary(np.arange(3), VOCAB + 4))
+
+
+def test_start_token_falls_back_to_eos(llama):
+    """Without a BOS the ranking samples after the EOS (a document separator); with neither it
+    refuses, naming draft_vocab."""
+    import copy
+
+    from mdsd.engine.vocab import _start_token
+
+    model = copy.deepcopy(llama.draft)
+    model.config.bos_token_id = None
+    model.config.eos_token_id = [1, 2]
+    assert _start_token(model.config) == 1
+    assert draft_vocabulary(model, 4, sequences=2, length=3).size == 4
+    model.config.eos_token_id = None
+    with pytest.raises(ValueError, match="draft_vocab"):
+        draft_vocabulary(model, 4)

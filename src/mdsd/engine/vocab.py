@@ -61,16 +61,18 @@ def draft_vocabulary(
 ) -> DraftVocabulary:
     """The ``size`` tokens of highest mean draft probability over text sampled from the draft.
 
-    From the model's start token (``bos_token_id``), ``sequences`` sequences of ``length``
-    tokens are drawn at temperature 1 (numpy Generator ``seed``); the draft's probabilities at
-    every position are averaged in float64 and the ``size`` largest kept (ties: lower id).
+    From the model's start token (``bos_token_id``, else ``eos_token_id``), ``sequences``
+    sequences of ``length`` tokens are drawn at temperature 1 (numpy Generator ``seed``); the
+    draft's probabilities at every position are averaged in float64 and the ``size`` largest
+    kept (ties: lower id).
     """
     vocab = int(draft_model.config.vocab_size)
     _check_size(size, vocab)
-    start = getattr(draft_model.config, "bos_token_id", None)
+    start = _start_token(draft_model.config)
     if start is None:
         raise ValueError(
-            "draft_vocab: the draft model has no bos_token_id to sample from; pass the token ids to keep"
+            "draft_vocab: the draft model has neither a bos_token_id nor an eos_token_id to sample "
+            "from; pass the token ids to keep"
         )
     rng = np.random.default_rng(seed)
     mean = np.zeros(vocab)
@@ -108,6 +110,18 @@ def as_draft_vocabulary(draft_vocab, draft_model) -> DraftVocabulary | None:
     if ids.min() < 0 or ids.max() >= vocab or np.unique(ids).size != ids.size:
         raise ValueError(f"draft_vocab token ids must be distinct and in [0, {vocab})")
     return DraftVocabulary(np.sort(ids).astype(np.int64), vocab)
+
+
+def _start_token(config) -> int | None:
+    """The token text starts after: the model's BOS, else its EOS (the separator between the
+    documents of most pretraining corpora); the first of a list."""
+    for name in ("bos_token_id", "eos_token_id"):
+        token = getattr(config, name, None)
+        if isinstance(token, list | tuple):
+            token = token[0] if token else None
+        if token is not None:
+            return int(token)
+    return None
 
 
 def _cache_keyword(model) -> str:
