@@ -76,16 +76,17 @@ def draft_vocabulary(
         )
     rng = np.random.default_rng(seed)
     mean = np.zeros(vocab)
-    ids = torch.full((sequences, 1), int(start), dtype=torch.long)
     from transformers import DynamicCache
 
+    device = draft_model.device
+    ids = torch.full((sequences, 1), int(start), dtype=torch.long, device=device)
     cache = {_cache_keyword(draft_model): DynamicCache(config=draft_model.config)}  # grows in place
     with torch.inference_mode():
         for _ in range(length):
             out = draft_model(input_ids=ids, use_cache=True, **cache)
-            probs = torch.softmax(out.logits[:, -1].double(), dim=-1).numpy()  # [sequences, V]
+            probs = torch.softmax(out.logits[:, -1].double(), dim=-1).cpu().numpy()  # [sequences, V]
             mean += probs.sum(axis=0)
-            ids = torch.as_tensor(categorical(probs, rng))[:, None]
+            ids = torch.as_tensor(categorical(probs, rng), device=device)[:, None]
     mean /= sequences * length
     kept = np.sort(np.argsort(-mean, kind="stable")[:size])
     return DraftVocabulary(kept.astype(np.int64), vocab, float(mean[kept].sum()))
