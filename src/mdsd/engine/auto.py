@@ -23,7 +23,8 @@ step are E = 1 + sum_d prod_{i <= d} rates[w_i - 1] and the walk visits about E 
 where N = sum_d m_d, head is one output-layer call on every row for a tree of at most
 ``HEAD_BATCH_ROWS`` rows (plus a transform per visited row), else E single-row calls, and a + b N
 the loop's own work per step: real steps of ``OVERHEAD_SHAPES`` minus their predicted items, a
-line fitted in N (real tree steps and plain-sampling steps alternate on one sequence).
+line fitted in N (real tree steps and plain-sampling steps in alternating blocks on one
+sequence, ``_real_steps``).
 
 ``choose_tree`` enumerates every shape with widths <= max_width, depth <= max_depth and at most
 max_nodes nodes, and returns the best, or plain sampling (depth 0) unless the best is predicted
@@ -222,36 +223,48 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
     return Calibration(profile, cost)
 
 
+STEP_ROUNDS = 3  # rounds of real steps; in each, a block of every kind of step
+STEP_BLOCK = 5  # steps of one kind in a row (the first of a block is untimed)
+
+
 def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
-    """Median seconds of real decoding steps after ``context``: one step of each tree shape and
-    one plain-sampling step (the steps of ``decode.Autoregressive``: one-token forward, output
-    layer, transform, draw) in turn, ``TIMING_REPEATS`` rounds after an untimed first one (which
-    prefills the caches), all on one growing sequence, so that every kind sees the same state of
-    the machine. Returns ({shape: seconds}, plain-sampling seconds)."""
+    """Mean seconds of real decoding steps after ``context``, per tree shape and for plain
+    sampling (the steps of ``decode.Autoregressive``: one-token forward, output layer,
+    transform, draw). In each of ``STEP_ROUNDS`` rounds every kind runs a block of
+    ``STEP_BLOCK`` steps in a row, all on one growing sequence: a block sees the caches as a
+    loop of its own kind leaves them (plain sampling's weights stay warm; a tree step follows a
+    tree step) and the rounds spread every kind over the same states of a shared machine. The
+    first step of a block (after another kind) is untimed, and the mean is taken, not the
+    median: a tree step's cost depends on its outcome, and throughput follows the mean.
+    Returns ({shape: seconds}, plain-sampling seconds)."""
     from mdsd.engine.records import DecodeStats
     from mdsd.engine.tree import build_tree
 
     trees = {widths: build_tree(widths) for widths in shapes}
     seq = list(context)
-    per_round = sum(tree.depth + 1 for tree in trees.values()) + 1
+    per_round = STEP_BLOCK * (sum(tree.depth + 1 for tree in trees.values()) + 1)
     for runner in (decoder.target, decoder.draft):
-        runner.reset(len(seq) + (TIMING_REPEATS + 1) * per_round + 1)
+        runner.reset(len(seq) + STEP_ROUNDS * per_round + 1)
     row_probs, target = decoder.sampling.row_probs, decoder.target
     times = {widths: [] for widths in shapes} | {(): []}
-    for _ in range(TIMING_REPEATS + 1):
+    for _ in range(STEP_ROUNDS):
         for widths, tree in trees.items():
             decoder._use_tree(tree)
             stats = DecodeStats(depth=tree.depth, sequences=1)
+            for i in range(STEP_BLOCK):
+                start = time.perf_counter()
+                seq += decoder.step(seq, rng, stats)
+                if i:
+                    times[widths].append(time.perf_counter() - start)
+        for i in range(STEP_BLOCK):
             start = time.perf_counter()
-            seq += decoder.step(seq, rng, stats)
-            times[widths].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        probs = row_probs(target.causal(np.asarray(seq[target.cached :]), keep=1)[0])
-        seq.append(probs.token(int(categorical(probs.values, rng))))
-        times[()].append(time.perf_counter() - start)
+            probs = row_probs(target.causal(np.asarray(seq[target.cached :]), keep=1)[0])
+            seq.append(probs.token(int(categorical(probs.values, rng))))
+            if i:
+                times[()].append(time.perf_counter() - start)
     decoder.tree = None  # the caller adopts the chosen shape
-    medians = {widths: float(np.median(t[1:])) for widths, t in times.items()}
-    return {w: t for w, t in medians.items() if w}, medians[()]
+    means = {widths: float(np.mean(t)) for widths, t in times.items()}
+    return {w: t for w, t in means.items() if w}, means[()]
 
 
 OVERHEAD_SHAPES = ((1,), (1, 1), (2, 1))  # 1, 2 and 4 nodes; width 2 suits every law
