@@ -223,6 +223,8 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
     return Calibration(profile, cost)
 
 
+# Bumped whenever the calibration measures differently, so that cached calibrations are redone.
+CALIBRATION_METHOD = 2  # 2: real steps in blocks of one kind, means (``_real_steps``)
 STEP_ROUNDS = 3  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 5  # steps of one kind in a row (the first of a block is untimed)
 
@@ -467,6 +469,7 @@ def calibration_key(decoder, prompts) -> str:
         "prompts": [str(p) for p in list(prompts)[:CALIBRATION_PROMPTS]],
         "limits": [CALIBRATION_TOKENS, MAX_WIDTH, TOKEN_COUNTS],
         "cost_model": [f.name for f in fields(CostModel)],  # a calibration of an older layout is stale
+        "method": CALIBRATION_METHOD,  # ... and one measured the old way
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
