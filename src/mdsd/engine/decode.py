@@ -218,8 +218,11 @@ class TreeDecoder(_Decoder):
     ``static_cache=True`` runs Llama-family models (llama, mistral, qwen2) through the lean
     forward over a preallocated cache (``mdsd.engine.static_llama``); False, or other models,
     use Hugging Face's forward with its ``DynamicCache``. Both give the same logits (tested).
-    ``matmul`` ("auto", "numpy", "torch") picks the lean forward's projection backend
-    (``mdsd.engine.static_llama.choose_matmul``: numpy's BLAS for float32 models on the CPU).
+    ``matmul`` ("auto", "numba", "numpy", "torch") picks the lean forward's backend
+    (``mdsd.engine.static_llama.choose_matmul``: the compiled layers for float32 models on the
+    CPU); with "auto" a 16-bit draft on the CPU runs a float32 copy of itself there
+    (``static_llama.draft_runner``). ``config.draft_vocab`` K restricts the draft's output layer
+    to its K likeliest tokens (``mdsd.engine.vocab``; ``use_draft_vocabulary`` takes any ids).
     ``exact_acceptance=True`` makes ``stats.acceptance_by_depth`` Rao-Blackwellised (the exact
     acceptance given the drafts at every visited node, one output law per node); by default it
     averages the 0/1 outcomes, which costs nothing.
