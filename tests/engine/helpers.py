@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from mdsd.engine import SamplingConfig
-from mdsd.engine.walk import DraftedSlots, emission_law, enumerate_children
+from mdsd.engine.records import DecodeStats
+from mdsd.engine.walk import DraftedSlots, as_support, emission_law, enumerate_children
 
 from conftest import g_test_pvalue
 
@@ -51,6 +52,38 @@ class Oracle:
 
     def q(self, context):
         return self._processed(self.pair.draft, context)
+
+
+# (family, static_cache, matmul): the lean static-cache Llama forward on every matmul backend,
+# Hugging Face's Llama forward, and GPT-2 (Hugging Face's forward)
+RUNNER_CASES = [
+    ("llama", True, "numba"),
+    ("llama", True, "numpy"),
+    ("llama", True, "torch"),
+    ("llama", False, "auto"),
+    ("gpt2", True, "auto"),
+]
+
+
+def decoded_steps(dec, steps: int, seed: int = 0):
+    """Run ``steps`` decoder steps after PROMPT (fresh caches, numpy seed ``seed``; the caller
+    holds ``torch.inference_mode``); yields, per step, the committed tokens before it, its
+    drafted tree and its emitted tokens (``dec.last_step`` holds the rest)."""
+    rng = np.random.default_rng(seed)
+    seq, stats = list(PROMPT), DecodeStats(depth=dec.tree.depth)
+    dec.target.reset(40)
+    dec.draft.reset(40)
+    for _ in range(steps):
+        emitted = dec.step(seq, rng, stats)
+        yield list(seq), dec.last_step.drafted, emitted
+        seq += emitted
+
+
+def assert_draft_probs(tree, drafted, context, q_of) -> None:
+    """Every q the drafted tree's children were drawn from equals ``q_of(context + path)``."""
+    for node, q in drafted.draft_probs.items():
+        path = path_tokens(tree, drafted, node)
+        np.testing.assert_allclose(as_support(q).dense(), q_of(context + path), atol=LOGIT_TOL, rtol=0)
 
 
 def path_tokens(tree, drafted, node):

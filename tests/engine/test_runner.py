@@ -11,23 +11,21 @@ import torch
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
 from mdsd.engine.decode import Autoregressive
-from mdsd.engine.records import DecodeStats
-from mdsd.engine.walk import as_support
 from mdsd.models import ModelPair
 
-from .helpers import LOGIT_TOL, PROMPT, VOCAB, Oracle, path_tokens
+from .helpers import (
+    LOGIT_TOL,
+    PROMPT,
+    RUNNER_CASES,
+    VOCAB,
+    Oracle,
+    assert_draft_probs,
+    decoded_steps,
+    path_tokens,
+)
 
 
-@pytest.mark.parametrize(
-    "family,static_cache,matmul",
-    [
-        ("llama", True, "numba"),
-        ("llama", True, "numpy"),
-        ("llama", True, "torch"),
-        ("llama", False, "auto"),
-        ("gpt2", True, "auto"),
-    ],
-)  # llama: the lean static-cache forward (every matmul backend) and Hugging Face's; gpt2: HF's
+@pytest.mark.parametrize("family,static_cache,matmul", RUNNER_CASES)
 @pytest.mark.parametrize("widths", [(3, 2, 1), (2, 1, 1)])
 def test_tree_logits_and_caches_match_plain_forward(request, family, static_cache, matmul, widths):
     pair = request.getfixturevalue(family)
@@ -39,34 +37,20 @@ def test_tree_logits_and_caches_match_plain_forward(request, family, static_cach
     if expected_runner == "StaticLlamaRunner":
         assert dec.target.matmul == dec.draft.matmul == matmul
     oracle = Oracle(pair, sampling)
-    rng = np.random.default_rng(0)
-    seq, stats = list(PROMPT), DecodeStats(depth=len(widths))
-    dec.target.reset(40)
-    dec.draft.reset(40)
     with torch.inference_mode():
-        for _ in range(4):
-            emitted = dec.step(seq, rng, stats)
-            drafted = dec.last_step.drafted
+        for seq, drafted, emitted in decoded_steps(dec, 4):
             logits = dec.target.logits(dec.last_step.target_hidden)
-            tree = dec.tree
             for node in [-1] + list(np.flatnonzero(drafted.valid)):
-                path = path_tokens(tree, drafted, node)
-                want = oracle.logits(pair.target, seq + path)
+                want = oracle.logits(pair.target, seq + path_tokens(dec.tree, drafted, node))
                 np.testing.assert_allclose(logits[node + 1], want, atol=LOGIT_TOL, rtol=0)
-                if node in drafted.draft_probs:  # q the children were drawn from
-                    np.testing.assert_allclose(
-                        as_support(drafted.draft_probs[node]).dense(),
-                        oracle.q(seq + path),
-                        atol=LOGIT_TOL,
-                        rtol=0,
-                    )
-            seq += emitted
+            assert_draft_probs(dec.tree, drafted, seq, oracle.q)  # q the children were drawn from
+            committed = seq + emitted
         # the caches now hold exactly the committed prefix: next logits = a full forward
-        assert dec.target.cached == len(seq) - 1
-        got_t = dec.target.causal(np.asarray(seq[dec.target.cached :]))[0]
-        got_d = dec.draft.causal(np.asarray(seq[dec.draft.cached :]))[0]
-    np.testing.assert_allclose(got_t, oracle.logits(pair.target, seq), atol=LOGIT_TOL, rtol=0)
-    np.testing.assert_allclose(got_d, oracle.logits(pair.draft, seq), atol=LOGIT_TOL, rtol=0)
+        assert dec.target.cached == len(committed) - 1
+        got_t = dec.target.causal(np.asarray(committed[dec.target.cached :]))[0]
+        got_d = dec.draft.causal(np.asarray(committed[dec.draft.cached :]))[0]
+    np.testing.assert_allclose(got_t, oracle.logits(pair.target, committed), atol=LOGIT_TOL, rtol=0)
+    np.testing.assert_allclose(got_d, oracle.logits(pair.draft, committed), atol=LOGIT_TOL, rtol=0)
 
 
 def test_matmul_backend_choice_and_errors(llama):
@@ -282,15 +266,6 @@ def test_16_bit_draft_runs_in_float32_on_the_compiled_forward(tiny):
     assert dec.draft.panel_format in ("f16", "bf16")
     assert pair.draft.dtype == torch.bfloat16  # the pair's own model is untouched
     copy = Oracle(ModelPair(target=pair.target, draft=dec.draft.model, tokenizer=None, name="x"), sampling)
-    rng = np.random.default_rng(0)
-    seq, stats = list(PROMPT), DecodeStats(depth=2)
-    dec.target.reset(40)
-    dec.draft.reset(40)
     with torch.inference_mode():
-        for _ in range(3):
-            emitted = dec.step(seq, rng, stats)
-            drafted = dec.last_step.drafted
-            for node, q in drafted.draft_probs.items():
-                path = path_tokens(dec.tree, drafted, node)
-                np.testing.assert_allclose(as_support(q).dense(), copy.q(seq + path), atol=LOGIT_TOL)
-            seq += emitted
+        for seq, drafted, _ in decoded_steps(dec, 3):
+            assert_draft_probs(dec.tree, drafted, seq, copy.q)

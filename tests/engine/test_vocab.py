@@ -15,25 +15,25 @@ import torch
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder, build_tree
 from mdsd.engine.decode import Autoregressive
-from mdsd.engine.records import DecodeStats
 from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary, draft_vocabulary
-from mdsd.engine.walk import RuleBook, as_support
+from mdsd.engine.walk import RuleBook
 from mdsd.logits import process_logits
 from mdsd.sampling import categorical
 
 from .helpers import (
     G_TEST_ALPHA,
     LAW_TOL,
-    LOGIT_TOL,
     PROMPT,
+    RUNNER_CASES,
     TOP_K,
     VOCAB,
     Oracle,
+    assert_draft_probs,
     assert_same_law,
     autoregressive_law,
+    decoded_steps,
     first_tokens_law,
     g_test_pvalue_of,
-    path_tokens,
 )
 
 KEPT = np.array([2, 3, 5, 7, 8, 11])  # the draft vocabulary of the law tests (6 of 12 tokens)
@@ -82,16 +82,7 @@ def test_row_probs_on_kept_tokens_equals_the_full_transform(temperature, top_k, 
         assert got.indices is not None and np.all(np.diff(got.indices) > 0) and np.all(got.values > 0)
 
 
-@pytest.mark.parametrize(
-    "family,static_cache,matmul",
-    [
-        ("llama", True, "numba"),
-        ("llama", True, "numpy"),
-        ("llama", True, "torch"),
-        ("llama", False, "auto"),
-        ("gpt2", True, "auto"),
-    ],
-)
+@pytest.mark.parametrize("family,static_cache,matmul", RUNNER_CASES)
 def test_restricted_output_layer_gives_the_kept_columns(request, family, static_cache, matmul):
     pair = request.getfixturevalue(family)
     dec = TreeDecoder(
@@ -144,19 +135,10 @@ def test_decoder_drafts_from_the_restricted_law(llama):
     dec = TreeDecoder(llama, config, sampling)
     dec.use_draft_vocabulary(DraftVocabulary(KEPT, VOCAB))
     oracle = RestrictedOracle(llama, sampling, KEPT)
-    rng = np.random.default_rng(0)
-    seq, stats = list(PROMPT), DecodeStats(depth=2)
-    dec.target.reset(40)
-    dec.draft.reset(40)
     with torch.inference_mode():
-        for _ in range(4):
-            emitted = dec.step(seq, rng, stats)
-            drafted = dec.last_step.drafted
+        for seq, drafted, _ in decoded_steps(dec, 4):
             assert set(drafted.tokens[drafted.valid].tolist()) <= set(KEPT.tolist())
-            for node, q in drafted.draft_probs.items():
-                path = path_tokens(dec.tree, drafted, node)
-                np.testing.assert_allclose(as_support(q).dense(), oracle.q(seq + path), atol=LOGIT_TOL)
-            seq += emitted
+            assert_draft_probs(dec.tree, drafted, seq, oracle.q)
 
 
 @pytest.mark.parametrize(
