@@ -35,11 +35,14 @@ def early_exit_kernels(values, vectorised: bool):
     return compiled_module("mdsd.verifiers._early_exit")
 
 
-def run_kernel(kernel, p, q, drafts, uniforms, *extra):
+def run_kernel(kernel, p, q, drafts, uniforms, *extra, out=None):
     """Call a row kernel of ``_early_exit`` on contiguous float64 / int64 copies (views when the
-    inputs already are); returns (tokens [B], branch [B])."""
+    inputs already are); returns (tokens [B], branch [B]): new arrays, or ``out`` = (tokens,
+    branch) updated in place (a kernel that finishes the rows an earlier call left pending)."""
     rows = p.shape[0]
-    tokens, branch = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
+    if out is None:
+        out = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
+    tokens, branch = out
     kernel(
         np.ascontiguousarray(p, dtype=np.float64),
         np.ascontiguousarray(q, dtype=np.float64),

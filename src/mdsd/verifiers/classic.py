@@ -196,15 +196,8 @@ class KSEQ(EarlyExitVerifier):
         unknown = np.full(p.shape[0], np.nan)
         tokens, branch = run_kernel(kernels.kseq_sample, p, q, drafts, uniforms, unknown, unknown)
         if np.any(branch < 0):  # a test between the bounds, or all rejected: rho* row by row
-            kernels.kseq_sample_pending(
-                np.ascontiguousarray(p, dtype=np.float64),
-                np.ascontiguousarray(q, dtype=np.float64),
-                np.ascontiguousarray(drafts, dtype=np.int64),
-                np.ascontiguousarray(uniforms, dtype=np.float64),
-                INTERVAL_ITERATIONS,
-                tokens,
-                branch,
-            )
+            pending = kernels.kseq_sample_pending
+            run_kernel(pending, p, q, drafts, uniforms, INTERVAL_ITERATIONS, out=(tokens, branch))
         return tokens, branch
 
     def acceptance(self, p, q, n, law):
