@@ -149,14 +149,19 @@ class ModelRunner:
         [rows, K], column j for token ``token_ids[j]`` (``mdsd.engine.vocab``); None restores
         the whole vocabulary."""
         self.output_ids = None if token_ids is None else np.asarray(token_ids, dtype=np.int64)
-        if token_ids is None:
+        head = self._full_head
+        weight, bias = head.weight.detach(), getattr(head, "bias", None)
+        if self.output_ids is not None:  # the kept rows of the output layer
+            ids = torch.as_tensor(self.output_ids, device=self.device)
+            weight, bias = weight[ids], None if bias is None else bias.detach()[ids]
+        self._use_output(weight, bias)
+
+    def _use_output(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Adopt the output layer ``weight`` [K or V, H] (+ ``bias``) set by ``restrict_output``."""
+        if self.output_ids is None:
             self._head = self._full_head
-            return
-        ids = torch.as_tensor(self.output_ids, device=self.device)
-        weight = self._full_head.weight[ids].detach()
-        bias = getattr(self._full_head, "bias", None)
-        bias = None if bias is None else bias[ids].detach()
-        self._head = lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
+        else:
+            self._head = lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
 
     def causal_hidden(self, ids: np.ndarray, keep: int = 1) -> torch.Tensor:
         """Plain causal forward of ``ids`` after the cache; hidden states of the last ``keep``."""

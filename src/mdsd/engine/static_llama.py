@@ -276,13 +276,7 @@ class StaticLlamaRunner(ModelRunner):
             for layer in self._layers
         ]
 
-    def restrict_output(self, token_ids: np.ndarray | None) -> None:
-        super().restrict_output(token_ids)
-        head = self._full_head
-        weight, bias = head.weight, getattr(head, "bias", None)
-        if token_ids is not None:
-            ids = torch.as_tensor(self.output_ids, device=self.device)
-            weight, bias = weight[ids], None if bias is None else bias[ids]
+    def _use_output(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self._output = _Linear(weight, bias, self.matmul, self.panel_format or "f32")
 
     # ------------------------------------------------------------------ cache
