@@ -47,6 +47,12 @@ def check_supported(model, name: str) -> None:
             raise ValueError(f"{name} model uses sliding-window attention, which is not supported")
 
 
+def cache_keyword(module) -> str:
+    """The name of a Hugging Face module's KV-cache argument: ``cache`` in transformers >= 5.x,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def context_length(model) -> int | None:
     config = model.config
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
@@ -76,8 +82,7 @@ class ModelRunner:
         self._head = model.get_output_embeddings()
         self._full_head = self._head
         self.output_ids = None  # [K] token ids of the logits' columns (None: the whole vocabulary)
-        params = inspect.signature(self._body.forward).parameters
-        self._body_cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._body_cache_kw = cache_keyword(self._body)
         self._dynamic_cache = DynamicCache
         self.cache = None
         self.calls = 0

@@ -20,12 +20,12 @@ seed only.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from mdsd.engine.runner import cache_keyword
 from mdsd.sampling import categorical
 
 SAMPLE_SEQUENCES = 64  # sequences sampled from the draft to rank its vocabulary
@@ -80,7 +80,7 @@ def draft_vocabulary(
 
     device = draft_model.device
     ids = torch.full((sequences, 1), int(start), dtype=torch.long, device=device)
-    cache = {_cache_keyword(draft_model): DynamicCache(config=draft_model.config)}  # grows in place
+    cache = {cache_keyword(draft_model): DynamicCache(config=draft_model.config)}  # grows in place
     with torch.inference_mode():
         for _ in range(length):
             out = draft_model(input_ids=ids, use_cache=True, **cache)
@@ -123,11 +123,6 @@ def _start_token(config) -> int | None:
         if token is not None:
             return int(token)
     return None
-
-
-def _cache_keyword(model) -> str:
-    """transformers >= 5.x names the cache argument ``cache``; earlier versions ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _check_size(size: int, vocab: int) -> None:
