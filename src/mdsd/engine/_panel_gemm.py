@@ -187,6 +187,7 @@ def module_ir(width: int = 8) -> str:
     return "\n".join(ir)
 
 
+@functools.cache
 def host_width() -> int:
     """Floats per vector register of this CPU for the kernel: 16 with AVX-512F, else 8."""
     import llvmlite.binding as llvm
