@@ -148,6 +148,25 @@ def test_16_bit_panels_give_the_float32_products_bit_for_bit(fmt, rows):
     np.testing.assert_allclose(got, x.astype(np.float64) @ weight_t, atol=1e-4, rtol=1e-5)
 
 
+def test_float32_exp_within_two_ulp():
+    """``exp_inplace`` (the compiled forward's softmax and SiLU exponential) against float64 exp
+    over the whole float32 range it keeps: relative error <= 2 ulp; exactly 0 below EXP_LOW
+    (masked keys, -inf), exp(EXP_HIGH) above it, 1 at 0."""
+    from mdsd.engine._llama_numba import EXP_HIGH, EXP_LOW, exp_inplace
+
+    x = np.concatenate(
+        [np.linspace(EXP_LOW, EXP_HIGH, 400_001), np.random.default_rng(0).normal(0, 5, 10_000)]
+    ).astype(np.float32)
+    got = x.copy()
+    exp_inplace(got)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) <= 2 * 2.0**-24
+    edges = np.array([-np.inf, np.finfo(np.float32).min, -86.5, 0.0, 100.0], dtype=np.float32)
+    exp_inplace(edges)
+    assert edges.tolist() == [0.0, 0.0, 0.0, 1.0, edges[4]]
+    assert edges[4] == pytest.approx(np.exp(float(EXP_HIGH)), rel=1e-6)
+
+
 def _variant_model(kind: str):
     """A tiny random model the compiled forward must follow: grouped-query attention, q/k/v
     biases (Qwen2), a RoPE rescaled with the sequence length ("dynamic", no cos / sin table), or
@@ -171,8 +190,9 @@ def _variant_model(kind: str):
 def test_compiled_forward_equals_the_torch_forward(kind):
     """matmul "numba" against the torch forward (itself tested against Hugging Face's above):
     a causal prompt longer than every panel row limit (the many-row BLAS layer), then 1, 3, 9 and
-    20 new tokens, then a tree forward under a 4-D mask (2-8 rows: the panel layer); logits to
-    float32 rounding and equal caches."""
+    20 new tokens (attention by loops below ``LOOP_ATTENTION_ROWS`` = 16 queries, by the BLAS
+    from there), then a tree forward under a 4-D mask (5 rows: the panel layer, loop attention);
+    logits to float32 rounding and equal caches."""
     from mdsd.engine._llama_numba import PANEL_MAX_ROWS_16
     from mdsd.engine.static_llama import StaticLlamaRunner
     from mdsd.engine.tree import build_tree

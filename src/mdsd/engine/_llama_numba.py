@@ -13,8 +13,10 @@ The projections of up to ``panel_max_rows`` rows (a one-token step, a draft tree
 the weight panels of ``mdsd.engine._panel_gemm`` (each weight read once for all rows, outputs in
 registers), passed in as ``gemm``; more rows run ``decoder_layer_blas``: the same steps, the
 products by numpy's BLAS from Python (numba's ``np.dot`` binds scipy's BLAS, whose many-row kernels
-measured ~2x slower here). Results equal the reference forward to float32 rounding
-(tests/engine/test_runner.py).
+measured ~2x slower here). Attention of fewer than ``LOOP_ATTENTION_ROWS`` queries runs as
+compiled loops (a BLAS call costs more than their arithmetic), and exponentials as a
+vectorised float32 polynomial (``exp_inplace``). Results equal the reference forward to float32
+rounding (tests/engine/test_runner.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def panel_max_rows(itemsize):
 
 
 _JIT = {"cache": True, "boundscheck": False, "fastmath": {"contract"}}
+_VEC = {"cache": True, "boundscheck": False, "fastmath": {"contract", "reassoc"}}  # sums reordered
 
 
 @numba.njit(**_JIT)
@@ -87,6 +90,84 @@ def _rotate_into(dest, src, cos, sin):
         dest[j + half] = src[j + half] * cos[j + half] + src[j] * sin[j + half]
 
 
+# Queries per forward below which attention runs as explicit loops: a BLAS call from compiled
+# code costs ~7 microseconds for these tiny products (two per head and layer), several times the
+# arithmetic of a draft tree's few rows; a prompt's prefill keeps the BLAS.
+LOOP_ATTENTION_ROWS = 16
+
+
+@numba.njit(**_VEC)
+def _scores_into(scores, q, keys, end, scale):
+    """scores[j] = scale * <q, keys[j]> for keys 0..end-1 (q [d], keys [capacity, d]); the sum
+    over d may be reordered (vectorised): float32 rounding, as the BLAS's."""
+    for j in range(end):
+        total = np.float32(0.0)
+        for t in range(q.shape[0]):
+            total += q[t] * keys[j, t]
+        scores[j] = total * scale
+
+
+# exp in float32 as a vectorisable polynomial (Cephes' expf): numba calls the C library's scalar
+# expf per element (~2-5 ns here, without Intel's SVML), and a draft tree's rows take ~2,500
+# exponentials per decoder layer (softmax over the keys, the SiLU gate). Relative error <= 2 ulp
+# (tests/engine/test_runner.py); inputs below EXP_LOW give exactly 0 (masked keys, -inf), above
+# EXP_HIGH exp(EXP_HIGH).
+EXP_LOW = np.float32(-86.0)  # exp(-86) = 4.5e-38: the smallest power of two kept normal
+EXP_HIGH = np.float32(88.3)  # below log(float32 max)
+
+
+@numba.njit(**_JIT)
+def exp_inplace(values):
+    """values [n] = exp(values): exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 in
+    two parts), exp(r) by Cephes' degree-6 polynomial, 2^k added to the exponent bits."""
+    powers = np.empty(values.size, dtype=np.int32)
+    for i in range(values.size):
+        x = values[i]
+        small = x < EXP_LOW
+        x = min(max(x, EXP_LOW), EXP_HIGH)
+        k = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+        r = x - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
+        y = np.float32(1.9875691500e-4) * r + np.float32(1.3981999507e-3)
+        y = y * r + np.float32(8.3334519073e-3)
+        y = y * r + np.float32(4.1665795894e-2)
+        y = y * r + np.float32(1.6666665459e-1)
+        y = y * r + np.float32(5.0000001201e-1)
+        y = y * (r * r) + r + np.float32(1.0)
+        values[i] = np.float32(0.0) if small else y
+        powers[i] = 0 if small else np.int32(k) << 23
+    bits = values.view(np.int32)
+    for i in range(values.size):
+        bits[i] += powers[i]
+
+
+@numba.njit(**_VEC)
+def _softmax_into(row):
+    """row = softmax(row) in place (a -inf entry gets weight 0)."""
+    row -= row.max()
+    exp_inplace(row)
+    total = np.float32(0.0)
+    for j in range(row.size):
+        total += row[j]
+    row /= total
+
+
+@numba.njit(**_VEC)
+def _weighted_sum_into(out, weights, values, end):
+    """out [d] = sum_j weights[j] values[j] over keys 0..end-1, four keys per pass over out."""
+    out[:] = 0.0
+    j = 0
+    while j + 4 <= end:
+        w0, w1, w2, w3 = weights[j], weights[j + 1], weights[j + 2], weights[j + 3]
+        for t in range(out.shape[0]):
+            out[t] += (
+                w0 * values[j, t] + w1 * values[j + 1, t] + w2 * values[j + 2, t] + w3 * values[j + 3, t]
+            )
+        j += 4
+    for k in range(j, end):
+        for t in range(out.shape[0]):
+            out[t] += weights[k] * values[k, t]
+
+
 @numba.njit(**_JIT)
 def attention(qkv, keys, values, start, mask, causal, cos, sin, heads, kv_heads, scale):
     """Rotary q / k, the new keys / values written to the cache, softmax attention over it.
@@ -94,7 +175,8 @@ def attention(qkv, keys, values, start, mask, causal, cos, sin, heads, kv_heads,
     qkv [m, (H + 2 H_kv) d]; keys / values [H_kv, capacity, d] (rows start..start+m-1 written);
     mask [m, start + m] additive (used when its size is non-zero), else ``causal`` (query i sees
     keys 0..start+i) or, for one query, every key; cos / sin [m, d]. Per head: scores = q K^T *
-    scale + mask [m, start + m], row softmax, times V. Returns the heads' outputs [m, H d].
+    scale + mask [m, start + m], row softmax, times V: loops per query for fewer than
+    ``LOOP_ATTENTION_ROWS`` queries, else two BLAS products. Returns the heads' outputs [m, H d].
     """
     m = qkv.shape[0]
     d = keys.shape[2]
@@ -110,6 +192,18 @@ def attention(qkv, keys, values, start, mask, causal, cos, sin, heads, kv_heads,
             _rotate_into(keys[h, start + i], qkv[i, k_at : k_at + d], cos[i], sin[i])
             values[h, start + i, :] = qkv[i, v_at : v_at + d]
     out = np.empty((m, heads * d), dtype=np.float32)
+    if m < LOOP_ATTENTION_ROWS:
+        row = np.empty(end, dtype=np.float32)
+        for h in range(heads):
+            kv = h // group
+            for i in range(m):
+                seen = start + i + 1 if causal and not mask.size else end
+                _scores_into(row, q[h, i], keys[kv], seen, scale)
+                if mask.size:
+                    row[:seen] += mask[i]
+                _softmax_into(row[:seen])
+                _weighted_sum_into(out[i, h * d : (h + 1) * d], row, values[kv], seen)
+        return out
     for h in range(heads):
         kv = h // group
         scores = np.dot(q[h], keys[kv, :end].T) * scale  # [m, end]
@@ -119,24 +213,22 @@ def attention(qkv, keys, values, start, mask, causal, cos, sin, heads, kv_heads,
             for i in range(m):
                 scores[i, start + i + 1 :] = -np.inf
         for i in range(m):
-            row = scores[i]
-            row -= row.max()
-            np.exp(row, row)
-            row /= row.sum()
+            _softmax_into(scores[i])
         out[:, h * d : (h + 1) * d] = np.dot(scores, values[kv, :end])  # [m, d]
     return out
 
 
 @numba.njit(**_JIT)
 def silu_gate(gate_up):
-    """silu(g) * u for gate_up [m, 2 I] = [g | u] -> [m, I]."""
+    """silu(g) * u = g / (1 + exp(-g)) * u for gate_up [m, 2 I] = [g | u] -> [m, I]."""
     m, width = gate_up.shape
     inner = width // 2
     out = np.empty((m, inner), dtype=np.float32)
     for r in range(m):
+        decay = -gate_up[r, :inner]  # a copy: exp(-g) in place
+        exp_inplace(decay)
         for j in range(inner):
-            g = gate_up[r, j]
-            out[r, j] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[r, inner + j]
+            out[r, j] = gate_up[r, j] / (np.float32(1.0) + decay[j]) * gate_up[r, inner + j]
     return out
 
 
