@@ -133,10 +133,11 @@ def process_logits_row(
         return SupportProbs(np.array([int(np.argmax(logits))]), np.ones(1), vocab)
     if top_k is not None and top_k < vocab:
         indices = top_k_indices(logits, int(top_k))
-        z = logits[indices].astype(np.float64) / temperature
+        z = logits[indices].astype(np.float64)
     else:
-        indices, z = None, logits.astype(np.float64) / temperature
-    probs = _softmax(z)
+        indices, z = None, logits.astype(np.float64)
+    z /= temperature
+    probs = _softmax_row(z.copy() if top_p is not None and top_p < 1.0 else z)
     if top_p is not None and top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
         sorted_probs = probs[order]
@@ -147,6 +148,14 @@ def process_logits_row(
         nonzero = probs > 0
         indices, probs = indices[nonzero], probs[nonzero]
     return SupportProbs(indices, probs, vocab)
+
+
+def _softmax_row(z: np.ndarray) -> np.ndarray:
+    """``_softmax`` of a float64 row [k], in place (the same operations, no temporaries)."""
+    z -= z.max()
+    np.exp(z, out=z)  # exp(-inf) = 0 exactly
+    z /= z.sum()
+    return z
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -1,9 +1,15 @@
-"""Categorical sampling by inverse CDF: the one implementation every layer uses (numpy).
+"""Categorical sampling by inverse CDF: the one implementation every layer uses (compiled).
 
 ``categorical(probs, rng)`` draws one token from each row of ``probs`` [..., V] (rows need not
-be normalised: the uniform is scaled by the row total). Tokens of zero mass are never drawn: the
-draw is the first index whose cumulative mass exceeds u * total (``side="right"``), clipped to
-V - 1 against rounding in the last partial sum.
+be normalised: the uniform is scaled by the row total): the first token whose running sum
+exceeds u * total, u = ``rng.random()``. Tokens of zero mass are never drawn; should rounding
+leave the threshold unreached (probability ~1e-16), the last token of positive mass.
+
+The kernels (``row_sum``, ``search``, ``draw``; numba, float64) are also the final draws of the
+verifiers' early-exit samplers (``mdsd.verifiers._early_exit``). A row costs one vectorised sum
+and a search that stops at the drawn token, several times less than ``np.cumsum`` (sequential
+additions, ~3 ns a token) and ``np.searchsorted``; the sums add four interleaved partial sums,
+the same value as numpy's to ~1e-16 relative.
 
 >>> import numpy as np
 >>> int(categorical(np.array([0.0, 1.0, 0.0]), np.random.default_rng(0)))
@@ -12,17 +18,74 @@ V - 1 against rounding in the last partial sum.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 
 def categorical(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray | np.int64:
     """One draw per row of ``probs`` [..., V]; an int64 scalar for [V], else int64 [...]."""
-    probs = np.asarray(probs)
+    probs = np.ascontiguousarray(probs, dtype=np.float64)
     if probs.ndim == 1:
-        cdf = np.cumsum(probs)
-        u = rng.random() * cdf[-1]
-        return np.int64(min(int(np.searchsorted(cdf, u, side="right")), probs.size - 1))
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(probs.shape[:-1] + (1,)) * cdf[..., -1:]
-    idx = np.sum(cdf <= u, axis=-1)
-    return np.minimum(idx, probs.shape[-1] - 1)
+        return np.int64(draw(probs, rng.random()))
+    uniforms = rng.random(probs.shape[:-1])
+    rows = probs.reshape(-1, probs.shape[-1])
+    tokens = np.empty(rows.shape[0], dtype=np.int64)
+    draw_rows(rows, uniforms.reshape(-1), tokens)
+    return tokens.reshape(probs.shape[:-1])
+
+
+@numba.njit(cache=True, fastmath=False)
+def row_sum(values, lo, hi):
+    """sum(values[lo:hi]) with four accumulators (independent add chains, ~4x a single one)."""
+    s0 = s1 = s2 = s3 = 0.0
+    stop = lo + (hi - lo) // 4 * 4
+    for y in range(lo, stop, 4):
+        s0 += values[y]
+        s1 += values[y + 1]
+        s2 += values[y + 2]
+        s3 += values[y + 3]
+    for y in range(stop, hi):
+        s0 += values[y]
+    return (s0 + s1) + (s2 + s3)
+
+
+@numba.njit(cache=True, fastmath=False)
+def search(values, threshold):
+    """The first token whose running sum of ``values`` exceeds ``threshold`` (inverse CDF).
+
+    Blocks of four are skipped on their block sum; inside the block that crosses, the running sum
+    is walked token by token. If rounding leaves the threshold unreached, the last token of
+    positive mass (never a zero-mass token)."""
+    vocab = values.size
+    acc = 0.0
+    stop = vocab // 4 * 4
+    for y in range(0, stop, 4):
+        block = (values[y] + values[y + 1]) + (values[y + 2] + values[y + 3])
+        if acc + block > threshold:
+            for k in range(y, y + 4):
+                acc += values[k]
+                if acc > threshold and values[k] > 0.0:
+                    return k
+        else:
+            acc += block
+    for k in range(stop, vocab):
+        acc += values[k]
+        if acc > threshold and values[k] > 0.0:
+            return k
+    for k in range(vocab - 1, -1, -1):
+        if values[k] > 0.0:
+            return k
+    return vocab - 1  # an all-zero row: cannot happen for validated inputs
+
+
+@numba.njit(cache=True, fastmath=False)
+def draw(values, u):
+    """Inverse-CDF draw from ``values`` [V] (need not be normalised) at uniform u in [0, 1)."""
+    return search(values, u * row_sum(values, 0, values.size))
+
+
+@numba.njit(cache=True, fastmath=False)
+def draw_rows(values, uniforms, tokens):
+    """tokens[b] = draw(values[b], uniforms[b]) for values [B, V]."""
+    for b in range(values.shape[0]):
+        tokens[b] = draw(values[b], uniforms[b])

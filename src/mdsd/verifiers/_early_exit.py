@@ -17,10 +17,11 @@ makes the conditional law checkable exactly: tests are thresholds in their unifo
 draw is monotone in its uniform (along token ids; along the rank order p / q for importance), so
 locating the breakpoints in each uniform recovers every a_j and R (tests/verifiers/test_early_exit.py).
 
-Numerics: sums use four accumulators (``_sum``; a different rounding order from numpy's pairwise
-sum, same value to ~1e-16 relative); the search walks blocks of four with the same rounding caveat
-and falls back to the last token of positive mass should rounding leave the threshold unreached
-(an event of probability ~1e-16). Tokens of zero mass are never drawn.
+Numerics: sums use four accumulators (``_sum``, i.e. ``mdsd.sampling.row_sum``; a different
+rounding order from numpy's pairwise sum, same value to ~1e-16 relative); the search
+(``mdsd.sampling.search``) walks blocks of four with the same rounding caveat and falls back to
+the last token of positive mass should rounding leave the threshold unreached (an event of
+probability ~1e-16). Tokens of zero mass are never drawn.
 """
 
 from __future__ import annotations
@@ -28,24 +29,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from mdsd.sampling import draw as _draw
+from mdsd.sampling import draw_rows as categorical_draw  # noqa: F401 (a kernel)
+from mdsd.sampling import row_sum as _sum
+from mdsd.sampling import search as _search
 from mdsd.verifiers._compiled import _g, kseq_bracket_row
 from mdsd.verifiers._importance_residual import importance_residual_draw  # noqa: F401 (a kernel)
 from mdsd.verifiers.base import EMPTY_MASS
-
-
-@numba.njit(cache=True, fastmath=False)
-def _sum(values, lo, hi):
-    """sum(values[lo:hi]) with four accumulators (independent add chains, ~4x a single one)."""
-    s0 = s1 = s2 = s3 = 0.0
-    stop = lo + (hi - lo) // 4 * 4
-    for y in range(lo, stop, 4):
-        s0 += values[y]
-        s1 += values[y + 1]
-        s2 += values[y + 2]
-        s3 += values[y + 3]
-    for y in range(stop, hi):
-        s0 += values[y]
-    return (s0 + s1) + (s2 + s3)
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -86,44 +76,9 @@ def _sum_negative(values):
 
 
 @numba.njit(cache=True, fastmath=False)
-def _search(values, threshold):
-    """The first token whose running sum of ``values`` exceeds ``threshold`` (inverse CDF).
-
-    Blocks of four are skipped on their block sum; inside the block that crosses, the running sum
-    is walked token by token. If rounding leaves the threshold unreached, the last token of
-    positive mass (never a zero-mass token)."""
-    vocab = values.size
-    acc = 0.0
-    stop = vocab // 4 * 4
-    for y in range(0, stop, 4):
-        block = (values[y] + values[y + 1]) + (values[y + 2] + values[y + 3])
-        if acc + block > threshold:
-            for k in range(y, y + 4):
-                acc += values[k]
-                if acc > threshold and values[k] > 0.0:
-                    return k
-        else:
-            acc += block
-    for k in range(stop, vocab):
-        acc += values[k]
-        if acc > threshold and values[k] > 0.0:
-            return k
-    for k in range(vocab - 1, -1, -1):
-        if values[k] > 0.0:
-            return k
-    return vocab - 1  # an all-zero row: cannot happen for validated inputs
-
-
-@numba.njit(cache=True, fastmath=False)
 def _ratio(num, den):
     """min(1, num / den), 1 where den = 0 (``mdsd.verifiers.base.safe_ratio``)."""
     return min(1.0, num / den) if den > 0.0 else 1.0
-
-
-@numba.njit(cache=True, fastmath=False)
-def _draw(values, u):
-    """Inverse-CDF draw from ``values`` (need not be normalised) at uniform u."""
-    return _search(values, u * _sum(values, 0, values.size))
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -421,10 +376,3 @@ def _later(py, qy, y, best_weight, best):
     weight = py / qy
     later = (weight < best_weight) | ((weight == best_weight) & (y > best))
     return qy if later else 0.0
-
-
-@numba.njit(cache=True, fastmath=False)
-def categorical_draw(probs, uniforms, tokens):
-    """y ~ probs (rows need not be normalised) by inverse CDF at uniforms [B]."""
-    for b in range(probs.shape[0]):
-        tokens[b] = _draw(probs[b], uniforms[b])
