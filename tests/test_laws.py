@@ -197,8 +197,8 @@ def test_conditional_poisson_compiled_prefixes_match_numpy_reference():
 
 
 def test_without_replacement_sampling_is_gumbel_top_n_in_stable_order():
-    """The O(V) selection draws what a stable argsort of the Gumbel keys gives (zeros in q make
-    -inf keys, which tie; n up to V)."""
+    """The Gumbel path (more than SEQUENTIAL_DRAWS_MAX drafts): the O(V) selection draws what a
+    stable argsort of the Gumbel keys gives (zeros in q make -inf keys, which tie; n up to V)."""
     from mdsd.laws import WithoutReplacement
 
     law = WithoutReplacement()
@@ -209,7 +209,7 @@ def test_without_replacement_sampling_is_gumbel_top_n_in_stable_order():
         q = q / q.sum() if q.sum() > 0 else np.full(vocab, 1.0 / vocab)
         for n in (1, 2, 4, vocab):
             seed = int(gen.integers(1 << 30))
-            got = law._sample(q, n, np.random.default_rng(seed))
+            got = law._sample_gumbel(q, n, np.random.default_rng(seed))
             with np.errstate(divide="ignore"):
                 keys = np.log(q) + np.random.default_rng(seed).gumbel(size=q.shape)
             np.testing.assert_array_equal(got, np.argsort(-keys, kind="stable")[:n])
@@ -222,3 +222,39 @@ def test_top_tokens_equals_stable_sort():
         q = rng.integers(0, 5, size=(3, vocab)).astype(float)  # many ties and zeros
         for k in (1, 2, min(7, vocab)):
             np.testing.assert_array_equal(top_tokens(q, k), top_tokens_reference(q, k))
+
+
+def test_without_replacement_sequential_draws():
+    """Up to SEQUENTIAL_DRAWS_MAX drafts: draw i is the inverse CDF at the i-th uniform over q with
+    the earlier draws removed (a numpy reference), for rows with zeros, tiny masses and one token
+    near 1; never a zero-mass or repeated token; batched rows draw as single rows."""
+    from mdsd.laws import SEQUENTIAL_DRAWS_MAX, WithoutReplacement
+
+    def reference(q, uniforms):
+        rest, out = q.copy(), []
+        for u in uniforms:
+            cdf = np.cumsum(rest)
+            y = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+            out.append(y)
+            rest[y] = 0.0
+        return out
+
+    law = WithoutReplacement()
+    gen = np.random.default_rng(12)
+    for case in range(60):
+        vocab = int(gen.integers(2, 200))
+        q = gen.dirichlet(np.full(vocab, 0.3)) * (gen.random(vocab) < 0.7)
+        q[int(gen.integers(vocab))] += 1e-300 if case % 3 == 0 else 0.5
+        q = q / q.sum()
+        n = int(min(np.count_nonzero(q), gen.integers(1, SEQUENTIAL_DRAWS_MAX + 1)))
+        got = law.sample(q, n, np.random.default_rng(case))
+        uniforms = np.random.default_rng(case).random((1, n))[0]
+        cdf_gaps = [np.min(np.abs(np.cumsum(q) - u * q.sum())) for u in uniforms]
+        if min(cdf_gaps) > 1e-12:  # away from rounding ties of the two summation orders
+            assert got.tolist() == reference(q, uniforms)
+        assert len(set(got.tolist())) == n and np.all(q[got] > 0)
+    q = gen.dirichlet(np.ones(30), size=(2, 3))
+    batched = law.sample(q, 4, np.random.default_rng(5))
+    uniforms = np.random.default_rng(5).random((6, 4))
+    singles = [reference(row, u) for row, u in zip(q.reshape(6, 30), uniforms)]
+    np.testing.assert_array_equal(batched.reshape(6, 4), singles)

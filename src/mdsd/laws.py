@@ -33,9 +33,10 @@ import numpy as np
 
 from mdsd._race import tail_masses, wor_qall_prefixes, wor_qall_window
 from mdsd._validate import check_choice, check_n
-from mdsd.sampling import categorical
+from mdsd.sampling import categorical, draws_without_replacement
 
 TOP_SELECT_MAX = 64  # top_tokens selects by partition up to this k, else it sorts
+SEQUENTIAL_DRAWS_MAX = 8  # without replacement: sequential compiled draws up to this n, then Gumbel
 
 
 def top_tokens(draft_probs: np.ndarray, k: int) -> np.ndarray:
@@ -261,9 +262,18 @@ class WithoutReplacement(DraftLaw):
     name: str = "without_replacement"
 
     def _sample(self, q, n, rng):
-        # Gumbel-top-n: the top-n keys log q + Gumbel, in decreasing key order, are sequential
-        # draws without replacement in draw order (top_tokens: O(V) selection, the same tokens
-        # and order as a stable argsort).
+        # Up to SEQUENTIAL_DRAWS_MAX drafts: n compiled draws (a sum and a search each over the
+        # row, the earlier draws zeroed), faster than the Gumbel keys' O(V) random numbers and
+        # logarithms; more drafts: Gumbel-top-n. Both are sequential sampling without replacement.
+        if n <= SEQUENTIAL_DRAWS_MAX:
+            return draws_without_replacement(q, n, rng)
+        return self._sample_gumbel(q, n, rng)
+
+    @staticmethod
+    def _sample_gumbel(q, n, rng):
+        """Gumbel-top-n: the top-n keys log q + Gumbel, in decreasing key order, are sequential
+        draws without replacement in draw order (top_tokens: O(V) selection, the same tokens and
+        order as a stable argsort)."""
         with np.errstate(divide="ignore"):
             keys = np.log(q) + rng.gumbel(size=q.shape)
         return top_tokens(keys, n)

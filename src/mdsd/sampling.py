@@ -34,6 +34,19 @@ def categorical(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray | np.
     return tokens.reshape(probs.shape[:-1])
 
 
+def draws_without_replacement(probs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n sequential draws without replacement from each row of ``probs`` [..., V] (need not be
+    normalised), in draw order: [..., n] int64. Draw i is ``categorical``'s inverse CDF at
+    ``rng.random()`` over the row with the earlier draws' masses set to 0 (the remaining total is
+    summed afresh, never 1 - q(drawn)). The caller ensures n <= the support of every row."""
+    probs = np.ascontiguousarray(probs, dtype=np.float64)
+    rows = probs.reshape(-1, probs.shape[-1])
+    uniforms = rng.random((rows.shape[0], n))
+    tokens = np.empty((rows.shape[0], n), dtype=np.int64)
+    draw_rows_without_replacement(rows, uniforms, tokens)
+    return tokens.reshape(probs.shape[:-1] + (n,))
+
+
 @numba.njit(cache=True, fastmath=False)
 def row_sum(values, lo, hi):
     """sum(values[lo:hi]) with four accumulators (independent add chains, ~4x a single one)."""
@@ -89,3 +102,15 @@ def draw_rows(values, uniforms, tokens):
     """tokens[b] = draw(values[b], uniforms[b]) for values [B, V]."""
     for b in range(values.shape[0]):
         tokens[b] = draw(values[b], uniforms[b])
+
+
+@numba.njit(cache=True, fastmath=False)
+def draw_rows_without_replacement(values, uniforms, tokens):
+    """tokens[b, i] = draw(values[b] with tokens[b, :i] zeroed, uniforms[b, i])."""
+    work = np.empty(values.shape[1])
+    for b in range(values.shape[0]):
+        work[:] = values[b]
+        for i in range(tokens.shape[1]):
+            y = draw(work, uniforms[b, i])
+            tokens[b, i] = y
+            work[y] = 0.0
