@@ -3,7 +3,7 @@
     python benchmarks/bench_decode.py --prompts 8 --max-new-tokens 96 --threads 1 \
         [--temperature T] [--top-k K] [--dtype bfloat16] [--prompts-file FILE] \
         [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE[:DRAFT_VOCAB] ...] [--draft-vocab K]
-        [--json out.json]
+        [--repeats R] [--json out.json]
 
 TREE may be ``auto`` (``mdsd.engine.auto``: chosen from a calibration on the same prompts; the
 table then names the chosen shape and the predicted tokens/s). The profile columns give, per
@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument(
         "--draft-vocab", type=int, help="draft output layer over K tokens (mdsd.engine.vocab) in every config"
     )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="decode each prompt R times per method, keep the fastest"
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.threads:
@@ -98,13 +101,15 @@ def main() -> None:
         hf=not args.no_hf,
         matmul=args.matmul,
         matmul_baseline=args.matmul_baseline,
+        repeats=args.repeats,
     )
     elapsed = time.time() - start
 
     print(
         f"pair {pair.name}; {len(prompts)} prompts x {args.max_new_tokens} new tokens; "
         f"T = {args.temperature}, top-k {args.top_k}, top-p {args.top_p}; seed {args.seed}; "
-        f"torch threads {torch.get_num_threads()}; {platform.processor() or platform.machine()}; "
+        f"torch threads {torch.get_num_threads()}; fastest of {args.repeats} run(s) per prompt; "
+        f"{platform.processor() or platform.machine()}; "
         f"{elapsed:.0f} s\n"
     )
     print(

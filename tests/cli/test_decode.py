@@ -30,7 +30,8 @@ def test_bench_prompts_file_and_flags(tmp_path):
     for flag in ("--ignore-eos", "--stop-at-eos", "--no-hf", "--json"):
         line = next(line for line in help_text.splitlines() if flag in line)
         assert "<bool>" not in line, line
-    assert "--prompts-file" in help_text
+    assert "--prompts-file" in help_text and "--repeats" in help_text
+    assert_refused(mdsd("bench", "--repeats", "0"), "--repeats")
 
 
 def test_bench_progress_lines_when_piped(tmp_path):

@@ -47,3 +47,34 @@ def test_default_grid_adds_quarter_vocabulary_drafts():
     assert grid[-2].describe() == "iid/rrs 1x2 vocab 2048" and grid[-1].tree is None
     assert [c.draft_vocab for c in default_configs(8192, 1024)] == [1024] * len(DEFAULT_CONFIGS)
     assert len(default_configs(4)) == len(DEFAULT_CONFIGS)  # too small a vocabulary to cut
+
+
+def test_bench_repeats_keep_the_fastest_run(llama, monkeypatch):
+    """repeats R: every method decodes every prompt R times, interleaved, and keeps the fastest
+    run's statistics (the same tokens and target calls as a single run: decoding is a function of
+    the seed); R < 1 is refused, naming ``repeats``."""
+    import pytest
+
+    from mdsd.engine import bench
+
+    sampling = SamplingConfig(0.7, max_new_tokens=5, stop_on_eos=False)
+    configs = [TreeConfig.make("1x2", "iid", "rrs")]
+    once = bench.run_bench(llama, [PROMPT, [5, 6]], sampling, configs, seed=0, hf=False)
+    times = iter([3.0, 1.0, 2.0, 5.0, 4.0, 6.0] * 4)  # per (prompt, repeat, method): a fake clock
+    real_run = bench._DecoderMethod.run
+
+    def fake_time(self, prompt, seed, i):
+        stats = real_run(self, prompt, seed, i)
+        stats.total_time = next(times)
+        return stats
+
+    monkeypatch.setattr(bench._DecoderMethod, "run", fake_time)
+    rows = bench.run_bench(llama, [PROMPT, [5, 6]], sampling, configs, seed=0, hf=False, repeats=3)
+    for got, want in zip(rows, once):
+        for key in ("new_tokens", "target_calls", "steps", "step_tokens", "accepted"):
+            assert got.get(key) == want.get(key), key
+    # prompt 1: AR runs 3, 2, 4 (fastest 2), tree 1, 5, 6 (1); prompt 2: AR 3, 2, 4, tree 1, 5, 6
+    assert rows[0]["total_time_s"] == pytest.approx(4.0) and rows[1]["total_time_s"] == pytest.approx(2.0)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="repeats"):
+            bench.run_bench(llama, [PROMPT], sampling, configs, hf=False, repeats=bad)

@@ -325,6 +325,14 @@ def bench(
     ] = None,
     matmul: MatmulOpt = "auto",
     draft_vocab: DraftVocabOpt = None,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            "--repeats",
+            help="Decode each prompt this many times per method and keep the fastest run (the "
+            "tokens are the same each time; filters out a shared machine's slow spells).",
+        ),
+    ] = 1,
     no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip HF assisted generation.", metavar="")] = False,
     ignore_eos: Annotated[
         bool,
@@ -353,6 +361,8 @@ def bench(
         configs = [_parse_config(c, draft_vocab) for c in config or []]
         if prompts < 1:
             raise ValueError(f"--prompts must be >= 1, got {prompts}")
+        if repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {repeats}")
         texts = _bench_texts(prompts_file, domain, prompts)
         pair = _load(target, draft, device, dtype, threads)
         configs = configs or default_configs(int(pair.target.config.vocab_size), draft_vocab)
@@ -361,13 +371,21 @@ def bench(
             progress_display(Console(stderr=True), disable=as_json, transient=True) as progress,
             _quiet_libraries(),
         ):
-            task = progress.add_task("bench", total=methods * len(texts))
+            task = progress.add_task("bench", total=methods * len(texts) * repeats)
 
             def tick(name):
                 progress.update(task, advance=1, description=name[:40])
 
             result = run_bench(
-                pair, texts, sampling, configs, seed=seed, hf=not no_hf, matmul=matmul, progress=tick
+                pair,
+                texts,
+                sampling,
+                configs,
+                seed=seed,
+                hf=not no_hf,
+                matmul=matmul,
+                repeats=repeats,
+                progress=tick,
             )
     except ValueError as err:
         fail(cli_message(err))
@@ -381,6 +399,7 @@ def bench(
     table = Table(
         title=f"{pair.name}: {len(texts)} prompts, T = {temperature}, top-k {top_k}, "
         f"top-p {top_p}, {max_new_tokens} new tokens, seed {seed}, {threads or 'default'} torch threads"
+        + (f", fastest of {repeats} runs per prompt" if repeats > 1 else "")
     )
     for col in (
         "method",

@@ -3,7 +3,8 @@ generation and mdsd tree decoding on the same prompts, seeds and sampling transf
 process.
 
 Every method decodes every prompt with a seed derived from (seed, prompt index), methods
-interleaved prompt by prompt; one untimed warm-up generation per method runs first. Reported per
+interleaved prompt by prompt; one untimed warm-up generation per method runs first. With
+``repeats`` R each prompt is decoded R times per method (interleaved) and the fastest run kept. Reported per
 method: generated tokens, target forward calls (counted by a forward hook, so the same way for
 every method), tokens per target call, block efficiency (tokens per verification step), mean
 accepted drafts per step, acceptance by depth, draft / target / verification time, tokens per
@@ -98,9 +99,8 @@ class _DecoderMethod:
         finally:
             self.decoder.sampling = real
 
-    def run(self, prompt, seed, i):
-        stats = self.decoder.generate_one(prompt, _seed_of(seed, i)).stats
-        self.stats = stats if self.stats is None else self.stats.merge(stats)
+    def run(self, prompt, seed, i) -> DecodeStats:
+        return self.decoder.generate_one(prompt, _seed_of(seed, i)).stats
 
 
 class _HFAssisted:
@@ -128,7 +128,7 @@ class _HFAssisted:
                 top_k=sampling.top_k or 0,
                 top_p=sampling.top_p if sampling.top_p is not None else 1.0,
             )
-        self.stats = DecodeStats(depth=0)
+        self.stats = None
 
     def _generate(self, prompt, seed, max_new):
         ids = encode_prompt(self.pair, prompt)
@@ -148,12 +148,19 @@ class _HFAssisted:
     def warm_up(self, prompt, seed):
         self._generate(prompt, seed, WARMUP_TOKENS)
 
-    def run(self, prompt, seed, i):
+    def run(self, prompt, seed, i) -> DecodeStats:
         start = time.perf_counter()
         new = self._generate(prompt, seed * 100003 + i, self.sampling.max_new_tokens)
-        self.stats.total_time += time.perf_counter() - start
-        self.stats.new_tokens += new
-        self.stats.sequences += 1
+        return DecodeStats(depth=0, sequences=1, new_tokens=new, total_time=time.perf_counter() - start)
+
+
+def _timed_run(method, pair, prompt, seed: int, i: int) -> tuple[DecodeStats, int]:
+    """One decoding of prompt i by ``method``: its statistics and the target forwards the hook saw."""
+    counter = _CallCounter(pair.target.base_model)
+    try:
+        return method.run(prompt, seed, i), counter.count
+    finally:
+        counter.close()
 
 
 def _own_calls(method) -> int:
@@ -195,9 +202,14 @@ def run_bench(
     autoregressive: bool = True,
     matmul: str = "auto",
     matmul_baseline: str | None = None,
+    repeats: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Run every method over the prompts; rows of statistics with speedups (see module doc).
+
+    ``repeats`` R: every method decodes every prompt R times (the same tokens each time: a run is
+    a function of the seed) and the fastest of the R runs is kept, which filters out the slow
+    spells of a shared machine. Raises ValueError naming ``repeats`` unless it is >= 1.
 
     ``matmul``: the lean forward's projection backend for every mdsd method
     (``mdsd.engine.static_llama.choose_matmul``); ``matmul_baseline`` adds a second
@@ -207,6 +219,8 @@ def run_bench(
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
     a change in machine load during the run affects all methods alike.
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     methods = []
     if autoregressive:
         methods.append(_DecoderMethod("autoregressive", Autoregressive(pair, sampling, matmul=matmul)))
@@ -226,15 +240,18 @@ def run_bench(
         method.warm_up(prompts[0], seed)
     counters = {}
     for i, prompt in enumerate(prompts):
+        fastest = {}  # method name -> (stats, forward calls) of its fastest run of this prompt
+        for _ in range(repeats):
+            for method in methods:
+                stats, calls = _timed_run(method, pair, prompt, seed, i)
+                if method.name not in fastest or stats.total_time < fastest[method.name][0].total_time:
+                    fastest[method.name] = (stats, calls)
+                if progress:
+                    progress(method.name)
         for method in methods:
-            counter = _CallCounter(pair.target.base_model)
-            try:
-                method.run(prompt, seed, i)
-            finally:
-                counter.close()
-            counters[method.name] = counters.get(method.name, 0) + counter.count
-            if progress:
-                progress(method.name)
+            stats, calls = fastest[method.name]
+            method.stats = stats if method.stats is None else method.stats.merge(stats)
+            counters[method.name] = counters.get(method.name, 0) + calls
     results = []
     for method in methods:
         stats = method.stats
