@@ -224,8 +224,8 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
 
 
 # Bumped whenever the calibration measures differently, so that cached calibrations are redone.
-CALIBRATION_METHOD = 2  # 2: real steps in blocks of one kind, means (``_real_steps``)
-STEP_ROUNDS = 3  # rounds of real steps; in each, a block of every kind of step
+CALIBRATION_METHOD = 3  # 3: real steps in blocks of one kind, median over rounds of block means
+STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 5  # steps of one kind in a row (the first of a block is untimed)
 
 
@@ -236,8 +236,12 @@ def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
     ``STEP_BLOCK`` steps in a row, all on one growing sequence: a block sees the caches as a
     loop of its own kind leaves them (plain sampling's weights stay warm; a tree step follows a
     tree step) and the rounds spread every kind over the same states of a shared machine. The
-    first step of a block (after another kind) is untimed, and the mean is taken, not the
-    median: a tree step's cost depends on its outcome, and throughput follows the mean.
+    first step of a block (after another kind) is untimed. A block's steps are averaged (a tree
+    step's cost depends on its outcome, and throughput follows the mean) and the median over the
+    rounds is kept: one slow spell of a shared machine hitting one block of three 1-4 node shapes
+    would otherwise tilt the overhead line fitted to them (``_step_overhead``; a spell during a
+    bfloat16 calibration once made it 0.63 ms per node, ten times the loop's real cost, and the
+    choice a single draft at 1.5x where a 1x3 chain made 1.97x).
     Returns ({shape: seconds}, plain-sampling seconds)."""
     from mdsd.engine.records import DecodeStats
     from mdsd.engine.tree import build_tree
@@ -248,25 +252,29 @@ def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
     for runner in (decoder.target, decoder.draft):
         runner.reset(len(seq) + STEP_ROUNDS * per_round + 1)
     row_probs, target = decoder.sampling.row_probs, decoder.target
-    times = {widths: [] for widths in shapes} | {(): []}
+    blocks = {widths: [] for widths in shapes} | {(): []}  # block means per kind, one per round
     for _ in range(STEP_ROUNDS):
         for widths, tree in trees.items():
             decoder._use_tree(tree)
             stats = DecodeStats(depth=tree.depth, sequences=1)
+            times = []
             for i in range(STEP_BLOCK):
                 start = time.perf_counter()
                 seq += decoder.step(seq, rng, stats)
                 if i:
-                    times[widths].append(time.perf_counter() - start)
+                    times.append(time.perf_counter() - start)
+            blocks[widths].append(np.mean(times))
+        times = []
         for i in range(STEP_BLOCK):
             start = time.perf_counter()
             probs = row_probs(target.causal(np.asarray(seq[target.cached :]), keep=1)[0])
             seq.append(probs.token(int(categorical(probs.values, rng))))
             if i:
-                times[()].append(time.perf_counter() - start)
+                times.append(time.perf_counter() - start)
+        blocks[()].append(np.mean(times))
     decoder.tree = None  # the caller adopts the chosen shape
-    means = {widths: float(np.mean(t)) for widths, t in times.items()}
-    return {w: t for w, t in means.items() if w}, means[()]
+    typical = {widths: float(np.median(means)) for widths, means in blocks.items()}
+    return {w: t for w, t in typical.items() if w}, typical[()]
 
 
 OVERHEAD_SHAPES = ((1,), (1, 1), (2, 1))  # 1, 2 and 4 nodes; width 2 suits every law
