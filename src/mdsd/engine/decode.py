@@ -57,6 +57,14 @@ HEAD_BATCH_ROWS = 13
 
 
 # ---------------------------------------------------------------------- shared helpers
+def _rows_of(hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """hidden[rows] for ascending row indices [k]; hidden itself when they are all of its rows
+    (a chain's levels and small trees: no gather)."""
+    if rows.size == hidden.shape[0]:
+        return hidden
+    return hidden[torch.as_tensor(rows, device=hidden.device)]
+
+
 def eos_ids(pair) -> set[int]:
     ids = set()
     for source in (getattr(pair.target, "generation_config", None), pair.target.config, pair.tokenizer):
@@ -445,7 +453,7 @@ class TreeDecoder(_Decoder):
                 keep=len(level),
             )  # [m_d, H]
             rows = np.flatnonzero(valid[level.start : level.stop])
-            logits = self.draft.logits(hidden[torch.as_tensor(rows)])  # [valid rows, V]
+            logits = self.draft.logits(_rows_of(hidden, rows))  # [valid rows, V]
             frontier = {level.start + int(r): row_probs(logits[j]) for j, r in enumerate(rows)}
         return DraftedSlots(tokens, valid, rules, qs)
 
@@ -523,7 +531,7 @@ class TreeDecoder(_Decoder):
             if node not in head_rows:
                 start = time.perf_counter()
                 batch = self._head_batch(node, drafted)
-                logits = self.target.logits(hidden[torch.as_tensor(batch + 1)])  # [rows, V]
+                logits = self.target.logits(_rows_of(hidden, batch + 1))  # [rows, V]
                 head_rows.update(zip(batch.tolist(), logits))
                 head_time += time.perf_counter() - start
             return self.sampling.row_probs(head_rows.pop(node))
