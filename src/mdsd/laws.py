@@ -70,6 +70,10 @@ def top_tokens_reference(draft_probs: np.ndarray, k: int) -> np.ndarray:
 
 
 def support_size(draft_probs: np.ndarray) -> np.ndarray:
+    """Tokens of positive mass per row of [..., V] (an int for one row: counting without an axis
+    is several times faster)."""
+    if np.ndim(draft_probs) == 1:
+        return np.count_nonzero(draft_probs > 0)
     return np.count_nonzero(draft_probs > 0, axis=-1)
 
 
