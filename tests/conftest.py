@@ -83,6 +83,13 @@ def edge_pairs():
 
 
 # ---------------------------------------------------------------- statistics
+def inverse_cdf_reference(probs, u: float) -> int:
+    """The numpy inverse CDF: the first token whose cumulative mass exceeds u * total (the
+    reference of ``mdsd.sampling``'s compiled draws)."""
+    cdf = np.cumsum(probs)
+    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(probs) - 1)
+
+
 def g_test_pvalue(counts, probs) -> float:
     """p-value of the G-test (likelihood-ratio goodness of fit) of ``counts`` [K] against the law
     ``probs`` [K], on the cells with probs > 0; a count in a cell of zero probability fails the

@@ -8,7 +8,7 @@ import mdsd
 from mdsd.bound import qall_reference
 from mdsd.laws import top_tokens, top_tokens_reference
 
-from conftest import ALL_LAWS, law_accepts, random_pair
+from conftest import ALL_LAWS, inverse_cdf_reference, law_accepts, random_pair
 
 
 @pytest.mark.parametrize("law", ALL_LAWS)
@@ -233,8 +233,7 @@ def test_without_replacement_sequential_draws():
     def reference(q, uniforms):
         rest, out = q.copy(), []
         for u in uniforms:
-            cdf = np.cumsum(rest)
-            y = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+            y = inverse_cdf_reference(rest, u)
             out.append(y)
             rest[y] = 0.0
         return out
