@@ -233,7 +233,7 @@ STEP_BLOCK = 5  # steps of one kind in a row (the first of a block is untimed)
 
 
 def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
-    """Mean seconds of real decoding steps after ``context``, per tree shape and for plain
+    """Typical seconds of real decoding steps after ``context``, per tree shape and for plain
     sampling (the steps of ``decode.Autoregressive``: one-token forward, output layer,
     transform, draw). In each of ``STEP_ROUNDS`` rounds every kind runs a block of
     ``STEP_BLOCK`` steps in a row, all on one growing sequence: a block sees the caches as a

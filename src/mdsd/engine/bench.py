@@ -4,8 +4,8 @@ process.
 
 Every method decodes every prompt with a seed derived from (seed, prompt index), methods
 interleaved prompt by prompt; one untimed warm-up generation per method runs first. With
-``repeats`` R each prompt is decoded R times per method (interleaved) and the fastest run kept. Reported per
-method: generated tokens, target forward calls (counted by a forward hook, so the same way for
+``repeats`` R each prompt is decoded R times per method (interleaved) and the fastest run kept.
+Reported per method: generated tokens, target forward calls (counted by a forward hook, so the same way for
 every method), tokens per target call, block efficiency (tokens per verification step), mean
 accepted drafts per step, acceptance by depth, draft / target / verification time, tokens per
 second and speedups relative to autoregressive sampling and to HF assisted generation.
