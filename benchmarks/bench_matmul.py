@@ -21,6 +21,10 @@ Table 3, the panel kernel alone over the same projections (``rows`` and 24) by v
 floats (AVX2, passes of 6 rows) against 16 (AVX-512, passes of 24 rows) where the CPU has
 AVX-512; the same products bit for bit.
 
+Table 4, the panel kernel alone over the same projections with the weights coming from memory
+(96 MB touched before every call, untimed), without software prefetch and with the kernel's
+``PREFETCH_BYTES``: the state of a decode step, where the target's weights do not stay in cache.
+
 Milliseconds are medians over ``repeats``, backends interleaved within each repeat.
 ``--threads`` threads (default 1) in torch and in the BLAS.
 """
@@ -40,13 +44,16 @@ from mdsd.engine.static_llama import StaticLlamaRunner
 from mdsd.models import load_pair
 
 
-def _interleaved_ms(fns: dict, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each function, the functions run in turn within each repeat."""
+def _interleaved_ms(fns: dict, repeats: int, before=None) -> dict[str, float]:
+    """Median milliseconds of each function, the functions run in turn within each repeat
+    (``before()``, untimed, ahead of every call when given)."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -131,10 +138,32 @@ def forward_table(pair, rows_list, repeats) -> None:
         print(f"| {rows} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
 
 
+def _panel_products(linears, rows: int, gen: np.random.Generator):
+    """run(kernel): every projection of ``linears`` by the panel kernel ``kernel`` on ``rows``
+    random rows, in model order."""
+    from mdsd.engine._panel_gemm import PANEL
+
+    x = {
+        lin.panels.shape[1]: gen.standard_normal((rows, lin.panels.shape[1])).astype(np.float32)
+        for lin in linears
+    }
+    out = {lin.panels.shape[0]: np.empty((rows, lin.panels.shape[0] * PANEL), np.float32) for lin in linears}
+
+    def run(kernel):
+        for lin in linears:
+            n_panels, k_dim, _ = lin.panels.shape
+            o = out[n_panels]
+            kernel(
+                x[k_dim].ctypes.data, lin.panels.ctypes.data, o.ctypes.data, rows, n_panels, k_dim, o.shape[1]
+            )
+
+    return run
+
+
 def width_table(pair, rows_list, repeats) -> None:
     """The panel kernel alone over every projection of the target, by vector width: 8 floats
     (AVX2, passes of 6 rows) and, where the CPU has AVX-512, 16 floats (passes of 24 rows)."""
-    from mdsd.engine._panel_gemm import MAX_ROWS, PANEL, gemm_kernel, host_width
+    from mdsd.engine._panel_gemm import MAX_ROWS, gemm_kernel, host_width
 
     runner = StaticLlamaRunner(pair.target, matmul="numba")
     linears = _projections(runner)
@@ -146,30 +175,39 @@ def width_table(pair, rows_list, repeats) -> None:
     print("|---|" + "---|" * (len(widths) + 1))
     gen = np.random.default_rng(0)
     for rows in rows_list:
-        x = {
-            lin.panels.shape[1]: gen.standard_normal((rows, lin.panels.shape[1])).astype(np.float32)
-            for lin in linears
-        }
-        out = {
-            lin.panels.shape[0]: np.empty((rows, lin.panels.shape[0] * PANEL), np.float32) for lin in linears
-        }
-
-        def run(kernel, x=x, out=out, rows=rows):
-            for lin in linears:
-                n_panels, k_dim, _ = lin.panels.shape
-                o = out[n_panels]
-                kernel(
-                    x[k_dim].ctypes.data,
-                    lin.panels.ctypes.data,
-                    o.ctypes.data,
-                    rows,
-                    n_panels,
-                    k_dim,
-                    o.shape[1],
-                )
-
-        ms = _interleaved_ms({w: lambda w=w: run(gemm_kernel(fmt, w)) for w in widths}, repeats)
+        run = _panel_products(linears, rows, gen)
+        ms = _interleaved_ms({w: lambda w=w, run=run: run(gemm_kernel(fmt, w)) for w in widths}, repeats)
         cells = [ms[w] for w in widths] + [ms[widths[-1]] / ms[widths[0]]]
+        print(f"| {rows} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+
+
+def prefetch_table(pair, rows_list, repeats, evict_mb: int = 96) -> None:
+    """The panel kernel from memory: every projection of the target after touching ``evict_mb``
+    MB (untimed), as in a decode step, where the draft's forwards and the rest of the loop have
+    evicted the target's weights; without software prefetch and with ``PREFETCH_BYTES``."""
+    from mdsd.engine._panel_gemm import PREFETCH_BYTES, gemm_kernel
+
+    runner = StaticLlamaRunner(pair.target, matmul="numba")
+    linears = _projections(runner)
+    fmt = runner.panel_format
+    evict = np.zeros(evict_mb * 2**20 // 8)
+
+    def flush():
+        evict[::8] += 1.0  # one write per 64-byte line
+
+    distances = (0, PREFETCH_BYTES)
+    print(f"\nThe panel kernel from memory ({fmt} panels, {evict_mb} MB touched before each call):\n")
+    print("| rows | no prefetch ms | prefetch " + f"{PREFETCH_BYTES} B ms | ratio | vs 1 row, no prefetch |")
+    print("|---|---|---|---|---|")
+    gen = np.random.default_rng(0)
+    one = None
+    for rows in rows_list:
+        run = _panel_products(linears, rows, gen)
+        ms = _interleaved_ms(
+            {d: lambda d=d, run=run: run(gemm_kernel(fmt, None, d)) for d in distances}, repeats, flush
+        )
+        one = one or ms[0]
+        cells = [ms[0], ms[PREFETCH_BYTES], ms[PREFETCH_BYTES] / ms[0], ms[PREFETCH_BYTES] / one]
         print(f"| {rows} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
 
 
@@ -187,6 +225,7 @@ def main() -> None:
     projection_table(pair, rows_list, args.repeats)
     forward_table(pair, rows_list, args.repeats)
     width_table(pair, sorted(set(rows_list) | {24}), args.repeats)
+    prefetch_table(pair, sorted(set(rows_list) | {3}), args.repeats)
 
 
 if __name__ == "__main__":

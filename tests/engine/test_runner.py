@@ -83,10 +83,10 @@ def test_panel_products_equal_the_blas(rows, bias, fmt):
     """``project`` (the compiled panel kernel up to ``panel_max_rows`` rows -- 12 / 24 on float32
     panels, 24 / 64 on 16-bit ones with AVX2 / AVX-512 -- np.dot beyond) equals x @ W^T (+ b) in
     float64 to float32 rounding, with an output width that is not a multiple of the panel width
-    (the zero-padded last panel), for every vector width the host runs; the widths agree bit
-    for bit."""
+    (the zero-padded last panel), for every vector width the host runs, with and without the
+    software prefetch (which reads ahead past the last panel); all agree bit for bit."""
     from mdsd.engine import _llama_numba as kernels
-    from mdsd.engine._panel_gemm import PANEL, gemm_kernel, pack_panels
+    from mdsd.engine._panel_gemm import PANEL, PREFETCH_BYTES, gemm_kernel, pack_panels
 
     gen = np.random.default_rng(rows)
     weight_t = gen.normal(size=(37, 3 * PANEL + 5)).astype(np.float32)  # [in, out]
@@ -96,8 +96,9 @@ def test_panel_products_equal_the_blas(rows, bias, fmt):
     b = gen.normal(size=weight_t.shape[1]).astype(np.float32) if bias else np.zeros(0, np.float32)
     want = x.astype(np.float64) @ weight_t + (b if bias else 0.0)
     results = [
-        kernels.project(x, pack_panels(weight_t, fmt), weight_t, b, gemm_kernel(fmt, width))
+        kernels.project(x, pack_panels(weight_t, fmt), weight_t, b, gemm_kernel(fmt, width, prefetch))
         for width in _kernel_widths()
+        for prefetch in (0, PREFETCH_BYTES, 64)
     ]
     for got in results:
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)

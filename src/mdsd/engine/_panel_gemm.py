@@ -13,7 +13,10 @@ them once for all rows of a pass:
   dimension: for each k, PANEL / width vector loads of ``panels[c, k]``, one broadcast of
   ``x[r, k]`` per row and fused multiply-adds. With AVX2 (vectors of 8 floats, 16 registers) a
   pass takes up to 6 rows; with AVX-512 (16 floats, 32 registers) up to 24 rows, one
-  accumulator per row (``MAX_ROWS``; the dispatcher runs passes until every row is done).
+  accumulator per row (``MAX_ROWS``; the dispatcher runs passes until every row is done);
+- each k step also prefetches the weights ``PREFETCH_BYTES`` ahead in the stream: in a decode
+  step the weights come from memory, and the hardware prefetcher alone does not keep enough
+  lines in flight.
 
 numba cannot hold such a tile in registers (its arrays live in memory; its superword vectoriser
 is off by default), so the kernel is written as LLVM IR (one function per row count and a
@@ -38,6 +41,13 @@ PANEL = 16  # output columns per panel: two vectors of eight float32, or one of 
 # 1 broadcast registers at 6 rows; 16 floats (AVX-512, 32 registers): one accumulator per row,
 # 24 rows + weight + broadcast.
 MAX_ROWS = {8: 6, 16: 24}
+# Software prefetch distance along the panel stream, in bytes (0: none). The hardware prefetcher
+# alone left a 3-4 row product ~20% slower than a one-row product when the weights come from
+# memory (every decode step: the target's ~27 MB do not stay in cache); requesting the line 8 KiB
+# ahead on every k step (a few hundred cycles of memory latency ahead) brings 1-4 rows to the
+# one-row time and the one-row product ~7% faster (``benchmarks/bench_matmul.py``, table 3).
+# A prefetch never faults, so reading past the last panel is harmless.
+PREFETCH_BYTES = 8192
 
 GEMM_SIGNATURE = ctypes.CFUNCTYPE(
     None,
@@ -86,10 +96,11 @@ def pack_panels(weight_t: np.ndarray, fmt: str = "f32") -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k_dim, blocks, PANEL).transpose(1, 0, 2))
 
 
-def _rows_kernel_ir(rows: int, fmt: str, width: int) -> list[str]:
+def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int = PREFETCH_BYTES) -> list[str]:
     """LLVM IR of ``gemm_{fmt}_r{rows}``: for each panel p, for k in 0..K-1,
     acc[r] += broadcast(x[r, k]) * panels[p, k, :] (PANEL / width vectors of ``width`` floats per
-    row; 16-bit weights widened to float32 exactly), then store."""
+    row; 16-bit weights widened to float32 exactly), then store. With ``prefetch`` > 0 each k step
+    first requests the weights ``prefetch`` bytes ahead in the stream."""
     elem = FORMATS[fmt][0]
     vec, parts = f"<{width} x float>", PANEL // width
     acc = [(r, c) for r in range(rows) for c in range(parts)]
@@ -104,6 +115,12 @@ def _rows_kernel_ir(rows: int, fmt: str, width: int) -> list[str]:
     ir += ["  %k = phi i64 [0, %panel], [%k.next, %inner]"]
     ir += [f"  %a{r}.{c} = phi {vec} [zeroinitializer, %panel], [%n{r}.{c}, %inner]" for r, c in acc]
     ir += ["  %wrow = add i64 %pbase, %k", f"  %w.base = mul i64 %wrow, {PANEL}"]
+    if prefetch:
+        ir += [
+            f"  %w.here = getelementptr {elem}, ptr %w, i64 %w.base",
+            f"  %w.ahead = getelementptr i8, ptr %w.here, i64 {prefetch}",
+            "  call void @llvm.prefetch.p0(ptr %w.ahead, i32 0, i32 3, i32 1)",
+        ]
     for c in range(parts):
         ir += [f"  %w.at{c} = add i64 %w.base, {width * c}"]
         ir += [f"  %w.ptr{c} = getelementptr {elem}, ptr %w, i64 %w.at{c}"]
@@ -172,14 +189,16 @@ def _dispatcher_ir(fmt: str, width: int) -> list[str]:
     return ir
 
 
-def module_ir(width: int = 8) -> str:
+def module_ir(width: int = 8, prefetch: int = PREFETCH_BYTES) -> str:
     """The LLVM IR module for vectors of ``width`` floats: per format, ``gemm_{fmt}_r1`` ..
-    ``gemm_{fmt}_r{MAX_ROWS[width]}`` and the exported dispatcher ``mdsd_panel_gemm_{fmt}``."""
+    ``gemm_{fmt}_r{MAX_ROWS[width]}`` and the exported dispatcher ``mdsd_panel_gemm_{fmt}``;
+    ``prefetch``: the software prefetch distance in bytes (0: none)."""
     vec = f"<{width} x float>"
-    ir = [f"declare {vec} @llvm.fma.v{width}f32({vec}, {vec}, {vec})", ""]
+    ir = [f"declare {vec} @llvm.fma.v{width}f32({vec}, {vec}, {vec})"]
+    ir += ["declare void @llvm.prefetch.p0(ptr, i32, i32, i32)", ""]
     for fmt in FORMATS:
         for rows in range(1, MAX_ROWS[width] + 1):
-            ir += _rows_kernel_ir(rows, fmt, width) + [""]
+            ir += _rows_kernel_ir(rows, fmt, width, prefetch) + [""]
         ir += _dispatcher_ir(fmt, width) + [""]
     # explicit 512-bit vectors stay whole where the CPU prefers 256-bit ones for autovectorising
     bits = 32 * width
@@ -196,10 +215,10 @@ def host_width() -> int:
 
 
 @functools.cache
-def _compiled(width: int) -> tuple:
-    """(execution engine, {format: ctypes function}) for vectors of ``width`` floats: compiled
-    once per process for the host CPU (~0.1-0.3 s). The engine owns the machine code, so it is
-    kept alive with the functions."""
+def _compiled(width: int, prefetch: int) -> tuple:
+    """(execution engine, {format: ctypes function}) for vectors of ``width`` floats and a
+    prefetch distance: compiled once per process for the host CPU (~0.1-0.3 s). The engine owns
+    the machine code, so it is kept alive with the functions."""
     import llvmlite.binding as llvm
 
     llvm.initialize_native_target()
@@ -207,7 +226,7 @@ def _compiled(width: int) -> tuple:
     machine = llvm.Target.from_default_triple().create_target_machine(
         cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
     )
-    module = llvm.parse_assembly(module_ir(width))
+    module = llvm.parse_assembly(module_ir(width, prefetch))
     module.verify()
     engine = llvm.create_mcjit_compiler(module, machine)
     engine.finalize_object()
@@ -215,12 +234,13 @@ def _compiled(width: int) -> tuple:
     return engine, kernels
 
 
-def gemm_kernel(fmt: str = "f32", width: int | None = None):
+def gemm_kernel(fmt: str = "f32", width: int | None = None, prefetch: int = PREFETCH_BYTES):
     """The compiled kernel for panels in ``fmt`` with vectors of ``width`` floats (None: the
-    host's, ``host_width``), a ctypes function of ``GEMM_SIGNATURE``; None where llvmlite cannot
-    compile for this machine (the forward then uses numpy's BLAS). Every width gives the same
-    products bit for bit (each output is the same in-order chain of fused multiply-adds)."""
+    host's, ``host_width``) and software prefetch ``prefetch`` bytes ahead (0: none), a ctypes
+    function of ``GEMM_SIGNATURE``; None where llvmlite cannot compile for this machine (the
+    forward then uses numpy's BLAS). Every width and prefetch distance gives the same products bit
+    for bit (each output is the same in-order chain of fused multiply-adds)."""
     try:
-        return _compiled(width or host_width())[1][fmt]
+        return _compiled(width or host_width(), prefetch)[1][fmt]
     except Exception:  # pragma: no cover - llvmlite ships with numba for every supported CPU
         return None
