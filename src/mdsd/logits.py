@@ -125,37 +125,38 @@ def process_logits_row(
 
     The same transform, with the same kept tokens and float64 probabilities (tested equal to
     ``process_logits``), without its input checks and without touching the whole vocabulary
-    more than a few times: top-k by ``top_k_indices``, softmax and top-p over the kept tokens
-    only. Dense (``indices=None``) only when neither top-k nor temperature 0 truncates.
+    more than a few times: top-k by ``top_k_indices``, softmax (one compiled call,
+    ``mdsd._softmax_numba``) and top-p over the kept tokens only. Dense (``indices=None``) only
+    when neither top-k nor temperature 0 truncates.
     """
     vocab = logits.shape[-1]
     if temperature == 0:
         return SupportProbs(np.array([int(np.argmax(logits))]), np.ones(1), vocab)
     if top_k is not None and top_k < vocab:
         indices = top_k_indices(logits, int(top_k))
-        z = logits[indices].astype(np.float64)
+        logits = logits[indices]
     else:
-        indices, z = None, logits.astype(np.float64)
-    z /= temperature
-    probs = _softmax_row(z.copy() if top_p is not None and top_p < 1.0 else z)
+        indices = None
+    softmax = _tempered_softmax()
+    probs = softmax(logits, float(temperature))
     if top_p is not None and top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
         sorted_probs = probs[order]
         kept = np.sort(order[(np.cumsum(sorted_probs) - sorted_probs) < top_p])
         indices = kept if indices is None else indices[kept]
-        probs = _softmax(z[kept])
+        probs = softmax(np.ascontiguousarray(logits[kept]), float(temperature))
     if indices is not None and not np.all(probs > 0):  # -inf logits that top-k kept
         nonzero = probs > 0
         indices, probs = indices[nonzero], probs[nonzero]
     return SupportProbs(indices, probs, vocab)
 
 
-def _softmax_row(z: np.ndarray) -> np.ndarray:
-    """``_softmax`` of a float64 row [k], in place (the same operations, no temporaries)."""
-    z -= z.max()
-    np.exp(z, out=z)  # exp(-inf) = 0 exactly
-    z /= z.sum()
-    return z
+def _tempered_softmax():
+    """``mdsd._softmax_numba.tempered_softmax``: softmax(row / T) in float64, one compiled call
+    (``_softmax`` of the same row to 1e-14 relative, zeros where it has zeros; tested)."""
+    from mdsd._softmax_numba import tempered_softmax
+
+    return tempered_softmax
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
