@@ -111,7 +111,7 @@ def forward_table(pair, rows_list, repeats) -> None:
     context = np.arange(2, 66)
     with torch.inference_mode():
         for runner in runners.values():
-            runner.reset(128)
+            runner.reset(len(context) + max(rows_list) + 1)
             runner.causal(context)
     cached = len(context)
 

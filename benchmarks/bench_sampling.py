@@ -5,8 +5,11 @@
 Rows: ``mdsd.sampling.categorical`` (the compiled inverse CDF: a four-accumulator sum and a
 blocked search) against ``np.cumsum`` + ``np.searchsorted`` of the same row; without-replacement
 drafts (``WithoutReplacement.sample``: n compiled draws up to ``SEQUENTIAL_DRAWS_MAX``) against
-the Gumbel-top-n path (``_sample_gumbel``). Rows are Dirichlet(0.1) laws over V tokens; medians of
-``--repeats`` calls, microseconds, one thread.
+the Gumbel-top-n path (``_sample_gumbel``); the sampling transform's softmax of a float32 logits
+row at T = 0.7 (``mdsd.logits.process_logits_row``'s compiled ``tempered_softmax``) against the
+numpy steps it replaced (float64 copy, division, max, shift, exp, sum, division). Rows are
+Dirichlet(0.1) laws over V tokens (logits: 3 x standard normal); medians of ``--repeats`` calls,
+microseconds, one thread.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from functools import partial
 
 import numpy as np
 
+from mdsd._softmax_numba import tempered_softmax
 from mdsd._threads import set_threads
 from mdsd.laws import WithoutReplacement
 from mdsd.sampling import categorical
@@ -36,6 +40,16 @@ def cumsum_draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     """The numpy inverse CDF (the engine's draw before the compiled one)."""
     cdf = np.cumsum(probs)
     return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), probs.size - 1)
+
+
+def numpy_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """The numpy steps of the row transform's softmax (before the compiled one)."""
+    z = logits.astype(np.float64)
+    z /= temperature
+    z -= z.max()
+    np.exp(z, out=z)
+    z /= z.sum()
+    return z
 
 
 def row(name: str, vocab: int, n: int, fast_us: float, slow_us: float) -> str:
@@ -58,6 +72,10 @@ def main() -> None:
         fast = median_us(partial(categorical, probs, rng), args.repeats)
         slow = median_us(partial(cumsum_draw, probs, rng), args.repeats)
         print(row("categorical (vs cumsum + searchsorted)", vocab, 1, fast, slow))
+        logits = (3.0 * gen.standard_normal(vocab)).astype(np.float32)
+        fast = median_us(partial(tempered_softmax, logits, 0.7), args.repeats)
+        slow = median_us(partial(numpy_softmax, logits, 0.7), args.repeats)
+        print(row("softmax of logits / T (vs numpy)", vocab, 1, fast, slow))
         for n in (1, 2, 4, 8):
             fast = median_us(partial(law.sample, probs, n, rng), args.repeats)
             slow = median_us(partial(law._sample_gumbel, probs, n, rng), few)
