@@ -1,15 +1,15 @@
 """The compiled softmax of ``mdsd.logits.process_logits_row`` (numba, float64).
 
 ``tempered_softmax(logits, temperature)`` is ``mdsd.logits._softmax(logits / temperature)`` for
-one row: z = logits / T in float64, z - max(z), exp, divided by the sum. numpy makes one pass
-over the row per step (a float64 copy, the division, the max, the shift, exp, the sum, the
-division) and pays a call for each; here the row is read once for the max and written once with
-the exponentials, and the exponential is a polynomial the compiler vectorises (numba would call
-the C library's scalar ``exp`` per element, slower than numpy's SIMD one).
+one row: z = logits / T in float64, z - max(z), exp, normalised by the sum (times its
+reciprocal). numpy pays a call and a temporary per step (a float64 copy, the division, the max,
+the shift, exp, the sum, the division); here the steps are vectorised loops of one compiled call,
+and the exponential is a polynomial the compiler vectorises (numba would call the C library's
+scalar ``exp`` per element, slower than numpy's SIMD one).
 
 exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts, Cephes' split), |r|
 <= ln 2 / 2, and exp(r) by its Taylor polynomial of degree 13 (truncation error < 5e-18
-relative), in Horner form: within a few ulp of the correctly rounded exp (tests/test_logits.py).
+relative), in Horner form: within 1 ulp of numpy's exp (tests/test_logits.py).
 2^k is added to the exponent bits, which holds while the result is a normal number; the rare
 arguments below ``EXP64_LOW`` (results that are subnormal or 0: masses below 1e-307) are
 recomputed by the C library's ``exp``, so zero masses are zero exactly where numpy's are.
@@ -31,7 +31,8 @@ LOG2_E = 1.4426950408889634
 @numba.njit(cache=True, boundscheck=False, fastmath={"contract"})
 def _exp_normal_into(values, powers):
     """values[i] = exp(values[i]) without the power of two, powers[i] = k << 52 (its exponent
-    bits); returns how many arguments were below EXP64_LOW (their entries need ``_exp_rare``)."""
+    bits); returns how many arguments were below EXP64_LOW (``tempered_softmax`` recomputes
+    those entries with the C library's exp)."""
     rare = 0
     for i in range(values.size):
         x = values[i]
