@@ -73,7 +73,7 @@ def main() -> None:
         slow = median_us(partial(cumsum_draw, probs, rng), args.repeats)
         print(row("categorical (vs cumsum + searchsorted)", vocab, 1, fast, slow))
         logits = (3.0 * gen.standard_normal(vocab)).astype(np.float32)
-        fast = median_us(partial(tempered_softmax, logits, 0.7), args.repeats)
+        fast = median_us(partial(tempered_softmax, logits, 0.7), args.repeats)  # (probs, zeros)
         slow = median_us(partial(numpy_softmax, logits, 0.7), args.repeats)
         print(row("softmax of logits / T (vs numpy)", vocab, 1, fast, slow))
         for n in (1, 2, 4, 8):

@@ -115,7 +115,7 @@ def test_compiled_exp_within_one_ulp_over_the_normal_range():
 def test_compiled_softmax_equals_numpy(dtype):
     """``tempered_softmax`` = ``_softmax(row / T)`` to 1e-14 relative on rows of 1 to 40,000
     tokens, with -inf logits, ties, masses that underflow (zero exactly where numpy's are, also
-    in the subnormal range) and temperatures from 0.05 to 5."""
+    in the subnormal range, and counted) and temperatures from 0.05 to 5."""
     from mdsd._softmax_numba import tempered_softmax
     from mdsd.logits import _softmax
 
@@ -132,6 +132,20 @@ def test_compiled_softmax_equals_numpy(dtype):
         if trial % 5 == 2 and vocab > 3:
             temperature = 1.0
         want = _softmax(logits.astype(np.float64) / temperature)
-        got = tempered_softmax(logits, temperature)
+        got, zeros = tempered_softmax(logits, temperature)
+        assert zeros == np.count_nonzero(want == 0)
         np.testing.assert_array_equal(got > 0, want > 0)
         np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+
+
+def test_process_logits_row_drop_zeros_stores_the_support():
+    """``drop_zeros=True``: a dense row whose masses underflow to 0 is stored on its nonzero
+    entries (the same probabilities); without underflow it stays dense, as without the flag."""
+    from mdsd.logits import process_logits_row
+
+    logits = np.array([0.0, -900.0, 1.0, -np.inf, 2.0], dtype=np.float32)
+    dense = process_logits_row(logits, 1.0)
+    stored = process_logits_row(logits, 1.0, drop_zeros=True)
+    assert dense.indices is None and stored.indices.tolist() == [0, 2, 4]
+    np.testing.assert_array_equal(stored.dense(), dense.values)
+    assert process_logits_row(logits[[0, 2, 4]], 1.0, drop_zeros=True).indices is None

@@ -1,11 +1,12 @@
 """The compiled softmax of ``mdsd.logits.process_logits_row`` (numba, float64).
 
 ``tempered_softmax(logits, temperature)`` is ``mdsd.logits._softmax(logits / temperature)`` for
-one row: z = logits / T in float64, z - max(z), exp, normalised by the sum (times its
-reciprocal). numpy pays a call and a temporary per step (a float64 copy, the division, the max,
-the shift, exp, the sum, the division); here the steps are vectorised loops of one compiled call,
-and the exponential is a polynomial the compiler vectorises (numba would call the C library's
-scalar ``exp`` per element, slower than numpy's SIMD one).
+one row (and the number of its zero entries): z = logits / T in float64, z - max(z), exp,
+normalised by the sum (times its reciprocal). numpy pays a call and a temporary per step (a
+float64 copy, the division, the max, the shift, exp, the sum, the division); here the steps are
+vectorised loops of one compiled call, and the exponential is a polynomial the compiler
+vectorises (numba would call the C library's scalar ``exp`` per element, slower than numpy's SIMD
+one).
 
 exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 in two parts, Cephes' split), |r|
 <= ln 2 / 2, and exp(r) by its Taylor polynomial of degree 13 (truncation error < 5e-18
@@ -80,8 +81,10 @@ def _sum(values):
 
 @numba.njit(cache=True, boundscheck=False)
 def tempered_softmax(logits, temperature):
-    """softmax(logits / temperature) of one row [k] (float32 or float64; -inf entries get 0, no
-    NaN) as float64 [k]; ``temperature`` > 0. At least one entry must be finite."""
+    """(softmax(logits / temperature) of one row [k] as float64 [k], how many of its entries are
+    0) for logits float32 or float64 (-inf entries get 0, no NaN) and ``temperature`` > 0. At
+    least one entry must be finite. An entry is 0 only when its exponential underflows (below
+    EXP64_LOW; the others are >= exp(EXP64_LOW) / k > 0), so the count costs nothing otherwise."""
     n = logits.size
     out = np.empty(n, dtype=np.float64)
     for i in range(n):
@@ -94,12 +97,14 @@ def tempered_softmax(logits, temperature):
     bits = out.view(np.int64)
     for i in range(n):
         bits[i] += powers[i]
+    zeros = 0
     if rare:
         for i in range(n):
             x = np.float64(logits[i]) / temperature - top
             if x < EXP64_LOW:
                 out[i] = math.exp(x)
+                zeros += out[i] == 0.0
     scale = 1.0 / _sum(out)
     for i in range(n):
         out[i] *= scale
-    return out
+    return out, zeros

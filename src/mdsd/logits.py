@@ -119,7 +119,12 @@ class SupportProbs:
 
 
 def process_logits_row(
-    logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None
+    logits: np.ndarray,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    *,
+    drop_zeros: bool = False,
 ) -> SupportProbs:
     """``process_logits`` of one trusted row [V] (float32 or float64), stored on its support.
 
@@ -127,7 +132,8 @@ def process_logits_row(
     ``process_logits``), without its input checks and without touching the whole vocabulary
     more than a few times: top-k by ``top_k_indices``, softmax (one compiled call,
     ``mdsd._softmax_numba``) and top-p over the kept tokens only. Dense (``indices=None``) only
-    when neither top-k nor temperature 0 truncates.
+    when neither top-k nor temperature 0 truncates, and with ``drop_zeros`` only when moreover no
+    mass underflows to 0 (else stored on the nonzero entries).
     """
     vocab = logits.shape[-1]
     if temperature == 0:
@@ -138,22 +144,24 @@ def process_logits_row(
     else:
         indices = None
     softmax = _tempered_softmax()
-    probs = softmax(logits, float(temperature))
+    probs, zeros = softmax(logits, float(temperature))
     if top_p is not None and top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
         sorted_probs = probs[order]
         kept = np.sort(order[(np.cumsum(sorted_probs) - sorted_probs) < top_p])
         indices = kept if indices is None else indices[kept]
-        probs = softmax(np.ascontiguousarray(logits[kept]), float(temperature))
-    if indices is not None and not np.all(probs > 0):  # -inf logits that top-k kept
-        nonzero = probs > 0
-        indices, probs = indices[nonzero], probs[nonzero]
+        probs, zeros = softmax(np.ascontiguousarray(logits[kept]), float(temperature))
+    if zeros and (indices is not None or drop_zeros):  # -inf logits kept, or underflow
+        nonzero = np.flatnonzero(probs)
+        indices = nonzero if indices is None else indices[nonzero]
+        probs = probs[nonzero]
     return SupportProbs(indices, probs, vocab)
 
 
 def _tempered_softmax():
-    """``mdsd._softmax_numba.tempered_softmax``: softmax(row / T) in float64, one compiled call
-    (``_softmax`` of the same row to 1e-14 relative, zeros where it has zeros; tested)."""
+    """``mdsd._softmax_numba.tempered_softmax``: (softmax(row / T) in float64, its number of
+    zeros), one compiled call (``_softmax`` of the same row to 1e-14 relative, zeros where it
+    has zeros; tested)."""
     from mdsd._softmax_numba import tempered_softmax
 
     return tempered_softmax

@@ -60,14 +60,12 @@ class SamplingConfig:
         token of the ``vocab`` has logit -inf (a draft output layer over part of the vocabulary,
         ``mdsd.engine.vocab``); the result is over the whole vocabulary.
         """
-        probs = process_logits_row(logits, self.temperature, self.top_k, self.top_p)
+        drop_zeros = token_ids is not None  # the result is stored on its support
+        probs = process_logits_row(logits, self.temperature, self.top_k, self.top_p, drop_zeros=drop_zeros)
         if token_ids is None:
             return probs
-        values = probs.values
         indices = token_ids if probs.indices is None else token_ids[probs.indices]
-        if probs.indices is None and not np.all(values > 0):  # underflow to 0 on the dense path
-            indices, values = indices[values > 0], values[values > 0]
-        return SupportProbs(indices, values, vocab)
+        return SupportProbs(indices, probs.values, vocab)
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,7 @@ class StaticLlamaRunner(ModelRunner):
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
         self._rotary_table = None  # (cos, sin) [capacity, 1, head_dim] when the RoPE is static
         self._rotary_numpy = None  # the same as numpy [capacity, head_dim]
+        self._cache_numpy = None  # (keys, values) as numpy views, for the compiled forward
         self._length = 0
 
     def _compiled_weights(self) -> list[tuple]:
@@ -287,6 +288,8 @@ class StaticLlamaRunner(ModelRunner):
             self._keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self._values = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self._rotary_table = self._static_rotary(capacity)
+            if self._compiled_layers is not None:  # the compiled forward's numpy views of the cache
+                self._cache_numpy = (self._keys.numpy(), self._values.numpy())
             if self._rotary_table is not None and self._compiled_layers is not None:
                 # the compiled forward's [capacity, d] copies (float32 models only)
                 self._rotary_numpy = tuple(t[:, 0].contiguous().numpy() for t in self._rotary_table)
@@ -361,7 +364,7 @@ class StaticLlamaRunner(ModelRunner):
             cos, sin = cos[0].numpy(), sin[0].numpy()  # [m, d]
         causal = mask is None and m > 1
         mask = np.zeros((0, 0), dtype=np.float32) if mask is None else mask
-        keys, values = self._keys.numpy(), self._values.numpy()  # [layers, H_kv, capacity, d]
+        keys, values = self._cache_numpy  # [layers, H_kv, capacity, d], views of the cache
         layer = kernels.decoder_layer if m <= self._panel_max_rows else kernels.decoder_layer_blas
         for i, weights in enumerate(self._compiled_layers):
             x = layer(
