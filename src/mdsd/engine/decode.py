@@ -57,10 +57,10 @@ HEAD_BATCH_ROWS = 13
 
 
 # ---------------------------------------------------------------------- shared helpers
-def _rows_of(hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-    """hidden[rows] for ascending row indices [k]; hidden itself when they are all of its rows
-    (a chain's levels and small trees: no gather)."""
-    if rows.size == hidden.shape[0]:
+def _rows_of(hidden: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """hidden[rows] for distinct ascending row indices (a list); hidden itself when they are all
+    of its rows (a chain's levels and small trees: no gather)."""
+    if len(rows) == hidden.shape[0]:
         return hidden
     return hidden[torch.as_tensor(rows, device=hidden.device)]
 
@@ -452,9 +452,9 @@ class TreeDecoder(_Decoder):
                 len(seq) - 1,
                 keep=len(level),
             )  # [m_d, H]
-            rows = np.flatnonzero(valid[level.start : level.stop])
+            rows = [r for r, ok in enumerate(valid[level.start : level.stop].tolist()) if ok]
             logits = self.draft.logits(_rows_of(hidden, rows))  # [valid rows, V]
-            frontier = {level.start + int(r): row_probs(logits[j]) for j, r in enumerate(rows)}
+            frontier = {level.start + r: row_probs(logits[j]) for j, r in enumerate(rows)}
         return DraftedSlots(tokens, valid, rules, qs)
 
     def target_hidden(self, seq: list[int], drafted: DraftedSlots) -> torch.Tensor:
@@ -502,8 +502,8 @@ class TreeDecoder(_Decoder):
         reached = [1.0] * len(path) + ([] if result.bonus else [0.0])
         return WalkResult(path, list(result.tokens), result.bonus, reached)
 
-    def _head_batch(self, node: int, drafted: DraftedSlots) -> np.ndarray:
-        """The nodes (-1: root) whose target logits are computed with ``node``'s, [rows].
+    def _head_batch(self, node: int, drafted: DraftedSlots) -> list[int]:
+        """The nodes (-1: root) whose target logits are computed with ``node``'s, ascending.
 
         The output layer reads its whole weight matrix per call, and a call on a few rows costs
         little more than on one (``mdsd.engine._panel_gemm``): for a tree of at most
@@ -511,10 +511,10 @@ class TreeDecoder(_Decoder):
         larger trees, one visited node per call.
         """
         if node == -1:
-            valid = np.flatnonzero(drafted.valid)
-            if valid.size + 1 <= HEAD_BATCH_ROWS:
-                return np.concatenate([[-1], valid])
-        return np.asarray([node])
+            valid = [i for i, ok in enumerate(drafted.valid.tolist()) if ok]
+            if len(valid) + 1 <= HEAD_BATCH_ROWS:
+                return [-1] + valid
+        return [node]
 
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""
@@ -531,8 +531,8 @@ class TreeDecoder(_Decoder):
             if node not in head_rows:
                 start = time.perf_counter()
                 batch = self._head_batch(node, drafted)
-                logits = self.target.logits(_rows_of(hidden, batch + 1))  # [rows, V]
-                head_rows.update(zip(batch.tolist(), logits))
+                logits = self.target.logits(_rows_of(hidden, [b + 1 for b in batch]))  # [rows, V]
+                head_rows.update(zip(batch, logits))
                 head_time += time.perf_counter() - start
             return self.sampling.row_probs(head_rows.pop(node))
 
@@ -548,9 +548,9 @@ class TreeDecoder(_Decoder):
         t3 = time.perf_counter()
         # keep the committed prefix + the accepted path in both caches
         base = len(seq)
-        path = np.asarray(result.path, dtype=np.int64)
-        self.target.keep_positions(base, base + path)
-        self.draft.keep_positions(base, base + path[self.tree.depths[path] < self.tree.depth])
+        self.target.keep_positions(base, [base + node for node in result.path])
+        depths, depth = self.tree.depths, self.tree.depth  # the draft never caches the last level
+        self.draft.keep_positions(base, [base + node for node in result.path if depths[node] < depth])
         t4 = time.perf_counter()
         self.last_step = StepRecord(drafted, hidden, result)  # for inspection and tests
         # statistics

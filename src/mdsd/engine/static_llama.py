@@ -317,7 +317,7 @@ class StaticLlamaRunner(ModelRunner):
         """Keep cache entries 0..base-1 followed by the entries at absolute positions ``extra``."""
         extra = np.asarray(extra, dtype=np.int64)
         k = extra.size
-        if k and not np.array_equal(extra, np.arange(base, base + k)):
+        if k and extra.tolist() != list(range(base, base + k)):  # a few positions: plain Python
             idx = torch.as_tensor(extra, device=self.device)
             self._keys[:, :, base : base + k] = self._keys[:, :, idx]  # the gather copies first
             self._values[:, :, base : base + k] = self._values[:, :, idx]

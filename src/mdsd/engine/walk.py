@@ -181,7 +181,7 @@ def verify_node(
     args = (p_local[None], q_local[None], local[None], rule.law)
     y_local = int(rule.verifier.sample(*args, rng)[0])
     token = y_local if tokens is None else int(tokens[y_local])
-    accepted = bool(np.any(drafts == token))
+    accepted = token in drafts.tolist()  # a few drafts: plain Python, not a numpy reduction
     if exact_acceptance:
         pi = rule.verifier.output_law(*args)[0]
         acceptance = float(pi[np.unique(local)].sum())
@@ -249,7 +249,7 @@ def walk(
         if not verdict.accepted:  # recovered token ends the step
             emitted = [int(drafted.tokens[i]) for i in path] + [verdict.token]
             return WalkResult(path, emitted, False, expected)
-        node = kids[int(np.flatnonzero(drafts == verdict.token)[0])]
+        node = kids[drafts.tolist().index(verdict.token)]  # the first child holding the token
         path.append(node)
 
 
