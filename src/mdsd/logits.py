@@ -15,6 +15,7 @@ Transform, in order (as in Hugging Face's samplers):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,6 +159,7 @@ def process_logits_row(
     return SupportProbs(indices, probs, vocab)
 
 
+@functools.cache
 def _tempered_softmax():
     """``mdsd._softmax_numba.tempered_softmax``: (softmax(row / T) in float64, its number of
     zeros), one compiled call (``_softmax`` of the same row to 1e-14 relative, zeros where it

@@ -236,9 +236,10 @@ def walk(
     """Verify a drafted tree node by node; ``target_probs(node)`` gives p(. | path to node)
     (``SupportProbs`` or [V]) and is called only for the nodes the walk visits."""
     node, path, expected = -1, [], []
+    valid = drafted.valid.tolist()
     while True:
         p = as_support(target_probs(node))
-        kids = [c for c in tree.children(node) if drafted.valid[c]]
+        kids = [c for c in tree.children(node) if valid[c]]
         if not kids:  # accepted leaf: bonus token
             bonus = p.token(int(categorical(p.values, rng)))
             return WalkResult(path, [int(drafted.tokens[i]) for i in path] + [bonus], True, expected)
