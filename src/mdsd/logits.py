@@ -151,7 +151,7 @@ def process_logits_row(
         sorted_probs = probs[order]
         kept = np.sort(order[(np.cumsum(sorted_probs) - sorted_probs) < top_p])
         indices = kept if indices is None else indices[kept]
-        probs, zeros = softmax(np.ascontiguousarray(logits[kept]), float(temperature))
+        probs, zeros = softmax(logits[kept], float(temperature))
     if zeros and (indices is not None or drop_zeros):  # -inf logits kept, or underflow
         nonzero = np.flatnonzero(probs)
         indices = nonzero if indices is None else indices[nonzero]

@@ -31,8 +31,8 @@ from mdsd.engine._panel_gemm import PANEL, host_width
 # (AMD Zen 3) 16 rows on float32 panels took ~1.6x numpy's time and 24 rows on float16 panels
 # ~0.7x; with AVX-512 (passes of 24 rows) float32 panels beat the BLAS up to ~24 rows and float16
 # ones up to ~96 (64 rows: 0.74x) on an Intel Xeon, and with the kernel's software prefetch on an
-# AMD Zen 5 up to at least 144 rows (96 rows: 0.79x, 144: 0.82x): the prompts' prefill is ~20%
-# faster than by the BLAS.
+# AMD Zen 5 up to at least 144 rows (every projection of the target: 96 rows 0.72x, 144 rows
+# 0.74x, ``bench_matmul.py`` table 1), which prefills the bundled prompts on the panels.
 _WIDE = host_width() == 16  # a global of the compiled code: fixed per CPU, as numba's cache is
 PANEL_MAX_ROWS_F32 = 24 if _WIDE else 12
 PANEL_MAX_ROWS_16 = 160 if _WIDE else 24

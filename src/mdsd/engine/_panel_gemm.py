@@ -41,11 +41,12 @@ PANEL = 16  # output columns per panel: two vectors of eight float32, or one of 
 # 1 broadcast registers at 6 rows; 16 floats (AVX-512, 32 registers): one accumulator per row,
 # 24 rows + weight + broadcast.
 MAX_ROWS = {8: 6, 16: 24}
-# Software prefetch distance along the panel stream, in bytes (0: none). The hardware prefetcher
-# alone left a 3-4 row product ~20% slower than a one-row product when the weights come from
+# Software prefetch distance along the panel stream, in bytes (0: none). With the hardware
+# prefetcher alone a 3-4 row product took 1.14-1.35x a one-row product when the weights come from
 # memory (every decode step: the target's ~27 MB do not stay in cache); requesting the line 8 KiB
-# ahead on every k step (a few hundred cycles of memory latency ahead) brings 1-4 rows to the
-# one-row time and the one-row product ~7% faster (``benchmarks/bench_matmul.py``, table 3).
+# ahead on every k step (a few hundred cycles of memory latency ahead) makes the one-row product
+# 0.73-0.83x its time and 1-4 rows cost about what one row cost without it
+# (``benchmarks/bench_matmul.py``, table 4).
 # A prefetch never faults, so reading past the last panel is harmless.
 PREFETCH_BYTES = 8192
 
