@@ -13,13 +13,17 @@ the first bundled prompts of each domain (V = 8192).
 
 Tables (markdown):
 1. speed: median milliseconds of ``fit_optimal`` and of one ``output_law_from_fit`` call, and the
-   split of the threshold fit into its parts (the priority scan: sort, the bound's prefix scan,
-   Phi; the compiled levels kernel: target, staircase, lumping, peel); for the priority-orders
+   split of the threshold fit into its parts (the priority scan: sort, then Phi in one compiled
+   pass; the compiled levels kernel: target, staircase, lumping, peel); for the priority-orders
    fit (without_replacement n >= 3, conditional_poisson) the number of Wolfe iterations instead;
 1b. decoding path: median milliseconds of ``OptimalVerifier.sample`` for one position (fit +
    sample, what the engine calls per tree node) and of the reference ``Verifier.sample`` (fit,
-   output law, categorical draw) in the same run, with their ratio, and ``np.argsort`` of the
-   vocabulary as a yardstick for the machine's load (medians of this process's CPU time);
+   output law, categorical draw) in the same run, with their ratio, ``np.argsort`` of the
+   vocabulary as a yardstick for the machine's load (medians of this process's CPU time), and
+   the minor page faults per ``sample`` call. A fit at V = 32,000 allocates a few MB of arrays;
+   glibc returns freed heap to the system above a threshold that grows with the largest buffer
+   the process has freed, so a fresh process such as this one may fault those pages in again
+   on every call (~1-2 ms here), where a process that has freed a model-sized buffer does not;
 2. optimality: mean and max of alpha* - acceptance over positions (acceptance of the rule actually
    used: exact for ``threshold`` and ``orders``; Monte Carlo, 4096 draft sets, for a fallback),
    and the median fit time. Full-vocabulary ``orders`` fits (without_replacement n >= 3,
@@ -30,6 +34,7 @@ Tables (markdown):
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 import warnings
 from functools import partial
@@ -37,7 +42,6 @@ from functools import partial
 import numpy as np
 
 import mdsd
-from mdsd.bound import prefix_scan
 from mdsd.io import random_pair
 from mdsd.logits import process_logits
 from mdsd.verifiers import optimal as opt
@@ -59,8 +63,8 @@ def timed(fn, repeats, clock=time.perf_counter):
 
 
 def fit_parts(p, q, n, law, repeats):
-    """Milliseconds of the threshold fit's steps for one position: the priority scan (sort, the
-    bound's prefix scan, Phi) and the compiled levels kernel (target, staircase, lumping, peel)."""
+    """Milliseconds of the threshold fit's steps for one position: the priority scan (sort, Phi)
+    and the compiled levels kernel (target, staircase, lumping, peel)."""
     the_law = mdsd.get_law(law)
     t_scan, scan = timed(lambda: priority_scan(p, q, n, the_law), repeats)
     args = (scan.target_probs, scan.draft_probs, scan.phi, scan.split)
@@ -88,20 +92,24 @@ def decode_table(args):
                 repeats = args.decode_repeats if top_k else max(3, args.decode_repeats // 10)
                 cpu = {"clock": time.process_time}  # this process's CPU time: a shared machine
                 verifier.sample(*inputs)  # warm-up (numba's compiled kernels load once)
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t_sample, _ = timed(partial(verifier.sample, *inputs), repeats, **cpu)
+                faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
                 t_reference, _ = timed(partial(Verifier.sample, verifier, *inputs), repeats, **cpu)
                 t_sort, _ = timed(partial(np.argsort, p), repeats, **cpu)
-                rows.append((law, vocab, top_k or "full", n, temperature, t_sample, t_reference, t_sort))
+                rows.append(
+                    (law, vocab, top_k or "full", n, temperature, t_sample, t_reference, t_sort, faults)
+                )
     print("\n### Decoding path: fit + sample of one position (OptimalVerifier.sample; CPU ms)\n")
     print(
         "| law | V | support | n | T | sample ms | reference ms | reference / sample "
-        "| argsort(V) ms | sample / argsort |"
+        "| argsort(V) ms | sample / argsort | page faults / sample |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for law, vocab, support, n, temperature, t_sample, t_reference, t_sort in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for law, vocab, support, n, temperature, t_sample, t_reference, t_sort, faults in rows:
         print(
             f"| {law} | {vocab} | {support} | {n} | {temperature} | {t_sample:.3f} | {t_reference:.3f} "
-            f"| {t_reference / t_sample:.1f} | {t_sort:.3f} | {t_sample / t_sort:.1f} |",
+            f"| {t_reference / t_sample:.1f} | {t_sort:.3f} | {t_sample / t_sort:.1f} | {faults:.0f} |",
             flush=True,
         )
 
@@ -112,14 +120,15 @@ DECODE_CASES = {"iid": (2, 4, 8), "without_replacement": (2, 3, 4), "conditional
 def full_profile_table(args):
     """The full-vocabulary decoding path (V = 32,000: iid n = 4, without_replacement n = 2) split
     into its parts, CPU-time medians of this process: ``OptimalVerifier.sample`` (fit + sample),
-    the priority order (a sort of the support), the bound's prefix scan, the compiled levels
-    kernel (target, staircase, lumping, peel) with the number of cuts it places, the sampling
-    from a fitted row; ``np.argsort`` and ``np.cumsum`` of the vocabulary as yardsticks."""
+    the priority scan (the order, then Phi in one compiled pass) and of it the order alone (a sort
+    of the support), the compiled levels kernel (target, staircase, lumping, peel) with the number
+    of cuts it places, the sampling from a fitted row; ``np.argsort`` and ``np.cumsum`` of the
+    vocabulary as yardsticks."""
     verifier = mdsd.get_verifier("optimal")
     repeats = max(5, args.decode_repeats // 5)
     print("\n### Full vocabulary: the decoding path by parts (CPU ms)\n")
     print(
-        "| law | n | T | sample ms | order ms | prefix scan ms | levels ms | cuts | sample row ms "
+        "| law | n | T | sample ms | priority scan ms | order ms | levels ms | cuts | sample row ms "
         "| argsort ms | cumsum ms | sample / argsort |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -135,8 +144,8 @@ def full_profile_table(args):
             cpu = {"clock": time.process_time}
             parts = [
                 partial(verifier.sample, p[None], q[None], x[None], the_law, rng),
+                partial(priority_scan, p, q, n, the_law),
                 partial(priority_order, p, q),
-                partial(prefix_scan, ps[::-1], qs[::-1], n, the_law),
                 partial(threshold._fit_levels, ps, qs, scan.phi, scan.split),
                 partial(threshold.sample_threshold_row, row, p, x, rng),
                 partial(np.argsort, p),

@@ -559,6 +559,28 @@ def test_sample_at_top_k_and_fallback(monkeypatch):
     assert 0 <= int(token[0]) < 6
 
 
+def test_compiled_curve_scan_equals_reference():
+    """The compiled curve scan (i.i.d., two drafts without replacement) gives the numpy scan's
+    phi, split, alpha* and prefix masses bit for bit: full vocabularies (torch's long prefix
+    sums), small random pairs with zeros, a mass above 1/2, and the edge pairs."""
+    rng = np.random.default_rng(41)
+    cases = [
+        lm_pair(v, seed=s, temperature=t) for v, s, t in ((32000, 1, 1.0), (3000, 2, 0.7), (5000, 3, 0.3))
+    ]
+    cases += [random_pair(rng, int(rng.integers(2, 60)), concentration=0.4, zero_p=True) for _ in range(40)]
+    cases += list(edge_pairs().values())
+    for i, (p, q) in enumerate(cases):
+        for law, n in (("iid", 1 + i % 8), ("without_replacement", 2)):
+            the_law = mdsd.get_law(law)
+            if np.count_nonzero(q) < n:
+                continue
+            fast = priority_scan(p, q, n, the_law)
+            ref = common.priority_scan_reference(p, q, n, the_law)
+            assert (fast.split, fast.alpha_star) == (ref.split, ref.alpha_star)
+            for field in ("order", "phi", "draft_prefix", "target_probs", "draft_probs"):
+                np.testing.assert_array_equal(getattr(fast, field), getattr(ref, field))
+
+
 def test_compiled_fit_levels_match_reference():
     """The one-kernel fit (target, staircase, lumping, peel) gives the numpy composition's cuts
     and rule mass (to rounding), at full vocabularies (many cuts, staircases) and on small random

@@ -1,7 +1,8 @@
 """Compiled (numba) loops of the random-threshold fit (``mdsd.verifiers.optimal.threshold``):
 the H* staircase walk (one step per H* token) and the peeling (one step per cut), which are
 Python loops over up to the whole vocabulary in their references ``_staircase_walk_reference``
-and ``_peel_reference``.
+and ``_peel_reference``; and the priority scan's curve for the closed-form laws (``curve_scan``,
+one pass where ``common.priority_scan_reference`` makes several numpy passes).
 
 Same arithmetic in the same order (sequential prefix sums, first minimiser), so the results equal
 the references' bit for bit (``tests/verifiers/test_optimal.py`` compares them). The intervals of the peel
@@ -15,9 +16,14 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
-    """(levels [K + 1], rate [K]) of the random-threshold mixture of chords of phi for target."""
+    """(levels [K + 1], rate [K]) of the random-threshold mixture of chords of phi for target.
+
+    Per interval, the chord, excess and share of every interior point are one branch-free loop
+    (vectorised: its three divisions per point dominate a peel with many cuts), and the largest
+    excess and the first smallest share a second, scalar one. error_model "numpy": no zero
+    checks on the divisions (a share divides only where room > excess >= 0)."""
     k = qs.size
     levels = np.ones(k + 1)
     levels[0] = 0.0
@@ -27,6 +33,7 @@ def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
     local_q = np.empty(k)
     chord = np.empty(k)
     excess = np.empty(k)
+    share = np.empty(k)
     stack_lo = np.empty(2 * k + 2, dtype=np.int64)
     stack_hi = np.empty(2 * k + 2, dtype=np.int64)
     stack_offset = np.empty(2 * k + 2)
@@ -42,27 +49,27 @@ def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
             acc += qs[lo + i]
             local_q[i] = acc
         mass = local_q[size - 1]
-        rise = phi[hi] - phi[lo]
+        start, rise = phi[lo], phi[hi] - phi[lo]
         rho = rise / mass
         if size == 1:
             rate[lo] += scale * rho
             continue
-        largest = 0.0
         for i in range(size - 1):  # interior points lo+1..hi-1
-            chord[i] = phi[lo] + rise * (local_q[i] / mass)
-            excess[i] = max(curve[lo + 1 + i] - chord[i], 0.0)
+            point = start + rise * (local_q[i] / mass)
+            over = max(curve[lo + 1 + i] - point, 0.0)
+            room = phi[lo + 1 + i] - point
+            chord[i], excess[i] = point, over
+            # largest lam with excess <= (1 - lam) room; room <= excess means a touch: lam = 0
+            share[i] = 1.0 - over / room if room > over else 0.0
+        largest, j, lam = 0.0, 0, np.inf
+        for i in range(size - 1):
             largest = max(largest, excess[i])
+            if share[i] < lam:
+                j, lam = i, share[i]
         if largest <= tolerance:
             for i in range(lo, hi):
                 rate[i] += scale * rho
             continue
-        # largest lam with excess <= (1 - lam) room; room <= excess means a touch: lam = 0
-        j, lam = 0, np.inf
-        for i in range(size - 1):
-            room = phi[lo + 1 + i] - chord[i]
-            share = 1.0 - excess[i] / room if room > excess[i] else 0.0
-            if share < lam:
-                j, lam = i, share
         step = scale * lam * rho
         for i in range(lo, hi):
             rate[i] += step
@@ -111,13 +118,14 @@ def staircase_walk(s, qs, tail_q, phi, ahead, cap, split, ratio, curve, new_run)
 
 
 @numba.njit(cache=True)
-def target_curve(ps, qs, phi, split):
+def target_curve(ps, qs, s, tail_q, phi, split):
     """(A [K + 1], run ids [K]) of ``threshold._target_curve``: rates min(s, c) on L and
-    max(s, mu) on H*; run 0 / 1 where the rate is c / mu (clipped), -1 elsewhere."""
+    max(s, mu) on H*; run 0 / 1 where the rate is c / mu (clipped), -1 elsewhere.
+    s = p/q [K]; tail_q [K]: q of positions >= j."""
     k = qs.size
-    s = ps / qs
-    rates = s.copy()
     run = np.full(k, -1, dtype=np.int64)
+    target = np.empty(k + 1)
+    target[0] = 0.0
     if split > 0:
         total_p = 0.0
         for i in range(split):
@@ -127,50 +135,36 @@ def target_curve(ps, qs, phi, split):
             cum_q += qs[i]
             cum_p += ps[i]
             c = max(c, (phi[split] - (total_p - cum_p)) / cum_q)
-        for i in range(split):
-            if s[i] > c:
-                rates[i], run[i] = c, 0
-    if split < k:
-        tail_q = np.empty(k - split)
         acc = 0.0
-        for i in range(k - 1, split - 1, -1):
-            acc += qs[i]
-            tail_q[i - split] = acc
+        for i in range(split):
+            rate = s[i]
+            if s[i] > c:
+                rate, run[i] = c, 0
+            acc += rate * qs[i]
+            target[i + 1] = acc
+    if split < k:
         mu, head_p = np.inf, 0.0
         for i in range(split, k):  # mu = min_j (1 - Phi_m - (P_j - P_m)) / q(tail_j)
-            mu = min(mu, ((1.0 - phi[split]) - head_p) / tail_q[i - split])
+            mu = min(mu, ((1.0 - phi[split]) - head_p) / tail_q[i])
             head_p += ps[i]
+        acc = 0.0
         for i in range(split, k):
+            rate = s[i]
             if s[i] < mu:
-                rates[i], run[i] = mu, 1
-    target = np.empty(k + 1)
-    target[0] = 0.0
-    acc = 0.0
-    for i in range(split):
-        acc += rates[i] * qs[i]
-        target[i + 1] = acc
-    acc = 0.0
-    for i in range(split, k):
-        acc += rates[i] * qs[i]
-        target[i + 1] = phi[split] + acc
+                rate, run[i] = mu, 1
+            acc += rate * qs[i]
+            target[i + 1] = phi[split] + acc
     target[split], target[k] = phi[split], 1.0
     return target, run
 
 
 @numba.njit(cache=True)
-def staircase(ps, qs, phi, split, target, run, margin, ratio, shares):
+def staircase(ps, qs, s, tail_q, phi, split, target, run, margin, ratio, shares):
     """``threshold._staircase``: the walk with each share of the slack in turn; (curve, run ids),
     the inputs themselves when no staircase forms."""
     k = qs.size
     if k - split < 3:
         return target, run
-    s = ps / qs
-    tail_q = np.empty(k)
-    acc = 0.0
-    for i in range(k - 1, -1, -1):
-        acc += qs[i]
-        tail_q[i] = acc
-    room = (phi - target) * (1.0 - margin) - margin
     slack = target[k] - phi[split]
     for i in range(split, k):
         slack -= ps[i]
@@ -179,12 +173,14 @@ def staircase(ps, qs, phi, split, target, run, margin, ratio, shares):
         if run[i] == 1:
             mu_start = i
             break
-    ahead = room.copy()
+    ahead = (phi - target) * (1.0 - margin) - margin  # the room Phi - A, with a margin
     for i in range(mu_start - 1, split - 1, -1):  # smallest room still ahead, up to the mu-region
         ahead[i] = min(ahead[i], ahead[i + 1])
+    curve, new_run = np.empty(k + 1), np.empty(k, dtype=np.int64)
     for share in shares:
         cap = share * max(slack, 0.0)
-        curve, new_run = target.copy(), run.copy()
+        curve[:] = target
+        new_run[:] = run
         if staircase_walk(s, qs, tail_q, phi, ahead, cap, split, ratio, curve, new_run):
             return curve, new_run
     return target, run
@@ -195,8 +191,14 @@ def fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares):
     """(levels [K + 1], rate [K]) of the random-threshold fit from the priority scan: the target
     curve, the H* staircase, the lossless lumping of runs with one rate, the peel."""
     k = qs.size
-    target, run = target_curve(ps, qs, phi, split)
-    target, run = staircase(ps, qs, phi, split, target, run, margin, ratio, shares)
+    s = ps / qs
+    tail_q = np.empty(k)  # q of positions >= j, summed from the end
+    acc = 0.0
+    for i in range(k - 1, -1, -1):
+        acc += qs[i]
+        tail_q[i] = acc
+    target, run = target_curve(ps, qs, s, tail_q, phi, split)
+    target, run = staircase(ps, qs, s, tail_q, phi, split, target, run, margin, ratio, shares)
     cuts = np.empty(k + 1, dtype=np.int64)
     cuts[0], count = 0, 1
     for i in range(1, k):  # a cut wherever the run changes or a unit stands on its own
@@ -221,3 +223,65 @@ def fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares):
             rate[i] = coarse_rate[c]
     levels[k] = coarse_levels[count - 1]
     return levels, rate
+
+
+@numba.njit(cache=True)
+def _power(x, n):
+    """x^n for an integer n >= 1 by repeated squaring (``mdsd.laws.int_power``'s order)."""
+    result, base = 1.0, x
+    while n:
+        if n & 1:
+            result *= base
+        n >>= 1
+        if n:
+            base *= base
+    return result
+
+
+@numba.njit(cache=True)
+def curve_scan(ps, qs, n, others):
+    """(phi [K + 1], split, alpha, cum_mass [K + 1]) of ``common.priority_scan`` for i.i.d.
+    drafts (others empty: Qall(H) = q(H)^n) or two drafts without replacement (others = 1 - q
+    of the reversed order, ``laws.others_mass``: the closed form ``two_draft_qall_prefixes``).
+
+    One pass over the reversed order (H_j = the last j positions) sums p(H_j), q(H_j) and the
+    law's Qall(H_j) left to right as ``bound.prefix_scan`` does and keeps the first minimiser of
+    p(H_j) - Qall(H_j); Phi_k = 1 - Qall(H_{K-k}), clipped to [0, 1] and made nondecreasing;
+    cum_mass = q of the first k positions, summed from the front. Same operations in the same
+    order as the numpy composition, so the same numbers (tested)."""
+    k = qs.size
+    pair = others.size > 0
+    qall = np.empty(k + 1)
+    qall[0] = 0.0
+    best, value = 0, 0.0
+    p_acc, q_acc, odds_acc, before_q, before_odds, pair_acc = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    for j in range(k):
+        i = k - 1 - j  # the position added to H
+        p_acc += ps[i]
+        if pair:  # Qall grows by q_b (sum_{a in H} q_a / (1 - q_a) + q(H) / (1 - q_b))
+            pair_acc += qs[i] * (before_odds + before_q / others[j])
+            before_q += qs[i]
+            odds_acc = qs[i] / others[j]
+            before_odds += odds_acc
+            q_acc = min(pair_acc, 1.0)
+        else:
+            before_q += qs[i]
+            q_acc = _power(min(before_q, 1.0), n)
+        qall[j + 1] = q_acc
+        f = p_acc - q_acc
+        if f < value:
+            best, value = j + 1, f
+    phi = np.empty(k + 1)
+    phi[0] = 0.0
+    running = 0.0
+    for m in range(1, k):
+        running = max(running, min(max(1.0 - qall[k - m], 0.0), 1.0))
+        phi[m] = running
+    phi[k] = max(running, 1.0)
+    cum_mass = np.empty(k + 1)
+    cum_mass[0] = 0.0
+    acc = 0.0
+    for m in range(k):
+        acc += qs[m]
+        cum_mass[m + 1] = acc
+    return phi, k - best, 1.0 + value, cum_mass

@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from mdsd.bound import prefix_scan
-from mdsd.laws import DraftLaw
+from mdsd.laws import DraftLaw, others_mass
 from mdsd.sampling import categorical
 from mdsd.verifiers.base import EMPTY_MASS
 
@@ -29,6 +29,7 @@ class PriorityScan:
     split:      m* = the largest minimiser of Phi_k - p(U_k): L = U_m*, H* = the rest.
     alpha_star: alpha* = 1 - p(q = 0) + Phi_m* - p(U_m*), clipped to [0, 1].
     target_probs, draft_probs: float64 [K]; p and q in the order.
+    draft_prefix: float64 [K + 1]; Q_k = q(U_k) summed from the front (None without ``curve``).
     """
 
     order: np.ndarray
@@ -37,6 +38,7 @@ class PriorityScan:
     alpha_star: float
     target_probs: np.ndarray
     draft_probs: np.ndarray
+    draft_prefix: np.ndarray | None = None
 
 
 def priority_order(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -65,24 +67,50 @@ def priority_order_reference(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve: bool = True) -> PriorityScan:
-    """The bound's prefix scan (``mdsd.bound.prefix_scan``) read in the verifier's direction.
+    """The priority order and the bound's prefix scan read in the verifier's direction.
 
     The complement of U_k is the last K - k tokens of the priority order, so the scan runs over
     the reversed order: H_j = the last j tokens, f(H_j) = p(H_j) - Qall(H_j), and
     Phi_k = 1 - Qall(H_{K-k}), Phi_k - p(U_k) = 1 - p(supp q) + f(H_{K-k}). Its first minimiser
     j* gives m* = K - j*. curve=False: the caller needs m* and alpha* only (a quadrature law
     may then prune the prefixes that cannot attain the minimum; phi is None).
+
+    Fast path: the curve of a closed-form Qall (i.i.d. drafts, or two without replacement) in
+    one compiled pass (``_threshold_numba.curve_scan``); elsewhere, and as its reference,
+    :func:`priority_scan_reference` (the same numbers, tested).
     """
+    if not (curve and _closed_curve(law, n)):
+        return priority_scan_reference(p, q, n, law, curve=curve)
+    from mdsd.verifiers.optimal._threshold_numba import curve_scan  # lazy: numba costs ~0.3 s
+
+    order = priority_order(p, q)
+    ps, qs = p[order], q[order]
+    others = others_mass(qs[::-1]) if law.name == "without_replacement" else np.zeros(0)
+    phi, split, alpha, draft_prefix = curve_scan(ps, qs, n, others)
+    return PriorityScan(order, phi, split, min(1.0, max(0.0, alpha)), ps, qs, draft_prefix)
+
+
+def _closed_curve(law: DraftLaw, n: int) -> bool:
+    """Laws whose Qall of prefixes ``curve_scan`` computes: i.i.d., two drafts without replacement."""
+    return law.name == "iid" or (law.name == "without_replacement" and n == 2)
+
+
+def priority_scan_reference(
+    p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve: bool = True
+) -> PriorityScan:
+    """:func:`priority_scan` by ``mdsd.bound.prefix_scan`` over the reversed order (any law)."""
     order = priority_order(p, q)
     k = order.size
     ps, qs = p[order], q[order]
     scan = prefix_scan(ps[::-1], qs[::-1], n, law)  # the complement first
-    phi = None
+    phi = draft_prefix = None
     if curve:
         phi = 1.0 - scan.qall[::-1]
         phi[0], phi[k] = 0.0, 1.0
         phi = np.maximum.accumulate(np.clip(phi, 0.0, 1.0))
-    return PriorityScan(order, phi, k - scan.best, min(1.0, max(0.0, scan.alpha)), ps, qs)
+        draft_prefix = np.zeros(k + 1)
+        np.cumsum(qs, out=draft_prefix[1:])
+    return PriorityScan(order, phi, k - scan.best, min(1.0, max(0.0, scan.alpha)), ps, qs, draft_prefix)
 
 
 @dataclass(frozen=True)

@@ -73,12 +73,9 @@ def fit_threshold_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Th
     scan = priority_scan(p, q, n, law)
     order, phi, split = scan.order, scan.phi, scan.split
     ps, qs = scan.target_probs, scan.draft_probs
-    k = order.size
     levels, rate = _fit_levels(ps, qs, phi, split)
-    cum_mass = np.zeros(k + 1)
-    np.cumsum(qs, out=cum_mass[1:])
     others = others_mass(qs) if uses_pair_split(law, n) else None
-    return ThresholdRow(order, levels, qs * rate, cum_mass, others, scan.alpha_star)
+    return ThresholdRow(order, levels, qs * rate, scan.draft_prefix, others, scan.alpha_star)
 
 
 def _fit_levels(ps: np.ndarray, qs: np.ndarray, phi: np.ndarray, split: int):
