@@ -1,12 +1,17 @@
 """Draft laws: enumeration sums to 1, sampling follows the enumerated law, Qall prefixes."""
 
+import itertools
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from scipy.stats import chisquare
 
 import mdsd
+from mdsd._race import wor_qall_prefixes
 from mdsd.bound import qall_reference
-from mdsd.laws import top_tokens, top_tokens_reference
+from mdsd.io import random_pair as lm_pair
+from mdsd.laws import THREE_DRAFT_CLOSED_MAX, three_draft_qall_window, top_tokens, top_tokens_reference
 
 from conftest import ALL_LAWS, inverse_cdf_reference, law_accepts, random_pair
 
@@ -98,6 +103,67 @@ def test_qall_window_matches_prefixes(law, rng):
         window = the_law.qall_window(q[order], n, k_lo, k_hi)
         assert window.shape == (k_hi - k_lo + 1,)
         np.testing.assert_allclose(window, full[k_lo : k_hi + 1], rtol=0, atol=1e-12)
+
+
+def _three_draft_qall_exact(q):
+    """Qall of every prefix for three draws without replacement, in exact rational arithmetic."""
+    masses = [Fraction(float(x)) for x in q]
+    total = sum(masses)
+    out = []
+    for k in range(len(masses) + 1):
+        out.append(
+            float(
+                sum(
+                    masses[a]
+                    * masses[b]
+                    * masses[c]
+                    / (total * (total - masses[a]) * (total - masses[a] - masses[b]))
+                    for a, b, c in itertools.permutations(range(k), 3)
+                )
+            )
+        )
+    return np.array(out)
+
+
+def test_three_draft_closed_form_matches_exact_enumeration(rng):
+    """The closed-form Qall of three draws without replacement is within a few ulp of the exact
+    rational value: random rows (flat to very peaked, with zeros) and rows built to cancel (a
+    dominant token, two near-halves, tiny tails), in both orders."""
+    rows = []
+    for trial in range(150):
+        vocab = int(rng.integers(3, 7))
+        q = rng.dirichlet(np.full(vocab, (0.05, 0.2, 1.0)[trial % 3]))
+        if trial % 5 == 0:
+            q[rng.integers(vocab)] = 0.0
+            q /= q.sum()
+        if np.count_nonzero(q) >= 3:
+            rows.append(q)
+    for q in (
+        [0.999999, 5e-7, 2e-7, 1e-7, 1e-7, 1e-7],
+        [0.5, 0.4999999, 5e-8, 3e-8, 2e-8],
+        [0.3, 0.3, 0.3, 0.1, 1e-20],
+    ):
+        q = np.array(q) / np.sum(q)
+        rows += [q, q[::-1].copy()]
+    law = mdsd.get_law("without_replacement")
+    for q in rows:
+        exact = _three_draft_qall_exact(q)
+        np.testing.assert_allclose(law.qall_prefixes(q[None, :], 3)[0], exact, rtol=0, atol=2e-15)
+        np.testing.assert_allclose(three_draft_qall_window(q, 1, q.size - 1), exact[1:-1], rtol=0, atol=2e-15)
+
+
+def test_three_draft_closed_form_matches_race_quadrature():
+    """On LM-like top-k rows (the optimal verifier's supports) the closed form and the race
+    quadrature, which it replaces up to ``THREE_DRAFT_CLOSED_MAX`` tokens, agree to the
+    quadrature's accuracy."""
+    gen = np.random.default_rng(7)
+    for top_k, temperature in ((64, 0.3), (64, 1.0), (256, 0.7)):
+        _, q = lm_pair(8192, seed=top_k, temperature=temperature, top_k=top_k)
+        row = gen.permutation(q[q > 0])
+        race = wor_qall_prefixes(row[None, :] / row.sum(), 3)[0]
+        np.testing.assert_allclose(three_draft_qall_window(row, 0, row.size), race, rtol=0, atol=1e-12)
+    assert mdsd.get_law("without_replacement").qall_by_quadrature(3, THREE_DRAFT_CLOSED_MAX + 1)
+    assert not mdsd.get_law("without_replacement").qall_by_quadrature(3, THREE_DRAFT_CLOSED_MAX)
 
 
 @pytest.mark.parametrize("law", ["greedy", "spechub"])

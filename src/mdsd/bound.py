@@ -202,14 +202,15 @@ def prefix_scan(
     """Scan the prefixes of one row already permuted into scan order: [V], [V] -> PrefixScan.
 
     Qall comes from the law itself; for a law that integrates it numerically
-    (``law.qall_by_quadrature(n)``: without_replacement, n >= 3) only the prefixes whose cheap
+    (``law.qall_by_quadrature(n, V)``: without_replacement, n >= 4, or 3 beyond
+    ``laws.THREE_DRAFT_CLOSED_MAX`` tokens) only the prefixes whose cheap
     bounds leave them in the running are evaluated (``_wor_window``, with the race ``kernel``).
     ``order`` is stored as is.
     """
     p_prefix = prefix_sums(p_ordered)
     q_prefix = np.minimum(prefix_sums(q_ordered), 1.0)
     error = 0.0
-    if law.qall_by_quadrature(n):
+    if law.qall_by_quadrature(n, q_ordered.size):
         q_ordered = np.ascontiguousarray(q_ordered)  # the compiled kernels take contiguous rows
         qall, error = _wor_window(p_prefix, q_prefix, q_ordered, n, device, kernel)
         objective = np.where(np.isnan(qall), np.inf, p_prefix - qall)

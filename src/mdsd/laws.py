@@ -31,12 +31,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mdsd._optional import compiled_module
 from mdsd._race import tail_masses, wor_qall_prefixes, wor_qall_window
 from mdsd._validate import check_choice, check_n
 from mdsd.sampling import categorical, draws_without_replacement
 
 TOP_SELECT_MAX = 64  # top_tokens selects by partition up to this k, else it sorts
 SEQUENTIAL_DRAWS_MAX = 8  # without replacement: sequential compiled draws up to this n, then Gumbel
+# Three draws without replacement: Qall of the prefixes in closed form (O(K^2)) up to this many
+# tokens, the race quadrature (O(K x nodes), ~150 nodes) beyond.
+THREE_DRAFT_CLOSED_MAX = 256
 
 
 def top_tokens(draft_probs: np.ndarray, k: int) -> np.ndarray:
@@ -125,6 +129,22 @@ def prefix_mass(draft_probs_ordered: np.ndarray) -> np.ndarray:
     return np.minimum(mass, 1.0, out=mass)
 
 
+def _three_draft_closed(size: int) -> bool:
+    """Qall of three draws without replacement over ``size`` tokens goes by the closed form."""
+    return size <= THREE_DRAFT_CLOSED_MAX and compiled_module("mdsd._wor_numba") is not None
+
+
+def three_draft_qall_window(draft_probs_ordered: np.ndarray, k_lo: int, k_hi: int) -> np.ndarray | None:
+    """Qall of the prefixes k = k_lo..k_hi for three draws without replacement, in closed form
+    (``mdsd._wor_numba.three_draft_qall``). [V] -> [k_hi - k_lo + 1]; None without numba."""
+    kernel = compiled_module("mdsd._wor_numba")
+    if kernel is None:  # pragma: no cover - numba is a dependency
+        return None
+    out = np.empty(k_hi - k_lo + 1)
+    kernel.three_draft_qall(np.ascontiguousarray(draft_probs_ordered, dtype=np.float64), k_lo, k_hi, out)
+    return out
+
+
 def two_draft_qall_prefixes(draft_probs_ordered: np.ndarray) -> np.ndarray:
     """Qall of the prefixes for two draws without replacement, in closed form. [V] -> [V + 1].
 
@@ -203,9 +223,10 @@ class DraftLaw:
         """
         raise NotImplementedError(f"law {self.name!r} has no Qall of prefixes")
 
-    def qall_by_quadrature(self, n: int) -> bool:
-        """True when ``qall_prefixes`` integrates numerically (costly per prefix), so a scan
-        should evaluate only the prefixes that can attain its minimum (``qall_window``)."""
+    def qall_by_quadrature(self, n: int, size: int) -> bool:
+        """True when ``qall_prefixes`` integrates numerically (costly per prefix) for n drafts
+        over ``size`` tokens, so a scan should evaluate only the prefixes that can attain its
+        minimum (``qall_window``)."""
         return False
 
     def qall_window(
@@ -298,14 +319,20 @@ class WithoutReplacement(DraftLaw):
         return math.perm(s, n)
 
     def qall_prefixes(self, draft_probs_ordered, n, order=None):
-        """n = 1: q(H); n = 2: the closed form ``two_draft_qall_prefixes``; else the race integral."""
+        """n = 1: q(H); n = 2: the closed form ``two_draft_qall_prefixes``; n = 3 on up to
+        ``THREE_DRAFT_CLOSED_MAX`` tokens: the closed form ``three_draft_qall_window``; else the
+        race integral."""
+        rows = np.asarray(draft_probs_ordered, dtype=np.float64)
         if n == 2:
-            rows = np.asarray(draft_probs_ordered, dtype=np.float64)
             return np.stack([two_draft_qall_prefixes(row) for row in rows])
+        if n == 3 and rows.ndim == 2 and _three_draft_closed(rows.shape[1]):
+            closed = [three_draft_qall_window(row, 0, row.size) for row in rows]
+            if all(c is not None for c in closed):
+                return np.stack(closed)
         return wor_qall_prefixes(draft_probs_ordered, n)
 
-    def qall_by_quadrature(self, n):
-        return n >= 3
+    def qall_by_quadrature(self, n, size):
+        return n >= 4 or (n == 3 and not _three_draft_closed(size))
 
     def inclusion_probs(self, draft_probs, n):
         """n = 1: q itself (renormalised, as ``enumerate``); for n >= 2 the inclusion
@@ -319,6 +346,10 @@ class WithoutReplacement(DraftLaw):
         row = np.ascontiguousarray(draft_probs_ordered, dtype=np.float64)
         if n == 2:
             return two_draft_qall_prefixes(row)[k_lo : k_hi + 1]
+        if n == 3 and _three_draft_closed(row.size):
+            closed = three_draft_qall_window(row, k_lo, k_hi)
+            if closed is not None:
+                return closed
         return wor_qall_window(row, tail_masses(row[None, :])[0], n, k_lo, k_hi)[0]
 
 

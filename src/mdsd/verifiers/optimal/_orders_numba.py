@@ -3,11 +3,13 @@ with ``order_vertex``) for the two laws fitted by priority orders: drafts withou
 (n >= 3) and conditional Poisson.
 
 The same algorithm, step for step: Wolfe's minimum-norm point over the coverage polytope of one
-block, each greedy vertex one Qall scan over the order [R, sigma reversed, B]: for drafts without
-replacement the exponential-race quadrature (``mdsd._race_numba.race_window``) with the nodes of
-``mdsd._race.wor_qall_window``'s numba path (``race_nodes_fast`` below mirrors
-``mdsd._race.fast_nodes`` and its right-cut pruning); for conditional Poisson the prefix
-elementary symmetric polynomials (``mdsd._esp_numba.prefix_log_en``), as ``ConditionalPoisson.qall_prefixes``.
+block, each greedy vertex one Qall scan over the order [R, sigma reversed, B]: for three drafts
+without replacement on up to ``THREE_DRAFT_CLOSED_MAX`` tokens the closed form of
+``mdsd._wor_numba``; for other drafts without replacement the exponential-race quadrature
+(``mdsd._race_numba.race_window``) with the nodes of ``mdsd._race.wor_qall_window``'s numba path
+(``race_nodes_fast`` below mirrors ``mdsd._race.fast_nodes`` and its right-cut pruning); for
+conditional Poisson the prefix elementary symmetric polynomials (``mdsd._esp_numba.prefix_log_en``),
+as ``ConditionalPoisson.qall_prefixes``.
 Running the whole loop compiled removes the per-iteration Python work (an argsort, a vertex scan's
 setup, the Gram update and the small KKT solve), which dominated a fit at top-k 64 (docs/optimal.md,
 "Priority orders"). Tests compare every vertex and the decomposition with the Python reference.
@@ -25,6 +27,8 @@ import numpy as np
 
 from mdsd._esp_numba import prefix_log_en
 from mdsd._race_numba import race_window
+from mdsd._wor_numba import three_draft_qall
+from mdsd.laws import THREE_DRAFT_CLOSED_MAX
 
 WITHOUT_REPLACEMENT, CONDITIONAL_POISSON = 0, 1  # law codes
 LAW_CODES = {"without_replacement": WITHOUT_REPLACEMENT, "conditional_poisson": CONDITIONAL_POISSON}
@@ -76,6 +80,10 @@ def wor_window(q, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated):
 @numba.njit(cache=True, fastmath=False)
 def qall_window(q, n, law, k_lo, k_hi, race):
     """Qall(first k tokens of q's order), k = k_lo..k_hi, for the law code ``law``."""
+    if law == WITHOUT_REPLACEMENT and n == 3 and q.size <= THREE_DRAFT_CLOSED_MAX:
+        out = np.empty(k_hi - k_lo + 1)  # the closed form, as ``WithoutReplacement.qall_window``
+        three_draft_qall(q, k_lo, k_hi, out)
+        return out
     if law == WITHOUT_REPLACEMENT:
         step, fast_tail, right_cut, clamp, saturated = race
         return wor_window(q, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated)
