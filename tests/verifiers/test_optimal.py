@@ -524,6 +524,57 @@ def test_sample_matches_output_law(law, n):
         assert g_test_pvalue(counts, expected) > G_TEST_MIN_P
 
 
+def test_threshold_node_equals_row_path():
+    """The compiled node (fit + draw in one call, the engine's per-node path) draws the same token
+    as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the same generator
+    state: i.i.d. n = 1..5 and two drafts without replacement on rows of 2-300 tokens with zeros
+    in p and q, p = q, flat and very peaked q, ties; so every branch (pair split, keep, residual,
+    empty residual) is compared exactly."""
+    gen = np.random.default_rng(44)
+    compared = 0
+    for trial in range(500):
+        vocab = int(gen.integers(2, 300)) if trial % 3 == 0 else int(gen.integers(2, 40))
+        p = gen.dirichlet(np.full(vocab, 0.5))
+        q = gen.dirichlet(np.full(vocab, 0.5 if trial % 2 else 0.05))
+        if trial % 4 == 0:
+            p[gen.integers(vocab)] = 0.0
+            p /= p.sum()
+        if trial % 5 == 0:
+            q[gen.integers(vocab)] = 0.0
+            q /= q.sum()
+        if trial % 7 == 0:
+            q = p.copy()
+        if trial % 11 == 0:
+            p, q = np.full(vocab, 1.0 / vocab), np.full(vocab, 1.0 / vocab)
+        for law, n in (("iid", 1 + trial % 5), ("without_replacement", 2)):
+            the_law = mdsd.get_law(law)
+            if not law_accepts(law, q, n):
+                continue
+            drafts = the_law.sample(q, n, gen)
+            seed = int(gen.integers(1 << 30))
+            node = threshold.sample_threshold_node(p, q, drafts, n, the_law, np.random.default_rng(seed))
+            row = threshold.fit_threshold_row(p, q, n, the_law)
+            assert node == threshold.sample_threshold_row(row, p, drafts, np.random.default_rng(seed))
+            compared += 1
+    assert compared > 900
+
+
+def test_node_sums_are_numpys():
+    """The node kernel's sums and 1 - q equal numpy's ``sum`` and ``laws.others_mass`` bit for bit
+    (numpy's pairwise order), on rows of 1-5,000 tokens, forward and reversed."""
+    from mdsd.laws import others_mass
+    from mdsd.verifiers.optimal._threshold_numba import _numpy_sum, _others_mass
+
+    gen = np.random.default_rng(45)
+    for trial in range(400):
+        size = int(gen.integers(1, 5000)) if trial % 2 else int(gen.integers(1, 300))
+        values = gen.dirichlet(np.full(size, 0.3 if trial % 3 else 0.02))
+        for view in (values, values[::-1]):
+            row = np.ascontiguousarray(view)
+            assert _numpy_sum(row) == view.sum()
+            np.testing.assert_array_equal(_others_mass(row), others_mass(view))
+
+
 @pytest.mark.parametrize("law, n", SAMPLE_CASES)
 def test_verifier_sample_is_the_row_sampler(law, n):
     """OptimalVerifier.sample on a batch = fit each row, then its row sampler, with the same

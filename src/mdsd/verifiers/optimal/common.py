@@ -14,7 +14,7 @@ import numpy as np
 
 from mdsd.bound import prefix_scan
 from mdsd.laws import DraftLaw, others_mass
-from mdsd.sampling import categorical
+from mdsd.sampling import draw
 from mdsd.verifiers.base import EMPTY_MASS
 
 
@@ -197,10 +197,13 @@ def positions_of(order: np.ndarray, drafts: np.ndarray, vocab: int) -> np.ndarra
     return rank[drafts]
 
 
-def keep_or_recover(p: np.ndarray, order: np.ndarray, rule_mass: np.ndarray, chosen: int, rng) -> int:
-    """Keep the chosen draft (position ``chosen`` of ``order``) with probability min(1, p_y / m_y)
-    (0 where m_y = 0), else draw the recovered token from the residual max(p - m, 0)."""
+def keep_or_recover(
+    p: np.ndarray, order: np.ndarray, rule_mass: np.ndarray, chosen: int, u_keep: float, u_residual: float
+) -> int:
+    """Keep the chosen draft (position ``chosen`` of ``order``) when u_keep m_y < p_y, i.e. with
+    probability min(1, p_y / m_y) (never where m_y = 0), else draw the recovered token from the
+    residual max(p - m, 0) by its inverse CDF at u_residual (u_keep, u_residual ~ Uniform[0, 1))."""
     mass, token = rule_mass[chosen], int(order[chosen])
-    if mass > 0 and rng.random() * mass < p[token]:
+    if mass > 0 and u_keep * mass < p[token]:
         return token
-    return int(categorical(residual_row(p, order, rule_mass), rng))
+    return int(draw(np.ascontiguousarray(residual_row(p, order, rule_mass), dtype=np.float64), u_residual))

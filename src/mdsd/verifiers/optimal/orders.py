@@ -136,7 +136,7 @@ def sample_orders_row(row: OrdersRow, p: np.ndarray, drafts: np.ndarray, rng) ->
     sigma = mix.orders[min(j, mix.weights.size - 1)]
     first = int(sigma[np.argmax(np.isin(sigma, local))])  # the drafted block index first in sigma
     chosen = first if mix is row.low else first + row.split
-    return keep_or_recover(p, row.order, row.rule_mass, chosen, rng)
+    return keep_or_recover(p, row.order, row.rule_mass, chosen, *rng.random(2))
 
 
 def orders_output_law(fit: OrdersFit, x: np.ndarray, fr: np.ndarray) -> np.ndarray:

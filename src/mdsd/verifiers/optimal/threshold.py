@@ -157,34 +157,81 @@ def stack_rows(rows: list[ThresholdRow], q: np.ndarray) -> TokenArrays:
     return TokenArrays(rank, levels, rule_mass, cum_mass, others)
 
 
-def sample_threshold_row(row: ThresholdRow, p: np.ndarray, drafts: np.ndarray, rng) -> int:
-    """Draw the emitted token for one draft set [n] (draw order) from the rule of ``row``.
+# Uniforms one threshold draw uses: the threshold u, the pair split, the keep test, the residual.
+NODE_UNIFORMS = 4
+# Rows whose q has at most this many tokens are fitted and sampled by the compiled node
+# (``sample_threshold_node``: a stable sort in numba, cheap on short rows); longer rows take
+# numpy's sort through ``fit_threshold_row``.
+NODE_KERNEL_MAX_SUPPORT = 2048
 
-    Draw u; the first group met is [a, b) around the draft of smallest position p_1, b the first
-    boundary after p_1 with level <= u; pick the earliest-drawn draft inside it (the pair split
-    for two drafts without replacement), keep it with probability min(1, p_y / m_y), else draw
-    from the residual. Same conditional law as :func:`threshold_output_law`.
+
+def sample_threshold_row(row: ThresholdRow, p: np.ndarray, drafts: np.ndarray, rng) -> int:
+    """Draw the emitted token for one draft set [n] (draw order) from the rule of ``row``:
+    :func:`pick_threshold_row` at ``NODE_UNIFORMS`` uniforms from rng."""
+    return pick_threshold_row(row, p, drafts, rng.random(NODE_UNIFORMS))
+
+
+def pick_threshold_row(row: ThresholdRow, p: np.ndarray, drafts: np.ndarray, uniforms: np.ndarray) -> int:
+    """The emitted token for one draft set [n] (draw order) at uniforms [NODE_UNIFORMS].
+
+    u = uniforms[0]; the first group met is [a, b) around the draft of smallest position p_1, b
+    the first boundary after p_1 with level <= u; pick the earliest-drawn draft inside it (the
+    pair split for two drafts without replacement, at uniforms[1]), keep it with probability
+    min(1, p_y / m_y) (uniforms[2]), else draw from the residual (uniforms[3]). Same conditional
+    law as :func:`threshold_output_law`.
     """
     levels = row.levels
     pos_of = positions_of(row.order, drafts, p.size)  # [n], draw order
     first = int(pos_of.min())
-    u = rng.random()
+    u = uniforms[0]
     end = first + 1 + int(np.argmax(levels[first + 1 :] <= u))  # levels[K] = 0: always found
     inside = pos_of < end
     if row.others is not None and inside.all() and pos_of[0] != pos_of[1]:
-        chosen = _pair_pick(row, first, int(pos_of.max()), end, u, rng)
+        chosen = _pair_pick(row, first, int(pos_of.max()), end, u, uniforms[1])
     else:
         chosen = int(pos_of[np.argmax(inside)])  # the earliest draw inside the group
-    return keep_or_recover(p, row.order, row.rule_mass, chosen, rng)
+    return keep_or_recover(p, row.order, row.rule_mass, chosen, uniforms[2], uniforms[3])
 
 
-def _pair_pick(row: ThresholdRow, y: int, z: int, end: int, u: float, rng) -> int:
+def _pair_pick(row: ThresholdRow, y: int, z: int, end: int, u: float, u_pick: float) -> int:
     """Both drafts in the group [a, end): keep position y (the earlier) with probability
     (c_z + alpha (c_y - c_z)) / (c_y + c_z), c = 1 / (1 - q), alpha = Q_end / (Q_end - Q_a)."""
     start = y - int(np.argmax(row.levels[y::-1] <= u))  # levels[0] = 0: always found
     alpha = row.cum_mass[end] / (row.cum_mass[end] - row.cum_mass[start])
     c_y, c_z = 1.0 / row.others[y], 1.0 / row.others[z]
-    return y if rng.random() * (c_y + c_z) < c_z + alpha * (c_y - c_z) else z
+    return y if u_pick * (c_y + c_z) < c_z + alpha * (c_y - c_z) else z
+
+
+def node_kernel_applies(law: DraftLaw, n: int, support: int) -> bool:
+    """Whether :func:`sample_threshold_node` serves a row: a closed-form curve (i.i.d. drafts, or
+    two without replacement) and at most ``NODE_KERNEL_MAX_SUPPORT`` tokens with q > 0."""
+    closed = law.name == "iid" or (law.name == "without_replacement" and n == 2)
+    return closed and support <= NODE_KERNEL_MAX_SUPPORT
+
+
+def sample_threshold_node(
+    p: np.ndarray, q: np.ndarray, drafts: np.ndarray, n: int, law: DraftLaw, rng
+) -> int:
+    """``sample_threshold_row(fit_threshold_row(p, q, n, law), p, drafts, rng)`` in one compiled
+    call (``_threshold_numba.threshold_node``): the engine verifies one node per call, where a
+    dozen numpy calls cost more than the fit itself. The same arithmetic, so the same token for
+    the same generator state (tested); for ``node_kernel_applies`` rows."""
+    from mdsd.verifiers.optimal._threshold_numba import threshold_node  # lazy: numba costs ~0.3 s
+
+    return int(
+        threshold_node(
+            np.ascontiguousarray(p, dtype=np.float64),
+            np.ascontiguousarray(q, dtype=np.float64),
+            n,
+            law.name == "without_replacement",
+            np.ascontiguousarray(drafts, dtype=np.int64),
+            rng.random(NODE_UNIFORMS),
+            CHORD_TOLERANCE,
+            STAIR_MARGIN,
+            STAIR_RATIO,
+            _SHARES,
+        )
+    )
 
 
 def _target_curve(ps, qs, phi, split):

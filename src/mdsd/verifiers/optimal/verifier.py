@@ -29,6 +29,8 @@ from mdsd.verifiers.optimal.orders import (
 from mdsd.verifiers.optimal.threshold import (
     ThresholdFit,
     fit_threshold_row,
+    node_kernel_applies,
+    sample_threshold_node,
     sample_threshold_row,
     stack_rows,
     threshold_output_law,
@@ -353,13 +355,18 @@ class OptimalVerifier(Verifier):
     def sample(self, target_probs, draft_probs, drafts, law, rng):
         """Emitted tokens [B] int64 for validated p, q [B, V] and drafts [B, n]: per row, the
         fit's rule only (no capped arrays over the vocabulary, no acceptance, no certificate);
-        the residual is built only on a rejection. Same conditional law as ``output_law``."""
+        the residual is built only on a rejection. Same conditional law as ``output_law``.
+        Threshold rows on short supports are fitted and sampled by one compiled node
+        (``threshold.sample_threshold_node``, the same token as the row path)."""
         the_law = check_law(law)
         n = drafts.shape[1]
         out = np.empty(drafts.shape[0], dtype=np.int64)
         fitted = None  # (p, q, method, row fit): a row equal to the previous one reuses its fit
         for b in range(drafts.shape[0]):
             p, q, x = target_probs[b], draft_probs[b], drafts[b]
+            if node_kernel_applies(the_law, n, int(np.count_nonzero(q))):
+                out[b] = sample_threshold_node(p, q, x, n, the_law, rng)
+                continue
             if fitted is None or not (np.array_equal(p, fitted[0]) and np.array_equal(q, fitted[1])):
                 fitted = (p, q, *_fit_row_for_sampling(p, q, n, the_law))
             method, row_fit = fitted[2], fitted[3]
