@@ -559,11 +559,43 @@ def test_threshold_node_equals_row_path():
     assert compared > 900
 
 
+def test_orders_node_equals_row_path():
+    """The compiled node for three drafts without replacement (split, both blocks' Wolfe runs with
+    their norms, the draw) draws the same token as ``fit_orders_row`` + ``sample_orders_row``
+    from the same generator state: rows of 3-100 tokens with zeros in p and q, p = q, flat and
+    peaked q."""
+    gen = np.random.default_rng(46)
+    law = mdsd.get_law("without_replacement")
+    compared = 0
+    for trial in range(150):
+        vocab = int(gen.integers(3, 100)) if trial % 3 == 0 else int(gen.integers(3, 20))
+        p = gen.dirichlet(np.full(vocab, 0.5))
+        q = gen.dirichlet(np.full(vocab, 0.5 if trial % 2 else 0.05))
+        if trial % 4 == 0:
+            p[gen.integers(vocab)] = 0.0
+            p /= p.sum()
+        if trial % 5 == 0:
+            q[gen.integers(vocab)] = 0.0
+            q /= q.sum()
+        if trial % 7 == 0:
+            q = p.copy()
+        if not law_accepts("without_replacement", q, 3):
+            continue
+        drafts = law.sample(q, 3, gen)
+        seed = int(gen.integers(1 << 30))
+        node = orders.sample_orders_node(p, q, drafts, 3, np.random.default_rng(seed))
+        row = orders.fit_orders_row(p, q, 3, law)
+        assert node == orders.sample_orders_row(row, p, drafts, np.random.default_rng(seed))
+        compared += 1
+    assert compared > 120
+
+
 def test_node_sums_are_numpys():
     """The node kernel's sums and 1 - q equal numpy's ``sum`` and ``laws.others_mass`` bit for bit
     (numpy's pairwise order), on rows of 1-5,000 tokens, forward and reversed."""
     from mdsd.laws import others_mass
-    from mdsd.verifiers.optimal._threshold_numba import _numpy_sum, _others_mass
+    from mdsd.verifiers.optimal._common_numba import numpy_sum as _numpy_sum
+    from mdsd.verifiers.optimal._common_numba import others_mass as _others_mass
 
     gen = np.random.default_rng(45)
     for trial in range(400):

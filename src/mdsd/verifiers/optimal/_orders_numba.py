@@ -29,6 +29,7 @@ from mdsd._esp_numba import prefix_log_en
 from mdsd._race_numba import race_window
 from mdsd._wor_numba import three_draft_qall
 from mdsd.laws import THREE_DRAFT_CLOSED_MAX
+from mdsd.verifiers.optimal._common_numba import keep_or_recover, numpy_sum, priority_gather
 
 WITHOUT_REPLACEMENT, CONDITIONAL_POISSON = 0, 1  # law codes
 LAW_CODES = {"without_replacement": WITHOUT_REPLACEMENT, "conditional_poisson": CONDITIONAL_POISSON}
@@ -229,3 +230,134 @@ def race_settings(n: int, support: int) -> tuple[float, float, float, float, flo
 
     step = _race._window_step(n, support, None)
     return (step, _race.FAST_TAIL, _race.RIGHT_CUT, _race.CLAMP, _race.SATURATED)
+
+
+@numba.njit(cache=True, fastmath=False)
+def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget):
+    """The emitted token of one node for three drafts without replacement on at most
+    ``THREE_DRAFT_CLOSED_MAX`` tokens with q > 0: ``orders.fit_orders_row`` then
+    ``orders.pick_orders_row`` at uniforms [3], step for step (the same numbers).
+
+    p, q: [V]; drafts: [n] token ids in draw order; race, tolerances and budgets as in
+    ``priority_orders.decompose_compiled`` and ``orders._order_mixture``."""
+    order, ps, qs = priority_gather(p, q)
+    k = order.size
+    split = k - _scan_split(ps, qs)
+    qs_law = qs / numpy_sum(qs)
+    low, high, none = np.arange(split), np.arange(split, k), np.arange(0)
+    low_orders, low_weights, low_mass = _order_mixture(
+        qs_law,
+        n,
+        high,
+        low,
+        none,
+        ps[low],
+        qs[low],
+        1,
+        race,
+        match_tol,
+        gap_tol,
+        floor,
+        short_budget,
+        full_budget,
+    )
+    high_orders, high_weights, high_mass = _order_mixture(
+        qs_law,
+        n,
+        none,
+        high,
+        low,
+        ps[high],
+        qs[high],
+        2,
+        race,
+        match_tol,
+        gap_tol,
+        floor,
+        short_budget,
+        full_budget,
+    )
+    mass = np.concatenate((low_mass, high_mass))  # the rule's mass m in priority order
+    pos = np.empty(drafts.size, dtype=np.int64)  # priority position of each draft
+    for d in range(drafts.size):
+        pos[d] = 0
+        for j in range(k):
+            if order[j] == drafts[d]:
+                pos[d] = j
+                break
+    in_low = pos.min() < split
+    orders, weights = (low_orders, low_weights) if in_low else (high_orders, high_weights)
+    offset = 0 if in_low else split
+    cumulative = np.cumsum(weights)
+    j = min(np.searchsorted(cumulative, uniforms[0] * numpy_sum(weights), side="right"), weights.size - 1)
+    chosen = -1
+    for i in range(orders.shape[1]):  # the drafted position of the block first in the order
+        for d in range(drafts.size):
+            if pos[d] - offset == orders[j, i] and (not in_low or pos[d] < split):
+                chosen = orders[j, i] + offset
+                break
+        if chosen >= 0:
+            break
+    return keep_or_recover(p, order, mass, chosen, uniforms[1], uniforms[2])
+
+
+@numba.njit(cache=True, fastmath=False)
+def _scan_split(ps, qs):
+    """The first minimiser j* of p(H_j) - Qall(H_j) over H_j = the last j positions
+    (``common.priority_scan`` with ``bound.prefix_scan``, three drafts in closed form)."""
+    k = qs.size
+    qall = np.empty(k + 1)
+    three_draft_qall(qs[::-1].copy(), 0, k, qall)
+    best, value, acc = 0, 0.0 - qall[0], 0.0
+    for j in range(1, k + 1):
+        acc += ps[k - j]
+        f = acc - qall[j]
+        if f < value:
+            best, value = j, f
+    return best
+
+
+@numba.njit(cache=True, fastmath=False)
+def _order_mixture(
+    q, n, rest, block, before, target, block_q, side, race, match_tol, gap_tol, floor, short, full
+):
+    """``orders._order_mixture`` with ``decompose_compiled``: (orders, weights, mass) of one block,
+    trying the norms q, plain and q_floor in turn with a short budget, then the closest one with
+    the full budget. side: 1 "below", 2 "above"."""
+    size = target.size
+    if size == 0:
+        return np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0)
+    short = max(short, size // 8)
+    top = block_q.max()
+    scales = (np.sqrt(block_q), np.ones(size), np.sqrt(block_q + 1e-2 * top))
+    start = np.arange(size)
+    best_orders, best_weights, best_mass = np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0)
+    best_violation, best_scale = np.inf, 0
+    for s in range(3):
+        orders, weights, mass, _ = decompose(
+            q, n, WITHOUT_REPLACEMENT, rest, block, before, target, start, scales[s], side, short, race,
+            match_tol, gap_tol, floor,
+        )  # fmt: skip
+        violation = _violation(mass, target, side)
+        if violation <= match_tol:
+            return orders, weights, mass
+        if violation < best_violation:
+            best_orders, best_weights, best_mass = orders, weights, mass
+            best_violation, best_scale = violation, s
+    budget = min(10 * size + 50, full)
+    if budget <= short:
+        return best_orders, best_weights, best_mass
+    orders, weights, mass, _ = decompose(
+        q, n, WITHOUT_REPLACEMENT, rest, block, before, target, start, scales[best_scale], side, budget, race,
+        match_tol, gap_tol, floor,
+    )  # fmt: skip
+    if _violation(mass, target, side) <= best_violation:
+        return orders, weights, mass
+    return best_orders, best_weights, best_mass
+
+
+@numba.njit(cache=True, fastmath=False)
+def _violation(mass, target, side):
+    """``orders._violation``: the total by which mass breaks the block's sign pattern."""
+    off = mass - target
+    return numpy_sum(np.maximum(off if side == 1 else -off, 0.0))

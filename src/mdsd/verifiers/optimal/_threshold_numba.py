@@ -15,8 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from mdsd.sampling import draw
-from mdsd.verifiers.base import EMPTY_MASS
+from mdsd.verifiers.optimal._common_numba import keep_or_recover, others_mass, priority_gather
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -291,90 +290,16 @@ def curve_scan(ps, qs, n, others):
 
 
 @numba.njit(cache=True)
-def priority_gather(p, q):
-    """(order [K], p [K], q [K] in that order): the tokens with q > 0 by p/q decreasing, ties by
-    lower id (a stable sort, as ``common.priority_order_reference``)."""
-    support = np.flatnonzero(q > 0.0)
-    key = np.empty(support.size)
-    for j in range(support.size):
-        key[j] = -(p[support[j]] / q[support[j]])
-    order = support[np.argsort(key, kind="mergesort")]
-    return order, p[order], q[order]
-
-
-@numba.njit(cache=True)
-def _numpy_sum(values):
-    """values.sum() in numpy's own order, so that the 1 - q below equal ``laws.others_mass``'s
-    bit for bit (tested through ``threshold_node``): numpy's pairwise summation halves a row
-    (at a multiple of 8) until a part has at most 128 values, sums each part in eight
-    interleaved partial sums, and adds the halves back up the tree. The tree is walked with an
-    explicit stack (numba's on-disk cache mishandles recursive functions)."""
-    task_lo = np.empty(64, dtype=np.int64)
-    task_count = np.empty(64, dtype=np.int64)  # -1: add the two sums on top of the value stack
-    sums = np.empty(64)
-    task_lo[0], task_count[0], tasks, depth = 0, values.size, 1, 0
-    while tasks > 0:
-        tasks -= 1
-        lo, count = task_lo[tasks], task_count[tasks]
-        if count < 0:
-            depth -= 1
-            sums[depth - 1] = sums[depth - 1] + sums[depth]
-        elif count > 128:
-            half = count // 2
-            half -= half % 8
-            task_lo[tasks], task_count[tasks] = 0, -1  # after both halves
-            task_lo[tasks + 1], task_count[tasks + 1] = lo + half, count - half
-            task_lo[tasks + 2], task_count[tasks + 2] = lo, half  # the first half first
-            tasks += 3
-        else:
-            sums[depth] = _block_sum(values, lo, count)
-            depth += 1
-    return sums[0]
-
-
-@numba.njit(cache=True)
-def _block_sum(values, lo, count):
-    """numpy's sum of at most 128 values: sequential below 8, else eight partial sums."""
-    if count < 8:
-        total = 0.0
-        for i in range(lo, lo + count):
-            total += values[i]
-        return total
-    r = values[lo : lo + 8].copy()
-    i = 8
-    while i < count - count % 8:
-        for j in range(8):
-            r[j] += values[lo + i + j]
-        i += 8
-    total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
-    while i < count:
-        total += values[lo + i]
-        i += 1
-    return total
-
-
-@numba.njit(cache=True)
-def _others_mass(q):
-    """``laws.others_mass``: sum_{b != a} q_b for every a, the largest q (if > 1/2) summed apart."""
-    out = _numpy_sum(q) - q
-    top = np.argmax(q)
-    if q[top] > 0.5:
-        rest = np.concatenate((q[:top], q[top + 1 :]))
-        out[top] = _numpy_sum(rest)
-    return out
-
-
-@numba.njit(cache=True)
 def threshold_node(p, q, n, without_replacement, drafts, uniforms, chord_tolerance, margin, ratio, shares):
     """The emitted token of one node: ``threshold.fit_threshold_row`` then
     ``threshold.pick_threshold_row`` at uniforms [4], step for step (the same numbers).
 
     p, q: [V]; n drafts, i.i.d. or (without_replacement) two without replacement, whose curve and
-    pair split use 1 - q (``_others_mass``); drafts: [n] token ids in draw order."""
+    pair split use 1 - q (``_common_numba.others_mass``); drafts: [n] token ids in draw order."""
     order, ps, qs = priority_gather(p, q)
     none = np.zeros(0)
-    scan_others = _others_mass(qs[::-1].copy()) if without_replacement else none
-    pair_others = _others_mass(qs) if without_replacement else none
+    scan_others = others_mass(qs[::-1].copy()) if without_replacement else none
+    pair_others = others_mass(qs) if without_replacement else none
     phi, split, _, cum_mass = curve_scan(ps, qs, n, scan_others)
     levels, rate = fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares)
     k = order.size
@@ -404,13 +329,4 @@ def threshold_node(p, q, n, without_replacement, drafts, uniforms, chord_toleran
             if pos[d] < end:
                 chosen = pos[d]
                 break
-    mass, token = qs[chosen] * rate[chosen], order[chosen]
-    if mass > 0.0 and uniforms[2] * mass < p[token]:
-        return token
-    left = p.copy()  # the residual max(p - m, 0)
-    total = 0.0
-    for j in range(k):
-        left[order[j]] = max(p[order[j]] - qs[j] * rate[j], 0.0)
-    for j in range(left.size):
-        total += left[j]
-    return draw(left, uniforms[3]) if total > EMPTY_MASS else draw(p, uniforms[3])
+    return keep_or_recover(p, order, qs * rate, chosen, uniforms[2], uniforms[3])

@@ -18,10 +18,12 @@ from functools import partial
 
 import numpy as np
 
-from mdsd.laws import DraftLaw
+from mdsd.laws import THREE_DRAFT_CLOSED_MAX, DraftLaw
 from mdsd.verifiers.optimal.common import OptimalFit, keep_or_recover, positions_of, priority_scan
 from mdsd.verifiers.optimal.priority_orders import (
+    GAP_TOLERANCE,
     MATCH_TOLERANCE,
+    WEIGHT_FLOOR,
     OrderMixture,
     decompose,
     decompose_compiled,
@@ -122,21 +124,61 @@ class OrdersFit(OptimalFit):
     rows: tuple[OrdersRow, ...]
 
 
+# Uniforms one order draw uses: the order, the keep test, the residual.
+NODE_UNIFORMS = 3
+
+
 def sample_orders_row(row: OrdersRow, p: np.ndarray, drafts: np.ndarray, rng) -> int:
-    """Draw the emitted token for one draft set [n] from the rule of ``row``: the block met first
-    (L, else H*), an order of it drawn by weight, its first drafted token kept with probability
-    min(1, p_y / m_y), else the residual. Same conditional law as :func:`orders_output_law`."""
+    """Draw the emitted token for one draft set [n] from the rule of ``row``:
+    :func:`pick_orders_row` at ``NODE_UNIFORMS`` uniforms from rng."""
+    return pick_orders_row(row, p, drafts, rng.random(NODE_UNIFORMS))
+
+
+def pick_orders_row(row: OrdersRow, p: np.ndarray, drafts: np.ndarray, uniforms: np.ndarray) -> int:
+    """The emitted token for one draft set [n] at uniforms [NODE_UNIFORMS]: the block met first
+    (L, else H*), an order of it drawn by weight (uniforms[0]), its first drafted token kept with
+    probability min(1, p_y / m_y) (uniforms[1]), else the residual (uniforms[2]). Same
+    conditional law as :func:`orders_output_law`."""
     pos = positions_of(row.order, drafts, p.size)  # [n]
     in_low = pos < row.split
     if in_low.any():
         mix, local = row.low, pos[in_low]
     else:
         mix, local = row.high, pos - row.split
-    j = int(np.searchsorted(np.cumsum(mix.weights), rng.random() * mix.weights.sum(), side="right"))
+    j = int(np.searchsorted(np.cumsum(mix.weights), uniforms[0] * mix.weights.sum(), side="right"))
     sigma = mix.orders[min(j, mix.weights.size - 1)]
     first = int(sigma[np.argmax(np.isin(sigma, local))])  # the drafted block index first in sigma
     chosen = first if mix is row.low else first + row.split
-    return keep_or_recover(p, row.order, row.rule_mass, chosen, *rng.random(2))
+    return keep_or_recover(p, row.order, row.rule_mass, chosen, uniforms[1], uniforms[2])
+
+
+def node_kernel_applies(law: DraftLaw, n: int, support: int) -> bool:
+    """Whether :func:`sample_orders_node` serves a row: three drafts without replacement on at
+    most ``laws.THREE_DRAFT_CLOSED_MAX`` tokens with q > 0 (Qall in closed form)."""
+    return law.name == "without_replacement" and n == 3 and support <= THREE_DRAFT_CLOSED_MAX
+
+
+def sample_orders_node(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, n: int, rng) -> int:
+    """``sample_orders_row(fit_orders_row(p, q, n, law), p, drafts, rng)`` in one compiled call
+    (``_orders_numba.orders_node``) for ``node_kernel_applies`` rows: the same arithmetic, so
+    the same token from the same generator state (tested)."""
+    from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
+
+    q = np.ascontiguousarray(q, dtype=np.float64)
+    token = _orders_numba.orders_node(
+        np.ascontiguousarray(p, dtype=np.float64),
+        q,
+        n,
+        np.ascontiguousarray(drafts, dtype=np.int64),
+        rng.random(NODE_UNIFORMS),
+        _orders_numba.race_settings(n, int(np.count_nonzero(q))),
+        MATCH_TOLERANCE,
+        GAP_TOLERANCE,
+        WEIGHT_FLOOR,
+        ORDER_SHORT_BUDGET,
+        ORDER_FULL_BUDGET,
+    )
+    return int(token)
 
 
 def orders_output_law(fit: OrdersFit, x: np.ndarray, fr: np.ndarray) -> np.ndarray:

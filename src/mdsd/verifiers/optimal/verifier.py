@@ -24,8 +24,10 @@ from mdsd.verifiers.optimal.orders import (
     fit_orders_row,
     orders_acceptance,
     orders_output_law,
+    sample_orders_node,
     sample_orders_row,
 )
+from mdsd.verifiers.optimal.orders import node_kernel_applies as orders_node_applies
 from mdsd.verifiers.optimal.threshold import (
     ThresholdFit,
     fit_threshold_row,
@@ -356,16 +358,22 @@ class OptimalVerifier(Verifier):
         """Emitted tokens [B] int64 for validated p, q [B, V] and drafts [B, n]: per row, the
         fit's rule only (no capped arrays over the vocabulary, no acceptance, no certificate);
         the residual is built only on a rejection. Same conditional law as ``output_law``.
-        Threshold rows on short supports are fitted and sampled by one compiled node
-        (``threshold.sample_threshold_node``, the same token as the row path)."""
+        Rows on short supports of the threshold method and of three drafts without replacement
+        are fitted and sampled by one compiled node (``threshold.sample_threshold_node``,
+        ``orders.sample_orders_node``: the same token as the row path)."""
         the_law = check_law(law)
         n = drafts.shape[1]
         out = np.empty(drafts.shape[0], dtype=np.int64)
         fitted = None  # (p, q, method, row fit): a row equal to the previous one reuses its fit
         for b in range(drafts.shape[0]):
             p, q, x = target_probs[b], draft_probs[b], drafts[b]
-            if node_kernel_applies(the_law, n, int(np.count_nonzero(q))):
+            support = int(np.count_nonzero(q))
+            method = method_for(the_law, n, support)
+            if method == "threshold" and node_kernel_applies(the_law, n, support):
                 out[b] = sample_threshold_node(p, q, x, n, the_law, rng)
+                continue
+            if method == "orders" and orders_node_applies(the_law, n, support):
+                out[b] = sample_orders_node(p, q, x, n, rng)
                 continue
             if fitted is None or not (np.array_equal(p, fitted[0]) and np.array_equal(q, fitted[1])):
                 fitted = (p, q, *_fit_row_for_sampling(p, q, n, the_law))
