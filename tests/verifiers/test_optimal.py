@@ -524,16 +524,12 @@ def test_sample_matches_output_law(law, n):
         assert g_test_pvalue(counts, expected) > G_TEST_MIN_P
 
 
-def test_threshold_node_equals_row_path():
-    """The compiled node (fit + draw in one call, the engine's per-node path) draws the same token
-    as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the same generator
-    state: i.i.d. n = 1..5 and two drafts without replacement on rows of 2-300 tokens with zeros
-    in p and q, p = q, flat and very peaked q, ties; so every branch (pair split, keep, residual,
-    empty residual) is compared exactly."""
-    gen = np.random.default_rng(44)
-    compared = 0
-    for trial in range(500):
-        vocab = int(gen.integers(2, 300)) if trial % 3 == 0 else int(gen.integers(2, 40))
+def _node_rows(gen, count: int, smallest: int, largest: int):
+    """(p, q) rows for the one-call nodes: mostly 2-40 tokens, every third up to ``largest``;
+    zeros in p (every 4th) and q (every 5th), p = q (every 7th), uniform rows (every 11th), flat
+    and very peaked q in turn."""
+    for trial in range(count):
+        vocab = int(gen.integers(smallest, largest)) if trial % 3 == 0 else int(gen.integers(smallest, 40))
         p = gen.dirichlet(np.full(vocab, 0.5))
         q = gen.dirichlet(np.full(vocab, 0.5 if trial % 2 else 0.05))
         if trial % 4 == 0:
@@ -546,6 +542,18 @@ def test_threshold_node_equals_row_path():
             q = p.copy()
         if trial % 11 == 0:
             p, q = np.full(vocab, 1.0 / vocab), np.full(vocab, 1.0 / vocab)
+        yield p, q
+
+
+def test_threshold_node_equals_row_path():
+    """The compiled node (fit + draw in one call, the engine's per-node path) draws the same token
+    as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the same generator
+    state: i.i.d. n = 1..5 and two drafts without replacement on rows of 2-300 tokens with zeros
+    in p and q, p = q, flat and very peaked q, ties; so every branch (pair split, keep, residual,
+    empty residual) is compared exactly."""
+    gen = np.random.default_rng(44)
+    compared = 0
+    for trial, (p, q) in enumerate(_node_rows(gen, 500, smallest=2, largest=300)):
         for law, n in (("iid", 1 + trial % 5), ("without_replacement", 2)):
             the_law = mdsd.get_law(law)
             if not law_accepts(law, q, n):
@@ -567,18 +575,7 @@ def test_orders_node_equals_row_path():
     gen = np.random.default_rng(46)
     law = mdsd.get_law("without_replacement")
     compared = 0
-    for trial in range(150):
-        vocab = int(gen.integers(3, 100)) if trial % 3 == 0 else int(gen.integers(3, 20))
-        p = gen.dirichlet(np.full(vocab, 0.5))
-        q = gen.dirichlet(np.full(vocab, 0.5 if trial % 2 else 0.05))
-        if trial % 4 == 0:
-            p[gen.integers(vocab)] = 0.0
-            p /= p.sum()
-        if trial % 5 == 0:
-            q[gen.integers(vocab)] = 0.0
-            q /= q.sum()
-        if trial % 7 == 0:
-            q = p.copy()
+    for p, q in _node_rows(gen, 150, smallest=3, largest=100):
         if not law_accepts("without_replacement", q, 3):
             continue
         drafts = law.sample(q, 3, gen)

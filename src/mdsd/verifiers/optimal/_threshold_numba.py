@@ -15,6 +15,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from mdsd._race_numba import _power
 from mdsd.verifiers.optimal._common_numba import keep_or_recover, others_mass, priority_gather
 
 
@@ -225,19 +226,6 @@ def fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares):
             rate[i] = coarse_rate[c]
     levels[k] = coarse_levels[count - 1]
     return levels, rate
-
-
-@numba.njit(cache=True)
-def _power(x, n):
-    """x^n for an integer n >= 1 by repeated squaring (``mdsd.laws.int_power``'s order)."""
-    result, base = 1.0, x
-    while n:
-        if n & 1:
-            result *= base
-        n >>= 1
-        if n:
-            base *= base
-    return result
 
 
 @numba.njit(cache=True)
