@@ -14,7 +14,8 @@ Cost at LLM vocabularies (see BENCHMARKS.md): iid, greedy and spechub are one (v
 or an O(V) selection plus a few passes. ``without_replacement`` integrates the exponential race
 (``mdsd._race``) only on the prefixes that cheap bounds cannot rule out and only on the
 quadrature nodes they need (``_wor_window``), with a compiled (numba) kernel on CPU;
-``device="cuda"`` runs that integral on a GPU (torch).
+``device="cuda"`` runs that integral on a GPU (torch). Two drafts, and three on up to
+``laws.THREE_DRAFT_CLOSED_MAX`` tokens, have closed forms instead (no quadrature).
 The plain references are kept next to the fast paths: ``mdsd._race.wor_qall_prefixes_reference``
 (a Python loop over the tokens) and ``scan_reference`` (stable sort, every prefix, those Qall).
 
@@ -118,7 +119,9 @@ def optimal_bound(
         device: torch device for the race quadrature of ``without_replacement`` (e.g. "cuda");
             default CPU. The sort and the scan stay on the host; results agree to ~1e-12.
         kernel: that quadrature's CPU kernel, ``"numba"`` (compiled, the default) or ``"torch"``
-            (``mdsd._race``; the two are compared by the tests); ignored on CUDA.
+            (``mdsd._race``; the two are compared by the tests); ignored on CUDA. Neither
+            applies where Qall has a closed form (n = 2; n = 3 on up to
+            ``laws.THREE_DRAFT_CLOSED_MAX`` tokens).
 
     Note on ``without_replacement``: Qall is computed exactly by the exponential-race integral.
     The elementary-symmetric ratio e_n(q_H) / e_n(q) is exact only for ``conditional_poisson``;
@@ -270,7 +273,8 @@ CANDIDATE_SLACK = 1e-9
 
 def _wor_window(p_prefix, q_prefix, q_sorted, n, device=None, kernel="numba"):
     """Qall(H_k) where f(H_k) = p(H_k) - Qall(H_k) can be the minimum, NaN elsewhere; and an
-    error estimate (without_replacement, n >= 3: the race integral of ``mdsd._race``).
+    error estimate (without_replacement, n >= 4 or a long row with n = 3: the race integral of
+    ``mdsd._race``).
 
     Cheap bounds prune the prefixes (only these are integrated, and only on the quadrature nodes
     they need): with Q = q(H), T_j = an upper bound on the mass of the j largest q in H,

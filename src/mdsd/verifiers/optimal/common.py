@@ -79,7 +79,7 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     one compiled pass (``_threshold_numba.curve_scan``); elsewhere, and as its reference,
     :func:`priority_scan_reference` (the same numbers, tested).
     """
-    if not (curve and _closed_curve(law, n)):
+    if not (curve and closed_curve(law, n)):
         return priority_scan_reference(p, q, n, law, curve=curve)
     from mdsd.verifiers.optimal._threshold_numba import curve_scan  # lazy: numba costs ~0.3 s
 
@@ -90,7 +90,7 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     return PriorityScan(order, phi, split, min(1.0, max(0.0, alpha)), ps, qs, draft_prefix)
 
 
-def _closed_curve(law: DraftLaw, n: int) -> bool:
+def closed_curve(law: DraftLaw, n: int) -> bool:
     """Laws whose Qall of prefixes ``curve_scan`` computes: i.i.d., two drafts without replacement."""
     return law.name == "iid" or (law.name == "without_replacement" and n == 2)
 

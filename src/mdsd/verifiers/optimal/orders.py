@@ -152,7 +152,7 @@ def pick_orders_row(row: OrdersRow, p: np.ndarray, drafts: np.ndarray, uniforms:
     return keep_or_recover(p, row.order, row.rule_mass, chosen, uniforms[1], uniforms[2])
 
 
-def node_kernel_applies(law: DraftLaw, n: int, support: int) -> bool:
+def orders_node_applies(law: DraftLaw, n: int, support: int) -> bool:
     """Whether :func:`sample_orders_node` serves a row: three drafts without replacement on at
     most ``laws.THREE_DRAFT_CLOSED_MAX`` tokens with q > 0 (Qall in closed form)."""
     return law.name == "without_replacement" and n == 3 and support <= THREE_DRAFT_CLOSED_MAX
@@ -160,7 +160,7 @@ def node_kernel_applies(law: DraftLaw, n: int, support: int) -> bool:
 
 def sample_orders_node(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, n: int, rng) -> int:
     """``sample_orders_row(fit_orders_row(p, q, n, law), p, drafts, rng)`` in one compiled call
-    (``_orders_numba.orders_node``) for ``node_kernel_applies`` rows: the same arithmetic, so
+    (``_orders_numba.orders_node``) for ``orders_node_applies`` rows: the same arithmetic, so
     the same token from the same generator state (tested)."""
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
 

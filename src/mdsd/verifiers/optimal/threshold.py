@@ -28,7 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdsd.laws import DraftLaw, others_mass
-from mdsd.verifiers.optimal.common import OptimalFit, keep_or_recover, positions_of, priority_scan
+from mdsd.verifiers.optimal.common import (
+    OptimalFit,
+    closed_curve,
+    keep_or_recover,
+    positions_of,
+    priority_scan,
+)
 
 # The peeling treats the target as a single group once it is within this distance (probability
 # units) of the chord: it can lose at most about this much acceptance per group.
@@ -202,11 +208,10 @@ def _pair_pick(row: ThresholdRow, y: int, z: int, end: int, u: float, u_pick: fl
     return y if u_pick * (c_y + c_z) < c_z + alpha * (c_y - c_z) else z
 
 
-def node_kernel_applies(law: DraftLaw, n: int, support: int) -> bool:
+def threshold_node_applies(law: DraftLaw, n: int, support: int) -> bool:
     """Whether :func:`sample_threshold_node` serves a row: a closed-form curve (i.i.d. drafts, or
     two without replacement) and at most ``NODE_KERNEL_MAX_SUPPORT`` tokens with q > 0."""
-    closed = law.name == "iid" or (law.name == "without_replacement" and n == 2)
-    return closed and support <= NODE_KERNEL_MAX_SUPPORT
+    return closed_curve(law, n) and support <= NODE_KERNEL_MAX_SUPPORT
 
 
 def sample_threshold_node(
@@ -215,7 +220,7 @@ def sample_threshold_node(
     """``sample_threshold_row(fit_threshold_row(p, q, n, law), p, drafts, rng)`` in one compiled
     call (``_threshold_numba.threshold_node``): the engine verifies one node per call, where a
     dozen numpy calls cost more than the fit itself. The same arithmetic, so the same token for
-    the same generator state (tested); for ``node_kernel_applies`` rows."""
+    the same generator state (tested); for ``threshold_node_applies`` rows."""
     from mdsd.verifiers.optimal._threshold_numba import threshold_node  # lazy: numba costs ~0.3 s
 
     return int(

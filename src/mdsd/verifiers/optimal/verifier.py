@@ -23,18 +23,18 @@ from mdsd.verifiers.optimal.orders import (
     OrdersFit,
     fit_orders_row,
     orders_acceptance,
+    orders_node_applies,
     orders_output_law,
     sample_orders_node,
     sample_orders_row,
 )
-from mdsd.verifiers.optimal.orders import node_kernel_applies as orders_node_applies
 from mdsd.verifiers.optimal.threshold import (
     ThresholdFit,
     fit_threshold_row,
-    node_kernel_applies,
     sample_threshold_node,
     sample_threshold_row,
     stack_rows,
+    threshold_node_applies,
     threshold_output_law,
 )
 
@@ -369,7 +369,7 @@ class OptimalVerifier(Verifier):
             p, q, x = target_probs[b], draft_probs[b], drafts[b]
             support = int(np.count_nonzero(q))
             method = method_for(the_law, n, support)
-            if method == "threshold" and node_kernel_applies(the_law, n, support):
+            if method == "threshold" and threshold_node_applies(the_law, n, support):
                 out[b] = sample_threshold_node(p, q, x, n, the_law, rng)
                 continue
             if method == "orders" and orders_node_applies(the_law, n, support):
