@@ -104,6 +104,31 @@ def test_first_three_tokens_with_top_p(gpt2, law, verifier):
     assert_same_law(got, autoregressive_law(oracle, PROMPT, 3), LAW_TOL)
 
 
+def test_common_support_merge_equals_numpy():
+    """The compiled merge of two supports gives ``np.union1d``'s tokens and the same p and q on
+    them: overlapping, disjoint, identical and nested supports of 1-300 tokens, and dense rows."""
+    from mdsd.engine.walk import common_support, common_support_reference
+    from mdsd.logits import SupportProbs
+
+    gen = np.random.default_rng(12)
+    vocab = 500
+    for trial in range(200):
+        p_ids = np.sort(gen.choice(vocab, int(gen.integers(1, 300)), replace=False))
+        q_ids = [
+            np.sort(gen.choice(vocab, int(gen.integers(1, 300)), replace=False)),
+            p_ids.copy(),
+            np.setdiff1d(np.arange(vocab), p_ids)[:5],
+            p_ids[: max(1, p_ids.size // 2)].copy(),
+        ][trial % 4]
+        p = SupportProbs(p_ids, gen.dirichlet(np.ones(p_ids.size)), vocab)
+        q = SupportProbs(q_ids, gen.dirichlet(np.ones(q_ids.size)), vocab)
+        for got, want in zip(common_support(p, q), common_support_reference(p, q)):
+            np.testing.assert_array_equal(got, want)
+    dense = SupportProbs(None, gen.dirichlet(np.ones(vocab)), vocab)
+    tokens, p_local, _ = common_support(dense, q)
+    assert tokens is None and np.array_equal(p_local, dense.values)
+
+
 @pytest.mark.parametrize("law,verifier", EXACT_PAIRS)
 def test_verification_on_the_union_support_is_exact(law, verifier):
     """``walk.verify_node`` verifies on the union of the supports of p and q: the output law

@@ -31,6 +31,7 @@ check that each sampler follows them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -146,7 +147,16 @@ def common_support(p: SupportProbs, q: SupportProbs):
     Tokens outside both supports have p = q = 0: no exact verifier emits them and no draft law
     draws them, so verifying on the union (ascending ids, which keeps tie-breaking by id) gives
     the full-vocabulary conditional law restricted to it (tested). Dense when either is dense.
+    One compiled merge of the two id lists (``_walk_numba.merge_supports``); the numpy form is
+    :func:`common_support_reference`.
     """
+    if p.indices is None or q.indices is None:
+        return None, p.dense(), q.dense()
+    return _merge_supports()(p.indices, p.values, q.indices, q.values)
+
+
+def common_support_reference(p: SupportProbs, q: SupportProbs):
+    """:func:`common_support` by ``np.union1d`` and ``np.searchsorted``."""
     if p.indices is None or q.indices is None:
         return None, p.dense(), q.dense()
     tokens = np.union1d(p.indices, q.indices)
@@ -154,6 +164,14 @@ def common_support(p: SupportProbs, q: SupportProbs):
     p_local[np.searchsorted(tokens, p.indices)] = p.values
     q_local[np.searchsorted(tokens, q.indices)] = q.values
     return tokens, p_local, q_local
+
+
+@functools.cache
+def _merge_supports():
+    """``mdsd.engine._walk_numba.merge_supports``, imported once (numba's import costs ~0.3 s)."""
+    from mdsd.engine._walk_numba import merge_supports
+
+    return merge_supports
 
 
 @dataclass(frozen=True)
