@@ -1,5 +1,6 @@
 """Compiled pieces both methods' one-call nodes share (``_threshold_numba.threshold_node``,
-``_orders_numba.orders_node``): the priority order, numpy's summation order, 1 - q, and the keep
+``_orders_numba.orders_node``): the priority order and the drafts' positions in it, numpy's
+summation order, 1 - q, and the keep
 test with the residual draw. Each is the numpy step of the row path (``common``, ``laws``) with
 the same arithmetic in the same order, so the nodes draw the same tokens as the row paths.
 """
@@ -23,6 +24,19 @@ def priority_gather(p, q):
         key[j] = -(p[support[j]] / q[support[j]])
     order = support[np.argsort(key, kind="mergesort")]
     return order, p[order], q[order]
+
+
+@numba.njit(cache=True)
+def positions_in(order, drafts):
+    """``common.positions_of``: the position in ``order`` [K] of each draft [n] (draws have
+    q > 0, so each is there)."""
+    pos = np.zeros(drafts.size, dtype=np.int64)
+    for d in range(drafts.size):
+        for j in range(order.size):
+            if order[j] == drafts[d]:
+                pos[d] = j
+                break
+    return pos
 
 
 @numba.njit(cache=True)

@@ -29,7 +29,7 @@ from mdsd._esp_numba import prefix_log_en
 from mdsd._race_numba import race_window
 from mdsd._wor_numba import three_draft_qall
 from mdsd.laws import THREE_DRAFT_CLOSED_MAX
-from mdsd.verifiers.optimal._common_numba import keep_or_recover, numpy_sum, priority_gather
+from mdsd.verifiers.optimal._common_numba import keep_or_recover, numpy_sum, positions_in, priority_gather
 
 WITHOUT_REPLACEMENT, CONDITIONAL_POISSON = 0, 1  # law codes
 LAW_CODES = {"without_replacement": WITHOUT_REPLACEMENT, "conditional_poisson": CONDITIONAL_POISSON}
@@ -278,13 +278,7 @@ def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, shor
         full_budget,
     )
     mass = np.concatenate((low_mass, high_mass))  # the rule's mass m in priority order
-    pos = np.empty(drafts.size, dtype=np.int64)  # priority position of each draft
-    for d in range(drafts.size):
-        pos[d] = 0
-        for j in range(k):
-            if order[j] == drafts[d]:
-                pos[d] = j
-                break
+    pos = positions_in(order, drafts)  # priority position of each draft
     in_low = pos.min() < split
     orders, weights = (low_orders, low_weights) if in_low else (high_orders, high_weights)
     offset = 0 if in_low else split

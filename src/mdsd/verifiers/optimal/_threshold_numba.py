@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from mdsd._race_numba import _power
-from mdsd.verifiers.optimal._common_numba import keep_or_recover, others_mass, priority_gather
+from mdsd.verifiers.optimal._common_numba import keep_or_recover, others_mass, positions_in, priority_gather
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -244,15 +244,14 @@ def curve_scan(ps, qs, n, others):
     qall = np.empty(k + 1)
     qall[0] = 0.0
     best, value = 0, 0.0
-    p_acc, q_acc, odds_acc, before_q, before_odds, pair_acc = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    p_acc, q_acc, before_q, before_odds, pair_acc = 0.0, 0.0, 0.0, 0.0, 0.0
     for j in range(k):
         i = k - 1 - j  # the position added to H
         p_acc += ps[i]
         if pair:  # Qall grows by q_b (sum_{a in H} q_a / (1 - q_a) + q(H) / (1 - q_b))
             pair_acc += qs[i] * (before_odds + before_q / others[j])
             before_q += qs[i]
-            odds_acc = qs[i] / others[j]
-            before_odds += odds_acc
+            before_odds += qs[i] / others[j]
             q_acc = min(pair_acc, 1.0)
         else:
             before_q += qs[i]
@@ -290,15 +289,8 @@ def threshold_node(p, q, n, without_replacement, drafts, uniforms, chord_toleran
     pair_others = others_mass(qs) if without_replacement else none
     phi, split, _, cum_mass = curve_scan(ps, qs, n, scan_others)
     levels, rate = fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares)
-    k = order.size
     count = drafts.size
-    pos = np.empty(count, dtype=np.int64)  # priority position of each draft, in draw order
-    for d in range(count):
-        pos[d] = 0
-        for j in range(k):
-            if order[j] == drafts[d]:
-                pos[d] = j
-                break
+    pos = positions_in(order, drafts)  # priority position of each draft, in draw order
     first, last = pos.min(), pos.max()
     u = uniforms[0]
     end = first + 1  # the first boundary after the first draft whose level is <= u

@@ -317,16 +317,16 @@ def verify_from_fit(fit: OptimalFit, drafts, rng=None):
     return tokens, accepted
 
 
-def _fit_row_for_sampling(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw):
-    """(method, row fit) of one position [V], [V] for ``OptimalVerifier.sample``; the fit is a
-    deterministic function of (p, q, n, law) and draws no randomness (None for the fallback)."""
-    method = method_for(law, n, 0 if law.name == "iid" else int(np.count_nonzero(q)))
+def _fit_row_for_sampling(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, method: str, support: int):
+    """The row fit of one position [V], [V] for ``OptimalVerifier.sample`` by ``method``
+    (``method_for`` of q's ``support``); a deterministic function of (p, q, n, law) that draws
+    no randomness (None for the fallback)."""
     if method == "threshold":
-        return method, fit_threshold_row(p, q, n, law)
+        return fit_threshold_row(p, q, n, law)
     if method == "orders":
-        return method, fit_orders_row(p, q, n, law)
-    _warn_fallback(law, n, int(np.count_nonzero(q)))
-    return method, None
+        return fit_orders_row(p, q, n, law)
+    _warn_fallback(law, n, support)
+    return None
 
 
 @dataclass(frozen=True)
@@ -364,7 +364,7 @@ class OptimalVerifier(Verifier):
         the_law = check_law(law)
         n = drafts.shape[1]
         out = np.empty(drafts.shape[0], dtype=np.int64)
-        fitted = None  # (p, q, method, row fit): a row equal to the previous one reuses its fit
+        fitted = None  # (p, q, row fit): a row equal to the previous one reuses its fit
         for b in range(drafts.shape[0]):
             p, q, x = target_probs[b], draft_probs[b], drafts[b]
             support = int(np.count_nonzero(q))
@@ -376,8 +376,8 @@ class OptimalVerifier(Verifier):
                 out[b] = sample_orders_node(p, q, x, n, rng)
                 continue
             if fitted is None or not (np.array_equal(p, fitted[0]) and np.array_equal(q, fitted[1])):
-                fitted = (p, q, *_fit_row_for_sampling(p, q, n, the_law))
-            method, row_fit = fitted[2], fitted[3]
+                fitted = (p, q, _fit_row_for_sampling(p, q, n, the_law, method, support))
+            row_fit = fitted[2]
             if method == "threshold":
                 out[b] = sample_threshold_row(row_fit, p, x, rng)
             elif method == "orders":
