@@ -7,7 +7,9 @@ blocked search) against ``np.cumsum`` + ``np.searchsorted`` of the same row; wit
 drafts (``WithoutReplacement.sample``: n compiled draws up to ``SEQUENTIAL_DRAWS_MAX``) against
 the Gumbel-top-n path (``_sample_gumbel``); the sampling transform's softmax of a float32 logits
 row at T = 0.7 (``mdsd.logits.process_logits_row``'s compiled ``tempered_softmax``) against the
-numpy steps it replaced (float64 copy, division, max, shift, exp, sum, division). Rows are
+numpy steps it replaced (float64 copy, division, max, shift, exp, sum, division); the transform's
+top-50 of a float32 logits row (``mdsd.logits.top_k_indices``, compiled: block maxima bound the
+50th value) against ``top_k_indices_reference`` (``np.argpartition``) of the same row. Rows are
 Dirichlet(0.1) laws over V tokens (logits: 3 x standard normal); medians of ``--repeats`` calls,
 microseconds, one thread.
 """
@@ -23,6 +25,7 @@ import numpy as np
 from mdsd._softmax_numba import tempered_softmax
 from mdsd._threads import set_threads
 from mdsd.laws import WithoutReplacement
+from mdsd.logits import top_k_indices, top_k_indices_reference
 from mdsd.sampling import categorical
 
 
@@ -76,6 +79,9 @@ def main() -> None:
         fast = median_us(partial(tempered_softmax, logits, 0.7), args.repeats)  # (probs, zeros)
         slow = median_us(partial(numpy_softmax, logits, 0.7), args.repeats)
         print(row("softmax of logits / T (vs numpy)", vocab, 1, fast, slow))
+        fast = median_us(partial(top_k_indices, logits, 50), args.repeats)
+        slow = median_us(partial(top_k_indices_reference, logits, 50), args.repeats)
+        print(row("top-50 of logits (vs np.argpartition)", vocab, 1, fast, slow))
         for n in (1, 2, 4, 8):
             fast = median_us(partial(law.sample, probs, n, rng), args.repeats)
             slow = median_us(partial(law._sample_gumbel, probs, n, rng), few)

@@ -55,7 +55,7 @@ def process_logits(
         keep = np.zeros(z.shape, dtype=bool)
         rows = z.reshape(-1, vocab)
         for row, kept in zip(rows, keep.reshape(-1, vocab)):
-            kept[top_k_indices(row, int(top_k))] = True
+            kept[top_k_indices_reference(row, int(top_k))] = True
         z = np.where(keep, z, -np.inf)
     probs = _softmax(z)
     if top_p is not None and top_p < 1.0:
@@ -73,10 +73,20 @@ def process_logits(
 def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
     """The k largest entries of a row [V], ascending token ids; ties at the boundary: lower id wins.
 
-    O(V) by ``np.argpartition`` (not a full sort): everything strictly above the k-th largest
-    value is kept, then the lowest ids among the entries equal to it fill the remaining places,
-    the same set a stable descending sort would keep.
+    One compiled call (``mdsd._topk_numba``: block maxima bound the k-th value, then only the
+    candidates above the bound are partitioned); the same set as ``top_k_indices_reference``
+    (tested), a few times faster on a model's row.
     """
+    row = logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float64)
+    width = 8 * row.itemsize
+    bits = row.view(np.int32 if width == 32 else np.int64)
+    return _compiled_top_k()(bits, int(k), width - 1, (1 << (width - 1)) - 1)
+
+
+def top_k_indices_reference(logits: np.ndarray, k: int) -> np.ndarray:
+    """``top_k_indices`` by ``np.argpartition`` (not a full sort): everything strictly above the
+    k-th largest value is kept, then the lowest ids among the entries equal to it fill the
+    remaining places, the same set a stable descending sort would keep."""
     vocab = logits.shape[-1]
     if k >= vocab:
         return np.arange(vocab)
@@ -87,6 +97,13 @@ def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
     above = np.flatnonzero(logits > kth)
     tied = np.flatnonzero(logits == kth)[: k - above.size]
     return np.union1d(above, tied)
+
+
+@functools.cache
+def _compiled_top_k():
+    from mdsd._topk_numba import top_k_indices as compiled
+
+    return compiled
 
 
 @dataclass(frozen=True)
