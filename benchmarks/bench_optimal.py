@@ -4,6 +4,7 @@
     python benchmarks/bench_optimal.py --decode-only [--decode-repeats 50]
     python benchmarks/bench_optimal.py --no-optimality   (speed and decoding-path tables only)
     python benchmarks/bench_optimal.py --full-profile    (V = 32,000 decoding path by parts)
+    python benchmarks/bench_optimal.py --model-nodes [--positions 300]   (the bundled pair's nodes)
 
 Inputs are synthetic LM-like pairs (``mdsd.io.random_pair``: target logits N(0, 3^2), draft logits
 perturbed by N(0, 1.5^2)) at V = 8192 (and 32000 for the full-vocabulary timings), processed by
@@ -24,6 +25,12 @@ Tables (markdown):
    glibc returns freed heap to the system above a threshold that grows with the largest buffer
    the process has freed, so a fresh process such as this one may fault those pages in again
    on every call (~1-2 ms here), where a process that has freed a model-sized buffer does not;
+1c. ``--model-nodes``: the decoding path on the bundled pair's positions (top-k 50, as in the
+   decoding benchmarks), each node as the engine verifies it (p and q on the union of their
+   supports, drafts drawn from q): mean, median and 90th percentile of ``OptimalVerifier.sample``
+   against the law's natural verifier (rrs / rrs_without_replacement) on the same nodes. Real
+   positions are harder than the synthetic ones: where p's mass on q's support is coverable
+   (alpha* = p(supp q)), Wolfe's loop takes tens to hundreds of iterations on H*;
 2. optimality: mean and max of alpha* - acceptance over positions (acceptance of the rule actually
    used: exact for ``threshold`` and ``orders``; Monte Carlo, 4096 draft sets, for a fallback),
    and the median fit time. Full-vocabulary ``orders`` fits (without_replacement n >= 3,
@@ -115,6 +122,52 @@ def decode_table(args):
 
 
 DECODE_CASES = {"iid": (2, 4, 8), "without_replacement": (2, 3, 4), "conditional_poisson": (2, 4)}
+MODEL_NODE_CASES = (
+    ("iid", 3, "rrs"),
+    ("without_replacement", 2, "rrs_without_replacement"),
+    ("without_replacement", 3, "rrs_without_replacement"),
+)
+
+
+def model_nodes_table(args):
+    """Per-node sampling time on the bundled pair's positions (top-k 50), optimal against the
+    law's natural verifier, each on the union of the supports of p and q (the engine's form)."""
+    target, draft = model_logits(args.positions)
+    optimal = mdsd.get_verifier("optimal")
+    print("\n### Decoding path on the bundled pair's positions (top-k 50; wall ms per node)\n")
+    print(
+        "| law | n | T | nodes | optimal mean | median | p90 | natural verifier | mean | median "
+        "| optimal / natural (means) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for temperature in (0.7, 1.0):
+        rows = [
+            (process_logits(t, temperature, 50), process_logits(d, temperature, 50))
+            for t, d in zip(target, draft)
+        ]
+        for law, n, natural_name in MODEL_NODE_CASES:
+            the_law, natural = mdsd.get_law(law), mdsd.get_verifier(natural_name)
+            rng = np.random.default_rng(0)
+            times = {"optimal": [], "natural": []}
+            for p, q in rows:
+                support = np.flatnonzero((p > 0) | (q > 0))
+                p_local, q_local = p[support][None], q[support][None]
+                if np.count_nonzero(q_local) < n:
+                    continue
+                x = the_law.sample(q_local[0], n, rng)[None]
+                for name, verifier in (("optimal", optimal), ("natural", natural)):
+                    verifier.sample(p_local, q_local, x, the_law, rng)  # warm-up
+                    start = time.perf_counter()
+                    verifier.sample(p_local, q_local, x, the_law, rng)
+                    times[name].append(1e3 * (time.perf_counter() - start))
+            opt_ms, nat_ms = np.array(times["optimal"]), np.array(times["natural"])
+            optimal_cells = f"{opt_ms.mean():.3f} | {np.median(opt_ms):.3f} | {np.percentile(opt_ms, 90):.3f}"
+            natural_cells = f"{natural_name} | {nat_ms.mean():.3f} | {np.median(nat_ms):.3f}"
+            print(
+                f"| {law} | {n} | {temperature} | {opt_ms.size} | {optimal_cells} | {natural_cells} "
+                f"| {opt_ms.mean() / nat_ms.mean():.1f} |",
+                flush=True,
+            )
 
 
 def full_profile_table(args):
@@ -323,6 +376,11 @@ def main():
     )
     parser.add_argument("--laws", nargs="+", default=["iid", "without_replacement", "conditional_poisson"])
     parser.add_argument(
+        "--model-nodes",
+        action="store_true",
+        help="only the per-node decoding path on the bundled pair's positions (top-k 50)",
+    )
+    parser.add_argument(
         "--model",
         action="store_true",
         help="optimality on the bundled pair's positions (skips the speed table)",
@@ -334,6 +392,9 @@ def main():
         return
     if args.full_profile:
         full_profile_table(args)
+        return
+    if args.model_nodes:
+        model_nodes_table(args)
         return
     if args.model:
         args.model_logits = model_logits(args.positions)

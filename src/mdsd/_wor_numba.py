@@ -34,7 +34,10 @@ import numpy as np
 @numba.njit(cache=True, error_model="numpy")
 def three_draft_qall(q, k_lo, k_hi, out):
     """out[k - k_lo] = Qall(first k tokens of q) for k = k_lo..k_hi <= K (three draws without
-    replacement), capped at 1. q: [K] float64 >= 0 in the order, at least 3 positive."""
+    replacement), capped at 1. q: [K] float64 >= 0 in the order, at least 3 positive.
+
+    Per added token z, the complements D_za and q(H) - q_a of every earlier a are written to two
+    arrays (the few that need their own sum patched in), then ``_pair_sums`` adds the terms."""
     size = q.size
     top, second = _two_largest(q)
     total, rest_of_top, rest_of_two = 0.0, 0.0, 0.0
@@ -45,9 +48,11 @@ def three_draft_qall(q, k_lo, k_hi, out):
             if i != second:
                 rest_of_two += q[i]
     inv_total = 1.0 / total
-    inv_room = np.empty(size)  # 1 / A_a
+    room_of = np.empty(size)  # A_a
     for i in range(size):
-        inv_room[i] = 1.0 / (rest_of_top if i == top else total - q[i])
+        room_of[i] = rest_of_top if i == top else total - q[i]
+    inv_room = 1.0 / room_of
+    room, other = np.empty(size), np.empty(size)  # D_za, q(H) - q_a for a < z
     if k_lo == 0:
         out[0] = 0.0
     qall, pairs, mass = 0.0, 0.0, 0.0  # Qall(H), S(H), q(H)
@@ -55,24 +60,22 @@ def three_draft_qall(q, k_lo, k_hi, out):
     for z in range(k_hi):
         qz = q[z]
         if qz > 0.0:
+            if z == top:  # D_za = A_z - q_a, A_z summed directly
+                for a in range(z):
+                    room[a] = rest_of_top - q[a]
+            else:
+                for a in range(z):
+                    room[a] = room_of[a] - qz
             partner = second if z == top else top if z == second else -1  # D = rest_of_two
-            first, middle, grow = 0.0, 0.0, 0.0
+            if 0 <= partner < z:
+                room[partner] = rest_of_two
             for a in range(z):
-                if z == top:
-                    room = rest_of_top - q[a]  # D_za = A_z - q_a, A_z summed directly
-                else:
-                    room = (rest_of_top if a == top else total - q[a]) - qz
-                if a == partner:
-                    room = rest_of_two
-                inv = 1.0 / room if room > 0.0 else 0.0
-                other = mass - q[a]  # q(H) without a
-                if a == top:
-                    other = mass_but_top
-                elif a == second:
-                    other = mass_but_second
-                first += q[a] * other * inv
-                middle += q[a] * other * inv * inv_room[a]
-                grow += q[a] * inv * (inv_room[a] + inv_room[z])
+                other[a] = mass - q[a]
+            if top < z:
+                other[top] = mass_but_top
+            if second < z:
+                other[second] = mass_but_second
+            first, middle, grow = _pair_sums(q, room, other, inv_room, z)
             qall += qz * inv_total * (first * inv_room[z] + middle) + qz * pairs
             pairs += qz * inv_total * grow
             mass += qz
@@ -82,6 +85,21 @@ def three_draft_qall(q, k_lo, k_hi, out):
                 mass_but_second += qz
         if z + 1 >= k_lo:
             out[z + 1 - k_lo] = min(qall, 1.0)
+
+
+@numba.njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _pair_sums(q, room, other, inv_room, z):
+    """(sum_a q_a o_a / D_za, sum_a q_a o_a / (A_a D_za), sum_a q_a (1 / A_a + 1 / A_z) / D_za)
+    over a < z, with o_a = q(H) - q_a (0 where D_za <= 0). Non-negative terms: any summation order
+    is accurate, so the compiler may vectorise the three sums."""
+    first, middle, grow = 0.0, 0.0, 0.0
+    for a in range(z):
+        inv = 1.0 / room[a] if room[a] > 0.0 else 0.0
+        term = q[a] * other[a] * inv
+        first += term
+        middle += term * inv_room[a]
+        grow += q[a] * inv * (inv_room[a] + inv_room[z])
+    return first, middle, grow
 
 
 @numba.njit(cache=True)

@@ -416,17 +416,43 @@ def test_decompose_recovers_a_mixture_of_vertices(weighted):
     np.testing.assert_allclose(reference, target, rtol=0, atol=1e-13)
 
 
-def test_compact_moves_only_the_last_rows_into_holes():
-    """Wolfe's active-set buffer: dropping rows keeps every kept row once, in the returned order."""
-    rng = np.random.default_rng(3)
-    for _ in range(50):
-        count = int(rng.integers(1, 12))
-        buffer = rng.normal(size=(count + 3, 5))
-        before = buffer[:count].copy()
-        keep = rng.random(count) < 0.6
-        kept = priority_orders._compact(buffer, keep)
-        assert sorted(kept.tolist()) == np.flatnonzero(keep).tolist()
-        np.testing.assert_array_equal(buffer[: kept.size], before[kept])
+def test_compiled_wolfe_factor_updates():
+    """The compiled Wolfe loop's Cholesky factor R of M = 1 1^T + Gram(active points): appending
+    points and dropping any of them keeps R upper triangular with R^T R = M (1e-12), its affine
+    minimiser equals the reference's KKT solve, and a point in the active points' affine hull
+    is refused (as by the reference's ``_affinely_independent``)."""
+    from mdsd.verifiers.optimal import _orders_numba
+
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        size, capacity = int(rng.integers(3, 30)), 40
+        buffer = np.zeros((capacity, size))
+        factor = np.zeros((capacity, capacity))
+        count = 0
+        for _ in range(int(rng.integers(2, 25))):
+            if count > 1 and rng.random() < 0.3:
+                j = int(rng.integers(count))
+                _orders_numba._drop_point(factor, count, j)
+                buffer[j : count - 1] = buffer[j + 1 : count].copy()
+                count -= 1
+            elif count < size:
+                c = rng.normal(size=size)
+                assert _orders_numba._append_point(factor, buffer, count, c)
+                buffer[count] = c
+                count += 1
+            active, r = buffer[:count], factor[:count, :count]
+            np.testing.assert_array_equal(np.tril(r, -1), 0.0)
+            np.testing.assert_allclose(r.T @ r, active @ active.T + 1.0, rtol=0, atol=1e-12)
+            want = priority_orders._affine_minimiser(active @ active.T)
+            got = _orders_numba._affine_minimiser(factor, count)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+        if count >= 2:  # an affine combination of the active points adds no dimension
+            weights = rng.dirichlet(np.ones(count)) * 2.0 - 1.0 / count
+            weights /= weights.sum()
+            c = weights @ buffer[:count]
+            gram = buffer[:count] @ buffer[:count].T
+            assert not priority_orders._affinely_independent(gram, buffer[:count], c)
+            assert not _orders_numba._append_point(factor, buffer, count, c)
 
 
 def test_compiled_peel_equals_reference():
@@ -721,11 +747,16 @@ def test_compiled_vertex_equals_reference(law_name):
 @pytest.mark.parametrize("law_name", ["without_replacement", "conditional_poisson"])
 @pytest.mark.parametrize("side", [None, "below", "above"])
 def test_compiled_decompose_equals_reference(law_name, side):
-    """decompose_compiled takes Wolfe's steps of decompose with order_vertex: the same orders in
-    the same rows, weights and masses to rounding (1e-10 after up to 300 of Wolfe's steps from
-    vertices equal to 1e-15), the same iteration count."""
+    """decompose_compiled takes Wolfe's steps of decompose with order_vertex: the same mass to
+    1e-10 (after up to 300 steps), a mixture of its orders' vertices with that mass, and in all
+    but at most 2 of the 25 problems the same orders in the same rows, weights to 1e-10 and the
+    same iteration count. The compiled loop solves for the affine minimiser by an updated
+    Cholesky factor, the reference by the KKT system: weights equal to rounding, which can break
+    a tie between two tokens' coordinates in the next order differently (one problem here), after
+    which the two paths reach the same point by other vertices."""
     law = mdsd.get_law(law_name)
     gen = np.random.default_rng(22)
+    other_paths = 0
     for trial in range(25):
         support, n = int(gen.integers(4, 50)), int(gen.integers(3, 6))
         q, rest, block, before = _wor_block(gen, support, zeros=trial % 3 == 0)
@@ -741,8 +772,13 @@ def test_compiled_decompose_equals_reference(law_name, side):
         kwargs = {"scale": scale, "side": side, "max_iter": 300}
         want = priority_orders.decompose(vertex, target, start, **kwargs)
         got = priority_orders.decompose_compiled(law, q, n, rest, block, before, target, start, **kwargs)
-        assert got.iterations == want.iterations
-        np.testing.assert_array_equal(got.orders, want.orders)
-        np.testing.assert_allclose(got.weights, want.weights, rtol=0, atol=1e-10)
         np.testing.assert_allclose(got.mass, want.mass, rtol=0, atol=1e-10)
         assert got.residual == pytest.approx(want.residual, abs=1e-10)
+        assert np.all(got.weights > 0) and got.weights.sum() == pytest.approx(1.0, abs=1e-12)
+        mixed = sum(w * vertex(sigma) for w, sigma in zip(got.weights, got.orders))
+        np.testing.assert_allclose(mixed, got.mass, rtol=0, atol=1e-12)
+        if got.iterations == want.iterations and np.array_equal(got.orders, want.orders):
+            np.testing.assert_allclose(got.weights, want.weights, rtol=0, atol=1e-10)
+        else:
+            other_paths += 1
+    assert other_paths <= 2

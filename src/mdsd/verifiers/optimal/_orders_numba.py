@@ -2,16 +2,17 @@
 with ``order_vertex``) for the two laws fitted by priority orders: drafts without replacement
 (n >= 3) and conditional Poisson.
 
-The same algorithm, step for step: Wolfe's minimum-norm point over the coverage polytope of one
-block, each greedy vertex one Qall scan over the order [R, sigma reversed, B]: for three drafts
-without replacement on up to ``THREE_DRAFT_CLOSED_MAX`` tokens the closed form of
-``mdsd._wor_numba``; for other drafts without replacement the exponential-race quadrature
+The same algorithm, step for step (the affine minimiser by an updated Cholesky factor where the
+reference solves a KKT system: the same weights to rounding): Wolfe's minimum-norm point over the
+coverage polytope of one block, each greedy vertex one Qall scan over the order [R, sigma
+reversed, B]: for three drafts without replacement on up to ``THREE_DRAFT_CLOSED_MAX`` tokens the
+closed form of ``mdsd._wor_numba``; for other drafts without replacement the exponential-race quadrature
 (``mdsd._race_numba.race_window``) with the nodes of ``mdsd._race.wor_qall_window``'s numba path
 (``race_nodes_fast`` below mirrors ``mdsd._race.fast_nodes`` and its right-cut pruning); for
 conditional Poisson the prefix elementary symmetric polynomials (``mdsd._esp_numba.prefix_log_en``),
 as ``ConditionalPoisson.qall_prefixes``.
 Running the whole loop compiled removes the per-iteration Python work (an argsort, a vertex scan's
-setup, the Gram update and the small KKT solve), which dominated a fit at top-k 64 (docs/optimal.md,
+setup, the Gram update and the affine minimiser), which dominated a fit at top-k 64 (docs/optimal.md,
 "Priority orders"). Tests compare every vertex and the decomposition with the Python reference.
 
 Shapes: q over the block's support (float64 [K], sums to 1); rest, block, before: int64 index
@@ -30,6 +31,7 @@ from mdsd._race_numba import race_window
 from mdsd._wor_numba import three_draft_qall
 from mdsd.laws import THREE_DRAFT_CLOSED_MAX
 from mdsd.verifiers.optimal._common_numba import keep_or_recover, numpy_sum, positions_in, priority_gather
+from mdsd.verifiers.optimal.priority_orders import DEPENDENT
 
 WITHOUT_REPLACEMENT, CONDITIONAL_POISSON = 0, 1  # law codes
 LAW_CODES = {"without_replacement": WITHOUT_REPLACEMENT, "conditional_poisson": CONDITIONAL_POISSON}
@@ -112,26 +114,64 @@ def order_vertex(q, n, law, rest, block, before, sigma, race):
 
 
 @numba.njit(cache=True, fastmath=False)
-def _affine_minimiser(gram):
-    """argmin ||S^T a|| over sum a = 1 from the Gram matrix (``priority_orders._affine_minimiser``)."""
-    size = gram.shape[0]
-    if size == 1:
-        return np.ones(1)
-    kkt = np.ones((size + 1, size + 1))
-    kkt[:size, :size] = gram
-    kkt[size, size] = 0.0
-    rhs = np.zeros(size + 1)
-    rhs[size] = 1.0
-    solved = True
-    try:
-        solution = np.linalg.solve(kkt, rhs)
-    except Exception:
-        solved = False
-        solution = rhs
-    if not solved or not np.all(np.isfinite(solution)):
-        solution = np.linalg.lstsq(kkt, rhs)[0]
-    alpha = solution[:size].copy()
-    return alpha / alpha.sum()
+def _append_point(factor, buffer, count, c):
+    """Extend the Cholesky factor R [count, count] of M = 1 1^T + S S^T (S = buffer[:count], the
+    active points) by the point c: R^T r = 1 + S c (forward substitution), rho^2 = 1 + c.c -
+    r.r, the new diagonal entry rho. Returns False, leaving R as it is, when rho^2 <= DEPENDENT
+    (1 + c.c): c is affinely dependent on the active points to rounding."""
+    column = buffer[:count] @ c + 1.0
+    r = np.empty(count)
+    for i in range(count):
+        total = column[i]
+        for j in range(i):
+            total -= factor[j, i] * r[j]
+        r[i] = total / factor[i, i]
+    top = 1.0 + np.dot(c, c)
+    rho2 = top - np.dot(r, r)
+    if not rho2 > DEPENDENT * top:
+        return False
+    factor[:count, count] = r
+    factor[count, :count] = 0.0
+    factor[count, count] = math.sqrt(rho2)
+    return True
+
+
+@numba.njit(cache=True, fastmath=False)
+def _drop_point(factor, count, j):
+    """Remove point j from the factor R [count, count]: shift the later columns left, then Givens
+    rotations of rows (k, k + 1) for k >= j restore the triangle (R^T R loses row and column j)."""
+    for k in range(j, count - 1):
+        factor[:count, k] = factor[:count, k + 1]
+    for k in range(j, count - 1):
+        a, b = factor[k, k], factor[k + 1, k]
+        radius = math.hypot(a, b)
+        cos, sin = a / radius, b / radius
+        factor[k, k], factor[k + 1, k] = radius, 0.0
+        for col in range(k + 1, count - 1):
+            x, y = factor[k, col], factor[k + 1, col]
+            factor[k, col] = cos * x + sin * y
+            factor[k + 1, col] = cos * y - sin * x
+    factor[count - 1, :count] = 0.0
+    factor[:count, count - 1] = 0.0
+
+
+@numba.njit(cache=True, fastmath=False)
+def _affine_minimiser(factor, count):
+    """argmin ||S^T a|| over sum a = 1: a = M^-1 1 / (1^T M^-1 1) by the two triangular solves
+    R^T z = 1, R a = z (``priority_orders._affine_minimiser`` solves the equivalent KKT system)."""
+    z = np.empty(count)
+    for i in range(count):
+        total = 1.0
+        for j in range(i):
+            total -= factor[j, i] * z[j]
+        z[i] = total / factor[i, i]
+    a = np.empty(count)
+    for i in range(count - 1, -1, -1):
+        total = z[i]
+        for j in range(i + 1, count):
+            total -= factor[i, j] * a[j]
+        a[i] = total / factor[i, i]
+    return a / a.sum()
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -139,7 +179,10 @@ def decompose(
     q, n, law, rest, block, before, target, start, scale, side, max_iter, race, match_tol, gap_tol, floor
 ):
     """Wolfe's minimum-norm point for one block (``priority_orders.decompose`` with the law's
-    ``order_vertex``). side: 0 none, 1 "below", 2 "above".
+    ``order_vertex``). side: 0 none, 1 "below", 2 "above". The affine minimiser of the active
+    points comes from a Cholesky factor of 1 1^T + their Gram matrix, updated as points join
+    (a column) and leave (Givens rotations): O(s^2) per step where the reference solves the
+    (s + 1)-square KKT system, O(s^3).
 
     Returns (orders [J, G] int64, weights [J], mass [G], iterations)."""
     size = target.size
@@ -147,11 +190,11 @@ def decompose(
     capacity = 8
     orders = np.empty((capacity, size), dtype=np.int64)
     buffer = np.empty((capacity, size))  # active vertices minus the target
+    factor = np.zeros((capacity, capacity))  # R: R^T R = 1 1^T + buffer buffer^T (active rows)
     orders[0] = start
     buffer[0] = order_vertex(q, n, law, rest, block, before, start, race) / scale - t
+    factor[0, 0] = math.sqrt(1.0 + np.dot(buffer[0], buffer[0]))
     count = 1
-    gram = np.empty((1, 1))
-    gram[0, 0] = np.dot(buffer[0], buffer[0])
     weights = np.ones(1)
     g = buffer[0].copy()
     iterations = 0
@@ -179,21 +222,19 @@ def decompose(
             grown_buffer = np.empty((capacity, size))
             grown_buffer[:count] = buffer[:count]
             buffer = grown_buffer
-        row = buffer[:count] @ c
+            grown_factor = np.zeros((capacity, capacity))
+            grown_factor[:count, :count] = factor[:count, :count]
+            factor = grown_factor
+        if not _append_point(factor, buffer, count, c):
+            break  # c in the active points' affine hull to rounding: no step can follow
         orders[count] = sigma
         buffer[count] = c
         count += 1
-        grown = np.empty((count, count))
-        grown[:-1, :-1] = gram
-        grown[:-1, -1] = row
-        grown[-1, :-1] = row
-        grown[-1, -1] = np.dot(c, c)
-        gram = grown
         extended = np.zeros(count)
         extended[:-1] = weights
         weights = extended
         while True:  # minor cycle
-            alpha = _affine_minimiser(gram)
+            alpha = _affine_minimiser(factor, count)
             if np.all(alpha > floor):
                 weights = alpha
                 break
@@ -206,16 +247,13 @@ def decompose(
             keep = weights > floor
             if np.all(keep):  # rounding: drop the smallest so the cycle makes progress
                 keep[np.argmin(weights)] = False
-            # the reference's compaction: the last kept rows move into the holes
-            count = int(keep.sum())
-            kept = np.arange(count)
-            movers = np.flatnonzero(keep[count:]) + count
-            holes = np.flatnonzero(~keep[:count])
-            kept[holes] = movers
-            orders[:count] = orders[kept]
-            buffer[:count] = buffer[kept]
-            gram = gram[kept][:, kept].copy()
-            weights = weights[kept] / weights[kept].sum()
+            for j in range(count - 1, -1, -1):  # drop, keeping the order of the others
+                if not keep[j]:
+                    _drop_point(factor, count, j)
+                    orders[j : count - 1] = orders[j + 1 : count].copy()
+                    buffer[j : count - 1] = buffer[j + 1 : count].copy()
+                    count -= 1
+            weights = weights[keep] / weights[keep].sum()
             if count == 1:
                 break
         g = weights @ buffer[:count]
@@ -236,7 +274,9 @@ def race_settings(n: int, support: int) -> tuple[float, float, float, float, flo
 def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget):
     """The emitted token of one node for three drafts without replacement on at most
     ``THREE_DRAFT_CLOSED_MAX`` tokens with q > 0: ``orders.fit_orders_row`` then
-    ``orders.pick_orders_row`` at uniforms [3], step for step (the same numbers).
+    ``orders.pick_orders_row`` at uniforms [3], step for step (the same numbers), fitting only
+    what the draw reads: the mixture of the block the drafts meet first (L, else H*), and the
+    other block's only when the draft is not kept (the residual reads the whole rule mass).
 
     p, q: [V]; drafts: [n] token ids in draw order; race, tolerances and budgets as in
     ``priority_orders.decompose_compiled`` and ``orders._order_mixture``."""
@@ -244,43 +284,10 @@ def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, shor
     k = order.size
     split = k - _scan_split(ps, qs)
     qs_law = qs / numpy_sum(qs)
-    low, high, none = np.arange(split), np.arange(split, k), np.arange(0)
-    low_orders, low_weights, low_mass = _order_mixture(
-        qs_law,
-        n,
-        high,
-        low,
-        none,
-        ps[low],
-        qs[low],
-        1,
-        race,
-        match_tol,
-        gap_tol,
-        floor,
-        short_budget,
-        full_budget,
-    )
-    high_orders, high_weights, high_mass = _order_mixture(
-        qs_law,
-        n,
-        none,
-        high,
-        low,
-        ps[high],
-        qs[high],
-        2,
-        race,
-        match_tol,
-        gap_tol,
-        floor,
-        short_budget,
-        full_budget,
-    )
-    mass = np.concatenate((low_mass, high_mass))  # the rule's mass m in priority order
+    settings = (race, match_tol, gap_tol, floor, short_budget, full_budget)
     pos = positions_in(order, drafts)  # priority position of each draft
     in_low = pos.min() < split
-    orders, weights = (low_orders, low_weights) if in_low else (high_orders, high_weights)
+    orders, weights, block_mass = _block_mixture(ps, qs, qs_law, n, split, in_low, settings)
     offset = 0 if in_low else split
     cumulative = np.cumsum(weights)
     j = min(np.searchsorted(cumulative, uniforms[0] * numpy_sum(weights), side="right"), weights.size - 1)
@@ -292,7 +299,30 @@ def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, shor
                 break
         if chosen >= 0:
             break
-    return keep_or_recover(p, order, mass, chosen, uniforms[1], uniforms[2])
+    mass = block_mass[chosen - offset]
+    if mass > 0.0 and uniforms[1] * mass < p[order[chosen]]:
+        return order[chosen]  # kept: keep_or_recover's first branch
+    other_mass = _block_mixture(ps, qs, qs_law, n, split, not in_low, settings)[2]
+    masses = (block_mass, other_mass) if in_low else (other_mass, block_mass)
+    rule_mass = np.concatenate(masses)  # the rule's mass m in priority order
+    return keep_or_recover(p, order, rule_mass, chosen, uniforms[1], uniforms[2])
+
+
+@numba.njit(cache=True, fastmath=False)
+def _block_mixture(ps, qs, qs_law, n, split, low, settings):
+    """(orders, weights, mass) of block L (``low``) or H* of a row in priority order:
+    ``_order_mixture`` with the arguments ``orders.fit_orders_row`` gives it."""
+    race, match_tol, gap_tol, floor, short_budget, full_budget = settings
+    k = ps.size
+    lows, highs, none = np.arange(split), np.arange(split, k), np.arange(0)
+    if low:
+        block, before, rest, side = lows, none, highs, 1
+    else:
+        block, before, rest, side = highs, lows, none, 2
+    return _order_mixture(
+        qs_law, n, rest, block, before, ps[block], qs[block], side, race, match_tol, gap_tol, floor,
+        short_budget, full_budget,
+    )  # fmt: skip
 
 
 @numba.njit(cache=True, fastmath=False)

@@ -43,6 +43,10 @@ MATCH_TOLERANCE = 1e-14
 GAP_TOLERANCE = 1e-12
 # Vertices whose weight falls below this are dropped from the active set.
 WEIGHT_FLOOR = 1e-16
+# A new vertex c whose distance to the active points' affine hull is so small that the
+# Schur complement rho^2 <= DEPENDENT * (1 + |c|^2) ends the loop (the affine minimiser would be
+# rounding noise; Wolfe's test lets no such vertex in in exact arithmetic).
+DEPENDENT = 1e-14
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,8 @@ def decompose(
         spread = max(np.linalg.norm(c), np.linalg.norm(g))
         if g @ (g - c) <= GAP_TOLERANCE * np.linalg.norm(g) * spread:
             break  # Wolfe's test: no vertex gets closer to t than x
+        if not _affinely_independent(gram, buffer[:count], c):
+            break  # c in the active points' affine hull to rounding: no step can follow
         orders.append(sigma)
         row = buffer[:count] @ c
         if count == buffer.shape[0]:
@@ -167,7 +173,8 @@ def decompose(
             keep = weights > WEIGHT_FLOOR
             if keep.all():  # rounding: drop the smallest so the cycle makes progress
                 keep[np.argmin(weights)] = False
-            kept = _compact(buffer, keep)
+            kept = np.flatnonzero(keep)  # the others keep their order
+            buffer[: kept.size] = buffer[kept]
             count = kept.size
             orders = [orders[i] for i in kept]
             gram = gram[np.ix_(kept, kept)]
@@ -225,16 +232,14 @@ def decompose_compiled(
     return OrderMixture(orders, weights, mass, residual, int(iterations))
 
 
-def _compact(buffer: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Drop the rows of buffer[:keep.size] where keep is False by moving the last kept rows into
-    the holes (only the moved rows are copied). Returns the old index of each new row 0..k-1."""
-    new_count = int(keep.sum())
-    movers = np.flatnonzero(keep[new_count:]) + new_count  # kept rows beyond the new end
-    holes = np.flatnonzero(~keep[:new_count])  # dropped rows before it (as many as movers)
-    buffer[holes] = buffer[movers]
-    kept = np.arange(new_count)
-    kept[holes] = movers
-    return kept
+def _affinely_independent(gram: np.ndarray, active: np.ndarray, c: np.ndarray) -> bool:
+    """Whether c adds a dimension to the affine hull of the active points [s, G] (Gram matrix
+    ``gram``): the Schur complement rho^2 = 1 + c.c - m^T M^-1 m of M = 1 1^T + gram, m = 1 +
+    active c, exceeds DEPENDENT (1 + c.c) (the compiled loop's Cholesky factor gets rho as its
+    new diagonal entry)."""
+    column = active @ c + 1.0
+    top = 1.0 + c @ c
+    return bool(top - column @ np.linalg.solve(gram + 1.0, column) > DEPENDENT * top)
 
 
 def _affine_minimiser(gram: np.ndarray) -> np.ndarray:
