@@ -25,6 +25,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from mdsd._softmax_numba import tempered_softmax
+
 BLOCKS_PER_KEPT = 4  # B = min(V, 4k) blocks before rounding (B >= 2k after it)
 
 
@@ -82,3 +84,16 @@ def top_k_indices(bits, k, shift, mask):
             out[kept] = ids[j]
             kept += 1
     return out
+
+
+@numba.njit(cache=True, boundscheck=False)
+def top_k_softmax(row, bits, k, shift, mask, temperature):
+    """The top-k step and the softmax of ``mdsd.logits.process_logits_row`` in one call: (the
+    kept ids [k] ascending, softmax(row[ids] / temperature) float64 [k], its number of zeros).
+    ``bits`` is ``row`` viewed as integers, as for ``top_k_indices``."""
+    ids = top_k_indices(bits, k, shift, mask)
+    kept = np.empty(ids.size, dtype=row.dtype)
+    for j in range(ids.size):
+        kept[j] = row[ids[j]]
+    probs, zeros = tempered_softmax(kept, temperature)
+    return ids, probs, zeros

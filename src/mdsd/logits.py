@@ -77,10 +77,16 @@ def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
     candidates above the bound are partitioned); the same set as ``top_k_indices_reference``
     (tested), a few times faster on a model's row.
     """
+    _, bits, shift, mask = _key_bits(logits)
+    return _compiled_top_k().top_k_indices(bits, int(k), shift, mask)
+
+
+def _key_bits(logits: np.ndarray):
+    """(row float32 / float64, its bits as int32 / int64, width - 1, 2^(width - 1) - 1): the
+    arguments of ``mdsd._topk_numba``'s integer keys."""
     row = logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float64)
     width = 8 * row.itemsize
-    bits = row.view(np.int32 if width == 32 else np.int64)
-    return _compiled_top_k()(bits, int(k), width - 1, (1 << (width - 1)) - 1)
+    return row, row.view(np.int32 if width == 32 else np.int64), width - 1, (1 << (width - 1)) - 1
 
 
 def top_k_indices_reference(logits: np.ndarray, k: int) -> np.ndarray:
@@ -101,9 +107,10 @@ def top_k_indices_reference(logits: np.ndarray, k: int) -> np.ndarray:
 
 @functools.cache
 def _compiled_top_k():
-    from mdsd._topk_numba import top_k_indices as compiled
+    """``mdsd._topk_numba``, imported once (numba's import costs ~0.3 s)."""
+    from mdsd import _topk_numba
 
-    return compiled
+    return _topk_numba
 
 
 @dataclass(frozen=True)
@@ -148,22 +155,25 @@ def process_logits_row(
 
     The same transform, with the same kept tokens and float64 probabilities (tested equal to
     ``process_logits``), without its input checks and without touching the whole vocabulary
-    more than a few times: top-k by ``top_k_indices``, softmax (one compiled call,
-    ``mdsd._softmax_numba``) and top-p over the kept tokens only. Dense (``indices=None``) only
+    more than a few times: top-k by ``top_k_indices`` and the softmax (``mdsd._softmax_numba``)
+    in one compiled call, top-p over the kept tokens only. Dense (``indices=None``) only
     when neither top-k nor temperature 0 truncates, and with ``drop_zeros`` only when moreover no
     mass underflows to 0 (else stored on the nonzero entries).
     """
     vocab = logits.shape[-1]
     if temperature == 0:
         return SupportProbs(np.array([int(np.argmax(logits))]), np.ones(1), vocab)
-    if top_k is not None and top_k < vocab:
-        indices = top_k_indices(logits, int(top_k))
-        logits = logits[indices]
+    softmax = _tempered_softmax()
+    if top_k is not None and top_k < vocab:  # top-k and softmax in one compiled call
+        row, bits, shift, mask = _key_bits(logits)
+        indices, probs, zeros = _compiled_top_k().top_k_softmax(
+            row, bits, int(top_k), shift, mask, float(temperature)
+        )
     else:
         indices = None
-    softmax = _tempered_softmax()
-    probs, zeros = softmax(logits, float(temperature))
+        probs, zeros = softmax(logits, float(temperature))
     if top_p is not None and top_p < 1.0:
+        logits = logits if indices is None else logits[indices]
         order = np.argsort(-probs, kind="stable")
         sorted_probs = probs[order]
         kept = np.sort(order[(np.cumsum(sorted_probs) - sorted_probs) < top_p])
