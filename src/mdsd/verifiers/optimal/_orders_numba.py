@@ -114,20 +114,48 @@ def order_vertex(q, n, law, rest, block, before, sigma, race):
 
 
 @numba.njit(cache=True, fastmath=False)
+def _dot(a, b):
+    """a . b in a plain loop: at a block's size a BLAS call costs more than the sum."""
+    total = 0.0
+    for i in range(a.size):
+        total += a[i] * b[i]
+    return total
+
+
+@numba.njit(cache=True, fastmath=False)
+def _rows_dot(buffer, count, c):
+    """buffer[:count] @ c [count]."""
+    out = np.empty(count)
+    for i in range(count):
+        out[i] = _dot(buffer[i], c)
+    return out
+
+
+@numba.njit(cache=True, fastmath=False)
+def _combine(weights, buffer, count):
+    """weights @ buffer[:count] [G]."""
+    out = np.zeros(buffer.shape[1])
+    for i in range(count):
+        for j in range(out.size):
+            out[j] += weights[i] * buffer[i, j]
+    return out
+
+
+@numba.njit(cache=True, fastmath=False)
 def _append_point(factor, buffer, count, c):
     """Extend the Cholesky factor R [count, count] of M = 1 1^T + S S^T (S = buffer[:count], the
     active points) by the point c: R^T r = 1 + S c (forward substitution), rho^2 = 1 + c.c -
     r.r, the new diagonal entry rho. Returns False, leaving R as it is, when rho^2 <= DEPENDENT
     (1 + c.c): c is affinely dependent on the active points to rounding."""
-    column = buffer[:count] @ c + 1.0
+    column = _rows_dot(buffer, count, c) + 1.0
     r = np.empty(count)
     for i in range(count):
         total = column[i]
         for j in range(i):
             total -= factor[j, i] * r[j]
         r[i] = total / factor[i, i]
-    top = 1.0 + np.dot(c, c)
-    rho2 = top - np.dot(r, r)
+    top = 1.0 + _dot(c, c)
+    rho2 = top - _dot(r, r)
     if not rho2 > DEPENDENT * top:
         return False
     factor[:count, count] = r
@@ -193,7 +221,7 @@ def decompose(
     factor = np.zeros((capacity, capacity))  # R: R^T R = 1 1^T + buffer buffer^T (active rows)
     orders[0] = start
     buffer[0] = order_vertex(q, n, law, rest, block, before, start, race) / scale - t
-    factor[0, 0] = math.sqrt(1.0 + np.dot(buffer[0], buffer[0]))
+    factor[0, 0] = math.sqrt(1.0 + _dot(buffer[0], buffer[0]))
     count = 1
     weights = np.ones(1)
     g = buffer[0].copy()
@@ -211,8 +239,9 @@ def decompose(
                 break
         sigma = np.argsort(g / scale, kind="mergesort")
         c = order_vertex(q, n, law, rest, block, before, sigma, race) / scale - t
-        spread = max(np.linalg.norm(c), np.linalg.norm(g))
-        if np.dot(g, g - c) <= gap_tol * np.linalg.norm(g) * spread:
+        g_norm = math.sqrt(_dot(g, g))
+        spread = max(math.sqrt(_dot(c, c)), g_norm)
+        if _dot(g, g - c) <= gap_tol * g_norm * spread:
             break
         if count == capacity:
             capacity *= 2
@@ -256,8 +285,8 @@ def decompose(
             weights = weights[keep] / weights[keep].sum()
             if count == 1:
                 break
-        g = weights @ buffer[:count]
-    mass = (weights @ buffer[:count] + t) * scale
+        g = _combine(weights, buffer, count)
+    mass = (_combine(weights, buffer, count) + t) * scale
     return orders[:count].copy(), weights, mass, iterations
 
 
