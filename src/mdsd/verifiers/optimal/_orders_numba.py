@@ -147,13 +147,7 @@ def _append_point(factor, buffer, count, c):
     active points) by the point c: R^T r = 1 + S c (forward substitution), rho^2 = 1 + c.c -
     r.r, the new diagonal entry rho. Returns False, leaving R as it is, when rho^2 <= DEPENDENT
     (1 + c.c): c is affinely dependent on the active points to rounding."""
-    column = _rows_dot(buffer, count, c) + 1.0
-    r = np.empty(count)
-    for i in range(count):
-        total = column[i]
-        for j in range(i):
-            total -= factor[j, i] * r[j]
-        r[i] = total / factor[i, i]
+    r = _forward_solve(factor, count, _rows_dot(buffer, count, c) + 1.0)
     top = 1.0 + _dot(c, c)
     rho2 = top - _dot(r, r)
     if not rho2 > DEPENDENT * top:
@@ -162,6 +156,18 @@ def _append_point(factor, buffer, count, c):
     factor[count, :count] = 0.0
     factor[count, count] = math.sqrt(rho2)
     return True
+
+
+@numba.njit(cache=True, fastmath=False)
+def _forward_solve(factor, count, rhs):
+    """x with R^T x = rhs for the upper triangular R = factor[:count, :count]."""
+    x = np.empty(count)
+    for i in range(count):
+        total = rhs[i]
+        for j in range(i):
+            total -= factor[j, i] * x[j]
+        x[i] = total / factor[i, i]
+    return x
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -187,12 +193,7 @@ def _drop_point(factor, count, j):
 def _affine_minimiser(factor, count):
     """argmin ||S^T a|| over sum a = 1: a = M^-1 1 / (1^T M^-1 1) by the two triangular solves
     R^T z = 1, R a = z (``priority_orders._affine_minimiser`` solves the equivalent KKT system)."""
-    z = np.empty(count)
-    for i in range(count):
-        total = 1.0
-        for j in range(i):
-            total -= factor[j, i] * z[j]
-        z[i] = total / factor[i, i]
+    z = _forward_solve(factor, count, np.ones(count))
     a = np.empty(count)
     for i in range(count - 1, -1, -1):
         total = z[i]
