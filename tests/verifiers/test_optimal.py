@@ -396,6 +396,32 @@ def test_orders_attain_alpha_at_top_k(law, n):
     assert law_given_x.sum() == pytest.approx(1.0, abs=1e-12) and np.all(law_given_x >= 0)
 
 
+@pytest.mark.parametrize(
+    "law,n", [("without_replacement", 3), ("without_replacement", 4), ("conditional_poisson", 3)]
+)
+def test_orders_put_the_zero_target_tail_last(law, n):
+    """Where p = 0 on part of q's support (top-k of p and of q differ), H*'s orders end with those
+    tokens in scan order, Wolfe fitted only the others, and the rule still accepts alpha*
+    (exact acceptance of the fit) with an output law that sums to 1 given any draft set."""
+    the_law = mdsd.get_law(law)
+    rng = np.random.default_rng(9)
+    tails = 0
+    for trial in range(6):
+        p, q = lm_pair(400, seed=40 + trial, temperature=0.8, top_k=24)
+        support = np.flatnonzero(q > 0)
+        row = orders.fit_orders_row(p[support], q[support], n, the_law)
+        zeros = int(np.count_nonzero(p[support][row.order[row.split :]] == 0.0))
+        high = row.high.orders
+        tails += zeros > 0
+        tail = np.arange(high.shape[1] - zeros, high.shape[1])
+        assert np.all(high[:, tail] == tail)
+        fit = fit_optimal(p, q, n, law)
+        assert fit.acceptance[0] == pytest.approx(mdsd.optimal_acceptance(p, q, n, law), abs=1e-9)
+        x = the_law.sample(q, n, rng)
+        assert output_law_from_fit(fit, x).sum() == pytest.approx(1.0, abs=1e-12)
+    assert tails >= 3  # the case is exercised
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_decompose_recovers_a_mixture_of_vertices(weighted):
     """A target built as a mixture of three order vertices is matched to 1e-13 by Wolfe's

@@ -340,19 +340,34 @@ def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, shor
 
 @numba.njit(cache=True, fastmath=False)
 def _block_mixture(ps, qs, qs_law, n, split, low, settings):
-    """(orders, weights, mass) of block L (``low``) or H* of a row in priority order:
-    ``_order_mixture`` with the arguments ``orders.fit_orders_row`` gives it."""
+    """(orders, weights, mass) of block L (``low``) or H* of a row in priority order, as
+    ``orders.fit_orders_row`` makes them: ``_order_mixture`` on L, or on H*'s tokens with p > 0
+    with its p = 0 tail last in every order (``orders.with_tail``)."""
     race, match_tol, gap_tol, floor, short_budget, full_budget = settings
     k = ps.size
     lows, highs, none = np.arange(split), np.arange(split, k), np.arange(0)
     if low:
-        block, before, rest, side = lows, none, highs, 1
-    else:
-        block, before, rest, side = highs, lows, none, 2
-    return _order_mixture(
-        qs_law, n, rest, block, before, ps[block], qs[block], side, race, match_tol, gap_tol, floor,
+        return _order_mixture(
+            qs_law, n, highs, lows, none, ps[lows], qs[lows], 1, race, match_tol, gap_tol, floor,
+            short_budget, full_budget,
+        )  # fmt: skip
+    zeros = 0
+    for i in range(split, k):
+        zeros += ps[i] == 0.0
+    covered, tail = np.arange(split, k - zeros), np.arange(k - zeros, k)
+    orders, weights, mass = _order_mixture(
+        qs_law, n, tail, covered, lows, ps[covered], qs[covered], 2, race, match_tol, gap_tol, floor,
         short_budget, full_budget,
     )  # fmt: skip
+    if zeros == 0:
+        return orders, weights, mass
+    code = WITHOUT_REPLACEMENT
+    tail_mass = order_vertex(qs_law, n, code, none, tail, np.arange(k - zeros), np.arange(zeros), race)
+    full = np.empty((weights.size, k - split), dtype=np.int64)
+    full[:, : covered.size] = orders
+    for i in range(zeros):
+        full[:, covered.size + i] = covered.size + i
+    return full, weights, np.concatenate((mass, tail_mass))
 
 
 @numba.njit(cache=True, fastmath=False)

@@ -82,30 +82,63 @@ def fit_orders_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Order
     smallest and {z <= 0} = the largest minimiser of g (Fujishige; also for the norm weighted by
     1/q used here). So the capped rule accepts f(L) on L and p on H*: alpha*. Wolfe stops as soon
     as that sign pattern holds.
+
+    H*'s tokens with p = 0 (the last positions of the scan order, ``zero_tail``) come last in
+    every order of H*: m >= p = 0 holds for them whatever their mass, and a draft kept there is
+    never accepted, so Wolfe runs on the rest of H* only (those tokens join R, the tokens always
+    in the scanned sets), and their mass is the same tail of every order's vertex.
     """
     scan = priority_scan(p, q, n, law, curve=False)
     order, split = scan.order, scan.split
     ps, qs = scan.target_probs, scan.draft_probs
     qs_law = qs / qs.sum()  # the law's Qall is over the support; q sums to 1 up to rounding
     k = order.size
+    zeros = zero_tail(ps, split)
     low, high, none = np.arange(split), np.arange(split, k), np.arange(0)
-    mass = np.zeros(k)
-    mixtures = []
+    covered, tail = np.arange(split, k - zeros), np.arange(k - zeros, k)
     # without replacement, n = 2 has its own closed form in the law (not the race): reference
     compiled = law.name in COMPILED_LAWS and (law.name != "without_replacement" or n >= 3)
-    for block, before, rest, side in ((low, none, high, "below"), (high, low, none, "above")):
-        if compiled:  # the same Wolfe loop and vertices, compiled (tested equal)
+    if compiled:  # the same Wolfe loop and vertices, compiled (tested equal)
+        from mdsd.verifiers.optimal import _orders_numba
+
+        race = _orders_numba.race_settings(n, qs.size)
+
+        def vertex(rest, block, before, sigma):
+            code = _orders_numba.LAW_CODES[law.name]
+            return _orders_numba.order_vertex(qs_law, n, code, rest, block, before, sigma, race)
+    else:
+
+        def vertex(rest, block, before, sigma):
+            return order_vertex(law, qs_law, n, rest, block, before, sigma)
+
+    mixtures = []
+    for block, before, rest, side in ((low, none, high, "below"), (covered, low, tail, "above")):
+        if compiled:
             wolfe = partial(decompose_compiled, law, qs_law, n, rest, block, before)
         else:
+            wolfe = partial(decompose, partial(vertex, rest, block, before))
+        mixtures.append(_order_mixture(wolfe, ps[block], qs[block], side))
+    tail_mass = vertex(none, tail, np.arange(k - zeros), np.arange(zeros)) if zeros else np.zeros(0)
+    high_mix = with_tail(mixtures[1], tail_mass)
+    mass = np.concatenate((mixtures[0].mass, high_mix.mass))
+    return OrdersRow(order, split, mixtures[0], high_mix, mass, scan.alpha_star)
 
-            def vertex(sigma, block=block, before=before, rest=rest):
-                return order_vertex(law, qs_law, n, rest, block, before, sigma)
 
-            wolfe = partial(decompose, vertex)
-        mix = _order_mixture(wolfe, ps[block], qs[block], side)
-        mass[block] = mix.mass
-        mixtures.append(mix)
-    return OrdersRow(order, split, mixtures[0], mixtures[1], mass, scan.alpha_star)
+def zero_tail(ps: np.ndarray, split: int) -> int:
+    """How many positions of H* have p = 0: its last ones (the scan order is by p / q
+    decreasing)."""
+    return int(np.count_nonzero(ps[split:] == 0.0))
+
+
+def with_tail(mix: OrderMixture, tail_mass: np.ndarray) -> OrderMixture:
+    """H*'s mixture over its covered tokens extended by the p = 0 tail: each order continues with
+    the tail in scan order, the tail's mass ``tail_mass`` (the same in every order) appended."""
+    covered, size = mix.orders.shape[1], tail_mass.size
+    tail = np.broadcast_to(np.arange(covered, covered + size), (mix.weights.size, size))
+    orders = np.concatenate((mix.orders, tail), axis=1)
+    return OrderMixture(
+        orders, mix.weights, np.concatenate((mix.mass, tail_mass)), mix.residual, mix.iterations
+    )
 
 
 @dataclass(frozen=True)
