@@ -81,12 +81,22 @@ def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
     return _compiled_top_k().top_k_indices(bits, int(k), shift, mask)
 
 
+# float dtype -> (the integers of its width, width - 1, 2^(width - 1) - 1)
+_KEY_TYPES = {
+    np.dtype(np.float32): (np.int32, 31, 2**31 - 1),
+    np.dtype(np.float64): (np.int64, 63, 2**63 - 1),
+}
+
+
 def _key_bits(logits: np.ndarray):
     """(row float32 / float64, its bits as int32 / int64, width - 1, 2^(width - 1) - 1): the
-    arguments of ``mdsd._topk_numba``'s integer keys."""
-    row = logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float64)
-    width = 8 * row.itemsize
-    return row, row.view(np.int32 if width == 32 else np.int64), width - 1, (1 << (width - 1)) - 1
+    arguments of ``mdsd._topk_numba``'s integer keys (other dtypes: the row in float64)."""
+    key = _KEY_TYPES.get(logits.dtype)
+    if key is None:
+        logits = logits.astype(np.float64)
+        key = _KEY_TYPES[logits.dtype]
+    integers, shift, mask = key
+    return logits, logits.view(integers), shift, mask
 
 
 def top_k_indices_reference(logits: np.ndarray, k: int) -> np.ndarray:
