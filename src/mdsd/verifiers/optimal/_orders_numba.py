@@ -287,7 +287,7 @@ def decompose(
             if count == 1:
                 break
         g = _combine(weights, buffer, count)
-    mass = (_combine(weights, buffer, count) + t) * scale
+    mass = (g + t) * scale  # g = weights @ buffer[:count]: every exit precedes a change to either
     return orders[:count].copy(), weights, mass, iterations
 
 
