@@ -620,23 +620,49 @@ def test_threshold_node_equals_row_path():
 
 
 def test_orders_node_equals_row_path():
-    """The compiled node for three drafts without replacement (split, both blocks' Wolfe runs with
-    their norms, the draw) draws the same token as ``fit_orders_row`` + ``sample_orders_row``
-    from the same generator state: rows of 3-100 tokens with zeros in p and q, p = q, flat and
-    peaked q."""
+    """The compiled node for n >= 3 drafts without replacement (split, both blocks' Wolfe runs
+    with their norms, the draw) draws the same token as ``fit_orders_row`` + ``sample_orders_row``
+    from the same generator state: three drafts (Qall in closed form) and four or five (the
+    race quadrature) on rows of 3-100 tokens with zeros in p and q, p = q, flat and peaked q."""
     gen = np.random.default_rng(46)
     law = mdsd.get_law("without_replacement")
     compared = 0
-    for p, q in _node_rows(gen, 150, smallest=3, largest=100):
-        if not law_accepts("without_replacement", q, 3):
+    for trial, (p, q) in enumerate(_node_rows(gen, 240, smallest=3, largest=100)):
+        n = 3 + trial % 3
+        if not law_accepts("without_replacement", q, n):
             continue
-        drafts = law.sample(q, 3, gen)
+        drafts = law.sample(q, n, gen)
         seed = int(gen.integers(1 << 30))
-        node = orders.sample_orders_node(p, q, drafts, 3, np.random.default_rng(seed))
-        row = orders.fit_orders_row(p, q, 3, law)
+        node = orders.sample_orders_node(p, q, drafts, n, np.random.default_rng(seed))
+        row = orders.fit_orders_row(p, q, n, law)
         assert node == orders.sample_orders_row(row, p, drafts, np.random.default_rng(seed))
         compared += 1
-    assert compared > 120
+    assert compared > 200
+
+
+def test_compiled_quadrature_split_equals_reference():
+    """The compiled split of drafts without replacement whose Qall is a quadrature
+    (``priority_scan(curve=False)`` by ``_orders_numba.scan_split``: the bounds' candidate window,
+    the race on it) gives ``priority_scan_reference``'s order and split, and its alpha* to
+    rounding (the race's node weights are exponentials of numba's, not numpy's, libm): n = 4
+    and 6 on small random rows and top-k rows of a 8,192-token pair, n = 3 beyond the closed
+    form's ``THREE_DRAFT_CLOSED_MAX`` tokens."""
+    gen = np.random.default_rng(47)
+    law = mdsd.get_law("without_replacement")
+    cases = [(p, q, 4 + 2 * (i % 2)) for i, (p, q) in enumerate(_node_rows(gen, 60, smallest=6, largest=200))]
+    cases += [(*lm_pair(8192, seed=s, temperature=t, top_k=64), 4) for s, t in ((1, 0.7), (2, 1.0))]
+    cases += [(*lm_pair(600, seed=3, temperature=1.0), 3)]
+    compared = 0
+    for p, q, n in cases:
+        if not (law_accepts("without_replacement", q, n) and law.qall_by_quadrature(n, np.count_nonzero(q))):
+            continue
+        fast = priority_scan(p, q, n, law, curve=False)
+        ref = common.priority_scan_reference(p, q, n, law, curve=False)
+        assert fast.split == ref.split
+        assert fast.alpha_star == pytest.approx(ref.alpha_star, rel=1e-13, abs=1e-15)
+        np.testing.assert_array_equal(fast.order, ref.order)
+        compared += 1
+    assert compared > 50
 
 
 def test_node_sums_are_numpys():

@@ -27,8 +27,9 @@ import numba
 import numpy as np
 
 from mdsd._esp_numba import prefix_log_en
-from mdsd._race_numba import race_window
+from mdsd._race_numba import candidate_window, race_window
 from mdsd._wor_numba import three_draft_qall
+from mdsd.bound import CANDIDATE_SLACK
 from mdsd.laws import THREE_DRAFT_CLOSED_MAX
 from mdsd.verifiers.optimal._common_numba import keep_or_recover, numpy_sum, positions_in, priority_gather
 from mdsd.verifiers.optimal.priority_orders import DEPENDENT
@@ -302,8 +303,8 @@ def race_settings(n: int, support: int) -> tuple[float, float, float, float, flo
 
 @numba.njit(cache=True, fastmath=False)
 def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget):
-    """The emitted token of one node for three drafts without replacement on at most
-    ``THREE_DRAFT_CLOSED_MAX`` tokens with q > 0: ``orders.fit_orders_row`` then
+    """The emitted token of one node for n >= 3 drafts without replacement (the split by
+    ``scan_split``): ``orders.fit_orders_row`` then
     ``orders.pick_orders_row`` at uniforms [3], step for step (the same numbers), fitting only
     what the draw reads: the mixture of the block the drafts meet first (L, else H*), and the
     other block's only when the draft is not kept (the residual reads the whole rule mass).
@@ -311,8 +312,7 @@ def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, shor
     p, q: [V]; drafts: [n] token ids in draw order; race, tolerances and budgets as in
     ``priority_orders.decompose_compiled`` and ``orders._order_mixture``."""
     order, ps, qs = priority_gather(p, q)
-    k = order.size
-    split = k - _scan_split(ps, qs)
+    split = scan_split(ps, qs, n, race)[0]
     qs_law = qs / numpy_sum(qs)
     settings = (race, match_tol, gap_tol, floor, short_budget, full_budget)
     pos = positions_in(order, drafts)  # priority position of each draft
@@ -371,19 +371,40 @@ def _block_mixture(ps, qs, qs_law, n, split, low, settings):
 
 
 @numba.njit(cache=True, fastmath=False)
-def _scan_split(ps, qs):
-    """The first minimiser j* of p(H_j) - Qall(H_j) over H_j = the last j positions
-    (``common.priority_scan`` with ``bound.prefix_scan``, three drafts in closed form)."""
+def scan_split(ps, qs, n, race):
+    """(m*, 1 + f(H*)) of a row in priority order [K] for n >= 3 drafts without replacement: the
+    first minimiser j* of f(H_j) = p(H_j) - Qall(H_j) over H_j = the last j positions, m* = K - j*
+    (``common.priority_scan_reference`` with ``bound.prefix_scan``, the same numbers).
+
+    Three drafts on at most ``THREE_DRAFT_CLOSED_MAX`` tokens: Qall of every H_j in closed form.
+    Otherwise ``bound._wor_window``: the bounds Qall(H) <= q(H)^n and the product bound below it
+    leave a window of prefixes that can attain the minimum (``_race_numba.candidate_window``),
+    and only those are integrated by the race (``wor_window`` at ``race`` settings)."""
     k = qs.size
-    qall = np.empty(k + 1)
-    three_draft_qall(qs[::-1].copy(), 0, k, qall)
-    best, value, acc = 0, 0.0 - qall[0], 0.0
-    for j in range(1, k + 1):
-        acc += ps[k - j]
-        f = acc - qall[j]
+    q_rev = qs[::-1].copy()  # H_j = the first j positions of the reversed order
+    p_prefix = np.zeros(k + 1)
+    total = 0.0
+    for j in range(k):
+        total += ps[k - 1 - j]
+        p_prefix[j + 1] = total
+    if n == 3 and k <= THREE_DRAFT_CLOSED_MAX:
+        k_lo, qall = 0, np.empty(k + 1)
+        three_draft_qall(q_rev, 0, k, qall)
+    else:
+        top = np.sort(q_rev)[::-1][:n]  # the n largest masses, decreasing (K >= n)
+        top_mass = np.zeros(n)  # T_j: the mass of the j largest
+        for j in range(1, n):
+            top_mass[j] = top_mass[j - 1] + top[j - 1]
+        rest_mass = numpy_sum(q_rev) - top_mass  # 1 - T_j, summed from the other tokens
+        k_lo, k_hi = candidate_window(p_prefix, q_rev, n, top_mass, rest_mass, CANDIDATE_SLACK)
+        step, fast_tail, right_cut, clamp, saturated = race
+        qall = wor_window(q_rev, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated)
+    best, value = k_lo, p_prefix[k_lo] - qall[0]
+    for i in range(1, qall.size):
+        f = p_prefix[k_lo + i] - qall[i]
         if f < value:
-            best, value = j, f
-    return best
+            best, value = k_lo + i, f
+    return k - best, 1.0 + value
 
 
 @numba.njit(cache=True, fastmath=False)

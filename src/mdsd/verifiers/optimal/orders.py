@@ -18,7 +18,7 @@ from functools import partial
 
 import numpy as np
 
-from mdsd.laws import THREE_DRAFT_CLOSED_MAX, DraftLaw
+from mdsd.laws import DraftLaw
 from mdsd.verifiers.optimal.common import OptimalFit, keep_or_recover, positions_of, priority_scan
 from mdsd.verifiers.optimal.priority_orders import (
     GAP_TOLERANCE,
@@ -185,10 +185,10 @@ def pick_orders_row(row: OrdersRow, p: np.ndarray, drafts: np.ndarray, uniforms:
     return keep_or_recover(p, row.order, row.rule_mass, chosen, uniforms[1], uniforms[2])
 
 
-def orders_node_applies(law: DraftLaw, n: int, support: int) -> bool:
-    """Whether :func:`sample_orders_node` serves a row: three drafts without replacement on at
-    most ``laws.THREE_DRAFT_CLOSED_MAX`` tokens with q > 0 (Qall in closed form)."""
-    return law.name == "without_replacement" and n == 3 and support <= THREE_DRAFT_CLOSED_MAX
+def orders_node_applies(law: DraftLaw, n: int) -> bool:
+    """Whether :func:`sample_orders_node` serves a row of the orders method: n >= 3 drafts
+    without replacement (conditional Poisson rows take the row path)."""
+    return law.name == "without_replacement" and n >= 3
 
 
 def sample_orders_node(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, n: int, rng) -> int:
