@@ -620,41 +620,48 @@ def test_threshold_node_equals_row_path():
 
 
 def test_orders_node_equals_row_path():
-    """The compiled node for n >= 3 drafts without replacement (split, both blocks' Wolfe runs
-    with their norms, the draw) draws the same token as ``fit_orders_row`` + ``sample_orders_row``
-    from the same generator state: three drafts (Qall in closed form) and four or five (the
-    race quadrature) on rows of 3-100 tokens with zeros in p and q, p = q, flat and peaked q."""
+    """The compiled node of the orders method (split, both blocks' Wolfe runs with their norms,
+    the draw) draws the same token as ``fit_orders_row`` + ``sample_orders_row`` from the same
+    generator state: three drafts without replacement (Qall in closed form), four or five (the
+    race quadrature), conditional Poisson with two or three drafts, on rows of 3-100 tokens with
+    zeros in p and q, p = q, flat and peaked q."""
     gen = np.random.default_rng(46)
-    law = mdsd.get_law("without_replacement")
+    cases = (("without_replacement", 3), ("without_replacement", 4), ("without_replacement", 5))
+    cases += (("conditional_poisson", 2), ("conditional_poisson", 3))
     compared = 0
-    for trial, (p, q) in enumerate(_node_rows(gen, 240, smallest=3, largest=100)):
-        n = 3 + trial % 3
-        if not law_accepts("without_replacement", q, n):
+    for trial, (p, q) in enumerate(_node_rows(gen, 400, smallest=3, largest=100)):
+        name, n = cases[trial % len(cases)]
+        law = mdsd.get_law(name)
+        if not law_accepts(name, q, n):
             continue
         drafts = law.sample(q, n, gen)
         seed = int(gen.integers(1 << 30))
-        node = orders.sample_orders_node(p, q, drafts, n, np.random.default_rng(seed))
+        node = orders.sample_orders_node(p, q, drafts, n, law, np.random.default_rng(seed))
         row = orders.fit_orders_row(p, q, n, law)
         assert node == orders.sample_orders_row(row, p, drafts, np.random.default_rng(seed))
         compared += 1
-    assert compared > 200
+    assert compared > 330
 
 
-def test_compiled_quadrature_split_equals_reference():
-    """The compiled split of drafts without replacement whose Qall is a quadrature
-    (``priority_scan(curve=False)`` by ``_orders_numba.scan_split``: the bounds' candidate window,
-    the race on it) gives ``priority_scan_reference``'s order and split, and its alpha* to
-    rounding (the race's node weights are exponentials of numba's, not numpy's, libm): n = 4
+def test_compiled_split_equals_reference():
+    """The compiled split (``priority_scan(curve=False)`` by ``_orders_numba.scan_split``) gives
+    ``priority_scan_reference``'s order and split, and its alpha* to rounding (the race's node
+    weights and the e_n ratios are exponentials of numba's, not numpy's, libm): drafts without
+    replacement whose Qall is a quadrature (the bounds' candidate window, the race on it: n = 4
     and 6 on small random rows and top-k rows of a 8,192-token pair, n = 3 beyond the closed
-    form's ``THREE_DRAFT_CLOSED_MAX`` tokens."""
+    form's ``THREE_DRAFT_CLOSED_MAX`` tokens) and conditional Poisson (n = 2 and 4)."""
     gen = np.random.default_rng(47)
-    law = mdsd.get_law("without_replacement")
-    cases = [(p, q, 4 + 2 * (i % 2)) for i, (p, q) in enumerate(_node_rows(gen, 60, smallest=6, largest=200))]
-    cases += [(*lm_pair(8192, seed=s, temperature=t, top_k=64), 4) for s, t in ((1, 0.7), (2, 1.0))]
-    cases += [(*lm_pair(600, seed=3, temperature=1.0), 3)]
+    rows = list(_node_rows(gen, 60, smallest=6, largest=200))
+    cases = [(p, q, "without_replacement", 4 + 2 * (i % 2)) for i, (p, q) in enumerate(rows)]
+    cases += [(p, q, "conditional_poisson", 2 + 2 * (i % 2)) for i, (p, q) in enumerate(rows)]
+    for s, t in ((1, 0.7), (2, 1.0)):
+        p, q = lm_pair(8192, seed=s, temperature=t, top_k=64)
+        cases += [(p, q, "without_replacement", 4), (p, q, "conditional_poisson", 4)]
+    cases += [(*lm_pair(600, seed=3, temperature=1.0), "without_replacement", 3)]
     compared = 0
-    for p, q, n in cases:
-        if not (law_accepts("without_replacement", q, n) and law.qall_by_quadrature(n, np.count_nonzero(q))):
+    for p, q, name, n in cases:
+        law = mdsd.get_law(name)
+        if not (law_accepts(name, q, n) and common.compiled_split(law, n, np.count_nonzero(q))):
             continue
         fast = priority_scan(p, q, n, law, curve=False)
         ref = common.priority_scan_reference(p, q, n, law, curve=False)
@@ -662,7 +669,7 @@ def test_compiled_quadrature_split_equals_reference():
         assert fast.alpha_star == pytest.approx(ref.alpha_star, rel=1e-13, abs=1e-15)
         np.testing.assert_array_equal(fast.order, ref.order)
         compared += 1
-    assert compared > 50
+    assert compared > 110
 
 
 def test_node_sums_are_numpys():

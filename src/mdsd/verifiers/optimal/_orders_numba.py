@@ -302,9 +302,10 @@ def race_settings(n: int, support: int) -> tuple[float, float, float, float, flo
 
 
 @numba.njit(cache=True, fastmath=False)
-def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget):
-    """The emitted token of one node for n >= 3 drafts without replacement (the split by
-    ``scan_split``): ``orders.fit_orders_row`` then
+def orders_node(p, q, n, law, drafts, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget):
+    """The emitted token of one node of the orders method (law code ``law``: n >= 3 drafts
+    without replacement, or conditional Poisson; the split by ``scan_split``):
+    ``orders.fit_orders_row`` then
     ``orders.pick_orders_row`` at uniforms [3], step for step (the same numbers), fitting only
     what the draw reads: the mixture of the block the drafts meet first (L, else H*), and the
     other block's only when the draft is not kept (the residual reads the whole rule mass).
@@ -312,12 +313,12 @@ def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, shor
     p, q: [V]; drafts: [n] token ids in draw order; race, tolerances and budgets as in
     ``priority_orders.decompose_compiled`` and ``orders._order_mixture``."""
     order, ps, qs = priority_gather(p, q)
-    split = scan_split(ps, qs, n, race)[0]
+    split = scan_split(ps, qs, n, law, race)[0]
     qs_law = qs / numpy_sum(qs)
     settings = (race, match_tol, gap_tol, floor, short_budget, full_budget)
     pos = positions_in(order, drafts)  # priority position of each draft
     in_low = pos.min() < split
-    orders, weights, block_mass = _block_mixture(ps, qs, qs_law, n, split, in_low, settings)
+    orders, weights, block_mass = _block_mixture(ps, qs, qs_law, n, law, split, in_low, settings)
     offset = 0 if in_low else split
     cumulative = np.cumsum(weights)
     j = min(np.searchsorted(cumulative, uniforms[0] * numpy_sum(weights), side="right"), weights.size - 1)
@@ -332,14 +333,14 @@ def orders_node(p, q, n, drafts, uniforms, race, match_tol, gap_tol, floor, shor
     mass = block_mass[chosen - offset]
     if mass > 0.0 and uniforms[1] * mass < p[order[chosen]]:
         return order[chosen]  # kept: keep_or_recover's first branch
-    other_mass = _block_mixture(ps, qs, qs_law, n, split, not in_low, settings)[2]
+    other_mass = _block_mixture(ps, qs, qs_law, n, law, split, not in_low, settings)[2]
     masses = (block_mass, other_mass) if in_low else (other_mass, block_mass)
     rule_mass = np.concatenate(masses)  # the rule's mass m in priority order
     return keep_or_recover(p, order, rule_mass, chosen, uniforms[1], uniforms[2])
 
 
 @numba.njit(cache=True, fastmath=False)
-def _block_mixture(ps, qs, qs_law, n, split, low, settings):
+def _block_mixture(ps, qs, qs_law, n, law, split, low, settings):
     """(orders, weights, mass) of block L (``low``) or H* of a row in priority order, as
     ``orders.fit_orders_row`` makes them: ``_order_mixture`` on L, or on H*'s tokens with p > 0
     with its p = 0 tail last in every order (``orders.with_tail``)."""
@@ -348,7 +349,7 @@ def _block_mixture(ps, qs, qs_law, n, split, low, settings):
     lows, highs, none = np.arange(split), np.arange(split, k), np.arange(0)
     if low:
         return _order_mixture(
-            qs_law, n, highs, lows, none, ps[lows], qs[lows], 1, race, match_tol, gap_tol, floor,
+            qs_law, n, law, highs, lows, none, ps[lows], qs[lows], 1, race, match_tol, gap_tol, floor,
             short_budget, full_budget,
         )  # fmt: skip
     zeros = 0
@@ -356,13 +357,12 @@ def _block_mixture(ps, qs, qs_law, n, split, low, settings):
         zeros += ps[i] == 0.0
     covered, tail = np.arange(split, k - zeros), np.arange(k - zeros, k)
     orders, weights, mass = _order_mixture(
-        qs_law, n, tail, covered, lows, ps[covered], qs[covered], 2, race, match_tol, gap_tol, floor,
+        qs_law, n, law, tail, covered, lows, ps[covered], qs[covered], 2, race, match_tol, gap_tol, floor,
         short_budget, full_budget,
     )  # fmt: skip
     if zeros == 0:
         return orders, weights, mass
-    code = WITHOUT_REPLACEMENT
-    tail_mass = order_vertex(qs_law, n, code, none, tail, np.arange(k - zeros), np.arange(zeros), race)
+    tail_mass = order_vertex(qs_law, n, law, none, tail, np.arange(k - zeros), np.arange(zeros), race)
     full = np.empty((weights.size, k - split), dtype=np.int64)
     full[:, : covered.size] = orders
     for i in range(zeros):
@@ -371,12 +371,14 @@ def _block_mixture(ps, qs, qs_law, n, split, low, settings):
 
 
 @numba.njit(cache=True, fastmath=False)
-def scan_split(ps, qs, n, race):
-    """(m*, 1 + f(H*)) of a row in priority order [K] for n >= 3 drafts without replacement: the
-    first minimiser j* of f(H_j) = p(H_j) - Qall(H_j) over H_j = the last j positions, m* = K - j*
-    (``common.priority_scan_reference`` with ``bound.prefix_scan``, the same numbers).
+def scan_split(ps, qs, n, law, race):
+    """(m*, 1 + f(H*)) of a row in priority order [K] for the law code ``law`` (n >= 3 drafts
+    without replacement, or conditional Poisson): the first minimiser j* of
+    f(H_j) = p(H_j) - Qall(H_j) over H_j = the last j positions, m* = K - j*
+    (``common.priority_scan_reference`` with ``bound.prefix_scan``: the same steps).
 
-    Three drafts on at most ``THREE_DRAFT_CLOSED_MAX`` tokens: Qall of every H_j in closed form.
+    Conditional Poisson, and three drafts without replacement on at most
+    ``THREE_DRAFT_CLOSED_MAX`` tokens: Qall of every H_j in closed form (``qall_window``).
     Otherwise ``bound._wor_window``: the bounds Qall(H) <= q(H)^n and the product bound below it
     leave a window of prefixes that can attain the minimum (``_race_numba.candidate_window``),
     and only those are integrated by the race (``wor_window`` at ``race`` settings)."""
@@ -387,9 +389,8 @@ def scan_split(ps, qs, n, race):
     for j in range(k):
         total += ps[k - 1 - j]
         p_prefix[j + 1] = total
-    if n == 3 and k <= THREE_DRAFT_CLOSED_MAX:
-        k_lo, qall = 0, np.empty(k + 1)
-        three_draft_qall(q_rev, 0, k, qall)
+    if law == CONDITIONAL_POISSON or (n == 3 and k <= THREE_DRAFT_CLOSED_MAX):
+        k_lo, qall = 0, qall_window(q_rev, n, law, 0, k, race)
     else:
         top = np.sort(q_rev)[::-1][:n]  # the n largest masses, decreasing (K >= n)
         top_mass = np.zeros(n)  # T_j: the mass of the j largest
@@ -397,8 +398,7 @@ def scan_split(ps, qs, n, race):
             top_mass[j] = top_mass[j - 1] + top[j - 1]
         rest_mass = numpy_sum(q_rev) - top_mass  # 1 - T_j, summed from the other tokens
         k_lo, k_hi = candidate_window(p_prefix, q_rev, n, top_mass, rest_mass, CANDIDATE_SLACK)
-        step, fast_tail, right_cut, clamp, saturated = race
-        qall = wor_window(q_rev, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated)
+        qall = qall_window(q_rev, n, law, k_lo, k_hi, race)
     best, value = k_lo, p_prefix[k_lo] - qall[0]
     for i in range(1, qall.size):
         f = p_prefix[k_lo + i] - qall[i]
@@ -409,7 +409,7 @@ def scan_split(ps, qs, n, race):
 
 @numba.njit(cache=True, fastmath=False)
 def _order_mixture(
-    q, n, rest, block, before, target, block_q, side, race, match_tol, gap_tol, floor, short, full
+    q, n, law, rest, block, before, target, block_q, side, race, match_tol, gap_tol, floor, short, full
 ):
     """``orders._order_mixture`` with ``decompose_compiled``: (orders, weights, mass) of one block,
     trying the norms q, plain and q_floor in turn with a short budget, then the closest one with
@@ -425,7 +425,7 @@ def _order_mixture(
     best_violation, best_scale = np.inf, 0
     for s in range(3):
         orders, weights, mass, _ = decompose(
-            q, n, WITHOUT_REPLACEMENT, rest, block, before, target, start, scales[s], side, short, race,
+            q, n, law, rest, block, before, target, start, scales[s], side, short, race,
             match_tol, gap_tol, floor,
         )  # fmt: skip
         violation = _violation(mass, target, side)
@@ -438,7 +438,7 @@ def _order_mixture(
     if budget <= short:
         return best_orders, best_weights, best_mass
     orders, weights, mass, _ = decompose(
-        q, n, WITHOUT_REPLACEMENT, rest, block, before, target, start, scales[best_scale], side, budget, race,
+        q, n, law, rest, block, before, target, start, scales[best_scale], side, budget, race,
         match_tol, gap_tol, floor,
     )  # fmt: skip
     if _violation(mass, target, side) <= best_violation:

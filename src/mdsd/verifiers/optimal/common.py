@@ -76,17 +76,13 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     may then prune the prefixes that cannot attain the minimum; phi is None).
 
     Fast paths: the curve of a closed-form Qall (i.i.d. drafts, or two without replacement) in
-    one compiled pass (``_threshold_numba.curve_scan``); the split alone of drafts without
-    replacement whose Qall is a quadrature (``_orders_numba.scan_split``, the one-call node's
-    scan). Elsewhere, and as their reference, :func:`priority_scan_reference` (the same numbers,
-    tested).
+    one compiled pass (``_threshold_numba.curve_scan``); the split alone of conditional Poisson
+    and of drafts without replacement whose Qall is a quadrature (``_orders_numba.scan_split``,
+    the orders node's scan). Elsewhere, and as their reference, :func:`priority_scan_reference`
+    (the same numbers; tested).
     """
-    if (
-        not curve
-        and law.name == "without_replacement"
-        and law.qall_by_quadrature(n, int(np.count_nonzero(q)))
-    ):
-        return _quadrature_split(p, q, n)
+    if not curve and compiled_split(law, n, int(np.count_nonzero(q))):
+        return _compiled_split(p, q, n, law)
     if not (curve and closed_curve(law, n)):
         return priority_scan_reference(p, q, n, law, curve=curve)
     from mdsd.verifiers.optimal._threshold_numba import curve_scan  # lazy: numba costs ~0.3 s
@@ -98,14 +94,22 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     return PriorityScan(order, phi, split, min(1.0, max(0.0, alpha)), ps, qs, draft_prefix)
 
 
-def _quadrature_split(p: np.ndarray, q: np.ndarray, n: int) -> PriorityScan:
-    """``priority_scan(curve=False)`` of n drafts without replacement by ``_orders_numba.scan_split``."""
+def compiled_split(law: DraftLaw, n: int, support: int) -> bool:
+    """Laws whose split alone ``_orders_numba.scan_split`` computes (the orders method's one-call
+    node): conditional Poisson, and drafts without replacement whose Qall is a quadrature."""
+    if law.name == "without_replacement":
+        return law.qall_by_quadrature(n, support)
+    return law.name == "conditional_poisson"
+
+
+def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> PriorityScan:
+    """``priority_scan(curve=False)`` by ``_orders_numba.scan_split``."""
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
 
     order = priority_order(p, q)
     ps, qs = p[order], q[order]
     race = _orders_numba.race_settings(n, order.size)
-    split, alpha = _orders_numba.scan_split(ps, np.ascontiguousarray(qs), n, race)
+    split, alpha = _orders_numba.scan_split(ps, qs, n, _orders_numba.LAW_CODES[law.name], race)
     return PriorityScan(order, None, int(split), min(1.0, max(0.0, float(alpha))), ps, qs)
 
 

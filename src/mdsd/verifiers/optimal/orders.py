@@ -185,15 +185,15 @@ def pick_orders_row(row: OrdersRow, p: np.ndarray, drafts: np.ndarray, uniforms:
     return keep_or_recover(p, row.order, row.rule_mass, chosen, uniforms[1], uniforms[2])
 
 
-def orders_node_applies(law: DraftLaw, n: int) -> bool:
-    """Whether :func:`sample_orders_node` serves a row of the orders method: n >= 3 drafts
-    without replacement (conditional Poisson rows take the row path)."""
-    return law.name == "without_replacement" and n >= 3
+def orders_node_applies(law: DraftLaw) -> bool:
+    """Whether :func:`sample_orders_node` serves the rows of the orders method for ``law``: the
+    laws whose Wolfe loop runs compiled (``COMPILED_LAWS``)."""
+    return law.name in COMPILED_LAWS
 
 
-def sample_orders_node(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, n: int, rng) -> int:
+def sample_orders_node(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, n: int, law: DraftLaw, rng) -> int:
     """``sample_orders_row(fit_orders_row(p, q, n, law), p, drafts, rng)`` in one compiled call
-    (``_orders_numba.orders_node``) for ``orders_node_applies`` rows: the same arithmetic, so
+    (``_orders_numba.orders_node``) for ``orders_node_applies`` laws: the same arithmetic, so
     the same token from the same generator state (tested)."""
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
 
@@ -202,6 +202,7 @@ def sample_orders_node(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, n: int,
         np.ascontiguousarray(p, dtype=np.float64),
         q,
         n,
+        _orders_numba.LAW_CODES[law.name],
         np.ascontiguousarray(drafts, dtype=np.int64),
         rng.random(NODE_UNIFORMS),
         _orders_numba.race_settings(n, int(np.count_nonzero(q))),

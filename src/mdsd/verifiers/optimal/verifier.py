@@ -358,8 +358,8 @@ class OptimalVerifier(Verifier):
         """Emitted tokens [B] int64 for validated p, q [B, V] and drafts [B, n]: per row, the
         fit's rule only (no capped arrays over the vocabulary, no acceptance, no certificate);
         the residual is built only on a rejection. Same conditional law as ``output_law``.
-        Rows on short supports of the threshold method and rows of n >= 3 drafts without
-        replacement are fitted and sampled by one compiled node (``threshold.sample_threshold_node``,
+        Rows on short supports of the threshold method and the rows of the orders method are
+        fitted and sampled by one compiled node (``threshold.sample_threshold_node``,
         ``orders.sample_orders_node``: the same token as the row path)."""
         the_law = check_law(law)
         n = drafts.shape[1]
@@ -372,8 +372,8 @@ class OptimalVerifier(Verifier):
             if method == "threshold" and threshold_node_applies(the_law, n, support):
                 out[b] = sample_threshold_node(p, q, x, n, the_law, rng)
                 continue
-            if method == "orders" and orders_node_applies(the_law, n):
-                out[b] = sample_orders_node(p, q, x, n, rng)
+            if method == "orders" and orders_node_applies(the_law):
+                out[b] = sample_orders_node(p, q, x, n, the_law, rng)
                 continue
             if fitted is None or not (np.array_equal(p, fitted[0]) and np.array_equal(q, fitted[1])):
                 fitted = (p, q, _fit_row_for_sampling(p, q, n, the_law, method, support))
