@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from mdsd.bound import prefix_scan
+from mdsd.bound import RADIX_MIN, prefix_scan, stable_argsort
 from mdsd.laws import DraftLaw, others_mass
 from mdsd.sampling import draw
 from mdsd.verifiers.base import EMPTY_MASS
@@ -44,12 +44,15 @@ class PriorityScan:
 def priority_order(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Tokens with q > 0 by the ratio p/q decreasing, ties by lower id: int64 [K].
 
-    Fast path (as ``mdsd.bound.scan_order``): numpy's default (vectorised, unstable) argsort; the
-    p = 0 block at the end is then put in id order, and only if two positive ratios tie is the
-    stable sort used instead. ``priority_order_reference`` is the stable sort.
+    Fast paths (as ``mdsd.bound.scan_order``): from ``RADIX_MIN`` tokens the compiled stable
+    radix sort (``mdsd._radix_numba.stable_argsort``); below, numpy's default (unstable)
+    argsort, then the p = 0 block at the end put in id order, and the stable sort instead only if
+    two positive ratios tie. ``priority_order_reference`` is numpy's stable sort.
     """
     support = np.flatnonzero(q > 0)
     key = -(p[support] / q[support])  # -p/q <= 0; -0.0 where p = 0
+    if support.size >= RADIX_MIN:
+        return support[stable_argsort(key)]
     idx = np.argsort(key)
     ordered = key[idx]
     zeros = int(np.searchsorted(ordered, 0.0))  # first p = 0 token (-0.0 == 0.0)
