@@ -116,3 +116,57 @@ def test_race_kernel_choice():
         assert wor_qall_window(q, tail, 2, 2, 2, kernel=kernel)[0][0] == pytest.approx(
             0.3 + 0.15 / 0.7, abs=1e-12
         )
+
+
+def test_race_window_resumes_from_a_kept_prefix_state():
+    """``race_window_from`` with the state kept at k_lo (SAVE), then resumed (RESUME) for rows
+    that share the first k_lo masses and the nodes but differ after them, gives the plain scan's
+    outputs and error bit for bit: windows inside and across scan segments, a node set that
+    saturates before k_lo (tiny and large masses), and the vertex cache of the compiled Wolfe
+    loop (``wor_window_cached``) against ``wor_window``."""
+    from mdsd._race_numba import RESUME, SAVE, SEGMENT, race_prefix_state, race_window, race_window_from
+    from mdsd.verifiers.optimal import _orders_numba
+
+    gen = np.random.default_rng(12)
+    for trial in range(40):
+        size = int(gen.integers(4, 3 * SEGMENT))
+        n = int(gen.integers(2, 6))
+        q = gen.dirichlet(np.full(size, 0.3 if trial % 2 else 3.0))
+        k_lo = int(gen.integers(1, size))
+        k_hi = int(gen.integers(k_lo, size + 1))
+        step, first_even, clamp, saturated, right_cut = 0.05, 0, race.CLAMP, race.SATURATED, race.RIGHT_CUT
+        t = np.exp(step * np.arange(-60, 200 if trial % 2 else 40))  # the wide set saturates
+        state = race_prefix_state(t.size, n)
+        rows = [q] + [np.concatenate([q[:k_lo], gen.permutation(q[k_lo:])]) for _ in range(3)]
+        for i, row in enumerate(rows):
+            lam = tail_masses(row[None])[0][k_lo : k_hi + 1].copy()  # [k_hi - k_lo + 1]
+            want = np.empty(lam.size)
+            error = race_window(
+                row, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, want
+            )
+            got = np.empty(lam.size)
+            mode = SAVE if i == 0 else RESUME
+            args = (
+                row,
+                lam,
+                t,
+                n,
+                k_lo,
+                k_hi,
+                step,
+                first_even,
+                clamp,
+                saturated,
+                right_cut,
+                got,
+                state,
+                mode,
+            )
+            assert race_window_from(*args) == error
+            np.testing.assert_array_equal(got, want)
+        settings = _orders_numba.race_settings(n, size)
+        cache = _orders_numba.empty_race_cache()
+        for row in rows:
+            want = _orders_numba.wor_window(row, n, k_lo, k_hi, *settings)
+            got, cache = _orders_numba.wor_window_cached(row, n, k_lo, k_hi, settings, cache)
+            np.testing.assert_array_equal(got, want)

@@ -117,6 +117,35 @@ def race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, ri
     t: [J] nodes, increasing; first_even: index parity (0 or 1) of the nodes on the grid 2hZ;
     n >= 2. Prefixes with lambda_k = 0 get 1 and no error.
     """
+    empty = race_prefix_state(0, n)
+    return race_window_from(
+        q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, out, empty, SCAN
+    )
+
+
+# What ``race_window_from`` does with its prefix state: scan from the empty prefix (SCAN), also
+# keep the state reached at k_lo (SAVE), or start from a kept state (RESUME).
+SCAN, SAVE, RESUME = 0, 1, 2
+
+
+@numba.njit(cache=True, fastmath=False)
+def race_prefix_state(num, n):
+    """Storage for the scan's state at a prefix, for ``num`` nodes: (x [n, width], F [width],
+    F recorded at that prefix [width], active [1])."""
+    width = (num + LANES - 1) // LANES * LANES
+    return np.zeros((n, width)), np.zeros(width), np.zeros(width), np.zeros(1, dtype=np.int64)
+
+
+@numba.njit(cache=True, fastmath=False)
+def race_window_from(
+    q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, out, state, mode
+):
+    """``race_window``, optionally keeping or reusing the scan's state at the window's first
+    prefix k_lo > 0: SAVE stores it in ``state`` (``race_prefix_state(t.size, n)``); RESUME starts
+    from it, skipping the scan of tokens 0..k_lo-1, for a q whose first k_lo entries and nodes t
+    are those of the SAVE call (the caller's part). The state at k_lo is a function of those
+    alone, so every output is the plain scan's bit for bit."""
+    saved_x, saved_arrived, saved_record, saved_active = state
     num = t.size
     width = (num + LANES - 1) // LANES * LANES
     tt = np.zeros(width)  # padding nodes t = 0: s = 1, a = 0
@@ -132,11 +161,19 @@ def race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, ri
     active = num  # nodes 0..active-1 are scanned; the others are saturated (F = 1)
     cut = 0  # nodes 0..cut-1 have lambda_k t_j <= right_cut at the current prefix
     error = 0.0
+    start = 0
     if k_lo == 0:  # the empty prefix: nothing has arrived
         cut, error = _output(
             lam[0], tt, num, arrived, step, first_even, right_cut, cut, error, term, acc, out, 0
         )
-    start = 0
+    elif mode == RESUME:  # the state at k_lo, and the output there, as the SAVE call had them
+        x[:, :] = saved_x
+        arrived[:] = saved_arrived
+        active = saved_active[0]
+        cut, error = _output(
+            lam[0], tt, num, saved_record, step, first_even, right_cut, cut, error, term, acc, out, 0
+        )
+        start = k_lo
     while start < k_hi:
         end = min(start + SEGMENT, k_hi)
         if start < k_lo:  # segments before the window end at prefix k_lo
@@ -171,6 +208,11 @@ def race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, ri
                 break
             active -= 1
             arrived[active] = 1.0
+        if mode == SAVE and start < k_lo and end == k_lo:
+            saved_x[:, :] = x
+            saved_arrived[:] = arrived
+            saved_record[:] = record[k_lo - start - 1]
+            saved_active[0] = active
         start = end
     return error
 

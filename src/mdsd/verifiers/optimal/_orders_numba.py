@@ -8,7 +8,9 @@ coverage polytope of one block, each greedy vertex one Qall scan over the order 
 reversed, B]: for three drafts without replacement on up to ``THREE_DRAFT_CLOSED_MAX`` tokens the
 closed form of ``mdsd._wor_numba``; for other drafts without replacement the exponential-race quadrature
 (``mdsd._race_numba.race_window``) with the nodes of ``mdsd._race.wor_qall_window``'s numba path
-(``race_nodes_fast`` below mirrors ``mdsd._race.fast_nodes`` and its right-cut pruning); for
+(``race_nodes_fast`` below mirrors ``mdsd._race.fast_nodes`` and its right-cut pruning; within one
+Wolfe run the race's state after the tokens every vertex scans first is kept and resumed,
+``wor_window_cached``); for
 conditional Poisson the prefix elementary symmetric polynomials (``mdsd._esp_numba.prefix_log_en``),
 as ``ConditionalPoisson.qall_prefixes``.
 Running the whole loop compiled removes the per-iteration Python work (an argsort, a vertex scan's
@@ -27,7 +29,7 @@ import numba
 import numpy as np
 
 from mdsd._esp_numba import prefix_log_en
-from mdsd._race_numba import candidate_window, race_window
+from mdsd._race_numba import RESUME, SAVE, candidate_window, race_prefix_state, race_window, race_window_from
 from mdsd._wor_numba import three_draft_qall
 from mdsd.bound import CANDIDATE_SLACK
 from mdsd.laws import THREE_DRAFT_CLOSED_MAX
@@ -59,9 +61,9 @@ def race_nodes_fast(min_rate, n, step, fast_tail, right_cut):
 
 
 @numba.njit(cache=True, fastmath=False)
-def wor_window(q, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated):
-    """Qall(first k tokens of q's order), k = k_lo..k_hi, for n >= 2 drafts without replacement:
-    ``mdsd._race.wor_qall_window`` on the numba kernel (same tail masses, nodes and step)."""
+def _wor_nodes(q, n, k_lo, k_hi, step, fast_tail, right_cut):
+    """(lam [k_hi - k_lo + 1], nodes t, first_even) of ``mdsd._race.wor_qall_window``'s numba
+    path for the window k_lo..k_hi of q's order; t is empty when every prefix holds all the mass."""
     size = q.size
     tail = np.zeros(size + 1)  # lambda_k = q(tokens k..), summed from the small end
     running = 0.0
@@ -69,16 +71,65 @@ def wor_window(q, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated):
         running += q[i]
         tail[i] = running
     lam = tail[k_lo : k_hi + 1].copy()
-    out = np.ones(lam.size)
     min_rate = np.inf
     for value in lam:
         if value > 0.0 and value < min_rate:
             min_rate = value
-    if min_rate == np.inf:  # every prefix holds all the mass
-        return out
+    if min_rate == np.inf:
+        return lam, np.zeros(0), 0
     u, first_even = race_nodes_fast(min_rate, n, step, fast_tail, right_cut)
-    race_window(q, lam, np.exp(u), n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, out)
+    return lam, np.exp(u), first_even
+
+
+@numba.njit(cache=True, fastmath=False)
+def wor_window(q, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated):
+    """Qall(first k tokens of q's order), k = k_lo..k_hi, for n >= 2 drafts without replacement:
+    ``mdsd._race.wor_qall_window`` on the numba kernel (same tail masses, nodes and step)."""
+    lam, t, first_even = _wor_nodes(q, n, k_lo, k_hi, step, fast_tail, right_cut)
+    out = np.ones(lam.size)
+    if t.size:  # else every prefix holds all the mass
+        race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, out)
     return out
+
+
+@numba.njit(cache=True, fastmath=False)
+def empty_race_cache():
+    """A ``wor_window_cached`` cache holding nothing."""
+    return (np.zeros(0), np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros(0), np.zeros(1, dtype=np.int64))
+
+
+@numba.njit(cache=True, fastmath=False)
+def wor_window_cached(q, n, k_lo, k_hi, race, cache):
+    """``wor_window``, reusing the race's state at prefix k_lo from the previous call when its
+    first k_lo masses and its nodes were the same (``race_window_from``): the vertices of one
+    block scan the same tokens R first, and their nodes agree whenever the block's window ends
+    before tokens with mass (the min tail mass is then that of the tokens after the block).
+    cache: (q[:k_lo], nodes, race state at k_lo) of the last call; returns (Qall, cache)."""
+    step, fast_tail, right_cut, clamp, saturated = race
+    lam, t, first_even = _wor_nodes(q, n, k_lo, k_hi, step, fast_tail, right_cut)
+    out = np.ones(lam.size)
+    if t.size == 0:
+        return out, cache
+    if k_lo == 0:
+        race_window(q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, out)
+        return out, cache
+    prefix, nodes, x, arrived, record, active = cache
+    same = prefix.size == k_lo and nodes.size == t.size
+    for i in range(prefix.size if same else 0):
+        same = same and prefix[i] == q[i]
+    for j in range(nodes.size if same else 0):
+        same = same and nodes[j] == t[j]
+    if same:
+        state = (x, arrived, record, active)
+        race_window_from(
+            q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, out, state, RESUME
+        )
+        return out, cache
+    state = race_prefix_state(t.size, n)
+    race_window_from(
+        q, lam, t, n, k_lo, k_hi, step, first_even, clamp, saturated, right_cut, out, state, SAVE
+    )
+    return out, (q[:k_lo].copy(), t, state[0], state[1], state[2], state[3])
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -100,6 +151,13 @@ def order_vertex(q, n, law, rest, block, before, sigma, race):
     """Mass vector [|G|] of the priority-order rule sigma on ``block`` given that the drafts miss
     ``before``: v_{sigma_k} = Qall(R + sigma_{>=k}) - Qall(R + sigma_{>k}) (clipped at 0).
     law: a law code; race = (step, fast_tail, right_cut, clamp, saturated) (without replacement)."""
+    return order_vertex_cached(q, n, law, rest, block, before, sigma, race, empty_race_cache())[0]
+
+
+@numba.njit(cache=True, fastmath=False)
+def order_vertex_cached(q, n, law, rest, block, before, sigma, race, cache):
+    """(``order_vertex``, cache): the race's state after R kept between the vertices of one block
+    (``wor_window_cached``; the closed forms need none)."""
     g = block.size
     r = rest.size
     tokens = np.empty(r + g + before.size, dtype=np.int64)
@@ -107,11 +165,15 @@ def order_vertex(q, n, law, rest, block, before, sigma, race):
     for i in range(g):
         tokens[r + i] = block[sigma[g - 1 - i]]
     tokens[r + g :] = before
-    window = qall_window(q[tokens], n, law, r, r + g, race)
+    scanned = q[tokens]
+    if law == WITHOUT_REPLACEMENT and not (n == 3 and scanned.size <= THREE_DRAFT_CLOSED_MAX):
+        window, cache = wor_window_cached(scanned, n, r, r + g, race, cache)
+    else:
+        window = qall_window(scanned, n, law, r, r + g, race)
     v = np.empty(g)
     for k in range(g):  # prefix R + sigma_{>=k} has length |R| + |G| - k: window index G - k
         v[sigma[k]] = max(window[g - k] - window[g - k - 1], 0.0)
-    return v
+    return v, cache
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -222,7 +284,8 @@ def decompose(
     buffer = np.empty((capacity, size))  # active vertices minus the target
     factor = np.zeros((capacity, capacity))  # R: R^T R = 1 1^T + buffer buffer^T (active rows)
     orders[0] = start
-    buffer[0] = order_vertex(q, n, law, rest, block, before, start, race) / scale - t
+    vertex, cache = order_vertex_cached(q, n, law, rest, block, before, start, race, empty_race_cache())
+    buffer[0] = vertex / scale - t
     factor[0, 0] = math.sqrt(1.0 + _dot(buffer[0], buffer[0]))
     count = 1
     weights = np.ones(1)
@@ -240,7 +303,8 @@ def decompose(
             if violation <= match_tol:
                 break
         sigma = np.argsort(g / scale, kind="mergesort")
-        c = order_vertex(q, n, law, rest, block, before, sigma, race) / scale - t
+        vertex, cache = order_vertex_cached(q, n, law, rest, block, before, sigma, race, cache)
+        c = vertex / scale - t
         g_norm = math.sqrt(_dot(g, g))
         spread = max(math.sqrt(_dot(c, c)), g_norm)
         if _dot(g, g - c) <= gap_tol * g_norm * spread:
