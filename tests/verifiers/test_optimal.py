@@ -498,6 +498,27 @@ def test_compiled_peel_equals_reference():
         np.testing.assert_array_equal(rate, ref_rate)
 
 
+@pytest.mark.parametrize(("law", "n"), [("iid", 4), ("iid", 8), ("without_replacement", 2)])
+def test_compiled_peel_equals_reference_on_lumped_full_vocabulary(law, n):
+    """The peel as the fit calls it at V = 32,000, T = 1.0 (runs with one rate lumped first):
+    hundreds of nested intervals, mostly a chain that loses points at its right end, where the
+    kernel reuses prefix sums and defers rate and curve updates; bit for bit."""
+    p, q = lm_pair(32000, seed=1, temperature=1.0)
+    scan = priority_scan(p, q, n, mdsd.get_law(law))
+    ps, qs, phi, split = scan.target_probs, scan.draft_probs, scan.phi, scan.split
+    target, clipped = threshold._target_curve(ps, qs, phi, split)
+    run = np.where(clipped, np.where(np.arange(qs.size) < split, 0, 1), -1)
+    target, run = threshold._staircase(ps, qs, phi, split, target, run)
+    same_run = (run[1:] == run[:-1]) & (run[1:] >= 0)
+    cuts = np.concatenate([[0], 1 + np.flatnonzero(~same_run), [qs.size]])
+    coarse = (np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts])
+    levels, rate = threshold._peel(*coarse)
+    ref_levels, ref_rate = threshold._peel_reference(*coarse)
+    assert np.count_nonzero(levels < 1) > 100  # a deep peel
+    np.testing.assert_array_equal(levels, ref_levels)
+    np.testing.assert_array_equal(rate, ref_rate)
+
+
 def test_compiled_staircase_equals_reference():
     """The numba staircase walk returns the reference's curve and run ids bit for bit, whether a
     staircase forms or not."""

@@ -5,9 +5,9 @@ and ``_peel_reference``; and the priority scan's curve for the closed-form laws 
 one pass where ``common.priority_scan_reference`` makes several numpy passes).
 
 Same arithmetic in the same order (sequential prefix sums, first minimiser), so the results equal
-the references' bit for bit (``tests/verifiers/test_optimal.py`` compares them). The intervals of the peel
-are disjoint except for their shared ends, whose curve value is Phi there, so one working curve
-[K + 1] is updated in place instead of a copy per interval.
+the references' bit for bit (``tests/verifiers/test_optimal.py`` compares them). The intervals of
+the peel are disjoint except for their shared ends, whose curve value is Phi there, so its
+working arrays are indexed by absolute position instead of a copy per interval (``peel``).
 """
 
 from __future__ import annotations
@@ -23,71 +23,146 @@ from mdsd.verifiers.optimal._common_numba import keep_or_recover, others_mass, p
 def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
     """(levels [K + 1], rate [K]) of the random-threshold mixture of chords of phi for target.
 
-    Per interval, the chord, excess and share of every interior point are one branch-free loop
-    (vectorised: its three divisions per point dominate a peel with many cuts), and the largest
-    excess and the first smallest share a second, scalar one. error_model "numpy": no zero
-    checks on the divisions (a share divides only where room > excess >= 0)."""
+    ``_peel_reference``'s arithmetic in its order, with three kinds of work done once instead of
+    once per interval (the peel of a language-model row is mostly a chain of intervals [lo, hi)
+    that lose a few points at the right end, so per-interval passes make it O(K x depth)):
+
+    - q prefix sums from lo are kept by absolute position: a left child [lo, cut) reuses its
+      parent's (the same sequential sums); only a right child sums its own.
+    - The elements of an interval share one rate value (every step adds to a whole interval,
+      and intervals nest), carried on the stack and written once, when the interval ends.
+    - The parent's curve update chord + excess / (1 - lam) is applied by each child in its own
+      scan (chord and excess kept by absolute position; siblings' interiors are disjoint).
+
+    Per interval one branch-free scan computes the curve, chord, excess and share of every
+    interior point (vectorised: its divisions dominate), vectorised max / min reductions give
+    the largest excess and the smallest share, and a last scan finds the first point with that
+    share (the reference's first minimiser). error_model "numpy": no zero checks on divisions
+    (a share divides only where room > excess >= 0)."""
     k = qs.size
     levels = np.ones(k + 1)
     levels[0] = 0.0
     levels[k] = 0.0
     rate = np.zeros(k)
-    curve = target.copy()
-    local_q = np.empty(k)
-    chord = np.empty(k)
-    excess = np.empty(k)
-    share = np.empty(k)
-    stack_lo = np.empty(2 * k + 2, dtype=np.int64)
-    stack_hi = np.empty(2 * k + 2, dtype=np.int64)
-    stack_offset = np.empty(2 * k + 2)
-    stack_scale = np.empty(2 * k + 2)
+    prefix = np.empty(k)  # prefix[lo + i] = q of positions lo..lo+i, for the interval being read
+    chord = np.empty(k + 1)  # by absolute position: the last scan's chord and excess there
+    excess = np.empty(k + 1)
+    share = np.empty(k + 1)
+    extremes = np.empty(2, dtype=np.int64)  # bits of the largest excess, the smallest share
+    extremes_value = extremes.view(np.float64)
+    depth = 2 * k + 2
+    stack_lo = np.empty(depth, dtype=np.int64)
+    stack_hi = np.empty(depth, dtype=np.int64)
+    stack_offset = np.empty(depth)
+    stack_scale = np.empty(depth)
+    stack_base = np.empty(depth)  # the rate value every element of the interval has so far
+    stack_lam = np.empty(depth)  # the parent's lam: its curve update (the root: 0)
+    stack_left = np.empty(depth, dtype=np.bool_)  # a left child: the parent's prefix sums hold
     stack_lo[0], stack_hi[0], stack_offset[0], stack_scale[0] = 0, k, 0.0, 1.0
+    chord[:] = target  # the root's curve: target + 0 / 1, the target exactly
+    excess[:] = 0.0
+    stack_base[0], stack_lam[0], stack_left[0] = 0.0, 0.0, False
     top = 1
     while top > 0:
         top -= 1
         lo, hi, offset, scale = stack_lo[top], stack_hi[top], stack_offset[top], stack_scale[top]
+        base, parent_lam = stack_base[top], stack_lam[top]
         size = hi - lo
-        acc = 0.0
-        for i in range(size):  # q of positions lo..lo+i, summed locally
-            acc += qs[lo + i]
-            local_q[i] = acc
-        mass = local_q[size - 1]
+        if not stack_left[top]:
+            acc = 0.0
+            for i in range(lo, hi):  # q of positions lo..i, summed locally
+                acc += qs[i]
+                prefix[i] = acc
+        mass = prefix[hi - 1]
         start, rise = phi[lo], phi[hi] - phi[lo]
         rho = rise / mass
         if size == 1:
-            rate[lo] += scale * rho
+            rate[lo] = base + scale * rho
             continue
-        for i in range(size - 1):  # interior points lo+1..hi-1
-            point = start + rise * (local_q[i] / mass)
-            over = max(curve[lo + 1 + i] - point, 0.0)
-            room = phi[lo + 1 + i] - point
-            chord[i], excess[i] = point, over
-            # largest lam with excess <= (1 - lam) room; room <= excess means a touch: lam = 0
-            share[i] = 1.0 - over / room if room > over else 0.0
-        largest, j, lam = 0.0, 0, np.inf
-        for i in range(size - 1):
-            largest = max(largest, excess[i])
-            if share[i] < lam:
-                j, lam = i, share[i]
+        _scan(
+            prefix[lo : hi - 1],
+            phi[lo + 1 : hi],
+            chord[lo + 1 : hi],
+            excess[lo + 1 : hi],
+            share[lo + 1 : hi],
+            start,
+            rise,
+            mass,
+            1.0 - parent_lam,
+        )
+        _extremes(excess, share, lo + 1, hi, extremes)
+        largest, smallest = extremes_value[0], extremes_value[1]
         if largest <= tolerance:
+            value = base + scale * rho
             for i in range(lo, hi):
-                rate[i] += scale * rho
+                rate[i] = value
             continue
-        step = scale * lam * rho
-        for i in range(lo, hi):
-            rate[i] += step
-        cut = lo + 1 + j
+        cut = lo + 1 + _first_at_most(share[lo + 1 : hi], smallest, extremes[1])  # first minimiser
+        lam = share[cut]
+        step_base = base + scale * lam * rho
         levels[cut] = offset + scale * lam
-        for i in range(size - 1):
-            curve[lo + 1 + i] = chord[i] + excess[i] / (1.0 - lam)
-        curve[cut] = phi[cut]
         child_offset, child_scale = offset + scale * lam, scale * (1.0 - lam)
         stack_lo[top], stack_hi[top] = lo, cut
         stack_offset[top], stack_scale[top] = child_offset, child_scale
+        stack_base[top], stack_lam[top], stack_left[top] = step_base, lam, True
         stack_lo[top + 1], stack_hi[top + 1] = cut, hi
         stack_offset[top + 1], stack_scale[top + 1] = child_offset, child_scale
+        stack_base[top + 1], stack_lam[top + 1], stack_left[top + 1] = step_base, lam, False
         top += 2
     return levels, rate
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _scan(prefix, phi, chord, excess, share, start, rise, mass, keep):
+    """Chord, excess and share of an interval's interior points (views from its first interior
+    point; prefix: q of the interval's positions up to the one before). The curve there is the
+    parent's update chord + excess / keep (keep = 1 - the parent's lam; the root: the target)."""
+    for i in range(share.size):  # zero-based views: the compiler vectorises this loop
+        point = start + rise * (prefix[i] / mass)
+        over = max(chord[i] + excess[i] / keep - point, 0.0)
+        room = phi[i] - point
+        chord[i] = point
+        excess[i] = over
+        # largest lam with excess <= (1 - lam) room; room <= excess means a touch: lam = 0
+        share[i] = 1.0 - over / room if room > over else 0.0
+
+
+@numba.njit(cache=True)
+def _first_at_most(values, bound, bound_bits):
+    """The first i with values[i] <= bound (values >= 0, bound their minimum, bound_bits its bits
+    as int64), found from the right: the peel's minimiser is mostly near an interval's right
+    end. The last such i is the first when no earlier value is <= bound (one vectorised pass
+    over the bits checks); else a forward search."""
+    last = values.size - 1
+    while last > 0 and not values[last] <= bound:
+        last -= 1
+    bits = values.view(np.int64)
+    earlier = 0
+    for i in range(last):
+        earlier += bits[i] <= bound_bits
+    if earlier == 0:
+        return last
+    first = 0
+    while not values[first] <= bound:
+        first += 1
+    return first
+
+
+@numba.njit(cache=True)
+def _extremes(excess, share, first, stop, out):
+    """out [2] int64 = the bits of max(0, excess[first:stop]) and min(inf, share[first:stop]).
+    Both are >= 0 (excess a max with 0, share 0 or 1 - over / room with 0 <= over < room), and
+    the bits of non-negative doubles order as int64 do: integer reductions, which vectorise,
+    give the exact values."""
+    excess_bits, share_bits = excess.view(np.int64), share.view(np.int64)
+    largest, smallest = np.int64(0), _INF_BITS
+    for i in range(first, stop):
+        largest = max(largest, excess_bits[i])
+        smallest = min(smallest, share_bits[i])
+    out[0], out[1] = largest, smallest
+
+
+_INF_BITS = np.array([np.inf]).view(np.int64)[0]
 
 
 @numba.njit(cache=True)
