@@ -10,6 +10,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from mdsd._radix_numba import stable_argsort
+from mdsd.bound import RADIX_MIN
 from mdsd.sampling import draw
 from mdsd.verifiers.base import EMPTY_MASS
 
@@ -17,12 +19,16 @@ from mdsd.verifiers.base import EMPTY_MASS
 @numba.njit(cache=True)
 def priority_gather(p, q):
     """(order [K], p [K], q [K] in that order): the tokens with q > 0 by p/q decreasing, ties by
-    lower id (a stable sort, as ``common.priority_order_reference``)."""
+    lower id (a stable sort, as ``common.priority_order_reference``): from ``RADIX_MIN`` tokens
+    the radix sort, else a merge sort."""
     support = np.flatnonzero(q > 0.0)
     key = np.empty(support.size)
     for j in range(support.size):
         key[j] = -(p[support[j]] / q[support[j]])
-    order = support[np.argsort(key, kind="mergesort")]
+    if support.size >= RADIX_MIN:
+        order = support[stable_argsort(key)]
+    else:
+        order = support[np.argsort(key, kind="mergesort")]
     return order, p[order], q[order]
 
 

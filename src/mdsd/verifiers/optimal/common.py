@@ -88,10 +88,10 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
         return _compiled_split(p, q, n, law)
     if not (curve and closed_curve(law, n)):
         return priority_scan_reference(p, q, n, law, curve=curve)
-    from mdsd.verifiers.optimal._threshold_numba import curve_scan  # lazy: numba costs ~0.3 s
+    from mdsd.verifiers.optimal._common_numba import priority_gather  # lazy: numba costs ~0.3 s
+    from mdsd.verifiers.optimal._threshold_numba import curve_scan
 
-    order = priority_order(p, q)
-    ps, qs = p[order], q[order]
+    order, ps, qs = priority_gather(p, q)  # priority_order's order, the gathers in the same call
     others = others_mass(qs[::-1]) if law.name == "without_replacement" else np.zeros(0)
     phi, split, alpha, draft_prefix = curve_scan(ps, qs, n, others)
     return PriorityScan(order, phi, split, min(1.0, max(0.0, alpha)), ps, qs, draft_prefix)
