@@ -18,8 +18,8 @@ on one row (``StaticLlamaRunner.causal``), per backend ("torch", "numpy", "numba
 numba forward of one row: what a tree forward costs relative to an autoregressive step.
 
 Table 3, the panel kernel alone over the same projections (``rows`` and 24) by vector width: 8
-floats (AVX2, passes of 6 rows) against 16 (AVX-512, passes of 24 rows) where the CPU has
-AVX-512; the same products bit for bit.
+floats against 16 where the CPU has AVX-512 (rows per pass ``_panel_gemm.MAX_ROWS``, printed);
+the same products bit for bit.
 
 Table 4, the panel kernel alone over the same projections with the weights coming from memory
 (96 MB touched before every call, untimed), without software prefetch and with the kernel's
@@ -162,7 +162,7 @@ def _panel_products(linears, rows: int, gen: np.random.Generator):
 
 def width_table(pair, rows_list, repeats) -> None:
     """The panel kernel alone over every projection of the target, by vector width: 8 floats
-    (AVX2, passes of 6 rows) and, where the CPU has AVX-512, 16 floats (passes of 24 rows)."""
+    and, where the CPU has AVX-512, 16 floats (rows per pass ``MAX_ROWS`` of each width)."""
     from mdsd.engine._panel_gemm import MAX_ROWS, gemm_kernel, host_width
 
     runner = StaticLlamaRunner(pair.target, matmul="numba")

@@ -24,15 +24,17 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from mdsd.engine._panel_gemm import PANEL, host_width
+from mdsd.engine._panel_gemm import host_width
 
 # Rows multiplied on the panels (the kernel runs passes of _panel_gemm.MAX_ROWS rows; more rows
 # use the BLAS), by where the BLAS wins (``benchmarks/bench_matmul.py``, one thread): with AVX2
 # (AMD Zen 3) 16 rows on float32 panels took ~1.6x numpy's time and 24 rows on float16 panels
-# ~0.7x; with AVX-512 (passes of 24 rows) float32 panels beat the BLAS up to ~24 rows and float16
-# ones up to ~96 (64 rows: 0.74x) on an Intel Xeon, and with the kernel's software prefetch on an
-# AMD Zen 5 up to at least 144 rows (every projection of the target: 96 rows 0.72x, 144 rows
-# 0.74x, ``bench_matmul.py`` table 1), which prefills the bundled prompts on the panels.
+# ~0.7x; with AVX-512 (then 16-float panels, passes of 24 rows) float32 panels beat the BLAS up
+# to ~24 rows and float16 ones up to ~96 (64 rows: 0.74x) on an Intel Xeon, and with the kernel's
+# software prefetch on an AMD Zen 5 up to at least 144 rows (every projection of the target: 96
+# rows 0.72x, 144 rows 0.74x, ``bench_matmul.py`` table 1), which prefills the bundled prompts on
+# the panels. With 32-float panels (passes of 14 rows) a 90-token prompt of the bundled target
+# took 27 ms against 31-32 ms with 16-float ones on an AMD Zen 4 (ad hoc, one thread).
 _WIDE = host_width() == 16  # a global of the compiled code: fixed per CPU, as numba's cache is
 PANEL_MAX_ROWS_F32 = 24 if _WIDE else 12
 PANEL_MAX_ROWS_16 = 160 if _WIDE else 24
@@ -57,7 +59,7 @@ def project(x, panels, weight_t, bias, gemm):
     cols = weight_t.shape[1]
     if m <= panel_max_rows(panels.itemsize):
         n_panels = panels.shape[0]
-        width = n_panels * PANEL
+        width = n_panels * panels.shape[2]
         out = np.empty((m, width), dtype=np.float32)
         gemm(x.ctypes.data, panels.ctypes.data, out.ctypes.data, m, n_panels, k_dim, width)
         if width != cols:

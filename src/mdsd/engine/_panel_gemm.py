@@ -10,10 +10,15 @@ them once for all rows of a pass:
   contiguous array ``panels[c]`` (the last block zero-padded), so one product streams every
   weight exactly once, in memory order;
 - per panel, the ``rows x PANEL`` outputs stay in vector registers while k runs over the input
-  dimension: for each k, PANEL / width vector loads of ``panels[c, k]``, one broadcast of
-  ``x[r, k]`` per row and fused multiply-adds. With AVX2 (vectors of 8 floats, 16 registers) a
-  pass takes up to 6 rows; with AVX-512 (16 floats, 32 registers) up to 24 rows, one
-  accumulator per row (``MAX_ROWS``; the dispatcher runs passes until every row is done);
+  dimension: for each k, two vector loads of ``panels[c, k]`` (PANEL is two vectors of the
+  host's width: 32 floats with AVX-512, 16 with AVX2), one broadcast of ``x[r, k]`` per row and
+  two fused multiply-adds per row. Two accumulators per row keep two independent chains in
+  flight: with one (16-float panels on AVX-512) a pass is bound by the 4-cycle latency of its
+  chain rather than by the weights' stream, and a one-row product took twice as long hot and
+  3 rows from memory 1.4-1.6x one row (AMD Zen 4, ``benchmarks/bench_matmul.py``). A pass
+  takes up to 6 rows with AVX2 (16 registers) and 14 with AVX-512 (32 registers), two
+  accumulators per row plus the weights and a broadcast (``MAX_ROWS``; the dispatcher runs
+  passes until every row is done);
 - each k step also prefetches the weights ``PREFETCH_BYTES`` ahead in the stream: in a decode
   step the weights come from memory, and the hardware prefetcher alone does not keep enough
   lines in flight.
@@ -36,11 +41,31 @@ import functools
 
 import numpy as np
 
-PANEL = 16  # output columns per panel: two vectors of eight float32, or one of sixteen
-# Rows per pass by vector width: 8 floats (AVX2, 16 vector registers): 12 accumulator + 2 weight +
-# 1 broadcast registers at 6 rows; 16 floats (AVX-512, 32 registers): one accumulator per row,
-# 24 rows + weight + broadcast.
-MAX_ROWS = {8: 6, 16: 24}
+
+@functools.cache
+def host_width() -> int:
+    """Floats per vector register of this CPU for the kernel: 16 with AVX-512F, else 8."""
+    try:
+        import llvmlite.binding as llvm
+
+        return 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
+    except Exception:  # pragma: no cover - llvmlite ships with numba for every supported CPU
+        return 8
+
+
+PANEL = 2 * host_width()  # output columns per panel: two vectors (see the module docstring)
+_REGISTERS = {8: 16, 16: 32}  # vector registers by width (AVX2, AVX-512)
+
+
+def rows_per_pass(width: int, panel: int = PANEL) -> int:
+    """Rows one pass holds in registers: panel / width accumulators per row, plus as many weight
+    vectors and one broadcast (AVX2 with 16-float panels: 6 rows; AVX-512 with 32: 14), at most
+    24."""
+    parts = panel // width
+    return min(24, (_REGISTERS[width] - parts - 1) // parts)
+
+
+MAX_ROWS = {width: rows_per_pass(width) for width in _REGISTERS}  # for PANEL
 # Software prefetch distance along the panel stream, in bytes (0: none). With the hardware
 # prefetcher alone a 3-4 row product took 1.14-1.35x a one-row product when the weights come from
 # memory (every decode step: the target's ~27 MB do not stay in cache); requesting the line 8 KiB
@@ -55,7 +80,7 @@ GEMM_SIGNATURE = ctypes.CFUNCTYPE(
     ctypes.c_void_p,  # x [rows, k_dim] float32, C order
     ctypes.c_void_p,  # panels [n_panels, k_dim, PANEL] in the kernel's format
     ctypes.c_void_p,  # out [rows, out_stride] float32 (columns 0 .. n_panels * PANEL - 1 written)
-    ctypes.c_int64,  # rows >= 0 (passes of MAX_ROWS[width] rows)
+    ctypes.c_int64,  # rows >= 0 (passes of rows_per_pass(width, panel) rows)
     ctypes.c_int64,  # n_panels >= 1
     ctypes.c_int64,  # k_dim >= 1
     ctypes.c_int64,  # out_stride: floats between output rows
@@ -80,13 +105,13 @@ def storage_format(weight_t: np.ndarray) -> str:
     return "f32"
 
 
-def pack_panels(weight_t: np.ndarray, fmt: str = "f32") -> np.ndarray:
-    """W^T [in, out] -> panels [ceil(out / PANEL), in, PANEL], the last zero-padded, in ``fmt``
+def pack_panels(weight_t: np.ndarray, fmt: str = "f32", panel: int = PANEL) -> np.ndarray:
+    """W^T [in, out] -> panels [ceil(out / panel), in, panel], the last zero-padded, in ``fmt``
     (float32; float16 or bfloat16 bit patterns as uint16 -- exact only for weights
     ``storage_format`` accepts, which the caller checks)."""
     k_dim, cols = weight_t.shape
-    blocks = -(-cols // PANEL)
-    padded = np.zeros((k_dim, blocks * PANEL), dtype=np.float32)
+    blocks = -(-cols // panel)
+    padded = np.zeros((k_dim, blocks * panel), dtype=np.float32)
     padded[:, :cols] = weight_t
     if fmt == "f16":
         padded = padded.astype(np.float16).view(np.uint16)
@@ -94,16 +119,16 @@ def pack_panels(weight_t: np.ndarray, fmt: str = "f32") -> np.ndarray:
         padded = (padded.view(np.uint32) >> 16).astype(np.uint16)
     elif fmt != "f32":
         raise ValueError(f"fmt must be one of {list(FORMATS)}, got {fmt!r}")
-    return np.ascontiguousarray(padded.reshape(k_dim, blocks, PANEL).transpose(1, 0, 2))
+    return np.ascontiguousarray(padded.reshape(k_dim, blocks, panel).transpose(1, 0, 2))
 
 
-def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int = PREFETCH_BYTES) -> list[str]:
+def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int, panel: int) -> list[str]:
     """LLVM IR of ``gemm_{fmt}_r{rows}``: for each panel p, for k in 0..K-1,
     acc[r] += broadcast(x[r, k]) * panels[p, k, :] (PANEL / width vectors of ``width`` floats per
     row; 16-bit weights widened to float32 exactly), then store. With ``prefetch`` > 0 each k step
     first requests the weights ``prefetch`` bytes ahead in the stream."""
     elem = FORMATS[fmt][0]
-    vec, parts = f"<{width} x float>", PANEL // width
+    vec, parts = f"<{width} x float>", panel // width
     acc = [(r, c) for r in range(rows) for c in range(parts)]
     ir = [
         f"define internal void @gemm_{fmt}_r{rows}(ptr noalias nocapture readonly %x, "
@@ -115,7 +140,7 @@ def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int = PREFETCH_BY
     ir += ["  %pbase = mul i64 %p, %K", "  br label %inner", "inner:"]
     ir += ["  %k = phi i64 [0, %panel], [%k.next, %inner]"]
     ir += [f"  %a{r}.{c} = phi {vec} [zeroinitializer, %panel], [%n{r}.{c}, %inner]" for r, c in acc]
-    ir += ["  %wrow = add i64 %pbase, %k", f"  %w.base = mul i64 %wrow, {PANEL}"]
+    ir += ["  %wrow = add i64 %pbase, %k", f"  %w.base = mul i64 %wrow, {panel}"]
     if prefetch:
         ir += [
             f"  %w.here = getelementptr {elem}, ptr %w, i64 %w.base",
@@ -143,7 +168,7 @@ def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int = PREFETCH_BY
             for c in range(parts)
         ]
     ir += ["  %k.next = add i64 %k, 1", "  %k.done = icmp eq i64 %k.next, %K"]
-    ir += ["  br i1 %k.done, label %store, label %inner", "store:", f"  %col = mul i64 %p, {PANEL}"]
+    ir += ["  br i1 %k.done, label %store, label %inner", "store:", f"  %col = mul i64 %p, {panel}"]
     for r, c in acc:
         ir += [
             f"  %o.base{r}.{c} = add i64 %orow{r}, %col",
@@ -156,10 +181,9 @@ def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int = PREFETCH_BY
     return ir
 
 
-def _dispatcher_ir(fmt: str, width: int) -> list[str]:
+def _dispatcher_ir(fmt: str, width: int, most: int) -> list[str]:
     """``mdsd_panel_gemm_{fmt}(x, panels, out, rows, n_panels, k_dim, out_stride)``: passes of
-    up to MAX_ROWS[width] rows, each by the kernel of its row count."""
-    most = MAX_ROWS[width]
+    up to ``most`` rows, each by the kernel of its row count."""
     cases = " ".join(f"i64 {r}, label %rows{r}" for r in range(1, most + 1))
     ir = [
         f"define void @mdsd_panel_gemm_{fmt}(ptr %x, ptr %w, ptr %out, i64 %rows, i64 %P, i64 %K, "
@@ -190,17 +214,19 @@ def _dispatcher_ir(fmt: str, width: int) -> list[str]:
     return ir
 
 
-def module_ir(width: int = 8, prefetch: int = PREFETCH_BYTES) -> str:
-    """The LLVM IR module for vectors of ``width`` floats: per format, ``gemm_{fmt}_r1`` ..
-    ``gemm_{fmt}_r{MAX_ROWS[width]}`` and the exported dispatcher ``mdsd_panel_gemm_{fmt}``;
-    ``prefetch``: the software prefetch distance in bytes (0: none)."""
+def module_ir(width: int = 8, prefetch: int = PREFETCH_BYTES, panel: int = PANEL) -> str:
+    """The LLVM IR module for vectors of ``width`` floats and panels of ``panel`` columns: per
+    format, ``gemm_{fmt}_r1`` .. ``gemm_{fmt}_r{rows_per_pass(width, panel)}`` and the exported
+    dispatcher ``mdsd_panel_gemm_{fmt}``; ``prefetch``: the software prefetch distance in bytes
+    (0: none)."""
     vec = f"<{width} x float>"
+    most = rows_per_pass(width, panel)
     ir = [f"declare {vec} @llvm.fma.v{width}f32({vec}, {vec}, {vec})"]
     ir += ["declare void @llvm.prefetch.p0(ptr, i32, i32, i32)", ""]
     for fmt in FORMATS:
-        for rows in range(1, MAX_ROWS[width] + 1):
-            ir += _rows_kernel_ir(rows, fmt, width, prefetch) + [""]
-        ir += _dispatcher_ir(fmt, width) + [""]
+        for rows in range(1, most + 1):
+            ir += _rows_kernel_ir(rows, fmt, width, prefetch, panel) + [""]
+        ir += _dispatcher_ir(fmt, width, most) + [""]
     # explicit 512-bit vectors stay whole where the CPU prefers 256-bit ones for autovectorising
     bits = 32 * width
     ir += [f'attributes #0 = {{ "min-legal-vector-width"="{bits}" "prefer-vector-width"="{bits}" }}']
@@ -208,18 +234,10 @@ def module_ir(width: int = 8, prefetch: int = PREFETCH_BYTES) -> str:
 
 
 @functools.cache
-def host_width() -> int:
-    """Floats per vector register of this CPU for the kernel: 16 with AVX-512F, else 8."""
-    import llvmlite.binding as llvm
-
-    return 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
-
-
-@functools.cache
-def _compiled(width: int, prefetch: int) -> tuple:
-    """(execution engine, {format: ctypes function}) for vectors of ``width`` floats and a
-    prefetch distance: compiled once per process for the host CPU (~0.1-0.3 s). The engine owns
-    the machine code, so it is kept alive with the functions."""
+def _compiled(width: int, prefetch: int, panel: int) -> tuple:
+    """(execution engine, {format: ctypes function}) for vectors of ``width`` floats, a prefetch
+    distance and a panel width: compiled once per process for the host CPU (~0.1-0.3 s). The
+    engine owns the machine code, so it is kept alive with the functions."""
     import llvmlite.binding as llvm
 
     llvm.initialize_native_target()
@@ -227,7 +245,7 @@ def _compiled(width: int, prefetch: int) -> tuple:
     machine = llvm.Target.from_default_triple().create_target_machine(
         cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
     )
-    module = llvm.parse_assembly(module_ir(width, prefetch))
+    module = llvm.parse_assembly(module_ir(width, prefetch, panel))
     module.verify()
     engine = llvm.create_mcjit_compiler(module, machine)
     engine.finalize_object()
@@ -235,13 +253,16 @@ def _compiled(width: int, prefetch: int) -> tuple:
     return engine, kernels
 
 
-def gemm_kernel(fmt: str = "f32", width: int | None = None, prefetch: int = PREFETCH_BYTES):
-    """The compiled kernel for panels in ``fmt`` with vectors of ``width`` floats (None: the
-    host's, ``host_width``) and software prefetch ``prefetch`` bytes ahead (0: none), a ctypes
-    function of ``GEMM_SIGNATURE``; None where llvmlite cannot compile for this machine (the
-    forward then uses numpy's BLAS). Every width and prefetch distance gives the same products bit
-    for bit (each output is the same in-order chain of fused multiply-adds)."""
+def gemm_kernel(
+    fmt: str = "f32", width: int | None = None, prefetch: int = PREFETCH_BYTES, panel: int = PANEL
+):
+    """The compiled kernel for panels in ``fmt`` of ``panel`` columns (``pack_panels``) with
+    vectors of ``width`` floats (None: the host's, ``host_width``) and software prefetch
+    ``prefetch`` bytes ahead (0: none), a ctypes function of ``GEMM_SIGNATURE``; None where
+    llvmlite cannot compile for this machine (the forward then uses numpy's BLAS). Every width,
+    panel width and prefetch distance gives the same products bit for bit (each output is the
+    same in-order chain of fused multiply-adds over k)."""
     try:
-        return _compiled(width or host_width(), prefetch)[1][fmt]
+        return _compiled(width or host_width(), prefetch, panel)[1][fmt]
     except Exception:  # pragma: no cover - llvmlite ships with numba for every supported CPU
         return None
