@@ -14,8 +14,8 @@ them once for all rows of a pass:
   host's width: 32 floats with AVX-512, 16 with AVX2), one broadcast of ``x[r, k]`` per row and
   two fused multiply-adds per row. Two accumulators per row keep two independent chains in
   flight: with one (16-float panels on AVX-512) a pass is bound by the 4-cycle latency of its
-  chain rather than by the weights' stream, and a one-row product took twice as long hot and
-  3 rows from memory 1.4-1.6x one row (AMD Zen 4, ``benchmarks/bench_matmul.py``). A pass
+  chain rather than by the weights' stream: a one-row product took 1.4-2x as long hot, and in
+  some runs 3 rows from memory 1.4-1.6x one row (AMD Zen 4, ``benchmarks/bench_matmul.py``). A pass
   takes up to 6 rows with AVX2 (16 registers) and 14 with AVX-512 (32 registers), two
   accumulators per row plus the weights and a broadcast (``MAX_ROWS``; the dispatcher runs
   passes until every row is done);
@@ -124,7 +124,7 @@ def pack_panels(weight_t: np.ndarray, fmt: str = "f32", panel: int = PANEL) -> n
 
 def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int, panel: int) -> list[str]:
     """LLVM IR of ``gemm_{fmt}_r{rows}``: for each panel p, for k in 0..K-1,
-    acc[r] += broadcast(x[r, k]) * panels[p, k, :] (PANEL / width vectors of ``width`` floats per
+    acc[r] += broadcast(x[r, k]) * panels[p, k, :] (panel / width vectors of ``width`` floats per
     row; 16-bit weights widened to float32 exactly), then store. With ``prefetch`` > 0 each k step
     first requests the weights ``prefetch`` bytes ahead in the stream."""
     elem = FORMATS[fmt][0]
