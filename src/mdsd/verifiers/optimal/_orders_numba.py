@@ -133,15 +133,23 @@ def wor_window_cached(q, n, k_lo, k_hi, race, cache):
 
 
 @numba.njit(cache=True, fastmath=False)
+def by_race(law, n, size):
+    """Whether Qall over ``size`` tokens is the race quadrature: drafts without replacement but
+    for three on at most ``THREE_DRAFT_CLOSED_MAX`` tokens (the closed form; conditional Poisson
+    has its e_n ratios)."""
+    return law == WITHOUT_REPLACEMENT and not (n == 3 and size <= THREE_DRAFT_CLOSED_MAX)
+
+
+@numba.njit(cache=True, fastmath=False)
 def qall_window(q, n, law, k_lo, k_hi, race):
     """Qall(first k tokens of q's order), k = k_lo..k_hi, for the law code ``law``."""
-    if law == WITHOUT_REPLACEMENT and n == 3 and q.size <= THREE_DRAFT_CLOSED_MAX:
+    if by_race(law, n, q.size):
+        step, fast_tail, right_cut, clamp, saturated = race
+        return wor_window(q, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated)
+    if law == WITHOUT_REPLACEMENT:
         out = np.empty(k_hi - k_lo + 1)  # the closed form, as ``WithoutReplacement.qall_window``
         three_draft_qall(q, k_lo, k_hi, out)
         return out
-    if law == WITHOUT_REPLACEMENT:
-        step, fast_tail, right_cut, clamp, saturated = race
-        return wor_window(q, n, k_lo, k_hi, step, fast_tail, right_cut, clamp, saturated)
     log_en = prefix_log_en(q.reshape((1, q.size)), n)[0]  # conditional Poisson: e_n ratios
     return np.minimum(np.exp(log_en[k_lo : k_hi + 1] - log_en[-1]), 1.0)
 
@@ -166,7 +174,7 @@ def order_vertex_cached(q, n, law, rest, block, before, sigma, race, cache):
         tokens[r + i] = block[sigma[g - 1 - i]]
     tokens[r + g :] = before
     scanned = q[tokens]
-    if law == WITHOUT_REPLACEMENT and not (n == 3 and scanned.size <= THREE_DRAFT_CLOSED_MAX):
+    if by_race(law, n, scanned.size):
         window, cache = wor_window_cached(scanned, n, r, r + g, race, cache)
     else:
         window = qall_window(scanned, n, law, r, r + g, race)
@@ -453,7 +461,7 @@ def scan_split(ps, qs, n, law, race):
     for j in range(k):
         total += ps[k - 1 - j]
         p_prefix[j + 1] = total
-    if law == CONDITIONAL_POISSON or (n == 3 and k <= THREE_DRAFT_CLOSED_MAX):
+    if not by_race(law, n, k):
         k_lo, qall = 0, qall_window(q_rev, n, law, 0, k, race)
     else:
         top = np.sort(q_rev)[::-1][:n]  # the n largest masses, decreasing (K >= n)

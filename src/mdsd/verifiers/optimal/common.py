@@ -108,9 +108,9 @@ def compiled_split(law: DraftLaw, n: int, support: int) -> bool:
 def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> PriorityScan:
     """``priority_scan(curve=False)`` by ``_orders_numba.scan_split``."""
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
+    from mdsd.verifiers.optimal._common_numba import priority_gather
 
-    order = priority_order(p, q)
-    ps, qs = p[order], q[order]
+    order, ps, qs = priority_gather(p, q)  # priority_order's order, the gathers in the same call
     race = _orders_numba.race_settings(n, order.size)
     split, alpha = _orders_numba.scan_split(ps, qs, n, _orders_numba.LAW_CODES[law.name], race)
     return PriorityScan(order, None, int(split), min(1.0, max(0.0, float(alpha))), ps, qs)
