@@ -139,7 +139,9 @@ def main() -> None:
             print(
                 f"\n{r['method']}: predicted {r['predicted_tokens_per_second']:.1f} tokens/s "
                 f"({r['predicted_speedup_vs_autoregressive']:.2f}x AR), measured "
-                f"{r['tokens_per_second']:.1f} tokens/s ({r['speedup_vs_autoregressive']:.2f}x AR)"
+                f"{r['tokens_per_second']:.1f} tokens/s ({r['speedup_vs_autoregressive']:.2f}x AR); "
+                f"ceiling if drafting and verification were free: "
+                f"{r['ceiling_speedup_vs_autoregressive']:.2f}x AR ({r['ceiling_tree']})"
             )
     if args.json:
         with open(args.json, "w") as fh:

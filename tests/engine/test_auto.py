@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -74,6 +76,31 @@ def test_per_node_overhead_is_charged_by_tree_size():
         extra = predict(widths, costly).step_s - predict(widths, calibration).step_s
         assert extra == pytest.approx(0.05 * nodes)
     assert max(choose_tree(costly).widths, default=1) <= max(choose_tree(calibration).widths)
+
+
+def test_ceiling_charges_the_target_alone():
+    """``ceiling``: the best shape when drafting, verification and the loop cost nothing. It does
+    not move with those costs, is never below the choice, costs a step exactly the target's
+    forward and output layer, and is plain sampling when every extra row of the target's forward
+    costs a whole forward."""
+    from dataclasses import replace
+
+    from mdsd.engine.auto import Calibration, ceiling, choose_tree, expected_tokens
+
+    rates = (0.6, 0.75, 0.82, 0.86)
+    cheap, slow = _calibration(rates, draft_s=0.02), _calibration(rates, draft_s=1.0)
+    costly = Calibration(slow.profile, replace(slow.cost, step_overhead_s=0.3, step_overhead_per_node_s=0.05))
+    best = ceiling(cheap)
+    assert ceiling(slow) == ceiling(costly) == best
+    assert best.widths and best.tokens_per_s >= choose_tree(cheap).tokens_per_s
+    assert choose_tree(slow).widths == ()  # the draft costs too much, the target alone would pay
+    e = expected_tokens(best.widths, rates)
+    rows = 1 + sum(itertools.accumulate(best.widths, lambda a, b: a * b))
+    head = cheap.cost.head_rows_s[rows - 1] + e * (cheap.cost.head_s - cheap.cost.head_rows_s[0])
+    assert best.step_s == pytest.approx(cheap.cost.target(rows) + head)
+    # a forward costs as much per row as a one-row forward: no tree can beat plain sampling
+    linear = _calibration(rates, draft_s=0.0, target_s=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
+    assert ceiling(linear).widths == ()
 
 
 def test_auto_with_block_verification_chooses_a_chain(llama, tmp_path):

@@ -34,6 +34,7 @@ def test_bench_auto_tree(llama, monkeypatch, tmp_path):
     assert auto_row["method"].startswith("mdsd without_replacement/rrs_without_replacement auto (")
     assert auto_row["new_tokens"] == 12 and auto_row["predicted_tokens_per_second"] > 0
     assert auto_row["chosen_tree"] in auto_row["method"]
+    assert auto_row["ceiling_speedup_vs_autoregressive"] >= 1.0 and auto_row["ceiling_tree"]
     assert list(tmp_path.glob("auto-tree/*.json"))  # the calibration was cached
 
 

@@ -446,5 +446,7 @@ def bench(
             wide.print(
                 f"{r['method']}: predicted {r['predicted_tokens_per_second']:.1f} tokens/s "
                 f"({r['predicted_speedup_vs_autoregressive']:.2f}x autoregressive), measured "
-                f"{f(r['tokens_per_second'], '.1f')} tokens/s ({f(r['speedup_vs_autoregressive'], '.2f')}x)"
+                f"{f(r['tokens_per_second'], '.1f')} tokens/s ({f(r['speedup_vs_autoregressive'], '.2f')}x); "
+                f"ceiling if drafting and verification were free: "
+                f"{r['ceiling_speedup_vs_autoregressive']:.2f}x ({r['ceiling_tree']})"
             )

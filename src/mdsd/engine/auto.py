@@ -28,7 +28,8 @@ sequence, ``_real_steps``).
 
 ``choose_tree`` enumerates every shape with widths <= max_width, depth <= max_depth and at most
 max_nodes nodes, and returns the best, or plain sampling (depth 0) unless the best is predicted
-to beat it by ``MIN_SPEEDUP`` (a margin for calibration noise). The
+to beat it by ``MIN_SPEEDUP`` (a margin for calibration noise); ``ceiling`` scores the shapes
+with drafting, verification and the loop's work free, a bound on what speculation can gain. The
 choice depends on timings, so it is machine-dependent (the output law is the target's whatever
 the tree); the calibration is cached on disk per (pair, dtype, device, threads, sampling, law,
 verifier), and ``TreeDecoder`` reports the chosen shape so a run can be pinned with ``--tree``.
@@ -211,6 +212,40 @@ def choose_tree(
             if choice.tokens_per_s > best.tokens_per_s:
                 best = choice
     return best if best.tokens_per_s >= min_speedup * plain.tokens_per_s else plain
+
+
+def ceiling(
+    calibration: Calibration,
+    *,
+    max_width: int = MAX_WIDTH,
+    max_depth: int = MAX_DEPTH,
+    max_nodes: int = MAX_NODES,
+) -> TreeChoice:
+    """The best shape if drafting, verification and the loop's own work cost nothing: a step
+    is then the target's tree forward and its output layer (with the transform of each visited
+    row), against a real plain-sampling step.
+
+    Its ``predicted_speedup`` bounds, within the model's approximations, what any tree of these
+    shapes can gain with this pair's acceptance profile on this machine. Near 1, each extra row of
+    the target's forward costs about what its accepted tokens save (on a CPU whose one-row
+    forward streams the weights near the memory bound, every extra row adds its arithmetic), and
+    no faster draft model or verifier makes speculation pay."""
+    cost = calibration.cost
+    free = replace(
+        cost,
+        draft_s=(0.0,) * len(cost.draft_s),
+        draft_root_s=0.0,
+        verify_s=(0.0,) * len(cost.verify_s),
+        step_overhead_s=0.0,
+        step_overhead_per_node_s=0.0,
+    )
+    return choose_tree(
+        Calibration(calibration.profile, free),
+        max_width=max_width,
+        max_depth=max_depth,
+        max_nodes=max_nodes,
+        min_speedup=1.0,
+    )
 
 
 # ---------------------------------------------------------------------- calibration
@@ -518,6 +553,7 @@ __all__ = [
     "CostModel",
     "TreeChoice",
     "calibrate",
+    "ceiling",
     "choose_tree",
     "expected_tokens",
     "load_or_calibrate",

@@ -268,6 +268,9 @@ def run_bench(
             row["chosen_tree"] = choice.describe()
             row["predicted_tokens_per_second"] = choice.tokens_per_s
             row["predicted_speedup_vs_autoregressive"] = choice.predicted_speedup
+            ceiling = method.decoder.auto_ceiling
+            row["ceiling_tree"] = ceiling.describe()
+            row["ceiling_speedup_vs_autoregressive"] = ceiling.predicted_speedup
     base = {r["method"]: r["tokens_per_second"] for r in rows}
     for row in rows:
         tps = row["tokens_per_second"]

@@ -275,6 +275,7 @@ class TreeDecoder(_Decoder):
         self.eos = eos_ids(pair)
         self.tree: DraftTree | None = None
         self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
+        self.auto_ceiling = None  # ... and auto.ceiling's: the best with free drafting
         self._plain: Autoregressive | None = None  # auto chose plain sampling
         if config.tree is not None:
             self._use_tree(config.tree)
@@ -341,6 +342,7 @@ class TreeDecoder(_Decoder):
             max_width = 1
         choice = auto.choose_tree(calibration, max_width=max_width)
         self.auto_choice = choice
+        self.auto_ceiling = auto.ceiling(calibration, max_width=max_width)
         if choice.widths:
             self._use_tree(build_tree(choice.widths))
         else:
