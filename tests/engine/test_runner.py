@@ -86,7 +86,7 @@ def test_panel_products_equal_the_blas(rows, bias, fmt):
     (the zero-padded last panel), for every vector width the host runs, with and without the
     software prefetch (which reads ahead past the last panel); all agree bit for bit."""
     from mdsd.engine import _llama_numba as kernels
-    from mdsd.engine._panel_gemm import PANEL, PREFETCH_BYTES, gemm_kernel, pack_panels
+    from mdsd.engine._panel_gemm import PANEL, PREFETCH_BYTES, gemm_kernel, kernel_address, pack_panels
 
     gen = np.random.default_rng(rows)
     weight_t = gen.normal(size=(37, 3 * PANEL + 5)).astype(np.float32)  # [in, out]
@@ -96,7 +96,9 @@ def test_panel_products_equal_the_blas(rows, bias, fmt):
     b = gen.normal(size=weight_t.shape[1]).astype(np.float32) if bias else np.zeros(0, np.float32)
     want = x.astype(np.float64) @ weight_t + (b if bias else 0.0)
     results = [
-        kernels.project(x, pack_panels(weight_t, fmt), weight_t, b, gemm_kernel(fmt, width, prefetch))
+        kernels.project(
+            x, pack_panels(weight_t, fmt), weight_t, b, kernel_address(gemm_kernel(fmt, width, prefetch))
+        )
         for width in _kernel_widths()
         for prefetch in (0, PREFETCH_BYTES, 64)
     ]
@@ -162,7 +164,7 @@ def test_16_bit_panels_give_the_float32_products_bit_for_bit(fmt, rows):
     from 16-bit panels as from float32 panels, bit for bit; ``storage_format`` picks the format
     (float16 first; bfloat16 for values beyond float16's range; float32 otherwise)."""
     from mdsd.engine import _llama_numba as kernels
-    from mdsd.engine._panel_gemm import PANEL, gemm_kernel, pack_panels, storage_format
+    from mdsd.engine._panel_gemm import PANEL, gemm_kernel, kernel_address, pack_panels, storage_format
 
     gen = np.random.default_rng(rows)
     weight_t = gen.normal(size=(40, 2 * PANEL + 3)).astype(np.float32)  # [in, out]
@@ -175,8 +177,8 @@ def test_16_bit_panels_give_the_float32_products_bit_for_bit(fmt, rows):
     assert storage_format(weight_t) == fmt
     x = gen.normal(size=(rows, 40)).astype(np.float32)
     none = np.zeros(0, np.float32)
-    want = kernels.project(x, pack_panels(weight_t), weight_t, none, gemm_kernel())
-    got = kernels.project(x, pack_panels(weight_t, fmt), weight_t, none, gemm_kernel(fmt))
+    want = kernels.project(x, pack_panels(weight_t), weight_t, none, kernel_address(gemm_kernel()))
+    got = kernels.project(x, pack_panels(weight_t, fmt), weight_t, none, kernel_address(gemm_kernel(fmt)))
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got, x.astype(np.float64) @ weight_t, atol=1e-4, rtol=1e-5)
 

@@ -3,7 +3,7 @@
 The torch / numpy forward of ``mdsd.engine.static_llama`` (the reference, tested against Hugging
 Face's forward) pays ~15-40 microseconds of framework dispatch per small operation: about 0.6 ms
 per decoder layer on the CPU of BENCHMARKS.md, as much as a one-token forward's weight reads. Here
-each decoder layer is one compiled call with the same steps:
+each decoder layer is compiled, the whole stack one call (``decoder_stack``), with the same steps:
 
     h = rms_norm(x) ; q, k, v = h W_qkv (+ b) ; rotary(q), rotary(k) ; cache[start:end] = k, v
     a = softmax(q K^T / sqrt(d) + mask) V ; x = x + a W_o
@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from mdsd.engine._panel_gemm import host_width
 
@@ -50,10 +53,31 @@ _JIT = {"cache": True, "boundscheck": False, "fastmath": {"contract"}}
 _VEC = {"cache": True, "boundscheck": False, "fastmath": {"contract", "reassoc"}}  # sums reordered
 
 
+@intrinsic
+def _call_gemm(typingctx, gemm, x, panels, out, rows, n_panels, k_dim, out_stride):
+    """Call the panel kernel at address ``gemm`` (``_panel_gemm.kernel_address``) with the
+    arguments of ``_panel_gemm.GEMM_SIGNATURE`` (pointers as integers). The kernel travels as an
+    integer, not as its ctypes function: numba's dispatcher types an integer argument in C, a
+    ctypes function in Python on every call (about 1.3 microseconds, each decoder layer)."""
+    pointer, count = types.uintp, types.int64
+    sig = types.void(types.uintp, pointer, pointer, pointer, count, count, count, count)
+
+    def codegen(context, builder, signature, args):
+        byte_pointer, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
+        kernel_type = ir.FunctionType(ir.VoidType(), [byte_pointer] * 3 + [i64] * 4)
+        kernel = builder.inttoptr(args[0], kernel_type.as_pointer())
+        pointers = [builder.inttoptr(a, byte_pointer) for a in args[1:4]]
+        builder.call(kernel, pointers + list(args[4:]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(**_JIT)
 def project(x, panels, weight_t, bias, gemm):
     """x [m, in] @ W^T [in, out] (+ bias [out] when it is non-empty), W^T also given as
-    panels [P, in, PANEL]: the panel kernel ``gemm`` up to ``panel_max_rows`` rows, else np.dot."""
+    panels [P, in, PANEL]: the panel kernel at address ``gemm`` up to ``panel_max_rows`` rows,
+    else np.dot."""
     x = np.ascontiguousarray(x)
     m, k_dim = x.shape
     cols = weight_t.shape[1]
@@ -61,7 +85,7 @@ def project(x, panels, weight_t, bias, gemm):
         n_panels = panels.shape[0]
         width = n_panels * panels.shape[2]
         out = np.empty((m, width), dtype=np.float32)
-        gemm(x.ctypes.data, panels.ctypes.data, out.ctypes.data, m, n_panels, k_dim, width)
+        _call_gemm(gemm, x.ctypes.data, panels.ctypes.data, out.ctypes.data, m, n_panels, k_dim, width)
         if width != cols:
             out = np.ascontiguousarray(out[:, :cols])
     else:
@@ -251,6 +275,20 @@ def decoder_layer(x, weights, keys, values, start, mask, causal, cos, sin, heads
     no_bias = np.empty(0, dtype=np.float32)
     gate_up = project(rms_norm(x, norm2, eps), gu_p, gu_t, no_bias, gemm)
     return x + project(silu_gate(gate_up), down_p, down_t, no_bias, gemm)
+
+
+@numba.njit(**_JIT)
+def decoder_stack(x, layers, keys, values, start, mask, causal, cos, sin, heads, kv_heads, eps, gemm):
+    """Every decoder layer on x [m, hidden] in one compiled call (``decoder_layer`` per layer):
+    layers is a tuple of ``decoder_layer``'s weight tuples, keys / values the cache
+    [layers, kv_heads, capacity, head_dim]. One call instead of one per layer saves the
+    dispatcher's typing of every layer's arguments and the Python loop (~30 microseconds per
+    forward of the bundled target, ad hoc)."""
+    for i in range(len(layers)):
+        x = decoder_layer(
+            x, layers[i], keys[i], values[i], start, mask, causal, cos, sin, heads, kv_heads, eps, gemm
+        )
+    return x
 
 
 def decoder_layer_blas(x, weights, keys, values, start, mask, causal, cos, sin, heads, kv_heads, eps, gemm):

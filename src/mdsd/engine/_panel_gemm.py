@@ -26,10 +26,11 @@ them once for all rows of a pass:
 numba cannot hold such a tile in registers (its arrays live in memory; its superword vectoriser
 is off by default), so the kernel is written as LLVM IR (one function per row count and a
 dispatcher of passes) and compiled for the host CPU by llvmlite, numba's own LLVM binding.
-``gemm_kernel(fmt)`` returns it as a ctypes function, which numba code calls as a first-class
-function (``mdsd.engine._llama_numba.project``). Panels are float32, or float16 / bfloat16 for
-weights those formats hold exactly (``storage_format``; widened to float32 in registers, so the
-products are those of float32 panels bit for bit, from half the bytes). Each output is the
+``gemm_kernel(fmt)`` returns it as a ctypes function; compiled code takes its address
+(``kernel_address``) and calls it through an intrinsic (``mdsd.engine._llama_numba.project``).
+Panels are float32, or float16 / bfloat16 for weights those formats hold exactly
+(``storage_format``; widened to float32 in registers, so the products are those of float32
+panels bit for bit, from half the bytes). Each output is the
 in-order sum over k of float32 fused multiply-adds: deterministic, equal to a float64 product to
 float32 rounding (tests/engine/test_runner.py).
 """
@@ -266,3 +267,8 @@ def gemm_kernel(
         return _compiled(width or host_width(), prefetch, panel)[1][fmt]
     except Exception:  # pragma: no cover - llvmlite ships with numba for every supported CPU
         return None
+
+
+def kernel_address(kernel) -> int:
+    """The machine address of a kernel from ``gemm_kernel``, the form compiled code takes."""
+    return ctypes.cast(kernel, ctypes.c_void_p).value

@@ -54,9 +54,9 @@ NUMPY_MATMUL_MAX_BYTES = 4 * 2**30  # "auto": the BLAS copies of larger models w
 
 def choose_matmul(model, matmul: str = "auto") -> str:
     """The forward's backend: "torch" (``F.linear`` and torch operations), "numpy" (projections
-    by OpenBLAS through numpy on transposed weight copies, the rest in torch) or "numba" (each
-    decoder layer one compiled call, ``mdsd.engine._llama_numba``: weight panels for a few rows,
-    the BLAS for many); "auto" takes numba for a float32 model on the CPU of at most
+    by OpenBLAS through numpy on transposed weight copies, the rest in torch) or "numba" (the
+    decoder layers compiled, ``mdsd.engine._llama_numba``: weight panels for a few rows, the BLAS
+    for many); "auto" takes numba for a float32 model on the CPU of at most
     ``NUMPY_MATMUL_MAX_BYTES`` of weights, else torch. Raises ValueError naming ``matmul``."""
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {list(MATMULS)}, got {matmul!r}")
@@ -128,11 +128,11 @@ class _Linear:
         self.panels = None  # [P, in, PANEL]
         self.bias_np = np.zeros(0, np.float32) if bias is None else self.bias.numpy()
         if matmul == "numba":
-            from mdsd.engine._panel_gemm import gemm_kernel, pack_panels
+            from mdsd.engine._panel_gemm import gemm_kernel, kernel_address, pack_panels
 
             self.format = fmt  # the model's panel format (``_panel_format``)
             self.panels = pack_panels(self.weight_t, fmt)
-            self.gemm = gemm_kernel(fmt)
+            self.gemm = kernel_address(gemm_kernel(fmt))
             self._project = _compiled().project
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +250,7 @@ class StaticLlamaRunner(ModelRunner):
         self._cache_numpy = None  # (keys, values) as numpy views, for the compiled forward
         self._length = 0
 
-    def _compiled_weights(self) -> list[tuple]:
+    def _compiled_weights(self) -> tuple[tuple, ...]:
         """Per layer, the arrays of ``_llama_numba.decoder_layer`` (numpy views, no copies but
         the panels); sets the embedding table and final norm the compiled forward reads."""
         norms = [self._final_norm] + [
@@ -265,7 +265,7 @@ class StaticLlamaRunner(ModelRunner):
         self._panel_max_rows = self._kernels.panel_max_rows(self._output.panels.itemsize)
         self._embed_table = self._embed.weight.detach().numpy()  # [V, hidden]
         self._final_norm_weight = self._final_norm.module.weight.detach().numpy()
-        return [
+        return tuple(
             (
                 layer.input_norm.module.weight.detach().numpy(),
                 *layer.qkv.compiled(),
@@ -275,7 +275,7 @@ class StaticLlamaRunner(ModelRunner):
                 *layer.down.compiled()[:2],
             )
             for layer in self._layers
-        ]
+        )
 
     def _use_output(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self._output = _Linear(weight, bias, self.matmul, self.panel_format or "f32")
@@ -349,7 +349,8 @@ class StaticLlamaRunner(ModelRunner):
             return self._forward_compiled(ids, keep, mask, positions)
 
     def _forward_compiled(self, ids, keep: int, mask=None, positions=None) -> torch.Tensor:
-        """``_forward``'s steps with each decoder layer one compiled call (matmul "numba");
+        """``_forward``'s steps with the decoder layers compiled (matmul "numba"): one call for
+        the whole stack on the panels, one per layer on the BLAS;
         ``mask`` additive float32 [m, end] (None: causal), ``positions`` [m] (None: next)."""
         kernels = self._kernels
         start, m = self._length, len(ids)
@@ -365,23 +366,12 @@ class StaticLlamaRunner(ModelRunner):
         causal = mask is None and m > 1
         mask = np.zeros((0, 0), dtype=np.float32) if mask is None else mask
         keys, values = self._cache_numpy  # [layers, H_kv, capacity, d], views of the cache
-        layer = kernels.decoder_layer if m <= self._panel_max_rows else kernels.decoder_layer_blas
-        for i, weights in enumerate(self._compiled_layers):
-            x = layer(
-                x,
-                weights,
-                keys[i],
-                values[i],
-                start,
-                mask,
-                causal,
-                cos,
-                sin,
-                self.heads,
-                self.kv_heads,
-                self._eps,
-                self._gemm,
-            )
+        args = (start, mask, causal, cos, sin, self.heads, self.kv_heads, self._eps, self._gemm)
+        if m <= self._panel_max_rows:  # every layer in one compiled call
+            x = kernels.decoder_stack(x, self._compiled_layers, keys, values, *args)
+        else:
+            for i, weights in enumerate(self._compiled_layers):
+                x = kernels.decoder_layer_blas(x, weights, keys[i], values[i], *args)
         self._length = end
         self.calls += 1
         last = np.ascontiguousarray(x[-keep:])
