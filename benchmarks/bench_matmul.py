@@ -25,6 +25,11 @@ Table 4, the panel kernel alone over the same projections with the weights comin
 (96 MB touched before every call, untimed), without software prefetch and with the kernel's
 ``PREFETCH_BYTES``: the state of a decode step, where the target's weights do not stay in cache.
 
+Table 5, the one-token forward with the output layer (64-token context) on the runner's pooled
+panels (``_panel_gemm.pool_panels``: one allocation, backed by 2 MiB pages where Linux allows)
+against a runner whose panels are copied back to one array per matrix, hot and after touching 64
+MB (untimed); ``repeats`` x 10 pairs.
+
 Milliseconds are medians over ``repeats``, backends interleaved within each repeat.
 ``--threads`` threads (default 1) in torch and in the BLAS.
 """
@@ -211,6 +216,43 @@ def prefetch_table(pair, rows_list, repeats, evict_mb: int = 96) -> None:
         print(f"| {rows} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
 
 
+def pool_table(pair, repeats, evict_mb: int = 64) -> None:
+    """The one-token forward on pooled panels (the runner's) against one array per matrix."""
+    runners = {"apart": StaticLlamaRunner(pair.target, matmul="numba")}
+    for lin in _projections(runners["apart"]):
+        lin.panels = lin.panels.copy()  # one allocation per matrix, as before pooling
+    runners["apart"]._compiled_layers = runners["apart"]._compiled_weights()
+    runners["pooled"] = StaticLlamaRunner(pair.target, matmul="numba")
+    context = np.arange(2, 66)
+    with torch.inference_mode():
+        for runner in runners.values():
+            runner.reset(len(context) + 2)
+            runner.causal(context)
+    evict = np.zeros(evict_mb * 2**20 // 8)
+
+    def flush():
+        evict[::8] += 1.0
+
+    def forward(runner):
+        runner._length = len(context)
+        runner.causal(np.array([3]), keep=1)
+
+    try:  # Linux: how much of this process's memory huge pages back
+        with open("/proc/self/smaps_rollup") as fh:
+            huge = next((ln.split()[1] for ln in fh if ln.startswith("AnonHugePages")), "?")
+    except OSError:
+        huge = "?"
+    print(f"\nPooled panels against one array per matrix (AnonHugePages of this process: {huge} kB):\n")
+    print("| state | one array per matrix ms | pooled ms | pooled / apart |")
+    print("|---|---|---|---|")
+    for state, before in (("hot", None), (f"after touching {evict_mb} MB", flush)):
+        with torch.inference_mode():
+            ms = _interleaved_ms(
+                {k: lambda r=r: forward(r) for k, r in runners.items()}, 10 * repeats, before
+            )
+        print(f"| {state} | {ms['apart']:.3f} | {ms['pooled']:.3f} | {ms['pooled'] / ms['apart']:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target")
@@ -226,6 +268,7 @@ def main() -> None:
     forward_table(pair, rows_list, args.repeats)
     width_table(pair, sorted(set(rows_list) | {24}), args.repeats)
     prefetch_table(pair, sorted(set(rows_list) | {3}), args.repeats)
+    pool_table(pair, args.repeats)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,37 @@ def test_ceiling_charges_the_target_alone():
     assert ceiling(linear).widths == ()
 
 
+def test_short_generations_keep_plain_sampling():
+    """Over a whole generation a tree also pays the draft's prefill (``draft_prefill``): with a
+    draft prompt forward of ~5 plain steps, a 4-token generation keeps plain sampling, a long one
+    takes the steady-state choice, and without ``new_tokens`` the choice is the steady state's."""
+    from dataclasses import replace
+
+    from mdsd.engine.auto import MIN_SPEEDUP, Calibration, choose_tree
+
+    rates = (0.6, 0.75, 0.82, 0.86)
+    steady = _calibration(rates, draft_s=0.02)
+    body = tuple(0.05 * np.asarray(steady.cost.tokens, dtype=float))  # 0.05 per prompt token
+    cost = replace(steady.cost, draft_body_s=body)
+    calibration = Calibration(steady.profile, cost)
+    assert steady.cost.draft_prefill(100) == 0.0  # not measured: nothing charged
+    assert cost.draft_prefill(1) == pytest.approx(cost.draft_s[0])  # one token: a draft root
+    assert cost.draft_prefill(100) == pytest.approx(5.0 + cost.draft_s[0] - body[0])
+    best = choose_tree(calibration)
+    assert best.widths and best == choose_tree(steady)
+    assert choose_tree(calibration, prompt_tokens=100, new_tokens=4).widths == ()
+    assert choose_tree(calibration, prompt_tokens=100, new_tokens=100_000) == best
+    # around the break-even length (~17 tokens here) the choice follows the two totals
+    shared, chosen = cost.target(100), set()
+    for n in (8, 12, 16, 17, 18, 30, 1000):
+        plain_s = shared + n / best.autoregressive_tokens_per_s
+        tree_s = shared + cost.draft_prefill(100) + n / best.tokens_per_s
+        want = best.widths if plain_s >= MIN_SPEEDUP * tree_s else ()
+        assert choose_tree(calibration, prompt_tokens=100, new_tokens=n).widths == want
+        chosen.add(want)
+    assert chosen == {(), best.widths}
+
+
 def test_auto_with_block_verification_chooses_a_chain(llama, tmp_path):
     """Block verification checks one draft chain: auto calibrates and chooses among chains."""
     sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=5, stop_on_eos=False)

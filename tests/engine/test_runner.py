@@ -157,6 +157,36 @@ def test_kernel_passes_cover_every_row(fmt):
         np.testing.assert_allclose(out, x.astype(np.float64) @ weight_t, atol=1e-4, rtol=1e-5)
 
 
+def _root(array: np.ndarray):
+    while array.base is not None:
+        array = array.base
+    return array
+
+
+def test_pooled_panels_are_aligned_copies_in_one_allocation(llama):
+    """``pool_panels``: the same values, each a cache-line aligned view of one buffer, the first
+    on a 2 MiB boundary; a compiled runner keeps every projection's panels (the output layer's
+    too) in one pool."""
+    from mdsd.engine._panel_gemm import HUGE_PAGE, PANEL_ALIGN, pool_panels
+    from mdsd.engine.static_llama import StaticLlamaRunner
+
+    gen = np.random.default_rng(0)
+    arrays = [gen.normal(size=shape).astype(np.float32) for shape in ((3, 5, 32), (1, 7, 32), (2, 2, 32))]
+    arrays.append(np.arange(12, dtype=np.uint16).reshape(1, 3, 4))  # 16-bit panels
+    pooled = pool_panels(arrays)
+    for original, view in zip(arrays, pooled):
+        assert view.dtype == original.dtype and np.array_equal(view, original)
+        assert view.ctypes.data % PANEL_ALIGN == 0
+    assert pooled[0].ctypes.data % HUGE_PAGE == 0
+    assert len({id(_root(v)) for v in pooled}) == 1
+    runner = StaticLlamaRunner(llama.target, "numba")
+    linears = [lin for layer in runner._layers for lin in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+    linears.append(runner._output)
+    assert len({id(_root(lin.panels)) for lin in linears}) == 1
+    layer_panels = [w for weights in runner._compiled_layers for w in weights if w.ndim == 3]
+    assert {id(_root(w)) for w in layer_panels} == {id(_root(linears[0].panels))}
+
+
 @pytest.mark.parametrize("fmt", ["f16", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3, 6, 7])
 def test_16_bit_panels_give_the_float32_products_bit_for_bit(fmt, rows):

@@ -95,6 +95,32 @@ GEMM_SIGNATURE = ctypes.CFUNCTYPE(
 FORMATS = {"f32": ("float", np.float32), "f16": ("half", np.uint16), "bf16": ("bfloat", np.uint16)}
 
 
+HUGE_PAGE = 2 << 20  # bytes: an x86-64 transparent huge page
+PANEL_ALIGN = 64  # bytes: one cache line
+
+
+def pool_panels(panels) -> list[np.ndarray]:
+    """Copies of the arrays ``panels`` in one allocation, each aligned to a cache line, the first
+    to a 2 MiB boundary (the same values: the products do not change).
+
+    A decode step streams every panel of a model. Held one array per matrix, the bundled target's
+    ~27 MB of panels lie on ~6,700 pages of 4 KiB, more than the CPU's TLB covers, and every step
+    pays those misses again. numpy asks Linux to back allocations of several megabytes with 2 MiB
+    transparent huge pages (``madvise``; where the system does not, nothing changes): one pool
+    spans ~14 such pages (``benchmarks/bench_matmul.py``, table 5).
+    """
+    sizes = [-(-p.nbytes // PANEL_ALIGN) * PANEL_ALIGN for p in panels]
+    pool = np.empty(sum(sizes) + HUGE_PAGE, dtype=np.uint8)
+    start = (-pool.ctypes.data) % HUGE_PAGE
+    pooled = []
+    for array, size in zip(panels, sizes):
+        view = pool[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+        view[...] = array
+        pooled.append(view)
+        start += size
+    return pooled
+
+
 def storage_format(weight_t: np.ndarray) -> str:
     """The narrowest format holding every float32 weight exactly: "f16", "bf16" or "f32"."""
     weight_t = np.asarray(weight_t, dtype=np.float32)

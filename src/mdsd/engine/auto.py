@@ -28,7 +28,8 @@ sequence, ``_real_steps``).
 
 ``choose_tree`` enumerates every shape with widths <= max_width, depth <= max_depth and at most
 max_nodes nodes, and returns the best, or plain sampling (depth 0) unless the best is predicted
-to beat it by ``MIN_SPEEDUP`` (a margin for calibration noise); ``ceiling`` scores the shapes
+to beat it by ``MIN_SPEEDUP`` (a margin for calibration noise), over a whole generation when its
+length is given (the tree also pays the draft's prefill); ``ceiling`` scores the shapes
 with drafting, verification and the loop's work free, a bound on what speculation can gain. The
 choice depends on timings, so it is machine-dependent (the output law is the target's whatever
 the tree); the calibration is cached on disk per (pair, dtype, device, threads, sampling, law,
@@ -92,7 +93,9 @@ class CostModel:
     take beyond (or below) the model of these items (drafting the children, the walk, cache and
     statistics bookkeeping, cache effects), a line fitted to real steps of three small shapes and
     added to every tree's step; autoregressive_step_s: the median of real
-    plain-sampling steps (forward, output layer, transform, draw), the baseline of the speedups.
+    plain-sampling steps (forward, output layer, transform, draw), the baseline of the speedups;
+    draft_body_s[i]: the draft's forward of ``tokens[i]`` tokens without the output layer (its
+    prompt's prefill, ``draft_prefill``).
     """
 
     tokens: tuple[int, ...]
@@ -107,6 +110,7 @@ class CostModel:
     step_overhead_s: float = 0.0  # real steps minus their predicted time at N = 0 (may be < 0)
     step_overhead_per_node_s: float = 0.0  # ... and per node of the tree (>= 0)
     autoregressive_step_s: float = 0.0  # a real plain-sampling step (0: the sum of its items)
+    draft_body_s: tuple[float, ...] = ()  # the draft's forward alone, per ``tokens`` (): unmeasured
 
     def target(self, m: float) -> float:
         return float(
@@ -117,6 +121,17 @@ class CostModel:
         return float(
             np.interp(m, self.tokens, self.draft_s, right=_extrapolate(self.tokens, self.draft_s, m))
         )
+
+    def draft_prefill(self, m: float) -> float:
+        """A prompt of m tokens through the draft (its forward, then the output layer and the
+        transform on the last row): what a tree pays before its first step and plain sampling
+        does not; 0 where the draft's forward alone was not measured."""
+        if not self.draft_body_s:
+            return 0.0
+        body = np.interp(
+            m, self.tokens, self.draft_body_s, right=_extrapolate(self.tokens, self.draft_body_s, m)
+        )
+        return float(body + self.draft_s[0] - self.draft_body_s[0])
 
     def autoregressive_step(self) -> float:
         if self.autoregressive_step_s > 0:
@@ -199,9 +214,17 @@ def choose_tree(
     max_nodes: int = MAX_NODES,
     min_width: int = 1,
     min_speedup: float = MIN_SPEEDUP,
+    prompt_tokens: float = 0.0,
+    new_tokens: int | None = None,
 ) -> TreeChoice:
     """The shape of highest predicted tokens/s; plain sampling (depth 0) unless that shape is
-    predicted to beat it by at least ``min_speedup``."""
+    predicted to beat it by at least ``min_speedup``.
+
+    Without ``new_tokens`` the two are compared per token in the steady state. With it, over a
+    whole generation of ``new_tokens`` tokens after a prompt of ``prompt_tokens``: both pay the
+    target's prefill, the tree also the draft's (``CostModel.draft_prefill``), so a short
+    generation can keep plain sampling where a long one would take the tree.
+    """
     max_width = min(max_width, len(calibration.profile.rates))
     plain = best = predict((), calibration)
     for depth in range(1, max_depth + 1):
@@ -211,7 +234,13 @@ def choose_tree(
             choice = predict(widths, calibration)
             if choice.tokens_per_s > best.tokens_per_s:
                 best = choice
-    return best if best.tokens_per_s >= min_speedup * plain.tokens_per_s else plain
+    if new_tokens is None:
+        return best if best.tokens_per_s >= min_speedup * plain.tokens_per_s else plain
+    cost = calibration.cost
+    shared = cost.target(prompt_tokens) if prompt_tokens else 0.0
+    plain_s = shared + new_tokens / plain.tokens_per_s
+    tree_s = shared + cost.draft_prefill(prompt_tokens) + new_tokens / best.tokens_per_s
+    return best if plain_s >= min_speedup * tree_s else plain
 
 
 def ceiling(
@@ -262,7 +291,7 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
 
 
 # Bumped whenever the calibration measures differently, so that cached calibrations are redone.
-CALIBRATION_METHOD = 4  # 4: 64 positions per prompt; real steps: median over rounds of block means
+CALIBRATION_METHOD = 5  # 4: 64 positions per prompt, real steps by rounds; 5: the draft's forward alone
 STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 5  # steps of one kind in a row (the first of a block is untimed)
 
@@ -446,6 +475,10 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
             lambda t=tokens: _tree_forward(decoder.draft, context, t, draft_probs),
             draft_level,
         )
+        items[("draft body", m)] = (
+            lambda t=tokens: _tree_forward(decoder.draft, context, t, None),
+            target_one,
+        )
     items["draft root"] = (lambda: _tree_forward(decoder.draft, context, one, draft_probs), target_one)
     items["head"] = (lambda: row_probs(decoder.target.logits(hidden)[0]), target_one)
     for r, h in enumerate(stacked, start=1):
@@ -477,6 +510,7 @@ def _cost_model(decoder, contexts, targets, drafts, max_width: int, rng) -> Cost
         tuple(verify_s),
         sample_s,
         autoregressive_s,
+        draft_body_s=tuple(seconds["draft body", m] for m in counts),
     )
 
 

@@ -327,8 +327,10 @@ class TreeDecoder(_Decoder):
     @torch.inference_mode()
     def choose_tree(self, prompts, rng: np.random.Generator | None = None, *, cache_dir="default"):
         """For ``TreeConfig.make("auto")``: calibrate on ``prompts`` (or load the cached
-        calibration) and adopt the shape of highest predicted tokens/s; returns the
-        ``mdsd.engine.auto.TreeChoice``. ``cache_dir=None`` disables the on-disk cache."""
+        calibration) and adopt the shape of highest predicted tokens/s, or plain sampling where
+        no tree is predicted to pay over a generation of ``sampling.max_new_tokens`` tokens after
+        prompts of these prompts' mean length; returns the ``mdsd.engine.auto.TreeChoice``.
+        ``cache_dir=None`` disables the on-disk cache."""
         from mdsd.engine import auto
 
         prompts = list(prompts)
@@ -340,7 +342,13 @@ class TreeDecoder(_Decoder):
         max_width = 2 if self.book.law.name == "spechub" else auto.MAX_WIDTH
         if self.config.verifier == "block":  # block verification checks one chain
             max_width = 1
-        choice = auto.choose_tree(calibration, max_width=max_width)
+        prompt_tokens = float(np.mean([len(encode_prompt(self.pair, p)) for p in prompts]))
+        choice = auto.choose_tree(
+            calibration,
+            max_width=max_width,
+            prompt_tokens=prompt_tokens,
+            new_tokens=self.sampling.max_new_tokens,
+        )
         self.auto_choice = choice
         self.auto_ceiling = auto.ceiling(calibration, max_width=max_width)
         if choice.widths:

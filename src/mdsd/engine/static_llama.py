@@ -242,6 +242,8 @@ class StaticLlamaRunner(ModelRunner):
         fmt = self.panel_format or "f32"
         self._layers = [_fuse(layer, self.dtype, self.matmul, fmt) for layer in body.layers]
         self._output = _Linear(self._head.weight, getattr(self._head, "bias", None), self.matmul, fmt)
+        if self.matmul == "numba":
+            self._pool_panels()
         self._compiled_layers = self._compiled_weights() if self.matmul == "numba" else None
         self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
@@ -249,6 +251,16 @@ class StaticLlamaRunner(ModelRunner):
         self._rotary_numpy = None  # the same as numpy [capacity, head_dim]
         self._cache_numpy = None  # (keys, values) as numpy views, for the compiled forward
         self._length = 0
+
+    def _pool_panels(self) -> None:
+        """Every projection's panels (the output layer's too) in one allocation backed by huge
+        pages where the system allows (``_panel_gemm.pool_panels``)."""
+        from mdsd.engine._panel_gemm import pool_panels
+
+        linears = [lin for layer in self._layers for lin in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+        linears.append(self._output)
+        for lin, pooled in zip(linears, pool_panels([lin.panels for lin in linears])):
+            lin.panels = pooled
 
     def _compiled_weights(self) -> tuple[tuple, ...]:
         """Per layer, the arrays of ``_llama_numba.decoder_layer`` (numpy views, no copies but
