@@ -282,8 +282,8 @@ def decoder_stack(x, layers, keys, values, start, mask, causal, cos, sin, heads,
     """Every decoder layer on x [m, hidden] in one compiled call (``decoder_layer`` per layer):
     layers is a tuple of ``decoder_layer``'s weight tuples, keys / values the cache
     [layers, kv_heads, capacity, head_dim]. One call instead of one per layer saves the
-    dispatcher's typing of every layer's arguments and the Python loop (~30 microseconds per
-    forward of the bundled target, ad hoc)."""
+    dispatcher's typing of every layer's arguments and the Python loop (8-10 microseconds per
+    one-token forward of the bundled target; BENCHMARKS.md, ad hoc)."""
     for i in range(len(layers)):
         x = decoder_layer(
             x, layers[i], keys[i], values[i], start, mask, causal, cos, sin, heads, kv_heads, eps, gemm
