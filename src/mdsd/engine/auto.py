@@ -291,19 +291,25 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
 
 
 # Bumped whenever the calibration measures differently, so that cached calibrations are redone.
-CALIBRATION_METHOD = 5  # 4: 64 positions per prompt, real steps by rounds; 5: the draft's forward alone
+CALIBRATION_METHOD = 5  # 5: the draft's forward alone timed; real steps timed after 5 of their kind
 STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
-STEP_BLOCK = 5  # steps of one kind in a row (the first of a block is untimed)
+STEP_BLOCK = 10  # steps of one kind in a row ...
+STEP_WARMUP = 5  # ... the first of which are untimed (the caches settle into the kind's own state)
 
 
 def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
     """Typical seconds of real decoding steps after ``context``, per tree shape and for plain
     sampling (the steps of ``decode.Autoregressive``: one-token forward, output layer,
     transform, draw). In each of ``STEP_ROUNDS`` rounds every kind runs a block of
-    ``STEP_BLOCK`` steps in a row, all on one growing sequence: a block sees the caches as a
+    ``STEP_BLOCK`` steps in a row, on a sequence that grows from ``context`` again in every round
+    (a forward's attention grows with the context, ~6% per 100 tokens on the bundled target, so
+    contexts stay as long as a generation's): a block sees the caches as a
     loop of its own kind leaves them (plain sampling's weights stay warm; a tree step follows a
     tree step) and the rounds spread every kind over the same states of a shared machine. The
-    first step of a block (after another kind) is untimed. A block's steps are averaged (a tree
+    first ``STEP_WARMUP`` steps of a block (after another kind) are untimed: plain sampling's
+    steps after tree steps took ~15% longer for three or four steps before they settled to the
+    plain loop's time (its weights filling the caches again), and timing them from the second
+    step on made every predicted speedup ~10% high (BENCHMARKS.md). A block's steps are averaged (a tree
     step's cost depends on its outcome, and throughput follows the mean) and the median over the
     rounds is kept: one slow spell of a shared machine hitting one block of three 1-4 node shapes
     would otherwise tilt the overhead line fitted to them (``_step_overhead``; a spell during a
@@ -314,13 +320,13 @@ def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
     from mdsd.engine.tree import build_tree
 
     trees = {widths: build_tree(widths) for widths in shapes}
-    seq = list(context)
-    per_round = STEP_BLOCK * (sum(tree.depth + 1 for tree in trees.values()) + 1)
-    for runner in (decoder.target, decoder.draft):
-        runner.reset(len(seq) + STEP_ROUNDS * per_round + 1)
+    per_round = STEP_BLOCK * (sum(tree.depth + 1 for tree in trees.values()) + 1)  # tokens at most
     row_probs, target = decoder.sampling.row_probs, decoder.target
     blocks = {widths: [] for widths in shapes} | {(): []}  # block means per kind, one per round
     for _ in range(STEP_ROUNDS):
+        seq = list(context)
+        for runner in (decoder.target, decoder.draft):
+            runner.reset(len(seq) + per_round + 1)
         for widths, tree in trees.items():
             decoder._use_tree(tree)
             stats = DecodeStats(depth=tree.depth, sequences=1)
@@ -328,7 +334,7 @@ def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
             for i in range(STEP_BLOCK):
                 start = time.perf_counter()
                 seq += decoder.step(seq, rng, stats)
-                if i:
+                if i >= STEP_WARMUP:
                     times.append(time.perf_counter() - start)
             blocks[widths].append(np.mean(times))
         times = []
@@ -336,7 +342,7 @@ def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
             start = time.perf_counter()
             probs = row_probs(target.causal(np.asarray(seq[target.cached :]), keep=1)[0])
             seq.append(probs.token(int(categorical(probs.values, rng))))
-            if i:
+            if i >= STEP_WARMUP:
                 times.append(time.perf_counter() - start)
         blocks[()].append(np.mean(times))
     decoder.tree = None  # the caller adopts the chosen shape
