@@ -220,6 +220,21 @@ def test_distinct_laws_refuse_n_above_support(law):
         mdsd.optimal_acceptance(q, q, 3, law)
 
 
+@pytest.mark.parametrize("law", ALL_LAWS)
+def test_trusted_sampling_draws_what_sample_draws(law):
+    """``sample_trusted`` (the engine's path, n validated by the caller) skips the checks only:
+    from the same generator state it returns the same drafts as ``sample``."""
+    q = np.random.default_rng(3).dirichlet(np.ones(12), size=5)
+    q[:, -2:] = 0.0  # tokens of zero mass
+    q /= q.sum(axis=1, keepdims=True)
+    for n in (1, 2, 3):
+        if not law_accepts(law, q, n):
+            continue
+        want = mdsd.get_law(law).sample(q, n, np.random.default_rng(n))
+        got = mdsd.get_law(law).sample_trusted(q, n, np.random.default_rng(n))
+        np.testing.assert_array_equal(got, want)
+
+
 def test_spechub_needs_two_drafts():
     q = np.array([0.5, 0.3, 0.2])
     with pytest.raises(ValueError, match="n = 2"):

@@ -190,6 +190,12 @@ class DraftLaw:
         n = self.check(q, n)
         return self._sample(q, n, rng)
 
+    def sample_trusted(self, draft_probs: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``sample`` without its checks, for a caller that has validated n against q: float64
+        draft_probs [..., V] with at least n tokens of positive mass where the law draws distinct
+        tokens (the engine's ``walk.RuleBook`` sizes n by q's support). The same draws."""
+        return self._sample(draft_probs, n, rng)
+
     def _sample(self, q, n, rng):
         raise NotImplementedError
 

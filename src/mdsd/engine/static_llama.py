@@ -330,9 +330,13 @@ class StaticLlamaRunner(ModelRunner):
         extra = np.asarray(extra, dtype=np.int64)
         k = extra.size
         if k and extra.tolist() != list(range(base, base + k)):  # a few positions: plain Python
-            idx = torch.as_tensor(extra, device=self.device)
-            self._keys[:, :, base : base + k] = self._keys[:, :, idx]  # the gather copies first
-            self._values[:, :, base : base + k] = self._values[:, :, idx]
+            if self._cache_numpy is not None:  # the compiled forward's views: no torch dispatch
+                for cache in self._cache_numpy:
+                    cache[:, :, base : base + k] = cache[:, :, extra]  # the gather copies first
+            else:
+                idx = torch.as_tensor(extra, device=self.device)
+                self._keys[:, :, base : base + k] = self._keys[:, :, idx]
+                self._values[:, :, base : base + k] = self._values[:, :, idx]
         self._length = base + k
 
     # ------------------------------------------------------------------ forward

@@ -132,7 +132,7 @@ def draft_children(q, width: int, book: RuleBook, rng: np.random.Generator) -> t
     if rule.n_eff == 1:  # every law with one draft is one categorical draw from q
         local = np.array([categorical(q.values, rng)], dtype=np.int64)
     else:
-        local = rule.law.sample(q.values, rule.n_eff, rng)
+        local = rule.law.sample_trusted(q.values, rule.n_eff, rng)  # n_eff <= q's support
     return (local if q.indices is None else q.indices[local]), rule
 
 
