@@ -65,14 +65,9 @@ def _interleaved_ms(fns: dict, repeats: int, before=None) -> dict[str, float]:
     return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
-def _projections(runner) -> list:
-    layers = [(ly.qkv, ly.out, ly.gate_up, ly.down) for ly in runner._layers]
-    return [lin for group in layers for lin in group] + [runner._output]
-
-
 def projection_table(pair, rows_list, repeats) -> None:
     runner = StaticLlamaRunner(pair.target, matmul="numba")
-    linears = _projections(runner)
+    linears = runner.projections()
     torch_weights = [torch.from_numpy(np.ascontiguousarray(lin.weight_t.T)) for lin in linears]
     megabytes = sum(w.numel() for w in torch_weights) * 4 / 1e6
     print(f"Projections: {len(linears)} matrices, {megabytes:.1f} MB of float32 weights\n")
@@ -171,7 +166,7 @@ def width_table(pair, rows_list, repeats) -> None:
     from mdsd.engine._panel_gemm import MAX_ROWS, gemm_kernel, host_width
 
     runner = StaticLlamaRunner(pair.target, matmul="numba")
-    linears = _projections(runner)
+    linears = runner.projections()
     widths = sorted({8, host_width()})
     fmt = runner.panel_format
     passes = [MAX_ROWS[w] for w in widths]
@@ -193,7 +188,7 @@ def prefetch_table(pair, rows_list, repeats, evict_mb: int = 96) -> None:
     from mdsd.engine._panel_gemm import PREFETCH_BYTES, gemm_kernel
 
     runner = StaticLlamaRunner(pair.target, matmul="numba")
-    linears = _projections(runner)
+    linears = runner.projections()
     fmt = runner.panel_format
     evict = np.zeros(evict_mb * 2**20 // 8)
 
@@ -219,7 +214,7 @@ def prefetch_table(pair, rows_list, repeats, evict_mb: int = 96) -> None:
 def pool_table(pair, repeats, evict_mb: int = 64) -> None:
     """The one-token forward on pooled panels (the runner's) against one array per matrix."""
     runners = {"apart": StaticLlamaRunner(pair.target, matmul="numba")}
-    for lin in _projections(runners["apart"]):
+    for lin in runners["apart"].projections():
         lin.panels = lin.panels.copy()  # one allocation per matrix, as before pooling
     runners["apart"]._compiled_layers = runners["apart"]._compiled_weights()
     runners["pooled"] = StaticLlamaRunner(pair.target, matmul="numba")

@@ -180,8 +180,7 @@ def test_pooled_panels_are_aligned_copies_in_one_allocation(llama):
     assert pooled[0].ctypes.data % HUGE_PAGE == 0
     assert len({id(_root(v)) for v in pooled}) == 1
     runner = StaticLlamaRunner(llama.target, "numba")
-    linears = [lin for layer in runner._layers for lin in (layer.qkv, layer.out, layer.gate_up, layer.down)]
-    linears.append(runner._output)
+    linears = runner.projections()
     assert len({id(_root(lin.panels)) for lin in linears}) == 1
     layer_panels = [w for weights in runner._compiled_layers for w in weights if w.ndim == 3]
     assert {id(_root(w)) for w in layer_panels} == {id(_root(linears[0].panels))}

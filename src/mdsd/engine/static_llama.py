@@ -252,13 +252,20 @@ class StaticLlamaRunner(ModelRunner):
         self._cache_numpy = None  # (keys, values) as numpy views, for the compiled forward
         self._length = 0
 
+    def projections(self) -> list[_Linear]:
+        """Every projection in model order (per layer q/k/v, output, gate/up, down), then the
+        output layer."""
+        per_layer = [
+            lin for layer in self._layers for lin in (layer.qkv, layer.out, layer.gate_up, layer.down)
+        ]
+        return per_layer + [self._output]
+
     def _pool_panels(self) -> None:
         """Every projection's panels (the output layer's too) in one allocation backed by huge
         pages where the system allows (``_panel_gemm.pool_panels``)."""
         from mdsd.engine._panel_gemm import pool_panels
 
-        linears = [lin for layer in self._layers for lin in (layer.qkv, layer.out, layer.gate_up, layer.down)]
-        linears.append(self._output)
+        linears = self.projections()
         for lin, pooled in zip(linears, pool_panels([lin.panels for lin in linears])):
             lin.panels = pooled
 
