@@ -3,7 +3,7 @@
     python benchmarks/bench_decode.py --prompts 8 --max-new-tokens 96 --threads 1 \
         [--temperature T] [--top-k K] [--dtype bfloat16] [--prompts-file FILE] \
         [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE[:DRAFT_VOCAB] ...] [--draft-vocab K]
-        [--repeats R] [--reference-drafting] [--json out.json]
+        [--repeats R] [--json out.json]
 
 TREE may be ``auto`` (``mdsd.engine.auto``: chosen from a calibration on the same prompts; the
 table then names the chosen shape and the predicted tokens/s). The profile columns give, per
@@ -68,11 +68,6 @@ def main() -> None:
         "--matmul-baseline", choices=["numba", "numpy", "torch"], help="add an autoregressive row with it"
     )
     ap.add_argument(
-        "--reference-drafting",
-        action="store_true",
-        help="add each chain drafted level by level from Python (the compiled chain's reference)",
-    )
-    ap.add_argument(
         "--draft-vocab", type=int, help="draft output layer over K tokens (mdsd.engine.vocab) in every config"
     )
     ap.add_argument(
@@ -106,7 +101,6 @@ def main() -> None:
         hf=not args.no_hf,
         matmul=args.matmul,
         matmul_baseline=args.matmul_baseline,
-        reference_drafting=args.reference_drafting,
         repeats=args.repeats,
     )
     elapsed = time.time() - start

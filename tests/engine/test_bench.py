@@ -23,24 +23,6 @@ def test_bench_rows(llama):
             assert r[key] > 0
 
 
-def test_bench_reference_drafting_rows(llama):
-    """``reference_drafting`` adds, after each chain, the chain drafted level by level: the same
-    tokens (the compiled chain is bit for bit the reference), a row of its own; trees get none."""
-    from mdsd.engine.bench import run_bench
-
-    sampling = SamplingConfig(0.7, max_new_tokens=6, stop_on_eos=False)
-    configs = [TreeConfig.make("1x2", "iid", "rrs"), TreeConfig.make("2x1", "iid", "rrs")]
-    rows = run_bench(llama, [PROMPT], sampling, configs, seed=0, hf=False, reference_drafting=True)
-    names = [r["method"] for r in rows]
-    assert names == [
-        "autoregressive",
-        "mdsd iid/rrs 1x2",
-        "mdsd iid/rrs 1x2 (drafted level by level)",
-        "mdsd iid/rrs 2x1",
-    ]
-    assert rows[1]["block_efficiency"] == rows[2]["block_efficiency"]  # the same steps
-
-
 def test_bench_auto_tree(llama, monkeypatch, tmp_path):
     from mdsd.engine.bench import run_bench
 

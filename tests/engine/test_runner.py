@@ -17,7 +17,6 @@ from .helpers import (
     LOGIT_TOL,
     PROMPT,
     RUNNER_CASES,
-    TOP_K,
     VOCAB,
     Oracle,
     assert_draft_probs,
@@ -27,7 +26,7 @@ from .helpers import (
 
 
 @pytest.mark.parametrize("family,static_cache,matmul", RUNNER_CASES)
-@pytest.mark.parametrize("widths", [(3, 2, 1), (2, 1, 1), (1, 1, 1)])
+@pytest.mark.parametrize("widths", [(3, 2, 1), (2, 1, 1)])
 def test_tree_logits_and_caches_match_plain_forward(request, family, static_cache, matmul, widths):
     pair = request.getfixturevalue(family)
     sampling = SamplingConfig(1.0)
@@ -52,83 +51,6 @@ def test_tree_logits_and_caches_match_plain_forward(request, family, static_cach
         got_d = dec.draft.causal(np.asarray(committed[dec.draft.cached :]))[0]
     np.testing.assert_allclose(got_t, oracle.logits(pair.target, committed), atol=LOGIT_TOL, rtol=0)
     np.testing.assert_allclose(got_d, oracle.logits(pair.draft, committed), atol=LOGIT_TOL, rtol=0)
-
-
-def _drafted_equal(a, b) -> None:
-    """Two drafted trees are the same bit for bit: tokens, valid slots, rules and every q."""
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    np.testing.assert_array_equal(a.valid, b.valid)
-    assert a.rules == b.rules and a.draft_probs.keys() == b.draft_probs.keys()
-    for node, q in a.draft_probs.items():
-        other = b.draft_probs[node]
-        assert (q.indices is None) == (other.indices is None)
-        if q.indices is not None:
-            np.testing.assert_array_equal(q.indices, other.indices)
-        np.testing.assert_array_equal(q.values, other.values)
-
-
-@pytest.mark.parametrize(
-    "temperature,top_k,draft_vocab,law,verifier",
-    [
-        (1.0, None, None, "iid", "rrs"),
-        (0.7, TOP_K, None, "without_replacement", "rrs_without_replacement"),
-        (1.3, 3, 8, "iid", "optimal"),
-        (0.5, None, 8, "greedy", "sample_check"),
-    ],
-)
-def test_compiled_chain_drafts_as_the_level_by_level_reference(
-    llama, temperature, top_k, draft_vocab, law, verifier
-):
-    """``TreeDecoder.draft_tree`` of a chain in one compiled call equals the level-by-level
-    reference (``compiled_chain=False``) bit for bit, step after step of decoding: the drafted tokens,
-    the laws and rules, the generator's state, the emitted tokens and the draft cache."""
-    sampling = SamplingConfig(temperature, top_k=top_k)
-    config = TreeConfig.make((1, 1, 1), law, verifier, draft_vocab)
-    fast, ref = (
-        TreeDecoder(llama, config, sampling, check_attention=False, compiled_chain=compiled)
-        for compiled in (True, False)
-    )
-    chains = []
-    fast.draft.draft_chain = _counted(fast.draft.draft_chain, chains)
-    with torch.inference_mode():
-        steps = zip(decoded_steps(fast, 6, seed=4), decoded_steps(ref, 6, seed=4))
-        for (seq_a, drafted_a, emitted_a), (seq_b, drafted_b, emitted_b) in steps:
-            assert seq_a == seq_b
-            _drafted_equal(drafted_a, drafted_b)
-            assert emitted_a == emitted_b
-        length = fast.draft.cached
-        assert length == ref.draft.cached
-        for a, b in zip(fast.draft._cache_numpy, ref.draft._cache_numpy):
-            np.testing.assert_array_equal(a[:, :, :length], b[:, :, :length])
-    assert len(chains) == 6  # every step took the compiled chain
-
-
-def _counted(fn, calls: list):
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return fn(*args, **kwargs)
-
-    return counted
-
-
-def test_compiled_chain_applies_only_where_it_is_exact(llama, gpt2):
-    """The compiled chain runs chains only, at temperature > 0 without top-p, on the compiled
-    draft runner, after at most the panel rows of fresh tokens; elsewhere the reference drafts."""
-    chain = TreeConfig.make((1, 1), "iid", "rrs")
-
-    def applies(pair, config, sampling, fresh=1, **kw):
-        dec = TreeDecoder(pair, config, sampling, check_attention=False, **kw)
-        dec.draft.reset(64)
-        return dec._chain_applies(fresh)
-
-    assert applies(llama, chain, SamplingConfig(1.0))
-    assert not applies(llama, TreeConfig.make((2, 1), "iid", "rrs"), SamplingConfig(1.0))
-    assert not applies(llama, chain, SamplingConfig(0.0))
-    assert not applies(llama, chain, SamplingConfig(1.0, top_p=0.9))
-    assert not applies(llama, chain, SamplingConfig(1.0), matmul="numpy")
-    assert not applies(llama, chain, SamplingConfig(1.0), fresh=64)
-    assert not applies(llama, chain, SamplingConfig(1.0), compiled_chain=False)
-    assert not applies(gpt2, chain, SamplingConfig(1.0))
 
 
 def test_matmul_backend_choice_and_errors(llama):

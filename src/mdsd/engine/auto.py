@@ -291,9 +291,7 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
 
 
 # Bumped whenever the calibration measures differently, so that cached calibrations are redone.
-# 5: the draft's forward alone timed; real steps timed after 5 of their kind; 6: chains drafted in
-# one compiled call (``TreeDecoder.draft_tree``), so real chain steps are cheaper
-CALIBRATION_METHOD = 6
+CALIBRATION_METHOD = 5  # 5: the draft's forward alone timed; real steps timed after 5 of their kind
 STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 10  # steps of one kind in a row ...
 STEP_WARMUP = 5  # ... the first of which are untimed (the caches settle into the kind's own state)

@@ -202,7 +202,6 @@ def run_bench(
     autoregressive: bool = True,
     matmul: str = "auto",
     matmul_baseline: str | None = None,
-    reference_drafting: bool = False,
     repeats: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -215,9 +214,7 @@ def run_bench(
     ``matmul``: the lean forward's projection backend for every mdsd method
     (``mdsd.engine.static_llama.choose_matmul``); ``matmul_baseline`` adds a second
     autoregressive row with that backend ("autoregressive (matmul torch)"), so a run shows
-    what the backend alone is worth. ``reference_drafting`` adds, after every chain config, the
-    same chain drafted level by level from Python (``TreeDecoder(compiled_chain=False)``, the
-    reference of the compiled chain; "... (drafted level by level)").
+    what the backend alone is worth.
 
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
     a change in machine load during the run affects all methods alike.
@@ -239,9 +236,6 @@ def run_bench(
             choice = decoder.choose_tree(prompts)
             name += f" ({choice.describe()})"
         methods.append(_DecoderMethod(name, decoder))
-        if reference_drafting and config.tree is not None and config.tree.max_width == 1:
-            reference = TreeDecoder(pair, config, sampling, matmul=matmul, compiled_chain=False)
-            methods.append(_DecoderMethod(f"{name} (drafted level by level)", reference))
     for method in methods:
         method.warm_up(prompts[0], seed)
     counters = {}

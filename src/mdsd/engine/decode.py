@@ -233,8 +233,7 @@ class TreeDecoder(_Decoder):
     to its K likeliest tokens (``mdsd.engine.vocab``; ``use_draft_vocabulary`` takes any ids).
     ``exact_acceptance=True`` makes ``stats.acceptance_by_depth`` Rao-Blackwellised (the exact
     acceptance given the drafts at every visited node, one output law per node); by default it
-    averages the 0/1 outcomes, which costs nothing. ``compiled_chain=False`` drafts chains level by
-    level from Python, the reference of their one-call compiled drafting (``draft_tree``).
+    averages the 0/1 outcomes, which costs nothing.
 
     Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
     tree width larger than the vocabulary for laws drawing distinct tokens, unsupported models
@@ -251,7 +250,6 @@ class TreeDecoder(_Decoder):
         exact_acceptance: bool = False,
         static_cache: bool = True,
         matmul: str = "auto",
-        compiled_chain: bool = True,
     ):
         _check_pair(pair)
         check_supported(pair.target, "target")
@@ -262,7 +260,6 @@ class TreeDecoder(_Decoder):
         self.exact_acceptance = exact_acceptance
         self.static_cache = static_cache
         self.matmul = matmul
-        self.compiled_chain = compiled_chain
         self.vocab = int(pair.target.config.vocab_size)
         widths = (2,) if config.tree is None else config.tree.widths  # auto: checked when chosen
         self.sequence_method = SEQUENCE_VERIFIERS.get(config.verifier)
@@ -435,13 +432,8 @@ class TreeDecoder(_Decoder):
         """Expand the tree with the draft model (its cache then holds seq + depths 1..D-1).
 
         Per level: one draft forward over the level's nodes, the output layer on the valid rows
-        only, the sampling transform per row on its support, children drawn per node. A chain
-        (widths 1, ..., 1) on a compiled draft runner, at temperature > 0 without top-p, runs
-        every level in one compiled call (``_draft_chain``: the same tokens, laws and cache, bit
-        for bit) unless the decoder was made with ``compiled_chain=False``.
+        only, the sampling transform per row on its support, children drawn per node.
         """
-        if self._chain_applies(len(seq) - self.draft.cached):
-            return self._draft_chain(seq, rng)
         tree, row_probs = self.tree, self.draft_probs
         n = tree.num_nodes
         tokens = np.zeros(n, dtype=np.int64)
@@ -474,38 +466,6 @@ class TreeDecoder(_Decoder):
             logits = self.draft.logits(_rows_of(hidden, rows))  # [valid rows, V]
             frontier = {level.start + r: row_probs(logits[j]) for j, r in enumerate(rows)}
         return DraftedSlots(tokens, valid, rules, qs)
-
-    def _chain_applies(self, fresh: int) -> bool:
-        """Whether ``draft_tree`` takes the compiled chain (see there)."""
-        sampling = self.sampling
-        return (
-            self.compiled_chain
-            and self.tree.max_width == 1
-            and sampling.temperature > 0
-            and sampling.top_p is None
-            and self.draft.chain_applies(fresh)
-        )
-
-    def _draft_chain(self, seq: list[int], rng: np.random.Generator) -> DraftedSlots:
-        """``draft_tree`` of a chain in one compiled call (``StaticLlamaRunner.draft_chain``).
-        Node d - 1 (depth d) is drawn from q of its parent (d - 2; -1 the root) by the rule of
-        one child, as ``walk.draft_children`` does: every law's single draft is a categorical
-        draw from q."""
-        depth, ids = self.tree.depth, self.draft.output_ids
-        draws = self.draft.draft_chain(
-            seq[self.draft.cached :], depth, self.sampling.temperature, self.sampling.top_k, rng
-        )
-        rules, qs = {}, {}
-        for d in range(depth):
-            size = int(draws.sizes[d])
-            columns = draws.columns[d, :size]
-            if ids is not None:
-                indices = ids[columns]
-            else:
-                indices = None if draws.whole[d] else columns
-            q = SupportProbs(indices, draws.probs[d, :size], self.vocab)
-            rules[d - 1], qs[d - 1] = self.book.rule(1, q.support_size), q
-        return DraftedSlots(draws.tokens, np.ones(depth, dtype=bool), rules, qs)
 
     def target_hidden(self, seq: list[int], drafted: DraftedSlots) -> torch.Tensor:
         """One target forward over (fresh committed tokens, every node): final hidden states of

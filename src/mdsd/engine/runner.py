@@ -168,12 +168,6 @@ class ModelRunner:
         else:
             self._head = lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
 
-    def chain_applies(self, fresh: int) -> bool:
-        """Whether ``draft_chain`` (a whole draft chain in one compiled call) can run after
-        ``fresh`` uncached tokens: never for Hugging Face's forward
-        (``StaticLlamaRunner.chain_applies``)."""
-        return False
-
     def causal_hidden(self, ids: np.ndarray, keep: int = 1) -> torch.Tensor:
         """Plain causal forward of ``ids`` after the cache; hidden states of the last ``keep``."""
         return self._timed(ids, keep)

@@ -219,22 +219,6 @@ def _fuse(layer, dtype: torch.dtype, matmul: str, fmt: str = "f32") -> _Layer:
     )
 
 
-@dataclass(frozen=True)
-class ChainDraws:
-    """A drafted chain (``StaticLlamaRunner.draft_chain``), D levels over the output layer's K
-    columns: level d drew ``tokens[d]`` (a vocabulary id) from the law ``probs[d, :sizes[d]]``
-    on the columns ``columns[d, :sizes[d]]`` (ascending; all K in order where ``whole[d]``).
-
-    tokens: [D] int64; columns: [D, K] int64; probs: [D, K] float64; sizes: [D]; whole: [D] bool.
-    """
-
-    tokens: np.ndarray
-    columns: np.ndarray
-    probs: np.ndarray
-    sizes: np.ndarray
-    whole: np.ndarray
-
-
 class StaticLlamaRunner(ModelRunner):
     """``ModelRunner`` with the lean forward and a preallocated cache (see the module docstring).
 
@@ -415,57 +399,6 @@ class StaticLlamaRunner(ModelRunner):
         self.calls += 1
         last = np.ascontiguousarray(x[-keep:])
         return torch.from_numpy(kernels.rms_norm(last, self._final_norm_weight, self._eps))
-
-    def chain_applies(self, fresh: int) -> bool:
-        """Whether ``draft_chain`` can run after ``fresh`` uncached tokens: the compiled forward
-        with the static rotary table, ``fresh`` within the panel rows."""
-        return (
-            self._compiled_layers is not None
-            and self._rotary_numpy is not None
-            and self._output.panels is not None
-            and 0 < fresh <= self._panel_max_rows
-        )
-
-    def draft_chain(self, ids, depth: int, temperature: float, top_k: int | None, rng) -> ChainDraws:
-        """Draft a chain of ``depth`` tokens after the uncached ``ids`` in one compiled call
-        (``mdsd.engine._chain_numba.draft_chain``; needs ``chain_applies(len(ids))``): per level
-        the forward, the output layer (over ``output_ids`` when set), the sampling transform at
-        ``temperature`` > 0 with ``top_k`` (no top-p) and one draw from ``rng``. The cache then
-        holds ``ids`` and drafted tokens 1..depth-1. The whole call counts as model time."""
-        from mdsd.engine._chain_numba import draft_chain
-
-        began = time.perf_counter()
-        start, m = self._length, len(ids)
-        self._check_capacity(start + m + depth - 1)
-        x = self._embed_table[np.asarray(ids, dtype=np.int64)]  # [m, hidden]
-        keys, values = self._cache_numpy
-        output = self._output
-        output_ids = np.zeros(0, np.int64) if self.output_ids is None else self.output_ids
-        out = draft_chain(
-            x,
-            start,
-            depth,
-            self._compiled_layers,
-            keys,
-            values,
-            self._embed_table,
-            *self._rotary_numpy,
-            self.heads,
-            self.kv_heads,
-            self._eps,
-            self._gemm,
-            self._final_norm_weight,
-            *output.compiled(),
-            output_ids,
-            float(temperature),
-            int(top_k or 0),
-            self.output_ids is not None,
-            rng,
-        )
-        self._length = start + m + depth - 1
-        self.calls += depth
-        self.model_time += time.perf_counter() - began
-        return ChainDraws(*out)
 
     def _forward(self, ids, keep: int, attention_mask, position_ids) -> torch.Tensor:
         start = self._length
