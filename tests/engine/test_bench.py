@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mdsd.engine import SamplingConfig, TreeConfig
 
 from .helpers import PROMPT, TOP_K
@@ -21,6 +23,15 @@ def test_bench_rows(llama):
     for r in rows[2:]:  # the per-step profile of tree methods, in autoregressive steps
         for key in ("draft_level_ar_steps", "target_forward_ar_steps", "overhead_ar_steps"):
             assert r[key] > 0
+    # the prompts' forwards: timed within the target's time, left out of the decoding-only speedup
+    base = rows[0]
+    assert 0 < base["prefill_time_s"] < base["target_time_s"]
+    assert base["prefill_share"] == base["prefill_time_s"] / base["total_time_s"]
+    assert "decode_speedup_vs_autoregressive" not in rows[1]  # HF assisted: prefill not timed
+    for r in [base] + rows[2:]:
+        assert 0 < r["prefill_time_s"] < r["target_time_s"]
+        decode = (base["total_time_s"] - base["prefill_time_s"]) / (r["total_time_s"] - r["prefill_time_s"])
+        assert r["decode_speedup_vs_autoregressive"] == pytest.approx(decode, rel=1e-12)  # same tokens
 
 
 def test_bench_auto_tree(llama, monkeypatch, tmp_path):

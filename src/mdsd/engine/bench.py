@@ -276,4 +276,24 @@ def run_bench(
         tps = row["tokens_per_second"]
         row["speedup_vs_autoregressive"] = tps / base["autoregressive"] if "autoregressive" in base else None
         row["speedup_vs_hf_assisted"] = tps / base["hf_assisted"] if "hf_assisted" in base else None
+    _add_decode_speedup(rows)
     return rows
+
+
+def _add_decode_speedup(rows: list[dict]) -> None:
+    """``prefill_share`` (autoregressive row: the prompts' forwards over its whole time) and, per
+    mdsd row, ``decode_speedup_vs_autoregressive``: tokens/s with each method's prefill left out
+    (the target's first forward of each prompt, which every method pays), the speedup of the
+    decoding phase alone. None where a method's prefill is not timed (HF assisted)."""
+    base = next((r for r in rows if r["method"] == "autoregressive"), None)
+    if base is None or not base.get("prefill_time_s"):
+        return
+    base["prefill_share"] = base["prefill_time_s"] / base["total_time_s"]
+
+    def decode_seconds_per_token(row):
+        return (row["total_time_s"] - row["prefill_time_s"]) / row["new_tokens"]
+
+    for row in rows:
+        if row.get("prefill_time_s"):
+            speedup = decode_seconds_per_token(base) / decode_seconds_per_token(row)
+            row["decode_speedup_vs_autoregressive"] = speedup

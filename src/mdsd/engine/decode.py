@@ -182,6 +182,8 @@ class Autoregressive(_Decoder):
             token = probs.token(int(categorical(probs.values, rng)))
             stats.target_time += t1 - t0
             stats.verify_time += time.perf_counter() - t1
+            if not stats.target_calls:  # the prompt's forward
+                stats.prefill_time += t1 - t0
             stats.target_calls += 1
             new, stop = _finish(
                 [token], self.sampling.max_new_tokens - len(out), self.eos, self.sampling.stop_on_eos
@@ -573,5 +575,7 @@ class TreeDecoder(_Decoder):
             stats.depth_accepts[d] += d < len(result.path)
         stats.draft_time += t1 - t0
         stats.target_time += (t2 - t1) + head_time
+        if stats.steps == 1:  # the first tree forward also runs the prompt
+            stats.prefill_time += t2 - t1
         stats.verify_time += (t3 - t2 - head_time) + (t4 - t3)
         return result.emitted

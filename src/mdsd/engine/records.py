@@ -139,6 +139,9 @@ class DecodeStats:
     total_time: float = 0.0
     draft_model_time: float = 0.0  # inside the draft's forwards and output layer
     target_model_time: float = 0.0  # inside the target's forwards and output layer
+    # the target's first forward of each sequence: the prompt's (a tree's also holds its first
+    # nodes), which every method pays; part of target_time
+    prefill_time: float = 0.0
 
     def __post_init__(self):
         for name in ("depth_tries", "depth_accepts", "depth_expected"):
@@ -163,6 +166,7 @@ class DecodeStats:
             "total_time",
             "draft_model_time",
             "target_model_time",
+            "prefill_time",
         ):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("depth_tries", "depth_accepts", "depth_expected"):
@@ -210,6 +214,7 @@ class DecodeStats:
             "total_time_s": self.total_time,
             "draft_model_time_s": self.draft_model_time,
             "target_model_time_s": self.target_model_time,
+            "prefill_time_s": self.prefill_time,
             "tokens_per_second": self.tokens_per_second,
         }
 
