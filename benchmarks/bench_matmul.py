@@ -30,6 +30,12 @@ panels (``_panel_gemm.pool_panels``: one allocation, backed by 2 MiB pages where
 against a runner whose panels are copied back to one array per matrix, hot and after touching 64
 MB (untimed); ``repeats`` x 10 pairs.
 
+Table 6, the panel kernel on one matrix of the target's shape (hidden x hidden) that stays in
+the core's L2 cache, float32 panels against the model's 16-bit ones, by rows: the arithmetic
+alone, without the weights' stream; microseconds per call (best of 7 blocks of 200 calls). Where
+a pass's fused multiply-adds and the 16-bit weights' widening take as long as the weights take to
+arrive from memory, more rows stop being free (BENCHMARKS.md).
+
 Milliseconds are medians over ``repeats``, backends interleaved within each repeat.
 ``--threads`` threads (default 1) in torch and in the BLAS.
 """
@@ -248,6 +254,48 @@ def pool_table(pair, repeats, evict_mb: int = 64) -> None:
         print(f"| {state} | {ms['apart']:.3f} | {ms['pooled']:.3f} | {ms['pooled'] / ms['apart']:.3f} |")
 
 
+def in_cache_table(pair, rows_list) -> None:
+    """The panel kernel on one hidden x hidden matrix held in L2, float32 against 16-bit panels."""
+    from mdsd.engine._panel_gemm import PANEL, gemm_kernel, pack_panels
+
+    fmt = StaticLlamaRunner(pair.target, matmul="numba").panel_format
+    hidden = int(pair.target.config.hidden_size)
+    gen = np.random.default_rng(0)
+    weight_t = gen.standard_normal((hidden, hidden)).astype(np.float32)  # timing only
+    formats = ["f32"] + ([fmt] if fmt != "f32" else [])
+    print(f"\nThe panel kernel in cache ({hidden} x {hidden} weights; microseconds per call):\n")
+    print("| rows | " + " | ".join(f"{f} us" for f in formats) + " | ratio | vs 1 row (last) |")
+    print("|---|" + "---|" * (len(formats) + 2))
+    one = None
+    for rows in rows_list:
+        x = gen.standard_normal((rows, hidden)).astype(np.float32)
+        us = {}
+        for f in formats:
+            panels, kernel = pack_panels(weight_t, f), gemm_kernel(f)
+            out = np.empty((rows, panels.shape[0] * PANEL), np.float32)
+            args = (
+                x.ctypes.data,
+                panels.ctypes.data,
+                out.ctypes.data,
+                rows,
+                panels.shape[0],
+                hidden,
+                out.shape[1],
+            )
+            for _ in range(50):
+                kernel(*args)
+            blocks = []
+            for _ in range(7):
+                start = time.perf_counter()
+                for _ in range(200):
+                    kernel(*args)
+                blocks.append((time.perf_counter() - start) / 200)
+            us[f] = 1e6 * min(blocks)
+        one = one or us[formats[-1]]
+        cells = [us[f] for f in formats] + [us[formats[-1]] / us["f32"], us[formats[-1]] / one]
+        print(f"| {rows} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target")
@@ -264,6 +312,7 @@ def main() -> None:
     width_table(pair, sorted(set(rows_list) | {24}), args.repeats)
     prefetch_table(pair, sorted(set(rows_list) | {3}), args.repeats)
     pool_table(pair, args.repeats)
+    in_cache_table(pair, sorted(set(rows_list) | {3, 4, 6, 8, 14}))
 
 
 if __name__ == "__main__":
