@@ -78,6 +78,29 @@ def test_per_node_overhead_is_charged_by_tree_size():
     assert max(choose_tree(costly).widths, default=1) <= max(choose_tree(calibration).widths)
 
 
+def test_overhead_slope_comes_from_the_loop_outside_the_models():
+    """``_step_overhead``: b is the slope in N of the real steps' time outside the models (less
+    their predicted verification), not of the whole steps' residuals, which carry the models'
+    spells; a is the mean residual less b N, so the line still meets the real steps on average."""
+    from mdsd.engine.auto import RealSteps, _mean_verify, _step_overhead, predict
+
+    calibration = _calibration((0.6, 0.75, 0.82, 0.86), draft_s=0.02)
+    shapes, nodes = [(1,), (1, 1), (2, 1)], np.array([1, 2, 4])
+    predicted = [predict(w, calibration) for w in shapes]
+    verify = np.array(
+        [p.expected_tokens * _mean_verify(w, calibration.cost) for w, p in zip(shapes, predicted)]
+    )
+    spell = np.array([0.0, 0.0, 0.4])  # a slow spell in the whole steps of the 4-node shape only
+    loop = 0.05 + 0.002 * nodes + verify  # the loop's own work: 2 ms per node
+    seconds = np.array([p.step_s for p in predicted]) + 0.01 + 0.002 * nodes + spell
+    real = RealSteps(dict(zip(shapes, seconds)), dict(zip(shapes, loop)), 1.0)
+    base, per_node = _step_overhead(real, calibration)
+    assert per_node == pytest.approx(0.002)  # the whole steps' slope would be ~0.14 s per node
+    assert base == pytest.approx(np.mean(0.01 + spell))
+    shrinking = RealSteps(real.seconds, dict(zip(shapes, 0.05 - 0.001 * nodes + verify)), 1.0)
+    assert _step_overhead(shrinking, calibration)[1] == 0.0  # b >= 0
+
+
 def test_ceiling_charges_the_target_alone():
     """``ceiling``: the best shape when drafting, verification and the loop cost nothing. It does
     not move with those costs, is never below the choice, costs a step exactly the target's

@@ -22,9 +22,9 @@ step are E = 1 + sum_d prod_{i <= d} rates[w_i - 1] and the walk visits about E 
 
 where N = sum_d m_d, head is one output-layer call on every row for a tree of at most
 ``HEAD_BATCH_ROWS`` rows (plus a transform per visited row), else E single-row calls, and a + b N
-the loop's own work per step: real steps of ``OVERHEAD_SHAPES`` minus their predicted items, a
-line fitted in N (real tree steps and plain-sampling steps in alternating blocks on one
-sequence, ``_real_steps``).
+the loop's own work per step, from real steps of ``OVERHEAD_SHAPES`` (real tree steps and
+plain-sampling steps in alternating blocks, ``_real_steps``): b the slope in N of their time
+outside the models, a their mean time beyond the predicted items less b N (``_step_overhead``).
 
 ``choose_tree`` enumerates every shape with widths <= max_width, depth <= max_depth and at most
 max_nodes nodes, and returns the best, or plain sampling (depth 0) unless the best is predicted
@@ -91,8 +91,8 @@ class CostModel:
     verification with n drafts; sample_s: one draw from the target (plain sampling's per-token
     extra); step_overhead_s + step_overhead_per_node_s * N: what real steps of a tree of N nodes
     take beyond (or below) the model of these items (drafting the children, the walk, cache and
-    statistics bookkeeping, cache effects), a line fitted to real steps of three small shapes and
-    added to every tree's step; autoregressive_step_s: the median of real
+    statistics bookkeeping, cache effects), a line from real steps of three small shapes
+    (``_step_overhead``) added to every tree's step; autoregressive_step_s: the median of real
     plain-sampling steps (forward, output layer, transform, draw), the baseline of the speedups;
     draft_body_s[i]: the draft's forward of ``tokens[i]`` tokens without the output layer (its
     prompt's prefill, ``draft_prefill``).
@@ -188,7 +188,7 @@ def predict(widths: tuple[int, ...], calibration: Calibration) -> TreeChoice:
     rates = calibration.profile.rates
     level_sizes = list(itertools.accumulate(widths, lambda a, b: a * b))
     e = expected_tokens(widths, rates)
-    verify = float(np.mean([cost.verify_s[w - 1] for w in widths]))
+    verify = _mean_verify(widths, cost)
     rows = 1 + sum(level_sizes)
     if rows <= len(cost.head_rows_s):  # one output-layer call on every row, a transform per visit
         head = cost.head_rows_s[rows - 1] + e * (cost.head_s - cost.head_rows_s[0])
@@ -284,20 +284,38 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
     profile = _acceptance_profile(targets, drafts, decoder.book, max_width)
     cost = _cost_model(decoder, contexts, targets, drafts, max_width, rng)
     shapes = CHAIN_OVERHEAD_SHAPES if decoder.config.verifier == "block" else OVERHEAD_SHAPES
-    steps, plain = _real_steps(decoder, contexts[0], shapes, rng)
-    base, per_node = _step_overhead(steps, Calibration(profile, cost))
-    cost = replace(cost, step_overhead_s=base, step_overhead_per_node_s=per_node, autoregressive_step_s=plain)
+    real = _real_steps(decoder, contexts[0], shapes, rng)
+    base, per_node = _step_overhead(real, Calibration(profile, cost))
+    cost = replace(
+        cost, step_overhead_s=base, step_overhead_per_node_s=per_node, autoregressive_step_s=real.plain_s
+    )
     return Calibration(profile, cost)
 
 
 # Bumped whenever the calibration measures differently, so that cached calibrations are redone.
-CALIBRATION_METHOD = 5  # 5: the draft's forward alone timed; real steps timed after 5 of their kind
+# 5: the draft's forward alone timed; real steps timed after 5 of their kind; 6: the overhead
+# line's slope from the loop's own work of real steps (``_step_overhead``)
+CALIBRATION_METHOD = 6
 STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 10  # steps of one kind in a row ...
 STEP_WARMUP = 5  # ... the first of which are untimed (the caches settle into the kind's own state)
 
 
-def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
+@dataclass(frozen=True)
+class RealSteps:
+    """Typical real decoding steps (``_real_steps``), in seconds per step.
+
+    seconds: {tree widths: a whole step}; loop_seconds: {tree widths: the step's time outside
+    the two models' forwards and output layers, the loop's own work}; plain_s: a plain-sampling
+    step.
+    """
+
+    seconds: dict
+    loop_seconds: dict
+    plain_s: float
+
+
+def _real_steps(decoder, context, shapes, rng) -> RealSteps:
     """Typical seconds of real decoding steps after ``context``, per tree shape and for plain
     sampling (the steps of ``decode.Autoregressive``: one-token forward, output layer,
     transform, draw). In each of ``STEP_ROUNDS`` rounds every kind runs a block of
@@ -314,8 +332,8 @@ def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
     rounds is kept: one slow spell of a shared machine hitting one block of three 1-4 node shapes
     would otherwise tilt the overhead line fitted to them (``_step_overhead``; a spell during a
     bfloat16 calibration once made it 0.63 ms per node, ten times the loop's real cost, and the
-    choice a single draft at 1.5x where a 1x3 chain made 1.97x).
-    Returns ({shape: seconds}, plain-sampling seconds)."""
+    choice a single draft at 1.5x where a 1x3 chain made 1.97x). The same medians are kept of
+    each block's time outside the models (``RealSteps.loop_seconds``)."""
     from mdsd.engine.records import DecodeStats
     from mdsd.engine.tree import build_tree
 
@@ -323,6 +341,11 @@ def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
     per_round = STEP_BLOCK * (sum(tree.depth + 1 for tree in trees.values()) + 1)  # tokens at most
     row_probs, target = decoder.sampling.row_probs, decoder.target
     blocks = {widths: [] for widths in shapes} | {(): []}  # block means per kind, one per round
+    loops = {widths: [] for widths in shapes}  # ... of the time outside the models
+
+    def model_time():
+        return decoder.target.model_time + decoder.draft.model_time
+
     for _ in range(STEP_ROUNDS):
         seq = list(context)
         for runner in (decoder.target, decoder.draft):
@@ -330,13 +353,15 @@ def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
         for widths, tree in trees.items():
             decoder._use_tree(tree)
             stats = DecodeStats(depth=tree.depth, sequences=1)
-            times = []
+            times, outside = [], []
             for i in range(STEP_BLOCK):
-                start = time.perf_counter()
+                start, inside = time.perf_counter(), model_time()
                 seq += decoder.step(seq, rng, stats)
                 if i >= STEP_WARMUP:
                     times.append(time.perf_counter() - start)
+                    outside.append(times[-1] - (model_time() - inside))
             blocks[widths].append(np.mean(times))
+            loops[widths].append(np.mean(outside))
         times = []
         for i in range(STEP_BLOCK):
             start = time.perf_counter()
@@ -347,22 +372,40 @@ def _real_steps(decoder, context, shapes, rng) -> tuple[dict, float]:
         blocks[()].append(np.mean(times))
     decoder.tree = None  # the caller adopts the chosen shape
     typical = {widths: float(np.median(means)) for widths, means in blocks.items()}
-    return {w: t for w, t in typical.items() if w}, typical[()]
+    loop = {widths: float(np.median(means)) for widths, means in loops.items()}
+    return RealSteps({w: t for w, t in typical.items() if w}, loop, typical[()])
 
 
 OVERHEAD_SHAPES = ((1,), (1, 1), (2, 1))  # 1, 2 and 4 nodes; width 2 suits every law
 CHAIN_OVERHEAD_SHAPES = ((1,), (1, 1), (1, 1, 1))  # for rules that verify chains only (block)
 
 
-def _step_overhead(steps: dict, calibration: Calibration) -> tuple[float, float]:
+def _step_overhead(real: RealSteps, calibration: Calibration) -> tuple[float, float]:
     """The loop's own seconds per step that the cost items miss (or count twice), as a line
-    a + b N in the tree's node count N: real steps (``_real_steps``) minus their predicted step
-    times, fitted by least squares with b >= 0 (wider trees draft, transform and verify more
-    rows per step). Returns (a, b)."""
-    nodes = [sum(itertools.accumulate(w, lambda a, b: a * b)) for w in steps]
-    residuals = [seconds - predict(w, calibration).step_s for w, seconds in steps.items()]
-    per_node = max(0.0, float(np.polyfit(nodes, residuals, 1)[0]))
-    return float(np.mean(np.asarray(residuals) - per_node * np.asarray(nodes))), per_node
+    a + b N in the tree's node count N. The slope b >= 0 is the least-squares slope in N of the
+    real steps' time outside the models (``RealSteps.loop_seconds``: wider trees draft,
+    transform and verify more rows per step) less their predicted verification; a is the mean of
+    the real steps' times minus their predicted step times minus b N (it also takes the models'
+    costs in the loop beyond the items timed alone, e.g. caches evicted by the other model).
+
+    The slope comes from the time outside the models because the whole steps' residuals carry
+    the models' spells of a shared machine: in bfloat16 (steps of ~9 ms) their slope came out at
+    0.30 and 0.48 ms per node in two calibrations, ten times the loop's work, and auto chose
+    one- and two-node chains where 1x4 and 1x6 chains measured 2-15% faster (BENCHMARKS.md).
+    Returns (a, b)."""
+    shapes = list(real.seconds)
+    nodes = np.array([sum(itertools.accumulate(w, lambda a, b: a * b)) for w in shapes])
+    predicted = [predict(w, calibration) for w in shapes]
+    verify = [p.expected_tokens * _mean_verify(w, calibration.cost) for w, p in zip(shapes, predicted)]
+    loop = np.array([real.loop_seconds[w] for w in shapes]) - np.array(verify)
+    per_node = max(0.0, float(np.polyfit(nodes, loop, 1)[0]))
+    residuals = np.array([real.seconds[w] - p.step_s for w, p in zip(shapes, predicted)])
+    return float(np.mean(residuals - per_node * nodes)), per_node
+
+
+def _mean_verify(widths: tuple[int, ...], cost: CostModel) -> float:
+    """The predicted seconds of one node verification in a tree of ``widths`` (``predict``'s)."""
+    return float(np.mean([cost.verify_s[w - 1] for w in widths]))
 
 
 def _sample_positions(decoder, prompts, rng):
