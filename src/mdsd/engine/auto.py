@@ -258,14 +258,18 @@ def ceiling(
     shapes can gain with this pair's acceptance profile on this machine. Near 1, each extra row of
     the target's forward costs about what its accepted tokens save (on a CPU whose one-row
     forward streams the weights near the memory bound, every extra row adds its arithmetic), and
-    no faster draft model or verifier makes speculation pay."""
+    no faster draft model or verifier makes speculation pay.
+
+    A negative fitted intercept (``step_overhead_s`` < 0: real steps are faster than the timed
+    items, which were timed apart from the loop) is a correction of the items, not loop work,
+    and is kept, so the ceiling is never below the prediction of any shape."""
     cost = calibration.cost
     free = replace(
         cost,
         draft_s=(0.0,) * len(cost.draft_s),
         draft_root_s=0.0,
         verify_s=(0.0,) * len(cost.verify_s),
-        step_overhead_s=0.0,
+        step_overhead_s=min(cost.step_overhead_s, 0.0),
         step_overhead_per_node_s=0.0,
     )
     return choose_tree(
