@@ -54,6 +54,7 @@ def test_bench_progress_lines_when_piped(tmp_path):
     assert len(lines) == 3 and all("/3 " in line for line in lines), result.stderr
     assert "autoregressive" in lines[0] and "hf_assisted" in lines[1]
     assert "1 prompts" in result.stdout and "mdsd iid/rrs 2x2" in result.stdout
+    assert "decoding only" in result.stdout and "The prompts' forwards (prefill" in result.stdout
 
 
 def test_cli_generate_and_bench(tiny):

@@ -412,6 +412,7 @@ def bench(
         "AR steps: draft level/target/other",
         "tokens/s",
         "vs AR",
+        "vs AR, decoding only",
         "vs HF",
     ):
         table.add_column(col, justify="right" if col != "method" else "left")
@@ -435,12 +436,19 @@ def bench(
             ),
             f(r["tokens_per_second"], ".1f"),
             f(r["speedup_vs_autoregressive"], ".2f"),
+            f(r.get("decode_speedup_vs_autoregressive"), ".2f"),
             f(r["speedup_vs_hf_assisted"], ".2f"),
         )
     wide = console()
     if not wide.is_terminal:
         wide = Console(width=200)
     wide.print(table)
+    share = next((r["prefill_share"] for r in result if "prefill_share" in r), None)
+    if share is not None:
+        wide.print(
+            f"The prompts' forwards (prefill, paid by every method) took {100 * share:.1f}% of "
+            "autoregressive decoding's time; 'vs AR, decoding only' leaves each method's out."
+        )
     for r in result:
         if "chosen_tree" in r:
             wide.print(
