@@ -28,7 +28,7 @@ import torch
 
 from mdsd._threads import set_threads
 from mdsd.engine import SamplingConfig, TreeConfig
-from mdsd.engine.bench import run_bench
+from mdsd.engine.bench import prefill_note, run_bench
 from mdsd.models import bundled_prompts, load_pair
 
 CONFIGS = (
@@ -138,12 +138,9 @@ def main() -> None:
             f"{f(r.get('decode_speedup_vs_autoregressive'), '.2f')} | "
             f"{f(r['speedup_vs_hf_assisted'], '.2f')} |"
         )
-    share = rows[0].get("prefill_share") if rows else None
-    if share is not None:
-        print(
-            f"\nThe prompts' forwards (prefill, paid by every method) took {100 * share:.1f}% of "
-            "plain sampling's time; 'vs AR, decoding only' leaves each method's out."
-        )
+    note = prefill_note(rows)
+    if note:
+        print(f"\n{note}")
     for r in rows:
         if "chosen_tree" in r:
             print(

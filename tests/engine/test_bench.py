@@ -10,7 +10,7 @@ from .helpers import PROMPT, TOP_K
 
 
 def test_bench_rows(llama):
-    from mdsd.engine.bench import run_bench
+    from mdsd.engine.bench import prefill_note, run_bench
 
     sampling = SamplingConfig(0.7, max_new_tokens=6, stop_on_eos=False)
     configs = [TreeConfig.make("1x2", "iid", "rrs"), TreeConfig.make("2x2", "greedy", "greedy")]
@@ -27,6 +27,8 @@ def test_bench_rows(llama):
     base = rows[0]
     assert 0 < base["prefill_time_s"] < base["target_time_s"]
     assert base["prefill_share"] == base["prefill_time_s"] / base["total_time_s"]
+    assert f"took {100 * base['prefill_share']:.1f}% of plain sampling's time" in prefill_note(rows)
+    assert prefill_note(rows[1:]) is None  # no autoregressive row
     assert "decode_speedup_vs_autoregressive" not in rows[1]  # HF assisted: prefill not timed
     for r in [base] + rows[2:]:
         assert 0 < r["prefill_time_s"] < r["target_time_s"]

@@ -351,7 +351,7 @@ def bench(
     from rich.table import Table
 
     from mdsd.engine import SamplingConfig
-    from mdsd.engine.bench import default_configs, run_bench
+    from mdsd.engine.bench import default_configs, prefill_note, run_bench
 
     temperature, top_k, top_p = sampling_options(temperature, top_k, top_p, default_temperature=0.7)
     if threads is None and (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:
@@ -443,12 +443,9 @@ def bench(
     if not wide.is_terminal:
         wide = Console(width=200)
     wide.print(table)
-    share = next((r["prefill_share"] for r in result if "prefill_share" in r), None)
-    if share is not None:
-        wide.print(
-            f"The prompts' forwards (prefill, paid by every method) took {100 * share:.1f}% of "
-            "autoregressive decoding's time; 'vs AR, decoding only' leaves each method's out."
-        )
+    note = prefill_note(result)
+    if note:
+        wide.print(note)
     for r in result:
         if "chosen_tree" in r:
             wide.print(

@@ -280,6 +280,18 @@ def run_bench(
     return rows
 
 
+def prefill_note(rows: list[dict]) -> str | None:
+    """The line that reports the prompts' share of plain sampling's time (``prefill_share``),
+    printed under the table by ``mdsd bench`` and ``benchmarks/bench_decode.py``; None without it."""
+    share = next((r["prefill_share"] for r in rows if "prefill_share" in r), None)
+    if share is None:
+        return None
+    return (
+        f"The prompts' forwards (prefill, paid by every method) took {100 * share:.1f}% of plain "
+        "sampling's time; 'vs AR, decoding only' leaves each method's out."
+    )
+
+
 def _add_decode_speedup(rows: list[dict]) -> None:
     """``prefill_share`` (autoregressive row: the prompts' forwards over its whole time) and, per
     mdsd row, ``decode_speedup_vs_autoregressive``: tokens/s with each method's prefill left out
