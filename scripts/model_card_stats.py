@@ -1,4 +1,5 @@
-"""Measure the numbers of MODEL_CARD.md for a target/draft pair (default: the bundled pair).
+"""Measure the numbers of MODEL_CARD.md for a target/draft pair (default: the bundled pair;
+``--draft mdsd-bundled/draft-distilled`` for the distilled draft).
 
 For each domain, on the held-out corpus of ``scripts/build_corpora.py`` (documents never seen
 in training), teacher-forced over non-overlapping 512-token windows:
@@ -16,6 +17,8 @@ the target/draft ratios.
 Usage::
 
     python scripts/model_card_stats.py [--max-windows 64] [--out data_build/model_card_stats.json]
+    python scripts/model_card_stats.py --draft mdsd-bundled/draft-distilled \
+        --out data_build/model_card_stats_distilled.json
 """
 
 from __future__ import annotations
@@ -135,10 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "data_build" / "model_card_stats.json")
     parser.add_argument("--timing-only", action="store_true", help="measure the decode step only, print it")
     parser.add_argument("--threads", type=int, default=NUM_THREADS)
+    parser.add_argument(
+        "--draft", help="draft model (default: the bundled draft), e.g. mdsd-bundled/draft-distilled"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    pair = load_pair()
+    pair = load_pair(draft=args.draft)
     result: dict = {
         "pair": pair.name,
         "temperatures": list(TEMPERATURES),

@@ -184,6 +184,53 @@ def test_bundled_target_beats_draft(bundled, domain):
     assert target_loss < 5.0  # nats/token; an untrained model sits at log(8192) ~ 9.0
 
 
+def test_bundled_model_names():
+    assert models.BUNDLED_MODELS == ("target", "draft", "draft-distilled")
+    assert models.bundled_model("mdsd-bundled/draft-distilled") == "draft-distilled"
+    assert models.bundled_model("mdsd-bundled/target") == "target"
+    for other in ("mdsd-bundled/tokenizer", "mdsd-bundled/", "mdsd-bundled", "org/draft", "draft", None):
+        assert models.bundled_model(other) is None, other
+    assert models.resolve_source("mdsd-bundled/draft", "draft") == "mdsd-bundled/draft"  # no hub probe
+    named = load_pair(target="mdsd-bundled/target", draft="mdsd-bundled/draft")
+    assert named.name == models.BUNDLED_NAME
+
+
+def _mean_acceptance(pair, prompts: list[str], temperature: float) -> float:
+    """Mean over prompt positions of sum_x min(p_x, q_x), p/q = softmax(logits / T) in float64."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = pair.tokenizer(prompt, return_tensors="pt")["input_ids"]  # [1, seq]
+            p = torch.softmax(pair.target(input_ids=ids).logits[0].double() / temperature, -1)  # [seq, vocab]
+            q = torch.softmax(pair.draft(input_ids=ids).logits[0].double() / temperature, -1)  # [seq, vocab]
+            total += torch.minimum(p, q).sum().item()
+            count += ids.shape[1]
+    return total / count
+
+
+def test_bundled_distilled_draft(bundled):
+    """The distilled draft: same architecture as the draft, other weights, and a higher
+    acceptance with the target on held-out prompts (deterministic; measured at T = 0.7:
+    code 0.740 > 0.547, prose 0.787 > 0.602)."""
+    distilled = load_pair(draft="mdsd-bundled/draft-distilled")
+    assert distilled.name == "mdsd-bundled/target|mdsd-bundled/draft-distilled"
+    architecture = {
+        key: value for key, value in bundled.draft.config.to_dict().items() if key != "_name_or_path"
+    }
+    assert architecture.items() <= distilled.draft.config.to_dict().items()
+    assert distilled.target.state_dict()["lm_head.weight"].equal(
+        bundled.target.state_dict()["lm_head.weight"]
+    )
+    assert not distilled.draft.state_dict()["lm_head.weight"].equal(
+        bundled.draft.state_dict()["lm_head.weight"]
+    )
+    for domain in ("code", "prose"):
+        prompts = [row["prompt"] for row in bundled_prompts(domain)[:8]]
+        before = _mean_acceptance(bundled, prompts, 0.7)
+        after = _mean_acceptance(distilled, prompts, 0.7)
+        assert after > before + 0.05, (domain, before, after)
+
+
 def test_bundled_forward_with_cache(bundled):
     import inspect
 

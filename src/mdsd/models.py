@@ -5,7 +5,12 @@ shared by two ``LlamaForCausalLM`` models trained on this project's corpora (Pyt
 library source and the King James Bible; see ``MODEL_CARD.md``):
 
 * target: 6 layers, hidden 384, about 13.8 M parameters;
-* draft: 1 layer, hidden 256, about 2.9 M parameters.
+* draft: 1 layer, hidden 256, about 2.9 M parameters;
+* draft-distilled: the draft fine-tuned to the target's next-token distributions, a drop-in
+  draft with higher acceptance (``load_pair(draft="mdsd-bundled/draft-distilled")``).
+
+``load_pair()`` loads target and draft. Any of the three is named ``mdsd-bundled/<model>`` where a
+``target`` or ``draft`` argument (or ``--target``/``--draft`` option) is expected.
 
 Weights are stored as float16 and loaded as float32 on the CPU unless ``dtype`` says otherwise.
 
@@ -33,9 +38,19 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["BUNDLED_NAME", "ModelPair", "bundled_domains", "bundled_prompts", "load_pair", "resolve_source"]
+__all__ = [
+    "BUNDLED_MODELS",
+    "BUNDLED_NAME",
+    "ModelPair",
+    "bundled_domains",
+    "bundled_model",
+    "bundled_prompts",
+    "load_pair",
+    "resolve_source",
+]
 
 BUNDLED_NAME = "mdsd-bundled"
+BUNDLED_MODELS = ("target", "draft", "draft-distilled")  # directories of src/mdsd/data/models
 _DATA_PACKAGE = "mdsd"
 _MODELS_DIR = ("data", "models")
 _PROMPTS_DIR = ("data", "prompts")
@@ -161,10 +176,22 @@ def bundled_prompts(domain: str | None = None) -> list[dict[str, str]]:
 HUB_PROBE_TIMEOUT = 5.0  # seconds: one metadata request deciding whether a hub id can be fetched
 
 
+def bundled_model(source: str | Path) -> str | None:
+    """The bundled model that ``source`` names (``"mdsd-bundled/draft-distilled"`` ->
+    ``"draft-distilled"``; one of :data:`BUNDLED_MODELS`), or ``None`` for any other source."""
+    prefix = BUNDLED_NAME + "/"
+    name = str(source)
+    if name.startswith(prefix) and name[len(prefix) :] in BUNDLED_MODELS:
+        return name[len(prefix) :]
+    return None
+
+
 def resolve_source(source: str | Path, argument: str) -> str | Path:
     """Where a model named by ``argument`` (``target`` / ``draft``) is read from, without waiting
     on the network when it cannot be fetched.
 
+    0. a bundled model's name (:func:`bundled_model`): itself (package data, read by
+       :func:`load_pair`);
     1. an existing directory: itself (a file is refused);
     2. a hub id (``org/name``) in the local hub cache: its snapshot directory
        (``snapshot_download(local_files_only=True)``; no network, the cached revision of main);
@@ -175,6 +202,8 @@ def resolve_source(source: str | Path, argument: str) -> str | Path:
 
     Raises ValueError with a one-line message naming ``argument``.
     """
+    if bundled_model(source) is not None:
+        return source
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -248,10 +277,13 @@ def load_pair(
     """Load a target/draft pair of causal LMs, in eval mode, on one device and dtype.
 
     Args:
-        target: local directory or hub id of the target model (``AutoModelForCausalLM``);
+        target: local directory or hub id of the target model (``AutoModelForCausalLM``),
+            or a bundled model's name (``"mdsd-bundled/target"``, :data:`BUNDLED_MODELS`);
             ``None`` loads the bundled target. The tokenizer is loaded from the same place
             (the bundled tokenizer for the bundled models).
-        draft: local directory or hub id of the draft model; ``None`` loads the bundled draft.
+        draft: local directory, hub id or bundled model's name of the draft model; ``None``
+            loads the bundled draft, ``"mdsd-bundled/draft-distilled"`` the bundled draft
+            distilled from the bundled target (MODEL_CARD.md).
         device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``; ``None`` means
             float32 on CPU and bfloat16 (float16 where unsupported) on CUDA.
@@ -273,22 +305,24 @@ def load_pair(
     torch_device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, torch_device)
     # 0. where each model is read from: fails at once for a hub id neither cached nor reachable
-    target_dir = None if target is None else resolve_source(target, "target")
-    draft_dir = None if draft is None else resolve_source(draft, "draft")
+    target_bundled = "target" if target is None else bundled_model(target)
+    draft_bundled = "draft" if draft is None else bundled_model(draft)
+    target_dir = None if target_bundled else resolve_source(target, "target")
+    draft_dir = None if draft_bundled else resolve_source(draft, "draft")
     with _package_path(*_MODELS_DIR) as bundled_dir:
-        target_src = bundled_dir / "target" if target is None else target_dir
-        draft_src = bundled_dir / "draft" if draft is None else draft_dir
+        target_src = bundled_dir / target_bundled if target_bundled else target_dir
+        draft_src = bundled_dir / draft_bundled if draft_bundled else draft_dir
         # 1. vocabularies, from the configs, before any weights are read
         _check_vocabularies(
             AutoConfig.from_pretrained(str(target_src)).vocab_size,
             AutoConfig.from_pretrained(str(draft_src)).vocab_size,
         )
         # 2. tokenizers: the target's is the pair's; the draft's, where it has one, must agree
-        tokenizer_src = bundled_dir / "tokenizer" if target is None else target_dir
+        tokenizer_src = bundled_dir / "tokenizer" if target_bundled else target_dir
         tokenizer = _try_load_tokenizer(tokenizer_src)
         if tokenizer is None:
             raise ValueError(f"no tokenizer could be loaded from target={str(tokenizer_src)!r}")
-        if draft is not None and draft != target:
+        if not draft_bundled and draft != target:
             draft_tokenizer = _try_load_tokenizer(draft_dir)
             if draft_tokenizer is not None:
                 _check_vocabularies(len(tokenizer), len(draft_tokenizer), "tokenizer length")
@@ -301,7 +335,7 @@ def load_pair(
             f"tokenizer has {len(tokenizer)} tokens but the models' "
             f"config.vocab_size={target_model.config.vocab_size}"
         )
-    if target is None and draft is None:
+    if (target_bundled, draft_bundled) == ("target", "draft"):
         name = BUNDLED_NAME
     else:
         name = f"{target or BUNDLED_NAME + '/target'}|{draft or BUNDLED_NAME + '/draft'}"

@@ -96,6 +96,24 @@ def test_generate_streams_text_and_reports_the_tree():
     assert "[iid/rrs 1x2] 3 tokens" in res.output and "tokens/step" in res.output
 
 
+def test_generate_with_the_distilled_draft():
+    """--draft names a bundled model: the distilled draft decodes with the bundled target."""
+    res = run(
+        "generate",
+        "Once",
+        "-m",
+        "3",
+        "--tree",
+        "1x2",
+        "--draft",
+        "mdsd-bundled/draft-distilled",
+        "--threads",
+        "1",
+    )
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("Once") and "3 tokens" in res.output
+
+
 def test_draft_vocab_option(tiny):
     """--draft-vocab K and the config's fourth field: decoding works, named in the bench table;
     bad sizes exit with code 2 and one line naming the option."""
