@@ -17,7 +17,11 @@ TargetOpt = Annotated[
     str | None, typer.Option("--target", help="Target model directory (default: the bundled target).")
 ]
 DraftOpt = Annotated[
-    str | None, typer.Option("--draft", help="Draft model directory (default: the bundled draft).")
+    str | None,
+    typer.Option(
+        "--draft",
+        help="Draft model: directory, hub id or mdsd-bundled/draft-distilled (default: the bundled draft).",
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 DtypeOpt = Annotated[

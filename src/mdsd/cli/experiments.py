@@ -74,7 +74,10 @@ def measure(
         str | None, typer.Option(help="Target model (directory or hub id); default: bundled.")
     ] = None,
     draft: Annotated[
-        str | None, typer.Option(help="Draft model (directory or hub id); default: bundled.")
+        str | None,
+        typer.Option(
+            help="Draft model (directory, hub id or mdsd-bundled/draft-distilled); default: bundled."
+        ),
     ] = None,
     prompts: Annotated[
         Path | None,

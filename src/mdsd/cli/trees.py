@@ -21,7 +21,11 @@ def trees_command(
         str | None, typer.Option("--target", help="Target model directory (default: bundled).")
     ] = None,
     draft: Annotated[
-        str | None, typer.Option("--draft", help="Draft model directory (default: bundled).")
+        str | None,
+        typer.Option(
+            "--draft",
+            help="Draft model: directory, hub id or mdsd-bundled/draft-distilled (default: bundled).",
+        ),
     ] = None,
     out: Annotated[
         Path, typer.Option("--out", help="Output folder (trees.md, trees.json, trees.png).")
