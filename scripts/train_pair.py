@@ -270,6 +270,48 @@ def _cosine_lr(step: int, spec: ModelSpec) -> float:
     return spec.lr * (MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * cosine)
 
 
+def make_optimizer(model, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices (dim >= 2) only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": WEIGHT_DECAY},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=ADAM_BETAS,
+    )
+
+
+def optimizer_step(model, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """Backward, gradient clipping to GRAD_CLIP, one update."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def final_heldout(model, heldout: dict[str, np.ndarray], name: str) -> dict:
+    """Loss, perplexity and token count per domain over all held-out windows (logged)."""
+    final = {}
+    for d, s in heldout.items():
+        loss, count = heldout_loss(model, s)
+        final[d] = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    log(
+        f"{name} final held-out: "
+        + ", ".join(f"{d} loss {v['loss']:.4f} ppl {v['perplexity']:.2f}" for d, v in final.items())
+    )
+    return final
+
+
+def save_float16(model, name: str) -> None:
+    """The weights as float16 safetensors (with the config) under MODEL_DIR / name."""
+    out = MODEL_DIR / name
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    log(f"{name} saved to {out} (float16)")
+
+
 def train_model(spec: ModelSpec, data_seed: int) -> dict:
     tokenizer = load_tokenizer()
     train = {d: token_stream(d, "train") for d in DOMAINS}
@@ -278,16 +320,7 @@ def train_model(spec: ModelSpec, data_seed: int) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{spec.name}: {n_params:,} parameters, {asdict(spec)}")
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": WEIGHT_DECAY},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=spec.lr,
-        betas=ADAM_BETAS,
-    )
+    opt = make_optimizer(model, spec.lr)
     rng = np.random.default_rng([data_seed, spec.seed])
     model.train()
     t0 = time.perf_counter()
@@ -298,10 +331,7 @@ def train_model(spec: ModelSpec, data_seed: int) -> dict:
         ids = sample_batch(train, spec.batch_size, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, loss)
         running += loss.item()
         if (step + 1) % LOG_EVERY == 0:
             elapsed = time.perf_counter() - t0
@@ -319,18 +349,8 @@ def train_model(spec: ModelSpec, data_seed: int) -> dict:
             )
     train_seconds = time.perf_counter() - t0
 
-    final = {}
-    for d, s in heldout.items():
-        loss, count = heldout_loss(model, s)
-        final[d] = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
-    log(
-        f"{spec.name} final held-out: "
-        + ", ".join(f"{d} loss {v['loss']:.4f} ppl {v['perplexity']:.2f}" for d, v in final.items())
-    )
-
-    out = MODEL_DIR / spec.name
-    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    log(f"{spec.name} saved to {out} (float16)")
+    final = final_heldout(model, heldout, spec.name)
+    save_float16(model, spec.name)
     return {
         "spec": asdict(spec),
         "parameters": n_params,
@@ -365,16 +385,7 @@ def distill_model(spec: DistillSpec, data_seed: int) -> dict:
     student = load_trained(spec.student).train()
     log(f"{spec.name}: {spec.student} distilled from {spec.teacher}, {asdict(spec)}")
 
-    decay = [p for p in student.parameters() if p.dim() >= 2]
-    no_decay = [p for p in student.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": WEIGHT_DECAY},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=spec.lr,
-        betas=ADAM_BETAS,
-    )
+    opt = make_optimizer(student, spec.lr)
     rng = np.random.default_rng([data_seed, spec.seed])
     t0 = time.perf_counter()
     running = 0.0
@@ -387,10 +398,7 @@ def distill_model(spec: DistillSpec, data_seed: int) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             student_logits = student(input_ids=ids).logits
         loss = distillation_loss(teacher_logits.clone(), student_logits)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(student, opt, loss)
         running += loss.item()
         if (step + 1) % LOG_EVERY == 0:
             elapsed = time.perf_counter() - t0
@@ -401,15 +409,8 @@ def distill_model(spec: DistillSpec, data_seed: int) -> dict:
             running = 0.0
     train_seconds = time.perf_counter() - t0
 
-    student.eval()
-    final = {}
-    for d, s in heldout.items():
-        loss, count = heldout_loss(student, s)
-        final[d] = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
-    log(f"{spec.name} final held-out: {json.dumps(final)}")
-    out = MODEL_DIR / spec.name
-    student.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    log(f"{spec.name} saved to {out} (float16)")
+    final = final_heldout(student, heldout, spec.name)
+    save_float16(student, spec.name)
     return {
         "spec": asdict(spec),
         "train_tokens": spec.steps * spec.batch_size * CONTEXT,
