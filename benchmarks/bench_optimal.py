@@ -132,7 +132,7 @@ MODEL_NODE_CASES = (
 def model_nodes_table(args):
     """Per-node sampling time on the bundled pair's positions (top-k 50), optimal against the
     law's natural verifier, each on the union of the supports of p and q (the engine's form)."""
-    target, draft = model_logits(args.positions)
+    target, draft = model_logits(args.positions, args.draft)
     optimal = mdsd.get_verifier("optimal")
     print("\n### Decoding path on the bundled pair's positions (top-k 50; wall ms per node)\n")
     print(
@@ -286,14 +286,15 @@ def gap_of(p, q, n, law):
     return bound, float(fit.acceptance[0]), fit.method, seconds
 
 
-def model_logits(count: int):
-    """Logits (target [count, V], draft [count, V]) of the bundled pair at every token of the first
-    bundled prompts, alternating domains, until ``count`` positions."""
+def model_logits(count: int, draft_model: str | None = None):
+    """Logits (target [count, V], draft [count, V]) of the bundled pair (``draft_model``: another
+    draft, e.g. ``mdsd-bundled/draft-distilled``) at every token of the first bundled prompts,
+    alternating domains, until ``count`` positions."""
     import torch
 
     from mdsd.models import bundled_domains, bundled_prompts, load_pair
 
-    pair = load_pair()
+    pair = load_pair(draft=draft_model)
     by_domain = [bundled_prompts(d) for d in bundled_domains()]
     target, draft, have = [], [], 0
     for i in range(max(len(rows) for rows in by_domain)):
@@ -381,6 +382,9 @@ def main():
         help="only the per-node decoding path on the bundled pair's positions (top-k 50)",
     )
     parser.add_argument(
+        "--draft", help="with --model / --model-nodes: the draft (default: the bundled draft)"
+    )
+    parser.add_argument(
         "--model",
         action="store_true",
         help="optimality on the bundled pair's positions (skips the speed table)",
@@ -397,7 +401,7 @@ def main():
         model_nodes_table(args)
         return
     if args.model:
-        args.model_logits = model_logits(args.positions)
+        args.model_logits = model_logits(args.positions, args.draft)
     else:
         speed_table(args)
         decode_table(args)
