@@ -191,6 +191,10 @@ def test_bundled_model_names():
     for other in ("mdsd-bundled/tokenizer", "mdsd-bundled/", "mdsd-bundled", "org/draft", "draft", None):
         assert models.bundled_model(other) is None, other
     assert models.resolve_source("mdsd-bundled/draft", "draft") == "mdsd-bundled/draft"  # no hub probe
+    with pytest.raises(
+        ValueError, match=r"draft='mdsd-bundled/drfat' is not a bundled model.*draft-distilled"
+    ):
+        models.resolve_source("mdsd-bundled/drfat", "draft")
     named = load_pair(target="mdsd-bundled/target", draft="mdsd-bundled/draft")
     assert named.name == models.BUNDLED_NAME
 

@@ -207,6 +207,9 @@ def resolve_source(source: str | Path, argument: str) -> str | Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
+    if str(source).startswith(BUNDLED_NAME + "/"):
+        names = ", ".join(f"{BUNDLED_NAME}/{model}" for model in BUNDLED_MODELS)
+        raise ValueError(f"{argument}={str(source)!r} is not a bundled model; the bundled ones are {names}")
     if path.exists():
         raise ValueError(f"{argument}={str(source)!r} is a file; give a model directory or a hub id")
     from huggingface_hub import HfApi, constants, snapshot_download
