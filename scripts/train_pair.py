@@ -253,18 +253,24 @@ def heldout_loss(model, stream: np.ndarray, max_windows: int | None = None) -> t
 
 
 def lr_at(step: int, spec: ModelSpec) -> float:
-    """Linear warm-up, cosine over ``spec.steps``, then from ``decay_start`` a linear fall to
-    ``MIN_LR_RATIO * lr`` at ``stop``."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
+    """Linear warm-up, cosine over ``spec.steps``, then from ``decay_start`` (after the warm-up)
+    a linear fall to ``MIN_LR_RATIO * lr`` at ``stop``."""
     if step >= spec.decay_start:
         base = _cosine_lr(spec.decay_start, spec)
         frac = min(1.0, (step - spec.decay_start) / (spec.stop - spec.decay_start))
         return base + (spec.lr * MIN_LR_RATIO - base) * frac
+    return warmup_cosine_lr(step, spec)
+
+
+def warmup_cosine_lr(step: int, spec: ModelSpec | DistillSpec) -> float:
+    """Linear warm-up over ``spec.warmup_steps``, then cosine from ``lr`` to
+    ``MIN_LR_RATIO * lr`` at ``spec.steps``."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
     return _cosine_lr(step, spec)
 
 
-def _cosine_lr(step: int, spec: ModelSpec) -> float:
+def _cosine_lr(step: int, spec: ModelSpec | DistillSpec) -> float:
     progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return spec.lr * (MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * cosine)
@@ -391,7 +397,7 @@ def distill_model(spec: DistillSpec, data_seed: int) -> dict:
     running = 0.0
     for step in range(spec.steps):
         for group in opt.param_groups:
-            group["lr"] = distill_lr_at(step, spec)
+            group["lr"] = warmup_cosine_lr(step, spec)
         ids = sample_batch(train, spec.batch_size, rng)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             teacher_logits = teacher(input_ids=ids).logits.float()  # [b, CONTEXT, vocab]
@@ -404,7 +410,7 @@ def distill_model(spec: DistillSpec, data_seed: int) -> dict:
             elapsed = time.perf_counter() - t0
             log(
                 f"{spec.name} step {step + 1}/{spec.steps} KL {running / LOG_EVERY:.4f} "
-                f"lr {distill_lr_at(step, spec):.2e} elapsed {elapsed / 60:.1f} min"
+                f"lr {warmup_cosine_lr(step, spec):.2e} elapsed {elapsed / 60:.1f} min"
             )
             running = 0.0
     train_seconds = time.perf_counter() - t0
@@ -417,13 +423,6 @@ def distill_model(spec: DistillSpec, data_seed: int) -> dict:
         "train_seconds": train_seconds,
         "heldout": final,
     }
-
-
-def distill_lr_at(step: int, spec: DistillSpec) -> float:
-    """Linear warm-up, then cosine from ``lr`` to ``MIN_LR_RATIO * lr`` at ``spec.steps``."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
-    return _cosine_lr(step, spec)
 
 
 def main(argv: list[str] | None = None) -> None:
