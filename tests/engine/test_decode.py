@@ -91,3 +91,55 @@ def test_bad_input(llama, tiny):
     mixed = ModelPair(target=llama.target, draft=wide.draft, tokenizer=llama.tokenizer, name="x")
     with pytest.raises(ValueError, match="draft"):
         TreeDecoder(mixed, TreeConfig.make("2x2", "iid", "rrs"), sampling)
+
+
+@pytest.mark.filterwarnings("ignore:acceptance at depth 1")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "law,verifier,tree,draft_vocab",
+    [
+        ("iid", "rrs", "1x3", None),
+        ("without_replacement", "rrs_without_replacement", "1,1", (0, 2, 3, 5, 6, 7, 9, 11)),
+        ("spechub", "spechub", "1x2", None),
+        ("iid", "optimal", "1x4", (1, 2, 4, 5, 8, 10)),
+    ],
+)
+def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, verifier, tree, draft_vocab):
+    """A chain of single-draft rejection sampling runs the lean loop (``draft_chain``,
+    ``walk_chain``), which emits the tokens of the general loop (``draft_tree``, ``walk``) from
+    the same seed: temperature 1, top-k, top-p and 0, with and without a draft vocabulary."""
+    from mdsd.engine.vocab import as_draft_vocabulary
+
+    pair = request.getfixturevalue(family)
+    config = TreeConfig.make(tree, law, verifier)
+    for sampling in (
+        SamplingConfig(1.0, max_new_tokens=20, stop_on_eos=False),
+        SamplingConfig(0.8, top_k=5, max_new_tokens=20, stop_on_eos=False),
+        SamplingConfig(1.2, top_p=0.8, max_new_tokens=20, stop_on_eos=False),
+        SamplingConfig(0.0, max_new_tokens=20, stop_on_eos=False),
+    ):
+        dec = TreeDecoder(pair, config, sampling)
+        dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, pair.draft))
+        assert dec.fast_chain
+        fast = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+        dec.fast_chain = False
+        general = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+        assert [r.token_ids for r in fast] == [r.token_ids for r in general]
+        assert [r.stats.depth_expected.tolist() for r in fast] == [
+            r.stats.depth_expected.tolist() for r in general
+        ]
+
+
+def test_fast_chain_only_for_single_draft_rejection_chains(llama):
+    """Trees, other verifiers and sequence-level rules take the general loop."""
+    sampling = SamplingConfig(1.0)
+    for tree, law, verifier, fast in [
+        ("1x3", "iid", "rrs", True),
+        ("1x3", "without_replacement", "optimal", True),
+        ("2x3", "iid", "rrs", False),
+        ("1x3", "iid", "kseq", False),
+        ("1x3", "greedy", "greedy", False),
+        ("1x3", "iid", "block", False),
+    ]:
+        dec = TreeDecoder(llama, TreeConfig.make(tree, law, verifier), sampling, check_attention=False)
+        assert dec.fast_chain is fast, (tree, law, verifier)

@@ -26,7 +26,7 @@ from .helpers import (
 
 
 @pytest.mark.parametrize("family,static_cache,matmul", RUNNER_CASES)
-@pytest.mark.parametrize("widths", [(3, 2, 1), (2, 1, 1)])
+@pytest.mark.parametrize("widths", [(3, 2, 1), (2, 1, 1), (1, 1, 1)])
 def test_tree_logits_and_caches_match_plain_forward(request, family, static_cache, matmul, widths):
     pair = request.getfixturevalue(family)
     sampling = SamplingConfig(1.0)

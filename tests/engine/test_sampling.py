@@ -101,16 +101,80 @@ def test_walk_on_supports_follows_emission_law():
     assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA
 
 
-def test_engine_samples_follow_target_law(llama):
+@pytest.mark.parametrize(
+    "widths,law,verifier",
+    [((2, 1), "without_replacement", "rrs_without_replacement"), ((1, 1), "iid", "rrs")],
+)
+def test_engine_samples_follow_target_law(llama, widths, law, verifier):
     """End to end: the engine's own sampled output, first two tokens, G-test
-    (false-positive rate 1e-4)."""
+    (false-positive rate 1e-4 each); the chain runs the lean loop."""
     sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=2, stop_on_eos=False)
-    dec = TreeDecoder(
-        llama, TreeConfig.make((2, 1), "without_replacement", "rrs_without_replacement"), sampling
-    )
+    dec = TreeDecoder(llama, TreeConfig.make(widths, law, verifier), sampling)
+    assert dec.fast_chain == (widths == (1, 1))
     results = dec.generate([PROMPT] * 1200, seed=1234)
     counts = {}
     for r in results:
         counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
     want = autoregressive_law(Oracle(llama, sampling), PROMPT, 2)
+    assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA
+
+
+def _chain_case(seed: int, depth: int):
+    """A drafted chain and its p per node, with p and q stored densely or on top-k supports,
+    at temperature 1 or 0 (one-hot), and p = q at some nodes (empty residuals)."""
+    from mdsd.engine.walk import draft_children
+    from mdsd.logits import process_logits_row
+
+    gen = np.random.default_rng([21, seed])
+    vocab = int(gen.integers(2, 9))
+    top_k = [None, int(gen.integers(1, vocab + 1))]
+    temperature = 0.0 if seed % 7 == 0 else 1.0
+    book = RuleBook("iid", "rrs", (1,) * depth)
+
+    def row(kind: int):
+        logits = gen.normal(size=vocab) * 2.0
+        return process_logits_row(logits, temperature, top_k[int(gen.integers(2))], drop_zeros=kind == 1)
+
+    tokens, qs, ps = np.zeros(depth, dtype=np.int64), {}, {}
+    for node in range(-1, depth - 1):
+        qs[node] = row(1)
+        ps[node] = qs[node] if gen.random() < 0.2 else row(0)  # p == q: the residual is empty
+        tokens[node + 1] = draft_children(qs[node], 1, book, gen)[0][0]
+    ps[depth - 1] = row(0)
+    rules = dict.fromkeys(qs, book.rule(1, 2))
+    return build_tree((1,) * depth), DraftedSlots(tokens, np.ones(depth, dtype=bool), rules, qs), ps
+
+
+def test_chain_walk_equals_walk():
+    """``walk_chain`` (the lean loop's compiled walk of a chain) returns ``walk``'s result from
+    the same generator, draw for draw: 600 chains of depth 1-4 with p and q dense or on supports,
+    temperature 0 and p = q nodes included; and both leave the generator in the same state."""
+    from mdsd.engine.walk import walk, walk_chain
+
+    for seed in range(600):
+        tree, drafted, ps = _chain_case(seed, 1 + seed % 4)
+        fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        fast = walk_chain(drafted, ps.__getitem__, fast_rng)
+        ref = walk(tree, drafted, ps.__getitem__, ref_rng)
+        assert (fast.path, fast.emitted, fast.bonus, fast.expected_accept) == (
+            ref.path,
+            ref.emitted,
+            ref.bonus,
+            ref.expected_accept,
+        ), seed
+        assert fast_rng.random() == ref_rng.random()
+
+
+def test_chain_walk_follows_emission_law():
+    """``walk_chain`` on one drafted chain with top-k supports against ``emission_law``: G-test,
+    false-positive rate 1e-4."""
+    from mdsd.engine.walk import walk_chain
+
+    tree, drafted, ps = _chain_case(3, 3)
+    want = emission_law(tree, drafted, lambda node: ps[node].dense())
+    rng = np.random.default_rng(8)
+    counts = {}
+    for _ in range(3000):
+        key = tuple(walk_chain(drafted, ps.__getitem__, rng).emitted)
+        counts[key] = counts.get(key, 0) + 1
     assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA

@@ -1,16 +1,22 @@
-"""Compiled step of the engine's walk (``mdsd.engine.walk``): the union of two supports.
+"""Compiled steps of the engine's walk (``mdsd.engine.walk``).
 
-Every verified node is verified on the union of the supports of p and q (``walk.common_support``);
-with ``np.union1d`` and two ``searchsorted`` calls that took several microseconds per node, and
-tens of microseconds in the decoding loop, where the weights' stream has evicted numpy's code. One
-merge of the two ascending id lists gives the same arrays (tested against the numpy form,
-``walk.common_support_reference``).
+``merge_supports``: every verified node is verified on the union of the supports of p and q
+(``walk.common_support``); with ``np.union1d`` and two ``searchsorted`` calls that took several
+microseconds per node, and tens of microseconds in the decoding loop, where the weights' stream has
+evicted numpy's code. One merge of the two ascending id lists gives the same arrays (tested against
+the numpy form, ``walk.common_support_reference``).
+
+``single_draft_node``: a node of a chain (one draft) verified by recursive rejection sampling, i.e.
+``walk.verify_node``'s steps (the union support, then ``mdsd.verifiers._early_exit.rrs_sample`` on
+it) in one call, the fast path of ``walk.walk_chain``.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+
+from mdsd.verifiers._early_exit import rrs_sample
 
 
 @numba.njit(cache=True)
@@ -34,3 +40,38 @@ def merge_supports(p_ids, p_values, q_ids, q_values):
             j += 1
         m += 1
     return tokens[:m], p_local[:m], q_local[:m]
+
+
+@numba.njit(cache=True)
+def _dense(ids, values, vocab):
+    """``SupportProbs.dense``: values [V] as they are when ``ids`` is empty, else scattered."""
+    if ids.size == 0:
+        return values
+    out = np.zeros(vocab)
+    out[ids] = values
+    return out
+
+
+@numba.njit(cache=True)
+def single_draft_node(p_ids, p_values, q_ids, q_values, vocab, draft, uniforms):
+    """The token emitted at a node with one draft ``draft`` (a token id) drawn from q, by
+    recursive rejection sampling on the union of the supports of p and q: accept the draft iff
+    uniforms[0] < min(1, p(draft) / q(draft)), else draw from (p - q)_+ at uniforms[1].
+
+    p and q as ``SupportProbs``: ascending ``*_ids`` with their ``*_values``; an empty id array
+    means dense values [V]. The arrays and the kernel are ``walk.verify_node``'s
+    (``merge_supports``, or both dense when either is; ``rrs_sample``), so the token is the one
+    ``verify_node`` draws from the same uniforms (tested)."""
+    if p_ids.size == 0 or q_ids.size == 0:
+        tokens = np.empty(0, dtype=np.int64)
+        p_local, q_local = _dense(p_ids, p_values, vocab), _dense(q_ids, q_values, vocab)
+        local = draft
+    else:
+        tokens, p_local, q_local = merge_supports(p_ids, p_values, q_ids, q_values)
+        local = np.searchsorted(tokens, draft)
+    drafts = np.full((1, 1), local, dtype=np.int64)
+    out, branch = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
+    rrs_sample(
+        p_local.reshape(1, -1), q_local.reshape(1, -1), drafts, uniforms.reshape(1, 2), False, out, branch
+    )
+    return out[0] if tokens.size == 0 else tokens[out[0]]

@@ -44,9 +44,18 @@ from mdsd.engine.runner import check_supported, check_tree_attention, context_le
 from mdsd.engine.static_llama import draft_runner, make_runner
 from mdsd.engine.tree import DraftTree, build_tree
 from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary
-from mdsd.engine.walk import DraftedSlots, RuleBook, WalkResult, as_support, draft_children, walk
+from mdsd.engine.walk import (
+    DraftedSlots,
+    RuleBook,
+    WalkResult,
+    as_support,
+    chain_walks_fast,
+    draft_children,
+    walk,
+    walk_chain,
+)
 from mdsd.logits import SupportProbs
-from mdsd.sampling import categorical
+from mdsd.sampling import categorical, draw
 from mdsd.verifiers import natural_verifier
 
 LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
@@ -236,6 +245,11 @@ class TreeDecoder(_Decoder):
     ``exact_acceptance=True`` makes ``stats.acceptance_by_depth`` Rao-Blackwellised (the exact
     acceptance given the drafts at every visited node, one output law per node); by default it
     averages the 0/1 outcomes, which costs nothing.
+    A chain (widths 1, ..., 1) verified by single-draft rejection sampling (``rrs``,
+    ``rrs_without_replacement``; ``spechub`` and ``optimal`` under laws drafting one draw) runs
+    the lean loop (``fast_chain`` True: ``draft_chain`` and ``walk.walk_chain``), which draws the
+    same tokens from the same generator as the general loop (tested); set ``fast_chain = False``
+    to run the general one.
 
     Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
     tree width larger than the vocabulary for laws drawing distinct tokens, unsupported models
@@ -276,6 +290,7 @@ class TreeDecoder(_Decoder):
         self.use_draft_vocabulary(as_draft_vocabulary(config.draft_vocab, pair.draft))
         self.eos = eos_ids(pair)
         self.tree: DraftTree | None = None
+        self.fast_chain = False  # set by _use_tree
         self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
         self.auto_ceiling = None  # ... and auto.ceiling's: the best with free drafting
         self._plain: Autoregressive | None = None  # auto chose plain sampling
@@ -297,6 +312,12 @@ class TreeDecoder(_Decoder):
         self.book = RuleBook(self.config.law, self._node_verifier(), tree.widths)
         self.book.warm_up(tree.widths)
         self.tree = tree
+        # chains of single-draft rejection sampling take the lean loop (draft_chain, walk_chain)
+        self.fast_chain = (
+            tree.max_width == 1 and self.sequence_method is None and chain_walks_fast(self.book.rule(1, 2))
+        )
+        self._chain_valid = np.ones(tree.num_nodes, dtype=bool)  # draft_chain's: every node
+        self._chain_valid.flags.writeable = False
         # frozen masks: target over all nodes; draft per level d = 1..D-1
         self._target_mask = self.target.additive(tree.ancestor_mask[1:, 1:])
         self._level_masks = {d: self.draft.additive(tree.level_mask(d)) for d in range(1, tree.depth)}
@@ -469,11 +490,30 @@ class TreeDecoder(_Decoder):
             frontier = {level.start + r: row_probs(logits[j]) for j, r in enumerate(rows)}
         return DraftedSlots(tokens, valid, rules, qs)
 
+    def draft_chain(self, seq: list[int], rng: np.random.Generator) -> DraftedSlots:
+        """``draft_tree`` for a chain (widths all 1), the decoding loop's fast path: one causal
+        draft forward per level and one draw from q per level, no masks and no per-node rule
+        lookups. The same forwards, draws and result as ``draft_tree`` (tested)."""
+        depth, rule = self.tree.depth, self.book.rule(1, 2)  # width 1: one rule for every q
+        tokens = np.empty(depth, dtype=np.int64)
+        qs = {}
+        hidden = self.draft.causal_hidden(np.asarray(seq[self.draft.cached :]), keep=1)
+        for node in range(-1, depth - 1):  # node's q drafts its child node + 1
+            q = qs[node] = self.draft_probs(self.draft.logits(hidden)[0])
+            tokens[node + 1] = q.token(draw(q.values, rng.random()))
+            if node + 2 < depth:  # the draft never forwards the last level
+                hidden = self.draft.causal_hidden(tokens[node + 1 : node + 2], keep=1)
+        return DraftedSlots(tokens, self._chain_valid, dict.fromkeys(qs, rule), qs)
+
     def target_hidden(self, seq: list[int], drafted: DraftedSlots) -> torch.Tensor:
         """One target forward over (fresh committed tokens, every node): final hidden states of
         the root (row 0) and of every node (row i + 1), [N + 1, H]."""
-        fresh = np.asarray(seq[self.target.cached :])
         n = self.tree.num_nodes
+        if self.tree.max_width == 1:  # a chain: the tree mask is the causal one
+            return self.target.causal_hidden(
+                np.asarray(seq[self.target.cached :] + drafted.tokens.tolist()), n + 1
+            )
+        fresh = np.asarray(seq[self.target.cached :])
         return self.target.tree_hidden(
             np.concatenate([fresh, drafted.tokens]),
             len(fresh),
@@ -531,7 +571,8 @@ class TreeDecoder(_Decoder):
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""
         t0 = time.perf_counter()
-        drafted = self.draft_tree(seq, rng)
+        fast = self.fast_chain and not self.exact_acceptance  # the lean loop of a chain
+        drafted = self.draft_chain(seq, rng) if fast else self.draft_tree(seq, rng)
         t1 = time.perf_counter()
         hidden = self.target_hidden(seq, drafted)  # [N + 1, H]
         t2 = time.perf_counter()
@@ -548,7 +589,9 @@ class TreeDecoder(_Decoder):
                 head_time += time.perf_counter() - start
             return self.sampling.row_probs(head_rows.pop(node))
 
-        if self.sequence_method is None:
+        if fast:
+            result = walk_chain(drafted, target_probs, rng)
+        elif self.sequence_method is None:
             result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)
         else:  # a sequence-level rule reads p at every node
             start = time.perf_counter()

@@ -41,6 +41,7 @@ from mdsd.laws import DraftLaw, get_law
 from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical
 from mdsd.verifiers import Verifier, resolve
+from mdsd.verifiers.classic import RecursiveRejection
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
 ONE_DRAW_LAWS = ("iid", "without_replacement")  # one draft of these laws = one draw from q
@@ -270,6 +271,51 @@ def walk(
             return WalkResult(path, emitted, False, expected)
         node = kids[drafts.tolist().index(verdict.token)]  # the first child holding the token
         path.append(node)
+
+
+def chain_walks_fast(rule: NodeRule) -> bool:
+    """Whether ``walk_chain`` verifies nodes of this rule: one draft checked by recursive
+    rejection sampling (``rrs``, ``rrs_without_replacement``, and the classic rule that
+    ``spechub`` and ``optimal`` use for one draft)."""
+    return rule.n_eff == 1 and isinstance(rule.verifier, RecursiveRejection)
+
+
+def walk_chain(
+    drafted: DraftedSlots, target_probs: Callable[[int], object], rng: np.random.Generator
+) -> WalkResult:
+    """``walk`` of a chain (tree widths all 1: node d's child is node d + 1) whose nodes follow a
+    rule of ``chain_walks_fast``, in one compiled call per visited node
+    (``_walk_numba.single_draft_node``). It draws the same uniforms as ``walk`` in the same order
+    and gives the same result (tested): the fast path of the decoding loop for chains."""
+    tokens = drafted.tokens.tolist()
+    node_kernel = _single_draft_node()
+    path, expected = [], []
+    for node in range(-1, len(tokens) - 1):
+        p, q = as_support(target_probs(node)), as_support(drafted.draft_probs[node])
+        draft = tokens[node + 1]
+        token = int(node_kernel(*_ids_values(p), *_ids_values(q), p.vocab, draft, rng.random(2)))
+        expected.append(float(token == draft))
+        if token != draft:  # recovered token ends the step
+            return WalkResult(path, tokens[: len(path)] + [token], False, expected)
+        path.append(node + 1)
+    p = as_support(target_probs(len(tokens) - 1))
+    bonus = p.token(int(categorical(p.values, rng)))
+    return WalkResult(path, tokens + [bonus], True, expected)
+
+
+_DENSE_IDS = np.empty(0, dtype=np.int64)  # ``single_draft_node``'s mark of dense values
+
+
+def _ids_values(probs: SupportProbs) -> tuple[np.ndarray, np.ndarray]:
+    return (_DENSE_IDS if probs.indices is None else probs.indices), probs.values
+
+
+@functools.cache
+def _single_draft_node():
+    """``mdsd.engine._walk_numba.single_draft_node``, imported once."""
+    from mdsd.engine._walk_numba import single_draft_node
+
+    return single_draft_node
 
 
 def emission_law(
