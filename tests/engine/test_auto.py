@@ -39,6 +39,12 @@ def test_auto_tree_model():
     assert choose_tree(_calibration((0.01, 0.02, 0.03, 0.04), draft_s=0.02)).widths == ()
 
 
+def auto_calibration(dec, prompts, cache_dir):
+    from mdsd.engine.auto import load_or_calibrate
+
+    return load_or_calibrate(dec, prompts, np.random.default_rng(0), cache_dir)
+
+
 def test_auto_tree_decoder(llama, tmp_path, monkeypatch):
     sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=6, stop_on_eos=False)
     config = TreeConfig.make("auto", "without_replacement", "rrs_without_replacement")
@@ -48,6 +54,9 @@ def test_auto_tree_decoder(llama, tmp_path, monkeypatch):
         dec.choose_tree([], cache_dir=tmp_path)
     choice = dec.choose_tree([PROMPT, [4, 4, 2]], cache_dir=tmp_path)
     assert choice.tokens_per_s >= choice.autoregressive_tokens_per_s
+    assert dec.lean_chains()  # chains and trees calibrated on lines of their own
+    cost = auto_calibration(dec, [PROMPT, [4, 4, 2]], tmp_path).cost
+    assert cost.chain_overhead_s is not None
     assert (dec.tree is None) == (choice.widths == ())
     out = dec.generate([PROMPT], seed=0)[0]
     assert len(out.token_ids) == 6
@@ -76,6 +85,43 @@ def test_per_node_overhead_is_charged_by_tree_size():
         extra = predict(widths, costly).step_s - predict(widths, calibration).step_s
         assert extra == pytest.approx(0.05 * nodes)
     assert max(choose_tree(costly).widths, default=1) <= max(choose_tree(calibration).widths)
+
+
+def test_chains_on_the_lean_loop_get_their_own_overhead_line():
+    """Where chains run the lean loop, ``CostModel.overhead`` charges chains their own line and
+    trees the trees' line; ``calibrate`` fits each from two real shapes of its kind."""
+    from dataclasses import replace
+
+    from mdsd.engine.auto import LEAN_OVERHEAD_SHAPES, Calibration, RealSteps, _step_overhead, predict
+
+    calibration = _calibration((0.6, 0.75, 0.82, 0.86), draft_s=0.02)
+    lines = replace(
+        calibration.cost,
+        step_overhead_s=0.1,
+        step_overhead_per_node_s=0.03,
+        chain_overhead_s=0.02,
+        chain_overhead_per_node_s=0.001,
+    )
+    assert lines.overhead((1, 1, 1)) == pytest.approx(0.02 + 3 * 0.001)
+    assert lines.overhead((2, 1)) == pytest.approx(0.1 + 4 * 0.03)
+    assert replace(lines, chain_overhead_s=None).overhead((1, 1, 1)) == pytest.approx(0.1 + 3 * 0.03)
+    chain = predict((1, 1), Calibration(calibration.profile, lines))
+    assert chain.step_s == pytest.approx(predict((1, 1), calibration).step_s + 0.022)
+    # each line from its own shapes: chains 1 ms per node, trees 5 ms per node outside the models
+    shapes = LEAN_OVERHEAD_SHAPES
+    nodes = {w: sum(itertools.accumulate(w, lambda a, b: a * b)) for w in shapes}
+    per_node = {w: 0.001 if max(w) == 1 else 0.005 for w in shapes}
+    predicted = {w: predict(w, calibration) for w in shapes}
+    from mdsd.engine.auto import _mean_verify
+
+    loop = {
+        w: per_node[w] * nodes[w] + predicted[w].expected_tokens * _mean_verify(w, calibration.cost)
+        for w in shapes
+    }
+    real = RealSteps({w: predicted[w].step_s + loop[w] for w in shapes}, loop, 1.0)
+    chains = _step_overhead(real, calibration, [w for w in shapes if max(w) == 1])
+    trees = _step_overhead(real, calibration, [w for w in shapes if max(w) > 1])
+    assert chains[1] == pytest.approx(0.001) and trees[1] == pytest.approx(0.005)
 
 
 def test_overhead_slope_comes_from_the_loop_outside_the_models():

@@ -25,6 +25,8 @@ where N = sum_d m_d, head is one output-layer call on every row for a tree of at
 the loop's own work per step, from real steps of ``OVERHEAD_SHAPES`` (real tree steps and
 plain-sampling steps in alternating blocks, ``_real_steps``): b the slope in N of their time
 outside the models, a their mean time beyond the predicted items less b N (``_step_overhead``).
+Where chains run the decoder's lean loop (``TreeDecoder.lean_chains``), chains and trees get a
+line each, from two shapes of their own (``LEAN_OVERHEAD_SHAPES``).
 
 ``choose_tree`` enumerates every shape with widths <= max_width, depth <= max_depth and at most
 max_nodes nodes, and returns the best, or plain sampling (depth 0) unless the best is predicted
@@ -91,9 +93,12 @@ class CostModel:
     verification with n drafts; sample_s: one draw from the target (plain sampling's per-token
     extra); step_overhead_s + step_overhead_per_node_s * N: what real steps of a tree of N nodes
     take beyond (or below) the model of these items (drafting the children, the walk, cache and
-    statistics bookkeeping, cache effects), a line from real steps of three small shapes
-    (``_step_overhead``) added to every tree's step; autoregressive_step_s: the median of real
-    plain-sampling steps (forward, output layer, transform, draw), the baseline of the speedups;
+    statistics bookkeeping, cache effects), a line from real steps of small shapes
+    (``_step_overhead``) added to every tree's step; chain_overhead_s +
+    chain_overhead_per_node_s * N: the same for chains where they run the decoder's lean loop
+    (``TreeDecoder.lean_chains``; None: chains are on the trees' line);
+    autoregressive_step_s: the median of real plain-sampling steps (forward, output layer,
+    transform, draw), the baseline of the speedups;
     draft_body_s[i]: the draft's forward of ``tokens[i]`` tokens without the output layer (its
     prompt's prefill, ``draft_prefill``).
     """
@@ -111,6 +116,16 @@ class CostModel:
     step_overhead_per_node_s: float = 0.0  # ... and per node of the tree (>= 0)
     autoregressive_step_s: float = 0.0  # a real plain-sampling step (0: the sum of its items)
     draft_body_s: tuple[float, ...] = ()  # the draft's forward alone, per ``tokens`` (): unmeasured
+    chain_overhead_s: float | None = None  # chains on the lean loop: their own line (None: the above)
+    chain_overhead_per_node_s: float = 0.0
+
+    def overhead(self, widths: tuple[int, ...]) -> float:
+        """The loop's own seconds per step of a tree of ``widths`` beyond the items: a + b N on
+        the line of its loop (chains' own line where they run the lean loop)."""
+        nodes = sum(itertools.accumulate(widths, lambda a, b: a * b))
+        if self.chain_overhead_s is not None and max(widths) == 1:
+            return self.chain_overhead_s + self.chain_overhead_per_node_s * nodes
+        return self.step_overhead_s + self.step_overhead_per_node_s * nodes
 
     def target(self, m: float) -> float:
         return float(
@@ -200,8 +215,7 @@ def predict(widths: tuple[int, ...], calibration: Calibration) -> TreeChoice:
         + cost.target(rows)
         + head
         + e * verify
-        + cost.step_overhead_s
-        + cost.step_overhead_per_node_s * sum(level_sizes)
+        + cost.overhead(widths)
     )
     return TreeChoice(tuple(widths), float(e), float(step), float(e / step), ar)
 
@@ -271,6 +285,8 @@ def ceiling(
         verify_s=(0.0,) * len(cost.verify_s),
         step_overhead_s=min(cost.step_overhead_s, 0.0),
         step_overhead_per_node_s=0.0,
+        chain_overhead_s=None if cost.chain_overhead_s is None else min(cost.chain_overhead_s, 0.0),
+        chain_overhead_per_node_s=0.0,
     )
     return choose_tree(
         Calibration(calibration.profile, free),
@@ -287,19 +303,29 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
     contexts, targets, drafts = _sample_positions(decoder, prompts, rng)
     profile = _acceptance_profile(targets, drafts, decoder.book, max_width)
     cost = _cost_model(decoder, contexts, targets, drafts, max_width, rng)
-    shapes = CHAIN_OVERHEAD_SHAPES if decoder.config.verifier == "block" else OVERHEAD_SHAPES
+    lean = decoder.lean_chains()
+    if decoder.config.verifier == "block":
+        shapes = CHAIN_OVERHEAD_SHAPES
+    else:
+        shapes = LEAN_OVERHEAD_SHAPES if lean else OVERHEAD_SHAPES
     real = _real_steps(decoder, contexts[0], shapes, rng)
-    base, per_node = _step_overhead(real, Calibration(profile, cost))
+    items = Calibration(profile, cost)
+    trees = [w for w in shapes if max(w) > 1] if lean else shapes
+    base, per_node = _step_overhead(real, items, trees)
     cost = replace(
         cost, step_overhead_s=base, step_overhead_per_node_s=per_node, autoregressive_step_s=real.plain_s
     )
+    if lean:
+        chain_base, chain_per_node = _step_overhead(real, items, [w for w in shapes if max(w) == 1])
+        cost = replace(cost, chain_overhead_s=chain_base, chain_overhead_per_node_s=chain_per_node)
     return Calibration(profile, cost)
 
 
 # Bumped whenever the calibration measures differently, so that cached calibrations are redone.
 # 5: the draft's forward alone timed; real steps timed after 5 of their kind; 6: the overhead
-# line's slope from the loop's own work of real steps (``_step_overhead``)
-CALIBRATION_METHOD = 6
+# line's slope from the loop's own work of real steps (``_step_overhead``); 7: a line of their own
+# for chains on the lean loop (``LEAN_OVERHEAD_SHAPES``)
+CALIBRATION_METHOD = 7
 STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 10  # steps of one kind in a row ...
 STEP_WARMUP = 5  # ... the first of which are untimed (the caches settle into the kind's own state)
@@ -382,22 +408,25 @@ def _real_steps(decoder, context, shapes, rng) -> RealSteps:
 
 OVERHEAD_SHAPES = ((1,), (1, 1), (2, 1))  # 1, 2 and 4 nodes; width 2 suits every law
 CHAIN_OVERHEAD_SHAPES = ((1,), (1, 1), (1, 1, 1))  # for rules that verify chains only (block)
+# where chains run the lean loop (``TreeDecoder.lean_chains``): two chains, two trees
+LEAN_OVERHEAD_SHAPES = ((1,), (1, 1), (2,), (2, 1))
 
 
-def _step_overhead(real: RealSteps, calibration: Calibration) -> tuple[float, float]:
+def _step_overhead(real: RealSteps, calibration: Calibration, shapes=None) -> tuple[float, float]:
     """The loop's own seconds per step that the cost items miss (or count twice), as a line
-    a + b N in the tree's node count N. The slope b >= 0 is the least-squares slope in N of the
-    real steps' time outside the models (``RealSteps.loop_seconds``: wider trees draft,
-    transform and verify more rows per step) less their predicted verification; a is the mean of
-    the real steps' times minus their predicted step times minus b N (it also takes the models'
-    costs in the loop beyond the items timed alone, e.g. caches evicted by the other model).
+    a + b N in the tree's node count N, from the real steps of ``shapes`` (None: all of them).
+    The slope b >= 0 is the least-squares slope in N of the real steps' time outside the
+    models (``RealSteps.loop_seconds``: wider trees draft, transform and verify more rows per
+    step) less their predicted verification; a is the mean of the real steps' times minus
+    their predicted step times minus b N (it also takes the models' costs in the loop beyond
+    the items timed alone, e.g. caches evicted by the other model).
 
     The slope comes from the time outside the models because the whole steps' residuals carry
     the models' spells of a shared machine: in bfloat16 (steps of ~9 ms) their slope came out at
     0.30 and 0.48 ms per node in two calibrations, ten times the loop's work, and auto chose
     one- and two-node chains where 1x4 and 1x6 chains measured 2-15% faster (BENCHMARKS.md).
     Returns (a, b)."""
-    shapes = list(real.seconds)
+    shapes = list(real.seconds if shapes is None else shapes)
     nodes = np.array([sum(itertools.accumulate(w, lambda a, b: a * b)) for w in shapes])
     predicted = [predict(w, calibration) for w in shapes]
     verify = [p.expected_tokens * _mean_verify(w, calibration.cost) for w, p in zip(shapes, predicted)]

@@ -313,14 +313,17 @@ class TreeDecoder(_Decoder):
         self.book.warm_up(tree.widths)
         self.tree = tree
         # chains of single-draft rejection sampling take the lean loop (draft_chain, walk_chain)
-        self.fast_chain = (
-            tree.max_width == 1 and self.sequence_method is None and chain_walks_fast(self.book.rule(1, 2))
-        )
+        self.fast_chain = tree.max_width == 1 and self.lean_chains()
         self._chain_valid = np.ones(tree.num_nodes, dtype=bool)  # draft_chain's: every node
         self._chain_valid.flags.writeable = False
         # frozen masks: target over all nodes; draft per level d = 1..D-1
         self._target_mask = self.target.additive(tree.ancestor_mask[1:, 1:])
         self._level_masks = {d: self.draft.additive(tree.level_mask(d)) for d in range(1, tree.depth)}
+
+    def lean_chains(self) -> bool:
+        """Whether chains of this decoder's rule run the lean loop (``fast_chain``): nodes of one
+        draft verified by rejection sampling (``walk.chain_walks_fast``), no sequence-level rule."""
+        return self.sequence_method is None and chain_walks_fast(self.book.rule(1, 2))
 
     def use_draft_vocabulary(self, vocabulary: DraftVocabulary | None) -> None:
         """Draft over ``vocabulary`` only (``mdsd.engine.vocab``; None: the whole vocabulary).
