@@ -92,3 +92,23 @@ def test_bench_repeats_keep_the_fastest_run(llama, monkeypatch):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="repeats"):
             bench.run_bench(llama, [PROMPT], sampling, configs, hf=False, repeats=bad)
+
+
+def test_bench_general_loop_rows(llama):
+    """``general_loop``: a chain on the lean loop gets a second row on the general loop, with the
+    same tokens; trees (always the general loop) get none."""
+    from mdsd.engine.bench import run_bench
+
+    sampling = SamplingConfig(0.7, max_new_tokens=6, stop_on_eos=False)
+    configs = [TreeConfig.make("1x2", "iid", "rrs"), TreeConfig.make("2x2", "iid", "rrs")]
+    rows = run_bench(llama, [PROMPT, [5, 6]], sampling, configs, seed=0, hf=False, general_loop=True)
+    names = [r["method"] for r in rows]
+    assert names == [
+        "autoregressive",
+        "mdsd iid/rrs 1x2",
+        "mdsd iid/rrs 1x2 (general loop)",
+        "mdsd iid/rrs 2x2",
+    ]
+    lean, general = rows[1], rows[2]
+    for key in ("new_tokens", "target_calls", "draft_calls", "mean_accepted", "acceptance_by_depth"):
+        assert lean[key] == general[key], key

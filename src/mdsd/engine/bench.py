@@ -203,6 +203,7 @@ def run_bench(
     matmul: str = "auto",
     matmul_baseline: str | None = None,
     repeats: int = 1,
+    general_loop: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Run every method over the prompts; rows of statistics with speedups (see module doc).
@@ -215,6 +216,10 @@ def run_bench(
     (``mdsd.engine.static_llama.choose_matmul``); ``matmul_baseline`` adds a second
     autoregressive row with that backend ("autoregressive (matmul torch)"), so a run shows
     what the backend alone is worth.
+
+    ``general_loop``: every chain that runs the lean loop (``TreeDecoder.fast_chain``) also runs
+    on the general loop, as a row "... (general loop)" (the same tokens, so the rows differ in
+    time only).
 
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
     a change in machine load during the run affects all methods alike.
@@ -236,6 +241,10 @@ def run_bench(
             choice = decoder.choose_tree(prompts)
             name += f" ({choice.describe()})"
         methods.append(_DecoderMethod(name, decoder))
+        if general_loop and decoder.fast_chain:
+            general = TreeDecoder(pair, config, sampling, matmul=matmul)
+            general.fast_chain = False
+            methods.append(_DecoderMethod(f"{name} (general loop)", general))
     for method in methods:
         method.warm_up(prompts[0], seed)
     counters = {}
