@@ -6,9 +6,11 @@ microseconds per node, and tens of microseconds in the decoding loop, where the 
 evicted numpy's code. One merge of the two ascending id lists gives the same arrays (tested against
 the numpy form, ``walk.common_support_reference``).
 
-``single_draft_node``: a node of a chain (one draft) verified by recursive rejection sampling, i.e.
-``walk.verify_node``'s steps (the union support, then ``mdsd.verifiers._early_exit.rrs_sample`` on
-it) in one call, the fast path of ``walk.walk_chain``.
+``rejection_node``: a node verified by recursive rejection sampling (``rrs``,
+``rrs_without_replacement``, and every single-draft node of the lean loop), i.e.
+``walk.verify_node_reference``'s steps (the union support, then
+``mdsd.verifiers._early_exit.rrs_sample`` on it) in one call: the fast path of ``walk.verify_node``
+and ``walk.walk_chain``.
 """
 
 from __future__ import annotations
@@ -53,25 +55,24 @@ def _dense(ids, values, vocab):
 
 
 @numba.njit(cache=True)
-def single_draft_node(p_ids, p_values, q_ids, q_values, vocab, draft, uniforms):
-    """The token emitted at a node with one draft ``draft`` (a token id) drawn from q, by
-    recursive rejection sampling on the union of the supports of p and q: accept the draft iff
-    uniforms[0] < min(1, p(draft) / q(draft)), else draw from (p - q)_+ at uniforms[1].
+def rejection_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, distinct):
+    """The token emitted at a node with drafts ``drafts`` [n] (token ids, in draw order) by
+    recursive rejection sampling on the union of the supports of p and q (``distinct``: without
+    replacement, q losing each rejected draft), from ``uniforms`` [n + 1].
 
     p and q as ``SupportProbs``: ascending ``*_ids`` with their ``*_values``; an empty id array
-    means dense values [V]. The arrays and the kernel are ``walk.verify_node``'s
+    means dense values [V]. The arrays and the kernel are ``walk.verify_node_reference``'s
     (``merge_supports``, or both dense when either is; ``rrs_sample``), so the token is the one
-    ``verify_node`` draws from the same uniforms (tested)."""
+    it draws from the same uniforms (tested)."""
+    n = drafts.size
     if p_ids.size == 0 or q_ids.size == 0:
         tokens = np.empty(0, dtype=np.int64)
         p_local, q_local = _dense(p_ids, p_values, vocab), _dense(q_ids, q_values, vocab)
-        local = draft
+        local = np.ascontiguousarray(drafts)
     else:
         tokens, p_local, q_local = merge_supports(p_ids, p_values, q_ids, q_values)
-        local = np.searchsorted(tokens, draft)
-    drafts = np.full((1, 1), local, dtype=np.int64)
+        local = np.searchsorted(tokens, drafts)
     out, branch = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
-    rrs_sample(
-        p_local.reshape(1, -1), q_local.reshape(1, -1), drafts, uniforms.reshape(1, 2), False, out, branch
-    )
+    p_row, q_row = p_local.reshape(1, -1), q_local.reshape(1, -1)
+    rrs_sample(p_row, q_row, local.reshape(1, n), uniforms.reshape(1, n + 1), distinct, out, branch)
     return out[0] if tokens.size == 0 else tokens[out[0]]

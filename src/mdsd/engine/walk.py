@@ -194,7 +194,28 @@ class NodeVerdict:
 def verify_node(
     p, q, drafts: np.ndarray, rule: NodeRule, rng: np.random.Generator, exact_acceptance: bool = False
 ) -> NodeVerdict:
-    """One draw from pi(. | drafts) at a node by the verifier's sampler, on the union support."""
+    """One draw from pi(. | drafts) at a node by the verifier's sampler, on the union support.
+
+    Recursive rejection sampling (``rrs``, ``rrs_without_replacement``) runs as one compiled call
+    (``_walk_numba.rejection_node``), which draws the token :func:`verify_node_reference` draws
+    from the same generator (tested); other verifiers, and ``exact_acceptance``, run the
+    reference."""
+    if exact_acceptance or not isinstance(rule.verifier, RecursiveRejection):
+        return verify_node_reference(p, q, drafts, rule, rng, exact_acceptance)
+    p, q = as_support(p), as_support(q)
+    uniforms = rng.random(drafts.size + 1)
+    token = int(
+        _rejection_node()(*_ids_values(p), *_ids_values(q), p.vocab, drafts, uniforms, rule.verifier.distinct)
+    )
+    accepted = token in drafts.tolist()
+    return NodeVerdict(token, accepted, float(accepted))
+
+
+def verify_node_reference(
+    p, q, drafts: np.ndarray, rule: NodeRule, rng: np.random.Generator, exact_acceptance: bool = False
+) -> NodeVerdict:
+    """:func:`verify_node` through ``common_support`` and ``Verifier.sample`` (numpy arrays on
+    the union support, the verifier's dispatch), for every verifier."""
     tokens, p_local, q_local = common_support(as_support(p), as_support(q))
     local = drafts if tokens is None else np.searchsorted(tokens, drafts)
     args = (p_local[None], q_local[None], local[None], rule.law)
@@ -285,15 +306,16 @@ def walk_chain(
 ) -> WalkResult:
     """``walk`` of a chain (tree widths all 1: node d's child is node d + 1) whose nodes follow a
     rule of ``chain_walks_fast``, in one compiled call per visited node
-    (``_walk_numba.single_draft_node``). It draws the same uniforms as ``walk`` in the same order
-    and gives the same result (tested): the fast path of the decoding loop for chains."""
+    (``_walk_numba.rejection_node``) and no per-node records. It draws the same uniforms as
+    ``walk`` in the same order and gives the same result (tested): the fast path of the decoding
+    loop for chains."""
     tokens = drafted.tokens.tolist()
-    node_kernel = _single_draft_node()
+    node_kernel = _rejection_node()
     path, expected = [], []
     for node in range(-1, len(tokens) - 1):
         p, q = as_support(target_probs(node)), as_support(drafted.draft_probs[node])
-        draft = tokens[node + 1]
-        token = int(node_kernel(*_ids_values(p), *_ids_values(q), p.vocab, draft, rng.random(2)))
+        draft, drafts = tokens[node + 1], drafted.tokens[node + 1 : node + 2]
+        token = int(node_kernel(*_ids_values(p), *_ids_values(q), p.vocab, drafts, rng.random(2), False))
         expected.append(float(token == draft))
         if token != draft:  # recovered token ends the step
             return WalkResult(path, tokens[: len(path)] + [token], False, expected)
@@ -303,7 +325,7 @@ def walk_chain(
     return WalkResult(path, tokens + [bonus], True, expected)
 
 
-_DENSE_IDS = np.empty(0, dtype=np.int64)  # ``single_draft_node``'s mark of dense values
+_DENSE_IDS = np.empty(0, dtype=np.int64)  # ``rejection_node``'s mark of dense values
 
 
 def _ids_values(probs: SupportProbs) -> tuple[np.ndarray, np.ndarray]:
@@ -311,11 +333,11 @@ def _ids_values(probs: SupportProbs) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _single_draft_node():
-    """``mdsd.engine._walk_numba.single_draft_node``, imported once."""
-    from mdsd.engine._walk_numba import single_draft_node
+def _rejection_node():
+    """``mdsd.engine._walk_numba.rejection_node``, imported once."""
+    from mdsd.engine._walk_numba import rejection_node
 
-    return single_draft_node
+    return rejection_node
 
 
 def emission_law(
