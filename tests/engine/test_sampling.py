@@ -180,12 +180,22 @@ def test_chain_walk_follows_emission_law():
     assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA
 
 
-@pytest.mark.parametrize("law,verifier", [("iid", "rrs"), ("without_replacement", "rrs_without_replacement")])
-def test_rejection_nodes_compiled_equal_the_reference(law, verifier):
-    """``verify_node`` runs recursive rejection sampling as one compiled call
-    (``_walk_numba.rejection_node``); it returns ``verify_node_reference``'s verdict and leaves
-    the generator in the same state: 800 nodes of 1-4 drafts, p and q dense or on top-k
-    supports, temperature 0 (one-hot) and p = q (empty residuals) included."""
+@pytest.mark.parametrize(
+    "law,verifier",
+    [
+        ("iid", "rrs"),
+        ("without_replacement", "rrs_without_replacement"),
+        ("iid", "optimal"),
+        ("without_replacement", "optimal"),
+        ("conditional_poisson", "optimal"),
+    ],
+)
+def test_compiled_nodes_equal_the_reference(law, verifier):
+    """``verify_node`` runs recursive rejection sampling and the optimal verifier's compiled
+    nodes as one compiled call on the union support (``_walk_numba``); it returns
+    ``verify_node_reference``'s verdict and leaves the generator in the same state: 800 nodes of
+    1-4 drafts, p and q dense or on top-k supports, temperature 0 (one-hot) and p = q (empty
+    residuals) included."""
     from mdsd.engine.walk import draft_children, verify_node, verify_node_reference
     from mdsd.logits import process_logits_row
 

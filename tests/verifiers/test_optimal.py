@@ -22,6 +22,7 @@ from mdsd.verifiers.optimal import (
 )
 from mdsd.verifiers.optimal import verifier as front
 from mdsd.verifiers.optimal.common import priority_scan
+from mdsd.verifiers.optimal.verifier import node_plan
 
 from conftest import edge_pairs, g_test_pvalue, law_accepts, random_pair
 
@@ -620,11 +621,11 @@ def _node_rows(gen, count: int, smallest: int, largest: int):
 
 
 def test_threshold_node_equals_row_path():
-    """The compiled node (fit + draw in one call, the engine's per-node path) draws the same token
-    as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the same generator
-    state: i.i.d. n = 1..5 and two drafts without replacement on rows of 2-300 tokens with zeros
-    in p and q, p = q, flat and very peaked q, ties; so every branch (pair split, keep, residual,
-    empty residual) is compared exactly."""
+    """The compiled node (``node_plan``: fit + draw in one call, the engine's per-node path) draws
+    the same token as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the
+    same generator state: i.i.d. n = 1..5 and two drafts without replacement on rows of 2-300
+    tokens with zeros in p and q, p = q, flat and very peaked q, ties; so every branch (pair
+    split, keep, residual, empty residual) is compared exactly."""
     gen = np.random.default_rng(44)
     compared = 0
     for trial, (p, q) in enumerate(_node_rows(gen, 500, smallest=2, largest=300)):
@@ -634,7 +635,9 @@ def test_threshold_node_equals_row_path():
                 continue
             drafts = the_law.sample(q, n, gen)
             seed = int(gen.integers(1 << 30))
-            node = threshold.sample_threshold_node(p, q, drafts, n, the_law, np.random.default_rng(seed))
+            plan = node_plan(the_law, n, int(np.count_nonzero(q)))
+            assert plan.kind == "threshold"
+            node = plan.sample(p, q, drafts, np.random.default_rng(seed))
             row = threshold.fit_threshold_row(p, q, n, the_law)
             assert node == threshold.sample_threshold_row(row, p, drafts, np.random.default_rng(seed))
             compared += 1
@@ -658,7 +661,9 @@ def test_orders_node_equals_row_path():
             continue
         drafts = law.sample(q, n, gen)
         seed = int(gen.integers(1 << 30))
-        node = orders.sample_orders_node(p, q, drafts, n, law, np.random.default_rng(seed))
+        plan = node_plan(law, n, int(np.count_nonzero(q)))
+        assert plan.kind == "orders"
+        node = plan.sample(p, q, drafts, np.random.default_rng(seed))
         row = orders.fit_orders_row(p, q, n, law)
         assert node == orders.sample_orders_row(row, p, drafts, np.random.default_rng(seed))
         compared += 1

@@ -6,11 +6,11 @@ microseconds per node, and tens of microseconds in the decoding loop, where the 
 evicted numpy's code. One merge of the two ascending id lists gives the same arrays (tested against
 the numpy form, ``walk.common_support_reference``).
 
-``rejection_node``: a node verified by recursive rejection sampling (``rrs``,
-``rrs_without_replacement``, and every single-draft node of the lean loop), i.e.
-``walk.verify_node_reference``'s steps (the union support, then
-``mdsd.verifiers._early_exit.rrs_sample`` on it) in one call: the fast path of ``walk.verify_node``
-and ``walk.walk_chain``.
+``rejection_node``, ``orders_node_on_union``, ``threshold_node_on_union``: a node verified by
+recursive rejection sampling (``rrs``, ``rrs_without_replacement``, and every single-draft node of
+the lean loop) or by the optimal verifier's compiled nodes, i.e. ``walk.verify_node_reference``'s
+steps (the union support, then the verifier's kernel on it) in one call: the fast paths of
+``walk.verify_node`` and ``walk.walk_chain``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import numba
 import numpy as np
 
 from mdsd.verifiers._early_exit import rrs_sample
+from mdsd.verifiers.optimal._orders_numba import orders_node
+from mdsd.verifiers.optimal._threshold_numba import threshold_node
 
 
 @numba.njit(cache=True)
@@ -55,24 +57,56 @@ def _dense(ids, values, vocab):
 
 
 @numba.njit(cache=True)
+def _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts):
+    """``walk.verify_node_reference``'s arrays: (tokens [K] ascending, empty when dense; p [K];
+    q [K]; the drafts' positions in them [n]), on the union of the supports by
+    ``merge_supports``, or both dense [V] when either is (an empty id array means dense)."""
+    if p_ids.size == 0 or q_ids.size == 0:
+        p_local, q_local = _dense(p_ids, p_values, vocab), _dense(q_ids, q_values, vocab)
+        return np.empty(0, dtype=np.int64), p_local, q_local, np.ascontiguousarray(drafts)
+    tokens, p_local, q_local = merge_supports(p_ids, p_values, q_ids, q_values)
+    return tokens, p_local, q_local, np.searchsorted(tokens, drafts)
+
+
+@numba.njit(cache=True)
 def rejection_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, distinct):
     """The token emitted at a node with drafts ``drafts`` [n] (token ids, in draw order) by
     recursive rejection sampling on the union of the supports of p and q (``distinct``: without
-    replacement, q losing each rejected draft), from ``uniforms`` [n + 1].
-
-    p and q as ``SupportProbs``: ascending ``*_ids`` with their ``*_values``; an empty id array
-    means dense values [V]. The arrays and the kernel are ``walk.verify_node_reference``'s
-    (``merge_supports``, or both dense when either is; ``rrs_sample``), so the token is the one
-    it draws from the same uniforms (tested)."""
-    n = drafts.size
-    if p_ids.size == 0 or q_ids.size == 0:
-        tokens = np.empty(0, dtype=np.int64)
-        p_local, q_local = _dense(p_ids, p_values, vocab), _dense(q_ids, q_values, vocab)
-        local = np.ascontiguousarray(drafts)
-    else:
-        tokens, p_local, q_local = merge_supports(p_ids, p_values, q_ids, q_values)
-        local = np.searchsorted(tokens, drafts)
+    replacement, q losing each rejected draft), from ``uniforms`` [n + 1]. p and q as
+    ``SupportProbs``: ascending ``*_ids`` with their ``*_values`` (an empty id array: dense
+    values [V]). ``rrs_sample`` on ``_on_union``'s arrays: the token
+    ``walk.verify_node_reference`` draws from the same uniforms (tested)."""
+    tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
+    n = local.size
     out, branch = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
     p_row, q_row = p_local.reshape(1, -1), q_local.reshape(1, -1)
     rrs_sample(p_row, q_row, local.reshape(1, n), uniforms.reshape(1, n + 1), distinct, out, branch)
     return out[0] if tokens.size == 0 else tokens[out[0]]
+
+
+@numba.njit(cache=True)
+def orders_node_on_union(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, head, tail):
+    """The optimal verifier's orders node (``_orders_numba.orders_node``, with the arguments of
+    ``verifier.node_plan``) on ``_on_union``'s arrays: the token ``walk.verify_node_reference``
+    draws (tested)."""
+    tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
+    n, law = head
+    race, match_tol, gap_tol, floor, short_budget, full_budget = tail
+    y = orders_node(
+        p_local, q_local, n, law, local, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget
+    )
+    return y if tokens.size == 0 else tokens[y]
+
+
+@numba.njit(cache=True)
+def threshold_node_on_union(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, head, tail):
+    """The optimal verifier's threshold node (``_threshold_numba.threshold_node``, with the
+    arguments of ``verifier.node_plan``) on ``_on_union``'s arrays: the token
+    ``walk.verify_node_reference`` draws (tested)."""
+    tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
+    n, without_replacement = head
+    chord_tolerance, margin, ratio, shares = tail
+    y = threshold_node(
+        p_local, q_local, n, without_replacement, local, uniforms, chord_tolerance, margin, ratio, shares
+    )
+    return y if tokens.size == 0 else tokens[y]

@@ -42,6 +42,7 @@ from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical
 from mdsd.verifiers import Verifier, resolve
 from mdsd.verifiers.classic import RecursiveRejection
+from mdsd.verifiers.optimal.verifier import OptimalVerifier, node_plan
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
 ONE_DRAW_LAWS = ("iid", "without_replacement")  # one draft of these laws = one draw from q
@@ -153,7 +154,7 @@ def common_support(p: SupportProbs, q: SupportProbs):
     """
     if p.indices is None or q.indices is None:
         return None, p.dense(), q.dense()
-    return _merge_supports()(p.indices, p.values, q.indices, q.values)
+    return _walk_kernels().merge_supports(p.indices, p.values, q.indices, q.values)
 
 
 def common_support_reference(p: SupportProbs, q: SupportProbs):
@@ -165,14 +166,6 @@ def common_support_reference(p: SupportProbs, q: SupportProbs):
     p_local[np.searchsorted(tokens, p.indices)] = p.values
     q_local[np.searchsorted(tokens, q.indices)] = q.values
     return tokens, p_local, q_local
-
-
-@functools.cache
-def _merge_supports():
-    """``mdsd.engine._walk_numba.merge_supports``, imported once (numba's import costs ~0.3 s)."""
-    from mdsd.engine._walk_numba import merge_supports
-
-    return merge_supports
 
 
 @dataclass(frozen=True)
@@ -196,17 +189,25 @@ def verify_node(
 ) -> NodeVerdict:
     """One draw from pi(. | drafts) at a node by the verifier's sampler, on the union support.
 
-    Recursive rejection sampling (``rrs``, ``rrs_without_replacement``) runs as one compiled call
-    (``_walk_numba.rejection_node``), which draws the token :func:`verify_node_reference` draws
-    from the same generator (tested); other verifiers, and ``exact_acceptance``, run the
-    reference."""
-    if exact_acceptance or not isinstance(rule.verifier, RecursiveRejection):
+    Recursive rejection sampling (``rrs``, ``rrs_without_replacement``) and the optimal
+    verifier's compiled nodes (``mdsd.verifiers.optimal.verifier.node_plan``) run as one compiled
+    call on the union support (``mdsd.engine._walk_numba``), which draws the token
+    :func:`verify_node_reference` draws from the same generator (tested); other verifiers and
+    nodes, and ``exact_acceptance``, run the reference."""
+    if exact_acceptance:
         return verify_node_reference(p, q, drafts, rule, rng, exact_acceptance)
     p, q = as_support(p), as_support(q)
-    uniforms = rng.random(drafts.size + 1)
-    token = int(
-        _rejection_node()(*_ids_values(p), *_ids_values(q), p.vocab, drafts, uniforms, rule.verifier.distinct)
-    )
+    verifier, kernels = rule.verifier, _walk_kernels()
+    if isinstance(verifier, RecursiveRejection):
+        uniforms = rng.random(drafts.size + 1)
+        args = (uniforms, verifier.distinct)
+        kernel = kernels.rejection_node
+    elif isinstance(verifier, OptimalVerifier) and (plan := node_plan(rule.law, drafts.size, q.support_size)):
+        args = (rng.random(plan.uniforms), plan.head, plan.tail)
+        kernel = kernels.orders_node_on_union if plan.kind == "orders" else kernels.threshold_node_on_union
+    else:
+        return verify_node_reference(p, q, drafts, rule, rng)
+    token = int(kernel(*_ids_values(p), *_ids_values(q), p.vocab, drafts, *args))
     accepted = token in drafts.tolist()
     return NodeVerdict(token, accepted, float(accepted))
 
@@ -310,7 +311,7 @@ def walk_chain(
     ``walk`` in the same order and gives the same result (tested): the fast path of the decoding
     loop for chains."""
     tokens = drafted.tokens.tolist()
-    node_kernel = _rejection_node()
+    node_kernel = _walk_kernels().rejection_node
     path, expected = [], []
     for node in range(-1, len(tokens) - 1):
         p, q = as_support(target_probs(node)), as_support(drafted.draft_probs[node])
@@ -333,11 +334,11 @@ def _ids_values(probs: SupportProbs) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _rejection_node():
-    """``mdsd.engine._walk_numba.rejection_node``, imported once."""
-    from mdsd.engine._walk_numba import rejection_node
+def _walk_kernels():
+    """``mdsd.engine._walk_numba``, imported once (numba's import costs ~0.3 s)."""
+    from mdsd.engine import _walk_numba
 
-    return rejection_node
+    return _walk_numba
 
 
 def emission_law(

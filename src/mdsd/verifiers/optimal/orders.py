@@ -186,33 +186,20 @@ def pick_orders_row(row: OrdersRow, p: np.ndarray, drafts: np.ndarray, uniforms:
 
 
 def orders_node_applies(law: DraftLaw) -> bool:
-    """Whether :func:`sample_orders_node` serves the rows of the orders method for ``law``: the
-    laws whose Wolfe loop runs compiled (``COMPILED_LAWS``)."""
+    """Whether the compiled node (``verifier.node_plan``) serves the rows of the orders method
+    for ``law``: the laws whose Wolfe loop runs compiled (``COMPILED_LAWS``)."""
     return law.name in COMPILED_LAWS
 
 
-def sample_orders_node(p: np.ndarray, q: np.ndarray, drafts: np.ndarray, n: int, law: DraftLaw, rng) -> int:
-    """``sample_orders_row(fit_orders_row(p, q, n, law), p, drafts, rng)`` in one compiled call
-    (``_orders_numba.orders_node``) for ``orders_node_applies`` laws: the same arithmetic, so
-    the same token from the same generator state (tested)."""
+def orders_node_arguments(n: int, law: DraftLaw, support: int) -> tuple[tuple, tuple]:
+    """The arguments of ``_orders_numba.orders_node(p, q, *head, drafts, uniforms, *tail)`` for
+    n drafts of ``law`` whose q has ``support`` tokens: (head, tail)."""
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
 
-    q = np.ascontiguousarray(q, dtype=np.float64)
-    token = _orders_numba.orders_node(
-        np.ascontiguousarray(p, dtype=np.float64),
-        q,
-        n,
-        _orders_numba.LAW_CODES[law.name],
-        np.ascontiguousarray(drafts, dtype=np.int64),
-        rng.random(NODE_UNIFORMS),
-        _orders_numba.race_settings(n, int(np.count_nonzero(q))),
-        MATCH_TOLERANCE,
-        GAP_TOLERANCE,
-        WEIGHT_FLOOR,
-        ORDER_SHORT_BUDGET,
-        ORDER_FULL_BUDGET,
-    )
-    return int(token)
+    head = (n, _orders_numba.LAW_CODES[law.name])
+    race = _orders_numba.race_settings(n, support)
+    tail = (race, MATCH_TOLERANCE, GAP_TOLERANCE, WEIGHT_FLOOR, ORDER_SHORT_BUDGET, ORDER_FULL_BUDGET)
+    return head, tail
 
 
 def orders_output_law(fit: OrdersFit, x: np.ndarray, fr: np.ndarray) -> np.ndarray:

@@ -166,7 +166,7 @@ def stack_rows(rows: list[ThresholdRow], q: np.ndarray) -> TokenArrays:
 # Uniforms one threshold draw uses: the threshold u, the pair split, the keep test, the residual.
 NODE_UNIFORMS = 4
 # Rows whose q has at most this many tokens are fitted and sampled by the compiled node
-# (``sample_threshold_node``: a stable sort in numba, cheap on short rows); longer rows take
+# (``verifier.node_plan``: a stable sort in numba, cheap on short rows); longer rows take
 # numpy's sort through ``fit_threshold_row``.
 NODE_KERNEL_MAX_SUPPORT = 2048
 
@@ -209,34 +209,16 @@ def _pair_pick(row: ThresholdRow, y: int, z: int, end: int, u: float, u_pick: fl
 
 
 def threshold_node_applies(law: DraftLaw, n: int, support: int) -> bool:
-    """Whether :func:`sample_threshold_node` serves a row: a closed-form curve (i.i.d. drafts, or
-    two without replacement) and at most ``NODE_KERNEL_MAX_SUPPORT`` tokens with q > 0."""
+    """Whether the compiled node (``verifier.node_plan``) serves a row: a closed-form curve
+    (i.i.d. drafts, or two without replacement) and at most ``NODE_KERNEL_MAX_SUPPORT`` tokens
+    with q > 0."""
     return closed_curve(law, n) and support <= NODE_KERNEL_MAX_SUPPORT
 
 
-def sample_threshold_node(
-    p: np.ndarray, q: np.ndarray, drafts: np.ndarray, n: int, law: DraftLaw, rng
-) -> int:
-    """``sample_threshold_row(fit_threshold_row(p, q, n, law), p, drafts, rng)`` in one compiled
-    call (``_threshold_numba.threshold_node``): the engine verifies one node per call, where a
-    dozen numpy calls cost more than the fit itself. The same arithmetic, so the same token for
-    the same generator state (tested); for ``threshold_node_applies`` rows."""
-    from mdsd.verifiers.optimal._threshold_numba import threshold_node  # lazy: numba costs ~0.3 s
-
-    return int(
-        threshold_node(
-            np.ascontiguousarray(p, dtype=np.float64),
-            np.ascontiguousarray(q, dtype=np.float64),
-            n,
-            law.name == "without_replacement",
-            np.ascontiguousarray(drafts, dtype=np.int64),
-            rng.random(NODE_UNIFORMS),
-            CHORD_TOLERANCE,
-            STAIR_MARGIN,
-            STAIR_RATIO,
-            _SHARES,
-        )
-    )
+def threshold_node_arguments(n: int, law: DraftLaw) -> tuple[tuple, tuple]:
+    """The arguments of ``_threshold_numba.threshold_node(p, q, *head, drafts, uniforms, *tail)``
+    for n drafts of ``law``: (head, tail)."""
+    return (n, law.name == "without_replacement"), (CHORD_TOLERANCE, STAIR_MARGIN, STAIR_RATIO, _SHARES)
 
 
 def _target_curve(ps, qs, phi, split):

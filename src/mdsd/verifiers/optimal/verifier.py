@@ -18,23 +18,24 @@ from mdsd.laws import DraftLaw, get_law
 from mdsd.sampling import categorical
 from mdsd.verifiers.base import Verifier
 from mdsd.verifiers.classic import RRSWithoutReplacement, SampleCheck
+from mdsd.verifiers.optimal import orders, threshold
 from mdsd.verifiers.optimal.common import OptimalFit, cap_rule, priority_scan
 from mdsd.verifiers.optimal.orders import (
     OrdersFit,
     fit_orders_row,
     orders_acceptance,
     orders_node_applies,
+    orders_node_arguments,
     orders_output_law,
-    sample_orders_node,
     sample_orders_row,
 )
 from mdsd.verifiers.optimal.threshold import (
     ThresholdFit,
     fit_threshold_row,
-    sample_threshold_node,
     sample_threshold_row,
     stack_rows,
     threshold_node_applies,
+    threshold_node_arguments,
     threshold_output_law,
 )
 
@@ -330,6 +331,48 @@ def _fit_row_for_sampling(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, m
 
 
 @dataclass(frozen=True)
+class NodePlan:
+    """The compiled sampler of one node (``node_plan``): ``kind`` "threshold"
+    (``_threshold_numba.threshold_node``) or "orders" (``_orders_numba.orders_node``), called as
+    kernel(p, q, *head, drafts, uniforms, *tail) with ``uniforms`` uniforms from the generator
+    (p, q [V] float64, drafts [n] int64)."""
+
+    kind: str
+    head: tuple
+    tail: tuple
+    uniforms: int
+
+    def kernel(self):
+        if self.kind == "orders":
+            from mdsd.verifiers.optimal._orders_numba import orders_node  # lazy: numba ~0.3 s
+
+            return orders_node
+        from mdsd.verifiers.optimal._threshold_numba import threshold_node
+
+        return threshold_node
+
+    def sample(self, p: np.ndarray, q: np.ndarray, drafts: np.ndarray, rng) -> int:
+        """The emitted token of one row: fit and draw in one compiled call."""
+        p = np.ascontiguousarray(p, dtype=np.float64)
+        q = np.ascontiguousarray(q, dtype=np.float64)
+        drafts = np.ascontiguousarray(drafts, dtype=np.int64)
+        return int(self.kernel()(p, q, *self.head, drafts, rng.random(self.uniforms), *self.tail))
+
+
+def node_plan(law: DraftLaw, n: int, support: int) -> NodePlan | None:
+    """The compiled node that fits and samples one row of n drafts of ``law`` whose q has
+    ``support`` tokens: the threshold method's on short supports (``threshold_node_applies``),
+    the orders method's for its compiled laws (``orders_node_applies``); None where a row takes
+    the numpy fit or the fallback (``OptimalVerifier.sample``)."""
+    method = method_for(law, n, support)
+    if method == "threshold" and threshold_node_applies(law, n, support):
+        return NodePlan("threshold", *threshold_node_arguments(n, law), threshold.NODE_UNIFORMS)
+    if method == "orders" and orders_node_applies(law):
+        return NodePlan("orders", *orders_node_arguments(n, law, support), orders.NODE_UNIFORMS)
+    return None
+
+
+@dataclass(frozen=True)
 class OptimalVerifier(Verifier):
     """Attains alpha* for ``iid``, ``without_replacement`` and ``conditional_poisson`` drafts.
 
@@ -359,8 +402,7 @@ class OptimalVerifier(Verifier):
         fit's rule only (no capped arrays over the vocabulary, no acceptance, no certificate);
         the residual is built only on a rejection. Same conditional law as ``output_law``.
         Rows on short supports of the threshold method and the rows of the orders method are
-        fitted and sampled by one compiled node (``threshold.sample_threshold_node``,
-        ``orders.sample_orders_node``: the same token as the row path)."""
+        fitted and sampled by one compiled node (``node_plan``: the same token as the row path)."""
         the_law = check_law(law)
         n = drafts.shape[1]
         out = np.empty(drafts.shape[0], dtype=np.int64)
@@ -368,13 +410,11 @@ class OptimalVerifier(Verifier):
         for b in range(drafts.shape[0]):
             p, q, x = target_probs[b], draft_probs[b], drafts[b]
             support = int(np.count_nonzero(q))
+            plan = node_plan(the_law, n, support)
+            if plan is not None:  # one compiled call
+                out[b] = plan.sample(p, q, x, rng)
+                continue
             method = method_for(the_law, n, support)
-            if method == "threshold" and threshold_node_applies(the_law, n, support):
-                out[b] = sample_threshold_node(p, q, x, n, the_law, rng)
-                continue
-            if method == "orders" and orders_node_applies(the_law):
-                out[b] = sample_orders_node(p, q, x, n, the_law, rng)
-                continue
             if fitted is None or not (np.array_equal(p, fitted[0]) and np.array_equal(q, fitted[1])):
                 fitted = (p, q, _fit_row_for_sampling(p, q, n, the_law, method, support))
             row_fit = fitted[2]
