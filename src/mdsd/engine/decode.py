@@ -10,17 +10,20 @@ root) is not yet in the target's cache:
    ``mdsd.logits.process_logits`` -- the same transform as the target's p (with ``draft_vocab``,
    over the draft's kept tokens only: ``mdsd.engine.vocab``).
 2. Target: one forward over (root, all nodes) with the tree mask and position ids
-   L - 1 + depth.
+   L - 1 + depth (for a chain, the causal mask).
 3. Verify node by node from the root (``walk.walk``); emitted = accepted path + one recovered or
    bonus token.
 4. Both caches keep only the committed prefix and the accepted path.
+
+Chains verified by single-draft rejection sampling run the same steps leaner (``fast_chain``:
+``TreeDecoder.draft_chain``, ``walk.walk_chain``), with the same tokens from the same seed.
 
 The emitted sequence has exactly the target's law (temperature / top-k / top-p applied); the
 tests compute the exact law through the same ``walk`` functions. Batches of prompts are decoded
 one sequence after another (each with its own caches), so results are correct for any batch size
 but there is no batching speed-up.
 
-The module holds the two decoders (~510 lines); their records (configs, statistics, generations)
+The module holds the two decoders (~560 lines); their records (configs, statistics, generations)
 are in ``mdsd.engine.records``.
 """
 
