@@ -122,7 +122,7 @@ class CostModel:
     def overhead(self, widths: tuple[int, ...]) -> float:
         """The loop's own seconds per step of a tree of ``widths`` beyond the items: a + b N on
         the line of its loop (chains' own line where they run the lean loop)."""
-        nodes = sum(itertools.accumulate(widths, lambda a, b: a * b))
+        nodes = sum(level_sizes(widths))
         if self.chain_overhead_s is not None and max(widths) == 1:
             return self.chain_overhead_s + self.chain_overhead_per_node_s * nodes
         return self.step_overhead_s + self.step_overhead_per_node_s * nodes
@@ -185,6 +185,11 @@ class Calibration:
 
 
 # ---------------------------------------------------------------------- the model
+def level_sizes(widths: tuple[int, ...]) -> list[int]:
+    """m_d = w_1 ... w_d, the nodes at each depth of a uniform tree (their sum: N)."""
+    return list(itertools.accumulate(widths, lambda a, b: a * b))
+
+
 def expected_tokens(widths: tuple[int, ...], rates: tuple[float, ...]) -> float:
     """E = 1 + sum_d prod_{i <= d} rates[w_i - 1]: accepted drafts + the final token."""
     total, reach = 1.0, 1.0
@@ -201,17 +206,17 @@ def predict(widths: tuple[int, ...], calibration: Calibration) -> TreeChoice:
     if not widths:
         return TreeChoice((), 1.0, cost.autoregressive_step(), ar, ar)
     rates = calibration.profile.rates
-    level_sizes = list(itertools.accumulate(widths, lambda a, b: a * b))
+    sizes = level_sizes(widths)
     e = expected_tokens(widths, rates)
     verify = _mean_verify(widths, cost)
-    rows = 1 + sum(level_sizes)
+    rows = 1 + sum(sizes)
     if rows <= len(cost.head_rows_s):  # one output-layer call on every row, a transform per visit
         head = cost.head_rows_s[rows - 1] + e * (cost.head_s - cost.head_rows_s[0])
     else:
         head = e * cost.head_s
     step = (
         cost.draft_root_s
-        + sum(cost.draft(m) for m in level_sizes[:-1])
+        + sum(cost.draft(m) for m in sizes[:-1])
         + cost.target(rows)
         + head
         + e * verify
@@ -243,7 +248,7 @@ def choose_tree(
     plain = best = predict((), calibration)
     for depth in range(1, max_depth + 1):
         for widths in itertools.product(range(min_width, max_width + 1), repeat=depth):
-            if sum(itertools.accumulate(widths, lambda a, b: a * b)) > max_nodes:
+            if sum(level_sizes(widths)) > max_nodes:
                 continue
             choice = predict(widths, calibration)
             if choice.tokens_per_s > best.tokens_per_s:
@@ -427,7 +432,7 @@ def _step_overhead(real: RealSteps, calibration: Calibration, shapes=None) -> tu
     one- and two-node chains where 1x4 and 1x6 chains measured 2-15% faster (BENCHMARKS.md).
     Returns (a, b)."""
     shapes = list(real.seconds if shapes is None else shapes)
-    nodes = np.array([sum(itertools.accumulate(w, lambda a, b: a * b)) for w in shapes])
+    nodes = np.array([sum(level_sizes(w)) for w in shapes])
     predicted = [predict(w, calibration) for w in shapes]
     verify = [p.expected_tokens * _mean_verify(w, calibration.cost) for w, p in zip(shapes, predicted)]
     loop = np.array([real.loop_seconds[w] for w in shapes]) - np.array(verify)
