@@ -252,7 +252,8 @@ class TreeDecoder(_Decoder):
     ``rrs_without_replacement``; ``spechub`` and ``optimal`` under laws drafting one draw) runs
     the lean loop (``fast_chain`` True: ``draft_chain`` and ``walk.walk_chain``), which draws the
     same tokens from the same generator as the general loop (tested); set ``fast_chain = False``
-    to run the general one.
+    to run the general one (``exact_acceptance=True`` runs it too: the walk then computes each
+    visited node's output law).
 
     Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
     tree width larger than the vocabulary for laws drawing distinct tokens, unsupported models

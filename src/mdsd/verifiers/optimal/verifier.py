@@ -343,6 +343,7 @@ class NodePlan:
     uniforms: int
 
     def kernel(self):
+        """The compiled node function (imported on first use)."""
         if self.kind == "orders":
             from mdsd.verifiers.optimal._orders_numba import orders_node  # lazy: numba ~0.3 s
 
