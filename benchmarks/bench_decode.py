@@ -28,7 +28,7 @@ import torch
 
 from mdsd._threads import set_threads
 from mdsd.engine import SamplingConfig, TreeConfig
-from mdsd.engine.bench import prefill_note, run_bench
+from mdsd.engine.bench import auto_note, prefill_note, run_bench
 from mdsd.models import bundled_prompts, load_pair
 
 CONFIGS = (
@@ -149,13 +149,7 @@ def main() -> None:
         print(f"\n{note}")
     for r in rows:
         if "chosen_tree" in r:
-            print(
-                f"\n{r['method']}: predicted {r['predicted_tokens_per_second']:.1f} tokens/s "
-                f"({r['predicted_speedup_vs_autoregressive']:.2f}x AR), measured "
-                f"{r['tokens_per_second']:.1f} tokens/s ({r['speedup_vs_autoregressive']:.2f}x AR); "
-                f"ceiling if drafting and verification were free: "
-                f"{r['ceiling_speedup_vs_autoregressive']:.2f}x AR ({r['ceiling_tree']})"
-            )
+            print(f"\n{auto_note(r)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"pair": pair.name, "prompts": len(prompts), "rows": rows}, fh, indent=1)

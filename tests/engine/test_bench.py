@@ -37,7 +37,7 @@ def test_bench_rows(llama):
 
 
 def test_bench_auto_tree(llama, monkeypatch, tmp_path):
-    from mdsd.engine.bench import run_bench
+    from mdsd.engine.bench import auto_note, run_bench
 
     monkeypatch.setenv("MDSD_CACHE_DIR", str(tmp_path))
     sampling = SamplingConfig(0.7, top_k=TOP_K, max_new_tokens=6, stop_on_eos=False)
@@ -49,6 +49,12 @@ def test_bench_auto_tree(llama, monkeypatch, tmp_path):
     assert auto_row["chosen_tree"] in auto_row["method"]
     assert auto_row["ceiling_speedup_vs_autoregressive"] >= 1.0 and auto_row["ceiling_tree"]
     assert list(tmp_path.glob("auto-tree/*.json"))  # the calibration was cached
+    # the prediction (the decoding phase's steady state) is set against the decoding phase
+    seconds = (auto_row["total_time_s"] - auto_row["prefill_time_s"]) / auto_row["new_tokens"]
+    assert auto_row["decode_tokens_per_second"] == pytest.approx(1.0 / seconds)
+    note = auto_note(auto_row)
+    assert f"measured {auto_row['decode_tokens_per_second']:.1f} tokens/s" in note
+    assert f"{auto_row['speedup_vs_autoregressive']:.2f}x overall" in note
 
 
 def test_default_grid_adds_quarter_vocabulary_drafts():

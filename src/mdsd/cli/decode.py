@@ -355,7 +355,7 @@ def bench(
     from rich.table import Table
 
     from mdsd.engine import SamplingConfig
-    from mdsd.engine.bench import default_configs, prefill_note, run_bench
+    from mdsd.engine.bench import auto_note, default_configs, prefill_note, run_bench
 
     temperature, top_k, top_p = sampling_options(temperature, top_k, top_p, default_temperature=0.7)
     if threads is None and (os.cpu_count() or 1) <= SMALL_MACHINE_CORES:
@@ -452,10 +452,4 @@ def bench(
         wide.print(note)
     for r in result:
         if "chosen_tree" in r:
-            wide.print(
-                f"{r['method']}: predicted {r['predicted_tokens_per_second']:.1f} tokens/s "
-                f"({r['predicted_speedup_vs_autoregressive']:.2f}x autoregressive), measured "
-                f"{f(r['tokens_per_second'], '.1f')} tokens/s ({f(r['speedup_vs_autoregressive'], '.2f')}x); "
-                f"ceiling if drafting and verification were free: "
-                f"{r['ceiling_speedup_vs_autoregressive']:.2f}x ({r['ceiling_tree']})"
-            )
+            wide.print(auto_note(r))

@@ -289,6 +289,23 @@ def run_bench(
     return rows
 
 
+def auto_note(row: dict) -> str:
+    """The line that sets an auto row's prediction (the decoding phase's steady state) against
+    its measurement in the decoding phase, with the overall speedup and the ceiling."""
+    measured = row.get("decode_tokens_per_second")
+    there = (
+        f"measured {measured:.1f} tokens/s ({row['decode_speedup_vs_autoregressive']:.2f}x) there, "
+        if measured is not None
+        else ""
+    )
+    return (
+        f"{row['method']}: predicted {row['predicted_tokens_per_second']:.1f} tokens/s "
+        f"({row['predicted_speedup_vs_autoregressive']:.2f}x autoregressive) in the decoding phase, "
+        f"{there}{row['speedup_vs_autoregressive']:.2f}x overall; ceiling if drafting and "
+        f"verification were free: {row['ceiling_speedup_vs_autoregressive']:.2f}x ({row['ceiling_tree']})"
+    )
+
+
 def prefill_note(rows: list[dict]) -> str | None:
     """The line that reports the prompts' share of plain sampling's time (``prefill_share``),
     printed under the table by ``mdsd bench`` and ``benchmarks/bench_decode.py``; None without it."""
@@ -303,9 +320,10 @@ def prefill_note(rows: list[dict]) -> str | None:
 
 def _add_decode_speedup(rows: list[dict]) -> None:
     """``prefill_share`` (autoregressive row: the prompts' forwards over its whole time) and, per
-    mdsd row, ``decode_speedup_vs_autoregressive``: tokens/s with each method's prefill left out
-    (the target's first forward of each prompt, which every method pays), the speedup of the
-    decoding phase alone. None where a method's prefill is not timed (HF assisted)."""
+    mdsd row, ``decode_tokens_per_second`` (tokens/s with the method's prefill left out: the
+    target's first forward of each prompt, which every method pays; what auto's prediction is
+    about) and ``decode_speedup_vs_autoregressive``, the speedup of the decoding phase alone.
+    None where a method's prefill is not timed (HF assisted)."""
     base = next((r for r in rows if r["method"] == "autoregressive"), None)
     if base is None or not base.get("prefill_time_s"):
         return
@@ -316,5 +334,6 @@ def _add_decode_speedup(rows: list[dict]) -> None:
 
     for row in rows:
         if row.get("prefill_time_s"):
+            row["decode_tokens_per_second"] = 1.0 / decode_seconds_per_token(row)
             speedup = decode_seconds_per_token(base) / decode_seconds_per_token(row)
             row["decode_speedup_vs_autoregressive"] = speedup
