@@ -27,7 +27,9 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from mdsd._softmax_numba import tempered_softmax
 from mdsd.engine._panel_gemm import host_width
+from mdsd.sampling import draw
 
 # Rows multiplied on the panels (the kernel runs passes of _panel_gemm.MAX_ROWS rows; more rows
 # use the BLAS), by where the BLAS wins (``benchmarks/bench_matmul.py``, one thread): with AVX2
@@ -303,3 +305,44 @@ def decoder_layer_blas(x, weights, keys, values, start, mask, causal, cos, sin, 
     x = x + (a + o_b if o_b.size else a)
     gate_up = rms_norm(x, norm2, eps) @ gu_t
     return x + silu_gate(gate_up) @ down_t
+
+
+@numba.njit(**_JIT)
+def next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm):
+    """The output layer's logits [out] after a causal forward of ``ids`` [m] (m <=
+    ``panel_max_rows``) at positions start .. start + m - 1: ``StaticLlamaRunner``'s
+    ``causal_hidden`` then ``logits`` of the last row, with the same arrays and kernels.
+    model: (embed [V, hidden], layers, final_norm [hidden], out_panels, out_t, out_bias)."""
+    embed, layers, final_norm, out_p, out_t, out_b = model
+    m = ids.size
+    x = np.empty((m, embed.shape[1]), dtype=np.float32)
+    for r in range(m):
+        x[r] = embed[ids[r]]
+    cos, sin = cos_table[start : start + m], sin_table[start : start + m]
+    no_mask = np.zeros((0, 0), dtype=np.float32)
+    x = decoder_stack(x, layers, keys, values, start, no_mask, m > 1, cos, sin, heads, kv_heads, eps, gemm)
+    last = rms_norm(np.ascontiguousarray(x[m - 1 :]), final_norm, eps)
+    return project(last, out_p, out_t, out_b, gemm)[0]
+
+
+@numba.njit(cache=True)
+def sample_chain(
+    ids, uniforms, temperature, token_ids, model, keys, values, start, cos, sin, heads, kv_heads, eps, gemm
+):
+    """A chain of ``uniforms.size`` = D tokens drafted by the model: level 0 forwards ``ids``
+    (the tokens the cache lacks), level d > 0 the token drawn at level d - 1; each level's
+    q = softmax(logits / temperature) (``mdsd._softmax_numba.tempered_softmax``) over the output
+    layer's tokens ``token_ids`` [K] (ascending) and its token drawn at ``uniforms[d]``
+    (``mdsd.sampling.draw``). Returns (tokens [D] ids, q [D, K] float64, zeros [D]: entries of
+    each q that underflowed to 0). The cache then holds ``ids`` and tokens 0 .. D - 2."""
+    depth = uniforms.size
+    tokens = np.empty(depth, dtype=np.int64)
+    probs = np.empty((depth, token_ids.size))
+    zeros = np.empty(depth, dtype=np.int64)
+    for d in range(depth):
+        logits = next_logits(ids, model, keys, values, start, cos, sin, heads, kv_heads, eps, gemm)
+        probs[d], zeros[d] = tempered_softmax(logits, temperature)
+        tokens[d] = token_ids[draw(probs[d], uniforms[d])]
+        start += ids.size
+        ids = tokens[d : d + 1]
+    return tokens, probs, zeros

@@ -50,6 +50,13 @@ class SamplingConfig:
         """float64 sampling probabilities from logits [..., V] (``mdsd.logits.process_logits``)."""
         return process_logits(logits, self.temperature, self.top_k, self.top_p)
 
+    @property
+    def softmax_only(self) -> bool:
+        """Whether the transform is softmax(logits / temperature) alone (temperature > 0, no
+        top-k or top-p truncation): the compiled draft chain's case
+        (``StaticLlamaRunner.sample_chain``)."""
+        return self.temperature > 0 and self.top_k is None and (self.top_p is None or self.top_p >= 1.0)
+
     def row_probs(
         self, logits: np.ndarray, token_ids: np.ndarray | None = None, vocab: int = 0
     ) -> SupportProbs:

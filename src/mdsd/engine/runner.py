@@ -178,6 +178,11 @@ class ModelRunner:
         self.model_time += time.perf_counter() - start
         return out
 
+    def sample_chain(self, ids, depth: int, rng: np.random.Generator, temperature: float):
+        """A chain drafted in one compiled call, or None (drawing nothing from ``rng``) where the
+        runner has none (this one): see ``StaticLlamaRunner.sample_chain``."""
+        return None
+
     def causal(self, ids: np.ndarray, keep: int = 1) -> np.ndarray:
         """Plain causal forward of ``ids`` after the cache; logits of the last ``keep`` rows."""
         return self.logits(self._timed(ids, keep))

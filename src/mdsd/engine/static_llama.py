@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from dataclasses import dataclass
 
@@ -399,6 +400,53 @@ class StaticLlamaRunner(ModelRunner):
         self.calls += 1
         last = np.ascontiguousarray(x[-keep:])
         return torch.from_numpy(kernels.rms_norm(last, self._final_norm_weight, self._eps))
+
+    def sample_chain(self, ids, depth: int, rng: np.random.Generator, temperature: float):
+        """Draft a chain of ``depth`` tokens in one compiled call (``_llama_numba.sample_chain``):
+        level 0 forwards ``ids`` (the tokens the cache lacks), each further level the token drawn
+        before it; level d's q = softmax(logits / ``temperature``) over the output layer's tokens
+        and its token drawn at the d-th of ``rng.random(depth)``. The same forwards, q and draws
+        as ``causal_hidden``, ``logits``, ``mdsd.logits.process_logits_row`` (temperature alone)
+        and ``mdsd.sampling.draw`` per level (tested).
+
+        Returns (tokens [D], q [D, K] float64, zeros [D]: entries of each q that underflowed to
+        0), K the output layer's tokens (``output_ids``, or the vocabulary); or None, drawing
+        nothing from ``rng``, where the compiled forward does not apply (matmul other than
+        "numba", a RoPE recomputed per forward, more tokens than one panel pass).
+        """
+        if self._compiled_layers is None or self._rotary_numpy is None or len(ids) > self._panel_max_rows:
+            return None
+        start = self._length
+        self._check_capacity(start + len(ids) + depth - 1)
+        uniforms = rng.random(depth)  # the uniforms of ``depth`` successive rng.random() calls
+        began = time.perf_counter()
+        token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
+        model = (self._embed_table, self._compiled_layers, self._final_norm_weight, *self._output.compiled())
+        keys, values = self._cache_numpy
+        tokens, probs, zeros = self._kernels.sample_chain(
+            np.asarray(ids, dtype=np.int64),
+            uniforms,
+            float(temperature),
+            token_ids,
+            model,
+            keys,
+            values,
+            start,
+            *self._rotary_numpy,
+            self.heads,
+            self.kv_heads,
+            self._eps,
+            self._gemm,
+        )
+        self._length = start + len(ids) + depth - 1
+        self.calls += depth
+        self.model_time += time.perf_counter() - began
+        return tokens, probs, zeros
+
+    @functools.cached_property
+    def _vocabulary_ids(self) -> np.ndarray:
+        """0 .. V - 1: the tokens of the full output layer."""
+        return np.arange(self._full_head.weight.shape[0], dtype=np.int64)
 
     def _forward(self, ids, keep: int, attention_mask, position_ids) -> torch.Tensor:
         start = self._length
