@@ -3,7 +3,7 @@
     python benchmarks/bench_decode.py --prompts 8 --max-new-tokens 96 --threads 1 \
         [--temperature T] [--top-k K] [--dtype bfloat16] [--prompts-file FILE] \
         [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE[:DRAFT_VOCAB] ...] [--draft-vocab K]
-        [--repeats R] [--general-loop] [--json out.json]
+        [--repeats R] [--general-loop] [--level-by-level] [--json out.json]
 
 TREE may be ``auto`` (``mdsd.engine.auto``: chosen from a calibration on the same prompts; the
 table then names the chosen shape and the predicted tokens/s). The profile columns give, per
@@ -80,6 +80,11 @@ def main() -> None:
         action="store_true",
         help="run every chain on the lean loop also on the general loop (same tokens, a row each)",
     )
+    ap.add_argument(
+        "--level-by-level",
+        action="store_true",
+        help="run every chain on the lean loop also with its draft levels one by one (a row each)",
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.threads:
@@ -110,6 +115,7 @@ def main() -> None:
         matmul_baseline=args.matmul_baseline,
         repeats=args.repeats,
         general_loop=args.general_loop,
+        level_by_level=args.level_by_level,
     )
     elapsed = time.time() - start
 

@@ -174,7 +174,9 @@ def _own_calls(method) -> int:
 
 def _add_profile(rows: list[dict], results: list[MethodResult]) -> None:
     """Per step of each tree method, in autoregressive steps of the same run (AR time / token):
-    ``draft_level_ar_steps`` (draft forward + output layer per level), ``target_forward_ar_steps``
+    ``draft_level_ar_steps`` (draft forward + output layer per level; for a chain drafted in one
+    compiled call, ``StaticLlamaRunner.sample_chain``, also its q transform and draw, a few
+    microseconds), ``target_forward_ar_steps``
     (the tree forward + output layer of the visited rows), ``overhead_ar_steps`` (everything
     outside the two models: sampling transform, drafting, verification, cache bookkeeping)."""
     base = next((r.stats for r in results if r.name == "autoregressive"), None)
@@ -204,6 +206,7 @@ def run_bench(
     matmul_baseline: str | None = None,
     repeats: int = 1,
     general_loop: bool = False,
+    level_by_level: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Run every method over the prompts; rows of statistics with speedups (see module doc).
@@ -220,6 +223,11 @@ def run_bench(
     ``general_loop``: every chain that runs the lean loop (``TreeDecoder.fast_chain``) also runs
     on the general loop, as a row "... (general loop)" (the same tokens, so the rows differ in
     time only).
+
+    ``level_by_level``: every chain that runs the lean loop also runs with its draft levels one by
+    one (``TreeDecoder.compiled_chain`` False), as a row "... (drafted level by level)"; the
+    same tokens (where the transform is not the tempered softmax alone both rows run the same
+    code).
 
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
     a change in machine load during the run affects all methods alike.
@@ -245,6 +253,10 @@ def run_bench(
             general = TreeDecoder(pair, config, sampling, matmul=matmul)
             general.fast_chain = False
             methods.append(_DecoderMethod(f"{name} (general loop)", general))
+        if level_by_level and decoder.fast_chain:
+            levels = TreeDecoder(pair, config, sampling, matmul=matmul)
+            levels.compiled_chain = False
+            methods.append(_DecoderMethod(f"{name} (drafted level by level)", levels))
     for method in methods:
         method.warm_up(prompts[0], seed)
     counters = {}

@@ -296,6 +296,7 @@ class TreeDecoder(_Decoder):
         self.eos = eos_ids(pair)
         self.tree: DraftTree | None = None
         self.fast_chain = False  # set by _use_tree
+        self.compiled_chain = True  # draft_chain: every level in one compiled call where it applies
         self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
         self.auto_ceiling = None  # ... and auto.ceiling's: the best with free drafting
         self._plain: Autoregressive | None = None  # auto chose plain sampling
@@ -507,7 +508,7 @@ class TreeDecoder(_Decoder):
         per level then drops by 20-30 microseconds of Python and dispatch (BENCHMARKS.md)."""
         depth, rule = self.tree.depth, self.book.rule(1, 2)  # width 1: one rule for every q
         fresh = np.asarray(seq[self.draft.cached :])
-        if self.sampling.softmax_only:  # every level in one compiled call where it applies
+        if self.compiled_chain and self.sampling.softmax_only:  # one compiled call where it applies
             chain = self.draft.sample_chain(fresh, depth, rng, self.sampling.temperature)
             if chain is not None:
                 return self._drafted_chain(*chain, rule)
