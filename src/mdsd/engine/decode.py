@@ -511,7 +511,7 @@ class TreeDecoder(_Decoder):
         if self.compiled_chain and self.sampling.softmax_only:  # one compiled call where it applies
             chain = self.draft.sample_chain(fresh, depth, rng, self.sampling.temperature)
             if chain is not None:
-                return self._drafted_chain(*chain, rule)
+                return self._drafted_chain(chain, rule)
         tokens = np.empty(depth, dtype=np.int64)
         qs = {}
         hidden = self.draft.causal_hidden(fresh, keep=1)
@@ -522,21 +522,21 @@ class TreeDecoder(_Decoder):
                 hidden = self.draft.causal_hidden(tokens[node + 1 : node + 2], keep=1)
         return DraftedSlots(tokens, self._chain_valid, dict.fromkeys(qs, rule), qs)
 
-    def _drafted_chain(self, tokens, probs, zeros, rule) -> DraftedSlots:
-        """``draft_chain``'s result from the runner's ``sample_chain``: q of level d over the
+    def _drafted_chain(self, chain, rule) -> DraftedSlots:
+        """``draft_chain``'s result from the runner's ``SampledChain``: q of level d over the
         output layer's tokens, stored as ``SamplingConfig.row_probs`` stores it (on its nonzero
-        entries when the output layer covers part of the vocabulary)."""
+        entries when the output layer covers part of the vocabulary and some underflowed)."""
         ids = self.draft.output_ids
         qs = {}
-        for d, (q, z) in enumerate(zip(probs, zeros.tolist())):
+        for d, (q, zeros) in enumerate(zip(chain.probs, chain.zeros.tolist())):
             if ids is None:
                 qs[d - 1] = SupportProbs(None, q, self.vocab)
-            elif z:
+            elif zeros:
                 kept = np.flatnonzero(q)
                 qs[d - 1] = SupportProbs(ids[kept], q[kept], self.vocab)
             else:
                 qs[d - 1] = SupportProbs(ids, q, self.vocab)
-        return DraftedSlots(tokens, self._chain_valid, dict.fromkeys(qs, rule), qs)
+        return DraftedSlots(chain.tokens, self._chain_valid, dict.fromkeys(qs, rule), qs)
 
     def target_hidden(self, seq: list[int], drafted: DraftedSlots) -> torch.Tensor:
         """One target forward over (fresh committed tokens, every node): final hidden states of

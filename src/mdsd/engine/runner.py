@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -60,6 +61,20 @@ def context_length(model) -> int | None:
         if value:
             return int(value)
     return None
+
+
+@dataclass(frozen=True)
+class SampledChain:
+    """A chain drafted in one call (``StaticLlamaRunner.sample_chain``).
+
+    tokens: [D] int64 token ids, level by level.
+    probs:  [D, K] float64 q of each level over the output layer's K tokens.
+    zeros:  [D] int64 entries of each level's q that underflowed to 0.
+    """
+
+    tokens: np.ndarray
+    probs: np.ndarray
+    zeros: np.ndarray
 
 
 class ModelRunner:
@@ -178,7 +193,9 @@ class ModelRunner:
         self.model_time += time.perf_counter() - start
         return out
 
-    def sample_chain(self, ids, depth: int, rng: np.random.Generator, temperature: float):
+    def sample_chain(
+        self, ids, depth: int, rng: np.random.Generator, temperature: float
+    ) -> SampledChain | None:
         """A chain drafted in one compiled call, or None (drawing nothing from ``rng``) where the
         runner has none (this one): see ``StaticLlamaRunner.sample_chain``."""
         return None

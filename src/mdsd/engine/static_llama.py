@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mdsd.engine.runner import ModelRunner
+from mdsd.engine.runner import ModelRunner, SampledChain
 
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -401,7 +401,9 @@ class StaticLlamaRunner(ModelRunner):
         last = np.ascontiguousarray(x[-keep:])
         return torch.from_numpy(kernels.rms_norm(last, self._final_norm_weight, self._eps))
 
-    def sample_chain(self, ids, depth: int, rng: np.random.Generator, temperature: float):
+    def sample_chain(
+        self, ids, depth: int, rng: np.random.Generator, temperature: float
+    ) -> SampledChain | None:
         """Draft a chain of ``depth`` tokens in one compiled call (``_llama_numba.sample_chain``):
         level 0 forwards ``ids`` (the tokens the cache lacks), each further level the token drawn
         before it; level d's q = softmax(logits / ``temperature``) over the output layer's tokens
@@ -409,8 +411,8 @@ class StaticLlamaRunner(ModelRunner):
         as ``causal_hidden``, ``logits``, ``mdsd.logits.process_logits_row`` (temperature alone)
         and ``mdsd.sampling.draw`` per level (tested).
 
-        Returns (tokens [D], q [D, K] float64, zeros [D]: entries of each q that underflowed to
-        0), K the output layer's tokens (``output_ids``, or the vocabulary); or None, drawing
+        Returns a ``SampledChain`` (q over the output layer's K tokens: ``output_ids``, or the
+        vocabulary); or None, drawing
         nothing from ``rng``, where the compiled forward does not apply (matmul other than
         "numba", a RoPE recomputed per forward, more tokens than one panel pass).
         """
@@ -423,25 +425,27 @@ class StaticLlamaRunner(ModelRunner):
         token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
         model = (self._embed_table, self._compiled_layers, self._final_norm_weight, *self._output.compiled())
         keys, values = self._cache_numpy
-        tokens, probs, zeros = self._kernels.sample_chain(
-            np.asarray(ids, dtype=np.int64),
-            uniforms,
-            float(temperature),
-            token_ids,
-            model,
-            keys,
-            values,
-            start,
-            *self._rotary_numpy,
-            self.heads,
-            self.kv_heads,
-            self._eps,
-            self._gemm,
+        chain = SampledChain(
+            *self._kernels.sample_chain(
+                np.asarray(ids, dtype=np.int64),
+                uniforms,
+                float(temperature),
+                token_ids,
+                model,
+                keys,
+                values,
+                start,
+                *self._rotary_numpy,
+                self.heads,
+                self.kv_heads,
+                self._eps,
+                self._gemm,
+            )
         )
         self._length = start + len(ids) + depth - 1
         self.calls += depth
         self.model_time += time.perf_counter() - began
-        return tokens, probs, zeros
+        return chain
 
     @functools.cached_property
     def _vocabulary_ids(self) -> np.ndarray:
