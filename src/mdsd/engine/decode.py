@@ -254,7 +254,8 @@ class TreeDecoder(_Decoder):
     the lean loop (``fast_chain`` True: ``draft_chain`` and ``walk.walk_chain``), which draws the
     same tokens from the same generator as the general loop (tested); set ``fast_chain = False``
     to run the general one (``exact_acceptance=True`` runs it too: the walk then computes each
-    visited node's output law).
+    visited node's output law). With the tempered softmax alone the lean loop drafts the chain
+    in one compiled call (the same tokens and q; ``compiled_chain = False``: level by level).
 
     Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
     tree width larger than the vocabulary for laws drawing distinct tokens, unsupported models
