@@ -412,9 +412,9 @@ class StaticLlamaRunner(ModelRunner):
         and ``mdsd.sampling.draw`` per level (tested).
 
         Returns a ``SampledChain`` (q over the output layer's K tokens: ``output_ids``, or the
-        vocabulary); or None, drawing
-        nothing from ``rng``, where the compiled forward does not apply (matmul other than
-        "numba", a RoPE recomputed per forward, more tokens than one panel pass).
+        vocabulary); or None, drawing nothing from ``rng``, where the compiled forward does not
+        apply (matmul other than "numba", a RoPE recomputed per forward, more tokens than one
+        panel pass).
         """
         if self._compiled_layers is None or self._rotary_numpy is None or len(ids) > self._panel_max_rows:
             return None
