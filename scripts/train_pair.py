@@ -125,7 +125,7 @@ DISTILLED = DistillSpec(
     "draft-distilled",
     student="draft",
     teacher="target",
-    steps=600,
+    steps=1800,
     warmup_steps=20,
     batch_size=8,
     lr=1e-3,
