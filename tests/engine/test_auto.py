@@ -46,6 +46,8 @@ def auto_calibration(dec, prompts, cache_dir):
 
 
 def test_auto_tree_decoder(llama, tmp_path, monkeypatch):
+    import mdsd.engine.auto as auto_module
+
     sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=6, stop_on_eos=False)
     config = TreeConfig.make("auto", "without_replacement", "rrs_without_replacement")
     assert config.tree is None and config.describe().endswith(" auto")
@@ -57,6 +59,7 @@ def test_auto_tree_decoder(llama, tmp_path, monkeypatch):
     assert dec.lean_chains()  # chains and trees calibrated on lines of their own
     cost = auto_calibration(dec, [PROMPT, [4, 4, 2]], tmp_path).cost
     assert cost.chain_overhead_s is not None
+    assert len(cost.chain_draft_s) == auto_module.MAX_DEPTH and min(cost.chain_draft_s) > 0
     assert (dec.tree is None) == (choice.widths == ())
     out = dec.generate([PROMPT], seed=0)[0]
     assert len(out.token_ids) == 6
@@ -122,6 +125,35 @@ def test_chains_on_the_lean_loop_get_their_own_overhead_line():
     chains = _step_overhead(real, calibration, [w for w in shapes if max(w) == 1])
     trees = _step_overhead(real, calibration, [w for w in shapes if max(w) > 1])
     assert chains[1] == pytest.approx(0.001) and trees[1] == pytest.approx(0.005)
+
+
+def test_chains_on_the_lean_loop_are_drafted_at_the_chain_cost():
+    """Where ``chain_draft_s`` is measured, a chain's drafting is the time of drafting the whole
+    chain as the lean loop does (not a root plus ``draft_s`` levels); trees keep the levels;
+    deeper chains than timed extrapolate the last step; ``ceiling`` makes it free too."""
+    from dataclasses import replace
+
+    from mdsd.engine.auto import Calibration, ceiling, predict
+
+    calibration = _calibration((0.6, 0.75, 0.82, 0.86), draft_s=0.3)
+    cost = calibration.cost
+    chained = Calibration(calibration.profile, replace(cost, chain_draft_s=(0.1, 0.15, 0.2)))
+    for depth in (1, 2, 3):
+        widths = (1,) * depth
+        levels = cost.draft_root_s + sum(cost.draft(1) for _ in range(depth - 1))
+        extra = predict(widths, chained).step_s - predict(widths, calibration).step_s
+        assert extra == pytest.approx(chained.cost.chain_draft_s[depth - 1] - levels)
+    assert chained.cost.chain_draft(5) == pytest.approx(0.3)  # 0.2 + 2 x 0.05
+    assert cost.chain_draft(2) is None
+    assert predict((2, 1), chained).step_s == predict((2, 1), calibration).step_s
+
+    # cheap chain drafting makes deeper chains win where level-by-level drafting did not
+    def best_depth(c):
+        return max((1, 2, 3, 4), key=lambda d: predict((1,) * d, c).tokens_per_s)
+
+    assert best_depth(chained) > best_depth(calibration)
+    free = ceiling(chained)
+    assert free.tokens_per_s == pytest.approx(ceiling(calibration).tokens_per_s)
 
 
 def test_overhead_slope_comes_from_the_loop_outside_the_models():

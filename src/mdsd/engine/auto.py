@@ -20,6 +20,9 @@ step are E = 1 + sum_d prod_{i <= d} rates[w_i - 1] and the walk visits about E 
     step time = draft_root + sum_{d < D} draft(m_d) + target(1 + N) + head + E verify + a + b N
     tokens/s  = E / step time,   against 1 / (a real plain-sampling step) for plain sampling,
 
+(for chains on the decoder's lean loop, draft_root + sum_d draft(m_d) is the time of drafting the
+whole chain as that loop does, ``chain_draft(D)``: one compiled call where it applies),
+
 where N = sum_d m_d, head is one output-layer call on every row for a tree of at most
 ``HEAD_BATCH_ROWS`` rows (plus a transform per visited row), else E single-row calls, and a + b N
 the loop's own work per step, from real steps of ``OVERHEAD_SHAPES`` (real tree steps and
@@ -100,7 +103,11 @@ class CostModel:
     autoregressive_step_s: the median of real plain-sampling steps (forward, output layer,
     transform, draw), the baseline of the speedups;
     draft_body_s[i]: the draft's forward of ``tokens[i]`` tokens without the output layer (its
-    prompt's prefill, ``draft_prefill``).
+    prompt's prefill, ``draft_prefill``);
+    chain_draft_s[d - 1]: drafting a chain of depth d as the lean loop does
+    (``TreeDecoder.draft_chain``: every level's forward, q and draw; the whole chain in one
+    compiled call where it applies, each level then costing a fraction of a ``draft_s`` level),
+    right after a target forward; () where chains do not run the lean loop.
     """
 
     tokens: tuple[int, ...]
@@ -118,6 +125,17 @@ class CostModel:
     draft_body_s: tuple[float, ...] = ()  # the draft's forward alone, per ``tokens`` (): unmeasured
     chain_overhead_s: float | None = None  # chains on the lean loop: their own line (None: the above)
     chain_overhead_per_node_s: float = 0.0
+    chain_draft_s: tuple[float, ...] = ()  # chains on the lean loop, by depth (): unmeasured
+
+    def chain_draft(self, depth: int) -> float | None:
+        """Seconds to draft a chain of ``depth`` on the lean loop (linear beyond the deepest
+        timed), or None where unmeasured."""
+        if not self.chain_draft_s:
+            return None
+        if depth <= len(self.chain_draft_s):
+            return self.chain_draft_s[depth - 1]
+        depths = np.arange(1, len(self.chain_draft_s) + 1)
+        return _extrapolate(depths, self.chain_draft_s, depth) if depths.size > 1 else None
 
     def overhead(self, widths: tuple[int, ...]) -> float:
         """The loop's own seconds per step of a tree of ``widths`` beyond the items: a + b N on
@@ -214,14 +232,10 @@ def predict(widths: tuple[int, ...], calibration: Calibration) -> TreeChoice:
         head = cost.head_rows_s[rows - 1] + e * (cost.head_s - cost.head_rows_s[0])
     else:
         head = e * cost.head_s
-    step = (
-        cost.draft_root_s
-        + sum(cost.draft(m) for m in sizes[:-1])
-        + cost.target(rows)
-        + head
-        + e * verify
-        + cost.overhead(widths)
-    )
+    drafting = cost.chain_draft(len(widths)) if max(widths) == 1 else None
+    if drafting is None:  # level by level
+        drafting = cost.draft_root_s + sum(cost.draft(m) for m in sizes[:-1])
+    step = drafting + cost.target(rows) + head + e * verify + cost.overhead(widths)
     return TreeChoice(tuple(widths), float(e), float(step), float(e / step), ar)
 
 
@@ -287,6 +301,7 @@ def ceiling(
         cost,
         draft_s=(0.0,) * len(cost.draft_s),
         draft_root_s=0.0,
+        chain_draft_s=(0.0,) * len(cost.chain_draft_s),
         verify_s=(0.0,) * len(cost.verify_s),
         step_overhead_s=min(cost.step_overhead_s, 0.0),
         step_overhead_per_node_s=0.0,
@@ -309,6 +324,8 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
     profile = _acceptance_profile(targets, drafts, decoder.book, max_width)
     cost = _cost_model(decoder, contexts, targets, drafts, max_width, rng)
     lean = decoder.lean_chains()
+    if lean:
+        cost = replace(cost, chain_draft_s=_chain_draft_times(decoder, contexts[0], rng))
     if decoder.config.verifier == "block":
         shapes = CHAIN_OVERHEAD_SHAPES
     else:
@@ -329,8 +346,9 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
 # Bumped whenever the calibration measures differently, so that cached calibrations are redone.
 # 5: the draft's forward alone timed; real steps timed after 5 of their kind; 6: the overhead
 # line's slope from the loop's own work of real steps (``_step_overhead``); 7: a line of their own
-# for chains on the lean loop (``LEAN_OVERHEAD_SHAPES``)
-CALIBRATION_METHOD = 7
+# for chains on the lean loop (``LEAN_OVERHEAD_SHAPES``); 8: chains' drafting timed as the lean loop
+# drafts them (``CostModel.chain_draft_s``)
+CALIBRATION_METHOD = 8
 STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 10  # steps of one kind in a row ...
 STEP_WARMUP = 5  # ... the first of which are untimed (the caches settle into the kind's own state)
@@ -613,6 +631,36 @@ def _tree_forward(runner, context, tokens, row_probs) -> None:
         for row in runner.logits(hidden):
             row_probs(row)
     runner.keep_positions(base, np.zeros(0, dtype=np.int64))
+
+
+def _chain_draft_times(decoder, context, rng, depths: int = MAX_DEPTH) -> tuple[float, ...]:
+    """Seconds of ``TreeDecoder.draft_chain`` for chains of depth 1..``depths`` after the cached
+    ``context[:-1]`` (one fresh token), each right after a target forward as in the loop, timed
+    in interleaved rounds; the caches go back to ``context[:-1]`` after every call."""
+    from mdsd.engine.tree import build_tree
+
+    for runner in (decoder.target, decoder.draft):
+        runner.reset(len(context) + depths + 1)
+        runner.causal_hidden(np.asarray(context[:-1]), keep=1)  # the prefill is not timed
+    one = rng.integers(0, decoder.vocab, size=1)
+    seq = list(context)
+    trees = {d: build_tree((1,) * d) for d in range(1, depths + 1)}
+
+    def drafted(depth):
+        base = decoder.draft.cached
+        if decoder.tree is not trees[depth]:
+            decoder._use_tree(trees[depth])
+        decoder.draft_chain(seq, rng)
+        decoder.draft.keep_positions(base, np.zeros(0, dtype=np.int64))
+
+    def target_forward(depth):
+        decoder._use_tree(trees[depth])  # untimed: the chain's shape
+        _tree_forward(decoder.target, context, one, None)
+
+    items = {d: (lambda d=d: drafted(d), lambda d=d: target_forward(d)) for d in trees}
+    seconds = _interleaved_times(items)
+    decoder.tree = None  # the caller adopts the chosen shape
+    return tuple(seconds[d] for d in trees)
 
 
 # ---------------------------------------------------------------------- cache
