@@ -648,7 +648,7 @@ def _chain_draft_times(decoder, context, rng, depths: int = MAX_DEPTH) -> tuple[
 
     def drafted(depth):
         base = decoder.draft.cached
-        if decoder.tree is not trees[depth]:
+        if decoder.tree is not trees[depth]:  # the untimed warm-up call runs without its setup
             decoder._use_tree(trees[depth])
         decoder.draft_chain(seq, rng)
         decoder.draft.keep_positions(base, np.zeros(0, dtype=np.int64))
