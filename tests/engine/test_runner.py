@@ -363,8 +363,8 @@ def test_sample_chain_equals_the_levels_one_by_one(llama, output_ids):
     """``StaticLlamaRunner.sample_chain`` (one compiled call per chain) gives the tokens, q and
     cache of the per-level reference: ``causal_hidden``, ``logits``, ``process_logits_row``
     (temperature alone, underflow to 0 included) and ``draw`` at successive ``rng.random()``, bit
-    for bit; it draws
-    nothing and returns None where it does not apply (more tokens than a panel pass)."""
+    for bit; it draws nothing and returns None where it does not apply (more tokens than a panel
+    pass)."""
     from mdsd.engine.static_llama import StaticLlamaRunner
     from mdsd.logits import process_logits_row
     from mdsd.sampling import draw
