@@ -152,6 +152,13 @@ class SupportProbs:
         """Token id of an entry of ``values``."""
         return int(position if self.indices is None else self.indices[position])
 
+    def prob(self, token: int) -> float:
+        """The probability of token id ``token`` (0 off the support)."""
+        if self.indices is None:
+            return float(self.values[token])
+        at = int(np.searchsorted(self.indices, token))
+        return float(self.values[at]) if at < self.indices.size and self.indices[at] == token else 0.0
+
 
 def process_logits_row(
     logits: np.ndarray,

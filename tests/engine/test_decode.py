@@ -102,12 +102,15 @@ def test_bad_input(llama, tiny):
         ("without_replacement", "rrs_without_replacement", "1,1", (0, 2, 3, 5, 6, 7, 9, 11)),
         ("spechub", "spechub", "1x2", None),
         ("iid", "optimal", "1x4", (1, 2, 4, 5, 8, 10)),
+        ("iid", "block", "1x3", None),
+        ("without_replacement", "block", "1x2", (0, 2, 3, 5, 6, 7, 9, 11)),
     ],
 )
 def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, verifier, tree, draft_vocab):
     """A chain of single-draft rejection sampling runs the lean loop (``draft_chain``,
     ``walk_chain``), which emits the tokens of the general loop (``draft_tree``, ``walk``) from
-    the same seed: temperature 1, top-k, top-p and 0, with and without a draft vocabulary."""
+    the same seed: temperature 1, top-k, top-p and 0, with and without a draft vocabulary. So
+    does a block-verified chain (``walk_chain_block`` in both loops)."""
     from mdsd.engine.vocab import as_draft_vocabulary
 
     pair = request.getfixturevalue(family)
@@ -160,7 +163,8 @@ def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
 
 
 def test_fast_chain_only_for_single_draft_rejection_chains(llama):
-    """Trees, other verifiers and sequence-level rules take the general loop."""
+    """Trees, other verifiers and sequence-level rules take the general loop; block verification
+    of chains of one draw from q takes the lean loop."""
     sampling = SamplingConfig(1.0)
     for tree, law, verifier, fast in [
         ("1x3", "iid", "rrs", True),
@@ -168,7 +172,9 @@ def test_fast_chain_only_for_single_draft_rejection_chains(llama):
         ("2x3", "iid", "rrs", False),
         ("1x3", "iid", "kseq", False),
         ("1x3", "greedy", "greedy", False),
-        ("1x3", "iid", "block", False),
+        ("1x3", "iid", "block", True),
+        ("1x3", "greedy", "block", False),
+        ("2x3", "iid", "traversal", False),
     ]:
         dec = TreeDecoder(llama, TreeConfig.make(tree, law, verifier), sampling, check_attention=False)
         assert dec.fast_chain is fast, (tree, law, verifier)

@@ -103,11 +103,15 @@ def test_walk_on_supports_follows_emission_law():
 
 @pytest.mark.parametrize(
     "widths,law,verifier",
-    [((2, 1), "without_replacement", "rrs_without_replacement"), ((1, 1), "iid", "rrs")],
+    [
+        ((2, 1), "without_replacement", "rrs_without_replacement"),
+        ((1, 1), "iid", "rrs"),
+        ((1, 1), "iid", "block"),
+    ],
 )
 def test_engine_samples_follow_target_law(llama, widths, law, verifier):
     """End to end: the engine's own sampled output, first two tokens, G-test
-    (false-positive rate 1e-4 each); the chain runs the lean loop."""
+    (false-positive rate 1e-4 each); the chains run the lean loop."""
     sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=2, stop_on_eos=False)
     dec = TreeDecoder(llama, TreeConfig.make(widths, law, verifier), sampling)
     assert dec.fast_chain == (widths == (1, 1))
@@ -163,6 +167,42 @@ def test_chain_walk_equals_walk():
             ref.expected_accept,
         ), seed
         assert fast_rng.random() == ref_rng.random()
+
+
+def test_block_chain_walk_equals_chain_verify():
+    """``walk_chain_block`` (the decoding loop's block verification) returns
+    ``mdsd.sequence.chain_verify(..., "block")``'s draw on the dense rows from the same generator:
+    600 chains of depth 1-4 with p and q dense or on supports, temperature 0 and p = q nodes
+    included. It reads each node's p once, the last node's for a bonus only, and leaves the
+    generator in the reference's state."""
+    from mdsd.engine.walk import as_support, walk_chain_block
+    from mdsd.sequence import chain_verify
+
+    bonuses = 0
+    for seed in range(600):
+        _, drafted, ps = _chain_case(seed, 1 + seed % 4)
+        depth = drafted.tokens.size
+        calls = []
+
+        def target_probs(node, calls=calls, ps=ps):
+            calls.append(node)
+            return ps[node]
+
+        fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        fast = walk_chain_block(drafted, target_probs, fast_rng)
+        target = np.stack([ps[node].dense() for node in range(-1, depth)])  # [k + 1, V]
+        draft = np.stack([as_support(drafted.draft_probs[node]).dense() for node in range(-1, depth - 1)])
+        ref = chain_verify(target, draft, drafted.tokens, "block", ref_rng)
+        assert (fast.emitted, fast.bonus, fast.path) == (
+            list(ref.tokens),
+            ref.bonus,
+            list(range(ref.accepted)),
+        )
+        assert fast.expected_accept == [1.0] * ref.accepted + ([] if ref.bonus else [0.0])
+        assert calls == list(range(-1, depth - 1 + int(fast.bonus))), seed
+        assert fast_rng.random() == ref_rng.random()
+        bonuses += fast.bonus
+    assert 0 < bonuses < 600  # both branches ran
 
 
 def test_chain_walk_follows_emission_law():

@@ -137,6 +137,30 @@ def test_chain_sampler_matches_law(verifier):
     assert chisquare(counts[support], law[support] * draws).pvalue > P_THRESHOLD
 
 
+def test_block_sampler_kernels_equal_the_law_rows():
+    """The sampler's compiled steps against the law's numpy rows: ``_excess_and_deficit`` equals
+    the two numpy sums (1e-12), and ``_residual_draw`` over a grid of 20,000 uniforms draws each
+    token with ``_block_residual``'s probability to the grid's step; w = 0, w = 1 and p = q rows
+    (empty residuals: draws from p) included."""
+    from mdsd.sequence.chain import _block_residual, _excess_and_deficit, _residual_draw
+
+    rng = np.random.default_rng(5)
+    grid = (np.arange(20_000) + 0.5) / 20_000
+    for case in range(40):
+        vocab = int(rng.integers(2, 12))
+        p_row = rng.dirichlet(np.ones(vocab)) * (rng.random(vocab) < 0.8)
+        p_row = p_row / p_row.sum() if p_row.sum() > 0 else np.full(vocab, 1.0 / vocab)
+        q_row = p_row.copy() if case % 5 == 0 else rng.dirichlet(np.ones(vocab))
+        weight = [0.0, 1.0, float(rng.random())][case % 3]
+        excess, deficit = _excess_and_deficit(p_row, q_row, weight)
+        assert excess == pytest.approx(np.maximum(weight * p_row - q_row, 0).sum(), abs=1e-12)
+        assert deficit == pytest.approx(np.maximum(q_row - weight * p_row, 0).sum(), abs=1e-12)
+        want = _block_residual(p_row, q_row, weight)
+        want = want / want.sum()
+        drawn = np.bincount([_residual_draw(p_row, q_row, weight, u) for u in grid], minlength=vocab)
+        assert np.abs(drawn / grid.size - want).max() <= 2.0 / grid.size, case
+
+
 def test_chain_verify_is_seeded():
     p, q = [[0.2, 0.8]] * 3, [[0.6, 0.4]] * 2
     assert chain_verify(p, q, [0, 1], "block", 3) == chain_verify(p, q, [0, 1], "block", 3)

@@ -333,7 +333,7 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
     real = _real_steps(decoder, contexts[0], shapes, rng)
     items = Calibration(profile, cost)
     trees = [w for w in shapes if max(w) > 1] if lean else shapes
-    base, per_node = _step_overhead(real, items, trees)
+    base, per_node = _step_overhead(real, items, trees or shapes)  # block: chains only
     cost = replace(
         cost, step_overhead_s=base, step_overhead_per_node_s=per_node, autoregressive_step_s=real.plain_s
     )
@@ -347,8 +347,8 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
 # 5: the draft's forward alone timed; real steps timed after 5 of their kind; 6: the overhead
 # line's slope from the loop's own work of real steps (``_step_overhead``); 7: a line of their own
 # for chains on the lean loop (``LEAN_OVERHEAD_SHAPES``); 8: chains' drafting timed as the lean loop
-# drafts them (``CostModel.chain_draft_s``)
-CALIBRATION_METHOD = 8
+# drafts them (``CostModel.chain_draft_s``); 9: block-verified chains on the lean loop
+CALIBRATION_METHOD = 9
 STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 10  # steps of one kind in a row ...
 STEP_WARMUP = 5  # ... the first of which are untimed (the caches settle into the kind's own state)

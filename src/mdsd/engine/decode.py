@@ -15,9 +15,10 @@ root) is not yet in the target's cache:
    bonus token.
 4. Both caches keep only the committed prefix and the accepted path.
 
-Chains verified by single-draft rejection sampling run the same steps leaner (``fast_chain``:
-``TreeDecoder.draft_chain``, ``walk.walk_chain``; with the tempered softmax alone, the whole
-draft chain in one compiled call), with the same tokens from the same seed.
+Chains verified by single-draft rejection sampling or by block verification run the same steps
+leaner (``fast_chain``: ``TreeDecoder.draft_chain``, ``walk.walk_chain`` / ``walk_chain_block``;
+with the tempered softmax alone, the whole draft chain in one compiled call), with the same tokens
+from the same seed.
 
 The emitted sequence has exactly the target's law (temperature / top-k / top-p applied); the
 tests compute the exact law through the same ``walk`` functions. Batches of prompts are decoded
@@ -57,9 +58,11 @@ from mdsd.engine.walk import (
     draft_children,
     walk,
     walk_chain,
+    walk_chain_block,
 )
 from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical, draw
+from mdsd.sequence import chain_verify
 from mdsd.verifiers import natural_verifier
 
 LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
@@ -250,8 +253,9 @@ class TreeDecoder(_Decoder):
     acceptance given the drafts at every visited node, one output law per node); by default it
     averages the 0/1 outcomes, which costs nothing.
     A chain (widths 1, ..., 1) verified by single-draft rejection sampling (``rrs``,
-    ``rrs_without_replacement``; ``spechub`` and ``optimal`` under laws drafting one draw) runs
-    the lean loop (``fast_chain`` True: ``draft_chain`` and ``walk.walk_chain``), which draws the
+    ``rrs_without_replacement``; ``spechub`` and ``optimal`` under laws drafting one draw), or by
+    ``block`` under such laws, runs the lean loop (``fast_chain`` True: ``draft_chain`` and
+    ``walk.walk_chain`` / ``walk.walk_chain_block``), which draws the
     same tokens from the same generator as the general loop (tested); set ``fast_chain = False``
     to run the general one (``exact_acceptance=True`` runs it too: the walk then computes each
     visited node's output law). With the tempered softmax alone the lean loop drafts the chain
@@ -318,6 +322,8 @@ class TreeDecoder(_Decoder):
             )
         self.book = RuleBook(self.config.law, self._node_verifier(), tree.widths)
         self.book.warm_up(tree.widths)
+        if self.config.verifier == "block":  # the block walk's compiled steps, loaded once
+            chain_verify([[0.5, 0.5], [0.5, 0.5]], [[0.9, 0.1]], [0], "block", 0)
         self.tree = tree
         # chains of single-draft rejection sampling take the lean loop (draft_chain, walk_chain)
         self.fast_chain = tree.max_width == 1 and self.lean_chains()
@@ -329,8 +335,10 @@ class TreeDecoder(_Decoder):
 
     def lean_chains(self) -> bool:
         """Whether chains of this decoder's rule run the lean loop (``fast_chain``): nodes of one
-        draft verified by rejection sampling (``walk.chain_walks_fast``), no sequence-level rule."""
-        return self.sequence_method is None and chain_walks_fast(self.book.rule(1, 2))
+        draft that is one draw from q (``walk.chain_walks_fast``), verified node by node by
+        rejection sampling or, for ``block``, as a block (``walk.walk_chain_block``)."""
+        block = self.config.verifier == "block"
+        return (self.sequence_method is None or block) and chain_walks_fast(self.book.rule(1, 2))
 
     def use_draft_vocabulary(self, vocabulary: DraftVocabulary | None) -> None:
         """Draft over ``vocabulary`` only (``mdsd.engine.vocab``; None: the whole vocabulary).
@@ -579,8 +587,13 @@ class TreeDecoder(_Decoder):
         return drafted_tree(parents, drafted.tokens[nodes], p, q, laws), nodes
 
     def verify_sequence(self, drafted: DraftedSlots, target_probs, rng) -> WalkResult:
-        """Verify the drafted tree with the configured sequence-level rule (``mdsd.sequence``)."""
+        """Verify the drafted tree with the configured sequence-level rule (``mdsd.sequence``);
+        ``block`` on chains of the lean loop by its walk (``walk.walk_chain_block``), so that both
+        loops draw the same."""
         from mdsd.sequence import tree_verify
+
+        if self.config.verifier == "block" and self.lean_chains():
+            return walk_chain_block(drafted, target_probs, rng)
 
         tree, nodes = self.sequence_tree(drafted, target_probs)
         result = tree_verify(tree, self.sequence_method, None, rng)
@@ -624,7 +637,8 @@ class TreeDecoder(_Decoder):
             return self.sampling.row_probs(head_rows.pop(node))
 
         if fast:
-            result = walk_chain(drafted, target_probs, rng)
+            chain_walk = walk_chain_block if self.config.verifier == "block" else walk_chain
+            result = chain_walk(drafted, target_probs, rng)
         elif self.sequence_method is None:
             result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)
         else:  # a sequence-level rule reads p at every node

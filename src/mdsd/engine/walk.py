@@ -40,6 +40,7 @@ import numpy as np
 from mdsd.laws import DraftLaw, get_law
 from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical
+from mdsd.sequence.chain import block_sample
 from mdsd.verifiers import Verifier, resolve
 from mdsd.verifiers.classic import RecursiveRejection
 from mdsd.verifiers.optimal.verifier import OptimalVerifier, node_plan
@@ -324,6 +325,33 @@ def walk_chain(
     p = as_support(target_probs(len(tokens) - 1))
     bonus = p.token(int(categorical(p.values, rng)))
     return WalkResult(path, tokens + [bonus], True, expected)
+
+
+def walk_chain_block(
+    drafted: DraftedSlots, target_probs: Callable[[int], object], rng: np.random.Generator
+) -> WalkResult:
+    """Block verification (Sun et al., arXiv 2403.10444) of a chain (tree widths all 1): the
+    draw of ``mdsd.sequence.chain.block_sample``, which decides from the deepest draft down.
+    p is computed for nodes -1..k-2 (their ratios p(x) / q(x) set the weights) and for the last
+    node only on a bonus; rows are made dense only where the draw reads them. From the same
+    rows and generator it emits what ``mdsd.sequence.chain_verify(..., "block")`` emits (tested):
+    the decoding loop's walk for the ``block`` verifier, lean and general loop alike.
+    ``expected`` records 1 per kept draft and 0 for the first one left (as ``walk`` does)."""
+    tokens = drafted.tokens.tolist()
+    k = len(tokens)
+    p_rows = {i: as_support(target_probs(i - 1)) for i in range(k)}  # p_i, i = 0..k-1
+    q_rows = [as_support(drafted.draft_probs[i - 1]) for i in range(k)]  # q_i
+    ratios = [p_rows[i].prob(x) / q_rows[i].prob(x) for i, x in enumerate(tokens)]
+
+    def target_row(i: int) -> np.ndarray:
+        if i not in p_rows:  # the last node's p: read for a bonus only
+            p_rows[i] = as_support(target_probs(i - 1))
+        return p_rows[i].dense()
+
+    kept, y = block_sample(ratios, target_row, lambda i: q_rows[i].dense(), rng)
+    bonus = kept == k
+    expected = [1.0] * kept + ([] if bonus else [0.0])
+    return WalkResult(list(range(kept)), tokens[:kept] + [y], bonus, expected)
 
 
 _DENSE_IDS = np.empty(0, dtype=np.int64)  # ``rejection_node``'s mark of dense values
