@@ -322,8 +322,8 @@ class TreeDecoder(_Decoder):
             )
         self.book = RuleBook(self.config.law, self._node_verifier(), tree.widths)
         self.book.warm_up(tree.widths)
-        if self.config.verifier == "block":  # the block walk's compiled steps, loaded once
-            chain_verify([[0.5, 0.5], [0.5, 0.5]], [[0.9, 0.1]], [0], "block", 0)
+        if self.config.verifier == "block":  # load the block walk's compiled steps (a stop test
+            chain_verify([[0.5, 0.5]] * 3, [[0.9, 0.1]] * 2, [0, 0], "block", 0)  # and a draw)
         self.tree = tree
         # chains of single-draft rejection sampling take the lean loop (draft_chain, walk_chain)
         self.fast_chain = tree.max_width == 1 and self.lean_chains()
