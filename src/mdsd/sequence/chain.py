@@ -31,7 +31,8 @@ import numba
 import numpy as np
 
 from mdsd._validate import as_drafts, as_probs, check_choice
-from mdsd.sampling import categorical, draw, row_sum
+from mdsd.sampling import categorical, draw, search
+from mdsd.verifiers._early_exit import _residual_into
 from mdsd.verifiers.base import EMPTY_MASS, residual
 
 CHAIN_VERIFIERS = ("token", "block")
@@ -130,14 +131,13 @@ def _excess_and_deficit(p_row, q_row, weight):
 @numba.njit(cache=True, fastmath=False)
 def _residual_draw(p_row, q_row, weight, u):
     """``categorical``'s draw at uniform u from ``_block_residual(p_row, q_row, weight)``:
-    from max(w p - q, 0) unnormalised (``draw`` scales u by the total), or from p where that
-    is empty."""
+    from max(w p - q, 0) unnormalised (the early-exit samplers' residual pass, which returns its
+    total), or from p where that is empty (always when w = 0)."""
     gap = np.empty(p_row.size)
-    for y in range(p_row.size):
-        gap[y] = max(weight * p_row[y] - q_row[y], 0.0)
-    if weight <= 0.0 or row_sum(gap, 0, gap.size) <= EMPTY_MASS:
+    total = _residual_into(p_row, weight, q_row, 1.0, gap)
+    if total <= EMPTY_MASS:
         return draw(p_row, u)
-    return draw(gap, u)
+    return search(gap, u * total)
 
 
 def _block_residual(p_row: np.ndarray, q_row: np.ndarray, weight: float) -> np.ndarray:
