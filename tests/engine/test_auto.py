@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
+from mdsd.models import load_pair
 
 from .helpers import PROMPT, TOP_K
 
@@ -260,3 +261,23 @@ def test_calibration_key_names_the_draft_vocabulary(llama):
         for k in (None, 6, 8)
     }
     assert len(keys) == 3
+
+
+def test_calibration_key_follows_the_weights(tiny):
+    """A model changed under the same path (retrained, or a new release of a bundled model) gets
+    another calibration key; the same weights loaded again get the same key."""
+    import torch
+
+    from mdsd.engine.auto import calibration_key, weights_digest
+
+    sampling = SamplingConfig(1.0, top_k=TOP_K)
+    config = TreeConfig.make("auto", "iid", "rrs")
+    first = load_pair(target=tiny["llama"][0], draft=tiny["llama"][1])
+    again = load_pair(target=tiny["llama"][0], draft=tiny["llama"][1])
+    key = calibration_key(TreeDecoder(first, config, sampling), [PROMPT])
+    assert calibration_key(TreeDecoder(again, config, sampling), [PROMPT]) == key
+    digest = weights_digest(again.draft)
+    with torch.no_grad():
+        next(again.draft.parameters()).view(-1)[-1] += 1.0  # one weight changed
+    assert weights_digest(again.draft) != digest
+    assert calibration_key(TreeDecoder(again, config, sampling), [PROMPT]) != key

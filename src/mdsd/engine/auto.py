@@ -66,6 +66,7 @@ MAX_NODES = 64
 # tokens 25-96, so a profile of the first 24 alone made every tree look worse than it runs.
 CALIBRATION_TOKENS = 64
 CALIBRATION_PROMPTS = 4
+DIGEST_VALUES = 4096  # leading values of each parameter hashed into the calibration key
 TIMING_REPEATS = 7
 # A tree must be predicted this much faster than plain sampling: calibration noise on a shared
 # CPU (every item is timed in interleaved rounds, after the forward that precedes it in the loop).
@@ -670,8 +671,8 @@ def calibration_key(decoder, prompts) -> str:
     pair = decoder.pair
     parts = {
         "pair": pair.name,
-        "target": [int(sum(p.numel() for p in pair.target.parameters())), str(pair.target.dtype)],
-        "draft": [int(sum(p.numel() for p in pair.draft.parameters())), str(pair.draft.dtype)],
+        "target": [weights_digest(pair.target), str(pair.target.dtype)],
+        "draft": [weights_digest(pair.draft), str(pair.draft.dtype)],
         "device": str(pair.target.device),
         "threads": torch.get_num_threads(),
         "runner": type(decoder.target).__name__,
@@ -687,6 +688,22 @@ def calibration_key(decoder, prompts) -> str:
         "method": CALIBRATION_METHOD,  # ... and one measured the old way
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def weights_digest(model) -> str:
+    """Digest of a model's weights: every parameter's name, shape, dtype, float64 sum and first
+    ``DIGEST_VALUES`` values. A model retrained under the same name or path (a new release of a
+    bundled model, a local checkpoint trained further) gets another key, so its calibration is
+    redone rather than read from the cache."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            head = flat[:DIGEST_VALUES].to(device="cpu", dtype=torch.float64).numpy()
+            total = float(flat.sum(dtype=torch.float64))  # accumulated in float64, no copy
+            digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{total!r}|".encode())
+            digest.update(head.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _ids_digest(token_ids) -> str | None:
