@@ -30,7 +30,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -136,16 +136,7 @@ DISTILLED = DistillSpec(
 )
 # A second run on top of the first (its KL was still falling at the end): the same loss, from
 # the saved 1,800-step weights, with fresh AdamW moments, other data windows and a lower peak.
-DISTILLED_MORE = DistillSpec(
-    "draft-distilled",
-    student="draft-distilled",
-    teacher="target",
-    steps=1500,
-    warmup_steps=20,
-    batch_size=8,
-    lr=5e-4,
-    seed=4,
-)
+DISTILLED_MORE = replace(DISTILLED, student=DISTILLED.name, steps=1500, lr=5e-4, seed=4)
 
 
 def log(msg: str) -> None:
@@ -451,6 +442,10 @@ def main(argv: list[str] | None = None) -> None:
 
     summary_path = MODEL_DIR / "training_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+
+    def write_summary() -> None:  # after every stage, so a later stage's failure keeps it
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+
     if args.stage in ("all", "tokenizer"):
         t = time.perf_counter()
         train_tokenizer(MODEL_DIR / "tokenizer")
@@ -463,16 +458,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.stage in ("all", spec.name):
             summary[spec.name] = train_model(spec, args.seed)
             summary["seed"] = args.seed
-            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            write_summary()
     if args.stage in ("all", "distill"):
         summary[DISTILLED.name] = distill_model(DISTILLED, args.seed)
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_summary()
     if args.stage in ("all", "distill", "distill-more"):
         previous = summary.get(DISTILLED.name)  # the run whose weights this one continues
         summary[DISTILLED.name] = distill_model(DISTILLED_MORE, args.seed)
         if previous is not None:
             summary[DISTILLED.name]["continues"] = previous
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary()
     log("done")
 
 
