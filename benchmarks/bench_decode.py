@@ -50,14 +50,6 @@ def alternating_prompts(n: int) -> list[str]:
     return [p for group in zip(*by_domain.values()) for p in group][:n]
 
 
-def parse_config(spec: str, draft_vocab: int | None = None) -> TreeConfig:
-    """``LAW:VERIFIER:TREE[:DRAFT_VOCAB]`` as a TreeConfig; an empty field takes the default
-    (``draft_vocab`` for the last)."""
-    law, verifier, tree, *vocab = spec.split(":")
-    vocab = int(vocab[0]) if vocab and vocab[0] else draft_vocab
-    return TreeConfig.make(tree, law or None, verifier or None, vocab)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target")
@@ -101,7 +93,7 @@ def main() -> None:
     sampling = SamplingConfig(
         args.temperature, args.top_k, args.top_p, args.max_new_tokens, stop_on_eos=False
     )
-    configs = [parse_config(spec, args.draft_vocab) for spec in args.config or CONFIGS]
+    configs = [TreeConfig.from_spec(spec, args.draft_vocab) for spec in args.config or CONFIGS]
     if args.prompts_file:
         with open(args.prompts_file) as fh:
             prompts = [line.rstrip("\n") for line in fh if line.strip()][: args.prompts]

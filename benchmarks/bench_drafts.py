@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from bench_decode import alternating_prompts, parse_config
+from bench_decode import alternating_prompts
 
 from mdsd._threads import set_threads
-from mdsd.engine import SamplingConfig, TreeDecoder
+from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
 from mdsd.models import load_pair
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     print("| config | draft | tokens/step | standard error | vs first draft |")
     print("|---|---|---|---|---|")
     for spec in specs:
-        config = parse_config(spec)
+        config = TreeConfig.from_spec(spec)
         base = None
         for draft, pair in zip(args.draft, pairs):
             values = tokens_per_step(TreeDecoder(pair, config, sampling), prompts, args.seeds)

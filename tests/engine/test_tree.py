@@ -34,3 +34,30 @@ def test_build_tree_structure():
     for bad in ("", "0,1", "x", "3x0"):
         with pytest.raises(ValueError, match="tree|depth|drafts"):
             parse_tree(bad)
+
+
+def test_tree_config_from_spec():
+    """``TreeConfig.from_spec``, the ``--config`` form of ``mdsd bench`` and the benchmark scripts:
+    empty fields take the defaults, the vocabulary field overrides the given default, and other
+    forms are refused naming ``config``."""
+    config = TreeConfig.from_spec("iid:rrs:1x3:2048")
+    assert (config.law, config.verifier, config.tree.widths, config.draft_vocab) == (
+        "iid",
+        "rrs",
+        (1, 1, 1),
+        2048,
+    )
+    assert TreeConfig.from_spec("greedy:greedy:3x4") == TreeConfig.make("3x4", "greedy", "greedy")
+    assert TreeConfig.from_spec("::2,2") == TreeConfig.make("2,2")
+    assert TreeConfig.from_spec("iid::auto", 512) == TreeConfig.make("auto", "iid", None, 512)
+    assert TreeConfig.from_spec("iid:rrs:1x2:", 64).draft_vocab == 64
+    assert TreeConfig.from_spec("iid:rrs:1x2:8", 64).draft_vocab == 8
+    for bad, message in (
+        ("iid:rrs", "config must be"),
+        ("a:b:c:d:e", "config must be"),
+        ("iid:rrs:1x2:six", "DRAFT_VOCAB"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TreeConfig.from_spec(bad)
+    with pytest.raises(ValueError, match="drafts"):  # the tree spec's own check
+        TreeConfig.from_spec("iid:rrs:0x2")

@@ -268,24 +268,6 @@ def generate(
         )
 
 
-def _parse_config(text: str, draft_vocab: int | None = None):
-    """LAW:VERIFIER:TREE[:DRAFT_VOCAB], e.g. without_replacement:rrs_without_replacement:3x4 or
-    iid:rrs:1x3:2048 (``draft_vocab``: the size when the spec names none)."""
-    from mdsd.engine import TreeConfig
-
-    parts = text.split(":")
-    if len(parts) not in (3, 4):
-        raise ValueError(
-            f"config must be LAW:VERIFIER:TREE[:DRAFT_VOCAB] (e.g. greedy:greedy:3x4), got {text!r}"
-        )
-    law, verifier, tree = parts[:3]
-    if len(parts) == 4 and parts[3]:
-        if not parts[3].isdigit():
-            raise ValueError(f"config: DRAFT_VOCAB must be a positive integer, got {parts[3]!r}")
-        draft_vocab = int(parts[3])
-    return TreeConfig.make(tree, law or None, verifier or None, draft_vocab)
-
-
 @app.command()
 def bench(
     target: TargetOpt = None,
@@ -354,7 +336,7 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    from mdsd.engine import SamplingConfig
+    from mdsd.engine import SamplingConfig, TreeConfig
     from mdsd.engine.bench import auto_note, default_configs, prefill_note, run_bench
 
     temperature, top_k, top_p = sampling_options(temperature, top_k, top_p, default_temperature=0.7)
@@ -362,7 +344,7 @@ def bench(
         threads = 1
     try:
         sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens, not ignore_eos)
-        configs = [_parse_config(c, draft_vocab) for c in config or []]
+        configs = [TreeConfig.from_spec(c, draft_vocab) for c in config or []]
         if prompts < 1:
             raise ValueError(f"--prompts must be >= 1, got {prompts}")
         if repeats < 1:

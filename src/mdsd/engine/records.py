@@ -114,6 +114,23 @@ class TreeConfig:
             law = "iid" if verifier == "block" else "without_replacement"
         return cls(tree, law, verifier, draft_vocab)
 
+    @classmethod
+    def from_spec(cls, spec: str, draft_vocab: int | None = None) -> TreeConfig:
+        """``LAW:VERIFIER:TREE[:DRAFT_VOCAB]``, e.g. ``greedy:greedy:3x4`` or ``iid:rrs:1x3:2048``
+        (the form of ``mdsd bench --config``); an empty field takes the default (``draft_vocab``
+        for the last). Raises ValueError naming ``config`` for another form."""
+        parts = str(spec).split(":")
+        if len(parts) not in (3, 4):
+            raise ValueError(
+                f"config must be LAW:VERIFIER:TREE[:DRAFT_VOCAB] (e.g. greedy:greedy:3x4), got {spec!r}"
+            )
+        law, verifier, tree = parts[:3]
+        if len(parts) == 4 and parts[3]:
+            if not parts[3].isdigit():
+                raise ValueError(f"config: DRAFT_VOCAB must be a positive integer, got {parts[3]!r}")
+            draft_vocab = int(parts[3])
+        return cls.make(tree, law or None, verifier or None, draft_vocab)
+
     def describe(self) -> str:
         """Short name, e.g. ``without_replacement/rrs_without_replacement 3x4`` (+ ``vocab K``)."""
         vocab = "" if self.draft_vocab is None else f" vocab {self.draft_vocab}"
