@@ -5,6 +5,7 @@
     python benchmarks/bench_optimal.py --no-optimality   (speed and decoding-path tables only)
     python benchmarks/bench_optimal.py --full-profile    (V = 32,000 decoding path by parts)
     python benchmarks/bench_optimal.py --model-nodes [--positions 300]   (the bundled pair's nodes)
+    python benchmarks/bench_optimal.py --norm-iterations [--positions 120]   (Wolfe's norms)
 
 Inputs are synthetic LM-like pairs (``mdsd.io.random_pair``: target logits N(0, 3^2), draft logits
 perturbed by N(0, 1.5^2)) at V = 8192 (and 32000 for the full-vocabulary timings), processed by
@@ -31,6 +32,11 @@ Tables (markdown):
    against the law's natural verifier (rrs / rrs_without_replacement) on the same nodes. Real
    positions are harder than the synthetic ones: where p's mass on q's support is coverable
    (alpha* = p(supp q)), Wolfe's loop takes tens to hundreds of iterations on H*;
+1d. ``--norm-iterations``: Wolfe's iterations on H* (the block that takes them) with each of
+   the norms 1/q and plain, from the scan order with the short budget
+   (``orders.ORDER_SHORT_BUDGET``), and the share of positions certified within it, on the bundled
+   pair's positions (top-k 50) and on synthetic top-64 rows: what ``orders.PLAIN_FIRST_NORMS``
+   rests on;
 2. optimality: mean and max of alpha* - acceptance over positions (acceptance of the rule actually
    used: exact for ``threshold`` and ``orders``; Monte Carlo, 4096 draft sets, for a fallback),
    and the median fit time. Full-vocabulary ``orders`` fits (without_replacement n >= 3,
@@ -41,6 +47,7 @@ Tables (markdown):
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import time
 import warnings
@@ -168,6 +175,70 @@ def model_nodes_table(args):
                 f"| {opt_ms.mean() / nat_ms.mean():.1f} |",
                 flush=True,
             )
+
+
+NORM_CASES = (
+    ("without_replacement", 3),
+    ("without_replacement", 4),
+    ("conditional_poisson", 2),
+    ("conditional_poisson", 4),
+)
+
+
+def h_star_iterations(p, q, n, law, norm):
+    """(Wolfe iterations on H*, certified) for one position [K] with the norm "q" or "plain",
+    from the scan order with the short budget, as ``orders._order_mixture`` runs its first try;
+    None where H* is empty."""
+    from mdsd.verifiers.optimal.priority_orders import MATCH_TOLERANCE, decompose_compiled
+
+    scan = priority_scan(p, q, n, law, curve=False)
+    ps, qs, split = scan.target_probs, scan.draft_probs, scan.split
+    zeros = orders.zero_tail(ps, split)
+    covered, tail = np.arange(split, ps.size - zeros), np.arange(ps.size - zeros, ps.size)
+    if covered.size == 0:
+        return None
+    target = ps[covered]
+    mix = decompose_compiled(
+        law, qs / qs.sum(), n, tail, covered, np.arange(split), target, np.arange(covered.size),
+        scale=np.sqrt(qs[covered]) if norm == "q" else None, side="above",
+        max_iter=max(orders.ORDER_SHORT_BUDGET, covered.size // 8),
+    )  # fmt: skip
+    return mix.iterations, np.maximum(target - mix.mass, 0.0).sum() <= MATCH_TOLERANCE
+
+
+def norm_rows(source: str, temperature: float, logits) -> list:
+    """[(p, q)] of one source at one temperature: the bundled pair's positions at top-k 50, or 60
+    synthetic top-64 rows."""
+    if logits is None:
+        return [random_pair(8192, seed=100 + s, temperature=temperature, top_k=TOP_K) for s in range(60)]
+    return [(process_logits(t, temperature, 50), process_logits(d, temperature, 50)) for t, d in zip(*logits)]
+
+
+def norm_iterations_table(args):
+    """Wolfe's iterations on H* by norm, on the bundled pair's positions and synthetic rows."""
+    sources = {
+        "bundled pair, top-k 50": model_logits(args.positions, args.draft),
+        "synthetic, top-k 64": None,
+    }
+    print("\n### Wolfe's iterations on H* by norm (short budget; mean, share certified)\n")
+    print("| positions | law | n | T | rows | 1/q norm | plain norm |")
+    print("|---|---|---|---|---|---|---|")
+    for (source, logits), (law_name, n), temperature in itertools.product(
+        sources.items(), NORM_CASES, (0.7, 1.0)
+    ):
+        law = mdsd.get_law(law_name)
+        cells = {"q": [], "plain": []}
+        for p, q in norm_rows(source, temperature, logits):
+            support = np.flatnonzero((p > 0) | (q > 0))
+            if np.count_nonzero(q) <= n:
+                continue
+            for norm, results in cells.items():
+                result = h_star_iterations(p[support], q[support], n, law, norm)
+                if result is not None:
+                    results.append(result)
+        stats = [np.array(v, dtype=float) for v in cells.values()]
+        text = " | ".join(f"{v[:, 0].mean():.1f} ({v[:, 1].mean():.3f})" for v in stats)
+        print(f"| {source} | {law_name} | {n} | {temperature} | {len(stats[0])} | {text} |", flush=True)
 
 
 def full_profile_table(args):
@@ -382,7 +453,13 @@ def main():
         help="only the per-node decoding path on the bundled pair's positions (top-k 50)",
     )
     parser.add_argument(
-        "--draft", help="with --model / --model-nodes: the draft (default: the bundled draft)"
+        "--norm-iterations",
+        action="store_true",
+        help="only Wolfe's iterations on H* by norm (the bundled pair's positions and synthetic rows)",
+    )
+    parser.add_argument(
+        "--draft",
+        help="with --model / --model-nodes / --norm-iterations: the draft (default: the bundled draft)",
     )
     parser.add_argument(
         "--model",
@@ -399,6 +476,9 @@ def main():
         return
     if args.model_nodes:
         model_nodes_table(args)
+        return
+    if args.norm_iterations:
+        norm_iterations_table(args)
         return
     if args.model:
         args.model_logits = model_logits(args.positions, args.draft)

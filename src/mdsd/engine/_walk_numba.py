@@ -91,10 +91,11 @@ def orders_node_on_union(p_ids, p_values, q_ids, q_values, vocab, drafts, unifor
     draws (tested)."""
     tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
     n, law = head
-    race, match_tol, gap_tol, floor, short_budget, full_budget = tail
+    race, match_tol, gap_tol, floor, short_budget, full_budget, plain_first = tail
     y = orders_node(
-        p_local, q_local, n, law, local, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget
-    )
+        p_local, q_local, n, law, local, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget,
+        plain_first,
+    )  # fmt: skip
     return y if tokens.size == 0 else tokens[y]
 
 

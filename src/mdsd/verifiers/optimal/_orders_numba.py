@@ -374,7 +374,9 @@ def race_settings(n: int, support: int) -> tuple[float, float, float, float, flo
 
 
 @numba.njit(cache=True, fastmath=False)
-def orders_node(p, q, n, law, drafts, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget):
+def orders_node(
+    p, q, n, law, drafts, uniforms, race, match_tol, gap_tol, floor, short_budget, full_budget, plain_first
+):
     """The emitted token of one node of the orders method (law code ``law``: n >= 3 drafts
     without replacement, or conditional Poisson; the split by ``scan_split``):
     ``orders.fit_orders_row`` then
@@ -387,7 +389,7 @@ def orders_node(p, q, n, law, drafts, uniforms, race, match_tol, gap_tol, floor,
     order, ps, qs = priority_gather(p, q)
     split = scan_split(ps, qs, n, law, race)[0]
     qs_law = qs / numpy_sum(qs)
-    settings = (race, match_tol, gap_tol, floor, short_budget, full_budget)
+    settings = (race, match_tol, gap_tol, floor, short_budget, full_budget, plain_first)
     pos = positions_in(order, drafts)  # priority position of each draft
     in_low = pos.min() < split
     orders, weights, block_mass = _block_mixture(ps, qs, qs_law, n, law, split, in_low, settings)
@@ -416,13 +418,13 @@ def _block_mixture(ps, qs, qs_law, n, law, split, low, settings):
     """(orders, weights, mass) of block L (``low``) or H* of a row in priority order, as
     ``orders.fit_orders_row`` makes them: ``_order_mixture`` on L, or on H*'s tokens with p > 0
     with its p = 0 tail last in every order (``orders.with_tail``)."""
-    race, match_tol, gap_tol, floor, short_budget, full_budget = settings
+    race, match_tol, gap_tol, floor, short_budget, full_budget, plain_first = settings
     k = ps.size
     lows, highs, none = np.arange(split), np.arange(split, k), np.arange(0)
     if low:
         return _order_mixture(
             qs_law, n, law, highs, lows, none, ps[lows], qs[lows], 1, race, match_tol, gap_tol, floor,
-            short_budget, full_budget,
+            short_budget, full_budget, plain_first,
         )  # fmt: skip
     zeros = 0
     for i in range(split, k):
@@ -430,7 +432,7 @@ def _block_mixture(ps, qs, qs_law, n, law, split, low, settings):
     covered, tail = np.arange(split, k - zeros), np.arange(k - zeros, k)
     orders, weights, mass = _order_mixture(
         qs_law, n, law, tail, covered, lows, ps[covered], qs[covered], 2, race, match_tol, gap_tol, floor,
-        short_budget, full_budget,
+        short_budget, full_budget, plain_first,
     )  # fmt: skip
     if zeros == 0:
         return orders, weights, mass
@@ -481,11 +483,13 @@ def scan_split(ps, qs, n, law, race):
 
 @numba.njit(cache=True, fastmath=False)
 def _order_mixture(
-    q, n, law, rest, block, before, target, block_q, side, race, match_tol, gap_tol, floor, short, full
-):
+    q, n, law, rest, block, before, target, block_q, side, race, match_tol, gap_tol, floor, short, full,
+    plain_first,
+):  # fmt: skip
     """``orders._order_mixture`` with ``decompose_compiled``: (orders, weights, mass) of one block,
-    trying the norms q, plain and q_floor in turn with a short budget, then the closest one with
-    the full budget. side: 1 "below", 2 "above"."""
+    trying the norms q, plain and q_floor in turn (plain, q, q_floor for blocks of at most
+    ``plain_first`` tokens) with a short budget, then the closest one with the full budget.
+    side: 1 "below", 2 "above"."""
     size = target.size
     if size == 0:
         return np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0)
@@ -495,7 +499,7 @@ def _order_mixture(
     start = np.arange(size)
     best_orders, best_weights, best_mass = np.zeros((1, 0), dtype=np.int64), np.ones(1), np.zeros(0)
     best_violation, best_scale = np.inf, 0
-    for s in range(3):
+    for s in (1, 0, 2) if size <= plain_first else (0, 1, 2):
         orders, weights, mass, _ = decompose(
             q, n, law, rest, block, before, target, start, scales[s], side, short, race,
             match_tol, gap_tol, floor,
