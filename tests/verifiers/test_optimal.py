@@ -644,12 +644,15 @@ def test_threshold_node_equals_row_path():
     assert compared > 900
 
 
-def test_orders_node_equals_row_path():
+@pytest.mark.parametrize("plain_first", [orders.ORDER_PLAIN_FIRST, 0])
+def test_orders_node_equals_row_path(monkeypatch, plain_first):
     """The compiled node of the orders method (split, both blocks' Wolfe runs with their norms,
     the draw) draws the same token as ``fit_orders_row`` + ``sample_orders_row`` from the same
     generator state: three drafts without replacement (Qall in closed form), four or five (the
     race quadrature), conditional Poisson with two or three drafts, on rows of 3-100 tokens with
-    zeros in p and q, p = q, flat and peaked q."""
+    zeros in p and q, p = q, flat and peaked q; with the plain norm tried first (blocks up to
+    ``ORDER_PLAIN_FIRST`` tokens) and, with that bound at 0, with 1/q first (larger blocks)."""
+    monkeypatch.setattr(orders, "ORDER_PLAIN_FIRST", plain_first)
     gen = np.random.default_rng(46)
     cases = (("without_replacement", 3), ("without_replacement", 4), ("without_replacement", 5))
     cases += (("conditional_poisson", 2), ("conditional_poisson", 3))

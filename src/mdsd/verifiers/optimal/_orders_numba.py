@@ -384,8 +384,9 @@ def orders_node(
     what the draw reads: the mixture of the block the drafts meet first (L, else H*), and the
     other block's only when the draft is not kept (the residual reads the whole rule mass).
 
-    p, q: [V]; drafts: [n] token ids in draw order; race, tolerances and budgets as in
-    ``priority_orders.decompose_compiled`` and ``orders._order_mixture``."""
+    p, q: [V]; drafts: [n] token ids in draw order; race, tolerances, budgets and ``plain_first``
+    (``orders.ORDER_PLAIN_FIRST``) as in ``priority_orders.decompose_compiled`` and
+    ``orders._order_mixture``."""
     order, ps, qs = priority_gather(p, q)
     split = scan_split(ps, qs, n, law, race)[0]
     qs_law = qs / numpy_sum(qs)
