@@ -482,6 +482,32 @@ def test_compiled_wolfe_factor_updates():
             assert not _orders_numba._append_point(factor, buffer, count, c)
 
 
+def test_compiled_wolfe_sums_keep_their_order():
+    """The Wolfe loop's interleaved sums are its plain ones bit for bit: ``_rows_dot`` (four rows
+    per pass) is each row's ``_dot``, ``_gap_dots`` the three ``_dot`` of the gap test, and the
+    column-wise ``_forward_solve`` subtracts in the row-wise order (so the loop takes the same
+    steps as before these were interleaved)."""
+    from mdsd.verifiers.optimal import _orders_numba
+
+    rng = np.random.default_rng(8)
+    for _ in range(30):
+        size, count = int(rng.integers(1, 60)), int(rng.integers(1, 19))
+        buffer, c, g = rng.normal(size=(count, size)), rng.normal(size=size), rng.normal(size=size)
+        want = [_orders_numba._dot(row, c) for row in buffer]
+        np.testing.assert_array_equal(_orders_numba._rows_dot(buffer, count, c), want)
+        gap = (_orders_numba._dot(g, g), _orders_numba._dot(c, c), _orders_numba._dot(g, g - c))
+        assert _orders_numba._gap_dots(g, c) == gap
+        factor = np.triu(rng.normal(size=(count, count))) + 3.0 * np.eye(count)
+        rhs = rng.normal(size=count)
+        x = np.empty(count)
+        for i in range(count):  # row-wise forward substitution
+            total = rhs[i]
+            for j in range(i):
+                total -= factor[j, i] * x[j]
+            x[i] = total / factor[i, i]
+        np.testing.assert_array_equal(_orders_numba._forward_solve(factor, count, rhs.copy()), x)
+
+
 def test_compiled_peel_equals_reference():
     """The numba peel returns the reference's levels and rates bit for bit (LM-like pairs with
     many cuts, and small random ones)."""
