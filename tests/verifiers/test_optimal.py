@@ -1,5 +1,6 @@
 """The optimal verifier: exact by enumeration, attains alpha* (LP), fit reuse, exact by construction."""
 
+import itertools
 import warnings
 import zlib
 
@@ -9,6 +10,7 @@ import pytest
 import mdsd
 from mdsd import lp
 from mdsd.io import random_pair as lm_pair
+from mdsd.laws import THREE_DRAFT_CLOSED_MAX
 from mdsd.verifiers import accepted_mass
 from mdsd.verifiers import optimal as opt
 from mdsd.verifiers.optimal import (
@@ -30,6 +32,13 @@ LAWS = ["iid", "without_replacement", "conditional_poisson"]
 MARGINAL_TOL = 1e-12  # sum_x P(x) pi(. | x) = p
 OPTIMAL_TOL = 1e-6  # acceptance vs the LP's alpha*
 G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
+
+
+@pytest.fixture
+def orders_for_three(monkeypatch):
+    """Three drafts without replacement fitted by priority orders, as on supports where Qall is a
+    quadrature (``threshold.order_split_applies`` false), instead of the order split."""
+    monkeypatch.setattr(front, "order_split_applies", lambda law, n, support: False)
 
 
 def enumerate_optimal(p, q, n, law, fit=None):
@@ -227,7 +236,7 @@ def test_verify_from_fit_samples_output_law():
     "law, fallback",
     [("without_replacement", "rrs_without_replacement"), ("conditional_poisson", "sample_check")],
 )
-def test_fallback_warns_and_stays_valid(monkeypatch, law, fallback):
+def test_fallback_warns_and_stays_valid(orders_for_three, monkeypatch, law, fallback):
     monkeypatch.setattr(front, "MAX_ORDER_SUPPORT", 5)
     p, q = random_pair(np.random.default_rng(11), 6)
     with pytest.warns(RuntimeWarning, match="MAX_ORDER_SUPPORT"):
@@ -245,7 +254,10 @@ def test_methods_by_law_and_n():
     p, q = random_pair(np.random.default_rng(12), 6)
     assert fit_optimal(p, q, 4, "iid").method == "threshold"
     assert fit_optimal(p, q, 2, "without_replacement").method == "threshold"
-    assert fit_optimal(p, q, 3, "without_replacement").method == "orders"
+    assert fit_optimal(p, q, 3, "without_replacement").method == "threshold"  # the order split
+    assert fit_optimal(p, q, 4, "without_replacement").method == "orders"
+    wide_p, wide_q = random_pair(np.random.default_rng(13), 300)  # Qall by quadrature
+    assert fit_optimal(wide_p, wide_q, 3, "without_replacement").method == "orders"
     assert fit_optimal(p, q, 2, "conditional_poisson").method == "orders"
     assert fit_optimal(p, q, 1, "conditional_poisson").method == "threshold"
 
@@ -333,7 +345,7 @@ def test_order_mixture_mass_matches_enumeration(law):
 
 
 @pytest.mark.parametrize("law", ["without_replacement", "conditional_poisson"])
-def test_orders_exact_whatever_the_mixture(monkeypatch, law):
+def test_orders_exact_whatever_the_mixture(orders_for_three, monkeypatch, law):
     """Random orders with random weights instead of the fit: still exactly p (capping + residual)."""
     rng = np.random.default_rng(5)
 
@@ -384,7 +396,7 @@ def test_three_drafts_without_replacement_exact_at_nine_tokens():
         ("conditional_poisson", 3),
     ],
 )
-def test_orders_attain_alpha_at_top_k(law, n):
+def test_orders_attain_alpha_at_top_k(orders_for_three, law, n):
     """Top-64 drafting on a 4,000-token LM-like pair: acceptance == alpha*, certified."""
     p, q = lm_pair(4000, seed=4, temperature=0.9, top_k=64)
     fit = fit_optimal(p, q, n, law)
@@ -480,6 +492,73 @@ def test_compiled_wolfe_factor_updates():
             gram = buffer[:count] @ buffer[:count].T
             assert not priority_orders._affinely_independent(gram, buffer[:count], c)
             assert not _orders_numba._append_point(factor, buffer, count, c)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_order_split_is_q_proportional(n):
+    """The order split (``_threshold_numba.order_split_shares``) by enumeration: for random token
+    groups A (earlier), G (the first group met) and R (later) and every set of n draws without
+    replacement that misses A and meets G, the shares are probabilities, they are the plain
+    average over the set's orders of the rule "alpha on the first drawn of G and 1 - alpha on the
+    last draw when the last draw and an earlier one lie in G, else the first drawn of G" (alpha =
+    q(A + G) / q(G)), and summed over the sets they put mass exactly proportional to q on G:
+    P(meet G, miss A) q_y / q(G). For n = 2 they are the pair split's."""
+    from mdsd.verifiers.optimal._threshold_numba import order_split_shares
+
+    rng = np.random.default_rng(60 + n)
+    for _ in range(40):
+        vocab = int(rng.integers(n + 1, n + 5))
+        q = rng.dirichlet(np.ones(vocab) * rng.choice([0.3, 1.0, 3.0]))
+        perm = rng.permutation(vocab)
+        a_size = int(rng.integers(0, vocab - n + 1))
+        g_size = int(rng.integers(1, vocab - a_size + 1))
+        earlier, group = perm[:a_size], perm[a_size : a_size + g_size]
+        alpha = q[np.concatenate([earlier, group])].sum() / q[group].sum()
+        mass, met = np.zeros(vocab), 0.0
+        for drafts in itertools.combinations(range(vocab), n):
+            drafts = np.array(drafts)
+            inside = np.isin(drafts, group)
+            if np.isin(drafts, earlier).any() or not inside.any():
+                continue
+            rest = q[np.setdiff1d(np.arange(vocab), drafts)].sum()
+            b0, b1 = order_split_shares(q[drafts], inside, rest)
+            share = b0 + alpha * b1
+            assert np.all(share >= -1e-12) and np.all(share <= 1.0 + 1e-12)
+            plain, total = np.zeros(n), 0.0  # the average over the orders, in plain Python
+            for sigma in itertools.permutations(range(n)):
+                prob, used = 1.0, 0.0
+                for i in sigma:
+                    prob *= q[drafts[i]] / (1.0 - used)
+                    used += q[drafts[i]]
+                members = [i for i in sigma if inside[i]]
+                if len(members) >= 2 and inside[sigma[-1]]:
+                    plain[members[0]] += alpha * prob
+                    plain[sigma[-1]] += (1.0 - alpha) * prob
+                else:
+                    plain[members[0]] += prob
+                total += prob
+            np.testing.assert_allclose(share, plain / total, rtol=0, atol=1e-12)
+            if n == 2 and inside.all():
+                c = 1.0 / (1.0 - q[drafts])
+                np.testing.assert_allclose(share[0], (c[1] + alpha * (c[0] - c[1])) / c.sum(), atol=1e-12)
+            mass[drafts] += total * share
+            met += total
+        np.testing.assert_allclose(mass[group], met * q[group] / q[group].sum(), rtol=0, atol=1e-14)
+        assert np.all(mass[np.setdiff1d(np.arange(vocab), group)] == 0.0)
+
+
+def test_order_split_attains_alpha_at_top_k():
+    """Three drafts without replacement at top-64 of an LM-like pair take the threshold method
+    with the order split: certified, acceptance alpha*, and a draft set's law sums to 1."""
+    p, q = lm_pair(4000, seed=4, temperature=0.9, top_k=64)
+    fit = fit_optimal(p, q, 3, "without_replacement")
+    assert fit.method == "threshold" and fit.certified[0]
+    assert fit.acceptance[0] == pytest.approx(
+        mdsd.optimal_acceptance(p, q, 3, "without_replacement"), abs=1e-9
+    )
+    x = mdsd.get_law("without_replacement").sample(q, 3, np.random.default_rng(0))
+    law_given_x = output_law_from_fit(fit, x)
+    assert law_given_x.sum() == pytest.approx(1.0, abs=1e-12) and np.all(law_given_x >= 0)
 
 
 def test_compiled_wolfe_sums_keep_their_order():
@@ -649,15 +728,16 @@ def _node_rows(gen, count: int, smallest: int, largest: int):
 def test_threshold_node_equals_row_path():
     """The compiled node (``node_plan``: fit + draw in one call, the engine's per-node path) draws
     the same token as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the
-    same generator state: i.i.d. n = 1..5 and two drafts without replacement on rows of 2-300
-    tokens with zeros in p and q, p = q, flat and very peaked q, ties; so every branch (pair
-    split, keep, residual, empty residual) is compared exactly."""
+    same generator state: i.i.d. n = 1..5, two drafts without replacement and three (up to
+    ``THREE_DRAFT_CLOSED_MAX`` tokens) on rows of 2-300 tokens with zeros in p and q, p = q, flat
+    and very peaked q, ties; so every branch (pair split, order split, keep, residual, empty
+    residual) is compared exactly."""
     gen = np.random.default_rng(44)
     compared = 0
     for trial, (p, q) in enumerate(_node_rows(gen, 500, smallest=2, largest=300)):
-        for law, n in (("iid", 1 + trial % 5), ("without_replacement", 2)):
+        for law, n in (("iid", 1 + trial % 5), ("without_replacement", 2), ("without_replacement", 3)):
             the_law = mdsd.get_law(law)
-            if not law_accepts(law, q, n):
+            if not law_accepts(law, q, n) or (n == 3 and np.count_nonzero(q) > THREE_DRAFT_CLOSED_MAX):
                 continue
             drafts = the_law.sample(q, n, gen)
             seed = int(gen.integers(1 << 30))
@@ -667,11 +747,11 @@ def test_threshold_node_equals_row_path():
             row = threshold.fit_threshold_row(p, q, n, the_law)
             assert node == threshold.sample_threshold_row(row, p, drafts, np.random.default_rng(seed))
             compared += 1
-    assert compared > 900
+    assert compared > 1300
 
 
 @pytest.mark.parametrize("plain_first", [orders.ORDER_PLAIN_FIRST, 0])
-def test_orders_node_equals_row_path(monkeypatch, plain_first):
+def test_orders_node_equals_row_path(orders_for_three, monkeypatch, plain_first):
     """The compiled node of the orders method (split, both blocks' Wolfe runs with their norms,
     the draw) draws the same token as ``fit_orders_row`` + ``sample_orders_row`` from the same
     generator state: three drafts without replacement (Qall in closed form), four or five (the
@@ -762,7 +842,7 @@ def test_verifier_sample_is_the_row_sampler(law, n):
     np.testing.assert_array_equal(tokens, expected)
 
 
-def test_sample_at_top_k_and_fallback(monkeypatch):
+def test_sample_at_top_k_and_fallback(orders_for_three, monkeypatch):
     """Top-64 rows of a 4,000-token pair sample tokens of the support of output_law; beyond
     MAX_ORDER_SUPPORT sample warns and uses the fallback verifier."""
     p, q = lm_pair(4000, seed=6, temperature=0.9, top_k=64)
@@ -781,7 +861,8 @@ def test_sample_at_top_k_and_fallback(monkeypatch):
 
 
 def test_compiled_curve_scan_equals_reference():
-    """The compiled curve scan (i.i.d., two drafts without replacement) gives the numpy scan's
+    """The compiled curve scan (i.i.d., two drafts without replacement; three on supports where
+    Qall is the closed form, ``three_draft_curve_scan``) gives the numpy scan's
     phi, split, alpha* and prefix masses bit for bit: full vocabularies (torch's long prefix
     sums), small random pairs with zeros, a mass above 1/2, and the edge pairs."""
     rng = np.random.default_rng(41)
@@ -791,9 +872,9 @@ def test_compiled_curve_scan_equals_reference():
     cases += [random_pair(rng, int(rng.integers(2, 60)), concentration=0.4, zero_p=True) for _ in range(40)]
     cases += list(edge_pairs().values())
     for i, (p, q) in enumerate(cases):
-        for law, n in (("iid", 1 + i % 8), ("without_replacement", 2)):
+        for law, n in (("iid", 1 + i % 8), ("without_replacement", 2), ("without_replacement", 3)):
             the_law = mdsd.get_law(law)
-            if np.count_nonzero(q) < n:
+            if np.count_nonzero(q) < n or (n == 3 and np.count_nonzero(q) > THREE_DRAFT_CLOSED_MAX):
                 continue
             fast = priority_scan(p, q, n, the_law)
             ref = common.priority_scan_reference(p, q, n, the_law)

@@ -12,10 +12,13 @@ working arrays are indexed by absolute position instead of a copy per interval (
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
 from mdsd._race_numba import _power
+from mdsd._wor_numba import three_draft_qall
 from mdsd.verifiers.optimal._common_numba import keep_or_recover, others_mass, positions_in, priority_gather
 
 
@@ -335,6 +338,36 @@ def curve_scan(ps, qs, n, others):
         f = p_acc - q_acc
         if f < value:
             best, value = j + 1, f
+    phi, cum_mass = _curve_and_prefix(qall, qs)
+    return phi, k - best, 1.0 + value, cum_mass
+
+
+@numba.njit(cache=True)
+def three_draft_curve_scan(ps, qs):
+    """``curve_scan`` for three drafts without replacement: Qall of the reversed order's prefixes
+    by the closed form (``mdsd._wor_numba.three_draft_qall``, as ``laws.WithoutReplacement.
+    qall_prefixes``), p(H_j) summed left to right, the first minimiser of p(H_j) - Qall(H_j), then
+    Phi and the prefix masses as ``curve_scan``: the numbers of ``common.priority_scan_reference``
+    (tested)."""
+    k = qs.size
+    qall = np.empty(k + 1)
+    three_draft_qall(qs[::-1].copy(), 0, k, qall)
+    best, value, p_acc = 0, 0.0, 0.0
+    for j in range(k):
+        p_acc += ps[k - 1 - j]
+        f = p_acc - qall[j + 1]
+        if f < value:
+            best, value = j + 1, f
+    phi, cum_mass = _curve_and_prefix(qall, qs)
+    return phi, k - best, 1.0 + value, cum_mass
+
+
+@numba.njit(cache=True)
+def _curve_and_prefix(qall, qs):
+    """(Phi [K + 1], cum_mass [K + 1]) from Qall of the reversed order's prefixes [K + 1]:
+    Phi_k = 1 - Qall(H_{K-k}) clipped to [0, 1] and made nondecreasing (Phi_0 = 0, Phi_K = 1);
+    cum_mass = q of the first k positions, summed from the front."""
+    k = qs.size
     phi = np.empty(k + 1)
     phi[0] = 0.0
     running = 0.0
@@ -348,7 +381,109 @@ def curve_scan(ps, qs, n, others):
     for m in range(k):
         acc += qs[m]
         cum_mass[m + 1] = acc
-    return phi, k - best, 1.0 + value, cum_mass
+    return phi, cum_mass
+
+
+@numba.njit(cache=True)
+def _next_permutation(perm):
+    """Advance perm [n] to the next permutation in lexicographic order (False after the last)."""
+    i = perm.size - 2
+    while i >= 0 and perm[i] >= perm[i + 1]:
+        i -= 1
+    if i < 0:
+        return False
+    j = perm.size - 1
+    while perm[j] <= perm[i]:
+        j -= 1
+    perm[i], perm[j] = perm[j], perm[i]
+    perm[i + 1 :] = perm[i + 1 :][::-1].copy()
+    return True
+
+
+@numba.njit(cache=True)
+def order_split_shares(draft_q, inside, rest):
+    """(b0, b1) [n]: draft i of a set drawn without replacement is picked with probability
+    b0_i + alpha * b1_i when the drafts ``inside`` (bool [n], at least one) share the first group
+    met G = [a, b), alpha = q(U_b) / q(G) >= 1; draft_q [n]: q of the drafts, ``rest``: the mass
+    of every other token.
+
+    Over each order sigma in which the set could have been drawn, with probability
+    P(sigma) = prod_i q_{sigma_i} / (1 - q(sigma_<i)): if the last draw and an earlier one lie in
+    G, weight alpha on the first drawn of G and 1 - alpha on the last draw; otherwise pick the
+    first drawn of G. The shares are these weights averaged over the n! orders given the set:
+    prod q is common to all orders and cancels, each 1 - q(sigma_<i) is summed as ``rest`` plus
+    the set's later draws (no cancellation for tiny masses) and the products are formed in logs.
+    Summed over the draft sets this puts mass exactly proportional to q on G, and each share lies
+    in [0, 1] (docs/optimal.md, "The order split"; checked by enumeration in
+    tests/verifiers/test_optimal.py). For two drafts it is the pair split."""
+    n = draft_q.size
+    count = 1
+    for i in range(2, n + 1):
+        count *= i
+    log_weight = np.empty(count)
+    perm = np.arange(n)
+    for k in range(count):
+        total = 0.0
+        later = rest
+        for i in range(n - 1, 0, -1):  # 1 - q(sigma_<i) = rest + q(sigma_>=i)
+            later += draft_q[perm[i]]
+            total -= math.log(later)
+        log_weight[k] = total
+        _next_permutation(perm)
+    top = log_weight.max()
+    b0, b1 = np.zeros(n), np.zeros(n)
+    total = 0.0
+    perm = np.arange(n)
+    for k in range(count):
+        weight = math.exp(log_weight[k] - top)
+        total += weight
+        first, members = -1, 0
+        for i in range(n):
+            if inside[perm[i]]:
+                members += 1
+                if first < 0:
+                    first = perm[i]
+        last = perm[n - 1]
+        if members >= 2 and inside[last]:  # alpha * first + (1 - alpha) * last
+            b0[last] += weight
+            b1[first] += weight
+            b1[last] -= weight
+        else:
+            b0[first] += weight
+        _next_permutation(perm)
+    return b0 / total, b1 / total
+
+
+@numba.njit(cache=True)
+def rest_mass(qs, pos):
+    """q of the positions not in ``pos`` (a draft set's positions), summed from the front."""
+    taken = np.zeros(qs.size, dtype=np.bool_)
+    for i in pos:
+        taken[i] = True
+    total = 0.0
+    for i in range(qs.size):
+        if not taken[i]:
+            total += qs[i]
+    return total
+
+
+@numba.njit(cache=True)
+def order_split_pick(qs, levels, cum_mass, pos, end, u, u_pick):
+    """The position picked by the order split at (u, u_pick) when two or more of the drafts at
+    positions ``pos`` [n] (draw order) lie in the group [a, end) of the first one: a the last
+    boundary at or before the first draft with level <= u, alpha = Q_end / (Q_end - Q_a)."""
+    first = pos.min()
+    start = first
+    while levels[start] > u:  # levels[0] = 0: always found
+        start -= 1
+    alpha = cum_mass[end] / (cum_mass[end] - cum_mass[start])
+    b0, b1 = order_split_shares(qs[pos], pos < end, rest_mass(qs, pos))
+    cumulative = np.cumsum(b0 + alpha * b1)
+    target = u_pick * cumulative[-1]
+    for i in range(pos.size - 1):
+        if cumulative[i] > target:
+            return pos[i]
+    return pos[pos.size - 1]
 
 
 @numba.njit(cache=True)
@@ -357,12 +492,19 @@ def threshold_node(p, q, n, without_replacement, drafts, uniforms, chord_toleran
     ``threshold.pick_threshold_row`` at uniforms [4], step for step (the same numbers).
 
     p, q: [V]; n drafts, i.i.d. or (without_replacement) two without replacement, whose curve and
-    pair split use 1 - q (``_common_numba.others_mass``); drafts: [n] token ids in draw order."""
+    pair split use 1 - q (``_common_numba.others_mass``), or three without replacement (the closed
+    form of Qall, ``three_draft_curve_scan``, and the order split, ``order_split_pick``); drafts:
+    [n] token ids in draw order."""
     order, ps, qs = priority_gather(p, q)
     none = np.zeros(0)
-    scan_others = others_mass(qs[::-1].copy()) if without_replacement else none
-    pair_others = others_mass(qs) if without_replacement else none
-    phi, split, _, cum_mass = curve_scan(ps, qs, n, scan_others)
+    split_order = without_replacement and n == 3  # the order split (``threshold.uses_order_split``)
+    pair = without_replacement and n == 2
+    if split_order:
+        phi, split, _, cum_mass = three_draft_curve_scan(ps, qs)
+    else:
+        scan_others = others_mass(qs[::-1].copy()) if pair else none
+        phi, split, _, cum_mass = curve_scan(ps, qs, n, scan_others)
+    pair_others = others_mass(qs) if pair else none
     levels, rate = fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares)
     count = drafts.size
     pos = positions_in(order, drafts)  # priority position of each draft, in draw order
@@ -371,7 +513,12 @@ def threshold_node(p, q, n, without_replacement, drafts, uniforms, chord_toleran
     end = first + 1  # the first boundary after the first draft whose level is <= u
     while levels[end] > u:
         end += 1
-    if without_replacement and last < end and pos[0] != pos[1]:
+    inside = 0
+    for d in range(count):
+        inside += pos[d] < end
+    if split_order and inside >= 2:
+        chosen = order_split_pick(qs, levels, cum_mass, pos, end, u, uniforms[1])
+    elif pair and last < end and pos[0] != pos[1]:
         start = first  # the group's first boundary
         while levels[start] > u:
             start -= 1

@@ -79,21 +79,27 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     may then prune the prefixes that cannot attain the minimum; phi is None).
 
     Fast paths: the curve of a closed-form Qall (i.i.d. drafts, or two without replacement) in
-    one compiled pass (``_threshold_numba.curve_scan``); the split alone of conditional Poisson
-    and of drafts without replacement whose Qall is a quadrature (``_orders_numba.scan_split``,
-    the orders node's scan). Elsewhere, and as their reference, :func:`priority_scan_reference`
-    (the same numbers; tested).
+    one compiled pass (``_threshold_numba.curve_scan``), and of three without replacement where
+    its Qall is the closed form (``_threshold_numba.three_draft_curve_scan``); the split alone
+    of conditional Poisson and of drafts without replacement whose Qall is a quadrature
+    (``_orders_numba.scan_split``, the orders node's scan). Elsewhere, and as their reference,
+    :func:`priority_scan_reference` (the same numbers; tested).
     """
-    if not curve and compiled_split(law, n, int(np.count_nonzero(q))):
+    support = int(np.count_nonzero(q))
+    if not curve and compiled_split(law, n, support):
         return _compiled_split(p, q, n, law)
-    if not (curve and closed_curve(law, n)):
+    three_closed = law.name == "without_replacement" and n == 3 and not law.qall_by_quadrature(n, support)
+    if not (curve and (closed_curve(law, n) or three_closed)):
         return priority_scan_reference(p, q, n, law, curve=curve)
     from mdsd.verifiers.optimal._common_numba import priority_gather  # lazy: numba costs ~0.3 s
-    from mdsd.verifiers.optimal._threshold_numba import curve_scan
+    from mdsd.verifiers.optimal._threshold_numba import curve_scan, three_draft_curve_scan
 
     order, ps, qs = priority_gather(p, q)  # priority_order's order, the gathers in the same call
-    others = others_mass(qs[::-1]) if law.name == "without_replacement" else np.zeros(0)
-    phi, split, alpha, draft_prefix = curve_scan(ps, qs, n, others)
+    if three_closed:
+        phi, split, alpha, draft_prefix = three_draft_curve_scan(ps, qs)
+    else:
+        others = others_mass(qs[::-1]) if law.name == "without_replacement" else np.zeros(0)
+        phi, split, alpha, draft_prefix = curve_scan(ps, qs, n, others)
     return PriorityScan(order, phi, split, min(1.0, max(0.0, alpha)), ps, qs, draft_prefix)
 
 

@@ -59,6 +59,8 @@ class ThresholdRow:
     others:     float64 [K] or None; 1 - q of each position (two drafts without replacement only:
                 the pair split).
     alpha_star: alpha* of the position.
+    split_q:    float64 [K] or None; q of each position (three drafts without replacement: the
+                order split, ``_threshold_numba.order_split_shares``).
     """
 
     order: np.ndarray
@@ -67,11 +69,27 @@ class ThresholdRow:
     cum_mass: np.ndarray
     others: np.ndarray | None
     alpha_star: float
+    split_q: np.ndarray | None = None
 
 
 def uses_pair_split(law: DraftLaw, n: int) -> bool:
     """Two sequential draws without replacement take the pair split instead of the first draw."""
     return law.name == "without_replacement" and n == 2
+
+
+def uses_order_split(law: DraftLaw, n: int) -> bool:
+    """Three sequential draws without replacement take the order split
+    (``_threshold_numba.order_split_shares``) instead of the first draw. The split is exact for
+    any n (checked by enumeration up to n = 4), but the threshold fit needs Phi at every prefix,
+    which Qall's closed form gives for n = 3 and the race quadrature does not: n >= 4 keeps
+    priority orders."""
+    return law.name == "without_replacement" and n == 3
+
+
+def order_split_applies(law: DraftLaw, n: int, support: int) -> bool:
+    """Whether three drafts without replacement on ``support`` tokens take the threshold method
+    with the order split: Qall of every prefix in closed form (``law.qall_by_quadrature``)."""
+    return uses_order_split(law, n) and not law.qall_by_quadrature(n, support)
 
 
 def fit_threshold_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> ThresholdRow:
@@ -81,7 +99,8 @@ def fit_threshold_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Th
     ps, qs = scan.target_probs, scan.draft_probs
     levels, rate = _fit_levels(ps, qs, phi, split)
     others = others_mass(qs) if uses_pair_split(law, n) else None
-    return ThresholdRow(order, levels, qs * rate, scan.draft_prefix, others, scan.alpha_star)
+    split_q = qs.copy() if uses_order_split(law, n) else None
+    return ThresholdRow(order, levels, qs * rate, scan.draft_prefix, others, scan.alpha_star, split_q)
 
 
 def _fit_levels(ps: np.ndarray, qs: np.ndarray, phi: np.ndarray, split: int):
@@ -122,6 +141,8 @@ class ThresholdFit(OptimalFit):
     rule_mass:   float64 [B, V]; m_y, the mass the uncapped rule puts on y (exact for the levels).
     cum_mass:    float64 [B, V + 1]; q of the positions before each boundary.
     others_mass: float64 [B, V] or None; 1 - q_y (two drafts without replacement: the pair split).
+    split_mass:  float64 [B, V] or None; q_y (three or more drafts without replacement: the order
+                 split).
     """
 
     method = "threshold"
@@ -130,6 +151,7 @@ class ThresholdFit(OptimalFit):
     rule_mass: np.ndarray
     cum_mass: np.ndarray
     others_mass: np.ndarray | None
+    split_mass: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +163,7 @@ class TokenArrays:
     rule_mass: np.ndarray
     cum_mass: np.ndarray
     others_mass: np.ndarray | None
+    split_mass: np.ndarray | None
 
 
 def stack_rows(rows: list[ThresholdRow], q: np.ndarray) -> TokenArrays:
@@ -151,6 +174,7 @@ def stack_rows(rows: list[ThresholdRow], q: np.ndarray) -> TokenArrays:
     rule_mass = np.zeros((batch, vocab))
     cum_mass = np.zeros((batch, vocab + 1))
     others = None if rows[0].others is None else np.zeros((batch, vocab))
+    split = None if rows[0].split_q is None else np.zeros((batch, vocab))
     for b, row in enumerate(rows):
         k = row.order.size
         full_order = np.concatenate([row.order, np.flatnonzero(q[b] <= 0)])
@@ -160,7 +184,9 @@ def stack_rows(rows: list[ThresholdRow], q: np.ndarray) -> TokenArrays:
         cum_mass[b, 1:] = np.cumsum(q[b, full_order])
         if others is not None:
             others[b, row.order] = row.others
-    return TokenArrays(rank, levels, rule_mass, cum_mass, others)
+        if split is not None:
+            split[b, row.order] = row.split_q
+    return TokenArrays(rank, levels, rule_mass, cum_mass, others, split)
 
 
 # Uniforms one threshold draw uses: the threshold u, the pair split, the keep test, the residual.
@@ -194,6 +220,8 @@ def pick_threshold_row(row: ThresholdRow, p: np.ndarray, drafts: np.ndarray, uni
     inside = pos_of < end
     if row.others is not None and inside.all() and pos_of[0] != pos_of[1]:
         chosen = _pair_pick(row, first, int(pos_of.max()), end, u, uniforms[1])
+    elif row.split_q is not None and np.count_nonzero(inside) >= 2:
+        chosen = _order_pick(row, pos_of, end, u, uniforms[1])
     else:
         chosen = int(pos_of[np.argmax(inside)])  # the earliest draw inside the group
     return keep_or_recover(p, row.order, row.rule_mass, chosen, uniforms[2], uniforms[3])
@@ -208,11 +236,21 @@ def _pair_pick(row: ThresholdRow, y: int, z: int, end: int, u: float, u_pick: fl
     return y if u_pick * (c_y + c_z) < c_z + alpha * (c_y - c_z) else z
 
 
+def _order_pick(row: ThresholdRow, pos_of: np.ndarray, end: int, u: float, u_pick: float) -> int:
+    """Two or more drafts (positions ``pos_of``, draw order) in the group [a, end): the position
+    the order split picks at u_pick (``_threshold_numba.order_split_pick``)."""
+    from mdsd.verifiers.optimal._threshold_numba import order_split_pick  # lazy: numba ~0.3 s
+
+    levels, cum_mass = row.levels, row.cum_mass
+    return int(order_split_pick(row.split_q, levels, cum_mass, pos_of, end, u, u_pick))
+
+
 def threshold_node_applies(law: DraftLaw, n: int, support: int) -> bool:
     """Whether the compiled node (``verifier.node_plan``) serves a row: a closed-form curve
-    (i.i.d. drafts, or two without replacement) and at most ``NODE_KERNEL_MAX_SUPPORT`` tokens
-    with q > 0."""
-    return closed_curve(law, n) and support <= NODE_KERNEL_MAX_SUPPORT
+    (i.i.d. drafts, two without replacement, or three by the order split) and at most
+    ``NODE_KERNEL_MAX_SUPPORT`` tokens with q > 0."""
+    closed = closed_curve(law, n) or order_split_applies(law, n, support)
+    return closed and support <= NODE_KERNEL_MAX_SUPPORT
 
 
 def threshold_node_arguments(n: int, law: DraftLaw) -> tuple[tuple, tuple]:
@@ -423,6 +461,8 @@ def threshold_output_law(fit: ThresholdFit, x: np.ndarray, fr: np.ndarray) -> np
     weight = tau - np.concatenate([tau[:, 1:], np.zeros((rows, 1))], axis=1)  # [B, n]
     if fit.others_mass is not None:  # two drafts without replacement
         kept, picked = _pair_split(fit, x, fr, by_pos, pos_sorted, tau)
+    elif fit.split_mass is not None:  # three or more drafts without replacement
+        kept, picked = _order_split(fit, x, fr, pos_sorted, tau)
     else:
         # the pick for "first i drafts": earliest draw index among them
         earliest = np.minimum.accumulate(by_pos, axis=1)
@@ -456,6 +496,42 @@ def _pair_split(fit, x, fr, by_pos, pos_sorted, tau):
         y_share = min(max(y_share, 0.0), tau2)
         kept[r] = (1.0 - tau2 + y_share, tau2 - y_share)
     return kept * fit.accept_prob[fr[:, None], first], first
+
+
+def _order_split(fit, x, fr, pos_sorted, tau):
+    """Three or more drafts without replacement: the order split inside a shared group.
+
+    For u in [tau_{i+1}, tau_i) the first group met holds the i drafts of smallest priority
+    position (tau_{n+1} = 0); for i >= 2 draft y is picked with probability b0_y + alpha(u) b1_y
+    (``_threshold_numba.order_split_shares``), alpha(u) = q(U_b) / q(G), so its share of the
+    interval is
+    b0_y (tau_i - tau_{i+1}) + b1_y times the integral of alpha over it (``_shared_alpha_integral``
+    with the i-th draft as the group's last). For i = 1 the first draft is picked.
+    Returns (kept [B, n], picked [B, n]) for picks x (draw order)."""
+    from mdsd.verifiers.optimal._threshold_numba import order_split_shares, rest_mass
+
+    rows, n = x.shape
+    kept = np.zeros((rows, n))
+    for r in range(rows):
+        b = fr[r]
+        pos = fit.rank[b, x[r]]  # draw order
+        draft_q = fit.split_mass[b, x[r]]
+        rest = rest_mass(fit.split_mass[b], x[r])  # q of the tokens outside the draft set
+        bounds = np.append(tau[r], 0.0)  # tau_1 = 1, ..., tau_n, tau_{n+1} = 0
+        kept[r, np.argmin(pos)] += bounds[0] - bounds[1]
+        for i in range(2, n + 1):
+            lo, hi = bounds[i], bounds[i - 1]
+            if hi <= lo:
+                continue
+            p1, last = int(pos_sorted[r, 0]), int(pos_sorted[r, i - 1])
+            levels, cum = fit.levels[b], fit.cum_mass[b]
+            integral = _shared_alpha_integral(levels, cum, p1, last, hi) - _shared_alpha_integral(
+                levels, cum, p1, last, lo
+            )
+            b0, b1 = order_split_shares(draft_q, pos <= last, rest)
+            kept[r] += b0 * (hi - lo) + b1 * integral
+    kept = np.clip(kept, 0.0, 1.0)
+    return kept * fit.accept_prob[fr[:, None], x], x
 
 
 def _shared_alpha_integral(levels, cum, p1, p2, tau2) -> float:

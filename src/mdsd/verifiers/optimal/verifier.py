@@ -32,6 +32,7 @@ from mdsd.verifiers.optimal.orders import (
 from mdsd.verifiers.optimal.threshold import (
     ThresholdFit,
     fit_threshold_row,
+    order_split_applies,
     sample_threshold_row,
     stack_rows,
     threshold_node_applies,
@@ -118,6 +119,8 @@ def method_for(law: DraftLaw, n: int, support: int) -> str:
     """``threshold``, ``orders`` or ``fallback`` for n drafts from ``law`` on a support of q."""
     if law.name == "iid" or n == 1 or (law.name == "without_replacement" and n == 2):
         return "threshold"
+    if order_split_applies(law, n, support):
+        return "threshold"
     return "orders" if support <= MAX_ORDER_SUPPORT else "fallback"
 
 
@@ -192,6 +195,7 @@ def _fit_threshold(p, q, n, law) -> ThresholdFit:
         rule_mass=arrays.rule_mass,
         cum_mass=arrays.cum_mass,
         others_mass=arrays.others_mass,
+        split_mass=arrays.split_mass,
     )
 
 
