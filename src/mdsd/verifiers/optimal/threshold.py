@@ -1,5 +1,6 @@
-"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two without-replacement
-drafts (method ``threshold``; docs/optimal.md, "The construction" and "Without replacement").
+"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two or three
+without-replacement drafts (method ``threshold``; docs/optimal.md, "The construction" and "Without
+replacement").
 
 1. Order the tokens with q > 0 by s = p/q, decreasing (``common.priority_scan``): positions
    0..K-1, U_k the first k tokens, Q_k = q(U_k), P_k = p(U_k), Phi_k = P(set(x) meets U_k).
@@ -18,7 +19,8 @@ drafts (method ``threshold``; docs/optimal.md, "The construction" and "Without r
    the accepted mass is a = min(p, c q) and sum a = alpha*.
 
 Two drafts without replacement: the first-drawn choice is not q-proportional inside a group (a
-later draw decides whether an earlier group is met); the pair split of ``_pair_split`` is.
+later draw decides whether an earlier group is met); the pair split of ``_pair_split`` is. Three:
+the order split (``_threshold_numba.order_split_shares``, ``_order_split``).
 """
 
 from __future__ import annotations
@@ -141,8 +143,7 @@ class ThresholdFit(OptimalFit):
     rule_mass:   float64 [B, V]; m_y, the mass the uncapped rule puts on y (exact for the levels).
     cum_mass:    float64 [B, V + 1]; q of the positions before each boundary.
     others_mass: float64 [B, V] or None; 1 - q_y (two drafts without replacement: the pair split).
-    split_mass:  float64 [B, V] or None; q_y (three or more drafts without replacement: the order
-                 split).
+    split_mass:  float64 [B, V] or None; q_y (three drafts without replacement: the order split).
     """
 
     method = "threshold"
@@ -461,7 +462,7 @@ def threshold_output_law(fit: ThresholdFit, x: np.ndarray, fr: np.ndarray) -> np
     weight = tau - np.concatenate([tau[:, 1:], np.zeros((rows, 1))], axis=1)  # [B, n]
     if fit.others_mass is not None:  # two drafts without replacement
         kept, picked = _pair_split(fit, x, fr, by_pos, pos_sorted, tau)
-    elif fit.split_mass is not None:  # three or more drafts without replacement
+    elif fit.split_mass is not None:  # three drafts without replacement
         kept, picked = _order_split(fit, x, fr, pos_sorted, tau)
     else:
         # the pick for "first i drafts": earliest draw index among them
@@ -499,7 +500,7 @@ def _pair_split(fit, x, fr, by_pos, pos_sorted, tau):
 
 
 def _order_split(fit, x, fr, pos_sorted, tau):
-    """Three or more drafts without replacement: the order split inside a shared group.
+    """Three drafts without replacement: the order split inside a shared group.
 
     For u in [tau_{i+1}, tau_i) the first group met holds the i drafts of smallest priority
     position (tau_{n+1} = 0); for i >= 2 draft y is picked with probability b0_y + alpha(u) b1_y

@@ -383,7 +383,9 @@ class OptimalVerifier(Verifier):
 
     A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
     the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
-    rest is emitted from resid(p - a). Three or more without_replacement drafts and
+    rest is emitted from resid(p - a); two and three without_replacement drafts choose inside a
+    group by the pair and the order split. Four or more without_replacement drafts (three on
+    supports beyond ``THREE_DRAFT_CLOSED_MAX`` tokens) and
     conditional_poisson drafts: mixtures of priority orders on supports up to
     ``MAX_ORDER_SUPPORT`` tokens, else the law's fallback verifier (with a warning). See
     docs/optimal.md.
