@@ -36,8 +36,9 @@ G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
 
 @pytest.fixture
 def orders_for_three(monkeypatch):
-    """Three drafts without replacement fitted by priority orders, as on supports where Qall is a
-    quadrature (``threshold.order_split_applies`` false), instead of the order split."""
+    """Three and four drafts without replacement fitted by priority orders, as on supports beyond
+    ``ORDER_SPLIT_MAX_SUPPORT`` (``threshold.order_split_applies`` false), instead of the order
+    split."""
     monkeypatch.setattr(front, "order_split_applies", lambda law, n, support: False)
 
 
@@ -255,7 +256,8 @@ def test_methods_by_law_and_n():
     assert fit_optimal(p, q, 4, "iid").method == "threshold"
     assert fit_optimal(p, q, 2, "without_replacement").method == "threshold"
     assert fit_optimal(p, q, 3, "without_replacement").method == "threshold"  # the order split
-    assert fit_optimal(p, q, 4, "without_replacement").method == "orders"
+    assert fit_optimal(p, q, 4, "without_replacement").method == "threshold"
+    assert fit_optimal(p, q, 5, "without_replacement").method == "orders"
     wide_p, wide_q = random_pair(np.random.default_rng(13), 300)  # Qall by quadrature
     assert fit_optimal(wide_p, wide_q, 3, "without_replacement").method == "orders"
     assert fit_optimal(p, q, 2, "conditional_poisson").method == "orders"
@@ -728,16 +730,17 @@ def _node_rows(gen, count: int, smallest: int, largest: int):
 def test_threshold_node_equals_row_path():
     """The compiled node (``node_plan``: fit + draw in one call, the engine's per-node path) draws
     the same token as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the
-    same generator state: i.i.d. n = 1..5, two drafts without replacement and three (up to
-    ``THREE_DRAFT_CLOSED_MAX`` tokens) on rows of 2-300 tokens with zeros in p and q, p = q, flat
+    same generator state: i.i.d. n = 1..5, two drafts without replacement, three and four (up
+    to ``THREE_DRAFT_CLOSED_MAX`` tokens) on rows of 2-300 tokens with zeros in p and q, p = q, flat
     and very peaked q, ties; so every branch (pair split, order split, keep, residual, empty
     residual) is compared exactly."""
     gen = np.random.default_rng(44)
     compared = 0
     for trial, (p, q) in enumerate(_node_rows(gen, 500, smallest=2, largest=300)):
-        for law, n in (("iid", 1 + trial % 5), ("without_replacement", 2), ("without_replacement", 3)):
+        cases = (("iid", 1 + trial % 5), ("without_replacement", 2), ("without_replacement", 3 + trial % 2))
+        for law, n in cases:
             the_law = mdsd.get_law(law)
-            if not law_accepts(law, q, n) or (n == 3 and np.count_nonzero(q) > THREE_DRAFT_CLOSED_MAX):
+            if not law_accepts(law, q, n) or (n >= 3 and np.count_nonzero(q) > THREE_DRAFT_CLOSED_MAX):
                 continue
             drafts = the_law.sample(q, n, gen)
             seed = int(gen.integers(1 << 30))
@@ -862,7 +865,7 @@ def test_sample_at_top_k_and_fallback(orders_for_three, monkeypatch):
 
 def test_compiled_curve_scan_equals_reference():
     """The compiled curve scan (i.i.d., two drafts without replacement; three on supports where
-    Qall is the closed form, ``three_draft_curve_scan``) gives the numpy scan's
+    Qall is the closed form, ``wor_curve_scan``) gives the numpy scan's
     phi, split, alpha* and prefix masses bit for bit: full vocabularies (torch's long prefix
     sums), small random pairs with zeros, a mass above 1/2, and the edge pairs."""
     rng = np.random.default_rng(41)
@@ -881,6 +884,32 @@ def test_compiled_curve_scan_equals_reference():
             assert (fast.split, fast.alpha_star) == (ref.split, ref.alpha_star)
             for field in ("order", "phi", "draft_prefix", "target_probs", "draft_probs"):
                 np.testing.assert_array_equal(getattr(fast, field), getattr(ref, field))
+
+
+def test_order_split_curve_of_four_drafts():
+    """Four drafts without replacement on short supports: ``priority_scan``'s curve comes from
+    Qall of every prefix by the race quadrature (``wor_curve_scan``), equal to
+    ``laws.WithoutReplacement.qall_prefixes`` and, on tiny supports, to enumeration (1e-14);
+    its split and alpha* are the bound's (whose scan integrates only the prefixes that can attain
+    the minimum) to 1e-12."""
+    rng = np.random.default_rng(47)
+    law = mdsd.get_law("without_replacement")
+    for trial in range(30):
+        p, q = random_pair(rng, int(rng.integers(4, 80)), concentration=0.5, zero_p=trial % 3 == 0)
+        if np.count_nonzero(q) < 4:
+            continue
+        fast = priority_scan(p, q, 4, law)
+        ref = common.priority_scan_reference(p, q, 4, law)
+        assert fast.alpha_star == pytest.approx(ref.alpha_star, abs=1e-12)
+        np.testing.assert_array_equal(fast.order, ref.order)
+        qall = law.qall_prefixes(fast.draft_probs[::-1][None], 4)[0]
+        want = np.maximum.accumulate(np.clip(1.0 - qall[::-1], 0.0, 1.0))
+        want[0], want[-1] = 0.0, 1.0
+        np.testing.assert_allclose(fast.phi, want, rtol=0, atol=1e-14)
+        if q.size <= 7:
+            tuples, probs = law.enumerate(fast.draft_probs, 4)
+            meets = [sum(pr for t, pr in zip(tuples, probs) if min(t) < k) for k in range(q.size + 1)]
+            np.testing.assert_allclose(fast.phi[: len(meets)], meets, rtol=0, atol=1e-14)
 
 
 def test_compiled_fit_levels_match_reference():

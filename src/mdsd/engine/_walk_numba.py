@@ -106,8 +106,18 @@ def threshold_node_on_union(p_ids, p_values, q_ids, q_values, vocab, drafts, uni
     ``walk.verify_node_reference`` draws (tested)."""
     tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
     n, without_replacement = head
-    chord_tolerance, margin, ratio, shares = tail
+    chord_tolerance, margin, ratio, shares, race = tail
     y = threshold_node(
-        p_local, q_local, n, without_replacement, local, uniforms, chord_tolerance, margin, ratio, shares
+        p_local,
+        q_local,
+        n,
+        without_replacement,
+        local,
+        uniforms,
+        chord_tolerance,
+        margin,
+        ratio,
+        shares,
+        race,
     )
     return y if tokens.size == 0 else tokens[y]

@@ -18,8 +18,8 @@ import numba
 import numpy as np
 
 from mdsd._race_numba import _power
-from mdsd._wor_numba import three_draft_qall
 from mdsd.verifiers.optimal._common_numba import keep_or_recover, others_mass, positions_in, priority_gather
+from mdsd.verifiers.optimal._orders_numba import WITHOUT_REPLACEMENT, qall_window
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -343,15 +343,15 @@ def curve_scan(ps, qs, n, others):
 
 
 @numba.njit(cache=True)
-def three_draft_curve_scan(ps, qs):
-    """``curve_scan`` for three drafts without replacement: Qall of the reversed order's prefixes
-    by the closed form (``mdsd._wor_numba.three_draft_qall``, as ``laws.WithoutReplacement.
-    qall_prefixes``), p(H_j) summed left to right, the first minimiser of p(H_j) - Qall(H_j), then
-    Phi and the prefix masses as ``curve_scan``: the numbers of ``common.priority_scan_reference``
-    (tested)."""
+def wor_curve_scan(ps, qs, n, race):
+    """``curve_scan`` for three or four drafts without replacement (the order split): Qall of
+    every prefix of the reversed order by ``_orders_numba.qall_window`` (the closed form for three
+    draws on up to ``THREE_DRAFT_CLOSED_MAX`` tokens, as ``laws.WithoutReplacement.qall_prefixes``;
+    else the race quadrature at ``race``, ``_orders_numba.race_settings``), p(H_j) summed left to
+    right, the first minimiser of p(H_j) - Qall(H_j), then Phi and the prefix masses as
+    ``curve_scan``."""
     k = qs.size
-    qall = np.empty(k + 1)
-    three_draft_qall(qs[::-1].copy(), 0, k, qall)
+    qall = qall_window(qs[::-1].copy(), n, WITHOUT_REPLACEMENT, 0, k, race)
     best, value, p_acc = 0, 0.0, 0.0
     for j in range(k):
         p_acc += ps[k - 1 - j]
@@ -487,20 +487,22 @@ def order_split_pick(qs, levels, cum_mass, pos, end, u, u_pick):
 
 
 @numba.njit(cache=True)
-def threshold_node(p, q, n, without_replacement, drafts, uniforms, chord_tolerance, margin, ratio, shares):
+def threshold_node(
+    p, q, n, without_replacement, drafts, uniforms, chord_tolerance, margin, ratio, shares, race
+):
     """The emitted token of one node: ``threshold.fit_threshold_row`` then
     ``threshold.pick_threshold_row`` at uniforms [4], step for step (the same numbers).
 
     p, q: [V]; n drafts, i.i.d. or (without_replacement) two without replacement, whose curve and
-    pair split use 1 - q (``_common_numba.others_mass``), or three without replacement (the closed
-    form of Qall, ``three_draft_curve_scan``, and the order split, ``order_split_pick``); drafts:
-    [n] token ids in draw order."""
+    pair split use 1 - q (``_common_numba.others_mass``), or three or four without replacement
+    (Qall of every prefix at the race settings ``race``, ``wor_curve_scan``, and the order split,
+    ``order_split_pick``); drafts: [n] token ids in draw order."""
     order, ps, qs = priority_gather(p, q)
     none = np.zeros(0)
-    split_order = without_replacement and n == 3  # the order split (``threshold.uses_order_split``)
+    split_order = without_replacement and n >= 3  # the order split (``threshold.uses_order_split``)
     pair = without_replacement and n == 2
     if split_order:
-        phi, split, _, cum_mass = three_draft_curve_scan(ps, qs)
+        phi, split, _, cum_mass = wor_curve_scan(ps, qs, n, race)
     else:
         scan_others = others_mass(qs[::-1].copy()) if pair else none
         phi, split, _, cum_mass = curve_scan(ps, qs, n, scan_others)

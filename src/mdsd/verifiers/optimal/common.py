@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from mdsd.bound import RADIX_MIN, prefix_scan, stable_argsort
-from mdsd.laws import DraftLaw, others_mass
+from mdsd.laws import THREE_DRAFT_CLOSED_MAX, DraftLaw, others_mass
 from mdsd.sampling import draw
 from mdsd.verifiers.base import EMPTY_MASS
 
@@ -79,8 +79,9 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     may then prune the prefixes that cannot attain the minimum; phi is None).
 
     Fast paths: the curve of a closed-form Qall (i.i.d. drafts, or two without replacement) in
-    one compiled pass (``_threshold_numba.curve_scan``), and of three without replacement where
-    its Qall is the closed form (``_threshold_numba.three_draft_curve_scan``); the split alone
+    one compiled pass (``_threshold_numba.curve_scan``), and of three or four without replacement
+    on short supports (``order_split_curve``: ``_threshold_numba.wor_curve_scan``, Qall of every
+    prefix, where the bound's scan integrates only those that can attain the minimum); the split alone
     of conditional Poisson and of drafts without replacement whose Qall is a quadrature
     (``_orders_numba.scan_split``, the orders node's scan). Elsewhere, and as their reference,
     :func:`priority_scan_reference` (the same numbers; tested).
@@ -88,15 +89,16 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     support = int(np.count_nonzero(q))
     if not curve and compiled_split(law, n, support):
         return _compiled_split(p, q, n, law)
-    three_closed = law.name == "without_replacement" and n == 3 and not law.qall_by_quadrature(n, support)
-    if not (curve and (closed_curve(law, n) or three_closed)):
+    split_curve = order_split_curve(law, n, support)
+    if not (curve and (closed_curve(law, n) or split_curve)):
         return priority_scan_reference(p, q, n, law, curve=curve)
-    from mdsd.verifiers.optimal._common_numba import priority_gather  # lazy: numba costs ~0.3 s
-    from mdsd.verifiers.optimal._threshold_numba import curve_scan, three_draft_curve_scan
+    from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
+    from mdsd.verifiers.optimal._common_numba import priority_gather
+    from mdsd.verifiers.optimal._threshold_numba import curve_scan, wor_curve_scan
 
     order, ps, qs = priority_gather(p, q)  # priority_order's order, the gathers in the same call
-    if three_closed:
-        phi, split, alpha, draft_prefix = three_draft_curve_scan(ps, qs)
+    if split_curve:
+        phi, split, alpha, draft_prefix = wor_curve_scan(ps, qs, n, _orders_numba.race_settings(n, support))
     else:
         others = others_mass(qs[::-1]) if law.name == "without_replacement" else np.zeros(0)
         phi, split, alpha, draft_prefix = curve_scan(ps, qs, n, others)
@@ -120,6 +122,24 @@ def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Prio
     race = _orders_numba.race_settings(n, order.size)
     split, alpha = _orders_numba.scan_split(ps, qs, n, _orders_numba.LAW_CODES[law.name], race)
     return PriorityScan(order, None, int(split), min(1.0, max(0.0, float(alpha))), ps, qs)
+
+
+# Drafts without replacement that the threshold method takes with the order split, and the
+# largest support for them: Phi of every prefix compiled (the closed form of Qall for three
+# draws, the race quadrature for four), O(K^2) or O(K x nodes) per position.
+ORDER_SPLIT_MAX_DRAFTS = 4
+ORDER_SPLIT_MAX_SUPPORT = THREE_DRAFT_CLOSED_MAX
+
+
+def order_split_curve(law: DraftLaw, n: int, support: int) -> bool:
+    """Whether n drafts without replacement on ``support`` tokens take the threshold method with
+    the order split (3 <= n <= ``ORDER_SPLIT_MAX_DRAFTS``, at most ``ORDER_SPLIT_MAX_SUPPORT``
+    tokens): their Phi comes from ``_threshold_numba.wor_curve_scan``."""
+    return (
+        law.name == "without_replacement"
+        and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
+        and support <= ORDER_SPLIT_MAX_SUPPORT
+    )
 
 
 def closed_curve(law: DraftLaw, n: int) -> bool:

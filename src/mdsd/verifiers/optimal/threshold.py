@@ -1,4 +1,4 @@
-"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two or three
+"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two to four
 without-replacement drafts (method ``threshold``; docs/optimal.md, "The construction" and "Without
 replacement").
 
@@ -19,8 +19,8 @@ replacement").
    the accepted mass is a = min(p, c q) and sum a = alpha*.
 
 Two drafts without replacement: the first-drawn choice is not q-proportional inside a group (a
-later draw decides whether an earlier group is met); the pair split of ``_pair_split`` is. Three:
-the order split (``_threshold_numba.order_split_shares``, ``_order_split``).
+later draw decides whether an earlier group is met); the pair split of ``_pair_split`` is. Three
+or four: the order split (``_threshold_numba.order_split_shares``, ``_order_split``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ import numpy as np
 
 from mdsd.laws import DraftLaw, others_mass
 from mdsd.verifiers.optimal.common import (
+    ORDER_SPLIT_MAX_DRAFTS,
     OptimalFit,
     closed_curve,
     keep_or_recover,
+    order_split_curve,
     positions_of,
     priority_scan,
 )
@@ -61,8 +63,8 @@ class ThresholdRow:
     others:     float64 [K] or None; 1 - q of each position (two drafts without replacement only:
                 the pair split).
     alpha_star: alpha* of the position.
-    split_q:    float64 [K] or None; q of each position (three drafts without replacement: the
-                order split, ``_threshold_numba.order_split_shares``).
+    split_q:    float64 [K] or None; q of each position (three or four drafts without
+                replacement: the order split, ``_threshold_numba.order_split_shares``).
     """
 
     order: np.ndarray
@@ -80,18 +82,18 @@ def uses_pair_split(law: DraftLaw, n: int) -> bool:
 
 
 def uses_order_split(law: DraftLaw, n: int) -> bool:
-    """Three sequential draws without replacement take the order split
-    (``_threshold_numba.order_split_shares``) instead of the first draw. The split is exact for
-    any n (checked by enumeration up to n = 4), but the threshold fit needs Phi at every prefix,
-    which Qall's closed form gives for n = 3 and the race quadrature does not: n >= 4 keeps
-    priority orders."""
-    return law.name == "without_replacement" and n == 3
+    """Three or four sequential draws without replacement take the order split
+    (``_threshold_numba.order_split_shares``) instead of the first draw (on supports of up to
+    ``ORDER_SPLIT_MAX_SUPPORT`` tokens, ``order_split_applies``). The split is exact for any n
+    (checked by enumeration for n = 2, 3, 4); it sums over the n! orders of a draft set, so more
+    drafts keep priority orders."""
+    return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
 
 
 def order_split_applies(law: DraftLaw, n: int, support: int) -> bool:
-    """Whether three drafts without replacement on ``support`` tokens take the threshold method
-    with the order split: Qall of every prefix in closed form (``law.qall_by_quadrature``)."""
-    return uses_order_split(law, n) and not law.qall_by_quadrature(n, support)
+    """Whether n drafts without replacement on ``support`` tokens take the threshold method with
+    the order split (``common.order_split_curve``)."""
+    return order_split_curve(law, n, support)
 
 
 def fit_threshold_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> ThresholdRow:
@@ -143,7 +145,8 @@ class ThresholdFit(OptimalFit):
     rule_mass:   float64 [B, V]; m_y, the mass the uncapped rule puts on y (exact for the levels).
     cum_mass:    float64 [B, V + 1]; q of the positions before each boundary.
     others_mass: float64 [B, V] or None; 1 - q_y (two drafts without replacement: the pair split).
-    split_mass:  float64 [B, V] or None; q_y (three drafts without replacement: the order split).
+    split_mass:  float64 [B, V] or None; q_y (three or four drafts without replacement: the order
+                 split).
     """
 
     method = "threshold"
@@ -254,10 +257,15 @@ def threshold_node_applies(law: DraftLaw, n: int, support: int) -> bool:
     return closed and support <= NODE_KERNEL_MAX_SUPPORT
 
 
-def threshold_node_arguments(n: int, law: DraftLaw) -> tuple[tuple, tuple]:
+def threshold_node_arguments(n: int, law: DraftLaw, support: int) -> tuple[tuple, tuple]:
     """The arguments of ``_threshold_numba.threshold_node(p, q, *head, drafts, uniforms, *tail)``
-    for n drafts of ``law``: (head, tail)."""
-    return (n, law.name == "without_replacement"), (CHORD_TOLERANCE, STAIR_MARGIN, STAIR_RATIO, _SHARES)
+    for n drafts of ``law`` whose q has ``support`` tokens: (head, tail); the race settings of
+    the order split's curve (``_orders_numba.race_settings``; zeros where unused) end the tail."""
+    from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
+
+    race = _orders_numba.race_settings(n, support) if uses_order_split(law, n) else (0.0,) * 5
+    head = (n, law.name == "without_replacement")
+    return head, (CHORD_TOLERANCE, STAIR_MARGIN, STAIR_RATIO, _SHARES, race)
 
 
 def _target_curve(ps, qs, phi, split):
@@ -462,7 +470,7 @@ def threshold_output_law(fit: ThresholdFit, x: np.ndarray, fr: np.ndarray) -> np
     weight = tau - np.concatenate([tau[:, 1:], np.zeros((rows, 1))], axis=1)  # [B, n]
     if fit.others_mass is not None:  # two drafts without replacement
         kept, picked = _pair_split(fit, x, fr, by_pos, pos_sorted, tau)
-    elif fit.split_mass is not None:  # three drafts without replacement
+    elif fit.split_mass is not None:  # three or four drafts without replacement
         kept, picked = _order_split(fit, x, fr, pos_sorted, tau)
     else:
         # the pick for "first i drafts": earliest draw index among them
@@ -500,7 +508,7 @@ def _pair_split(fit, x, fr, by_pos, pos_sorted, tau):
 
 
 def _order_split(fit, x, fr, pos_sorted, tau):
-    """Three drafts without replacement: the order split inside a shared group.
+    """Three or four drafts without replacement: the order split inside a shared group.
 
     For u in [tau_{i+1}, tau_i) the first group met holds the i drafts of smallest priority
     position (tau_{n+1} = 0); for i >= 2 draft y is picked with probability b0_y + alpha(u) b1_y

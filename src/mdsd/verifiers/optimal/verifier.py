@@ -371,7 +371,7 @@ def node_plan(law: DraftLaw, n: int, support: int) -> NodePlan | None:
     the numpy fit or the fallback (``OptimalVerifier.sample``)."""
     method = method_for(law, n, support)
     if method == "threshold" and threshold_node_applies(law, n, support):
-        return NodePlan("threshold", *threshold_node_arguments(n, law), threshold.NODE_UNIFORMS)
+        return NodePlan("threshold", *threshold_node_arguments(n, law, support), threshold.NODE_UNIFORMS)
     if method == "orders" and orders_node_applies(law):
         return NodePlan("orders", *orders_node_arguments(n, law, support), orders.NODE_UNIFORMS)
     return None
@@ -383,9 +383,9 @@ class OptimalVerifier(Verifier):
 
     A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
     the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
-    rest is emitted from resid(p - a); two and three without_replacement drafts choose inside a
-    group by the pair and the order split. Four or more without_replacement drafts (three on
-    supports beyond ``THREE_DRAFT_CLOSED_MAX`` tokens) and
+    rest is emitted from resid(p - a); two to four without_replacement drafts choose inside a
+    group by the pair and the order split. Five or more without_replacement drafts (three or four
+    on supports beyond ``ORDER_SPLIT_MAX_SUPPORT`` tokens) and
     conditional_poisson drafts: mixtures of priority orders on supports up to
     ``MAX_ORDER_SUPPORT`` tokens, else the law's fallback verifier (with a warning). See
     docs/optimal.md.
