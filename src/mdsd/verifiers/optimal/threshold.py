@@ -84,9 +84,9 @@ def uses_pair_split(law: DraftLaw, n: int) -> bool:
 def uses_order_split(law: DraftLaw, n: int) -> bool:
     """Three or four sequential draws without replacement take the order split
     (``_threshold_numba.order_split_shares``) instead of the first draw (on supports of up to
-    ``ORDER_SPLIT_MAX_SUPPORT`` tokens, ``order_split_applies``). The split is exact for any n
-    (checked by enumeration for n = 2 to 5); it sums over the n! orders of a draft set, so more
-    drafts keep priority orders."""
+    ``ORDER_SPLIT_MAX_SUPPORT`` tokens, ``order_split_applies``). The split is exact (checked by
+    enumeration for n = 2 to 5; no proof for general n); it sums over the n! orders of a draft
+    set, so more drafts keep priority orders."""
     return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
 
 
