@@ -36,7 +36,7 @@ G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
 
 @pytest.fixture
 def orders_for_three(monkeypatch):
-    """Three and four drafts without replacement fitted by priority orders, as on supports beyond
+    """Three to eight drafts without replacement fitted by priority orders, as on supports beyond
     ``ORDER_SPLIT_MAX_SUPPORT`` (``threshold.order_split_applies`` false), instead of the order
     split."""
     monkeypatch.setattr(front, "order_split_applies", lambda law, n, support: False)
@@ -257,7 +257,9 @@ def test_methods_by_law_and_n():
     assert fit_optimal(p, q, 2, "without_replacement").method == "threshold"
     assert fit_optimal(p, q, 3, "without_replacement").method == "threshold"  # the order split
     assert fit_optimal(p, q, 4, "without_replacement").method == "threshold"
-    assert fit_optimal(p, q, 5, "without_replacement").method == "orders"
+    big_p, big_q = random_pair(np.random.default_rng(14), 12)
+    assert fit_optimal(big_p, big_q, 8, "without_replacement").method == "threshold"
+    assert fit_optimal(big_p, big_q, 9, "without_replacement").method == "orders"
     wide_p, wide_q = random_pair(np.random.default_rng(13), 300)  # Qall by quadrature
     assert fit_optimal(wide_p, wide_q, 3, "without_replacement").method == "orders"
     assert fit_optimal(p, q, 2, "conditional_poisson").method == "orders"
@@ -549,6 +551,62 @@ def test_order_split_is_q_proportional(n):
         assert np.all(mass[np.setdiff1d(np.arange(vocab), group)] == 0.0)
 
 
+@pytest.mark.parametrize("n", [6, 8])
+def test_order_split_is_q_proportional_for_more_drafts(n):
+    """The order split for six and eight drafts: every set's shares are probabilities and,
+    weighted by the set's probability (a sum over its orders by a plain subset recursion,
+    P(X) = prod q * sum_sigma prod_i 1 / (1 - q(sigma_<i))), put mass exactly proportional to q
+    on the group met first."""
+    from mdsd.verifiers.optimal._threshold_numba import order_split_shares
+
+    def set_prob(masses):
+        full = (1 << masses.size) - 1
+        orders = np.zeros(full + 1)  # sum over the orders of a prefix set Q of prod 1 / (1 - q)
+        orders[0] = 1.0
+        for prefix in range(1, full + 1):
+            for s in range(masses.size):
+                if prefix >> s & 1:
+                    before = prefix & ~(1 << s)
+                    used = sum(masses[i] for i in range(masses.size) if before >> i & 1)
+                    orders[prefix] += orders[before] / (1.0 - used)
+        return np.prod(masses) * orders[full]
+
+    rng = np.random.default_rng(70 + n)
+    for _ in range(4):
+        vocab = int(rng.integers(n + 1, n + 3))
+        q = rng.dirichlet(np.ones(vocab) * rng.choice([0.3, 1.0, 3.0]))
+        perm = rng.permutation(vocab)
+        a_size = int(rng.integers(0, vocab - n + 1))
+        earlier, group = perm[:a_size], perm[a_size : a_size + int(rng.integers(1, vocab - a_size + 1))]
+        alpha = q[np.concatenate([earlier, group])].sum() / q[group].sum()
+        mass, met = np.zeros(vocab), 0.0
+        for drafts in itertools.combinations(range(vocab), n):
+            drafts = np.array(drafts)
+            inside = np.isin(drafts, group)
+            if np.isin(drafts, earlier).any() or not inside.any():
+                continue
+            b0, b1 = order_split_shares(q[drafts], inside, q[np.setdiff1d(np.arange(vocab), drafts)].sum())
+            share = b0 + alpha * b1
+            assert np.all(share >= -1e-12) and np.all(share <= 1.0 + 1e-12)
+            prob = set_prob(q[drafts])
+            mass[drafts] += prob * share
+            met += prob
+        np.testing.assert_allclose(mass[group], met * q[group] / q[group].sum(), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_order_split_exact_and_optimal_for_more_drafts(n):
+    """Five and six drafts without replacement by the order split: exact and optimal by
+    enumeration of the draws on 7-token pairs (``check_exact_and_optimal``)."""
+    rng = np.random.default_rng(80 + n)
+    for _ in range(3):
+        p, q = random_pair(rng, 7, concentration=0.7, zero_p=True)
+        if np.count_nonzero(q) < n:
+            continue
+        assert fit_optimal(p, q, n, "without_replacement").method == "threshold"
+        check_exact_and_optimal(p, q, n, "without_replacement")
+
+
 def test_order_split_attains_alpha_at_top_k():
     """Three drafts without replacement at top-64 of an LM-like pair take the threshold method
     with the order split: certified, acceptance alpha*, and a draft set's law sums to 1."""
@@ -708,18 +766,16 @@ def test_sample_matches_output_law(law, n):
 
 def _node_rows(gen, count: int, smallest: int, largest: int):
     """(p, q) rows for the one-call nodes: mostly 2-40 tokens, every third up to ``largest``;
-    zeros in p (every 4th) and q (every 5th), p = q (every 7th), uniform rows (every 11th), flat
-    and very peaked q in turn."""
+    zeros in p (every 4th) and q (every 5th; ``_zero_one``), p = q (every 7th), uniform rows
+    (every 11th), flat and very peaked q in turn."""
     for trial in range(count):
         vocab = int(gen.integers(smallest, largest)) if trial % 3 == 0 else int(gen.integers(smallest, 40))
         p = gen.dirichlet(np.full(vocab, 0.5))
         q = gen.dirichlet(np.full(vocab, 0.5 if trial % 2 else 0.05))
         if trial % 4 == 0:
-            p[gen.integers(vocab)] = 0.0
-            p /= p.sum()
+            _zero_one(p, int(gen.integers(vocab)))
         if trial % 5 == 0:
-            q[gen.integers(vocab)] = 0.0
-            q /= q.sum()
+            _zero_one(q, int(gen.integers(vocab)))
         if trial % 7 == 0:
             q = p.copy()
         if trial % 11 == 0:
@@ -727,17 +783,24 @@ def _node_rows(gen, count: int, smallest: int, largest: int):
         yield p, q
 
 
+def _zero_one(row, i):
+    """Set row[i] to 0 and renormalise, unless row[i] holds all the mass (a peaked row)."""
+    if row.sum() - row[i] > 0.0:
+        row[i] = 0.0
+        row /= row.sum()
+
+
 def test_threshold_node_equals_row_path():
     """The compiled node (``node_plan``: fit + draw in one call, the engine's per-node path) draws
     the same token as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the
-    same generator state: i.i.d. n = 1..5, two drafts without replacement, three and four (up
+    same generator state: i.i.d. n = 1..5, two drafts without replacement, three to eight (up
     to ``THREE_DRAFT_CLOSED_MAX`` tokens) on rows of 2-300 tokens with zeros in p and q, p = q, flat
     and very peaked q, ties; so every branch (pair split, order split, keep, residual, empty
     residual) is compared exactly."""
     gen = np.random.default_rng(44)
     compared = 0
     for trial, (p, q) in enumerate(_node_rows(gen, 500, smallest=2, largest=300)):
-        cases = (("iid", 1 + trial % 5), ("without_replacement", 2), ("without_replacement", 3 + trial % 2))
+        cases = (("iid", 1 + trial % 5), ("without_replacement", 2), ("without_replacement", 3 + trial % 6))
         for law, n in cases:
             the_law = mdsd.get_law(law)
             if not law_accepts(law, q, n) or (n >= 3 and np.count_nonzero(q) > THREE_DRAFT_CLOSED_MAX):

@@ -12,8 +12,6 @@ working arrays are indexed by absolute position instead of a copy per interval (
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 
@@ -344,7 +342,7 @@ def curve_scan(ps, qs, n, others):
 
 @numba.njit(cache=True)
 def wor_curve_scan(ps, qs, n, race):
-    """``curve_scan`` for three or four drafts without replacement (the order split): Qall of
+    """``curve_scan`` for three or more drafts without replacement (the order split): Qall of
     every prefix of the reversed order by ``_orders_numba.qall_window`` (the closed form for three
     draws on up to ``THREE_DRAFT_CLOSED_MAX`` tokens, as ``laws.WithoutReplacement.qall_prefixes``;
     else the race quadrature at ``race``, ``_orders_numba.race_settings``), p(H_j) summed left to
@@ -385,22 +383,6 @@ def _curve_and_prefix(qall, qs):
 
 
 @numba.njit(cache=True)
-def _next_permutation(perm):
-    """Advance perm [n] to the next permutation in lexicographic order (False after the last)."""
-    i = perm.size - 2
-    while i >= 0 and perm[i] >= perm[i + 1]:
-        i -= 1
-    if i < 0:
-        return False
-    j = perm.size - 1
-    while perm[j] <= perm[i]:
-        j -= 1
-    perm[i], perm[j] = perm[j], perm[i]
-    perm[i + 1 :] = perm[i + 1 :][::-1].copy()
-    return True
-
-
-@numba.njit(cache=True)
 def order_split_shares(draft_q, inside, rest):
     """(b0, b1) [n]: draft i of a set drawn without replacement is picked with probability
     b0_i + alpha * b1_i when the drafts ``inside`` (bool [n], at least one) share the first group
@@ -410,47 +392,85 @@ def order_split_shares(draft_q, inside, rest):
     Over each order sigma in which the set could have been drawn, with probability
     P(sigma) = prod_i q_{sigma_i} / (1 - q(sigma_<i)): if the last draw and an earlier one lie in
     G, weight alpha on the first drawn of G and 1 - alpha on the last draw; otherwise pick the
-    first drawn of G. The shares are these weights averaged over the n! orders given the set:
-    prod q is common to all orders and cancels, each 1 - q(sigma_<i) is summed as ``rest`` plus
-    the set's later draws (no cancellation for tiny masses) and the products are formed in logs.
-    Summed over the draft sets this puts mass exactly proportional to q on G, and each share lies
-    in [0, 1] (docs/optimal.md, "The order split"; checked by enumeration in
-    tests/verifiers/test_optimal.py). For two drafts it is the pair split."""
+    first drawn of G. The shares are these weights averaged over the orders given the set
+    (docs/optimal.md, "The order split"; checked against the plain average over the n! orders
+    and by enumeration in tests/verifiers/test_optimal.py). For two drafts it is the pair split.
+
+    prod q is common to all orders and cancels; 1 - q(sigma_<i) is the mass of the draws still to
+    come, ``rest`` + q(S) for the set S of the remaining drafts (no cancellation for tiny
+    masses). The sum over orders runs over subsets (bit masks), O(2^n n^2): an order is its prefix
+    Q of drafts outside G, then the first drawn g of G, then an order of the rest T ending in l;
+    ``forward[Q]`` sums the prefix factors over the orders of Q, ``ending[T, l]`` the factors of
+    the orders of T that end in l. Every factor of sets of k drafts is scaled by the same c_k =
+    ``rest`` + the k smallest masses (each order has one factor per k), so the factors are at
+    most 1 and the order drawing the largest masses first has weight 1: no overflow."""
     n = draft_q.size
-    count = 1
-    for i in range(2, n + 1):
-        count *= i
-    log_weight = np.empty(count)
-    perm = np.arange(n)
-    for k in range(count):
-        total = 0.0
-        later = rest
-        for i in range(n - 1, 0, -1):  # 1 - q(sigma_<i) = rest + q(sigma_>=i)
-            later += draft_q[perm[i]]
-            total -= math.log(later)
-        log_weight[k] = total
-        _next_permutation(perm)
-    top = log_weight.max()
+    full = (1 << n) - 1
+    mass = np.zeros(full + 1)  # q of each subset
+    size = np.zeros(full + 1, dtype=np.int64)
+    for subset in range(1, full + 1):
+        i = 0
+        while not (subset >> i) & 1:
+            i += 1
+        mass[subset] = mass[subset & (subset - 1)] + draft_q[i]
+        size[subset] = size[subset & (subset - 1)] + 1
+    smallest = np.sort(draft_q)
+    scale = np.empty(n + 1)  # c_k
+    scale[0] = rest
+    for k in range(1, n + 1):
+        scale[k] = scale[k - 1] + smallest[k - 1]
+    factor = np.zeros(full + 1)  # c_|S| / (rest + q(S)): the draws still to come are S
+    for subset in range(1, full + 1):
+        factor[subset] = scale[size[subset]] / (rest + mass[subset])
+    ending = np.zeros((full + 1, n))  # orders of T ending in l
+    for subset in range(1, full + 1):
+        for last in range(n):
+            if not (subset >> last) & 1:
+                continue
+            if subset == 1 << last:
+                ending[subset, last] = factor[subset]
+                continue
+            total = 0.0
+            for first in range(n):  # the first of T drawn
+                if first != last and (subset >> first) & 1:
+                    total += ending[subset & ~(1 << first), last]
+            ending[subset, last] = factor[subset] * total
+    group = 0
+    for i in range(n):
+        if inside[i]:
+            group |= 1 << i
+    forward = np.zeros(full + 1)  # orders of the prefix Q (outside G), before g is drawn
+    forward[0] = 1.0
     b0, b1 = np.zeros(n), np.zeros(n)
-    total = 0.0
-    perm = np.arange(n)
-    for k in range(count):
-        weight = math.exp(log_weight[k] - top)
-        total += weight
-        first, members = -1, 0
-        for i in range(n):
-            if inside[perm[i]]:
-                members += 1
-                if first < 0:
-                    first = perm[i]
-        last = perm[n - 1]
-        if members >= 2 and inside[last]:  # alpha * first + (1 - alpha) * last
-            b0[last] += weight
-            b1[first] += weight
-            b1[last] -= weight
-        else:
-            b0[first] += weight
-        _next_permutation(perm)
+    for prefix in range(full + 1):
+        if prefix & group:
+            continue
+        if prefix:
+            total = 0.0
+            for s in range(n):  # the last of Q drawn
+                if (prefix >> s) & 1:
+                    total += forward[prefix & ~(1 << s)] * factor[full & ~(prefix & ~(1 << s))]
+            forward[prefix] = total
+        remaining = full & ~prefix
+        base = forward[prefix] * factor[remaining]  # g drawn next
+        for g in range(n):
+            if not (group >> g) & 1:
+                continue
+            after = remaining & ~(1 << g)
+            if after == 0:
+                b0[g] += base
+                continue
+            for last in range(n):
+                if not (after >> last) & 1:
+                    continue
+                weight = base * ending[after, last]
+                if (group >> last) & 1:  # alpha on g, 1 - alpha on the last draw
+                    b0[last] += weight
+                    b1[g] += weight
+                    b1[last] -= weight
+                else:
+                    b0[g] += weight
+    total = b0.sum()
     return b0 / total, b1 / total
 
 
@@ -494,7 +514,7 @@ def threshold_node(
     ``threshold.pick_threshold_row`` at uniforms [4], step for step (the same numbers).
 
     p, q: [V]; n drafts, i.i.d. or (without_replacement) two without replacement, whose curve and
-    pair split use 1 - q (``_common_numba.others_mass``), or three or four without replacement
+    pair split use 1 - q (``_common_numba.others_mass``), or three or more without replacement
     (Qall of every prefix at the race settings ``race``, ``wor_curve_scan``, and the order split,
     ``order_split_pick``); drafts: [n] token ids in draw order."""
     order, ps, qs = priority_gather(p, q)

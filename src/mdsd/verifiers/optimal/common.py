@@ -79,7 +79,7 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     may then prune the prefixes that cannot attain the minimum; phi is None).
 
     Fast paths: the curve of a closed-form Qall (i.i.d. drafts, or two without replacement) in
-    one compiled pass (``_threshold_numba.curve_scan``), and of three or four without replacement
+    one compiled pass (``_threshold_numba.curve_scan``), and of three or more without replacement
     on short supports (``order_split_curve``: ``_threshold_numba.wor_curve_scan``, Qall of every
     prefix, where the bound's scan integrates only those that can attain the minimum); the split alone
     of conditional Poisson and of drafts without replacement whose Qall is a quadrature
@@ -124,10 +124,11 @@ def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Prio
     return PriorityScan(order, None, int(split), min(1.0, max(0.0, float(alpha))), ps, qs)
 
 
-# Drafts without replacement that the threshold method takes with the order split, and the
-# largest support for them: Phi of every prefix compiled (the closed form of Qall for three
-# draws, the race quadrature for four), O(K^2) or O(K x nodes) per position.
-ORDER_SPLIT_MAX_DRAFTS = 4
+# Drafts without replacement that the threshold method takes with the order split (checked by
+# enumeration up to this n), and the largest support for them: Phi of every prefix compiled
+# (the closed form of Qall for three draws, the race quadrature beyond), O(K^2) or O(K x nodes)
+# per position.
+ORDER_SPLIT_MAX_DRAFTS = 8
 ORDER_SPLIT_MAX_SUPPORT = THREE_DRAFT_CLOSED_MAX
 
 

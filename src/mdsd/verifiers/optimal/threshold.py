@@ -1,4 +1,4 @@
-"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two to four
+"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two to eight
 without-replacement drafts (method ``threshold``; docs/optimal.md, "The construction" and "Without
 replacement").
 
@@ -20,7 +20,7 @@ replacement").
 
 Two drafts without replacement: the first-drawn choice is not q-proportional inside a group (a
 later draw decides whether an earlier group is met); the pair split of ``_pair_split`` is. Three
-or four: the order split (``_threshold_numba.order_split_shares``, ``_order_split``).
+or more: the order split (``_threshold_numba.order_split_shares``, ``_order_split``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class ThresholdRow:
     others:     float64 [K] or None; 1 - q of each position (two drafts without replacement only:
                 the pair split).
     alpha_star: alpha* of the position.
-    split_q:    float64 [K] or None; q of each position (three or four drafts without
+    split_q:    float64 [K] or None; q of each position (three or more drafts without
                 replacement: the order split, ``_threshold_numba.order_split_shares``).
     """
 
@@ -82,11 +82,11 @@ def uses_pair_split(law: DraftLaw, n: int) -> bool:
 
 
 def uses_order_split(law: DraftLaw, n: int) -> bool:
-    """Three or four sequential draws without replacement take the order split
-    (``_threshold_numba.order_split_shares``) instead of the first draw (on supports of up to
-    ``ORDER_SPLIT_MAX_SUPPORT`` tokens, ``order_split_applies``). The split is exact (checked by
-    enumeration for n = 2 to 5; no proof for general n); it sums over the n! orders of a draft
-    set, so more drafts keep priority orders."""
+    """Three to ``ORDER_SPLIT_MAX_DRAFTS`` sequential draws without replacement take the order
+    split (``_threshold_numba.order_split_shares``) instead of the first draw (on supports of up
+    to ``ORDER_SPLIT_MAX_SUPPORT`` tokens, ``order_split_applies``). The split is exact as checked
+    by enumeration for n = 2 to 8 (tests/verifiers/test_optimal.py; no proof for general n); more
+    drafts keep priority orders."""
     return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
 
 
@@ -145,7 +145,7 @@ class ThresholdFit(OptimalFit):
     rule_mass:   float64 [B, V]; m_y, the mass the uncapped rule puts on y (exact for the levels).
     cum_mass:    float64 [B, V + 1]; q of the positions before each boundary.
     others_mass: float64 [B, V] or None; 1 - q_y (two drafts without replacement: the pair split).
-    split_mass:  float64 [B, V] or None; q_y (three or four drafts without replacement: the order
+    split_mass:  float64 [B, V] or None; q_y (three or more drafts without replacement: the order
                  split).
     """
 
@@ -470,7 +470,7 @@ def threshold_output_law(fit: ThresholdFit, x: np.ndarray, fr: np.ndarray) -> np
     weight = tau - np.concatenate([tau[:, 1:], np.zeros((rows, 1))], axis=1)  # [B, n]
     if fit.others_mass is not None:  # two drafts without replacement
         kept, picked = _pair_split(fit, x, fr, by_pos, pos_sorted, tau)
-    elif fit.split_mass is not None:  # three or four drafts without replacement
+    elif fit.split_mass is not None:  # three or more drafts without replacement
         kept, picked = _order_split(fit, x, fr, pos_sorted, tau)
     else:
         # the pick for "first i drafts": earliest draw index among them
@@ -508,7 +508,7 @@ def _pair_split(fit, x, fr, by_pos, pos_sorted, tau):
 
 
 def _order_split(fit, x, fr, pos_sorted, tau):
-    """Three or four drafts without replacement: the order split inside a shared group.
+    """Three or more drafts without replacement: the order split inside a shared group.
 
     For u in [tau_{i+1}, tau_i) the first group met holds the i drafts of smallest priority
     position (tau_{n+1} = 0); for i >= 2 draft y is picked with probability b0_y + alpha(u) b1_y

@@ -383,9 +383,9 @@ class OptimalVerifier(Verifier):
 
     A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
     the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
-    rest is emitted from resid(p - a); two to four without_replacement drafts choose inside a
-    group by the pair and the order split. Five or more without_replacement drafts (three or four
-    on supports beyond ``ORDER_SPLIT_MAX_SUPPORT`` tokens) and
+    rest is emitted from resid(p - a); two to eight without_replacement drafts choose inside a
+    group by the pair and the order split. More without_replacement drafts (three to eight on
+    supports beyond ``ORDER_SPLIT_MAX_SUPPORT`` tokens) and
     conditional_poisson drafts: mixtures of priority orders on supports up to
     ``MAX_ORDER_SUPPORT`` tokens, else the law's fallback verifier (with a warning). See
     docs/optimal.md.
