@@ -133,6 +133,10 @@ MODEL_NODE_CASES = (
     ("iid", 3, "rrs"),
     ("without_replacement", 2, "rrs_without_replacement"),
     ("without_replacement", 3, "rrs_without_replacement"),
+    ("without_replacement", 4, "rrs_without_replacement"),
+    ("without_replacement", 8, "rrs_without_replacement"),
+    ("conditional_poisson", 2, "sample_check"),
+    ("conditional_poisson", 4, "sample_check"),
 )
 
 
