@@ -488,15 +488,21 @@ def rest_mass(qs, pos):
 
 
 @numba.njit(cache=True)
+def _group_alpha(levels, cum_mass, first, end, u):
+    """alpha = Q_end / (Q_end - Q_a) of the group [a, end) holding position ``first`` at the
+    threshold u: a the last boundary at or before ``first`` with level <= u (levels[0] = 0)."""
+    start = first
+    while levels[start] > u:
+        start -= 1
+    return cum_mass[end] / (cum_mass[end] - cum_mass[start])
+
+
+@numba.njit(cache=True)
 def order_split_pick(qs, levels, cum_mass, pos, end, u, u_pick):
     """The position picked by the order split at (u, u_pick) when two or more of the drafts at
     positions ``pos`` [n] (draw order) lie in the group [a, end) of the first one: a the last
     boundary at or before the first draft with level <= u, alpha = Q_end / (Q_end - Q_a)."""
-    first = pos.min()
-    start = first
-    while levels[start] > u:  # levels[0] = 0: always found
-        start -= 1
-    alpha = cum_mass[end] / (cum_mass[end] - cum_mass[start])
+    alpha = _group_alpha(levels, cum_mass, pos.min(), end, u)
     b0, b1 = order_split_shares(qs[pos], pos < end, rest_mass(qs, pos))
     cumulative = np.cumsum(b0 + alpha * b1)
     target = u_pick * cumulative[-1]
@@ -519,7 +525,7 @@ def threshold_node(
     ``order_split_pick``); drafts: [n] token ids in draw order."""
     order, ps, qs = priority_gather(p, q)
     none = np.zeros(0)
-    split_order = without_replacement and n >= 3  # the order split (``threshold.uses_order_split``)
+    split_order = without_replacement and n >= 3  # the order split (``common.uses_order_split``)
     pair = without_replacement and n == 2
     if split_order:
         phi, split, _, cum_mass = wor_curve_scan(ps, qs, n, race)
@@ -541,10 +547,7 @@ def threshold_node(
     if split_order and inside >= 2:
         chosen = order_split_pick(qs, levels, cum_mass, pos, end, u, uniforms[1])
     elif pair and last < end and pos[0] != pos[1]:
-        start = first  # the group's first boundary
-        while levels[start] > u:
-            start -= 1
-        alpha = cum_mass[end] / (cum_mass[end] - cum_mass[start])
+        alpha = _group_alpha(levels, cum_mass, first, end, u)
         c_y, c_z = 1.0 / pair_others[first], 1.0 / pair_others[last]
         chosen = first if uniforms[1] * (c_y + c_z) < c_z + alpha * (c_y - c_z) else last
     else:

@@ -132,15 +132,19 @@ ORDER_SPLIT_MAX_DRAFTS = 8
 ORDER_SPLIT_MAX_SUPPORT = THREE_DRAFT_CLOSED_MAX
 
 
+def uses_order_split(law: DraftLaw, n: int) -> bool:
+    """Three to ``ORDER_SPLIT_MAX_DRAFTS`` sequential draws without replacement choose inside a
+    group by the order split (``_threshold_numba.order_split_shares``) instead of the first draw.
+    The split is exact as checked by enumeration for n = 2 to 8 (tests/verifiers/test_optimal.py;
+    no proof for general n); more drafts keep priority orders."""
+    return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
+
+
 def order_split_curve(law: DraftLaw, n: int, support: int) -> bool:
     """Whether n drafts without replacement on ``support`` tokens take the threshold method with
-    the order split (3 <= n <= ``ORDER_SPLIT_MAX_DRAFTS``, at most ``ORDER_SPLIT_MAX_SUPPORT``
-    tokens): their Phi comes from ``_threshold_numba.wor_curve_scan``."""
-    return (
-        law.name == "without_replacement"
-        and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
-        and support <= ORDER_SPLIT_MAX_SUPPORT
-    )
+    the order split (``uses_order_split``, at most ``ORDER_SPLIT_MAX_SUPPORT`` tokens): their Phi
+    comes from ``_threshold_numba.wor_curve_scan``."""
+    return uses_order_split(law, n) and support <= ORDER_SPLIT_MAX_SUPPORT
 
 
 def closed_curve(law: DraftLaw, n: int) -> bool:

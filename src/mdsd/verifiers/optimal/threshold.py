@@ -31,13 +31,13 @@ import numpy as np
 
 from mdsd.laws import DraftLaw, others_mass
 from mdsd.verifiers.optimal.common import (
-    ORDER_SPLIT_MAX_DRAFTS,
     OptimalFit,
     closed_curve,
     keep_or_recover,
     order_split_curve,
     positions_of,
     priority_scan,
+    uses_order_split,
 )
 
 # The peeling treats the target as a single group once it is within this distance (probability
@@ -79,21 +79,6 @@ class ThresholdRow:
 def uses_pair_split(law: DraftLaw, n: int) -> bool:
     """Two sequential draws without replacement take the pair split instead of the first draw."""
     return law.name == "without_replacement" and n == 2
-
-
-def uses_order_split(law: DraftLaw, n: int) -> bool:
-    """Three to ``ORDER_SPLIT_MAX_DRAFTS`` sequential draws without replacement take the order
-    split (``_threshold_numba.order_split_shares``) instead of the first draw (on supports of up
-    to ``ORDER_SPLIT_MAX_SUPPORT`` tokens, ``order_split_applies``). The split is exact as checked
-    by enumeration for n = 2 to 8 (tests/verifiers/test_optimal.py; no proof for general n); more
-    drafts keep priority orders."""
-    return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
-
-
-def order_split_applies(law: DraftLaw, n: int, support: int) -> bool:
-    """Whether n drafts without replacement on ``support`` tokens take the threshold method with
-    the order split (``common.order_split_curve``)."""
-    return order_split_curve(law, n, support)
 
 
 def fit_threshold_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> ThresholdRow:
@@ -251,9 +236,9 @@ def _order_pick(row: ThresholdRow, pos_of: np.ndarray, end: int, u: float, u_pic
 
 def threshold_node_applies(law: DraftLaw, n: int, support: int) -> bool:
     """Whether the compiled node (``verifier.node_plan``) serves a row: a closed-form curve
-    (i.i.d. drafts, two without replacement, or three by the order split) and at most
+    (i.i.d. drafts, two without replacement, or three to eight by the order split) and at most
     ``NODE_KERNEL_MAX_SUPPORT`` tokens with q > 0."""
-    closed = closed_curve(law, n) or order_split_applies(law, n, support)
+    closed = closed_curve(law, n) or order_split_curve(law, n, support)
     return closed and support <= NODE_KERNEL_MAX_SUPPORT
 
 
@@ -527,13 +512,13 @@ def _order_split(fit, x, fr, pos_sorted, tau):
         draft_q = fit.split_mass[b, x[r]]
         rest = rest_mass(fit.split_mass[b], x[r])  # q of the tokens outside the draft set
         bounds = np.append(tau[r], 0.0)  # tau_1 = 1, ..., tau_n, tau_{n+1} = 0
+        levels, cum, p1 = fit.levels[b], fit.cum_mass[b], int(pos_sorted[r, 0])
         kept[r, np.argmin(pos)] += bounds[0] - bounds[1]
         for i in range(2, n + 1):
             lo, hi = bounds[i], bounds[i - 1]
             if hi <= lo:
                 continue
-            p1, last = int(pos_sorted[r, 0]), int(pos_sorted[r, i - 1])
-            levels, cum = fit.levels[b], fit.cum_mass[b]
+            last = int(pos_sorted[r, i - 1])
             integral = _shared_alpha_integral(levels, cum, p1, last, hi) - _shared_alpha_integral(
                 levels, cum, p1, last, lo
             )

@@ -19,7 +19,7 @@ from mdsd.sampling import categorical
 from mdsd.verifiers.base import Verifier
 from mdsd.verifiers.classic import RRSWithoutReplacement, SampleCheck
 from mdsd.verifiers.optimal import orders, threshold
-from mdsd.verifiers.optimal.common import OptimalFit, cap_rule, priority_scan
+from mdsd.verifiers.optimal.common import OptimalFit, cap_rule, order_split_curve, priority_scan
 from mdsd.verifiers.optimal.orders import (
     OrdersFit,
     fit_orders_row,
@@ -32,7 +32,6 @@ from mdsd.verifiers.optimal.orders import (
 from mdsd.verifiers.optimal.threshold import (
     ThresholdFit,
     fit_threshold_row,
-    order_split_applies,
     sample_threshold_row,
     stack_rows,
     threshold_node_applies,
@@ -119,7 +118,7 @@ def method_for(law: DraftLaw, n: int, support: int) -> str:
     """``threshold``, ``orders`` or ``fallback`` for n drafts from ``law`` on a support of q."""
     if law.name == "iid" or n == 1 or (law.name == "without_replacement" and n == 2):
         return "threshold"
-    if order_split_applies(law, n, support):
+    if order_split_curve(law, n, support):
         return "threshold"
     return "orders" if support <= MAX_ORDER_SUPPORT else "fallback"
 
