@@ -37,9 +37,9 @@ G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
 @pytest.fixture
 def orders_for_three(monkeypatch):
     """Three to eight drafts without replacement fitted by priority orders, as on supports beyond
-    ``ORDER_SPLIT_MAX_SUPPORT`` (``threshold.order_split_applies`` false), instead of the order
+    ``ORDER_SPLIT_MAX_SUPPORT`` (``common.order_split_curve`` false), instead of the order
     split."""
-    monkeypatch.setattr(front, "order_split_applies", lambda law, n, support: False)
+    monkeypatch.setattr(front, "order_split_curve", lambda law, n, support: False)
 
 
 def enumerate_optimal(p, q, n, law, fit=None):
@@ -498,6 +498,37 @@ def test_compiled_wolfe_factor_updates():
             assert not _orders_numba._append_point(factor, buffer, count, c)
 
 
+def _split_groups(rng, n, trials, span):
+    """``trials`` random cases of the order split's setting: (q [V], the earlier tokens A, the
+    group met first G, alpha = q(A + G) / q(G)), V from n + 1 to n + span, the rest of the
+    tokens later than G."""
+    for _ in range(trials):
+        vocab = int(rng.integers(n + 1, n + 1 + span))
+        q = rng.dirichlet(np.ones(vocab) * rng.choice([0.3, 1.0, 3.0]))
+        perm = rng.permutation(vocab)
+        a_size = int(rng.integers(0, vocab - n + 1))
+        g_size = int(rng.integers(1, vocab - a_size + 1))
+        earlier, group = perm[:a_size], perm[a_size : a_size + g_size]
+        yield q, earlier, group, q[np.concatenate([earlier, group])].sum() / q[group].sum()
+
+
+def _split_sets(q, n, earlier, group, alpha):
+    """(drafts [n], inside [n], share [n]) for every set of n tokens that misses ``earlier`` and
+    meets ``group``: the order split's pick probabilities (``order_split_shares`` at alpha),
+    each checked to lie in [0, 1]."""
+    from mdsd.verifiers.optimal._threshold_numba import order_split_shares
+
+    for drafts in itertools.combinations(range(q.size), n):
+        drafts = np.array(drafts)
+        inside = np.isin(drafts, group)
+        if np.isin(drafts, earlier).any() or not inside.any():
+            continue
+        b0, b1 = order_split_shares(q[drafts], inside, q[np.setdiff1d(np.arange(q.size), drafts)].sum())
+        share = b0 + alpha * b1
+        assert np.all(share >= -1e-12) and np.all(share <= 1.0 + 1e-12)
+        yield drafts, inside, share
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
 def test_order_split_is_q_proportional(n):
     """The order split (``_threshold_numba.order_split_shares``) by enumeration: for random token
@@ -507,27 +538,10 @@ def test_order_split_is_q_proportional(n):
     last draw when the last draw and an earlier one lie in G, else the first drawn of G" (alpha =
     q(A + G) / q(G)), and summed over the sets they put mass exactly proportional to q on G:
     P(meet G, miss A) q_y / q(G). For n = 2 they are the pair split's."""
-    from mdsd.verifiers.optimal._threshold_numba import order_split_shares
-
     rng = np.random.default_rng(60 + n)
-    for _ in range(40 if n < 5 else 12):
-        vocab = int(rng.integers(n + 1, n + 5 if n < 5 else n + 4))
-        q = rng.dirichlet(np.ones(vocab) * rng.choice([0.3, 1.0, 3.0]))
-        perm = rng.permutation(vocab)
-        a_size = int(rng.integers(0, vocab - n + 1))
-        g_size = int(rng.integers(1, vocab - a_size + 1))
-        earlier, group = perm[:a_size], perm[a_size : a_size + g_size]
-        alpha = q[np.concatenate([earlier, group])].sum() / q[group].sum()
-        mass, met = np.zeros(vocab), 0.0
-        for drafts in itertools.combinations(range(vocab), n):
-            drafts = np.array(drafts)
-            inside = np.isin(drafts, group)
-            if np.isin(drafts, earlier).any() or not inside.any():
-                continue
-            rest = q[np.setdiff1d(np.arange(vocab), drafts)].sum()
-            b0, b1 = order_split_shares(q[drafts], inside, rest)
-            share = b0 + alpha * b1
-            assert np.all(share >= -1e-12) and np.all(share <= 1.0 + 1e-12)
+    for q, earlier, group, alpha in _split_groups(rng, n, 40 if n < 5 else 12, 4 if n < 5 else 3):
+        mass, met = np.zeros(q.size), 0.0
+        for drafts, inside, share in _split_sets(q, n, earlier, group, alpha):
             plain, total = np.zeros(n), 0.0  # the average over the orders, in plain Python
             for sigma in itertools.permutations(range(n)):
                 prob, used = 1.0, 0.0
@@ -548,7 +562,7 @@ def test_order_split_is_q_proportional(n):
             mass[drafts] += total * share
             met += total
         np.testing.assert_allclose(mass[group], met * q[group] / q[group].sum(), rtol=0, atol=1e-14)
-        assert np.all(mass[np.setdiff1d(np.arange(vocab), group)] == 0.0)
+        assert np.all(mass[np.setdiff1d(np.arange(q.size), group)] == 0.0)
 
 
 @pytest.mark.parametrize("n", [6, 8])
@@ -557,7 +571,6 @@ def test_order_split_is_q_proportional_for_more_drafts(n):
     weighted by the set's probability (a sum over its orders by a plain subset recursion,
     P(X) = prod q * sum_sigma prod_i 1 / (1 - q(sigma_<i))), put mass exactly proportional to q
     on the group met first."""
-    from mdsd.verifiers.optimal._threshold_numba import order_split_shares
 
     def set_prob(masses):
         full = (1 << masses.size) - 1
@@ -572,22 +585,9 @@ def test_order_split_is_q_proportional_for_more_drafts(n):
         return np.prod(masses) * orders[full]
 
     rng = np.random.default_rng(70 + n)
-    for _ in range(4):
-        vocab = int(rng.integers(n + 1, n + 3))
-        q = rng.dirichlet(np.ones(vocab) * rng.choice([0.3, 1.0, 3.0]))
-        perm = rng.permutation(vocab)
-        a_size = int(rng.integers(0, vocab - n + 1))
-        earlier, group = perm[:a_size], perm[a_size : a_size + int(rng.integers(1, vocab - a_size + 1))]
-        alpha = q[np.concatenate([earlier, group])].sum() / q[group].sum()
-        mass, met = np.zeros(vocab), 0.0
-        for drafts in itertools.combinations(range(vocab), n):
-            drafts = np.array(drafts)
-            inside = np.isin(drafts, group)
-            if np.isin(drafts, earlier).any() or not inside.any():
-                continue
-            b0, b1 = order_split_shares(q[drafts], inside, q[np.setdiff1d(np.arange(vocab), drafts)].sum())
-            share = b0 + alpha * b1
-            assert np.all(share >= -1e-12) and np.all(share <= 1.0 + 1e-12)
+    for q, earlier, group, alpha in _split_groups(rng, n, 4, 2):
+        mass, met = np.zeros(q.size), 0.0
+        for drafts, _, share in _split_sets(q, n, earlier, group, alpha):
             prob = set_prob(q[drafts])
             mass[drafts] += prob * share
             met += prob
