@@ -4,6 +4,7 @@ thread for every engine test module."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mdsd.models import load_pair
 
@@ -43,3 +44,11 @@ def llama(tiny):
 @pytest.fixture(scope="module")
 def gpt2(tiny):
     return load_pair(target=tiny["gpt2"][0], draft=tiny["gpt2"][1])
+
+
+@pytest.fixture(scope="module")
+def llama_cuda(tiny):
+    """The tiny Llama pair in float32 on the CUDA device (skips where there is none)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return load_pair(target=tiny["llama"][0], draft=tiny["llama"][1], device="cuda", dtype="float32")

@@ -37,8 +37,8 @@ class Oracle:
         key = (id(model), tuple(context))
         if key not in _LOGITS:
             with torch.inference_mode():
-                ids = torch.tensor([list(context)])
-                _LOGITS[key] = (model, model(input_ids=ids).logits[0, -1].float().numpy())
+                ids = torch.tensor([list(context)], device=model.device)
+                _LOGITS[key] = (model, model(input_ids=ids).logits[0, -1].float().cpu().numpy())
         return _LOGITS[key][1]
 
     def _processed(self, model, context):

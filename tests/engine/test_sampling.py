@@ -123,6 +123,29 @@ def test_engine_samples_follow_target_law(llama, widths, law, verifier):
     assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA
 
 
+@pytest.mark.parametrize(
+    "widths,law,verifier",
+    [
+        ((1, 1), "iid", "rrs"),
+        ((2, 1), "without_replacement", "rrs_without_replacement"),
+        ((3, 1), "without_replacement", "optimal"),
+        ((2, 2), "iid", "traversal"),
+    ],
+)
+def test_engine_samples_follow_target_law_on_cuda(llama_cuda, widths, law, verifier):
+    """The same end-to-end G-test with both models on the CUDA device (float32; skipped without
+    one): the chain's lean loop, a tree with cache surgery, the optimal verifier and a
+    sequence-level rule; false-positive rate 1e-4 each."""
+    sampling = SamplingConfig(1.0, top_k=TOP_K, max_new_tokens=2, stop_on_eos=False)
+    dec = TreeDecoder(llama_cuda, TreeConfig.make(widths, law, verifier), sampling)
+    results = dec.generate([PROMPT] * 1200, seed=4321)
+    counts = {}
+    for r in results:
+        counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
+    want = autoregressive_law(Oracle(llama_cuda, sampling), PROMPT, 2)
+    assert g_test_pvalue_of(counts, want) > G_TEST_ALPHA
+
+
 def _chain_case(seed: int, depth: int):
     """A drafted chain and its p per node, with p and q stored densely or on top-k supports,
     at temperature 1 or 0 (one-hot), and p = q at some nodes (empty residuals)."""
