@@ -53,6 +53,21 @@ def test_tree_logits_and_caches_match_plain_forward(request, family, static_cach
     np.testing.assert_allclose(got_d, oracle.logits(pair.draft, committed), atol=LOGIT_TOL, rtol=0)
 
 
+def test_steady_attention_leaves_out_cudnn_on_cuda_only():
+    """Decoding forwards on CUDA run SDPA without cuDNN's backend (it rebuilds its graph at every
+    new key length); on the CPU the context changes nothing; both restore the flags on exit."""
+    from mdsd.engine.runner import steady_attention
+
+    before = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
+    with steady_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
+    with steady_attention(torch.device("cpu")):
+        assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
+
+
 def test_matmul_backend_choice_and_errors(llama):
     from mdsd.engine.static_llama import choose_matmul
 

@@ -23,6 +23,7 @@ import torch
 
 from mdsd.engine.decode import Autoregressive, TreeDecoder, encode_prompt, eos_ids
 from mdsd.engine.records import DecodeStats, SamplingConfig, TreeConfig
+from mdsd.engine.runner import steady_attention
 
 WARMUP_TOKENS = 8
 DEFAULT_CONFIGS = (  # single-draft chains and multi-draft trees at the same depths
@@ -134,7 +135,7 @@ class _HFAssisted:
         ids = encode_prompt(self.pair, prompt)
         input_ids = torch.tensor([ids], device=self.pair.target.device)
         min_new = 0 if self.sampling.stop_on_eos else max_new
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(), steady_attention(input_ids.device):
             torch.manual_seed(seed)
             out = self.pair.target.generate(
                 input_ids,

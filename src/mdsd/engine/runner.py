@@ -16,16 +16,29 @@ that ignores custom 4-D masks is refused instead of decoding from a wrong distri
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "mistral", "qwen2", "qwen3")
+# SDPA on CUDA without cuDNN's backend, which builds a new execution graph for every new key
+# length (PyTorch pull request 155958), i.e. at every decoding step
+STEADY_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 MASK_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # else 2e-2 (half precision)
+
+
+def steady_attention(device: torch.device):
+    """The context every decoding forward on ``device`` runs in: on CUDA, SDPA limited to
+    ``STEADY_SDPA_BACKENDS``; elsewhere torch's own choice (a null context)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(STEADY_SDPA_BACKENDS)
 
 
 def check_supported(model, name: str) -> None:
@@ -142,12 +155,13 @@ class ModelRunner:
     # ------------------------------------------------------------------ forwards
     def _hidden(self, ids, keep: int, **kwargs) -> torch.Tensor:
         """Final hidden states of the last ``keep`` new tokens, [keep, H] (the cache grows)."""
-        out = self._body(
-            input_ids=torch.as_tensor(ids, dtype=torch.long, device=self.device)[None, :],
-            use_cache=True,
-            **{self._body_cache_kw: self.cache},
-            **kwargs,
-        )
+        with steady_attention(self.device):
+            out = self._body(
+                input_ids=torch.as_tensor(ids, dtype=torch.long, device=self.device)[None, :],
+                use_cache=True,
+                **{self._body_cache_kw: self.cache},
+                **kwargs,
+            )
         self.calls += 1
         if not self._checked_layers:
             self._check_layers()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mdsd.engine.runner import ModelRunner, SampledChain
+from mdsd.engine.runner import ModelRunner, SampledChain, steady_attention
 
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -474,10 +474,11 @@ class StaticLlamaRunner(ModelRunner):
         else:
             cos, sin = self._rotary(x, position_ids)  # [1, m, d]
             cos, sin = cos[0, :, None], sin[0, :, None]  # [m, 1, d]
-        for i, layer in enumerate(self._layers):
-            x = x + self._attention(i, layer, layer.input_norm(x), cos, sin, mask, start, end)
-            gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)  # [m, I] each
-            x = x + layer.down(F.silu(gate) * up)
+        with steady_attention(self.device):
+            for i, layer in enumerate(self._layers):
+                x = x + self._attention(i, layer, layer.input_norm(x), cos, sin, mask, start, end)
+                gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)  # [m, I] each
+                x = x + layer.down(F.silu(gate) * up)
         self._length = end
         self.calls += 1
         return self._final_norm(x[-keep:])
