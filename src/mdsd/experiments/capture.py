@@ -343,7 +343,15 @@ def _draft_rows(runner, prompt: list[int], tokens: list[list[int]], capacity: in
 
 def _generate_hf(pair, prompt: list[int], temperatures: list[float], rngs, config: MeasureConfig):
     """The temperatures as one batch through the models' Hugging Face forward (KV cache of the
-    model); then one draft forward over the finished, end-padded sequences."""
+    model); then one draft forward over the finished, end-padded sequences. On CUDA the forwards
+    run SDPA without cuDNN's backend (``mdsd.engine.runner.steady_attention``)."""
+    from mdsd.engine.runner import steady_attention
+
+    with steady_attention(pair.device):
+        return _generate_hf_rows(pair, prompt, temperatures, rngs, config)
+
+
+def _generate_hf_rows(pair, prompt: list[int], temperatures: list[float], rngs, config: MeasureConfig):
     import torch
 
     tokenizer, target, draft = pair.tokenizer, pair.target, pair.draft
