@@ -26,11 +26,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SUPPORTED_MODEL_TYPES = ("llama", "gpt2", "mistral", "qwen2", "qwen3")
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+MASK_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # else 2e-2 (half precision)
 # SDPA on CUDA without cuDNN's backend, which builds a new execution graph for every new key
 # length (PyTorch pull request 155958), i.e. at every decoding step
 STEADY_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-MASK_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # else 2e-2 (half precision)
 
 
 def steady_attention(device: torch.device):
