@@ -153,12 +153,13 @@ def test_three_draft_closed_form_matches_exact_enumeration(rng):
 
 
 def test_three_draft_closed_form_matches_race_quadrature():
-    """On LM-like top-k rows (the optimal verifier's supports) the closed form and the race
+    """On LM-like top-k rows (the optimal verifier's supports) and a whole 1,000-token row (where
+    the optimal verifier's order split takes the quadrature) the closed form and the race
     quadrature, which it replaces up to ``THREE_DRAFT_CLOSED_MAX`` tokens, agree to the
     quadrature's accuracy."""
     gen = np.random.default_rng(7)
-    for top_k, temperature in ((64, 0.3), (64, 1.0), (256, 0.7)):
-        _, q = lm_pair(8192, seed=top_k, temperature=temperature, top_k=top_k)
+    for vocab, top_k, temperature in ((8192, 64, 0.3), (8192, 64, 1.0), (8192, 256, 0.7), (1000, None, 0.9)):
+        _, q = lm_pair(vocab, seed=top_k or 1, temperature=temperature, top_k=top_k)
         row = gen.permutation(q[q > 0])
         race = wor_qall_prefixes(row[None, :] / row.sum(), 3)[0]
         np.testing.assert_allclose(three_draft_qall_window(row, 0, row.size), race, rtol=0, atol=1e-12)

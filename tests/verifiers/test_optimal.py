@@ -36,10 +36,9 @@ G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
 
 @pytest.fixture
 def orders_for_three(monkeypatch):
-    """Three to eight drafts without replacement fitted by priority orders, as on supports beyond
-    ``ORDER_SPLIT_MAX_SUPPORT`` (``common.order_split_curve`` false), instead of the order
-    split."""
-    monkeypatch.setattr(front, "order_split_curve", lambda law, n, support: False)
+    """Three to eight drafts without replacement fitted by priority orders (as nine or more are),
+    instead of the order split: the orders method's tests on small n."""
+    monkeypatch.setattr(front, "uses_order_split", lambda law, n: False)
 
 
 def enumerate_optimal(p, q, n, law, fit=None):
@@ -261,7 +260,8 @@ def test_methods_by_law_and_n():
     assert fit_optimal(big_p, big_q, 8, "without_replacement").method == "threshold"
     assert fit_optimal(big_p, big_q, 9, "without_replacement").method == "orders"
     wide_p, wide_q = random_pair(np.random.default_rng(13), 300)  # Qall by quadrature
-    assert fit_optimal(wide_p, wide_q, 3, "without_replacement").method == "orders"
+    assert fit_optimal(wide_p, wide_q, 3, "without_replacement").method == "threshold"
+    assert fit_optimal(wide_p, wide_q, 9, "without_replacement").method == "orders"
     assert fit_optimal(p, q, 2, "conditional_poisson").method == "orders"
     assert fit_optimal(p, q, 1, "conditional_poisson").method == "threshold"
 
@@ -621,6 +621,42 @@ def test_order_split_attains_alpha_at_top_k():
     assert law_given_x.sum() == pytest.approx(1.0, abs=1e-12) and np.all(law_given_x >= 0)
 
 
+@pytest.mark.parametrize("vocab", [1000, 5000])
+def test_order_split_attains_alpha_on_large_supports(vocab):
+    """Three, four and eight drafts without replacement over a whole LM-like vocabulary (Phi by
+    the race quadrature; at 5,000 tokens the row path, beyond the compiled node's
+    ``NODE_KERNEL_MAX_SUPPORT``): the threshold method, certified, acceptance alpha* to 1e-12, a
+    draft set's law sums to 1; at 1,000 tokens the decoding sampler's tokens, drafts drawn
+    afresh for each, follow p (G-test on the tokens with an expected count of at least 5 and the
+    rest pooled; false-positive rate 1e-4 per n)."""
+    p, q = lm_pair(vocab, seed=vocab, temperature=0.9)
+    law = mdsd.get_law("without_replacement")
+    rng = np.random.default_rng(vocab)
+    for n in (3, 4, 8):
+        fit = fit_optimal(p, q, n, "without_replacement")
+        assert fit.method == "threshold" and fit.certified[0]
+        assert fit.acceptance[0] == pytest.approx(mdsd.optimal_acceptance(p, q, n, law), abs=1e-12)
+        law_given_x = output_law_from_fit(fit, law.sample(q, n, rng))
+        assert law_given_x.sum() == pytest.approx(1.0, abs=1e-12) and np.all(law_given_x >= 0)
+        if vocab > 1000 or n == 8:
+            continue
+        draws = 4000
+        drafts = law.sample(np.broadcast_to(q, (draws, vocab)), n, rng)
+        tokens, _ = mdsd.verify(
+            np.broadcast_to(p, (draws, vocab)),
+            np.broadcast_to(q, (draws, vocab)),
+            drafts,
+            "optimal",
+            law,
+            rng=rng,
+        )
+        cells = np.flatnonzero(draws * p >= 5)
+        counts = np.append(
+            np.bincount(tokens, minlength=vocab)[cells], np.isin(tokens, cells, invert=True).sum()
+        )
+        assert g_test_pvalue(counts, np.append(p[cells], 1.0 - p[cells].sum())) > G_TEST_MIN_P
+
+
 def test_compiled_wolfe_sums_keep_their_order():
     """The Wolfe loop's interleaved sums are its plain ones bit for bit: ``_rows_dot`` (four rows
     per pass) is each row's ``_dot``, ``_gap_dots`` the three ``_dot`` of the gap test, and the
@@ -793,17 +829,17 @@ def _zero_one(row, i):
 def test_threshold_node_equals_row_path():
     """The compiled node (``node_plan``: fit + draw in one call, the engine's per-node path) draws
     the same token as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the
-    same generator state: i.i.d. n = 1..5, two drafts without replacement, three to eight (up
-    to ``THREE_DRAFT_CLOSED_MAX`` tokens) on rows of 2-300 tokens with zeros in p and q, p = q, flat
-    and very peaked q, ties; so every branch (pair split, order split, keep, residual, empty
-    residual) is compared exactly."""
+    same generator state: i.i.d. n = 1..5, two drafts without replacement, three to eight (Qall
+    in closed form for three up to ``THREE_DRAFT_CLOSED_MAX`` tokens, by the race beyond) on rows
+    of 2-300 tokens with zeros in p and q, p = q, flat and very peaked q, ties; so every branch
+    (pair split, order split, keep, residual, empty residual) is compared exactly."""
     gen = np.random.default_rng(44)
     compared = 0
     for trial, (p, q) in enumerate(_node_rows(gen, 500, smallest=2, largest=300)):
         cases = (("iid", 1 + trial % 5), ("without_replacement", 2), ("without_replacement", 3 + trial % 6))
         for law, n in cases:
             the_law = mdsd.get_law(law)
-            if not law_accepts(law, q, n) or (n >= 3 and np.count_nonzero(q) > THREE_DRAFT_CLOSED_MAX):
+            if not law_accepts(law, q, n):
                 continue
             drafts = the_law.sample(q, n, gen)
             seed = int(gen.integers(1 << 30))

@@ -7,12 +7,12 @@ Modules (docs/optimal.md explains the construction and its proofs):
                      prefix scan (``mdsd.bound.prefix_scan``); the fit fields every method has;
                      the capping of a rule's mass vector m by p (exact whatever m is).
 ``threshold``        random-threshold priority groups: i.i.d. drafts at any vocabulary size, two
-                     without-replacement drafts (a pair split) and three to eight on supports of up
-                     to ``ORDER_SPLIT_MAX_SUPPORT`` tokens (the order split); method ``threshold``.
+                     without-replacement drafts (a pair split) and three to eight (the order
+                     split); method ``threshold``.
 ``priority_orders``  random priority orders as mixtures of greedy vertices of the coverage
                      function, fitted by Wolfe's minimum-norm-point algorithm.
-``orders``           the rule built on them for without_replacement n >= 9 (and 3-8 on larger
-                     supports) and conditional_poisson; method ``orders``.
+``orders``           the rule built on them for without_replacement n >= 9 and
+                     conditional_poisson; method ``orders``.
 ``verifier``         dispatch, the fallback beyond ``MAX_ORDER_SUPPORT``, certification of the
                      reported acceptance, :func:`fit_optimal`, :func:`output_law_from_fit` and
                      :class:`OptimalVerifier` (whose ``sample`` is the decoding path).

@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from mdsd.bound import RADIX_MIN, prefix_scan, stable_argsort
-from mdsd.laws import THREE_DRAFT_CLOSED_MAX, DraftLaw, others_mass
+from mdsd.laws import DraftLaw, others_mass
 from mdsd.sampling import draw
 from mdsd.verifiers.base import EMPTY_MASS
 
@@ -79,9 +79,9 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     may then prune the prefixes that cannot attain the minimum; phi is None).
 
     Fast paths: the curve of a closed-form Qall (i.i.d. drafts, or two without replacement) in
-    one compiled pass (``_threshold_numba.curve_scan``), and of three or more without replacement
-    on short supports (``order_split_curve``: ``_threshold_numba.wor_curve_scan``, Qall of every
-    prefix, where the bound's scan integrates only those that can attain the minimum); the split alone
+    one compiled pass (``_threshold_numba.curve_scan``), and of three to eight without replacement
+    (``uses_order_split``: ``_threshold_numba.wor_curve_scan``, Qall of every prefix, where the
+    bound's scan integrates only those that can attain the minimum); the split alone
     of conditional Poisson and of drafts without replacement whose Qall is a quadrature
     (``_orders_numba.scan_split``, the orders node's scan). Elsewhere, and as their reference,
     :func:`priority_scan_reference` (the same numbers; tested).
@@ -89,7 +89,7 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     support = int(np.count_nonzero(q))
     if not curve and compiled_split(law, n, support):
         return _compiled_split(p, q, n, law)
-    split_curve = order_split_curve(law, n, support)
+    split_curve = uses_order_split(law, n)
     if not (curve and (closed_curve(law, n) or split_curve)):
         return priority_scan_reference(p, q, n, law, curve=curve)
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
@@ -125,26 +125,19 @@ def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Prio
 
 
 # Drafts without replacement that the threshold method takes with the order split (checked by
-# enumeration up to this n), and the largest support for them: Phi of every prefix compiled
-# (the closed form of Qall for three draws, the race quadrature beyond), O(K^2) or O(K x nodes)
-# per position.
+# enumeration up to this n), on any support: Phi of every prefix compiled (the closed form of
+# Qall for three draws on up to laws.THREE_DRAFT_CLOSED_MAX tokens, O(K^2); else the race quadrature,
+# O(K x nodes)) per position.
 ORDER_SPLIT_MAX_DRAFTS = 8
-ORDER_SPLIT_MAX_SUPPORT = THREE_DRAFT_CLOSED_MAX
 
 
 def uses_order_split(law: DraftLaw, n: int) -> bool:
     """Three to ``ORDER_SPLIT_MAX_DRAFTS`` sequential draws without replacement choose inside a
     group by the order split (``_threshold_numba.order_split_shares``) instead of the first draw.
     The split is exact as checked by enumeration for n = 2 to 8 (tests/verifiers/test_optimal.py;
-    no proof for general n); more drafts keep priority orders."""
+    no proof for general n); more drafts keep priority orders. Their Phi comes from
+    ``_threshold_numba.wor_curve_scan``."""
     return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
-
-
-def order_split_curve(law: DraftLaw, n: int, support: int) -> bool:
-    """Whether n drafts without replacement on ``support`` tokens take the threshold method with
-    the order split (``uses_order_split``, at most ``ORDER_SPLIT_MAX_SUPPORT`` tokens): their Phi
-    comes from ``_threshold_numba.wor_curve_scan``."""
-    return uses_order_split(law, n) and support <= ORDER_SPLIT_MAX_SUPPORT
 
 
 def closed_curve(law: DraftLaw, n: int) -> bool:

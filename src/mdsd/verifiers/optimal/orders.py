@@ -1,6 +1,6 @@
 """Random priority orders: the optimal rule for nine or more without-replacement drafts (three to
-eight on supports beyond ``common.ORDER_SPLIT_MAX_SUPPORT``; below, ``threshold``'s order split) and for
-conditional-Poisson drafts (method ``orders``; docs/optimal.md, "Priority orders").
+eight take ``threshold``'s order split) and for conditional-Poisson drafts (method ``orders``;
+docs/optimal.md, "Priority orders").
 
 When set(x) meets L = U_m* (the first m* tokens of the priority order, ``common.priority_scan``)
 the rule accepts the drafted L-token that comes first in an order of L drawn from a mixture,

@@ -34,7 +34,6 @@ from mdsd.verifiers.optimal.common import (
     OptimalFit,
     closed_curve,
     keep_or_recover,
-    order_split_curve,
     positions_of,
     priority_scan,
     uses_order_split,
@@ -238,7 +237,7 @@ def threshold_node_applies(law: DraftLaw, n: int, support: int) -> bool:
     """Whether the compiled node (``verifier.node_plan``) serves a row: a closed-form curve
     (i.i.d. drafts, two without replacement, or three to eight by the order split) and at most
     ``NODE_KERNEL_MAX_SUPPORT`` tokens with q > 0."""
-    closed = closed_curve(law, n) or order_split_curve(law, n, support)
+    closed = closed_curve(law, n) or uses_order_split(law, n)
     return closed and support <= NODE_KERNEL_MAX_SUPPORT
 
 

@@ -19,7 +19,7 @@ from mdsd.sampling import categorical
 from mdsd.verifiers.base import Verifier
 from mdsd.verifiers.classic import RRSWithoutReplacement, SampleCheck
 from mdsd.verifiers.optimal import orders, threshold
-from mdsd.verifiers.optimal.common import OptimalFit, cap_rule, order_split_curve, priority_scan
+from mdsd.verifiers.optimal.common import OptimalFit, cap_rule, priority_scan, uses_order_split
 from mdsd.verifiers.optimal.orders import (
     OrdersFit,
     fit_orders_row,
@@ -118,7 +118,7 @@ def method_for(law: DraftLaw, n: int, support: int) -> str:
     """``threshold``, ``orders`` or ``fallback`` for n drafts from ``law`` on a support of q."""
     if law.name == "iid" or n == 1 or (law.name == "without_replacement" and n == 2):
         return "threshold"
-    if order_split_curve(law, n, support):
+    if uses_order_split(law, n):
         return "threshold"
     return "orders" if support <= MAX_ORDER_SUPPORT else "fallback"
 
@@ -383,8 +383,7 @@ class OptimalVerifier(Verifier):
     A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
     the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
     rest is emitted from resid(p - a); two to eight without_replacement drafts choose inside a
-    group by the pair and the order split. More without_replacement drafts (three to eight on
-    supports beyond ``ORDER_SPLIT_MAX_SUPPORT`` tokens) and
+    group by the pair and the order split. More without_replacement drafts and
     conditional_poisson drafts: mixtures of priority orders on supports up to
     ``MAX_ORDER_SUPPORT`` tokens, else the law's fallback verifier (with a warning). See
     docs/optimal.md.
