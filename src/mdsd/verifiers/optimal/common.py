@@ -134,8 +134,9 @@ ORDER_SPLIT_MAX_DRAFTS = 8
 def uses_order_split(law: DraftLaw, n: int) -> bool:
     """Three to ``ORDER_SPLIT_MAX_DRAFTS`` sequential draws without replacement choose inside a
     group by the order split (``_threshold_numba.order_split_shares``) instead of the first draw.
-    The split is exact as checked by enumeration for n = 2 to 8 (tests/verifiers/test_optimal.py;
-    no proof for general n); more drafts keep priority orders. Their Phi comes from
+    Its mass is q-proportional inside every group for any n (docs/optimal.md, "Why the mass is
+    q_y rho_G"); that its shares are never negative is checked by enumeration for n = 2 to 8
+    (tests/verifiers/test_optimal.py), so more drafts keep priority orders. Their Phi comes from
     ``_threshold_numba.wor_curve_scan``."""
     return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
 
