@@ -124,10 +124,10 @@ def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Prio
     return PriorityScan(order, None, int(split), min(1.0, max(0.0, float(alpha))), ps, qs)
 
 
-# Drafts without replacement that the threshold method takes with the order split (checked by
-# enumeration up to this n), on any support: Phi of every prefix compiled (the closed form of
-# Qall for three draws on up to laws.THREE_DRAFT_CLOSED_MAX tokens, O(K^2); else the race quadrature,
-# O(K x nodes)) per position.
+# Drafts without replacement that the threshold method takes with the order split (its shares'
+# nonnegativity checked by enumeration up to this n), on any support: Phi of every prefix
+# compiled (the closed form of Qall for three draws on up to laws.THREE_DRAFT_CLOSED_MAX tokens,
+# O(K^2); else the race quadrature, O(K x nodes)) per position.
 ORDER_SPLIT_MAX_DRAFTS = 8
 
 

@@ -19,7 +19,7 @@ from mdsd.sampling import categorical
 from mdsd.verifiers.base import Verifier
 from mdsd.verifiers.classic import RRSWithoutReplacement, SampleCheck
 from mdsd.verifiers.optimal import orders, threshold
-from mdsd.verifiers.optimal.common import OptimalFit, cap_rule, priority_scan, uses_order_split
+from mdsd.verifiers.optimal.common import OptimalFit, cap_rule, closed_curve, priority_scan, uses_order_split
 from mdsd.verifiers.optimal.orders import (
     OrdersFit,
     fit_orders_row,
@@ -116,9 +116,7 @@ def check_law(law) -> DraftLaw:
 
 def method_for(law: DraftLaw, n: int, support: int) -> str:
     """``threshold``, ``orders`` or ``fallback`` for n drafts from ``law`` on a support of q."""
-    if law.name == "iid" or n == 1 or (law.name == "without_replacement" and n == 2):
-        return "threshold"
-    if uses_order_split(law, n):
+    if n == 1 or closed_curve(law, n) or uses_order_split(law, n):
         return "threshold"
     return "orders" if support <= MAX_ORDER_SUPPORT else "fallback"
 
