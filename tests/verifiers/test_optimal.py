@@ -23,7 +23,7 @@ from mdsd.verifiers.optimal import (
     verify_from_fit,
 )
 from mdsd.verifiers.optimal import verifier as front
-from mdsd.verifiers.optimal.common import priority_scan
+from mdsd.verifiers.optimal.common import ORDER_SPLIT_MAX_DRAFTS, priority_scan
 from mdsd.verifiers.optimal.verifier import node_plan
 
 from conftest import edge_pairs, g_test_pvalue, law_accepts, random_pair
@@ -36,7 +36,7 @@ G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
 
 @pytest.fixture
 def orders_for_three(monkeypatch):
-    """Three to eight drafts without replacement fitted by priority orders (as nine or more are),
+    """Three to twelve drafts without replacement fitted by priority orders (as more are),
     instead of the order split: the orders method's tests on small n."""
     monkeypatch.setattr(front, "uses_order_split", lambda law, n: False)
 
@@ -258,10 +258,11 @@ def test_methods_by_law_and_n():
     assert fit_optimal(p, q, 4, "without_replacement").method == "threshold"
     big_p, big_q = random_pair(np.random.default_rng(14), 12)
     assert fit_optimal(big_p, big_q, 8, "without_replacement").method == "threshold"
-    assert fit_optimal(big_p, big_q, 9, "without_replacement").method == "orders"
+    assert fit_optimal(big_p, big_q, 12, "without_replacement").method == "threshold"
     wide_p, wide_q = random_pair(np.random.default_rng(13), 300)  # Qall by quadrature
     assert fit_optimal(wide_p, wide_q, 3, "without_replacement").method == "threshold"
-    assert fit_optimal(wide_p, wide_q, 9, "without_replacement").method == "orders"
+    assert fit_optimal(wide_p, wide_q, 12, "without_replacement").method == "threshold"
+    assert fit_optimal(wide_p, wide_q, 13, "without_replacement").method == "orders"
     assert fit_optimal(p, q, 2, "conditional_poisson").method == "orders"
     assert fit_optimal(p, q, 1, "conditional_poisson").method == "threshold"
 
@@ -498,15 +499,15 @@ def test_compiled_wolfe_factor_updates():
             assert not _orders_numba._append_point(factor, buffer, count, c)
 
 
-def _split_groups(rng, n, trials, span):
+def _split_groups(rng, n, trials, span, most_earlier=None):
     """``trials`` random cases of the order split's setting: (q [V], the earlier tokens A, the
-    group met first G, alpha = q(A + G) / q(G)), V from n + 1 to n + span, the rest of the
-    tokens later than G."""
+    group met first G, alpha = q(A + G) / q(G)), V from n + 1 to n + span, at most
+    ``most_earlier`` tokens in A, the rest of the tokens later than G."""
     for _ in range(trials):
         vocab = int(rng.integers(n + 1, n + 1 + span))
         q = rng.dirichlet(np.ones(vocab) * rng.choice([0.3, 1.0, 3.0]))
         perm = rng.permutation(vocab)
-        a_size = int(rng.integers(0, vocab - n + 1))
+        a_size = int(rng.integers(0, min(vocab - n, most_earlier if most_earlier is not None else vocab) + 1))
         g_size = int(rng.integers(1, vocab - a_size + 1))
         earlier, group = perm[:a_size], perm[a_size : a_size + g_size]
         yield q, earlier, group, q[np.concatenate([earlier, group])].sum() / q[group].sum()
@@ -565,33 +566,70 @@ def test_order_split_is_q_proportional(n):
         assert np.all(mass[np.setdiff1d(np.arange(q.size), group)] == 0.0)
 
 
-@pytest.mark.parametrize("n", [6, 8])
-def test_order_split_is_q_proportional_for_more_drafts(n):
-    """The order split for six and eight drafts: every set's shares are probabilities and,
+@pytest.mark.parametrize("n, trials", [(6, 4), (8, 4), (10, 3), (12, 2)])
+def test_order_split_is_q_proportional_for_more_drafts(n, trials):
+    """The order split for six to twelve drafts: every set's shares are probabilities and,
     weighted by the set's probability (a sum over its orders by a plain subset recursion,
     P(X) = prod q * sum_sigma prod_i 1 / (1 - q(sigma_<i))), put mass exactly proportional to q
-    on the group met first."""
+    on the group met first (from ten drafts on, at most one earlier token: 11 to 91 sets per
+    case)."""
 
     def set_prob(masses):
         full = (1 << masses.size) - 1
+        bits = (np.arange(full + 1)[:, None] >> np.arange(masses.size)) & 1
+        used = bits @ masses  # q of each prefix set
         orders = np.zeros(full + 1)  # sum over the orders of a prefix set Q of prod 1 / (1 - q)
         orders[0] = 1.0
         for prefix in range(1, full + 1):
-            for s in range(masses.size):
-                if prefix >> s & 1:
-                    before = prefix & ~(1 << s)
-                    used = sum(masses[i] for i in range(masses.size) if before >> i & 1)
-                    orders[prefix] += orders[before] / (1.0 - used)
+            before = prefix & ~(1 << np.flatnonzero(bits[prefix]))
+            orders[prefix] = np.sum(orders[before] / (1.0 - used[before]))
         return np.prod(masses) * orders[full]
 
     rng = np.random.default_rng(70 + n)
-    for q, earlier, group, alpha in _split_groups(rng, n, 4, 2):
+    for q, earlier, group, alpha in _split_groups(rng, n, trials, 2, 1 if n >= 10 else None):
         mass, met = np.zeros(q.size), 0.0
         for drafts, _, share in _split_sets(q, n, earlier, group, alpha):
             prob = set_prob(q[drafts])
             mass[drafts] += prob * share
             met += prob
         np.testing.assert_allclose(mass[group], met * q[group] / q[group].sum(), rtol=0, atol=1e-14)
+
+
+def test_order_split_shares_are_probabilities_at_the_largest_alpha():
+    """The order split's shares for 2 to ``ORDER_SPLIT_MAX_DRAFTS`` drafts on random masses (flat
+    to extremely peaked, the rest from 1e-9 to nearly all the mass, every size of the group's
+    part): probabilities at alpha = 1 and at the largest alpha the set allows, 1 + rest / q(drafts
+    in G) (a share is affine in alpha); b0 sums to 1 and b1 to 0. ``order_split_shares`` raises
+    where a share falls below this; here no case may come near that."""
+    from mdsd.verifiers.optimal._threshold_numba import order_split_shares
+
+    rng = np.random.default_rng(90)
+    for n in range(2, ORDER_SPLIT_MAX_DRAFTS + 1):
+        for _ in range(400 if n <= 8 else 40):
+            masses = np.maximum(rng.dirichlet(np.ones(n) * rng.choice([0.05, 0.3, 1.0, 5.0])), 1e-30)
+            masses /= masses.sum()
+            rest = float(10.0 ** rng.uniform(-9, np.log10(0.999)))
+            inside = np.zeros(n, dtype=bool)
+            inside[rng.choice(n, int(rng.integers(1, n + 1)), replace=False)] = True
+            b0, b1 = order_split_shares(masses * (1.0 - rest), inside, rest)
+            assert b0.sum() == pytest.approx(1.0, abs=1e-12) and abs(b1.sum()) < 1e-9
+            bound = 1.0 + rest / (masses[inside].sum() * (1.0 - rest))
+            for alpha in (1.0, bound):
+                share = b0 + alpha * b1
+                assert np.all(share >= -1e-12 * alpha) and np.all(share[~inside] == 0.0)
+
+
+def test_negative_shares_are_refused():
+    """The order split's guard (``shares_are_probabilities``) refuses a share below rounding at
+    either end of alpha's range and lets rounding-sized ones pass."""
+    from mdsd.verifiers.optimal._threshold_numba import SHARE_TOLERANCE, shares_are_probabilities
+
+    b0, b1 = np.array([0.5, 0.5, 0.0]), np.array([0.2, -0.2, 0.0])
+    assert shares_are_probabilities(b0, b1, 2.5)  # 0.5 - 2.5 * 0.2 = 0 at the bound
+    assert not shares_are_probabilities(b0, b1, 2.6)  # -0.02 at the bound
+    assert not shares_are_probabilities(np.array([1.1, -0.1]), np.zeros(2), 1.0)  # at alpha = 1
+    rounding = np.array([-0.5, 0.5]) * SHARE_TOLERANCE  # -50 tolerances at alpha = 100
+    assert shares_are_probabilities(np.array([0.0, 1.0]), rounding, 100.0)
 
 
 @pytest.mark.parametrize("n", [5, 6])
@@ -623,19 +661,20 @@ def test_order_split_attains_alpha_at_top_k():
 
 @pytest.mark.parametrize("vocab", [1000, 5000])
 def test_order_split_attains_alpha_on_large_supports(vocab):
-    """Three, four and eight drafts without replacement over a whole LM-like vocabulary (Phi by
-    the race quadrature; at 5,000 tokens the row path, beyond the compiled node's
-    ``NODE_KERNEL_MAX_SUPPORT``): the threshold method, certified, acceptance alpha* to 1e-12, a
-    draft set's law sums to 1; at 1,000 tokens the decoding sampler's tokens, drafts drawn
-    afresh for each, follow p (G-test on the tokens with an expected count of at least 5 and the
-    rest pooled; false-positive rate 1e-4 per n)."""
+    """Three, four, eight and twelve drafts without replacement over a whole LM-like vocabulary
+    (Phi by the race quadrature; at 5,000 tokens the row path, beyond the compiled node's
+    ``NODE_KERNEL_MAX_SUPPORT``): the threshold method, certified, acceptance alpha* to 1e-12
+    (1e-11 for twelve), a draft set's law sums to 1; at 1,000 tokens the decoding sampler's
+    tokens (n = 3, 4, 12), drafts drawn afresh for each, follow p (G-test on the tokens with an
+    expected count of at least 5 and the rest pooled; false-positive rate 1e-4 per n)."""
     p, q = lm_pair(vocab, seed=vocab, temperature=0.9)
     law = mdsd.get_law("without_replacement")
     rng = np.random.default_rng(vocab)
-    for n in (3, 4, 8):
+    for n in (3, 4, 8, 12):
         fit = fit_optimal(p, q, n, "without_replacement")
         assert fit.method == "threshold" and fit.certified[0]
-        assert fit.acceptance[0] == pytest.approx(mdsd.optimal_acceptance(p, q, n, law), abs=1e-12)
+        tol = 1e-12 if n <= 8 else 1e-11  # both sides' race quadratures (1.1e-12 apart at 5,000, n = 12)
+        assert fit.acceptance[0] == pytest.approx(mdsd.optimal_acceptance(p, q, n, law), abs=tol)
         law_given_x = output_law_from_fit(fit, law.sample(q, n, rng))
         assert law_given_x.sum() == pytest.approx(1.0, abs=1e-12) and np.all(law_given_x >= 0)
         if vocab > 1000 or n == 8:
@@ -829,14 +868,14 @@ def _zero_one(row, i):
 def test_threshold_node_equals_row_path():
     """The compiled node (``node_plan``: fit + draw in one call, the engine's per-node path) draws
     the same token as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the
-    same generator state: i.i.d. n = 1..5, two drafts without replacement, three to eight (Qall
+    same generator state: i.i.d. n = 1..5, two drafts without replacement, three to twelve (Qall
     in closed form for three up to ``THREE_DRAFT_CLOSED_MAX`` tokens, by the race beyond) on rows
     of 2-300 tokens with zeros in p and q, p = q, flat and very peaked q, ties; so every branch
     (pair split, order split, keep, residual, empty residual) is compared exactly."""
     gen = np.random.default_rng(44)
     compared = 0
     for trial, (p, q) in enumerate(_node_rows(gen, 500, smallest=2, largest=300)):
-        cases = (("iid", 1 + trial % 5), ("without_replacement", 2), ("without_replacement", 3 + trial % 6))
+        cases = (("iid", 1 + trial % 5), ("without_replacement", 2), ("without_replacement", 3 + trial % 10))
         for law, n in cases:
             the_law = mdsd.get_law(law)
             if not law_accepts(law, q, n):

@@ -7,7 +7,7 @@ Modules (docs/optimal.md explains the construction and its proofs):
                      prefix scan (``mdsd.bound.prefix_scan``); the fit fields every method has;
                      the capping of a rule's mass vector m by p (exact whatever m is).
 ``threshold``        random-threshold priority groups: i.i.d. drafts at any vocabulary size, two
-                     without-replacement drafts (a pair split) and three to eight (the order
+                     without-replacement drafts (a pair split) and three to twelve (the order
                      split); method ``threshold``.
 ``priority_orders``  random priority orders as mixtures of greedy vertices of the coverage
                      function, fitted by Wolfe's minimum-norm-point algorithm.

@@ -382,6 +382,10 @@ def _curve_and_prefix(qall, qs):
     return phi, cum_mass
 
 
+# A share below -SHARE_TOLERANCE * alpha is not rounding (``order_split_shares`` raises).
+SHARE_TOLERANCE = 1e-9
+
+
 @numba.njit(cache=True)
 def order_split_shares(draft_q, inside, rest):
     """(b0, b1) [n]: draft i of a set drawn without replacement is picked with probability
@@ -398,12 +402,99 @@ def order_split_shares(draft_q, inside, rest):
 
     prod q is common to all orders and cancels; 1 - q(sigma_<i) is the mass of the draws still to
     come, ``rest`` + q(S) for the set S of the remaining drafts (no cancellation for tiny
-    masses). The sum over orders runs over subsets (bit masks), O(2^n n^2): an order is its prefix
-    Q of drafts outside G, then the first drawn g of G, then an order of the rest T ending in l;
-    ``forward[Q]`` sums the prefix factors over the orders of Q, ``ending[T, l]`` the factors of
-    the orders of T that end in l. Every factor of sets of k drafts is scaled by the same c_k =
-    ``rest`` + the k smallest masses (each order has one factor per k), so the factors are at
-    most 1 and the order drawing the largest masses first has weight 1: no overflow."""
+    masses). The sum over orders runs over subsets (bit masks): an order is its prefix Q of
+    drafts outside G, then the first drawn g of G, then an order of the rest T ending in some
+    draft. ``forward[Q]`` sums the prefix factors over the orders of Q, ``outside[T]`` the factors
+    of the orders of T that end outside G, ``ending[j, T]`` those that end in the j-th draft of G
+    (one row of 2^n per draft of G, read within the row): O(2^n n (m + 1)) for m drafts in G.
+    Every factor of sets of k drafts is scaled by the same c_k = ``rest`` + the k smallest masses
+    (each order has one factor per k), so the factors are at most 1 and the order drawing the
+    largest masses first has weight 1: no overflow.
+
+    The shares are probabilities for every alpha the set allows (checked numerically up to
+    n = 12, not proved): alpha - 1 = q(U_a) / q(G) <= rest / q(drafts in G), and a share is
+    affine in alpha, so the shares are checked at that bound; a share below -SHARE_TOLERANCE *
+    alpha there raises ValueError (``shares_are_probabilities``) instead of a wrong law."""
+    n = draft_q.size
+    full = (1 << n) - 1
+    factor = _order_factors(draft_q, rest)
+    group, m = 0, 0
+    members = np.empty(n, dtype=np.int64)  # the drafts in G
+    for i in range(n):
+        if inside[i]:
+            group |= 1 << i
+            members[m] = i
+            m += 1
+    outside = np.zeros(full + 1)  # orders of T ending outside G
+    for subset in range(1, full + 1):
+        if subset == subset & -subset:  # one draft
+            outside[subset] = 0.0 if subset & group else factor[subset]
+            continue
+        total, bits = 0.0, subset
+        while bits:  # the first of T drawn
+            low = bits & -bits
+            total += outside[subset ^ low]
+            bits ^= low
+        outside[subset] = factor[subset] * total
+    ending = np.zeros((m, full + 1))  # orders of T ending in the j-th draft of G
+    for j in range(m):
+        last = 1 << members[j]
+        row = ending[j]
+        row[last] = factor[last]
+        for subset in range(last + 1, full + 1):
+            if not subset & last:
+                continue
+            total, bits = 0.0, subset ^ last
+            while bits:  # the first of T drawn
+                low = bits & -bits
+                total += row[subset ^ low]
+                bits ^= low
+            row[subset] = factor[subset] * total
+    forward = np.zeros(full + 1)  # orders of the prefix Q (outside G), before g is drawn
+    forward[0] = 1.0
+    b0, b1 = np.zeros(n), np.zeros(n)
+    for prefix in range(full + 1):
+        if prefix & group:
+            continue
+        if prefix:
+            total, bits = 0.0, prefix
+            while bits:  # the last of Q drawn
+                low = bits & -bits
+                total += forward[prefix ^ low] * factor[full ^ prefix ^ low]
+                bits ^= low
+            forward[prefix] = total
+        remaining = full ^ prefix
+        base = forward[prefix] * factor[remaining]  # g drawn next
+        for g in members[:m]:
+            after = remaining ^ (1 << g)
+            if after == 0:
+                b0[g] += base
+                continue
+            b0[g] += base * outside[after]
+            for j in range(m):  # alpha on g, 1 - alpha on the last draw
+                last = members[j]
+                if last != g and (after >> last) & 1:
+                    weight = base * ending[j, after]
+                    b0[last] += weight
+                    b1[g] += weight
+                    b1[last] -= weight
+    total = b0.sum()
+    b0, b1 = b0 / total, b1 / total
+    alpha_bound = 1.0 + rest / np.sum(draft_q[inside])
+    if not shares_are_probabilities(b0, b1, alpha_bound):
+        raise ValueError(
+            "verifier 'optimal': the order split gave a draft a negative pick probability (its "
+            "shares are checked numerically up to 12 drafts, not proved; see docs/optimal.md); "
+            "please report the inputs"
+        )
+    return b0, b1
+
+
+@numba.njit(cache=True)
+def _order_factors(draft_q, rest):
+    """c_|S| / (rest + q(S)) for every subset S of the drafts (bit masks; entry 0 unused): the
+    factor of an order when the draws still to come are S, scaled by c_k = ``rest`` + the k
+    smallest masses."""
     n = draft_q.size
     full = (1 << n) - 1
     mass = np.zeros(full + 1)  # q of each subset
@@ -419,59 +510,21 @@ def order_split_shares(draft_q, inside, rest):
     scale[0] = rest
     for k in range(1, n + 1):
         scale[k] = scale[k - 1] + smallest[k - 1]
-    factor = np.zeros(full + 1)  # c_|S| / (rest + q(S)): the draws still to come are S
+    factor = np.zeros(full + 1)
     for subset in range(1, full + 1):
         factor[subset] = scale[size[subset]] / (rest + mass[subset])
-    ending = np.zeros((full + 1, n))  # orders of T ending in l
-    for subset in range(1, full + 1):
-        for last in range(n):
-            if not (subset >> last) & 1:
-                continue
-            if subset == 1 << last:
-                ending[subset, last] = factor[subset]
-                continue
-            total = 0.0
-            for first in range(n):  # the first of T drawn
-                if first != last and (subset >> first) & 1:
-                    total += ending[subset & ~(1 << first), last]
-            ending[subset, last] = factor[subset] * total
-    group = 0
-    for i in range(n):
-        if inside[i]:
-            group |= 1 << i
-    forward = np.zeros(full + 1)  # orders of the prefix Q (outside G), before g is drawn
-    forward[0] = 1.0
-    b0, b1 = np.zeros(n), np.zeros(n)
-    for prefix in range(full + 1):
-        if prefix & group:
-            continue
-        if prefix:
-            total = 0.0
-            for s in range(n):  # the last of Q drawn
-                if (prefix >> s) & 1:
-                    total += forward[prefix & ~(1 << s)] * factor[full & ~(prefix & ~(1 << s))]
-            forward[prefix] = total
-        remaining = full & ~prefix
-        base = forward[prefix] * factor[remaining]  # g drawn next
-        for g in range(n):
-            if not (group >> g) & 1:
-                continue
-            after = remaining & ~(1 << g)
-            if after == 0:
-                b0[g] += base
-                continue
-            for last in range(n):
-                if not (after >> last) & 1:
-                    continue
-                weight = base * ending[after, last]
-                if (group >> last) & 1:  # alpha on g, 1 - alpha on the last draw
-                    b0[last] += weight
-                    b1[g] += weight
-                    b1[last] -= weight
-                else:
-                    b0[g] += weight
-    total = b0.sum()
-    return b0 / total, b1 / total
+    return factor
+
+
+@numba.njit(cache=True)
+def shares_are_probabilities(b0, b1, alpha_bound):
+    """Whether b0 + alpha b1 >= -SHARE_TOLERANCE * alpha_bound for alpha = 1 and alpha_bound
+    (hence for every alpha between: a share is affine in alpha)."""
+    floor = -SHARE_TOLERANCE * alpha_bound
+    for i in range(b0.size):
+        if b0[i] + b1[i] < floor or b0[i] + alpha_bound * b1[i] < floor:
+            return False
+    return True
 
 
 @numba.njit(cache=True)

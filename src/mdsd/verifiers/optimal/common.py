@@ -79,7 +79,7 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     may then prune the prefixes that cannot attain the minimum; phi is None).
 
     Fast paths: the curve of a closed-form Qall (i.i.d. drafts, or two without replacement) in
-    one compiled pass (``_threshold_numba.curve_scan``), and of three to eight without replacement
+    one compiled pass (``_threshold_numba.curve_scan``), and of three to twelve without replacement
     (``uses_order_split``: ``_threshold_numba.wor_curve_scan``, Qall of every prefix, where the
     bound's scan integrates only those that can attain the minimum); the split alone
     of conditional Poisson and of drafts without replacement whose Qall is a quadrature
@@ -124,20 +124,21 @@ def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Prio
     return PriorityScan(order, None, int(split), min(1.0, max(0.0, float(alpha))), ps, qs)
 
 
-# Drafts without replacement that the threshold method takes with the order split (its shares'
-# nonnegativity checked by enumeration up to this n), on any support: Phi of every prefix
-# compiled (the closed form of Qall for three draws on up to laws.THREE_DRAFT_CLOSED_MAX tokens,
-# O(K^2); else the race quadrature, O(K x nodes)) per position.
-ORDER_SPLIT_MAX_DRAFTS = 8
+# Drafts without replacement that the threshold method takes with the order split, on any support:
+# Phi of every prefix compiled (the closed form of Qall for three draws on up to
+# laws.THREE_DRAFT_CLOSED_MAX tokens, O(K^2); else the race quadrature, O(K x nodes)) per position,
+# the shares O(2^n n^2) per draft set (0.13 ms for 12 drafts). The shares' nonnegativity is checked
+# numerically up to this n (by enumeration up to 8, by search at the largest alpha up to 12).
+ORDER_SPLIT_MAX_DRAFTS = 12
 
 
 def uses_order_split(law: DraftLaw, n: int) -> bool:
     """Three to ``ORDER_SPLIT_MAX_DRAFTS`` sequential draws without replacement choose inside a
     group by the order split (``_threshold_numba.order_split_shares``) instead of the first draw.
     Its mass is q-proportional inside every group for any n (docs/optimal.md, "Why the mass is
-    q_y rho_G"); that its shares are never negative is checked by enumeration for n = 2 to 8
-    (tests/verifiers/test_optimal.py), so more drafts keep priority orders. Their Phi comes from
-    ``_threshold_numba.wor_curve_scan``."""
+    q_y rho_G"); that its shares are never negative is checked numerically for n = 2 to 12
+    (tests/verifiers/test_optimal.py; ``order_split_shares`` raises where one would be), so more
+    drafts keep priority orders. Their Phi comes from ``_threshold_numba.wor_curve_scan``."""
     return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
 
 

@@ -1,5 +1,5 @@
-"""Random priority orders: the optimal rule for nine or more without-replacement drafts (three to
-eight take ``threshold``'s order split) and for conditional-Poisson drafts (method ``orders``;
+"""Random priority orders: the optimal rule for thirteen or more without-replacement drafts (three
+to twelve take ``threshold``'s order split) and for conditional-Poisson drafts (method ``orders``;
 docs/optimal.md, "Priority orders").
 
 When set(x) meets L = U_m* (the first m* tokens of the priority order, ``common.priority_scan``)

@@ -1,4 +1,4 @@
-"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two to eight
+"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two to twelve
 without-replacement drafts (method ``threshold``; docs/optimal.md, "The construction" and "Without
 replacement").
 
@@ -235,7 +235,7 @@ def _order_pick(row: ThresholdRow, pos_of: np.ndarray, end: int, u: float, u_pic
 
 def threshold_node_applies(law: DraftLaw, n: int, support: int) -> bool:
     """Whether the compiled node (``verifier.node_plan``) serves a row: a closed-form curve
-    (i.i.d. drafts, two without replacement, or three to eight by the order split) and at most
+    (i.i.d. drafts, two without replacement, or three to twelve by the order split) and at most
     ``NODE_KERNEL_MAX_SUPPORT`` tokens with q > 0."""
     closed = closed_curve(law, n) or uses_order_split(law, n)
     return closed and support <= NODE_KERNEL_MAX_SUPPORT

@@ -380,7 +380,7 @@ class OptimalVerifier(Verifier):
 
     A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
     the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
-    rest is emitted from resid(p - a); two to eight without_replacement drafts choose inside a
+    rest is emitted from resid(p - a); two to twelve without_replacement drafts choose inside a
     group by the pair and the order split. More without_replacement drafts and
     conditional_poisson drafts: mixtures of priority orders on supports up to
     ``MAX_ORDER_SUPPORT`` tokens, else the law's fallback verifier (with a warning). See
