@@ -256,7 +256,8 @@ def test_compiled_nodes_equal_the_reference(law, verifier):
     """``verify_node`` runs recursive rejection sampling and the optimal verifier's compiled
     nodes as one compiled call on the union support (``_walk_numba``); it returns
     ``verify_node_reference``'s verdict and leaves the generator in the same state: 800 nodes of
-    1-4 drafts, p and q dense or on top-k supports, temperature 0 (one-hot) and p = q (empty
+    1-4 drafts on 2-9 tokens and, every fifth, of 5-12 drafts on up to 15 tokens (the order
+    split's widths), p and q dense or on top-k supports, temperature 0 (one-hot) and p = q (empty
     residuals) included."""
     from mdsd.engine.walk import draft_children, verify_node, verify_node_reference
     from mdsd.logits import process_logits_row
@@ -267,7 +268,10 @@ def test_compiled_nodes_equal_the_reference(law, verifier):
 
     for seed in range(800):
         gen = np.random.default_rng([33, seed])
-        vocab, width = int(gen.integers(2, 10)), int(gen.integers(1, 5))
+        if seed % 5 == 4:  # wide nodes
+            vocab, width = int(gen.integers(6, 16)), int(gen.integers(5, 13))
+        else:
+            vocab, width = int(gen.integers(2, 10)), int(gen.integers(1, 5))
         temperature = 0.0 if seed % 9 == 0 else 1.0
         q = row(gen, vocab, temperature, True)
         p = q if gen.random() < 0.15 else row(gen, vocab, temperature, False)
