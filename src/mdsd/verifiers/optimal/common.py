@@ -127,8 +127,9 @@ def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Prio
 # Drafts without replacement that the threshold method takes with the order split, on any support:
 # Phi of every prefix compiled (the closed form of Qall for three draws on up to
 # laws.THREE_DRAFT_CLOSED_MAX tokens, O(K^2); else the race quadrature, O(K x nodes)) per position,
-# the shares O(2^n n^2) per draft set (0.13 ms for 12 drafts). The shares' nonnegativity is checked
-# numerically up to this n (by enumeration up to 8, by search at the largest alpha up to 12).
+# the shares O(2^n n (m + 1)) per draft set with m drafts in the group met (0.13 ms for 12 drafts,
+# doubling per draft). The shares' nonnegativity is checked numerically up to this n (by
+# enumeration up to 8 and at 10 and 12, by search at the largest alpha up to 12).
 ORDER_SPLIT_MAX_DRAFTS = 12
 
 
