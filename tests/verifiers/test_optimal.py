@@ -619,6 +619,58 @@ def test_order_split_shares_are_probabilities_at_the_largest_alpha():
                 assert np.all(share >= -1e-12 * alpha) and np.all(share[~inside] == 0.0)
 
 
+def test_order_split_shares_match_the_nonnegativity_proof():
+    """docs/optimal.md, "Why the shares are probabilities": at the largest alpha a set allows, Q
+    beta(y) Z (Q: the mass of the drafts in G, Z: the set's weight over its orders) is an integral
+    over the merged outside token's ring time t (density rho e^(-rho t), the drafts outside G
+    rung before t) of an integral over s in [0, t] whose integrand is a sum of nonnegative terms.
+    That double integral (scipy's quad) equals the shares, 2 to 5 drafts."""
+    from scipy.integrate import quad
+
+    from mdsd.verifiers.optimal._threshold_numba import order_split_shares
+
+    def ring_integral(f, scales):  # over t in [0, inf): break points at the clocks' scales
+        return quad(f, 0.0, 60.0 * max(scales), points=sorted(scales), epsabs=1e-15, limit=800)[0]
+
+    rng = np.random.default_rng(95)
+    for _ in range(8):
+        n = int(rng.integers(2, 6))
+        masses = rng.dirichlet(np.ones(n + 1))
+        q, rho = masses[:n], masses[n]
+        inside = np.zeros(n, dtype=bool)
+        inside[rng.choice(n, int(rng.integers(2, n + 1)), replace=False)] = True
+        group, outside = np.flatnonzero(inside), np.flatnonzero(~inside)
+        mass_in = q[inside].sum()
+        b0, b1 = order_split_shares(q, inside, rho)
+        beta = b0 + (1.0 + rho / mass_in) * b1
+        scales = [1.0 / rho] + list(1.0 / q)
+
+        def before(t, tokens):  # the tokens' clocks all rang before t
+            return np.prod([1.0 - np.exp(-q[z] * t) for z in tokens])
+
+        weight = ring_integral(lambda t: rho * np.exp(-rho * t) * before(t, range(n)), scales)  # Z
+        for y in group:
+            others = [h for h in group if h != y]
+
+            def nonnegative(s, t):
+                d = {h: np.exp(-q[h] * s) - np.exp(-q[h] * t) for h in others}
+                first = q[y] * np.exp(-q[y] * s) * np.prod([d[h] for h in others])
+                rest = sum(
+                    q[l]
+                    * np.exp(-q[l] * s)
+                    * (np.exp(-q[y] * s) - np.exp(-q[y] * t))
+                    * np.prod([d[h] for h in others if h != l])
+                    for l in others
+                )
+                return q[y] * (first + rest)
+
+            def at(t):
+                inner = quad(nonnegative, 0.0, t, args=(t,), epsabs=1e-15, limit=200)[0]
+                return rho * np.exp(-rho * t) * before(t, outside) * inner
+
+            assert ring_integral(at, scales) / (mass_in * weight) == pytest.approx(beta[y], abs=1e-10)
+
+
 def test_negative_shares_are_refused():
     """The order split's guard (``shares_are_probabilities``) refuses a share below rounding at
     either end of alpha's range and lets rounding-sized ones pass."""

@@ -411,10 +411,11 @@ def order_split_shares(draft_q, inside, rest):
     (each order has one factor per k), so the factors are at most 1 and the order drawing the
     largest masses first has weight 1: no overflow.
 
-    The shares are probabilities for every alpha the set allows (checked numerically up to
-    n = 12, not proved): alpha - 1 = q(U_a) / q(G) <= rest / q(drafts in G), and a share is
-    affine in alpha, so the shares are checked at that bound; a share below -SHARE_TOLERANCE *
-    alpha there raises ValueError (``shares_are_probabilities``) instead of a wrong law."""
+    The shares are probabilities for every alpha the set allows (docs/optimal.md, "Why the
+    shares are probabilities"): alpha - 1 = q(U_a) / q(G) <= rest / q(drafts in G), and a share
+    is affine in alpha, so they are checked at that bound as a guard against a wrong computation:
+    a share below -SHARE_TOLERANCE * alpha there (rounding stays below 1e-14 alpha) raises
+    ValueError (``shares_are_probabilities``) instead of giving a wrong law."""
     n = draft_q.size
     full = (1 << n) - 1
     factor = _order_factors(draft_q, rest)
@@ -483,9 +484,9 @@ def order_split_shares(draft_q, inside, rest):
     alpha_bound = 1.0 + rest / np.sum(draft_q[inside])
     if not shares_are_probabilities(b0, b1, alpha_bound):
         raise ValueError(
-            "verifier 'optimal': the order split gave a draft a negative pick probability (its "
-            "shares are checked numerically up to 12 drafts, not proved; see docs/optimal.md); "
-            "please report the inputs"
+            "verifier 'optimal': the order split computed a negative pick probability beyond "
+            "rounding (its shares are proved nonnegative, docs/optimal.md): a bug, please report "
+            "the inputs"
         )
     return b0, b1
 

@@ -128,8 +128,8 @@ def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Prio
 # Phi of every prefix compiled (the closed form of Qall for three draws on up to
 # laws.THREE_DRAFT_CLOSED_MAX tokens, O(K^2); else the race quadrature, O(K x nodes)) per position,
 # the shares O(2^n n (m + 1)) per draft set with m drafts in the group met (0.13 ms for 12 drafts,
-# doubling per draft). The shares' nonnegativity is checked numerically up to this n (by
-# enumeration up to 8 and at 10 and 12, by search at the largest alpha up to 12).
+# doubling per draft: beyond 12, priority orders cost less at top-k). The split is exact for every n
+# (docs/optimal.md), checked by enumeration up to 8 and at 10 and 12.
 ORDER_SPLIT_MAX_DRAFTS = 12
 
 
@@ -137,9 +137,9 @@ def uses_order_split(law: DraftLaw, n: int) -> bool:
     """Three to ``ORDER_SPLIT_MAX_DRAFTS`` sequential draws without replacement choose inside a
     group by the order split (``_threshold_numba.order_split_shares``) instead of the first draw.
     Its mass is q-proportional inside every group for any n (docs/optimal.md, "Why the mass is
-    q_y rho_G"); that its shares are never negative is checked numerically for n = 2 to 12
-    (tests/verifiers/test_optimal.py; ``order_split_shares`` raises where one would be), so more
-    drafts keep priority orders. Their Phi comes from ``_threshold_numba.wor_curve_scan``."""
+    q_y rho_G") and its shares are probabilities ("Why the shares are probabilities"); their cost
+    doubles with every draft, so more drafts keep priority orders. Their Phi comes from
+    ``_threshold_numba.wor_curve_scan``."""
     return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
 
 
