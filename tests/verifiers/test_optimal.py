@@ -23,7 +23,7 @@ from mdsd.verifiers.optimal import (
     verify_from_fit,
 )
 from mdsd.verifiers.optimal import verifier as front
-from mdsd.verifiers.optimal.common import ORDER_SPLIT_MAX_DRAFTS, priority_scan
+from mdsd.verifiers.optimal.common import ORDER_SPLIT_MAX_DRAFTS, ORDER_SPLIT_WIDE_SUPPORT, priority_scan
 from mdsd.verifiers.optimal.verifier import node_plan
 
 from conftest import edge_pairs, g_test_pvalue, law_accepts, random_pair
@@ -38,7 +38,7 @@ G_TEST_MIN_P = 1e-4  # each G-test fails a correct sampler with probability 1e-4
 def orders_for_three(monkeypatch):
     """Three to twelve drafts without replacement fitted by priority orders (as more are),
     instead of the order split: the orders method's tests on small n."""
-    monkeypatch.setattr(front, "uses_order_split", lambda law, n: False)
+    monkeypatch.setattr(front, "uses_order_split", lambda law, n, support: False)
 
 
 def enumerate_optimal(p, q, n, law, fit=None):
@@ -262,7 +262,11 @@ def test_methods_by_law_and_n():
     wide_p, wide_q = random_pair(np.random.default_rng(13), 300)  # Qall by quadrature
     assert fit_optimal(wide_p, wide_q, 3, "without_replacement").method == "threshold"
     assert fit_optimal(wide_p, wide_q, 12, "without_replacement").method == "threshold"
-    assert fit_optimal(wide_p, wide_q, 13, "without_replacement").method == "orders"
+    assert fit_optimal(wide_p, wide_q, 16, "without_replacement").method == "threshold"  # > 128 tokens
+    assert fit_optimal(wide_p, wide_q, 17, "without_replacement").method == "orders"
+    small_p, small_q = random_pair(np.random.default_rng(15), 100)  # <= ORDER_SPLIT_WIDE_SUPPORT
+    assert fit_optimal(small_p, small_q, 12, "without_replacement").method == "threshold"
+    assert fit_optimal(small_p, small_q, 13, "without_replacement").method == "orders"
     assert fit_optimal(p, q, 2, "conditional_poisson").method == "orders"
     assert fit_optimal(p, q, 1, "conditional_poisson").method == "threshold"
 
@@ -619,18 +623,56 @@ def test_order_split_shares_are_probabilities_at_the_largest_alpha():
                 assert np.all(share >= -1e-12 * alpha) and np.all(share[~inside] == 0.0)
 
 
+def _clocks_before(q, tokens, t):
+    """P(the clocks of ``tokens`` (rates q) all ring before t)."""
+    return np.prod([1.0 - np.exp(-q[z] * t) for z in tokens])
+
+
+def _ring_integral(f, scales):
+    """The integral of f over t in [0, inf), break points at the clocks' time scales."""
+    from scipy.integrate import quad
+
+    return quad(f, 0.0, 60.0 * max(scales), points=sorted(scales), epsabs=1e-15, limit=800)[0]
+
+
+def _proof_integrand(s, t, q, y, others):
+    """docs/optimal.md, "Why the shares are probabilities": the nonnegative integrand over s in
+    [0, t] of Q P(F_y) + rho P(F_y, L_G) - rho P(L_y) given the outside token rings at t."""
+    d = {h: np.exp(-q[h] * s) - np.exp(-q[h] * t) for h in others}
+    first = q[y] * np.exp(-q[y] * s) * np.prod([d[h] for h in others])
+    rest = sum(
+        q[last]
+        * np.exp(-q[last] * s)
+        * (np.exp(-q[y] * s) - np.exp(-q[y] * t))
+        * np.prod([d[h] for h in others if h != last])
+        for last in others
+    )
+    return q[y] * (first + rest)
+
+
+def _proof_share(q, rho, inside, y):
+    """beta(y) at the largest alpha by the proof's double integral, divided by Q Z."""
+    from scipy.integrate import quad
+
+    group, outside = np.flatnonzero(inside), np.flatnonzero(~inside)
+    others = [h for h in group if h != y]
+    scales = [1.0 / rho] + list(1.0 / q)
+
+    def at(t):
+        inner = quad(_proof_integrand, 0.0, t, args=(t, q, y, others), epsabs=1e-15, limit=200)[0]
+        return rho * np.exp(-rho * t) * _clocks_before(q, outside, t) * inner
+
+    weight = _ring_integral(lambda t: rho * np.exp(-rho * t) * _clocks_before(q, range(q.size), t), scales)
+    return _ring_integral(at, scales) / (q[inside].sum() * weight)
+
+
 def test_order_split_shares_match_the_nonnegativity_proof():
     """docs/optimal.md, "Why the shares are probabilities": at the largest alpha a set allows, Q
     beta(y) Z (Q: the mass of the drafts in G, Z: the set's weight over its orders) is an integral
     over the merged outside token's ring time t (density rho e^(-rho t), the drafts outside G
     rung before t) of an integral over s in [0, t] whose integrand is a sum of nonnegative terms.
     That double integral (scipy's quad) equals the shares, 2 to 5 drafts."""
-    from scipy.integrate import quad
-
     from mdsd.verifiers.optimal._threshold_numba import order_split_shares
-
-    def ring_integral(f, scales):  # over t in [0, inf): break points at the clocks' scales
-        return quad(f, 0.0, 60.0 * max(scales), points=sorted(scales), epsabs=1e-15, limit=800)[0]
 
     rng = np.random.default_rng(95)
     for _ in range(8):
@@ -639,36 +681,10 @@ def test_order_split_shares_match_the_nonnegativity_proof():
         q, rho = masses[:n], masses[n]
         inside = np.zeros(n, dtype=bool)
         inside[rng.choice(n, int(rng.integers(2, n + 1)), replace=False)] = True
-        group, outside = np.flatnonzero(inside), np.flatnonzero(~inside)
-        mass_in = q[inside].sum()
         b0, b1 = order_split_shares(q, inside, rho)
-        beta = b0 + (1.0 + rho / mass_in) * b1
-        scales = [1.0 / rho] + list(1.0 / q)
-
-        def before(t, tokens):  # the tokens' clocks all rang before t
-            return np.prod([1.0 - np.exp(-q[z] * t) for z in tokens])
-
-        weight = ring_integral(lambda t: rho * np.exp(-rho * t) * before(t, range(n)), scales)  # Z
-        for y in group:
-            others = [h for h in group if h != y]
-
-            def nonnegative(s, t):
-                d = {h: np.exp(-q[h] * s) - np.exp(-q[h] * t) for h in others}
-                first = q[y] * np.exp(-q[y] * s) * np.prod([d[h] for h in others])
-                rest = sum(
-                    q[l]
-                    * np.exp(-q[l] * s)
-                    * (np.exp(-q[y] * s) - np.exp(-q[y] * t))
-                    * np.prod([d[h] for h in others if h != l])
-                    for l in others
-                )
-                return q[y] * (first + rest)
-
-            def at(t):
-                inner = quad(nonnegative, 0.0, t, args=(t,), epsabs=1e-15, limit=200)[0]
-                return rho * np.exp(-rho * t) * before(t, outside) * inner
-
-            assert ring_integral(at, scales) / (mass_in * weight) == pytest.approx(beta[y], abs=1e-10)
+        beta = b0 + (1.0 + rho / q[inside].sum()) * b1
+        for y in np.flatnonzero(inside):
+            assert _proof_share(q, rho, inside, y) == pytest.approx(beta[y], abs=1e-10)
 
 
 def test_negative_shares_are_refused():
@@ -713,23 +729,23 @@ def test_order_split_attains_alpha_at_top_k():
 
 @pytest.mark.parametrize("vocab", [1000, 5000])
 def test_order_split_attains_alpha_on_large_supports(vocab):
-    """Three, four, eight and twelve drafts without replacement over a whole LM-like vocabulary
-    (Phi by the race quadrature; at 5,000 tokens the row path, beyond the compiled node's
-    ``NODE_KERNEL_MAX_SUPPORT``): the threshold method, certified, acceptance alpha* to 1e-12
-    (1e-11 for twelve), a draft set's law sums to 1; at 1,000 tokens the decoding sampler's
+    """Three, four, eight, twelve and sixteen drafts without replacement over a whole LM-like
+    vocabulary (Phi by the race quadrature; at 5,000 tokens the row path, beyond the compiled
+    node's ``NODE_KERNEL_MAX_SUPPORT``): the threshold method, certified, acceptance alpha* to
+    1e-12 (1e-11 beyond eight), a draft set's law sums to 1; at 1,000 tokens the decoding sampler's
     tokens (n = 3, 4, 12), drafts drawn afresh for each, follow p (G-test on the tokens with an
     expected count of at least 5 and the rest pooled; false-positive rate 1e-4 per n)."""
     p, q = lm_pair(vocab, seed=vocab, temperature=0.9)
     law = mdsd.get_law("without_replacement")
     rng = np.random.default_rng(vocab)
-    for n in (3, 4, 8, 12):
+    for n in (3, 4, 8, 12, 16):
         fit = fit_optimal(p, q, n, "without_replacement")
         assert fit.method == "threshold" and fit.certified[0]
         tol = 1e-12 if n <= 8 else 1e-11  # both sides' race quadratures (1.1e-12 apart at 5,000, n = 12)
         assert fit.acceptance[0] == pytest.approx(mdsd.optimal_acceptance(p, q, n, law), abs=tol)
         law_given_x = output_law_from_fit(fit, law.sample(q, n, rng))
         assert law_given_x.sum() == pytest.approx(1.0, abs=1e-12) and np.all(law_given_x >= 0)
-        if vocab > 1000 or n == 8:
+        if vocab > 1000 or n in (8, 16):
             continue
         draws = 4000
         drafts = law.sample(np.broadcast_to(q, (draws, vocab)), n, rng)
@@ -920,14 +936,17 @@ def _zero_one(row, i):
 def test_threshold_node_equals_row_path():
     """The compiled node (``node_plan``: fit + draw in one call, the engine's per-node path) draws
     the same token as the row path (``fit_threshold_row`` + ``sample_threshold_row``) from the
-    same generator state: i.i.d. n = 1..5, two drafts without replacement, three to twelve (Qall
-    in closed form for three up to ``THREE_DRAFT_CLOSED_MAX`` tokens, by the race beyond) on rows
+    same generator state: i.i.d. n = 1..5, two drafts without replacement, three to twelve and
+    on rows above ``ORDER_SPLIT_WIDE_SUPPORT`` tokens thirteen to sixteen (Qall in closed form for
+    three up to ``THREE_DRAFT_CLOSED_MAX`` tokens, by the race beyond) on rows
     of 2-300 tokens with zeros in p and q, p = q, flat and very peaked q, ties; so every branch
     (pair split, order split, keep, residual, empty residual) is compared exactly."""
     gen = np.random.default_rng(44)
     compared = 0
     for trial, (p, q) in enumerate(_node_rows(gen, 500, smallest=2, largest=300)):
         cases = (("iid", 1 + trial % 5), ("without_replacement", 2), ("without_replacement", 3 + trial % 10))
+        if np.count_nonzero(q) > ORDER_SPLIT_WIDE_SUPPORT:  # thirteen to sixteen drafts
+            cases += (("without_replacement", 13 + trial % 4),)
         for law, n in cases:
             the_law = mdsd.get_law(law)
             if not law_accepts(law, q, n):

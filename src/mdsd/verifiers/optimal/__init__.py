@@ -8,7 +8,7 @@ Modules (docs/optimal.md explains the construction and its proofs):
                      the capping of a rule's mass vector m by p (exact whatever m is).
 ``threshold``        random-threshold priority groups: i.i.d. drafts at any vocabulary size, two
                      without-replacement drafts (a pair split) and three to twelve (the order
-                     split); method ``threshold``.
+                     split; sixteen on supports above 128 tokens); method ``threshold``.
 ``priority_orders``  random priority orders as mixtures of greedy vertices of the coverage
                      function, fitted by Wolfe's minimum-norm-point algorithm.
 ``orders``           the rule built on them for without_replacement n >= 9 and

@@ -79,8 +79,8 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     may then prune the prefixes that cannot attain the minimum; phi is None).
 
     Fast paths: the curve of a closed-form Qall (i.i.d. drafts, or two without replacement) in
-    one compiled pass (``_threshold_numba.curve_scan``), and of three to twelve without replacement
-    (``uses_order_split``: ``_threshold_numba.wor_curve_scan``, Qall of every prefix, where the
+    one compiled pass (``_threshold_numba.curve_scan``), and of three or more without replacement
+    (``splits_by_order``: ``_threshold_numba.wor_curve_scan``, Qall of every prefix, where the
     bound's scan integrates only those that can attain the minimum); the split alone
     of conditional Poisson and of drafts without replacement whose Qall is a quadrature
     (``_orders_numba.scan_split``, the orders node's scan). Elsewhere, and as their reference,
@@ -89,7 +89,7 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     support = int(np.count_nonzero(q))
     if not curve and compiled_split(law, n, support):
         return _compiled_split(p, q, n, law)
-    split_curve = uses_order_split(law, n)
+    split_curve = splits_by_order(law, n)
     if not (curve and (closed_curve(law, n) or split_curve)):
         return priority_scan_reference(p, q, n, law, curve=curve)
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
@@ -128,19 +128,35 @@ def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Prio
 # Phi of every prefix compiled (the closed form of Qall for three draws on up to
 # laws.THREE_DRAFT_CLOSED_MAX tokens, O(K^2); else the race quadrature, O(K x nodes)) per position,
 # the shares O(2^n n (m + 1)) per draft set with m drafts in the group met (0.13 ms for 12 drafts,
-# doubling per draft: beyond 12, priority orders cost less at top-k). The split is exact for every n
-# (docs/optimal.md), checked by enumeration up to 8 and at 10 and 12.
+# doubling per draft). The split is exact for every n (docs/optimal.md), checked by enumeration up
+# to 8 and at 10 and 12. Beyond 12 drafts priority orders cost less at top-k (0.2-0.3 ms against
+# 0.25-2.7 ms for 13-16 at top-64) and far more on larger supports (7-17 ms at 256 tokens, 0.3-1 s
+# at 1,024-2,048, against 0.5-2.6 ms), so 13 to ORDER_SPLIT_WIDE_DRAFTS take the split on supports
+# above ORDER_SPLIT_WIDE_SUPPORT; beyond 16 its tables (2^n (m + 1) doubles) grow too large.
 ORDER_SPLIT_MAX_DRAFTS = 12
+ORDER_SPLIT_WIDE_DRAFTS = 16
+ORDER_SPLIT_WIDE_SUPPORT = 128
 
 
-def uses_order_split(law: DraftLaw, n: int) -> bool:
-    """Three to ``ORDER_SPLIT_MAX_DRAFTS`` sequential draws without replacement choose inside a
-    group by the order split (``_threshold_numba.order_split_shares``) instead of the first draw.
-    Its mass is q-proportional inside every group for any n (docs/optimal.md, "Why the mass is
-    q_y rho_G") and its shares are probabilities ("Why the shares are probabilities"); their cost
-    doubles with every draft, so more drafts keep priority orders. Their Phi comes from
-    ``_threshold_numba.wor_curve_scan``."""
-    return law.name == "without_replacement" and 3 <= n <= ORDER_SPLIT_MAX_DRAFTS
+def splits_by_order(law: DraftLaw, n: int) -> bool:
+    """Whether the threshold method chooses inside a group by the order split
+    (``_threshold_numba.order_split_shares``) instead of the first draw: three or more sequential
+    draws without replacement. Its mass is q-proportional inside every group for any n
+    (docs/optimal.md, "Why the mass is q_y rho_G") and its shares are probabilities ("Why the
+    shares are probabilities"); Phi comes from ``_threshold_numba.wor_curve_scan``."""
+    return law.name == "without_replacement" and n >= 3
+
+
+def uses_order_split(law: DraftLaw, n: int, support: int) -> bool:
+    """Whether the threshold method with the order split takes n drafts of ``law`` whose q has
+    ``support`` tokens: three to ``ORDER_SPLIT_MAX_DRAFTS`` on any support, up to
+    ``ORDER_SPLIT_WIDE_DRAFTS`` above ``ORDER_SPLIT_WIDE_SUPPORT`` tokens (the shares' cost
+    doubles with every draft; priority orders take the rest)."""
+    if not splits_by_order(law, n):
+        return False
+    return n <= ORDER_SPLIT_MAX_DRAFTS or (
+        n <= ORDER_SPLIT_WIDE_DRAFTS and support > ORDER_SPLIT_WIDE_SUPPORT
+    )
 
 
 def closed_curve(law: DraftLaw, n: int) -> bool:

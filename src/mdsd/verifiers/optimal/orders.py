@@ -1,6 +1,6 @@
-"""Random priority orders: the optimal rule for thirteen or more without-replacement drafts (three
-to twelve take ``threshold``'s order split) and for conditional-Poisson drafts (method ``orders``;
-docs/optimal.md, "Priority orders").
+"""Random priority orders: the optimal rule for more than twelve without-replacement drafts on
+supports of up to 128 tokens and more than sixteen on any (fewer take ``threshold``'s order split)
+and for conditional-Poisson drafts (method ``orders``; docs/optimal.md, "Priority orders").
 
 When set(x) meets L = U_m* (the first m* tokens of the priority order, ``common.priority_scan``)
 the rule accepts the drafted L-token that comes first in an order of L drawn from a mixture,

@@ -1,4 +1,4 @@
-"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two to twelve
+"""Random-threshold priority groups: the optimal rule for i.i.d. drafts and two to sixteen
 without-replacement drafts (method ``threshold``; docs/optimal.md, "The construction" and "Without
 replacement").
 
@@ -36,6 +36,7 @@ from mdsd.verifiers.optimal.common import (
     keep_or_recover,
     positions_of,
     priority_scan,
+    splits_by_order,
     uses_order_split,
 )
 
@@ -87,7 +88,7 @@ def fit_threshold_row(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> Th
     ps, qs = scan.target_probs, scan.draft_probs
     levels, rate = _fit_levels(ps, qs, phi, split)
     others = others_mass(qs) if uses_pair_split(law, n) else None
-    split_q = qs.copy() if uses_order_split(law, n) else None
+    split_q = qs.copy() if splits_by_order(law, n) else None
     return ThresholdRow(order, levels, qs * rate, scan.draft_prefix, others, scan.alpha_star, split_q)
 
 
@@ -235,9 +236,9 @@ def _order_pick(row: ThresholdRow, pos_of: np.ndarray, end: int, u: float, u_pic
 
 def threshold_node_applies(law: DraftLaw, n: int, support: int) -> bool:
     """Whether the compiled node (``verifier.node_plan``) serves a row: a closed-form curve
-    (i.i.d. drafts, two without replacement, or three to twelve by the order split) and at most
-    ``NODE_KERNEL_MAX_SUPPORT`` tokens with q > 0."""
-    closed = closed_curve(law, n) or uses_order_split(law, n)
+    (i.i.d. drafts, two without replacement, or three to sixteen by the order split:
+    ``uses_order_split``) and at most ``NODE_KERNEL_MAX_SUPPORT`` tokens with q > 0."""
+    closed = closed_curve(law, n) or uses_order_split(law, n, support)
     return closed and support <= NODE_KERNEL_MAX_SUPPORT
 
 
@@ -247,7 +248,7 @@ def threshold_node_arguments(n: int, law: DraftLaw, support: int) -> tuple[tuple
     the order split's curve (``_orders_numba.race_settings``; zeros where unused) end the tail."""
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
 
-    race = _orders_numba.race_settings(n, support) if uses_order_split(law, n) else (0.0,) * 5
+    race = _orders_numba.race_settings(n, support) if splits_by_order(law, n) else (0.0,) * 5
     head = (n, law.name == "without_replacement")
     return head, (CHORD_TOLERANCE, STAIR_MARGIN, STAIR_RATIO, _SHARES, race)
 

@@ -116,7 +116,7 @@ def check_law(law) -> DraftLaw:
 
 def method_for(law: DraftLaw, n: int, support: int) -> str:
     """``threshold``, ``orders`` or ``fallback`` for n drafts from ``law`` on a support of q."""
-    if n == 1 or closed_curve(law, n) or uses_order_split(law, n):
+    if n == 1 or closed_curve(law, n) or uses_order_split(law, n, support):
         return "threshold"
     return "orders" if support <= MAX_ORDER_SUPPORT else "fallback"
 
@@ -380,9 +380,10 @@ class OptimalVerifier(Verifier):
 
     A random-threshold mixture of priority-group rules over tokens ordered by p/q, fitted so that
     the accepted mass is a = min(p, c q) with sum a = alpha*; chosen drafts are capped by p, the
-    rest is emitted from resid(p - a); two to twelve without_replacement drafts choose inside a
-    group by the pair and the order split. More without_replacement drafts and
-    conditional_poisson drafts: mixtures of priority orders on supports up to
+    rest is emitted from resid(p - a); two to twelve without_replacement drafts (sixteen on
+    supports above 128 tokens) choose inside a group by the pair and the order split. More
+    without_replacement drafts and conditional_poisson drafts: mixtures of priority orders on
+    supports up to
     ``MAX_ORDER_SUPPORT`` tokens, else the law's fallback verifier (with a warning). See
     docs/optimal.md.
     ``output_law`` accepts a precomputed ``fit`` (from :func:`fit_optimal`) to share one fit across
