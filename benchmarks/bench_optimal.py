@@ -128,7 +128,7 @@ def decode_table(args):
         )
 
 
-DECODE_CASES = {"iid": (2, 4, 8), "without_replacement": (2, 3, 4, 8, 12), "conditional_poisson": (2, 4)}
+DECODE_CASES = {"iid": (2, 4, 8), "without_replacement": (2, 3, 4, 8, 12, 16), "conditional_poisson": (2, 4)}
 MODEL_NODE_CASES = (
     ("iid", 3, "rrs"),
     ("without_replacement", 2, "rrs_without_replacement"),
