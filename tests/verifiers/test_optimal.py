@@ -321,6 +321,37 @@ def test_staircase_keeps_the_fit_optimal():
     np.testing.assert_allclose(a, np.minimum(p, c * q), rtol=1e-8, atol=1e-13)
 
 
+def test_staircase_tries_smaller_ratios():
+    """Where the first step ratio spends H*'s slack before the last step can form (twelve drafts
+    without replacement on a 32,000-token row at T = 1: every later token on its own), the
+    staircase tries the smaller ratios of ``STAIR_RATIOS`` and keeps one of at most
+    ``STAIR_FEW_STEPS`` steps; the curve stays below Phi, every H* rate is at least the token's s
+    (m >= p), the compiled fit equals the numpy one, and the fit attains alpha*."""
+    from mdsd.verifiers.optimal._threshold_numba import STAIR_FEW_STEPS, staircase_steps
+
+    law = mdsd.get_law("without_replacement")
+    p, q = lm_pair(32000, seed=1, temperature=1.0)
+    scan = priority_scan(p, q, 12, law)
+    phi, split, ps, qs = scan.phi, scan.split, scan.target_probs, scan.draft_probs
+    target, clipped = threshold._target_curve(ps, qs, phi, split)
+    run = np.where(clipped, np.where(np.arange(qs.size) < split, 0, 1), -1)
+    first_curve, first_run = threshold._staircase_walk(
+        ps, qs, phi, split, target, run, threshold.STAIR_SHARES[0], threshold.STAIR_RATIOS[0]
+    )
+    assert first_curve is not target and staircase_steps(first_run, split) > 1000
+    curve, new_run = threshold._staircase(ps, qs, phi, split, target, run)
+    assert staircase_steps(new_run, split) <= STAIR_FEW_STEPS
+    assert np.all(curve <= phi + 1e-15)
+    assert np.all(np.diff(curve)[split:] >= ps[split:] - 1e-15)  # m >= p on H*, to rounding
+    levels, rate = threshold._fit_levels(ps, qs, phi, split)
+    ref_levels, ref_rate = threshold._fit_levels_reference(ps, qs, phi, split)
+    np.testing.assert_allclose(rate * qs, ref_rate * qs, rtol=1e-9, atol=1e-14)
+    assert np.array_equal(levels < 1, ref_levels < 1)
+    fit = fit_optimal(p, q, 12, law)
+    assert fit.certified[0]
+    assert fit.acceptance[0] == pytest.approx(mdsd.optimal_acceptance(p, q, 12, law), abs=1e-10)
+
+
 # -- priority orders (without_replacement n >= 3, conditional_poisson) -----------------------------
 
 
@@ -841,8 +872,8 @@ def test_compiled_staircase_equals_reference():
         order, phi, split = scan.order, scan.phi, scan.split
         target, clipped = threshold._target_curve(p[order], q[order], phi, split)
         run = np.where(clipped, np.where(np.arange(order.size) < split, 0, 1), -1)
-        for share in threshold.STAIR_SHARES:
-            args = (p[order], q[order], phi, split, target, run, share)
+        for share, ratio in itertools.product(threshold.STAIR_SHARES, threshold.STAIR_RATIOS):
+            args = (p[order], q[order], phi, split, target, run, share, ratio)
             curve, new_run = threshold._staircase_walk(*args)
             ref_curve, ref_run = threshold._staircase_walk_reference(*args)
             np.testing.assert_array_equal(curve, ref_curve)

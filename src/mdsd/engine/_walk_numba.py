@@ -106,7 +106,7 @@ def threshold_node_on_union(p_ids, p_values, q_ids, q_values, vocab, drafts, uni
     ``walk.verify_node_reference`` draws (tested)."""
     tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
     n, without_replacement = head
-    chord_tolerance, margin, ratio, shares, race = tail
+    chord_tolerance, margin, ratios, shares, race = tail
     y = threshold_node(
         p_local,
         q_local,
@@ -116,7 +116,7 @@ def threshold_node_on_union(p_ids, p_values, q_ids, q_values, vocab, drafts, uni
         uniforms,
         chord_tolerance,
         margin,
-        ratio,
+        ratios,
         shares,
         race,
     )

@@ -237,10 +237,25 @@ def target_curve(ps, qs, s, tail_q, phi, split):
     return target, run
 
 
+# A staircase of at most this many steps on H* is taken as it is; one with more makes the walk try
+# the next step ratio (``threshold.STAIR_RATIOS``) and keep the staircase with the fewest steps.
+STAIR_FEW_STEPS = 64
+
+
 @numba.njit(cache=True)
-def staircase(ps, qs, s, tail_q, phi, split, target, run, margin, ratio, shares):
-    """``threshold._staircase``: the walk with each share of the slack in turn; (curve, run ids),
-    the inputs themselves when no staircase forms."""
+def staircase_steps(run, split):
+    """Units of H* (positions split..K-1) that ``fit_levels``' lumping leaves for run ids ``run``."""
+    units = 1
+    for i in range(split + 1, run.size):
+        units += not (run[i] == run[i - 1] and run[i] >= 0)
+    return units
+
+
+@numba.njit(cache=True)
+def staircase(ps, qs, s, tail_q, phi, split, target, run, margin, ratios, shares):
+    """``threshold._staircase``: for each step ratio in turn, the walk with each share of the slack
+    in turn until one forms; the first staircase of at most ``STAIR_FEW_STEPS`` steps, else the
+    one with the fewest; (curve, run ids), the inputs themselves when none forms."""
     k = qs.size
     if k - split < 3:
         return target, run
@@ -256,17 +271,24 @@ def staircase(ps, qs, s, tail_q, phi, split, target, run, margin, ratio, shares)
     for i in range(mu_start - 1, split - 1, -1):  # smallest room still ahead, up to the mu-region
         ahead[i] = min(ahead[i], ahead[i + 1])
     curve, new_run = np.empty(k + 1), np.empty(k, dtype=np.int64)
-    for share in shares:
-        cap = share * max(slack, 0.0)
-        curve[:] = target
-        new_run[:] = run
-        if staircase_walk(s, qs, tail_q, phi, ahead, cap, split, ratio, curve, new_run):
-            return curve, new_run
-    return target, run
+    best_curve, best_run, best_steps = target, run, -1
+    for ratio in ratios:
+        for share in shares:
+            cap = share * max(slack, 0.0)
+            curve[:] = target
+            new_run[:] = run
+            if staircase_walk(s, qs, tail_q, phi, ahead, cap, split, ratio, curve, new_run):
+                steps = staircase_steps(new_run, split)
+                if best_steps < 0 or steps < best_steps:
+                    best_curve, best_run, best_steps = curve.copy(), new_run.copy(), steps
+                break
+        if 0 <= best_steps <= STAIR_FEW_STEPS:
+            break
+    return best_curve, best_run
 
 
 @numba.njit(cache=True)
-def fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares):
+def fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratios, shares):
     """(levels [K + 1], rate [K]) of the random-threshold fit from the priority scan: the target
     curve, the H* staircase, the lossless lumping of runs with one rate, the peel."""
     k = qs.size
@@ -277,7 +299,7 @@ def fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares):
         acc += qs[i]
         tail_q[i] = acc
     target, run = target_curve(ps, qs, s, tail_q, phi, split)
-    target, run = staircase(ps, qs, s, tail_q, phi, split, target, run, margin, ratio, shares)
+    target, run = staircase(ps, qs, s, tail_q, phi, split, target, run, margin, ratios, shares)
     cuts = np.empty(k + 1, dtype=np.int64)
     cuts[0], count = 0, 1
     for i in range(1, k):  # a cut wherever the run changes or a unit stands on its own
@@ -568,7 +590,7 @@ def order_split_pick(qs, levels, cum_mass, pos, end, u, u_pick):
 
 @numba.njit(cache=True)
 def threshold_node(
-    p, q, n, without_replacement, drafts, uniforms, chord_tolerance, margin, ratio, shares, race
+    p, q, n, without_replacement, drafts, uniforms, chord_tolerance, margin, ratios, shares, race
 ):
     """The emitted token of one node: ``threshold.fit_threshold_row`` then
     ``threshold.pick_threshold_row`` at uniforms [4], step for step (the same numbers).
@@ -587,7 +609,7 @@ def threshold_node(
         scan_others = others_mass(qs[::-1].copy()) if pair else none
         phi, split, _, cum_mass = curve_scan(ps, qs, n, scan_others)
     pair_others = others_mass(qs) if pair else none
-    levels, rate = fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratio, shares)
+    levels, rate = fit_levels(ps, qs, phi, split, chord_tolerance, margin, ratios, shares)
     count = drafts.size
     pos = positions_in(order, drafts)  # priority position of each draft, in draw order
     first, last = pos.min(), pos.max()
