@@ -11,8 +11,8 @@ Modules (docs/optimal.md explains the construction and its proofs):
                      split; sixteen on supports above 128 tokens); method ``threshold``.
 ``priority_orders``  random priority orders as mixtures of greedy vertices of the coverage
                      function, fitted by Wolfe's minimum-norm-point algorithm.
-``orders``           the rule built on them for without_replacement n >= 9 and
-                     conditional_poisson; method ``orders``.
+``orders``           the rule built on them for without_replacement n >= 13 (on up to 128
+                     tokens; n >= 17 beyond) and conditional_poisson; method ``orders``.
 ``verifier``         dispatch, the fallback beyond ``MAX_ORDER_SUPPORT``, certification of the
                      reported acceptance, :func:`fit_optimal`, :func:`output_law_from_fit` and
                      :class:`OptimalVerifier` (whose ``sample`` is the decoding path).

@@ -441,13 +441,14 @@ def order_split_shares(draft_q, inside, rest):
     n = draft_q.size
     full = (1 << n) - 1
     factor = _order_factors(draft_q, rest)
-    group, m = 0, 0
+    group, m, mass_in = 0, 0, 0.0
     members = np.empty(n, dtype=np.int64)  # the drafts in G
     for i in range(n):
         if inside[i]:
             group |= 1 << i
             members[m] = i
             m += 1
+            mass_in += draft_q[i]
     outside = np.zeros(full + 1)  # orders of T ending outside G
     for subset in range(1, full + 1):
         if subset == subset & -subset:  # one draft
@@ -503,7 +504,7 @@ def order_split_shares(draft_q, inside, rest):
                     b1[last] -= weight
     total = b0.sum()
     b0, b1 = b0 / total, b1 / total
-    alpha_bound = 1.0 + rest / np.sum(draft_q[inside])
+    alpha_bound = 1.0 + rest / mass_in
     if not shares_are_probabilities(b0, b1, alpha_bound):
         raise ValueError(
             "verifier 'optimal': the order split computed a negative pick probability beyond "
@@ -601,7 +602,7 @@ def threshold_node(
     ``order_split_pick``); drafts: [n] token ids in draw order."""
     order, ps, qs = priority_gather(p, q)
     none = np.zeros(0)
-    split_order = without_replacement and n >= 3  # the order split (``common.uses_order_split``)
+    split_order = without_replacement and n >= 3  # the order split (``common.splits_by_order``)
     pair = without_replacement and n == 2
     if split_order:
         phi, split, _, cum_mass = wor_curve_scan(ps, qs, n, race)

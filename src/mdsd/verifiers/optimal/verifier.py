@@ -383,9 +383,8 @@ class OptimalVerifier(Verifier):
     rest is emitted from resid(p - a); two to twelve without_replacement drafts (sixteen on
     supports above 128 tokens) choose inside a group by the pair and the order split. More
     without_replacement drafts and conditional_poisson drafts: mixtures of priority orders on
-    supports up to
-    ``MAX_ORDER_SUPPORT`` tokens, else the law's fallback verifier (with a warning). See
-    docs/optimal.md.
+    supports up to ``MAX_ORDER_SUPPORT`` tokens, else the law's fallback verifier (with a
+    warning). See docs/optimal.md.
     ``output_law`` accepts a precomputed ``fit`` (from :func:`fit_optimal`) to share one fit across
     many draft sets of the same position; ``sample`` fits each row and samples from the rule
     directly (the decoding path).
