@@ -18,8 +18,13 @@ the same value as numpy's to ~1e-16 relative.
 
 from __future__ import annotations
 
+import ctypes
+
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 
 def categorical(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray | np.int64:
@@ -114,3 +119,29 @@ def draw_rows_without_replacement(values, uniforms, tokens):
             y = draw(work, uniforms[b, i])
             tokens[b, i] = y
             work[y] = 0.0
+
+
+# ---------------------------------------------------------------------- uniforms in compiled code
+def uniform_source(rng: np.random.Generator) -> tuple[int, int]:
+    """(address of the bit generator's ``next_double``, address of its state): what compiled
+    code needs to draw ``rng.random()`` itself (``next_uniform``), the generator advancing as
+    numpy's calls advance it. numba takes a ``Generator`` argument too, but unboxes it for about
+    7 microseconds a call, more than the draws it saves in the decoding loop. The draws bypass
+    the generator's lock: one thread per generator, as for every sampler here."""
+    interface = rng.bit_generator.ctypes  # built once per bit generator, then cached by numpy
+    return ctypes.cast(interface.next_double, ctypes.c_void_p).value, interface.state_address
+
+
+@intrinsic
+def next_uniform(typingctx, function, state):
+    """``rng.random()`` from compiled code: call ``next_double(state)`` at the addresses of
+    ``uniform_source(rng)`` (numpy's ``Generator.random`` draws exactly this double)."""
+    sig = types.float64(types.uintp, types.uintp)
+
+    def codegen(context, builder, signature, args):
+        byte_pointer = ir.IntType(8).as_pointer()
+        function_type = ir.FunctionType(ir.DoubleType(), [byte_pointer])
+        function_pointer = builder.inttoptr(args[0], function_type.as_pointer())
+        return builder.call(function_pointer, [builder.inttoptr(args[1], byte_pointer)])
+
+    return sig, codegen

@@ -125,6 +125,8 @@ def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, veri
         dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, pair.draft))
         assert dec.fast_chain
         fast = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+        walked_from_logits = dec._walks_from_logits(dec.last_step.drafted)
+        assert walked_from_logits == (sampling.softmax_only and family == "llama" and verifier != "block")
         dec.fast_chain = False
         general = dec.generate([PROMPT, [4, 4], [9]], seed=11)
         assert [r.token_ids for r in fast] == [r.token_ids for r in general]

@@ -127,6 +127,21 @@ def test_engine_samples_follow_target_law(llama, widths, law, verifier):
     assert _first_two_tokens_pvalue(dec, seed=1234) > G_TEST_ALPHA
 
 
+def test_engine_chain_walked_from_logits_follows_target_law(llama):
+    """End to end, the lean loop's chain walked in one compiled call from the target's logits
+    (``walk.walk_chain_softmax``: temperature alone, no top-k): first two tokens of 3,000
+    decodings over the whole vocabulary, G-test (false-positive rate 1e-4)."""
+    sampling = SamplingConfig(0.8, max_new_tokens=2, stop_on_eos=False)
+    dec = TreeDecoder(llama, TreeConfig.make((1,), "iid", "rrs"), sampling)  # token 2: a bonus or
+    dec.generate([PROMPT], seed=0)  # the token after a recovered one
+    assert dec.fast_chain and dec._walks_from_logits(dec.last_step.drafted)
+    counts = {}
+    for r in dec.generate([PROMPT] * 3000, seed=99):
+        counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
+    law = autoregressive_law(Oracle(dec.pair, dec.sampling), PROMPT, 2)
+    assert g_test_pvalue_of(counts, law) > G_TEST_ALPHA
+
+
 @pytest.mark.parametrize(
     "widths,law,verifier",
     [
@@ -189,6 +204,63 @@ def test_chain_walk_equals_walk():
             ref.expected_accept,
         ), seed
         assert fast_rng.random() == ref_rng.random()
+
+
+def _softmax_chain_case(seed: int, depth: int):
+    """A chain drafted from q's stored as ``sample_chain`` stores them (one [depth, K] array on
+    a draft vocabulary or dense) and target logits [depth + 1, V] with -inf entries, at
+    temperatures 1, 0.5 and 0.002 (most of p and q underflow to 0); q = p at some nodes."""
+    from mdsd.engine.walk import DENSE_IDS, draft_children
+    from mdsd.logits import SupportProbs, process_logits_row
+
+    gen = np.random.default_rng([22, seed])
+    vocab = int(gen.integers(2, 9))
+    temperature = (1.0, 0.5, 0.002)[seed % 3]
+    ids = np.sort(gen.choice(vocab, int(gen.integers(1, vocab + 1)), replace=False)) if seed % 2 else None
+    logits = (gen.normal(size=(depth + 1, vocab)) * 3.0).astype(np.float32)
+    logits[gen.random(logits.shape) < 0.2] = -np.inf
+    logits[np.arange(depth + 1), gen.integers(vocab, size=depth + 1)] = 0.0  # a finite entry per row
+    q_values = np.empty((depth, vocab if ids is None else ids.size))
+    book = RuleBook("iid", "rrs", (1,) * depth)
+    tokens, qs = np.zeros(depth, dtype=np.int64), {}
+    for i in range(depth):
+        draft_logits = logits[i] if gen.random() < 0.3 else gen.normal(size=vocab).astype(np.float32)
+        draft_logits = draft_logits if ids is None else draft_logits[ids]
+        if not np.isfinite(draft_logits).any():
+            draft_logits = np.zeros_like(draft_logits)
+        q = process_logits_row(draft_logits, temperature, drop_zeros=True)
+        q_values[i] = q.dense()
+        kept = np.flatnonzero(q_values[i])
+        qs[i - 1] = SupportProbs(kept if ids is None else ids[kept], q_values[i][kept], vocab)
+        tokens[i] = draft_children(qs[i - 1], 1, book, gen)[0][0]
+    rules = dict.fromkeys(qs, book.rule(1, 2))
+    chain_q = (DENSE_IDS if ids is None else ids, q_values)
+    return DraftedSlots(tokens, np.ones(depth, dtype=bool), rules, qs, chain_q), logits, temperature
+
+
+def test_softmax_chain_walk_equals_chain_walk():
+    """``walk_chain_softmax`` (the whole walk of a chain in one compiled call from the target's
+    logits) returns ``walk_chain``'s result with p = ``SamplingConfig.row_probs`` of each row,
+    draw for draw, and leaves the generator in the same state: 600 chains of depth 1-4, q on a
+    draft vocabulary or dense, -inf logits, underflowing temperatures and q = p nodes."""
+    from mdsd.engine.walk import walk_chain, walk_chain_softmax
+
+    outcomes = set()
+    for seed in range(600):
+        drafted, logits, temperature = _softmax_chain_case(seed, 1 + seed % 4)
+        sampling = SamplingConfig(temperature)
+        fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        fast = walk_chain_softmax(drafted, logits, temperature, fast_rng)
+        ref = walk_chain(drafted, lambda node, s=sampling, lg=logits: s.row_probs(lg[node + 1]), ref_rng)
+        assert (fast.path, fast.emitted, fast.bonus, fast.expected_accept) == (
+            ref.path,
+            ref.emitted,
+            ref.bonus,
+            ref.expected_accept,
+        ), seed
+        assert fast_rng.random() == ref_rng.random()
+        outcomes.add((len(fast.path), fast.bonus))
+    assert {(0, False), (1, False), (4, True)} <= outcomes  # rejections and bonuses both ran
 
 
 def test_block_chain_walk_equals_chain_verify():

@@ -11,6 +11,13 @@ recursive rejection sampling (``rrs``, ``rrs_without_replacement``, and every si
 the lean loop) or by the optimal verifier's compiled nodes, i.e. ``walk.verify_node_reference``'s
 steps (the union support, then the verifier's kernel on it) in one call: the fast paths of
 ``walk.verify_node`` and ``walk.walk_chain``.
+
+``softmax_chain_walk``: ``walk.walk_chain`` of a whole chain whose target rows are the tempered
+softmax of their logits, in one call from the logits: each visited row's softmax, its node and the
+bonus draw, with the generator's own uniforms in the reference's order (``mdsd.sampling.next_uniform``
+draws the numbers numpy draws). It saves the Python around every visited node: wrapping p
+and q, a closure, a dispatch per row and per node (about 15-20 microseconds per node in the
+decoding loop, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from mdsd._softmax_numba import tempered_softmax
+from mdsd.sampling import draw, next_uniform
 from mdsd.verifiers._early_exit import rrs_sample
 from mdsd.verifiers.optimal._orders_numba import orders_node
 from mdsd.verifiers.optimal._threshold_numba import threshold_node
@@ -82,6 +91,31 @@ def rejection_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, di
     p_row, q_row = p_local.reshape(1, -1), q_local.reshape(1, -1)
     rrs_sample(p_row, q_row, local.reshape(1, n), uniforms.reshape(1, n + 1), distinct, out, branch)
     return out[0] if tokens.size == 0 else tokens[out[0]]
+
+
+@numba.njit(cache=True)
+def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, state):
+    """(kept, token): ``walk.walk_chain`` of a chain of k = ``tokens.size`` drafts whose node
+    i - 1 has p = softmax(logits[i] / ``temperature``) (dense; ``tempered_softmax``, the
+    transform of ``SamplingConfig.row_probs`` without top-k / top-p) and q = ``q_values[i]`` on
+    ``q_ids`` (``rejection_node``'s form; empty: dense), for logits [k + 1, V] and q_values
+    [k, K]. Draft i is checked by ``rejection_node`` (one draft, ``rng.random(2)``) while the
+    drafts before it were kept; returns the number kept and the recovered token, or k and the
+    bonus token drawn from the last row at ``rng.random()``: the tokens and the generator's
+    state of ``walk_chain`` on the same rows (tested). ``uniform, state``: the generator's
+    ``mdsd.sampling.uniform_source``."""
+    k, vocab = tokens.size, logits.shape[1]
+    dense = np.empty(0, dtype=np.int64)
+    uniforms = np.empty(2)
+    for i in range(k):
+        p, _ = tempered_softmax(logits[i], temperature)
+        uniforms[0] = next_uniform(uniform, state)
+        uniforms[1] = next_uniform(uniform, state)
+        token = rejection_node(dense, p, q_ids, q_values[i], vocab, tokens[i : i + 1], uniforms, False)
+        if token != tokens[i]:
+            return i, token
+    p, _ = tempered_softmax(logits[k], temperature)
+    return k, np.int64(draw(p, next_uniform(uniform, state)))
 
 
 @numba.njit(cache=True)

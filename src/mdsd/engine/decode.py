@@ -17,8 +17,8 @@ root) is not yet in the target's cache:
 
 Chains verified by single-draft rejection sampling or by block verification run the same steps
 leaner (``fast_chain``: ``TreeDecoder.draft_chain``, ``walk.walk_chain`` / ``walk_chain_block``;
-with the tempered softmax alone, the whole draft chain in one compiled call), with the same tokens
-from the same seed.
+with the tempered softmax alone, the whole draft chain in one compiled call and the whole walk in
+another, ``walk.walk_chain_softmax``), with the same tokens from the same seed.
 
 The emitted sequence has exactly the target's law (temperature / top-k / top-p applied); the
 tests compute the exact law through the same ``walk`` functions. Batches of prompts are decoded
@@ -50,6 +50,7 @@ from mdsd.engine.static_llama import draft_runner, make_runner
 from mdsd.engine.tree import DraftTree, build_tree
 from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary
 from mdsd.engine.walk import (
+    DENSE_IDS,
     DraftedSlots,
     RuleBook,
     WalkResult,
@@ -59,6 +60,7 @@ from mdsd.engine.walk import (
     walk,
     walk_chain,
     walk_chain_block,
+    walk_chain_softmax,
 )
 from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical, draw
@@ -259,7 +261,8 @@ class TreeDecoder(_Decoder):
     same tokens from the same generator as the general loop (tested); set ``fast_chain = False``
     to run the general one (``exact_acceptance=True`` runs it too: the walk then computes each
     visited node's output law). With the tempered softmax alone the lean loop drafts the chain
-    in one compiled call (the same tokens and q; ``compiled_chain = False``: level by level).
+    in one compiled call (the same tokens and q; ``compiled_chain = False``: level by level) and
+    verifies it in one more, from the target's logits (``walk.walk_chain_softmax``).
 
     Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
     tree width larger than the vocabulary for laws drawing distinct tokens, unsupported models
@@ -545,7 +548,8 @@ class TreeDecoder(_Decoder):
                 qs[d - 1] = SupportProbs(ids[kept], q[kept], self.vocab)
             else:
                 qs[d - 1] = SupportProbs(ids, q, self.vocab)
-        return DraftedSlots(chain.tokens, self._chain_valid, dict.fromkeys(qs, rule), qs)
+        chain_q = (DENSE_IDS if ids is None else ids, chain.probs)
+        return DraftedSlots(chain.tokens, self._chain_valid, dict.fromkeys(qs, rule), qs, chain_q)
 
     def target_hidden(self, seq: list[int], drafted: DraftedSlots) -> torch.Tensor:
         """One target forward over (fresh committed tokens, every node): final hidden states of
@@ -615,6 +619,18 @@ class TreeDecoder(_Decoder):
                 return [-1] + valid
         return [node]
 
+    def _walks_from_logits(self, drafted: DraftedSlots) -> bool:
+        """Whether the lean loop verifies this chain by ``walk.walk_chain_softmax``: drafted in
+        one call (``chain_q``), verified node by node (not ``block``), p the tempered softmax
+        alone, and every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as the
+        node-by-node walk computes them for such a chain."""
+        return (
+            drafted.chain_q is not None
+            and self.config.verifier != "block"
+            and self.sampling.softmax_only
+            and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
+        )
+
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""
         t0 = time.perf_counter()
@@ -636,7 +652,12 @@ class TreeDecoder(_Decoder):
                 head_time += time.perf_counter() - start
             return self.sampling.row_probs(head_rows.pop(node))
 
-        if fast:
+        if fast and self._walks_from_logits(drafted):  # the whole walk in one compiled call
+            start = time.perf_counter()
+            logits = self.target.logits(hidden)  # [k + 1, V]
+            head_time += time.perf_counter() - start
+            result = walk_chain_softmax(drafted, logits, self.sampling.temperature, rng)
+        elif fast:
             chain_walk = walk_chain_block if self.config.verifier == "block" else walk_chain
             result = chain_walk(drafted, target_probs, rng)
         elif self.sequence_method is None:

@@ -39,7 +39,7 @@ import numpy as np
 
 from mdsd.laws import DraftLaw, get_law
 from mdsd.logits import SupportProbs
-from mdsd.sampling import categorical
+from mdsd.sampling import categorical, uniform_source
 from mdsd.sequence.chain import block_sample
 from mdsd.verifiers import Verifier, resolve
 from mdsd.verifiers.classic import RecursiveRejection
@@ -242,12 +242,16 @@ class DraftedSlots:
     valid:  [N] bool.
     rules:  node (-1 = root) -> NodeRule used to draft its children (only nodes with children).
     draft_probs: node (-1 = root) -> q the children were drawn from (``SupportProbs`` or [V]).
+    chain_q: for a chain drafted in one call (``StaticLlamaRunner.sample_chain``), the same q
+             as one array: (token ids [K] ascending, or empty for the whole vocabulary; values
+             [N, K], row i the q of node i - 1), which ``walk_chain_softmax`` reads; else None.
     """
 
     tokens: np.ndarray
     valid: np.ndarray
     rules: dict
     draft_probs: dict
+    chain_q: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -327,6 +331,24 @@ def walk_chain(
     return WalkResult(path, tokens + [bonus], True, expected)
 
 
+def walk_chain_softmax(
+    drafted: DraftedSlots, target_logits: np.ndarray, temperature: float, rng: np.random.Generator
+) -> WalkResult:
+    """``walk_chain`` where p(. | path to node i - 1) is softmax(target_logits[i] / temperature)
+    (``SamplingConfig.row_probs`` of a transform without top-k or top-p) and q is
+    ``drafted.chain_q``: the whole walk in one compiled call from the logits [k + 1, V]
+    (``_walk_numba.softmax_chain_walk``), the same result and generator state as ``walk_chain``
+    (tested). The lean loop's walk of chains drafted in one call."""
+    tokens = drafted.tokens.tolist()
+    q_ids, q_values = drafted.chain_q
+    kept, token = _walk_kernels().softmax_chain_walk(
+        target_logits, float(temperature), q_ids, q_values, drafted.tokens, *uniform_source(rng)
+    )
+    bonus = kept == len(tokens)
+    expected = [1.0] * kept + ([] if bonus else [0.0])
+    return WalkResult(list(range(kept)), tokens[:kept] + [int(token)], bonus, expected)
+
+
 def walk_chain_block(
     drafted: DraftedSlots, target_probs: Callable[[int], object], rng: np.random.Generator
 ) -> WalkResult:
@@ -354,11 +376,11 @@ def walk_chain_block(
     return WalkResult(list(range(kept)), tokens[:kept] + [y], bonus, expected)
 
 
-_DENSE_IDS = np.empty(0, dtype=np.int64)  # ``rejection_node``'s mark of dense values
+DENSE_IDS = np.empty(0, dtype=np.int64)  # ``rejection_node``'s mark of dense values
 
 
 def _ids_values(probs: SupportProbs) -> tuple[np.ndarray, np.ndarray]:
-    return (_DENSE_IDS if probs.indices is None else probs.indices), probs.values
+    return (DENSE_IDS if probs.indices is None else probs.indices), probs.values
 
 
 @functools.cache
