@@ -330,9 +330,10 @@ def test_compiled_nodes_equal_the_reference(law, verifier):
     ``verify_node_reference``'s verdict and leaves the generator in the same state: 800 nodes of
     1-4 drafts on 2-9 tokens and, every fifth, of 5-12 drafts on up to 15 tokens (the order
     split's widths), p and q dense or on top-k supports, temperature 0 (one-hot) and p = q (empty
-    residuals) included."""
+    residuals) included. An optimal rule carries the plan ``node_plan`` makes for its rows."""
     from mdsd.engine.walk import draft_children, verify_node, verify_node_reference
     from mdsd.logits import process_logits_row
+    from mdsd.verifiers.optimal.verifier import node_plan
 
     def row(gen, vocab, temperature, drop_zeros):
         top_k = [None, int(gen.integers(1, vocab + 1))][int(gen.integers(2))]
@@ -349,6 +350,10 @@ def test_compiled_nodes_equal_the_reference(law, verifier):
         p = q if gen.random() < 0.15 else row(gen, vocab, temperature, False)
         book = RuleBook(law, verifier, (width,))
         drafts, rule = draft_children(q, width, book, gen)
+        if verifier == "optimal" and rule.verifier.name == "optimal":  # planned once per rule
+            plan = node_plan(rule.law, rule.n_eff, q.support_size)
+            assert rule.support == q.support_size and (rule.plan is None) == (plan is None)
+            assert plan is None or (rule.plan.kind, rule.plan.head) == (plan.kind, plan.head)
         fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
         assert verify_node(p, q, drafts, rule, fast_rng) == verify_node_reference(p, q, drafts, rule, ref_rng)
         assert fast_rng.random() == ref_rng.random()

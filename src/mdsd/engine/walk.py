@@ -43,7 +43,7 @@ from mdsd.sampling import categorical, uniform_source
 from mdsd.sequence.chain import block_sample
 from mdsd.verifiers import Verifier, resolve
 from mdsd.verifiers.classic import RecursiveRejection
-from mdsd.verifiers.optimal.verifier import OptimalVerifier, node_plan
+from mdsd.verifiers.optimal.verifier import NodePlan, OptimalVerifier, node_plan
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
 ONE_DRAW_LAWS = ("iid", "without_replacement")  # one draft of these laws = one draw from q
@@ -51,11 +51,15 @@ ONE_DRAW_LAWS = ("iid", "without_replacement")  # one draft of these laws = one 
 
 @dataclass(frozen=True)
 class NodeRule:
-    """How one node drafts and verifies: n_eff drafts from ``law``, checked by ``verifier``."""
+    """How one node drafts and verifies: n_eff drafts from ``law``, checked by ``verifier``;
+    ``plan``: the optimal verifier's compiled node for rows whose q has ``support`` tokens
+    (``node_plan``), made once per rule by ``RuleBook.rule`` (None otherwise)."""
 
     n_eff: int
     law: DraftLaw
     verifier: Verifier
+    support: int = 0
+    plan: NodePlan | None = None
 
 
 class RuleBook:
@@ -87,6 +91,9 @@ class RuleBook:
                 n_eff = width
             if n_eff == 1 and self._single_draft_is_classic():
                 rule = self._single
+            elif isinstance(self.verifier, OptimalVerifier):
+                plan = node_plan(self.law, n_eff, support)
+                rule = NodeRule(n_eff, self.law, self.verifier, support, plan)
             else:
                 rule = NodeRule(n_eff, self.law, self.verifier)
             self._cache[key] = rule
@@ -203,7 +210,7 @@ def verify_node(
         uniforms = rng.random(drafts.size + 1)
         args = (uniforms, verifier.distinct)
         kernel = kernels.rejection_node
-    elif isinstance(verifier, OptimalVerifier) and (plan := node_plan(rule.law, drafts.size, q.support_size)):
+    elif isinstance(verifier, OptimalVerifier) and (plan := _plan_of(rule, drafts.size, q.support_size)):
         args = (rng.random(plan.uniforms), plan.head, plan.tail)
         kernel = kernels.orders_node_on_union if plan.kind == "orders" else kernels.threshold_node_on_union
     else:
@@ -211,6 +218,16 @@ def verify_node(
     token = int(kernel(*_ids_values(p), *_ids_values(q), p.vocab, drafts, *args))
     accepted = token in drafts.tolist()
     return NodeVerdict(token, accepted, float(accepted))
+
+
+def _plan_of(rule: NodeRule, n: int, support: int) -> NodePlan | None:
+    """The optimal verifier's compiled node for n drafts on q's ``support``: the rule's own plan
+    when the rule was made for such rows (``RuleBook.rule``: once per rule, not per node; Python
+    in the decoding loop runs with cold caches, where ``node_plan`` took ~30 microseconds),
+    else ``node_plan``."""
+    if rule.n_eff == n and rule.support == support:
+        return rule.plan
+    return node_plan(rule.law, n, support)
 
 
 def verify_node_reference(
