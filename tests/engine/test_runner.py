@@ -39,7 +39,7 @@ def test_tree_logits_and_caches_match_plain_forward(request, family, static_cach
     oracle = Oracle(pair, sampling)
     with torch.inference_mode():
         for seq, drafted, emitted in decoded_steps(dec, 4):
-            logits = dec.target.logits(dec.last_step.target_hidden)
+            logits = dec.last_step.logits(dec.target)
             for node in [-1] + list(np.flatnonzero(drafted.valid)):
                 want = oracle.logits(pair.target, seq + path_tokens(dec.tree, drafted, node))
                 np.testing.assert_allclose(logits[node + 1], want, atol=LOGIT_TOL, rtol=0)
@@ -410,3 +410,31 @@ def test_sample_chain_equals_the_levels_one_by_one(llama, output_ids):
     too_many = np.ones(runner._panel_max_rows + 1, dtype=np.int64)
     assert runner.sample_chain(too_many, 2, rng, 1.0) is None
     assert rng.random() == np.random.default_rng(0).random()  # nothing drawn
+
+
+@pytest.mark.parametrize("output_ids", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
+def test_compiled_causal_equals_hidden_then_logits(llama, output_ids):
+    """``StaticLlamaRunner.causal`` (forward, final norm and output layer in one compiled call)
+    gives the logits and the cache of ``causal_hidden`` then ``logits``, bit for bit: one token,
+    a few, every row kept or the last only, the whole output layer or part of it; past a panel
+    pass it takes the general path (the same numbers)."""
+    from mdsd.engine.static_llama import StaticLlamaRunner
+
+    runner = StaticLlamaRunner(llama.target, "numba")
+    runner.restrict_output(None if output_ids is None else np.array(output_ids))
+    long = np.arange(runner._panel_max_rows + 2) % VOCAB
+    for fresh, keep in [([4], 1), (PROMPT, 1), (PROMPT, 3), ([7, 1, 9, 2], 2), (long, 2)]:
+        results = []
+        for one_call in (True, False):
+            runner.reset(64)
+            runner.causal_hidden(np.array([1, 2]), 1)
+            if one_call:
+                logits = runner.causal(np.array(fresh), keep)
+            else:
+                logits = runner.logits(runner.causal_hidden(np.array(fresh), keep))
+            cache = [c[:, :, : runner.cached].copy() for c in runner._cache_numpy]
+            results.append((logits, cache, runner.cached))
+        (a, cache_a, n_a), (b, cache_b, n_b) = results
+        assert a.shape == (keep, VOCAB if output_ids is None else len(output_ids))
+        assert np.array_equal(a, b) and n_a == n_b == 2 + len(fresh)
+        assert all(np.array_equal(x, y) for x, y in zip(cache_a, cache_b))

@@ -308,10 +308,10 @@ def decoder_layer_blas(x, weights, keys, values, start, mask, causal, cos, sin, 
 
 
 @numba.njit(**_JIT)
-def next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm):
-    """The output layer's logits [out] after a causal forward of ``ids`` [m] (m <=
-    ``panel_max_rows``) at positions start .. start + m - 1: ``StaticLlamaRunner``'s
-    ``causal_hidden`` then ``logits`` of the last row, with the same arrays and kernels.
+def causal_logits(ids, rows, model, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm):
+    """The output layer's logits [rows, out] of the last ``rows`` of a causal forward of ``ids``
+    [m] (rows <= m <= ``panel_max_rows``) at positions start .. start + m - 1:
+    ``StaticLlamaRunner``'s ``causal_hidden`` then ``logits``, with the same arrays and kernels.
     model: (embed [V, hidden], layers, final_norm [hidden], out_panels, out_t, out_bias)."""
     embed, layers, final_norm, out_p, out_t, out_b = model
     m = ids.size
@@ -321,8 +321,16 @@ def next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv
     cos, sin = cos_table[start : start + m], sin_table[start : start + m]
     no_mask = np.zeros((0, 0), dtype=np.float32)
     x = decoder_stack(x, layers, keys, values, start, no_mask, m > 1, cos, sin, heads, kv_heads, eps, gemm)
-    last = rms_norm(np.ascontiguousarray(x[m - 1 :]), final_norm, eps)
-    return project(last, out_p, out_t, out_b, gemm)[0]
+    last = rms_norm(np.ascontiguousarray(x[m - rows :]), final_norm, eps)
+    return project(last, out_p, out_t, out_b, gemm)
+
+
+@numba.njit(**_JIT)
+def next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm):
+    """``causal_logits`` of the last row: logits [out]."""
+    return causal_logits(
+        ids, 1, model, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm
+    )[0]
 
 
 @numba.njit(cache=True)

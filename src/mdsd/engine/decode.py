@@ -228,13 +228,21 @@ class StepRecord:
     """The last step of a ``TreeDecoder``, kept for inspection and tests.
 
     drafted: the drafted tree; target_hidden: the target's final hidden states [N + 1, H] of the
-    root and every node (``decoder.target.logits(target_hidden)`` gives their logits); result:
-    the verification walk.
+    root and every node (``decoder.target.logits(target_hidden)`` gives their logits), or None
+    where the lean loop computed the logits themselves in the forward's call (``target_logits``
+    [N + 1, V], else None); result: the verification walk.
     """
 
     drafted: DraftedSlots
-    target_hidden: torch.Tensor
+    target_hidden: torch.Tensor | None
     result: object
+    target_logits: np.ndarray | None = None
+
+    def logits(self, target) -> np.ndarray:
+        """The target's logits [N + 1, V] of the root and every node (``target``: the runner)."""
+        if self.target_logits is not None:
+            return self.target_logits
+        return target.logits(self.target_hidden)
 
 
 class TreeDecoder(_Decoder):
@@ -623,7 +631,9 @@ class TreeDecoder(_Decoder):
         """Whether the lean loop verifies this chain by ``walk.walk_chain_softmax``: drafted in
         one call (``chain_q``), verified node by node (not ``block``), p the tempered softmax
         alone, and every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as the
-        node-by-node walk computes them for such a chain."""
+        node-by-node walk computes them for such a chain. The target's forward then returns
+        the logits of every row itself (``target.causal``: one compiled call on the lean
+        forward)."""
         return (
             drafted.chain_q is not None
             and self.config.verifier != "block"
@@ -631,14 +641,10 @@ class TreeDecoder(_Decoder):
             and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
         )
 
-    def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
-        """One draft / verify step after ``seq``; returns the emitted tokens."""
-        t0 = time.perf_counter()
-        fast = self.fast_chain and not self.exact_acceptance  # the lean loop of a chain
-        drafted = self.draft_chain(seq, rng) if fast else self.draft_tree(seq, rng)
-        t1 = time.perf_counter()
-        hidden = self.target_hidden(seq, drafted)  # [N + 1, H]
-        t2 = time.perf_counter()
+    def _walk(self, drafted: DraftedSlots, hidden, rng: np.random.Generator, fast: bool):
+        """Verify the drafted tree from the target's hidden states [N + 1, H]: (``WalkResult``,
+        seconds in the output layer). The output layer runs on the rows the walk visits, batched
+        by ``_head_batch``; a sequence-level rule reads every row."""
         head_time = 0.0
         head_rows: dict[int, np.ndarray] = {}  # node -> target logits [V], computed ahead
 
@@ -652,23 +658,35 @@ class TreeDecoder(_Decoder):
                 head_time += time.perf_counter() - start
             return self.sampling.row_probs(head_rows.pop(node))
 
-        if fast and self._walks_from_logits(drafted):  # the whole walk in one compiled call
-            start = time.perf_counter()
-            logits = self.target.logits(hidden)  # [k + 1, V]
-            head_time += time.perf_counter() - start
-            result = walk_chain_softmax(drafted, logits, self.sampling.temperature, rng)
-        elif fast:
+        if fast:
             chain_walk = walk_chain_block if self.config.verifier == "block" else walk_chain
-            result = chain_walk(drafted, target_probs, rng)
-        elif self.sequence_method is None:
+            return chain_walk(drafted, target_probs, rng), head_time
+        if self.sequence_method is None:
             result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)
-        else:  # a sequence-level rule reads p at every node
-            start = time.perf_counter()
-            logits = self.target.logits(hidden)  # [N + 1, V]
-            head_time += time.perf_counter() - start
-            result = self.verify_sequence(
-                drafted, lambda node: self.sampling.row_probs(logits[node + 1]), rng
-            )
+            return result, head_time
+        start = time.perf_counter()  # a sequence-level rule reads p at every node
+        logits = self.target.logits(hidden)  # [N + 1, V]
+        head_time += time.perf_counter() - start
+        result = self.verify_sequence(drafted, lambda node: self.sampling.row_probs(logits[node + 1]), rng)
+        return result, head_time
+
+    def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
+        """One draft / verify step after ``seq``; returns the emitted tokens."""
+        t0 = time.perf_counter()
+        fast = self.fast_chain and not self.exact_acceptance  # the lean loop of a chain
+        drafted = self.draft_chain(seq, rng) if fast else self.draft_tree(seq, rng)
+        t1 = time.perf_counter()
+        from_logits = fast and self._walks_from_logits(drafted)
+        if from_logits:  # a chain: the causal forward and every row's logits in one call
+            ids = np.asarray(seq[self.target.cached :] + drafted.tokens.tolist())
+            hidden, logits = None, self.target.causal(ids, self.tree.num_nodes + 1)  # [N + 1, V]
+        else:
+            hidden, logits = self.target_hidden(seq, drafted), None  # [N + 1, H]
+        t2 = time.perf_counter()
+        if from_logits:  # the whole walk in one compiled call
+            result, head_time = walk_chain_softmax(drafted, logits, self.sampling.temperature, rng), 0.0
+        else:
+            result, head_time = self._walk(drafted, hidden, rng, fast)
         t3 = time.perf_counter()
         # keep the committed prefix + the accepted path in both caches
         base = len(seq)
@@ -676,15 +694,15 @@ class TreeDecoder(_Decoder):
         depths, depth = self.tree.depths, self.tree.depth  # the draft never caches the last level
         self.draft.keep_positions(base, [base + node for node in result.path if depths[node] < depth])
         t4 = time.perf_counter()
-        self.last_step = StepRecord(drafted, hidden, result)  # for inspection and tests
+        self.last_step = StepRecord(drafted, hidden, result, logits)  # for inspection and tests
         # statistics
         stats.steps += 1
         stats.step_tokens += len(result.emitted)
         stats.accepted += len(result.path)
-        for d, expected in enumerate(result.expected_accept):
-            stats.depth_tries[d] += 1
-            stats.depth_expected[d] += expected
-            stats.depth_accepts[d] += d < len(result.path)
+        visited = len(result.expected_accept)  # depths 0 .. visited - 1; the first len(path) kept
+        stats.depth_tries[:visited] += 1
+        stats.depth_expected[:visited] += result.expected_accept
+        stats.depth_accepts[: len(result.path)] += 1
         stats.draft_time += t1 - t0
         stats.target_time += (t2 - t1) + head_time
         if stats.steps == 1:  # the first tree forward also runs the prompt

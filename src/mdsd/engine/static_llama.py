@@ -246,6 +246,7 @@ class StaticLlamaRunner(ModelRunner):
         if self.matmul == "numba":
             self._pool_panels()
         self._compiled_layers = self._compiled_weights() if self.matmul == "numba" else None
+        self._model_arrays = None  # ``_compiled_model``'s tuple, built on first use
         self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
         self._rotary_table = None  # (cos, sin) [capacity, 1, head_dim] when the RoPE is static
@@ -299,6 +300,28 @@ class StaticLlamaRunner(ModelRunner):
 
     def _use_output(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self._output = _Linear(weight, bias, self.matmul, self.panel_format or "f32")
+        self._model_arrays = None  # rebuilt with the new output layer (``_compiled_model``)
+
+    def _compiled_model(self) -> tuple:
+        """(embed, layers, final_norm, out_panels, out_t, out_bias): the ``model`` argument of
+        ``_llama_numba.causal_logits`` and ``sample_chain``, built once per output layer."""
+        if self._model_arrays is None:
+            self._model_arrays = (
+                self._embed_table,
+                self._compiled_layers,
+                self._final_norm_weight,
+                *self._output.compiled(),
+            )
+        return self._model_arrays
+
+    def _compiled_applies(self, tokens: int) -> bool:
+        """Whether a forward of ``tokens`` tokens runs as one compiled call from token ids
+        (``causal``, ``sample_chain``): matmul "numba", a static RoPE table, one panel pass."""
+        return (
+            self._compiled_layers is not None
+            and self._rotary_numpy is not None
+            and tokens <= self._panel_max_rows
+        )
 
     # ------------------------------------------------------------------ cache
     def reset(self, capacity: int | None = None) -> None:
@@ -401,6 +424,36 @@ class StaticLlamaRunner(ModelRunner):
         last = np.ascontiguousarray(x[-keep:])
         return torch.from_numpy(kernels.rms_norm(last, self._final_norm_weight, self._eps))
 
+    def causal(self, ids: np.ndarray, keep: int = 1) -> np.ndarray:
+        """Logits [keep, V] of the last ``keep`` rows of a causal forward of ``ids``: the forward,
+        the final norm and the output layer in one compiled call (``_llama_numba.causal_logits``)
+        where it applies (``_compiled_applies``), the same arrays and kernels as ``causal_hidden``
+        then ``logits`` (the same logits bit for bit, tested), without their Python between the
+        calls (~60 microseconds a token in the decoding loop, where the weights' stream has
+        flushed the interpreter's caches; BENCHMARKS.md); else ``ModelRunner.causal``."""
+        if not self._compiled_applies(len(ids)):
+            return super().causal(ids, keep)
+        start = self._length
+        began = time.perf_counter()
+        end = start + len(ids)
+        self._check_capacity(end)
+        logits = self._kernels.causal_logits(
+            np.asarray(ids, dtype=np.int64),
+            keep,
+            self._compiled_model(),
+            *self._cache_numpy,
+            start,
+            *self._rotary_numpy,
+            self.heads,
+            self.kv_heads,
+            self._eps,
+            self._gemm,
+        )
+        self._length = end
+        self.calls += 1
+        self.model_time += time.perf_counter() - began
+        return logits
+
     def sample_chain(
         self, ids, depth: int, rng: np.random.Generator, temperature: float
     ) -> SampledChain | None:
@@ -416,14 +469,14 @@ class StaticLlamaRunner(ModelRunner):
         apply (matmul other than "numba", a RoPE recomputed per forward, more tokens than one
         panel pass).
         """
-        if self._compiled_layers is None or self._rotary_numpy is None or len(ids) > self._panel_max_rows:
+        if not self._compiled_applies(len(ids)):
             return None
         start = self._length
         self._check_capacity(start + len(ids) + depth - 1)
         uniforms = rng.random(depth)  # the uniforms of ``depth`` successive rng.random() calls
         began = time.perf_counter()
         token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
-        model = (self._embed_table, self._compiled_layers, self._final_norm_weight, *self._output.compiled())
+        model = self._compiled_model()
         keys, values = self._cache_numpy
         chain = SampledChain(
             *self._kernels.sample_chain(
