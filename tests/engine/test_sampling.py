@@ -186,6 +186,13 @@ def _chain_case(seed: int, depth: int):
     return build_tree((1,) * depth), DraftedSlots(tokens, np.ones(depth, dtype=bool), rules, qs), ps
 
 
+def _assert_same_walk(fast, fast_rng, ref, ref_rng, seed):
+    """The two walks emitted the same result and left their generators in the same state."""
+    got = (fast.path, fast.emitted, fast.bonus, fast.expected_accept)
+    assert got == (ref.path, ref.emitted, ref.bonus, ref.expected_accept), seed
+    assert fast_rng.random() == ref_rng.random(), seed
+
+
 def test_chain_walk_equals_walk():
     """``walk_chain`` (the lean loop's compiled walk of a chain) returns ``walk``'s result from
     the same generator, draw for draw: 600 chains of depth 1-4 with p and q dense or on supports,
@@ -197,13 +204,7 @@ def test_chain_walk_equals_walk():
         fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
         fast = walk_chain(drafted, ps.__getitem__, fast_rng)
         ref = walk(tree, drafted, ps.__getitem__, ref_rng)
-        assert (fast.path, fast.emitted, fast.bonus, fast.expected_accept) == (
-            ref.path,
-            ref.emitted,
-            ref.bonus,
-            ref.expected_accept,
-        ), seed
-        assert fast_rng.random() == ref_rng.random()
+        _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
 
 
 def _softmax_chain_case(seed: int, depth: int):
@@ -252,13 +253,7 @@ def test_softmax_chain_walk_equals_chain_walk():
         fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
         fast = walk_chain_softmax(drafted, logits, temperature, fast_rng)
         ref = walk_chain(drafted, lambda node, s=sampling, lg=logits: s.row_probs(lg[node + 1]), ref_rng)
-        assert (fast.path, fast.emitted, fast.bonus, fast.expected_accept) == (
-            ref.path,
-            ref.emitted,
-            ref.bonus,
-            ref.expected_accept,
-        ), seed
-        assert fast_rng.random() == ref_rng.random()
+        _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
         outcomes.add((len(fast.path), fast.bonus))
     assert {(0, False), (1, False), (4, True)} <= outcomes  # rejections and bonuses both ran
 

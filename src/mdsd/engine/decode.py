@@ -25,7 +25,7 @@ tests compute the exact law through the same ``walk`` functions. Batches of prom
 one sequence after another (each with its own caches), so results are correct for any batch size
 but there is no batching speed-up.
 
-The module holds the two decoders (~560 lines); their records (configs, statistics, generations)
+The module holds the two decoders (~700 lines); their records (configs, statistics, generations)
 are in ``mdsd.engine.records``.
 """
 
