@@ -423,7 +423,7 @@ def test_compiled_causal_equals_hidden_then_logits(llama, output_ids):
     runner = StaticLlamaRunner(llama.target, "numba")
     runner.restrict_output(None if output_ids is None else np.array(output_ids))
     long = np.arange(runner._panel_max_rows + 2) % VOCAB
-    for fresh, keep in [([4], 1), (PROMPT, 1), (PROMPT, 3), ([7, 1, 9, 2], 2), (long, 2)]:
+    for fresh, keep in [([4], 1), (PROMPT, 1), (PROMPT, 3), ([7, 1, 9, 2], 2), ([5, 6], 4), (long, 2)]:
         results = []
         for one_call in (True, False):
             runner.reset(64)
@@ -435,6 +435,6 @@ def test_compiled_causal_equals_hidden_then_logits(llama, output_ids):
             cache = [c[:, :, : runner.cached].copy() for c in runner._cache_numpy]
             results.append((logits, cache, runner.cached))
         (a, cache_a, n_a), (b, cache_b, n_b) = results
-        assert a.shape == (keep, VOCAB if output_ids is None else len(output_ids))
+        assert a.shape == (min(keep, len(fresh)), VOCAB if output_ids is None else len(output_ids))
         assert np.array_equal(a, b) and n_a == n_b == 2 + len(fresh)
         assert all(np.array_equal(x, y) for x, y in zip(cache_a, cache_b))

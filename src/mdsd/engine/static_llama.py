@@ -439,7 +439,7 @@ class StaticLlamaRunner(ModelRunner):
         self._check_capacity(end)
         logits = self._kernels.causal_logits(
             np.asarray(ids, dtype=np.int64),
-            keep,
+            min(keep, len(ids)),  # as causal_hidden's x[-keep:]
             self._compiled_model(),
             *self._cache_numpy,
             start,
