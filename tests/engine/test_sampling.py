@@ -258,6 +258,44 @@ def test_softmax_chain_walk_equals_chain_walk():
     assert {(0, False), (1, False), (4, True)} <= outcomes  # rejections and bonuses both ran
 
 
+def test_softmax_lower_bound_is_below_the_softmax_and_tight():
+    """``softmax_lower_bound`` (the lean loop's early acceptance) never exceeds the probability
+    ``tempered_softmax`` computes, on 400 float32 rows of 1-9,000 logits at scales 0.01-1,000
+    and temperatures 0.001-1,000, with -inf entries, ties at the maximum and huge logits, for
+    the largest, the smallest and random tokens; where the row is an ordinary one (scales 0.5-5,
+    T = 0.3-3, at most 8,192 tokens) it is within 1e-5 of it."""
+    from mdsd._softmax_numba import tempered_softmax
+    from mdsd.engine._walk_numba import softmax_lower_bound
+
+    gen = np.random.default_rng(17)
+    ordinary_checked = 0
+    for case in range(400):
+        vocab = int(gen.choice([1, 2, 7, 64, 1000, 8192, 9000]))
+        scale = float(10.0 ** gen.uniform(-2, 3))
+        temperature = float(10.0 ** gen.uniform(-3, 3))
+        ordinary = case % 2 == 0
+        if ordinary:
+            vocab, scale, temperature = min(vocab, 8192), gen.uniform(0.5, 5), gen.uniform(0.3, 3)
+        row = (gen.standard_normal(vocab) * scale).astype(np.float32)
+        if case % 5 == 1 and vocab > 1:
+            row[gen.random(vocab) < 0.3] = -np.inf
+            row[0] = 0.0
+        if case % 7 == 2:
+            row[: max(1, vocab // 3)] = row.max()  # ties at the maximum
+        if case % 11 == 3:
+            row += np.float32(gen.choice([-3e4, 3e4]))
+        p, _ = tempered_softmax(row, temperature)
+        tokens = {int(np.argmax(p)), int(np.argmin(np.where(p > 0, p, np.inf)))}
+        tokens |= set(gen.integers(vocab, size=8).tolist())
+        for x in tokens:
+            lower = softmax_lower_bound(row, temperature, x)
+            assert 0.0 <= lower <= p[x], (case, x)
+            if ordinary and p[x] > 1e-300:
+                assert lower >= p[x] * (1 - 1e-5), (case, x, lower / p[x])
+                ordinary_checked += 1
+    assert ordinary_checked > 1000
+
+
 def test_block_chain_walk_equals_chain_verify():
     """``walk_chain_block`` (the decoding loop's block verification) returns
     ``mdsd.sequence.chain_verify(..., "block")``'s draw on the dense rows from the same generator:

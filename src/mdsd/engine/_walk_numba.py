@@ -17,17 +17,24 @@ softmax of their logits, in one call from the logits: each visited row's softmax
 bonus draw, with the generator's own uniforms in the reference's order (``mdsd.sampling.next_uniform``
 draws the numbers numpy draws). It saves the Python around every visited node: wrapping p
 and q, a closure, a dispatch per row and per node (the walk and cache bookkeeping of a 1x3
-chain's step took 132 against 161 microseconds in the decoding loop, BENCHMARKS.md).
+chain's step took 132 against 161 microseconds in the decoding loop, BENCHMARKS.md). A draft
+is first tested against a lower bound on its p(x) from float32 exponentials
+(``softmax_lower_bound``): the float64 softmax then runs only for the drafts that test does not
+keep, with the reference's outcome either way (docs/engine.md, "Early acceptance").
 """
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
 
 from mdsd._softmax_numba import tempered_softmax
+from mdsd._topk_numba import _max_key
+from mdsd.engine._llama_numba import exp_inplace
 from mdsd.sampling import draw, next_uniform
-from mdsd.verifiers._early_exit import rrs_sample
+from mdsd.verifiers._early_exit import _ratio, rrs_sample
 from mdsd.verifiers.optimal._orders_numba import orders_node
 from mdsd.verifiers.optimal._threshold_numba import threshold_node
 
@@ -93,8 +100,84 @@ def rejection_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, di
     return out[0] if tokens.size == 0 else tokens[out[0]]
 
 
+# The early acceptance of ``softmax_chain_walk``: a lower bound on p(x) from float32
+# exponentials (``softmax_lower_bound``; the error analysis: docs/engine.md, "Early
+# acceptance"). Error terms, relative: float32's exp by ``exp_inplace`` (at most 2 ulp
+# measured; 8 allowed), the float32 exponent z (three roundings of (l - max) / T: 3.1 ulp of
+# |z|), a term flushed to 0 below ``EXP_LOW`` (at most exp(-86 + 1e-6) < 2.5e-38 each).
+EXP32_ERROR = 8.0 * 2.0**-24
+Z32_ERROR = 3.1 * 2.0**-24
+FLUSHED_TERM = 2.5e-38
+FLOAT32_NORMAL = 1.1754944e-38  # the smallest normal float32
+EARLY_MAX_SHIFT = 4.0e9  # |max l / T| above this: float64's rounding of z is not negligible
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _row_max32(logits):
+    """max(logits) of a float32 row without NaN, by integer keys (``mdsd._topk_numba``: the
+    compiler vectorises a maximum of integers, not one of floats)."""
+    key = _max_key(logits.view(np.int32), 31, 0x7FFFFFFF)
+    bits = np.empty(1, dtype=np.int32)
+    bits[0] = key if key >= 0 else (key - 1) ^ 0x7FFFFFFF  # the key's inverse
+    return bits.view(np.float32)[0]
+
+
+@numba.njit(cache=True, boundscheck=False, fastmath={"reassoc"})
+def _exp_sums(e, z):
+    """(sum e, sum e |z|) in float64 over float32 e [n] >= 0 and z [n] <= 0 (|z| capped at 100:
+    where it is larger, e = 0)."""
+    total = weighted = 0.0
+    for i in range(e.size):
+        value = np.float64(e[i])
+        total += value
+        weighted += value * min(-np.float64(z[i]), 100.0)
+    return total, weighted
+
+
+@numba.njit(cache=True, boundscheck=False)
+def softmax_lower_bound(logits, temperature, token):
+    """A number <= ``tempered_softmax(logits, temperature)[0][token]`` for a float32 row
+    ``logits`` [V] (no NaN; some entry finite): exp(z_x) / S (1 - delta), S = sum_i exp(z_i)
+    by float32 exponentials of z_i = (l_i - max l) / T summed in float64, z_x exactly as
+    ``tempered_softmax`` forms it, and delta a bound on the relative error of S and of the
+    reference's own rounding; 0.0 where the bound does not apply (1/T outside float32's normal
+    range, |max l / T| > ``EARLY_MAX_SHIFT``, delta >= 1e-3). One pass of float32
+    arithmetic (16 lanes) where the float64 softmax takes several (8 lanes)."""
+    inv = np.float32(1.0 / temperature)
+    if not (inv >= FLOAT32_NORMAL and inv < np.inf):
+        return 0.0
+    top = _row_max32(logits)
+    shift = abs(np.float64(top) / temperature)
+    if shift > EARLY_MAX_SHIFT:
+        return 0.0
+    n = logits.size
+    z = np.empty(n, dtype=np.float32)
+    e = np.empty(n, dtype=np.float32)
+    for i in range(n):
+        zi = (logits[i] - top) * inv
+        z[i] = zi
+        e[i] = zi
+    exp_inplace(e)
+    total, weighted = _exp_sums(e, z)
+    error = Z32_ERROR * weighted + (EXP32_ERROR + 2.0**-51 * (shift + 1.0)) * total + n * FLUSHED_TERM
+    delta = 1.01 * (error / total + (2 * n + 16) * 2.0**-53)
+    if delta >= 1e-3:
+        return 0.0
+    z_token = np.float64(logits[token]) / temperature - np.float64(top) / temperature
+    return math.exp(z_token) / total * (1.0 - delta) * (1.0 - 2.0**-50)
+
+
 @numba.njit(cache=True)
-def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, state):
+def _draft_prob(q_ids, q_row, token):
+    """q(token) from q on ``q_ids`` (ascending; empty: dense), as ``rejection_node`` reads it."""
+    if q_ids.size == 0:
+        return q_row[token]
+    j = np.searchsorted(q_ids, token)
+    return q_row[j] if j < q_ids.size and q_ids[j] == token else 0.0
+
+
+@numba.njit(cache=True)
+def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, state, early):
     """(kept, token): ``walk.walk_chain`` of a chain of k = ``tokens.size`` drafts whose node
     i - 1 has p = softmax(logits[i] / ``temperature``) (dense; ``tempered_softmax``, the
     transform of ``SamplingConfig.row_probs`` without top-k / top-p) and q = ``q_values[i]`` on
@@ -103,14 +186,20 @@ def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, st
     drafts before it were kept; returns the number kept and the recovered token, or k and the
     bonus token drawn from the last row at ``rng.random()``: the tokens and the generator's
     state of ``walk_chain`` on the same rows (tested). ``uniform, state``: the generator's
-    ``mdsd.sampling.uniform_source``."""
+    ``mdsd.sampling.uniform_source``; ``early``: float32 logits, whose drafts are first tested
+    against ``softmax_lower_bound`` (u < lower / q(x) <= p(x) / q(x): the reference keeps x
+    too), the float64 softmax computed only for a draft that test does not keep."""
     k, vocab = tokens.size, logits.shape[1]
     dense = np.empty(0, dtype=np.int64)
     uniforms = np.empty(2)
     for i in range(k):
-        p, _ = tempered_softmax(logits[i], temperature)
         uniforms[0] = next_uniform(uniform, state)
         uniforms[1] = next_uniform(uniform, state)
+        if early:
+            lower = softmax_lower_bound(logits[i], temperature, tokens[i])
+            if uniforms[0] < _ratio(lower, _draft_prob(q_ids, q_values[i], tokens[i])):
+                continue  # kept: rejection_node keeps it at this uniform
+        p, _ = tempered_softmax(logits[i], temperature)
         token = rejection_node(dense, p, q_ids, q_values[i], vocab, tokens[i : i + 1], uniforms, False)
         if token != tokens[i]:
             return i, token

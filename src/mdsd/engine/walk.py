@@ -358,8 +358,10 @@ def walk_chain_softmax(
     (tested). The lean loop's walk of chains drafted in one call."""
     tokens = drafted.tokens.tolist()
     q_ids, q_values = drafted.chain_q
+    logits = np.ascontiguousarray(target_logits)  # [k + 1, V]
+    early = logits.dtype == np.float32  # the early acceptance reads float32 rows
     kept, token = _walk_kernels().softmax_chain_walk(
-        target_logits, float(temperature), q_ids, q_values, drafted.tokens, *uniform_source(rng)
+        logits, float(temperature), q_ids, q_values, drafted.tokens, *uniform_source(rng), early
     )
     bonus = kept == len(tokens)
     expected = [1.0] * kept + ([] if bonus else [0.0])
