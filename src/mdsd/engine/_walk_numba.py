@@ -111,6 +111,7 @@ Z32_ERROR = 3.1 * 2.0**-24
 FLUSHED_TERM = 2.5e-38
 FLOAT32_NORMAL = 1.1754944e-38  # the smallest normal float32
 EARLY_MAX_SHIFT = 4.0e9  # |max l / T| above this: float64's rounding of z is not negligible
+EARLY_MIN_EXPONENT = -600.0  # z_x below this: no early acceptance (p(x) < 3e-261, kept normal)
 
 
 @numba.njit(cache=True, boundscheck=False)
@@ -142,7 +143,8 @@ def softmax_lower_bound(logits, temperature, token):
     by float32 exponentials of z_i = (l_i - max l) / T summed in float64, z_x exactly as
     ``tempered_softmax`` forms it, and delta a bound on the relative error of S and of the
     reference's own rounding; 0.0 where the bound does not apply (1/T outside float32's normal
-    range, |max l / T| > ``EARLY_MAX_SHIFT``, delta >= 1e-3). One pass of float32
+    range, |max l / T| > ``EARLY_MAX_SHIFT``, delta >= 1e-3, z_x < ``EARLY_MIN_EXPONENT``: all
+    quantities stay normal floats, whose rounding the bound covers). One pass of float32
     arithmetic (16 lanes) where the float64 softmax takes several (8 lanes)."""
     inv = np.float32(1.0 / temperature)
     if not (inv >= FLOAT32_NORMAL and inv < np.inf):
@@ -165,6 +167,8 @@ def softmax_lower_bound(logits, temperature, token):
     if delta >= 1e-3:
         return 0.0
     z_token = np.float64(logits[token]) / temperature - np.float64(top) / temperature
+    if z_token < EARLY_MIN_EXPONENT:  # p(x) near float64's subnormals, whose rounding is coarse
+        return 0.0
     return math.exp(z_token) / total * (1.0 - delta) * (1.0 - 2.0**-50)
 
 
