@@ -450,30 +450,11 @@ def order_split_shares(draft_q, inside, rest):
             m += 1
             mass_in += draft_q[i]
     outside = np.zeros(full + 1)  # orders of T ending outside G
-    for subset in range(1, full + 1):
-        if subset == subset & -subset:  # one draft
-            outside[subset] = 0.0 if subset & group else factor[subset]
-            continue
-        total, bits = 0.0, subset
-        while bits:  # the first of T drawn
-            low = bits & -bits
-            total += outside[subset ^ low]
-            bits ^= low
-        outside[subset] = factor[subset] * total
+    _last_draw_factors(factor, full ^ group, 0, outside)
     ending = np.zeros((m, full + 1))  # orders of T ending in the j-th draft of G
     for j in range(m):
         last = 1 << members[j]
-        row = ending[j]
-        row[last] = factor[last]
-        for subset in range(last + 1, full + 1):
-            if not subset & last:
-                continue
-            total, bits = 0.0, subset ^ last
-            while bits:  # the first of T drawn
-                low = bits & -bits
-                total += row[subset ^ low]
-                bits ^= low
-            row[subset] = factor[subset] * total
+        _last_draw_factors(factor, last, last, ending[j])
     forward = np.zeros(full + 1)  # orders of the prefix Q (outside G), before g is drawn
     forward[0] = 1.0
     b0, b1 = np.zeros(n), np.zeros(n)
@@ -512,6 +493,26 @@ def order_split_shares(draft_q, inside, rest):
             "the inputs"
         )
     return b0, b1
+
+
+@numba.njit(cache=True)
+def _last_draw_factors(factor, ends, fixed, out):
+    """out[T] = the summed factors of the orders of T whose last draw is in ``ends`` (bit
+    masks), for the sets T that hold every draft of ``fixed`` (``fixed`` = the one last draft,
+    or 0): a single draft is its own order; else out[T] = factor[T] times the sum, over the
+    first draw f of T (``fixed`` excluded), of out[T without f]. Other entries stay as they are."""
+    for subset in range(1, out.size):
+        if subset & fixed != fixed:
+            continue
+        if subset == subset & -subset:  # one draft
+            out[subset] = factor[subset] if subset & ends else 0.0
+            continue
+        total, bits = 0.0, subset ^ fixed
+        while bits:  # the first of T drawn
+            low = bits & -bits
+            total += out[subset ^ low]
+            bits ^= low
+        out[subset] = factor[subset] * total
 
 
 @numba.njit(cache=True)
