@@ -2,7 +2,8 @@
 
     python benchmarks/bench_decode.py --prompts 8 --max-new-tokens 96 --threads 1 \
         [--temperature T] [--top-k K] [--dtype bfloat16] [--prompts-file FILE] \
-        [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE[:DRAFT_VOCAB] ...] [--draft-vocab K]
+        [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE[:DRAFT_VOCAB[:DRAFT_WEIGHTS]] ...]
+        [--draft-vocab K] [--draft-weights int8]
         [--repeats R] [--general-loop] [--level-by-level] [--json out.json]
 
 TREE may be ``auto`` (``mdsd.engine.auto``: chosen from a calibration on the same prompts; the
@@ -73,6 +74,12 @@ def main() -> None:
         "--draft-vocab", type=int, help="draft output layer over K tokens (mdsd.engine.vocab) in every config"
     )
     ap.add_argument(
+        "--draft-weights",
+        default="exact",
+        choices=["exact", "int8"],
+        help="the draft's weights in every config (int8: int8 weights and activations)",
+    )
+    ap.add_argument(
         "--repeats", type=int, default=1, help="decode each prompt R times per method, keep the fastest"
     )
     ap.add_argument(
@@ -93,7 +100,9 @@ def main() -> None:
     sampling = SamplingConfig(
         args.temperature, args.top_k, args.top_p, args.max_new_tokens, stop_on_eos=False
     )
-    configs = [TreeConfig.from_spec(spec, args.draft_vocab) for spec in args.config or CONFIGS]
+    configs = [
+        TreeConfig.from_spec(spec, args.draft_vocab, args.draft_weights) for spec in args.config or CONFIGS
+    ]
     if args.prompts_file:
         with open(args.prompts_file) as fh:
             prompts = [line.rstrip("\n") for line in fh if line.strip()][: args.prompts]

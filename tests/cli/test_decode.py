@@ -141,3 +141,30 @@ def test_draft_vocab_option(tiny):
     assert_refused(mdsd("generate", "w3", *models, "--draft-vocab", "0"), "draft_vocab")
     assert_refused(mdsd("generate", "w3", *models, "--draft-vocab", "13"), "draft_vocab")
     assert_refused(mdsd("bench", *models, "--no-hf", "-c", "iid:rrs:1x2:six"), "DRAFT_VOCAB")
+
+
+def test_draft_weights_option(tiny):
+    """--draft-weights int8 and the config's fifth field: decoding works on the int8 draft, named
+    in the bench table; an unknown value, or int8 off the compiled forward, exits with code 2 and
+    one line naming the option."""
+    models = ["--target", tiny[0], "--draft", tiny[1], "--threads", "1"]
+    args = ("generate", "w3 w4", *models, "--tree", "1x2", "-m", "4", "--ignore-eos", "--json")
+    res = run(*args, "--draft-weights", "int8")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index('{"prompt"') :].splitlines()[0])
+    assert len(out["token_ids"]) == 4
+    bench = ("bench", *models, "--prompts", "1", "-m", "3", "--no-hf", "--json")
+    res = run(*bench, "-c", "iid:rrs:1x2:6:int8", "-c", "iid:rrs:1x2")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output[res.output.index("{") :])["rows"]
+    assert [r["method"] for r in rows[-2:]] == ["mdsd iid/rrs 1x2 vocab 6 int8 draft", "mdsd iid/rrs 1x2"]
+    res = run(*bench, "-c", "iid:rrs:1x2", "--draft-weights", "int8")
+    assert res.exit_code == 0, res.output
+    assert (
+        json.loads(res.output[res.output.index("{") :])["rows"][-1]["method"] == "mdsd iid/rrs 1x2 int8 draft"
+    )
+    assert_refused(mdsd("generate", "w3", *models, "--draft-weights", "int4"), "draft_weights")
+    assert_refused(
+        mdsd("generate", "w3", *models, "--draft-weights", "int8", "--matmul", "torch"), "draft_weights"
+    )
+    assert_refused(mdsd("bench", *models, "--no-hf", "-c", "iid:rrs:1x2:6:fp8"), "DRAFT_WEIGHTS")

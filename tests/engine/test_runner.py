@@ -457,3 +457,153 @@ def test_compiled_causal_equals_hidden_then_logits(llama, output_ids):
         assert a.shape == (min(keep, len(fresh)), VOCAB if output_ids is None else len(output_ids))
         assert np.array_equal(a, b) and n_a == n_b == 2 + len(fresh)
         assert all(np.array_equal(x, y) for x, y in zip(cache_a, cache_b))
+
+
+def _q8_reference(x, weight_t):
+    """The "q8" product from its definition: rows and columns quantized (``quantize_rows``,
+    ``int8_columns``), exact integer sums, then float32(sum) * w_scale[c] * x_scale[r]."""
+    from mdsd.engine import _llama_numba as kernels
+    from mdsd.engine._panel_gemm import int8_columns
+
+    codes, x_scales = kernels.quantize_rows(x, x.shape[1])
+    q_w, w_scales = int8_columns(weight_t)
+    sums = (codes.astype(np.int64) - 128) @ q_w.astype(np.int64)
+    return (sums.astype(np.float32) * w_scales) * x_scales[:, None]
+
+
+def _q8_kernels():
+    """(width, vnni) of every "q8" kernel this host runs: the generic sums at each vector width,
+    and vpdpbusd where the CPU has AVX-512 VNNI."""
+    from mdsd.engine._panel_gemm import host_vnni
+
+    return [(w, False) for w in _kernel_widths()] + ([(16, True)] if host_vnni() else [])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 14, 15, 29, 161, 170])
+def test_q8_panels_give_the_exact_integer_sums(rows):
+    """``project`` on "q8" panels: up to ``panel_max_rows`` rows the kernel's products are the
+    definition's bit for bit (exact int32 sums of int8 products), with VNNI and without, at every
+    vector width, with and without prefetch, over K not a multiple of 4 and a zero-padded last
+    panel; beyond, the BLAS on the quantized rows gives the same to float32 rounding. Every
+    output is within the quantization's error bound of the float product:
+    sum_k |x_k| s_w / 2 + |W_kc| s_x / 2 + s_x s_w / 4."""
+    from mdsd.engine import _llama_numba as kernels
+    from mdsd.engine._panel_gemm import (
+        PANEL,
+        gemm_kernel,
+        int8_columns,
+        int8_weights,
+        kernel_address,
+        pack_panels,
+    )
+
+    gen = np.random.default_rng(rows)
+    k_dim, cols = 38, 2 * PANEL + 7
+    weight_t = gen.normal(size=(k_dim, cols)).astype(np.float32)
+    weight_t[:, 3] = 0.0  # a zero column
+    x = gen.normal(size=(rows, k_dim)).astype(np.float32) * np.float32(3.0)
+    x[0, :] = 0.0  # a zero row
+    panels, none = pack_panels(weight_t, "q8"), np.zeros(0, np.float32)
+    want = _q8_reference(x, weight_t)
+    results = [
+        kernels.project(
+            x,
+            panels,
+            int8_weights(weight_t),
+            none,
+            kernel_address(gemm_kernel("q8", width, prefetch, vnni=vnni)),
+        )
+        for width, vnni in _q8_kernels()
+        for prefetch in (0, 8192)
+    ]
+    for got in results:
+        if rows <= kernels.panel_max_rows(1):
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+        np.testing.assert_array_equal(got, results[0])
+    _, x_scales = kernels.quantize_rows(x, k_dim)
+    _, w_scales = int8_columns(weight_t)
+    bound = np.abs(x) @ np.ones((k_dim, cols)) * w_scales / 2 + x_scales[:, None] * (
+        np.abs(weight_t).sum(axis=0) / 2 + k_dim * w_scales / 4
+    )
+    error = np.abs(results[0] - x.astype(np.float64) @ weight_t)
+    assert np.all(error <= bound * (1 + 1e-5) + 1e-6)
+    assert np.all(results[0][0] == 0) and np.all(results[0][:, 3] == 0)
+
+
+def test_int8_columns_and_rows():
+    """``int8_columns``: per column scale max |w| / 127 (1 for a zero column), q in [-127, 127]
+    with the peak at +-127; ``quantize_rows``: per row the same, as unsigned bytes q + 128, the
+    padding columns at 128; non-finite weights refused naming the weights."""
+    from mdsd.engine import _llama_numba as kernels
+    from mdsd.engine._panel_gemm import int8_columns
+
+    weight_t = np.array([[1.0, 0.0, -2.0], [-0.5, 0.0, 0.01]], dtype=np.float32)
+    q, scales = int8_columns(weight_t)
+    np.testing.assert_array_equal(q, [[127, 0, -127], [-64, 0, 1]])
+    np.testing.assert_allclose(scales, [1 / 127, 1.0, 2 / 127], rtol=1e-7)
+    codes, row_scales = kernels.quantize_rows(weight_t.T.copy(), 4)
+    np.testing.assert_array_equal(codes.astype(int) - 128, [[127, -64, 0, 0], [0, 0, 0, 0], [-127, 1, 0, 0]])
+    np.testing.assert_allclose(row_scales, [1 / 127, 1.0, 2 / 127], rtol=1e-7)
+    with pytest.raises(ValueError, match="weights"):
+        int8_columns(np.array([[np.nan]], dtype=np.float32))
+
+
+def test_int8_runner_forward(llama):
+    """``StaticLlamaRunner(weights="int8")``: "q8" panels everywhere, the one-call forward equal
+    to ``causal_hidden`` then ``logits`` bit for bit, logits near the exact runner's but not equal
+    to them; bad ``weights`` and int8 off the compiled forward refused naming the argument."""
+    from mdsd.engine.static_llama import StaticLlamaRunner
+
+    exact = StaticLlamaRunner(llama.draft, "numba")
+    runner = StaticLlamaRunner(llama.draft, "numba", weights="int8")
+    assert runner.panel_format == "q8" and all(lin.panels.dtype == np.int8 for lin in runner.projections())
+    results = []
+    for r, one_call in ((runner, True), (runner, False), (exact, True)):
+        r.reset(32)
+        ids = np.array(PROMPT)
+        results.append(r.causal(ids, 3) if one_call else r.logits(r.causal_hidden(ids, 3)))
+    assert np.array_equal(results[0], results[1])
+    scale = np.abs(results[2]).max()
+    assert 0 < np.abs(results[0] - results[2]).max() < 0.1 * scale
+    with pytest.raises(ValueError, match="weights"):
+        StaticLlamaRunner(llama.draft, "numba", weights="int4")
+    with pytest.raises(ValueError, match="weights 'int8'"):
+        StaticLlamaRunner(llama.draft, "torch", weights="int8")
+
+
+class _Int8DraftOracle(Oracle):
+    """``Oracle`` whose q is a fresh int8 runner's full forward of the context."""
+
+    def __init__(self, pair, sampling):
+        from mdsd.engine.static_llama import StaticLlamaRunner
+
+        super().__init__(pair, sampling)
+        self.runner = StaticLlamaRunner(pair.draft, "numba", weights="int8")
+
+    def q(self, context):
+        self.runner.reset(len(context) + 1)
+        return self.sampling.probs(self.runner.causal(np.array(context), 1)[0])
+
+
+@pytest.mark.parametrize("spec", ["iid:rrs:1x3", "without_replacement:rrs_without_replacement:2,1"])
+def test_int8_draft_is_verified_with_the_q_it_drew_from(llama, spec):
+    """A decoder with ``draft_weights`` "int8" (the lean chain loop and the general tree loop):
+    every q the drafts were drawn from is the int8 draft's (a fresh int8 runner's forward of the
+    context), not the exact draft's; and the exact law of the first two tokens, enumerated with
+    those q, is the target's."""
+    from .helpers import LAW_TOL, assert_same_law, autoregressive_law, first_tokens_law
+
+    sampling = SamplingConfig(1.0)
+    config = TreeConfig.from_spec(spec + "::int8")
+    dec = TreeDecoder(llama, config, sampling)
+    assert dec.draft.panel_format == "q8"
+    oracle, exact = _Int8DraftOracle(llama, sampling), Oracle(llama, sampling)
+    with torch.inference_mode():
+        for seq, drafted, _ in decoded_steps(dec, 3):
+            assert_draft_probs(dec.tree, drafted, seq, oracle.q)
+            assert np.abs(oracle.q(seq) - exact.q(seq)).max() > 1e-4
+        want = autoregressive_law(exact, PROMPT, 2)
+        got = first_tokens_law(dec.tree, dec.book, oracle, PROMPT, 2)
+    assert_same_law(got, want, LAW_TOL)

@@ -38,8 +38,8 @@ def test_build_tree_structure():
 
 def test_tree_config_from_spec():
     """``TreeConfig.from_spec``, the ``--config`` form of ``mdsd bench`` and the benchmark scripts:
-    empty fields take the defaults, the vocabulary field overrides the given default, and other
-    forms are refused naming ``config``."""
+    empty fields take the defaults, the vocabulary and weights fields override the given
+    defaults, and other forms are refused naming ``config`` (``draft_weights`` by its name)."""
     config = TreeConfig.from_spec("iid:rrs:1x3:2048")
     assert (config.law, config.verifier, config.tree.widths, config.draft_vocab) == (
         "iid",
@@ -52,12 +52,22 @@ def test_tree_config_from_spec():
     assert TreeConfig.from_spec("iid::auto", 512) == TreeConfig.make("auto", "iid", None, 512)
     assert TreeConfig.from_spec("iid:rrs:1x2:", 64).draft_vocab == 64
     assert TreeConfig.from_spec("iid:rrs:1x2:8", 64).draft_vocab == 8
+    int8 = TreeConfig.from_spec("iid:rrs:1x3:4096:int8")
+    assert (int8.draft_vocab, int8.draft_weights) == (4096, "int8")
+    assert int8.describe() == "iid/rrs 1x3 vocab 4096 int8 draft"
+    assert TreeConfig.from_spec("iid:rrs:1x3::", 64, "int8") == TreeConfig.make(
+        "1x3", "iid", "rrs", 64, "int8"
+    )
+    assert TreeConfig.from_spec("iid:rrs:1x3").draft_weights == "exact"
     for bad, message in (
         ("iid:rrs", "config must be"),
-        ("a:b:c:d:e", "config must be"),
+        ("a:b:c:d:e:f", "config must be"),
         ("iid:rrs:1x2:six", "DRAFT_VOCAB"),
+        ("iid:rrs:1x2:64:int4", "DRAFT_WEIGHTS"),
     ):
         with pytest.raises(ValueError, match=message):
             TreeConfig.from_spec(bad)
+    with pytest.raises(ValueError, match="draft_weights"):
+        TreeConfig.make("1x2", "iid", "rrs", None, "fp8")
     with pytest.raises(ValueError, match="drafts"):  # the tree spec's own check
         TreeConfig.from_spec("iid:rrs:0x2")

@@ -47,8 +47,9 @@ PANEL_MAX_ROWS_16 = 160 if _WIDE else 24
 
 @numba.njit(cache=True)
 def panel_max_rows(itemsize):
-    """The largest row count multiplied on panels of ``itemsize`` bytes per weight."""
-    return PANEL_MAX_ROWS_16 if itemsize == 2 else PANEL_MAX_ROWS_F32
+    """The largest row count multiplied on panels of ``itemsize`` bytes per weight (16-bit and
+    "q8" panels alike)."""
+    return PANEL_MAX_ROWS_16 if itemsize <= 2 else PANEL_MAX_ROWS_F32
 
 
 _JIT = {"cache": True, "boundscheck": False, "fastmath": {"contract"}}
@@ -76,21 +77,60 @@ def _call_gemm(typingctx, gemm, x, panels, out, rows, n_panels, k_dim, out_strid
 
 
 @numba.njit(**_JIT)
+def quantize_rows(x, padded):
+    """Each row of x [m, K] as int8 q_x = round(x / s) with s = max |x| / 127 (1 for a zero row):
+    (q_x + 128 as unsigned bytes [m, padded], the columns past K holding 128, i.e. q_x = 0;
+    s [m] float32), the activations of "q8" panels (``_panel_gemm.FORMATS``)."""
+    m, k_dim = x.shape
+    codes = np.full((m, padded), 128, dtype=np.uint8)
+    scales = np.empty(m, dtype=np.float32)
+    for r in range(m):
+        peak = np.float32(0.0)
+        for k in range(k_dim):
+            peak = max(peak, abs(x[r, k]))
+        scales[r] = peak / np.float32(127.0) if peak > 0 else np.float32(1.0)
+        inverse = np.float32(1.0) / scales[r]
+        for k in range(k_dim):
+            codes[r, k] = np.uint8(np.int32(np.rint(x[r, k] * inverse)) + 128)
+    return codes, scales
+
+
+@numba.njit(**_JIT)
 def project(x, panels, weight_t, bias, gemm):
     """x [m, in] @ W^T [in, out] (+ bias [out] when it is non-empty), W^T also given as
     panels [P, in, PANEL]: the panel kernel at address ``gemm`` up to ``panel_max_rows`` rows,
-    else np.dot."""
+    else np.dot. "q8" panels (int8, [P, in / 4 + 2, PANEL, 4]): the rows quantized first
+    (``quantize_rows``), W^T the weights the panels stand for (``_panel_gemm.int8_weights``)."""
     x = np.ascontiguousarray(x)
     m, k_dim = x.shape
     cols = weight_t.shape[1]
+    q8 = panels.itemsize == 1
     if m <= panel_max_rows(panels.itemsize):
         n_panels = panels.shape[0]
         width = n_panels * panels.shape[2]
         out = np.empty((m, width), dtype=np.float32)
-        _call_gemm(gemm, x.ctypes.data, panels.ctypes.data, out.ctypes.data, m, n_panels, k_dim, width)
+        if q8:
+            codes, scales = quantize_rows(x, 4 * (panels.shape[1] - 2))
+            _call_gemm(
+                gemm,
+                codes.ctypes.data,
+                panels.ctypes.data,
+                out.ctypes.data,
+                m,
+                n_panels,
+                codes.shape[1],
+                width,
+            )
+            for r in range(m):
+                out[r] *= scales[r]
+        else:
+            _call_gemm(gemm, x.ctypes.data, panels.ctypes.data, out.ctypes.data, m, n_panels, k_dim, width)
         if width != cols:
             out = np.ascontiguousarray(out[:, :cols])
     else:
+        if q8:  # the same quantized rows, by the BLAS
+            codes, scales = quantize_rows(x, k_dim)
+            x = (codes.astype(np.float32) - np.float32(128.0)) * scales.reshape(m, 1)
         out = np.dot(x, weight_t)
     if bias.size:
         out += bias

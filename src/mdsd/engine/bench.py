@@ -42,14 +42,22 @@ SMALL_VOCAB_CONFIGS = (
 )
 
 
-def default_configs(vocab: int, draft_vocab: int | None = None) -> list[TreeConfig]:
+def default_configs(
+    vocab: int, draft_vocab: int | None = None, draft_weights: str = "exact"
+) -> list[TreeConfig]:
     """``mdsd bench``'s grid for a pair of ``vocab`` tokens: ``DEFAULT_CONFIGS`` and, with the
     draft over vocab // 4 tokens, ``SMALL_VOCAB_CONFIGS``; with ``draft_vocab`` K, the grid alone
-    with every draft over K tokens."""
-    grid = [TreeConfig.make(tree, law, verifier, draft_vocab) for law, verifier, tree in DEFAULT_CONFIGS]
+    with every draft over K tokens; every draft with ``draft_weights``."""
+    grid = [
+        TreeConfig.make(tree, law, verifier, draft_vocab, draft_weights)
+        for law, verifier, tree in DEFAULT_CONFIGS
+    ]
     if draft_vocab is not None or vocab < 8:
         return grid
-    small = [TreeConfig.make(tree, law, verifier, vocab // 4) for law, verifier, tree in SMALL_VOCAB_CONFIGS]
+    small = [
+        TreeConfig.make(tree, law, verifier, vocab // 4, draft_weights)
+        for law, verifier, tree in SMALL_VOCAB_CONFIGS
+    ]
     return grid + small
 
 

@@ -258,7 +258,9 @@ class TreeDecoder(_Decoder):
     (``mdsd.engine.static_llama.choose_matmul``: the compiled layers for float32 models on the
     CPU); with "auto" a 16-bit draft on the CPU runs a float32 copy of itself there
     (``static_llama.draft_runner``). ``config.draft_vocab`` K restricts the draft's output layer
-    to its K likeliest tokens (``mdsd.engine.vocab``; ``use_draft_vocabulary`` takes any ids).
+    to its K likeliest tokens (``mdsd.engine.vocab``; ``use_draft_vocabulary`` takes any ids);
+    ``config.draft_weights`` "int8" runs the draft with int8 weights and activations
+    (``static_llama.draft_runner``), a faster draft whose q the verifier is given as computed.
     ``exact_acceptance=True`` makes ``stats.acceptance_by_depth`` Rao-Blackwellised (the exact
     acceptance given the drafts at every visited node, one output law per node); by default it
     averages the 0/1 outcomes, which costs nothing.
@@ -302,7 +304,7 @@ class TreeDecoder(_Decoder):
         self.sequence_method = SEQUENCE_VERIFIERS.get(config.verifier)
         self.book = RuleBook(config.law, self._node_verifier(), widths)
         self.target = make_runner(pair.target, static_cache, matmul)
-        self.draft = draft_runner(pair.draft, static_cache, matmul)  # 16-bit on the CPU: float32
+        self.draft = draft_runner(pair.draft, static_cache, matmul, config.draft_weights)  # 16-bit: float32
         if check_attention:
             with torch.inference_mode():
                 check_tree_attention(self.target, "target", self.vocab)

@@ -14,6 +14,8 @@ from mdsd.engine.tree import DraftTree, build_tree, parse_tree
 from mdsd.logits import SupportProbs, process_logits, process_logits_row
 from mdsd.verifiers import natural_verifier
 
+DRAFT_WEIGHTS = ("exact", "int8")  # TreeConfig.draft_weights (static_llama.StaticLlamaRunner's weights)
+
 SEQUENCE_VERIFIERS = {  # sequence-level rules (mdsd.sequence): name -> tree method
     "traversal": "traversal",  # Traversal Verification, arXiv 2505.12398
     "hybrid": "hybrid",  # node steps at branching nodes, block verification on chains
@@ -78,22 +80,31 @@ class SamplingConfig:
 @dataclass(frozen=True)
 class TreeConfig:
     """Tree shape, draft law and verifier of a speculative run; ``draft_vocab`` K: the draft's
-    output layer over its K most likely tokens only (``mdsd.engine.vocab``; None: all)."""
+    output layer over its K most likely tokens only (``mdsd.engine.vocab``; None: all);
+    ``draft_weights``: "exact" (the draft's own weights) or "int8" (its projections and output
+    layer in int8, its activations quantized per row: a faster, slightly different draft,
+    ``static_llama.StaticLlamaRunner``; exact all the same, as the verifier is given the q the
+    draft computes)."""
 
     tree: DraftTree | None = field(default_factory=lambda: build_tree((3, 1, 1, 1)))  # None: auto
     law: str | None = "without_replacement"
     verifier: str = "rrs_without_replacement"
     draft_vocab: int | None = None
+    draft_weights: str = "exact"
 
     def __post_init__(self):
         k = self.draft_vocab
         if k is not None and (isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1):
             raise ValueError(f"draft_vocab must be a positive integer or None, got {k!r}")
+        if self.draft_weights not in DRAFT_WEIGHTS:
+            raise ValueError(
+                f"draft_weights must be one of {list(DRAFT_WEIGHTS)}, got {self.draft_weights!r}"
+            )
 
     @classmethod
-    def make(cls, tree="3x4", law=None, verifier=None, draft_vocab=None) -> TreeConfig:
-        """From a tree spec ("3x4", "3,2,1", widths, a DraftTree or "auto"), a law, a verifier
-        and a draft vocabulary size.
+    def make(cls, tree="3x4", law=None, verifier=None, draft_vocab=None, draft_weights="exact") -> TreeConfig:
+        """From a tree spec ("3x4", "3,2,1", widths, a DraftTree or "auto"), a law, a verifier,
+        a draft vocabulary size and the draft's weights ("exact" or "int8").
 
         ``"auto"``: the decoder chooses the shape (possibly plain sampling) from a calibration of
         the pair on this machine (``mdsd.engine.auto``). Defaults: no law and no verifier =
@@ -112,28 +123,38 @@ class TreeConfig:
             verifier = natural_verifier(law)
         elif verifier in SEQUENCE_VERIFIERS and law is None:
             law = "iid" if verifier == "block" else "without_replacement"
-        return cls(tree, law, verifier, draft_vocab)
+        return cls(tree, law, verifier, draft_vocab, draft_weights)
 
     @classmethod
-    def from_spec(cls, spec: str, draft_vocab: int | None = None) -> TreeConfig:
-        """``LAW:VERIFIER:TREE[:DRAFT_VOCAB]``, e.g. ``greedy:greedy:3x4`` or ``iid:rrs:1x3:2048``
-        (the form of ``mdsd bench --config``); an empty field takes the default (``draft_vocab``
-        for the last). Raises ValueError naming ``config`` for another form."""
+    def from_spec(cls, spec: str, draft_vocab: int | None = None, draft_weights: str = "exact") -> TreeConfig:
+        """``LAW:VERIFIER:TREE[:DRAFT_VOCAB[:DRAFT_WEIGHTS]]``, e.g. ``greedy:greedy:3x4``,
+        ``iid:rrs:1x3:2048`` or ``iid:rrs:1x3:4096:int8`` (the form of ``mdsd bench --config``);
+        an empty field takes the default (``draft_vocab`` and ``draft_weights`` for the last two).
+        Raises ValueError naming ``config`` for another form."""
         parts = str(spec).split(":")
-        if len(parts) not in (3, 4):
+        if len(parts) not in (3, 4, 5):
             raise ValueError(
-                f"config must be LAW:VERIFIER:TREE[:DRAFT_VOCAB] (e.g. greedy:greedy:3x4), got {spec!r}"
+                "config must be LAW:VERIFIER:TREE[:DRAFT_VOCAB[:DRAFT_WEIGHTS]] (e.g. greedy:greedy:3x4), "
+                f"got {spec!r}"
             )
         law, verifier, tree = parts[:3]
-        if len(parts) == 4 and parts[3]:
+        if len(parts) >= 4 and parts[3]:
             if not parts[3].isdigit():
                 raise ValueError(f"config: DRAFT_VOCAB must be a positive integer, got {parts[3]!r}")
             draft_vocab = int(parts[3])
-        return cls.make(tree, law or None, verifier or None, draft_vocab)
+        if len(parts) == 5 and parts[4]:
+            if parts[4] not in DRAFT_WEIGHTS:
+                raise ValueError(
+                    f"config: DRAFT_WEIGHTS must be one of {list(DRAFT_WEIGHTS)}, got {parts[4]!r}"
+                )
+            draft_weights = parts[4]
+        return cls.make(tree, law or None, verifier or None, draft_vocab, draft_weights)
 
     def describe(self) -> str:
-        """Short name, e.g. ``without_replacement/rrs_without_replacement 3x4`` (+ ``vocab K``)."""
+        """Short name, e.g. ``without_replacement/rrs_without_replacement 3x4`` (+ ``vocab K``,
+        + ``int8 draft``)."""
         vocab = "" if self.draft_vocab is None else f" vocab {self.draft_vocab}"
+        vocab += " int8 draft" if self.draft_weights == "int8" else ""
         if self.tree is None:
             return f"{self.law or 'default'}/{self.verifier} auto{vocab}"
         widths = self.tree.widths

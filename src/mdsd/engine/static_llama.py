@@ -53,6 +53,17 @@ MATMULS = ("auto", "torch", "numpy", "numba")
 NUMPY_MATMUL_MAX_BYTES = 4 * 2**30  # "auto": the BLAS copies of larger models would cost too much memory
 
 
+WEIGHTS = ("exact", "int8")
+
+
+def check_weights(weights: str) -> None:
+    """``weights`` of a runner: "exact" (the model's own weights) or "int8" (the projections and
+    the output layer quantized per output column, ``_panel_gemm.int8_columns``: for a draft,
+    whose q the verifier is given as computed, so the output law stays the target's)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
+
+
 def choose_matmul(model, matmul: str = "auto") -> str:
     """The forward's backend: "torch" (``F.linear`` and torch operations), "numpy" (projections
     by OpenBLAS through numpy on transposed weight copies, the rest in torch) or "numba" (the
@@ -129,10 +140,12 @@ class _Linear:
         self.panels = None  # [P, in, PANEL]
         self.bias_np = np.zeros(0, np.float32) if bias is None else self.bias.numpy()
         if matmul == "numba":
-            from mdsd.engine._panel_gemm import gemm_kernel, kernel_address, pack_panels
+            from mdsd.engine._panel_gemm import gemm_kernel, int8_weights, kernel_address, pack_panels
 
-            self.format = fmt  # the model's panel format (``_panel_format``)
+            self.format = fmt  # the model's panel format (``_panel_format``), or "q8"
             self.panels = pack_panels(self.weight_t, fmt)
+            if fmt == "q8":  # the many-row path multiplies by the weights the panels stand for
+                self.weight_t = int8_weights(self.weight_t)
             self.gemm = kernel_address(gemm_kernel(fmt))
             self._project = _compiled().project
 
@@ -228,18 +241,26 @@ class StaticLlamaRunner(ModelRunner):
     backend (``choose_matmul``); both give the model's logits to float32 rounding (tested).
     """
 
-    def __init__(self, model, matmul: str = "auto"):
+    def __init__(self, model, matmul: str = "auto", weights: str = "exact"):
         super().__init__(model)
         config = model.config
         body = model.base_model
         self.matmul = choose_matmul(model, matmul)
+        check_weights(weights)
+        if weights == "int8" and self.matmul != "numba":
+            raise ValueError(
+                f"weights 'int8' needs the compiled forward (matmul 'numba'), got matmul {self.matmul!r}"
+            )
+        self.weights = weights
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self._embed = body.embed_tokens
         self._rotary = body.rotary_emb
         self._final_norm = _Norm(body.norm, self.dtype)
-        self.panel_format = _panel_format(model) if self.matmul == "numba" else None
+        self.panel_format = None
+        if self.matmul == "numba":
+            self.panel_format = "q8" if weights == "int8" else _panel_format(model)
         fmt = self.panel_format or "f32"
         self._layers = [_fuse(layer, self.dtype, self.matmul, fmt) for layer in body.layers]
         self._output = _Linear(self._head.weight, getattr(self._head, "bias", None), self.matmul, fmt)
@@ -559,14 +580,31 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def draft_runner(model, fast: bool = True, matmul: str = "auto") -> ModelRunner:
+def draft_runner(model, fast: bool = True, matmul: str = "auto", weights: str = "exact") -> ModelRunner:
     """The draft's runner: ``make_runner``, except that with ``matmul`` "auto" a float16 or
     bfloat16 Llama-family draft on the CPU runs a float32 copy on the compiled forward. Its
     weights stay exact (16-bit panels hold them, ``_panel_format``); its activations are float32
     instead of 16-bit. Speculative decoding is exact for any draft distribution the verifier is
     given, and the engine verifies with the q this runner computes, so the output law is the
     target's as before; only the speed and, by rounding, the acceptance change. torch's 16-bit
-    forward pays its per-operation dispatch on every draft level; the compiled one does not."""
+    forward pays its per-operation dispatch on every draft level; the compiled one does not.
+
+    ``weights`` "int8": the same, with int8 weights and activations ("q8" panels of
+    ``_panel_gemm``; a draft level reads a quarter of float32's bytes and its products run 64
+    byte pairs per instruction with AVX-512 VNNI). Needs the compiled forward: a Llama-family
+    draft on the CPU, ``fast`` and ``matmul`` "auto" or "numba"."""
+    check_weights(weights)
+    if weights == "int8":
+        if not (fast and supports_static(model) and model.device.type == "cpu"):
+            raise ValueError(
+                "draft_weights 'int8' needs the compiled draft forward: a Llama-family draft "
+                "(llama, mistral, qwen2) on the CPU with the static cache"
+            )
+        if matmul not in ("auto", "numba"):
+            raise ValueError(f"draft_weights 'int8' needs matmul 'auto' or 'numba', got {matmul!r}")
+        if model.dtype != torch.float32:
+            model = copy.deepcopy(model).float().eval()
+        return StaticLlamaRunner(model, "numba", weights="int8")
     if fast and matmul == "auto" and _compiled_float32_pays(model):
         model = copy.deepcopy(model).float().eval()
     return make_runner(model, fast, matmul)
