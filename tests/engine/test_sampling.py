@@ -127,12 +127,15 @@ def test_engine_samples_follow_target_law(llama, widths, law, verifier):
     assert _first_two_tokens_pvalue(dec, seed=1234) > G_TEST_ALPHA
 
 
-def test_engine_chain_walked_from_logits_follows_target_law(llama):
+@pytest.mark.parametrize("verifier", ["rrs", "block"])
+def test_engine_chain_walked_from_logits_follows_target_law(llama, verifier):
     """End to end, the lean loop's chain walked in one compiled call from the target's logits
-    (``walk.walk_chain_softmax``: temperature alone, no top-k): first two tokens of 3,000
-    decodings over the whole vocabulary, G-test (false-positive rate 1e-4)."""
+    (``walk.walk_chain_softmax``: temperature alone, no top-k; node by node and as a block):
+    first two tokens of 3,000 decodings over the whole vocabulary, G-test (false-positive rate
+    1e-4 each)."""
     sampling = SamplingConfig(0.8, max_new_tokens=2, stop_on_eos=False)
-    dec = TreeDecoder(llama, TreeConfig.make((1,), "iid", "rrs"), sampling)  # token 2: a bonus or
+    widths = (1,) if verifier == "rrs" else (1, 1)
+    dec = TreeDecoder(llama, TreeConfig.make(widths, "iid", verifier), sampling)  # token 2: a bonus or
     dec.generate([PROMPT], seed=0)  # the token after a recovered one
     assert dec.fast_chain and dec._walks_from_logits(dec.last_step.drafted)
     counts = {}
@@ -256,6 +259,28 @@ def test_softmax_chain_walk_equals_chain_walk():
         _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
         outcomes.add((len(fast.path), fast.bonus))
     assert {(0, False), (1, False), (4, True)} <= outcomes  # rejections and bonuses both ran
+
+
+def test_softmax_block_walk_equals_block_walk():
+    """``walk_chain_softmax(..., block=True)`` (block verification of a chain in one compiled
+    call from the target's logits) returns ``walk_chain_block``'s result with p =
+    ``SamplingConfig.row_probs`` of each row, draw for draw, and leaves the generator in the same
+    state: 600 chains of depth 1-4, q on a draft vocabulary or dense, -inf logits, underflowing
+    temperatures and q = p nodes; bonuses, full blocks and stops at every depth all occur."""
+    from mdsd.engine.walk import walk_chain_block, walk_chain_softmax
+
+    outcomes = set()
+    for seed in range(600):
+        drafted, logits, temperature = _softmax_chain_case(seed, 1 + seed % 4)
+        sampling = SamplingConfig(temperature)
+        fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        fast = walk_chain_softmax(drafted, logits, temperature, fast_rng, block=True)
+        ref = walk_chain_block(
+            drafted, lambda node, s=sampling, lg=logits: s.row_probs(lg[node + 1]), ref_rng
+        )
+        _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
+        outcomes.add((len(fast.path), fast.bonus))
+    assert {(0, False), (1, False), (2, False), (3, False), (4, True)} <= outcomes
 
 
 def test_softmax_lower_bound_is_below_the_softmax_and_tight():

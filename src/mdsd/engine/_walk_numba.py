@@ -12,7 +12,8 @@ the lean loop) or by the optimal verifier's compiled nodes, i.e. ``walk.verify_n
 steps (the union support, then the verifier's kernel on it) in one call: the fast paths of
 ``walk.verify_node`` and ``walk.walk_chain``.
 
-``softmax_chain_walk``: ``walk.walk_chain`` of a whole chain whose target rows are the tempered
+``softmax_chain_walk`` (and ``softmax_chain_block_walk``, block verification's draw):
+``walk.walk_chain`` of a whole chain whose target rows are the tempered
 softmax of their logits, in one call from the logits: each visited row's softmax, its node and the
 bonus draw, with the generator's own uniforms in the reference's order (``mdsd.sampling.next_uniform``
 draws the numbers numpy draws). It saves the Python around every visited node: wrapping p
@@ -34,6 +35,7 @@ from mdsd._softmax_numba import tempered_softmax
 from mdsd._topk_numba import _max_key
 from mdsd.engine._llama_numba import exp_inplace
 from mdsd.sampling import draw, next_uniform
+from mdsd.sequence.chain import _excess_and_deficit, _residual_draw
 from mdsd.verifiers._early_exit import _ratio, rrs_sample
 from mdsd.verifiers.optimal._orders_numba import orders_node
 from mdsd.verifiers.optimal._threshold_numba import threshold_node
@@ -210,6 +212,47 @@ def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, st
             return i, token
     p, _ = tempered_softmax(logits[k], temperature)
     return k, np.int64(draw(p, next_uniform(uniform, state)))
+
+
+@numba.njit(cache=True)
+def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, uniform, state):
+    """(kept, token): ``walk.walk_chain_block`` (block verification, Sun et al., arXiv
+    2403.10444) of a chain of k = ``tokens.size`` drafts from the target's logits [k + 1, V],
+    with ``softmax_chain_walk``'s arguments: p_i = softmax(logits[i] / ``temperature``), the
+    ratios p_i(x_i) / q_i(x_i), the weights w_i = min(1, w_{i-1} ratio_i); all k kept with
+    probability w_k (the bonus drawn from p_k), else from the deepest draft down stop at i with
+    probability h_i = sum max(w_i p_i - q_i, 0) / sum max(q_i - w_i p_i, 0) (1 where w_i = 1;
+    surely at 0), the token drawn from max(w_i p_i - q_i, 0). The uniforms, in
+    ``mdsd.sequence.chain.block_sample``'s order, and so the result and the generator's state
+    are the reference's (tested)."""
+    k, vocab = tokens.size, logits.shape[1]
+    p = np.empty((k + 1, vocab))
+    weights = np.ones(k + 1)
+    for i in range(k):
+        p[i], _ = tempered_softmax(logits[i], temperature)
+        ratio = p[i, tokens[i]] / _draft_prob(q_ids, q_values[i], tokens[i])
+        weights[i + 1] = min(1.0, weights[i] * ratio)
+    if next_uniform(uniform, state) < weights[k]:
+        p[k], _ = tempered_softmax(logits[k], temperature)
+        return k, np.int64(draw(p[k], next_uniform(uniform, state)))
+    q_row = np.empty(vocab)
+    for i in range(k - 1, -1, -1):
+        if q_ids.size == 0:
+            q_row[:] = q_values[i]
+        else:
+            q_row[:] = 0.0
+            q_row[q_ids] = q_values[i]
+        if i > 0:
+            u = next_uniform(uniform, state)
+            if weights[i] >= 1.0:
+                stop = 1.0
+            else:
+                excess, deficit = _excess_and_deficit(p[i], q_row, weights[i])
+                stop = excess / deficit
+            if not u < stop:
+                continue
+        return i, np.int64(_residual_draw(p[i], q_row, weights[i], next_uniform(uniform, state)))
+    return 0, np.int64(-1)  # unreachable: the walk stops at 0 surely
 
 
 @numba.njit(cache=True)

@@ -630,15 +630,13 @@ class TreeDecoder(_Decoder):
         return [node]
 
     def _walks_from_logits(self, drafted: DraftedSlots) -> bool:
-        """Whether the lean loop verifies this chain by ``walk.walk_chain_softmax``: drafted in
-        one call (``chain_q``), verified node by node (not ``block``), p the tempered softmax
-        alone, and every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as the
-        node-by-node walk computes them for such a chain. The target's forward then returns
-        the logits of every row itself (``target.causal``: one compiled call on the lean
-        forward)."""
+        """Whether the lean loop verifies this chain by ``walk.walk_chain_softmax`` (node by
+        node, or with ``block`` as a block): drafted in one call (``chain_q``), p the tempered
+        softmax alone, and every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as
+        the general walk computes them for such a chain. The target's forward then returns the
+        logits of every row itself (``target.causal``: one compiled call on the lean forward)."""
         return (
             drafted.chain_q is not None
-            and self.config.verifier != "block"
             and self.sampling.softmax_only
             and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
         )
@@ -686,7 +684,9 @@ class TreeDecoder(_Decoder):
             hidden, logits = self.target_hidden(seq, drafted), None  # [N + 1, H]
         t2 = time.perf_counter()
         if from_logits:  # the whole walk in one compiled call
-            result, head_time = walk_chain_softmax(drafted, logits, self.sampling.temperature, rng), 0.0
+            block = self.config.verifier == "block"
+            result = walk_chain_softmax(drafted, logits, self.sampling.temperature, rng, block)
+            head_time = 0.0
         else:
             result, head_time = self._walk(drafted, hidden, rng, fast)
         t3 = time.perf_counter()

@@ -349,20 +349,31 @@ def walk_chain(
 
 
 def walk_chain_softmax(
-    drafted: DraftedSlots, target_logits: np.ndarray, temperature: float, rng: np.random.Generator
+    drafted: DraftedSlots,
+    target_logits: np.ndarray,
+    temperature: float,
+    rng: np.random.Generator,
+    block: bool = False,
 ) -> WalkResult:
     """``walk_chain`` where p(. | path to node i - 1) is softmax(target_logits[i] / temperature)
     (``SamplingConfig.row_probs`` of a transform without top-k or top-p) and q is
     ``drafted.chain_q``: the whole walk in one compiled call from the logits [k + 1, V]
     (``_walk_numba.softmax_chain_walk``), the same result and generator state as ``walk_chain``
-    (tested). The lean loop's walk of chains drafted in one call."""
+    (tested). With ``block``, ``walk_chain_block``'s (``_walk_numba.softmax_chain_block_walk``,
+    tested likewise). The lean loop's walk of chains drafted in one call."""
     tokens = drafted.tokens.tolist()
     q_ids, q_values = drafted.chain_q
     logits = np.ascontiguousarray(target_logits)  # [k + 1, V]
-    early = logits.dtype == np.float32  # the early acceptance reads float32 rows
-    kept, token = _walk_kernels().softmax_chain_walk(
-        logits, float(temperature), q_ids, q_values, drafted.tokens, *uniform_source(rng), early
-    )
+    kernels, source = _walk_kernels(), uniform_source(rng)
+    if block:
+        kept, token = kernels.softmax_chain_block_walk(
+            logits, float(temperature), q_ids, q_values, drafted.tokens, *source
+        )
+    else:
+        early = logits.dtype == np.float32  # the early acceptance reads float32 rows
+        kept, token = kernels.softmax_chain_walk(
+            logits, float(temperature), q_ids, q_values, drafted.tokens, *source, early
+        )
     bonus = kept == len(tokens)
     expected = [1.0] * kept + ([] if bonus else [0.0])
     return WalkResult(list(range(kept)), tokens[:kept] + [int(token)], bonus, expected)
