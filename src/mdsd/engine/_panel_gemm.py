@@ -219,6 +219,19 @@ def pack_panels(weight_t: np.ndarray, fmt: str = "f32", panel: int = PANEL) -> n
     return np.ascontiguousarray(padded.reshape(k_dim, blocks, panel).transpose(1, 0, 2))
 
 
+def _broadcast_ir(row: int, step: str, scalar: str, width: int, align: int) -> list[str]:
+    """IR of ``%xb{row}``: element ``%xrow{row} + step`` of x, a ``scalar`` ("float" or "i32"),
+    in every one of ``width`` lanes."""
+    vec = f"<{width} x {scalar}>"
+    return [
+        f"  %x.at{row} = add i64 %xrow{row}, {step}",
+        f"  %x.ptr{row} = getelementptr {scalar}, ptr %x, i64 %x.at{row}",
+        f"  %x{row} = load {scalar}, ptr %x.ptr{row}, align {align}",
+        f"  %x.ins{row} = insertelement {vec} poison, {scalar} %x{row}, i64 0",
+        f"  %xb{row} = shufflevector {vec} %x.ins{row}, {vec} poison, <{width} x i32> zeroinitializer",
+    ]
+
+
 def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int, panel: int) -> list[str]:
     """LLVM IR of ``gemm_{fmt}_r{rows}``: for each panel p, for k in 0..K-1,
     acc[r] += broadcast(x[r, k]) * panels[p, k, :] (panel / width vectors of ``width`` floats per
@@ -227,13 +240,7 @@ def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int, panel: int) 
     elem = FORMATS[fmt][0]
     vec, parts = f"<{width} x float>", panel // width
     acc = [(r, c) for r in range(rows) for c in range(parts)]
-    ir = [
-        f"define internal void @gemm_{fmt}_r{rows}(ptr noalias nocapture readonly %x, "
-        "ptr noalias nocapture readonly %w, ptr noalias nocapture %out, i64 %P, i64 %K, i64 %ldo) #0 {",
-        "entry:",
-    ]
-    ir += [f"  %xrow{r} = mul i64 %K, {r}\n  %orow{r} = mul i64 %ldo, {r}" for r in range(rows)]
-    ir += ["  br label %panel", "panel:", "  %p = phi i64 [0, %entry], [%p.next, %store]"]
+    ir = _kernel_entry_ir(f"gemm_{fmt}_r{rows}", rows, "%K", [])
     ir += ["  %pbase = mul i64 %p, %K", "  br label %inner", "inner:"]
     ir += ["  %k = phi i64 [0, %panel], [%k.next, %inner]"]
     ir += [f"  %a{r}.{c} = phi {vec} [zeroinitializer, %panel], [%n{r}.{c}, %inner]" for r, c in acc]
@@ -253,13 +260,7 @@ def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int, panel: int) 
             ir += [f"  %w.raw{c} = load <{width} x {elem}>, ptr %w.ptr{c}, align 2"]
             ir += [f"  %w{c} = fpext <{width} x {elem}> %w.raw{c} to {vec}"]
     for r in range(rows):
-        ir += [
-            f"  %x.at{r} = add i64 %xrow{r}, %k",
-            f"  %x.ptr{r} = getelementptr float, ptr %x, i64 %x.at{r}",
-            f"  %x{r} = load float, ptr %x.ptr{r}, align 4",
-            f"  %x.ins{r} = insertelement {vec} poison, float %x{r}, i64 0",
-            f"  %xb{r} = shufflevector {vec} %x.ins{r}, {vec} poison, <{width} x i32> zeroinitializer",
-        ]
+        ir += _broadcast_ir(r, "%k", "float", width, 4)
         ir += [
             f"  %n{r}.{c} = call {vec} @llvm.fma.v{width}f32({vec} %xb{r}, {vec} %w{c}, {vec} %a{r}.{c})"
             for c in range(parts)
@@ -267,15 +268,45 @@ def _rows_kernel_ir(rows: int, fmt: str, width: int, prefetch: int, panel: int) 
     ir += ["  %k.next = add i64 %k, 1", "  %k.done = icmp eq i64 %k.next, %K"]
     ir += ["  br i1 %k.done, label %store, label %inner", "store:", f"  %col = mul i64 %p, {panel}"]
     for r, c in acc:
-        ir += [
-            f"  %o.base{r}.{c} = add i64 %orow{r}, %col",
-            f"  %o.at{r}.{c} = add i64 %o.base{r}.{c}, {width * c}",
-            f"  %o.ptr{r}.{c} = getelementptr float, ptr %out, i64 %o.at{r}.{c}",
-            f"  store {vec} %n{r}.{c}, ptr %o.ptr{r}.{c}, align 4",
-        ]
-    ir += ["  %p.next = add i64 %p, 1", "  %p.done = icmp eq i64 %p.next, %P"]
-    ir += ["  br i1 %p.done, label %exit, label %panel", "exit:", "  ret void", "}"]
-    return ir
+        ir += _store_ir(r, c, f"%n{r}.{c}", width)
+    return ir + _next_panel_ir()
+
+
+def _kernel_entry_ir(name: str, rows: int, x_stride: str, setup: list[str]) -> list[str]:
+    """IR opening a row kernel ``name`` of ``GEMM_SIGNATURE``: ``setup``, the offsets
+    ``%xrow{r}`` (r * ``x_stride`` elements of x) and ``%orow{r}`` of each row, and the panel
+    loop's head (``%p``)."""
+    ir = [
+        f"define internal void @{name}(ptr noalias nocapture readonly %x, "
+        "ptr noalias nocapture readonly %w, ptr noalias nocapture %out, i64 %P, i64 %K, i64 %ldo) #0 {",
+        "entry:",
+        *setup,
+    ]
+    ir += [f"  %xrow{r} = mul i64 {x_stride}, {r}\n  %orow{r} = mul i64 %ldo, {r}" for r in range(rows)]
+    return ir + ["  br label %panel", "panel:", "  %p = phi i64 [0, %entry], [%p.next, %store]"]
+
+
+def _store_ir(row: int, part: int, value: str, width: int) -> list[str]:
+    """IR storing ``value`` (``width`` floats) at out[row, %col + width * part]."""
+    r, c, vec = row, part, f"<{width} x float>"
+    return [
+        f"  %o.base{r}.{c} = add i64 %orow{r}, %col",
+        f"  %o.at{r}.{c} = add i64 %o.base{r}.{c}, {width * c}",
+        f"  %o.ptr{r}.{c} = getelementptr float, ptr %out, i64 %o.at{r}.{c}",
+        f"  store {vec} {value}, ptr %o.ptr{r}.{c}, align 4",
+    ]
+
+
+def _next_panel_ir() -> list[str]:
+    """IR ending a panel: the next one, or the kernel's return after the last."""
+    return [
+        "  %p.next = add i64 %p, 1",
+        "  %p.done = icmp eq i64 %p.next, %P",
+        "  br i1 %p.done, label %exit, label %panel",
+        "exit:",
+        "  ret void",
+        "}",
+    ]
 
 
 def _q8_dot_ir(out: str, acc: str, x: str, w: str, width: int, vnni: bool) -> list[str]:
@@ -312,15 +343,8 @@ def _q8_kernel_ir(rows: int, width: int, prefetch: int, panel: int, vnni: bool) 
     i32v, vec, parts = f"<{width} x i32>", f"<{width} x float>", panel // width
     group_bytes = panel * Q8_GROUP
     acc = [(r, c) for r in range(rows) for c in range(parts)]
-    ir = [
-        f"define internal void @gemm_q8_r{rows}(ptr noalias nocapture readonly %x, "
-        "ptr noalias nocapture readonly %w, ptr noalias nocapture %out, i64 %P, i64 %K, i64 %ldo) #0 {",
-        "entry:",
-        f"  %G = udiv i64 %K, {Q8_GROUP}",
-        f"  %G.rows = add i64 %G, {Q8_TRAILER}",
-    ]
-    ir += [f"  %xrow{r} = mul i64 %G, {r}\n  %orow{r} = mul i64 %ldo, {r}" for r in range(rows)]
-    ir += ["  br label %panel", "panel:", "  %p = phi i64 [0, %entry], [%p.next, %store]"]
+    groups = [f"  %G = udiv i64 %K, {Q8_GROUP}", f"  %G.rows = add i64 %G, {Q8_TRAILER}"]
+    ir = _kernel_entry_ir(f"gemm_q8_r{rows}", rows, "%G", groups)
     ir += ["  %pbase = mul i64 %p, %G.rows", "  br label %inner", "inner:"]
     ir += ["  %g = phi i64 [0, %panel], [%g.next, %inner]"]
     ir += [f"  %a{r}.{c} = phi {i32v} [zeroinitializer, %panel], [%n{r}.{c}, %inner]" for r, c in acc]
@@ -336,13 +360,7 @@ def _q8_kernel_ir(rows: int, width: int, prefetch: int, panel: int, vnni: bool) 
         ir += [f"  %w.ptr{c} = getelementptr i8, ptr %w.here, i64 {width * Q8_GROUP * c}"]
         ir += [f"  %w{c} = load {i32v}, ptr %w.ptr{c}, align 4"]
     for r in range(rows):
-        ir += [
-            f"  %x.at{r} = add i64 %xrow{r}, %g",
-            f"  %x.ptr{r} = getelementptr i32, ptr %x, i64 %x.at{r}",
-            f"  %x{r} = load i32, ptr %x.ptr{r}, align 1",
-            f"  %x.ins{r} = insertelement {i32v} poison, i32 %x{r}, i64 0",
-            f"  %xb{r} = shufflevector {i32v} %x.ins{r}, {i32v} poison, <{width} x i32> zeroinitializer",
-        ]
+        ir += _broadcast_ir(r, "%g", "i32", width, 1)  # four bytes of row r: one lane's worth
         for c in range(parts):
             ir += _q8_dot_ir(f"%n{r}.{c}", f"%a{r}.{c}", f"%xb{r}", f"%w{c}", width, vnni)
     ir += ["  %g.next = add i64 %g, 1", "  %g.done = icmp eq i64 %g.next, %G"]
@@ -362,14 +380,9 @@ def _q8_kernel_ir(rows: int, width: int, prefetch: int, panel: int, vnni: bool) 
             f"  %d{r}.{c} = sub {i32v} %n{r}.{c}, %corr{c}",
             f"  %f{r}.{c} = sitofp {i32v} %d{r}.{c} to {vec}",
             f"  %y{r}.{c} = fmul {vec} %f{r}.{c}, %scale{c}",
-            f"  %o.base{r}.{c} = add i64 %orow{r}, %col",
-            f"  %o.at{r}.{c} = add i64 %o.base{r}.{c}, {width * c}",
-            f"  %o.ptr{r}.{c} = getelementptr float, ptr %out, i64 %o.at{r}.{c}",
-            f"  store {vec} %y{r}.{c}, ptr %o.ptr{r}.{c}, align 4",
         ]
-    ir += ["  %p.next = add i64 %p, 1", "  %p.done = icmp eq i64 %p.next, %P"]
-    ir += ["  br i1 %p.done, label %exit, label %panel", "exit:", "  ret void", "}"]
-    return ir
+        ir += _store_ir(r, c, f"%y{r}.{c}", width)
+    return ir + _next_panel_ir()
 
 
 def _dispatcher_ir(fmt: str, width: int, most: int) -> list[str]:
