@@ -266,21 +266,38 @@ def test_softmax_block_walk_equals_block_walk():
     call from the target's logits) returns ``walk_chain_block``'s result with p =
     ``SamplingConfig.row_probs`` of each row, draw for draw, and leaves the generator in the same
     state: 600 chains of depth 1-4, q on a draft vocabulary or dense, -inf logits, underflowing
-    temperatures and q = p nodes; bonuses, full blocks and stops at every depth all occur."""
+    temperatures and q = p nodes; bonuses, full blocks and stops at every depth all occur. With
+    float32 logits the walk first tries the whole block against the float32 lower bounds (the
+    early acceptance), with float64 logits it does not: both are checked, and the early test
+    alone keeps over 50 of the blocks."""
+    from mdsd.engine import _walk_numba
     from mdsd.engine.walk import walk_chain_block, walk_chain_softmax
 
-    outcomes = set()
+    outcomes, early_kept = set(), 0
     for seed in range(600):
         drafted, logits, temperature = _softmax_chain_case(seed, 1 + seed % 4)
         sampling = SamplingConfig(temperature)
-        fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
-        fast = walk_chain_softmax(drafted, logits, temperature, fast_rng, block=True)
-        ref = walk_chain_block(
-            drafted, lambda node, s=sampling, lg=logits: s.row_probs(lg[node + 1]), ref_rng
-        )
-        _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
-        outcomes.add((len(fast.path), fast.bonus))
+        for rows in (logits, logits.astype(np.float64)):
+            fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+            fast = walk_chain_softmax(drafted, rows, temperature, fast_rng, block=True)
+            ref = walk_chain_block(
+                drafted, lambda node, s=sampling, lg=rows: s.row_probs(lg[node + 1]), ref_rng
+            )
+            _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
+            outcomes.add((len(fast.path), fast.bonus))
+        lower = 1.0  # the early test's w_k, at the walk's first uniform
+        for i, x in enumerate(drafted.tokens):
+            bound = _walk_numba.softmax_lower_bound(logits[i], temperature, x)
+            lower = min(1.0, lower * (bound / _chain_q_of(drafted, i, x)))
+        early_kept += bool(np.random.default_rng(seed).random() < lower)
     assert {(0, False), (1, False), (2, False), (3, False), (4, True)} <= outcomes
+    assert early_kept > 50
+
+
+def _chain_q_of(drafted, level: int, token) -> float:
+    """q(token) at ``level`` from ``drafted.chain_q`` (on the draft ids, or dense)."""
+    ids, values = drafted.chain_q
+    return float(values[level][token if ids.size == 0 else np.searchsorted(ids, token)])
 
 
 def test_softmax_lower_bound_is_below_the_softmax_and_tight():

@@ -215,7 +215,7 @@ def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, st
 
 
 @numba.njit(cache=True)
-def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, uniform, state):
+def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, uniform, state, early):
     """(kept, token): ``walk.walk_chain_block`` (block verification, Sun et al., arXiv
     2403.10444) of a chain of k = ``tokens.size`` drafts from the target's logits [k + 1, V],
     with ``softmax_chain_walk``'s arguments: p_i = softmax(logits[i] / ``temperature``), the
@@ -224,15 +224,29 @@ def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, unifo
     probability h_i = sum max(w_i p_i - q_i, 0) / sum max(q_i - w_i p_i, 0) (1 where w_i = 1;
     surely at 0), the token drawn from max(w_i p_i - q_i, 0). The uniforms, in
     ``mdsd.sequence.chain.block_sample``'s order, and so the result and the generator's state
-    are the reference's (tested)."""
+    are the reference's (tested). ``early`` (float32 logits): the whole block is first tested
+    against w_k computed from ``softmax_lower_bound``'s p(x) <= the softmax's: the ratios, their
+    products (rounded, as the reference's) and min(1, .) are monotone, so that w_k is at most the
+    reference's, and a uniform below it keeps every draft in the reference too; the float64
+    softmax of the drafts' rows then never runs."""
     k, vocab = tokens.size, logits.shape[1]
     p = np.empty((k + 1, vocab))
+    u = next_uniform(uniform, state)
+    keep_all = False
+    if early:
+        lower = 1.0
+        for i in range(k):
+            bound = softmax_lower_bound(logits[i], temperature, tokens[i])
+            lower = min(1.0, lower * (bound / _draft_prob(q_ids, q_values[i], tokens[i])))
+        keep_all = u < lower
     weights = np.ones(k + 1)
-    for i in range(k):
-        p[i], _ = tempered_softmax(logits[i], temperature)
-        ratio = p[i, tokens[i]] / _draft_prob(q_ids, q_values[i], tokens[i])
-        weights[i + 1] = min(1.0, weights[i] * ratio)
-    if next_uniform(uniform, state) < weights[k]:
+    if not keep_all:
+        for i in range(k):
+            p[i], _ = tempered_softmax(logits[i], temperature)
+            ratio = p[i, tokens[i]] / _draft_prob(q_ids, q_values[i], tokens[i])
+            weights[i + 1] = min(1.0, weights[i] * ratio)
+        keep_all = u < weights[k]
+    if keep_all:
         p[k], _ = tempered_softmax(logits[k], temperature)
         return k, np.int64(draw(p[k], next_uniform(uniform, state)))
     q_row = np.empty(vocab)

@@ -365,12 +365,12 @@ def walk_chain_softmax(
     q_ids, q_values = drafted.chain_q
     logits = np.ascontiguousarray(target_logits)  # [k + 1, V]
     kernels, source = _walk_kernels(), uniform_source(rng)
+    early = logits.dtype == np.float32  # the early acceptance reads float32 rows
     if block:
         kept, token = kernels.softmax_chain_block_walk(
-            logits, float(temperature), q_ids, q_values, drafted.tokens, *source
+            logits, float(temperature), q_ids, q_values, drafted.tokens, *source, early
         )
     else:
-        early = logits.dtype == np.float32  # the early acceptance reads float32 rows
         kept, token = kernels.softmax_chain_walk(
             logits, float(temperature), q_ids, q_values, drafted.tokens, *source, early
         )
