@@ -607,3 +607,12 @@ def test_int8_draft_is_verified_with_the_q_it_drew_from(llama, spec):
         want = autoregressive_law(exact, PROMPT, 2)
         got = first_tokens_law(dec.tree, dec.book, oracle, PROMPT, 2)
     assert_same_law(got, want, LAW_TOL)
+
+
+def test_int8_draft_refused_without_the_compiled_forward(gpt2, llama):
+    """``draft_weights`` "int8" where the draft has no compiled forward (GPT-2, the static cache
+    off, matmul "torch") is refused with a ValueError naming ``draft_weights``."""
+    config = TreeConfig.from_spec("iid:rrs:1x2::int8")
+    for pair, kwargs in ((gpt2, {}), (llama, {"static_cache": False}), (llama, {"matmul": "torch"})):
+        with pytest.raises(ValueError, match="draft_weights 'int8'"):
+            TreeDecoder(pair, config, SamplingConfig(1.0), **kwargs)
