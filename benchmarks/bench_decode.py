@@ -30,6 +30,7 @@ import torch
 from mdsd._threads import set_threads
 from mdsd.engine import SamplingConfig, TreeConfig
 from mdsd.engine.bench import auto_note, prefill_note, run_bench
+from mdsd.engine.records import DRAFT_WEIGHTS
 from mdsd.models import bundled_prompts, load_pair
 
 CONFIGS = (
@@ -76,7 +77,7 @@ def main() -> None:
     ap.add_argument(
         "--draft-weights",
         default="exact",
-        choices=["exact", "int8"],
+        choices=list(DRAFT_WEIGHTS),
         help="the draft's weights in every config (int8: int8 weights and activations)",
     )
     ap.add_argument(

@@ -184,6 +184,14 @@ def _draft_prob(q_ids, q_row, token):
 
 
 @numba.njit(cache=True)
+def _bonus(logits, temperature, uniform, state):
+    """The bonus token of a chain whose drafts were all kept: a draw from softmax(logits / T)
+    [V] at the generator's next uniform (``walk_chain``'s and ``block_sample``'s last draw)."""
+    p, _ = tempered_softmax(logits, temperature)
+    return np.int64(draw(p, next_uniform(uniform, state)))
+
+
+@numba.njit(cache=True)
 def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, state, early):
     """(kept, token): ``walk.walk_chain`` of a chain of k = ``tokens.size`` drafts whose node
     i - 1 has p = softmax(logits[i] / ``temperature``) (dense; ``tempered_softmax``, the
@@ -210,8 +218,7 @@ def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, st
         token = rejection_node(dense, p, q_ids, q_values[i], vocab, tokens[i : i + 1], uniforms, False)
         if token != tokens[i]:
             return i, token
-    p, _ = tempered_softmax(logits[k], temperature)
-    return k, np.int64(draw(p, next_uniform(uniform, state)))
+    return k, _bonus(logits[k], temperature, uniform, state)
 
 
 @numba.njit(cache=True)
@@ -230,25 +237,22 @@ def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, unifo
     reference's, and a uniform below it keeps every draft in the reference too; the float64
     softmax of the drafts' rows then never runs."""
     k, vocab = tokens.size, logits.shape[1]
-    p = np.empty((k + 1, vocab))
     u = next_uniform(uniform, state)
-    keep_all = False
+    q_x = np.empty(k)  # q_i(x_i)
+    for i in range(k):
+        q_x[i] = _draft_prob(q_ids, q_values[i], tokens[i])
     if early:
         lower = 1.0
         for i in range(k):
-            bound = softmax_lower_bound(logits[i], temperature, tokens[i])
-            lower = min(1.0, lower * (bound / _draft_prob(q_ids, q_values[i], tokens[i])))
-        keep_all = u < lower
+            lower = min(1.0, lower * (softmax_lower_bound(logits[i], temperature, tokens[i]) / q_x[i]))
+        if u < lower:
+            return k, _bonus(logits[k], temperature, uniform, state)
+    p = [tempered_softmax(logits[i], temperature)[0] for i in range(k)]
     weights = np.ones(k + 1)
-    if not keep_all:
-        for i in range(k):
-            p[i], _ = tempered_softmax(logits[i], temperature)
-            ratio = p[i, tokens[i]] / _draft_prob(q_ids, q_values[i], tokens[i])
-            weights[i + 1] = min(1.0, weights[i] * ratio)
-        keep_all = u < weights[k]
-    if keep_all:
-        p[k], _ = tempered_softmax(logits[k], temperature)
-        return k, np.int64(draw(p[k], next_uniform(uniform, state)))
+    for i in range(k):
+        weights[i + 1] = min(1.0, weights[i] * (p[i][tokens[i]] / q_x[i]))
+    if u < weights[k]:
+        return k, _bonus(logits[k], temperature, uniform, state)
     q_row = np.empty(vocab)
     for i in range(k - 1, -1, -1):
         if q_ids.size == 0:

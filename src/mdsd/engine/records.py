@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mdsd.engine.static_llama import WEIGHTS
 from mdsd.engine.tree import DraftTree, build_tree, parse_tree
 from mdsd.logits import SupportProbs, process_logits, process_logits_row
 from mdsd.verifiers import natural_verifier
 
-DRAFT_WEIGHTS = ("exact", "int8")  # TreeConfig.draft_weights (static_llama.StaticLlamaRunner's weights)
+DRAFT_WEIGHTS = WEIGHTS  # TreeConfig.draft_weights: static_llama.StaticLlamaRunner's weights
 
 SEQUENCE_VERIFIERS = {  # sequence-level rules (mdsd.sequence): name -> tree method
     "traversal": "traversal",  # Traversal Verification, arXiv 2505.12398

@@ -251,7 +251,6 @@ class StaticLlamaRunner(ModelRunner):
             raise ValueError(
                 f"weights 'int8' needs the compiled forward (matmul 'numba'), got matmul {self.matmul!r}"
             )
-        self.weights = weights
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)

@@ -364,16 +364,12 @@ def walk_chain_softmax(
     tokens = drafted.tokens.tolist()
     q_ids, q_values = drafted.chain_q
     logits = np.ascontiguousarray(target_logits)  # [k + 1, V]
-    kernels, source = _walk_kernels(), uniform_source(rng)
+    kernels = _walk_kernels()
+    kernel = kernels.softmax_chain_block_walk if block else kernels.softmax_chain_walk
     early = logits.dtype == np.float32  # the early acceptance reads float32 rows
-    if block:
-        kept, token = kernels.softmax_chain_block_walk(
-            logits, float(temperature), q_ids, q_values, drafted.tokens, *source, early
-        )
-    else:
-        kept, token = kernels.softmax_chain_walk(
-            logits, float(temperature), q_ids, q_values, drafted.tokens, *source, early
-        )
+    kept, token = kernel(
+        logits, float(temperature), q_ids, q_values, drafted.tokens, *uniform_source(rng), early
+    )
     bonus = kept == len(tokens)
     expected = [1.0] * kept + ([] if bonus else [0.0])
     return WalkResult(list(range(kept)), tokens[:kept] + [int(token)], bonus, expected)
