@@ -156,6 +156,26 @@ def test_compiled_exp_within_one_ulp_over_the_normal_range():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_row_max_equals_numpy(dtype):
+    """``row_max`` (the softmax's shift: eight compare chains, then the tail) is ``np.max`` on
+    rows of 1 to 8,200 entries, with -inf entries, ties and the maximum in the tail."""
+    from mdsd._softmax_numba import row_max
+
+    rng = np.random.default_rng(11)
+    for size in [*range(1, 18), 64, 1000, 8192, 8199]:
+        for trial in range(4):
+            row = rng.normal(size=size).astype(dtype)
+            if trial == 1:
+                row[rng.random(size) < 0.5] = -np.inf
+                row[rng.integers(size)] = 0.0
+            if trial == 2:
+                row = np.round(row)  # ties
+            if trial == 3:
+                row[-1] = 9.0  # the maximum in the remainder past the last block of eight
+            assert row_max(row) == np.max(row)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_compiled_softmax_equals_numpy(dtype):
     """``tempered_softmax`` = ``_softmax(row / T)`` to 1e-14 relative on rows of 1 to 40,000
     tokens, with -inf logits, ties, masses that underflow (zero exactly where numpy's are, also

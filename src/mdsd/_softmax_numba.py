@@ -60,12 +60,25 @@ def _exp_normal_into(values, powers):
     return rare
 
 
-@numba.njit(cache=True, boundscheck=False, fastmath={"nnan", "reassoc"})
-def _max(values):
-    """max(values) of a row without NaN (the sort of reduction the compiler vectorises only when
-    told that no NaN occurs)."""
-    top = -np.inf
-    for i in range(values.size):
+@numba.njit(cache=True, boundscheck=False)
+def row_max(values):
+    """max(values) of a row [n >= 1] without NaN (float32 or float64), in eight independent
+    compare-and-select chains: the compiler vectorises neither a float maximum nor its
+    ``fastmath`` form here, and one chain waits on each comparison (~6x slower on 8,192 entries).
+    The value is the row's largest entry, as any order of comparisons finds it."""
+    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = values[0]
+    stop = values.size // 8 * 8
+    for i in range(0, stop, 8):
+        t0 = values[i] if values[i] > t0 else t0
+        t1 = values[i + 1] if values[i + 1] > t1 else t1
+        t2 = values[i + 2] if values[i + 2] > t2 else t2
+        t3 = values[i + 3] if values[i + 3] > t3 else t3
+        t4 = values[i + 4] if values[i + 4] > t4 else t4
+        t5 = values[i + 5] if values[i + 5] > t5 else t5
+        t6 = values[i + 6] if values[i + 6] > t6 else t6
+        t7 = values[i + 7] if values[i + 7] > t7 else t7
+    top = max(max(max(t0, t1), max(t2, t3)), max(max(t4, t5), max(t6, t7)))
+    for i in range(stop, values.size):
         top = max(top, values[i])
     return top
 
@@ -89,11 +102,9 @@ def tempered_softmax(logits, temperature):
     EXP64_LOW; the others are >= exp(EXP64_LOW) / k > 0), so the count costs nothing otherwise."""
     n = logits.size
     out = np.empty(n, dtype=np.float64)
+    top = np.float64(row_max(logits)) / temperature  # = max(logits / T): x -> x / T is monotone
     for i in range(n):
-        out[i] = np.float64(logits[i]) / temperature
-    top = _max(out)
-    for i in range(n):
-        out[i] -= top
+        out[i] = np.float64(logits[i]) / temperature - top
     powers = np.empty(n, dtype=np.int64)
     rare = _exp_normal_into(out, powers)
     bits = out.view(np.int64)

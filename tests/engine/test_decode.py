@@ -38,6 +38,21 @@ def test_seeded_runs_replay(llama):
     assert len(stats.acceptance_by_depth) == 3
 
 
+def test_lean_chain_draws_from_each_call_s_generator(llama):
+    """The lean loop keeps the compiled draws' source (``uniform_source``) for the generator it
+    last saw: a call with another generator draws from that one, as a fresh decoder does, and the
+    same seed replays."""
+    sampling = SamplingConfig(1.0, max_new_tokens=12, stop_on_eos=False)
+    config = TreeConfig.make("1x3", "iid", "rrs")
+    dec = TreeDecoder(llama, config, sampling)
+    first = dec.generate([PROMPT], seed=5)[0].token_ids
+    second = dec.generate([PROMPT], seed=6)[0].token_ids
+    assert dec.fast_chain and dec._walks_from_logits(dec.last_step.drafted)
+    assert second == TreeDecoder(llama, config, sampling).generate([PROMPT], seed=6)[0].token_ids
+    assert first == dec.generate([PROMPT], seed=5)[0].token_ids
+    assert first != second
+
+
 def _greedy_continuation(pair, context, k):
     oracle = Oracle(pair, SamplingConfig(0.0))
     out = []
@@ -180,3 +195,19 @@ def test_fast_chain_only_for_single_draft_rejection_chains(llama):
     ]:
         dec = TreeDecoder(llama, TreeConfig.make(tree, law, verifier), sampling, check_attention=False)
         assert dec.fast_chain is fast, (tree, law, verifier)
+
+
+def test_decode_stats_count_each_walk():
+    """``DecodeStats.add_walk``: per step, the emitted tokens and accepted drafts; per visited
+    depth a try and the expected acceptance; per accepted depth an acceptance."""
+    from mdsd.engine.records import DecodeStats
+    from mdsd.engine.walk import WalkResult
+
+    stats = DecodeStats(depth=3)
+    stats.add_walk(WalkResult([0, 1], [5, 6, 7], False, [1.0, 1.0, 0.0]))
+    stats.add_walk(WalkResult([0, 1, 2], [5, 6, 7, 8], True, [1.0, 1.0, 1.0]))
+    stats.add_walk(WalkResult([], [9], False, [0.25]))
+    assert (stats.steps, stats.step_tokens, stats.accepted) == (3, 8, 5)
+    assert stats.depth_tries.tolist() == [3.0, 2.0, 2.0]
+    assert stats.depth_accepts.tolist() == [2.0, 2.0, 1.0]
+    assert stats.depth_expected.tolist() == [2.25, 2.0, 1.0]

@@ -29,7 +29,7 @@ from numba.extending import intrinsic
 
 from mdsd._softmax_numba import tempered_softmax
 from mdsd.engine._panel_gemm import host_width
-from mdsd.sampling import draw
+from mdsd.sampling import draw, next_uniform
 
 # Rows multiplied on the panels (the kernel runs passes of _panel_gemm.MAX_ROWS rows; more rows
 # use the BLAS), by where the BLAS wins (``benchmarks/bench_matmul.py``, one thread): with AVX2
@@ -377,22 +377,24 @@ def next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv
 
 @numba.njit(cache=True)
 def sample_chain(
-    ids, uniforms, temperature, token_ids, model, keys, values, start, cos, sin, heads, kv_heads, eps, gemm
-):
-    """A chain of ``uniforms.size`` = D tokens drafted by the model: level 0 forwards ``ids``
-    (the tokens the cache lacks), level d > 0 the token drawn at level d - 1; each level's
+    ids, depth, uniform, state, temperature, token_ids, model, keys, values, start, cos, sin, heads, kv_heads,
+    eps, gemm,
+):  # fmt: skip
+    """A chain of D = ``depth`` tokens drafted by the model: level 0 forwards ``ids`` (the tokens
+    the cache lacks), level d > 0 the token drawn at level d - 1; each level's
     q = softmax(logits / temperature) (``mdsd._softmax_numba.tempered_softmax``) over the output
-    layer's tokens ``token_ids`` [K] (ascending) and its token drawn at ``uniforms[d]``
-    (``mdsd.sampling.draw``). Returns (tokens [D] ids, q [D, K] float64, zeros [D]: entries of
-    each q that underflowed to 0). The cache then holds ``ids`` and tokens 0 .. D - 2."""
-    depth = uniforms.size
+    layer's tokens ``token_ids`` [K] (ascending) and its token drawn (``mdsd.sampling.draw``) at
+    the generator's next uniform (``uniform, state``: ``mdsd.sampling.uniform_source``; level d
+    reads the d-th number of ``rng.random(D)``). Returns (tokens [D] ids, q [D, K] float64,
+    zeros [D]: entries of each q that underflowed to 0). The cache then holds ``ids`` and
+    tokens 0 .. D - 2."""
     tokens = np.empty(depth, dtype=np.int64)
     probs = np.empty((depth, token_ids.size))
     zeros = np.empty(depth, dtype=np.int64)
     for d in range(depth):
         logits = next_logits(ids, model, keys, values, start, cos, sin, heads, kv_heads, eps, gemm)
         probs[d], zeros[d] = tempered_softmax(logits, temperature)
-        tokens[d] = token_ids[draw(probs[d], uniforms[d])]
+        tokens[d] = token_ids[draw(probs[d], next_uniform(uniform, state))]
         start += ids.size
         ids = tokens[d : d + 1]
     return tokens, probs, zeros

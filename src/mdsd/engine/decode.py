@@ -32,7 +32,7 @@ are in ``mdsd.engine.records``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +63,7 @@ from mdsd.engine.walk import (
     walk_chain_softmax,
 )
 from mdsd.logits import SupportProbs
-from mdsd.sampling import categorical, draw
+from mdsd.sampling import categorical, draw, uniform_source
 from mdsd.sequence import chain_verify
 from mdsd.verifiers import natural_verifier
 
@@ -167,6 +167,39 @@ class _Decoder:
 
     def generate_one(self, prompt, rng, on_tokens=None) -> Generation:
         raise NotImplementedError
+
+
+class _ChainProbs(Mapping):
+    """node (-1 .. D - 2) -> the ``SupportProbs`` of a chain's level node + 1 drawn in one call
+    (``StaticLlamaRunner.sample_chain``: ``probs`` [D, K] over the output layer's ``ids``, or the
+    vocabulary where ``ids`` is None), stored as ``SamplingConfig.row_probs`` stores it: on its
+    nonzero entries when the output layer covers part of the vocabulary and some underflowed
+    (``zeros`` [D] counts them). Each is made when first read: the lean walk reads the array
+    itself, and three wrappers per step cost ~15 microseconds in the decoding loop."""
+
+    def __init__(self, ids: np.ndarray | None, probs: np.ndarray, zeros: np.ndarray, vocab: int):
+        self._ids, self._probs, self._zeros, self._vocab = ids, probs, zeros, vocab
+        self._made: dict[int, SupportProbs] = {}
+
+    def __getitem__(self, node: int) -> SupportProbs:
+        if node not in self._made:
+            if not -1 <= node < len(self._probs) - 1:
+                raise KeyError(node)
+            q, ids = self._probs[node + 1], self._ids
+            if ids is None:
+                self._made[node] = SupportProbs(None, q, self._vocab)
+            elif self._zeros[node + 1]:
+                kept = np.flatnonzero(q)
+                self._made[node] = SupportProbs(ids[kept], q[kept], self._vocab)
+            else:
+                self._made[node] = SupportProbs(ids, q, self._vocab)
+        return self._made[node]
+
+    def __iter__(self):
+        return iter(range(-1, len(self._probs) - 1))
+
+    def __len__(self) -> int:
+        return len(self._probs)
 
 
 # ---------------------------------------------------------------------- autoregressive
@@ -318,6 +351,7 @@ class TreeDecoder(_Decoder):
         self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
         self.auto_ceiling = None  # ... and auto.ceiling's: the best with free drafting
         self._plain: Autoregressive | None = None  # auto chose plain sampling
+        self._source_of, self._uniform_source = None, (0, 0)  # ``_source``'s generator and its source
         if config.tree is not None:
             self._use_tree(config.tree)
 
@@ -478,6 +512,14 @@ class TreeDecoder(_Decoder):
         return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
 
     # -------------------------------------------------------------- one step
+    def _source(self, rng: np.random.Generator) -> tuple[int, int]:
+        """``mdsd.sampling.uniform_source(rng)``, kept for the generator last seen: the compiled
+        calls of a step draw from ``rng`` through it, and making it costs ~10 microseconds in the
+        decoding loop, where the caches are cold."""
+        if self._source_of is not rng:
+            self._source_of, self._uniform_source = rng, uniform_source(rng)
+        return self._uniform_source
+
     def draft_probs(self, logits: np.ndarray) -> SupportProbs:
         """q from one row of the draft's output layer (over ``draft_vocab`` when it is set)."""
         return self.sampling.row_probs(logits, self.draft.output_ids, self.vocab)
@@ -531,7 +573,7 @@ class TreeDecoder(_Decoder):
         depth, rule = self.tree.depth, self.book.rule(1, 2)  # width 1: one rule for every q
         fresh = np.asarray(seq[self.draft.cached :])
         if self.compiled_chain and self.sampling.softmax_only:  # one compiled call where it applies
-            chain = self.draft.sample_chain(fresh, depth, rng, self.sampling.temperature)
+            chain = self.draft.sample_chain(fresh, depth, rng, self.sampling.temperature, self._source(rng))
             if chain is not None:
                 return self._drafted_chain(chain, rule)
         tokens = np.empty(depth, dtype=np.int64)
@@ -546,20 +588,14 @@ class TreeDecoder(_Decoder):
 
     def _drafted_chain(self, chain, rule) -> DraftedSlots:
         """``draft_chain``'s result from the runner's ``SampledChain``: q of level d over the
-        output layer's tokens, stored as ``SamplingConfig.row_probs`` stores it (on its nonzero
-        entries when the output layer covers part of the vocabulary and some underflowed)."""
+        output layer's tokens as one array (``chain_q``, which the lean walk reads) and per node
+        as ``SamplingConfig.row_probs`` stores it (``_ChainProbs``, made where something reads
+        it: the general walks, tests)."""
         ids = self.draft.output_ids
-        qs = {}
-        for d, (q, zeros) in enumerate(zip(chain.probs, chain.zeros.tolist())):
-            if ids is None:
-                qs[d - 1] = SupportProbs(None, q, self.vocab)
-            elif zeros:
-                kept = np.flatnonzero(q)
-                qs[d - 1] = SupportProbs(ids[kept], q[kept], self.vocab)
-            else:
-                qs[d - 1] = SupportProbs(ids, q, self.vocab)
+        qs = _ChainProbs(ids, chain.probs, chain.zeros, self.vocab)
         chain_q = (DENSE_IDS if ids is None else ids, chain.probs)
-        return DraftedSlots(chain.tokens, self._chain_valid, dict.fromkeys(qs, rule), qs, chain_q)
+        rules = dict.fromkeys(range(-1, len(chain.tokens) - 1), rule)
+        return DraftedSlots(chain.tokens, self._chain_valid, rules, qs, chain_q)
 
     def target_hidden(self, seq: list[int], drafted: DraftedSlots) -> torch.Tensor:
         """One target forward over (fresh committed tokens, every node): final hidden states of
@@ -685,26 +721,25 @@ class TreeDecoder(_Decoder):
         t2 = time.perf_counter()
         if from_logits:  # the whole walk in one compiled call
             block = self.config.verifier == "block"
-            result = walk_chain_softmax(drafted, logits, self.sampling.temperature, rng, block)
+            result = walk_chain_softmax(
+                drafted, logits, self.sampling.temperature, rng, block, self._source(rng)
+            )
             head_time = 0.0
         else:
             result, head_time = self._walk(drafted, hidden, rng, fast)
         t3 = time.perf_counter()
         # keep the committed prefix + the accepted path in both caches
-        base = len(seq)
-        self.target.keep_positions(base, [base + node for node in result.path])
-        depths, depth = self.tree.depths, self.tree.depth  # the draft never caches the last level
-        self.draft.keep_positions(base, [base + node for node in result.path if depths[node] < depth])
+        base, depth = len(seq), self.tree.depth  # the draft never caches the last level
+        if fast:  # a chain: the accepted path is its first nodes
+            self.target.keep_prefix(base + len(result.path))
+            self.draft.keep_prefix(base + min(len(result.path), depth - 1))
+        else:
+            depths = self.tree.depths
+            self.target.keep_positions(base, [base + node for node in result.path])
+            self.draft.keep_positions(base, [base + node for node in result.path if depths[node] < depth])
         t4 = time.perf_counter()
         self.last_step = StepRecord(drafted, hidden, result, logits)  # for inspection and tests
-        # statistics
-        stats.steps += 1
-        stats.step_tokens += len(result.emitted)
-        stats.accepted += len(result.path)
-        visited = len(result.expected_accept)  # depths 0 .. visited - 1; the first len(path) kept
-        stats.depth_tries[:visited] += 1
-        stats.depth_expected[:visited] += result.expected_accept
-        stats.depth_accepts[: len(result.path)] += 1
+        stats.add_walk(result)
         stats.draft_time += t1 - t0
         stats.target_time += (t2 - t1) + head_time
         if stats.steps == 1:  # the first tree forward also runs the prompt

@@ -194,6 +194,22 @@ class DecodeStats:
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(self.depth))
 
+    def add_walk(self, result) -> None:
+        """Count one verification step from its walk (``mdsd.engine.walk.WalkResult``): the
+        emitted tokens, the accepted drafts and, per visited depth, a try, the expected
+        acceptance and the outcome. Entry by entry: a step visits a few depths, and numpy's slice
+        arithmetic cost several microseconds a call in the decoding loop."""
+        kept = len(result.path)
+        self.steps += 1
+        self.step_tokens += len(result.emitted)
+        self.accepted += kept
+        tries, expected, accepts = self.depth_tries, self.depth_expected, self.depth_accepts
+        for d, value in enumerate(result.expected_accept):  # depths 0 .. visited - 1
+            tries[d] += 1
+            expected[d] += value
+        for d in range(kept):
+            accepts[d] += 1
+
     def merge(self, other: DecodeStats) -> DecodeStats:
         if self.depth != other.depth:
             raise ValueError("cannot merge statistics of trees of different depths")

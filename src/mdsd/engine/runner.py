@@ -142,15 +142,21 @@ class ModelRunner:
         """Keep cache entries 0..base-1 followed by the entries at absolute positions ``extra``."""
         extra = np.asarray(extra, dtype=np.int64)
         k = extra.size
-        contiguous = k == 0 or bool(np.all(extra == np.arange(base, base + k)))
-        idx = None if contiguous else torch.as_tensor(extra, device=self.device)
+        if k == 0 or bool(np.all(extra == np.arange(base, base + k))):
+            self.keep_prefix(base + k)
+            return
+        idx = torch.as_tensor(extra, device=self.device)
         for layer in self.cache.layers:
             keys, values = layer.keys, layer.values
-            if idx is not None:
-                keys[:, :, base : base + k] = keys[:, :, idx]  # the gather copies before writing
-                values[:, :, base : base + k] = values[:, :, idx]
-            layer.keys = keys[:, :, : base + k]
-            layer.values = values[:, :, : base + k]
+            keys[:, :, base : base + k] = keys[:, :, idx]  # the gather copies before writing
+            values[:, :, base : base + k] = values[:, :, idx]
+        self.keep_prefix(base + k)
+
+    def keep_prefix(self, length: int) -> None:
+        """Keep cache entries 0..length-1 (``keep_positions`` of a contiguous run)."""
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
 
     # ------------------------------------------------------------------ forwards
     def _hidden(self, ids, keep: int, **kwargs) -> torch.Tensor:
@@ -208,7 +214,7 @@ class ModelRunner:
         return out
 
     def sample_chain(
-        self, ids, depth: int, rng: np.random.Generator, temperature: float
+        self, ids, depth: int, rng: np.random.Generator, temperature: float, source=None
     ) -> SampledChain | None:
         """A chain drafted in one compiled call, or None (drawing nothing from ``rng``) where the
         runner has none (this one): see ``StaticLlamaRunner.sample_chain``."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mdsd.engine.runner import ModelRunner, SampledChain, steady_attention
+from mdsd.sampling import uniform_source
 
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -388,7 +389,11 @@ class StaticLlamaRunner(ModelRunner):
                 idx = torch.as_tensor(extra, device=self.device)
                 self._keys[:, :, base : base + k] = self._keys[:, :, idx]
                 self._values[:, :, base : base + k] = self._values[:, :, idx]
-        self._length = base + k
+        self.keep_prefix(base + k)
+
+    def keep_prefix(self, length: int) -> None:
+        """Keep cache entries 0..length-1: later entries are overwritten by the next forward."""
+        self._length = length
 
     # ------------------------------------------------------------------ forward
     def logits(self, hidden: torch.Tensor) -> np.ndarray:
@@ -475,14 +480,15 @@ class StaticLlamaRunner(ModelRunner):
         return logits
 
     def sample_chain(
-        self, ids, depth: int, rng: np.random.Generator, temperature: float
+        self, ids, depth: int, rng: np.random.Generator, temperature: float, source=None
     ) -> SampledChain | None:
         """Draft a chain of ``depth`` tokens in one compiled call (``_llama_numba.sample_chain``):
         level 0 forwards ``ids`` (the tokens the cache lacks), each further level the token drawn
         before it; level d's q = softmax(logits / ``temperature``) over the output layer's tokens
         and its token drawn at the d-th of ``rng.random(depth)``. The same forwards, q and draws
         as ``causal_hidden``, ``logits``, ``mdsd.logits.process_logits_row`` (temperature alone)
-        and ``mdsd.sampling.draw`` per level (tested).
+        and ``mdsd.sampling.draw`` per level (tested). ``source``: ``uniform_source(rng)`` where
+        the caller keeps it (the compiled call draws from ``rng`` through it).
 
         Returns a ``SampledChain`` (q over the output layer's K tokens: ``output_ids``, or the
         vocabulary); or None, drawing nothing from ``rng``, where the compiled forward does not
@@ -493,7 +499,7 @@ class StaticLlamaRunner(ModelRunner):
             return None
         start = self._length
         self._check_capacity(start + len(ids) + depth - 1)
-        uniforms = rng.random(depth)  # the uniforms of ``depth`` successive rng.random() calls
+        source = uniform_source(rng) if source is None else source
         began = time.perf_counter()
         token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
         model = self._compiled_model()
@@ -501,7 +507,8 @@ class StaticLlamaRunner(ModelRunner):
         chain = SampledChain(
             *self._kernels.sample_chain(
                 np.asarray(ids, dtype=np.int64),
-                uniforms,
+                int(depth),
+                *source,
                 float(temperature),
                 token_ids,
                 model,

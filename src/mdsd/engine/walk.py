@@ -354,13 +354,15 @@ def walk_chain_softmax(
     temperature: float,
     rng: np.random.Generator,
     block: bool = False,
+    source: tuple[int, int] | None = None,
 ) -> WalkResult:
     """``walk_chain`` where p(. | path to node i - 1) is softmax(target_logits[i] / temperature)
     (``SamplingConfig.row_probs`` of a transform without top-k or top-p) and q is
     ``drafted.chain_q``: the whole walk in one compiled call from the logits [k + 1, V]
     (``_walk_numba.softmax_chain_walk``), the same result and generator state as ``walk_chain``
     (tested). With ``block``, ``walk_chain_block``'s (``_walk_numba.softmax_chain_block_walk``,
-    tested likewise). The lean loop's walk of chains drafted in one call."""
+    tested likewise). The lean loop's walk of chains drafted in one call. ``source``:
+    ``mdsd.sampling.uniform_source(rng)`` where the caller keeps it."""
     tokens = drafted.tokens.tolist()
     q_ids, q_values = drafted.chain_q
     logits = np.ascontiguousarray(target_logits)  # [k + 1, V]
@@ -368,7 +370,13 @@ def walk_chain_softmax(
     kernel = kernels.softmax_chain_block_walk if block else kernels.softmax_chain_walk
     early = logits.dtype == np.float32  # the early acceptance reads float32 rows
     kept, token = kernel(
-        logits, float(temperature), q_ids, q_values, drafted.tokens, *uniform_source(rng), early
+        logits,
+        float(temperature),
+        q_ids,
+        q_values,
+        drafted.tokens,
+        *(uniform_source(rng) if source is None else source),
+        early,
     )
     bonus = kept == len(tokens)
     expected = [1.0] * kept + ([] if bonus else [0.0])
@@ -410,8 +418,11 @@ def _ids_values(probs: SupportProbs) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
+@functools.cache
 def _walk_kernels():
-    """``mdsd.engine._walk_numba``, imported once (numba's import costs ~0.3 s)."""
+    """``mdsd.engine._walk_numba``, imported on first use (numba's import costs ~0.3 s) and then
+    returned from the cache (an import statement per step runs importlib's Python code, several
+    microseconds in the decoding loop)."""
     from mdsd.engine import _walk_numba
 
     return _walk_numba
