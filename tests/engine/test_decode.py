@@ -211,3 +211,21 @@ def test_decode_stats_count_each_walk():
     assert stats.depth_tries.tolist() == [3.0, 2.0, 2.0]
     assert stats.depth_accepts.tolist() == [2.0, 2.0, 1.0]
     assert stats.depth_expected.tolist() == [2.25, 2.0, 1.0]
+
+
+def test_plain_sampling_draws_the_transform_s_token(llama):
+    """``Autoregressive``'s draw (``walk.softmax_token`` for the tempered softmax alone) is the
+    token of ``row_probs`` then ``categorical`` at the same uniform, with the generator left in
+    the same state, for float32 and float64 logits, with and without top-k."""
+    from mdsd.sampling import categorical
+
+    gen = np.random.default_rng(8)
+    for sampling in (SamplingConfig(0.7), SamplingConfig(1.3), SamplingConfig(0.7, top_k=5)):
+        dec = Autoregressive(llama, sampling)
+        for case in range(60):
+            logits = gen.normal(size=int(gen.choice([7, 300, 8192]))) * gen.choice([0.5, 4.0])
+            logits = logits.astype(np.float32 if case % 2 else np.float64)
+            rng, ref_rng = np.random.default_rng(case), np.random.default_rng(case)
+            probs = sampling.row_probs(logits)
+            assert dec._sample(logits, rng) == probs.token(int(categorical(probs.values, ref_rng)))
+            assert rng.random() == ref_rng.random()

@@ -341,6 +341,51 @@ def test_softmax_lower_bound_is_below_the_softmax_and_tight():
     assert ordinary_checked > 1000
 
 
+def test_softmax_draw_draws_the_reference_token():
+    """``softmax_draw`` (a chain's bonus draw) returns ``draw(tempered_softmax(row, T), u)``, with
+    and without its float32 path, on 400 float32 rows of the lower bound's kinds (1-9,000 logits,
+    scales 0.01-1,000, T 0.001-1,000, -inf entries, ties, huge logits, tiny masses) at random
+    uniforms, at 0 and just below 1, and at uniforms on, just below and just above the reference's
+    prefix sums, where its certificate must refuse. On ordinary rows the float32 path decides at
+    least 90% of the random draws itself (``_certified_draw`` >= 0)."""
+    from mdsd._softmax_numba import tempered_softmax
+    from mdsd.engine._walk_numba import _certified_draw, softmax_draw
+    from mdsd.sampling import draw
+
+    gen = np.random.default_rng(23)
+    ordinary_draws = certified = 0
+    for case in range(400):
+        vocab = int(gen.choice([1, 2, 7, 255, 256, 257, 1000, 8192, 9000]))
+        scale = float(10.0 ** gen.uniform(-2, 3))
+        temperature = float(10.0 ** gen.uniform(-3, 3))
+        ordinary = case % 2 == 0
+        if ordinary:
+            vocab, scale, temperature = min(vocab, 8192), gen.uniform(0.5, 5), gen.uniform(0.3, 3)
+        row = (gen.standard_normal(vocab) * scale).astype(np.float32)
+        if case % 5 == 1 and vocab > 1:
+            row[gen.random(vocab) < 0.3] = -np.inf
+            row[0] = 0.0
+        if case % 7 == 2:
+            row[: max(1, vocab // 3)] = row.max()
+        if case % 11 == 3:
+            row += np.float32(gen.choice([-3e4, 3e4]))
+        if case % 13 == 4 and vocab > 1:
+            row[-1] = row.max() - np.float32(gen.choice([590.0, 610.0, 700.0, 740.0]) * temperature)
+        p, _ = tempered_softmax(row, temperature)
+        prefix = np.cumsum(p)
+        at = prefix[gen.integers(vocab, size=4)]
+        edges = np.concatenate([at, np.nextafter(at, 0.0), np.nextafter(at, 2.0)])
+        uniforms = np.concatenate([gen.random(12), [0.0, 1.0 - 2.0**-53], edges[edges < 1.0]])
+        for i, u in enumerate(uniforms):
+            want = draw(p, u)
+            assert softmax_draw(row, temperature, u, True) == want, (case, u)
+            assert softmax_draw(row, temperature, u, False) == want, (case, u)
+            if ordinary and i < 12:
+                ordinary_draws += 1
+                certified += _certified_draw(row, temperature, u) >= 0
+    assert certified >= 0.9 * ordinary_draws
+
+
 def test_block_chain_walk_equals_chain_verify():
     """``walk_chain_block`` (the decoding loop's block verification) returns
     ``mdsd.sequence.chain_verify(..., "block")``'s draw on the dense rows from the same generator:

@@ -139,6 +139,38 @@ def _exp_sums(e, z):
 
 
 @numba.njit(cache=True, boundscheck=False)
+def _float32_exps(logits, temperature):
+    """(ok, max l, |max l / T|, z [V], e [V]) for a float32 row ``logits`` [V] (no NaN; some entry
+    finite): z_i = (l_i - max l) / T and e_i = exp(z_i) in float32 (``exp_inplace``), the terms of
+    ``softmax_lower_bound`` and ``softmax_draw``; ok is False (z, e empty) where their error bound
+    does not apply: 1/T outside float32's normal range or |max l / T| > ``EARLY_MAX_SHIFT``."""
+    empty = np.empty(0, dtype=np.float32)
+    inv = np.float32(1.0 / temperature)
+    top = _row_max32(logits)
+    shift = abs(np.float64(top) / temperature)
+    if not (inv >= FLOAT32_NORMAL and inv < np.inf) or shift > EARLY_MAX_SHIFT:
+        return False, top, shift, empty, empty
+    n = logits.size
+    z = np.empty(n, dtype=np.float32)
+    e = np.empty(n, dtype=np.float32)
+    for i in range(n):
+        zi = (logits[i] - top) * inv
+        z[i] = zi
+        e[i] = zi
+    exp_inplace(e)
+    return True, top, shift, z, e
+
+
+@numba.njit(cache=True)
+def _sum_error(total, weighted, shift, n):
+    """delta: a bound on the relative error of S32 = ``total`` (the float32 terms e_i summed) as
+    the reference's normaliser, its own rounding included, from ``weighted`` = sum e_i |z_i|
+    (docs/engine.md, "Early acceptance")."""
+    error = Z32_ERROR * weighted + (EXP32_ERROR + 2.0**-51 * (shift + 1.0)) * total + n * FLUSHED_TERM
+    return 1.01 * (error / total + (2 * n + 16) * 2.0**-53)
+
+
+@numba.njit(cache=True, boundscheck=False)
 def softmax_lower_bound(logits, temperature, token):
     """A number <= ``tempered_softmax(logits, temperature)[0][token]`` for a float32 row
     ``logits`` [V] (no NaN; some entry finite): exp(z_x) / S (1 - delta), S = sum_i exp(z_i)
@@ -148,30 +180,78 @@ def softmax_lower_bound(logits, temperature, token):
     range, |max l / T| > ``EARLY_MAX_SHIFT``, delta >= 1e-3, z_x < ``EARLY_MIN_EXPONENT``: all
     quantities stay normal floats, whose rounding the bound covers). One pass of float32
     arithmetic (16 lanes) where the float64 softmax takes several (8 lanes)."""
-    inv = np.float32(1.0 / temperature)
-    if not (inv >= FLOAT32_NORMAL and inv < np.inf):
+    ok, top, shift, z, e = _float32_exps(logits, temperature)
+    if not ok:
         return 0.0
-    top = _row_max32(logits)
-    shift = abs(np.float64(top) / temperature)
-    if shift > EARLY_MAX_SHIFT:
-        return 0.0
-    n = logits.size
-    z = np.empty(n, dtype=np.float32)
-    e = np.empty(n, dtype=np.float32)
-    for i in range(n):
-        zi = (logits[i] - top) * inv
-        z[i] = zi
-        e[i] = zi
-    exp_inplace(e)
     total, weighted = _exp_sums(e, z)
-    error = Z32_ERROR * weighted + (EXP32_ERROR + 2.0**-51 * (shift + 1.0)) * total + n * FLUSHED_TERM
-    delta = 1.01 * (error / total + (2 * n + 16) * 2.0**-53)
+    delta = _sum_error(total, weighted, shift, logits.size)
     if delta >= 1e-3:
         return 0.0
     z_token = np.float64(logits[token]) / temperature - np.float64(top) / temperature
     if z_token < EARLY_MIN_EXPONENT:  # p(x) near float64's subnormals, whose rounding is coarse
         return 0.0
     return math.exp(z_token) / total * (1.0 - delta) * (1.0 - 2.0**-50)
+
+
+DRAW_BLOCK = 256  # ``softmax_draw``'s partial sums: one per block of this many terms
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _certified_draw(logits, temperature, u):
+    """``softmax_draw``'s float32 path: the token, or -1 where it cannot certify it."""
+    ok, _, shift, z, e = _float32_exps(logits, temperature)
+    if not ok:
+        return -1
+    n = logits.size
+    blocks = (n + DRAW_BLOCK - 1) // DRAW_BLOCK
+    block_sums = np.empty(blocks)
+    weighted = 0.0
+    for b in range(blocks):
+        start, stop = b * DRAW_BLOCK, min(n, (b + 1) * DRAW_BLOCK)
+        block_sums[b], block_weighted = _exp_sums(e[start:stop], z[start:stop])
+        weighted += block_weighted
+    total = 0.0
+    for b in range(blocks):
+        total += block_sums[b]
+    delta = _sum_error(total, weighted, shift, n)
+    if delta >= 1e-3:
+        return -1
+    margin = 2.0 * (2.0 * delta + (4 * n + 64) * 2.0**-53)  # on the prefix sums of p
+    threshold = u * total
+    before = 0.0  # the partial sum of the blocks before block b
+    for b in range(blocks):
+        if before + block_sums[b] > threshold or b == blocks - 1:
+            break
+        before += block_sums[b]
+    for j in range(b * DRAW_BLOCK, min(n, (b + 1) * DRAW_BLOCK)):
+        after = before + np.float64(e[j])
+        if after > threshold:  # the prefix crosses u at j: certify both sides
+            if before / total <= u - margin and after / total >= u + margin:
+                return j
+            return -1
+        before = after
+    return -1
+
+
+@numba.njit(cache=True)
+def softmax_draw(logits, temperature, u, early):
+    """``draw(tempered_softmax(logits, temperature)[0], u)``: the token the reference draws at
+    uniform u, for logits [V] (no NaN; some entry finite). With ``early`` (float32 logits) it is
+    first located from the float32 terms of ``softmax_lower_bound`` (z_i and e_i = exp(z_i), S32
+    their sum, partial sums by blocks of ``DRAW_BLOCK``): the first j whose prefix sum P_j =
+    sum_{i <= j} e_i / S32 exceeds u. Every prefix sum of the reference's p differs from P_j by at
+    most 2 delta (its terms and its normaliser each by delta, relative to S32) plus the rounding of
+    both prefix sums and of the reference's threshold u sum(p) ((4V + 64) 2^-53 in all; margin m:
+    twice their sum). Where P_{j-1} <= u - m and P_j >= u + m, the reference's running sums are
+    below its threshold before j and above it at j (and p_j > 0): it returns j, which is returned
+    without the float64 softmax. Else (u within m of a prefix sum, probability ~2m; or the bound
+    does not apply) the reference itself decides. Tested draw for draw."""
+    if early:
+        token = _certified_draw(logits, temperature, u)
+        if token >= 0:
+            return np.int64(token)
+    p, _ = tempered_softmax(logits, temperature)
+    return np.int64(draw(p, u))
 
 
 @numba.njit(cache=True)
@@ -184,11 +264,11 @@ def _draft_prob(q_ids, q_row, token):
 
 
 @numba.njit(cache=True)
-def _bonus(logits, temperature, uniform, state):
+def _bonus(logits, temperature, uniform, state, early):
     """The bonus token of a chain whose drafts were all kept: a draw from softmax(logits / T)
-    [V] at the generator's next uniform (``walk_chain``'s and ``block_sample``'s last draw)."""
-    p, _ = tempered_softmax(logits, temperature)
-    return np.int64(draw(p, next_uniform(uniform, state)))
+    [V] at the generator's next uniform (``walk_chain``'s and ``block_sample``'s last draw), by
+    ``softmax_draw``."""
+    return softmax_draw(logits, temperature, next_uniform(uniform, state), early)
 
 
 @numba.njit(cache=True)
@@ -218,7 +298,7 @@ def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, st
         token = rejection_node(dense, p, q_ids, q_values[i], vocab, tokens[i : i + 1], uniforms, False)
         if token != tokens[i]:
             return i, token
-    return k, _bonus(logits[k], temperature, uniform, state)
+    return k, _bonus(logits[k], temperature, uniform, state, early)
 
 
 @numba.njit(cache=True)
@@ -235,7 +315,8 @@ def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, unifo
     against w_k computed from ``softmax_lower_bound``'s p(x) <= the softmax's: the ratios, their
     products (rounded, as the reference's) and min(1, .) are monotone, so that w_k is at most the
     reference's, and a uniform below it keeps every draft in the reference too; the float64
-    softmax of the drafts' rows then never runs."""
+    softmax of the drafts' rows then never runs. The test stops at the first row whose product
+    is not above the uniform (the later factors are at most 1)."""
     k, vocab = tokens.size, logits.shape[1]
     u = next_uniform(uniform, state)
     q_x = np.empty(k)  # q_i(x_i)
@@ -245,14 +326,16 @@ def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, unifo
         lower = 1.0
         for i in range(k):
             lower = min(1.0, lower * (softmax_lower_bound(logits[i], temperature, tokens[i]) / q_x[i]))
+            if not u < lower:  # the products only fall: the test fails, the later rows unread
+                break
         if u < lower:
-            return k, _bonus(logits[k], temperature, uniform, state)
+            return k, _bonus(logits[k], temperature, uniform, state, early)
     p = [tempered_softmax(logits[i], temperature)[0] for i in range(k)]
     weights = np.ones(k + 1)
     for i in range(k):
         weights[i + 1] = min(1.0, weights[i] * (p[i][tokens[i]] / q_x[i]))
     if u < weights[k]:
-        return k, _bonus(logits[k], temperature, uniform, state)
+        return k, _bonus(logits[k], temperature, uniform, state, early)
     q_row = np.empty(vocab)
     for i in range(k - 1, -1, -1):
         if q_ids.size == 0:

@@ -57,6 +57,7 @@ from mdsd.engine.walk import (
     as_support,
     chain_walks_fast,
     draft_children,
+    softmax_token,
     walk,
     walk_chain,
     walk_chain_block,
@@ -229,8 +230,7 @@ class Autoregressive(_Decoder):
             t0 = time.perf_counter()
             logits = self.target.causal(np.asarray(pending), keep=1)[0]
             t1 = time.perf_counter()
-            probs = self.sampling.row_probs(logits)
-            token = probs.token(int(categorical(probs.values, rng)))
+            token = self._sample(logits, rng)
             stats.target_time += t1 - t0
             stats.verify_time += time.perf_counter() - t1
             if not stats.target_calls:  # the prompt's forward
@@ -253,6 +253,15 @@ class Autoregressive(_Decoder):
         stats.target_model_time = self.target.model_time
         stats.total_time = time.perf_counter() - start
         return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
+
+    def _sample(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+        """The next token from the target's logits [V]: the transform's law at ``rng.random()``
+        (``categorical``); for the tempered softmax alone by ``walk.softmax_token``, the same token
+        in one compiled call that seldom needs the float64 softmax (tested)."""
+        if self.sampling.softmax_only:
+            return softmax_token(logits, self.sampling.temperature, rng.random())
+        probs = self.sampling.row_probs(logits)
+        return probs.token(int(categorical(probs.values, rng)))
 
 
 # ---------------------------------------------------------------------- tree decoding

@@ -383,6 +383,14 @@ def walk_chain_softmax(
     return WalkResult(list(range(kept)), tokens[:kept] + [int(token)], bonus, expected)
 
 
+def softmax_token(logits: np.ndarray, temperature: float, u: float) -> int:
+    """``mdsd.sampling.draw(tempered_softmax(logits, temperature)[0], u)``: the token of a row of
+    logits [V] under the tempered softmax alone at uniform u, in one compiled call
+    (``_walk_numba.softmax_draw``; float32 logits seldom need the float64 softmax)."""
+    early = logits.dtype == np.float32
+    return int(_walk_kernels().softmax_draw(logits, float(temperature), float(u), early))
+
+
 def walk_chain_block(
     drafted: DraftedSlots, target_probs: Callable[[int], object], rng: np.random.Generator
 ) -> WalkResult:
