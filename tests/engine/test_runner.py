@@ -532,6 +532,19 @@ def test_q8_panels_give_the_exact_integer_sums(rows):
     assert np.all(results[0][0] == 0) and np.all(results[0][:, 3] == 0)
 
 
+def test_quantize_rows_scales_by_each_row_s_peak():
+    """``quantize_rows``' scale is max |x| / 127 of each row (numpy's maximum) wherever the peak
+    lies, in the blocks of eight or past them, for rows of 1-20, 256 and 771 entries."""
+    from mdsd.engine import _llama_numba as kernels
+
+    gen = np.random.default_rng(5)
+    for k_dim in [*range(1, 21), 256, 771]:
+        x = gen.standard_normal((k_dim, k_dim)).astype(np.float32)
+        x[np.arange(k_dim), np.arange(k_dim)] = -9.0  # row r peaks at column r
+        _, scales = kernels.quantize_rows(x, (k_dim + 3) // 4 * 4)
+        np.testing.assert_array_equal(scales, np.abs(x).max(axis=1) / np.float32(127.0))
+
+
 def test_int8_columns_and_rows():
     """``int8_columns``: per column scale max |w| / 127 (1 for a zero column), q in [-127, 127]
     with the peak at +-127; ``quantize_rows``: per row the same, as unsigned bytes q + 128, the
