@@ -32,7 +32,7 @@ check that each sampler follows them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,7 +267,7 @@ class DraftedSlots:
     tokens: np.ndarray
     valid: np.ndarray
     rules: dict
-    draft_probs: dict
+    draft_probs: Mapping
     chain_q: tuple[np.ndarray, np.ndarray] | None = None
 
 
