@@ -300,6 +300,30 @@ def _chain_q_of(drafted, level: int, token) -> float:
     return float(values[level][token if ids.size == 0 else np.searchsorted(ids, token)])
 
 
+def _softmax_edge_row(gen, case: int, vocabs):
+    """(row float32 [V], temperature, ordinary) for the early paths' tests: V from ``vocabs``,
+    scales 0.01-1,000 and temperatures 0.001-1,000, or, for even cases, an ordinary row (scales
+    0.5-5, T = 0.3-3, at most 8,192 tokens); by case, -inf entries, ties at the maximum, huge
+    logits and a token 590-740 below the maximum (p(x) near float64's subnormals)."""
+    vocab = int(gen.choice(vocabs))
+    scale = float(10.0 ** gen.uniform(-2, 3))
+    temperature = float(10.0 ** gen.uniform(-3, 3))
+    ordinary = case % 2 == 0
+    if ordinary:
+        vocab, scale, temperature = min(vocab, 8192), gen.uniform(0.5, 5), gen.uniform(0.3, 3)
+    row = (gen.standard_normal(vocab) * scale).astype(np.float32)
+    if case % 5 == 1 and vocab > 1:
+        row[gen.random(vocab) < 0.3] = -np.inf
+        row[0] = 0.0
+    if case % 7 == 2:
+        row[: max(1, vocab // 3)] = row.max()  # ties at the maximum
+    if case % 11 == 3:
+        row += np.float32(gen.choice([-3e4, 3e4]))
+    if case % 13 == 4 and vocab > 1:  # a token far below the rest: p(x) near subnormal
+        row[-1] = row.max() - np.float32(gen.choice([590.0, 610.0, 700.0, 740.0]) * temperature)
+    return row, temperature, ordinary
+
+
 def test_softmax_lower_bound_is_below_the_softmax_and_tight():
     """``softmax_lower_bound`` (the lean loop's early acceptance) never exceeds the probability
     ``tempered_softmax`` computes, on 400 float32 rows of 1-9,000 logits at scales 0.01-1,000
@@ -313,22 +337,8 @@ def test_softmax_lower_bound_is_below_the_softmax_and_tight():
     gen = np.random.default_rng(17)
     ordinary_checked = 0
     for case in range(400):
-        vocab = int(gen.choice([1, 2, 7, 64, 1000, 8192, 9000]))
-        scale = float(10.0 ** gen.uniform(-2, 3))
-        temperature = float(10.0 ** gen.uniform(-3, 3))
-        ordinary = case % 2 == 0
-        if ordinary:
-            vocab, scale, temperature = min(vocab, 8192), gen.uniform(0.5, 5), gen.uniform(0.3, 3)
-        row = (gen.standard_normal(vocab) * scale).astype(np.float32)
-        if case % 5 == 1 and vocab > 1:
-            row[gen.random(vocab) < 0.3] = -np.inf
-            row[0] = 0.0
-        if case % 7 == 2:
-            row[: max(1, vocab // 3)] = row.max()  # ties at the maximum
-        if case % 11 == 3:
-            row += np.float32(gen.choice([-3e4, 3e4]))
-        if case % 13 == 4 and vocab > 1:  # a token far below the rest: p(x) near subnormal
-            row[-1] = row.max() - np.float32(gen.choice([590.0, 610.0, 700.0, 740.0]) * temperature)
+        row, temperature, ordinary = _softmax_edge_row(gen, case, [1, 2, 7, 64, 1000, 8192, 9000])
+        vocab = row.size
         p, _ = tempered_softmax(row, temperature)
         tokens = {int(np.argmax(p)), int(np.argmin(np.where(p > 0, p, np.inf))), vocab - 1}
         tokens |= set(gen.integers(vocab, size=8).tolist())
@@ -355,22 +365,8 @@ def test_softmax_draw_draws_the_reference_token():
     gen = np.random.default_rng(23)
     ordinary_draws = certified = 0
     for case in range(400):
-        vocab = int(gen.choice([1, 2, 7, 255, 256, 257, 1000, 8192, 9000]))
-        scale = float(10.0 ** gen.uniform(-2, 3))
-        temperature = float(10.0 ** gen.uniform(-3, 3))
-        ordinary = case % 2 == 0
-        if ordinary:
-            vocab, scale, temperature = min(vocab, 8192), gen.uniform(0.5, 5), gen.uniform(0.3, 3)
-        row = (gen.standard_normal(vocab) * scale).astype(np.float32)
-        if case % 5 == 1 and vocab > 1:
-            row[gen.random(vocab) < 0.3] = -np.inf
-            row[0] = 0.0
-        if case % 7 == 2:
-            row[: max(1, vocab // 3)] = row.max()
-        if case % 11 == 3:
-            row += np.float32(gen.choice([-3e4, 3e4]))
-        if case % 13 == 4 and vocab > 1:
-            row[-1] = row.max() - np.float32(gen.choice([590.0, 610.0, 700.0, 740.0]) * temperature)
+        row, temperature, ordinary = _softmax_edge_row(gen, case, [1, 2, 7, 255, 256, 257, 1000, 8192, 9000])
+        vocab = row.size
         p, _ = tempered_softmax(row, temperature)
         prefix = np.cumsum(p)
         at = prefix[gen.integers(vocab, size=4)]
