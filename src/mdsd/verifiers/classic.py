@@ -335,20 +335,7 @@ class Importance(EarlyExitVerifier):
         kernels = early_exit_kernels(p, vectorised)
         if kernels is None:
             return importance_vectorised(p, q, drafts, uniforms)
-        tokens, branch = run_kernel(kernels.importance_sample, p, q, drafts, uniforms)
-        pending = np.flatnonzero(branch < 0)  # rejected: y ~ resid(p, p_I) in rank order, no sort
-        if pending.size:
-            drawn = np.empty(pending.size, dtype=np.int64)
-            kernels.importance_residual_draw(
-                np.ascontiguousarray(p, dtype=np.float64),  # views when already so (no row copies)
-                np.ascontiguousarray(q, dtype=np.float64),
-                pending,
-                drafts.shape[1],
-                np.ascontiguousarray(uniforms[pending, 1], dtype=np.float64),
-                drawn,
-            )
-            tokens[pending], branch[pending] = drawn, 1
-        return tokens, branch
+        return run_kernel(kernels.importance_rows, p, q, drafts, uniforms)  # rejected rows: no sort
 
     def acceptance(self, p, q, n, law):
         return importance_acceptance(np.asarray(p), np.asarray(q), n)
