@@ -426,11 +426,8 @@ def _ids_values(probs: SupportProbs) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-@functools.cache
 def _walk_kernels():
-    """``mdsd.engine._walk_numba``, imported on first use (numba's import costs ~0.3 s) and then
-    returned from the cache (an import statement per step runs importlib's Python code, several
-    microseconds in the decoding loop)."""
+    """``mdsd.engine._walk_numba``, imported once (numba's import costs ~0.3 s)."""
     from mdsd.engine import _walk_numba
 
     return _walk_numba
