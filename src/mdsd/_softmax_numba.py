@@ -22,6 +22,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 EXP64_LOW = -708.0  # exp(-708) = 3.3e-308: 2^k stays a normal power of two above this
 LN2_HI = 6.93145751953125e-1  # ln 2 = LN2_HI + LN2_LO (Cephes: k * LN2_HI is exact)
@@ -29,10 +32,30 @@ LN2_LO = 1.42860682030941723212e-6
 LOG2_E = 1.4426950408889634
 
 
+@intrinsic
+def _float64_bits(typingctx, x):
+    """The bits of a float64 as an int64 (a bitcast; vectorises)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _bits_float64(typingctx, bits):
+    """The float64 whose bits an int64 holds (a bitcast; vectorises)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
 @numba.njit(cache=True, boundscheck=False, fastmath={"contract"})
-def _exp_normal_into(values, powers):
-    """values[i] = exp(values[i]) without the power of two, powers[i] = k << 52 (its exponent
-    bits); returns how many arguments were below EXP64_LOW (``tempered_softmax`` recomputes
+def _exp_into(values):
+    """values[i] = exp(values[i]), 2^k added to the exponent bits by a bitcast; returns how many
+    arguments were below EXP64_LOW (their results are not exp's: ``tempered_softmax`` recomputes
     those entries with the C library's exp)."""
     rare = 0
     for i in range(values.size):
@@ -55,8 +78,7 @@ def _exp_normal_into(values, powers):
         y = y * r + 0.5  # 1 / 2!
         y = y * r + 1.0  # 1 / 1!
         y = y * r + 1.0  # 1 / 0!
-        values[i] = y
-        powers[i] = np.int64(k) << 52
+        values[i] = _bits_float64(_float64_bits(y) + (np.int64(k) << 52))
     return rare
 
 
@@ -105,11 +127,7 @@ def tempered_softmax(logits, temperature):
     top = np.float64(row_max(logits)) / temperature  # = max(logits / T): x -> x / T is monotone
     for i in range(n):
         out[i] = np.float64(logits[i]) / temperature - top
-    powers = np.empty(n, dtype=np.int64)
-    rare = _exp_normal_into(out, powers)
-    bits = out.view(np.int64)
-    for i in range(n):
-        bits[i] += powers[i]
+    rare = _exp_into(out)
     zeros = 0
     if rare:
         for i in range(n):
