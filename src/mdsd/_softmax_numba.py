@@ -33,23 +33,27 @@ LOG2_E = 1.4426950408889634
 
 
 @intrinsic
-def _float64_bits(typingctx, x):
-    """The bits of a float64 as an int64 (a bitcast; vectorises)."""
+def float_bits(typingctx, x):
+    """The bits of a float32 / float64 as an int32 / int64 (a bitcast; vectorises)."""
+    width = x.bitwidth
+    sig = getattr(types, f"int{width}")(x)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
+        return builder.bitcast(args[0], ir.IntType(width))
 
-    return types.int64(types.float64), codegen
+    return sig, codegen
 
 
 @intrinsic
-def _bits_float64(typingctx, bits):
-    """The float64 whose bits an int64 holds (a bitcast; vectorises)."""
+def bits_float(typingctx, bits):
+    """The float32 / float64 whose bits an int32 / int64 holds (a bitcast; vectorises)."""
+    width = bits.bitwidth
+    sig = getattr(types, f"float{width}")(bits)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
+        return builder.bitcast(args[0], ir.FloatType() if width == 32 else ir.DoubleType())
 
-    return types.float64(types.int64), codegen
+    return sig, codegen
 
 
 @numba.njit(cache=True, boundscheck=False, fastmath={"contract"})
@@ -78,7 +82,7 @@ def _exp_into(values):
         y = y * r + 0.5  # 1 / 2!
         y = y * r + 1.0  # 1 / 1!
         y = y * r + 1.0  # 1 / 0!
-        values[i] = _bits_float64(_float64_bits(y) + (np.int64(k) << 52))
+        values[i] = bits_float(float_bits(y) + (np.int64(k) << 52))
     return rare
 
 

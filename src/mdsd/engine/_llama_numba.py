@@ -27,7 +27,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from mdsd._softmax_numba import row_max, tempered_softmax
+from mdsd._softmax_numba import bits_float, float_bits, row_max, tempered_softmax
 from mdsd.engine._panel_gemm import host_width
 from mdsd.sampling import draw, next_uniform
 
@@ -205,26 +205,6 @@ EXP_LOW = np.float32(-86.0)  # exp(-86) = 4.5e-38: the smallest power of two kep
 EXP_HIGH = np.float32(88.3)  # below log(float32 max)
 
 
-@intrinsic
-def _float32_bits(typingctx, x):
-    """The bits of a float32 as an int32 (a bitcast; vectorises)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _bits_float32(typingctx, bits):
-    """The float32 whose bits an int32 holds (a bitcast; vectorises)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
 @numba.njit(**_JIT)
 def exp32(x):
     """exp(x) of a float32: exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 in two
@@ -241,7 +221,7 @@ def exp32(x):
     y = y * r + np.float32(1.6666665459e-1)
     y = y * r + np.float32(5.0000001201e-1)
     y = y * (r * r) + r + np.float32(1.0)
-    return np.float32(0.0) if small else _bits_float32(_float32_bits(y) + (np.int32(k) << 23))
+    return np.float32(0.0) if small else bits_float(np.int32(float_bits(y) + (np.int32(k) << 23)))
 
 
 @numba.njit(**_JIT)
