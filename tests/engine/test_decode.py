@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
-from mdsd.engine.decode import Autoregressive
+from mdsd.engine.decode import Autoregressive, _ChainProbs
 from mdsd.models import ModelPair, load_pair
 
 from .helpers import PROMPT, VOCAB, Oracle
@@ -153,12 +153,13 @@ def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, veri
 @pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
 def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
     """``draft_chain`` in one compiled call (``compiled_chain``) gives the tokens and q (ids and
-    values) of level-by-level drafting, bit for bit, at temperatures where no q underflows and
-    where most of it does (temperature 0.002: q stored on its nonzero entries)."""
+    values) of level-by-level drafting, bit for bit, with and without top-k, at temperatures where
+    no q underflows and where most of it does (temperature 0.002: q stored on its nonzero
+    entries)."""
     from mdsd.engine.vocab import as_draft_vocabulary
 
-    for temperature in (1.0, 0.002):
-        sampling = SamplingConfig(temperature, max_new_tokens=8, stop_on_eos=False)
+    for temperature, top_k in ((1.0, None), (0.002, None), (0.8, 3), (0.002, 3)):
+        sampling = SamplingConfig(temperature, top_k, max_new_tokens=8, stop_on_eos=False)
         dec = TreeDecoder(llama, TreeConfig.make("1x4", "iid", "rrs"), sampling)
         dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, llama.draft))
         drafted = {}
@@ -167,16 +168,19 @@ def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
             dec.draft.reset(32)
             drafted[compiled] = dec.draft_chain(list(PROMPT), np.random.default_rng(4))
         a, b = drafted[True], drafted[False]
+        assert isinstance(a.draft_probs, _ChainProbs) and not isinstance(b.draft_probs, _ChainProbs)
         assert a.tokens.tolist() == b.tokens.tolist()
         assert a.draft_probs.keys() == b.draft_probs.keys()
+        width = VOCAB if draft_vocab is None else len(draft_vocab)
         underflow = False
         for node, q in a.draft_probs.items():
             ref = b.draft_probs[node]
             assert (q.indices is None) == (ref.indices is None)
             assert q.indices is None or np.array_equal(q.indices, ref.indices)
             assert np.array_equal(q.values, ref.values) and q.vocab == ref.vocab
-            underflow |= q.support_size < (VOCAB if draft_vocab is None else len(draft_vocab))
-        assert underflow == (temperature < 0.01)
+            underflow |= q.support_size < width
+        if top_k is None:  # a top-3 q seldom underflows
+            assert underflow == (temperature < 0.01)
 
 
 def test_fast_chain_only_for_single_draft_rejection_chains(llama):

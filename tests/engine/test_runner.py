@@ -392,13 +392,14 @@ def test_16_bit_draft_runs_in_float32_on_the_compiled_forward(tiny):
             assert_draft_probs(dec.tree, drafted, seq, copy.q)
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
 @pytest.mark.parametrize("output_ids", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
-def test_sample_chain_equals_the_levels_one_by_one(llama, output_ids):
+def test_sample_chain_equals_the_levels_one_by_one(llama, output_ids, top_k):
     """``StaticLlamaRunner.sample_chain`` (one compiled call per chain) gives the tokens, q and
     cache of the per-level reference: ``causal_hidden``, ``logits``, ``process_logits_row``
-    (temperature alone, underflow to 0 included) and ``draw`` at successive ``rng.random()``, bit
-    for bit; it draws nothing and returns None where it does not apply (more tokens than a panel
-    pass)."""
+    (temperature, with and without top-k, underflow to 0 included; q on its nonzero entries where
+    the decoder stores it so) and ``draw`` at successive ``rng.random()``, bit for bit; it draws
+    nothing and returns None where it does not apply (more tokens than a panel pass)."""
     from mdsd.engine.static_llama import StaticLlamaRunner
     from mdsd.logits import process_logits_row
     from mdsd.sampling import draw
@@ -406,20 +407,28 @@ def test_sample_chain_equals_the_levels_one_by_one(llama, output_ids):
     runner = StaticLlamaRunner(llama.draft, "numba")
     runner.restrict_output(None if output_ids is None else np.array(output_ids))
     ids = runner.output_ids if output_ids is not None else np.arange(VOCAB)
+    stored = top_k is not None or output_ids is not None  # q kept on its nonzero entries
     for temperature, depth, fresh in [(1.0, 4, PROMPT), (0.3, 1, [4]), (2.5, 3, [7, 1]), (0.0005, 2, [3])]:
         runner.reset(64)
         runner.causal_hidden(np.array([1, 2]), 1)
-        chain = runner.sample_chain(np.array(fresh), depth, np.random.default_rng(3), temperature)
+        chain = runner.sample_chain(
+            np.array(fresh), depth, np.random.default_rng(3), temperature, top_k=top_k
+        )
         tokens, probs, zeros = chain.tokens, chain.probs, chain.zeros
-        assert bool(zeros.any()) == (temperature < 0.01)  # q underflows at the lowest only
+        if top_k is None:
+            assert bool(zeros.any()) == (temperature < 0.01) and not chain.kept.size
         got_cache = [c[:, :, : runner.cached].copy() for c in runner._cache_numpy]
         runner.keep_positions(2, [])
         rng, level_ids = np.random.default_rng(3), np.array(fresh)
         for d in range(depth):
             logits = runner.logits(runner.causal_hidden(level_ids, 1))[0]
-            q = process_logits_row(logits, temperature)
-            assert np.array_equal(probs[d], q.values) and zeros[d] == np.count_nonzero(q.values == 0)
-            assert tokens[d] == ids[draw(q.values, rng.random())]
+            q = process_logits_row(logits, temperature, top_k, drop_zeros=output_ids is not None)
+            positions = chain.kept[d] if top_k else np.arange(len(ids))  # of probs[d] in ids
+            nonzero = probs[d] > 0 if stored else np.ones(probs[d].size, dtype=bool)
+            want = np.arange(len(ids)) if q.indices is None else q.indices
+            assert np.array_equal(positions[nonzero], want) and np.array_equal(probs[d][nonzero], q.values)
+            assert zeros[d] == np.count_nonzero(probs[d] == 0)
+            assert tokens[d] == ids[q.token(draw(q.values, rng.random()))]
             level_ids = tokens[d : d + 1]
         assert runner.cached == 2 + len(fresh) + depth - 1  # the chain never forwards its last token
         assert all(

@@ -28,6 +28,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from mdsd._softmax_numba import bits_float, float_bits, row_max, tempered_softmax
+from mdsd._topk_numba import top_k_softmax
 from mdsd.engine._panel_gemm import host_width
 from mdsd.sampling import draw, next_uniform
 
@@ -397,24 +398,42 @@ def next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv
 
 @numba.njit(cache=True)
 def sample_chain(
-    ids, depth, uniform, state, temperature, token_ids, model, keys, values, start, cos, sin, heads, kv_heads,
-    eps, gemm,
+    ids, depth, uniform, state, temperature, top_k, drop_zeros, token_ids, model, keys, values, start, cos,
+    sin, heads, kv_heads, eps, gemm,
 ):  # fmt: skip
     """A chain of D = ``depth`` tokens drafted by the model: level 0 forwards ``ids`` (the tokens
     the cache lacks), level d > 0 the token drawn at level d - 1; each level's
     q = softmax(logits / temperature) (``mdsd._softmax_numba.tempered_softmax``) over the output
-    layer's tokens ``token_ids`` [K] (ascending) and its token drawn (``mdsd.sampling.draw``) at
-    the generator's next uniform (``uniform, state``: ``mdsd.sampling.uniform_source``; level d
-    reads the d-th number of ``rng.random(D)``). Returns (tokens [D] ids, q [D, K] float64,
-    zeros [D]: entries of each q that underflowed to 0). The cache then holds ``ids`` and
-    tokens 0 .. D - 2."""
+    layer's tokens ``token_ids`` [K] (ascending), or, for 0 < ``top_k`` < K, over its ``top_k``
+    largest logits (``mdsd._topk_numba.top_k_softmax``, as ``mdsd.logits.process_logits_row``),
+    and its token drawn (``mdsd.sampling.draw``) at the generator's next uniform (``uniform,
+    state``: ``mdsd.sampling.uniform_source``; level d reads the d-th number of
+    ``rng.random(D)``), from q's nonzero entries where q is truncated or ``drop_zeros`` (as
+    ``SamplingConfig.row_probs`` stores q: a draft over part of the vocabulary). Returns (tokens
+    [D] ids, q [D, W] float64, zeros [D]: entries of each q that underflowed to 0, kept [D, W]:
+    the positions in ``token_ids`` of q's entries, ascending; W = ``top_k``, or K and kept empty
+    where every level keeps all K). The cache then holds ``ids`` and tokens 0 .. D - 2."""
+    truncated = 0 < top_k < token_ids.size
+    width = top_k if truncated else token_ids.size
     tokens = np.empty(depth, dtype=np.int64)
-    probs = np.empty((depth, token_ids.size))
+    probs = np.empty((depth, width))
     zeros = np.empty(depth, dtype=np.int64)
+    kept = np.empty((depth if truncated else 0, width if truncated else 0), dtype=np.int64)
     for d in range(depth):
         logits = next_logits(ids, model, keys, values, start, cos, sin, heads, kv_heads, eps, gemm)
-        probs[d], zeros[d] = tempered_softmax(logits, temperature)
-        tokens[d] = token_ids[draw(probs[d], next_uniform(uniform, state))]
+        if truncated:
+            kept[d], probs[d], zeros[d] = top_k_softmax(
+                logits, logits.view(np.int32), top_k, 31, 0x7FFFFFFF, temperature
+            )
+        else:
+            probs[d], zeros[d] = tempered_softmax(logits, temperature)
+        u = next_uniform(uniform, state)
+        if zeros[d] and (truncated or drop_zeros):  # the reference draws from q's nonzero entries
+            nonzero = np.flatnonzero(probs[d])
+            at = nonzero[draw(probs[d][nonzero], u)]
+        else:
+            at = draw(probs[d], u)
+        tokens[d] = token_ids[kept[d, at] if truncated else at]
         start += ids.size
         ids = tokens[d : d + 1]
-    return tokens, probs, zeros
+    return tokens, probs, zeros, kept

@@ -172,29 +172,34 @@ class _Decoder:
 
 class _ChainProbs(Mapping):
     """node (-1 .. D - 2) -> the ``SupportProbs`` of a chain's level node + 1 drawn in one call
-    (``StaticLlamaRunner.sample_chain``: ``probs`` [D, K] over the output layer's ``ids``, or the
-    vocabulary where ``ids`` is None), stored as ``SamplingConfig.row_probs`` stores it: on its
-    nonzero entries when the output layer covers part of the vocabulary and some underflowed
-    (``zeros`` [D] counts them). Each is made when first read: the lean walk reads the array
-    itself, and three wrappers per step cost ~15 microseconds in the decoding loop."""
+    (``StaticLlamaRunner.sample_chain``: ``probs`` [D, W] over the output layer's ``ids``, or the
+    vocabulary where ``ids`` is None; over their positions ``kept`` [D, W] where a top-k truncates
+    q), stored as ``SamplingConfig.row_probs`` stores it: on its nonzero entries when q is
+    truncated or the output layer covers part of the vocabulary and some underflowed (``zeros``
+    [D] counts them). Each is made when first read: the lean walk reads the array itself, and
+    three wrappers per step cost ~15 microseconds in the decoding loop."""
 
-    def __init__(self, ids: np.ndarray | None, probs: np.ndarray, zeros: np.ndarray, vocab: int):
-        self._ids, self._probs, self._zeros, self._vocab = ids, probs, zeros, vocab
+    def __init__(self, ids, probs: np.ndarray, zeros: np.ndarray, kept: np.ndarray, vocab: int):
+        self._ids, self._probs, self._zeros, self._kept, self._vocab = ids, probs, zeros, kept, vocab
         self._made: dict[int, SupportProbs] = {}
 
     def __getitem__(self, node: int) -> SupportProbs:
         if node not in self._made:
             if not -1 <= node < len(self._probs) - 1:
                 raise KeyError(node)
-            q, ids = self._probs[node + 1], self._ids
-            if ids is None:
-                self._made[node] = SupportProbs(None, q, self._vocab)
-            elif self._zeros[node + 1]:
-                kept = np.flatnonzero(q)
-                self._made[node] = SupportProbs(ids[kept], q[kept], self._vocab)
-            else:
-                self._made[node] = SupportProbs(ids, q, self._vocab)
+            self._made[node] = self._level(node + 1)
         return self._made[node]
+
+    def _level(self, d: int) -> SupportProbs:
+        q, ids = self._probs[d], self._ids
+        if self._kept.size:  # top-k: the kept positions, then their token ids
+            ids = self._kept[d] if ids is None else ids[self._kept[d]]
+        if ids is None:
+            return SupportProbs(None, q, self._vocab)
+        if self._zeros[d]:
+            nonzero = np.flatnonzero(q)
+            return SupportProbs(ids[nonzero], q[nonzero], self._vocab)
+        return SupportProbs(ids, q, self._vocab)
 
     def __iter__(self):
         return iter(range(-1, len(self._probs) - 1))
@@ -576,13 +581,16 @@ class TreeDecoder(_Decoder):
         """``draft_tree`` for a chain (widths all 1), the decoding loop's fast path: one causal
         draft forward per level and one draw from q per level, no masks and no per-node rule
         lookups. The same forwards, draws and result as ``draft_tree`` (tested). Where the
-        transform is the tempered softmax alone (``SamplingConfig.softmax_only``) and the runner
-        has a compiled chain (``sample_chain``), every level runs in one call: the draft's time
-        per level then drops by 20-30 microseconds of Python and dispatch (BENCHMARKS.md)."""
+        transform is the tempered softmax after an optional top-k
+        (``SamplingConfig.chain_transform``) and the runner has a compiled chain
+        (``sample_chain``), every level runs in one call: the draft's time per level then drops
+        by 20-30 microseconds of Python and dispatch (BENCHMARKS.md)."""
         depth, rule = self.tree.depth, self.book.rule(1, 2)  # width 1: one rule for every q
         fresh = np.asarray(seq[self.draft.cached :])
-        if self.compiled_chain and self.sampling.softmax_only:  # one compiled call where it applies
-            chain = self.draft.sample_chain(fresh, depth, rng, self.sampling.temperature, self._source(rng))
+        sampling = self.sampling
+        if self.compiled_chain and sampling.chain_transform:  # one compiled call where it applies
+            source = self._source(rng)
+            chain = self.draft.sample_chain(fresh, depth, rng, sampling.temperature, source, sampling.top_k)
             if chain is not None:
                 return self._drafted_chain(chain, rule)
         tokens = np.empty(depth, dtype=np.int64)
@@ -601,8 +609,10 @@ class TreeDecoder(_Decoder):
         as ``SamplingConfig.row_probs`` stores it (``_ChainProbs``, made where something reads
         it: the general walks, tests)."""
         ids = self.draft.output_ids
-        qs = _ChainProbs(ids, chain.probs, chain.zeros, self.vocab)
-        chain_q = (DENSE_IDS if ids is None else ids, chain.probs)
+        qs = _ChainProbs(ids, chain.probs, chain.zeros, chain.kept, self.vocab)
+        chain_q = None  # a truncated q: the walks read qs
+        if not chain.kept.size:
+            chain_q = (DENSE_IDS if ids is None else ids, chain.probs)
         rules = dict.fromkeys(range(-1, len(chain.tokens) - 1), rule)
         return DraftedSlots(chain.tokens, self._chain_valid, rules, qs, chain_q)
 

@@ -81,13 +81,17 @@ class SampledChain:
     """A chain drafted in one call (``StaticLlamaRunner.sample_chain``).
 
     tokens: [D] int64 token ids, level by level.
-    probs:  [D, K] float64 q of each level over the output layer's K tokens.
+    probs:  [D, W] float64 q of each level over the output layer's K tokens (W = K), or over its
+            top-k (W = k) where the transform truncates.
     zeros:  [D] int64 entries of each level's q that underflowed to 0.
+    kept:   [D, k] int64 positions in the output layer's tokens of a truncated q's entries
+            (ascending); empty where each q covers all K.
     """
 
     tokens: np.ndarray
     probs: np.ndarray
     zeros: np.ndarray
+    kept: np.ndarray
 
 
 class ModelRunner:
@@ -214,7 +218,7 @@ class ModelRunner:
         return out
 
     def sample_chain(
-        self, ids, depth: int, rng: np.random.Generator, temperature: float, source=None
+        self, ids, depth: int, rng: np.random.Generator, temperature: float, source=None, top_k=None
     ) -> SampledChain | None:
         """A chain drafted in one compiled call, or None (drawing nothing from ``rng``) where the
         runner has none (this one): see ``StaticLlamaRunner.sample_chain``."""

@@ -480,15 +480,17 @@ class StaticLlamaRunner(ModelRunner):
         return logits
 
     def sample_chain(
-        self, ids, depth: int, rng: np.random.Generator, temperature: float, source=None
+        self, ids, depth: int, rng: np.random.Generator, temperature: float, source=None, top_k=None
     ) -> SampledChain | None:
         """Draft a chain of ``depth`` tokens in one compiled call (``_llama_numba.sample_chain``):
         level 0 forwards ``ids`` (the tokens the cache lacks), each further level the token drawn
         before it; level d's q = softmax(logits / ``temperature``) over the output layer's tokens
         and its token drawn at the d-th of ``rng.random(depth)``. The same forwards, q and draws
         as ``causal_hidden``, ``logits``, ``mdsd.logits.process_logits_row`` (temperature alone)
-        and ``mdsd.sampling.draw`` per level (tested). ``source``: ``uniform_source(rng)`` where
-        the caller keeps it (the compiled call draws from ``rng`` through it).
+        and ``mdsd.sampling.draw`` per level (tested); with ``top_k``, q over the top-k of the output
+        layer's logits, as ``process_logits_row`` with that top-k. ``source``:
+        ``uniform_source(rng)`` where the caller keeps it (the compiled call draws from ``rng``
+        through it).
 
         Returns a ``SampledChain`` (q over the output layer's K tokens: ``output_ids``, or the
         vocabulary); or None, drawing nothing from ``rng``, where the compiled forward does not
@@ -510,6 +512,8 @@ class StaticLlamaRunner(ModelRunner):
                 int(depth),
                 *source,
                 float(temperature),
+                int(top_k or 0),
+                self.output_ids is not None,  # q stored on its nonzero entries (row_probs)
                 token_ids,
                 model,
                 keys,
