@@ -261,6 +261,67 @@ def test_softmax_chain_walk_equals_chain_walk():
     assert {(0, False), (1, False), (4, True)} <= outcomes  # rejections and bonuses both ran
 
 
+def _top_k_chain_case(seed: int, depth: int):
+    """A chain drafted under a top-k as ``sample_chain`` stores it (values [depth, k] and their
+    kept positions on a draft vocabulary or dense), target logits [depth + 1, V] with -inf
+    entries (some rows keep fewer finite entries than k), temperatures 1, 0.5 and 0.002."""
+    from mdsd._topk_numba import top_k_softmax
+    from mdsd.engine.walk import DENSE_IDS, draft_children
+    from mdsd.logits import SupportProbs
+
+    gen = np.random.default_rng([23, seed])
+    vocab = int(gen.integers(4, 12))
+    top_k = int(gen.integers(1, vocab - 2))
+    temperature = (1.0, 0.5, 0.002)[seed % 3]
+    ids = (
+        np.sort(gen.choice(vocab, int(gen.integers(top_k + 1, vocab + 1)), replace=False))
+        if seed % 2
+        else None
+    )
+    logits = (gen.normal(size=(depth + 1, vocab)) * 3.0).astype(np.float32)
+    logits[gen.random(logits.shape) < 0.3] = -np.inf
+    logits[np.arange(depth + 1), gen.integers(vocab, size=depth + 1)] = 0.0  # a finite entry per row
+    q_values, kept = np.empty((depth, top_k)), np.empty((depth, top_k), dtype=np.int64)
+    book = RuleBook("iid", "rrs", (1,) * depth)
+    tokens, qs = np.zeros(depth, dtype=np.int64), {}
+    for i in range(depth):
+        draft_logits = logits[i] if gen.random() < 0.3 else gen.normal(size=vocab).astype(np.float32)
+        draft_logits = np.ascontiguousarray(draft_logits if ids is None else draft_logits[ids])
+        if not np.isfinite(draft_logits).any():
+            draft_logits = np.zeros_like(draft_logits)
+        kept[i], q_values[i], _ = top_k_softmax(
+            draft_logits, draft_logits.view(np.int32), top_k, 31, 2**31 - 1, temperature
+        )
+        nonzero = np.flatnonzero(q_values[i])
+        positions = kept[i][nonzero]
+        qs[i - 1] = SupportProbs(positions if ids is None else ids[positions], q_values[i][nonzero], vocab)
+        tokens[i] = draft_children(qs[i - 1], 1, book, gen)[0][0]
+    rules = dict.fromkeys(qs, book.rule(1, 2))
+    chain_q = (DENSE_IDS if ids is None else ids, q_values)
+    drafted = DraftedSlots(tokens, np.ones(depth, dtype=bool), rules, qs, chain_q, kept)
+    return drafted, logits, temperature, top_k
+
+
+def test_top_k_chain_walk_equals_chain_walk():
+    """``walk_chain_softmax(..., top_k=k)`` (the walk of a chain drafted under a top-k, in one
+    compiled call from the target's logits) returns ``walk_chain``'s result with p =
+    ``SamplingConfig(T, k).row_probs`` of each row, draw for draw, and leaves the generator in
+    the same state: 600 chains of depth 1-4, q on a draft vocabulary or dense, -inf logits,
+    underflowing temperatures."""
+    from mdsd.engine.walk import walk_chain, walk_chain_softmax
+
+    outcomes = set()
+    for seed in range(600):
+        drafted, logits, temperature, top_k = _top_k_chain_case(seed, 1 + seed % 4)
+        sampling = SamplingConfig(temperature, top_k)
+        fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        fast = walk_chain_softmax(drafted, logits, temperature, fast_rng, top_k=top_k)
+        ref = walk_chain(drafted, lambda node, s=sampling, lg=logits: s.row_probs(lg[node + 1]), ref_rng)
+        _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
+        outcomes.add((len(fast.path), fast.bonus))
+    assert {(0, False), (1, False), (4, True)} <= outcomes  # rejections and bonuses both ran
+
+
 def test_softmax_block_walk_equals_block_walk():
     """``walk_chain_softmax(..., block=True)`` (block verification of a chain in one compiled
     call from the target's logits) returns ``walk_chain_block``'s result with p =

@@ -32,7 +32,7 @@ import numba
 import numpy as np
 
 from mdsd._softmax_numba import tempered_softmax
-from mdsd._topk_numba import _max_key
+from mdsd._topk_numba import _max_key, top_k_softmax
 from mdsd.engine._llama_numba import exp_inplace
 from mdsd.sampling import draw, next_uniform
 from mdsd.sequence.chain import _excess_and_deficit, _residual_draw
@@ -299,6 +299,53 @@ def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, st
         if token != tokens[i]:
             return i, token
     return k, _bonus(logits[k], temperature, uniform, state, early)
+
+
+@numba.njit(cache=True)
+def _top_k_probs(logits, temperature, top_k):
+    """``SamplingConfig.row_probs`` of a float32 row [V] under a top-k (0 < top_k < V) in
+    ``rejection_node``'s form: (the kept token ids, ascending; their probabilities), the entries
+    that underflowed to 0 dropped (``mdsd.logits.process_logits_row``)."""
+    ids, values, zeros = top_k_softmax(logits, logits.view(np.int32), top_k, 31, 0x7FFFFFFF, temperature)
+    if zeros:
+        nonzero = np.flatnonzero(values)
+        return ids[nonzero], values[nonzero]
+    return ids, values
+
+
+@numba.njit(cache=True)
+def _stored_q(q_ids, kept, values):
+    """A truncated draft q of one level as ``decode._ChainProbs`` stores it: its token ids (the
+    output layer's ``q_ids`` at the positions ``kept``, or the positions themselves where
+    ``q_ids`` is empty: the whole vocabulary) and values, entries of mass 0 dropped."""
+    ids = kept if q_ids.size == 0 else q_ids[kept]
+    nonzero = np.flatnonzero(values)
+    if nonzero.size < values.size:
+        return ids[nonzero], values[nonzero]
+    return ids, values
+
+
+@numba.njit(cache=True)
+def top_k_chain_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens, uniform, state):
+    """``softmax_chain_walk`` under a top-k transform: (kept, token) of ``walk.walk_chain`` for a
+    chain of k = ``tokens.size`` drafts whose node i - 1 has p = the top-k softmax of
+    ``logits[i]`` (``_top_k_probs``) and the top-k q of level i drawn in one call
+    (``_stored_q`` of ``q_kept[i]`` and ``q_values[i]`` over ``q_ids``): per draft
+    ``rejection_node`` at two uniforms while the drafts before it were kept, then the bonus drawn
+    from the last row's p at the next: the tokens and the generator's state of ``walk_chain``
+    (tested). The top-k softmax reads each row once, so no early bound is needed."""
+    k, vocab = tokens.size, logits.shape[1]
+    uniforms = np.empty(2)
+    for i in range(k):
+        uniforms[0] = next_uniform(uniform, state)
+        uniforms[1] = next_uniform(uniform, state)
+        p_ids, p_values = _top_k_probs(logits[i], temperature, top_k)
+        d_ids, d_values = _stored_q(q_ids, q_kept[i], q_values[i])
+        token = rejection_node(p_ids, p_values, d_ids, d_values, vocab, tokens[i : i + 1], uniforms, False)
+        if token != tokens[i]:
+            return i, token
+    p_ids, p_values = _top_k_probs(logits[k], temperature, top_k)
+    return k, p_ids[draw(p_values, next_uniform(uniform, state))]
 
 
 @numba.njit(cache=True)

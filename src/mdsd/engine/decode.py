@@ -610,11 +610,10 @@ class TreeDecoder(_Decoder):
         it: the general walks, tests)."""
         ids = self.draft.output_ids
         qs = _ChainProbs(ids, chain.probs, chain.zeros, chain.kept, self.vocab)
-        chain_q = None  # a truncated q: the walks read qs
-        if not chain.kept.size:
-            chain_q = (DENSE_IDS if ids is None else ids, chain.probs)
+        chain_q = (DENSE_IDS if ids is None else ids, chain.probs)
+        kept = chain.kept if chain.kept.size else None  # q truncated by a top-k
         rules = dict.fromkeys(range(-1, len(chain.tokens) - 1), rule)
-        return DraftedSlots(chain.tokens, self._chain_valid, rules, qs, chain_q)
+        return DraftedSlots(chain.tokens, self._chain_valid, rules, qs, chain_q, kept)
 
     def target_hidden(self, seq: list[int], drafted: DraftedSlots) -> torch.Tensor:
         """One target forward over (fresh committed tokens, every node): final hidden states of
@@ -687,14 +686,15 @@ class TreeDecoder(_Decoder):
     def _walks_from_logits(self, drafted: DraftedSlots) -> bool:
         """Whether the lean loop verifies this chain by ``walk.walk_chain_softmax`` (node by
         node, or with ``block`` as a block): drafted in one call (``chain_q``), p the tempered
-        softmax alone, and every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as
-        the general walk computes them for such a chain. The target's forward then returns the
+        softmax alone, or after a top-k that truncated the draft's q too (``chain_kept``; not
+        ``block``), and every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as the
+        general walk computes them for such a chain. The target's forward then returns the
         logits of every row itself (``target.causal``: one compiled call on the lean forward)."""
-        return (
-            drafted.chain_q is not None
-            and self.sampling.softmax_only
-            and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
-        )
+        if drafted.chain_q is None or self.tree.num_nodes + 1 > HEAD_BATCH_ROWS:
+            return False
+        if drafted.chain_kept is None:
+            return self.sampling.softmax_only
+        return self.sampling.chain_transform and self.config.verifier != "block"
 
     def _walk(self, drafted: DraftedSlots, hidden, rng: np.random.Generator, fast: bool):
         """Verify the drafted tree from the target's hidden states [N + 1, H]: (``WalkResult``,
@@ -740,8 +740,9 @@ class TreeDecoder(_Decoder):
         t2 = time.perf_counter()
         if from_logits:  # the whole walk in one compiled call
             block = self.config.verifier == "block"
+            top_k = None if drafted.chain_kept is None else self.sampling.top_k
             result = walk_chain_softmax(
-                drafted, logits, self.sampling.temperature, rng, block, self._source(rng)
+                drafted, logits, self.sampling.temperature, rng, block, self._source(rng), top_k
             )
             head_time = 0.0
         else:

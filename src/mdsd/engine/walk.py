@@ -261,7 +261,9 @@ class DraftedSlots:
     draft_probs: node (-1 = root) -> q the children were drawn from (``SupportProbs`` or [V]).
     chain_q: for a chain drafted in one call (``StaticLlamaRunner.sample_chain``), the same q
              as one array: (token ids [K] ascending, or empty for the whole vocabulary; values
-             [N, K], row i the q of node i - 1), which ``walk_chain_softmax`` reads; else None.
+             [N, W], row i the q of node i - 1), which ``walk_chain_softmax`` reads; else None.
+    chain_kept: with ``chain_q`` under a top-k: [N, W] the positions in its token ids of each
+             row's values (W = k, ascending); else None (W = K).
     """
 
     tokens: np.ndarray
@@ -269,6 +271,7 @@ class DraftedSlots:
     rules: dict
     draft_probs: Mapping
     chain_q: tuple[np.ndarray, np.ndarray] | None = None
+    chain_kept: np.ndarray | None = None
 
 
 @dataclass
@@ -355,18 +358,34 @@ def walk_chain_softmax(
     rng: np.random.Generator,
     block: bool = False,
     source: tuple[int, int] | None = None,
+    top_k: int | None = None,
 ) -> WalkResult:
     """``walk_chain`` where p(. | path to node i - 1) is softmax(target_logits[i] / temperature)
     (``SamplingConfig.row_probs`` of a transform without top-k or top-p) and q is
     ``drafted.chain_q``: the whole walk in one compiled call from the logits [k + 1, V]
     (``_walk_numba.softmax_chain_walk``), the same result and generator state as ``walk_chain``
     (tested). With ``block``, ``walk_chain_block``'s (``_walk_numba.softmax_chain_block_walk``,
-    tested likewise). The lean loop's walk of chains drafted in one call. ``source``:
-    ``mdsd.sampling.uniform_source(rng)`` where the caller keeps it."""
+    tested likewise). With ``top_k`` (a chain drafted under it: ``drafted.chain_kept``; not
+    ``block``), p the top-k softmax (``_walk_numba.top_k_chain_walk``, tested likewise). The lean
+    loop's walk of chains drafted in one call. ``source``: ``mdsd.sampling.uniform_source(rng)``
+    where the caller keeps it."""
     tokens = drafted.tokens.tolist()
     q_ids, q_values = drafted.chain_q
     logits = np.ascontiguousarray(target_logits)  # [k + 1, V]
     kernels = _walk_kernels()
+    source = uniform_source(rng) if source is None else source
+    if top_k is not None:
+        kept, token = kernels.top_k_chain_walk(
+            logits,
+            float(temperature),
+            int(top_k),
+            q_ids,
+            drafted.chain_kept,
+            q_values,
+            drafted.tokens,
+            *source,
+        )
+        return _chain_result(tokens, kept, token)
     kernel = kernels.softmax_chain_block_walk if block else kernels.softmax_chain_walk
     early = logits.dtype == np.float32  # the early acceptance reads float32 rows
     kept, token = kernel(
@@ -375,9 +394,15 @@ def walk_chain_softmax(
         q_ids,
         q_values,
         drafted.tokens,
-        *(uniform_source(rng) if source is None else source),
+        *source,
         early,
     )
+    return _chain_result(tokens, kept, token)
+
+
+def _chain_result(tokens: list[int], kept: int, token) -> WalkResult:
+    """The ``WalkResult`` of a chain's walk that kept its first ``kept`` drafts and ended with
+    ``token`` (a bonus where every draft was kept)."""
     bonus = kept == len(tokens)
     expected = [1.0] * kept + ([] if bonus else [0.0])
     return WalkResult(list(range(kept)), tokens[:kept] + [int(token)], bonus, expected)
