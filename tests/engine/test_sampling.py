@@ -304,22 +304,25 @@ def _top_k_chain_case(seed: int, depth: int):
 
 def test_top_k_chain_walk_equals_chain_walk():
     """``walk_chain_softmax(..., top_k=k)`` (the walk of a chain drafted under a top-k, in one
-    compiled call from the target's logits) returns ``walk_chain``'s result with p =
+    compiled call from the target's logits) returns ``walk_chain``'s result, and with ``block``
+    ``walk_chain_block``'s, with p =
     ``SamplingConfig(T, k).row_probs`` of each row, draw for draw, and leaves the generator in
     the same state: 600 chains of depth 1-4, q on a draft vocabulary or dense, -inf logits,
     underflowing temperatures."""
-    from mdsd.engine.walk import walk_chain, walk_chain_softmax
+    from mdsd.engine.walk import walk_chain, walk_chain_block, walk_chain_softmax
 
-    outcomes = set()
+    outcomes = {False: set(), True: set()}
     for seed in range(600):
         drafted, logits, temperature, top_k = _top_k_chain_case(seed, 1 + seed % 4)
         sampling = SamplingConfig(temperature, top_k)
-        fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
-        fast = walk_chain_softmax(drafted, logits, temperature, fast_rng, top_k=top_k)
-        ref = walk_chain(drafted, lambda node, s=sampling, lg=logits: s.row_probs(lg[node + 1]), ref_rng)
-        _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
-        outcomes.add((len(fast.path), fast.bonus))
-    assert {(0, False), (1, False), (4, True)} <= outcomes  # rejections and bonuses both ran
+        for block, reference in ((False, walk_chain), (True, walk_chain_block)):
+            fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+            fast = walk_chain_softmax(drafted, logits, temperature, fast_rng, block, top_k=top_k)
+            ref = reference(drafted, lambda node, s=sampling, lg=logits: s.row_probs(lg[node + 1]), ref_rng)
+            _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
+            outcomes[block].add((len(fast.path), fast.bonus))
+    assert {(0, False), (1, False), (4, True)} <= outcomes[False]  # rejections and bonuses both ran
+    assert {(0, False), (1, False), (2, False), (3, False), (4, True)} <= outcomes[True]
 
 
 def test_softmax_block_walk_equals_block_walk():

@@ -349,6 +349,56 @@ def top_k_chain_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens
 
 
 @numba.njit(cache=True)
+def _value_at(ids, values, token):
+    """The probability of ``token`` in a distribution on ascending ``ids`` (0 off them)."""
+    j = np.searchsorted(ids, token)
+    return values[j] if j < ids.size and ids[j] == token else 0.0
+
+
+@numba.njit(cache=True)
+def _scattered(ids, values, vocab):
+    """The dense row [V] of a distribution on ``ids``."""
+    row = np.zeros(vocab)
+    row[ids] = values
+    return row
+
+
+@numba.njit(cache=True)
+def top_k_chain_block_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens, uniform, state):
+    """``softmax_chain_block_walk`` under a top-k (``top_k_chain_walk``'s arguments): block
+    verification of the chain with p_i the top-k softmax of ``logits[i]`` and q_i the level's
+    stored q, the rows a draw reads made dense as ``walk.walk_chain_block`` makes them, so that
+    every sum runs in its order: (kept, token), the tokens and the generator's state of
+    ``walk_chain_block`` (tested)."""
+    k, vocab = tokens.size, logits.shape[1]
+    u = next_uniform(uniform, state)
+    weights = np.ones(k + 1)
+    for i in range(k):
+        p_ids, p_values = _top_k_probs(logits[i], temperature, top_k)
+        d_ids, d_values = _stored_q(q_ids, q_kept[i], q_values[i])
+        ratio = _value_at(p_ids, p_values, tokens[i]) / _value_at(d_ids, d_values, tokens[i])
+        weights[i + 1] = min(1.0, weights[i] * ratio)
+    if u < weights[k]:
+        p_ids, p_values = _top_k_probs(logits[k], temperature, top_k)
+        return k, np.int64(draw(_scattered(p_ids, p_values, vocab), next_uniform(uniform, state)))
+    for i in range(k - 1, -1, -1):
+        p_ids, p_values = _top_k_probs(logits[i], temperature, top_k)
+        d_ids, d_values = _stored_q(q_ids, q_kept[i], q_values[i])
+        p_row, q_row = _scattered(p_ids, p_values, vocab), _scattered(d_ids, d_values, vocab)
+        if i > 0:
+            u = next_uniform(uniform, state)
+            if weights[i] >= 1.0:
+                stop = 1.0
+            else:
+                excess, deficit = _excess_and_deficit(p_row, q_row, weights[i])
+                stop = excess / deficit
+            if not u < stop:
+                continue
+        return i, np.int64(_residual_draw(p_row, q_row, weights[i], next_uniform(uniform, state)))
+    return 0, np.int64(-1)  # unreachable: the walk stops at 0 surely
+
+
+@numba.njit(cache=True)
 def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, uniform, state, early):
     """(kept, token): ``walk.walk_chain_block`` (block verification, Sun et al., arXiv
     2403.10444) of a chain of k = ``tokens.size`` drafts from the target's logits [k + 1, V],

@@ -686,15 +686,15 @@ class TreeDecoder(_Decoder):
     def _walks_from_logits(self, drafted: DraftedSlots) -> bool:
         """Whether the lean loop verifies this chain by ``walk.walk_chain_softmax`` (node by
         node, or with ``block`` as a block): drafted in one call (``chain_q``), p the tempered
-        softmax alone, or after a top-k that truncated the draft's q too (``chain_kept``; not
-        ``block``), and every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as the
+        softmax alone, or after a top-k that truncated the draft's q too (``chain_kept``), and
+        every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as the
         general walk computes them for such a chain. The target's forward then returns the
         logits of every row itself (``target.causal``: one compiled call on the lean forward)."""
         if drafted.chain_q is None or self.tree.num_nodes + 1 > HEAD_BATCH_ROWS:
             return False
         if drafted.chain_kept is None:
             return self.sampling.softmax_only
-        return self.sampling.chain_transform and self.config.verifier != "block"
+        return self.sampling.chain_transform
 
     def _walk(self, drafted: DraftedSlots, hidden, rng: np.random.Generator, fast: bool):
         """Verify the drafted tree from the target's hidden states [N + 1, H]: (``WalkResult``,

@@ -365,8 +365,9 @@ def walk_chain_softmax(
     ``drafted.chain_q``: the whole walk in one compiled call from the logits [k + 1, V]
     (``_walk_numba.softmax_chain_walk``), the same result and generator state as ``walk_chain``
     (tested). With ``block``, ``walk_chain_block``'s (``_walk_numba.softmax_chain_block_walk``,
-    tested likewise). With ``top_k`` (a chain drafted under it: ``drafted.chain_kept``; not
-    ``block``), p the top-k softmax (``_walk_numba.top_k_chain_walk``, tested likewise). The lean
+    tested likewise). With ``top_k`` (a chain drafted under it: ``drafted.chain_kept``), p the
+    top-k softmax (``_walk_numba.top_k_chain_walk`` and ``top_k_chain_block_walk``, tested
+    likewise). The lean
     loop's walk of chains drafted in one call. ``source``: ``mdsd.sampling.uniform_source(rng)``
     where the caller keeps it."""
     tokens = drafted.tokens.tolist()
@@ -375,7 +376,8 @@ def walk_chain_softmax(
     kernels = _walk_kernels()
     source = uniform_source(rng) if source is None else source
     if top_k is not None:
-        kept, token = kernels.top_k_chain_walk(
+        top_k_kernel = kernels.top_k_chain_block_walk if block else kernels.top_k_chain_walk
+        kept, token = top_k_kernel(
             logits,
             float(temperature),
             int(top_k),
