@@ -255,8 +255,9 @@ def softmax_draw(logits, temperature, u, early):
 
 
 @numba.njit(cache=True)
-def _draft_prob(q_ids, q_row, token):
-    """q(token) from q on ``q_ids`` (ascending; empty: dense), as ``rejection_node`` reads it."""
+def _prob_at(q_ids, q_row, token):
+    """The probability of ``token`` in p or q stored on ``q_ids`` (ascending; empty: dense), as
+    ``rejection_node`` reads them."""
     if q_ids.size == 0:
         return q_row[token]
     j = np.searchsorted(q_ids, token)
@@ -292,7 +293,7 @@ def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, st
         uniforms[1] = next_uniform(uniform, state)
         if early:
             lower = softmax_lower_bound(logits[i], temperature, tokens[i])
-            if uniforms[0] < _ratio(lower, _draft_prob(q_ids, q_values[i], tokens[i])):
+            if uniforms[0] < _ratio(lower, _prob_at(q_ids, q_values[i], tokens[i])):
                 continue  # kept: rejection_node keeps it at this uniform
         p, _ = tempered_softmax(logits[i], temperature)
         token = rejection_node(dense, p, q_ids, q_values[i], vocab, tokens[i : i + 1], uniforms, False)
@@ -349,21 +350,6 @@ def top_k_chain_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens
 
 
 @numba.njit(cache=True)
-def _value_at(ids, values, token):
-    """The probability of ``token`` in a distribution on ascending ``ids`` (0 off them)."""
-    j = np.searchsorted(ids, token)
-    return values[j] if j < ids.size and ids[j] == token else 0.0
-
-
-@numba.njit(cache=True)
-def _scattered(ids, values, vocab):
-    """The dense row [V] of a distribution on ``ids``."""
-    row = np.zeros(vocab)
-    row[ids] = values
-    return row
-
-
-@numba.njit(cache=True)
 def top_k_chain_block_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens, uniform, state):
     """``softmax_chain_block_walk`` under a top-k (``top_k_chain_walk``'s arguments): block
     verification of the chain with p_i the top-k softmax of ``logits[i]`` and q_i the level's
@@ -376,15 +362,15 @@ def top_k_chain_block_walk(logits, temperature, top_k, q_ids, q_kept, q_values, 
     for i in range(k):
         p_ids, p_values = _top_k_probs(logits[i], temperature, top_k)
         d_ids, d_values = _stored_q(q_ids, q_kept[i], q_values[i])
-        ratio = _value_at(p_ids, p_values, tokens[i]) / _value_at(d_ids, d_values, tokens[i])
+        ratio = _prob_at(p_ids, p_values, tokens[i]) / _prob_at(d_ids, d_values, tokens[i])
         weights[i + 1] = min(1.0, weights[i] * ratio)
     if u < weights[k]:
         p_ids, p_values = _top_k_probs(logits[k], temperature, top_k)
-        return k, np.int64(draw(_scattered(p_ids, p_values, vocab), next_uniform(uniform, state)))
+        return k, np.int64(draw(_dense(p_ids, p_values, vocab), next_uniform(uniform, state)))
     for i in range(k - 1, -1, -1):
         p_ids, p_values = _top_k_probs(logits[i], temperature, top_k)
         d_ids, d_values = _stored_q(q_ids, q_kept[i], q_values[i])
-        p_row, q_row = _scattered(p_ids, p_values, vocab), _scattered(d_ids, d_values, vocab)
+        p_row, q_row = _dense(p_ids, p_values, vocab), _dense(d_ids, d_values, vocab)
         if i > 0:
             u = next_uniform(uniform, state)
             if weights[i] >= 1.0:
@@ -418,7 +404,7 @@ def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, unifo
     u = next_uniform(uniform, state)
     q_x = np.empty(k)  # q_i(x_i)
     for i in range(k):
-        q_x[i] = _draft_prob(q_ids, q_values[i], tokens[i])
+        q_x[i] = _prob_at(q_ids, q_values[i], tokens[i])
     if early:
         lower = 1.0
         for i in range(k):
