@@ -78,27 +78,6 @@ def _call_gemm(typingctx, gemm, x, panels, out, rows, n_panels, k_dim, out_strid
 
 
 @numba.njit(**_JIT)
-def _abs_max(row):
-    """max |row| (0 for an empty row; no NaN) in eight independent chains: the compiler
-    vectorises no float maximum, and one chain waits on each comparison."""
-    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = np.float32(0.0)
-    stop = row.size // 8 * 8
-    for k in range(0, stop, 8):
-        t0 = max(t0, abs(row[k]))
-        t1 = max(t1, abs(row[k + 1]))
-        t2 = max(t2, abs(row[k + 2]))
-        t3 = max(t3, abs(row[k + 3]))
-        t4 = max(t4, abs(row[k + 4]))
-        t5 = max(t5, abs(row[k + 5]))
-        t6 = max(t6, abs(row[k + 6]))
-        t7 = max(t7, abs(row[k + 7]))
-    peak = max(max(max(t0, t1), max(t2, t3)), max(max(t4, t5), max(t6, t7)))
-    for k in range(stop, row.size):
-        peak = max(peak, abs(row[k]))
-    return peak
-
-
-@numba.njit(**_JIT)
 def quantize_rows(x, padded):
     """Each row of x [m, K] as int8 q_x = round(x / s) with s = max |x| / 127 (1 for a zero row):
     (q_x + 128 as unsigned bytes [m, padded], the columns past K holding 128, i.e. q_x = 0;
@@ -107,7 +86,7 @@ def quantize_rows(x, padded):
     codes = np.full((m, padded), 128, dtype=np.uint8)
     scales = np.empty(m, dtype=np.float32)
     for r in range(m):
-        peak = _abs_max(x[r])
+        peak = row_max(np.abs(x[r]))  # k_dim >= 1
         scales[r] = peak / np.float32(127.0) if peak > 0 else np.float32(1.0)
         inverse = np.float32(1.0) / scales[r]
         for k in range(k_dim):

@@ -350,6 +350,23 @@ def top_k_chain_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens
 
 
 @numba.njit(cache=True)
+def _block_step(p_row, q_row, weight, i, uniform, state):
+    """Block verification's walk down at draft i (``block_sample``): -1 where it goes on (i > 0
+    and the next uniform is not below h_i = sum max(w p - q, 0) / sum max(q - w p, 0), 1 where
+    w = 1), else the token drawn from max(w p - q, 0) at the next uniform (surely at i = 0)."""
+    if i > 0:
+        u = next_uniform(uniform, state)
+        if weight >= 1.0:
+            stop = 1.0
+        else:
+            excess, deficit = _excess_and_deficit(p_row, q_row, weight)
+            stop = excess / deficit
+        if not u < stop:
+            return np.int64(-1)
+    return np.int64(_residual_draw(p_row, q_row, weight, next_uniform(uniform, state)))
+
+
+@numba.njit(cache=True)
 def top_k_chain_block_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens, uniform, state):
     """``softmax_chain_block_walk`` under a top-k (``top_k_chain_walk``'s arguments): block
     verification of the chain with p_i the top-k softmax of ``logits[i]`` and q_i the level's
@@ -358,29 +375,20 @@ def top_k_chain_block_walk(logits, temperature, top_k, q_ids, q_kept, q_values, 
     ``walk_chain_block`` (tested)."""
     k, vocab = tokens.size, logits.shape[1]
     u = next_uniform(uniform, state)
+    p = [_top_k_probs(logits[i], temperature, top_k) for i in range(k)]  # (ids, values) per row
+    q = [_stored_q(q_ids, q_kept[i], q_values[i]) for i in range(k)]
     weights = np.ones(k + 1)
     for i in range(k):
-        p_ids, p_values = _top_k_probs(logits[i], temperature, top_k)
-        d_ids, d_values = _stored_q(q_ids, q_kept[i], q_values[i])
-        ratio = _prob_at(p_ids, p_values, tokens[i]) / _prob_at(d_ids, d_values, tokens[i])
+        ratio = _prob_at(p[i][0], p[i][1], tokens[i]) / _prob_at(q[i][0], q[i][1], tokens[i])
         weights[i + 1] = min(1.0, weights[i] * ratio)
     if u < weights[k]:
         p_ids, p_values = _top_k_probs(logits[k], temperature, top_k)
         return k, np.int64(draw(_dense(p_ids, p_values, vocab), next_uniform(uniform, state)))
     for i in range(k - 1, -1, -1):
-        p_ids, p_values = _top_k_probs(logits[i], temperature, top_k)
-        d_ids, d_values = _stored_q(q_ids, q_kept[i], q_values[i])
-        p_row, q_row = _dense(p_ids, p_values, vocab), _dense(d_ids, d_values, vocab)
-        if i > 0:
-            u = next_uniform(uniform, state)
-            if weights[i] >= 1.0:
-                stop = 1.0
-            else:
-                excess, deficit = _excess_and_deficit(p_row, q_row, weights[i])
-                stop = excess / deficit
-            if not u < stop:
-                continue
-        return i, np.int64(_residual_draw(p_row, q_row, weights[i], next_uniform(uniform, state)))
+        p_row, q_row = _dense(p[i][0], p[i][1], vocab), _dense(q[i][0], q[i][1], vocab)
+        token = _block_step(p_row, q_row, weights[i], i, uniform, state)
+        if token >= 0:
+            return i, token
     return 0, np.int64(-1)  # unreachable: the walk stops at 0 surely
 
 
@@ -426,16 +434,9 @@ def softmax_chain_block_walk(logits, temperature, q_ids, q_values, tokens, unifo
         else:
             q_row[:] = 0.0
             q_row[q_ids] = q_values[i]
-        if i > 0:
-            u = next_uniform(uniform, state)
-            if weights[i] >= 1.0:
-                stop = 1.0
-            else:
-                excess, deficit = _excess_and_deficit(p[i], q_row, weights[i])
-                stop = excess / deficit
-            if not u < stop:
-                continue
-        return i, np.int64(_residual_draw(p[i], q_row, weights[i], next_uniform(uniform, state)))
+        token = _block_step(p[i], q_row, weights[i], i, uniform, state)
+        if token >= 0:
+            return i, token
     return 0, np.int64(-1)  # unreachable: the walk stops at 0 surely
 
 

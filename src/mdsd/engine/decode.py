@@ -690,11 +690,11 @@ class TreeDecoder(_Decoder):
         every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as the
         general walk computes them for such a chain. The target's forward then returns the
         logits of every row itself (``target.causal``: one compiled call on the lean forward)."""
-        if drafted.chain_q is None or self.tree.num_nodes + 1 > HEAD_BATCH_ROWS:
-            return False
-        if drafted.chain_kept is None:
-            return self.sampling.softmax_only
-        return self.sampling.chain_transform
+        return (
+            drafted.chain_q is not None
+            and (self.sampling.softmax_only or drafted.chain_kept is not None)
+            and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
+        )
 
     def _walk(self, drafted: DraftedSlots, hidden, rng: np.random.Generator, fast: bool):
         """Verify the drafted tree from the target's hidden states [N + 1, H]: (``WalkResult``,
