@@ -323,6 +323,9 @@ def test_top_k_chain_walk_equals_chain_walk():
             outcomes[block].add((len(fast.path), fast.bonus))
     assert {(0, False), (1, False), (4, True)} <= outcomes[False]  # rejections and bonuses both ran
     assert {(0, False), (1, False), (2, False), (3, False), (4, True)} <= outcomes[True]
+    untruncated, logits, temperature = _softmax_chain_case(0, 2)
+    with pytest.raises(ValueError, match="top_k"):
+        walk_chain_softmax(untruncated, logits, temperature, np.random.default_rng(0), top_k=2)
 
 
 def test_softmax_block_walk_equals_block_walk():

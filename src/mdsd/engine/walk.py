@@ -376,6 +376,8 @@ def walk_chain_softmax(
     kernels = _walk_kernels()
     source = uniform_source(rng) if source is None else source
     if top_k is not None:
+        if drafted.chain_kept is None:
+            raise ValueError("top_k: the chain was not drafted under a top-k (drafted.chain_kept is None)")
         top_k_kernel = kernels.top_k_chain_block_walk if block else kernels.top_k_chain_walk
         kept, token = top_k_kernel(
             logits,
