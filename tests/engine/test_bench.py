@@ -102,7 +102,7 @@ def test_bench_repeats_keep_the_fastest_run(llama, monkeypatch):
 
 def test_bench_level_by_level_rows(llama):
     """``level_by_level``: a chain on the lean loop gets a second row drafted level by level
-    (``compiled_chain`` False), with the same tokens; trees get none."""
+    (``compiled_draft`` False), with the same tokens; trees get none."""
     from mdsd.engine.bench import run_bench
 
     sampling = SamplingConfig(0.7, max_new_tokens=6, stop_on_eos=False)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mdsd.engine import SamplingConfig, TreeConfig, TreeDecoder
-from mdsd.engine.decode import Autoregressive, _ChainProbs
+from mdsd.engine.decode import Autoregressive, _DraftedProbs
 from mdsd.models import ModelPair, load_pair
 
 from .helpers import PROMPT, VOCAB, Oracle
@@ -154,7 +154,7 @@ def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, veri
 
 @pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
 def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
-    """``draft_chain`` in one compiled call (``compiled_chain``) gives the tokens and q (ids and
+    """``draft_chain`` in one compiled call (``compiled_draft``) gives the tokens and q (ids and
     values) of level-by-level drafting, bit for bit, with and without top-k, at temperatures where
     no q underflows and where most of it does (temperature 0.002: q stored on its nonzero
     entries)."""
@@ -166,11 +166,11 @@ def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
         dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, llama.draft))
         drafted = {}
         for compiled in (True, False):
-            dec.compiled_chain = compiled
+            dec.compiled_draft = compiled
             dec.draft.reset(32)
             drafted[compiled] = dec.draft_chain(list(PROMPT), np.random.default_rng(4))
         a, b = drafted[True], drafted[False]
-        assert isinstance(a.draft_probs, _ChainProbs) and not isinstance(b.draft_probs, _ChainProbs)
+        assert isinstance(a.draft_probs, _DraftedProbs) and not isinstance(b.draft_probs, _DraftedProbs)
         assert a.tokens.tolist() == b.tokens.tolist()
         assert a.draft_probs.keys() == b.draft_probs.keys()
         width = VOCAB if draft_vocab is None else len(draft_vocab)
@@ -183,6 +183,103 @@ def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
             underflow |= q.support_size < width
         if top_k is None:  # a top-3 q seldom underflows
             assert underflow == (temperature < 0.01)
+
+
+@pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
+@pytest.mark.parametrize("law,verifier", [("iid", "rrs"), ("without_replacement", "rrs_without_replacement")])
+def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, verifier):
+    """``draft_tree`` in one compiled call (``StaticLlamaRunner.sample_tree``) gives the tokens,
+    valid slots, rules and q (ids and values) of level-by-level drafting, bit for bit, the
+    generator's state and the draft's cache after it too: trees of one to three levels, with and
+    without top-k (top-2 under three slots: fewer distinct drafts than slots), at temperatures
+    where no q underflows and where most of it does (0.002: q stored on its nonzero entries, one
+    draft where one token is left). Trees whose levels exceed a panel pass, and laws it does not
+    draw, draft level by level."""
+    from mdsd.engine.vocab import as_draft_vocabulary
+
+    cases = [
+        ((2, 2, 1), 1.0, None),
+        ((3, 1), 0.002, None),
+        ((3,), 0.8, 2),
+        ((2, 3), 0.002, 3),
+        ((3, 2), 1.3, 2),
+    ]
+    for widths, temperature, top_k in cases:
+        sampling = SamplingConfig(temperature, top_k, max_new_tokens=8, stop_on_eos=False)
+        dec = TreeDecoder(llama, TreeConfig.make(widths, law, verifier), sampling)
+        dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, llama.draft))
+        drafted, states, caches = {}, {}, {}
+        for compiled in (True, False):
+            dec.compiled_draft = compiled
+            dec.draft.reset(32)
+            rng = np.random.default_rng(4)
+            drafted[compiled] = dec.draft_tree(list(PROMPT), rng)
+            states[compiled] = rng.random()
+            caches[compiled] = [c[:, :, : dec.draft.cached].copy() for c in dec.draft._cache_numpy]
+        a, b = drafted[True], drafted[False]
+        assert isinstance(a.draft_probs, _DraftedProbs) and not isinstance(b.draft_probs, _DraftedProbs)
+        assert a.tokens.tolist() == b.tokens.tolist() and a.valid.tolist() == b.valid.tolist()
+        assert states[True] == states[False]
+        assert all(np.array_equal(x, y) for x, y in zip(caches[True], caches[False]))
+        assert list(a.draft_probs) == list(b.draft_probs) == list(a.rules) == list(b.rules)
+        for node, q in a.draft_probs.items():
+            ref = b.draft_probs[node]
+            assert (q.indices is None) == (ref.indices is None)
+            assert q.indices is None or np.array_equal(q.indices, ref.indices)
+            assert np.array_equal(q.values, ref.values) and q.vocab == ref.vocab
+            assert a.rules[node] == b.rules[node]
+        with pytest.raises(KeyError):
+            a.rules[dec.tree.num_nodes - 1]  # a leaf drafts nothing
+    dec.draft._panel_max_rows, rng = 2, np.random.default_rng(0)  # a level of 3 rows: no one call
+    dec.draft.reset(32)
+    assert dec.draft.sample_tree(np.array(PROMPT[:2]), dec.tree, False, rng, 1.0) is None
+    assert rng.random() == np.random.default_rng(0).random()  # nothing drawn
+
+
+@pytest.mark.filterwarnings("ignore:acceptance at depth 1")
+@pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
+@pytest.mark.parametrize(
+    "law,verifier,tree",
+    [
+        ("iid", "rrs", (2, 2, 1)),
+        ("without_replacement", "rrs_without_replacement", (3, 1)),
+        ("iid", "rrs", (4,)),
+    ],
+)
+def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
+    tiny, llama, draft_vocab, law, verifier, tree
+):
+    """Trees drafted in one call (``sample_tree``) and walked in one more
+    (``walk.walk_tree_softmax``) emit the tokens, and record the acceptances, of level-by-level
+    drafting and the node-by-node ``walk`` from the same seed: temperature 1, a top-k smaller
+    than the width of the tree's widest node, a temperature where q and p underflow; with and
+    without a draft vocabulary; a draft that disagrees with the target (walks end at the root)
+    and one that is the target (walks reach the leaves and draw bonus tokens)."""
+    from mdsd.engine.vocab import as_draft_vocabulary
+
+    config = TreeConfig.make(tree, law, verifier)
+    agreeing = load_pair(target=tiny["llama"][0], draft=tiny["llama"][0])
+    deep = False
+    for pair in (llama, agreeing):
+        for sampling in (
+            SamplingConfig(1.0, max_new_tokens=20, stop_on_eos=False),
+            SamplingConfig(0.8, top_k=2, max_new_tokens=20, stop_on_eos=False),
+            SamplingConfig(0.002, max_new_tokens=20, stop_on_eos=False),
+        ):
+            dec = TreeDecoder(pair, config, sampling)
+            dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, pair.draft))
+            compiled = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+            assert dec.last_step.drafted.tree_q is not None
+            assert dec._walks_tree_from_logits(dec.last_step.drafted)
+            dec.compiled_draft = False
+            general = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+            assert dec.last_step.drafted.tree_q is None
+            assert [r.token_ids for r in compiled] == [r.token_ids for r in general]
+            assert [r.stats.depth_expected.tolist() for r in compiled] == [
+                r.stats.depth_expected.tolist() for r in general
+            ]
+            deep |= any(r.stats.depth_expected[-1] > 0 for r in compiled)  # a leaf kept: a bonus token
+    assert deep
 
 
 def test_fast_chain_only_for_single_draft_rejection_chains(llama):

@@ -375,22 +375,65 @@ def next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv
     )[0]
 
 
+@numba.njit(**_JIT)
+def level_q(logits, temperature, top_k, kept_row, probs_row):
+    """One level's q from the output layer's logits [K] into ``probs_row``: softmax(logits / T)
+    (``mdsd._softmax_numba.tempered_softmax``; ``probs_row`` [K]), or for 0 < ``top_k`` < K over
+    the ``top_k`` largest logits (``mdsd._topk_numba.top_k_softmax``, their positions in
+    ``kept_row`` [k], ascending; ``probs_row`` [k]), as ``mdsd.logits.process_logits_row``.
+    Returns the number of entries that underflowed to 0."""
+    if 0 < top_k < logits.size:
+        kept_row[:], probs_row[:], zeros = top_k_softmax(
+            logits, logits.view(np.int32), top_k, 31, 0x7FFFFFFF, temperature
+        )
+    else:
+        probs_row[:], zeros = tempered_softmax(logits, temperature)
+    return zeros
+
+
+@numba.njit(**_JIT)
+def draw_drafts(probs_row, compact, n, distinct, uniform, state, out):
+    """n drafts from q = ``probs_row`` at the generator's next n uniforms, as positions in
+    ``probs_row`` into ``out[:n]``: each an inverse-CDF draw (``mdsd.sampling.draw``), i.i.d.
+    (``categorical``), or with ``distinct`` sequentially without replacement, the earlier drafts'
+    masses set to 0 (``draws_without_replacement``), from q's nonzero entries where ``compact``
+    (as ``SamplingConfig.row_probs`` stores q: truncated, or over part of the vocabulary, with
+    some mass underflowed) else from the whole row: the arrays the reference draws from, so the
+    same tokens."""
+    positions = np.flatnonzero(probs_row) if compact else np.arange(probs_row.size)
+    values = probs_row[positions] if compact else probs_row
+    if distinct and n > 1:
+        values = values.copy()
+    for i in range(n):
+        at = draw(values, next_uniform(uniform, state))
+        out[i] = positions[at]
+        if distinct and n > 1:
+            values[at] = 0.0
+
+
+@numba.njit(**_JIT)
+def drafts_of(support, width, distinct):
+    """n_eff: the drafts a node with ``width`` child slots draws from a q of ``support`` nonzero
+    entries (``walk.RuleBook.rule``): 1 where support <= 1, at most the support for a law of
+    distinct drafts, else the width."""
+    if support <= 1:
+        return 1
+    return min(width, support) if distinct else width
+
+
 @numba.njit(cache=True)
 def sample_chain(
     ids, depth, uniform, state, temperature, top_k, drop_zeros, token_ids, model, keys, values, start, cos,
     sin, heads, kv_heads, eps, gemm,
 ):  # fmt: skip
     """A chain of D = ``depth`` tokens drafted by the model: level 0 forwards ``ids`` (the tokens
-    the cache lacks), level d > 0 the token drawn at level d - 1; each level's
-    q = softmax(logits / temperature) (``mdsd._softmax_numba.tempered_softmax``) over the output
-    layer's tokens ``token_ids`` [K] (ascending), or, for 0 < ``top_k`` < K, over its ``top_k``
-    largest logits (``mdsd._topk_numba.top_k_softmax``, as ``mdsd.logits.process_logits_row``),
-    and its token drawn (``mdsd.sampling.draw``) at the generator's next uniform (``uniform,
-    state``: ``mdsd.sampling.uniform_source``; level d reads the d-th number of
-    ``rng.random(D)``), from q's nonzero entries where q is truncated or ``drop_zeros`` (as
-    ``SamplingConfig.row_probs`` stores q: a draft over part of the vocabulary). Returns (tokens
-    [D] ids, q [D, W] float64, zeros [D]: entries of each q that underflowed to 0, kept [D, W]:
-    the positions in ``token_ids`` of q's entries, ascending; W = ``top_k``, or K and kept empty
+    the cache lacks), level d > 0 the token drawn at level d - 1; each level's q by ``level_q``
+    over the output layer's tokens ``token_ids`` [K] (ascending), and its token drawn
+    (``draw_drafts``, one draft) at the generator's next uniform (``uniform, state``:
+    ``mdsd.sampling.uniform_source``; level d reads the d-th number of ``rng.random(D)``), from
+    q's nonzero entries where q is truncated by a top-k or ``drop_zeros``. Returns (tokens [D]
+    ids, q [D, W] float64, zeros [D]: entries of each q that underflowed to 0, kept [D, W]: the
+    positions in ``token_ids`` of q's entries, ascending; W = ``top_k``, or K and kept empty
     where every level keeps all K). The cache then holds ``ids`` and tokens 0 .. D - 2."""
     truncated = 0 < top_k < token_ids.size
     width = top_k if truncated else token_ids.size
@@ -398,21 +441,77 @@ def sample_chain(
     probs = np.empty((depth, width))
     zeros = np.empty(depth, dtype=np.int64)
     kept = np.empty((depth if truncated else 0, width if truncated else 0), dtype=np.int64)
+    at = np.empty(1, dtype=np.int64)
     for d in range(depth):
         logits = next_logits(ids, model, keys, values, start, cos, sin, heads, kv_heads, eps, gemm)
-        if truncated:
-            kept[d], probs[d], zeros[d] = top_k_softmax(
-                logits, logits.view(np.int32), top_k, 31, 0x7FFFFFFF, temperature
-            )
-        else:
-            probs[d], zeros[d] = tempered_softmax(logits, temperature)
-        u = next_uniform(uniform, state)
-        if zeros[d] and (truncated or drop_zeros):  # the reference draws from q's nonzero entries
-            nonzero = np.flatnonzero(probs[d])
-            at = nonzero[draw(probs[d][nonzero], u)]
-        else:
-            at = draw(probs[d], u)
-        tokens[d] = token_ids[kept[d, at] if truncated else at]
+        zeros[d] = level_q(logits, temperature, top_k, kept[d] if truncated else at, probs[d])
+        draw_drafts(probs[d], zeros[d] > 0 and (truncated or drop_zeros), 1, False, uniform, state, at)
+        tokens[d] = token_ids[kept[d, at[0]] if truncated else at[0]]
         start += ids.size
         ids = tokens[d : d + 1]
     return tokens, probs, zeros, kept
+
+
+@numba.njit(cache=True)
+def sample_tree(
+    ids, widths, level_starts, child_starts, depths, masks, distinct, uniform, state, temperature, top_k,
+    drop_zeros, token_ids, model, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm,
+):  # fmt: skip
+    """A draft tree (``mdsd.engine.tree.DraftTree``'s ``widths``, ``level_starts``,
+    ``child_starts``, ``depths``) drafted by the model in one call: level 0 forwards ``ids`` (the
+    tokens the cache lacks) causally and gives the root's q; level d > 0 forwards every depth-d
+    slot at once, under the tree mask ``masks[d - 1, :m_d, :level_starts[d]]`` (additive, over
+    the tree's keys; committed keys visible) at positions root + d, and gives the q of its valid
+    nodes (the output layer on those rows only). Each q by ``level_q``, over ``token_ids`` [K]
+    (ascending); each node's drafts by ``draw_drafts`` (n_eff = ``drafts_of``; i.i.d., or
+    without replacement with ``distinct``), nodes in breadth-first order, the unused slots of a
+    node holding a copy of its first draft: ``TreeDecoder.draft_tree``'s forwards, q and draws,
+    the same numbers (tested). Returns (tokens [N], valid [N], nodes [R]: the node (-1: root) of
+    each q row, drafted [R]: its n_eff, q [R, W], zeros [R], kept [R, W], as ``sample_chain``'s).
+    The cache then holds ``ids`` and the slots of depths 1 .. D - 1."""
+    embed, layers, final_norm, out_p, out_t, out_b = model
+    depth, truncated = widths.size, 0 < top_k < token_ids.size
+    width = top_k if truncated else token_ids.size
+    rows = 1 + level_starts[depth - 1]  # the root and every node above the last level
+    tokens, valid = np.zeros(depths.size, dtype=np.int64), np.zeros(depths.size, dtype=np.bool_)
+    nodes, drafted = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
+    probs, zeros = np.empty((rows, width)), np.empty(rows, dtype=np.int64)
+    kept = np.empty((rows if truncated else 0, width if truncated else 0), dtype=np.int64)
+    no_kept, at = np.empty(0, dtype=np.int64), np.empty(widths.max(), dtype=np.int64)
+    root = start + ids.size - 1  # the position of the last committed token
+    logits = next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm)
+    level_logits, frontier = logits.reshape(1, -1), np.full(1, -1, dtype=np.int64)
+    start += ids.size
+    r = 0
+    for d in range(depth):
+        for j in range(frontier.size):  # the level's valid nodes, ascending
+            node, slots = frontier[j], widths[d]
+            zeros[r] = level_q(
+                level_logits[j], temperature, top_k, kept[r] if truncated else no_kept, probs[r]
+            )
+            n = drafts_of(width - zeros[r], slots, distinct)
+            draw_drafts(probs[r], zeros[r] > 0 and (truncated or drop_zeros), n, distinct, uniform, state, at)
+            first = child_starts[node + 1]
+            for i in range(slots):
+                pick = at[i if i < n else 0]  # an unused slot: the first draft, never verified
+                tokens[first + i] = token_ids[kept[r, pick] if truncated else pick]
+                valid[first + i] = i < n
+            nodes[r], drafted[r] = node, n
+            r += 1
+        if d == depth - 1:
+            break
+        lo, hi = level_starts[d], level_starts[d + 1]  # the depth d + 1 slots
+        m = hi - lo
+        mask = np.zeros((m, start + m), dtype=np.float32)
+        mask[:, start + m - hi :] = masks[d, :m, :hi]
+        x = np.empty((m, embed.shape[1]), dtype=np.float32)
+        for i in range(m):
+            x[i] = embed[tokens[lo + i]]
+        positions = root + depths[lo:hi]
+        cos, sin = cos_table[positions], sin_table[positions]
+        x = decoder_stack(x, layers, keys, values, start, mask, False, cos, sin, heads, kv_heads, eps, gemm)
+        start += m
+        frontier = lo + np.flatnonzero(valid[lo:hi])
+        hidden = rms_norm(np.ascontiguousarray(x[frontier - lo]), final_norm, eps)
+        level_logits = project(hidden, out_p, out_t, out_b, gemm)
+    return tokens, valid, nodes[:r], drafted[:r], probs[:r], zeros[:r], kept[:r]

@@ -350,6 +350,79 @@ def top_k_chain_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens
 
 
 @numba.njit(cache=True)
+def _target_row(logits, temperature, top_k):
+    """p of one target row as ``SamplingConfig.row_probs`` makes it, in ``rejection_node``'s
+    form: the top-k softmax on its nonzero entries (``_top_k_probs``) for 0 < ``top_k`` < V,
+    else the dense tempered softmax (empty ids)."""
+    if 0 < top_k < logits.size:
+        return _top_k_probs(logits, temperature, top_k)
+    return np.empty(0, dtype=np.int64), tempered_softmax(logits, temperature)[0]
+
+
+@numba.njit(cache=True)
+def _drafted_row(q_ids, kept, values, zeros):
+    """Row r of a tree drafted in one call as ``decode._DraftedProbs`` stores it: ``_stored_q``
+    where a top-k truncated q (``kept`` [W] non-empty), else over ``q_ids`` (empty: dense, as
+    is), on its nonzero entries where ``zeros`` of them underflowed."""
+    if kept.size:
+        return _stored_q(q_ids, kept, values)
+    if q_ids.size == 0 or zeros == 0:
+        return q_ids, values
+    nonzero = np.flatnonzero(values)
+    return q_ids[nonzero], values[nonzero]
+
+
+@numba.njit(cache=True)
+def tree_walk(
+    logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros, q_kept,
+    distinct, uniform, state,
+):  # fmt: skip
+    """``walk.walk`` of a drafted tree whose every node is verified by recursive rejection sampling
+    (``rejection_node``; ``distinct``: without replacement), in one call: (the accepted path
+    [k] of nodes, the emitted token after it, whether it is a bonus token). Rows of ``logits``
+    [1 + valid nodes, V] and of the draft's q (``q_values`` [R, W], ``q_zeros`` [R], ``q_kept``
+    [R, W] or empty; ``_llama_numba.sample_tree``'s rows) are the root's, then the valid nodes'
+    in ascending order: node i's row is 1 + the valid nodes before it. Node i's p is
+    ``_target_row`` of its logits, its q ``_drafted_row``, its children the ``widths[depth]``
+    slots from ``child_starts[i + 1]``, those ``valid`` verified with their ``tokens``. Per
+    visited node ``rng.random(n + 1)``, then the descent into the first child holding the
+    emitted token, or, at a node without valid children, the bonus drawn from p at the next
+    uniform: the tokens and the generator's state of ``walk`` (tested)."""
+    path = np.empty(widths.size, dtype=np.int64)
+    node, k, vocab = -1, 0, logits.shape[1]
+    kids, untruncated = np.empty(widths.max(), dtype=np.int64), np.empty(0, dtype=np.int64)
+    while True:
+        r = 0 if node < 0 else 1 + np.count_nonzero(valid[:node])  # the node's row
+        p_ids, p_values = _target_row(logits[r], temperature, top_k)
+        d, n = (0 if node < 0 else depths[node]), 0
+        if d < widths.size:
+            first = child_starts[node + 1]
+            for c in range(first, first + widths[d]):
+                if valid[c]:
+                    kids[n] = c
+                    n += 1
+        if n == 0:  # an accepted leaf: the bonus token
+            at = draw(p_values, next_uniform(uniform, state))
+            return path[:k], (p_ids[at] if p_ids.size else np.int64(at)), True
+        drafts = tokens[kids[:n]]
+        uniforms = np.empty(n + 1)
+        for i in range(n + 1):
+            uniforms[i] = next_uniform(uniform, state)
+        kept = q_kept[r] if q_kept.size else untruncated
+        d_ids, d_values = _drafted_row(q_ids, kept, q_values[r], q_zeros[r])
+        token = rejection_node(p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, distinct)
+        child = -1
+        for i in range(n):
+            if drafts[i] == token:
+                child = kids[i]
+                break
+        if child < 0:  # rejected: the recovered token ends the step
+            return path[:k], token, False
+        path[k] = node = child
+        k += 1
+
+
+@numba.njit(cache=True)
 def _block_step(p_row, q_row, weight, i, uniform, state):
     """Block verification's walk down at draft i (``block_sample``): -1 where it goes on (i > 0
     and the next uniform is not below h_i = sum max(w p - q, 0) / sum max(q - w p, 0), 1 where

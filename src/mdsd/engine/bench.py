@@ -234,7 +234,7 @@ def run_bench(
     time only).
 
     ``level_by_level``: every chain that runs the lean loop also runs with its draft levels one by
-    one (``TreeDecoder.compiled_chain`` False), as a row "... (drafted level by level)"; the
+    one (``TreeDecoder.compiled_draft`` False), as a row "... (drafted level by level)"; the
     same tokens (where the transform is not the tempered softmax alone both rows run the same
     code).
 
@@ -264,7 +264,7 @@ def run_bench(
             methods.append(_DecoderMethod(f"{name} (general loop)", general))
         if level_by_level and decoder.fast_chain:
             levels = TreeDecoder(pair, config, sampling, matmul=matmul)
-            levels.compiled_chain = False
+            levels.compiled_draft = False
             methods.append(_DecoderMethod(f"{name} (drafted level by level)", levels))
     for method in methods:
         method.warm_up(prompts[0], seed)

@@ -62,17 +62,23 @@ from mdsd.engine.walk import (
     walk_chain,
     walk_chain_block,
     walk_chain_softmax,
+    walk_tree_softmax,
 )
+from mdsd.laws import SEQUENTIAL_DRAWS_MAX
 from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical, draw, uniform_source
 from mdsd.sequence import chain_verify
 from mdsd.verifiers import natural_verifier
+from mdsd.verifiers.classic import RecursiveRejection
 
 LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
 # Trees of at most this many rows (root + nodes; 3x4 has 13) get the output layer on every row at
 # once: on the weight panels 13 rows cost ~1.6x one row with AVX-512 and ~2.5x with AVX2's passes
 # of 6 (benchmarks/bench_matmul.py), less than the ~3 visited rows one call each.
 HEAD_BATCH_ROWS = 13
+# The laws whose trees the draft runner draws in one call (``_llama_numba.sample_tree``): i.i.d.
+# draws and sequential draws without replacement, each one inverse-CDF draw per draft.
+COMPILED_TREE_LAWS = ("iid", "without_replacement")
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -170,42 +176,67 @@ class _Decoder:
         raise NotImplementedError
 
 
-class _ChainProbs(Mapping):
-    """node (-1 .. D - 2) -> the ``SupportProbs`` of a chain's level node + 1 drawn in one call
-    (``StaticLlamaRunner.sample_chain``: ``probs`` [D, W] over the output layer's ``ids``, or the
-    vocabulary where ``ids`` is None; over their positions ``kept`` [D, W] where a top-k truncates
-    q), stored as ``SamplingConfig.row_probs`` stores it: on its nonzero entries when q is
-    truncated or the output layer covers part of the vocabulary and some underflowed (``zeros``
-    [D] counts them). Each is made when first read: the lean walk reads the array itself, and
-    three wrappers per step cost ~15 microseconds in the decoding loop."""
+class _DraftedProbs(Mapping):
+    """node -> the ``SupportProbs`` of q drawn in one call: row r of ``probs`` [R, W] over the
+    output layer's ``ids`` (or the vocabulary where ``ids`` is None; over their positions
+    ``kept`` [R, W] where a top-k truncates q) is the q of node ``nodes[r]`` (-1: the root; None:
+    a chain's, row d the q of node d - 1), stored as ``SamplingConfig.row_probs`` stores it: on
+    its nonzero entries when q is truncated or the output layer covers part of the vocabulary
+    and some underflowed (``zeros`` [R] counts them). Each is made when first read: the lean walk
+    reads the array itself, and three wrappers per step cost ~15 microseconds in the decoding
+    loop."""
 
-    def __init__(self, ids, probs: np.ndarray, zeros: np.ndarray, kept: np.ndarray, vocab: int):
+    def __init__(self, ids, probs: np.ndarray, zeros: np.ndarray, kept: np.ndarray, vocab: int, nodes=None):
         self._ids, self._probs, self._zeros, self._kept, self._vocab = ids, probs, zeros, kept, vocab
+        self._nodes = range(-1, len(probs) - 1) if nodes is None else nodes.tolist()
         self._made: dict[int, SupportProbs] = {}
 
     def __getitem__(self, node: int) -> SupportProbs:
         if node not in self._made:
-            if not -1 <= node < len(self._probs) - 1:
+            if node not in self._nodes:
                 raise KeyError(node)
-            self._made[node] = self._level(node + 1)
+            self._made[node] = self._row(self._nodes.index(node))
         return self._made[node]
 
-    def _level(self, d: int) -> SupportProbs:
-        q, ids = self._probs[d], self._ids
+    def _row(self, r: int) -> SupportProbs:
+        q, ids = self._probs[r], self._ids
         if self._kept.size:  # top-k: the kept positions, then their token ids
-            ids = self._kept[d] if ids is None else ids[self._kept[d]]
+            ids = self._kept[r] if ids is None else ids[self._kept[r]]
         if ids is None:
             return SupportProbs(None, q, self._vocab)
-        if self._zeros[d]:
+        if self._zeros[r]:
             nonzero = np.flatnonzero(q)
             return SupportProbs(ids[nonzero], q[nonzero], self._vocab)
         return SupportProbs(ids, q, self._vocab)
 
     def __iter__(self):
-        return iter(range(-1, len(self._probs) - 1))
+        return iter(self._nodes)
 
     def __len__(self) -> int:
         return len(self._probs)
+
+
+class _NodeRules(Mapping):
+    """node -> its ``NodeRule`` (``RuleBook.rule`` of its width and its q's support), for the
+    nodes of a tree drafted in one call, made when first read (the walk reads the visited ones)."""
+
+    def __init__(self, book: RuleBook, tree: DraftTree, sampled):
+        self._book, self._tree, self._sampled = book, tree, sampled
+        self._nodes = sampled.nodes.tolist()
+
+    def __getitem__(self, node: int):
+        if node not in self._nodes:
+            raise KeyError(node)
+        r = self._nodes.index(node)
+        depth = 0 if node < 0 else int(self._tree.depths[node])
+        support = self._sampled.probs.shape[1] - int(self._sampled.zeros[r])
+        return self._book.rule(self._tree.widths[depth], support)
+
+    def __iter__(self):
+        return iter(self._nodes)
+
+    def __len__(self) -> int:
+        return len(self._nodes)
 
 
 # ---------------------------------------------------------------------- autoregressive
@@ -318,7 +349,7 @@ class TreeDecoder(_Decoder):
     same tokens from the same generator as the general loop (tested); set ``fast_chain = False``
     to run the general one (``exact_acceptance=True`` runs it too: the walk then computes each
     visited node's output law). With the tempered softmax alone the lean loop drafts the chain
-    in one compiled call (the same tokens and q; ``compiled_chain = False``: level by level) and
+    in one compiled call (the same tokens and q; ``compiled_draft = False``: level by level) and
     verifies it in one more, from the target's logits (``walk.walk_chain_softmax``).
 
     Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
@@ -361,7 +392,9 @@ class TreeDecoder(_Decoder):
         self.eos = eos_ids(pair)
         self.tree: DraftTree | None = None
         self.fast_chain = False  # set by _use_tree
-        self.compiled_chain = True  # draft_chain: every level in one compiled call where it applies
+        self.compiled_draft = (
+            True  # draft_chain / draft_tree: every level in one compiled call where it applies
+        )
         self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
         self.auto_ceiling = None  # ... and auto.ceiling's: the best with free drafting
         self._plain: Autoregressive | None = None  # auto chose plain sampling
@@ -542,8 +575,15 @@ class TreeDecoder(_Decoder):
         """Expand the tree with the draft model (its cache then holds seq + depths 1..D-1).
 
         Per level: one draft forward over the level's nodes, the output layer on the valid rows
-        only, the sampling transform per row on its support, children drawn per node.
+        only, the sampling transform per row on its support, children drawn per node. Where the
+        transform is the tempered softmax after an optional top-k, the law draws i.i.d. or
+        sequentially without replacement and the runner drafts trees in one compiled call
+        (``sample_tree``), every level runs in that call: the same tokens and q (tested).
         """
+        if self.compiled_draft and self.sampling.chain_transform and self.book.law.name in COMPILED_TREE_LAWS:
+            drafted = self._drafted_tree(seq, rng)
+            if drafted is not None:
+                return drafted
         tree, row_probs = self.tree, self.draft_probs
         n = tree.num_nodes
         tokens = np.zeros(n, dtype=np.int64)
@@ -577,6 +617,27 @@ class TreeDecoder(_Decoder):
             frontier = {level.start + r: row_probs(logits[j]) for j, r in enumerate(rows)}
         return DraftedSlots(tokens, valid, rules, qs)
 
+    def _drafted_tree(self, seq: list[int], rng: np.random.Generator) -> DraftedSlots | None:
+        """``draft_tree`` in one call of the runner (``sample_tree``), or None where the runner
+        has none or it does not apply (nothing drawn). Laws of distinct drafts draw sequentially
+        up to ``mdsd.laws.SEQUENTIAL_DRAWS_MAX`` drafts, as ``WithoutReplacement`` does."""
+        distinct = self.book.law.distinct
+        sample_tree = getattr(self.draft, "sample_tree", None)
+        if sample_tree is None or (distinct and self.tree.max_width > SEQUENTIAL_DRAWS_MAX):
+            return None
+        fresh = np.asarray(seq[self.draft.cached :])
+        sampling = self.sampling
+        sampled = sample_tree(
+            fresh, self.tree, distinct, rng, sampling.temperature, self._source(rng), sampling.top_k
+        )
+        if sampled is None:
+            return None
+        ids = self.draft.output_ids
+        qs = _DraftedProbs(ids, sampled.probs, sampled.zeros, sampled.kept, self.vocab, sampled.nodes)
+        rules = _NodeRules(self.book, self.tree, sampled)
+        tree_q = (DENSE_IDS if ids is None else ids, sampled.probs, sampled.zeros, sampled.kept)
+        return DraftedSlots(sampled.tokens, sampled.valid, rules, qs, tree_q=tree_q)
+
     def draft_chain(self, seq: list[int], rng: np.random.Generator) -> DraftedSlots:
         """``draft_tree`` for a chain (widths all 1), the decoding loop's fast path: one causal
         draft forward per level and one draw from q per level, no masks and no per-node rule
@@ -588,7 +649,7 @@ class TreeDecoder(_Decoder):
         depth, rule = self.tree.depth, self.book.rule(1, 2)  # width 1: one rule for every q
         fresh = np.asarray(seq[self.draft.cached :])
         sampling = self.sampling
-        if self.compiled_chain and sampling.chain_transform:  # one compiled call where it applies
+        if self.compiled_draft and sampling.chain_transform:  # one compiled call where it applies
             source = self._source(rng)
             chain = self.draft.sample_chain(fresh, depth, rng, sampling.temperature, source, sampling.top_k)
             if chain is not None:
@@ -606,10 +667,10 @@ class TreeDecoder(_Decoder):
     def _drafted_chain(self, chain, rule) -> DraftedSlots:
         """``draft_chain``'s result from the runner's ``SampledChain``: q of level d over the
         output layer's tokens as one array (``chain_q``, which the lean walk reads) and per node
-        as ``SamplingConfig.row_probs`` stores it (``_ChainProbs``, made where something reads
+        as ``SamplingConfig.row_probs`` stores it (``_DraftedProbs``, made where something reads
         it: the general walks, tests)."""
         ids = self.draft.output_ids
-        qs = _ChainProbs(ids, chain.probs, chain.zeros, chain.kept, self.vocab)
+        qs = _DraftedProbs(ids, chain.probs, chain.zeros, chain.kept, self.vocab)
         chain_q = (DENSE_IDS if ids is None else ids, chain.probs)
         kept = chain.kept if chain.kept.size else None  # q truncated by a top-k
         rules = dict.fromkeys(range(-1, len(chain.tokens) - 1), rule)
@@ -696,6 +757,21 @@ class TreeDecoder(_Decoder):
             and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
         )
 
+    def _walks_tree_from_logits(self, drafted: DraftedSlots) -> bool:
+        """Whether the general loop verifies this tree by ``walk.walk_tree_softmax``: drafted in
+        one call (``tree_q``), every node verified by recursive rejection sampling (``rrs``,
+        ``rrs_without_replacement``), p the tempered softmax after an optional top-k, every row's
+        logits one output-layer call (``HEAD_BATCH_ROWS``) and the walk's own draws (no
+        ``exact_acceptance``)."""
+        return (
+            drafted.tree_q is not None
+            and self.sequence_method is None
+            and not self.exact_acceptance
+            and isinstance(self.book.verifier, RecursiveRejection)
+            and self.sampling.chain_transform
+            and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
+        )
+
     def _walk(self, drafted: DraftedSlots, hidden, rng: np.random.Generator, fast: bool):
         """Verify the drafted tree from the target's hidden states [N + 1, H]: (``WalkResult``,
         seconds in the output layer). The output layer runs on the rows the walk visits, batched
@@ -716,6 +792,13 @@ class TreeDecoder(_Decoder):
         if fast:
             chain_walk = walk_chain_block if self.config.verifier == "block" else walk_chain
             return chain_walk(drafted, target_probs, rng), head_time
+        if self._walks_tree_from_logits(drafted):  # every row's logits in one call, the walk in one more
+            start = time.perf_counter()
+            logits = self.target.logits(_rows_of(hidden, [b + 1 for b in self._head_batch(-1, drafted)]))
+            head_time += time.perf_counter() - start
+            sampling, distinct = self.sampling, self.book.verifier.distinct
+            args = (logits, sampling.temperature, sampling.top_k, distinct, rng, self._source(rng))
+            return walk_tree_softmax(self.tree, drafted, *args), head_time
         if self.sequence_method is None:
             result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)
             return result, head_time

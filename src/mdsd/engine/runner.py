@@ -94,6 +94,27 @@ class SampledChain:
     kept: np.ndarray
 
 
+@dataclass(frozen=True)
+class SampledTree:
+    """A draft tree drafted in one call (``StaticLlamaRunner.sample_tree``); R rows of q, one per
+    node with children (the root and the valid nodes above the last level, breadth first).
+
+    tokens:  [N] int64 token ids in the tree's node slots (an unused slot: its node's first draft).
+    valid:   [N] bool, the slots drafted.
+    nodes:   [R] int64 the node of each q row (-1: the root).
+    drafted: [R] int64 drafts of each row's node (n_eff).
+    probs, zeros, kept: as ``SampledChain``'s, per row.
+    """
+
+    tokens: np.ndarray
+    valid: np.ndarray
+    nodes: np.ndarray
+    drafted: np.ndarray
+    probs: np.ndarray
+    zeros: np.ndarray
+    kept: np.ndarray
+
+
 class ModelRunner:
     """A causal LM with its DynamicCache and the three forwards the engine uses.
 

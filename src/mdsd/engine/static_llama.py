@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mdsd.engine.runner import ModelRunner, SampledChain, steady_attention
+from mdsd.engine.runner import ModelRunner, SampledChain, SampledTree, steady_attention
 from mdsd.sampling import uniform_source
 
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -268,6 +268,7 @@ class StaticLlamaRunner(ModelRunner):
             self._pool_panels()
         self._compiled_layers = self._compiled_weights() if self.matmul == "numba" else None
         self._model_arrays = None  # ``_compiled_model``'s tuple, built on first use
+        self._tree_cache = None  # (tree, ``_tree_arrays``) of the last tree drafted in one call
         self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
         self._rotary_table = None  # (cos, sin) [capacity, 1, head_dim] when the RoPE is static
@@ -530,6 +531,70 @@ class StaticLlamaRunner(ModelRunner):
         self.calls += depth
         self.model_time += time.perf_counter() - began
         return chain
+
+    def sample_tree(
+        self, ids, tree, distinct: bool, rng: np.random.Generator, temperature: float, source=None, top_k=None
+    ) -> SampledTree | None:
+        """Draft the whole ``tree`` (a ``DraftTree``) in one compiled call
+        (``_llama_numba.sample_tree``): the forwards of ``tree_hidden`` per level and of
+        ``causal_hidden`` for ``ids`` (the tokens the cache lacks), ``logits`` on the valid rows,
+        ``process_logits_row`` (temperature, optional top-k) and the drafts of every node, i.i.d.
+        or with ``distinct`` without replacement (``mdsd.laws``' sequential draws), from ``rng``
+        through ``source`` (``uniform_source(rng)``): the same numbers as ``TreeDecoder``'s level
+        by level drafting (tested). Returns a ``SampledTree``, or None, drawing nothing, where the
+        compiled forward does not apply (``sample_chain``'s conditions, or a level wider than a
+        panel pass)."""
+        forwarded = np.diff(tree.level_starts)[:-1]  # the levels forwarded after the root's
+        if not self._compiled_applies(max(len(ids), int(forwarded.max(initial=0)))):
+            return None
+        start = self._length
+        end = start + len(ids) + int(tree.level_starts[-2])  # the last level is never forwarded
+        self._check_capacity(end)
+        source = uniform_source(rng) if source is None else source
+        began = time.perf_counter()
+        token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
+        keys, values = self._cache_numpy
+        tree_arrays = self._tree_arrays(tree)
+        sampled = SampledTree(
+            *self._kernels.sample_tree(
+                np.asarray(ids, dtype=np.int64),
+                *tree_arrays,
+                bool(distinct),
+                *source,
+                float(temperature),
+                int(top_k or 0),
+                self.output_ids is not None,  # q stored on its nonzero entries (row_probs)
+                token_ids,
+                self._compiled_model(),
+                keys,
+                values,
+                start,
+                *self._rotary_numpy,
+                self.heads,
+                self.kv_heads,
+                self._eps,
+                self._gemm,
+            )
+        )
+        self._length = end
+        self.calls += tree.depth
+        self.model_time += time.perf_counter() - began
+        return sampled
+
+    def _tree_arrays(self, tree) -> tuple:
+        """(widths, level_starts, child_starts, depths, masks) of ``sample_tree`` for ``tree``,
+        made once per shape: masks [max(D - 1, 1), m, C] float32 holds ``additive(level_mask(d))``
+        of depth d at index d - 1 (zero-padded to the widest level and the largest tree part)."""
+        if self._tree_cache is None or self._tree_cache[0] != tree:
+            depth, starts = tree.depth, tree.level_starts
+            masks = np.zeros((max(depth - 1, 1), int(np.diff(starts).max()), int(starts[-1])), np.float32)
+            for d in range(1, depth):
+                level = self.additive(tree.level_mask(d))
+                masks[d - 1, : level.shape[0], : level.shape[1]] = level
+            widths = np.asarray(tree.widths, dtype=np.int64)
+            arrays = (widths, starts, tree.child_starts, tree.depths, masks)
+            self._tree_cache = (tree, arrays)
+        return self._tree_cache[1]
 
     @functools.cached_property
     def _vocabulary_ids(self) -> np.ndarray:

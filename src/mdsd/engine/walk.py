@@ -264,14 +264,20 @@ class DraftedSlots:
              [N, W], row i the q of node i - 1), which ``walk_chain_softmax`` reads; else None.
     chain_kept: with ``chain_q`` under a top-k: [N, W] the positions in its token ids of each
              row's values (W = k, ascending); else None (W = K).
+    tree_q:  for a tree drafted in one call (``StaticLlamaRunner.sample_tree``), its q as arrays:
+             (token ids [K] ascending, or empty for the whole vocabulary; values [R, W]; zeros
+             [R]; kept [R, W], empty where no top-k truncates), row r the q of the r-th node with
+             children (the root, then valid nodes in ascending order), which ``walk_tree_softmax``
+             reads; else None.
     """
 
     tokens: np.ndarray
     valid: np.ndarray
-    rules: dict
+    rules: Mapping
     draft_probs: Mapping
     chain_q: tuple[np.ndarray, np.ndarray] | None = None
     chain_kept: np.ndarray | None = None
+    tree_q: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -402,6 +408,35 @@ def walk_chain_softmax(
         early,
     )
     return _chain_result(tokens, kept, token)
+
+
+def walk_tree_softmax(
+    tree,
+    drafted: DraftedSlots,
+    logits: np.ndarray,
+    temperature: float,
+    top_k: int | None,
+    distinct: bool,
+    rng: np.random.Generator,
+    source: tuple[int, int] | None = None,
+) -> WalkResult:
+    """``walk`` of a tree drafted in one call (``drafted.tree_q``) whose nodes are verified by
+    recursive rejection sampling (``distinct``: ``rrs_without_replacement``), with p the tempered
+    softmax after an optional ``top_k`` of the target's logits [1 + valid nodes, V] (the root's
+    row, then the valid nodes' in ascending order), in one compiled call
+    (``_walk_numba.tree_walk``): the tokens and the generator's state of ``walk`` (tested).
+    ``source``: ``uniform_source(rng)`` where the caller keeps it."""
+    source = uniform_source(rng) if source is None else source
+    ids, probs, zeros, kept = drafted.tree_q
+    widths = np.asarray(tree.widths, dtype=np.int64)
+    path, token, bonus = _walk_kernels().tree_walk(
+        logits, float(temperature), int(top_k or 0), widths, tree.child_starts, tree.depths,
+        drafted.tokens, drafted.valid, ids, probs, zeros, kept, bool(distinct), *source,
+    )  # fmt: skip
+    path = path.tolist()
+    tokens = drafted.tokens[path].tolist()
+    expected = [1.0] * len(path) + ([] if bonus else [0.0])
+    return WalkResult(path, tokens + [int(token)], bool(bonus), expected)
 
 
 def _chain_result(tokens: list[int], kept: int, token) -> WalkResult:
