@@ -244,17 +244,21 @@ def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, veri
         ("iid", "rrs", (2, 2, 1)),
         ("without_replacement", "rrs_without_replacement", (3, 1)),
         ("iid", "rrs", (4,)),
+        ("without_replacement", "optimal", (3, 1)),
+        ("iid", "optimal", (2, 2, 1)),
     ],
 )
 def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
     tiny, llama, draft_vocab, law, verifier, tree
 ):
     """Trees drafted in one call (``sample_tree``) and walked in one more
-    (``walk.walk_tree_softmax``) emit the tokens, and record the acceptances, of level-by-level
-    drafting and the node-by-node ``walk`` from the same seed: temperature 1, a top-k smaller
-    than the width of the tree's widest node, a temperature where q and p underflow; with and
-    without a draft vocabulary; a draft that disagrees with the target (walks end at the root)
-    and one that is the target (walks reach the leaves and draw bonus tokens)."""
+    (``walk.walk_tree_softmax``: recursive rejection sampling, the optimal verifier's threshold
+    nodes, or node by node where a node is not the plan's) emit the tokens, and record the
+    acceptances, of level-by-level drafting and the node-by-node ``walk`` from the same seed:
+    temperature 1, a top-k smaller than the width of the tree's widest node, a temperature where
+    q and p underflow; with and without a draft vocabulary; a draft that disagrees with the
+    target (walks end at the root) and one that is the target (walks reach the leaves and draw
+    bonus tokens)."""
     from mdsd.engine.vocab import as_draft_vocabulary
 
     config = TreeConfig.make(tree, law, verifier)

@@ -468,6 +468,45 @@ def test_compiled_causal_equals_hidden_then_logits(llama, output_ids):
         assert all(np.array_equal(x, y) for x, y in zip(cache_a, cache_b))
 
 
+@pytest.mark.parametrize("output_ids", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
+def test_compiled_tree_logits_equal_tree_hidden_then_logits(llama, output_ids):
+    """``StaticLlamaRunner.tree_logits`` (a tree forward, the final norm and the output layer on
+    chosen rows in one compiled call) gives the logits and the cache of ``tree_hidden`` then
+    ``logits`` on those rows, bit for bit: one committed token or several before the tree, every
+    row or some; past a panel pass it takes the general path (the same numbers)."""
+    from mdsd.engine.static_llama import StaticLlamaRunner
+    from mdsd.engine.tree import build_tree
+
+    runner = StaticLlamaRunner(llama.target, "numba")
+    runner.restrict_output(None if output_ids is None else np.array(output_ids))
+    tree = build_tree((2, 2))
+    mask = runner.additive(tree.ancestor_mask[1:, 1:])
+    nodes = np.array([3, 8, 1, 5, 9, 2], dtype=np.int64)
+    long = np.arange(runner._panel_max_rows) % VOCAB
+    for fresh, rows in [
+        ([4], [0, 1, 2, 3, 4, 5, 6]),
+        (PROMPT, [0, 2, 5]),
+        ([7, 1], [0, 1, 2, 6]),
+        (long, [0, 3]),
+    ]:
+        results = []
+        for one_call in (True, False):
+            runner.reset(64)
+            runner.causal_hidden(np.array([1, 2]), 1)
+            args = (np.concatenate([fresh, nodes]), len(fresh), mask, tree.depths, 1 + len(fresh), rows)
+            if one_call:
+                logits = runner.tree_logits(*args)
+            else:
+                hidden = runner.tree_hidden(*args[:5], keep=tree.num_nodes + 1)
+                logits = runner.logits(hidden[torch.as_tensor(rows)])
+            cache = [c[:, :, : runner.cached].copy() for c in runner._cache_numpy]
+            results.append((logits, cache, runner.cached))
+        (a, cache_a, n_a), (b, cache_b, n_b) = results
+        assert a.shape == (len(rows), VOCAB if output_ids is None else len(output_ids))
+        assert np.array_equal(a, b) and n_a == n_b == 2 + len(fresh) + tree.num_nodes
+        assert all(np.array_equal(x, y) for x, y in zip(cache_a, cache_b))
+
+
 def _q8_reference(x, weight_t):
     """The "q8" product from its definition: rows and columns quantized (``quantize_rows``,
     ``int8_columns``), exact integer sums, then float32(sum) * w_scale[c] * x_scale[r]."""

@@ -368,6 +368,41 @@ def causal_logits(ids, rows, model, keys, values, start, cos_table, sin_table, h
 
 
 @numba.njit(**_JIT)
+def tree_logits(
+    ids, num_causal, tree_mask, node_depths, root_position, rows, hidden_value, model, keys, values, start,
+    cos_table, sin_table, heads, kv_heads, eps, gemm,
+):  # fmt: skip
+    """The output layer's logits [len(rows), out] of ``rows`` (0: the root, i + 1: node i) of a
+    tree forward: ``ids`` [m] = ``num_causal`` committed tokens (causal among themselves, the
+    root last; they never see the tree) then T tree nodes (every committed key visible, the
+    tree's keys by ``tree_mask`` [T, C] additive), at positions start .. and root_position +
+    ``node_depths`` [T]; m <= ``panel_max_rows``. ``ModelRunner.tree_hidden`` (its mask with
+    ``hidden_value``, its positions) then ``logits`` on those rows, with the same arrays and
+    kernels (``causal_logits``' model tuple)."""
+    embed, layers, final_norm, out_p, out_t, out_b = model
+    m = ids.size
+    end = start + m
+    mask = np.zeros((m, end), dtype=np.float32)
+    for i in range(num_causal):
+        mask[i, start + i + 1 :] = hidden_value
+    mask[num_causal:, end - tree_mask.shape[1] :] = tree_mask
+    positions = np.empty(m, dtype=np.int64)
+    for i in range(num_causal):
+        positions[i] = start + i
+    positions[num_causal:] = root_position + node_depths
+    x = np.empty((m, embed.shape[1]), dtype=np.float32)
+    for r in range(m):
+        x[r] = embed[ids[r]]
+    cos, sin = cos_table[positions], sin_table[positions]
+    x = decoder_stack(x, layers, keys, values, start, mask, False, cos, sin, heads, kv_heads, eps, gemm)
+    tail = m - node_depths.size - 1  # the root's row
+    picked = np.empty((rows.size, x.shape[1]), dtype=np.float32)
+    for j in range(rows.size):
+        picked[j] = x[tail + rows[j]]
+    return project(rms_norm(picked, final_norm, eps), out_p, out_t, out_b, gemm)
+
+
+@numba.njit(**_JIT)
 def next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm):
     """``causal_logits`` of the last row: logits [out]."""
     return causal_logits(

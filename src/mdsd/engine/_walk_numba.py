@@ -39,6 +39,7 @@ from mdsd.sequence.chain import _excess_and_deficit, _residual_draw
 from mdsd.verifiers._early_exit import _ratio, rrs_sample
 from mdsd.verifiers.optimal._orders_numba import orders_node
 from mdsd.verifiers.optimal._threshold_numba import threshold_node
+from mdsd.verifiers.optimal.threshold import NODE_UNIFORMS as THRESHOLD_UNIFORMS
 
 
 @numba.njit(cache=True)
@@ -373,22 +374,41 @@ def _drafted_row(q_ids, kept, values, zeros):
 
 
 @numba.njit(cache=True)
+def _plan_fits(drafted, zeros, width, plan_n, plan_support):
+    """Whether every row of more than one draft has n = ``plan_n`` drafts and a q of
+    ``plan_support`` nonzero entries (``width`` - its zeros), the node the plan was made for."""
+    for r in range(drafted.size):
+        if drafted[r] > 1 and (drafted[r] != plan_n or width - zeros[r] != plan_support):
+            return False
+    return True
+
+
+@numba.njit(cache=True)
 def tree_walk(
     logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros, q_kept,
-    distinct, uniform, state,
+    q_drafted, distinct, optimal, plan_n, plan_support, head, tail, uniform, state,
 ):  # fmt: skip
-    """``walk.walk`` of a drafted tree whose every node is verified by recursive rejection sampling
-    (``rejection_node``; ``distinct``: without replacement), in one call: (the accepted path
-    [k] of nodes, the emitted token after it, whether it is a bonus token). Rows of ``logits``
-    [1 + valid nodes, V] and of the draft's q (``q_values`` [R, W], ``q_zeros`` [R], ``q_kept``
-    [R, W] or empty; ``_llama_numba.sample_tree``'s rows) are the root's, then the valid nodes'
-    in ascending order: node i's row is 1 + the valid nodes before it. Node i's p is
-    ``_target_row`` of its logits, its q ``_drafted_row``, its children the ``widths[depth]``
-    slots from ``child_starts[i + 1]``, those ``valid`` verified with their ``tokens``. Per
-    visited node ``rng.random(n + 1)``, then the descent into the first child holding the
-    emitted token, or, at a node without valid children, the bonus drawn from p at the next
-    uniform: the tokens and the generator's state of ``walk`` (tested)."""
+    """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes,
+    the emitted token after it, whether it is a bonus token), or (empty, -1, False) without
+    drawing anything where ``optimal`` and some node of several drafts is not the plan's.
+
+    Rows of ``logits`` [1 + valid nodes, V] and of the draft's q (``q_values`` [R, W],
+    ``q_zeros`` [R], ``q_kept`` [R, W] or empty, ``q_drafted`` [R] its node's drafts;
+    ``_llama_numba.sample_tree``'s rows) are the root's, then the valid nodes' in ascending
+    order: node i's row is 1 + the valid nodes before it. Node i's p is ``_target_row`` of its
+    logits, its q ``_drafted_row``, its children the ``widths[depth]`` slots from
+    ``child_starts[i + 1]``, those ``valid`` verified with their ``tokens``: by recursive
+    rejection sampling (``rejection_node`` at ``rng.random(n + 1)``; ``distinct``: without
+    replacement), or, with ``optimal``, nodes of several drafts by the optimal verifier's
+    threshold node (``threshold_node_on_union`` with ``head``, ``tail`` of the ``NodePlan`` for
+    ``plan_n`` drafts on a q of ``plan_support`` tokens, at ``rng.random(4)``) and nodes of one
+    draft by classic speculative sampling (``walk.RuleBook``'s single-draft rule). Then the
+    descent into the first child holding the emitted token, or, at a node without valid
+    children, the bonus drawn from p at the next uniform: the tokens and the generator's state
+    of ``walk`` (tested)."""
     path = np.empty(widths.size, dtype=np.int64)
+    if optimal and not _plan_fits(q_drafted, q_zeros, q_values.shape[1], plan_n, plan_support):
+        return path[:0], np.int64(-1), False
     node, k, vocab = -1, 0, logits.shape[1]
     kids, untruncated = np.empty(widths.max(), dtype=np.int64), np.empty(0, dtype=np.int64)
     while True:
@@ -405,12 +425,22 @@ def tree_walk(
             at = draw(p_values, next_uniform(uniform, state))
             return path[:k], (p_ids[at] if p_ids.size else np.int64(at)), True
         drafts = tokens[kids[:n]]
-        uniforms = np.empty(n + 1)
-        for i in range(n + 1):
-            uniforms[i] = next_uniform(uniform, state)
         kept = q_kept[r] if q_kept.size else untruncated
         d_ids, d_values = _drafted_row(q_ids, kept, q_values[r], q_zeros[r])
-        token = rejection_node(p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, distinct)
+        if optimal and n > 1:
+            uniforms = np.empty(THRESHOLD_UNIFORMS)
+            for i in range(THRESHOLD_UNIFORMS):
+                uniforms[i] = next_uniform(uniform, state)
+            token = threshold_node_on_union(
+                p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, head, tail
+            )
+        else:
+            uniforms = np.empty(n + 1)
+            for i in range(n + 1):
+                uniforms[i] = next_uniform(uniform, state)
+            token = rejection_node(
+                p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, distinct and n > 1
+            )
         child = -1
         for i in range(n):
             if drafts[i] == token:

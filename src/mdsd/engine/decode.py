@@ -45,7 +45,7 @@ from mdsd.engine.records import (
     SamplingConfig,
     TreeConfig,
 )
-from mdsd.engine.runner import check_supported, check_tree_attention, context_length
+from mdsd.engine.runner import check_supported, check_tree_attention, context_length, rows_of
 from mdsd.engine.static_llama import draft_runner, make_runner
 from mdsd.engine.tree import DraftTree, build_tree
 from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary
@@ -70,6 +70,7 @@ from mdsd.sampling import categorical, draw, uniform_source
 from mdsd.sequence import chain_verify
 from mdsd.verifiers import natural_verifier
 from mdsd.verifiers.classic import RecursiveRejection
+from mdsd.verifiers.optimal.verifier import OptimalVerifier
 
 LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
 # Trees of at most this many rows (root + nodes; 3x4 has 13) get the output layer on every row at
@@ -82,14 +83,6 @@ COMPILED_TREE_LAWS = ("iid", "without_replacement")
 
 
 # ---------------------------------------------------------------------- shared helpers
-def _rows_of(hidden: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-    """hidden[rows] for distinct ascending row indices (a list); hidden itself when they are all
-    of its rows (a chain's levels and small trees: no gather)."""
-    if len(rows) == hidden.shape[0]:
-        return hidden
-    return hidden[torch.as_tensor(rows, device=hidden.device)]
-
-
 def eos_ids(pair) -> set[int]:
     ids = set()
     for source in (getattr(pair.target, "generation_config", None), pair.target.config, pair.tokenizer):
@@ -307,20 +300,27 @@ class StepRecord:
 
     drafted: the drafted tree; target_hidden: the target's final hidden states [N + 1, H] of the
     root and every node (``decoder.target.logits(target_hidden)`` gives their logits), or None
-    where the lean loop computed the logits themselves in the forward's call (``target_logits``
-    [N + 1, V], else None); result: the verification walk.
+    where the loop computed the logits themselves in the forward's call (``target_logits``
+    [R, V] of the rows ``logit_rows``: 0 the root, i + 1 node i; every row where None);
+    result: the verification walk.
     """
 
     drafted: DraftedSlots
     target_hidden: torch.Tensor | None
     result: object
     target_logits: np.ndarray | None = None
+    logit_rows: list[int] | None = None
 
     def logits(self, target) -> np.ndarray:
-        """The target's logits [N + 1, V] of the root and every node (``target``: the runner)."""
-        if self.target_logits is not None:
+        """The target's logits [N + 1, V] of the root and every node (``target``: the runner);
+        NaN in the rows of invalid slots where the forward computed the valid rows only."""
+        if self.target_logits is None:
+            return target.logits(self.target_hidden)
+        if self.logit_rows is None:
             return self.target_logits
-        return target.logits(self.target_hidden)
+        out = np.full((self.drafted.tokens.size + 1, self.target_logits.shape[1]), np.nan, np.float32)
+        out[self.logit_rows] = self.target_logits
+        return out
 
 
 class TreeDecoder(_Decoder):
@@ -613,7 +613,7 @@ class TreeDecoder(_Decoder):
                 keep=len(level),
             )  # [m_d, H]
             rows = [r for r, ok in enumerate(valid[level.start : level.stop].tolist()) if ok]
-            logits = self.draft.logits(_rows_of(hidden, rows))  # [valid rows, V]
+            logits = self.draft.logits(rows_of(hidden, rows))  # [valid rows, V]
             frontier = {level.start + r: row_probs(logits[j]) for j, r in enumerate(rows)}
         return DraftedSlots(tokens, valid, rules, qs)
 
@@ -635,7 +635,13 @@ class TreeDecoder(_Decoder):
         ids = self.draft.output_ids
         qs = _DraftedProbs(ids, sampled.probs, sampled.zeros, sampled.kept, self.vocab, sampled.nodes)
         rules = _NodeRules(self.book, self.tree, sampled)
-        tree_q = (DENSE_IDS if ids is None else ids, sampled.probs, sampled.zeros, sampled.kept)
+        tree_q = (
+            DENSE_IDS if ids is None else ids,
+            sampled.probs,
+            sampled.zeros,
+            sampled.kept,
+            sampled.drafted,
+        )
         return DraftedSlots(sampled.tokens, sampled.valid, rules, qs, tree_q=tree_q)
 
     def draft_chain(self, seq: list[int], rng: np.random.Generator) -> DraftedSlots:
@@ -692,6 +698,16 @@ class TreeDecoder(_Decoder):
             self.tree.depths,
             len(seq) - 1,
             keep=n + 1,
+        )
+
+    def target_logits(self, seq: list[int], drafted: DraftedSlots, rows: list[int]) -> np.ndarray:
+        """``target_hidden``'s forward of a tree, returning the logits of ``rows`` (0: the root,
+        i + 1: node i) [len(rows), V] (``runner.tree_logits``: one compiled call on the lean
+        forward)."""
+        fresh = np.asarray(seq[self.target.cached :])
+        ids = np.concatenate([fresh, drafted.tokens])
+        return self.target.tree_logits(
+            ids, len(fresh), self._target_mask, self.tree.depths, len(seq) - 1, rows
         )
 
     def sequence_tree(self, drafted: DraftedSlots, target_probs: Callable[[int], object]):
@@ -767,7 +783,7 @@ class TreeDecoder(_Decoder):
             drafted.tree_q is not None
             and self.sequence_method is None
             and not self.exact_acceptance
-            and isinstance(self.book.verifier, RecursiveRejection)
+            and isinstance(self.book.verifier, RecursiveRejection | OptimalVerifier)
             and self.sampling.chain_transform
             and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
         )
@@ -784,7 +800,7 @@ class TreeDecoder(_Decoder):
             if node not in head_rows:
                 start = time.perf_counter()
                 batch = self._head_batch(node, drafted)
-                logits = self.target.logits(_rows_of(hidden, [b + 1 for b in batch]))  # [rows, V]
+                logits = self.target.logits(rows_of(hidden, [b + 1 for b in batch]))  # [rows, V]
                 head_rows.update(zip(batch, logits))
                 head_time += time.perf_counter() - start
             return self.sampling.row_probs(head_rows.pop(node))
@@ -792,13 +808,6 @@ class TreeDecoder(_Decoder):
         if fast:
             chain_walk = walk_chain_block if self.config.verifier == "block" else walk_chain
             return chain_walk(drafted, target_probs, rng), head_time
-        if self._walks_tree_from_logits(drafted):  # every row's logits in one call, the walk in one more
-            start = time.perf_counter()
-            logits = self.target.logits(_rows_of(hidden, [b + 1 for b in self._head_batch(-1, drafted)]))
-            head_time += time.perf_counter() - start
-            sampling, distinct = self.sampling, self.book.verifier.distinct
-            args = (logits, sampling.temperature, sampling.top_k, distinct, rng, self._source(rng))
-            return walk_tree_softmax(self.tree, drafted, *args), head_time
         if self.sequence_method is None:
             result = walk(self.tree, drafted, target_probs, rng, exact_acceptance=self.exact_acceptance)
             return result, head_time
@@ -815,19 +824,26 @@ class TreeDecoder(_Decoder):
         drafted = self.draft_chain(seq, rng) if fast else self.draft_tree(seq, rng)
         t1 = time.perf_counter()
         from_logits = fast and self._walks_from_logits(drafted)
+        tree_from_logits = not fast and self._walks_tree_from_logits(drafted)
+        rows = None
         if from_logits:  # a chain: the causal forward and every row's logits in one call
             ids = np.asarray(seq[self.target.cached :] + drafted.tokens.tolist())
             hidden, logits = None, self.target.causal(ids, self.tree.num_nodes + 1)  # [N + 1, V]
+        elif tree_from_logits:  # a tree: the forward and the valid rows' logits in one call
+            rows = [node + 1 for node in self._head_batch(-1, drafted)]
+            hidden, logits = None, self.target_logits(seq, drafted, rows)  # [1 + valid nodes, V]
         else:
             hidden, logits = self.target_hidden(seq, drafted), None  # [N + 1, H]
         t2 = time.perf_counter()
+        head_time = 0.0
+        sampling, source = self.sampling, self._source(rng)
         if from_logits:  # the whole walk in one compiled call
             block = self.config.verifier == "block"
-            top_k = None if drafted.chain_kept is None else self.sampling.top_k
-            result = walk_chain_softmax(
-                drafted, logits, self.sampling.temperature, rng, block, self._source(rng), top_k
-            )
-            head_time = 0.0
+            top_k = None if drafted.chain_kept is None else sampling.top_k
+            result = walk_chain_softmax(drafted, logits, sampling.temperature, rng, block, source, top_k)
+        elif tree_from_logits:
+            args = (logits, sampling.temperature, sampling.top_k, self.book, rng, source)
+            result = walk_tree_softmax(self.tree, drafted, *args)
         else:
             result, head_time = self._walk(drafted, hidden, rng, fast)
         t3 = time.perf_counter()
@@ -841,7 +857,7 @@ class TreeDecoder(_Decoder):
             self.target.keep_positions(base, [base + node for node in result.path])
             self.draft.keep_positions(base, [base + node for node in result.path if depths[node] < depth])
         t4 = time.perf_counter()
-        self.last_step = StepRecord(drafted, hidden, result, logits)  # for inspection and tests
+        self.last_step = StepRecord(drafted, hidden, result, logits, rows)  # for inspection and tests
         stats.add_walk(result)
         stats.draft_time += t1 - t0
         stats.target_time += (t2 - t1) + head_time

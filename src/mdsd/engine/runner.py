@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -283,6 +284,22 @@ class ModelRunner:
         self.model_time += time.perf_counter() - start
         return out
 
+    def tree_logits(
+        self,
+        ids: np.ndarray,
+        num_causal: int,
+        tree_mask: np.ndarray,
+        node_depths: np.ndarray,
+        root_position: int,
+        rows: Sequence[int],
+    ) -> np.ndarray:
+        """``tree_hidden`` (``num_causal`` >= 1 committed tokens, the root last) then ``logits``
+        of ``rows`` (ascending; 0: the root, i + 1: node i): [len(rows), V]."""
+        hidden = self.tree_hidden(
+            ids, num_causal, tree_mask, node_depths, root_position, len(node_depths) + 1
+        )
+        return self.logits(rows_of(hidden, rows))
+
     def _masked_hidden(self, ids, keep: int, mask: np.ndarray, positions: np.ndarray) -> torch.Tensor:
         """The forward of ``tree_hidden`` under an additive float32 mask [new, keys] and explicit
         position ids [new]."""
@@ -301,6 +318,14 @@ class ModelRunner:
         """Bool visibility [..] -> additive float32 mask (0 visible, ``hidden`` not): exact in
         the model's dtype, the dtype's most negative finite number."""
         return np.where(visible, np.float32(0.0), np.float32(self.hidden))
+
+
+def rows_of(hidden: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """hidden[rows] for distinct ascending row indices (a list); hidden itself when they are all
+    of its rows (a chain's levels and small trees: no gather)."""
+    if len(rows) == hidden.shape[0]:
+        return hidden
+    return hidden[torch.as_tensor(rows, device=hidden.device)]
 
 
 def check_tree_attention(runner: ModelRunner, name: str, vocab: int, seed: int = 0) -> None:

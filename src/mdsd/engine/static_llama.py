@@ -480,6 +480,38 @@ class StaticLlamaRunner(ModelRunner):
         self.model_time += time.perf_counter() - began
         return logits
 
+    def tree_logits(self, ids, num_causal, tree_mask, node_depths, root_position, rows) -> np.ndarray:
+        """``ModelRunner.tree_logits`` in one compiled call (``_llama_numba.tree_logits``) where
+        it applies (``_compiled_applies``): the forward, the final norm and the output layer on
+        ``rows``, the same arrays and kernels as ``tree_hidden`` then ``logits`` (the same
+        logits bit for bit, tested), without their Python between the calls."""
+        if not self._compiled_applies(len(ids)):
+            return super().tree_logits(ids, num_causal, tree_mask, node_depths, root_position, rows)
+        start = self._length
+        began = time.perf_counter()
+        self._check_capacity(start + len(ids))
+        logits = self._kernels.tree_logits(
+            np.asarray(ids, dtype=np.int64),
+            int(num_causal),
+            tree_mask,
+            np.asarray(node_depths, dtype=np.int64),
+            int(root_position),
+            np.asarray(rows, dtype=np.int64),
+            np.float32(self.hidden),
+            self._compiled_model(),
+            *self._cache_numpy,
+            start,
+            *self._rotary_numpy,
+            self.heads,
+            self.kv_heads,
+            self._eps,
+            self._gemm,
+        )
+        self._length = start + len(ids)
+        self.calls += 1
+        self.model_time += time.perf_counter() - began
+        return logits
+
     def sample_chain(
         self, ids, depth: int, rng: np.random.Generator, temperature: float, source=None, top_k=None
     ) -> SampledChain | None:
@@ -591,8 +623,7 @@ class StaticLlamaRunner(ModelRunner):
             for d in range(1, depth):
                 level = self.additive(tree.level_mask(d))
                 masks[d - 1, : level.shape[0], : level.shape[1]] = level
-            widths = np.asarray(tree.widths, dtype=np.int64)
-            arrays = (widths, starts, tree.child_starts, tree.depths, masks)
+            arrays = (tree.widths_array, starts, tree.child_starts, tree.depths, masks)
             self._tree_cache = (tree, arrays)
         return self._tree_cache[1]
 

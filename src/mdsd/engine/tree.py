@@ -17,6 +17,7 @@ drafts); in arrays that include it, it is row/column 0 and node i is i + 1.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -62,6 +63,13 @@ class DraftTree:
     @property
     def max_width(self) -> int:
         return max(self.widths)
+
+    @functools.cached_property
+    def widths_array(self) -> np.ndarray:
+        """``widths`` as int64 [D] (read-only), for compiled code."""
+        widths = np.asarray(self.widths, dtype=np.int64)
+        widths.setflags(write=False)
+        return widths
 
     def level(self, d: int) -> range:
         """Nodes at depth d (1..D)."""

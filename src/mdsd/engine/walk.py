@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdsd.laws import DraftLaw, get_law
-from mdsd.logits import SupportProbs
+from mdsd.logits import SupportProbs, process_logits_row
 from mdsd.sampling import categorical, uniform_source
 from mdsd.sequence.chain import block_sample
 from mdsd.verifiers import Verifier, resolve
@@ -266,9 +266,9 @@ class DraftedSlots:
              row's values (W = k, ascending); else None (W = K).
     tree_q:  for a tree drafted in one call (``StaticLlamaRunner.sample_tree``), its q as arrays:
              (token ids [K] ascending, or empty for the whole vocabulary; values [R, W]; zeros
-             [R]; kept [R, W], empty where no top-k truncates), row r the q of the r-th node with
-             children (the root, then valid nodes in ascending order), which ``walk_tree_softmax``
-             reads; else None.
+             [R]; kept [R, W], empty where no top-k truncates; drafts [R] of each row's node), row r
+             the q of the r-th node with children (the root, then valid nodes in ascending
+             order), which ``walk_tree_softmax`` reads; else None.
     """
 
     tokens: np.ndarray
@@ -277,7 +277,7 @@ class DraftedSlots:
     draft_probs: Mapping
     chain_q: tuple[np.ndarray, np.ndarray] | None = None
     chain_kept: np.ndarray | None = None
-    tree_q: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    tree_q: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -416,27 +416,59 @@ def walk_tree_softmax(
     logits: np.ndarray,
     temperature: float,
     top_k: int | None,
-    distinct: bool,
+    book: RuleBook,
     rng: np.random.Generator,
     source: tuple[int, int] | None = None,
 ) -> WalkResult:
-    """``walk`` of a tree drafted in one call (``drafted.tree_q``) whose nodes are verified by
-    recursive rejection sampling (``distinct``: ``rrs_without_replacement``), with p the tempered
-    softmax after an optional ``top_k`` of the target's logits [1 + valid nodes, V] (the root's
-    row, then the valid nodes' in ascending order), in one compiled call
-    (``_walk_numba.tree_walk``): the tokens and the generator's state of ``walk`` (tested).
-    ``source``: ``uniform_source(rng)`` where the caller keeps it."""
+    """``walk`` of a tree drafted in one call (``drafted.tree_q``) with p the tempered softmax
+    after an optional ``top_k`` of the target's logits [1 + valid nodes, V] (the root's row, then
+    the valid nodes' in ascending order) and the rules of ``book``: in one compiled call
+    (``_walk_numba.tree_walk``) where every node is verified by recursive rejection sampling,
+    or by the optimal verifier (its threshold node, one plan for every node of several drafts;
+    classic sampling for one draft); else node by node (``walk``) on the same p. Either way the
+    tokens and the generator's state of ``walk`` (tested). ``source``: ``uniform_source(rng)``
+    where the caller keeps it."""
+    ids, probs, zeros, kept, counts = drafted.tree_q
+    verifier, plan, plan_n, plan_support = book.verifier, _placeholder_plan(), 0, 0
+    optimal = isinstance(verifier, OptimalVerifier)
+    if optimal and (several := np.flatnonzero(counts > 1)).size:
+        plan_n, plan_support = int(counts[several[0]]), probs.shape[1] - int(zeros[several[0]])
+        plan = book.rule(plan_n, plan_support).plan
+    if (optimal and (plan is None or plan.kind != "threshold")) or not (
+        optimal or isinstance(verifier, RecursiveRejection)
+    ):
+        return _walk_rows(tree, drafted, logits, temperature, top_k, rng)
     source = uniform_source(rng) if source is None else source
-    ids, probs, zeros, kept = drafted.tree_q
-    widths = np.asarray(tree.widths, dtype=np.int64)
+    distinct = bool(getattr(verifier, "distinct", False))
     path, token, bonus = _walk_kernels().tree_walk(
-        logits, float(temperature), int(top_k or 0), widths, tree.child_starts, tree.depths,
-        drafted.tokens, drafted.valid, ids, probs, zeros, kept, bool(distinct), *source,
+        logits, float(temperature), int(top_k or 0), tree.widths_array, tree.child_starts, tree.depths,
+        drafted.tokens, drafted.valid, ids, probs, zeros, kept, counts, distinct, optimal, plan_n,
+        plan_support, plan.head, plan.tail, *source,
     )  # fmt: skip
+    if token < 0:  # a node of several drafts the plan was not made for: nothing drawn yet
+        return _walk_rows(tree, drafted, logits, temperature, top_k, rng)
     path = path.tolist()
     tokens = drafted.tokens[path].tolist()
     expected = [1.0] * len(path) + ([] if bonus else [0.0])
     return WalkResult(path, tokens + [int(token)], bool(bonus), expected)
+
+
+@functools.cache
+def _placeholder_plan() -> NodePlan:
+    """A threshold ``NodePlan`` whose head and tail give ``tree_walk`` their types where no
+    node uses a plan (``optimal`` False: never read)."""
+    return node_plan(get_law("iid"), 2, 8)
+
+
+def _walk_rows(tree, drafted: DraftedSlots, logits, temperature: float, top_k, rng) -> WalkResult:
+    """``walk`` with p of node i from row 1 + (valid nodes before i) of ``logits`` (the root:
+    row 0), transformed as ``SamplingConfig.row_probs`` does (``process_logits_row``)."""
+    rows = np.cumsum(drafted.valid)  # node i's row: valid nodes up to i, itself included
+
+    def target_probs(node: int) -> SupportProbs:
+        return process_logits_row(logits[0 if node < 0 else rows[node]], temperature, top_k)
+
+    return walk(tree, drafted, target_probs, rng)
 
 
 def _chain_result(tokens: list[int], kept: int, token) -> WalkResult:
