@@ -507,6 +507,25 @@ def test_compiled_tree_logits_equal_tree_hidden_then_logits(llama, output_ids):
         assert all(np.array_equal(x, y) for x, y in zip(cache_a, cache_b))
 
 
+def test_keep_positions_gathers_the_kept_entries(llama):
+    """``StaticLlamaRunner.keep_positions`` (one compiled gather on the compiled forward's cache)
+    keeps entries 0 .. base - 1 and then the entries at the given positions, in their order,
+    every source read before any entry is written: an accepted path, positions out of order, one
+    position, none."""
+    from mdsd.engine.static_llama import StaticLlamaRunner
+
+    runner = StaticLlamaRunner(llama.draft, "numba")
+    for extra in ([4, 6, 9], [9, 5, 4, 7], [3], []):
+        runner.reset(16)
+        runner.causal_hidden(np.arange(10) % VOCAB, 1)
+        before = [c[:, :, :10].copy() for c in runner._cache_numpy]
+        runner.keep_positions(3, extra)
+        assert runner.cached == 3 + len(extra)
+        for cache, old in zip(runner._cache_numpy, before):
+            want = np.concatenate([old[:, :, :3], old[:, :, extra]], axis=2)
+            assert np.array_equal(cache[:, :, : runner.cached], want)
+
+
 def _q8_reference(x, weight_t):
     """The "q8" product from its definition: rows and columns quantized (``quantize_rows``,
     ``int8_columns``), exact integer sums, then float32(sum) * w_scale[c] * x_scale[r]."""

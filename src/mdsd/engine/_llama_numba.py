@@ -367,6 +367,21 @@ def causal_logits(ids, rows, model, keys, values, start, cos_table, sin_table, h
     return project(last, out_p, out_t, out_b, gemm)
 
 
+@numba.njit(cache=True)
+def gather_positions(keys, values, base, extra):
+    """Cache entries base .. base + k - 1 <- the entries at ``extra`` [k], in keys and values
+    [layers, kv_heads, capacity, head_dim] (every source read before any entry is written)."""
+    k = extra.size
+    kept_keys = np.empty((k, keys.shape[0], keys.shape[1], keys.shape[3]), dtype=keys.dtype)
+    kept_values = np.empty_like(kept_keys)
+    for i in range(k):
+        kept_keys[i] = keys[:, :, extra[i]]
+        kept_values[i] = values[:, :, extra[i]]
+    for i in range(k):
+        keys[:, :, base + i] = kept_keys[i]
+        values[:, :, base + i] = kept_values[i]
+
+
 @numba.njit(**_JIT)
 def tree_logits(
     ids, num_causal, tree_mask, node_depths, root_position, rows, hidden_value, model, keys, values, start,

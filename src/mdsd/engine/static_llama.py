@@ -383,9 +383,8 @@ class StaticLlamaRunner(ModelRunner):
         extra = np.asarray(extra, dtype=np.int64)
         k = extra.size
         if k and extra.tolist() != list(range(base, base + k)):  # a few positions: plain Python
-            if self._cache_numpy is not None:  # the compiled forward's views: no torch dispatch
-                for cache in self._cache_numpy:
-                    cache[:, :, base : base + k] = cache[:, :, extra]  # the gather copies first
+            if self._cache_numpy is not None:  # the compiled forward's views: one compiled call
+                self._kernels.gather_positions(*self._cache_numpy, base, extra)
             else:
                 idx = torch.as_tensor(extra, device=self.device)
                 self._keys[:, :, base : base + k] = self._keys[:, :, idx]
