@@ -1,8 +1,10 @@
 """The compiled radix argsort (``mdsd._radix_numba``) against numpy's stable argsort."""
 
 import numpy as np
+import pytest
 
-from mdsd._radix_numba import stable_argsort
+from mdsd import bound
+from mdsd._radix_numba import stabilize, stable_argsort
 
 
 def test_radix_argsort_is_numpys_stable_argsort():
@@ -35,3 +37,24 @@ def test_radix_argsort_of_constant_and_sorted_keys():
     """Keys whose digits are all equal (every pass skipped), already sorted, reversed."""
     for keys in (np.full(5000, 0.25), np.linspace(-1, 1, 5000), np.linspace(1, -1, 5000), np.zeros(1)):
         np.testing.assert_array_equal(stable_argsort(keys), np.argsort(keys, kind="stable"))
+
+
+@pytest.mark.parametrize("numpy_first", [True, False])
+def test_stable_argsort_either_way_is_numpys_stable_argsort(monkeypatch, numpy_first):
+    """``mdsd.bound.stable_argsort`` gives ``np.argsort(kind="stable")``'s permutation whichever
+    sort it picks (numpy's made stable by ``stabilize``, or the radix sort): ties, zeros of
+    either sign, NaNs, infinities, below and above ``RADIX_MIN``; ``stabilize`` of any ascending
+    order of the keys too."""
+    assert isinstance(bound.numpy_sort_is_faster(), bool)
+    monkeypatch.setattr(bound, "numpy_sort_is_faster", lambda: numpy_first)
+    gen = np.random.default_rng(1)
+    for trial in range(60):
+        n = int(gen.integers(0, 5000))
+        keys = np.round(gen.normal(size=n), int(gen.integers(0, 4)))
+        if n and trial % 3 == 0:
+            keys[gen.integers(0, n, size=n // 4)] = -0.0
+            keys[gen.integers(0, n, size=3)] = np.nan
+            keys[gen.integers(0, n, size=2)] = -np.inf
+        want = np.argsort(keys, kind="stable")
+        np.testing.assert_array_equal(bound.stable_argsort(keys), want)
+        np.testing.assert_array_equal(stabilize(keys, np.argsort(keys, kind="heapsort")), want)

@@ -10,7 +10,9 @@ pass counts every digit; a digit that is the same for every key (the high expone
 of one scale) needs no pass.
 
 The order is ``np.argsort(keys, kind="stable")``'s exactly (tested): -0.0 and 0.0 are one key, and
-every NaN sorts last, in index order, as numpy sorts them.
+every NaN sorts last, in index order, as numpy sorts them. Where numpy's own sort is vectorised
+(AVX-512 on some CPUs: ~0.3 ms for 32,000 keys, against ~0.5 ms here), ``mdsd.bound.stable_argsort``
+sorts with it and makes the order stable afterwards (``stabilize``), the same permutation.
 """
 
 from __future__ import annotations
@@ -77,3 +79,24 @@ def stable_argsort(keys):
         index, spare_index = spare_index, index
         mapped, spare_mapped = spare_mapped, mapped
     return index
+
+
+@numba.njit(cache=True)
+def stabilize(keys, order):
+    """``order`` [n] (ascending keys, e.g. numpy's unstable ``np.argsort``) made stable in place:
+    the indices of each run of equal keys (-0.0 and 0.0 one key; the NaNs, which numpy sorts last,
+    one run) sorted ascending. Returns ``order``: then ``np.argsort(keys, kind="stable")``."""
+    n = order.size
+    i = 0
+    while i < n:
+        key = keys[order[i]]
+        j = i + 1
+        if key != key:  # NaN: every later key is a NaN too
+            j = n
+        else:
+            while j < n and keys[order[j]] == key:
+                j += 1
+        if j - i > 1:
+            order[i:j] = np.sort(order[i:j])
+        i = j
+    return order

@@ -882,10 +882,17 @@ def test_compiled_staircase_equals_reference():
     assert formed >= 3
 
 
-def test_priority_order_equals_stable_sort():
-    """The fast priority order (unstable sort, p = 0 block in id order, stable sort on ties; the
-    radix sort from ``RADIX_MIN`` tokens) is the stable sort of p/q decreasing over q > 0, with
-    zeros and ties."""
+@pytest.mark.parametrize("numpy_first", [True, False])
+def test_priority_order_equals_stable_sort(monkeypatch, numpy_first):
+    """The fast priority order (unstable sort, p = 0 block in id order, stable sort on ties; from
+    ``RADIX_MIN`` tokens the radix sort or numpy's sort made stable, whichever
+    ``mdsd.bound.numpy_sort_is_faster`` picks) is the stable sort of p/q decreasing over q > 0,
+    with zeros and ties; the priority scan's gathers (``common._priority_gather``, either way)
+    are p and q in that order."""
+    from mdsd import bound
+
+    monkeypatch.setattr(bound, "numpy_sort_is_faster", lambda: numpy_first)
+    monkeypatch.setattr(common, "numpy_sort_is_faster", lambda: numpy_first)
     rng = np.random.default_rng(33)
     for i in range(60):
         vocab = int(rng.choice([2, 7, 300, 1500, 5000]))
@@ -895,7 +902,11 @@ def test_priority_order_equals_stable_sort():
             p /= p.sum()
         if i % 5 == 0:
             p = q.copy()
-        np.testing.assert_array_equal(common.priority_order(p, q), common.priority_order_reference(p, q))
+        want = common.priority_order_reference(p, q)
+        np.testing.assert_array_equal(common.priority_order(p, q), want)
+        order, ps, qs = common._priority_gather(p, q, int(np.count_nonzero(q)))
+        np.testing.assert_array_equal(order, want)
+        assert np.array_equal(ps, p[want]) and np.array_equal(qs, q[want])
 
 
 # -- sampling (the decoding path) ------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from mdsd.bound import RADIX_MIN, prefix_scan, stable_argsort
+from mdsd.bound import RADIX_MIN, numpy_sort_is_faster, prefix_scan, stable_argsort
 from mdsd.laws import DraftLaw, others_mass
 from mdsd.sampling import draw
 from mdsd.verifiers.base import EMPTY_MASS
@@ -93,16 +93,28 @@ def priority_scan(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw, *, curve:
     if not (curve and (closed_curve(law, n) or split_curve)):
         return priority_scan_reference(p, q, n, law, curve=curve)
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
-    from mdsd.verifiers.optimal._common_numba import priority_gather
     from mdsd.verifiers.optimal._threshold_numba import curve_scan, wor_curve_scan
 
-    order, ps, qs = priority_gather(p, q)  # priority_order's order, the gathers in the same call
+    order, ps, qs = _priority_gather(p, q, support)
     if split_curve:
         phi, split, alpha, draft_prefix = wor_curve_scan(ps, qs, n, _orders_numba.race_settings(n, support))
     else:
         others = others_mass(qs[::-1]) if law.name == "without_replacement" else np.zeros(0)
         phi, split, alpha, draft_prefix = curve_scan(ps, qs, n, others)
     return PriorityScan(order, phi, split, min(1.0, max(0.0, alpha)), ps, qs, draft_prefix)
+
+
+def _priority_gather(p: np.ndarray, q: np.ndarray, support: int):
+    """(order [K], p [K], q [K] in that order) of ``priority_order``: numpy's sort made stable
+    (``mdsd.bound.stable_argsort``) where it is the faster one on this CPU and the support is
+    large, else one compiled call (``_common_numba.priority_gather``: the order and the gathers).
+    The same arrays either way (tested)."""
+    if support >= RADIX_MIN and numpy_sort_is_faster():
+        order = priority_order(p, q)
+        return order, p[order], q[order]
+    from mdsd.verifiers.optimal._common_numba import priority_gather  # lazy: numba costs ~0.3 s
+
+    return priority_gather(p, q)
 
 
 def compiled_split(law: DraftLaw, n: int, support: int) -> bool:
@@ -116,9 +128,8 @@ def compiled_split(law: DraftLaw, n: int, support: int) -> bool:
 def _compiled_split(p: np.ndarray, q: np.ndarray, n: int, law: DraftLaw) -> PriorityScan:
     """``priority_scan(curve=False)`` by ``_orders_numba.scan_split``."""
     from mdsd.verifiers.optimal import _orders_numba  # lazy: numba costs ~0.3 s
-    from mdsd.verifiers.optimal._common_numba import priority_gather
 
-    order, ps, qs = priority_gather(p, q)  # priority_order's order, the gathers in the same call
+    order, ps, qs = _priority_gather(p, q, int(np.count_nonzero(q)))
     race = _orders_numba.race_settings(n, order.size)
     split, alpha = _orders_numba.scan_split(ps, qs, n, _orders_numba.LAW_CODES[law.name], race)
     return PriorityScan(order, None, int(split), min(1.0, max(0.0, float(alpha))), ps, qs)
