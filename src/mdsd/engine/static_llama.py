@@ -575,11 +575,11 @@ class StaticLlamaRunner(ModelRunner):
         by level drafting (tested). Returns a ``SampledTree``, or None, drawing nothing, where the
         compiled forward does not apply (``sample_chain``'s conditions, or a level wider than a
         panel pass)."""
-        forwarded = np.diff(tree.level_starts)[:-1]  # the levels forwarded after the root's
-        if not self._compiled_applies(max(len(ids), int(forwarded.max(initial=0)))):
+        forwarded = tree.level_sizes[:-1]  # the levels forwarded after the root's (not the last)
+        if not self._compiled_applies(max(len(ids), *forwarded)):
             return None
         start = self._length
-        end = start + len(ids) + int(tree.level_starts[-2])  # the last level is never forwarded
+        end = start + len(ids) + sum(forwarded)
         self._check_capacity(end)
         source = uniform_source(rng) if source is None else source
         began = time.perf_counter()

@@ -65,6 +65,11 @@ class DraftTree:
         return max(self.widths)
 
     @functools.cached_property
+    def level_sizes(self) -> tuple[int, ...]:
+        """Nodes per depth 1..D (Python ints, for per-step arithmetic without numpy)."""
+        return tuple(int(size) for size in np.diff(self.level_starts))
+
+    @functools.cached_property
     def widths_array(self) -> np.ndarray:
         """``widths`` as int64 [D] (read-only), for compiled code."""
         widths = np.asarray(self.widths, dtype=np.int64)
