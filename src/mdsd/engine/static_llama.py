@@ -267,7 +267,7 @@ class StaticLlamaRunner(ModelRunner):
         if self.matmul == "numba":
             self._pool_panels()
         self._compiled_layers = self._compiled_weights() if self.matmul == "numba" else None
-        self._model_arrays = None  # ``_compiled_model``'s tuple, built on first use
+        self._model_arrays = None  # ``_compiled_model``'s list, built on first use
         self._tree_cache = None  # (tree, ``_tree_arrays``) of the last tree drafted in one call
         self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
@@ -324,16 +324,21 @@ class StaticLlamaRunner(ModelRunner):
         self._output = _Linear(weight, bias, self.matmul, self.panel_format or "f32")
         self._model_arrays = None  # rebuilt with the new output layer (``_compiled_model``)
 
-    def _compiled_model(self) -> tuple:
-        """(embed, layers, final_norm, out_panels, out_t, out_bias): the ``model`` argument of
-        ``_llama_numba.causal_logits`` and ``sample_chain``, built once per output layer."""
+    def _compiled_model(self):
+        """A ``numba.typed.List`` holding (embed, layers, final_norm, out_panels, out_t,
+        out_bias): the ``models`` argument of ``_llama_numba.causal_logits``, ``tree_logits``,
+        ``sample_chain`` and ``sample_tree`` (one object to unbox per call), built once per output
+        layer."""
         if self._model_arrays is None:
-            self._model_arrays = (
+            from numba.typed import List
+
+            model = (
                 self._embed_table,
                 self._compiled_layers,
                 self._final_norm_weight,
                 *self._output.compiled(),
             )
+            self._model_arrays = List([model])
         return self._model_arrays
 
     def _compiled_applies(self, tokens: int) -> bool:
@@ -536,7 +541,7 @@ class StaticLlamaRunner(ModelRunner):
         source = uniform_source(rng) if source is None else source
         began = time.perf_counter()
         token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
-        model = self._compiled_model()
+        models = self._compiled_model()
         keys, values = self._cache_numpy
         chain = SampledChain(
             *self._kernels.sample_chain(
@@ -547,7 +552,7 @@ class StaticLlamaRunner(ModelRunner):
                 int(top_k or 0),
                 self.output_ids is not None,  # q stored on its nonzero entries (row_probs)
                 token_ids,
-                model,
+                models,
                 keys,
                 values,
                 start,
