@@ -22,6 +22,11 @@ chain's step took 132 against 161 microseconds in the decoding loop, BENCHMARKS.
 is first tested against a lower bound on its p(x) from float32 exponentials
 (``softmax_lower_bound``): the float64 softmax then runs only for the drafts that test does not
 keep, with the reference's outcome either way (docs/engine.md, "Early acceptance").
+
+``tree_walk``: ``walk.walk`` of a whole multi-draft tree drafted in one call
+(``_llama_numba.sample_tree``) from the target's logits of its valid rows, every node verified
+by ``rejection_node`` or by the optimal verifier's threshold node (docs/engine.md, "Trees in
+three compiled calls").
 """
 
 from __future__ import annotations
@@ -317,7 +322,7 @@ def _top_k_probs(logits, temperature, top_k):
 
 @numba.njit(cache=True)
 def _stored_q(q_ids, kept, values):
-    """A truncated draft q of one level as ``decode._ChainProbs`` stores it: its token ids (the
+    """A truncated draft q of one level as ``decode._DraftedProbs`` stores it: its token ids (the
     output layer's ``q_ids`` at the positions ``kept``, or the positions themselves where
     ``q_ids`` is empty: the whole vocabulary) and values, entries of mass 0 dropped."""
     ids = kept if q_ids.size == 0 else q_ids[kept]

@@ -581,7 +581,7 @@ class StaticLlamaRunner(ModelRunner):
         compiled forward does not apply (``sample_chain``'s conditions, or a level wider than a
         panel pass)."""
         forwarded = tree.level_sizes[:-1]  # the levels forwarded after the root's (not the last)
-        if not self._compiled_applies(max(len(ids), *forwarded)):
+        if not self._compiled_applies(max((len(ids), *forwarded))):
             return None
         start = self._length
         end = start + len(ids) + sum(forwarded)
