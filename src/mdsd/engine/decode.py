@@ -350,7 +350,12 @@ class TreeDecoder(_Decoder):
     to run the general one (``exact_acceptance=True`` runs it too: the walk then computes each
     visited node's output law). With the tempered softmax alone the lean loop drafts the chain
     in one compiled call (the same tokens and q; ``compiled_draft = False``: level by level) and
-    verifies it in one more, from the target's logits (``walk.walk_chain_softmax``).
+    verifies it in one more, from the target's logits (``walk.walk_chain_softmax``). Trees of
+    ``iid`` / ``without_replacement`` drafts under such a transform are drafted in one compiled
+    call too (``StaticLlamaRunner.sample_tree``), the target's forward returns the valid rows'
+    logits (``runner.tree_logits``) and, for ``rrs``, ``rrs_without_replacement`` and
+    ``optimal``, the walk is one more call (``walk.walk_tree_softmax``); the same tokens
+    (tested).
 
     Raises ValueError for an unknown ``law`` / ``verifier``, a verifier not exact for the law, a
     tree width larger than the vocabulary for laws drawing distinct tokens, unsupported models
@@ -392,9 +397,7 @@ class TreeDecoder(_Decoder):
         self.eos = eos_ids(pair)
         self.tree: DraftTree | None = None
         self.fast_chain = False  # set by _use_tree
-        self.compiled_draft = (
-            True  # draft_chain / draft_tree: every level in one compiled call where it applies
-        )
+        self.compiled_draft = True  # draft_chain / draft_tree: one compiled call where it applies
         self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
         self.auto_ceiling = None  # ... and auto.ceiling's: the best with free drafting
         self._plain: Autoregressive | None = None  # auto chose plain sampling
@@ -622,12 +625,11 @@ class TreeDecoder(_Decoder):
         has none or it does not apply (nothing drawn). Laws of distinct drafts draw sequentially
         up to ``mdsd.laws.SEQUENTIAL_DRAWS_MAX`` drafts, as ``WithoutReplacement`` does."""
         distinct = self.book.law.distinct
-        sample_tree = getattr(self.draft, "sample_tree", None)
-        if sample_tree is None or (distinct and self.tree.max_width > SEQUENTIAL_DRAWS_MAX):
+        if distinct and self.tree.max_width > SEQUENTIAL_DRAWS_MAX:
             return None
         fresh = np.asarray(seq[self.draft.cached :])
         sampling = self.sampling
-        sampled = sample_tree(
+        sampled = self.draft.sample_tree(
             fresh, self.tree, distinct, rng, sampling.temperature, self._source(rng), sampling.top_k
         )
         if sampled is None:

@@ -246,6 +246,13 @@ class ModelRunner:
         runner has none (this one): see ``StaticLlamaRunner.sample_chain``."""
         return None
 
+    def sample_tree(
+        self, ids, tree, distinct: bool, rng: np.random.Generator, temperature: float, source=None, top_k=None
+    ) -> SampledTree | None:
+        """A draft tree drafted in one compiled call, or None (drawing nothing from ``rng``) where
+        the runner has none (this one): see ``StaticLlamaRunner.sample_tree``."""
+        return None
+
     def causal(self, ids: np.ndarray, keep: int = 1) -> np.ndarray:
         """Plain causal forward of ``ids`` after the cache; logits of the last ``keep`` rows."""
         return self.logits(self._timed(ids, keep))
