@@ -341,6 +341,13 @@ class StaticLlamaRunner(ModelRunner):
             self._model_arrays = List([model])
         return self._model_arrays
 
+    @property
+    def _stack_args(self) -> tuple:
+        """(cos table, sin table, heads, kv_heads, eps, gemm): the trailing arguments of every
+        compiled forward from token ids (``_llama_numba.causal_logits``, ``tree_logits``,
+        ``sample_chain``, ``sample_tree``)."""
+        return (*self._rotary_numpy, self.heads, self.kv_heads, self._eps, self._gemm)
+
     def _compiled_applies(self, tokens: int) -> bool:
         """Whether a forward of ``tokens`` tokens runs as one compiled call from token ids
         (``causal``, ``sample_chain``): matmul "numba", a static RoPE table, one panel pass."""
@@ -473,11 +480,7 @@ class StaticLlamaRunner(ModelRunner):
             self._compiled_model(),
             *self._cache_numpy,
             start,
-            *self._rotary_numpy,
-            self.heads,
-            self.kv_heads,
-            self._eps,
-            self._gemm,
+            *self._stack_args,
         )
         self._length = end
         self.calls += 1
@@ -505,11 +508,7 @@ class StaticLlamaRunner(ModelRunner):
             self._compiled_model(),
             *self._cache_numpy,
             start,
-            *self._rotary_numpy,
-            self.heads,
-            self.kv_heads,
-            self._eps,
-            self._gemm,
+            *self._stack_args,
         )
         self._length = start + len(ids)
         self.calls += 1
@@ -540,27 +539,12 @@ class StaticLlamaRunner(ModelRunner):
         self._check_capacity(start + len(ids) + depth - 1)
         source = uniform_source(rng) if source is None else source
         began = time.perf_counter()
-        token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
-        models = self._compiled_model()
-        keys, values = self._cache_numpy
         chain = SampledChain(
             *self._kernels.sample_chain(
                 np.asarray(ids, dtype=np.int64),
                 int(depth),
                 *source,
-                float(temperature),
-                int(top_k or 0),
-                self.output_ids is not None,  # q stored on its nonzero entries (row_probs)
-                token_ids,
-                models,
-                keys,
-                values,
-                start,
-                *self._rotary_numpy,
-                self.heads,
-                self.kv_heads,
-                self._eps,
-                self._gemm,
+                *self._drafting_args(temperature, top_k, start),
             )
         )
         self._length = start + len(ids) + depth - 1
@@ -588,34 +572,28 @@ class StaticLlamaRunner(ModelRunner):
         self._check_capacity(end)
         source = uniform_source(rng) if source is None else source
         began = time.perf_counter()
-        token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
-        keys, values = self._cache_numpy
-        tree_arrays = self._tree_arrays(tree)
         sampled = SampledTree(
             *self._kernels.sample_tree(
                 np.asarray(ids, dtype=np.int64),
-                *tree_arrays,
+                *self._tree_arrays(tree),
                 bool(distinct),
                 *source,
-                float(temperature),
-                int(top_k or 0),
-                self.output_ids is not None,  # q stored on its nonzero entries (row_probs)
-                token_ids,
-                self._compiled_model(),
-                keys,
-                values,
-                start,
-                *self._rotary_numpy,
-                self.heads,
-                self.kv_heads,
-                self._eps,
-                self._gemm,
+                *self._drafting_args(temperature, top_k, start),
             )
         )
         self._length = end
         self.calls += tree.depth
         self.model_time += time.perf_counter() - began
         return sampled
+
+    def _drafting_args(self, temperature: float, top_k, start: int) -> tuple:
+        """The arguments ``_llama_numba.sample_chain`` and ``sample_tree`` share after their own:
+        temperature, top-k (0: none), whether q is stored on its nonzero entries (a draft over
+        part of the vocabulary, as ``SamplingConfig.row_probs`` stores it), the output layer's
+        token ids, the model, the cache, its length and ``_stack_args``."""
+        token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
+        sampling = (float(temperature), int(top_k or 0), self.output_ids is not None, token_ids)
+        return (*sampling, self._compiled_model(), *self._cache_numpy, start, *self._stack_args)
 
     def _tree_arrays(self, tree) -> tuple:
         """(widths, level_starts, child_starts, depths, masks) of ``sample_tree`` for ``tree``,
