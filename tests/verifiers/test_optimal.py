@@ -761,8 +761,8 @@ def test_order_split_attains_alpha_at_top_k():
 @pytest.mark.parametrize("vocab", [1000, 5000])
 def test_order_split_attains_alpha_on_large_supports(vocab):
     """Three, four, eight, twelve and sixteen drafts without replacement over a whole LM-like
-    vocabulary (Phi by the race quadrature; at 5,000 tokens the row path, beyond the compiled
-    node's ``NODE_KERNEL_MAX_SUPPORT``): the threshold method, certified, acceptance alpha* to
+    vocabulary (Phi by the race quadrature; the row path's fit): the threshold method, certified,
+    acceptance alpha* to
     1e-12 (1e-11 beyond eight), a draft set's law sums to 1; at 1,000 tokens the decoding sampler's
     tokens (n = 3, 4, 12), drafts drawn afresh for each, follow p (G-test on the tokens with an
     expected count of at least 5 and the rest pooled; false-positive rate 1e-4 per n)."""
@@ -1002,6 +1002,38 @@ def test_threshold_node_equals_row_path():
             assert node == threshold.sample_threshold_row(row, p, drafts, np.random.default_rng(seed))
             compared += 1
     assert compared > 1300
+
+
+@pytest.mark.parametrize("numpy_first", [True, False])
+def test_threshold_node_equals_row_path_on_long_rows(monkeypatch, numpy_first):
+    """On rows of 1,100-8,192 tokens (the radix sort's range in the node; the row path's order by
+    the radix sort or by numpy's sort made stable, ``mdsd.bound.numpy_sort_is_faster``) the
+    compiled node draws the row path's token from the same generator state: i.i.d. and two and
+    three drafts without replacement, LM-like rows at two temperatures, q over part of p's support
+    (a draft vocabulary), p = q."""
+    from mdsd import bound
+    from mdsd.verifiers.optimal import common
+
+    monkeypatch.setattr(bound, "numpy_sort_is_faster", lambda: numpy_first)
+    monkeypatch.setattr(common, "numpy_sort_is_faster", lambda: numpy_first)
+    gen = np.random.default_rng(45)
+    for trial, vocab in enumerate((1100, 3000, 4096, 8192)):
+        p, q = lm_pair(vocab, seed=trial, temperature=0.7 + 0.3 * (trial % 2))
+        if trial % 2:  # q on its likeliest half only
+            q = np.where(q >= np.median(q), q, 0.0)
+            q /= q.sum()
+        if trial == 2:
+            p = q.copy()
+        for law, n in (("iid", 2), ("without_replacement", 2), ("without_replacement", 3)):
+            the_law = mdsd.get_law(law)
+            plan = node_plan(the_law, n, int(np.count_nonzero(q)))
+            assert plan is not None and plan.kind == "threshold"
+            row = threshold.fit_threshold_row(p, q, n, the_law)
+            for _ in range(4):  # drafts and uniforms afresh: other branches of the draw
+                drafts = the_law.sample(q, n, gen)
+                seed = int(gen.integers(1 << 30))
+                node = plan.sample(p, q, drafts, np.random.default_rng(seed))
+                assert node == threshold.sample_threshold_row(row, p, drafts, np.random.default_rng(seed))
 
 
 @pytest.mark.parametrize("plain_first", [orders.ORDER_PLAIN_FIRST, 0])

@@ -186,9 +186,13 @@ def stack_rows(rows: list[ThresholdRow], q: np.ndarray) -> TokenArrays:
 # Uniforms one threshold draw uses: the threshold u, the pair split, the keep test, the residual.
 NODE_UNIFORMS = 4
 # Rows whose q has at most this many tokens are fitted and sampled by the compiled node
-# (``verifier.node_plan``: a stable sort in numba, cheap on short rows); longer rows take
-# numpy's sort through ``fit_threshold_row``.
-NODE_KERNEL_MAX_SUPPORT = 2048
+# (``verifier.node_plan``: the stable radix sort from ``RADIX_MIN`` tokens, one call); longer
+# rows take ``fit_threshold_row``, whose priority order may use numpy's vectorised sort
+# (``mdsd.bound.stable_argsort``). Hot, on the Intel VM of BENCHMARKS.md, the node and the row
+# path cost the same on 4,096-8,192 synthetic tokens (0.15-0.31 ms for two drafts, 0.9-2.0 ms
+# for three without replacement); in the decoding loop the node is one call (inside the
+# engine's tree walk) where the row path is dozens of numpy calls.
+NODE_KERNEL_MAX_SUPPORT = 8192
 
 
 def sample_threshold_row(row: ThresholdRow, p: np.ndarray, drafts: np.ndarray, rng) -> int:
