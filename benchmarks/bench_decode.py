@@ -91,7 +91,8 @@ def main() -> None:
     ap.add_argument(
         "--level-by-level",
         action="store_true",
-        help="run every chain on the lean loop also with its draft levels one by one (a row each)",
+        help="run every chain on the lean loop and every tree drafted in one call also with its draft "
+        "levels one by one (a row each)",
     )
     ap.add_argument("--json")
     args = ap.parse_args()

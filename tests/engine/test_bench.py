@@ -101,21 +101,29 @@ def test_bench_repeats_keep_the_fastest_run(llama, monkeypatch):
 
 
 def test_bench_level_by_level_rows(llama):
-    """``level_by_level``: a chain on the lean loop gets a second row drafted level by level
-    (``compiled_draft`` False), with the same tokens; trees get none."""
+    """``level_by_level``: a chain on the lean loop and a tree of a law drafted in one call each
+    get a second row drafted level by level (``compiled_draft`` False), with the same tokens; a
+    tree of another law gets none."""
     from mdsd.engine.bench import run_bench
 
     sampling = SamplingConfig(0.7, max_new_tokens=6, stop_on_eos=False)
-    configs = [TreeConfig.make("1x2", "iid", "rrs"), TreeConfig.make("2x2", "iid", "rrs")]
+    configs = [
+        TreeConfig.make("1x2", "iid", "rrs"),
+        TreeConfig.make("2x2", "iid", "rrs"),
+        TreeConfig.make("2x2", "greedy", "greedy"),
+    ]
     rows = run_bench(llama, [PROMPT, [5, 6]], sampling, configs, seed=0, hf=False, level_by_level=True)
     assert [r["method"] for r in rows] == [
         "autoregressive",
         "mdsd iid/rrs 1x2",
         "mdsd iid/rrs 1x2 (drafted level by level)",
         "mdsd iid/rrs 2x2",
+        "mdsd iid/rrs 2x2 (drafted level by level)",
+        "mdsd greedy/greedy 2x2",
     ]
-    for key in ("new_tokens", "target_calls", "draft_calls", "mean_accepted", "acceptance_by_depth"):
-        assert rows[1][key] == rows[2][key], key
+    for one_call, levels in ((1, 2), (3, 4)):
+        for key in ("new_tokens", "target_calls", "draft_calls", "mean_accepted", "acceptance_by_depth"):
+            assert rows[one_call][key] == rows[levels][key], key
 
 
 def test_bench_general_loop_rows(llama):

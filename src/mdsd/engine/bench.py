@@ -233,10 +233,11 @@ def run_bench(
     on the general loop, as a row "... (general loop)" (the same tokens, so the rows differ in
     time only).
 
-    ``level_by_level``: every chain that runs the lean loop also runs with its draft levels one by
-    one (``TreeDecoder.compiled_draft`` False), as a row "... (drafted level by level)"; the
-    same tokens (where the transform is not the tempered softmax alone both rows run the same
-    code).
+    ``level_by_level``: every chain that runs the lean loop, and every tree of a law drafted in
+    one call, also runs with its draft levels one by one (``TreeDecoder.compiled_draft`` False;
+    ``TreeDecoder.one_call_drafting``), as a row "... (drafted level by level)"; the same tokens
+    (where the transform is not the tempered softmax after an optional top-k both rows run the
+    same code).
 
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
     a change in machine load during the run affects all methods alike.
@@ -262,7 +263,7 @@ def run_bench(
             general = TreeDecoder(pair, config, sampling, matmul=matmul)
             general.fast_chain = False
             methods.append(_DecoderMethod(f"{name} (general loop)", general))
-        if level_by_level and decoder.fast_chain:
+        if level_by_level and decoder.one_call_drafting:
             levels = TreeDecoder(pair, config, sampling, matmul=matmul)
             levels.compiled_draft = False
             methods.append(_DecoderMethod(f"{name} (drafted level by level)", levels))

@@ -437,6 +437,13 @@ class TreeDecoder(_Decoder):
         block = self.config.verifier == "block"
         return (self.sequence_method is None or block) and chain_walks_fast(self.book.rule(1, 2))
 
+    @property
+    def one_call_drafting(self) -> bool:
+        """Whether ``compiled_draft`` can apply: a chain on the lean loop (``sample_chain``), or a
+        tree whose law ``sample_tree`` draws (``COMPILED_TREE_LAWS``); it then does where the
+        transform is the tempered softmax after an optional top-k and the runner is compiled."""
+        return self.fast_chain or (self.tree is not None and self.book.law.name in COMPILED_TREE_LAWS)
+
     def use_draft_vocabulary(self, vocabulary: DraftVocabulary | None) -> None:
         """Draft over ``vocabulary`` only (``mdsd.engine.vocab``; None: the whole vocabulary).
         The decoder stays exact: the verifier is given the draft law it samples from."""
