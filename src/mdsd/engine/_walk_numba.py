@@ -391,7 +391,7 @@ def _plan_fits(drafted, zeros, width, plan_n, plan_support):
 @numba.njit(cache=True)
 def tree_walk(
     logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros, q_kept,
-    q_drafted, distinct, optimal, plan_n, plan_support, head, tail, uniform, state,
+    q_drafted, distinct, optimal, plan_n, plan_support, head, tail, uniform, state, early,
 ):  # fmt: skip
     """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes,
     the emitted token after it, whether it is a bonus token), or (empty, -1, False) without
@@ -410,7 +410,10 @@ def tree_walk(
     draft by classic speculative sampling (``walk.RuleBook``'s single-draft rule). Then the
     descent into the first child holding the emitted token, or, at a node without valid
     children, the bonus drawn from p at the next uniform: the tokens and the generator's state
-    of ``walk`` (tested)."""
+    of ``walk`` (tested). ``early`` (float32 logits, p the tempered softmax alone): as in
+    ``softmax_chain_walk``, a node verified by rejection sampling first tests its first draft
+    against ``softmax_lower_bound`` (kept there: kept by the reference too) and the bonus is
+    drawn by ``softmax_draw``, so the float64 softmax of a row runs only where needed."""
     path = np.empty(widths.size, dtype=np.int64)
     if optimal and not _plan_fits(q_drafted, q_zeros, q_values.shape[1], plan_n, plan_support):
         return path[:0], np.int64(-1), False
@@ -418,7 +421,7 @@ def tree_walk(
     kids, untruncated = np.empty(widths.max(), dtype=np.int64), np.empty(0, dtype=np.int64)
     while True:
         r = 0 if node < 0 else 1 + np.count_nonzero(valid[:node])  # the node's row
-        p_ids, p_values = _target_row(logits[r], temperature, top_k)
+        row, dense = logits[r], not (0 < top_k < vocab)  # dense: p the tempered softmax alone
         d, n = (0 if node < 0 else depths[node]), 0
         if d < widths.size:
             first = child_starts[node + 1]
@@ -426,9 +429,11 @@ def tree_walk(
                 if valid[c]:
                     kids[n] = c
                     n += 1
-        if n == 0:  # an accepted leaf: the bonus token
-            at = draw(p_values, next_uniform(uniform, state))
-            return path[:k], (p_ids[at] if p_ids.size else np.int64(at)), True
+        if n == 0 and dense:  # an accepted leaf: the bonus token
+            return path[:k], softmax_draw(row, temperature, next_uniform(uniform, state), early), True
+        if n == 0:
+            p_ids, p_values = _target_row(row, temperature, top_k)
+            return path[:k], p_ids[draw(p_values, next_uniform(uniform, state))], True
         drafts = tokens[kids[:n]]
         kept = q_kept[r] if q_kept.size else untruncated
         d_ids, d_values = _drafted_row(q_ids, kept, q_values[r], q_zeros[r])
@@ -436,6 +441,7 @@ def tree_walk(
             uniforms = np.empty(THRESHOLD_UNIFORMS)
             for i in range(THRESHOLD_UNIFORMS):
                 uniforms[i] = next_uniform(uniform, state)
+            p_ids, p_values = _target_row(row, temperature, top_k)
             token = threshold_node_on_union(
                 p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, head, tail
             )
@@ -443,9 +449,17 @@ def tree_walk(
             uniforms = np.empty(n + 1)
             for i in range(n + 1):
                 uniforms[i] = next_uniform(uniform, state)
-            token = rejection_node(
-                p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, distinct and n > 1
-            )
+            keep_first = False
+            if dense and early:
+                lower = softmax_lower_bound(row, temperature, drafts[0])
+                keep_first = uniforms[0] < _ratio(lower, _prob_at(d_ids, d_values, drafts[0]))
+            if keep_first:  # kept below p's lower bound: rejection_node keeps it too
+                token = drafts[0]
+            else:
+                p_ids, p_values = _target_row(row, temperature, top_k)
+                token = rejection_node(
+                    p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, distinct and n > 1
+                )
         child = -1
         for i in range(n):
             if drafts[i] == token:

@@ -443,7 +443,7 @@ def walk_tree_softmax(
     path, token, bonus = _walk_kernels().tree_walk(
         logits, float(temperature), int(top_k or 0), tree.widths_array, tree.child_starts, tree.depths,
         drafted.tokens, drafted.valid, ids, probs, zeros, kept, counts, distinct, optimal, plan_n,
-        plan_support, plan.head, plan.tail, *source,
+        plan_support, plan.head, plan.tail, *source, logits.dtype == np.float32,
     )  # fmt: skip
     if token < 0:  # a node of several drafts the plan was not made for: nothing drawn yet
         return _walk_rows(tree, drafted, logits, temperature, top_k, rng)
