@@ -366,16 +366,30 @@ def causal_logits(ids, rows, models, keys, values, start, cos_table, sin_table, 
 @numba.njit(**_JIT)
 def _causal_logits(ids, rows, model, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm):
     """``causal_logits`` of the model tuple itself."""
-    embed, layers, final_norm, out_p, out_t, out_b = model
     m = ids.size
-    x = np.empty((m, embed.shape[1]), dtype=np.float32)
-    for r in range(m):
-        x[r] = embed[ids[r]]
     cos, sin = cos_table[start : start + m], sin_table[start : start + m]
     no_mask = np.zeros((0, 0), dtype=np.float32)
-    x = decoder_stack(x, layers, keys, values, start, no_mask, m > 1, cos, sin, heads, kv_heads, eps, gemm)
-    last = rms_norm(np.ascontiguousarray(x[m - rows :]), final_norm, eps)
-    return project(last, out_p, out_t, out_b, gemm)
+    picked = np.arange(m - rows, m)
+    return _rows_logits(
+        model, ids, picked, no_mask, m > 1, cos, sin, keys, values, start, heads, kv_heads, eps, gemm
+    )
+
+
+@numba.njit(**_JIT)
+def _rows_logits(model, ids, picked, mask, causal, cos, sin, keys, values, start, heads, kv_heads, eps, gemm):
+    """The output layer's logits [len(picked), out] of rows ``picked`` of a forward of ``ids`` [m]
+    from cache position ``start`` (``decoder_stack`` with ``mask`` or ``causal``, RoPE ``cos``,
+    ``sin`` [m, d]), the final norm on those rows only: the one forward from token ids of
+    ``causal_logits``, ``tree_logits`` and ``sample_tree``."""
+    embed, layers, final_norm, out_p, out_t, out_b = model
+    x = np.empty((ids.size, embed.shape[1]), dtype=np.float32)
+    for r in range(ids.size):
+        x[r] = embed[ids[r]]
+    x = decoder_stack(x, layers, keys, values, start, mask, causal, cos, sin, heads, kv_heads, eps, gemm)
+    hidden = np.empty((picked.size, x.shape[1]), dtype=np.float32)
+    for j in range(picked.size):
+        hidden[j] = x[picked[j]]
+    return project(rms_norm(hidden, final_norm, eps), out_p, out_t, out_b, gemm)
 
 
 @numba.njit(cache=True)
@@ -405,7 +419,6 @@ def tree_logits(
     ``node_depths`` [T]; m <= ``panel_max_rows``. ``ModelRunner.tree_hidden`` (its mask with
     ``hidden_value``, its positions) then ``logits`` on those rows, with the same arrays and
     kernels (``causal_logits``' ``models``)."""
-    embed, layers, final_norm, out_p, out_t, out_b = models[0]
     m = ids.size
     end = start + m
     mask = np.zeros((m, end), dtype=np.float32)
@@ -416,16 +429,11 @@ def tree_logits(
     for i in range(num_causal):
         positions[i] = start + i
     positions[num_causal:] = root_position + node_depths
-    x = np.empty((m, embed.shape[1]), dtype=np.float32)
-    for r in range(m):
-        x[r] = embed[ids[r]]
     cos, sin = cos_table[positions], sin_table[positions]
-    x = decoder_stack(x, layers, keys, values, start, mask, False, cos, sin, heads, kv_heads, eps, gemm)
-    tail = m - node_depths.size - 1  # the root's row
-    picked = np.empty((rows.size, x.shape[1]), dtype=np.float32)
-    for j in range(rows.size):
-        picked[j] = x[tail + rows[j]]
-    return project(rms_norm(picked, final_norm, eps), out_p, out_t, out_b, gemm)
+    picked = m - node_depths.size - 1 + rows  # the root's row, then the nodes'
+    return _rows_logits(
+        models[0], ids, picked, mask, False, cos, sin, keys, values, start, heads, kv_heads, eps, gemm
+    )
 
 
 @numba.njit(**_JIT)
@@ -531,7 +539,6 @@ def sample_tree(
     each q row, drafted [R]: its n_eff, q [R, W], zeros [R], kept [R, W], as ``sample_chain``'s).
     The cache then holds ``ids`` and the slots of depths 1 .. D - 1."""
     model = models[0]  # ``causal_logits``' ``models``
-    embed, layers, final_norm, out_p, out_t, out_b = model
     depth, truncated = widths.size, 0 < top_k < token_ids.size
     width = top_k if truncated else token_ids.size
     rows = 1 + level_starts[depth - 1]  # the root and every node above the last level
@@ -566,14 +573,25 @@ def sample_tree(
         m = hi - lo
         mask = np.zeros((m, start + m), dtype=np.float32)
         mask[:, start + m - hi :] = masks[d, :m, :hi]
-        x = np.empty((m, embed.shape[1]), dtype=np.float32)
-        for i in range(m):
-            x[i] = embed[tokens[lo + i]]
         positions = root + depths[lo:hi]
         cos, sin = cos_table[positions], sin_table[positions]
-        x = decoder_stack(x, layers, keys, values, start, mask, False, cos, sin, heads, kv_heads, eps, gemm)
+        picked = np.flatnonzero(valid[lo:hi])  # the output layer on the valid slots only
+        level_logits = _rows_logits(
+            model,
+            tokens[lo:hi],
+            picked,
+            mask,
+            False,
+            cos,
+            sin,
+            keys,
+            values,
+            start,
+            heads,
+            kv_heads,
+            eps,
+            gemm,
+        )
         start += m
-        frontier = lo + np.flatnonzero(valid[lo:hi])
-        hidden = rms_norm(np.ascontiguousarray(x[frontier - lo]), final_norm, eps)
-        level_logits = project(hidden, out_p, out_t, out_b, gemm)
+        frontier = lo + picked
     return tokens, valid, nodes[:r], drafted[:r], probs[:r], zeros[:r], kept[:r]

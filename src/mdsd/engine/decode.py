@@ -31,6 +31,7 @@ are in ``mdsd.engine.records``.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -181,14 +182,27 @@ class _DraftedProbs(Mapping):
 
     def __init__(self, ids, probs: np.ndarray, zeros: np.ndarray, kept: np.ndarray, vocab: int, nodes=None):
         self._ids, self._probs, self._zeros, self._kept, self._vocab = ids, probs, zeros, kept, vocab
-        self._nodes = range(-1, len(probs) - 1) if nodes is None else nodes.tolist()
+        self._node_array = nodes
         self._made: dict[int, SupportProbs] = {}
+
+    @functools.cached_property
+    def _nodes(self) -> Sequence[int]:
+        """The node of each row, made when first needed (the one-call walk never asks)."""
+        return range(-1, len(self._probs) - 1) if self._node_array is None else self._node_array.tolist()
+
+    def row_of(self, node: int) -> int:
+        """The row of ``node``'s q; KeyError for a node without one."""
+        if node not in self._nodes:
+            raise KeyError(node)
+        return self._nodes.index(node)
+
+    def support(self, node: int) -> int:
+        """The number of nonzero entries of ``node``'s q."""
+        return self._probs.shape[1] - int(self._zeros[self.row_of(node)])
 
     def __getitem__(self, node: int) -> SupportProbs:
         if node not in self._made:
-            if node not in self._nodes:
-                raise KeyError(node)
-            self._made[node] = self._row(self._nodes.index(node))
+            self._made[node] = self._row(self.row_of(node))
         return self._made[node]
 
     def _row(self, r: int) -> SupportProbs:
@@ -210,26 +224,22 @@ class _DraftedProbs(Mapping):
 
 
 class _NodeRules(Mapping):
-    """node -> its ``NodeRule`` (``RuleBook.rule`` of its width and its q's support), for the
-    nodes of a tree drafted in one call, made when first read (the walk reads the visited ones)."""
+    """node -> its ``NodeRule`` (``RuleBook.rule`` of its width and its q's support, read from
+    the tree's ``_DraftedProbs``), made when read (the walk reads the visited nodes' only)."""
 
-    def __init__(self, book: RuleBook, tree: DraftTree, sampled):
-        self._book, self._tree, self._sampled = book, tree, sampled
-        self._nodes = sampled.nodes.tolist()
+    def __init__(self, book: RuleBook, tree: DraftTree, qs: _DraftedProbs):
+        self._book, self._tree, self._qs = book, tree, qs
 
     def __getitem__(self, node: int):
-        if node not in self._nodes:
-            raise KeyError(node)
-        r = self._nodes.index(node)
+        support = self._qs.support(node)  # KeyError for a node without children
         depth = 0 if node < 0 else int(self._tree.depths[node])
-        support = self._sampled.probs.shape[1] - int(self._sampled.zeros[r])
         return self._book.rule(self._tree.widths[depth], support)
 
     def __iter__(self):
-        return iter(self._nodes)
+        return iter(self._qs)
 
     def __len__(self) -> int:
-        return len(self._nodes)
+        return len(self._qs)
 
 
 # ---------------------------------------------------------------------- autoregressive
@@ -643,7 +653,7 @@ class TreeDecoder(_Decoder):
             return None
         ids = self.draft.output_ids
         qs = _DraftedProbs(ids, sampled.probs, sampled.zeros, sampled.kept, self.vocab, sampled.nodes)
-        rules = _NodeRules(self.book, self.tree, sampled)
+        rules = _NodeRules(self.book, self.tree, qs)
         tree_q = (
             DENSE_IDS if ids is None else ids,
             sampled.probs,
