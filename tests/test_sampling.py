@@ -5,11 +5,10 @@ from a numpy generator (``uniform_source``, ``next_uniform``) against the genera
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 
-from mdsd.sampling import categorical, next_uniform, uniform_source
+from mdsd.sampling import categorical, next_uniforms, uniform_source
 
 from conftest import g_test_pvalue, inverse_cdf_reference
 
@@ -81,24 +80,16 @@ def test_seeded_draws_follow_the_law():
     assert g_test_pvalue(counts, probs) > 1e-4
 
 
-@numba.njit(cache=True)
-def _compiled_uniforms(function, state, n):
-    out = np.empty(n)
-    for i in range(n):
-        out[i] = next_uniform(function, state)
-    return out
-
-
 @pytest.mark.parametrize(
     "bit_generator",
     [np.random.PCG64, np.random.PCG64DXSM, np.random.MT19937, np.random.Philox, np.random.SFC64],
 )
 def test_compiled_uniforms_are_the_generators(bit_generator):
-    """``next_uniform`` at ``uniform_source(rng)`` draws what ``rng.random()`` draws and advances
-    the generator as numpy's calls do, interleaved with numpy's own draws, for every bit
-    generator numpy ships."""
+    """``next_uniform`` (by ``next_uniforms``) at ``uniform_source(rng)`` draws what
+    ``rng.random()`` draws and advances the generator as numpy's calls do, interleaved with
+    numpy's own draws, for every bit generator numpy ships."""
     compiled, reference = (np.random.Generator(bit_generator(7)) for _ in range(2))
     for n in (1, 2, 5, 64):
-        assert np.array_equal(_compiled_uniforms(*uniform_source(compiled), n), reference.random(n))
+        assert np.array_equal(next_uniforms(n, *uniform_source(compiled)), reference.random(n))
         assert compiled.random() == reference.random()
         assert compiled.integers(1 << 40) == reference.integers(1 << 40)

@@ -148,3 +148,12 @@ def next_uniform(typingctx, function, state):
         return builder.call(function_pointer, [builder.inttoptr(args[1], byte_pointer)])
 
     return sig, codegen
+
+
+@numba.njit(cache=True)
+def next_uniforms(count, function, state):
+    """``rng.random(count)`` from compiled code: ``count`` calls of ``next_uniform``."""
+    out = np.empty(count)
+    for i in range(count):
+        out[i] = next_uniform(function, state)
+    return out

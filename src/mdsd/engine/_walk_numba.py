@@ -39,7 +39,7 @@ import numpy as np
 from mdsd._softmax_numba import tempered_softmax
 from mdsd._topk_numba import _max_key, top_k_softmax
 from mdsd.engine._llama_numba import exp_inplace
-from mdsd.sampling import draw, next_uniform
+from mdsd.sampling import draw, next_uniform, next_uniforms
 from mdsd.sequence.chain import _excess_and_deficit, _residual_draw
 from mdsd.verifiers._early_exit import _ratio, rrs_sample
 from mdsd.verifiers.optimal._orders_numba import orders_node
@@ -379,15 +379,6 @@ def _drafted_row(q_ids, kept, values, zeros):
 
 
 @numba.njit(cache=True)
-def _next_uniforms(count, uniform, state):
-    """``rng.random(count)`` drawn in compiled code (``mdsd.sampling.next_uniform``)."""
-    out = np.empty(count)
-    for i in range(count):
-        out[i] = next_uniform(uniform, state)
-    return out
-
-
-@numba.njit(cache=True)
 def _plan_fits(drafted, zeros, width, plan_n, plan_support):
     """Whether every row of more than one draft has n = ``plan_n`` drafts and a q of
     ``plan_support`` nonzero entries (``width`` - its zeros), the node the plan was made for."""
@@ -447,13 +438,13 @@ def tree_walk(
         kept = q_kept[r] if q_kept.size else untruncated
         d_ids, d_values = _drafted_row(q_ids, kept, q_values[r], q_zeros[r])
         if optimal and n > 1:
-            uniforms = _next_uniforms(THRESHOLD_UNIFORMS, uniform, state)
+            uniforms = next_uniforms(THRESHOLD_UNIFORMS, uniform, state)
             p_ids, p_values = _target_row(row, temperature, top_k)
             token = threshold_node_on_union(
                 p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, head, tail
             )
         else:
-            uniforms = _next_uniforms(n + 1, uniform, state)
+            uniforms = next_uniforms(n + 1, uniform, state)
             keep_first = False
             if dense and early:
                 lower = softmax_lower_bound(row, temperature, drafts[0])
