@@ -6,6 +6,7 @@
     python benchmarks/bench_optimal.py --full-profile    (V = 32,000 decoding path by parts)
     python benchmarks/bench_optimal.py --model-nodes [--positions 300]   (the bundled pair's nodes)
     python benchmarks/bench_optimal.py --norm-iterations [--positions 120]   (Wolfe's norms)
+    python benchmarks/bench_optimal.py --peel [--positions 8]   (the peel against its reference)
 
 Inputs are synthetic LM-like pairs (``mdsd.io.random_pair``: target logits N(0, 3^2), draft logits
 perturbed by N(0, 1.5^2)) at V = 8192 (and 32000 for the full-vocabulary timings), processed by
@@ -37,6 +38,12 @@ Tables (markdown):
    (``orders.ORDER_SHORT_BUDGET``), and the share of positions certified within it, on the bundled
    pair's positions (top-k 50) and on synthetic top-64 rows: what ``orders.PLAIN_FIRST_NORMS``
    rests on;
+1e. ``--peel``: the threshold fit's peel (``threshold._peel``, the compiled kernel) against
+   ``threshold._peel_reference`` (numpy, the rescaled remainder interval by interval) on the same
+   lumped target curves, whole vocabularies: synthetic rows (V = 32,000) and the bundled pair's
+   positions (every fourth of the first ``4 * --positions``; V = 8192, no top-k); units (lumped
+   positions), cuts, CPU milliseconds of each, their ratio, and the largest distance of each
+   one's rule mass from the target curve's increments;
 2. optimality: mean and max of alpha* - acceptance over positions (acceptance of the rule actually
    used: exact for ``threshold`` and ``orders``; Monte Carlo, 4096 draft sets, for a fallback),
    and the median fit time. Full-vocabulary ``orders`` fits (without_replacement n >= 3,
@@ -288,6 +295,52 @@ def full_profile_table(args):
             )
 
 
+def lumped_curve(p, q, n, law):
+    """(q [U], Phi [U + 1], A [U + 1]) of the units the fit peels: the priority scan, the target
+    curve and H* staircase, runs with one rate lumped (as ``threshold._fit_levels_reference``)."""
+    scan = priority_scan(p, q, n, mdsd.get_law(law))
+    ps, qs, phi, split = scan.target_probs, scan.draft_probs, scan.phi, scan.split
+    target, clipped = threshold._target_curve(ps, qs, phi, split)
+    run = np.where(clipped, np.where(np.arange(qs.size) < split, 0, 1), -1)
+    target, run = threshold._staircase(ps, qs, phi, split, target, run)
+    same_run = (run[1:] == run[:-1]) & (run[1:] >= 0)
+    cuts = np.concatenate([[0], 1 + np.flatnonzero(~same_run), [qs.size]])
+    return np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts]
+
+
+def peel_table(args):
+    """The peel (compiled) against its numpy reference on the same lumped curves (table 1e)."""
+    cases = []
+    for temperature in (0.7, 1.0):
+        p, q = random_pair(32000, seed=1, temperature=temperature)
+        cases += [(f"synthetic V=32000 T={temperature}", p, q)]
+    target_logits, draft_logits = model_logits(4 * args.positions, args.draft)
+    for temperature in (0.7, 1.0):
+        for i in range(0, 4 * args.positions, 4):  # every fourth position of the first prompts
+            t, d = target_logits[i], draft_logits[i]
+            p, q = process_logits(t, temperature), process_logits(d, temperature)
+            cases += [(f"bundled pair position {i} T={temperature}", p, q)]
+    print("\n### The peel against its reference (CPU ms, whole vocabularies)\n")
+    print(
+        "| row | law | n | units | cuts | peel ms | reference ms | reference / peel "
+        "| mass error | reference's |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    cpu = {"clock": time.process_time}
+    for label, p, q in cases:
+        for law, n in (("iid", 4), ("without_replacement", 2), ("without_replacement", 3)):
+            qs, phi, target = lumped_curve(p, q, n, law)
+            t_peel, (levels, rate) = timed(partial(threshold._peel, qs, phi, target), 3, **cpu)
+            t_ref, (_, ref_rate) = timed(partial(threshold._peel_reference, qs, phi, target), 1, **cpu)
+            error = np.abs(rate * qs - np.diff(target)).max()
+            ref_error = np.abs(ref_rate * qs - np.diff(target)).max()
+            print(
+                f"| {label} | {law} | {n} | {qs.size} | {np.count_nonzero(levels < 1)} | {t_peel:.3f} "
+                f"| {t_ref:.1f} | {t_ref / t_peel:.0f} | {error:.1e} | {ref_error:.1e} |",
+                flush=True,
+            )
+
+
 def speed_table(args):
     rows = []
     cases = [("iid", 8192, TOP_K, n, 1.0) for n in (2, 4, 8)]
@@ -462,6 +515,11 @@ def main():
         help="only Wolfe's iterations on H* by norm (the bundled pair's positions and synthetic rows)",
     )
     parser.add_argument(
+        "--peel",
+        action="store_true",
+        help="only the peel against its reference on whole vocabularies (synthetic and the bundled pair)",
+    )
+    parser.add_argument(
         "--draft",
         help="with --model / --model-nodes / --norm-iterations: the draft (default: the bundled draft)",
     )
@@ -483,6 +541,9 @@ def main():
         return
     if args.norm_iterations:
         norm_iterations_table(args)
+        return
+    if args.peel:
+        peel_table(args)
         return
     if args.model:
         args.model_logits = model_logits(args.positions, args.draft)

@@ -4,10 +4,10 @@ Python loops over up to the whole vocabulary in their references ``_staircase_wa
 and ``_peel_reference``; and the priority scan's curve for the closed-form laws (``curve_scan``,
 one pass where ``common.priority_scan_reference`` makes several numpy passes).
 
-Same arithmetic in the same order (sequential prefix sums, first minimiser), so the results equal
-the references' bit for bit (``tests/verifiers/test_optimal.py`` compares them). The intervals of
-the peel are disjoint except for their shared ends, whose curve value is Phi there, so its
-working arrays are indexed by absolute position instead of a copy per interval (``peel``).
+The staircase walk and the curve scans do the references' arithmetic in the same order, so their
+results equal the references' bit for bit; the peel finds the same intervals and cuts from each
+interval's own ratio instead of the reference's rescaled remainder, so its levels and rates equal
+the reference's to rounding (``tests/verifiers/test_optimal.py`` compares them all).
 """
 
 from __future__ import annotations
@@ -22,148 +22,236 @@ from mdsd.verifiers.optimal._orders_numba import WITHOUT_REPLACEMENT, qall_windo
 
 @numba.njit(cache=True, error_model="numpy")
 def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
-    """(levels [K + 1], rate [K]) of the random-threshold mixture of chords of phi for target.
+    """(levels [K + 1], rate [K]) of the random-threshold mixture of chords of phi for target:
+    ``_peel_reference``'s intervals, cuts and levels from the interval alone (equal to rounding).
 
-    ``_peel_reference``'s arithmetic in its order, with three kinds of work done once instead of
-    once per interval (the peel of a language-model row is mostly a chain of intervals [lo, hi)
-    that lose a few points at the right end, so per-interval passes make it O(K x depth)):
+    The reference rescales the remainder curve at every step; written out, an interval [lo, hi]
+    holding a share g of u has remainder - chord_Phi = (A - chord_A) / g there (both chords
+    between lo and hi), so its cut is the interior boundary of largest ratio
 
-    - q prefix sums from lo are kept by absolute position: a left child [lo, cut) reuses its
-      parent's (the same sequential sums); only a right child sums its own.
-    - The elements of an interval share one rate value (every step adds to a whole interval,
-      and intervals nest), carried on the stack and written once, when the interval ends.
-    - The parent's curve update chord + excess / (1 - lam) is applied by each child in its own
-      scan (chord and excess kept by absolute position; siblings' interiors are disjoint).
+        R = max_b (A_b - chord_A(b)) / (Phi_b - chord_Phi(b))      (Phi at or below its chord: inf)
 
-    Per interval one branch-free scan computes the curve, chord, excess and share of every
-    interior point (vectorised: its divisions dominate), vectorised max / min reductions give
-    the largest excess and the smallest share, and a last scan finds the first point with that
-    share (the reference's first minimiser). error_model "numpy": no zero checks on divisions
-    (a share divides only where room > excess >= 0)."""
+    whatever the ancestors, its level is 1 - min(R, g) and both children hold the share
+    min(R, g); the interval's own rule adds (g - min(R, g)) rho to its rates. Each interval
+    takes R and its cut from an anchor table when one covers it (``_sweep``: one pass from an
+    end, O(length log length), answers every interval sharing that end; built for the root's
+    left end, whose chain of left children is most of the peel on smooth rows), else from one
+    vectorised pass over its interior (``_scan_ratios``; a left child reuses its parent's prefix
+    sums of q). Rates are carried on the stack as one value per interval and written when it
+    ends. Leaf: one unit, R <= 0, or the largest A - chord_A (``_largest_excess``) within
+    tolerance * g."""
     k = qs.size
     levels = np.ones(k + 1)
     levels[0] = 0.0
     levels[k] = 0.0
-    rate = np.zeros(k)
-    prefix = np.empty(k)  # prefix[lo + i] = q of positions lo..lo+i, for the interval being read
-    chord = np.empty(k + 1)  # by absolute position: the last scan's chord and excess there
-    excess = np.empty(k + 1)
-    share = np.empty(k + 1)
-    extremes = np.empty(2, dtype=np.int64)  # bits of the largest excess, the smallest share
-    extremes_value = extremes.view(np.float64)
+    rate = np.empty(k)
+    cum = np.empty(k + 1)  # q before each boundary, and the target's slope on each position
+    slope = np.empty(k)
+    acc = 0.0
+    cum[0] = 0.0
+    for i in range(k):
+        acc += qs[i]
+        cum[i + 1] = acc
+        slope[i] = (target[i + 1] - target[i]) / qs[i]
+    best, ratios, spans = np.empty(k + 1, dtype=np.int64), np.empty(k + 1), np.empty(k + 1)
+    hull_b, hull_a, hull_i = np.empty(k + 1), np.empty(k + 1), np.empty(k + 1, dtype=np.int64)
+    _sweep(qs, phi, target, 0, k, best, ratios, spans, hull_b, hull_a, hull_i)
+    prefix = np.empty(k)  # prefix[lo + i] = q of positions lo..lo+i, for a scanned interval
+    scan = np.empty(k + 1)
     depth = 2 * k + 2
     stack_lo = np.empty(depth, dtype=np.int64)
     stack_hi = np.empty(depth, dtype=np.int64)
-    stack_offset = np.empty(depth)
-    stack_scale = np.empty(depth)
-    stack_base = np.empty(depth)  # the rate value every element of the interval has so far
-    stack_lam = np.empty(depth)  # the parent's lam: its curve update (the root: 0)
-    stack_left = np.empty(depth, dtype=np.bool_)  # a left child: the parent's prefix sums hold
-    stack_lo[0], stack_hi[0], stack_offset[0], stack_scale[0] = 0, k, 0.0, 1.0
-    chord[:] = target  # the root's curve: target + 0 / 1, the target exactly
-    excess[:] = 0.0
-    stack_base[0], stack_lam[0], stack_left[0] = 0.0, 0.0, False
+    stack_share = np.empty(depth)  # g: the share of u the interval's rules hold
+    stack_base = np.empty(depth)  # the rate every position of the interval has so far
+    stack_flags = np.empty(depth, dtype=np.int64)  # _TABLE: the anchor table covers it; _PREFIX
+    stack_lo[0], stack_hi[0], stack_share[0], stack_base[0], stack_flags[0] = 0, k, 1.0, 0.0, _TABLE
     top = 1
     while top > 0:
         top -= 1
-        lo, hi, offset, scale = stack_lo[top], stack_hi[top], stack_offset[top], stack_scale[top]
-        base, parent_lam = stack_base[top], stack_lam[top]
-        size = hi - lo
-        if not stack_left[top]:
-            acc = 0.0
-            for i in range(lo, hi):  # q of positions lo..i, summed locally
-                acc += qs[i]
-                prefix[i] = acc
-        mass = prefix[hi - 1]
-        start, rise = phi[lo], phi[hi] - phi[lo]
-        rho = rise / mass
-        if size == 1:
-            rate[lo] = base + scale * rho
-            continue
-        _scan(
-            prefix[lo : hi - 1],
-            phi[lo + 1 : hi],
-            chord[lo + 1 : hi],
-            excess[lo + 1 : hi],
-            share[lo + 1 : hi],
-            start,
-            rise,
-            mass,
-            1.0 - parent_lam,
+        lo, hi, share, base, flags = (
+            stack_lo[top],
+            stack_hi[top],
+            stack_share[top],
+            stack_base[top],
+            stack_flags[top],
         )
-        _extremes(excess, share, lo + 1, hi, extremes)
-        largest, smallest = extremes_value[0], extremes_value[1]
-        if largest <= tolerance:
-            value = base + scale * rho
+        if hi - lo == 1:
+            rate[lo] = base + share * (phi[hi] - phi[lo]) / qs[lo]
+            continue
+        if flags & _TABLE:
+            cut, ratio, mass = best[hi], ratios[hi], spans[hi]
+        else:
+            if not flags & _PREFIX:
+                acc = 0.0
+                for i in range(lo, hi):  # q of positions lo..i, summed locally
+                    acc += qs[i]
+                    prefix[i] = acc
+                flags |= _PREFIX
+            mass = prefix[hi - 1]
+            cut, ratio = _scan_ratios(prefix, phi, target, lo, hi, mass, scan)
+        rho = (phi[hi] - phi[lo]) / mass
+        chord_slope = (target[hi] - target[lo]) / mass
+        largest = _largest_excess(cum, slope, target, lo, hi, chord_slope, cut)
+        if largest <= tolerance * share or not ratio > 0.0:
+            value = base + share * rho
             for i in range(lo, hi):
                 rate[i] = value
             continue
-        cut = lo + 1 + _first_at_most(share[lo + 1 : hi], smallest, extremes[1])  # first minimiser
-        lam = share[cut]
-        step_base = base + scale * lam * rho
-        levels[cut] = offset + scale * lam
-        child_offset, child_scale = offset + scale * lam, scale * (1.0 - lam)
-        stack_lo[top], stack_hi[top] = lo, cut
-        stack_offset[top], stack_scale[top] = child_offset, child_scale
-        stack_base[top], stack_lam[top], stack_left[top] = step_base, lam, True
-        stack_lo[top + 1], stack_hi[top + 1] = cut, hi
-        stack_offset[top + 1], stack_scale[top + 1] = child_offset, child_scale
-        stack_base[top + 1], stack_lam[top + 1], stack_left[top + 1] = step_base, lam, False
+        kept = min(ratio, share)  # the children's share; share itself: a touch (lam = 0)
+        levels[cut] = 1.0 - kept
+        step_base = base + (share - kept) * rho
+        stack_lo[top], stack_hi[top], stack_share[top], stack_base[top] = lo, cut, kept, step_base
+        stack_flags[top] = flags  # a left child: the same left end
+        stack_lo[top + 1], stack_hi[top + 1], stack_share[top + 1], stack_base[top + 1] = (
+            cut,
+            hi,
+            kept,
+            step_base,
+        )
+        stack_flags[top + 1] = 0
         top += 2
     return levels, rate
 
 
+_TABLE, _PREFIX = 1, 2
+
+
 @numba.njit(cache=True, error_model="numpy")
-def _scan(prefix, phi, chord, excess, share, start, rise, mass, keep):
-    """Chord, excess and share of an interval's interior points (views from its first interior
-    point; prefix: q of the interval's positions up to the one before). The curve there is the
-    parent's update chord + excess / keep (keep = 1 - the parent's lam; the root: the target)."""
-    for i in range(share.size):  # zero-based views: the compiler vectorises this loop
-        point = start + rise * (prefix[i] / mass)
-        over = max(chord[i] + excess[i] / keep - point, 0.0)
-        room = phi[i] - point
-        chord[i] = point
-        excess[i] = over
-        # largest lam with excess <= (1 - lam) room; room <= excess means a touch: lam = 0
-        share[i] = 1.0 - over / room if room > over else 0.0
+def _scan_ratios(prefix, phi, target, lo, hi, mass, ratios):
+    """(cut, R) of interval [lo, hi] by one pass over its interior (prefix: q from lo): the
+    ratios clipped at 0 (R <= 0 is a leaf), inf where Phi is at or below its chord; the largest
+    by its bits (non-negative doubles order as int64 do, a vectorised reduction), then the last
+    boundary holding it (cuts fall mostly near an interval's right end)."""
+    target_slope = (target[hi] - target[lo]) / mass
+    phi_slope = (phi[hi] - phi[lo]) / mass
+    target_lo, phi_lo = target[lo], phi[lo]
+    for b in range(lo + 1, hi):
+        x = prefix[b - 1]
+        over = target[b] - target_lo - target_slope * x
+        room = phi[b] - phi_lo - phi_slope * x
+        ratios[b] = max(over / room, 0.0) if room > 0.0 else np.inf
+    bits = ratios.view(np.int64)
+    largest = np.int64(0)
+    for b in range(lo + 1, hi):
+        largest = max(largest, bits[b])
+    cut = hi - 1
+    while bits[cut] != largest:
+        cut -= 1
+    return cut, ratios[cut]
 
 
 @numba.njit(cache=True)
-def _first_at_most(values, bound, bound_bits):
-    """The first i with values[i] <= bound (values >= 0, bound their minimum, bound_bits its bits
-    as int64), found from the right: the peel's minimiser is mostly near an interval's right
-    end. The last such i is the first when no earlier value is <= bound (one vectorised pass
-    over the bits checks); else a forward search."""
-    last = values.size - 1
-    while last > 0 and not values[last] <= bound:
-        last -= 1
-    bits = values.view(np.int64)
-    earlier = 0
-    for i in range(last):
-        earlier += bits[i] <= bound_bits
-    if earlier == 0:
-        return last
-    first = 0
-    while not values[first] <= bound:
-        first += 1
+def _largest_excess(cum, slope, target, lo, hi, chord_slope, cut):
+    """max(0, largest A_b - chord_A(b)) over the interior of [lo, hi]: A is concave, so at the
+    first position whose slope is at most the chord's (a binary search), checked with its
+    neighbours and the cut (A is concave to rounding only)."""
+    first, last = lo, hi - 1
+    while first < last:
+        mid = (first + last) // 2
+        if slope[mid] <= chord_slope:
+            last = mid
+        else:
+            first = mid + 1
+    largest = 0.0
+    for b in (first - 1, first, first + 1, cut):
+        if lo < b < hi:
+            largest = max(largest, target[b] - target[lo] - chord_slope * (cum[b] - cum[lo]))
+    return largest
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _sweep(qs, phi, target, anchor, stop, best, ratios, spans, hull_b, hull_a, hull_i):
+    """Anchor table of the intervals [anchor, e], e = anchor + 1..stop: best[e] and ratios[e] the
+    cut and R of ``peel`` (best -1 for e = anchor + 1, no interior), spans[e] their q.
+
+    With slopes from the anchor, b_i = (Phi_i - Phi_anchor) / q(anchor..i) and a_i the same of
+    A, the ratio of boundary i in [anchor, e] is (a_i - a_e) / (b_i - b_e): the slope from point
+    (b_e, a_e) to (b_i, a_i). Phi concave makes b decrease with i, so each new end lies left of
+    the earlier points and the largest slope is its tangent to their upper convex hull (a binary
+    search); the end then joins the hull. An end at or right of the hull's leftmost point has
+    a boundary with Phi at or below the chord (a touch: R = inf, cut there); where Phi is not
+    concave such a point is inserted in its place (``_insert``)."""
+    size = 0
+    dist = 0.0
+    e = anchor
+    while e < stop:
+        dist += qs[e]
+        e += 1
+        spans[e] = dist
+        b = (phi[e] - phi[anchor]) / dist
+        a = (target[e] - target[anchor]) / dist
+        if size == 0:
+            best[e], ratios[e] = -1, -np.inf
+        elif b >= hull_b[size - 1]:
+            best[e], ratios[e] = hull_i[size - 1], np.inf
+        else:
+            t = _tangent(hull_b, hull_a, size, b, a)
+            best[e], ratios[e] = hull_i[t], (hull_a[t] - a) / (hull_b[t] - b)
+        size = _insert(hull_b, hull_a, hull_i, size, b, a, e)
+
+
+@numba.njit(cache=True)
+def _tangent(hull_b, hull_a, size, b, a):
+    """The hull vertex of largest slope from (b, a), left of every vertex. Vertices by b
+    decreasing (the last is leftmost); that slope rises, then falls, along the hull: the last
+    vertex t whose edge to its right neighbour is no steeper than the slope from (b, a) to it."""
+    first, last = 0, size - 1
+    while first < last:
+        mid = (first + last + 1) // 2
+        edge = (hull_a[mid - 1] - hull_a[mid]) * (hull_b[mid] - b)
+        if edge <= (hull_a[mid] - a) * (hull_b[mid - 1] - hull_b[mid]):
+            first = mid
+        else:
+            last = mid - 1
     return first
 
 
 @numba.njit(cache=True)
-def _extremes(excess, share, first, stop, out):
-    """out [2] int64 = the bits of max(0, excess[first:stop]) and min(inf, share[first:stop]).
-    Both are >= 0 (excess a max with 0, share 0 or 1 - over / room with 0 <= over < room), and
-    the bits of non-negative doubles order as int64 do: integer reductions, which vectorise,
-    give the exact values."""
-    excess_bits, share_bits = excess.view(np.int64), share.view(np.int64)
-    largest, smallest = np.int64(0), _INF_BITS
-    for i in range(first, stop):
-        largest = max(largest, excess_bits[i])
-        smallest = min(smallest, share_bits[i])
-    out[0], out[1] = largest, smallest
+def _below(b0, a0, b1, a1, b2, a2):
+    """Point 1 on or below the segment from point 0 to point 2 (b0 < b1 < b2)."""
+    return (a1 - a0) * (b2 - b0) <= (a2 - a0) * (b1 - b0)
 
 
-_INF_BITS = np.array([np.inf]).view(np.int64)[0]
+@numba.njit(cache=True)
+def _drop(hull_b, hull_a, hull_i, size, k):
+    """Remove vertex k; the new size."""
+    for i in range(k, size - 1):
+        hull_b[i], hull_a[i], hull_i[i] = hull_b[i + 1], hull_a[i + 1], hull_i[i + 1]
+    return size - 1
+
+
+@numba.njit(cache=True)
+def _insert(hull_b, hull_a, hull_i, size, b, a, e):
+    """Add point (b, a) of boundary e to the upper hull (vertices by b decreasing); the new size.
+    A new leftmost point (Phi concave) drops the vertices it hides from the left end; otherwise
+    it goes to its place in b, unless on or below the hull, and drops the hidden ones on both
+    sides."""
+    if size == 0 or b < hull_b[size - 1]:
+        while size >= 2 and _below(
+            b, a, hull_b[size - 1], hull_a[size - 1], hull_b[size - 2], hull_a[size - 2]
+        ):
+            size -= 1
+        hull_b[size], hull_a[size], hull_i[size] = b, a, e
+        return size + 1
+    k = 0
+    while hull_b[k] > b:
+        k += 1
+    if hull_b[k] == b:
+        if a <= hull_a[k]:
+            return size
+        size = _drop(hull_b, hull_a, hull_i, size, k)
+    if 0 < k < size and _below(hull_b[k], hull_a[k], b, a, hull_b[k - 1], hull_a[k - 1]):
+        return size
+    for i in range(size, k, -1):
+        hull_b[i], hull_a[i], hull_i[i] = hull_b[i - 1], hull_a[i - 1], hull_i[i - 1]
+    hull_b[k], hull_a[k], hull_i[k] = b, a, e
+    size += 1
+    while k + 2 < size and _below(hull_b[k + 2], hull_a[k + 2], hull_b[k + 1], hull_a[k + 1], b, a):
+        size = _drop(hull_b, hull_a, hull_i, size, k + 1)
+    while k >= 2 and _below(b, a, hull_b[k - 1], hull_a[k - 1], hull_b[k - 2], hull_a[k - 2]):
+        size = _drop(hull_b, hull_a, hull_i, size, k - 1)
+        k -= 1
+    return size
 
 
 @numba.njit(cache=True)
