@@ -912,6 +912,81 @@ def test_peel_anchor_table_is_the_largest_ratio(concave):
             assert not inserted_inside
 
 
+@pytest.mark.parametrize("concave", [True, False])
+def test_peel_branch_and_bound_is_the_largest_ratio(concave):
+    """``_bound_ratios``: where it finds the cut (within its budget), it is a boundary of largest
+    ratio and R that ratio, as a brute-force maximum over the interval finds them, on random
+    intervals of long random curves (A concave or not, Phi concave or not; slowly varying
+    slopes, whose ratios near an end are close to each other as on real rows, and rough ones)."""
+    from mdsd.verifiers.optimal._threshold_numba import _bound_ratios, _rises
+
+    rng = np.random.default_rng(35 + concave)
+    found = 0
+    for trial in range(40):
+        k = int(rng.integers(130, 2000))
+        qs = rng.dirichlet(np.full(k, 0.3 if trial % 2 else 3.0))
+        smooth = trial % 4 < 2
+        gains = np.sort(rng.random(k))[::-1] if concave else rng.random(k)
+        if smooth:
+            gains = np.linspace(2.0, 0.1, k) ** (1 + trial % 3) + (0 if concave else 0.01 * rng.random(k))
+        rates = np.sort(rng.random(k))[::-1] * (1.0 if concave else 1 + 0.02 * rng.random(k))
+        phi = np.concatenate([[0.0], np.cumsum(gains * qs)])
+        target = np.concatenate([[0.0], np.cumsum(rates * gains * qs)])
+        cum = np.concatenate([[0.0], np.cumsum(qs)])
+        slope, phi_slope = np.diff(target) / qs, np.diff(phi) / qs
+        curves = (cum, phi, target, slope, phi_slope, _rises(slope), _rises(phi_slope))
+        for _ in range(5):
+            lo = int(rng.integers(0, k - 128))
+            hi = int(rng.integers(lo + 128, k + 1))
+            mass = cum[hi] - cum[lo]
+            cut, ratio, ok = _bound_ratios(curves, lo, hi, mass, 64 + (hi - lo) // 8)
+            if not ok:
+                continue
+            found += 1
+            inner = np.arange(lo + 1, hi)
+            x = cum[inner] - cum[lo]
+            over = target[inner] - target[lo] - (target[hi] - target[lo]) / mass * x
+            room = phi[inner] - phi[lo] - (phi[hi] - phi[lo]) / mass * x
+            brute = np.where(room > 0, np.maximum(over / np.where(room > 0, room, 1.0), 0.0), np.inf)
+            assert lo < cut < hi
+            if np.isinf(brute.max()):
+                assert np.isinf(ratio) and room[cut - lo - 1] <= 1e-15
+                continue
+            assert ratio == pytest.approx(brute[cut - lo - 1], rel=1e-12, abs=1e-15)
+            assert ratio == pytest.approx(brute.max(), rel=1e-9, abs=1e-15)
+    assert found >= 100
+
+
+def test_peel_matches_reference_on_the_bundled_pair():
+    """The bundled pair's rows without a top-k that lump to thousands of units, peeled by
+    intervals shrinking at either end in turn (the branch and bound's case): the reference's
+    rule mass, to rounding."""
+    import torch
+
+    from mdsd.logits import process_logits
+    from mdsd.models import bundled_domains, bundled_prompts, load_pair
+
+    pair = load_pair(draft="mdsd-bundled/draft-distilled")
+    prompt = bundled_prompts(bundled_domains()[0])[0]["prompt"]
+    ids = pair.tokenizer(prompt, return_tensors="pt").input_ids[:, :40]
+    with torch.no_grad():
+        target_logits = pair.target(ids).logits[0].double().numpy()
+        draft_logits = pair.draft(ids).logits[0].double().numpy()
+    hard = 0
+    for t, d in zip(target_logits, draft_logits):
+        p, q = process_logits(t, 0.7), process_logits(d, 0.7)
+        for law, n in (("iid", 4), ("without_replacement", 3)):
+            scan = priority_scan(p, q, n, mdsd.get_law(law))
+            ps, qs, phi, split = scan.target_probs, scan.draft_probs, scan.phi, scan.split
+            levels, rate = threshold._fit_levels(ps, qs, phi, split)
+            if np.count_nonzero(levels < 1) < 5000 or hard >= 3:
+                continue
+            hard += 1
+            ref_levels, ref_rate = threshold._fit_levels_reference(ps, qs, phi, split)
+            np.testing.assert_allclose(rate * qs, ref_rate * qs, rtol=0, atol=2e-14)
+    assert hard == 3
+
+
 def test_compiled_staircase_equals_reference():
     """The numba staircase walk returns the reference's curve and run ids bit for bit, whether a
     staircase forms or not."""

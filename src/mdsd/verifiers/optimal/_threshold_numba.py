@@ -35,24 +35,28 @@ def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
     min(R, g); the interval's own rule adds (g - min(R, g)) rho to its rates. Each interval
     takes R and its cut from an anchor table when one covers it (``_sweep``: one pass from an
     end, O(length log length), answers every interval sharing that end; built for the root's
-    left end, whose chain of left children is most of the peel on smooth rows), else from one
-    vectorised pass over its interior (``_scan_ratios``; a left child reuses its parent's prefix
-    sums of q). Rates are carried on the stack as one value per interval and written when it
-    ends. Leaf: one unit, R <= 0, or the largest A - chord_A (``_largest_excess``) within
-    tolerance * g."""
+    left end, whose chain of left children is most of the peel on smooth rows), else, for long
+    intervals, by branch and bound over ranges of boundaries (``_bound_ratios``: rows that shrink
+    at either end in turn), else by one vectorised pass over its interior (``_scan_ratios``; a
+    left child reuses its parent's prefix sums of q). Rates are carried on the stack as one
+    value per interval and written when it ends. Leaf: one unit, R <= 0, or the largest
+    A - chord_A (``_largest_excess``) within tolerance * g."""
     k = qs.size
     levels = np.ones(k + 1)
     levels[0] = 0.0
     levels[k] = 0.0
     rate = np.empty(k)
-    cum = np.empty(k + 1)  # q before each boundary, and the target's slope on each position
+    cum = np.empty(k + 1)  # q before each boundary; the slopes of A and Phi on each position
     slope = np.empty(k)
     acc = 0.0
     cum[0] = 0.0
+    phi_slope = np.empty(k)
     for i in range(k):
         acc += qs[i]
         cum[i + 1] = acc
         slope[i] = (target[i + 1] - target[i]) / qs[i]
+        phi_slope[i] = (phi[i + 1] - phi[i]) / qs[i]
+    rises, phi_rises = _rises(slope), _rises(phi_slope)
     best, ratios, spans = np.empty(k + 1, dtype=np.int64), np.empty(k + 1), np.empty(k + 1)
     hull_b, hull_a, hull_i = np.empty(k + 1), np.empty(k + 1), np.empty(k + 1, dtype=np.int64)
     _sweep(qs, phi, target, 0, k, best, ratios, spans, hull_b, hull_a, hull_i)
@@ -81,14 +85,20 @@ def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
         if flags & _TABLE:
             cut, ratio, mass = best[hi], ratios[hi], spans[hi]
         else:
-            if not flags & _PREFIX:
-                acc = 0.0
-                for i in range(lo, hi):  # q of positions lo..i, summed locally
-                    acc += qs[i]
-                    prefix[i] = acc
-                flags |= _PREFIX
-            mass = prefix[hi - 1]
-            cut, ratio = _scan_ratios(prefix, phi, target, lo, hi, mass, scan)
+            found = False
+            if hi - lo >= _BOUND_MIN:
+                mass = cum[hi] - cum[lo]
+                curves = (cum, phi, target, slope, phi_slope, rises, phi_rises)
+                cut, ratio, found = _bound_ratios(curves, lo, hi, mass, _BOUND_BUDGET + (hi - lo) // 8)
+            if not found:
+                if not flags & _PREFIX:
+                    acc = 0.0
+                    for i in range(lo, hi):  # q of positions lo..i, summed locally
+                        acc += qs[i]
+                        prefix[i] = acc
+                    flags |= _PREFIX
+                mass = prefix[hi - 1]
+                cut, ratio = _scan_ratios(prefix, phi, target, lo, hi, mass, scan)
         rho = (phi[hi] - phi[lo]) / mass
         chord_slope = (target[hi] - target[lo]) / mass
         largest = _largest_excess(cum, slope, target, lo, hi, chord_slope, cut)
@@ -114,6 +124,102 @@ def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
 
 
 _TABLE, _PREFIX = 1, 2
+# Intervals from _BOUND_MIN units not covered by the anchor table try ``_bound_ratios`` before a
+# scan, with a budget of _BOUND_BUDGET + length / 8 ranges (then the scan: at most about twice
+# its cost wasted). On the bundled pair's rows without a top-k (thousands of units, intervals
+# shrinking at either end in turn) it opens ~65 ranges an interval and never runs out.
+_BOUND_MIN = 128
+_BOUND_BUDGET = 64
+_BOUND_LEAF = 4  # ranges of fewer boundaries are read one by one
+_BOUND_SLACK = 1.0 - 1e-12  # a range is dropped when its bound is below the best by more than rounding
+
+
+@numba.njit(cache=True)
+def _rises(slopes):
+    """rises[i] = sum over j <= i of max(slopes[j] - slopes[j - 1], 0): how far the slopes climb
+    (0 throughout for a concave curve); the climb within positions a + 1..b is rises[b] - rises[a]."""
+    rises = np.zeros(slopes.size)
+    for i in range(1, slopes.size):
+        rises[i] = rises[i - 1] + max(slopes[i] - slopes[i - 1], 0.0)
+    return rises
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _bound_ratios(curves, lo, hi, mass, budget):
+    """(cut, R, found) of interval [lo, hi] by branch and bound over ranges of its interior
+    boundaries: for the long intervals of rows that shrink at either end in turn, whose cut is
+    mostly next to an end. curves: (cum, phi, target, slopes of A and Phi, their rises).
+
+    On a range [b0, b1] (x = q from lo), over = A - chord_A and room = Phi - chord_Phi are
+    piecewise linear with slopes in an interval of width w <= s_b0 - s_(b1-1) + 2 climb (exactly
+    s_b0 - s_(b1-1) where the curve is concave), so they differ from their own chords between b0
+    and b1 by at most w (x_b1 - x_b0) / 4. Hence ratio <= (over chord + d_A) / (room chord - d_Phi),
+    a ratio of two linear functions of x, largest at an end of the range. A range whose two end
+    bounds are below the best ratio so far (the boundaries next to lo and hi first, then each
+    opened range's ends) is dropped; others are halved down to ``_BOUND_LEAF`` boundaries, read
+    one by one. found False: more than ``budget`` ranges opened (the caller scans)."""
+    cum, phi, target, slope, phi_slope, rises, phi_rises = curves
+    target_slope = (target[hi] - target[lo]) / mass
+    chord_slope = (phi[hi] - phi[lo]) / mass
+    cut, best = lo + 1, _ratio_at(cum, phi, target, lo, lo + 1, target_slope, chord_slope)
+    right = _ratio_at(cum, phi, target, lo, hi - 1, target_slope, chord_slope)
+    if right > best:
+        cut, best = hi - 1, right
+    depth = 128  # two ranges a level, a level per halving
+    stack_first, stack_last = np.empty(depth, dtype=np.int64), np.empty(depth, dtype=np.int64)
+    stack_first[0], stack_last[0] = lo + 1, hi - 1
+    top, opened = 1, 0
+    while top > 0 and best < np.inf:
+        top -= 1
+        first, last = stack_first[top], stack_last[top]
+        opened += 1
+        if opened > budget:
+            return cut, best, False
+        if last - first < _BOUND_LEAF:
+            for b in range(first, last + 1):
+                value = _ratio_at(cum, phi, target, lo, b, target_slope, chord_slope)
+                if value > best:
+                    cut, best = b, value
+            continue
+        x0, x1 = cum[first] - cum[lo], cum[last] - cum[lo]
+        over0 = target[first] - target[lo] - target_slope * x0
+        over1 = target[last] - target[lo] - target_slope * x1
+        over_gap = (
+            0.25 * (x1 - x0) * (slope[first] - slope[last - 1] + 2.0 * (rises[last - 1] - rises[first]))
+        )
+        room_gap = (
+            0.25
+            * (x1 - x0)
+            * (phi_slope[first] - phi_slope[last - 1] + 2.0 * (phi_rises[last - 1] - phi_rises[first]))
+        )
+        room0 = phi[first] - phi[lo] - chord_slope * x0 - room_gap
+        room1 = phi[last] - phi[lo] - chord_slope * x1 - room_gap
+        if (
+            room0 > 0.0
+            and room1 > 0.0
+            and over0 + over_gap <= best * room0 * _BOUND_SLACK
+            and over1 + over_gap <= best * room1 * _BOUND_SLACK
+        ):
+            continue
+        for b in (first, last):
+            value = _ratio_at(cum, phi, target, lo, b, target_slope, chord_slope)
+            if value > best:
+                cut, best = b, value
+        middle = (first + last) // 2
+        stack_first[top], stack_last[top] = first, middle
+        stack_first[top + 1], stack_last[top + 1] = middle, last
+        top += 2
+    return cut, best, True
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _ratio_at(cum, phi, target, lo, b, target_slope, chord_slope):
+    """The ratio of boundary b of an interval from lo (its chords' slopes given), clipped at 0 as
+    in ``_scan_ratios``; inf where Phi is at or below its chord (a touch)."""
+    x = cum[b] - cum[lo]
+    over = target[b] - target[lo] - target_slope * x
+    room = phi[b] - phi[lo] - chord_slope * x
+    return max(over / room, 0.0) if room > 0.0 else np.inf
 
 
 @numba.njit(cache=True, error_model="numpy")
