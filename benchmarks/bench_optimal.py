@@ -295,19 +295,6 @@ def full_profile_table(args):
             )
 
 
-def lumped_curve(p, q, n, law):
-    """(q [U], Phi [U + 1], A [U + 1]) of the units the fit peels: the priority scan, the target
-    curve and H* staircase, runs with one rate lumped (as ``threshold._fit_levels_reference``)."""
-    scan = priority_scan(p, q, n, mdsd.get_law(law))
-    ps, qs, phi, split = scan.target_probs, scan.draft_probs, scan.phi, scan.split
-    target, clipped = threshold._target_curve(ps, qs, phi, split)
-    run = np.where(clipped, np.where(np.arange(qs.size) < split, 0, 1), -1)
-    target, run = threshold._staircase(ps, qs, phi, split, target, run)
-    same_run = (run[1:] == run[:-1]) & (run[1:] >= 0)
-    cuts = np.concatenate([[0], 1 + np.flatnonzero(~same_run), [qs.size]])
-    return np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts]
-
-
 def peel_table(args):
     """The peel (compiled) against its numpy reference on the same lumped curves (table 1e)."""
     cases = []
@@ -329,7 +316,10 @@ def peel_table(args):
     cpu = {"clock": time.process_time}
     for label, p, q in cases:
         for law, n in (("iid", 4), ("without_replacement", 2), ("without_replacement", 3)):
-            qs, phi, target = lumped_curve(p, q, n, law)
+            scan = priority_scan(p, q, n, mdsd.get_law(law))
+            _, (qs, phi, target) = threshold._lumped_curve(
+                scan.target_probs, scan.draft_probs, scan.phi, scan.split
+            )
             t_peel, (levels, rate) = timed(partial(threshold._peel, qs, phi, target), 3, **cpu)
             t_ref, (_, ref_rate) = timed(partial(threshold._peel_reference, qs, phi, target), 1, **cpu)
             error = np.abs(rate * qs - np.diff(target)).max()

@@ -862,13 +862,7 @@ def test_compiled_peel_matches_reference_on_lumped_full_vocabulary(law, n):
     the root's anchor table; the same cuts and rule mass as the reference."""
     p, q = lm_pair(32000, seed=1, temperature=1.0)
     scan = priority_scan(p, q, n, mdsd.get_law(law))
-    ps, qs, phi, split = scan.target_probs, scan.draft_probs, scan.phi, scan.split
-    target, clipped = threshold._target_curve(ps, qs, phi, split)
-    run = np.where(clipped, np.where(np.arange(qs.size) < split, 0, 1), -1)
-    target, run = threshold._staircase(ps, qs, phi, split, target, run)
-    same_run = (run[1:] == run[:-1]) & (run[1:] >= 0)
-    cuts = np.concatenate([[0], 1 + np.flatnonzero(~same_run), [qs.size]])
-    coarse = (np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts])
+    _, coarse = threshold._lumped_curve(scan.target_probs, scan.draft_probs, scan.phi, scan.split)
     levels, ref_levels = _assert_peel_matches_reference(*coarse)
     assert np.count_nonzero(levels < 1) > 100  # a deep peel
     assert np.array_equal(levels < 1, ref_levels < 1)

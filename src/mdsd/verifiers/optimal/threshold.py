@@ -112,16 +112,24 @@ def _fit_levels_reference(ps: np.ndarray, qs: np.ndarray, phi: np.ndarray, split
     """Target curve A (rates clip(s, mu, c)), the H* staircase, the lossless lumping of runs with
     one common rate (the target is linear there, so the peel only sees a run's two ends), and the
     mixture of group rules by peeling; in numpy. Returns (levels [K + 1], rate [K])."""
+    cuts, curve = _lumped_curve(ps, qs, phi, split)
+    coarse_levels, coarse_rate = _peel_reference(*curve)
+    levels = np.ones(qs.size + 1)
+    levels[cuts] = coarse_levels
+    return levels, np.repeat(coarse_rate, np.diff(cuts))
+
+
+def _lumped_curve(ps: np.ndarray, qs: np.ndarray, phi: np.ndarray, split: int):
+    """What the fit peels: (cuts [U + 1], (q [U], Phi [U + 1], A [U + 1])) of the U units left
+    when the target curve and the H* staircase's runs with one common rate are lumped (cuts:
+    the positions where units start, then K)."""
     k = qs.size
     target, clipped = _target_curve(ps, qs, phi, split)
     run = np.where(clipped, np.where(np.arange(k) < split, 0, 1), -1)  # -1: a unit on its own
     target, run = _staircase(ps, qs, phi, split, target, run)
     same_run = (run[1:] == run[:-1]) & (run[1:] >= 0)
     cuts = np.concatenate([[0], 1 + np.flatnonzero(~same_run), [k]]) if k > 1 else np.array([0, k])
-    coarse_levels, coarse_rate = _peel_reference(np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts])
-    levels = np.ones(k + 1)
-    levels[cuts] = coarse_levels
-    return levels, np.repeat(coarse_rate, np.diff(cuts))
+    return cuts, (np.add.reduceat(qs, cuts[:-1]), phi[cuts], target[cuts])
 
 
 @dataclass(frozen=True)
