@@ -39,21 +39,16 @@ def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
     intervals, by branch and bound over ranges of boundaries (``_bound_ratios``: rows that shrink
     at either end in turn), else by one vectorised pass over its interior (``_scan_ratios``; a
     left child reuses its parent's prefix sums of q). Rates are carried on the stack as one
-    value per interval and written when it ends. Leaf: one unit, R <= 0, or the largest
-    A - chord_A (``_largest_excess``) within tolerance * g."""
+    value per interval and written when it ends. Leaf: one unit, or R (Phi_hi - Phi_lo), a bound
+    on the largest A - chord_A, within tolerance * g (R <= 0 included)."""
     k = qs.size
     levels = np.ones(k + 1)
     levels[0] = 0.0
     levels[k] = 0.0
     rate = np.empty(k)
-    cum = np.empty(k + 1)  # q before each boundary; the slopes of A and Phi on each position
-    slope = np.empty(k)
-    acc = 0.0
-    cum[0] = 0.0
-    phi_slope = np.empty(k)
+    cum, cum_low = _compensated_prefix(qs)  # q before each boundary, as a sum of two doubles
+    slope, phi_slope = np.empty(k), np.empty(k)  # of A and of Phi on each position
     for i in range(k):
-        acc += qs[i]
-        cum[i + 1] = acc
         slope[i] = (target[i + 1] - target[i]) / qs[i]
         phi_slope[i] = (phi[i + 1] - phi[i]) / qs[i]
     rises, phi_rises = _rises(slope), _rises(phi_slope)
@@ -86,9 +81,9 @@ def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
             cut, ratio, mass = best[hi], ratios[hi], spans[hi]
         else:
             found = False
-            if hi - lo >= _BOUND_MIN:
-                mass = cum[hi] - cum[lo]
-                curves = (cum, phi, target, slope, phi_slope, rises, phi_rises)
+            mass = _span(cum, cum_low, lo, hi)
+            if hi - lo >= _BOUND_MIN and mass > 0.0:
+                curves = (cum, cum_low, phi, target, slope, phi_slope, rises, phi_rises)
                 cut, ratio, found = _bound_ratios(curves, lo, hi, mass, _BOUND_BUDGET + (hi - lo) // 8)
             if not found:
                 if not flags & _PREFIX:
@@ -100,14 +95,15 @@ def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
                 mass = prefix[hi - 1]
                 cut, ratio = _scan_ratios(prefix, phi, target, lo, hi, mass, scan)
         rho = (phi[hi] - phi[lo]) / mass
-        chord_slope = (target[hi] - target[lo]) / mass
-        largest = _largest_excess(cum, slope, target, lo, hi, chord_slope, cut)
-        if largest <= tolerance * share or not ratio > 0.0:
+        # A - chord_A <= R (Phi - chord_Phi) <= R (Phi_hi - Phi_lo): within tolerance * g, a leaf
+        if not ratio * (phi[hi] - phi[lo]) > tolerance * share:
             value = base + share * rho
             for i in range(lo, hi):
                 rate[i] = value
             continue
-        kept = min(ratio, share)  # the children's share; share itself: a touch (lam = 0)
+        if ratio >= share:  # a touch (lam = 0): the first one, as the reference cuts there
+            cut = _first_touch(cum, cum_low, phi, target, lo, hi, share, cut)
+        kept = min(ratio, share)  # the children's share
         levels[cut] = 1.0 - kept
         step_base = base + (share - kept) * rho
         stack_lo[top], stack_hi[top], stack_share[top], stack_base[top] = lo, cut, kept, step_base
@@ -134,6 +130,47 @@ _BOUND_LEAF = 4  # ranges of fewer boundaries are read one by one
 _BOUND_SLACK = 1.0 - 1e-12  # a range is dropped when its bound is below the best by more than rounding
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _first_touch(high, low, phi, target, lo, hi, share, cut):
+    """The first interior boundary of [lo, hi] where the remainder reaches Phi, (A - chord_A) / g
+    >= Phi - chord_Phi (g = ``share``), as ``_peel_reference`` cuts at the first point of share 0;
+    ``cut`` where rounding finds none. Where Phi is flat to rounding (a peaked row's tail) the
+    touches are many, and cutting at another than the first leaves the remainder above Phi
+    between them."""
+    mass = _span(high, low, lo, hi)
+    target_slope = (target[hi] - target[lo]) / mass
+    phi_slope = (phi[hi] - phi[lo]) / mass
+    for b in range(lo + 1, hi):
+        x = _span(high, low, lo, b)
+        over = target[b] - target[lo] - target_slope * x
+        if over >= share * (phi[b] - phi[lo] - phi_slope * x):
+            return b
+    return cut
+
+
+@numba.njit(cache=True)
+def _compensated_prefix(qs):
+    """(high [K + 1], low [K + 1]): q of the positions before each boundary as high + low, the
+    running sum with each addition's rounding error kept (Knuth's two-sum), so that ``_span``
+    gives the q of any interval to about one rounding of itself, even one of masses far below
+    the rounding of the running sum (a peaked row's tail)."""
+    high, low = np.zeros(qs.size + 1), np.zeros(qs.size + 1)
+    acc, error = 0.0, 0.0
+    for i in range(qs.size):
+        total = acc + qs[i]
+        back = total - acc
+        error += (acc - (total - back)) + (qs[i] - back)
+        acc = total
+        high[i + 1], low[i + 1] = acc, error
+    return high, low
+
+
+@numba.njit(cache=True)
+def _span(high, low, a, b):
+    """q of positions a..b-1 from ``_compensated_prefix``'s parts."""
+    return (high[b] - high[a]) + (low[b] - low[a])
+
+
 @numba.njit(cache=True)
 def _rises(slopes):
     """rises[i] = sum over j <= i of max(slopes[j] - slopes[j - 1], 0): how far the slopes climb
@@ -148,7 +185,8 @@ def _rises(slopes):
 def _bound_ratios(curves, lo, hi, mass, budget):
     """(cut, R, found) of interval [lo, hi] by branch and bound over ranges of its interior
     boundaries: for the long intervals of rows that shrink at either end in turn, whose cut is
-    mostly next to an end. curves: (cum, phi, target, slopes of A and Phi, their rises).
+    mostly next to an end. curves: (the two parts of q before each boundary, ``_span``, Phi,
+    A, the slopes of A and Phi, their rises).
 
     On a range [b0, b1] (x = q from lo), over = A - chord_A and room = Phi - chord_Phi are
     piecewise linear with slopes in an interval of width w <= s_b0 - s_(b1-1) + 2 climb (exactly
@@ -158,11 +196,11 @@ def _bound_ratios(curves, lo, hi, mass, budget):
     bounds are below the best ratio so far (the boundaries next to lo and hi first, then each
     opened range's ends) is dropped; others are halved down to ``_BOUND_LEAF`` boundaries, read
     one by one. found False: more than ``budget`` ranges opened (the caller scans)."""
-    cum, phi, target, slope, phi_slope, rises, phi_rises = curves
+    cum, cum_low, phi, target, slope, phi_slope, rises, phi_rises = curves
     target_slope = (target[hi] - target[lo]) / mass
     chord_slope = (phi[hi] - phi[lo]) / mass
-    cut, best = lo + 1, _ratio_at(cum, phi, target, lo, lo + 1, target_slope, chord_slope)
-    right = _ratio_at(cum, phi, target, lo, hi - 1, target_slope, chord_slope)
+    cut, best = lo + 1, _ratio_at(cum, cum_low, phi, target, lo, lo + 1, target_slope, chord_slope)
+    right = _ratio_at(cum, cum_low, phi, target, lo, hi - 1, target_slope, chord_slope)
     if right > best:
         cut, best = hi - 1, right
     depth = 128  # two ranges a level, a level per halving
@@ -177,11 +215,11 @@ def _bound_ratios(curves, lo, hi, mass, budget):
             return cut, best, False
         if last - first < _BOUND_LEAF:
             for b in range(first, last + 1):
-                value = _ratio_at(cum, phi, target, lo, b, target_slope, chord_slope)
+                value = _ratio_at(cum, cum_low, phi, target, lo, b, target_slope, chord_slope)
                 if value > best:
                     cut, best = b, value
             continue
-        x0, x1 = cum[first] - cum[lo], cum[last] - cum[lo]
+        x0, x1 = _span(cum, cum_low, lo, first), _span(cum, cum_low, lo, last)
         over0 = target[first] - target[lo] - target_slope * x0
         over1 = target[last] - target[lo] - target_slope * x1
         over_gap = (
@@ -202,7 +240,7 @@ def _bound_ratios(curves, lo, hi, mass, budget):
         ):
             continue
         for b in (first, last):
-            value = _ratio_at(cum, phi, target, lo, b, target_slope, chord_slope)
+            value = _ratio_at(cum, cum_low, phi, target, lo, b, target_slope, chord_slope)
             if value > best:
                 cut, best = b, value
         middle = (first + last) // 2
@@ -213,10 +251,10 @@ def _bound_ratios(curves, lo, hi, mass, budget):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _ratio_at(cum, phi, target, lo, b, target_slope, chord_slope):
+def _ratio_at(high, low, phi, target, lo, b, target_slope, chord_slope):
     """The ratio of boundary b of an interval from lo (its chords' slopes given), clipped at 0 as
     in ``_scan_ratios``; inf where Phi is at or below its chord (a touch)."""
-    x = cum[b] - cum[lo]
+    x = _span(high, low, lo, b)
     over = target[b] - target[lo] - target_slope * x
     room = phi[b] - phi[lo] - chord_slope * x
     return max(over / room, 0.0) if room > 0.0 else np.inf
@@ -244,25 +282,6 @@ def _scan_ratios(prefix, phi, target, lo, hi, mass, ratios):
     while bits[cut] != largest:
         cut -= 1
     return cut, ratios[cut]
-
-
-@numba.njit(cache=True)
-def _largest_excess(cum, slope, target, lo, hi, chord_slope, cut):
-    """max(0, largest A_b - chord_A(b)) over the interior of [lo, hi]: A is concave, so at the
-    first position whose slope is at most the chord's (a binary search), checked with its
-    neighbours and the cut (A is concave to rounding only)."""
-    first, last = lo, hi - 1
-    while first < last:
-        mid = (first + last) // 2
-        if slope[mid] <= chord_slope:
-            last = mid
-        else:
-            first = mid + 1
-    largest = 0.0
-    for b in (first - 1, first, first + 1, cut):
-        if lo < b < hi:
-            largest = max(largest, target[b] - target[lo] - chord_slope * (cum[b] - cum[lo]))
-    return largest
 
 
 @numba.njit(cache=True, error_model="numpy")
