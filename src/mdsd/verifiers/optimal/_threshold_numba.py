@@ -55,7 +55,9 @@ def peel(qs: np.ndarray, phi: np.ndarray, target: np.ndarray, tolerance: float):
     best, ratios, spans = np.empty(k + 1, dtype=np.int64), np.empty(k + 1), np.empty(k + 1)
     hull_b, hull_a, hull_i = np.empty(k + 1), np.empty(k + 1), np.empty(k + 1, dtype=np.int64)
     _sweep(qs, phi, target, 0, k, best, ratios, spans, hull_b, hull_a, hull_i)
-    prefix = np.empty(k)  # prefix[lo + i] = q of positions lo..lo+i, for a scanned interval
+    # prefix[lo + i] = q of positions lo..lo+i, summed afresh for a scanned interval: exact where
+    # ``_span`` is not (``_compensated_prefix``)
+    prefix = np.empty(k)
     scan = np.empty(k + 1)
     depth = 2 * k + 2
     stack_lo = np.empty(depth, dtype=np.int64)
@@ -152,8 +154,11 @@ def _first_touch(high, low, phi, target, lo, hi, share, cut):
 def _compensated_prefix(qs):
     """(high [K + 1], low [K + 1]): q of the positions before each boundary as high + low, the
     running sum with each addition's rounding error kept (Knuth's two-sum), so that ``_span``
-    gives the q of any interval to about one rounding of itself, even one of masses far below
-    the rounding of the running sum (a peaked row's tail)."""
+    gives the q of an interval to about one rounding of itself plus the kept errors' own
+    rounding, where the plain running sum gives an interval of a peaked row's tail
+    (masses down to 1e-56) a q of 0. Not exact below that: a scan sums its interval's q
+    afresh (``peel``'s prefix), which a tail of such masses needs (measured: a scan reading
+    ``_span`` instead left fits of T = 0.1 rows uncertified)."""
     high, low = np.zeros(qs.size + 1), np.zeros(qs.size + 1)
     acc, error = 0.0, 0.0
     for i in range(qs.size):
