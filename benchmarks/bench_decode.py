@@ -4,7 +4,7 @@
         [--temperature T] [--top-k K] [--dtype bfloat16] [--prompts-file FILE] \
         [--target DIR --draft DIR] [--config LAW:VERIFIER:TREE[:DRAFT_VOCAB[:DRAFT_WEIGHTS]] ...]
         [--draft-vocab K] [--draft-weights int8]
-        [--repeats R] [--general-loop] [--level-by-level] [--json out.json]
+        [--repeats R] [--general-loop] [--level-by-level] [--unfused] [--json out.json]
 
 TREE may be ``auto`` (``mdsd.engine.auto``: chosen from a calibration on the same prompts; the
 table then names the chosen shape and the predicted tokens/s). The profile columns give, per
@@ -94,6 +94,11 @@ def main() -> None:
         help="run every chain on the lean loop and every tree drafted in one call also with its draft "
         "levels one by one (a row each)",
     )
+    ap.add_argument(
+        "--unfused",
+        action="store_true",
+        help="run every tree whose step is one compiled call also with its step in three calls (a row each)",
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.threads:
@@ -123,6 +128,7 @@ def main() -> None:
         repeats=args.repeats,
         general_loop=args.general_loop,
         level_by_level=args.level_by_level,
+        unfused=args.unfused,
     )
     elapsed = time.time() - start
 

@@ -152,6 +152,25 @@ def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, veri
         ]
 
 
+def _count_fused_steps(monkeypatch):
+    """A counter of ``_step_numba.tree_step``'s calls (``fused``) and of those whose walk was left
+    to Python (``unplanned``: a node not the plan's)."""
+    from types import SimpleNamespace
+
+    from mdsd.engine import _step_numba
+
+    calls, tree_step = SimpleNamespace(fused=0, unplanned=0), _step_numba.tree_step
+
+    def counted(*args):
+        out = tree_step(*args)
+        calls.fused += 1
+        calls.unplanned += out[4] < 0
+        return out
+
+    monkeypatch.setattr(_step_numba, "tree_step", counted)
+    return calls
+
+
 @pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
 def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
     """``draft_chain`` in one compiled call (``compiled_draft``) gives the tokens and q (ids and
@@ -249,12 +268,13 @@ def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, veri
     ],
 )
 def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
-    tiny, llama, draft_vocab, law, verifier, tree
+    tiny, llama, draft_vocab, law, verifier, tree, monkeypatch
 ):
-    """Trees drafted in one call (``sample_tree``) and walked in one more
-    (``walk.walk_tree_softmax``: recursive rejection sampling, the optimal verifier's threshold
-    nodes, or node by node where a node is not the plan's) emit the tokens, and record the
-    acceptances, of level-by-level drafting and the node-by-node ``walk`` from the same seed:
+    """Trees whose step is one compiled call (``_step_numba.tree_step``), and trees drafted in
+    one call (``sample_tree``) and walked in one more (``walk.walk_tree_softmax``: recursive
+    rejection sampling, the optimal verifier's threshold nodes, or node by node where a node is
+    not the plan's) emit the tokens, and record the acceptances, of level-by-level drafting and
+    the node-by-node ``walk`` from the same seed:
     temperature 1, a top-k smaller than the width of the tree's widest node, a temperature where
     q and p underflow; with and without a draft vocabulary; a draft that disagrees with the
     target (walks end at the root) and one that is the target (walks reach the leaves and draw
@@ -263,7 +283,7 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
 
     config = TreeConfig.make(tree, law, verifier)
     agreeing = load_pair(target=tiny["llama"][0], draft=tiny["llama"][0])
-    deep = False
+    deep, fused_steps, calls = False, 0, _count_fused_steps(monkeypatch)
     for pair in (llama, agreeing):
         for sampling in (
             SamplingConfig(1.0, max_new_tokens=20, stop_on_eos=False),
@@ -272,18 +292,28 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
         ):
             dec = TreeDecoder(pair, config, sampling)
             dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, pair.draft))
+            fused = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+            steps = sum(r.stats.steps for r in fused)
+            assert dec._fused_verifier() is not None
+            dec.fused_step = False
             compiled = dec.generate([PROMPT, [4, 4], [9]], seed=11)
             assert dec.last_step.drafted.tree_q is not None
             assert dec._walks_tree_from_logits(dec.last_step.drafted)
             dec.compiled_draft = False
             general = dec.generate([PROMPT, [4, 4], [9]], seed=11)
             assert dec.last_step.drafted.tree_q is None
-            assert [r.token_ids for r in compiled] == [r.token_ids for r in general]
-            assert [r.stats.depth_expected.tolist() for r in compiled] == [
-                r.stats.depth_expected.tolist() for r in general
-            ]
+            for results in (fused, compiled):
+                assert [r.token_ids for r in results] == [r.token_ids for r in general]
+                assert [r.stats.depth_expected.tolist() for r in results] == [
+                    r.stats.depth_expected.tolist() for r in general
+                ]
             deep |= any(r.stats.depth_expected[-1] > 0 for r in compiled)  # a leaf kept: a bonus token
+            fused_steps += steps
     assert deep
+    assert calls.fused == fused_steps  # every step in one call (the prompts fit a panel pass)
+    # the optimal verifier's plan is the top-k's: the draft vocabulary's and the underflowing q's
+    # nodes are walked by Python after the call
+    assert (calls.unplanned > 0) == (verifier == "optimal")
 
 
 def test_fast_chain_only_for_single_draft_rejection_chains(llama):

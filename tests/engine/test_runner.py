@@ -696,3 +696,20 @@ def test_int8_draft_refused_without_the_compiled_forward(gpt2, llama):
     for pair, kwargs in ((gpt2, {}), (llama, {"static_cache": False}), (llama, {"matmul": "torch"})):
         with pytest.raises(ValueError, match="draft_weights 'int8'"):
             TreeDecoder(pair, config, SamplingConfig(1.0), **kwargs)
+
+
+def test_compiled_clock_reads_the_monotonic_clock():
+    """``_step_numba.monotonic`` (``clock_gettime`` called from compiled code, which times the
+    parts of a tree's one-call step) reads the clock of ``time.monotonic``: between two readings
+    of it; and 0.0 without a clock."""
+    import time
+
+    from mdsd.engine._step_numba import clock_source, monotonic
+
+    clock = clock_source()
+    assert clock[0] != 0
+    for _ in range(100):
+        before = time.monotonic()
+        now = monotonic(*clock)
+        assert before <= now <= time.monotonic()
+    assert monotonic(0, 0) == 0.0

@@ -216,6 +216,7 @@ def run_bench(
     repeats: int = 1,
     general_loop: bool = False,
     level_by_level: bool = False,
+    unfused: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Run every method over the prompts; rows of statistics with speedups (see module doc).
@@ -238,6 +239,10 @@ def run_bench(
     ``TreeDecoder.one_call_drafting``), as a row "... (drafted level by level)"; the same tokens
     (where the transform is not the tempered softmax after an optional top-k both rows run the
     same code).
+
+    ``unfused``: every tree whose step runs in one compiled call (``TreeDecoder._fused_step``)
+    also runs with its step in three calls (``TreeDecoder.fused_step`` False), as a row
+    "... (step in three calls)"; the same tokens.
 
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
     a change in machine load during the run affects all methods alike.
@@ -263,6 +268,10 @@ def run_bench(
             general = TreeDecoder(pair, config, sampling, matmul=matmul)
             general.fast_chain = False
             methods.append(_DecoderMethod(f"{name} (general loop)", general))
+        if unfused and decoder.one_call_steps:
+            three = TreeDecoder(pair, config, sampling, matmul=matmul)
+            three.fused_step = False
+            methods.append(_DecoderMethod(f"{name} (step in three calls)", three))
         if level_by_level and decoder.one_call_drafting:
             levels = TreeDecoder(pair, config, sampling, matmul=matmul)
             levels.compiled_draft = False

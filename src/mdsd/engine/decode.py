@@ -46,7 +46,7 @@ from mdsd.engine.records import (
     SamplingConfig,
     TreeConfig,
 )
-from mdsd.engine.runner import check_supported, check_tree_attention, context_length, rows_of
+from mdsd.engine.runner import SampledTree, check_supported, check_tree_attention, context_length, rows_of
 from mdsd.engine.static_llama import draft_runner, make_runner
 from mdsd.engine.tree import DraftTree, build_tree
 from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary
@@ -59,6 +59,8 @@ from mdsd.engine.walk import (
     chain_walks_fast,
     draft_children,
     softmax_token,
+    tree_walk_result,
+    tree_walk_verifier,
     walk,
     walk_chain,
     walk_chain_block,
@@ -84,6 +86,14 @@ COMPILED_TREE_LAWS = ("iid", "without_replacement")
 
 
 # ---------------------------------------------------------------------- shared helpers
+@functools.cache
+def _step_kernels():
+    """``mdsd.engine._step_numba``, imported once (numba's import costs ~0.3 s)."""
+    from mdsd.engine import _step_numba
+
+    return _step_numba
+
+
 def eos_ids(pair) -> set[int]:
     ids = set()
     for source in (getattr(pair.target, "generation_config", None), pair.target.config, pair.tokenizer):
@@ -408,10 +418,13 @@ class TreeDecoder(_Decoder):
         self.tree: DraftTree | None = None
         self.fast_chain = False  # set by _use_tree
         self.compiled_draft = True  # draft_chain / draft_tree: one compiled call where it applies
+        self.fused_step = True  # a tree's whole step in one compiled call where it applies
         self.auto_choice = None  # mdsd.engine.auto.TreeChoice once an auto tree is chosen
         self.auto_ceiling = None  # ... and auto.ceiling's: the best with free drafting
         self._plain: Autoregressive | None = None  # auto chose plain sampling
         self._source_of, self._uniform_source = None, (0, 0)  # ``_source``'s generator and its source
+        self._fused_plan = None  # ``_fused_verifier``'s (key, arguments)
+        self._clock = _step_kernels().clock_source()  # ``_fused_step``'s timer
         if config.tree is not None:
             self._use_tree(config.tree)
 
@@ -651,6 +664,11 @@ class TreeDecoder(_Decoder):
         )
         if sampled is None:
             return None
+        return self._drafted_slots(sampled)
+
+    def _drafted_slots(self, sampled: SampledTree) -> DraftedSlots:
+        """``draft_tree``'s result from the runner's ``SampledTree``: q per node as
+        ``SamplingConfig.row_probs`` stores it (``_DraftedProbs``) and as arrays (``tree_q``)."""
         ids = self.draft.output_ids
         qs = _DraftedProbs(ids, sampled.probs, sampled.zeros, sampled.kept, self.vocab, sampled.nodes)
         rules = _NodeRules(self.book, self.tree, qs)
@@ -836,8 +854,103 @@ class TreeDecoder(_Decoder):
         result = self.verify_sequence(drafted, lambda node: self.sampling.row_probs(logits[node + 1]), rng)
         return result, head_time
 
+    @property
+    def one_call_steps(self) -> bool:
+        """Whether a step of this decoder's tree runs in one compiled call (``_fused_step``) where
+        both runners' compiled forwards apply (every step after a prompt of at most a panel
+        pass, ``StaticLlamaRunner.compiled_forward``)."""
+        return self.tree is not None and self._fused_verifier() is not None
+
+    def _fused_verifier(self) -> tuple | None:
+        """``walk.tree_walk_verifier``'s arguments where a step of this tree runs in one compiled
+        call (``_fused_step``), else None: the tree drafted in one call (``_drafted_tree``) and
+        walked from the logits (``_walks_tree_from_logits``) with every node of several drafts
+        the plan's (the first depth of several slots, q on the top-k or the draft's whole output
+        layer); kept per (tree, sampling, draft vocabulary)."""
+        tree, sampling, book = self.tree, self.sampling, self.book
+        width = self.vocab if self.draft.output_ids is None else self.draft.output_ids.size
+        key = (tree, sampling, width, self.fused_step, self.compiled_draft, self.exact_acceptance)
+        if self._fused_plan is None or self._fused_plan[0] != key:
+            args = None
+            if (
+                self.fused_step
+                and self.compiled_draft
+                and not self.fast_chain
+                and not self.exact_acceptance
+                and self.sequence_method is None
+                and sampling.chain_transform
+                and book.law.name in COMPILED_TREE_LAWS
+                and not (book.law.distinct and tree.max_width > SEQUENTIAL_DRAWS_MAX)
+                and tree.num_nodes + 1 <= HEAD_BATCH_ROWS
+            ):
+                support = sampling.top_k if 0 < (sampling.top_k or 0) < width else width
+                n = next((w for w in tree.widths if w > 1), 0)
+                n = min(n, support) if book.law.distinct else n
+                args = tree_walk_verifier(book, n, support)
+            self._fused_plan = (key, args)
+        return self._fused_plan[1]
+
+    def _fused_step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int] | None:
+        """``step`` in one compiled call (``_step_numba.tree_step``: the draft's tree, the target's
+        forward, the walk, both caches' moves) where it applies (``_fused_verifier``, both
+        runners' compiled forwards); None, with nothing drawn, where it does not. The same
+        forwards, draws and result as ``step``'s three calls (tested); a node the plan was not
+        made for is walked by ``walk.walk_tree_softmax`` on the call's logits."""
+        verifier = self._fused_verifier()
+        if verifier is None:
+            return None
+        began = time.perf_counter()
+        tree, draft, target, sampling = self.tree, self.draft, self.target, self.sampling
+        draft_ids = np.asarray(seq[draft.cached :], dtype=np.int64)
+        target_ids = np.asarray(seq[target.cached :], dtype=np.int64)
+        forwarded = tree.level_sizes[:-1]  # the draft's levels after the root's (not the last)
+        draft_end = draft.cached + draft_ids.size + sum(forwarded)
+        target_end = target.cached + target_ids.size + tree.num_nodes
+        draft_model = draft.compiled_forward(max((draft_ids.size, *forwarded)), draft_end)
+        target_model = target.compiled_forward(target_ids.size + tree.num_nodes, target_end)
+        if draft_model is None or target_model is None:
+            return None
+        base, distinct, top_k = len(seq), self.book.law.distinct, int(sampling.top_k or 0)
+        output_ids = DENSE_IDS if draft.output_ids is None else draft.output_ids
+        source = self._source(rng)
+        drafts, logits, rows, path, token, bonus, target_length, draft_length, seconds = (
+            _step_kernels().tree_step(
+                draft_ids, target_ids, base, *draft.tree_arrays(tree), self._target_mask, distinct,
+                float(sampling.temperature), top_k, output_ids, draft.output_token_ids, *draft_model,
+                *target_model, np.float32(target.hidden), *verifier, *source, self._clock,
+            )
+        )  # fmt: skip
+        drafted = self._drafted_slots(SampledTree(*drafts))
+        draft.advance(draft_end, tree.depth, seconds[0])
+        target.advance(target_end, 1, seconds[1])
+        if token < 0:  # a node the plan was not made for: walked node by node, nothing drawn yet
+            args = (logits, sampling.temperature, sampling.top_k, self.book, rng, source)
+            result = walk_tree_softmax(tree, drafted, *args)
+            self._keep_path(base, result.path)
+        else:
+            result = tree_walk_result(drafted, path, token, bonus)
+            target.keep_prefix(target_length)
+            draft.keep_prefix(draft_length)
+        self.last_step = StepRecord(drafted, None, result, logits, rows.tolist())
+        stats.add_walk(result)
+        stats.draft_time += seconds[0]
+        stats.target_time += seconds[1]
+        if stats.steps == 1:  # the first tree forward also runs the prompt
+            stats.prefill_time += seconds[1]
+        stats.verify_time += time.perf_counter() - began - seconds[0] - seconds[1]
+        return result.emitted
+
+    def _keep_path(self, base: int, path: list[int]) -> None:
+        """Keep the committed prefix of ``base`` tokens and the accepted ``path`` of tree nodes in
+        both caches (the draft never caches the last level)."""
+        depths, depth = self.tree.depths, self.tree.depth
+        self.target.keep_positions(base, [base + node for node in path])
+        self.draft.keep_positions(base, [base + node for node in path if depths[node] < depth])
+
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""
+        if not self.fast_chain and (emitted := self._fused_step(seq, rng, stats)) is not None:
+            return emitted
         t0 = time.perf_counter()
         fast = self.fast_chain and not self.exact_acceptance  # the lean loop of a chain
         drafted = self.draft_chain(seq, rng) if fast else self.draft_tree(seq, rng)
@@ -872,9 +985,7 @@ class TreeDecoder(_Decoder):
             self.target.keep_prefix(base + len(result.path))
             self.draft.keep_prefix(base + min(len(result.path), depth - 1))
         else:
-            depths = self.tree.depths
-            self.target.keep_positions(base, [base + node for node in result.path])
-            self.draft.keep_positions(base, [base + node for node in result.path if depths[node] < depth])
+            self._keep_path(base, result.path)
         t4 = time.perf_counter()
         self.last_step = StepRecord(drafted, hidden, result, logits, rows)  # for inspection and tests
         stats.add_walk(result)

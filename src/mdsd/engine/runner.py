@@ -253,6 +253,12 @@ class ModelRunner:
         the runner has none (this one): see ``StaticLlamaRunner.sample_tree``."""
         return None
 
+    def compiled_forward(self, rows: int, end: int) -> tuple | None:
+        """The compiled forwards' arguments for forwards of at most ``rows`` tokens filling the
+        cache up to ``end`` entries, or None where the runner has none (this one): see
+        ``StaticLlamaRunner.compiled_forward``."""
+        return None
+
     def causal(self, ids: np.ndarray, keep: int = 1) -> np.ndarray:
         """Plain causal forward of ``ids`` after the cache; logits of the last ``keep`` rows."""
         return self.logits(self._timed(ids, keep))

@@ -268,7 +268,7 @@ class StaticLlamaRunner(ModelRunner):
             self._pool_panels()
         self._compiled_layers = self._compiled_weights() if self.matmul == "numba" else None
         self._model_arrays = None  # ``_compiled_model``'s list, built on first use
-        self._tree_cache = None  # (tree, ``_tree_arrays``) of the last tree drafted in one call
+        self._tree_cache = None  # (tree, ``tree_arrays``) of the last tree drafted in one call
         self._threads = _BlasThreads() if self.matmul == "numpy" else contextlib.nullcontext()
         self._keys = self._values = None  # [layers, kv_heads, capacity, head_dim]
         self._rotary_table = None  # (cos, sin) [capacity, 1, head_dim] when the RoPE is static
@@ -575,7 +575,7 @@ class StaticLlamaRunner(ModelRunner):
         sampled = SampledTree(
             *self._kernels.sample_tree(
                 np.asarray(ids, dtype=np.int64),
-                *self._tree_arrays(tree),
+                *self.tree_arrays(tree),
                 bool(distinct),
                 *source,
                 *self._drafting_args(temperature, top_k, start),
@@ -591,11 +591,37 @@ class StaticLlamaRunner(ModelRunner):
         temperature, top-k (0: none), whether q is stored on its nonzero entries (a draft over
         part of the vocabulary, as ``SamplingConfig.row_probs`` stores it), the output layer's
         token ids, the model, the cache, its length and ``_stack_args``."""
-        token_ids = self.output_ids if self.output_ids is not None else self._vocabulary_ids
-        sampling = (float(temperature), int(top_k or 0), self.output_ids is not None, token_ids)
+        sampling = (float(temperature), int(top_k or 0), self.output_ids is not None, self.output_token_ids)
         return (*sampling, self._compiled_model(), *self._cache_numpy, start, *self._stack_args)
 
-    def _tree_arrays(self, tree) -> tuple:
+    @property
+    def output_token_ids(self) -> np.ndarray:
+        """[K] the output layer's tokens, ascending: ``output_ids``, or 0 .. V - 1."""
+        return self.output_ids if self.output_ids is not None else self._vocabulary_ids
+
+    def compiled_forward(self, rows: int, end: int) -> tuple | None:
+        """(models, (keys, values, cache length, cos table, sin table, heads, kv_heads, eps, gemm)):
+        the model, cache and stack arguments of the compiled forwards (``_llama_numba``'s
+        ``tree_logits``, ``sample_tree``; ``_step_numba.tree_step`` takes them so: numba's
+        dispatcher types a tuple holding the ``numba.typed.List`` in Python, ~60 microseconds a
+        call, the list alone and a tuple of arrays and numbers in C, ~1) for forwards of at most
+        ``rows`` tokens each that fill the cache up to ``end`` entries (checked against its
+        capacity: the compiled code does not); None where the compiled
+        forward does not apply (``_compiled_applies``). The caller reports the forwards with
+        ``advance``."""
+        if not self._compiled_applies(rows):
+            return None
+        self._check_capacity(end)
+        return self._compiled_model(), (*self._cache_numpy, self._length, *self._stack_args)
+
+    def advance(self, length: int, calls: int, seconds: float) -> None:
+        """Account for forwards run by a compiled call on ``compiled_forward``'s arguments: the
+        cache now holds ``length`` entries, ``calls`` forwards, ``seconds`` in the model."""
+        self._length = length
+        self.calls += calls
+        self.model_time += seconds
+
+    def tree_arrays(self, tree) -> tuple:
         """(widths, level_starts, child_starts, depths, masks) of ``sample_tree`` for ``tree``,
         made once per shape: masks [max(D - 1, 1), m, C] float32 holds ``additive(level_mask(d))``
         of depth d at index d - 1 (zero-padded to the widest level and the largest tree part)."""

@@ -429,28 +429,50 @@ def walk_tree_softmax(
     tokens and the generator's state of ``walk`` (tested). ``source``: ``uniform_source(rng)``
     where the caller keeps it."""
     ids, probs, zeros, kept, counts = drafted.tree_q
-    verifier, plan, plan_n, plan_support = book.verifier, _placeholder_plan(), 0, 0
-    optimal = isinstance(verifier, OptimalVerifier)
-    if optimal and (several := np.flatnonzero(counts > 1)).size:
-        plan_n, plan_support = int(counts[several[0]]), probs.shape[1] - int(zeros[several[0]])
-        plan = book.rule(plan_n, plan_support).plan
-    if (optimal and (plan is None or plan.kind != "threshold")) or not (
-        optimal or isinstance(verifier, RecursiveRejection)
-    ):
+    several = np.flatnonzero(counts > 1)  # the plan's node: the first of several drafts
+    n, support = (
+        (int(counts[several[0]]), probs.shape[1] - int(zeros[several[0]])) if several.size else (0, 0)
+    )
+    verifier_args = tree_walk_verifier(book, n, support)
+    if verifier_args is None:
         return _walk_rows(tree, drafted, logits, temperature, top_k, rng)
     source = uniform_source(rng) if source is None else source
-    distinct = bool(getattr(verifier, "distinct", False))
     path, token, bonus = _walk_kernels().tree_walk(
         logits, float(temperature), int(top_k or 0), tree.widths_array, tree.child_starts, tree.depths,
-        drafted.tokens, drafted.valid, ids, probs, zeros, kept, counts, distinct, optimal, plan_n,
-        plan_support, plan.head, plan.tail, *source, logits.dtype == np.float32,
+        drafted.tokens, drafted.valid, ids, probs, zeros, kept, counts, *verifier_args, *source,
+        logits.dtype == np.float32,
     )  # fmt: skip
     if token < 0:  # a node of several drafts the plan was not made for: nothing drawn yet
         return _walk_rows(tree, drafted, logits, temperature, top_k, rng)
+    return tree_walk_result(drafted, path, token, bonus)
+
+
+def tree_walk_result(drafted: DraftedSlots, path: np.ndarray, token: int, bonus: bool) -> WalkResult:
+    """The ``WalkResult`` of ``_walk_numba.tree_walk``'s (path [k] of nodes, emitted token, bonus)."""
     path = path.tolist()
     tokens = drafted.tokens[path].tolist()
     expected = [1.0] * len(path) + ([] if bonus else [0.0])
     return WalkResult(path, tokens + [int(token)], bool(bonus), expected)
+
+
+def tree_walk_verifier(book: RuleBook, n: int, support: int) -> tuple | None:
+    """``_walk_numba.tree_walk``'s verifier arguments (distinct, optimal, plan_n, plan_support,
+    head, tail) for the rules of ``book`` where every node of several drafts has ``n`` drafts on
+    a q of ``support`` nonzero entries (n = 0: no such node): recursive rejection sampling, or
+    the optimal verifier's threshold ``NodePlan`` for (n, support); None where ``tree_walk``
+    cannot verify them (another verifier, or a plan of another kind)."""
+    verifier, plan = book.verifier, _placeholder_plan()
+    optimal = isinstance(verifier, OptimalVerifier)
+    if optimal and n > 1:
+        plan = book.rule(n, support).plan
+        if plan is None or plan.kind != "threshold":
+            return None
+    elif not (optimal or isinstance(verifier, RecursiveRejection)):
+        return None
+    if not (optimal and n > 1):  # no node reads the plan
+        n = support = 0
+    distinct = bool(getattr(verifier, "distinct", False))
+    return distinct, optimal, n, support, plan.head, plan.tail
 
 
 @functools.cache

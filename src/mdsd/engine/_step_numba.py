@@ -1,0 +1,145 @@
+"""A whole step of tree decoding in one compiled call (``TreeDecoder.step``'s fused path).
+
+The three compiled calls of a tree step (``_llama_numba.sample_tree``: the draft's tree;
+``_llama_numba.tree_logits``: the target's forward and the valid rows' logits;
+``_walk_numba.tree_walk``: the verification walk) and the two caches' bookkeeping
+(``gather_positions``) run here in one call, with the same arrays and draws:
+
+    drafts      = sample_tree(draft's fresh tokens, tree)          # the draft's cache: + levels 0..D-1
+    logits      = tree_logits(target's fresh tokens + drafts, rows = root + valid nodes)
+    path, token = tree_walk(logits, drafts' q)
+    caches      : committed prefix + the accepted path (the draft's: nodes above depth D)
+
+Each step ends in the target's forward, which streams the target's weights through the caches:
+the interpreter's code and data are cold when Python runs again. Between and after the three
+calls the step spent ~150 microseconds (arguments, dispatch, results, two cache keeps) where the
+same work hot takes ~40 (``benchmarks/bench_decode.py``'s "other" column; BENCHMARKS.md). The
+seconds of each part are read inside the call (``monotonic``: ``clock_gettime`` at the address
+``clock_source`` gives), so the draft's and target's model times stay separate from the walk's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from mdsd.engine._llama_numba import gather_positions, sample_tree, tree_logits
+from mdsd.engine._walk_numba import tree_walk
+
+
+def clock_source() -> tuple[int, int]:
+    """(address of the C library's ``clock_gettime``, ``CLOCK_MONOTONIC``): what ``monotonic``
+    calls; (0, 0) where there is none (the step's parts are then timed as 0 seconds)."""
+    try:
+        function = ctypes.CDLL(None).clock_gettime
+        return ctypes.cast(function, ctypes.c_void_p).value, int(time.CLOCK_MONOTONIC)
+    except (AttributeError, OSError, TypeError):  # pragma: no cover - POSIX has both
+        return 0, 0
+
+
+@intrinsic
+def _clock_gettime(typingctx, function, clock_id):
+    """Seconds of ``clock_gettime(clock_id)`` called at the address ``function``."""
+    sig = types.float64(types.uintp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        timespec = ir.LiteralStructType([i64, i64])  # (seconds, nanoseconds)
+        slot = builder.alloca(timespec)
+        function_type = ir.FunctionType(i32, [i32, timespec.as_pointer()])
+        pointer = builder.inttoptr(args[0], function_type.as_pointer())
+        builder.call(pointer, [builder.trunc(args[1], i32), slot])
+        zero = ir.Constant(i32, 0)
+        seconds = builder.load(builder.gep(slot, [zero, zero]))
+        nanoseconds = builder.load(builder.gep(slot, [zero, ir.Constant(i32, 1)]))
+        whole = builder.sitofp(seconds, ir.DoubleType())
+        part = builder.fmul(builder.sitofp(nanoseconds, ir.DoubleType()), ir.Constant(ir.DoubleType(), 1e-9))
+        return builder.fadd(whole, part)
+
+    return sig, codegen
+
+
+@numba.njit(cache=True)
+def monotonic(function, clock_id):
+    """``time.perf_counter()`` from compiled code (``clock_source()``'s pair; 0.0 without one)."""
+    if function == 0:
+        return 0.0
+    return _clock_gettime(function, clock_id)
+
+
+@numba.njit(cache=True)
+def keep_path(keys, values, base, extra):
+    """``StaticLlamaRunner.keep_positions``' move: cache entries base .. base + k - 1 <- the
+    entries at positions ``extra`` [k] where they are elsewhere. Returns base + k, the length."""
+    for i in range(extra.size):
+        if extra[i] != base + i:
+            gather_positions(keys, values, base, extra)
+            break
+    return base + extra.size
+
+
+@numba.njit(cache=True)
+def tree_step(
+    draft_ids, target_ids, base, widths, level_starts, child_starts, depths, level_masks, target_mask,
+    distinct, temperature, top_k, q_ids, token_ids, draft_models, draft_forward, target_models,
+    target_forward, hidden_value,
+    rejection_distinct, optimal, plan_n, plan_support, head, tail, uniform, state, clock,
+):  # fmt: skip
+    """One step of tree decoding after a committed sequence of ``base`` tokens.
+
+    ``draft_ids`` / ``target_ids``: the committed tokens each cache lacks. The tree:
+    ``DraftTree``'s ``widths``, ``level_starts``, ``child_starts``, ``depths``, the draft's
+    per-level masks (``StaticLlamaRunner.tree_arrays``) and the target's additive mask over its
+    nodes [N, N]. The law (``distinct``: drafts drawn without replacement), the transform
+    (``temperature``, ``top_k``: 0 none), the draft's output ids (``q_ids``: empty for the whole
+    vocabulary; ``token_ids``: its K tokens). ``*_models``, ``*_forward``: each runner's model
+    and (keys, values, cache length, cos table, sin table, heads, kv_heads, eps, gemm)
+    (``StaticLlamaRunner.compiled_forward``). The verifier (``walk.tree_walk_verifier``):
+    rejection sampling (``rejection_distinct``: without replacement), or with ``optimal`` the
+    threshold ``NodePlan`` (``head``, ``tail``) for ``plan_n`` drafts on ``plan_support``
+    tokens. The generator (``uniform``, ``state``); the clock (``clock_source()``).
+
+    Returns the drafted tree (``sample_tree``'s seven arrays), the target's logits [1 + valid
+    nodes, V] of the root and the valid nodes, the walk (path [k], token, bonus: ``tree_walk``'s),
+    the caches' lengths after the step (the target's, the draft's) and the seconds of the draft,
+    the target's forward and the walk with the caches' moves [3]. Where ``tree_walk`` draws
+    nothing (token -1: a node not the plan's), the caches hold the whole tree: lengths -1."""
+    seconds = np.zeros(3)
+    began = monotonic(*clock)
+    d_keys, d_values, d_start, d_cos, d_sin, d_heads, d_kv_heads, d_eps, d_gemm = draft_forward
+    tokens, valid, nodes, drafted, probs, zeros, kept = sample_tree(
+        draft_ids, widths, level_starts, child_starts, depths, level_masks, distinct, uniform, state,
+        temperature, top_k, q_ids.size > 0, token_ids, draft_models, d_keys, d_values, d_start, d_cos, d_sin,
+        d_heads, d_kv_heads, d_eps, d_gemm,
+    )  # fmt: skip
+    drafted_at = monotonic(*clock)
+    t_keys, t_values, t_start, t_cos, t_sin, t_heads, t_kv_heads, t_eps, t_gemm = target_forward
+    rows = np.empty(1 + np.count_nonzero(valid), dtype=np.int64)  # the root's row, then valid nodes'
+    rows[0] = 0
+    rows[1:] = 1 + np.flatnonzero(valid)
+    ids = np.concatenate((target_ids, tokens))
+    logits = tree_logits(
+        ids, target_ids.size, target_mask, depths, base - 1, rows, hidden_value, target_models, t_keys,
+        t_values, t_start, t_cos, t_sin, t_heads, t_kv_heads, t_eps, t_gemm,
+    )  # fmt: skip
+    forwarded_at = monotonic(*clock)
+    path, token, bonus = tree_walk(
+        logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, probs, zeros, kept,
+        drafted, rejection_distinct, optimal, plan_n, plan_support, head, tail, uniform, state, True,
+    )  # fmt: skip
+    target_length = draft_length = -1
+    if token >= 0:  # keep the committed prefix and the accepted path (the draft: above depth D)
+        target_length = keep_path(t_keys, t_values, base, base + path)
+        cached = path[depths[path] < widths.size]
+        draft_length = keep_path(d_keys, d_values, base, base + cached)
+    seconds[0] = drafted_at - began
+    seconds[1] = forwarded_at - drafted_at
+    seconds[2] = monotonic(*clock) - forwarded_at
+    drafts = (tokens, valid, nodes, drafted, probs, zeros, kept)
+    return drafts, logits, rows, path, token, bonus, target_length, draft_length, seconds
