@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument(
         "--unfused",
         action="store_true",
-        help="run every tree whose step is one compiled call also with its step in three calls (a row each)",
+        help="run every tree or chain whose step is one compiled call also with its step in three calls "
+        "(a row each)",
     )
     ap.add_argument("--json")
     args = ap.parse_args()

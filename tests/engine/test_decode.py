@@ -125,7 +125,9 @@ def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, veri
     """A chain of single-draft rejection sampling runs the lean loop (``draft_chain``,
     ``walk_chain``), which emits the tokens of the general loop (``draft_tree``, ``walk``) from
     the same seed: temperature 1, top-k, top-p and 0, with and without a draft vocabulary. So
-    does a block-verified chain (``walk_chain_block`` in both loops)."""
+    does a block-verified chain (``walk_chain_block`` in both loops). Where the chain is drafted
+    and walked in compiled calls, its step is one (``_step_numba.chain_step``), and the lean
+    loop's three calls (``fused_step`` False) emit the same tokens."""
     from mdsd.engine.vocab import as_draft_vocabulary
 
     pair = request.getfixturevalue(family)
@@ -144,12 +146,16 @@ def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, veri
         truncated = sampling.top_k is not None and sampling.top_k < (len(draft_vocab or ()) or VOCAB)
         top_k_walk = sampling.chain_transform and truncated
         assert walked_from_logits == ((sampling.softmax_only or top_k_walk) and family == "llama")
+        assert dec.one_call_steps == walked_from_logits  # then every step is one compiled call
+        dec.fused_step = False  # the lean loop's three calls
+        three = dec.generate([PROMPT, [4, 4], [9]], seed=11)
         dec.fast_chain = False
         general = dec.generate([PROMPT, [4, 4], [9]], seed=11)
-        assert [r.token_ids for r in fast] == [r.token_ids for r in general]
-        assert [r.stats.depth_expected.tolist() for r in fast] == [
-            r.stats.depth_expected.tolist() for r in general
-        ]
+        for results in (fast, three):
+            assert [r.token_ids for r in results] == [r.token_ids for r in general]
+            assert [r.stats.depth_expected.tolist() for r in results] == [
+                r.stats.depth_expected.tolist() for r in general
+            ]
 
 
 def _count_fused_steps(monkeypatch):
@@ -294,7 +300,7 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
             dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, pair.draft))
             fused = dec.generate([PROMPT, [4, 4], [9]], seed=11)
             steps = sum(r.stats.steps for r in fused)
-            assert dec._fused_verifier() is not None
+            assert dec.one_call_steps
             dec.fused_step = False
             compiled = dec.generate([PROMPT, [4, 4], [9]], seed=11)
             assert dec.last_step.drafted.tree_q is not None

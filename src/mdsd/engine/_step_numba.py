@@ -1,5 +1,9 @@
 """A whole step of tree decoding in one compiled call (``TreeDecoder.step``'s fused path).
 
+``chain_step`` does the same for the lean loop's chains (``sample_chain``, ``causal_logits``, the
+chain's walk: rejection sampling node by node or block verification, under the tempered softmax
+alone or after a top-k); their caches keep a prefix, nothing moves.
+
 The three compiled calls of a tree step (``_llama_numba.sample_tree``: the draft's tree;
 ``_llama_numba.tree_logits``: the target's forward and the valid rows' logits;
 ``_walk_numba.tree_walk``: the verification walk) and the two caches' bookkeeping
@@ -29,8 +33,14 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from mdsd.engine._llama_numba import gather_positions, sample_tree, tree_logits
-from mdsd.engine._walk_numba import tree_walk
+from mdsd.engine._llama_numba import causal_logits, gather_positions, sample_chain, sample_tree, tree_logits
+from mdsd.engine._walk_numba import (
+    softmax_chain_block_walk,
+    softmax_chain_walk,
+    top_k_chain_block_walk,
+    top_k_chain_walk,
+    tree_walk,
+)
 
 
 def clock_source() -> tuple[int, int]:
@@ -109,7 +119,7 @@ def tree_step(
     nodes, V] of the root and the valid nodes, the walk (path [k], token, bonus: ``tree_walk``'s),
     the caches' lengths after the step (the target's, the draft's) and the seconds of the draft,
     the target's forward and the walk with the caches' moves [3]. Where ``tree_walk`` draws
-    nothing (token -1: a node not the plan's), the caches hold the whole tree: lengths -1."""
+    nothing (token -1: a node not the plan's), the caches hold the whole tree: lengths (-1, -1)."""
     seconds = np.zeros(3)
     began = monotonic(*clock)
     d_keys, d_values, d_start, d_cos, d_sin, d_heads, d_kv_heads, d_eps, d_gemm = draft_forward
@@ -133,13 +143,73 @@ def tree_step(
         logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, probs, zeros, kept,
         drafted, rejection_distinct, optimal, plan_n, plan_support, head, tail, uniform, state, True,
     )  # fmt: skip
-    target_length = draft_length = -1
+    lengths = (-1, -1)
     if token >= 0:  # keep the committed prefix and the accepted path (the draft: above depth D)
-        target_length = keep_path(t_keys, t_values, base, base + path)
         cached = path[depths[path] < widths.size]
-        draft_length = keep_path(d_keys, d_values, base, base + cached)
+        lengths = (
+            keep_path(t_keys, t_values, base, base + path),
+            keep_path(d_keys, d_values, base, base + cached),
+        )
     seconds[0] = drafted_at - began
     seconds[1] = forwarded_at - drafted_at
     seconds[2] = monotonic(*clock) - forwarded_at
     drafts = (tokens, valid, nodes, drafted, probs, zeros, kept)
-    return drafts, logits, rows, path, token, bonus, target_length, draft_length, seconds
+    return drafts, logits, rows, path, token, bonus, lengths, seconds
+
+
+@numba.njit(cache=True)
+def chain_step(
+    draft_ids, target_ids, base, depth, temperature, top_k, q_ids, token_ids, block, draft_models,
+    draft_forward, target_models, target_forward, uniform, state, clock,
+):  # fmt: skip
+    """One step of the lean loop's chain of ``depth`` drafts after ``base`` committed tokens.
+
+    ``draft_ids`` / ``target_ids``: the committed tokens each cache lacks; the transform
+    (``temperature``; ``top_k``: 0 none, else a top-k that truncates the draft's q too); the
+    draft's output ids (``q_ids``: empty for the whole vocabulary; ``token_ids``: its K tokens);
+    ``block``: block verification, else rejection sampling node by node; the runners' models
+    and forwards, the generator and the clock as ``tree_step``'s. Steps:
+    ``_llama_numba.sample_chain``, ``causal_logits`` of the fresh tokens and the chain (the root's
+    and every node's row), the walk (``_walk_numba``'s ``softmax_chain_walk``,
+    ``softmax_chain_block_walk``, ``top_k_chain_walk`` or ``top_k_chain_block_walk``), the
+    caches' lengths.
+
+    Returns the chain (``sample_chain``'s four arrays), the target's logits [depth + 1, V], the
+    drafts kept, the emitted token after them, the caches' lengths after the step (the target's,
+    the draft's: the draft never caches the last level) and the seconds of the draft, the
+    target's forward and the walk [3]."""
+    seconds = np.zeros(3)
+    began = monotonic(*clock)
+    d_keys, d_values, d_start, d_cos, d_sin, d_heads, d_kv_heads, d_eps, d_gemm = draft_forward
+    chain = sample_chain(
+        draft_ids, depth, uniform, state, temperature, top_k, q_ids.size > 0, token_ids, draft_models, d_keys,
+        d_values, d_start, d_cos, d_sin, d_heads, d_kv_heads, d_eps, d_gemm,
+    )  # fmt: skip
+    tokens, probs, zeros, kept = chain
+    drafted_at = monotonic(*clock)
+    t_keys, t_values, t_start, t_cos, t_sin, t_heads, t_kv_heads, t_eps, t_gemm = target_forward
+    ids = np.concatenate((target_ids, tokens))
+    logits = causal_logits(
+        ids, depth + 1, target_models, t_keys, t_values, t_start, t_cos, t_sin, t_heads, t_kv_heads, t_eps,
+        t_gemm,
+    )  # fmt: skip
+    forwarded_at = monotonic(*clock)
+    if top_k > 0 and block:
+        accepted, token = top_k_chain_block_walk(
+            logits, temperature, top_k, q_ids, kept, probs, tokens, uniform, state
+        )
+    elif top_k > 0:
+        accepted, token = top_k_chain_walk(
+            logits, temperature, top_k, q_ids, kept, probs, tokens, uniform, state
+        )
+    elif block:
+        accepted, token = softmax_chain_block_walk(
+            logits, temperature, q_ids, probs, tokens, uniform, state, True
+        )
+    else:
+        accepted, token = softmax_chain_walk(logits, temperature, q_ids, probs, tokens, uniform, state, True)
+    seconds[0] = drafted_at - began
+    seconds[1] = forwarded_at - drafted_at
+    seconds[2] = monotonic(*clock) - forwarded_at
+    lengths = (base + accepted, base + min(accepted, depth - 1))
+    return chain, logits, accepted, token, lengths, seconds

@@ -240,9 +240,9 @@ def run_bench(
     (where the transform is not the tempered softmax after an optional top-k both rows run the
     same code).
 
-    ``unfused``: every tree whose step runs in one compiled call (``TreeDecoder._fused_step``)
-    also runs with its step in three calls (``TreeDecoder.fused_step`` False), as a row
-    "... (step in three calls)"; the same tokens.
+    ``unfused``: every tree or chain whose step runs in one compiled call
+    (``TreeDecoder.one_call_steps``) also runs with its step in three calls
+    (``TreeDecoder.fused_step`` False), as a row "... (step in three calls)"; the same tokens.
 
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so
     a change in machine load during the run affects all methods alike.

@@ -46,7 +46,14 @@ from mdsd.engine.records import (
     SamplingConfig,
     TreeConfig,
 )
-from mdsd.engine.runner import SampledTree, check_supported, check_tree_attention, context_length, rows_of
+from mdsd.engine.runner import (
+    SampledChain,
+    SampledTree,
+    check_supported,
+    check_tree_attention,
+    context_length,
+    rows_of,
+)
 from mdsd.engine.static_llama import draft_runner, make_runner
 from mdsd.engine.tree import DraftTree, build_tree
 from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary
@@ -56,6 +63,7 @@ from mdsd.engine.walk import (
     RuleBook,
     WalkResult,
     as_support,
+    chain_walk_result,
     chain_walks_fast,
     draft_children,
     softmax_token,
@@ -423,8 +431,8 @@ class TreeDecoder(_Decoder):
         self.auto_ceiling = None  # ... and auto.ceiling's: the best with free drafting
         self._plain: Autoregressive | None = None  # auto chose plain sampling
         self._source_of, self._uniform_source = None, (0, 0)  # ``_source``'s generator and its source
-        self._fused_plan = None  # ``_fused_verifier``'s (key, arguments)
-        self._clock = _step_kernels().clock_source()  # ``_fused_step``'s timer
+        self._fused_plan = None  # ``_one_call_plan``'s (key, plan)
+        self._clock = _step_kernels().clock_source()  # ``_one_call_step``'s timer
         if config.tree is not None:
             self._use_tree(config.tree)
 
@@ -856,82 +864,85 @@ class TreeDecoder(_Decoder):
 
     @property
     def one_call_steps(self) -> bool:
-        """Whether a step of this decoder's tree runs in one compiled call (``_fused_step``) where
-        both runners' compiled forwards apply (every step after a prompt of at most a panel
-        pass, ``StaticLlamaRunner.compiled_forward``)."""
-        return self.tree is not None and self._fused_verifier() is not None
+        """Whether a step of this decoder's tree or chain runs in one compiled call
+        (``_one_call_step``) where both runners' compiled forwards apply (every step after a
+        prompt of at most one panel pass, ``StaticLlamaRunner.compiled_forward``)."""
+        compiled = self.draft.compiled and self.target.compiled
+        return compiled and self.tree is not None and self._one_call_plan() is not None
 
-    def _fused_verifier(self) -> tuple | None:
-        """``walk.tree_walk_verifier``'s arguments where a step of this tree runs in one compiled
-        call (``_fused_step``), else None: the tree drafted in one call (``_drafted_tree``) and
-        walked from the logits (``_walks_tree_from_logits``) with every node of several drafts
-        the plan's (the first depth of several slots, q on the top-k or the draft's whole output
-        layer); kept per (tree, sampling, draft vocabulary)."""
-        tree, sampling, book = self.tree, self.sampling, self.book
+    def _one_call_plan(self) -> tuple | None:
+        """Where a step runs in one compiled call (``_one_call_step``): ("tree", the arguments of
+        ``walk.tree_walk_verifier``) for a tree drafted in one call (``_drafted_tree``) and walked
+        from the logits (``_walks_tree_from_logits``) whose nodes of several drafts are the
+        plan's (the first depth of several slots, q on the top-k or the draft's whole output
+        layer); ("chain", top_k or 0, block) for a chain of the lean loop drafted in one call
+        (``draft_chain``) and walked from the logits (``_walks_from_logits``); else None. Kept
+        per (tree, sampling, draft vocabulary, flags)."""
+        tree, sampling = self.tree, self.sampling
         width = self.vocab if self.draft.output_ids is None else self.draft.output_ids.size
         key = (tree, sampling, width, self.fused_step, self.compiled_draft, self.exact_acceptance)
         if self._fused_plan is None or self._fused_plan[0] != key:
-            args = None
-            if (
-                self.fused_step
-                and self.compiled_draft
-                and not self.fast_chain
-                and not self.exact_acceptance
-                and self.sequence_method is None
-                and sampling.chain_transform
-                and book.law.name in COMPILED_TREE_LAWS
-                and not (book.law.distinct and tree.max_width > SEQUENTIAL_DRAWS_MAX)
-                and tree.num_nodes + 1 <= HEAD_BATCH_ROWS
-            ):
-                support = sampling.top_k if 0 < (sampling.top_k or 0) < width else width
-                n = next((w for w in tree.widths if w > 1), 0)
-                n = min(n, support) if book.law.distinct else n
-                args = tree_walk_verifier(book, n, support)
-            self._fused_plan = (key, args)
+            self._fused_plan = (key, self._make_one_call_plan(width))
         return self._fused_plan[1]
 
-    def _fused_step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int] | None:
-        """``step`` in one compiled call (``_step_numba.tree_step``: the draft's tree, the target's
-        forward, the walk, both caches' moves) where it applies (``_fused_verifier``, both
-        runners' compiled forwards); None, with nothing drawn, where it does not. The same
-        forwards, draws and result as ``step``'s three calls (tested); a node the plan was not
-        made for is walked by ``walk.walk_tree_softmax`` on the call's logits."""
-        verifier = self._fused_verifier()
-        if verifier is None:
+    def _make_one_call_plan(self, width: int) -> tuple | None:
+        """``_one_call_plan``'s value, made (``width``: the draft's output tokens)."""
+        tree, sampling, book = self.tree, self.sampling, self.book
+        top_k = sampling.top_k if 0 < (sampling.top_k or 0) < width else 0  # a top-k truncating q
+        rows_fit = tree.num_nodes + 1 <= HEAD_BATCH_ROWS  # every row's logits in the forward's call
+        if not (self.fused_step and self.compiled_draft and sampling.chain_transform and rows_fit):
+            return None
+        if self.fast_chain:
+            walks = not self.exact_acceptance and (sampling.softmax_only or top_k > 0)
+            return ("chain", top_k, self.config.verifier == "block") if walks else None
+        if (
+            self.exact_acceptance
+            or self.sequence_method is not None
+            or book.law.name not in COMPILED_TREE_LAWS
+            or (book.law.distinct and tree.max_width > SEQUENTIAL_DRAWS_MAX)
+        ):
+            return None
+        support = top_k or width
+        n = next((w for w in tree.widths if w > 1), 0)
+        verifier = tree_walk_verifier(book, min(n, support) if book.law.distinct else n, support)
+        return None if verifier is None else ("tree", verifier)
+
+    def _one_call_step(
+        self, seq: list[int], rng: np.random.Generator, stats: DecodeStats
+    ) -> list[int] | None:
+        """``step`` in one compiled call where it applies (``_one_call_plan``, both runners'
+        compiled forwards); None, with nothing drawn, where it does not. A tree's step is
+        ``_step_numba.tree_step`` (the draft's tree, the target's forward, the walk, both caches'
+        moves), a chain's ``chain_step``: the same forwards, draws and result as ``step``'s three
+        calls (tested); a tree's node the plan was not made for is walked by
+        ``walk.walk_tree_softmax`` on the call's logits."""
+        plan = self._one_call_plan()
+        if plan is None:
             return None
         began = time.perf_counter()
-        tree, draft, target, sampling = self.tree, self.draft, self.target, self.sampling
+        tree, draft, target = self.tree, self.draft, self.target
         draft_ids = np.asarray(seq[draft.cached :], dtype=np.int64)
         target_ids = np.asarray(seq[target.cached :], dtype=np.int64)
         forwarded = tree.level_sizes[:-1]  # the draft's levels after the root's (not the last)
+        if plan[0] == "chain":
+            forwarded = [1] * (tree.depth - 1)
         draft_end = draft.cached + draft_ids.size + sum(forwarded)
         target_end = target.cached + target_ids.size + tree.num_nodes
         draft_model = draft.compiled_forward(max((draft_ids.size, *forwarded)), draft_end)
         target_model = target.compiled_forward(target_ids.size + tree.num_nodes, target_end)
         if draft_model is None or target_model is None:
             return None
-        base, distinct, top_k = len(seq), self.book.law.distinct, int(sampling.top_k or 0)
-        output_ids = DENSE_IDS if draft.output_ids is None else draft.output_ids
-        source = self._source(rng)
-        drafts, logits, rows, path, token, bonus, target_length, draft_length, seconds = (
-            _step_kernels().tree_step(
-                draft_ids, target_ids, base, *draft.tree_arrays(tree), self._target_mask, distinct,
-                float(sampling.temperature), top_k, output_ids, draft.output_token_ids, *draft_model,
-                *target_model, np.float32(target.hidden), *verifier, *source, self._clock,
-            )
-        )  # fmt: skip
-        drafted = self._drafted_slots(SampledTree(*drafts))
+        step = self._chain_step if plan[0] == "chain" else self._tree_step
+        args = (draft_ids, target_ids, len(seq), *draft_model, *target_model, plan[1:], rng)
+        drafted, result, logits, rows, lengths, seconds = step(*args)
         draft.advance(draft_end, tree.depth, seconds[0])
         target.advance(target_end, 1, seconds[1])
-        if token < 0:  # a node the plan was not made for: walked node by node, nothing drawn yet
-            args = (logits, sampling.temperature, sampling.top_k, self.book, rng, source)
-            result = walk_tree_softmax(tree, drafted, *args)
-            self._keep_path(base, result.path)
-        else:
-            result = tree_walk_result(drafted, path, token, bonus)
-            target.keep_prefix(target_length)
-            draft.keep_prefix(draft_length)
-        self.last_step = StepRecord(drafted, None, result, logits, rows.tolist())
+        if lengths is None:  # the caches hold the whole tree
+            self._keep_path(len(seq), result.path)
+        else:  # the call kept the accepted path
+            target.keep_prefix(lengths[0])
+            draft.keep_prefix(lengths[1])
+        self.last_step = StepRecord(drafted, None, result, logits, rows)
         stats.add_walk(result)
         stats.draft_time += seconds[0]
         stats.target_time += seconds[1]
@@ -939,6 +950,59 @@ class TreeDecoder(_Decoder):
             stats.prefill_time += seconds[1]
         stats.verify_time += time.perf_counter() - began - seconds[0] - seconds[1]
         return result.emitted
+
+    def _tree_step(
+        self,
+        draft_ids,
+        target_ids,
+        base,
+        draft_models,
+        draft_forward,
+        target_models,
+        target_forward,
+        plan,
+        rng,
+    ):
+        """``_one_call_step`` of a tree: (drafted, walk result, logits, their rows, the caches'
+        lengths after the call's moves or None where it moved nothing, seconds [3])."""
+        tree, draft, sampling, source = self.tree, self.draft, self.sampling, self._source(rng)
+        output_ids = DENSE_IDS if draft.output_ids is None else draft.output_ids
+        drafts, logits, rows, path, token, bonus, lengths, seconds = _step_kernels().tree_step(
+            draft_ids, target_ids, base, *draft.tree_arrays(tree), self._target_mask, self.book.law.distinct,
+            float(sampling.temperature), int(sampling.top_k or 0), output_ids, draft.output_token_ids,
+            draft_models, draft_forward, target_models, target_forward, np.float32(self.target.hidden),
+            *plan[0], *source, self._clock,
+        )  # fmt: skip
+        drafted = self._drafted_slots(SampledTree(*drafts))
+        if token < 0:  # a node the plan was not made for: walked node by node, nothing drawn yet
+            args = (logits, sampling.temperature, sampling.top_k, self.book, rng, source)
+            return drafted, walk_tree_softmax(tree, drafted, *args), logits, rows.tolist(), None, seconds
+        return drafted, tree_walk_result(drafted, path, token, bonus), logits, rows.tolist(), lengths, seconds
+
+    def _chain_step(
+        self,
+        draft_ids,
+        target_ids,
+        base,
+        draft_models,
+        draft_forward,
+        target_models,
+        target_forward,
+        plan,
+        rng,
+    ):
+        """``_one_call_step`` of a chain: ``_tree_step``'s (logits of every row)."""
+        draft, sampling = self.draft, self.sampling
+        top_k, block = plan
+        output_ids = DENSE_IDS if draft.output_ids is None else draft.output_ids
+        chain, logits, kept, token, lengths, seconds = _step_kernels().chain_step(
+            draft_ids, target_ids, base, self.tree.depth, float(sampling.temperature), top_k, output_ids,
+            draft.output_token_ids, block, draft_models, draft_forward, target_models, target_forward,
+            *self._source(rng), self._clock,
+        )  # fmt: skip
+        drafted = self._drafted_chain(SampledChain(*chain), self.book.rule(1, 2))
+        result = chain_walk_result(drafted.tokens.tolist(), kept, token)
+        return drafted, result, logits, None, lengths, seconds
 
     def _keep_path(self, base: int, path: list[int]) -> None:
         """Keep the committed prefix of ``base`` tokens and the accepted ``path`` of tree nodes in
@@ -949,7 +1013,7 @@ class TreeDecoder(_Decoder):
 
     def step(self, seq: list[int], rng: np.random.Generator, stats: DecodeStats) -> list[int]:
         """One draft / verify step after ``seq``; returns the emitted tokens."""
-        if not self.fast_chain and (emitted := self._fused_step(seq, rng, stats)) is not None:
+        if (emitted := self._one_call_step(seq, rng, stats)) is not None:
             return emitted
         t0 = time.perf_counter()
         fast = self.fast_chain and not self.exact_acceptance  # the lean loop of a chain

@@ -253,6 +253,11 @@ class ModelRunner:
         the runner has none (this one): see ``StaticLlamaRunner.sample_tree``."""
         return None
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the runner has compiled forwards (``compiled_forward``; this one has none)."""
+        return False
+
     def compiled_forward(self, rows: int, end: int) -> tuple | None:
         """The compiled forwards' arguments for forwards of at most ``rows`` tokens filling the
         cache up to ``end`` entries, or None where the runner has none (this one): see

@@ -599,6 +599,12 @@ class StaticLlamaRunner(ModelRunner):
         """[K] the output layer's tokens, ascending: ``output_ids``, or 0 .. V - 1."""
         return self.output_ids if self.output_ids is not None else self._vocabulary_ids
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the forwards run compiled (matmul "numba"; ``compiled_forward`` still returns
+        None for a forward wider than one panel pass or a RoPE recomputed per forward)."""
+        return self._compiled_layers is not None
+
     def compiled_forward(self, rows: int, end: int) -> tuple | None:
         """(models, (keys, values, cache length, cos table, sin table, heads, kv_heads, eps, gemm)):
         the model, cache and stack arguments of the compiled forwards (``_llama_numba``'s

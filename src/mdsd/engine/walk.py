@@ -395,7 +395,7 @@ def walk_chain_softmax(
             drafted.tokens,
             *source,
         )
-        return _chain_result(tokens, kept, token)
+        return chain_walk_result(tokens, kept, token)
     kernel = kernels.softmax_chain_block_walk if block else kernels.softmax_chain_walk
     early = logits.dtype == np.float32  # the early acceptance reads float32 rows
     kept, token = kernel(
@@ -407,7 +407,7 @@ def walk_chain_softmax(
         *source,
         early,
     )
-    return _chain_result(tokens, kept, token)
+    return chain_walk_result(tokens, kept, token)
 
 
 def walk_tree_softmax(
@@ -493,7 +493,7 @@ def _walk_rows(tree, drafted: DraftedSlots, logits, temperature: float, top_k, r
     return walk(tree, drafted, target_probs, rng)
 
 
-def _chain_result(tokens: list[int], kept: int, token) -> WalkResult:
+def chain_walk_result(tokens: list[int], kept: int, token) -> WalkResult:
     """The ``WalkResult`` of a chain's walk that kept its first ``kept`` drafts and ended with
     ``token`` (a bonus where every draft was kept)."""
     bonus = kept == len(tokens)
