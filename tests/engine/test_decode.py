@@ -126,8 +126,9 @@ def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, veri
     ``walk_chain``), which emits the tokens of the general loop (``draft_tree``, ``walk``) from
     the same seed: temperature 1, top-k, top-p and 0, with and without a draft vocabulary. So
     does a block-verified chain (``walk_chain_block`` in both loops). Where the chain is drafted
-    and walked in compiled calls, its step is one (``_step_numba.chain_step``), and the lean
-    loop's three calls (``fused_step`` False) emit the same tokens."""
+    and walked in compiled calls, the whole loop is one call (``_step_numba.chain_steps``), or
+    one a step for a caller that streams (``chain_step``), and the lean loop's three calls
+    (``fused_step`` False) emit the same tokens."""
     from mdsd.engine.vocab import as_draft_vocabulary
 
     pair = request.getfixturevalue(family)
@@ -147,33 +148,47 @@ def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, veri
         top_k_walk = sampling.chain_transform and truncated
         assert walked_from_logits == ((sampling.softmax_only or top_k_walk) and family == "llama")
         assert dec.one_call_steps == walked_from_logits  # then every step is one compiled call
+        stepped = dec.generate([PROMPT, [4, 4], [9]], seed=11, on_tokens=lambda i, tokens: None)
         dec.fused_step = False  # the lean loop's three calls
         three = dec.generate([PROMPT, [4, 4], [9]], seed=11)
         dec.fast_chain = False
         general = dec.generate([PROMPT, [4, 4], [9]], seed=11)
-        for results in (fast, three):
+        for results in (fast, stepped, three):
             assert [r.token_ids for r in results] == [r.token_ids for r in general]
             assert [r.stats.depth_expected.tolist() for r in results] == [
                 r.stats.depth_expected.tolist() for r in general
             ]
 
 
-def _count_fused_steps(monkeypatch):
-    """A counter of ``_step_numba.tree_step``'s calls (``fused``) and of those whose walk was left
-    to Python (``unplanned``: a node not the plan's)."""
+def _count_one_call_steps(monkeypatch):
+    """Counters of the compiled paths' use: ``loops``, runs of many steps in one call
+    (``TreeDecoder._compiled_steps``); ``steps``, steps in one call each
+    (``_one_call_step``); ``unplanned``, trees' walks left to Python (a node not the plan's)."""
     from types import SimpleNamespace
 
-    from mdsd.engine import _step_numba
+    from mdsd.engine import decode
 
-    calls, tree_step = SimpleNamespace(fused=0, unplanned=0), _step_numba.tree_step
+    calls = SimpleNamespace(loops=0, steps=0, unplanned=0)
+    compiled_steps, one_call_step = TreeDecoder._compiled_steps, TreeDecoder._one_call_step
+    walk_tree_softmax = decode.walk_tree_softmax
 
-    def counted(*args):
-        out = tree_step(*args)
-        calls.fused += 1
-        calls.unplanned += out[4] < 0
-        return out
+    def counted_loops(self, *args):
+        ran, stop = compiled_steps(self, *args)
+        calls.loops += ran
+        return ran, stop
 
-    monkeypatch.setattr(_step_numba, "tree_step", counted)
+    def counted_steps(self, *args):
+        emitted = one_call_step(self, *args)
+        calls.steps += emitted is not None
+        return emitted
+
+    def counted_walks(*args):
+        calls.unplanned += 1
+        return walk_tree_softmax(*args)
+
+    monkeypatch.setattr(TreeDecoder, "_compiled_steps", counted_loops)
+    monkeypatch.setattr(TreeDecoder, "_one_call_step", counted_steps)
+    monkeypatch.setattr(decode, "walk_tree_softmax", counted_walks)
     return calls
 
 
@@ -276,8 +291,9 @@ def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, veri
 def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
     tiny, llama, draft_vocab, law, verifier, tree, monkeypatch
 ):
-    """Trees whose step is one compiled call (``_step_numba.tree_step``), and trees drafted in
-    one call (``sample_tree``) and walked in one more (``walk.walk_tree_softmax``: recursive
+    """Trees decoded in one compiled call (``_step_numba.tree_steps``), with one call a step
+    (``tree_step``; a caller that streams the tokens), and trees drafted in one call
+    (``sample_tree``) and walked in one more (``walk.walk_tree_softmax``: recursive
     rejection sampling, the optimal verifier's threshold nodes, or node by node where a node is
     not the plan's) emit the tokens, and record the acceptances, of level-by-level drafting and
     the node-by-node ``walk`` from the same seed:
@@ -289,7 +305,8 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
 
     config = TreeConfig.make(tree, law, verifier)
     agreeing = load_pair(target=tiny["llama"][0], draft=tiny["llama"][0])
-    deep, fused_steps, calls = False, 0, _count_fused_steps(monkeypatch)
+    deep, calls = False, _count_one_call_steps(monkeypatch)
+    prompts = [PROMPT, [4, 4], [9]]
     for pair in (llama, agreeing):
         for sampling in (
             SamplingConfig(1.0, max_new_tokens=20, stop_on_eos=False),
@@ -298,28 +315,75 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
         ):
             dec = TreeDecoder(pair, config, sampling)
             dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, pair.draft))
-            fused = dec.generate([PROMPT, [4, 4], [9]], seed=11)
-            steps = sum(r.stats.steps for r in fused)
             assert dec.one_call_steps
-            dec.fused_step = False
-            compiled = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+            looped = dec.generate(prompts, seed=11)  # every step in one compiled call
+            stepped = dec.generate(prompts, seed=11, on_tokens=lambda i, tokens: None)  # a call a step
+            dec.fused_step, unplanned = False, calls.unplanned
+            compiled = dec.generate(prompts, seed=11)
+            calls.unplanned = unplanned  # the three calls walk every tree by walk_tree_softmax
             assert dec.last_step.drafted.tree_q is not None
             assert dec._walks_tree_from_logits(dec.last_step.drafted)
             dec.compiled_draft = False
-            general = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+            general = dec.generate(prompts, seed=11)
             assert dec.last_step.drafted.tree_q is None
-            for results in (fused, compiled):
+            for results in (looped, stepped, compiled):
                 assert [r.token_ids for r in results] == [r.token_ids for r in general]
-                assert [r.stats.depth_expected.tolist() for r in results] == [
-                    r.stats.depth_expected.tolist() for r in general
-                ]
+                for r, g in zip(results, general):
+                    assert r.stats.depth_expected.tolist() == g.stats.depth_expected.tolist()
+                    assert r.stats.depth_tries.tolist() == g.stats.depth_tries.tolist()
+                    assert (r.stats.steps, r.stats.step_tokens, r.stats.accepted) == (
+                        g.stats.steps,
+                        g.stats.step_tokens,
+                        g.stats.accepted,
+                    )
             deep |= any(r.stats.depth_expected[-1] > 0 for r in compiled)  # a leaf kept: a bonus token
-            fused_steps += steps
     assert deep
-    assert calls.fused == fused_steps  # every step in one call (the prompts fit a panel pass)
+    assert calls.loops >= 18 and calls.steps > 0  # (the prompts fit a panel pass)
     # the optimal verifier's plan is the top-k's: the draft vocabulary's and the underflowing q's
     # nodes are walked by Python after the call
     assert (calls.unplanned > 0) == (verifier == "optimal")
+
+
+@pytest.mark.parametrize(
+    "tree,law,verifier",
+    [
+        ("2x2", "iid", "rrs"),
+        ("3,1", "without_replacement", "optimal"),
+        ("1x3", "iid", "rrs"),
+        ("1x3", "iid", "block"),
+    ],
+)
+def test_compiled_loop_stops_where_the_step_loop_stops(llama, tree, law, verifier, monkeypatch):
+    """Decoding in one compiled call (``TreeDecoder._compiled_steps``) stops where decoding a
+    step at a time (a caller that streams the tokens) stops, with the same tokens, reason and
+    statistics: at the budget, at an EOS (the step's tokens after it dropped) and at the
+    models' context length (64 positions)."""
+    calls = _count_one_call_steps(monkeypatch)
+    reasons = set()
+    for sampling, eos, prompt in (
+        (SamplingConfig(1.0, top_k=6, max_new_tokens=13, stop_on_eos=False), set(), PROMPT),
+        (SamplingConfig(1.0, top_k=6, max_new_tokens=40, stop_on_eos=True), {5, 9}, PROMPT),
+        (SamplingConfig(0.9, max_new_tokens=200, stop_on_eos=True), set(), PROMPT * 3),
+    ):
+        dec = TreeDecoder(llama, TreeConfig.make(tree, law, verifier), sampling)
+        dec.eos = eos
+        looped = dec.generate([prompt] * 4, seed=3)
+        stepped = dec.generate([prompt] * 4, seed=3, on_tokens=lambda i, tokens: None)
+        for a, b in zip(looped, stepped):
+            assert (a.token_ids, a.stop_reason) == (b.token_ids, b.stop_reason)
+            assert (a.stats.steps, a.stats.step_tokens, a.stats.accepted) == (
+                b.stats.steps,
+                b.stats.step_tokens,
+                b.stats.accepted,
+            )
+            assert a.stats.depth_tries.tolist() == b.stats.depth_tries.tolist()
+            assert a.stats.target_calls == b.stats.target_calls
+            assert a.stats.draft_calls == b.stats.draft_calls
+            reasons.add(a.stop_reason)
+            if a.stop_reason == "eos":
+                assert a.token_ids[-1] in eos and not set(a.token_ids[:-1]) & eos
+    assert reasons == {"length", "eos", "context"}
+    assert calls.loops >= 12 and calls.steps > 0
 
 
 def test_fast_chain_only_for_single_draft_rejection_chains(llama):

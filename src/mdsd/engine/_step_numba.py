@@ -213,3 +213,118 @@ def chain_step(
     seconds[2] = monotonic(*clock) - forwarded_at
     lengths = (base + accepted, base + min(accepted, depth - 1))
     return chain, logits, accepted, token, lengths, seconds
+
+
+# ``tree_steps`` / ``chain_steps``: why the loop stopped (``decode._finish``'s reasons, then the
+# two that hand the next step to Python)
+RUNNING, LENGTH, EOS, CONTEXT, PAUSED, UNPLANNED = 0, 1, 2, 3, 4, 5
+RECORD_FIELDS = 5  # per step: drafts kept, bonus (0 / 1), draft, target and walk seconds
+
+
+@numba.njit(cache=True)
+def commit(seq, length, emitted, stop_length, eos, stop_on_eos):
+    """``decode._finish`` in place: append a step's ``emitted`` tokens to ``seq[:length]``, cut
+    at the budget (``stop_length`` tokens in all) or after the first of ``eos`` [E] within it
+    (``stop_on_eos``). Returns (the new length, RUNNING, EOS or LENGTH)."""
+    budget, count, status = stop_length - length, emitted.size, RUNNING
+    if stop_on_eos:
+        for i in range(min(emitted.size, budget)):
+            if np.any(eos == emitted[i]):
+                count, status = i + 1, EOS
+                break
+    if status == RUNNING and emitted.size >= budget:
+        count, status = budget, LENGTH
+    seq[length : length + count] = emitted[:count]
+    return length + count, status
+
+
+@numba.njit(cache=True)
+def _next_status(status, steps, length, context_end, limit, lookahead, records):
+    """RUNNING where another step may run: no stop reason yet, the context not exceeded (as
+    ``TreeDecoder.generate_one`` checks it), room for one more record and in the caches."""
+    if status != RUNNING:
+        return status
+    if length > context_end:
+        return CONTEXT
+    if steps == records.shape[0] or length + lookahead > limit:
+        return PAUSED
+    return RUNNING
+
+
+@numba.njit(cache=True)
+def _forward_at(forward, start):
+    """A runner's forward tuple (``tree_step``'s ``*_forward``) with the cache length ``start``."""
+    keys, values, _, cos, sin, heads, kv_heads, eps, gemm = forward
+    return keys, values, start, cos, sin, heads, kv_heads, eps, gemm
+
+
+@numba.njit(cache=True)
+def tree_steps(
+    seq, length, stop_length, context_end, limit, eos, stop_on_eos, records, draft_cached, target_cached,
+    widths, level_starts, child_starts, depths, level_masks, target_mask, distinct, temperature, top_k, q_ids,
+    token_ids, draft_models, draft_forward, target_models, target_forward, hidden_value, rejection_distinct,
+    optimal, plan_n, plan_support, head, tail, uniform, state, clock,
+):  # fmt: skip
+    """``tree_step`` after ``seq[:length]``, step after step, each step's tokens committed into
+    ``seq`` (``commit``), until the budget (``stop_length``), an EOS, the context (a length past
+    ``context_end``), the records [S, RECORD_FIELDS] (one per step) or the caches (``limit``
+    entries) end, or a node the plan was not made for (its step left to Python, undrawn): the
+    decoding loop of ``TreeDecoder.generate_one`` with no Python between steps. The caches hold
+    ``draft_cached`` / ``target_cached`` entries; the other arguments are ``tree_step``'s.
+
+    Returns (the last step's ``tree_step`` result, the length, steps run, status: LENGTH, EOS,
+    CONTEXT, PAUSED or UNPLANNED, the caches' lengths: after an UNPLANNED step each holds the
+    whole tree)."""
+    lookahead = depths.size + 1
+    steps = 0
+    while True:
+        draft_at = _forward_at(draft_forward, draft_cached)
+        target_at = _forward_at(target_forward, target_cached)
+        out = tree_step(
+            seq[draft_cached:length], seq[target_cached:length], length, widths, level_starts, child_starts,
+            depths, level_masks, target_mask, distinct, temperature, top_k, q_ids, token_ids, draft_models,
+            draft_at, target_models, target_at, hidden_value, rejection_distinct, optimal, plan_n,
+            plan_support, head, tail, uniform, state, clock,
+        )  # fmt: skip
+        drafts, _, _, path, token, bonus, lengths, seconds = out
+        records[steps, 0], records[steps, 1], records[steps, 2:] = path.size, bonus, seconds
+        steps += 1
+        if token < 0:  # the step's walk is Python's; the caches hold the whole tree
+            status = UNPLANNED
+            draft_cached, target_cached = length + level_starts[widths.size - 1], length + depths.size
+            break
+        emitted = np.append(drafts[0][path], token)
+        length, status = commit(seq, length, emitted, stop_length, eos, stop_on_eos)
+        target_cached, draft_cached = lengths
+        status = _next_status(status, steps, length, context_end, limit, lookahead, records)
+        if status != RUNNING:
+            break
+    return out, length, steps, status, draft_cached, target_cached
+
+
+@numba.njit(cache=True)
+def chain_steps(
+    seq, length, stop_length, context_end, limit, eos, stop_on_eos, records, draft_cached, target_cached,
+    depth, temperature, top_k, q_ids, token_ids, block, draft_models, draft_forward, target_models,
+    target_forward, uniform, state, clock,
+):  # fmt: skip
+    """``tree_steps`` for the lean loop's chains: ``chain_step`` after step, the same stops
+    (never UNPLANNED). Returns (the last step's ``chain_step`` result, the length, steps run,
+    status, the caches' lengths)."""
+    steps = 0
+    while True:
+        out = chain_step(
+            seq[draft_cached:length], seq[target_cached:length], length, depth, temperature, top_k, q_ids,
+            token_ids, block, draft_models, _forward_at(draft_forward, draft_cached), target_models,
+            _forward_at(target_forward, target_cached), uniform, state, clock,
+        )  # fmt: skip
+        chain, _, kept, token, lengths, seconds = out
+        records[steps, 0], records[steps, 1], records[steps, 2:] = kept, kept == depth, seconds
+        steps += 1
+        emitted = np.append(chain[0][:kept], token)
+        length, status = commit(seq, length, emitted, stop_length, eos, stop_on_eos)
+        target_cached, draft_cached = lengths
+        status = _next_status(status, steps, length, context_end, limit, depth + 1, records)
+        if status != RUNNING:
+            break
+    return out, length, steps, status, draft_cached, target_cached

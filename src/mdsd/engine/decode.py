@@ -564,6 +564,13 @@ class TreeDecoder(_Decoder):
         out: list[int] = []
         reason = "length"
         while True:
+            if on_tokens is None:  # many steps in one compiled call where they apply
+                ran, stop = self._compiled_steps(seq, out, rng, stats, ctx)
+                if stop:
+                    reason = stop
+                    break
+                if ran:
+                    continue
             emitted = self.step(seq, rng, stats)
             new, stop = _finish(
                 emitted, self.sampling.max_new_tokens - len(out), self.eos, self.sampling.stop_on_eos
@@ -1003,6 +1010,110 @@ class TreeDecoder(_Decoder):
         drafted = self._drafted_chain(SampledChain(*chain), self.book.rule(1, 2))
         result = chain_walk_result(drafted.tokens.tolist(), kept, token)
         return drafted, result, logits, None, lengths, seconds
+
+    def _compiled_steps(
+        self, seq: list[int], out: list[int], rng: np.random.Generator, stats: DecodeStats, ctx: int | None
+    ) -> tuple[bool, str | None]:
+        """``generate_one``'s loop of steps in one compiled call (``_step_numba.tree_steps`` or
+        ``chain_steps``: ``_one_call_step``'s kernel step after step, each step's tokens cut at
+        the budget or an EOS as ``_finish`` cuts them, no Python between steps), extending
+        ``seq`` and ``out`` and counting every step in ``stats``. Returns (whether it ran, the
+        stop reason or None); it does not run where ``_one_call_step`` would not, or where the
+        first step's fresh tokens exceed one panel pass (the prompt's). A tree's node the plan
+        was not made for ends the call after its forwards, and is walked here
+        (``walk.walk_tree_softmax``). The same tokens, caches, statistics and generator state as
+        the steps one call each (tested)."""
+        plan, tree, draft, target = self._one_call_plan(), self.tree, self.draft, self.target
+        budget = self.sampling.max_new_tokens - len(out)
+        if plan is None or budget < 1 or not (draft.compiled and target.compiled):
+            return False, None
+        length, chain = len(seq), plan[0] == "chain"
+        levels = [1] * (tree.depth - 1) if chain else tree.level_sizes[:-1]  # the draft's forwards
+        draft_rows = max((length - draft.cached, 2, *levels))  # later steps: at most 2 fresh tokens
+        draft_model = draft.compiled_forward(draft_rows, length + sum(levels))
+        target_model = target.compiled_forward(
+            length - target.cached + tree.num_nodes, length + tree.num_nodes
+        )
+        if draft_model is None or target_model is None:
+            return False, None
+        began = time.perf_counter()
+        buffer = np.zeros(length + budget + tree.num_nodes + 2, dtype=np.int64)
+        buffer[:length] = seq
+        records = np.zeros((budget, _step_kernels().RECORD_FIELDS))  # a step emits a token at least
+        context_end = ctx - tree.depth if ctx is not None else np.iinfo(np.int64).max
+        sampling, source, output_ids = self.sampling, self._source(rng), self._output_ids()
+        common = (
+            buffer, length, length + budget, context_end, min(draft.capacity, target.capacity),
+            np.fromiter(sorted(self.eos), np.int64), sampling.stop_on_eos, records, draft.cached,
+            target.cached,
+        )  # fmt: skip
+        if chain:
+            last, end, steps, status, draft_cached, target_cached = _step_kernels().chain_steps(
+                *common, tree.depth, float(sampling.temperature), plan[1], output_ids, draft.output_token_ids,
+                plan[2], *draft_model, *target_model, *source, self._clock,
+            )  # fmt: skip
+        else:
+            last, end, steps, status, draft_cached, target_cached = _step_kernels().tree_steps(
+                *common, *draft.tree_arrays(tree), self._target_mask, self.book.law.distinct,
+                float(sampling.temperature), int(sampling.top_k or 0), output_ids, draft.output_token_ids,
+                *draft_model, *target_model, np.float32(target.hidden), *plan[1], *source, self._clock,
+            )  # fmt: skip
+        seconds = records[:steps, 2:].sum(axis=0)  # draft, target, walk
+        draft.advance(draft_cached, steps * tree.depth, seconds[0])
+        target.advance(target_cached, steps, seconds[1])
+        unplanned = status == _step_kernels().UNPLANNED
+        if stats.steps == 0:  # the first tree forward also runs the prompt
+            stats.prefill_time += records[0, 3]
+        for kept, bonus in records[: steps - unplanned, :2].tolist():
+            stats.add_step(int(kept), bool(bonus))
+        new = buffer[length:end].tolist()
+        seq += new
+        out += new
+        kernels = _step_kernels()  # the statuses of a loop that stopped decoding, as _finish names them
+        stop = {kernels.LENGTH: "length", kernels.EOS: "eos", kernels.CONTEXT: "context"}.get(int(status))
+        if unplanned:  # the last step's walk, node by node on the call's logits
+            stop = self._walk_unplanned(last, seq, out, rng, stats, ctx)
+        else:
+            self.last_step = self._compiled_record(last, chain)
+        stats.draft_time += seconds[0]
+        stats.target_time += seconds[1]
+        stats.verify_time += time.perf_counter() - began - seconds[0] - seconds[1]
+        return True, stop
+
+    def _walk_unplanned(self, last, seq, out, rng, stats: DecodeStats, ctx: int | None) -> str | None:
+        """Finish ``_compiled_steps``' last step, whose tree has a node the plan was not made for:
+        its walk (``walk.walk_tree_softmax`` on the step's logits), both caches kept, its tokens
+        committed as ``generate_one`` commits them. Returns the stop reason or None."""
+        drafts, logits, rows = last[:3]
+        drafted, sampling = self._drafted_slots(SampledTree(*drafts)), self.sampling
+        args = (logits, sampling.temperature, sampling.top_k, self.book, rng, self._source(rng))
+        result = walk_tree_softmax(self.tree, drafted, *args)
+        self._keep_path(len(seq), result.path)
+        self.last_step = StepRecord(drafted, None, result, logits, rows.tolist())
+        stats.add_walk(result)
+        budget = sampling.max_new_tokens - len(out)
+        new, stop = _finish(result.emitted, budget, self.eos, sampling.stop_on_eos)
+        seq += new
+        out += new
+        if not stop and ctx is not None and len(seq) + self.tree.depth > ctx:
+            stop = "context"
+        return stop
+
+    def _compiled_record(self, last, chain: bool) -> StepRecord:
+        """The ``StepRecord`` of the last step ``_compiled_steps`` ran (``last``: its kernel's
+        step result)."""
+        if chain:
+            sampled, logits, kept, token = last[:4]
+            drafted = self._drafted_chain(SampledChain(*sampled), self.book.rule(1, 2))
+            result = chain_walk_result(drafted.tokens.tolist(), kept, token)
+            return StepRecord(drafted, None, result, logits, None)
+        drafts, logits, rows, path, token, bonus = last[:6]
+        drafted = self._drafted_slots(SampledTree(*drafts))
+        return StepRecord(drafted, None, tree_walk_result(drafted, path, token, bonus), logits, rows.tolist())
+
+    def _output_ids(self) -> np.ndarray:
+        """The draft's output ids as the compiled steps take them (empty: the whole vocabulary)."""
+        return DENSE_IDS if self.draft.output_ids is None else self.draft.output_ids
 
     def _keep_path(self, base: int, path: list[int]) -> None:
         """Keep the committed prefix of ``base`` tokens and the accepted ``path`` of tree nodes in

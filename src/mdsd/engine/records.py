@@ -216,6 +216,20 @@ class DecodeStats:
         for d in range(kept):
             accepts[d] += 1
 
+    def add_step(self, kept: int, bonus: bool) -> None:
+        """``add_walk`` of a walk that kept ``kept`` drafts and ended with a bonus token or a
+        rejection, its expected acceptances the outcomes (1 per kept draft, 0 at the rejection):
+        the steps the compiled loop records as numbers (``_step_numba.tree_steps``)."""
+        self.steps += 1
+        self.step_tokens += kept + 1
+        self.accepted += kept
+        for d in range(kept):
+            self.depth_tries[d] += 1
+            self.depth_expected[d] += 1.0
+            self.depth_accepts[d] += 1
+        if not bonus:
+            self.depth_tries[kept] += 1
+
     def merge(self, other: DecodeStats) -> DecodeStats:
         if self.depth != other.depth:
             raise ValueError("cannot merge statistics of trees of different depths")

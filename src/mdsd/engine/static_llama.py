@@ -600,6 +600,11 @@ class StaticLlamaRunner(ModelRunner):
         return self.output_ids if self.output_ids is not None else self._vocabulary_ids
 
     @property
+    def capacity(self) -> int:
+        """Entries the static cache holds (0 before ``reset``)."""
+        return 0 if self._keys is None else int(self._keys.shape[2])
+
+    @property
     def compiled(self) -> bool:
         """Whether the forwards run compiled (matmul "numba"; ``compiled_forward`` still returns
         None for a forward wider than one panel pass or a RoPE recomputed per forward)."""
