@@ -1,25 +1,29 @@
-"""A whole step of tree decoding in one compiled call (``TreeDecoder.step``'s fused path).
+"""The decoding loop in compiled code: a step in one call, and steps until a stop in one call.
 
-``chain_step`` does the same for the lean loop's chains (``sample_chain``, ``causal_logits``, the
-chain's walk: rejection sampling node by node or block verification, under the tempered softmax
-alone or after a top-k); their caches keep a prefix, nothing moves.
-
-The three compiled calls of a tree step (``_llama_numba.sample_tree``: the draft's tree;
-``_llama_numba.tree_logits``: the target's forward and the valid rows' logits;
+``tree_step``: the three compiled calls of a tree's step (``_llama_numba.sample_tree``: the
+draft's tree; ``_llama_numba.tree_logits``: the target's forward and the valid rows' logits;
 ``_walk_numba.tree_walk``: the verification walk) and the two caches' bookkeeping
-(``gather_positions``) run here in one call, with the same arrays and draws:
+(``gather_positions``) in one call, with the same arrays and draws:
 
     drafts      = sample_tree(draft's fresh tokens, tree)          # the draft's cache: + levels 0..D-1
     logits      = tree_logits(target's fresh tokens + drafts, rows = root + valid nodes)
     path, token = tree_walk(logits, drafts' q)
     caches      : committed prefix + the accepted path (the draft's: nodes above depth D)
 
-Each step ends in the target's forward, which streams the target's weights through the caches:
-the interpreter's code and data are cold when Python runs again. Between and after the three
-calls the step spent ~150 microseconds (arguments, dispatch, results, two cache keeps) where the
-same work hot takes ~40 (``benchmarks/bench_decode.py``'s "other" column; BENCHMARKS.md). The
-seconds of each part are read inside the call (``monotonic``: ``clock_gettime`` at the address
-``clock_source`` gives), so the draft's and target's model times stay separate from the walk's.
+``chain_step`` does the same for the lean loop's chains (``sample_chain``, ``causal_logits``, the
+chain's walk: rejection sampling node by node or block verification, under the tempered softmax
+alone or after a top-k); their caches keep a prefix, nothing moves. ``tree_steps`` and
+``chain_steps`` run those steps one after another, committing each step's tokens (``commit``:
+``decode._finish``'s cut at the budget or an EOS) until decoding stops (``TreeDecoder.
+_compiled_steps``).
+
+Each step ends in the target's forward, which streams the target's weights through the CPU's
+caches: the interpreter's code and data are cold when Python runs again, and the Python around
+three calls a step took ~150-250 microseconds (arguments, dispatch, results, cache keeps,
+records) where the same work hot takes ~40 (docs/engine.md, "The decoding loop in one call";
+``benchmarks/bench_decode.py --unfused``). The seconds of each part are read inside the call
+(``monotonic``: ``clock_gettime`` at the address ``clock_source`` gives), so the draft's and
+target's model times stay separate from the rest.
 """
 
 from __future__ import annotations
