@@ -386,6 +386,29 @@ def test_compiled_loop_stops_where_the_step_loop_stops(llama, tree, law, verifie
     assert calls.loops >= 12 and calls.steps > 0
 
 
+def test_compiled_plain_sampling_draws_what_the_step_loop_draws(llama):
+    """``Autoregressive`` in one compiled call (``_compiled_steps``: ``_step_numba.plain_steps``)
+    draws the tokens of its Python loop (a caller that streams the tokens) from the same seed,
+    and stops where it stops (budget, EOS, context), under the tempered softmax alone and after a
+    top-k, a prompt longer than one panel pass included (its forward then runs in Python)."""
+    reasons = set()
+    for sampling, eos, prompt in (
+        (SamplingConfig(0.8, max_new_tokens=13, stop_on_eos=False), set(), PROMPT),
+        (SamplingConfig(1.0, top_k=6, max_new_tokens=40, stop_on_eos=True), {5, 9}, PROMPT),
+        (SamplingConfig(1.2, top_k=3, max_new_tokens=200, stop_on_eos=True), set(), PROMPT * 3),
+        (SamplingConfig(0.002, max_new_tokens=30, stop_on_eos=False), set(), [4] * 40),
+    ):
+        dec = Autoregressive(llama, sampling)
+        dec.eos = eos
+        looped = dec.generate([prompt] * 4, seed=3)
+        stepped = dec.generate([prompt] * 4, seed=3, on_tokens=lambda i, tokens: None)
+        for a, b in zip(looped, stepped):
+            assert (a.token_ids, a.stop_reason) == (b.token_ids, b.stop_reason)
+            assert a.stats.target_calls == b.stats.target_calls == len(a.token_ids)
+            reasons.add(a.stop_reason)
+    assert reasons == {"length", "eos", "context"}
+
+
 def test_fast_chain_only_for_single_draft_rejection_chains(llama):
     """Trees, other verifiers and sequence-level rules take the general loop; block verification
     of chains of one draw from q takes the lean loop."""

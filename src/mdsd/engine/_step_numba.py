@@ -29,6 +29,7 @@ target's model times stay separate from the rest.
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 
 import numba
@@ -39,14 +40,18 @@ from numba.extending import intrinsic
 
 from mdsd.engine._llama_numba import causal_logits, gather_positions, sample_chain, sample_tree, tree_logits
 from mdsd.engine._walk_numba import (
+    _target_row,
     softmax_chain_block_walk,
     softmax_chain_walk,
+    softmax_draw,
     top_k_chain_block_walk,
     top_k_chain_walk,
     tree_walk,
 )
+from mdsd.sampling import draw, next_uniform
 
 
+@functools.cache
 def clock_source() -> tuple[int, int]:
     """(address of the C library's ``clock_gettime``, ``CLOCK_MONOTONIC``): what ``monotonic``
     calls; (0, 0) where there is none (the step's parts are then timed as 0 seconds)."""
@@ -332,3 +337,41 @@ def chain_steps(
         if status != RUNNING:
             break
     return out, length, steps, status, draft_cached, target_cached
+
+
+@numba.njit(cache=True)
+def plain_steps(
+    seq, length, stop_length, context_end, limit, eos, stop_on_eos, records, cached, temperature, top_k,
+    models, forward, uniform, state, clock,
+):  # fmt: skip
+    """``Autoregressive.generate_one``'s loop after ``seq[:length]`` in one call: per token the
+    causal forward of the tokens the cache lacks (``causal_logits``, the last row), the token at
+    the generator's next uniform from the tempered softmax (``softmax_draw``) or, for 0 <
+    ``top_k`` < V, its top-k (``_target_row``; ``Autoregressive._sample``'s draws), committed as
+    ``tree_steps`` commits (the same stops; ``context_end`` as the loop checks it). The cache
+    holds ``cached`` entries; ``models``, ``forward``, the generator and the clock as
+    ``tree_step``'s; records [S, RECORD_FIELDS]: per token the forward's and the draw's seconds
+    (columns 3, 4, as ``tree_steps``' target and walk). Returns (the length, tokens drawn,
+    status, the cache's length)."""
+    steps = 0
+    while True:
+        began = monotonic(*clock)
+        keys, values, _, cos, sin, heads, kv_heads, eps, gemm = forward
+        logits = causal_logits(
+            seq[cached:length], 1, models, keys, values, cached, cos, sin, heads, kv_heads, eps, gemm
+        )[0]  # fmt: skip
+        forwarded = monotonic(*clock)
+        u = next_uniform(uniform, state)
+        if 0 < top_k < logits.size:
+            p_ids, p_values = _target_row(logits, temperature, top_k)
+            token = p_ids[draw(p_values, u)]
+        else:
+            token = softmax_draw(logits, temperature, u, True)
+        cached = length
+        length, status = commit(seq, length, np.full(1, token), stop_length, eos, stop_on_eos)
+        records[steps, 3], records[steps, 4] = forwarded - began, monotonic(*clock) - forwarded
+        steps += 1
+        status = _next_status(status, steps, length, context_end, limit, 1, records)
+        if status != RUNNING:
+            break
+    return length, steps, status, cached

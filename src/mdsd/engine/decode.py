@@ -284,6 +284,14 @@ class Autoregressive(_Decoder):
         self.target.model_time = 0.0
         pending, out, reason = ids, [], "length"
         while True:
+            if on_tokens is None:  # many tokens in one compiled call where it applies
+                ran, stop = self._compiled_steps(ids, out, rng, stats, ctx)
+                if stop:
+                    reason = stop
+                    break
+                if ran:
+                    pending = (ids + out)[self.target.cached :]
+                    continue
             t0 = time.perf_counter()
             logits = self.target.causal(np.asarray(pending), keep=1)[0]
             t1 = time.perf_counter()
@@ -310,6 +318,47 @@ class Autoregressive(_Decoder):
         stats.target_model_time = self.target.model_time
         stats.total_time = time.perf_counter() - start
         return Generation(ids, out, self.pair.tokenizer.decode(out), reason, stats)
+
+    def _compiled_steps(
+        self, ids: list[int], out: list[int], rng: np.random.Generator, stats: DecodeStats, ctx: int | None
+    ) -> tuple[bool, str | None]:
+        """``generate_one``'s loop in one compiled call (``_step_numba.plain_steps``) after the
+        prompt ``ids`` and the tokens ``out`` so far, extending ``out``: the same tokens, cache,
+        statistics and generator state (tested). Returns (whether it ran, the stop reason or
+        None); it runs where the target's forward is compiled, the transform is the tempered
+        softmax after an optional top-k and the tokens the cache lacks fit one panel pass."""
+        target, sampling = self.target, self.sampling
+        budget, length = sampling.max_new_tokens - len(out), len(ids) + len(out)
+        if budget < 1 or not (target.compiled and sampling.chain_transform):
+            return False, None
+        forward = target.compiled_forward(max(length - target.cached, 1), length + 1)
+        if forward is None:
+            return False, None
+        kernels, began = _step_kernels(), time.perf_counter()
+        buffer = np.zeros(length + budget + 1, dtype=np.int64)
+        buffer[:length] = ids + out
+        records = np.zeros((budget, kernels.RECORD_FIELDS))
+        context_end = ctx - 1 if ctx is not None else np.iinfo(np.int64).max
+        eos = np.fromiter(sorted(self.eos), np.int64)
+        common = (
+            buffer, length, length + budget, context_end, target.capacity, eos, sampling.stop_on_eos, records,
+            target.cached,
+        )  # fmt: skip
+        top_k, source = int(sampling.top_k or 0), uniform_source(rng)
+        end, steps, status, cached = kernels.plain_steps(
+            *common, float(sampling.temperature), top_k, *forward, *source, _step_kernels().clock_source()
+        )
+        forward_seconds = records[:steps, 3].sum()
+        target.advance(cached, steps, forward_seconds)
+        if not stats.target_calls:  # the prompt's forward
+            stats.prefill_time += records[0, 3]
+        stats.target_calls += steps
+        stats.target_time += forward_seconds
+        out += buffer[length:end].tolist()
+        stats.verify_time += time.perf_counter() - began - forward_seconds
+        return True, {kernels.LENGTH: "length", kernels.EOS: "eos", kernels.CONTEXT: "context"}.get(
+            int(status)
+        )
 
     def _sample(self, logits: np.ndarray, rng: np.random.Generator) -> int:
         """The next token from the target's logits [V]: the transform's law at ``rng.random()``
