@@ -976,29 +976,29 @@ class TreeDecoder(_Decoder):
         if plan is None:
             return None
         began = time.perf_counter()
-        tree, draft, target = self.tree, self.draft, self.target
+        tree, draft, target, chain = self.tree, self.draft, self.target, plan[0] == "chain"
         draft_ids = np.asarray(seq[draft.cached :], dtype=np.int64)
         target_ids = np.asarray(seq[target.cached :], dtype=np.int64)
-        forwarded = tree.level_sizes[:-1]  # the draft's levels after the root's (not the last)
-        if plan[0] == "chain":
-            forwarded = [1] * (tree.depth - 1)
-        draft_end = draft.cached + draft_ids.size + sum(forwarded)
+        levels = [1] * (tree.depth - 1) if chain else tree.level_sizes[:-1]  # the draft's forwards
+        draft_end = draft.cached + draft_ids.size + sum(levels)
         target_end = target.cached + target_ids.size + tree.num_nodes
-        draft_model = draft.compiled_forward(max((draft_ids.size, *forwarded)), draft_end)
+        draft_model = draft.compiled_forward(max((draft_ids.size, *levels)), draft_end)
         target_model = target.compiled_forward(target_ids.size + tree.num_nodes, target_end)
         if draft_model is None or target_model is None:
             return None
-        step = self._chain_step if plan[0] == "chain" else self._tree_step
-        args = (draft_ids, target_ids, len(seq), *draft_model, *target_model, plan[1:], rng)
-        drafted, result, logits, rows, lengths, seconds = step(*args)
+        kernel = _step_kernels().chain_step if chain else _step_kernels().tree_step
+        arguments = self._kernel_arguments(plan, draft_model, target_model, rng)
+        step = kernel(draft_ids, target_ids, len(seq), *arguments)
+        lengths, seconds = step[-2:]
         draft.advance(draft_end, tree.depth, seconds[0])
         target.advance(target_end, 1, seconds[1])
-        if lengths is None:  # the caches hold the whole tree
-            self._keep_path(len(seq), result.path)
-        else:  # the call kept the accepted path
-            target.keep_prefix(lengths[0])
+        if not chain and step[4] < 0:  # a node the plan was not made for: walked here
+            self.last_step = self._walk_unplanned(step, len(seq), rng)
+        else:
+            self.last_step = self._compiled_record(step, chain)
+            target.keep_prefix(lengths[0])  # the call kept the accepted path
             draft.keep_prefix(lengths[1])
-        self.last_step = StepRecord(drafted, None, result, logits, rows)
+        result = self.last_step.result
         stats.add_walk(result)
         stats.draft_time += seconds[0]
         stats.target_time += seconds[1]
@@ -1007,58 +1007,24 @@ class TreeDecoder(_Decoder):
         stats.verify_time += time.perf_counter() - began - seconds[0] - seconds[1]
         return result.emitted
 
-    def _tree_step(
-        self,
-        draft_ids,
-        target_ids,
-        base,
-        draft_models,
-        draft_forward,
-        target_models,
-        target_forward,
-        plan,
-        rng,
-    ):
-        """``_one_call_step`` of a tree: (drafted, walk result, logits, their rows, the caches'
-        lengths after the call's moves or None where it moved nothing, seconds [3])."""
-        tree, draft, sampling, source = self.tree, self.draft, self.sampling, self._source(rng)
+    def _kernel_arguments(self, plan: tuple, draft_model: tuple, target_model: tuple, rng) -> tuple:
+        """The arguments ``_step_numba``'s ``tree_step`` and ``tree_steps`` (``chain_step`` and
+        ``chain_steps`` for a chain) share after their own: the tree, law, transform, the draft's
+        output tokens, both runners' ``compiled_forward``, the verifier of ``plan``
+        (``_one_call_plan``), the generator's source and the clock."""
+        tree, draft, sampling = self.tree, self.draft, self.sampling
         output_ids = DENSE_IDS if draft.output_ids is None else draft.output_ids
-        drafts, logits, rows, path, token, bonus, lengths, seconds = _step_kernels().tree_step(
-            draft_ids, target_ids, base, *draft.tree_arrays(tree), self._target_mask, self.book.law.distinct,
-            float(sampling.temperature), int(sampling.top_k or 0), output_ids, draft.output_token_ids,
-            draft_models, draft_forward, target_models, target_forward, np.float32(self.target.hidden),
-            *plan[0], *source, self._clock,
+        temperature, source = float(sampling.temperature), self._source(rng)
+        if plan[0] == "chain":
+            _, top_k, block = plan
+            head = (tree.depth, temperature, top_k, output_ids, draft.output_token_ids, block)
+            return (*head, *draft_model, *target_model, *source, self._clock)
+        head = (
+            *draft.tree_arrays(tree), self._target_mask, self.book.law.distinct, temperature,
+            int(sampling.top_k or 0), output_ids, draft.output_token_ids,
         )  # fmt: skip
-        drafted = self._drafted_slots(SampledTree(*drafts))
-        if token < 0:  # a node the plan was not made for: walked node by node, nothing drawn yet
-            args = (logits, sampling.temperature, sampling.top_k, self.book, rng, source)
-            return drafted, walk_tree_softmax(tree, drafted, *args), logits, rows.tolist(), None, seconds
-        return drafted, tree_walk_result(drafted, path, token, bonus), logits, rows.tolist(), lengths, seconds
-
-    def _chain_step(
-        self,
-        draft_ids,
-        target_ids,
-        base,
-        draft_models,
-        draft_forward,
-        target_models,
-        target_forward,
-        plan,
-        rng,
-    ):
-        """``_one_call_step`` of a chain: ``_tree_step``'s (logits of every row)."""
-        draft, sampling = self.draft, self.sampling
-        top_k, block = plan
-        output_ids = DENSE_IDS if draft.output_ids is None else draft.output_ids
-        chain, logits, kept, token, lengths, seconds = _step_kernels().chain_step(
-            draft_ids, target_ids, base, self.tree.depth, float(sampling.temperature), top_k, output_ids,
-            draft.output_token_ids, block, draft_models, draft_forward, target_models, target_forward,
-            *self._source(rng), self._clock,
-        )  # fmt: skip
-        drafted = self._drafted_chain(SampledChain(*chain), self.book.rule(1, 2))
-        result = chain_walk_result(drafted.tokens.tolist(), kept, token)
-        return drafted, result, logits, None, lengths, seconds
+        hidden = np.float32(self.target.hidden)
+        return (*head, *draft_model, *target_model, hidden, *plan[1], *source, self._clock)
 
     def _compiled_steps(
         self, seq: list[int], out: list[int], rng: np.random.Generator, stats: DecodeStats, ctx: int | None
@@ -1090,27 +1056,20 @@ class TreeDecoder(_Decoder):
         buffer[:length] = seq
         records = np.zeros((budget, _step_kernels().RECORD_FIELDS))  # a step emits a token at least
         context_end = ctx - tree.depth if ctx is not None else np.iinfo(np.int64).max
-        sampling, source, output_ids = self.sampling, self._source(rng), self._output_ids()
+        sampling, kernels = self.sampling, _step_kernels()
         common = (
             buffer, length, length + budget, context_end, min(draft.capacity, target.capacity),
             np.fromiter(sorted(self.eos), np.int64), sampling.stop_on_eos, records, draft.cached,
             target.cached,
         )  # fmt: skip
-        if chain:
-            last, end, steps, status, draft_cached, target_cached = _step_kernels().chain_steps(
-                *common, tree.depth, float(sampling.temperature), plan[1], output_ids, draft.output_token_ids,
-                plan[2], *draft_model, *target_model, *source, self._clock,
-            )  # fmt: skip
-        else:
-            last, end, steps, status, draft_cached, target_cached = _step_kernels().tree_steps(
-                *common, *draft.tree_arrays(tree), self._target_mask, self.book.law.distinct,
-                float(sampling.temperature), int(sampling.top_k or 0), output_ids, draft.output_token_ids,
-                *draft_model, *target_model, np.float32(target.hidden), *plan[1], *source, self._clock,
-            )  # fmt: skip
+        loop = kernels.chain_steps if chain else kernels.tree_steps
+        last, end, steps, status, draft_cached, target_cached = loop(
+            *common, *self._kernel_arguments(plan, draft_model, target_model, rng)
+        )
         seconds = records[:steps, 2:].sum(axis=0)  # draft, target, walk
         draft.advance(draft_cached, steps * tree.depth, seconds[0])
         target.advance(target_cached, steps, seconds[1])
-        unplanned = status == _step_kernels().UNPLANNED
+        unplanned = status == kernels.UNPLANNED
         if stats.steps == 0:  # the first tree forward also runs the prompt
             stats.prefill_time += records[0, 3]
         for kept, bonus in records[: steps - unplanned, :2].tolist():
@@ -1118,10 +1077,17 @@ class TreeDecoder(_Decoder):
         new = buffer[length:end].tolist()
         seq += new
         out += new
-        kernels = _step_kernels()  # the statuses of a loop that stopped decoding, as _finish names them
+        # the statuses of a loop that stopped decoding, as _finish names them
         stop = {kernels.LENGTH: "length", kernels.EOS: "eos", kernels.CONTEXT: "context"}.get(int(status))
-        if unplanned:  # the last step's walk, node by node on the call's logits
-            stop = self._walk_unplanned(last, seq, out, rng, stats, ctx)
+        if unplanned:  # the last step's walk, node by node on the call's logits; its tokens
+            self.last_step = self._walk_unplanned(last, len(seq), rng)
+            stats.add_walk(self.last_step.result)
+            budget = sampling.max_new_tokens - len(out)
+            new, stop = _finish(self.last_step.result.emitted, budget, self.eos, sampling.stop_on_eos)
+            seq += new
+            out += new
+            if not stop and ctx is not None and len(seq) + tree.depth > ctx:
+                stop = "context"
         else:
             self.last_step = self._compiled_record(last, chain)
         stats.draft_time += seconds[0]
@@ -1129,40 +1095,29 @@ class TreeDecoder(_Decoder):
         stats.verify_time += time.perf_counter() - began - seconds[0] - seconds[1]
         return True, stop
 
-    def _walk_unplanned(self, last, seq, out, rng, stats: DecodeStats, ctx: int | None) -> str | None:
-        """Finish ``_compiled_steps``' last step, whose tree has a node the plan was not made for:
-        its walk (``walk.walk_tree_softmax`` on the step's logits), both caches kept, its tokens
-        committed as ``generate_one`` commits them. Returns the stop reason or None."""
-        drafts, logits, rows = last[:3]
+    def _walk_unplanned(self, step: tuple, base: int, rng: np.random.Generator) -> StepRecord:
+        """The ``StepRecord`` of a tree step (``step``: ``_step_numba.tree_step``'s result) whose
+        tree has a node the plan was not made for, after ``base`` committed tokens: its walk
+        (``walk.walk_tree_softmax`` on the step's logits, nothing drawn before it), both caches
+        then kept."""
+        drafts, logits, rows = step[:3]
         drafted, sampling = self._drafted_slots(SampledTree(*drafts)), self.sampling
         args = (logits, sampling.temperature, sampling.top_k, self.book, rng, self._source(rng))
         result = walk_tree_softmax(self.tree, drafted, *args)
-        self._keep_path(len(seq), result.path)
-        self.last_step = StepRecord(drafted, None, result, logits, rows.tolist())
-        stats.add_walk(result)
-        budget = sampling.max_new_tokens - len(out)
-        new, stop = _finish(result.emitted, budget, self.eos, sampling.stop_on_eos)
-        seq += new
-        out += new
-        if not stop and ctx is not None and len(seq) + self.tree.depth > ctx:
-            stop = "context"
-        return stop
+        self._keep_path(base, result.path)
+        return StepRecord(drafted, None, result, logits, rows.tolist())
 
-    def _compiled_record(self, last, chain: bool) -> StepRecord:
-        """The ``StepRecord`` of the last step ``_compiled_steps`` ran (``last``: its kernel's
-        step result)."""
+    def _compiled_record(self, step: tuple, chain: bool) -> StepRecord:
+        """The ``StepRecord`` of a step in compiled code (``step``: ``_step_numba.tree_step``'s
+        result, or ``chain_step``'s for a chain)."""
         if chain:
-            sampled, logits, kept, token = last[:4]
+            sampled, logits, kept, token = step[:4]
             drafted = self._drafted_chain(SampledChain(*sampled), self.book.rule(1, 2))
             result = chain_walk_result(drafted.tokens.tolist(), kept, token)
             return StepRecord(drafted, None, result, logits, None)
-        drafts, logits, rows, path, token, bonus = last[:6]
+        drafts, logits, rows, path, token, bonus = step[:6]
         drafted = self._drafted_slots(SampledTree(*drafts))
         return StepRecord(drafted, None, tree_walk_result(drafted, path, token, bonus), logits, rows.tolist())
-
-    def _output_ids(self) -> np.ndarray:
-        """The draft's output ids as the compiled steps take them (empty: the whole vocabulary)."""
-        return DENSE_IDS if self.draft.output_ids is None else self.draft.output_ids
 
     def _keep_path(self, base: int, path: list[int]) -> None:
         """Keep the committed prefix of ``base`` tokens and the accepted ``path`` of tree nodes in
