@@ -344,6 +344,7 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
     assert (calls.unplanned > 0) == (verifier == "optimal")
 
 
+@pytest.mark.filterwarnings("ignore:acceptance at depth 1")
 @pytest.mark.parametrize(
     "tree,law,verifier",
     [
