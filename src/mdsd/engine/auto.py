@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdsd.engine.decode import HEAD_BATCH_ROWS
+from mdsd.engine.decode import HEAD_BATCH_ROWS, plain_tokens
 from mdsd.engine.walk import RuleBook, draft_children, verify_node
 from mdsd.sampling import categorical
 
@@ -348,8 +348,9 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
 # 5: the draft's forward alone timed; real steps timed after 5 of their kind; 6: the overhead
 # line's slope from the loop's own work of real steps (``_step_overhead``); 7: a line of their own
 # for chains on the lean loop (``LEAN_OVERHEAD_SHAPES``); 8: chains' drafting timed as the lean loop
-# drafts them (``CostModel.chain_draft_s``); 9: block-verified chains on the lean loop
-CALIBRATION_METHOD = 9
+# drafts them (``CostModel.chain_draft_s``); 9: block-verified chains on the lean loop; 10: steps
+# of one compiled call each, plain sampling timed in its compiled loop (``decode.plain_tokens``)
+CALIBRATION_METHOD = 10
 STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 10  # steps of one kind in a row ...
 STEP_WARMUP = 5  # ... the first of which are untimed (the caches settle into the kind's own state)
@@ -416,6 +417,11 @@ def _real_steps(decoder, context, shapes, rng) -> RealSteps:
                     outside.append(times[-1] - (model_time() - inside))
             blocks[widths].append(np.mean(times))
             loops[widths].append(np.mean(outside))
+        plain = plain_tokens(target, decoder.sampling, seq, STEP_BLOCK, None, (), rng)  # compiled
+        if plain is not None:  # as plain sampling runs: its tokens in one compiled call
+            seq += plain.tokens
+            blocks[()].append(float(plain.seconds[STEP_WARMUP:].sum(axis=1).mean()))
+            continue
         times = []
         for i in range(STEP_BLOCK):
             start = time.perf_counter()

@@ -261,6 +261,54 @@ class _NodeRules(Mapping):
 
 
 # ---------------------------------------------------------------------- autoregressive
+@dataclass(frozen=True)
+class PlainTokens:
+    """Tokens of plain sampling drawn in one compiled call (``plain_tokens``).
+
+    tokens:  the new token ids, cut at the budget or after an EOS.
+    stop:    "length", "eos", "context", or None (more may follow).
+    seconds: [len(tokens), 2] per token, the target's forward and the draw, timed inside the call.
+    """
+
+    tokens: list[int]
+    stop: str | None
+    seconds: np.ndarray
+
+
+def plain_tokens(target, sampling: SamplingConfig, seq: list[int], budget: int, ctx, eos, rng):
+    """Up to ``budget`` tokens of plain sampling after ``seq`` in one compiled call
+    (``_step_numba.plain_steps``): per token the target's causal forward of the tokens its cache
+    lacks and a draw of ``sampling``'s transform at ``rng.random()``, as ``Autoregressive``'s
+    Python loop draws them, stopping at the budget, after a token of ``eos`` (where
+    ``sampling.stop_on_eos``) or past the context ``ctx`` (None: none), the target's cache then
+    holding every token but the last. Returns ``PlainTokens``, or None, drawing nothing, where
+    it does not apply: the target's forward not compiled, a transform other than the tempered
+    softmax after an optional top-k, the tokens the cache lacks wider than one panel pass."""
+    length = len(seq)
+    if budget < 1 or not (target.compiled and sampling.chain_transform):
+        return None
+    forward = target.compiled_forward(max(length - target.cached, 1), length + 1)
+    if forward is None:
+        return None
+    kernels = _step_kernels()
+    buffer = np.zeros(length + budget + 1, dtype=np.int64)
+    buffer[:length] = seq
+    records = np.zeros((budget, kernels.RECORD_FIELDS))
+    context_end = ctx - 1 if ctx is not None else np.iinfo(np.int64).max
+    common = (
+        buffer, length, length + budget, context_end, target.capacity, np.fromiter(sorted(eos), np.int64),
+        sampling.stop_on_eos, records, target.cached,
+    )  # fmt: skip
+    top_k, source = int(sampling.top_k or 0), uniform_source(rng)
+    end, steps, status, cached = kernels.plain_steps(
+        *common, float(sampling.temperature), top_k, *forward, *source, kernels.clock_source()
+    )
+    seconds = records[:steps, 3:5]
+    target.advance(cached, steps, seconds[:, 0].sum())
+    stop = {kernels.LENGTH: "length", kernels.EOS: "eos", kernels.CONTEXT: "context"}.get(int(status))
+    return PlainTokens(buffer[length:end].tolist(), stop, seconds)
+
+
 class Autoregressive(_Decoder):
     """Plain sampling from the target with its KV cache (the baseline), same transform."""
 
@@ -322,43 +370,23 @@ class Autoregressive(_Decoder):
     def _compiled_steps(
         self, ids: list[int], out: list[int], rng: np.random.Generator, stats: DecodeStats, ctx: int | None
     ) -> tuple[bool, str | None]:
-        """``generate_one``'s loop in one compiled call (``_step_numba.plain_steps``) after the
-        prompt ``ids`` and the tokens ``out`` so far, extending ``out``: the same tokens, cache,
+        """``generate_one``'s loop in one compiled call (``plain_tokens``) after the prompt
+        ``ids`` and the tokens ``out`` so far, extending ``out``: the same tokens, cache,
         statistics and generator state (tested). Returns (whether it ran, the stop reason or
-        None); it runs where the target's forward is compiled, the transform is the tempered
-        softmax after an optional top-k and the tokens the cache lacks fit one panel pass."""
-        target, sampling = self.target, self.sampling
-        budget, length = sampling.max_new_tokens - len(out), len(ids) + len(out)
-        if budget < 1 or not (target.compiled and sampling.chain_transform):
+        None)."""
+        began = time.perf_counter()
+        budget = self.sampling.max_new_tokens - len(out)
+        run = plain_tokens(self.target, self.sampling, ids + out, budget, ctx, self.eos, rng)
+        if run is None:
             return False, None
-        forward = target.compiled_forward(max(length - target.cached, 1), length + 1)
-        if forward is None:
-            return False, None
-        kernels, began = _step_kernels(), time.perf_counter()
-        buffer = np.zeros(length + budget + 1, dtype=np.int64)
-        buffer[:length] = ids + out
-        records = np.zeros((budget, kernels.RECORD_FIELDS))
-        context_end = ctx - 1 if ctx is not None else np.iinfo(np.int64).max
-        eos = np.fromiter(sorted(self.eos), np.int64)
-        common = (
-            buffer, length, length + budget, context_end, target.capacity, eos, sampling.stop_on_eos, records,
-            target.cached,
-        )  # fmt: skip
-        top_k, source = int(sampling.top_k or 0), uniform_source(rng)
-        end, steps, status, cached = kernels.plain_steps(
-            *common, float(sampling.temperature), top_k, *forward, *source, _step_kernels().clock_source()
-        )
-        forward_seconds = records[:steps, 3].sum()
-        target.advance(cached, steps, forward_seconds)
+        forward_seconds = run.seconds[:, 0].sum()
         if not stats.target_calls:  # the prompt's forward
-            stats.prefill_time += records[0, 3]
-        stats.target_calls += steps
+            stats.prefill_time += run.seconds[0, 0]
+        stats.target_calls += len(run.tokens)
         stats.target_time += forward_seconds
-        out += buffer[length:end].tolist()
+        out += run.tokens
         stats.verify_time += time.perf_counter() - began - forward_seconds
-        return True, {kernels.LENGTH: "length", kernels.EOS: "eos", kernels.CONTEXT: "context"}.get(
-            int(status)
-        )
+        return True, run.stop
 
     def _sample(self, logits: np.ndarray, rng: np.random.Generator) -> int:
         """The next token from the target's logits [V]: the transform's law at ``rng.random()``
