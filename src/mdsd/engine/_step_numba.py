@@ -230,6 +230,12 @@ RUNNING, LENGTH, EOS, CONTEXT, PAUSED, UNPLANNED = 0, 1, 2, 3, 4, 5
 RECORD_FIELDS = 5  # per step: drafts kept, bonus (0 / 1), draft, target and walk seconds
 
 
+def stop_reason(status: int) -> str | None:
+    """The stop reason of a loop's status as ``decode._finish`` names it ("length", "eos",
+    "context"), or None where decoding goes on (PAUSED, UNPLANNED)."""
+    return {LENGTH: "length", EOS: "eos", CONTEXT: "context"}.get(int(status))
+
+
 @numba.njit(cache=True)
 def commit(seq, length, emitted, stop_length, eos, stop_on_eos):
     """``decode._finish`` in place: append a step's ``emitted`` tokens to ``seq[:length]``, cut

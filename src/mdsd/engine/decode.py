@@ -285,7 +285,7 @@ def plain_tokens(target, sampling: SamplingConfig, seq: list[int], budget: int, 
     it does not apply: the target's forward not compiled, a transform other than the tempered
     softmax after an optional top-k, the tokens the cache lacks wider than one panel pass."""
     length = len(seq)
-    if budget < 1 or not (target.compiled and sampling.chain_transform):
+    if budget < 1 or not sampling.chain_transform:
         return None
     forward = target.compiled_forward(max(length - target.cached, 1), length + 1)
     if forward is None:
@@ -305,8 +305,7 @@ def plain_tokens(target, sampling: SamplingConfig, seq: list[int], budget: int, 
     )
     seconds = records[:steps, 3:5]
     target.advance(cached, steps, seconds[:, 0].sum())
-    stop = {kernels.LENGTH: "length", kernels.EOS: "eos", kernels.CONTEXT: "context"}.get(int(status))
-    return PlainTokens(buffer[length:end].tolist(), stop, seconds)
+    return PlainTokens(buffer[length:end].tolist(), kernels.stop_reason(status), seconds)
 
 
 class Autoregressive(_Decoder):
@@ -509,7 +508,6 @@ class TreeDecoder(_Decoder):
         self._plain: Autoregressive | None = None  # auto chose plain sampling
         self._source_of, self._uniform_source = None, (0, 0)  # ``_source``'s generator and its source
         self._fused_plan = None  # ``_one_call_plan``'s (key, plan)
-        self._clock = _step_kernels().clock_source()  # ``_one_call_step``'s timer
         if config.tree is not None:
             self._use_tree(config.tree)
 
@@ -974,14 +972,14 @@ class TreeDecoder(_Decoder):
         tree, sampling, book = self.tree, self.sampling, self.book
         top_k = sampling.top_k if 0 < (sampling.top_k or 0) < width else 0  # a top-k truncating q
         rows_fit = tree.num_nodes + 1 <= HEAD_BATCH_ROWS  # every row's logits in the forward's call
-        if not (self.fused_step and self.compiled_draft and sampling.chain_transform and rows_fit):
+        compiled = self.fused_step and self.compiled_draft and sampling.chain_transform
+        if not compiled or self.exact_acceptance or not rows_fit:
             return None
         if self.fast_chain:
-            walks = not self.exact_acceptance and (sampling.softmax_only or top_k > 0)
+            walks = sampling.softmax_only or top_k > 0
             return ("chain", top_k, self.config.verifier == "block") if walks else None
         if (
-            self.exact_acceptance
-            or self.sequence_method is not None
+            self.sequence_method is not None
             or book.law.name not in COMPILED_TREE_LAWS
             or (book.law.distinct and tree.max_width > SEQUENTIAL_DRAWS_MAX)
         ):
@@ -1004,24 +1002,21 @@ class TreeDecoder(_Decoder):
         if plan is None:
             return None
         began = time.perf_counter()
-        tree, draft, target, chain = self.tree, self.draft, self.target, plan[0] == "chain"
+        draft, target, chain, length = self.draft, self.target, plan[0] == "chain", len(seq)
+        forwards = self._compiled_forwards(plan, length, fresh=1)
+        if forwards is None:
+            return None
+        (draft_model, draft_end), (target_model, target_end) = forwards
         draft_ids = np.asarray(seq[draft.cached :], dtype=np.int64)
         target_ids = np.asarray(seq[target.cached :], dtype=np.int64)
-        levels = [1] * (tree.depth - 1) if chain else tree.level_sizes[:-1]  # the draft's forwards
-        draft_end = draft.cached + draft_ids.size + sum(levels)
-        target_end = target.cached + target_ids.size + tree.num_nodes
-        draft_model = draft.compiled_forward(max((draft_ids.size, *levels)), draft_end)
-        target_model = target.compiled_forward(target_ids.size + tree.num_nodes, target_end)
-        if draft_model is None or target_model is None:
-            return None
         kernel = _step_kernels().chain_step if chain else _step_kernels().tree_step
         arguments = self._kernel_arguments(plan, draft_model, target_model, rng)
-        step = kernel(draft_ids, target_ids, len(seq), *arguments)
+        step = kernel(draft_ids, target_ids, length, *arguments)
         lengths, seconds = step[-2:]
-        draft.advance(draft_end, tree.depth, seconds[0])
+        draft.advance(draft_end, self.tree.depth, seconds[0])
         target.advance(target_end, 1, seconds[1])
         if not chain and step[4] < 0:  # a node the plan was not made for: walked here
-            self.last_step = self._walk_unplanned(step, len(seq), rng)
+            self.last_step = self._walk_unplanned(step, length, rng)
         else:
             self.last_step = self._compiled_record(step, chain)
             target.keep_prefix(lengths[0])  # the call kept the accepted path
@@ -1035,6 +1030,20 @@ class TreeDecoder(_Decoder):
         stats.verify_time += time.perf_counter() - began - seconds[0] - seconds[1]
         return result.emitted
 
+    def _compiled_forwards(self, plan: tuple, length: int, fresh: int) -> tuple | None:
+        """((draft's ``compiled_forward``, its cache length after a step), (the target's, its))
+        for steps of ``plan`` (``_one_call_plan``) after ``length`` committed tokens, each
+        forward of at least ``fresh`` tokens the caches lack (a loop's later steps: up to 2 for
+        the draft), or None where either forward is not compiled or not one panel pass."""
+        tree, draft, target = self.tree, self.draft, self.target
+        levels = [1] * (tree.depth - 1) if plan[0] == "chain" else tree.level_sizes[:-1]  # the draft's
+        draft_end, target_end = length + sum(levels), length + tree.num_nodes
+        draft_model = draft.compiled_forward(max((length - draft.cached, fresh, *levels)), draft_end)
+        target_model = target.compiled_forward(length - target.cached + tree.num_nodes, target_end)
+        if draft_model is None or target_model is None:
+            return None
+        return (draft_model, draft_end), (target_model, target_end)
+
     def _kernel_arguments(self, plan: tuple, draft_model: tuple, target_model: tuple, rng) -> tuple:
         """The arguments ``_step_numba``'s ``tree_step`` and ``tree_steps`` (``chain_step`` and
         ``chain_steps`` for a chain) share after their own: the tree, law, transform, the draft's
@@ -1043,16 +1052,17 @@ class TreeDecoder(_Decoder):
         tree, draft, sampling = self.tree, self.draft, self.sampling
         output_ids = DENSE_IDS if draft.output_ids is None else draft.output_ids
         temperature, source = float(sampling.temperature), self._source(rng)
+        clock = _step_kernels().clock_source()
         if plan[0] == "chain":
             _, top_k, block = plan
             head = (tree.depth, temperature, top_k, output_ids, draft.output_token_ids, block)
-            return (*head, *draft_model, *target_model, *source, self._clock)
+            return (*head, *draft_model, *target_model, *source, clock)
         head = (
             *draft.tree_arrays(tree), self._target_mask, self.book.law.distinct, temperature,
             int(sampling.top_k or 0), output_ids, draft.output_token_ids,
         )  # fmt: skip
         hidden = np.float32(self.target.hidden)
-        return (*head, *draft_model, *target_model, hidden, *plan[1], *source, self._clock)
+        return (*head, *draft_model, *target_model, hidden, *plan[1], *source, clock)
 
     def _compiled_steps(
         self, seq: list[int], out: list[int], rng: np.random.Generator, stats: DecodeStats, ctx: int | None
@@ -1067,24 +1077,19 @@ class TreeDecoder(_Decoder):
         (``walk.walk_tree_softmax``). The same tokens, caches, statistics and generator state as
         the steps one call each (tested)."""
         plan, tree, draft, target = self._one_call_plan(), self.tree, self.draft, self.target
-        budget = self.sampling.max_new_tokens - len(out)
-        if plan is None or budget < 1 or not (draft.compiled and target.compiled):
+        budget, length = self.sampling.max_new_tokens - len(out), len(seq)
+        if plan is None or budget < 1:
             return False, None
-        length, chain = len(seq), plan[0] == "chain"
-        levels = [1] * (tree.depth - 1) if chain else tree.level_sizes[:-1]  # the draft's forwards
-        draft_rows = max((length - draft.cached, 2, *levels))  # later steps: at most 2 fresh tokens
-        draft_model = draft.compiled_forward(draft_rows, length + sum(levels))
-        target_model = target.compiled_forward(
-            length - target.cached + tree.num_nodes, length + tree.num_nodes
-        )
-        if draft_model is None or target_model is None:
+        forwards = self._compiled_forwards(plan, length, fresh=2)  # later steps: 2 fresh tokens at most
+        if forwards is None:
             return False, None
-        began = time.perf_counter()
+        (draft_model, _), (target_model, _) = forwards
+        began, chain = time.perf_counter(), plan[0] == "chain"
+        sampling, kernels = self.sampling, _step_kernels()
         buffer = np.zeros(length + budget + tree.num_nodes + 2, dtype=np.int64)
         buffer[:length] = seq
-        records = np.zeros((budget, _step_kernels().RECORD_FIELDS))  # a step emits a token at least
+        records = np.zeros((budget, kernels.RECORD_FIELDS))  # a step emits a token at least
         context_end = ctx - tree.depth if ctx is not None else np.iinfo(np.int64).max
-        sampling, kernels = self.sampling, _step_kernels()
         common = (
             buffer, length, length + budget, context_end, min(draft.capacity, target.capacity),
             np.fromiter(sorted(self.eos), np.int64), sampling.stop_on_eos, records, draft.cached,
@@ -1105,8 +1110,7 @@ class TreeDecoder(_Decoder):
         new = buffer[length:end].tolist()
         seq += new
         out += new
-        # the statuses of a loop that stopped decoding, as _finish names them
-        stop = {kernels.LENGTH: "length", kernels.EOS: "eos", kernels.CONTEXT: "context"}.get(int(status))
+        stop = kernels.stop_reason(status)
         if unplanned:  # the last step's walk, node by node on the call's logits; its tokens
             self.last_step = self._walk_unplanned(last, len(seq), rng)
             stats.add_walk(self.last_step.result)
