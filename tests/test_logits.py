@@ -120,7 +120,7 @@ def test_compiled_top_k_equals_reference():
 
     rng = np.random.default_rng(11)
     for trial in range(2400):
-        vocab = int(rng.choice([1, 2, 3, 7, 50, 64, 200, 2048, 32_000]))
+        vocab = int(rng.choice([1, 2, 3, 7, 50, 64, 200, 2048, 8192, 32_000]))
         kind = trial % 6
         if kind == 0:
             row = rng.normal(size=vocab) * 3
@@ -140,6 +140,26 @@ def test_compiled_top_k_equals_reference():
         if trial % 4 < 2:
             k = min(k, int(rng.choice([1, 2, 50, 64])))
         np.testing.assert_array_equal(top_k_indices(row, k), top_k_indices_reference(row, k))
+
+
+def test_select_is_partition():
+    """``mdsd._topk_numba.select`` (the quickselect of the compiled top-k) returns
+    ``np.partition``'s rank-th smallest on int32 / int64 arrays of 1 to 500 entries: distinct,
+    few distinct values (ties at the rank), sorted ascending and descending, every rank."""
+    from mdsd._topk_numba import select
+
+    rng = np.random.default_rng(5)
+    for trial in range(600):
+        size = int(rng.integers(1, 500)) if trial % 5 else int(rng.integers(1, 4))
+        kind = trial % 4
+        values = rng.integers(-3, 3, size) if kind == 0 else rng.integers(-(2**40), 2**40, size)
+        if kind == 2:
+            values = np.sort(values)
+        elif kind == 3:
+            values = np.sort(values)[::-1].copy()
+        values = values.astype(np.int32 if trial % 2 else np.int64)
+        for rank in {0, size - 1, int(rng.integers(0, size))}:
+            assert select(values.copy(), rank) == np.partition(values, rank)[rank]
 
 
 def test_compiled_exp_within_one_ulp_over_the_normal_range():

@@ -83,8 +83,8 @@ def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
 
 # float dtype -> (the integers of its width, width - 1, 2^(width - 1) - 1)
 _KEY_TYPES = {
-    np.dtype(np.float32): (np.int32, 31, 2**31 - 1),
-    np.dtype(np.float64): (np.int64, 63, 2**63 - 1),
+    np.dtype(np.float32): (np.int32, np.int32(31), np.int32(2**31 - 1)),
+    np.dtype(np.float64): (np.int64, np.int64(63), np.int64(2**63 - 1)),
 }
 
 

@@ -526,6 +526,22 @@ def test_keep_positions_gathers_the_kept_entries(llama):
             assert np.array_equal(cache[:, :, : runner.cached], want)
 
 
+def test_prefetch_positions_changes_nothing(llama):
+    """``_llama_numba.prefetch_positions`` (the tree step's hint before its walk: LLVM's prefetch
+    of every cache line of some entries) compiles on this host and leaves both caches as they
+    were: the tree's entries, one entry, none, the last entries of the capacity."""
+    from mdsd.engine import _llama_numba as kernels
+    from mdsd.engine.static_llama import StaticLlamaRunner
+
+    runner = StaticLlamaRunner(llama.draft, "numba")
+    runner.reset(16)
+    runner.causal_hidden(np.arange(10) % VOCAB, 1)
+    before = [c.copy() for c in runner._cache_numpy]
+    for first, count in ((3, 7), (0, 1), (5, 0), (runner.capacity - 4, 4)):
+        kernels.prefetch_positions(*runner._cache_numpy, first, count)
+        assert all(np.array_equal(c, old) for c, old in zip(runner._cache_numpy, before))
+
+
 def _q8_reference(x, weight_t):
     """The "q8" product from its definition: rows and columns quantized (``quantize_rows``,
     ``int8_columns``), exact integer sums, then float32(sum) * w_scale[c] * x_scale[r]."""

@@ -25,6 +25,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mdsd._softmax_numba import bits_float, float_bits, row_max, tempered_softmax
@@ -407,6 +408,42 @@ def gather_positions(keys, values, base, extra):
         values[:, :, base + i] = kept_values[i]
 
 
+@intrinsic
+def _prefetch_for_write(typingctx, array, index):
+    """Ask the CPU for the cache line of ``array[index]`` (a 1-d C array) before it is read and
+    written (LLVM's ``prefetch``: write, kept near the core: locality 2, data): a hint that never
+    faults and changes no result."""
+    sig = types.void(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        data = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, data, [args[1]], wraparound=False)
+        i32 = ir.IntType(32)
+        function_type = ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32])
+        function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0")
+        builder.call(function, [pointer, ir.Constant(i32, 1), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(**_JIT)
+def prefetch_positions(keys, values, first, count):
+    """Request every cache line of the entries first .. first + count - 1 of keys and values
+    [layers, kv_heads, capacity, head_dim] (C arrays) for writing: ``gather_positions``' sources
+    and destinations, asked for before the verification walk so that their transfer overlaps it
+    (after the target's forward they are in memory, not in the core's caches)."""
+    layers, heads, capacity, width = keys.shape
+    line = max(1, 64 // keys.itemsize)  # entries of a 64-byte cache line
+    flat_keys, flat_values = keys.reshape(-1), values.reshape(-1)
+    for block in range(layers * heads):
+        start = (block * capacity + first) * width
+        for i in range(0, count * width, line):
+            _prefetch_for_write(flat_keys, start + i)
+            _prefetch_for_write(flat_values, start + i)
+
+
 @numba.njit(**_JIT)
 def tree_logits(
     ids, num_causal, tree_mask, node_depths, root_position, rows, hidden_value, models, keys, values, start,
@@ -453,7 +490,7 @@ def level_q(logits, temperature, top_k, kept_row, probs_row):
     Returns the number of entries that underflowed to 0."""
     if 0 < top_k < logits.size:
         kept_row[:], probs_row[:], zeros = top_k_softmax(
-            logits, logits.view(np.int32), top_k, 31, 0x7FFFFFFF, temperature
+            logits, logits.view(np.int32), top_k, np.int32(31), np.int32(0x7FFFFFFF), temperature
         )
     else:
         probs_row[:], zeros = tempered_softmax(logits, temperature)

@@ -7,6 +7,7 @@ draft's tree; ``_llama_numba.tree_logits``: the target's forward and the valid r
 
     drafts      = sample_tree(draft's fresh tokens, tree)          # the draft's cache: + levels 0..D-1
     logits      = tree_logits(target's fresh tokens + drafts, rows = root + valid nodes)
+    prefetch    : the target cache's entries of the tree's nodes (the path's move, below)
     path, token = tree_walk(logits, drafts' q)
     caches      : committed prefix + the accepted path (the draft's: nodes above depth D)
 
@@ -38,7 +39,14 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from mdsd.engine._llama_numba import causal_logits, gather_positions, sample_chain, sample_tree, tree_logits
+from mdsd.engine._llama_numba import (
+    causal_logits,
+    gather_positions,
+    prefetch_positions,
+    sample_chain,
+    sample_tree,
+    tree_logits,
+)
 from mdsd.engine._walk_numba import (
     _target_row,
     softmax_chain_block_walk,
@@ -103,6 +111,11 @@ def keep_path(keys, values, base, extra):
     return base + extra.size
 
 
+# The tree nodes whose target cache entries a step prefetches before its walk (the accepted
+# path's move reads and writes entries among them): 16 nodes of the bundled target are 295 kB.
+PREFETCH_NODES = 16
+
+
 @numba.njit(cache=True)
 def tree_step(
     draft_ids, target_ids, base, widths, level_starts, child_starts, depths, level_masks, target_mask,
@@ -148,6 +161,7 @@ def tree_step(
         t_values, t_start, t_cos, t_sin, t_heads, t_kv_heads, t_eps, t_gemm,
     )  # fmt: skip
     forwarded_at = monotonic(*clock)
+    prefetch_positions(t_keys, t_values, base, min(depths.size, PREFETCH_NODES))  # the keep's entries
     path, token, bonus = tree_walk(
         logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, probs, zeros, kept,
         drafted, rejection_distinct, optimal, plan_n, plan_support, head, tail, uniform, state, True,

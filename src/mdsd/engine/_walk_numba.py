@@ -126,7 +126,7 @@ EARLY_MIN_EXPONENT = -600.0  # z_x below this: no early acceptance (p(x) < 3e-26
 def _row_max32(logits):
     """max(logits) of a float32 row without NaN, by integer keys (``mdsd._topk_numba``: the
     compiler vectorises a maximum of integers, not one of floats)."""
-    key = _max_key(logits.view(np.int32), 31, 0x7FFFFFFF)
+    key = _max_key(logits.view(np.int32), np.int32(31), np.int32(0x7FFFFFFF))
     bits = np.empty(1, dtype=np.int32)
     bits[0] = key if key >= 0 else (key - 1) ^ 0x7FFFFFFF  # the key's inverse
     return bits.view(np.float32)[0]
@@ -313,7 +313,9 @@ def _top_k_probs(logits, temperature, top_k):
     """``SamplingConfig.row_probs`` of a float32 row [V] under a top-k (0 < top_k < V) in
     ``rejection_node``'s form: (the kept token ids, ascending; their probabilities), the entries
     that underflowed to 0 dropped (``mdsd.logits.process_logits_row``)."""
-    ids, values, zeros = top_k_softmax(logits, logits.view(np.int32), top_k, 31, 0x7FFFFFFF, temperature)
+    ids, values, zeros = top_k_softmax(
+        logits, logits.view(np.int32), top_k, np.int32(31), np.int32(0x7FFFFFFF), temperature
+    )
     if zeros:
         nonzero = np.flatnonzero(values)
         return ids[nonzero], values[nonzero]
