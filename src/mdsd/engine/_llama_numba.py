@@ -419,9 +419,12 @@ def _prefetch_for_write(typingctx, array, index):
         array_type = signature.args[0]
         data = context.make_array(array_type)(context, builder, args[0])
         pointer = cgutils.get_item_pointer(context, builder, array_type, data, [args[1]], wraparound=False)
+        pointer = builder.bitcast(pointer, cgutils.voidptr_t)
         i32 = ir.IntType(32)
-        function_type = ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32])
-        function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0")
+        function_type = ir.FunctionType(ir.VoidType(), [cgutils.voidptr_t, i32, i32, i32])
+        # named as numba names its memcpy (``declare_intrinsic``: "p0i8"), which LLVMs with
+        # opaque pointers rename ("p0") as they read it
+        function = builder.module.declare_intrinsic("llvm.prefetch", [cgutils.voidptr_t], function_type)
         builder.call(function, [pointer, ir.Constant(i32, 1), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
