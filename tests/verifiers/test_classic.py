@@ -100,6 +100,77 @@ def test_kseq_bracket_selection_equals_sort():
     assert checked > 250  # most brackets are compared
 
 
+def test_kseq_buckets_and_beta_equal_plain_numpy():
+    """K-SEQ's vectorised pieces: each token's bucket = 1 + floor((r - 1) BUCKETS / (n - 1))
+    capped (0 below 1), the bucket sums = ``np.add.at`` / ``np.minimum.at`` of the same tokens,
+    and beta(rho) = its exact sum, across block edges (vocab not a multiple of the block)."""
+    from mdsd.verifiers._compiled import BUCKETS, _bucket_sums
+    from mdsd.verifiers._early_exit import _beta_at
+
+    rng = np.random.default_rng(29)
+    for vocab, n in ((3, 2), (511, 4), (512, 4), (1500, 3), (5000, 8)):
+        p, q = llm_like_pair(rng, vocab)
+        q[:: max(vocab // 7, 1)] = 0.0  # breakpoints capped at n
+        p[1 :: max(vocab // 5, 1)] = 0.0
+        q[2], p[2] = p[2], p[2]  # a breakpoint exactly 1
+        r = np.minimum(np.divide(p, q, out=np.full(vocab, float(n)), where=q > 0), n)
+        scale = BUCKETS / (n - 1)
+        want_index = np.where(r >= 1, 1 + np.minimum(np.floor((r - 1) * scale), BUCKETS - 1), 0)
+        index = np.empty(vocab, dtype=np.int16)
+        bucket_q, bucket_p, bucket_min = _bucket_sums(p, q, float(n), scale, index)
+        np.testing.assert_array_equal(index, want_index)
+        want_q, want_p = np.zeros(BUCKETS + 1), np.zeros(BUCKETS + 1)
+        want_min = np.full(BUCKETS + 1, np.inf)
+        np.add.at(want_q, index, q)
+        np.add.at(want_p, index, p)
+        np.minimum.at(want_min, index, r)
+        np.testing.assert_allclose(bucket_q, want_q, rtol=1e-13, atol=0)
+        np.testing.assert_allclose(bucket_p, want_p, rtol=1e-13, atol=0)
+        np.testing.assert_array_equal(bucket_min, want_min)
+        for rho in (1.0, 1.7, float(n)):
+            want = math.fsum(np.minimum(q, p / rho))
+            assert _beta_at(p, q, rho) == pytest.approx(want, rel=1e-13, abs=0)
+
+
+def test_kseq_final_draw_is_the_inverse_cdf_across_blocks():
+    """K-SEQ's final draw (block sums, then one block walked) = the inverse CDF of
+    (p - min(q, p / rho) c)_+ by ``np.cumsum``, at uniforms not within 1e-9 of a breakpoint;
+    non-decreasing in the uniform, never a token of zero mass; a threshold past the total gives
+    the last token of positive mass."""
+    from mdsd.verifiers._early_exit import (
+        LEFTOVER_BLOCK,
+        _kseq_final,
+        _kseq_leftover_blocks,
+        _kseq_leftover_search,
+        _kseq_rho_row,
+    )
+
+    rng = np.random.default_rng(30)
+    for vocab in (5, LEFTOVER_BLOCK, LEFTOVER_BLOCK + 1, 1000, 5000):
+        p, q = llm_like_pair(rng, vocab)
+        p[-1] = 0.0  # the last token has no mass: never drawn, not the fallback
+        p /= p.sum()
+        n = 4
+        rho, beta = _kseq_rho_row(p, q, n, 64)
+        c = at_least_one(beta, n) / beta
+        law = np.maximum(p - np.minimum(q, p * (1.0 / rho)) * c, 0.0)
+        cdf = np.cumsum(law) / law.sum()
+        uniforms = np.sort(rng.random(3000))
+        got = np.array([_kseq_final(p, q, u, rho, beta, n) for u in uniforms])
+        want = np.searchsorted(cdf, uniforms, side="right")
+        gap = np.abs(cdf[np.minimum(want, vocab - 1)] - uniforms)
+        gap = np.minimum(gap, np.abs(cdf[np.maximum(want - 1, 0)] - uniforms))
+        away = gap > 1e-9
+        assert away.mean() > 0.99
+        np.testing.assert_array_equal(got[away], want[away])
+        assert np.all(np.diff(got) >= 0) and np.all(law[got] > 0)
+        blocks = np.empty((vocab + LEFTOVER_BLOCK - 1) // LEFTOVER_BLOCK)
+        total = _kseq_leftover_blocks(p, q, 1.0 / rho, c, blocks)
+        assert total == pytest.approx(law.sum(), rel=1e-13)
+        last = int(np.flatnonzero(law > 0)[-1])
+        assert _kseq_leftover_search(p, q, 1.0 / rho, c, blocks, np.inf) == last
+
+
 def test_importance_law_compiled_equals_sorted(monkeypatch):
     """p_I of max-importance selection: the numba pass after numpy's unstable argsort (tie runs
     put in token order) = the stable-sort path, with many ties, zeros in p and q, LLM-like rows."""

@@ -15,10 +15,12 @@ count as g > 0) and (A, B) on that interval; the sorted version finds them by a 
 all breakpoints in sorted order. Here, without a sort: one pass puts the breakpoints >= 1 into
 BUCKETS buckets by value (floor((r - 1) BUCKETS / (n - 1)), monotone in r, so a higher bucket holds
 only larger breakpoints and equal breakpoints share a bucket) and sums q, p and the smallest r of
-each; g at each bucket's smallest breakpoint follows from those sums, which locates the bucket
-whose breakpoints straddle the sign change; a second pass gathers that bucket's tokens, which are
-sorted (a few hundred at LLM vocabularies) to find the exact neighbours. Sums are of non-negative
-terms; they differ from the sorted version's prefix sums by rounding only.
+each (``_bucket_sums``: the divisions of a block of tokens in vector lanes, then the adds into
+SCATTER_COPIES interleaved copies of the sums); g at each bucket's smallest breakpoint follows
+from those sums, which locates the bucket whose breakpoints straddle the sign change; a second
+pass, over the tokens' stored bucket numbers (2 bytes a token), gathers that bucket's tokens,
+which are sorted (a few dozen at LLM vocabularies) to find the exact neighbours. Sums are of
+non-negative terms; they differ from the sorted version's prefix sums by rounding only.
 """
 
 from __future__ import annotations
@@ -46,8 +48,55 @@ def _g(head, tail, rho, nf):
 @numba.njit(cache=True, fastmath=False, inline="always")
 def _bucket(r, scale):
     """0 for r < 1, else 1 + floor((r - 1) scale) capped at BUCKETS: non-decreasing in r."""
-    index = int(min(np.floor((r - 1.0) * scale), BUCKETS - 1.0)) + 1
-    return index if r >= 1.0 else 0
+    offset = (r - 1.0) * scale if r >= 1.0 else -1.0  # >= 0 from r = 1 on: truncation = floor
+    return int(offset if offset < BUCKETS - 1.0 else BUCKETS - 1.0) + 1  # selects: vectorised
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _breakpoint(px, qx, nf):
+    """r = min(p / q, n), n where q = 0 (no branch: the quotient of q = 0 is discarded)."""
+    r = px / qx
+    return nf if not qx > 0.0 else (nf if r > nf else r)
+
+
+SCATTER_COPIES = 4  # copies of the bucket sums: consecutive tokens add into different copies
+
+
+@numba.njit(cache=True, boundscheck=False, error_model="numpy")
+def _bucket_sums(p, q, nf, scale, index):
+    """Per bucket (``_bucket``) of the breakpoints of p, q [V]: the sums of q and p, the
+    smallest breakpoint (inf where empty), each [BUCKETS + 1]; index[x] = token
+    x's bucket. By blocks: the breakpoints and buckets of a block in one vectorised loop (the
+    divisions in vector lanes), then the adds, token j into copy j % SCATTER_COPIES, so that a
+    run of tokens in one bucket (most fall in bucket 0 or the top one) is not one chain of
+    dependent adds through memory."""
+    vocab = p.size
+    sums = np.zeros((SCATTER_COPIES, BUCKETS + 1, 4))  # q, p, smallest r (a fourth: padding)
+    sums[:, :, 2] = np.inf
+    r = np.empty(SCATTER_BLOCK)
+    for start in range(0, vocab, SCATTER_BLOCK):
+        stop = min(start + SCATTER_BLOCK, vocab)
+        p_block, q_block, index_block = p[start:stop], q[start:stop], index[start:stop]
+        for j in range(stop - start):  # block views: contiguous loads (not gathers)
+            r[j] = _breakpoint(p_block[j], q_block[j], nf)
+            index_block[j] = _bucket(r[j], scale)
+        for j in range(stop - start):
+            row = sums[j % SCATTER_COPIES, index_block[j]]
+            row[0] += q_block[j]
+            row[1] += p_block[j]
+            row[2] = min(row[2], r[j])
+    bucket_q = sums[0, :, 0].copy()
+    bucket_p = sums[0, :, 1].copy()
+    bucket_min = sums[0, :, 2].copy()
+    for k in range(1, SCATTER_COPIES):
+        for i in range(BUCKETS + 1):
+            bucket_q[i] += sums[k, i, 0]
+            bucket_p[i] += sums[k, i, 1]
+            bucket_min[i] = min(bucket_min[i], sums[k, i, 2])
+    return bucket_q, bucket_p, bucket_min
+
+
+SCATTER_BLOCK = 512  # tokens per block of ``_bucket_sums``
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -68,18 +117,8 @@ def kseq_bracket_row(p, q, n):
     nf = float(n)
     scale = BUCKETS / (nf - 1.0) if n > 1 else 0.0
     # bucket 0: r < 1 (these tokens give p / rho for every rho in [1, n]); 1..BUCKETS: r >= 1
-    bucket_q = np.zeros(BUCKETS + 1)
-    bucket_p = np.zeros(BUCKETS + 1)
-    bucket_min = np.full(BUCKETS + 1, np.inf)
-    bucket_count = np.zeros(BUCKETS + 1, dtype=np.int64)
-    for x in range(vocab):  # branch-free: every token goes to a bucket
-        px, qx = p[x], q[x]
-        r = min(px / qx, nf) if qx > 0.0 else nf
-        i = _bucket(r, scale)
-        bucket_q[i] += qx
-        bucket_p[i] += px
-        bucket_count[i] += 1
-        bucket_min[i] = min(bucket_min[i], r)
+    index = np.empty(vocab, dtype=np.int16)  # each token's bucket, for the second pass
+    bucket_q, bucket_p, bucket_min = _bucket_sums(p, q, nf, scale, index)
     # low[i] = p of the buckets below i (bucket 0: r < 1), summed from the bottom
     low = np.empty(BUCKETS + 2)
     low[0] = 0.0
@@ -91,7 +130,7 @@ def kseq_bracket_row(p, q, n):
     hi, head_hi, tail_hi = nf, 0.0, low[BUCKETS + 1]  # the bracket's top so far
     found = -1
     for i in range(BUCKETS, 0, -1):
-        if bucket_count[i] == 0:
+        if bucket_min[i] == np.inf:  # empty
             continue
         v = bucket_min[i]
         head_v = above_q + bucket_q[i]  # tokens with r >= v
@@ -104,16 +143,17 @@ def kseq_bracket_row(p, q, n):
     if found < 0:  # every breakpoint >= 1 has g <= 0: the bracket is [1, the smallest]
         return 1.0, hi, head_hi, tail_hi
     # the tokens of bucket `found`, decreasing: the sign change is among them or at hi
-    count = bucket_count[found]
+    count = 0
+    for x in range(vocab):
+        count += index[x] == found
     cand_r = np.empty(count)
     cand_q = np.empty(count)
     cand_p = np.empty(count)
     c = 0
     for x in range(vocab):
-        px, qx = p[x], q[x]
-        r = min(px / qx, nf) if qx > 0.0 else nf
-        if _bucket(r, scale) == found:
-            cand_r[c], cand_q[c], cand_p[c] = r, qx, px
+        if index[x] == found:
+            px, qx = p[x], q[x]
+            cand_r[c], cand_q[c], cand_p[c] = _breakpoint(px, qx, nf), qx, px
             c += 1
     order = np.argsort(-cand_r)
     # suffix[c] = p of the candidates from sorted position c on (the smaller breakpoints)

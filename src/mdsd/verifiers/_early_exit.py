@@ -21,7 +21,9 @@ Numerics: sums use four accumulators (``_sum``, i.e. ``mdsd.sampling.row_sum``; 
 rounding order from numpy's pairwise sum, same value to ~1e-16 relative); the search
 (``mdsd.sampling.search``) walks blocks of four with the same rounding caveat and falls back to
 the last token of positive mass should rounding leave the threshold unreached (an event of
-probability ~1e-16). Tokens of zero mass are never drawn.
+probability ~1e-16). K-SEQ's beta and its final law are summed in vector lanes (its final law
+by blocks of LEFTOVER_BLOCK tokens, so that the draw walks the block sums and reads one block
+again, with the same fallback). Tokens of zero mass are never drawn.
 """
 
 from __future__ import annotations
@@ -188,32 +190,65 @@ def kseq_sample_pending(p, q, drafts, uniforms, iterations, tokens, branch):
 @numba.njit(cache=True, fastmath=False)
 def _kseq_final(p, q, uniform, rho, beta, n):
     """K-SEQ's draw when every test rejects: y ~ (p - min(q, p / rho) c)_+ while its total is
-    positive, else y ~ p; one row p, q [V]."""
+    positive, else y ~ p; one row p, q [V]. One vectorised pass sums the law by blocks
+    (``_kseq_leftover_blocks``); the draw walks the block sums and reads one block again."""
     nf = float(n)
     accepted_total = -np.expm1(nf * np.log1p(-min(beta, 1.0)))
     c = accepted_total / beta if beta > 0.0 else nf
     inv_rho = 1.0 / rho
-    total = _kseq_leftover(p, q, inv_rho, c, np.inf)[1]
+    block_sums = np.empty((p.size + LEFTOVER_BLOCK - 1) // LEFTOVER_BLOCK)
+    total = _kseq_leftover_blocks(p, q, inv_rho, c, block_sums)
     if total > 0.0:
-        return _kseq_leftover(p, q, inv_rho, c, uniform * total)[0]
+        return _kseq_leftover_search(p, q, inv_rho, c, block_sums, uniform * total)
     return _draw(p, uniform)
 
 
-@numba.njit(cache=True, fastmath=False)
-def _kseq_leftover(p, q, inv_rho, c, threshold):
-    """K-SEQ's final law (p - min(q, p / rho) c)_+, computed on the fly (no buffer over V: a fresh
-    page costs about as much as the arithmetic on it): (the first token whose running sum exceeds
-    ``threshold``, else the last token of positive mass; the running sum). threshold = inf gives
-    the total."""
-    acc, last = 0.0, -1
-    for y in range(p.size):
-        value = max(p[y] - min(q[y], p[y] * inv_rho) * c, 0.0)
-        if value > 0.0:
-            acc += value
-            last = y
-            if acc > threshold:
-                return y, acc
-    return last, acc
+LEFTOVER_BLOCK = 256  # tokens per block sum of K-SEQ's final law
+
+
+@numba.njit(cache=True, boundscheck=False, fastmath={"reassoc"}, inline="always")
+def _kseq_leftover(p, q, inv_rho, c, y):
+    """K-SEQ's final law at token y, unnormalised: (p - min(q, p / rho) c)_+."""
+    return max(p[y] - min(q[y], p[y] * inv_rho) * c, 0.0)
+
+
+@numba.njit(cache=True, boundscheck=False, fastmath={"reassoc"})
+def _kseq_leftover_blocks(p, q, inv_rho, c, block_sums):
+    """block_sums[k] = the final law's mass on tokens [k BLOCK, (k + 1) BLOCK) (summed in vector
+    lanes: no buffer over V, no branch per token); returns their sum."""
+    vocab = p.size
+    total = 0.0
+    for k in range(block_sums.size):
+        s = 0.0
+        for y in range(k * LEFTOVER_BLOCK, min((k + 1) * LEFTOVER_BLOCK, vocab)):
+            s += _kseq_leftover(p, q, inv_rho, c, y)
+        block_sums[k] = s
+        total += s
+    return total
+
+
+@numba.njit(cache=True, boundscheck=False, fastmath=False)
+def _kseq_leftover_search(p, q, inv_rho, c, block_sums, threshold):
+    """The inverse CDF of the final law at ``threshold``: the first token y (block k) with
+    S_k + block_sums[k] > threshold and S_k + (its block's running sum to y) > threshold, where
+    S_k = block_sums[:k] summed in order -- a fixed sequence, so the token is non-decreasing in
+    the threshold; the last token of positive mass should rounding leave it unreached."""
+    vocab = p.size
+    acc = 0.0
+    for k in range(block_sums.size):
+        top = acc + block_sums[k]
+        if top > threshold:
+            running = acc
+            for y in range(k * LEFTOVER_BLOCK, min((k + 1) * LEFTOVER_BLOCK, vocab)):
+                value = _kseq_leftover(p, q, inv_rho, c, y)
+                running += value
+                if running > threshold and value > 0.0:
+                    return y
+        acc = top
+    for y in range(vocab - 1, -1, -1):
+        if _kseq_leftover(p, q, inv_rho, c, y) > 0.0:
+            return y
+    return vocab - 1  # an all-zero law: the caller draws from p instead
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -231,14 +266,17 @@ def _kseq_rho_row(p, q, n, iterations):
         else:
             hi = mid
     r = 1.0 if at_one else hi
-    s0 = s1 = 0.0
-    vocab = p.size
-    for y in range(0, vocab - 1, 2):
-        s0 += min(q[y], p[y] / r)
-        s1 += min(q[y + 1], p[y + 1] / r)
-    if vocab % 2:
-        s0 += min(q[vocab - 1], p[vocab - 1] / r)
-    return r, s0 + s1
+    return r, _beta_at(p, q, r)
+
+
+@numba.njit(cache=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
+def _beta_at(p, q, rho):
+    """beta(rho) = sum_y min(q_y, p_y / rho) over one row [V], summed in vector lanes."""
+    total = 0.0
+    for y in range(p.size):
+        value = p[y] / rho
+        total += q[y] if q[y] < value else value
+    return total
 
 
 @numba.njit(cache=True, fastmath=False)
