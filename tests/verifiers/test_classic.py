@@ -171,6 +171,19 @@ def test_kseq_final_draw_is_the_inverse_cdf_across_blocks():
         assert _kseq_leftover_search(p, q, 1.0 / rho, c, blocks, np.inf) == last
 
 
+def test_kseq_rho_with_zero_draft_mass_in_the_straddling_bucket():
+    """Tokens with q = 0 have breakpoint n; where their bucket straddles the root the second
+    pass gathers them: here n = 2, breakpoints 1.999 and 2 (q = 0) share the top bucket and
+    rho* = 2 - beta lies between them (beta = 0.0005). rho* and beta as the reference, no
+    division by zero."""
+    p = np.array([[0.0009995, 0.9990005, 0.0]])
+    q = np.array([[0.0005, 0.0, 0.9995]])
+    rho, beta = kseq_rho(p, q, 2)
+    rho_ref, beta_ref = kseq_rho_reference(p, q, 2)
+    np.testing.assert_allclose(at_least_one(beta, 2), at_least_one(beta_ref, 2), atol=1e-12)
+    assert 1.999 < rho[0] <= 2.0 and rho[0] == pytest.approx(rho_ref[0], abs=1e-12)
+
+
 def test_importance_law_compiled_equals_sorted(monkeypatch):
     """p_I of max-importance selection: the numba pass after numpy's unstable argsort (tie runs
     put in token order) = the stable-sort path, with many ties, zeros in p and q, LLM-like rows."""

@@ -52,11 +52,13 @@ def _bucket(r, scale):
     return int(offset if offset < BUCKETS - 1.0 else BUCKETS - 1.0) + 1  # selects: vectorised
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
+@numba.njit(cache=True, inline="always")
 def _breakpoint(px, qx, nf):
-    """r = min(p / q, n), n where q = 0 (no branch: the quotient of q = 0 is discarded)."""
-    r = px / qx
-    return nf if not qx > 0.0 else (nf if r > nf else r)
+    """r = min(p / q, n), n where q = 0 (selects, no branch: vectorised; never divides by 0,
+    whatever the caller's error model)."""
+    positive = qx > 0.0
+    r = px / (qx if positive else 1.0)
+    return (nf if r > nf else r) if positive else nf
 
 
 SCATTER_COPIES = 4  # copies of the bucket sums: consecutive tokens add into different copies
