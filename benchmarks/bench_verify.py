@@ -12,6 +12,8 @@ a loop over the positions (one torch thread):
 - checks:    the input checks alone (``mdsd.verifiers._prepare``);
 - reference: ``categorical(output_law(p, q, x))`` on trusted rows (the pre-early-exit sampler);
 - batched:   ``verifier.sample`` on all positions at once, per row;
+- torch:     ``mdsd.verifiers.torch_api.verify(..., check=False)`` on CPU float64 tensors, one
+             position per call, and all positions in one call (per row);
 - cumsum:    one ``np.cumsum`` of a V-float64 row, the baseline of the ratios.
 
 Also printed: the fraction of positions decided by the first test (branch 0) and the mean number
@@ -33,7 +35,11 @@ from _common import llm_like_pair, machine, print_table, timed  # noqa: E402
 
 import mdsd  # noqa: E402
 from mdsd.sampling import categorical  # noqa: E402
-from mdsd.verifiers import VERIFIERS, _prepare  # noqa: E402
+from mdsd.verifiers import (  # noqa: E402
+    VERIFIERS,
+    _prepare,
+    torch_api,  # noqa: E402
+)
 
 TEMPERATURES = (0.7, 1.0)
 
@@ -83,6 +89,17 @@ def bench_one(name, p, q, n_default, repeats, rng):
         for pi, qi, xi in trusted:
             categorical(verifier.output_law(pi, qi, xi, law), gen)
 
+    tp, tq, tx = torch.tensor(p), torch.tensor(q), torch.tensor(x)
+    t_rows = [(tp[i], tq[i], tx[i]) for i in range(count)]
+    generator = torch.Generator().manual_seed(1)
+
+    def torch_single():
+        for pi, qi, xi in t_rows:
+            torch_api.verify(pi, qi, xi, name, generator=generator, check=False)
+
+    def torch_batched():
+        torch_api.verify(tp, tq, tx, name, generator=generator, check=False)
+
     uniforms = gen.random((count, verifier.uniforms_per_row(n)))
     _, branch = verifier.sample_with_branch(p, q, x, law, uniforms)
     tests = np.where(branch < verifier.uniforms_per_row(n) - 1, branch + 1, branch)
@@ -96,6 +113,8 @@ def bench_one(name, p, q, n_default, repeats, rng):
         "checks": per_position(checks, count, repeats),
         "reference": per_position(reference, count, repeats),
         "batched": timed(lambda: verifier.sample(p, q, x, law, gen), repeats)[0] / count,
+        "torch": per_position(torch_single, count, repeats),
+        "torch batched": timed(torch_batched, repeats)[0] / count,
     }
 
 
@@ -134,6 +153,8 @@ def main():
                     f"{1e3 * r['reference']:.3f}",
                     f"{r['reference'] / r['fast']:.1f}",
                     f"{1e3 * r['batched']:.3f}",
+                    f"{1e3 * r['torch']:.3f}",
+                    f"{1e3 * r['torch batched']:.3f}",
                 ]
             )
     print_table(
@@ -150,6 +171,8 @@ def main():
             "reference ms/pos",
             "reference / fast",
             "batched ms/row",
+            "torch ms/pos",
+            "torch batched ms/row",
         ],
         table,
     )

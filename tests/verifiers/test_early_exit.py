@@ -296,6 +296,32 @@ def test_single_calls_draw_what_one_batched_call_draws(verifier):
     assert t_single == t_batched.tolist()
 
 
+@pytest.mark.parametrize("verifier", CLASSIC)
+def test_torch_verify_on_cpu_draws_what_the_vectorised_version_draws(verifier):
+    """torch's front door on CPU tensors runs the compiled kernels on numpy views of the rows:
+    from a generator of the same seed it draws what the batch-vectorised torch version draws from
+    the same uniforms (batched and one row), returns int64 tensors, and ``accepted`` matches."""
+    rng = seeded("torch-cpu", verifier)
+    p, q = llm_rows(rng, 40, 300)
+    the_verifier = VERIFIERS[verifier]
+    law = mdsd.get_law(the_verifier.default_law)
+    n = 2 if law.name == "spechub" else 3
+    drafts = law.sample(q, n, rng)
+    tp, tq, tx = torch.tensor(p), torch.tensor(q), torch.tensor(drafts)
+    tokens, accepted = tb.verify(
+        tp, tq, tx, verifier, generator=torch.Generator().manual_seed(5), check=False
+    )
+    shape = (40, the_verifier.uniforms_per_row(n))
+    uniforms = torch.rand(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = the_verifier.sample_with_branch(tp, tq, tx, law, uniforms)[0]  # torch: vectorised
+    assert tokens.dtype == torch.int64
+    assert torch.equal(tokens, want)
+    assert torch.equal(accepted, (tx == tokens[:, None]).any(dim=1))
+    one = tb.verify(tp[7], tq[7], tx[7], verifier, generator=torch.Generator().manual_seed(5), check=False)
+    first = the_verifier.sample_with_branch(tp[7:8], tq[7:8], tx[7:8], law, uniforms[:1])[0]
+    assert one[0].ndim == 0 and int(one[0]) == int(first[0])
+
+
 def test_verify_check_false_same_draws():
     """check=False skips validation and draws what check=True draws (normalised float64 input)."""
     rng = np.random.default_rng(11)

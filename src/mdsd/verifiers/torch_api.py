@@ -1,8 +1,9 @@
 """The verifiers on torch tensors (CPU or CUDA): ``output_law`` and ``verify`` for a batch.
 
 Same verifiers, same laws, same results as :func:`mdsd.output_law` and :func:`mdsd.verify` (the
-verifier code is shared through ``mdsd._array_ops``), computed in float64 on the inputs' device.
-Randomness comes from a ``torch.Generator`` on that device.
+verifier code is shared through ``mdsd._array_ops``), computed in float64 on the inputs' device
+(on CPU, ``verify``'s early-exit draws run the compiled kernels of the numpy path on views of the
+same rows). Randomness comes from a ``torch.Generator`` on that device.
 (The torch API of the verifiers, hence the name; the array operations both share are
 ``mdsd._array_ops``.)
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from mdsd._optional import compiled_module
 from mdsd._validate import SUM_TOLERANCE
 from mdsd.verifiers import resolve
 from mdsd.verifiers.base import EarlyExitVerifier, check_drafts_for_law
@@ -92,6 +94,16 @@ def output_law(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, c
     return out[0] if single else out
 
 
+def _early_exit_tokens(verifier, p, q, x, law, uniforms) -> torch.Tensor:
+    """tokens [B] of an early-exit verifier from uniforms [B, k]: on CPU by the compiled kernels
+    (``mdsd.verifiers._early_exit``) on numpy views of p, q [B, V] float64, x [B, n] and the
+    uniforms, where numba is installed; else (CUDA, or no numba) by the vectorised torch version."""
+    if p.device.type == "cpu" and compiled_module("mdsd.verifiers._early_exit") is not None:
+        p_rows, q_rows, x_rows, u_rows = (t.detach().numpy() for t in (p, q, x, uniforms))
+        return torch.from_numpy(verifier.sample_with_branch(p_rows, q_rows, x_rows, law, u_rows)[0])
+    return verifier.sample_with_branch(p, q, x, law, uniforms)[0]
+
+
 def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One inverse-CDF draw per row of probs [B, V] -> [B] int64; zero-mass tokens never drawn."""
     cdf = torch.cumsum(probs, dim=1)
@@ -107,13 +119,16 @@ def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, gener
     The classic verifiers exit early (``EarlyExitVerifier.sample_with_branch``, vectorised over
     the batch): all rows take the first test from O(1) numbers, and only the rows it rejects go
     on to the residual passes over the vocabulary; the uniforms, a fixed number per row, are drawn
-    up front from ``generator``. Other verifiers draw once from ``output_law`` (``sample_rows``).
+    up front from ``generator``. On CPU tensors the rows go to the compiled kernels of the numpy
+    path instead (numpy views of the same float64 rows, the same uniforms: the same draws as the
+    vectorised version, tested). Other verifiers draw once from
+    ``output_law`` (``sample_rows``).
     """
     p, q, x, the_verifier, the_law, single = _prepare(target_probs, draft_probs, drafts, verifier, law, check)
     if isinstance(the_verifier, EarlyExitVerifier):
         shape = (p.shape[0], the_verifier.uniforms_per_row(x.shape[1]))
         uniforms = torch.rand(shape, generator=generator, dtype=p.dtype, device=p.device)
-        tokens = the_verifier.sample_with_branch(p, q, x, the_law, uniforms)[0]
+        tokens = _early_exit_tokens(the_verifier, p, q, x, the_law, uniforms)
     else:
         tokens = sample_rows(the_verifier.output_law(p, q, x, the_law), generator)
     accepted = (x == tokens[:, None]).any(dim=1)
