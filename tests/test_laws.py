@@ -306,6 +306,40 @@ def test_top_tokens_equals_stable_sort():
             np.testing.assert_array_equal(top_tokens(q, k), top_tokens_reference(q, k))
 
 
+def test_holds_top_equals_the_top_mask():
+    """``holds_top`` (the greedy law's check without a mask) answers as comparing the listed
+    tokens' mask with ``top_mask``: the true top sets, sets one swap away (a tie broken the other
+    way, a lower token for a higher one), duplicated tokens; rows with many ties and zeros."""
+    from mdsd._array_ops import holds_top, top_mask
+
+    rng = np.random.default_rng(12)
+    seen = {True: 0, False: 0}
+    for trial in range(300):
+        vocab = int(rng.integers(2, 40))
+        q = rng.integers(0, 4, size=(2, vocab)).astype(float) if trial % 2 else rng.random((2, vocab))
+        k = int(rng.integers(1, vocab + 1))
+        members = top_tokens(q, k)
+        for _ in range(int(rng.integers(0, 3))):  # swaps: a member for a non-member
+            b, i = int(rng.integers(2)), int(rng.integers(k))
+            others = np.setdiff1d(np.arange(vocab), members[b])
+            if others.size:
+                members[b, i] = rng.choice(others)
+        if trial % 7 == 0 and k > 1:
+            members[0, 1] = members[0, 0]  # a repeated token
+        want = ~np.any(_mask(members, vocab) != top_mask(q, k), axis=1)
+        got = holds_top(q, members)
+        np.testing.assert_array_equal(got, want)
+        seen[True] += int(want.sum())
+        seen[False] += int((~want).sum())
+    assert min(seen.values()) > 100  # both answers are exercised
+
+
+def _mask(members, vocab):
+    mask = np.zeros((members.shape[0], vocab), dtype=bool)
+    np.put_along_axis(mask, members, True, axis=1)
+    return mask
+
+
 def test_without_replacement_sequential_draws():
     """Up to SEQUENTIAL_DRAWS_MAX drafts: draw i is the inverse CDF at the i-th uniform over q with
     the earlier draws removed (a numpy reference), for rows with zeros, tiny masses and one token

@@ -279,6 +279,28 @@ def top_mask(values, k: int):
     return above | (equal & (rank_equal <= need))
 
 
+def holds_top(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Bool [B]: whether the tokens members [B, k] (k >= 1; numpy) are, as a set, the k largest
+    entries of each row of values [B, V] with ties by lower index -- ``top_mask(values, k)``'s
+    set -- without building the mask (a selection and a cumsum over V): with v the smallest
+    member value, they are iff they are k distinct tokens, no other entry exceeds v, and the
+    members equal to v are the lowest-index entries equal to v (a count over the row's prefix up
+    to the last of them). Two comparisons over the row."""
+    k = members.shape[1]
+    out = np.empty(members.shape[0], dtype=bool)
+    for b, (row, tokens) in enumerate(zip(values, members)):
+        member_values = row[tokens]
+        v = member_values.min()
+        at_v = member_values == v
+        last = int(tokens[at_v].max())
+        out[b] = (
+            np.unique(tokens).size == k
+            and np.count_nonzero(row > v) == k - np.count_nonzero(at_v)
+            and np.count_nonzero(row[: last + 1] == v) == np.count_nonzero(at_v)
+        )
+    return out
+
+
 def complement_renormalised(values, excluded_mask):
     """values restricted to ~excluded_mask, renormalised row-wise; the normaliser is summed over the
     kept entries (not 1 - mass excluded), which keeps precision when the excluded mass is near 1."""
