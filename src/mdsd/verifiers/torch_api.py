@@ -121,8 +121,7 @@ def verify(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, gener
     on to the residual passes over the vocabulary; the uniforms, a fixed number per row, are drawn
     up front from ``generator``. On CPU tensors the rows go to the compiled kernels of the numpy
     path instead (numpy views of the same float64 rows, the same uniforms: the same draws as the
-    vectorised version, tested). Other verifiers draw once from
-    ``output_law`` (``sample_rows``).
+    vectorised version, tested). Other verifiers draw once from ``output_law`` (``sample_rows``).
     """
     p, q, x, the_verifier, the_law, single = _prepare(target_probs, draft_probs, drafts, verifier, law, check)
     if isinstance(the_verifier, EarlyExitVerifier):
