@@ -31,6 +31,8 @@ from mdsd._softmax_numba import tempered_softmax
 
 BLOCKS_PER_KEPT = 4  # B = min(V, 4k) blocks before rounding (B >= 2k after it)
 VECTOR = 16  # block lengths above it are whole multiples of it: the maxima vectorise
+# a float32 row's ``shift`` and ``mask`` (``top_k_indices``), int32 so that its keys are int32
+SHIFT32, MASK32 = np.int32(31), np.int32(0x7FFFFFFF)
 
 
 @numba.njit(cache=True, boundscheck=False, inline="always")

@@ -29,7 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mdsd._softmax_numba import bits_float, float_bits, row_max, tempered_softmax
-from mdsd._topk_numba import top_k_softmax
+from mdsd._topk_numba import MASK32, SHIFT32, top_k_softmax
 from mdsd.engine._panel_gemm import host_width
 from mdsd.sampling import draw, next_uniform
 
@@ -493,7 +493,7 @@ def level_q(logits, temperature, top_k, kept_row, probs_row):
     Returns the number of entries that underflowed to 0."""
     if 0 < top_k < logits.size:
         kept_row[:], probs_row[:], zeros = top_k_softmax(
-            logits, logits.view(np.int32), top_k, np.int32(31), np.int32(0x7FFFFFFF), temperature
+            logits, logits.view(np.int32), top_k, SHIFT32, MASK32, temperature
         )
     else:
         probs_row[:], zeros = tempered_softmax(logits, temperature)

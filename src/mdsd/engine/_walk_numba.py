@@ -37,7 +37,7 @@ import numba
 import numpy as np
 
 from mdsd._softmax_numba import tempered_softmax
-from mdsd._topk_numba import _max_key, top_k_softmax
+from mdsd._topk_numba import MASK32, SHIFT32, _max_key, top_k_softmax
 from mdsd.engine._llama_numba import exp_inplace
 from mdsd.sampling import draw, next_uniform, next_uniforms
 from mdsd.sequence.chain import _excess_and_deficit, _residual_draw
@@ -126,7 +126,7 @@ EARLY_MIN_EXPONENT = -600.0  # z_x below this: no early acceptance (p(x) < 3e-26
 def _row_max32(logits):
     """max(logits) of a float32 row without NaN, by integer keys (``mdsd._topk_numba``: the
     compiler vectorises a maximum of integers, not one of floats)."""
-    key = _max_key(logits.view(np.int32), np.int32(31), np.int32(0x7FFFFFFF))
+    key = _max_key(logits.view(np.int32), SHIFT32, MASK32)
     bits = np.empty(1, dtype=np.int32)
     bits[0] = key if key >= 0 else (key - 1) ^ 0x7FFFFFFF  # the key's inverse
     return bits.view(np.float32)[0]
@@ -313,9 +313,7 @@ def _top_k_probs(logits, temperature, top_k):
     """``SamplingConfig.row_probs`` of a float32 row [V] under a top-k (0 < top_k < V) in
     ``rejection_node``'s form: (the kept token ids, ascending; their probabilities), the entries
     that underflowed to 0 dropped (``mdsd.logits.process_logits_row``)."""
-    ids, values, zeros = top_k_softmax(
-        logits, logits.view(np.int32), top_k, np.int32(31), np.int32(0x7FFFFFFF), temperature
-    )
+    ids, values, zeros = top_k_softmax(logits, logits.view(np.int32), top_k, SHIFT32, MASK32, temperature)
     if zeros:
         nonzero = np.flatnonzero(values)
         return ids[nonzero], values[nonzero]

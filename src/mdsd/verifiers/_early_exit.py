@@ -206,7 +206,7 @@ def _kseq_final(p, q, uniform, rho, beta, n):
 LEFTOVER_BLOCK = 256  # tokens per block sum of K-SEQ's final law
 
 
-@numba.njit(cache=True, boundscheck=False, fastmath={"reassoc"}, inline="always")
+@numba.njit(cache=True, inline="always")  # inlined: its callers' flags apply
 def _kseq_leftover(p, q, inv_rho, c, y):
     """K-SEQ's final law at token y, unnormalised: (p - min(q, p / rho) c)_+."""
     return max(p[y] - min(q[y], p[y] * inv_rho) * c, 0.0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from mdsd._optional import compiled_module
 from mdsd._validate import SUM_TOLERANCE
 from mdsd.verifiers import resolve
 from mdsd.verifiers.base import EarlyExitVerifier, check_drafts_for_law
@@ -95,10 +94,10 @@ def output_law(target_probs, draft_probs, drafts, verifier="rrs", law=None, *, c
 
 
 def _early_exit_tokens(verifier, p, q, x, law, uniforms) -> torch.Tensor:
-    """tokens [B] of an early-exit verifier from uniforms [B, k]: on CPU by the compiled kernels
-    (``mdsd.verifiers._early_exit``) on numpy views of p, q [B, V] float64, x [B, n] and the
-    uniforms, where numba is installed; else (CUDA, or no numba) by the vectorised torch version."""
-    if p.device.type == "cpu" and compiled_module("mdsd.verifiers._early_exit") is not None:
+    """tokens [B] of an early-exit verifier from uniforms [B, k]: on CPU by the numpy path (its
+    compiled kernels, ``mdsd.verifiers._early_exit``) on numpy views of p, q [B, V] float64,
+    x [B, n] and the uniforms; on other devices by the vectorised torch version."""
+    if p.device.type == "cpu":
         p_rows, q_rows, x_rows, u_rows = (t.detach().numpy() for t in (p, q, x, uniforms))
         return torch.from_numpy(verifier.sample_with_branch(p_rows, q_rows, x_rows, law, u_rows)[0])
     return verifier.sample_with_branch(p, q, x, law, uniforms)[0]
