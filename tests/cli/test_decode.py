@@ -24,6 +24,8 @@ def tiny(tmp_path_factory, one_thread):
 def test_bench_prompts_file_and_flags(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"nope": 1}\n')
     assert_refused(mdsd("bench", "--prompts-file", str(tmp_path / "bad.jsonl")), "bad.jsonl", "line 2")
+    for command in (("bench", "--no-hf"), ("generate", "hello")):  # SamplingConfig's check, named as the flag
+        assert_refused(mdsd(*command, "-m", "0"), "--max-new-tokens must be a positive integer, got 0")
     missing = run("bench", "--prompts-file", str(tmp_path / "none.txt"))
     assert missing.exit_code == 2 and "none.txt" in missing.output and "does not exist" in missing.output
     help_text = run("bench", "--help").output

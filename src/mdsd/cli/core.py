@@ -86,8 +86,11 @@ def fail(message: str) -> None:
 
 def cli_message(err: Exception) -> str:
     """A library error phrased for the command line (keyword arguments -> flags: a message that
-    starts with ``target=``/``draft=``, e.g. ``mdsd.models.resolve_source``'s, names the option)."""
+    starts with ``target=``/``draft=``, e.g. ``mdsd.models.resolve_source``'s, or with
+    ``max_new_tokens``, ``SamplingConfig``'s, names the option)."""
     message = str(err).replace("Pass normalize=True to renormalise", "Pass --normalize to renormalise")
+    if message.startswith("max_new_tokens "):
+        return "--max-new-tokens" + message[len("max_new_tokens") :]
     for argument in ("target", "draft"):
         if message.startswith(f"{argument}="):
             return f"--{argument} {message[len(argument) + 1 :]}"
