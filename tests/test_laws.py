@@ -298,12 +298,20 @@ def test_without_replacement_sampling_is_gumbel_top_n_in_stable_order():
 
 
 def test_top_tokens_equals_stable_sort():
+    """Both fast paths (rounds of argmax up to ``TOP_ARGMAX_MAX``, partition beyond) give the
+    stable sort's tokens and order: rows with many ties and zeros, 1-D and [B, V] inputs."""
+    from mdsd.laws import TOP_ARGMAX_MAX
+
     rng = np.random.default_rng(10)
     for _ in range(30):
         vocab = int(rng.integers(2, 80))
         q = rng.integers(0, 5, size=(3, vocab)).astype(float)  # many ties and zeros
-        for k in (1, 2, min(7, vocab)):
+        for k in (1, 2, 3, TOP_ARGMAX_MAX, TOP_ARGMAX_MAX + 1, min(7, vocab), vocab - 1):
+            k = min(k, vocab)
             np.testing.assert_array_equal(top_tokens(q, k), top_tokens_reference(q, k))
+            np.testing.assert_array_equal(top_tokens(q[0], k), top_tokens_reference(q[0], k))
+    q = np.zeros(6)  # all tied: the lowest ids, in order
+    np.testing.assert_array_equal(top_tokens(q, 3), [0, 1, 2])
 
 
 def test_holds_top_equals_the_top_mask():

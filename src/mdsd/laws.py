@@ -37,6 +37,7 @@ from mdsd._validate import check_choice, check_n
 from mdsd.sampling import categorical, draws_without_replacement
 
 TOP_SELECT_MAX = 64  # top_tokens selects by partition up to this k, else it sorts
+TOP_ARGMAX_MAX = 4  # top_tokens takes up to this many tokens by rounds of argmax
 SEQUENTIAL_DRAWS_MAX = 8  # without replacement: sequential compiled draws up to this n, then Gumbel
 # Three draws without replacement: Qall of the prefixes in closed form (O(K^2)) up to this many
 # tokens, the race quadrature (O(K x nodes), ~150 nodes) beyond.
@@ -58,6 +59,8 @@ def top_tokens(draft_probs: np.ndarray, k: int) -> np.ndarray:
     if k >= vocab or k > TOP_SELECT_MAX:
         return np.argsort(-q, axis=-1, kind="stable")[..., :k]
     rows = q.reshape(-1, vocab)  # [R, V]
+    if k <= TOP_ARGMAX_MAX:
+        return _top_by_argmax(rows, k).reshape(q.shape[:-1] + (k,))
     threshold = np.partition(rows, vocab - k, axis=-1)[:, vocab - k, None]  # [R, 1] k-th largest
     above = rows > threshold  # [R, V]
     equal = rows == threshold
@@ -66,6 +69,19 @@ def top_tokens(draft_probs: np.ndarray, k: int) -> np.ndarray:
     index = np.nonzero(chosen)[1].reshape(-1, k)  # [R, k] ascending ids
     order = np.argsort(-np.take_along_axis(rows, index, axis=-1), axis=-1, kind="stable")
     return np.take_along_axis(index, order, axis=-1).reshape(q.shape[:-1] + (k,))
+
+
+def _top_by_argmax(rows: np.ndarray, k: int) -> np.ndarray:
+    """``top_tokens`` of rows [R, V] for a few k (< V): k rounds of ``np.argmax``, which returns
+    the lowest index among equal maxima, each round's token then set below every probability
+    (-inf) in a copy. One vectorised pass a round (~2 us at V = 8192) where the partition path
+    takes ~3 cumulative sums."""
+    left = rows.astype(np.float64, copy=True)  # [R, V]
+    top = np.empty((rows.shape[0], k), dtype=np.int64)
+    for j in range(k):
+        top[:, j] = np.argmax(left, axis=-1)
+        np.put_along_axis(left, top[:, j, None], -np.inf, axis=-1)
+    return top
 
 
 def top_tokens_reference(draft_probs: np.ndarray, k: int) -> np.ndarray:
