@@ -226,7 +226,9 @@ def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
 
 
 @pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
-@pytest.mark.parametrize("law,verifier", [("iid", "rrs"), ("without_replacement", "rrs_without_replacement")])
+@pytest.mark.parametrize(
+    "law,verifier", [("iid", "rrs"), ("without_replacement", "rrs_without_replacement"), ("greedy", "greedy")]
+)
 def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, verifier):
     """``draft_tree`` in one compiled call (``StaticLlamaRunner.sample_tree``) gives the tokens,
     valid slots, rules and q (ids and values) of level-by-level drafting, bit for bit, the
@@ -286,6 +288,8 @@ def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, veri
         ("iid", "rrs", (4,)),
         ("without_replacement", "optimal", (3, 1)),
         ("iid", "optimal", (2, 2, 1)),
+        ("greedy", "greedy", (3, 1)),
+        ("greedy", "greedy", (2, 2, 1)),
     ],
 )
 def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
@@ -294,9 +298,9 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
     """Trees decoded in one compiled call (``_step_numba.tree_steps``), with one call a step
     (``tree_step``; a caller that streams the tokens), and trees drafted in one call
     (``sample_tree``) and walked in one more (``walk.walk_tree_softmax``: recursive
-    rejection sampling, the optimal verifier's threshold nodes, or node by node where a node is
-    not the plan's) emit the tokens, and record the acceptances, of level-by-level drafting and
-    the node-by-node ``walk`` from the same seed:
+    rejection sampling, the greedy law's verifier, the optimal verifier's threshold nodes, or
+    node by node where a node is not the plan's) emit the tokens, and record the acceptances,
+    of level-by-level drafting and the node-by-node ``walk`` from the same seed:
     temperature 1, a top-k smaller than the width of the tree's widest node, a temperature where
     q and p underflow; with and without a draft vocabulary; a draft that disagrees with the
     target (walks end at the root) and one that is the target (walks reach the leaves and draw
@@ -352,6 +356,7 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
         ("3,1", "without_replacement", "optimal"),
         ("1x3", "iid", "rrs"),
         ("1x3", "iid", "block"),
+        ("2x2", "greedy", "greedy"),
     ],
 )
 def test_compiled_loop_stops_where_the_step_loop_stops(llama, tree, law, verifier, monkeypatch):

@@ -31,7 +31,9 @@ from numba.extending import intrinsic
 from mdsd._softmax_numba import bits_float, float_bits, row_max, tempered_softmax
 from mdsd._topk_numba import MASK32, SHIFT32, top_k_softmax
 from mdsd.engine._panel_gemm import host_width
+from mdsd.engine.tree import TREE_LAWS
 from mdsd.sampling import draw, next_uniform
+from mdsd.verifiers.optimal._common_numba import numpy_sum
 
 # Rows multiplied on the panels (the kernel runs passes of _panel_gemm.MAX_ROWS rows; more rows
 # use the BLAS), by where the BLAS wins (``benchmarks/bench_matmul.py``, one thread): with AVX2
@@ -500,34 +502,63 @@ def level_q(logits, temperature, top_k, kept_row, probs_row):
     return zeros
 
 
+LAW_IID, LAW_WITHOUT_REPLACEMENT, LAW_GREEDY = (
+    TREE_LAWS[name] for name in ("iid", "without_replacement", "greedy")
+)
+
+
 @numba.njit(**_JIT)
-def draw_drafts(probs_row, compact, n, distinct, uniform, state, out):
-    """n drafts from q = ``probs_row`` at the generator's next n uniforms, as positions in
-    ``probs_row`` into ``out[:n]``: each an inverse-CDF draw (``mdsd.sampling.draw``), i.i.d.
-    (``categorical``), or with ``distinct`` sequentially without replacement, the earlier drafts'
-    masses set to 0 (``draws_without_replacement``), from q's nonzero entries where ``compact``
-    (as ``SamplingConfig.row_probs`` stores q: truncated, or over part of the vocabulary, with
-    some mass underflowed) else from the whole row: the arrays the reference draws from, so the
-    same tokens."""
+def draw_drafts(probs_row, compact, n, law, uniform, state, out):
+    """n drafts of the law with code ``law`` (``TREE_LAWS``) from q = ``probs_row``, as
+    positions in ``probs_row`` into ``out[:n]``, from q's nonzero entries where ``compact`` (as
+    ``SamplingConfig.row_probs`` stores q: truncated, or over part of the vocabulary, with some
+    mass underflowed) else from the whole row: the arrays the reference draws from, so the same
+    tokens. i.i.d.: n inverse-CDF draws (``mdsd.sampling.draw``, ``categorical``) at the
+    generator's next n uniforms; without replacement: the same draws with the earlier drafts'
+    masses set to 0 (``draws_without_replacement``); greedy (n > 1): ``_greedy_drafts``."""
     positions = np.flatnonzero(probs_row) if compact else np.arange(probs_row.size)
     values = probs_row[positions] if compact else probs_row
-    if distinct and n > 1:
+    if law == LAW_GREEDY and n > 1:
+        _greedy_drafts(values, n, next_uniform(uniform, state), out)
+        for i in range(n):
+            out[i] = positions[out[i]]
+        return
+    distinct = law == LAW_WITHOUT_REPLACEMENT and n > 1
+    if distinct:
         values = values.copy()
     for i in range(n):
         at = draw(values, next_uniform(uniform, state))
         out[i] = positions[at]
-        if distinct and n > 1:
+        if distinct:
             values[at] = 0.0
 
 
 @numba.njit(**_JIT)
-def drafts_of(support, width, distinct):
+def _greedy_drafts(values, n, u, out):
+    """``mdsd.laws.Greedy``'s draws at uniform u into ``out[:n]``: the n - 1 largest of
+    ``values``, largest first, ties by lower position (rounds of argmax, as
+    ``laws.top_tokens``), then one inverse-CDF draw from the rest renormalised by its sum in
+    numpy's order (``complement_renormalised``): the same numbers."""
+    left = values.copy()  # the argmax rounds' copy: each round's pick below every mass
+    rest = values.copy()
+    for j in range(n - 1):
+        out[j] = np.argmax(left)
+        left[out[j]] = -np.inf
+        rest[out[j]] = 0.0
+    total = numpy_sum(rest)
+    for i in range(rest.size):
+        rest[i] = rest[i] / total
+    out[n - 1] = draw(rest, u)
+
+
+@numba.njit(**_JIT)
+def drafts_of(support, width, law):
     """n_eff: the drafts a node with ``width`` child slots draws from a q of ``support`` nonzero
     entries (``walk.RuleBook.rule``): 1 where support <= 1, at most the support for a law of
-    distinct drafts, else the width."""
+    distinct drafts (every law but i.i.d.), else the width."""
     if support <= 1:
         return 1
-    return min(width, support) if distinct else width
+    return min(width, support) if law != LAW_IID else width
 
 
 @numba.njit(cache=True)
@@ -554,7 +585,7 @@ def sample_chain(
     for d in range(depth):
         logits = next_logits(ids, model, keys, values, start, cos, sin, heads, kv_heads, eps, gemm)
         zeros[d] = level_q(logits, temperature, top_k, kept[d] if truncated else at, probs[d])
-        draw_drafts(probs[d], zeros[d] > 0 and (truncated or drop_zeros), 1, False, uniform, state, at)
+        draw_drafts(probs[d], zeros[d] > 0 and (truncated or drop_zeros), 1, LAW_IID, uniform, state, at)
         tokens[d] = token_ids[kept[d, at[0]] if truncated else at[0]]
         start += ids.size
         ids = tokens[d : d + 1]
@@ -563,7 +594,7 @@ def sample_chain(
 
 @numba.njit(cache=True)
 def sample_tree(
-    ids, widths, level_starts, child_starts, depths, masks, distinct, uniform, state, temperature, top_k,
+    ids, widths, level_starts, child_starts, depths, masks, law, uniform, state, temperature, top_k,
     drop_zeros, token_ids, models, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm,
 ):  # fmt: skip
     """A draft tree (``mdsd.engine.tree.DraftTree``'s ``widths``, ``level_starts``,
@@ -572,8 +603,8 @@ def sample_tree(
     slot at once, under the tree mask ``masks[d - 1, :m_d, :level_starts[d]]`` (additive, over
     the tree's keys; committed keys visible) at positions root + d, and gives the q of its valid
     nodes (the output layer on those rows only). Each q by ``level_q``, over ``token_ids`` [K]
-    (ascending); each node's drafts by ``draw_drafts`` (n_eff = ``drafts_of``; i.i.d., or
-    without replacement with ``distinct``), nodes in breadth-first order, the unused slots of a
+    (ascending); each node's drafts by ``draw_drafts`` (n_eff = ``drafts_of``; the law of code
+    ``law``, ``TREE_LAWS``), nodes in breadth-first order, the unused slots of a
     node holding a copy of its first draft: ``TreeDecoder.draft_tree``'s forwards, q and draws,
     the same numbers (tested). Returns (tokens [N], valid [N], nodes [R]: the node (-1: root) of
     each q row, drafted [R]: its n_eff, q [R, W], zeros [R], kept [R, W], as ``sample_chain``'s).
@@ -598,8 +629,8 @@ def sample_tree(
             zeros[r] = level_q(
                 level_logits[j], temperature, top_k, kept[r] if truncated else no_kept, probs[r]
             )
-            n = drafts_of(width - zeros[r], slots, distinct)
-            draw_drafts(probs[r], zeros[r] > 0 and (truncated or drop_zeros), n, distinct, uniform, state, at)
+            n = drafts_of(width - zeros[r], slots, law)
+            draw_drafts(probs[r], zeros[r] > 0 and (truncated or drop_zeros), n, law, uniform, state, at)
             first = child_starts[node + 1]
             for i in range(slots):
                 pick = at[i if i < n else 0]  # an unused slot: the first draft, never verified

@@ -119,23 +119,24 @@ PREFETCH_NODES = 16
 @numba.njit(cache=True)
 def tree_step(
     draft_ids, target_ids, base, widths, level_starts, child_starts, depths, level_masks, target_mask,
-    distinct, temperature, top_k, q_ids, token_ids, draft_models, draft_forward, target_models,
+    law, temperature, top_k, q_ids, token_ids, draft_models, draft_forward, target_models,
     target_forward, hidden_value,
-    rejection_distinct, optimal, plan_n, plan_support, head, tail, uniform, state, clock,
+    rule, optimal, plan_n, plan_support, head, tail, uniform, state, clock,
 ):  # fmt: skip
     """One step of tree decoding after a committed sequence of ``base`` tokens.
 
     ``draft_ids`` / ``target_ids``: the committed tokens each cache lacks. The tree:
     ``DraftTree``'s ``widths``, ``level_starts``, ``child_starts``, ``depths``, the draft's
     per-level masks (``StaticLlamaRunner.tree_arrays``) and the target's additive mask over its
-    nodes [N, N]. The law (``distinct``: drafts drawn without replacement), the transform
+    nodes [N, N]. The law (its ``_llama_numba.TREE_LAWS`` code), the transform
     (``temperature``, ``top_k``: 0 none), the draft's output ids (``q_ids``: empty for the whole
     vocabulary; ``token_ids``: its K tokens). ``*_models``, ``*_forward``: each runner's model
     and (keys, values, cache length, cos table, sin table, heads, kv_heads, eps, gemm)
     (``StaticLlamaRunner.compiled_forward``). The verifier (``walk.tree_walk_verifier``):
-    rejection sampling (``rejection_distinct``: without replacement), or with ``optimal`` the
-    threshold ``NodePlan`` (``head``, ``tail``) for ``plan_n`` drafts on ``plan_support``
-    tokens. The generator (``uniform``, ``state``); the clock (``clock_source()``).
+    ``tree_walk``'s ``rule`` (rejection sampling, i.i.d. or without replacement, or the greedy
+    law's verifier), or with ``optimal`` the threshold ``NodePlan`` (``head``, ``tail``) for
+    ``plan_n`` drafts on ``plan_support`` tokens. The generator (``uniform``, ``state``); the
+    clock (``clock_source()``).
 
     Returns the drafted tree (``sample_tree``'s seven arrays), the target's logits [1 + valid
     nodes, V] of the root and the valid nodes, the walk (path [k], token, bonus: ``tree_walk``'s),
@@ -146,7 +147,7 @@ def tree_step(
     began = monotonic(*clock)
     d_keys, d_values, d_start, d_cos, d_sin, d_heads, d_kv_heads, d_eps, d_gemm = draft_forward
     tokens, valid, nodes, drafted, probs, zeros, kept = sample_tree(
-        draft_ids, widths, level_starts, child_starts, depths, level_masks, distinct, uniform, state,
+        draft_ids, widths, level_starts, child_starts, depths, level_masks, law, uniform, state,
         temperature, top_k, q_ids.size > 0, token_ids, draft_models, d_keys, d_values, d_start, d_cos, d_sin,
         d_heads, d_kv_heads, d_eps, d_gemm,
     )  # fmt: skip
@@ -164,7 +165,7 @@ def tree_step(
     prefetch_positions(t_keys, t_values, base, min(depths.size, PREFETCH_NODES))  # the keep's entries
     path, token, bonus = tree_walk(
         logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, probs, zeros, kept,
-        drafted, rejection_distinct, optimal, plan_n, plan_support, head, tail, uniform, state, True,
+        drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, True,
     )  # fmt: skip
     lengths = (-1, -1)
     if token >= 0:  # keep the committed prefix and the accepted path (the draft: above depth D)
@@ -290,8 +291,8 @@ def _forward_at(forward, start):
 @numba.njit(cache=True)
 def tree_steps(
     seq, length, stop_length, context_end, limit, eos, stop_on_eos, records, draft_cached, target_cached,
-    widths, level_starts, child_starts, depths, level_masks, target_mask, distinct, temperature, top_k, q_ids,
-    token_ids, draft_models, draft_forward, target_models, target_forward, hidden_value, rejection_distinct,
+    widths, level_starts, child_starts, depths, level_masks, target_mask, law, temperature, top_k, q_ids,
+    token_ids, draft_models, draft_forward, target_models, target_forward, hidden_value, rule,
     optimal, plan_n, plan_support, head, tail, uniform, state, clock,
 ):  # fmt: skip
     """``tree_step`` after ``seq[:length]``, step after step, each step's tokens committed into
@@ -311,8 +312,8 @@ def tree_steps(
         target_at = _forward_at(target_forward, target_cached)
         out = tree_step(
             seq[draft_cached:length], seq[target_cached:length], length, widths, level_starts, child_starts,
-            depths, level_masks, target_mask, distinct, temperature, top_k, q_ids, token_ids, draft_models,
-            draft_at, target_models, target_at, hidden_value, rejection_distinct, optimal, plan_n,
+            depths, level_masks, target_mask, law, temperature, top_k, q_ids, token_ids, draft_models,
+            draft_at, target_models, target_at, hidden_value, rule, optimal, plan_n,
             plan_support, head, tail, uniform, state, clock,
         )  # fmt: skip
         drafts, _, _, path, token, bonus, lengths, seconds = out

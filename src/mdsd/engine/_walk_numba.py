@@ -41,7 +41,7 @@ from mdsd._topk_numba import MASK32, SHIFT32, _max_key, top_k_softmax
 from mdsd.engine._llama_numba import exp_inplace
 from mdsd.sampling import draw, next_uniform, next_uniforms
 from mdsd.sequence.chain import _excess_and_deficit, _residual_draw
-from mdsd.verifiers._early_exit import _ratio, rrs_sample
+from mdsd.verifiers._early_exit import _ratio, greedy_sample, rrs_sample
 from mdsd.verifiers.optimal._orders_numba import orders_node
 from mdsd.verifiers.optimal._threshold_numba import threshold_node
 from mdsd.verifiers.optimal.threshold import NODE_UNIFORMS as THRESHOLD_UNIFORMS
@@ -106,6 +106,26 @@ def rejection_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, di
     p_row, q_row = p_local.reshape(1, -1), q_local.reshape(1, -1)
     rrs_sample(p_row, q_row, local.reshape(1, n), uniforms.reshape(1, n + 1), distinct, out, branch)
     return out[0] if tokens.size == 0 else tokens[out[0]]
+
+
+@numba.njit(cache=True)
+def greedy_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms):
+    """The token emitted at a node with drafts ``drafts`` [n] (the greedy law's: q's top n - 1,
+    then a draw from the rest) by the greedy law's verifier (``GreedyVerifier``) on the union of
+    the supports of p and q, from ``uniforms`` [2]: ``greedy_sample`` on ``_on_union``'s arrays,
+    the token ``walk.verify_node_reference`` draws from the same uniforms (tested)."""
+    tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
+    n = local.size
+    out, branch = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
+    p_row, q_row = p_local.reshape(1, -1), q_local.reshape(1, -1)
+    greedy_sample(p_row, q_row, local.reshape(1, n), uniforms.reshape(1, 2), out, branch)
+    return out[0] if tokens.size == 0 else tokens[out[0]]
+
+
+# How ``tree_walk`` verifies its nodes outside the optimal verifier's plan
+# (``walk.tree_walk_verifier``): recursive rejection sampling, i.i.d. or without replacement
+# (``rejection_node``), or the greedy law's verifier (``greedy_node``).
+RULE_RRS, RULE_RRS_WITHOUT_REPLACEMENT, RULE_GREEDY = 0, 1, 2
 
 
 # The early acceptance of ``softmax_chain_walk``: a lower bound on p(x) from float32
@@ -391,7 +411,7 @@ def _plan_fits(drafted, zeros, width, plan_n, plan_support):
 @numba.njit(cache=True)
 def tree_walk(
     logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros, q_kept,
-    q_drafted, distinct, optimal, plan_n, plan_support, head, tail, uniform, state, early,
+    q_drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, early,
 ):  # fmt: skip
     """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes,
     the emitted token after it, whether it is a bonus token), or (empty, -1, False) without
@@ -403,8 +423,10 @@ def tree_walk(
     order: node i's row is 1 + the valid nodes before it. Node i's p is ``_target_row`` of its
     logits, its q ``_drafted_row``, its children the ``widths[depth]`` slots from
     ``child_starts[i + 1]``, those ``valid`` verified with their ``tokens``: by recursive
-    rejection sampling (``rejection_node`` at ``rng.random(n + 1)``; ``distinct``: without
-    replacement), or, with ``optimal``, nodes of several drafts by the optimal verifier's
+    rejection sampling (``rejection_node`` at ``rng.random(n + 1)``; ``rule``
+    ``RULE_RRS_WITHOUT_REPLACEMENT``: without replacement), by the greedy law's verifier
+    (``rule`` ``RULE_GREEDY``: ``greedy_node`` at ``rng.random(2)``, every node), or, with
+    ``optimal``, nodes of several drafts by the optimal verifier's
     threshold node (``threshold_node_on_union`` with ``head``, ``tail`` of the ``NodePlan`` for
     ``plan_n`` drafts on a q of ``plan_support`` tokens, at ``rng.random(4)``) and nodes of one
     draft by classic speculative sampling (``walk.RuleBook``'s single-draft rule). Then the
@@ -443,6 +465,10 @@ def tree_walk(
             token = threshold_node_on_union(
                 p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, head, tail
             )
+        elif rule == RULE_GREEDY:
+            uniforms = next_uniforms(2, uniform, state)
+            p_ids, p_values = _target_row(row, temperature, top_k)
+            token = greedy_node(p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms)
         else:
             uniforms = next_uniforms(n + 1, uniform, state)
             keep_first = False
@@ -454,7 +480,14 @@ def tree_walk(
             else:
                 p_ids, p_values = _target_row(row, temperature, top_k)
                 token = rejection_node(
-                    p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, distinct and n > 1
+                    p_ids,
+                    p_values,
+                    d_ids,
+                    d_values,
+                    vocab,
+                    drafts,
+                    uniforms,
+                    rule == RULE_RRS_WITHOUT_REPLACEMENT and n > 1,
                 )
         child = -1
         for i in range(n):

@@ -55,7 +55,7 @@ from mdsd.engine.runner import (
     rows_of,
 )
 from mdsd.engine.static_llama import draft_runner, make_runner
-from mdsd.engine.tree import DraftTree, build_tree
+from mdsd.engine.tree import TREE_LAWS, DraftTree, build_tree, tree_law_code
 from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary
 from mdsd.engine.walk import (
     DENSE_IDS,
@@ -80,7 +80,7 @@ from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical, draw, uniform_source
 from mdsd.sequence import chain_verify
 from mdsd.verifiers import natural_verifier
-from mdsd.verifiers.classic import RecursiveRejection
+from mdsd.verifiers.classic import GreedyVerifier, RecursiveRejection
 from mdsd.verifiers.optimal.verifier import OptimalVerifier
 
 LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
@@ -90,7 +90,7 @@ LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is belo
 HEAD_BATCH_ROWS = 13
 # The laws whose trees the draft runner draws in one call (``_llama_numba.sample_tree``): i.i.d.
 # draws and sequential draws without replacement, each one inverse-CDF draw per draft.
-COMPILED_TREE_LAWS = ("iid", "without_replacement")
+COMPILED_TREE_LAWS = tuple(TREE_LAWS)
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -742,19 +742,23 @@ class TreeDecoder(_Decoder):
 
     def _drafted_tree(self, seq: list[int], rng: np.random.Generator) -> DraftedSlots | None:
         """``draft_tree`` in one call of the runner (``sample_tree``), or None where the runner
-        has none or it does not apply (nothing drawn). Laws of distinct drafts draw sequentially
-        up to ``mdsd.laws.SEQUENTIAL_DRAWS_MAX`` drafts, as ``WithoutReplacement`` does."""
-        distinct = self.book.law.distinct
-        if distinct and self.tree.max_width > SEQUENTIAL_DRAWS_MAX:
+        has none or it does not apply (nothing drawn): ``_sequential_draws_exceeded``."""
+        if self._sequential_draws_exceeded():
             return None
         fresh = np.asarray(seq[self.draft.cached :])
-        sampling = self.sampling
+        sampling, law = self.sampling, tree_law_code(self.book.law.name)
         sampled = self.draft.sample_tree(
-            fresh, self.tree, distinct, rng, sampling.temperature, self._source(rng), sampling.top_k
+            fresh, self.tree, law, rng, sampling.temperature, self._source(rng), sampling.top_k
         )
         if sampled is None:
             return None
         return self._drafted_slots(sampled)
+
+    def _sequential_draws_exceeded(self) -> bool:
+        """Whether the tree is wider than the compiled drafting's sequential draws without
+        replacement (``mdsd.laws.SEQUENTIAL_DRAWS_MAX``; ``WithoutReplacement`` takes Gumbel
+        top-n beyond)."""
+        return self.book.law.name == "without_replacement" and self.tree.max_width > SEQUENTIAL_DRAWS_MAX
 
     def _drafted_slots(self, sampled: SampledTree) -> DraftedSlots:
         """``draft_tree``'s result from the runner's ``SampledTree``: q per node as
@@ -903,14 +907,15 @@ class TreeDecoder(_Decoder):
     def _walks_tree_from_logits(self, drafted: DraftedSlots) -> bool:
         """Whether the general loop verifies this tree by ``walk.walk_tree_softmax``: drafted in
         one call (``tree_q``), every node verified by recursive rejection sampling (``rrs``,
-        ``rrs_without_replacement``), p the tempered softmax after an optional top-k, every row's
+        ``rrs_without_replacement``), the greedy law's verifier or the optimal verifier, p the
+        tempered softmax after an optional top-k, every row's
         logits one output-layer call (``HEAD_BATCH_ROWS``) and the walk's own draws (no
         ``exact_acceptance``)."""
         return (
             drafted.tree_q is not None
             and self.sequence_method is None
             and not self.exact_acceptance
-            and isinstance(self.book.verifier, RecursiveRejection | OptimalVerifier)
+            and isinstance(self.book.verifier, RecursiveRejection | GreedyVerifier | OptimalVerifier)
             and self.sampling.chain_transform
             and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
         )
@@ -981,7 +986,7 @@ class TreeDecoder(_Decoder):
         if (
             self.sequence_method is not None
             or book.law.name not in COMPILED_TREE_LAWS
-            or (book.law.distinct and tree.max_width > SEQUENTIAL_DRAWS_MAX)
+            or self._sequential_draws_exceeded()
         ):
             return None
         support = top_k or width
@@ -1058,7 +1063,7 @@ class TreeDecoder(_Decoder):
             head = (tree.depth, temperature, top_k, output_ids, draft.output_token_ids, block)
             return (*head, *draft_model, *target_model, *source, clock)
         head = (
-            *draft.tree_arrays(tree), self._target_mask, self.book.law.distinct, temperature,
+            *draft.tree_arrays(tree), self._target_mask, tree_law_code(self.book.law.name), temperature,
             int(sampling.top_k or 0), output_ids, draft.output_token_ids,
         )  # fmt: skip
         hidden = np.float32(self.target.hidden)

@@ -553,13 +553,14 @@ class StaticLlamaRunner(ModelRunner):
         return chain
 
     def sample_tree(
-        self, ids, tree, distinct: bool, rng: np.random.Generator, temperature: float, source=None, top_k=None
+        self, ids, tree, law: int, rng: np.random.Generator, temperature: float, source=None, top_k=None
     ) -> SampledTree | None:
         """Draft the whole ``tree`` (a ``DraftTree``) in one compiled call
         (``_llama_numba.sample_tree``): the forwards of ``tree_hidden`` per level and of
         ``causal_hidden`` for ``ids`` (the tokens the cache lacks), ``logits`` on the valid rows,
-        ``process_logits_row`` (temperature, optional top-k) and the drafts of every node, i.i.d.
-        or with ``distinct`` without replacement (``mdsd.laws``' sequential draws), from ``rng``
+        ``process_logits_row`` (temperature, optional top-k) and the drafts of every node by the
+        law of code ``law`` (``_llama_numba.TREE_LAWS``: i.i.d., without replacement by
+        ``mdsd.laws``' sequential draws, greedy), from ``rng``
         through ``source`` (``uniform_source(rng)``): the same numbers as ``TreeDecoder``'s level
         by level drafting (tested). Returns a ``SampledTree``, or None, drawing nothing, where the
         compiled forward does not apply (``sample_chain``'s conditions, or a level wider than a
@@ -576,7 +577,7 @@ class StaticLlamaRunner(ModelRunner):
             *self._kernels.sample_tree(
                 np.asarray(ids, dtype=np.int64),
                 *self.tree_arrays(tree),
-                bool(distinct),
+                int(law),
                 *source,
                 *self._drafting_args(temperature, top_k, start),
             )

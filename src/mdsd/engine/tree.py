@@ -25,6 +25,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAX_TREE_NODES = 4096  # a tree wider than this is certainly a typo (and would not fit a mask)
+# The draft laws a tree is drafted by in one compiled call (``_llama_numba.sample_tree``), by code.
+TREE_LAWS = {"iid": 0, "without_replacement": 1, "greedy": 2}
+
+
+def tree_law_code(name: str) -> int:
+    """``_llama_numba.sample_tree``'s code of the draft law ``name`` (a key of ``TREE_LAWS``)."""
+    return TREE_LAWS[name]
 
 
 @dataclass(frozen=True, eq=False)

@@ -42,7 +42,7 @@ from mdsd.logits import SupportProbs, process_logits_row
 from mdsd.sampling import categorical, uniform_source
 from mdsd.sequence.chain import block_sample
 from mdsd.verifiers import Verifier, resolve
-from mdsd.verifiers.classic import RecursiveRejection
+from mdsd.verifiers.classic import GreedyVerifier, RecursiveRejection
 from mdsd.verifiers.optimal.verifier import NodePlan, OptimalVerifier, node_plan
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
@@ -197,11 +197,12 @@ def verify_node(
 ) -> NodeVerdict:
     """One draw from pi(. | drafts) at a node by the verifier's sampler, on the union support.
 
-    Recursive rejection sampling (``rrs``, ``rrs_without_replacement``) and the optimal
-    verifier's compiled nodes (``mdsd.verifiers.optimal.verifier.node_plan``) run as one compiled
-    call on the union support (``mdsd.engine._walk_numba``), which draws the token
-    :func:`verify_node_reference` draws from the same generator (tested); other verifiers and
-    nodes, and ``exact_acceptance``, run the reference."""
+    Recursive rejection sampling (``rrs``, ``rrs_without_replacement``), the greedy law's
+    verifier and the optimal verifier's compiled nodes
+    (``mdsd.verifiers.optimal.verifier.node_plan``) run as one compiled call on the union support
+    (``mdsd.engine._walk_numba``), which draws the token :func:`verify_node_reference` draws
+    from the same generator (tested); other verifiers and nodes, and ``exact_acceptance``, run
+    the reference."""
     if exact_acceptance:
         return verify_node_reference(p, q, drafts, rule, rng, exact_acceptance)
     p, q = as_support(p), as_support(q)
@@ -210,6 +211,9 @@ def verify_node(
         uniforms = rng.random(drafts.size + 1)
         args = (uniforms, verifier.distinct)
         kernel = kernels.rejection_node
+    elif isinstance(verifier, GreedyVerifier):
+        args = (rng.random(verifier.uniforms_per_row(drafts.size)),)
+        kernel = kernels.greedy_node
     elif isinstance(verifier, OptimalVerifier) and (plan := _plan_of(rule, drafts.size, q.support_size)):
         args = (rng.random(plan.uniforms), plan.head, plan.tail)
         kernel = kernels.orders_node_on_union if plan.kind == "orders" else kernels.threshold_node_on_union
@@ -424,10 +428,10 @@ def walk_tree_softmax(
     after an optional ``top_k`` of the target's logits [1 + valid nodes, V] (the root's row, then
     the valid nodes' in ascending order) and the rules of ``book``: in one compiled call
     (``_walk_numba.tree_walk``) where every node is verified by recursive rejection sampling,
-    or by the optimal verifier (its threshold node, one plan for every node of several drafts;
-    classic sampling for one draft); else node by node (``walk``) on the same p. Either way the
-    tokens and the generator's state of ``walk`` (tested). ``source``: ``uniform_source(rng)``
-    where the caller keeps it."""
+    by the greedy law's verifier, or by the optimal verifier (its threshold node, one plan for
+    every node of several drafts; classic sampling for one draft); else node by node (``walk``)
+    on the same p. Either way the tokens and the generator's state of ``walk`` (tested).
+    ``source``: ``uniform_source(rng)`` where the caller keeps it."""
     ids, probs, zeros, kept, counts = drafted.tree_q
     several = np.flatnonzero(counts > 1)  # the plan's node: the first of several drafts
     n, support = (
@@ -456,23 +460,28 @@ def tree_walk_result(drafted: DraftedSlots, path: np.ndarray, token: int, bonus:
 
 
 def tree_walk_verifier(book: RuleBook, n: int, support: int) -> tuple | None:
-    """``_walk_numba.tree_walk``'s verifier arguments (distinct, optimal, plan_n, plan_support,
+    """``_walk_numba.tree_walk``'s verifier arguments (rule, optimal, plan_n, plan_support,
     head, tail) for the rules of ``book`` where every node of several drafts has ``n`` drafts on
-    a q of ``support`` nonzero entries (n = 0: no such node): recursive rejection sampling, or
-    the optimal verifier's threshold ``NodePlan`` for (n, support); None where ``tree_walk``
-    cannot verify them (another verifier, or a plan of another kind)."""
-    verifier, plan = book.verifier, _placeholder_plan()
+    a q of ``support`` nonzero entries (n = 0: no such node): recursive rejection sampling, the
+    greedy law's verifier, or the optimal verifier's threshold ``NodePlan`` for (n, support);
+    None where ``tree_walk`` cannot verify them (another verifier, or a plan of another kind)."""
+    verifier, plan, kernels = book.verifier, _placeholder_plan(), _walk_kernels()
     optimal = isinstance(verifier, OptimalVerifier)
     if optimal and n > 1:
         plan = book.rule(n, support).plan
         if plan is None or plan.kind != "threshold":
             return None
-    elif not (optimal or isinstance(verifier, RecursiveRejection)):
+    elif not (optimal or isinstance(verifier, (RecursiveRejection, GreedyVerifier))):
         return None
     if not (optimal and n > 1):  # no node reads the plan
         n = support = 0
-    distinct = bool(getattr(verifier, "distinct", False))
-    return distinct, optimal, n, support, plan.head, plan.tail
+    if isinstance(verifier, GreedyVerifier):
+        rule = kernels.RULE_GREEDY
+    elif getattr(verifier, "distinct", False):
+        rule = kernels.RULE_RRS_WITHOUT_REPLACEMENT
+    else:
+        rule = kernels.RULE_RRS
+    return rule, optimal, n, support, plan.head, plan.tail
 
 
 @functools.cache
