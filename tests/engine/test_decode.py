@@ -290,6 +290,9 @@ def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, veri
         ("iid", "optimal", (2, 2, 1)),
         ("greedy", "greedy", (3, 1)),
         ("greedy", "greedy", (2, 2, 1)),
+        ("iid", "kseq", (3, 1)),
+        ("iid", "importance", (2, 2, 1)),
+        ("without_replacement", "sample_check", (3, 1)),
     ],
 )
 def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
@@ -298,9 +301,10 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
     """Trees decoded in one compiled call (``_step_numba.tree_steps``), with one call a step
     (``tree_step``; a caller that streams the tokens), and trees drafted in one call
     (``sample_tree``) and walked in one more (``walk.walk_tree_softmax``: recursive
-    rejection sampling, the greedy law's verifier, the optimal verifier's threshold nodes, or
-    node by node where a node is not the plan's) emit the tokens, and record the acceptances,
-    of level-by-level drafting and the node-by-node ``walk`` from the same seed:
+    rejection sampling, the other verifiers' samplers (greedy, K-SEQ, importance, sample_check),
+    the optimal verifier's threshold nodes, or node by node where a node is not the plan's)
+    emit the tokens, and record the acceptances, of level-by-level drafting and the node-by-node
+    ``walk`` from the same seed:
     temperature 1, a top-k smaller than the width of the tree's widest node, a temperature where
     q and p underflow; with and without a draft vocabulary; a draft that disagrees with the
     target (walks end at the root) and one that is the target (walks reach the leaves and draw

@@ -516,11 +516,15 @@ def test_chain_walk_follows_emission_law():
         ("without_replacement", "optimal"),
         ("conditional_poisson", "optimal"),
         ("greedy", "greedy"),
+        ("iid", "kseq"),
+        ("iid", "importance"),
+        ("without_replacement", "sample_check"),
     ],
 )
 def test_compiled_nodes_equal_the_reference(law, verifier):
-    """``verify_node`` runs recursive rejection sampling, the greedy law's verifier and the
-    optimal verifier's compiled nodes as one compiled call on the union support (``_walk_numba``); it returns
+    """``verify_node`` runs recursive rejection sampling, the greedy law's verifier, K-SEQ,
+    importance selection, sample_check and the optimal verifier's compiled nodes as one compiled
+    call on the union support (``_walk_numba``); it returns
     ``verify_node_reference``'s verdict and leaves the generator in the same state: 800 nodes of
     1-4 drafts on 2-9 tokens and, every fifth, of 5-12 drafts on up to 15 tokens (the order
     split's widths), p and q dense or on top-k supports, temperature 0 (one-hot) and p = q (empty

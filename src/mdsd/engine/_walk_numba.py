@@ -41,7 +41,15 @@ from mdsd._topk_numba import MASK32, SHIFT32, _max_key, top_k_softmax
 from mdsd.engine._llama_numba import exp_inplace
 from mdsd.sampling import draw, next_uniform, next_uniforms
 from mdsd.sequence.chain import _excess_and_deficit, _residual_draw
-from mdsd.verifiers._early_exit import _ratio, greedy_sample, rrs_sample
+from mdsd.verifiers._early_exit import (
+    _ratio,
+    greedy_sample,
+    importance_rows,
+    kseq_sample,
+    kseq_sample_pending,
+    rrs_sample,
+)
+from mdsd.verifiers.classic_math import INTERVAL_ITERATIONS
 from mdsd.verifiers.optimal._orders_numba import orders_node
 from mdsd.verifiers.optimal._threshold_numba import threshold_node
 from mdsd.verifiers.optimal.threshold import NODE_UNIFORMS as THRESHOLD_UNIFORMS
@@ -108,24 +116,50 @@ def rejection_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, di
     return out[0] if tokens.size == 0 else tokens[out[0]]
 
 
+# How ``tree_walk`` verifies its nodes outside the optimal verifier's plan
+# (``walk.walk_rule``): recursive rejection sampling, i.i.d. or without replacement
+# (``rejection_node``), or one of the other verifiers' early-exit samplers (``classic_node``).
+RULE_RRS, RULE_RRS_WITHOUT_REPLACEMENT, RULE_GREEDY, RULE_KSEQ, RULE_IMPORTANCE, RULE_SAMPLE_CHECK = range(6)
+
+
 @numba.njit(cache=True)
-def greedy_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms):
-    """The token emitted at a node with drafts ``drafts`` [n] (the greedy law's: q's top n - 1,
-    then a draw from the rest) by the greedy law's verifier (``GreedyVerifier``) on the union of
-    the supports of p and q, from ``uniforms`` [2]: ``greedy_sample`` on ``_on_union``'s arrays,
-    the token ``walk.verify_node_reference`` draws from the same uniforms (tested)."""
+def node_uniforms(rule, n):
+    """The uniforms a node of n drafts takes under ``rule``: the verifier's
+    ``uniforms_per_row(n)``."""
+    if rule == RULE_GREEDY or rule == RULE_IMPORTANCE:
+        return 2
+    if rule == RULE_SAMPLE_CHECK:
+        return 1
+    return n + 1
+
+
+@numba.njit(cache=True)
+def classic_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, rule):
+    """The token emitted at a node with drafts ``drafts`` [n] (draw order) by the verifier of
+    ``rule`` on the union of the supports of p and q (``_on_union``), from ``uniforms``
+    [``node_uniforms(rule, n)``]: its ``sample_with_branch`` on one row, the greedy law's
+    verifier (``greedy_sample``), K-SEQ (``kseq_sample``, then ``kseq_sample_pending`` where
+    its tests fall between the bounds), importance selection (``importance_rows``) or
+    ``sample_check`` (y ~ p): the token ``walk.verify_node_reference`` draws from the same
+    uniforms (tested)."""
     tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
+    if rule == RULE_SAMPLE_CHECK:
+        y = draw(p_local, uniforms[0])
+        return y if tokens.size == 0 else tokens[y]
     n = local.size
     out, branch = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
     p_row, q_row = p_local.reshape(1, -1), q_local.reshape(1, -1)
-    greedy_sample(p_row, q_row, local.reshape(1, n), uniforms.reshape(1, 2), out, branch)
+    d_row, u_row = local.reshape(1, n), uniforms.reshape(1, uniforms.size)
+    if rule == RULE_GREEDY:
+        greedy_sample(p_row, q_row, d_row, u_row, out, branch)
+    elif rule == RULE_KSEQ:
+        unknown = np.full(1, np.nan)
+        kseq_sample(p_row, q_row, d_row, u_row, unknown, unknown, out, branch)
+        if branch[0] < 0:  # a test between the bounds, or all rejected: rho* first
+            kseq_sample_pending(p_row, q_row, d_row, u_row, INTERVAL_ITERATIONS, out, branch)
+    else:
+        importance_rows(p_row, q_row, d_row, u_row, out, branch)
     return out[0] if tokens.size == 0 else tokens[out[0]]
-
-
-# How ``tree_walk`` verifies its nodes outside the optimal verifier's plan
-# (``walk.tree_walk_verifier``): recursive rejection sampling, i.i.d. or without replacement
-# (``rejection_node``), or the greedy law's verifier (``greedy_node``).
-RULE_RRS, RULE_RRS_WITHOUT_REPLACEMENT, RULE_GREEDY = 0, 1, 2
 
 
 # The early acceptance of ``softmax_chain_walk``: a lower bound on p(x) from float32
@@ -424,9 +458,9 @@ def tree_walk(
     logits, its q ``_drafted_row``, its children the ``widths[depth]`` slots from
     ``child_starts[i + 1]``, those ``valid`` verified with their ``tokens``: by recursive
     rejection sampling (``rejection_node`` at ``rng.random(n + 1)``; ``rule``
-    ``RULE_RRS_WITHOUT_REPLACEMENT``: without replacement), by the greedy law's verifier
-    (``rule`` ``RULE_GREEDY``: ``greedy_node`` at ``rng.random(2)``, every node), or, with
-    ``optimal``, nodes of several drafts by the optimal verifier's
+    ``RULE_RRS_WITHOUT_REPLACEMENT``: without replacement), by another verifier's sampler
+    (``classic_node`` at ``rng.random(node_uniforms(rule, n))``, every node: greedy, K-SEQ,
+    importance, sample_check), or, with ``optimal``, nodes of several drafts by the optimal verifier's
     threshold node (``threshold_node_on_union`` with ``head``, ``tail`` of the ``NodePlan`` for
     ``plan_n`` drafts on a q of ``plan_support`` tokens, at ``rng.random(4)``) and nodes of one
     draft by classic speculative sampling (``walk.RuleBook``'s single-draft rule). Then the
@@ -465,10 +499,10 @@ def tree_walk(
             token = threshold_node_on_union(
                 p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, head, tail
             )
-        elif rule == RULE_GREEDY:
-            uniforms = next_uniforms(2, uniform, state)
+        elif rule > RULE_RRS_WITHOUT_REPLACEMENT:
+            uniforms = next_uniforms(node_uniforms(rule, n), uniform, state)
             p_ids, p_values = _target_row(row, temperature, top_k)
-            token = greedy_node(p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms)
+            token = classic_node(p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, rule)
         else:
             uniforms = next_uniforms(n + 1, uniform, state)
             keep_first = False

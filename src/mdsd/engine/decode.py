@@ -73,6 +73,7 @@ from mdsd.engine.walk import (
     walk_chain,
     walk_chain_block,
     walk_chain_softmax,
+    walk_rule,
     walk_tree_softmax,
 )
 from mdsd.laws import SEQUENTIAL_DRAWS_MAX
@@ -80,7 +81,6 @@ from mdsd.logits import SupportProbs
 from mdsd.sampling import categorical, draw, uniform_source
 from mdsd.sequence import chain_verify
 from mdsd.verifiers import natural_verifier
-from mdsd.verifiers.classic import GreedyVerifier, RecursiveRejection
 from mdsd.verifiers.optimal.verifier import OptimalVerifier
 
 LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
@@ -906,16 +906,16 @@ class TreeDecoder(_Decoder):
 
     def _walks_tree_from_logits(self, drafted: DraftedSlots) -> bool:
         """Whether the general loop verifies this tree by ``walk.walk_tree_softmax``: drafted in
-        one call (``tree_q``), every node verified by recursive rejection sampling (``rrs``,
-        ``rrs_without_replacement``), the greedy law's verifier or the optimal verifier, p the
-        tempered softmax after an optional top-k, every row's
+        one call (``tree_q``), every node verified by a verifier of ``walk.walk_rule``
+        (recursive rejection sampling, greedy, K-SEQ, importance, sample_check) or the optimal
+        verifier, p the tempered softmax after an optional top-k, every row's
         logits one output-layer call (``HEAD_BATCH_ROWS``) and the walk's own draws (no
         ``exact_acceptance``)."""
         return (
             drafted.tree_q is not None
             and self.sequence_method is None
             and not self.exact_acceptance
-            and isinstance(self.book.verifier, RecursiveRejection | GreedyVerifier | OptimalVerifier)
+            and (walk_rule(self.book.verifier) is not None or isinstance(self.book.verifier, OptimalVerifier))
             and self.sampling.chain_transform
             and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
         )

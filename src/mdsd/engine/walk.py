@@ -42,7 +42,7 @@ from mdsd.logits import SupportProbs, process_logits_row
 from mdsd.sampling import categorical, uniform_source
 from mdsd.sequence.chain import block_sample
 from mdsd.verifiers import Verifier, resolve
-from mdsd.verifiers.classic import GreedyVerifier, RecursiveRejection
+from mdsd.verifiers.classic import KSEQ, GreedyVerifier, Importance, RecursiveRejection, SampleCheck
 from mdsd.verifiers.optimal.verifier import NodePlan, OptimalVerifier, node_plan
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
@@ -197,8 +197,8 @@ def verify_node(
 ) -> NodeVerdict:
     """One draw from pi(. | drafts) at a node by the verifier's sampler, on the union support.
 
-    Recursive rejection sampling (``rrs``, ``rrs_without_replacement``), the greedy law's
-    verifier and the optimal verifier's compiled nodes
+    The verifiers ``walk_rule`` names (recursive rejection sampling, greedy, K-SEQ, importance,
+    sample_check) and the optimal verifier's compiled nodes
     (``mdsd.verifiers.optimal.verifier.node_plan``) run as one compiled call on the union support
     (``mdsd.engine._walk_numba``), which draws the token :func:`verify_node_reference` draws
     from the same generator (tested); other verifiers and nodes, and ``exact_acceptance``, run
@@ -207,13 +207,14 @@ def verify_node(
         return verify_node_reference(p, q, drafts, rule, rng, exact_acceptance)
     p, q = as_support(p), as_support(q)
     verifier, kernels = rule.verifier, _walk_kernels()
+    code = walk_rule(verifier)
     if isinstance(verifier, RecursiveRejection):
         uniforms = rng.random(drafts.size + 1)
         args = (uniforms, verifier.distinct)
         kernel = kernels.rejection_node
-    elif isinstance(verifier, GreedyVerifier):
-        args = (rng.random(verifier.uniforms_per_row(drafts.size)),)
-        kernel = kernels.greedy_node
+    elif code is not None:
+        args = (rng.random(verifier.uniforms_per_row(drafts.size)), code)
+        kernel = kernels.classic_node
     elif isinstance(verifier, OptimalVerifier) and (plan := _plan_of(rule, drafts.size, q.support_size)):
         args = (rng.random(plan.uniforms), plan.head, plan.tail)
         kernel = kernels.orders_node_on_union if plan.kind == "orders" else kernels.threshold_node_on_union
@@ -222,6 +223,30 @@ def verify_node(
     token = int(kernel(*_ids_values(p), *_ids_values(q), p.vocab, drafts, *args))
     accepted = token in drafts.tolist()
     return NodeVerdict(token, accepted, float(accepted))
+
+
+# The verifiers ``_walk_numba.tree_walk`` and ``verify_node`` run as compiled nodes, by rule
+# name (``_walk_numba``'s ``RULE_*``).
+_WALK_RULES = (
+    (RecursiveRejection, None),  # RULE_RRS or RULE_RRS_WITHOUT_REPLACEMENT, by ``distinct``
+    (GreedyVerifier, "RULE_GREEDY"),
+    (KSEQ, "RULE_KSEQ"),
+    (Importance, "RULE_IMPORTANCE"),
+    (SampleCheck, "RULE_SAMPLE_CHECK"),
+)
+
+
+def walk_rule(verifier: Verifier) -> int | None:
+    """``_walk_numba.tree_walk``'s ``rule`` code of ``verifier``, or None where the compiled
+    walk does not run it (the optimal verifier, whose nodes are plans, spechub, sequence-level
+    rules)."""
+    kernels = _walk_kernels()
+    for kind, name in _WALK_RULES:
+        if isinstance(verifier, kind):
+            if name is None:
+                return kernels.RULE_RRS_WITHOUT_REPLACEMENT if verifier.distinct else kernels.RULE_RRS
+            return getattr(kernels, name)
+    return None
 
 
 def _plan_of(rule: NodeRule, n: int, support: int) -> NodePlan | None:
@@ -462,26 +487,22 @@ def tree_walk_result(drafted: DraftedSlots, path: np.ndarray, token: int, bonus:
 def tree_walk_verifier(book: RuleBook, n: int, support: int) -> tuple | None:
     """``_walk_numba.tree_walk``'s verifier arguments (rule, optimal, plan_n, plan_support,
     head, tail) for the rules of ``book`` where every node of several drafts has ``n`` drafts on
-    a q of ``support`` nonzero entries (n = 0: no such node): recursive rejection sampling, the
-    greedy law's verifier, or the optimal verifier's threshold ``NodePlan`` for (n, support);
-    None where ``tree_walk`` cannot verify them (another verifier, or a plan of another kind)."""
-    verifier, plan, kernels = book.verifier, _placeholder_plan(), _walk_kernels()
+    a q of ``support`` nonzero entries (n = 0: no such node): the verifiers of ``walk_rule``
+    (recursive rejection sampling among them), or the optimal verifier's threshold ``NodePlan`` for (n,
+    support); None where ``tree_walk`` cannot verify them (another verifier, or a plan of another
+    kind)."""
+    verifier, plan = book.verifier, _placeholder_plan()
     optimal = isinstance(verifier, OptimalVerifier)
+    rule = walk_rule(verifier)
     if optimal and n > 1:
         plan = book.rule(n, support).plan
         if plan is None or plan.kind != "threshold":
             return None
-    elif not (optimal or isinstance(verifier, (RecursiveRejection, GreedyVerifier))):
+    elif not optimal and rule is None:
         return None
     if not (optimal and n > 1):  # no node reads the plan
         n = support = 0
-    if isinstance(verifier, GreedyVerifier):
-        rule = kernels.RULE_GREEDY
-    elif getattr(verifier, "distinct", False):
-        rule = kernels.RULE_RRS_WITHOUT_REPLACEMENT
-    else:
-        rule = kernels.RULE_RRS
-    return rule, optimal, n, support, plan.head, plan.tail
+    return (0 if rule is None else rule), optimal, n, support, plan.head, plan.tail
 
 
 @functools.cache
