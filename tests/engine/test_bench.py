@@ -111,7 +111,7 @@ def test_bench_level_by_level_rows(llama):
         TreeConfig.make("1x2", "iid", "rrs"),
         TreeConfig.make("2x2", "iid", "rrs"),
         TreeConfig.make("2x2", "greedy", "greedy"),
-        TreeConfig.make("2x2", "spechub", "spechub"),
+        TreeConfig.make("2x2", "conditional_poisson", "sample_check"),
     ]
     rows = run_bench(llama, [PROMPT, [5, 6]], sampling, configs, seed=0, hf=False, level_by_level=True)
     assert [r["method"] for r in rows] == [
@@ -122,7 +122,7 @@ def test_bench_level_by_level_rows(llama):
         "mdsd iid/rrs 2x2 (drafted level by level)",
         "mdsd greedy/greedy 2x2",
         "mdsd greedy/greedy 2x2 (drafted level by level)",
-        "mdsd spechub/spechub 2x2",
+        "mdsd conditional_poisson/sample_check 2x2",
     ]
     for one_call, levels in ((1, 2), (3, 4), (5, 6)):
         for key in ("new_tokens", "target_calls", "draft_calls", "mean_accepted", "acceptance_by_depth"):

@@ -227,7 +227,13 @@ def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
 
 @pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
 @pytest.mark.parametrize(
-    "law,verifier", [("iid", "rrs"), ("without_replacement", "rrs_without_replacement"), ("greedy", "greedy")]
+    "law,verifier",
+    [
+        ("iid", "rrs"),
+        ("without_replacement", "rrs_without_replacement"),
+        ("greedy", "greedy"),
+        ("spechub", "spechub"),
+    ],
 )
 def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, verifier):
     """``draft_tree`` in one compiled call (``StaticLlamaRunner.sample_tree``) gives the tokens,
@@ -246,6 +252,8 @@ def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, veri
         ((2, 3), 0.002, 3),
         ((3, 2), 1.3, 2),
     ]
+    if law == "spechub":  # two drafts a node
+        cases = [((2, 1), 1.0, None), ((2, 1), 0.002, None), ((2,), 0.8, 1), ((2, 2, 1), 1.3, 2)]
     for widths, temperature, top_k in cases:
         sampling = SamplingConfig(temperature, top_k, max_new_tokens=8, stop_on_eos=False)
         dec = TreeDecoder(llama, TreeConfig.make(widths, law, verifier), sampling)
@@ -293,6 +301,7 @@ def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, veri
         ("iid", "kseq", (3, 1)),
         ("iid", "importance", (2, 2, 1)),
         ("without_replacement", "sample_check", (3, 1)),
+        ("spechub", "spechub", (2, 2, 1)),
     ],
 )
 def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
@@ -301,7 +310,8 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
     """Trees decoded in one compiled call (``_step_numba.tree_steps``), with one call a step
     (``tree_step``; a caller that streams the tokens), and trees drafted in one call
     (``sample_tree``) and walked in one more (``walk.walk_tree_softmax``: recursive
-    rejection sampling, the other verifiers' samplers (greedy, K-SEQ, importance, sample_check),
+    rejection sampling, the other verifiers' samplers (greedy, SpecHub, K-SEQ, importance,
+    sample_check),
     the optimal verifier's threshold nodes, or node by node where a node is not the plan's)
     emit the tokens, and record the acceptances, of level-by-level drafting and the node-by-node
     ``walk`` from the same seed:

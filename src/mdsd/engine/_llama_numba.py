@@ -502,8 +502,8 @@ def level_q(logits, temperature, top_k, kept_row, probs_row):
     return zeros
 
 
-LAW_IID, LAW_WITHOUT_REPLACEMENT, LAW_GREEDY = (
-    TREE_LAWS[name] for name in ("iid", "without_replacement", "greedy")
+LAW_IID, LAW_WITHOUT_REPLACEMENT, LAW_GREEDY, LAW_SPECHUB = (
+    TREE_LAWS[name] for name in ("iid", "without_replacement", "greedy", "spechub")
 )
 
 
@@ -515,11 +515,16 @@ def draw_drafts(probs_row, compact, n, law, uniform, state, out):
     mass underflowed) else from the whole row: the arrays the reference draws from, so the same
     tokens. i.i.d.: n inverse-CDF draws (``mdsd.sampling.draw``, ``categorical``) at the
     generator's next n uniforms; without replacement: the same draws with the earlier drafts'
-    masses set to 0 (``draws_without_replacement``); greedy (n > 1): ``_greedy_drafts``."""
+    masses set to 0 (``draws_without_replacement``); greedy (n > 1): ``_greedy_drafts``;
+    spechub (n = 2): ``_spechub_drafts``."""
     positions = np.flatnonzero(probs_row) if compact else np.arange(probs_row.size)
     values = probs_row[positions] if compact else probs_row
-    if law == LAW_GREEDY and n > 1:
-        _greedy_drafts(values, n, next_uniform(uniform, state), out)
+    if (law == LAW_GREEDY or law == LAW_SPECHUB) and n > 1:
+        if law == LAW_GREEDY:
+            _greedy_drafts(values, n, next_uniform(uniform, state), out)
+        else:
+            first = next_uniform(uniform, state)
+            _spechub_drafts(values, first, next_uniform(uniform, state), out)
         for i in range(n):
             out[i] = positions[out[i]]
         return
@@ -545,10 +550,31 @@ def _greedy_drafts(values, n, u, out):
         out[j] = np.argmax(left)
         left[out[j]] = -np.inf
         rest[out[j]] = 0.0
+    out[n - 1] = draw(_renormalised(rest), u)
+
+
+@numba.njit(**_JIT)
+def _spechub_drafts(values, u_first, u_other, out):
+    """``mdsd.laws.SpecHub``'s two draws at uniforms (u_first, u_other) into ``out[:2]``: the
+    hub a = the largest of ``values`` (ties by lower position, ``np.argmax``), the first draft
+    drawn from q, the other from q off the hub renormalised (``complement_renormalised``; drawn
+    whatever the first, as the reference does); the second draft is the hub unless the first
+    is: the same numbers."""
+    hub = np.argmax(values)
+    rest = values.copy()
+    rest[hub] = 0.0
+    out[0] = draw(values, u_first)
+    other = draw(_renormalised(rest), u_other)
+    out[1] = other if out[0] == hub else hub
+
+
+@numba.njit(**_JIT)
+def _renormalised(rest):
+    """``rest`` divided by its sum in numpy's order (``complement_renormalised``), in place."""
     total = numpy_sum(rest)
     for i in range(rest.size):
         rest[i] = rest[i] / total
-    out[n - 1] = draw(rest, u)
+    return rest
 
 
 @numba.njit(**_JIT)

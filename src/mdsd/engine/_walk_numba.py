@@ -48,6 +48,7 @@ from mdsd.verifiers._early_exit import (
     kseq_sample,
     kseq_sample_pending,
     rrs_sample,
+    spechub_sample,
 )
 from mdsd.verifiers.classic_math import INTERVAL_ITERATIONS
 from mdsd.verifiers.optimal._orders_numba import orders_node
@@ -119,7 +120,15 @@ def rejection_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, di
 # How ``tree_walk`` verifies its nodes outside the optimal verifier's plan
 # (``walk.walk_rule``): recursive rejection sampling, i.i.d. or without replacement
 # (``rejection_node``), or one of the other verifiers' early-exit samplers (``classic_node``).
-RULE_RRS, RULE_RRS_WITHOUT_REPLACEMENT, RULE_GREEDY, RULE_KSEQ, RULE_IMPORTANCE, RULE_SAMPLE_CHECK = range(6)
+(
+    RULE_RRS,
+    RULE_RRS_WITHOUT_REPLACEMENT,
+    RULE_GREEDY,
+    RULE_KSEQ,
+    RULE_IMPORTANCE,
+    RULE_SAMPLE_CHECK,
+    RULE_SPECHUB,
+) = range(7)
 
 
 @numba.njit(cache=True)
@@ -130,6 +139,8 @@ def node_uniforms(rule, n):
         return 2
     if rule == RULE_SAMPLE_CHECK:
         return 1
+    if rule == RULE_SPECHUB:
+        return 3
     return n + 1
 
 
@@ -138,8 +149,9 @@ def classic_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, rule
     """The token emitted at a node with drafts ``drafts`` [n] (draw order) by the verifier of
     ``rule`` on the union of the supports of p and q (``_on_union``), from ``uniforms``
     [``node_uniforms(rule, n)``]: its ``sample_with_branch`` on one row, the greedy law's
-    verifier (``greedy_sample``), K-SEQ (``kseq_sample``, then ``kseq_sample_pending`` where
-    its tests fall between the bounds), importance selection (``importance_rows``) or
+    verifier (``greedy_sample``), SpecHub (``spechub_sample``, two drafts), K-SEQ
+    (``kseq_sample``, then ``kseq_sample_pending`` where its tests fall between the bounds),
+    importance selection (``importance_rows``) or
     ``sample_check`` (y ~ p): the token ``walk.verify_node_reference`` draws from the same
     uniforms (tested)."""
     tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
@@ -152,6 +164,8 @@ def classic_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, rule
     d_row, u_row = local.reshape(1, n), uniforms.reshape(1, uniforms.size)
     if rule == RULE_GREEDY:
         greedy_sample(p_row, q_row, d_row, u_row, out, branch)
+    elif rule == RULE_SPECHUB:
+        spechub_sample(p_row, q_row, d_row, u_row, out, branch)
     elif rule == RULE_KSEQ:
         unknown = np.full(1, np.nan)
         kseq_sample(p_row, q_row, d_row, u_row, unknown, unknown, out, branch)
@@ -447,29 +461,30 @@ def tree_walk(
     logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros, q_kept,
     q_drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, early,
 ):  # fmt: skip
-    """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes,
-    the emitted token after it, whether it is a bonus token), or (empty, -1, False) without
-    drawing anything where ``optimal`` and some node of several drafts is not the plan's.
+    """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes, the
+    emitted token after it, whether it is a bonus token), or (empty, -1, False) without drawing
+    anything where ``optimal`` and some node of several drafts is not the plan's.
 
-    Rows of ``logits`` [1 + valid nodes, V] and of the draft's q (``q_values`` [R, W],
-    ``q_zeros`` [R], ``q_kept`` [R, W] or empty, ``q_drafted`` [R] its node's drafts;
-    ``_llama_numba.sample_tree``'s rows) are the root's, then the valid nodes' in ascending
-    order: node i's row is 1 + the valid nodes before it. Node i's p is ``_target_row`` of its
-    logits, its q ``_drafted_row``, its children the ``widths[depth]`` slots from
-    ``child_starts[i + 1]``, those ``valid`` verified with their ``tokens``: by recursive
-    rejection sampling (``rejection_node`` at ``rng.random(n + 1)``; ``rule``
-    ``RULE_RRS_WITHOUT_REPLACEMENT``: without replacement), by another verifier's sampler
-    (``classic_node`` at ``rng.random(node_uniforms(rule, n))``, every node: greedy, K-SEQ,
-    importance, sample_check), or, with ``optimal``, nodes of several drafts by the optimal verifier's
-    threshold node (``threshold_node_on_union`` with ``head``, ``tail`` of the ``NodePlan`` for
-    ``plan_n`` drafts on a q of ``plan_support`` tokens, at ``rng.random(4)``) and nodes of one
-    draft by classic speculative sampling (``walk.RuleBook``'s single-draft rule). Then the
-    descent into the first child holding the emitted token, or, at a node without valid
-    children, the bonus drawn from p at the next uniform: the tokens and the generator's state
-    of ``walk`` (tested). ``early`` (float32 logits, p the tempered softmax alone): as in
-    ``softmax_chain_walk``, a node verified by rejection sampling first tests its first draft
-    against ``softmax_lower_bound`` (kept there: kept by the reference too) and the bonus is
-    drawn by ``softmax_draw``, so the float64 softmax of a row runs only where needed."""
+    Rows of ``logits`` [1 + valid nodes, V] and of the draft's q (``q_values`` [R, W], ``q_zeros``
+    [R], ``q_kept`` [R, W] or empty, ``q_drafted`` [R] its node's drafts;
+    ``_llama_numba.sample_tree``'s rows) are the root's, then the valid nodes' in ascending order:
+    node i's row is 1 + the valid nodes before it. Node i's p is ``_target_row`` of its logits,
+    its q ``_drafted_row``, its children the ``widths[depth]`` slots from ``child_starts[i + 1]``,
+    those ``valid`` verified with their ``tokens``: by recursive rejection sampling
+    (``rejection_node`` at ``rng.random(n + 1)``; ``rule`` ``RULE_RRS_WITHOUT_REPLACEMENT``:
+    without replacement), by another verifier's sampler (``classic_node`` at
+    ``rng.random(node_uniforms(rule, n))``, every node: greedy, K-SEQ, importance, sample_check;
+    SpecHub's nodes of two drafts, its nodes of one taking classic sampling as ``walk.RuleBook``
+    rules them), or, with ``optimal``, nodes of several drafts by the optimal verifier's threshold
+    node (``threshold_node_on_union`` with ``head``, ``tail`` of the ``NodePlan`` for ``plan_n``
+    drafts on a q of ``plan_support`` tokens, at ``rng.random(4)``) and nodes of one draft by
+    classic speculative sampling (``walk.RuleBook``'s single-draft rule). Then the descent into
+    the first child holding the emitted token, or, at a node without valid children, the bonus
+    drawn from p at the next uniform: the tokens and the generator's state of ``walk`` (tested).
+    ``early`` (float32 logits, p the tempered softmax alone): as in ``softmax_chain_walk``, a node
+    verified by rejection sampling first tests its first draft against ``softmax_lower_bound``
+    (kept there: kept by the reference too) and the bonus is drawn by ``softmax_draw``, so the
+    float64 softmax of a row runs only where needed."""
     path = np.empty(widths.size, dtype=np.int64)
     if optimal and not _plan_fits(q_drafted, q_zeros, q_values.shape[1], plan_n, plan_support):
         return path[:0], np.int64(-1), False
@@ -499,7 +514,7 @@ def tree_walk(
             token = threshold_node_on_union(
                 p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, head, tail
             )
-        elif rule > RULE_RRS_WITHOUT_REPLACEMENT:
+        elif rule > RULE_RRS_WITHOUT_REPLACEMENT and (n > 1 or rule != RULE_SPECHUB):
             uniforms = next_uniforms(node_uniforms(rule, n), uniform, state)
             p_ids, p_values = _target_row(row, temperature, top_k)
             token = classic_node(p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, rule)

@@ -907,7 +907,7 @@ class TreeDecoder(_Decoder):
     def _walks_tree_from_logits(self, drafted: DraftedSlots) -> bool:
         """Whether the general loop verifies this tree by ``walk.walk_tree_softmax``: drafted in
         one call (``tree_q``), every node verified by a verifier of ``walk.walk_rule``
-        (recursive rejection sampling, greedy, K-SEQ, importance, sample_check) or the optimal
+        (recursive rejection sampling, greedy, SpecHub, K-SEQ, importance, sample_check) or the optimal
         verifier, p the tempered softmax after an optional top-k, every row's
         logits one output-layer call (``HEAD_BATCH_ROWS``) and the walk's own draws (no
         ``exact_acceptance``)."""

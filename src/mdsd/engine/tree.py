@@ -26,7 +26,7 @@ import numpy as np
 
 MAX_TREE_NODES = 4096  # a tree wider than this is certainly a typo (and would not fit a mask)
 # The draft laws a tree is drafted by in one compiled call (``_llama_numba.sample_tree``), by code.
-TREE_LAWS = {"iid": 0, "without_replacement": 1, "greedy": 2}
+TREE_LAWS = {"iid": 0, "without_replacement": 1, "greedy": 2, "spechub": 3}
 
 
 def tree_law_code(name: str) -> int:

@@ -42,7 +42,14 @@ from mdsd.logits import SupportProbs, process_logits_row
 from mdsd.sampling import categorical, uniform_source
 from mdsd.sequence.chain import block_sample
 from mdsd.verifiers import Verifier, resolve
-from mdsd.verifiers.classic import KSEQ, GreedyVerifier, Importance, RecursiveRejection, SampleCheck
+from mdsd.verifiers.classic import (
+    KSEQ,
+    GreedyVerifier,
+    Importance,
+    RecursiveRejection,
+    SampleCheck,
+    SpecHubVerifier,
+)
 from mdsd.verifiers.optimal.verifier import NodePlan, OptimalVerifier, node_plan
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
@@ -197,8 +204,8 @@ def verify_node(
 ) -> NodeVerdict:
     """One draw from pi(. | drafts) at a node by the verifier's sampler, on the union support.
 
-    The verifiers ``walk_rule`` names (recursive rejection sampling, greedy, K-SEQ, importance,
-    sample_check) and the optimal verifier's compiled nodes
+    The verifiers ``walk_rule`` names (recursive rejection sampling, greedy, SpecHub, K-SEQ,
+    importance, sample_check) and the optimal verifier's compiled nodes
     (``mdsd.verifiers.optimal.verifier.node_plan``) run as one compiled call on the union support
     (``mdsd.engine._walk_numba``), which draws the token :func:`verify_node_reference` draws
     from the same generator (tested); other verifiers and nodes, and ``exact_acceptance``, run
@@ -233,13 +240,13 @@ _WALK_RULES = (
     (KSEQ, "RULE_KSEQ"),
     (Importance, "RULE_IMPORTANCE"),
     (SampleCheck, "RULE_SAMPLE_CHECK"),
+    (SpecHubVerifier, "RULE_SPECHUB"),  # two drafts; one draft: classic sampling (RuleBook)
 )
 
 
 def walk_rule(verifier: Verifier) -> int | None:
     """``_walk_numba.tree_walk``'s ``rule`` code of ``verifier``, or None where the compiled
-    walk does not run it (the optimal verifier, whose nodes are plans, spechub, sequence-level
-    rules)."""
+    walk does not run it (the optimal verifier, whose nodes are plans, sequence-level rules)."""
     kernels = _walk_kernels()
     for kind, name in _WALK_RULES:
         if isinstance(verifier, kind):
