@@ -151,9 +151,8 @@ def classic_node(p_ids, p_values, q_ids, q_values, vocab, drafts, uniforms, rule
     [``node_uniforms(rule, n)``]: its ``sample_with_branch`` on one row, the greedy law's
     verifier (``greedy_sample``), SpecHub (``spechub_sample``, two drafts), K-SEQ
     (``kseq_sample``, then ``kseq_sample_pending`` where its tests fall between the bounds),
-    importance selection (``importance_rows``) or
-    ``sample_check`` (y ~ p): the token ``walk.verify_node_reference`` draws from the same
-    uniforms (tested)."""
+    importance selection (``importance_rows``) or ``sample_check`` (y ~ p): the token
+    ``walk.verify_node_reference`` draws from the same uniforms (tested)."""
     tokens, p_local, q_local, local = _on_union(p_ids, p_values, q_ids, q_values, vocab, drafts)
     if rule == RULE_SAMPLE_CHECK:
         y = draw(p_local, uniforms[0])
@@ -528,16 +527,8 @@ def tree_walk(
                 token = drafts[0]
             else:
                 p_ids, p_values = _target_row(row, temperature, top_k)
-                token = rejection_node(
-                    p_ids,
-                    p_values,
-                    d_ids,
-                    d_values,
-                    vocab,
-                    drafts,
-                    uniforms,
-                    rule == RULE_RRS_WITHOUT_REPLACEMENT and n > 1,
-                )
+                distinct = rule == RULE_RRS_WITHOUT_REPLACEMENT and n > 1
+                token = rejection_node(p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, distinct)
         child = -1
         for i in range(n):
             if drafts[i] == token:

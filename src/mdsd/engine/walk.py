@@ -459,11 +459,12 @@ def walk_tree_softmax(
     """``walk`` of a tree drafted in one call (``drafted.tree_q``) with p the tempered softmax
     after an optional ``top_k`` of the target's logits [1 + valid nodes, V] (the root's row, then
     the valid nodes' in ascending order) and the rules of ``book``: in one compiled call
-    (``_walk_numba.tree_walk``) where every node is verified by recursive rejection sampling,
-    by the greedy law's verifier, or by the optimal verifier (its threshold node, one plan for
-    every node of several drafts; classic sampling for one draft); else node by node (``walk``)
-    on the same p. Either way the tokens and the generator's state of ``walk`` (tested).
-    ``source``: ``uniform_source(rng)`` where the caller keeps it."""
+    (``_walk_numba.tree_walk``) where every node is verified by a verifier of ``walk_rule``
+    (recursive rejection sampling, greedy, SpecHub, K-SEQ, importance, sample_check) or by the
+    optimal verifier (its threshold node, one plan for every node of several drafts; classic
+    sampling for one draft); else node by node (``walk``) on the same p. Either way the tokens
+    and the generator's state of ``walk`` (tested). ``source``: ``uniform_source(rng)`` where the
+    caller keeps it."""
     ids, probs, zeros, kept, counts = drafted.tree_q
     several = np.flatnonzero(counts > 1)  # the plan's node: the first of several drafts
     n, support = (
@@ -495,9 +496,9 @@ def tree_walk_verifier(book: RuleBook, n: int, support: int) -> tuple | None:
     """``_walk_numba.tree_walk``'s verifier arguments (rule, optimal, plan_n, plan_support,
     head, tail) for the rules of ``book`` where every node of several drafts has ``n`` drafts on
     a q of ``support`` nonzero entries (n = 0: no such node): the verifiers of ``walk_rule``
-    (recursive rejection sampling among them), or the optimal verifier's threshold ``NodePlan`` for (n,
-    support); None where ``tree_walk`` cannot verify them (another verifier, or a plan of another
-    kind)."""
+    (recursive rejection sampling among them), or the optimal verifier's threshold ``NodePlan``
+    for (n, support); None where ``tree_walk`` cannot verify them (another verifier, or a plan of
+    another kind)."""
     verifier, plan = book.verifier, _placeholder_plan()
     optimal = isinstance(verifier, OptimalVerifier)
     rule = walk_rule(verifier)
