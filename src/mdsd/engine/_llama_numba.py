@@ -519,23 +519,27 @@ def draw_drafts(probs_row, compact, n, law, uniform, state, out):
     spechub (n = 2): ``_spechub_drafts``."""
     positions = np.flatnonzero(probs_row) if compact else np.arange(probs_row.size)
     values = probs_row[positions] if compact else probs_row
-    if (law == LAW_GREEDY or law == LAW_SPECHUB) and n > 1:
-        if law == LAW_GREEDY:
-            _greedy_drafts(values, n, next_uniform(uniform, state), out)
-        else:
-            first = next_uniform(uniform, state)
-            _spechub_drafts(values, first, next_uniform(uniform, state), out)
-        for i in range(n):
-            out[i] = positions[out[i]]
-        return
-    distinct = law == LAW_WITHOUT_REPLACEMENT and n > 1
+    if law == LAW_GREEDY and n > 1:
+        _greedy_drafts(values, n, next_uniform(uniform, state), out)
+    elif law == LAW_SPECHUB and n > 1:
+        first = next_uniform(uniform, state)
+        _spechub_drafts(values, first, next_uniform(uniform, state), out)
+    else:
+        _sequential_draws(values, n, law == LAW_WITHOUT_REPLACEMENT and n > 1, uniform, state, out)
+    for i in range(n):
+        out[i] = positions[out[i]]
+
+
+@numba.njit(**_JIT)
+def _sequential_draws(values, n, distinct, uniform, state, out):
+    """n inverse-CDF draws from ``values`` at the generator's next n uniforms into ``out[:n]``,
+    i.i.d., or with ``distinct`` each earlier draw's mass set to 0 in a copy."""
     if distinct:
         values = values.copy()
     for i in range(n):
-        at = draw(values, next_uniform(uniform, state))
-        out[i] = positions[at]
+        out[i] = draw(values, next_uniform(uniform, state))
         if distinct:
-            values[at] = 0.0
+            values[out[i]] = 0.0
 
 
 @numba.njit(**_JIT)

@@ -232,28 +232,22 @@ def verify_node(
     return NodeVerdict(token, accepted, float(accepted))
 
 
-# The verifiers ``_walk_numba.tree_walk`` and ``verify_node`` run as compiled nodes, by rule
-# name (``_walk_numba``'s ``RULE_*``).
-_WALK_RULES = (
-    (RecursiveRejection, None),  # RULE_RRS or RULE_RRS_WITHOUT_REPLACEMENT, by ``distinct``
-    (GreedyVerifier, "RULE_GREEDY"),
-    (KSEQ, "RULE_KSEQ"),
-    (Importance, "RULE_IMPORTANCE"),
-    (SampleCheck, "RULE_SAMPLE_CHECK"),
-    (SpecHubVerifier, "RULE_SPECHUB"),  # two drafts; one draft: classic sampling (RuleBook)
-)
-
-
 def walk_rule(verifier: Verifier) -> int | None:
-    """``_walk_numba.tree_walk``'s ``rule`` code of ``verifier``, or None where the compiled
-    walk does not run it (the optimal verifier, whose nodes are plans, sequence-level rules)."""
+    """``_walk_numba.tree_walk``'s ``rule`` code of ``verifier`` (``_walk_numba``'s ``RULE_*``),
+    the verifiers it and ``verify_node`` run as compiled nodes; None for the others (the optimal
+    verifier, whose nodes are plans, sequence-level rules). SpecHub's nodes of one draft take
+    classic sampling (``RuleBook``)."""
     kernels = _walk_kernels()
-    for kind, name in _WALK_RULES:
-        if isinstance(verifier, kind):
-            if name is None:
-                return kernels.RULE_RRS_WITHOUT_REPLACEMENT if verifier.distinct else kernels.RULE_RRS
-            return getattr(kernels, name)
-    return None
+    if isinstance(verifier, RecursiveRejection):
+        return kernels.RULE_RRS_WITHOUT_REPLACEMENT if verifier.distinct else kernels.RULE_RRS
+    classic = (
+        (GreedyVerifier, kernels.RULE_GREEDY),
+        (KSEQ, kernels.RULE_KSEQ),
+        (Importance, kernels.RULE_IMPORTANCE),
+        (SampleCheck, kernels.RULE_SAMPLE_CHECK),
+        (SpecHubVerifier, kernels.RULE_SPECHUB),
+    )
+    return next((code for kind, code in classic if isinstance(verifier, kind)), None)
 
 
 def _plan_of(rule: NodeRule, n: int, support: int) -> NodePlan | None:
