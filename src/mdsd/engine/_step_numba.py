@@ -128,15 +128,15 @@ def tree_step(
     ``draft_ids`` / ``target_ids``: the committed tokens each cache lacks. The tree:
     ``DraftTree``'s ``widths``, ``level_starts``, ``child_starts``, ``depths``, the draft's
     per-level masks (``StaticLlamaRunner.tree_arrays``) and the target's additive mask over its
-    nodes [N, N]. The law (its ``_llama_numba.TREE_LAWS`` code), the transform
+    nodes [N, N]. The law (its ``mdsd.engine.tree.TREE_LAWS`` code), the transform
     (``temperature``, ``top_k``: 0 none), the draft's output ids (``q_ids``: empty for the whole
     vocabulary; ``token_ids``: its K tokens). ``*_models``, ``*_forward``: each runner's model
     and (keys, values, cache length, cos table, sin table, heads, kv_heads, eps, gemm)
     (``StaticLlamaRunner.compiled_forward``). The verifier (``walk.tree_walk_verifier``):
-    ``tree_walk``'s ``rule`` (rejection sampling, i.i.d. or without replacement, or the greedy
-    law's verifier), or with ``optimal`` the threshold ``NodePlan`` (``head``, ``tail``) for
-    ``plan_n`` drafts on ``plan_support`` tokens. The generator (``uniform``, ``state``); the
-    clock (``clock_source()``).
+    ``tree_walk``'s ``rule`` (``walk.walk_rule``: rejection sampling, i.i.d. or without
+    replacement, greedy, SpecHub, K-SEQ, importance, sample_check), or with ``optimal`` the
+    threshold ``NodePlan`` (``head``, ``tail``) for ``plan_n`` drafts on ``plan_support`` tokens.
+    The generator (``uniform``, ``state``); the clock (``clock_source()``).
 
     Returns the drafted tree (``sample_tree``'s seven arrays), the target's logits [1 + valid
     nodes, V] of the root and the valid nodes, the walk (path [k], token, bonus: ``tree_walk``'s),

@@ -55,7 +55,7 @@ from mdsd.engine.runner import (
     rows_of,
 )
 from mdsd.engine.static_llama import draft_runner, make_runner
-from mdsd.engine.tree import TREE_LAWS, DraftTree, build_tree, tree_law_code
+from mdsd.engine.tree import TREE_LAWS, DraftTree, build_tree
 from mdsd.engine.vocab import DraftVocabulary, as_draft_vocabulary
 from mdsd.engine.walk import (
     DENSE_IDS,
@@ -88,9 +88,6 @@ LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is belo
 # once: on the weight panels 13 rows cost ~1.6x one row with AVX-512 and ~2.5x with AVX2's passes
 # of 6 (benchmarks/bench_matmul.py), less than the ~3 visited rows one call each.
 HEAD_BATCH_ROWS = 13
-# The laws whose trees the draft runner draws in one call (``_llama_numba.sample_tree``): i.i.d.
-# draws and sequential draws without replacement, each one inverse-CDF draw per draft.
-COMPILED_TREE_LAWS = tuple(TREE_LAWS)
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -546,9 +543,9 @@ class TreeDecoder(_Decoder):
     @property
     def one_call_drafting(self) -> bool:
         """Whether ``compiled_draft`` can apply: a chain on the lean loop (``sample_chain``), or a
-        tree whose law ``sample_tree`` draws (``COMPILED_TREE_LAWS``); it then does where the
+        tree whose law ``sample_tree`` draws (``TREE_LAWS``); it then does where the
         transform is the tempered softmax after an optional top-k and the runner is compiled."""
-        return self.fast_chain or (self.tree is not None and self.book.law.name in COMPILED_TREE_LAWS)
+        return self.fast_chain or (self.tree is not None and self.book.law.name in TREE_LAWS)
 
     def use_draft_vocabulary(self, vocabulary: DraftVocabulary | None) -> None:
         """Draft over ``vocabulary`` only (``mdsd.engine.vocab``; None: the whole vocabulary).
@@ -699,11 +696,12 @@ class TreeDecoder(_Decoder):
 
         Per level: one draft forward over the level's nodes, the output layer on the valid rows
         only, the sampling transform per row on its support, children drawn per node. Where the
-        transform is the tempered softmax after an optional top-k, the law draws i.i.d. or
-        sequentially without replacement and the runner drafts trees in one compiled call
+        transform is the tempered softmax after an optional top-k, the law is one of
+        ``TREE_LAWS`` (i.i.d., without replacement, greedy, SpecHub) and the runner drafts trees
+        in one compiled call
         (``sample_tree``), every level runs in that call: the same tokens and q (tested).
         """
-        if self.compiled_draft and self.sampling.chain_transform and self.book.law.name in COMPILED_TREE_LAWS:
+        if self.compiled_draft and self.sampling.chain_transform and self.book.law.name in TREE_LAWS:
             drafted = self._drafted_tree(seq, rng)
             if drafted is not None:
                 return drafted
@@ -746,7 +744,7 @@ class TreeDecoder(_Decoder):
         if self._sequential_draws_exceeded():
             return None
         fresh = np.asarray(seq[self.draft.cached :])
-        sampling, law = self.sampling, tree_law_code(self.book.law.name)
+        sampling, law = self.sampling, TREE_LAWS[self.book.law.name]
         sampled = self.draft.sample_tree(
             fresh, self.tree, law, rng, sampling.temperature, self._source(rng), sampling.top_k
         )
@@ -985,7 +983,7 @@ class TreeDecoder(_Decoder):
             return ("chain", top_k, self.config.verifier == "block") if walks else None
         if (
             self.sequence_method is not None
-            or book.law.name not in COMPILED_TREE_LAWS
+            or book.law.name not in TREE_LAWS
             or self._sequential_draws_exceeded()
         ):
             return None
@@ -1063,7 +1061,7 @@ class TreeDecoder(_Decoder):
             head = (tree.depth, temperature, top_k, output_ids, draft.output_token_ids, block)
             return (*head, *draft_model, *target_model, *source, clock)
         head = (
-            *draft.tree_arrays(tree), self._target_mask, tree_law_code(self.book.law.name), temperature,
+            *draft.tree_arrays(tree), self._target_mask, TREE_LAWS[self.book.law.name], temperature,
             int(sampling.top_k or 0), output_ids, draft.output_token_ids,
         )  # fmt: skip
         hidden = np.float32(self.target.hidden)

@@ -559,8 +559,8 @@ class StaticLlamaRunner(ModelRunner):
         (``_llama_numba.sample_tree``): the forwards of ``tree_hidden`` per level and of
         ``causal_hidden`` for ``ids`` (the tokens the cache lacks), ``logits`` on the valid rows,
         ``process_logits_row`` (temperature, optional top-k) and the drafts of every node by the
-        law of code ``law`` (``_llama_numba.TREE_LAWS``: i.i.d., without replacement by
-        ``mdsd.laws``' sequential draws, greedy), from ``rng``
+        law of code ``law`` (``mdsd.engine.tree.TREE_LAWS``: i.i.d., without replacement by
+        ``mdsd.laws``' sequential draws, greedy, SpecHub), from ``rng``
         through ``source`` (``uniform_source(rng)``): the same numbers as ``TreeDecoder``'s level
         by level drafting (tested). Returns a ``SampledTree``, or None, drawing nothing, where the
         compiled forward does not apply (``sample_chain``'s conditions, or a level wider than a

@@ -29,11 +29,6 @@ MAX_TREE_NODES = 4096  # a tree wider than this is certainly a typo (and would n
 TREE_LAWS = {"iid": 0, "without_replacement": 1, "greedy": 2, "spechub": 3}
 
 
-def tree_law_code(name: str) -> int:
-    """``_llama_numba.sample_tree``'s code of the draft law ``name`` (a key of ``TREE_LAWS``)."""
-    return TREE_LAWS[name]
-
-
 @dataclass(frozen=True, eq=False)
 class DraftTree:
     """A frozen draft-tree structure; see the module docstring for the numbering.
