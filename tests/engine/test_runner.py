@@ -511,11 +511,11 @@ def test_keep_positions_gathers_the_kept_entries(llama):
     """``StaticLlamaRunner.keep_positions`` (one compiled gather on the compiled forward's cache)
     keeps entries 0 .. base - 1 and then the entries at the given positions, in their order,
     every source read before any entry is written: an accepted path, positions out of order, one
-    position, none."""
+    position, none, paths whose first entries are already in place (left untouched)."""
     from mdsd.engine.static_llama import StaticLlamaRunner
 
     runner = StaticLlamaRunner(llama.draft, "numba")
-    for extra in ([4, 6, 9], [9, 5, 4, 7], [3], []):
+    for extra in ([4, 6, 9], [9, 5, 4, 7], [3], [], [3, 7, 5], [3, 4, 9, 6]):
         runner.reset(16)
         runner.causal_hidden(np.arange(10) % VOCAB, 1)
         before = [c[:, :, :10].copy() for c in runner._cache_numpy]

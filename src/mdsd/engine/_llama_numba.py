@@ -409,19 +409,22 @@ def gather_positions(keys, values, base, extra):
 def _gather_rows(cache, base, extra, kept):
     """``gather_positions`` on one cache [layers, kv_heads, capacity, head_dim], a (layer, head)
     block at a time: its k source rows into ``kept`` [k, head_dim], then into rows base .. base +
-    k - 1. Plain loops over contiguous rows, which the compiler vectorises, where slice
-    assignments of whole [layers, kv_heads, head_dim] entries went through numba's strided copy
-    and a [k, layers, kv_heads, head_dim] temporary: 1.2x faster from the core's caches, at
+    k - 1; a row already in place (extra[i] = base + i: no other row moves there) is neither
+    read nor written. Plain loops over contiguous rows, which the compiler vectorises, where
+    slice assignments of whole [layers, kv_heads, head_dim] entries went through numba's strided
+    copy and a [k, layers, kv_heads, head_dim] temporary: 1.2x faster from the core's caches, at
     numpy's speed (``benchmarks/bench_cache_move.py``)."""
     layers, heads, _, width = cache.shape
     for layer in range(layers):
         for head in range(heads):
             for i in range(extra.size):
-                for j in range(width):
-                    kept[i, j] = cache[layer, head, extra[i], j]
+                if extra[i] != base + i:
+                    for j in range(width):
+                        kept[i, j] = cache[layer, head, extra[i], j]
             for i in range(extra.size):
-                for j in range(width):
-                    cache[layer, head, base + i, j] = kept[i, j]
+                if extra[i] != base + i:
+                    for j in range(width):
+                        cache[layer, head, base + i, j] = kept[i, j]
 
 
 @intrinsic
@@ -451,8 +454,9 @@ def _prefetch_for_write(typingctx, array, index):
 def prefetch_positions(keys, values, first, count):
     """Request every cache line of the entries first .. first + count - 1 of keys and values
     [layers, kv_heads, capacity, head_dim] (C arrays) for writing: ``gather_positions``' sources
-    and destinations, asked for before the verification walk so that their transfer overlaps it
-    (after the target's forward they are in memory, not in the core's caches)."""
+    and destinations, asked for as the verification walk accepts them
+    (``_walk_numba._prefetch_move``) so that their transfer overlaps the rest of the walk (after
+    the target's forward they are in memory, not in the core's caches)."""
     layers, heads, capacity, width = keys.shape
     line = max(1, 64 // keys.itemsize)  # entries of a 64-byte cache line
     flat_keys, flat_values = keys.reshape(-1), values.reshape(-1)

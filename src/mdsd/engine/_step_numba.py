@@ -7,8 +7,7 @@ draft's tree; ``_llama_numba.tree_logits``: the target's forward and the valid r
 
     drafts      = sample_tree(draft's fresh tokens, tree)          # the draft's cache: + levels 0..D-1
     logits      = tree_logits(target's fresh tokens + drafts, rows = root + valid nodes)
-    prefetch    : the target cache's entries of the tree's nodes (the path's move, below)
-    path, token = tree_walk(logits, drafts' q)
+    path, token = tree_walk(logits, drafts' q)                     # asks for the path's entries
     caches      : committed prefix + the accepted path (the draft's: nodes above depth D)
 
 ``chain_step`` does the same for the lean loop's chains (``sample_chain``, ``causal_logits``, the
@@ -42,7 +41,6 @@ from numba.extending import intrinsic
 from mdsd.engine._llama_numba import (
     causal_logits,
     gather_positions,
-    prefetch_positions,
     sample_chain,
     sample_tree,
     tree_logits,
@@ -111,11 +109,6 @@ def keep_path(keys, values, base, extra):
     return base + extra.size
 
 
-# The tree nodes whose target cache entries a step prefetches before its walk (the accepted
-# path's move reads and writes entries among them): 16 nodes of the bundled target are 295 kB.
-PREFETCH_NODES = 16
-
-
 @numba.njit(cache=True)
 def tree_step(
     draft_ids, target_ids, base, widths, level_starts, child_starts, depths, level_masks, target_mask,
@@ -162,10 +155,10 @@ def tree_step(
         t_values, t_start, t_cos, t_sin, t_heads, t_kv_heads, t_eps, t_gemm,
     )  # fmt: skip
     forwarded_at = monotonic(*clock)
-    prefetch_positions(t_keys, t_values, base, min(depths.size, PREFETCH_NODES))  # the keep's entries
     path, token, bonus = tree_walk(
         logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, probs, zeros, kept,
-        drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, True,
+        drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, True, t_keys, t_values,
+        base,
     )  # fmt: skip
     lengths = (-1, -1)
     if token >= 0:  # keep the committed prefix and the accepted path (the draft: above depth D)

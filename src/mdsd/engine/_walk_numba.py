@@ -38,7 +38,7 @@ import numpy as np
 
 from mdsd._softmax_numba import tempered_softmax
 from mdsd._topk_numba import MASK32, SHIFT32, _max_key, top_k_softmax
-from mdsd.engine._llama_numba import exp_inplace
+from mdsd.engine._llama_numba import exp_inplace, prefetch_positions
 from mdsd.sampling import draw, next_uniform, next_uniforms
 from mdsd.sequence.chain import _excess_and_deficit, _residual_draw
 from mdsd.verifiers._early_exit import (
@@ -456,9 +456,24 @@ def _plan_fits(drafted, zeros, width, plan_n, plan_support):
 
 
 @numba.njit(cache=True)
+def _prefetch_move(keys, values, base, node, k):
+    """Ask for the cache lines of the path's move of an accepted ``node`` (its entry at base +
+    node, the path's k-th slot base + k it moves to) in the cache (``keys``, ``values``), where
+    it moves (node != k) and there is a cache (``keys`` not empty). Walking after the target's
+    forward, the move's entries are in memory: asked for here, their transfer overlaps the rest
+    of the walk. Asking for a whole tree's entries before the walk instead (16 nodes, 295 kB of
+    the bundled target) cost 8-10 us a step (BENCHMARKS.md, "The path's move asked for as the
+    walk accepts")."""
+    if keys.size and node != k:
+        prefetch_positions(keys, values, base + node, 1)
+        prefetch_positions(keys, values, base + k, 1)
+
+
+@numba.njit(cache=True)
 def tree_walk(
     logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros, q_kept,
-    q_drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, early,
+    q_drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, early, cache_keys,
+    cache_values, cache_base,
 ):  # fmt: skip
     """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes, the
     emitted token after it, whether it is a bonus token), or (empty, -1, False) without drawing
@@ -483,7 +498,12 @@ def tree_walk(
     ``early`` (float32 logits, p the tempered softmax alone): as in ``softmax_chain_walk``, a node
     verified by rejection sampling first tests its first draft against ``softmax_lower_bound``
     (kept there: kept by the reference too) and the bonus is drawn by ``softmax_draw``, so the
-    float64 softmax of a row runs only where needed."""
+    float64 softmax of a row runs only where needed.
+
+    ``cache_keys``, ``cache_values`` [layers, kv_heads, capacity, head_dim]: the target's cache,
+    node i's entry at ``cache_base`` + i, or empty: each accepted child's entry and the path slot
+    it moves to (``_prefetch_move``) are asked for as the walk goes on, so the path's move after
+    the walk (``_step_numba.keep_path``) finds them near the core; a hint that changes nothing."""
     path = np.empty(widths.size, dtype=np.int64)
     if optimal and not _plan_fits(q_drafted, q_zeros, q_values.shape[1], plan_n, plan_support):
         return path[:0], np.int64(-1), False
@@ -537,6 +557,7 @@ def tree_walk(
         if child < 0:  # rejected: the recovered token ends the step
             return path[:k], token, False
         path[k] = node = child
+        _prefetch_move(cache_keys, cache_values, cache_base, child, k)
         k += 1
 
 

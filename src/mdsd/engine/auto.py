@@ -349,8 +349,9 @@ def calibrate(decoder, prompts, rng: np.random.Generator, *, max_width: int = MA
 # line's slope from the loop's own work of real steps (``_step_overhead``); 7: a line of their own
 # for chains on the lean loop (``LEAN_OVERHEAD_SHAPES``); 8: chains' drafting timed as the lean loop
 # drafts them (``CostModel.chain_draft_s``); 9: block-verified chains on the lean loop; 10: steps
-# of one compiled call each, plain sampling timed in its compiled loop (``decode.plain_tokens``)
-CALIBRATION_METHOD = 10
+# of one compiled call each, plain sampling timed in its compiled loop (``decode.plain_tokens``);
+# 11: the output layer timed on up to ``HEAD_BATCH_ROWS`` rows (24 with AVX-512)
+CALIBRATION_METHOD = 11
 STEP_ROUNDS = 5  # rounds of real steps; in each, a block of every kind of step
 STEP_BLOCK = 10  # steps of one kind in a row ...
 STEP_WARMUP = 5  # ... the first of which are untimed (the caches settle into the kind's own state)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mdsd.engine._panel_gemm import host_width
 from mdsd.engine.records import (
     SEQUENCE_VERIFIERS,
     DecodeStats,
@@ -84,10 +85,13 @@ from mdsd.verifiers import natural_verifier
 from mdsd.verifiers.optimal.verifier import OptimalVerifier
 
 LOW_ACCEPTANCE_WARNING = 0.1  # warn when the mean acceptance at depth 1 is below this
-# Trees of at most this many rows (root + nodes; 3x4 has 13) get the output layer on every row at
-# once: on the weight panels 13 rows cost ~1.6x one row with AVX-512 and ~2.5x with AVX2's passes
-# of 6 (benchmarks/bench_matmul.py), less than the ~3 visited rows one call each.
-HEAD_BATCH_ROWS = 13
+# Trees of at most this many rows (root + nodes) get the output layer on every row at once, and
+# their steps run in one compiled call (``_one_call_plan``): with AVX-512 (passes of 14 rows) the
+# target's projections from memory on 13 / 17 / 24 rows cost 1.58x / 2.14x / 2.54x one row
+# (benchmarks/bench_matmul.py, 2026-12-05), less than the ~3 visited rows one call each, and 24
+# rows are a one-token step's forward of 23 nodes on the panels (``PANEL_MAX_ROWS_F32``); with
+# AVX2 (passes of 2 rows, 12 rows on the panels) 13 rows cost ~2.5x one row (3x4 has 13).
+HEAD_BATCH_ROWS = 24 if host_width() == 16 else 13
 
 
 # ---------------------------------------------------------------------- shared helpers

@@ -471,11 +471,15 @@ def walk_tree_softmax(
     path, token, bonus = _walk_kernels().tree_walk(
         logits, float(temperature), int(top_k or 0), tree.widths_array, tree.child_starts, tree.depths,
         drafted.tokens, drafted.valid, ids, probs, zeros, kept, counts, *verifier_args, *source,
-        logits.dtype == np.float32,
+        logits.dtype == np.float32, *_NO_CACHE,
     )  # fmt: skip
     if token < 0:  # a node of several drafts the plan was not made for: nothing drawn yet
         return _walk_rows(tree, drafted, logits, temperature, top_k, rng)
     return tree_walk_result(drafted, path, token, bonus)
+
+
+# ``tree_walk``'s cache arguments where there is no cache to prefetch (keys, values, base)
+_NO_CACHE = (np.zeros((0, 0, 0, 0), dtype=np.float32),) * 2 + (0,)
 
 
 def tree_walk_result(drafted: DraftedSlots, path: np.ndarray, token: int, bonus: bool) -> WalkResult:
