@@ -511,7 +511,8 @@ def test_keep_positions_gathers_the_kept_entries(llama):
     """``StaticLlamaRunner.keep_positions`` (one compiled gather on the compiled forward's cache)
     keeps entries 0 .. base - 1 and then the entries at the given positions, in their order,
     every source read before any entry is written: an accepted path, positions out of order, one
-    position, none, paths whose first entries are already in place (left untouched)."""
+    position, none, paths whose first entries are already in place (left untouched), and the
+    compiled gather of a path wholly in place (nothing moves)."""
     from mdsd.engine.static_llama import StaticLlamaRunner
 
     runner = StaticLlamaRunner(llama.draft, "numba")
@@ -524,6 +525,9 @@ def test_keep_positions_gathers_the_kept_entries(llama):
         for cache, old in zip(runner._cache_numpy, before):
             want = np.concatenate([old[:, :, :3], old[:, :, extra]], axis=2)
             assert np.array_equal(cache[:, :, : runner.cached], want)
+    before = [c.copy() for c in runner._cache_numpy]
+    runner._kernels.gather_positions(*runner._cache_numpy, 3, np.arange(3, 6))  # every entry in place
+    assert all(np.array_equal(c, old) for c, old in zip(runner._cache_numpy, before))
 
 
 def test_prefetch_positions_changes_nothing(llama):

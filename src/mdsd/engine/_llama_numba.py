@@ -399,7 +399,12 @@ def _rows_logits(model, ids, picked, mask, causal, cos, sin, keys, values, start
 def gather_positions(keys, values, base, extra):
     """Cache entries base .. base + k - 1 <- the entries at ``extra`` [k], in keys and values
     [layers, kv_heads, capacity, head_dim] (C arrays; every source read before any entry is
-    written): ``_gather_rows`` on each."""
+    written): ``_gather_rows`` on each; nothing where every entry is already in place."""
+    moves = False
+    for i in range(extra.size):
+        moves |= extra[i] != base + i
+    if not moves:
+        return
     kept = np.empty((extra.size, keys.shape[3]), dtype=keys.dtype)
     _gather_rows(keys, base, extra, kept)
     _gather_rows(values, base, extra, kept)

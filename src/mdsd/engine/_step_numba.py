@@ -101,11 +101,9 @@ def monotonic(function, clock_id):
 @numba.njit(cache=True)
 def keep_path(keys, values, base, extra):
     """``StaticLlamaRunner.keep_positions``' move: cache entries base .. base + k - 1 <- the
-    entries at positions ``extra`` [k] where they are elsewhere. Returns base + k, the length."""
-    for i in range(extra.size):
-        if extra[i] != base + i:
-            gather_positions(keys, values, base, extra)
-            break
+    entries at positions ``extra`` [k] (``gather_positions``, which leaves entries in place
+    alone). Returns base + k, the length."""
+    gather_positions(keys, values, base, extra)
     return base + extra.size
 
 
