@@ -9,9 +9,12 @@ the Gumbel-top-n path (``_sample_gumbel``); the sampling transform's softmax of 
 row at T = 0.7 (``mdsd.logits.process_logits_row``'s compiled ``tempered_softmax``) against the
 numpy steps it replaced (float64 copy, division, max, shift, exp, sum, division); the transform's
 top-50 of a float32 logits row (``mdsd.logits.top_k_indices``, compiled: block maxima bound the
-50th value) against ``top_k_indices_reference`` (``np.argpartition``) of the same row. Rows are
-Dirichlet(0.1) laws over V tokens (logits: 3 x standard normal); medians of ``--repeats`` calls,
-microseconds, one thread.
+50th value) against ``top_k_indices_reference`` (``np.argpartition``) of the same row; the
+transform's top-p set (``mdsd._topp_numba.top_p_kept``, compiled: only the entries a histogram of
+the mass leaves as candidates are sorted) against ``top_p_kept_reference`` (a stable
+``np.argsort`` of the whole row) on softmax(logits / 0.7) of a peaked (3 x standard normal) and a
+flat (1 x) row. Rows are Dirichlet(0.1) laws over V tokens (logits: 3 x standard normal);
+medians of ``--repeats`` calls, microseconds, one thread.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import numpy as np
 
 from mdsd._softmax_numba import tempered_softmax
 from mdsd._threads import set_threads
+from mdsd._topp_numba import top_p_kept
 from mdsd.laws import WithoutReplacement
-from mdsd.logits import top_k_indices, top_k_indices_reference
+from mdsd.logits import top_k_indices, top_k_indices_reference, top_p_kept_reference
 from mdsd.sampling import categorical
 
 
@@ -66,7 +70,7 @@ def main() -> None:
     set_threads(1)
     gen = np.random.default_rng(0)
     law = WithoutReplacement()
-    rng = np.random.default_rng(1)
+    rng, nucleus_gen = np.random.default_rng(1), np.random.default_rng(2)
     few = max(50, args.repeats // 10)
     print("| operation | V | n | mdsd us | reference us | reference / mdsd |")
     print("|---|---|---|---|---|---|")
@@ -82,6 +86,13 @@ def main() -> None:
         fast = median_us(partial(top_k_indices, logits, 50), args.repeats)
         slow = median_us(partial(top_k_indices_reference, logits, 50), args.repeats)
         print(row("top-50 of logits (vs np.argpartition)", vocab, 1, fast, slow))
+        for scale in (3.0, 1.0):
+            nucleus_logits = (scale * nucleus_gen.standard_normal(vocab)).astype(np.float32)
+            probs_row = tempered_softmax(nucleus_logits, 0.7)[0]
+            kept = top_p_kept(probs_row, 0.95).size
+            fast = median_us(partial(top_p_kept, probs_row, 0.95), args.repeats)
+            slow = median_us(partial(top_p_kept_reference, probs_row, 0.95), few)
+            print(row(f"top-p 0.95 set, {kept} kept (vs np.argsort)", vocab, 1, fast, slow))
         for n in (1, 2, 4, 8):
             fast = median_us(partial(law.sample, probs, n, rng), args.repeats)
             slow = median_us(partial(law._sample_gumbel, probs, n, rng), few)

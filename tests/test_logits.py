@@ -88,6 +88,64 @@ def test_process_logits_row_equals_process_logits():
             assert np.all(np.diff(got.indices) > 0) and np.all(got.values > 0)
 
 
+def _nucleus_rows(rng):
+    """Probability rows for the top-p tests: peaked, flat, tied, with zeros and tiny masses."""
+    for _ in range(600):
+        vocab = int(rng.integers(1, 3000))
+        kind = rng.integers(5)
+        if kind == 0:  # a model-like row
+            logits = rng.normal(size=vocab) * rng.uniform(0.5, 4)
+        elif kind == 1:  # flat: the nucleus holds most of the row
+            logits = rng.normal(size=vocab) * 0.01
+        elif kind == 2:  # ties everywhere
+            logits = np.round(rng.normal(size=vocab))
+        elif kind == 3:  # entries whose exponential underflows to 0
+            logits = rng.normal(size=vocab) * 400
+        else:  # few distinct values, equal masses
+            logits = np.zeros(vocab)
+        yield logits
+
+
+def test_compiled_top_p_keeps_the_reference_set():
+    """``mdsd._topp_numba.top_p_kept`` (sorting only the candidates) keeps exactly the positions
+    of ``top_p_kept_reference`` (a stable sort of the whole row), for top_p from tiny to within
+    1e-12 of 1, on rows with ties, zeros and masses below the histogram's lowest bucket."""
+    from mdsd._softmax_numba import tempered_softmax
+    from mdsd._topp_numba import top_p_kept
+    from mdsd.logits import top_p_kept_reference
+
+    rng = np.random.default_rng(1)
+    for logits in _nucleus_rows(rng):
+        probs, _ = tempered_softmax(logits, 1.0)
+        for top_p in (1e-9, 0.3, 0.5, 0.9, 0.95, 0.999, 1 - 1e-12, float(probs.max())):
+            got = top_p_kept(probs, top_p)
+            np.testing.assert_array_equal(got, top_p_kept_reference(probs, top_p))
+
+
+def test_truncated_softmax_is_process_logits_row():
+    """The engine's one-call transform of a float32 row (``_topp_numba.truncated_softmax``) gives
+    ``process_logits_row``'s stored probabilities bit for bit: top-k, top-p, both, neither."""
+    from mdsd._topp_numba import truncated_softmax
+    from mdsd.logits import process_logits_row
+
+    rng = np.random.default_rng(2)
+    for logits in _nucleus_rows(rng):
+        row = logits.astype(np.float32)
+        temperature = float(rng.choice([0.5, 1.0, 1.3]))
+        top_k = int(rng.choice([0, 1, 7, 50, 5000]))
+        top_p = float(rng.choice([0.2, 0.9, 1.0]))
+        ids, values, zeros = truncated_softmax(row, temperature, top_k, top_p)
+        want = process_logits_row(row, temperature, top_k or None, top_p)
+        if want.indices is None:
+            assert ids.size == 0
+            assert zeros == np.count_nonzero(want.values == 0)
+        else:
+            if zeros:
+                ids, values = ids[values > 0], values[values > 0]
+            np.testing.assert_array_equal(ids, want.indices)
+        np.testing.assert_array_equal(values, want.values)
+
+
 def test_top_k_indices_tie_rule():
     from mdsd.logits import top_k_indices
 

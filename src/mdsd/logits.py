@@ -115,6 +115,25 @@ def top_k_indices_reference(logits: np.ndarray, k: int) -> np.ndarray:
     return np.union1d(above, tied)
 
 
+def top_p_kept_reference(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The positions (ascending) of a probability row [n] that top-p keeps: sorted descending
+    (stable: ties in ascending position), sorted entry i is kept where the mass before it,
+    ``cumsum - probs`` in that order, is below ``top_p`` (the first entry always is).
+    ``process_logits_row`` finds the same set in one compiled call (``mdsd._topp_numba.top_p_kept``,
+    which sorts only the entries that can be kept; tested equal)."""
+    order = np.argsort(-probs, kind="stable")
+    sorted_probs = probs[order]
+    return np.sort(order[(np.cumsum(sorted_probs) - sorted_probs) < top_p])
+
+
+@functools.cache
+def _compiled_top_p():
+    """``mdsd._topp_numba``, imported once."""
+    from mdsd import _topp_numba
+
+    return _topp_numba
+
+
 @functools.cache
 def _compiled_top_k():
     """``mdsd._topk_numba``, imported once (numba's import costs ~0.3 s)."""
@@ -173,7 +192,8 @@ def process_logits_row(
     The same transform, with the same kept tokens and float64 probabilities (tested equal to
     ``process_logits``), without its input checks and without touching the whole vocabulary
     more than a few times: top-k by ``top_k_indices`` and the softmax (``mdsd._softmax_numba``)
-    in one compiled call, top-p over the kept tokens only. Dense (``indices=None``) only
+    in one compiled call, top-p's set by ``mdsd._topp_numba.top_p_kept`` (sorting only the
+    tokens that can be kept), then the softmax of the kept tokens. Dense (``indices=None``) only
     when neither top-k nor temperature 0 truncates, and with ``drop_zeros`` only when moreover no
     mass underflows to 0 (else stored on the nonzero entries).
     """
@@ -191,9 +211,7 @@ def process_logits_row(
         probs, zeros = softmax(logits, float(temperature))
     if top_p is not None and top_p < 1.0:
         logits = logits if indices is None else logits[indices]
-        order = np.argsort(-probs, kind="stable")
-        sorted_probs = probs[order]
-        kept = np.sort(order[(np.cumsum(sorted_probs) - sorted_probs) < top_p])
+        kept = _compiled_top_p().top_p_kept(probs, float(top_p))
         indices = kept if indices is None else indices[kept]
         probs, zeros = softmax(logits[kept], float(temperature))
     if zeros and (indices is not None or drop_zeros):  # -inf logits kept, or underflow

@@ -144,9 +144,10 @@ def test_fast_chain_draws_what_the_general_loop_draws(request, family, law, veri
         assert dec.fast_chain
         fast = dec.generate([PROMPT, [4, 4], [9]], seed=11)
         walked_from_logits = dec._walks_from_logits(dec.last_step.drafted)
-        truncated = sampling.top_k is not None and sampling.top_k < (len(draft_vocab or ()) or VOCAB)
-        top_k_walk = sampling.chain_transform and truncated
-        assert walked_from_logits == ((sampling.softmax_only or top_k_walk) and family == "llama")
+        top_k_truncates = sampling.top_k is not None and sampling.top_k < (len(draft_vocab or ()) or VOCAB)
+        truncated = top_k_truncates or (sampling.top_p or 1.0) < 1.0
+        truncated_walk = sampling.compiled_transform and truncated
+        assert walked_from_logits == ((sampling.softmax_only or truncated_walk) and family == "llama")
         assert dec.one_call_steps == walked_from_logits  # then every step is one compiled call
         stepped = dec.generate([PROMPT, [4, 4], [9]], seed=11, on_tokens=lambda i, tokens: None)
         dec.fused_step = False  # the lean loop's three calls
@@ -182,9 +183,9 @@ def _count_one_call_steps(monkeypatch):
         calls.steps += emitted is not None
         return emitted
 
-    def counted_walks(*args):
+    def counted_walks(*args, **kwargs):
         calls.unplanned += 1
-        return walk_tree_softmax(*args)
+        return walk_tree_softmax(*args, **kwargs)
 
     monkeypatch.setattr(TreeDecoder, "_compiled_steps", counted_loops)
     monkeypatch.setattr(TreeDecoder, "_one_call_step", counted_steps)
@@ -195,13 +196,21 @@ def _count_one_call_steps(monkeypatch):
 @pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
 def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
     """``draft_chain`` in one compiled call (``compiled_draft``) gives the tokens and q (ids and
-    values) of level-by-level drafting, bit for bit, with and without top-k, at temperatures where
-    no q underflows and where most of it does (temperature 0.002: q stored on its nonzero
-    entries)."""
+    values) of level-by-level drafting, bit for bit, with and without top-k and top-p, at
+    temperatures where no q underflows and where most of it does (temperature 0.002: q stored on
+    its nonzero entries)."""
     from mdsd.engine.vocab import as_draft_vocabulary
 
-    for temperature, top_k in ((1.0, None), (0.002, None), (0.8, 3), (0.002, 3)):
-        sampling = SamplingConfig(temperature, top_k, max_new_tokens=8, stop_on_eos=False)
+    cases = (
+        (1.0, None, None),
+        (0.002, None, None),
+        (0.8, 3, None),
+        (0.002, 3, None),
+        (1.0, None, 0.7),
+        (0.8, 5, 0.6),
+    )
+    for temperature, top_k, top_p in cases:
+        sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens=8, stop_on_eos=False)
         dec = TreeDecoder(llama, TreeConfig.make("1x4", "iid", "rrs"), sampling)
         dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, llama.draft))
         drafted = {}
@@ -221,8 +230,10 @@ def test_compiled_draft_chain_equals_level_by_level(llama, draft_vocab):
             assert q.indices is None or np.array_equal(q.indices, ref.indices)
             assert np.array_equal(q.values, ref.values) and q.vocab == ref.vocab
             underflow |= q.support_size < width
-        if top_k is None:  # a top-3 q seldom underflows
+        if top_k is None and top_p is None:  # a top-3 q seldom underflows
             assert underflow == (temperature < 0.01)
+        if top_p is not None:  # the nucleus is stored on its tokens
+            assert all(q.indices is not None and q.support_size < width for q in a.draft_probs.values())
 
 
 @pytest.mark.parametrize("draft_vocab", [None, (0, 2, 3, 5, 6, 7, 9, 11)])
@@ -239,23 +250,31 @@ def test_compiled_draft_tree_equals_level_by_level(llama, draft_vocab, law, veri
     """``draft_tree`` in one compiled call (``StaticLlamaRunner.sample_tree``) gives the tokens,
     valid slots, rules and q (ids and values) of level-by-level drafting, bit for bit, the
     generator's state and the draft's cache after it too: trees of one to three levels, with and
-    without top-k (top-2 under three slots: fewer distinct drafts than slots), at temperatures
+    without top-k (top-2 under three slots: fewer distinct drafts than slots) and top-p, at temperatures
     where no q underflows and where most of it does (0.002: q stored on its nonzero entries, one
     draft where one token is left). Trees whose levels exceed a panel pass, and laws it does not
     draw, draft level by level."""
     from mdsd.engine.vocab import as_draft_vocabulary
 
     cases = [
-        ((2, 2, 1), 1.0, None),
-        ((3, 1), 0.002, None),
-        ((3,), 0.8, 2),
-        ((2, 3), 0.002, 3),
-        ((3, 2), 1.3, 2),
+        ((2, 2, 1), 1.0, None, None),
+        ((3, 1), 0.002, None, None),
+        ((3,), 0.8, 2, None),
+        ((2, 3), 0.002, 3, None),
+        ((3, 2), 1.3, 2, None),
+        ((3, 2), 1.0, None, 0.6),
+        ((2, 2, 1), 1.3, 4, 0.8),
     ]
     if law == "spechub":  # two drafts a node
-        cases = [((2, 1), 1.0, None), ((2, 1), 0.002, None), ((2,), 0.8, 1), ((2, 2, 1), 1.3, 2)]
-    for widths, temperature, top_k in cases:
-        sampling = SamplingConfig(temperature, top_k, max_new_tokens=8, stop_on_eos=False)
+        cases = [
+            ((2, 1), 1.0, None, None),
+            ((2, 1), 0.002, None, None),
+            ((2,), 0.8, 1, None),
+            ((2, 2, 1), 1.3, 2, None),
+            ((2, 2, 1), 1.0, None, 0.7),
+        ]
+    for widths, temperature, top_k, top_p in cases:
+        sampling = SamplingConfig(temperature, top_k, top_p, max_new_tokens=8, stop_on_eos=False)
         dec = TreeDecoder(llama, TreeConfig.make(widths, law, verifier), sampling)
         dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, llama.draft))
         drafted, states, caches = {}, {}, {}
@@ -316,8 +335,8 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
     the optimal verifier's threshold nodes, or node by node where a node is not the plan's)
     emit the tokens, and record the acceptances, of level-by-level drafting and the node-by-node
     ``walk`` from the same seed:
-    temperature 1, a top-k smaller than the width of the tree's widest node, a temperature where
-    q and p underflow; with and without a draft vocabulary; a draft that disagrees with the
+    temperature 1, a top-k smaller than the width of the tree's widest node, a top-p, a
+    temperature where q and p underflow; with and without a draft vocabulary; a draft that disagrees with the
     target (walks end at the root) and one that is the target (walks reach the leaves and draw
     bonus tokens)."""
     from mdsd.engine.decode import HEAD_BATCH_ROWS
@@ -333,6 +352,7 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
         for sampling in (
             SamplingConfig(1.0, max_new_tokens=20, stop_on_eos=False),
             SamplingConfig(0.8, top_k=2, max_new_tokens=20, stop_on_eos=False),
+            SamplingConfig(1.0, top_p=0.7, max_new_tokens=20, stop_on_eos=False),
             SamplingConfig(0.002, max_new_tokens=20, stop_on_eos=False),
         ):
             dec = TreeDecoder(pair, config, sampling)
@@ -360,9 +380,9 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
                     )
             deep |= any(r.stats.depth_expected[-1] > 0 for r in compiled)  # a leaf kept: a bonus token
     assert deep
-    assert calls.loops >= 18 and calls.steps > 0  # (the prompts fit a panel pass)
-    # the optimal verifier's plan is the top-k's: the draft vocabulary's and the underflowing q's
-    # nodes are walked by Python after the call
+    assert calls.loops >= 24 and calls.steps > 0  # (the prompts fit a panel pass)
+    # the optimal verifier's plan is the top-k's: the draft vocabulary's, the nucleus' and the
+    # underflowing q's nodes are walked by Python after the call
     assert (calls.unplanned > 0) == (verifier == "optimal")
 
 
@@ -414,13 +434,16 @@ def test_compiled_plain_sampling_draws_what_the_step_loop_draws(llama):
     """``Autoregressive`` in one compiled call (``_compiled_steps``: ``_step_numba.plain_steps``)
     draws the tokens of its Python loop (a caller that streams the tokens) from the same seed,
     and stops where it stops (budget, EOS, context), under the tempered softmax alone and after a
-    top-k, a prompt longer than one panel pass included (its forward then runs in Python)."""
+    top-k and / or a top-p, a prompt longer than one panel pass included (its forward then runs
+    in Python)."""
     reasons = set()
     for sampling, eos, prompt in (
         (SamplingConfig(0.8, max_new_tokens=13, stop_on_eos=False), set(), PROMPT),
         (SamplingConfig(1.0, top_k=6, max_new_tokens=40, stop_on_eos=True), {5, 9}, PROMPT),
         (SamplingConfig(1.2, top_k=3, max_new_tokens=200, stop_on_eos=True), set(), PROMPT * 3),
         (SamplingConfig(0.002, max_new_tokens=30, stop_on_eos=False), set(), [4] * 40),
+        (SamplingConfig(1.0, top_p=0.8, max_new_tokens=20, stop_on_eos=False), set(), PROMPT),
+        (SamplingConfig(0.9, top_k=6, top_p=0.7, max_new_tokens=20, stop_on_eos=False), set(), PROMPT),
     ):
         dec = Autoregressive(llama, sampling)
         dec.eos = eos
@@ -470,11 +493,16 @@ def test_decode_stats_count_each_walk():
 def test_plain_sampling_draws_the_transform_s_token(llama):
     """``Autoregressive``'s draw (``walk.softmax_token`` for the tempered softmax alone) is the
     token of ``row_probs`` then ``categorical`` at the same uniform, with the generator left in
-    the same state, for float32 and float64 logits, with and without top-k."""
+    the same state, for float32 and float64 logits, with and without top-k and top-p."""
     from mdsd.sampling import categorical
 
     gen = np.random.default_rng(8)
-    for sampling in (SamplingConfig(0.7), SamplingConfig(1.3), SamplingConfig(0.7, top_k=5)):
+    for sampling in (
+        SamplingConfig(0.7),
+        SamplingConfig(1.3),
+        SamplingConfig(0.7, top_k=5),
+        SamplingConfig(1.0, top_p=0.9),
+    ):
         dec = Autoregressive(llama, sampling)
         for case in range(60):
             logits = gen.normal(size=int(gen.choice([7, 300, 8192]))) * gen.choice([0.5, 4.0])

@@ -268,27 +268,34 @@ def test_softmax_chain_walk_equals_chain_walk():
     assert {(0, False), (1, False), (4, True)} <= outcomes  # rejections and bonuses both ran
 
 
-def _top_k_chain_case(seed: int, depth: int):
-    """A chain drafted under a top-k as ``sample_chain`` stores it (values [depth, k] and their
-    kept positions on a draft vocabulary or dense), target logits [depth + 1, V] with -inf
-    entries (some rows keep fewer finite entries than k), temperatures 1, 0.5 and 0.002."""
-    from mdsd._topk_numba import top_k_softmax
+def _truncated_chain_case(seed: int, depth: int):
+    """A chain drafted under a truncation (a top-k, a top-p, both) as ``sample_chain`` stores it
+    (``_llama_numba.level_q``: values [depth, W] and their kept positions on a draft vocabulary
+    or dense), q per node from the reference (``process_logits_row``), target logits
+    [depth + 1, V] with -inf entries (some rows keep fewer finite entries than k), temperatures
+    1, 0.5 and 0.002."""
+    from mdsd.engine._llama_numba import level_q
     from mdsd.engine.walk import DENSE_IDS, draft_children
-    from mdsd.logits import SupportProbs
+    from mdsd.logits import SupportProbs, process_logits_row
 
     gen = np.random.default_rng([23, seed])
     vocab = int(gen.integers(4, 12))
-    top_k = int(gen.integers(1, vocab - 2))
-    temperature = (1.0, 0.5, 0.002)[seed % 3]
+    top_k, top_p = (
+        (int(gen.integers(1, vocab - 2)), None),
+        (int(gen.integers(1, vocab - 2)), 0.8),
+        (None, 0.6),
+    )[seed % 3]
+    temperature = (1.0, 0.5, 0.002)[seed % 5 % 3]
     ids = (
-        np.sort(gen.choice(vocab, int(gen.integers(top_k + 1, vocab + 1)), replace=False))
+        np.sort(gen.choice(vocab, int(gen.integers((top_k or 2) + 1, vocab + 1)), replace=False))
         if seed % 2
         else None
     )
+    width = top_k or (vocab if ids is None else ids.size)
     logits = (gen.normal(size=(depth + 1, vocab)) * 3.0).astype(np.float32)
     logits[gen.random(logits.shape) < 0.3] = -np.inf
     logits[np.arange(depth + 1), gen.integers(vocab, size=depth + 1)] = 0.0  # a finite entry per row
-    q_values, kept = np.empty((depth, top_k)), np.empty((depth, top_k), dtype=np.int64)
+    q_values, kept = np.empty((depth, width)), np.empty((depth, width), dtype=np.int64)
     book = RuleBook("iid", "rrs", (1,) * depth)
     tokens, qs = np.zeros(depth, dtype=np.int64), {}
     for i in range(depth):
@@ -296,42 +303,40 @@ def _top_k_chain_case(seed: int, depth: int):
         draft_logits = np.ascontiguousarray(draft_logits if ids is None else draft_logits[ids])
         if not np.isfinite(draft_logits).any():
             draft_logits = np.zeros_like(draft_logits)
-        kept[i], q_values[i], _ = top_k_softmax(
-            draft_logits, draft_logits.view(np.int32), top_k, 31, 2**31 - 1, temperature
-        )
-        nonzero = np.flatnonzero(q_values[i])
-        positions = kept[i][nonzero]
-        qs[i - 1] = SupportProbs(positions if ids is None else ids[positions], q_values[i][nonzero], vocab)
+        level_q(draft_logits, temperature, top_k or 0, top_p or 1.0, kept[i], q_values[i])
+        q = process_logits_row(draft_logits, temperature, top_k, top_p, drop_zeros=True)
+        positions = np.arange(width) if q.indices is None else q.indices
+        qs[i - 1] = SupportProbs(positions if ids is None else ids[positions], q.values, vocab)
         tokens[i] = draft_children(qs[i - 1], 1, book, gen)[0][0]
     rules = dict.fromkeys(qs, book.rule(1, 2))
     chain_q = (DENSE_IDS if ids is None else ids, q_values)
     drafted = DraftedSlots(tokens, np.ones(depth, dtype=bool), rules, qs, chain_q, kept)
-    return drafted, logits, temperature, top_k
+    return drafted, logits, temperature, top_k, top_p
 
 
-def test_top_k_chain_walk_equals_chain_walk():
-    """``walk_chain_softmax(..., top_k=k)`` (the walk of a chain drafted under a top-k, in one
-    compiled call from the target's logits) returns ``walk_chain``'s result, and with ``block``
-    ``walk_chain_block``'s, with p =
-    ``SamplingConfig(T, k).row_probs`` of each row, draw for draw, and leaves the generator in
+def test_truncated_chain_walk_equals_chain_walk():
+    """``walk_chain_softmax(..., top_k=k, top_p=t)`` (the walk of a chain drafted under a top-k
+    and / or a top-p, in one compiled call from the target's logits) returns ``walk_chain``'s
+    result, and with ``block`` ``walk_chain_block``'s, with p =
+    ``SamplingConfig(T, k, t).row_probs`` of each row, draw for draw, and leaves the generator in
     the same state: 600 chains of depth 1-4, q on a draft vocabulary or dense, -inf logits,
     underflowing temperatures."""
     from mdsd.engine.walk import walk_chain, walk_chain_block, walk_chain_softmax
 
     outcomes = {False: set(), True: set()}
     for seed in range(600):
-        drafted, logits, temperature, top_k = _top_k_chain_case(seed, 1 + seed % 4)
-        sampling = SamplingConfig(temperature, top_k)
+        drafted, logits, temperature, top_k, top_p = _truncated_chain_case(seed, 1 + seed % 4)
+        sampling = SamplingConfig(temperature, top_k, top_p)
         for block, reference in ((False, walk_chain), (True, walk_chain_block)):
             fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
-            fast = walk_chain_softmax(drafted, logits, temperature, fast_rng, block, top_k=top_k)
+            fast = walk_chain_softmax(drafted, logits, temperature, fast_rng, block, top_k=top_k, top_p=top_p)
             ref = reference(drafted, lambda node, s=sampling, lg=logits: s.row_probs(lg[node + 1]), ref_rng)
             _assert_same_walk(fast, fast_rng, ref, ref_rng, seed)
             outcomes[block].add((len(fast.path), fast.bonus))
     assert {(0, False), (1, False), (4, True)} <= outcomes[False]  # rejections and bonuses both ran
     assert {(0, False), (1, False), (2, False), (3, False), (4, True)} <= outcomes[True]
     untruncated, logits, temperature = _softmax_chain_case(0, 2)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match="top_k, top_p"):
         walk_chain_softmax(untruncated, logits, temperature, np.random.default_rng(0), top_k=2)
 
 

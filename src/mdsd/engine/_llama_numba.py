@@ -29,7 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mdsd._softmax_numba import bits_float, float_bits, row_max, tempered_softmax
-from mdsd._topk_numba import MASK32, SHIFT32, top_k_softmax
+from mdsd._topp_numba import truncated_softmax, truncates
 from mdsd.engine._panel_gemm import host_width
 from mdsd.engine.tree import TREE_LAWS
 from mdsd.sampling import draw, next_uniform
@@ -510,19 +510,22 @@ def next_logits(ids, model, keys, values, start, cos_table, sin_table, heads, kv
 
 
 @numba.njit(**_JIT)
-def level_q(logits, temperature, top_k, kept_row, probs_row):
-    """One level's q from the output layer's logits [K] into ``probs_row``: softmax(logits / T)
-    (``mdsd._softmax_numba.tempered_softmax``; ``probs_row`` [K]), or for 0 < ``top_k`` < K over
-    the ``top_k`` largest logits (``mdsd._topk_numba.top_k_softmax``, their positions in
-    ``kept_row`` [k], ascending; ``probs_row`` [k]), as ``mdsd.logits.process_logits_row``.
-    Returns the number of entries that underflowed to 0."""
-    if 0 < top_k < logits.size:
-        kept_row[:], probs_row[:], zeros = top_k_softmax(
-            logits, logits.view(np.int32), top_k, SHIFT32, MASK32, temperature
-        )
-    else:
+def level_q(logits, temperature, top_k, top_p, kept_row, probs_row):
+    """One level's q from the output layer's logits [K] into ``probs_row``, as
+    ``mdsd.logits.process_logits_row`` makes it: softmax(logits / T) (``probs_row`` [K];
+    ``mdsd._softmax_numba.tempered_softmax``) where nothing truncates, else
+    (``mdsd._topp_numba.truncated_softmax``: for 0 < ``top_k`` < K the ``top_k`` largest logits,
+    for ``top_p`` < 1 the nucleus of those) the kept entries' positions in ``kept_row`` and their
+    probabilities in ``probs_row`` ([W], W = ``top_k`` or K), ascending, in front; the places
+    after them hold position 0 and probability 0. Returns the number of entries of probability
+    0 (underflowed, or places not kept)."""
+    if not truncates(top_k, top_p, logits.size):
         probs_row[:], zeros = tempered_softmax(logits, temperature)
-    return zeros
+        return zeros
+    ids, values, zeros = truncated_softmax(logits, temperature, top_k, top_p)
+    kept_row[: ids.size], probs_row[: ids.size] = ids, values
+    kept_row[ids.size :], probs_row[ids.size :] = 0, 0.0
+    return zeros + probs_row.size - ids.size
 
 
 LAW_IID, LAW_WITHOUT_REPLACEMENT, LAW_GREEDY, LAW_SPECHUB = (
@@ -616,20 +619,21 @@ def drafts_of(support, width, law):
 
 @numba.njit(cache=True)
 def sample_chain(
-    ids, depth, uniform, state, temperature, top_k, drop_zeros, token_ids, models, keys, values, start, cos,
-    sin, heads, kv_heads, eps, gemm,
+    ids, depth, uniform, state, temperature, top_k, top_p, drop_zeros, token_ids, models, keys, values, start,
+    cos, sin, heads, kv_heads, eps, gemm,
 ):  # fmt: skip
     """A chain of D = ``depth`` tokens drafted by the model: level 0 forwards ``ids`` (the tokens
     the cache lacks), level d > 0 the token drawn at level d - 1; each level's q by ``level_q``
     over the output layer's tokens ``token_ids`` [K] (ascending), and its token drawn
     (``draw_drafts``, one draft) at the generator's next uniform (``uniform, state``:
     ``mdsd.sampling.uniform_source``; level d reads the d-th number of ``rng.random(D)``), from
-    q's nonzero entries where q is truncated by a top-k or ``drop_zeros``. Returns (tokens [D]
-    ids, q [D, W] float64, zeros [D]: entries of each q that underflowed to 0, kept [D, W]: the
-    positions in ``token_ids`` of q's entries, ascending; W = ``top_k``, or K and kept empty
-    where every level keeps all K). The cache then holds ``ids`` and tokens 0 .. D - 2."""
-    model, truncated = models[0], 0 < top_k < token_ids.size
-    width = top_k if truncated else token_ids.size
+    q's nonzero entries where q is truncated (a top-k, a top-p) or ``drop_zeros``. Returns
+    (tokens [D] ids, q [D, W] float64, zeros [D]: entries of each q of probability 0, kept
+    [D, W]: the positions in ``token_ids`` of q's entries (``level_q``); W = ``top_k`` where it
+    truncates, else K, and kept empty where nothing truncates). The cache then holds ``ids``
+    and tokens 0 .. D - 2."""
+    model, truncated = models[0], truncates(top_k, top_p, token_ids.size)
+    width = top_k if 0 < top_k < token_ids.size else token_ids.size
     tokens = np.empty(depth, dtype=np.int64)
     probs = np.empty((depth, width))
     zeros = np.empty(depth, dtype=np.int64)
@@ -637,7 +641,7 @@ def sample_chain(
     at = np.empty(1, dtype=np.int64)
     for d in range(depth):
         logits = next_logits(ids, model, keys, values, start, cos, sin, heads, kv_heads, eps, gemm)
-        zeros[d] = level_q(logits, temperature, top_k, kept[d] if truncated else at, probs[d])
+        zeros[d] = level_q(logits, temperature, top_k, top_p, kept[d] if truncated else at, probs[d])
         draw_drafts(probs[d], zeros[d] > 0 and (truncated or drop_zeros), 1, LAW_IID, uniform, state, at)
         tokens[d] = token_ids[kept[d, at[0]] if truncated else at[0]]
         start += ids.size
@@ -647,7 +651,7 @@ def sample_chain(
 
 @numba.njit(cache=True)
 def sample_tree(
-    ids, widths, level_starts, child_starts, depths, masks, law, uniform, state, temperature, top_k,
+    ids, widths, level_starts, child_starts, depths, masks, law, uniform, state, temperature, top_k, top_p,
     drop_zeros, token_ids, models, keys, values, start, cos_table, sin_table, heads, kv_heads, eps, gemm,
 ):  # fmt: skip
     """A draft tree (``mdsd.engine.tree.DraftTree``'s ``widths``, ``level_starts``,
@@ -663,8 +667,8 @@ def sample_tree(
     each q row, drafted [R]: its n_eff, q [R, W], zeros [R], kept [R, W], as ``sample_chain``'s).
     The cache then holds ``ids`` and the slots of depths 1 .. D - 1."""
     model = models[0]  # ``causal_logits``' ``models``
-    depth, truncated = widths.size, 0 < top_k < token_ids.size
-    width = top_k if truncated else token_ids.size
+    depth, truncated = widths.size, truncates(top_k, top_p, token_ids.size)
+    width = top_k if 0 < top_k < token_ids.size else token_ids.size
     rows = 1 + level_starts[depth - 1]  # the root and every node above the last level
     tokens, valid = np.zeros(depths.size, dtype=np.int64), np.zeros(depths.size, dtype=np.bool_)
     nodes, drafted = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
@@ -680,7 +684,7 @@ def sample_tree(
         for j in range(frontier.size):  # the level's valid nodes, ascending
             node, slots = frontier[j], widths[d]
             zeros[r] = level_q(
-                level_logits[j], temperature, top_k, kept[r] if truncated else no_kept, probs[r]
+                level_logits[j], temperature, top_k, top_p, kept[r] if truncated else no_kept, probs[r]
             )
             n = drafts_of(width - zeros[r], slots, law)
             draw_drafts(probs[r], zeros[r] > 0 and (truncated or drop_zeros), n, law, uniform, state, at)

@@ -38,6 +38,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from mdsd._topp_numba import truncates
 from mdsd.engine._llama_numba import (
     causal_logits,
     gather_positions,
@@ -50,9 +51,9 @@ from mdsd.engine._walk_numba import (
     softmax_chain_block_walk,
     softmax_chain_walk,
     softmax_draw,
-    top_k_chain_block_walk,
-    top_k_chain_walk,
     tree_walk,
+    truncated_chain_block_walk,
+    truncated_chain_walk,
 )
 from mdsd.sampling import draw, next_uniform
 
@@ -110,7 +111,7 @@ def keep_path(keys, values, base, extra):
 @numba.njit(cache=True)
 def tree_step(
     draft_ids, target_ids, base, widths, level_starts, child_starts, depths, level_masks, target_mask,
-    law, temperature, top_k, q_ids, token_ids, draft_models, draft_forward, target_models,
+    law, temperature, top_k, top_p, q_ids, token_ids, draft_models, draft_forward, target_models,
     target_forward, hidden_value,
     rule, optimal, plan_n, plan_support, head, tail, uniform, state, clock,
 ):  # fmt: skip
@@ -120,9 +121,10 @@ def tree_step(
     ``DraftTree``'s ``widths``, ``level_starts``, ``child_starts``, ``depths``, the draft's
     per-level masks (``StaticLlamaRunner.tree_arrays``) and the target's additive mask over its
     nodes [N, N]. The law (its ``mdsd.engine.tree.TREE_LAWS`` code), the transform
-    (``temperature``, ``top_k``: 0 none), the draft's output ids (``q_ids``: empty for the whole
-    vocabulary; ``token_ids``: its K tokens). ``*_models``, ``*_forward``: each runner's model
-    and (keys, values, cache length, cos table, sin table, heads, kv_heads, eps, gemm)
+    (``temperature``, ``top_k``: 0 none, ``top_p``: 1 none), the draft's output ids (``q_ids``:
+    empty for the whole vocabulary; ``token_ids``: its K tokens). ``*_models``, ``*_forward``:
+    each runner's model and (keys, values, cache length, cos table, sin table, heads, kv_heads,
+    eps, gemm)
     (``StaticLlamaRunner.compiled_forward``). The verifier (``walk.tree_walk_verifier``):
     ``tree_walk``'s ``rule`` (``walk.walk_rule``: rejection sampling, i.i.d. or without
     replacement, greedy, SpecHub, K-SEQ, importance, sample_check), or with ``optimal`` the
@@ -139,8 +141,8 @@ def tree_step(
     d_keys, d_values, d_start, d_cos, d_sin, d_heads, d_kv_heads, d_eps, d_gemm = draft_forward
     tokens, valid, nodes, drafted, probs, zeros, kept = sample_tree(
         draft_ids, widths, level_starts, child_starts, depths, level_masks, law, uniform, state,
-        temperature, top_k, q_ids.size > 0, token_ids, draft_models, d_keys, d_values, d_start, d_cos, d_sin,
-        d_heads, d_kv_heads, d_eps, d_gemm,
+        temperature, top_k, top_p, q_ids.size > 0, token_ids, draft_models, d_keys, d_values, d_start, d_cos,
+        d_sin, d_heads, d_kv_heads, d_eps, d_gemm,
     )  # fmt: skip
     drafted_at = monotonic(*clock)
     t_keys, t_values, t_start, t_cos, t_sin, t_heads, t_kv_heads, t_eps, t_gemm = target_forward
@@ -154,9 +156,9 @@ def tree_step(
     )  # fmt: skip
     forwarded_at = monotonic(*clock)
     path, token, bonus = tree_walk(
-        logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, probs, zeros, kept,
-        drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, True, t_keys, t_values,
-        base,
+        logits, temperature, top_k, top_p, widths, child_starts, depths, tokens, valid, q_ids, probs, zeros,
+        kept, drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, True, t_keys,
+        t_values, base,
     )  # fmt: skip
     lengths = (-1, -1)
     if token >= 0:  # keep the committed prefix and the accepted path (the draft: above depth D)
@@ -174,19 +176,20 @@ def tree_step(
 
 @numba.njit(cache=True)
 def chain_step(
-    draft_ids, target_ids, base, depth, temperature, top_k, q_ids, token_ids, block, draft_models,
+    draft_ids, target_ids, base, depth, temperature, top_k, top_p, q_ids, token_ids, block, draft_models,
     draft_forward, target_models, target_forward, uniform, state, clock,
 ):  # fmt: skip
     """One step of the lean loop's chain of ``depth`` drafts after ``base`` committed tokens.
 
     ``draft_ids`` / ``target_ids``: the committed tokens each cache lacks; the transform
-    (``temperature``; ``top_k``: 0 none, else a top-k that truncates the draft's q too); the
+    (``temperature``; ``top_k``: 0 none, else a top-k that truncates the draft's q too; ``top_p``:
+    1 none); the
     draft's output ids (``q_ids``: empty for the whole vocabulary; ``token_ids``: its K tokens);
     ``block``: block verification, else rejection sampling node by node; the runners' models
     and forwards, the generator and the clock as ``tree_step``'s. Steps:
     ``_llama_numba.sample_chain``, ``causal_logits`` of the fresh tokens and the chain (the root's
     and every node's row), the walk (``_walk_numba``'s ``softmax_chain_walk``,
-    ``softmax_chain_block_walk``, ``top_k_chain_walk`` or ``top_k_chain_block_walk``), the
+    ``softmax_chain_block_walk``, ``truncated_chain_walk`` or ``truncated_chain_block_walk``), the
     caches' lengths.
 
     Returns the chain (``sample_chain``'s four arrays), the target's logits [depth + 1, V], the
@@ -197,8 +200,8 @@ def chain_step(
     began = monotonic(*clock)
     d_keys, d_values, d_start, d_cos, d_sin, d_heads, d_kv_heads, d_eps, d_gemm = draft_forward
     chain = sample_chain(
-        draft_ids, depth, uniform, state, temperature, top_k, q_ids.size > 0, token_ids, draft_models, d_keys,
-        d_values, d_start, d_cos, d_sin, d_heads, d_kv_heads, d_eps, d_gemm,
+        draft_ids, depth, uniform, state, temperature, top_k, top_p, q_ids.size > 0, token_ids, draft_models,
+        d_keys, d_values, d_start, d_cos, d_sin, d_heads, d_kv_heads, d_eps, d_gemm,
     )  # fmt: skip
     tokens, probs, zeros, kept = chain
     drafted_at = monotonic(*clock)
@@ -209,13 +212,14 @@ def chain_step(
         t_gemm,
     )  # fmt: skip
     forwarded_at = monotonic(*clock)
-    if top_k > 0 and block:
-        accepted, token = top_k_chain_block_walk(
-            logits, temperature, top_k, q_ids, kept, probs, tokens, uniform, state
+    truncated = top_k > 0 or top_p < 1.0
+    if truncated and block:
+        accepted, token = truncated_chain_block_walk(
+            logits, temperature, top_k, top_p, q_ids, kept, probs, tokens, uniform, state
         )
-    elif top_k > 0:
-        accepted, token = top_k_chain_walk(
-            logits, temperature, top_k, q_ids, kept, probs, tokens, uniform, state
+    elif truncated:
+        accepted, token = truncated_chain_walk(
+            logits, temperature, top_k, top_p, q_ids, kept, probs, tokens, uniform, state
         )
     elif block:
         accepted, token = softmax_chain_block_walk(
@@ -282,8 +286,8 @@ def _forward_at(forward, start):
 @numba.njit(cache=True)
 def tree_steps(
     seq, length, stop_length, context_end, limit, eos, stop_on_eos, records, draft_cached, target_cached,
-    widths, level_starts, child_starts, depths, level_masks, target_mask, law, temperature, top_k, q_ids,
-    token_ids, draft_models, draft_forward, target_models, target_forward, hidden_value, rule,
+    widths, level_starts, child_starts, depths, level_masks, target_mask, law, temperature, top_k, top_p,
+    q_ids, token_ids, draft_models, draft_forward, target_models, target_forward, hidden_value, rule,
     optimal, plan_n, plan_support, head, tail, uniform, state, clock,
 ):  # fmt: skip
     """``tree_step`` after ``seq[:length]``, step after step, each step's tokens committed into
@@ -303,7 +307,7 @@ def tree_steps(
         target_at = _forward_at(target_forward, target_cached)
         out = tree_step(
             seq[draft_cached:length], seq[target_cached:length], length, widths, level_starts, child_starts,
-            depths, level_masks, target_mask, law, temperature, top_k, q_ids, token_ids, draft_models,
+            depths, level_masks, target_mask, law, temperature, top_k, top_p, q_ids, token_ids, draft_models,
             draft_at, target_models, target_at, hidden_value, rule, optimal, plan_n,
             plan_support, head, tail, uniform, state, clock,
         )  # fmt: skip
@@ -326,7 +330,7 @@ def tree_steps(
 @numba.njit(cache=True)
 def chain_steps(
     seq, length, stop_length, context_end, limit, eos, stop_on_eos, records, draft_cached, target_cached,
-    depth, temperature, top_k, q_ids, token_ids, block, draft_models, draft_forward, target_models,
+    depth, temperature, top_k, top_p, q_ids, token_ids, block, draft_models, draft_forward, target_models,
     target_forward, uniform, state, clock,
 ):  # fmt: skip
     """``tree_steps`` for the lean loop's chains: ``chain_step`` after step, the same stops
@@ -335,8 +339,8 @@ def chain_steps(
     steps = 0
     while True:
         out = chain_step(
-            seq[draft_cached:length], seq[target_cached:length], length, depth, temperature, top_k, q_ids,
-            token_ids, block, draft_models, _forward_at(draft_forward, draft_cached), target_models,
+            seq[draft_cached:length], seq[target_cached:length], length, depth, temperature, top_k, top_p,
+            q_ids, token_ids, block, draft_models, _forward_at(draft_forward, draft_cached), target_models,
             _forward_at(target_forward, target_cached), uniform, state, clock,
         )  # fmt: skip
         chain, _, kept, token, lengths, seconds = out
@@ -354,12 +358,13 @@ def chain_steps(
 @numba.njit(cache=True)
 def plain_steps(
     seq, length, stop_length, context_end, limit, eos, stop_on_eos, records, cached, temperature, top_k,
-    models, forward, uniform, state, clock,
+    top_p, models, forward, uniform, state, clock,
 ):  # fmt: skip
     """``Autoregressive.generate_one``'s loop after ``seq[:length]`` in one call: per token the
     causal forward of the tokens the cache lacks (``causal_logits``, the last row), the token at
-    the generator's next uniform from the tempered softmax (``softmax_draw``) or, for 0 <
-    ``top_k`` < V, its top-k (``_target_row``; ``Autoregressive._sample``'s draws), committed as
+    the generator's next uniform from the tempered softmax (``softmax_draw``) or, where a top-k
+    (0 < ``top_k`` < V) or a top-p (``top_p`` < 1) truncates it, from the truncated softmax
+    (``_target_row``; ``Autoregressive._sample``'s draws), committed as
     ``tree_steps`` commits (the same stops; ``context_end`` as the loop checks it). The cache
     holds ``cached`` entries; ``models``, ``forward``, the generator and the clock as
     ``tree_step``'s; records [S, RECORD_FIELDS]: per token the forward's and the draw's seconds
@@ -374,8 +379,8 @@ def plain_steps(
         )[0]  # fmt: skip
         forwarded = monotonic(*clock)
         u = next_uniform(uniform, state)
-        if 0 < top_k < logits.size:
-            p_ids, p_values = _target_row(logits, temperature, top_k)
+        if truncates(top_k, top_p, logits.size):
+            p_ids, p_values = _target_row(logits, temperature, top_k, top_p)
             token = p_ids[draw(p_values, u)]
         else:
             token = softmax_draw(logits, temperature, u, True)

@@ -37,7 +37,8 @@ import numba
 import numpy as np
 
 from mdsd._softmax_numba import tempered_softmax
-from mdsd._topk_numba import MASK32, SHIFT32, _max_key, top_k_softmax
+from mdsd._topk_numba import MASK32, SHIFT32, _max_key
+from mdsd._topp_numba import truncated_softmax, truncates
 from mdsd.engine._llama_numba import exp_inplace, prefetch_positions
 from mdsd.sampling import draw, next_uniform, next_uniforms
 from mdsd.sequence.chain import _excess_and_deficit, _residual_draw
@@ -376,11 +377,12 @@ def softmax_chain_walk(logits, temperature, q_ids, q_values, tokens, uniform, st
 
 
 @numba.njit(cache=True)
-def _top_k_probs(logits, temperature, top_k):
-    """``SamplingConfig.row_probs`` of a float32 row [V] under a top-k (0 < top_k < V) in
-    ``rejection_node``'s form: (the kept token ids, ascending; their probabilities), the entries
-    that underflowed to 0 dropped (``mdsd.logits.process_logits_row``)."""
-    ids, values, zeros = top_k_softmax(logits, logits.view(np.int32), top_k, SHIFT32, MASK32, temperature)
+def _truncated_probs(logits, temperature, top_k, top_p):
+    """``SamplingConfig.row_probs`` of a float32 row [V] under a top-k (0 < top_k < V) and / or a
+    top-p (< 1) in ``rejection_node``'s form: (the kept token ids, ascending; their
+    probabilities), the entries that underflowed to 0 dropped (``mdsd.logits.process_logits_row``
+    by ``mdsd._topp_numba.truncated_softmax``)."""
+    ids, values, zeros = truncated_softmax(logits, temperature, top_k, top_p)
     if zeros:
         nonzero = np.flatnonzero(values)
         return ids[nonzero], values[nonzero]
@@ -400,35 +402,36 @@ def _stored_q(q_ids, kept, values):
 
 
 @numba.njit(cache=True)
-def top_k_chain_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens, uniform, state):
-    """``softmax_chain_walk`` under a top-k transform: (kept, token) of ``walk.walk_chain`` for a
-    chain of k = ``tokens.size`` drafts whose node i - 1 has p = the top-k softmax of
-    ``logits[i]`` (``_top_k_probs``) and the top-k q of level i drawn in one call
+def truncated_chain_walk(logits, temperature, top_k, top_p, q_ids, q_kept, q_values, tokens, uniform, state):
+    """``softmax_chain_walk`` under a transform that truncates (``truncates``: a top-k, a top-p):
+    (kept, token) of ``walk.walk_chain`` for a chain of k = ``tokens.size`` drafts whose node
+    i - 1 has p = the truncated softmax of ``logits[i]`` (``_truncated_probs``) and the q of
+    level i drawn in one call
     (``_stored_q`` of ``q_kept[i]`` and ``q_values[i]`` over ``q_ids``): per draft
     ``rejection_node`` at two uniforms while the drafts before it were kept, then the bonus drawn
     from the last row's p at the next: the tokens and the generator's state of ``walk_chain``
-    (tested). The top-k softmax reads each row once, so no early bound is needed."""
+    (tested). The truncated softmax reads each row a few times, so no early bound is needed."""
     k, vocab = tokens.size, logits.shape[1]
     uniforms = np.empty(2)
     for i in range(k):
         uniforms[0] = next_uniform(uniform, state)
         uniforms[1] = next_uniform(uniform, state)
-        p_ids, p_values = _top_k_probs(logits[i], temperature, top_k)
+        p_ids, p_values = _truncated_probs(logits[i], temperature, top_k, top_p)
         d_ids, d_values = _stored_q(q_ids, q_kept[i], q_values[i])
         token = rejection_node(p_ids, p_values, d_ids, d_values, vocab, tokens[i : i + 1], uniforms, False)
         if token != tokens[i]:
             return i, token
-    p_ids, p_values = _top_k_probs(logits[k], temperature, top_k)
+    p_ids, p_values = _truncated_probs(logits[k], temperature, top_k, top_p)
     return k, p_ids[draw(p_values, next_uniform(uniform, state))]
 
 
 @numba.njit(cache=True)
-def _target_row(logits, temperature, top_k):
+def _target_row(logits, temperature, top_k, top_p):
     """p of one target row as ``SamplingConfig.row_probs`` makes it, in ``rejection_node``'s
-    form: the top-k softmax on its nonzero entries (``_top_k_probs``) for 0 < ``top_k`` < V,
-    else the dense tempered softmax (empty ids)."""
-    if 0 < top_k < logits.size:
-        return _top_k_probs(logits, temperature, top_k)
+    form: the truncated softmax on its nonzero entries (``_truncated_probs``) where top-k or
+    top-p truncates, else the dense tempered softmax (empty ids)."""
+    if truncates(top_k, top_p, logits.size):
+        return _truncated_probs(logits, temperature, top_k, top_p)
     return np.empty(0, dtype=np.int64), tempered_softmax(logits, temperature)[0]
 
 
@@ -471,8 +474,8 @@ def _prefetch_move(keys, values, base, node, k):
 
 @numba.njit(cache=True)
 def tree_walk(
-    logits, temperature, top_k, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros, q_kept,
-    q_drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, early, cache_keys,
+    logits, temperature, top_k, top_p, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros,
+    q_kept, q_drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, early, cache_keys,
     cache_values, cache_base,
 ):  # fmt: skip
     """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes, the
@@ -511,7 +514,7 @@ def tree_walk(
     kids, untruncated = np.empty(widths.max(), dtype=np.int64), np.empty(0, dtype=np.int64)
     while True:
         r = 0 if node < 0 else 1 + np.count_nonzero(valid[:node])  # the node's row
-        row, dense = logits[r], not (0 < top_k < vocab)  # dense: p the tempered softmax alone
+        row, dense = logits[r], not truncates(top_k, top_p, vocab)  # dense: p the tempered softmax alone
         d, n = (0 if node < 0 else depths[node]), 0
         if d < widths.size:
             first = child_starts[node + 1]
@@ -522,20 +525,20 @@ def tree_walk(
         if n == 0 and dense:  # an accepted leaf: the bonus token
             return path[:k], softmax_draw(row, temperature, next_uniform(uniform, state), early), True
         if n == 0:
-            p_ids, p_values = _target_row(row, temperature, top_k)
+            p_ids, p_values = _target_row(row, temperature, top_k, top_p)
             return path[:k], p_ids[draw(p_values, next_uniform(uniform, state))], True
         drafts = tokens[kids[:n]]
         kept = q_kept[r] if q_kept.size else untruncated
         d_ids, d_values = _drafted_row(q_ids, kept, q_values[r], q_zeros[r])
         if optimal and n > 1:
             uniforms = next_uniforms(THRESHOLD_UNIFORMS, uniform, state)
-            p_ids, p_values = _target_row(row, temperature, top_k)
+            p_ids, p_values = _target_row(row, temperature, top_k, top_p)
             token = threshold_node_on_union(
                 p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, head, tail
             )
         elif rule > RULE_RRS_WITHOUT_REPLACEMENT and (n > 1 or rule != RULE_SPECHUB):
             uniforms = next_uniforms(node_uniforms(rule, n), uniform, state)
-            p_ids, p_values = _target_row(row, temperature, top_k)
+            p_ids, p_values = _target_row(row, temperature, top_k, top_p)
             token = classic_node(p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, rule)
         else:
             uniforms = next_uniforms(n + 1, uniform, state)
@@ -546,7 +549,7 @@ def tree_walk(
             if keep_first:  # kept below p's lower bound: rejection_node keeps it too
                 token = drafts[0]
             else:
-                p_ids, p_values = _target_row(row, temperature, top_k)
+                p_ids, p_values = _target_row(row, temperature, top_k, top_p)
                 distinct = rule == RULE_RRS_WITHOUT_REPLACEMENT and n > 1
                 token = rejection_node(p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, distinct)
         child = -1
@@ -579,22 +582,25 @@ def _block_step(p_row, q_row, weight, i, uniform, state):
 
 
 @numba.njit(cache=True)
-def top_k_chain_block_walk(logits, temperature, top_k, q_ids, q_kept, q_values, tokens, uniform, state):
-    """``softmax_chain_block_walk`` under a top-k (``top_k_chain_walk``'s arguments): block
-    verification of the chain with p_i the top-k softmax of ``logits[i]`` and q_i the level's
+def truncated_chain_block_walk(
+    logits, temperature, top_k, top_p, q_ids, q_kept, q_values, tokens, uniform, state
+):
+    """``softmax_chain_block_walk`` under a truncating transform (``truncated_chain_walk``'s
+    arguments): block verification of the chain with p_i the truncated softmax of ``logits[i]``
+    and q_i the level's
     stored q, the rows a draw reads made dense as ``walk.walk_chain_block`` makes them, so that
     every sum runs in its order: (kept, token), the tokens and the generator's state of
     ``walk_chain_block`` (tested)."""
     k, vocab = tokens.size, logits.shape[1]
     u = next_uniform(uniform, state)
-    p = [_top_k_probs(logits[i], temperature, top_k) for i in range(k)]  # (ids, values) per row
+    p = [_truncated_probs(logits[i], temperature, top_k, top_p) for i in range(k)]  # (ids, values)
     q = [_stored_q(q_ids, q_kept[i], q_values[i]) for i in range(k)]
     weights = np.ones(k + 1)
     for i in range(k):
         ratio = _prob_at(p[i][0], p[i][1], tokens[i]) / _prob_at(q[i][0], q[i][1], tokens[i])
         weights[i + 1] = min(1.0, weights[i] * ratio)
     if u < weights[k]:
-        p_ids, p_values = _top_k_probs(logits[k], temperature, top_k)
+        p_ids, p_values = _truncated_probs(logits[k], temperature, top_k, top_p)
         return k, np.int64(draw(_dense(p_ids, p_values, vocab), next_uniform(uniform, state)))
     for i in range(k - 1, -1, -1):
         p_row, q_row = _dense(p[i][0], p[i][1], vocab), _dense(q[i][0], q[i][1], vocab)

@@ -283,10 +283,10 @@ def plain_tokens(target, sampling: SamplingConfig, seq: list[int], budget: int, 
     Python loop draws them, stopping at the budget, after a token of ``eos`` (where
     ``sampling.stop_on_eos``) or past the context ``ctx`` (None: none), the target's cache then
     holding every token but the last. Returns ``PlainTokens``, or None, drawing nothing, where
-    it does not apply: the target's forward not compiled, a transform other than the tempered
-    softmax after an optional top-k, the tokens the cache lacks wider than one panel pass."""
+    it does not apply: the target's forward not compiled, greedy decoding (temperature 0), the
+    tokens the cache lacks wider than one panel pass."""
     length = len(seq)
-    if budget < 1 or not sampling.chain_transform:
+    if budget < 1 or not sampling.compiled_transform:
         return None
     forward = target.compiled_forward(max(length - target.cached, 1), length + 1)
     if forward is None:
@@ -300,13 +300,23 @@ def plain_tokens(target, sampling: SamplingConfig, seq: list[int], budget: int, 
         buffer, length, length + budget, context_end, target.capacity, np.fromiter(sorted(eos), np.int64),
         sampling.stop_on_eos, records, target.cached,
     )  # fmt: skip
-    top_k, source = int(sampling.top_k or 0), uniform_source(rng)
+    source = uniform_source(rng)
     end, steps, status, cached = kernels.plain_steps(
-        *common, float(sampling.temperature), top_k, *forward, *source, kernels.clock_source()
+        *common,
+        float(sampling.temperature),
+        *_truncation(sampling),
+        *forward,
+        *source,
+        kernels.clock_source(),
     )
     seconds = records[:steps, 3:5]
     target.advance(cached, steps, seconds[:, 0].sum())
     return PlainTokens(buffer[length:end].tolist(), kernels.stop_reason(status), seconds)
+
+
+def _truncation(sampling: SamplingConfig) -> tuple[int, float]:
+    """The compiled kernels' (top_k, top_p) of ``sampling``: 0 and 1.0 where none."""
+    return int(sampling.top_k or 0), float(1.0 if sampling.top_p is None else sampling.top_p)
 
 
 class Autoregressive(_Decoder):
@@ -700,12 +710,12 @@ class TreeDecoder(_Decoder):
 
         Per level: one draft forward over the level's nodes, the output layer on the valid rows
         only, the sampling transform per row on its support, children drawn per node. Where the
-        transform is the tempered softmax after an optional top-k, the law is one of
+        transform is the tempered softmax after an optional top-k and top-p, the law is one of
         ``TREE_LAWS`` (i.i.d., without replacement, greedy, SpecHub) and the runner drafts trees
         in one compiled call
         (``sample_tree``), every level runs in that call: the same tokens and q (tested).
         """
-        if self.compiled_draft and self.sampling.chain_transform and self.book.law.name in TREE_LAWS:
+        if self.compiled_draft and self.sampling.compiled_transform and self.book.law.name in TREE_LAWS:
             drafted = self._drafted_tree(seq, rng)
             if drafted is not None:
                 return drafted
@@ -750,7 +760,14 @@ class TreeDecoder(_Decoder):
         fresh = np.asarray(seq[self.draft.cached :])
         sampling, law = self.sampling, TREE_LAWS[self.book.law.name]
         sampled = self.draft.sample_tree(
-            fresh, self.tree, law, rng, sampling.temperature, self._source(rng), sampling.top_k
+            fresh,
+            self.tree,
+            law,
+            rng,
+            sampling.temperature,
+            self._source(rng),
+            sampling.top_k,
+            sampling.top_p,
         )
         if sampled is None:
             return None
@@ -781,16 +798,16 @@ class TreeDecoder(_Decoder):
         """``draft_tree`` for a chain (widths all 1), the decoding loop's fast path: one causal
         draft forward per level and one draw from q per level, no masks and no per-node rule
         lookups. The same forwards, draws and result as ``draft_tree`` (tested). Where the
-        transform is the tempered softmax after an optional top-k
-        (``SamplingConfig.chain_transform``) and the runner has a compiled chain
+        transform is the tempered softmax after an optional top-k and top-p
+        (``SamplingConfig.compiled_transform``) and the runner has a compiled chain
         (``sample_chain``), every level runs in one call: the draft's time per level then drops
         by 20-30 microseconds of Python and dispatch (BENCHMARKS.md)."""
         depth, rule = self.tree.depth, self.book.rule(1, 2)  # width 1: one rule for every q
         fresh = np.asarray(seq[self.draft.cached :])
         sampling = self.sampling
-        if self.compiled_draft and sampling.chain_transform:  # one compiled call where it applies
-            source = self._source(rng)
-            chain = self.draft.sample_chain(fresh, depth, rng, sampling.temperature, source, sampling.top_k)
+        if self.compiled_draft and sampling.compiled_transform:  # one compiled call where it applies
+            source, (top_k, top_p) = self._source(rng), (sampling.top_k, sampling.top_p)
+            chain = self.draft.sample_chain(fresh, depth, rng, sampling.temperature, source, top_k, top_p)
             if chain is not None:
                 return self._drafted_chain(chain, rule)
         tokens = np.empty(depth, dtype=np.int64)
@@ -811,7 +828,7 @@ class TreeDecoder(_Decoder):
         ids = self.draft.output_ids
         qs = _DraftedProbs(ids, chain.probs, chain.zeros, chain.kept, self.vocab)
         chain_q = (DENSE_IDS if ids is None else ids, chain.probs)
-        kept = chain.kept if chain.kept.size else None  # q truncated by a top-k
+        kept = chain.kept if chain.kept.size else None  # q truncated by a top-k or a top-p
         rules = dict.fromkeys(range(-1, len(chain.tokens) - 1), rule)
         return DraftedSlots(chain.tokens, self._chain_valid, rules, qs, chain_q, kept)
 
@@ -896,7 +913,8 @@ class TreeDecoder(_Decoder):
     def _walks_from_logits(self, drafted: DraftedSlots) -> bool:
         """Whether the lean loop verifies this chain by ``walk.walk_chain_softmax`` (node by
         node, or with ``block`` as a block): drafted in one call (``chain_q``), p the tempered
-        softmax alone, or after a top-k that truncated the draft's q too (``chain_kept``), and
+        softmax alone, or after a top-k and / or top-p that truncated the draft's q too
+        (``chain_kept``), and
         every row's logits one output-layer call (``HEAD_BATCH_ROWS``), as the
         general walk computes them for such a chain. The target's forward then returns the
         logits of every row itself (``target.causal``: one compiled call on the lean forward)."""
@@ -910,7 +928,7 @@ class TreeDecoder(_Decoder):
         """Whether the general loop verifies this tree by ``walk.walk_tree_softmax``: drafted in
         one call (``tree_q``), every node verified by a verifier of ``walk.walk_rule``
         (recursive rejection sampling, greedy, SpecHub, K-SEQ, importance, sample_check) or the optimal
-        verifier, p the tempered softmax after an optional top-k, every row's
+        verifier, p the tempered softmax after an optional top-k and top-p, every row's
         logits one output-layer call (``HEAD_BATCH_ROWS``) and the walk's own draws (no
         ``exact_acceptance``)."""
         return (
@@ -918,7 +936,7 @@ class TreeDecoder(_Decoder):
             and self.sequence_method is None
             and not self.exact_acceptance
             and (walk_rule(self.book.verifier) is not None or isinstance(self.book.verifier, OptimalVerifier))
-            and self.sampling.chain_transform
+            and self.sampling.compiled_transform
             and self.tree.num_nodes + 1 <= HEAD_BATCH_ROWS
         )
 
@@ -964,9 +982,10 @@ class TreeDecoder(_Decoder):
         ``walk.tree_walk_verifier``) for a tree drafted in one call (``_drafted_tree``) and walked
         from the logits (``_walks_tree_from_logits``) whose nodes of several drafts are the
         plan's (the first depth of several slots, q on the top-k or the draft's whole output
-        layer); ("chain", top_k or 0, block) for a chain of the lean loop drafted in one call
-        (``draft_chain``) and walked from the logits (``_walks_from_logits``); else None. Kept
-        per (tree, sampling, draft vocabulary, flags)."""
+        layer; with a top-p, q's support changes from step to step, and a node of another
+        support is walked in Python); ("chain", top_k or 0, block) for a chain of the lean loop
+        drafted in one call (``draft_chain``) and walked from the logits
+        (``_walks_from_logits``); else None. Kept per (tree, sampling, draft vocabulary, flags)."""
         tree, sampling = self.tree, self.sampling
         width = self.vocab if self.draft.output_ids is None else self.draft.output_ids.size
         key = (tree, sampling, width, self.fused_step, self.compiled_draft, self.exact_acceptance)
@@ -979,11 +998,12 @@ class TreeDecoder(_Decoder):
         tree, sampling, book = self.tree, self.sampling, self.book
         top_k = sampling.top_k if 0 < (sampling.top_k or 0) < width else 0  # a top-k truncating q
         rows_fit = tree.num_nodes + 1 <= HEAD_BATCH_ROWS  # every row's logits in the forward's call
-        compiled = self.fused_step and self.compiled_draft and sampling.chain_transform
+        compiled = self.fused_step and self.compiled_draft and sampling.compiled_transform
         if not compiled or self.exact_acceptance or not rows_fit:
             return None
-        if self.fast_chain:
-            walks = sampling.softmax_only or top_k > 0
+        if self.fast_chain:  # a truncation of p truncates q too (a top-k below the draft's width)
+            walks = sampling.softmax_only or top_k > 0 or (sampling.top_p or 1.0) < 1.0
+            walks = walks and not (width <= (sampling.top_k or 0) < self.vocab)
             return ("chain", top_k, self.config.verifier == "block") if walks else None
         if (
             self.sequence_method is not None
@@ -1062,11 +1082,12 @@ class TreeDecoder(_Decoder):
         clock = _step_kernels().clock_source()
         if plan[0] == "chain":
             _, top_k, block = plan
-            head = (tree.depth, temperature, top_k, output_ids, draft.output_token_ids, block)
+            top_p = _truncation(sampling)[1]
+            head = (tree.depth, temperature, top_k, top_p, output_ids, draft.output_token_ids, block)
             return (*head, *draft_model, *target_model, *source, clock)
         head = (
             *draft.tree_arrays(tree), self._target_mask, TREE_LAWS[self.book.law.name], temperature,
-            int(sampling.top_k or 0), output_ids, draft.output_token_ids,
+            *_truncation(sampling), output_ids, draft.output_token_ids,
         )  # fmt: skip
         hidden = np.float32(self.target.hidden)
         return (*head, *draft_model, *target_model, hidden, *plan[1], *source, clock)
@@ -1142,7 +1163,7 @@ class TreeDecoder(_Decoder):
         drafts, logits, rows = step[:3]
         drafted, sampling = self._drafted_slots(SampledTree(*drafts)), self.sampling
         args = (logits, sampling.temperature, sampling.top_k, self.book, rng, self._source(rng))
-        result = walk_tree_softmax(self.tree, drafted, *args)
+        result = walk_tree_softmax(self.tree, drafted, *args, top_p=sampling.top_p)
         self._keep_path(base, result.path)
         return StepRecord(drafted, None, result, logits, rows.tolist())
 
@@ -1189,11 +1210,13 @@ class TreeDecoder(_Decoder):
         sampling, source = self.sampling, self._source(rng)
         if from_logits:  # the whole walk in one compiled call
             block = self.config.verifier == "block"
-            top_k = None if drafted.chain_kept is None else sampling.top_k
-            result = walk_chain_softmax(drafted, logits, sampling.temperature, rng, block, source, top_k)
+            top_k, top_p = (None, None) if drafted.chain_kept is None else (sampling.top_k, sampling.top_p)
+            result = walk_chain_softmax(
+                drafted, logits, sampling.temperature, rng, block, source, top_k, top_p
+            )
         elif tree_from_logits:
             args = (logits, sampling.temperature, sampling.top_k, self.book, rng, source)
-            result = walk_tree_softmax(self.tree, drafted, *args)
+            result = walk_tree_softmax(self.tree, drafted, *args, top_p=sampling.top_p)
         else:
             result, head_time = self._walk(drafted, hidden, rng, fast)
         t3 = time.perf_counter()

@@ -61,10 +61,12 @@ class SamplingConfig:
         return self.temperature > 0 and self.top_k is None and (self.top_p is None or self.top_p >= 1.0)
 
     @property
-    def chain_transform(self) -> bool:
-        """Whether the transform is softmax(logits / temperature), after an optional top-k (no
-        top-p, temperature > 0): the compiled draft chain's case (``StaticLlamaRunner.sample_chain``)."""
-        return self.temperature > 0 and (self.top_p is None or self.top_p >= 1.0)
+    def compiled_transform(self) -> bool:
+        """Whether the transform is softmax(logits / temperature) after an optional top-k and
+        top-p (temperature > 0, not greedy): the case of the compiled paths (plain sampling,
+        ``StaticLlamaRunner.sample_chain`` and ``sample_tree``, the compiled walks), which apply
+        it by ``mdsd._topp_numba.truncated_softmax``."""
+        return self.temperature > 0
 
     def row_probs(
         self, logits: np.ndarray, token_ids: np.ndarray | None = None, vocab: int = 0

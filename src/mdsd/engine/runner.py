@@ -240,14 +240,29 @@ class ModelRunner:
         return out
 
     def sample_chain(
-        self, ids, depth: int, rng: np.random.Generator, temperature: float, source=None, top_k=None
+        self,
+        ids,
+        depth: int,
+        rng: np.random.Generator,
+        temperature: float,
+        source=None,
+        top_k=None,
+        top_p=None,
     ) -> SampledChain | None:
         """A chain drafted in one compiled call, or None (drawing nothing from ``rng``) where the
         runner has none (this one): see ``StaticLlamaRunner.sample_chain``."""
         return None
 
     def sample_tree(
-        self, ids, tree, distinct: bool, rng: np.random.Generator, temperature: float, source=None, top_k=None
+        self,
+        ids,
+        tree,
+        distinct: bool,
+        rng: np.random.Generator,
+        temperature: float,
+        source=None,
+        top_k=None,
+        top_p=None,
     ) -> SampledTree | None:
         """A draft tree drafted in one compiled call, or None (drawing nothing from ``rng``) where
         the runner has none (this one): see ``StaticLlamaRunner.sample_tree``."""

@@ -516,15 +516,22 @@ class StaticLlamaRunner(ModelRunner):
         return logits
 
     def sample_chain(
-        self, ids, depth: int, rng: np.random.Generator, temperature: float, source=None, top_k=None
+        self,
+        ids,
+        depth: int,
+        rng: np.random.Generator,
+        temperature: float,
+        source=None,
+        top_k=None,
+        top_p=None,
     ) -> SampledChain | None:
         """Draft a chain of ``depth`` tokens in one compiled call (``_llama_numba.sample_chain``):
         level 0 forwards ``ids`` (the tokens the cache lacks), each further level the token drawn
         before it; level d's q = softmax(logits / ``temperature``) over the output layer's tokens
         and its token drawn at the d-th of ``rng.random(depth)``. The same forwards, q and draws
         as ``causal_hidden``, ``logits``, ``mdsd.logits.process_logits_row`` (temperature alone)
-        and ``mdsd.sampling.draw`` per level (tested); with ``top_k``, q over the top-k of the output
-        layer's logits, as ``process_logits_row`` with that top-k. ``source``:
+        and ``mdsd.sampling.draw`` per level (tested); with ``top_k`` and / or ``top_p``, q over the
+        output layer's logits truncated by them, as ``process_logits_row`` truncates. ``source``:
         ``uniform_source(rng)`` where the caller keeps it (the compiled call draws from ``rng``
         through it).
 
@@ -544,7 +551,7 @@ class StaticLlamaRunner(ModelRunner):
                 np.asarray(ids, dtype=np.int64),
                 int(depth),
                 *source,
-                *self._drafting_args(temperature, top_k, start),
+                *self._drafting_args(temperature, top_k, top_p, start),
             )
         )
         self._length = start + len(ids) + depth - 1
@@ -553,12 +560,20 @@ class StaticLlamaRunner(ModelRunner):
         return chain
 
     def sample_tree(
-        self, ids, tree, law: int, rng: np.random.Generator, temperature: float, source=None, top_k=None
+        self,
+        ids,
+        tree,
+        law: int,
+        rng: np.random.Generator,
+        temperature: float,
+        source=None,
+        top_k=None,
+        top_p=None,
     ) -> SampledTree | None:
         """Draft the whole ``tree`` (a ``DraftTree``) in one compiled call
         (``_llama_numba.sample_tree``): the forwards of ``tree_hidden`` per level and of
         ``causal_hidden`` for ``ids`` (the tokens the cache lacks), ``logits`` on the valid rows,
-        ``process_logits_row`` (temperature, optional top-k) and the drafts of every node by the
+        ``process_logits_row`` (temperature, optional top-k and top-p) and the drafts of every node by the
         law of code ``law`` (``mdsd.engine.tree.TREE_LAWS``: i.i.d., without replacement by
         ``mdsd.laws``' sequential draws, greedy, SpecHub), from ``rng``
         through ``source`` (``uniform_source(rng)``): the same numbers as ``TreeDecoder``'s level
@@ -579,7 +594,7 @@ class StaticLlamaRunner(ModelRunner):
                 *self.tree_arrays(tree),
                 int(law),
                 *source,
-                *self._drafting_args(temperature, top_k, start),
+                *self._drafting_args(temperature, top_k, top_p, start),
             )
         )
         self._length = end
@@ -587,12 +602,13 @@ class StaticLlamaRunner(ModelRunner):
         self.model_time += time.perf_counter() - began
         return sampled
 
-    def _drafting_args(self, temperature: float, top_k, start: int) -> tuple:
+    def _drafting_args(self, temperature: float, top_k, top_p, start: int) -> tuple:
         """The arguments ``_llama_numba.sample_chain`` and ``sample_tree`` share after their own:
-        temperature, top-k (0: none), whether q is stored on its nonzero entries (a draft over
-        part of the vocabulary, as ``SamplingConfig.row_probs`` stores it), the output layer's
-        token ids, the model, the cache, its length and ``_stack_args``."""
-        sampling = (float(temperature), int(top_k or 0), self.output_ids is not None, self.output_token_ids)
+        temperature, top-k (0: none), top-p (1: none), whether q is stored on its nonzero entries
+        (a draft over part of the vocabulary, as ``SamplingConfig.row_probs`` stores it), the output
+        layer's token ids, the model, the cache, its length and ``_stack_args``."""
+        truncation = (int(top_k or 0), float(1.0 if top_p is None else top_p))
+        sampling = (float(temperature), *truncation, self.output_ids is not None, self.output_token_ids)
         return (*sampling, self._compiled_model(), *self._cache_numpy, start, *self._stack_args)
 
     @property

@@ -395,15 +395,16 @@ def walk_chain_softmax(
     block: bool = False,
     source: tuple[int, int] | None = None,
     top_k: int | None = None,
+    top_p: float | None = None,
 ) -> WalkResult:
     """``walk_chain`` where p(. | path to node i - 1) is softmax(target_logits[i] / temperature)
     (``SamplingConfig.row_probs`` of a transform without top-k or top-p) and q is
     ``drafted.chain_q``: the whole walk in one compiled call from the logits [k + 1, V]
     (``_walk_numba.softmax_chain_walk``), the same result and generator state as ``walk_chain``
     (tested). With ``block``, ``walk_chain_block``'s (``_walk_numba.softmax_chain_block_walk``,
-    tested likewise). With ``top_k`` (a chain drafted under it: ``drafted.chain_kept``), p the
-    top-k softmax (``_walk_numba.top_k_chain_walk`` and ``top_k_chain_block_walk``, tested
-    likewise). The lean
+    tested likewise). With ``top_k`` and / or ``top_p`` < 1 (a chain drafted under them:
+    ``drafted.chain_kept``), p the truncated softmax (``_walk_numba.truncated_chain_walk`` and
+    ``truncated_chain_block_walk``, tested likewise). The lean
     loop's walk of chains drafted in one call. ``source``: ``mdsd.sampling.uniform_source(rng)``
     where the caller keeps it."""
     tokens = drafted.tokens.tolist()
@@ -411,14 +412,18 @@ def walk_chain_softmax(
     logits = np.ascontiguousarray(target_logits)  # [k + 1, V]
     kernels = _walk_kernels()
     source = uniform_source(rng) if source is None else source
-    if top_k is not None:
+    top_p = 1.0 if top_p is None else float(top_p)
+    if top_k is not None or top_p < 1.0:
         if drafted.chain_kept is None:
-            raise ValueError("top_k: the chain was not drafted under a top-k (drafted.chain_kept is None)")
-        top_k_kernel = kernels.top_k_chain_block_walk if block else kernels.top_k_chain_walk
-        kept, token = top_k_kernel(
+            raise ValueError(
+                "top_k, top_p: the chain was not drafted under a truncation (drafted.chain_kept is None)"
+            )
+        truncated_kernel = kernels.truncated_chain_block_walk if block else kernels.truncated_chain_walk
+        kept, token = truncated_kernel(
             logits,
             float(temperature),
-            int(top_k),
+            int(top_k or 0),
+            top_p,
             q_ids,
             drafted.chain_kept,
             q_values,
@@ -449,10 +454,11 @@ def walk_tree_softmax(
     book: RuleBook,
     rng: np.random.Generator,
     source: tuple[int, int] | None = None,
+    top_p: float | None = None,
 ) -> WalkResult:
     """``walk`` of a tree drafted in one call (``drafted.tree_q``) with p the tempered softmax
-    after an optional ``top_k`` of the target's logits [1 + valid nodes, V] (the root's row, then
-    the valid nodes' in ascending order) and the rules of ``book``: in one compiled call
+    after an optional ``top_k`` and ``top_p`` of the target's logits [1 + valid nodes, V] (the
+    root's row, then the valid nodes' in ascending order) and the rules of ``book``: in one compiled call
     (``_walk_numba.tree_walk``) where every node is verified by a verifier of ``walk_rule``
     (recursive rejection sampling, greedy, SpecHub, K-SEQ, importance, sample_check) or by the
     optimal verifier (its threshold node, one plan for every node of several drafts; classic
@@ -466,15 +472,15 @@ def walk_tree_softmax(
     )
     verifier_args = tree_walk_verifier(book, n, support)
     if verifier_args is None:
-        return _walk_rows(tree, drafted, logits, temperature, top_k, rng)
+        return _walk_rows(tree, drafted, logits, temperature, top_k, top_p, rng)
     source = uniform_source(rng) if source is None else source
     path, token, bonus = _walk_kernels().tree_walk(
-        logits, float(temperature), int(top_k or 0), tree.widths_array, tree.child_starts, tree.depths,
-        drafted.tokens, drafted.valid, ids, probs, zeros, kept, counts, *verifier_args, *source,
-        logits.dtype == np.float32, *_NO_CACHE,
+        logits, float(temperature), int(top_k or 0), 1.0 if top_p is None else float(top_p),
+        tree.widths_array, tree.child_starts, tree.depths, drafted.tokens, drafted.valid, ids, probs, zeros,
+        kept, counts, *verifier_args, *source, logits.dtype == np.float32, *_NO_CACHE,
     )  # fmt: skip
     if token < 0:  # a node of several drafts the plan was not made for: nothing drawn yet
-        return _walk_rows(tree, drafted, logits, temperature, top_k, rng)
+        return _walk_rows(tree, drafted, logits, temperature, top_k, top_p, rng)
     return tree_walk_result(drafted, path, token, bonus)
 
 
@@ -518,13 +524,13 @@ def _placeholder_plan() -> NodePlan:
     return node_plan(get_law("iid"), 2, 8)
 
 
-def _walk_rows(tree, drafted: DraftedSlots, logits, temperature: float, top_k, rng) -> WalkResult:
+def _walk_rows(tree, drafted: DraftedSlots, logits, temperature: float, top_k, top_p, rng) -> WalkResult:
     """``walk`` with p of node i from row 1 + (valid nodes before i) of ``logits`` (the root:
     row 0), transformed as ``SamplingConfig.row_probs`` does (``process_logits_row``)."""
     rows = np.cumsum(drafted.valid)  # node i's row: valid nodes up to i, itself included
 
     def target_probs(node: int) -> SupportProbs:
-        return process_logits_row(logits[0 if node < 0 else rows[node]], temperature, top_k)
+        return process_logits_row(logits[0 if node < 0 else rows[node]], temperature, top_k, top_p)
 
     return walk(tree, drafted, target_probs, rng)
 
