@@ -381,9 +381,46 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
             deep |= any(r.stats.depth_expected[-1] > 0 for r in compiled)  # a leaf kept: a bonus token
     assert deep
     assert calls.loops >= 24 and calls.steps > 0  # (the prompts fit a panel pass)
-    # the optimal verifier's plan is the top-k's: the draft vocabulary's, the nucleus' and the
-    # underflowing q's nodes are walked by Python after the call
-    assert (calls.unplanned > 0) == (verifier == "optimal")
+    # only an optimal plan leaves nodes to Python (a node of another n or of a support the plan
+    # does not serve: test_compiled_optimal_walks_unserved_nodes_in_python)
+    assert calls.unplanned == 0 or verifier == "optimal"
+
+
+@pytest.mark.filterwarnings("ignore:acceptance at depth 1")
+@pytest.mark.parametrize("law,tree", [("without_replacement", (3, 1)), ("iid", (2, 2, 1))])
+def test_compiled_optimal_walks_unserved_nodes_in_python(llama, law, tree, monkeypatch):
+    """Where the optimal plan serves only its own q support (``RuleBook.supports_served``
+    narrowed), the one-call loop leaves every tree with a node of another support to Python
+    (``_walk_unplanned``), which follows the supports it meets (``_follow_support``), and the
+    tokens are the general loop's all the same: under a top-p (q's support changes from step to
+    step) and a top-k, with and without a draft vocabulary."""
+    from mdsd.engine.vocab import as_draft_vocabulary
+    from mdsd.engine.walk import RuleBook
+
+    def own_support_only(self, n, support, max_support):
+        served = np.zeros(max_support + 1, dtype=bool)
+        served[support] = True
+        return served
+
+    monkeypatch.setattr(RuleBook, "supports_served", own_support_only)
+    calls = _count_one_call_steps(monkeypatch)
+    followed = set()
+    for draft_vocab in (None, (0, 2, 3, 5, 6, 7, 9, 11)):
+        for sampling in (
+            SamplingConfig(1.0, top_p=0.8, max_new_tokens=20, stop_on_eos=False),
+            SamplingConfig(1.0, top_k=5, top_p=0.9, max_new_tokens=20, stop_on_eos=False),
+        ):
+            dec = TreeDecoder(llama, TreeConfig.make(tree, law, "optimal"), sampling)
+            dec.use_draft_vocabulary(as_draft_vocabulary(draft_vocab, llama.draft))
+            looped = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+            followed.add(dec._plan_support)
+            dec.compiled_draft = False
+            general = dec.generate([PROMPT, [4, 4], [9]], seed=11)
+            assert [r.token_ids for r in looped] == [r.token_ids for r in general]
+            for r, g in zip(looped, general):
+                assert r.stats.depth_expected.tolist() == g.stats.depth_expected.tolist()
+    assert calls.unplanned > 0 and calls.loops > 0
+    assert len(followed - {None}) > 1  # the plan followed the supports met
 
 
 @pytest.mark.filterwarnings("ignore:acceptance at depth 1")

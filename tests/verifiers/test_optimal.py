@@ -1421,3 +1421,38 @@ def test_compiled_decompose_equals_reference(law_name, side):
         else:
             other_paths += 1
     assert other_paths <= 2
+
+
+def test_plan_classes_group_the_supports_one_plan_serves():
+    """``plan_classes`` labels two supports alike exactly where ``node_plan`` gives the same
+    kernel and arguments: one class for i.i.d. and two-draft without-replacement nodes (no
+    argument depends on the support), two for three drafts without replacement (the order
+    split's race step is finer up to ``_race.SMALL_VOCAB`` tokens), none below two tokens; and
+    a row of a support in the plan's class draws the plan's own token."""
+    from mdsd._race import SMALL_VOCAB
+    from mdsd.laws import get_law
+    from mdsd.verifiers.optimal.verifier import _same_arguments, plan_classes
+
+    def arguments(plan):
+        return (plan.kind, plan.head, plan.tail, plan.uniforms)
+
+    iid, wor = get_law("iid"), get_law("without_replacement")
+    for law, n in ((iid, 2), (iid, 3), (wor, 2)):
+        labels = plan_classes(law, n, 300)
+        assert labels[:2].tolist() == [-1, -1] and np.all(labels[2:] == 0)
+    labels = plan_classes(wor, 3, SMALL_VOCAB + 40)
+    assert labels[:2].tolist() == [-1, -1]
+    assert np.all(labels[2 : SMALL_VOCAB + 1] == labels[2]) and np.all(
+        labels[SMALL_VOCAB + 1 :] == labels[-1]
+    )
+    assert labels[2] != labels[-1]
+    small, large = node_plan(wor, 3, 2), node_plan(wor, 3, SMALL_VOCAB + 1)
+    assert _same_arguments(arguments(small), arguments(node_plan(wor, 3, SMALL_VOCAB)))
+    assert not _same_arguments(arguments(small), arguments(large))
+    gen = np.random.default_rng(5)
+    for _ in range(20):  # a row of 40 tokens sampled by the plan made for 7 tokens
+        p, q = gen.dirichlet(np.ones(40)), gen.dirichlet(np.ones(40))
+        drafts = np.argsort(-q)[:3]
+        seed = int(gen.integers(1 << 30))
+        tokens = [node_plan(wor, 3, s).sample(p, q, drafts, np.random.default_rng(seed)) for s in (7, 40)]
+        assert tokens[0] == tokens[1]

@@ -449,12 +449,15 @@ def _drafted_row(q_ids, kept, values, zeros):
 
 
 @numba.njit(cache=True)
-def _plan_fits(drafted, zeros, width, plan_n, plan_support):
-    """Whether every row of more than one draft has n = ``plan_n`` drafts and a q of
-    ``plan_support`` nonzero entries (``width`` - its zeros), the node the plan was made for."""
+def _plan_fits(drafted, zeros, width, plan_n, plan_served):
+    """Whether every row of more than one draft has n = ``plan_n`` drafts and a q whose number
+    of nonzero entries s (``width`` - its zeros) the plan serves (``plan_served[s]``: its node's
+    arguments for s are the plan's)."""
     for r in range(drafted.size):
-        if drafted[r] > 1 and (drafted[r] != plan_n or width - zeros[r] != plan_support):
-            return False
+        if drafted[r] > 1:
+            support = width - zeros[r]
+            if drafted[r] != plan_n or support >= plan_served.size or not plan_served[support]:
+                return False
     return True
 
 
@@ -475,7 +478,7 @@ def _prefetch_move(keys, values, base, node, k):
 @numba.njit(cache=True)
 def tree_walk(
     logits, temperature, top_k, top_p, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros,
-    q_kept, q_drafted, rule, optimal, plan_n, plan_support, head, tail, uniform, state, early, cache_keys,
+    q_kept, q_drafted, rule, optimal, plan_n, plan_served, head, tail, uniform, state, early, cache_keys,
     cache_values, cache_base,
 ):  # fmt: skip
     """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes, the
@@ -494,7 +497,7 @@ def tree_walk(
     SpecHub's nodes of two drafts, its nodes of one taking classic sampling as ``walk.RuleBook``
     rules them), or, with ``optimal``, nodes of several drafts by the optimal verifier's threshold
     node (``threshold_node_on_union`` with ``head``, ``tail`` of the ``NodePlan`` for ``plan_n``
-    drafts on a q of ``plan_support`` tokens, at ``rng.random(4)``) and nodes of one draft by
+    drafts on the q supports ``plan_served`` marks, at ``rng.random(4)``) and nodes of one draft by
     classic speculative sampling (``walk.RuleBook``'s single-draft rule). Then the descent into
     the first child holding the emitted token, or, at a node without valid children, the bonus
     drawn from p at the next uniform: the tokens and the generator's state of ``walk`` (tested).
@@ -508,7 +511,7 @@ def tree_walk(
     it moves to (``_prefetch_move``) are asked for as the walk goes on, so the path's move after
     the walk (``_step_numba.keep_path``) finds them near the core; a hint that changes nothing."""
     path = np.empty(widths.size, dtype=np.int64)
-    if optimal and not _plan_fits(q_drafted, q_zeros, q_values.shape[1], plan_n, plan_support):
+    if optimal and not _plan_fits(q_drafted, q_zeros, q_values.shape[1], plan_n, plan_served):
         return path[:0], np.int64(-1), False
     node, k, vocab = -1, 0, logits.shape[1]
     kids, untruncated = np.empty(widths.max(), dtype=np.int64), np.empty(0, dtype=np.int64)

@@ -519,6 +519,7 @@ class TreeDecoder(_Decoder):
         self._plain: Autoregressive | None = None  # auto chose plain sampling
         self._source_of, self._uniform_source = None, (0, 0)  # ``_source``'s generator and its source
         self._fused_plan = None  # ``_one_call_plan``'s (key, plan)
+        self._plan_support: int | None = None  # the optimal plan's q support, where not the widest
         if config.tree is not None:
             self._use_tree(config.tree)
 
@@ -536,6 +537,7 @@ class TreeDecoder(_Decoder):
             )
         self.book = RuleBook(self.config.law, self._node_verifier(), tree.widths)
         self.book.warm_up(tree.widths)
+        self._plan_support = None
         if self.config.verifier == "block":  # load the block walk's compiled steps (a stop test
             chain_verify([[0.5, 0.5]] * 3, [[0.9, 0.1]] * 2, [0, 0], "block", 0)  # and a draw)
         self.tree = tree
@@ -988,7 +990,8 @@ class TreeDecoder(_Decoder):
         (``_walks_from_logits``); else None. Kept per (tree, sampling, draft vocabulary, flags)."""
         tree, sampling = self.tree, self.sampling
         width = self.vocab if self.draft.output_ids is None else self.draft.output_ids.size
-        key = (tree, sampling, width, self.fused_step, self.compiled_draft, self.exact_acceptance)
+        flags = (self.fused_step, self.compiled_draft, self.exact_acceptance, self._plan_support)
+        key = (tree, sampling, width, *flags)
         if self._fused_plan is None or self._fused_plan[0] != key:
             self._fused_plan = (key, self._make_one_call_plan(width))
         return self._fused_plan[1]
@@ -1011,9 +1014,10 @@ class TreeDecoder(_Decoder):
             or self._sequential_draws_exceeded()
         ):
             return None
-        support = top_k or width
+        widest = top_k or width  # q's largest support
+        support = self._plan_support if (self._plan_support or widest + 1) <= widest else widest
         n = next((w for w in tree.widths if w > 1), 0)
-        verifier = tree_walk_verifier(book, min(n, support) if book.law.distinct else n, support)
+        verifier = tree_walk_verifier(book, min(n, support) if book.law.distinct else n, support, widest)
         return None if verifier is None else ("tree", verifier)
 
     def _one_call_step(
@@ -1165,7 +1169,24 @@ class TreeDecoder(_Decoder):
         args = (logits, sampling.temperature, sampling.top_k, self.book, rng, self._source(rng))
         result = walk_tree_softmax(self.tree, drafted, *args, top_p=sampling.top_p)
         self._keep_path(base, result.path)
+        self._follow_support(drafted)
         return StepRecord(drafted, None, result, logits, rows.tolist())
+
+    def _follow_support(self, drafted: DraftedSlots) -> None:
+        """After a step whose tree the optimal plan did not serve: where its first node of
+        several drafts has the plan's n drafts on a q support of another plan (a top-p's q
+        changes support from step to step), make the next steps' plan that support's
+        (``_one_call_plan``), so that the one-call loop serves the supports of its class
+        (``RuleBook.supports_served``); not where that support has no threshold plan."""
+        _, probs, zeros, _, counts = drafted.tree_q
+        plan = self._one_call_plan()
+        several = np.flatnonzero(counts > 1)
+        if plan is None or plan[0] != "tree" or not plan[1][1] or not several.size:
+            return
+        n, support = int(counts[several[0]]), probs.shape[1] - int(zeros[several[0]])
+        node = self.book.rule(n, support).plan
+        if n == plan[1][2] and node is not None and node.kind == "threshold":
+            self._plan_support = support
 
     def _compiled_record(self, step: tuple, chain: bool) -> StepRecord:
         """The ``StepRecord`` of a step in compiled code (``step``: ``_step_numba.tree_step``'s

@@ -50,7 +50,7 @@ from mdsd.verifiers.classic import (
     SampleCheck,
     SpecHubVerifier,
 )
-from mdsd.verifiers.optimal.verifier import NodePlan, OptimalVerifier, node_plan
+from mdsd.verifiers.optimal.verifier import NodePlan, OptimalVerifier, node_plan, plan_classes
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
 ONE_DRAW_LAWS = ("iid", "without_replacement")  # one draft of these laws = one draw from q
@@ -84,6 +84,7 @@ class RuleBook:
         single_verifier, single_law = resolve(*SINGLE_DRAFT)
         self._single = NodeRule(1, single_law, single_verifier)
         self._cache: dict[tuple[int, int], NodeRule] = {}
+        self._classes: dict[tuple[int, int], np.ndarray] = {}
 
     def rule(self, width: int, support: int) -> NodeRule:
         """The rule of a node with ``width`` child slots whose q has ``support`` tokens."""
@@ -105,6 +106,16 @@ class RuleBook:
                 rule = NodeRule(n_eff, self.law, self.verifier)
             self._cache[key] = rule
         return rule
+
+    def supports_served(self, n: int, support: int, max_support: int) -> np.ndarray:
+        """bool [max_support + 1]: the q supports (up to ``max_support`` >= ``support``) whose
+        nodes of ``n`` drafts the plan of ``rule(n, support)`` samples, its own included
+        (``mdsd.verifiers.optimal.verifier.plan_classes``, made once per (n, max_support))."""
+        key = (n, max_support)
+        if key not in self._classes:
+            self._classes[key] = plan_classes(self.law, n, max_support)
+        labels = self._classes[key]
+        return (labels == labels[support]) & (labels >= 0)
 
     def _single_draft_is_classic(self) -> bool:
         """Nodes with one draft use classic speculative sampling: for spechub (defined for two
@@ -470,7 +481,7 @@ def walk_tree_softmax(
     n, support = (
         (int(counts[several[0]]), probs.shape[1] - int(zeros[several[0]])) if several.size else (0, 0)
     )
-    verifier_args = tree_walk_verifier(book, n, support)
+    verifier_args = tree_walk_verifier(book, n, support, probs.shape[1])
     if verifier_args is None:
         return _walk_rows(tree, drafted, logits, temperature, top_k, top_p, rng)
     source = uniform_source(rng) if source is None else source
@@ -496,13 +507,14 @@ def tree_walk_result(drafted: DraftedSlots, path: np.ndarray, token: int, bonus:
     return WalkResult(path, tokens + [int(token)], bool(bonus), expected)
 
 
-def tree_walk_verifier(book: RuleBook, n: int, support: int) -> tuple | None:
-    """``_walk_numba.tree_walk``'s verifier arguments (rule, optimal, plan_n, plan_support,
-    head, tail) for the rules of ``book`` where every node of several drafts has ``n`` drafts on
-    a q of ``support`` nonzero entries (n = 0: no such node): the verifiers of ``walk_rule``
-    (recursive rejection sampling among them), or the optimal verifier's threshold ``NodePlan``
-    for (n, support); None where ``tree_walk`` cannot verify them (another verifier, or a plan of
-    another kind)."""
+def tree_walk_verifier(book: RuleBook, n: int, support: int, max_support: int) -> tuple | None:
+    """``_walk_numba.tree_walk``'s verifier arguments (rule, optimal, plan_n, plan_served,
+    head, tail) for the rules of ``book`` where the first node of several drafts has ``n``
+    drafts on a q of ``support`` nonzero entries (n = 0: no such node), of at most
+    ``max_support``: the verifiers of ``walk_rule`` (recursive rejection sampling among them),
+    or the optimal verifier's threshold ``NodePlan`` for (n, support) and the supports it serves
+    (``RuleBook.supports_served``); None where ``tree_walk`` cannot verify them (another
+    verifier, or a plan of another kind)."""
     verifier, plan = book.verifier, _placeholder_plan()
     optimal = isinstance(verifier, OptimalVerifier)
     rule = walk_rule(verifier)
@@ -512,9 +524,15 @@ def tree_walk_verifier(book: RuleBook, n: int, support: int) -> tuple | None:
             return None
     elif not optimal and rule is None:
         return None
-    if not (optimal and n > 1):  # no node reads the plan
-        n = support = 0
-    return (0 if rule is None else rule), optimal, n, support, plan.head, plan.tail
+    served = _NO_SUPPORTS
+    if optimal and n > 1:
+        served = book.supports_served(n, support, max_support)
+    else:  # no node reads the plan
+        n = 0
+    return (0 if rule is None else rule), optimal, n, served, plan.head, plan.tail
+
+
+_NO_SUPPORTS = np.zeros(1, dtype=bool)  # ``tree_walk_verifier``'s supports where no plan is read
 
 
 @functools.cache
