@@ -387,6 +387,36 @@ def test_compiled_tree_decoding_emits_what_the_general_loop_emits(
 
 
 @pytest.mark.filterwarnings("ignore:acceptance at depth 1")
+@pytest.mark.parametrize("law", ["without_replacement", "iid"])
+def test_compiled_optimal_serves_nodes_of_fewer_drafts(llama, law, monkeypatch):
+    """A 3,2 tree (nodes of three drafts, then of two) and a 3x1 tree under a top-p whose
+    nucleus often holds two tokens: the optimal plan's table (``RuleBook.plan_table``) serves
+    the nodes of two drafts too, so every step runs in the compiled walk (none left to Python),
+    with the general loop's tokens."""
+    calls, drafted = _count_one_call_steps(monkeypatch), set()
+    compiled_record = TreeDecoder._compiled_record
+
+    def recorded(self, step, chain):
+        record = compiled_record(self, step, chain)
+        counts = record.drafted.tree_q[4]
+        drafted.update(counts[counts > 1].tolist())
+        return record
+
+    monkeypatch.setattr(TreeDecoder, "_compiled_record", recorded)
+    for tree, sampling in (
+        ((3, 2), SamplingConfig(1.0, top_k=5, max_new_tokens=20, stop_on_eos=False)),
+        ((3, 2), SamplingConfig(0.8, top_p=0.8, max_new_tokens=20, stop_on_eos=False)),
+        ((3, 1), SamplingConfig(0.2, top_p=0.6, max_new_tokens=20, stop_on_eos=False)),
+    ):
+        dec = TreeDecoder(llama, TreeConfig.make(tree, law, "optimal"), sampling)
+        stepped = dec.generate([PROMPT, [4, 4], [9]], seed=3, on_tokens=lambda i, tokens: None)
+        dec.compiled_draft = False
+        general = dec.generate([PROMPT, [4, 4], [9]], seed=3)
+        assert [r.token_ids for r in stepped] == [r.token_ids for r in general]
+    assert calls.unplanned == 0 and drafted == {2, 3}  # nodes of two and of three drafts
+
+
+@pytest.mark.filterwarnings("ignore:acceptance at depth 1")
 @pytest.mark.parametrize("law,tree", [("without_replacement", (3, 1)), ("iid", (2, 2, 1))])
 def test_compiled_optimal_walks_unserved_nodes_in_python(llama, law, tree, monkeypatch):
     """Where the optimal plan serves only its own q support (``RuleBook.supports_served``

@@ -113,7 +113,7 @@ def tree_step(
     draft_ids, target_ids, base, widths, level_starts, child_starts, depths, level_masks, target_mask,
     law, temperature, top_k, top_p, q_ids, token_ids, draft_models, draft_forward, target_models,
     target_forward, hidden_value,
-    rule, optimal, plan_n, plan_served, head, tail, uniform, state, clock,
+    rule, optimal, plan_served, plan_races, head, tail, uniform, state, clock,
 ):  # fmt: skip
     """One step of tree decoding after a committed sequence of ``base`` tokens.
 
@@ -128,7 +128,7 @@ def tree_step(
     (``StaticLlamaRunner.compiled_forward``). The verifier (``walk.tree_walk_verifier``):
     ``tree_walk``'s ``rule`` (``walk.walk_rule``: rejection sampling, i.i.d. or without
     replacement, greedy, SpecHub, K-SEQ, importance, sample_check), or with ``optimal`` the
-    threshold ``NodePlan`` (``head``, ``tail``) for ``plan_n`` drafts on the supports ``plan_served`` marks.
+    threshold ``NodePlan`` (``head``, ``tail``) and the nodes it serves (``plan_served``, ``plan_races``).
     The generator (``uniform``, ``state``); the clock (``clock_source()``).
 
     Returns the drafted tree (``sample_tree``'s seven arrays), the target's logits [1 + valid
@@ -157,7 +157,7 @@ def tree_step(
     forwarded_at = monotonic(*clock)
     path, token, bonus = tree_walk(
         logits, temperature, top_k, top_p, widths, child_starts, depths, tokens, valid, q_ids, probs, zeros,
-        kept, drafted, rule, optimal, plan_n, plan_served, head, tail, uniform, state, True, t_keys,
+        kept, drafted, rule, optimal, plan_served, plan_races, head, tail, uniform, state, True, t_keys,
         t_values, base,
     )  # fmt: skip
     lengths = (-1, -1)
@@ -288,7 +288,7 @@ def tree_steps(
     seq, length, stop_length, context_end, limit, eos, stop_on_eos, records, draft_cached, target_cached,
     widths, level_starts, child_starts, depths, level_masks, target_mask, law, temperature, top_k, top_p,
     q_ids, token_ids, draft_models, draft_forward, target_models, target_forward, hidden_value, rule,
-    optimal, plan_n, plan_served, head, tail, uniform, state, clock,
+    optimal, plan_served, plan_races, head, tail, uniform, state, clock,
 ):  # fmt: skip
     """``tree_step`` after ``seq[:length]``, step after step, each step's tokens committed into
     ``seq`` (``commit``), until the budget (``stop_length``), an EOS, the context (a length past
@@ -308,8 +308,8 @@ def tree_steps(
         out = tree_step(
             seq[draft_cached:length], seq[target_cached:length], length, widths, level_starts, child_starts,
             depths, level_masks, target_mask, law, temperature, top_k, top_p, q_ids, token_ids, draft_models,
-            draft_at, target_models, target_at, hidden_value, rule, optimal, plan_n,
-            plan_served, head, tail, uniform, state, clock,
+            draft_at, target_models, target_at, hidden_value, rule, optimal, plan_served,
+            plan_races, head, tail, uniform, state, clock,
         )  # fmt: skip
         drafts, _, _, path, token, bonus, lengths, seconds = out
         records[steps, 0], records[steps, 1], records[steps, 2:] = path.size, bonus, seconds

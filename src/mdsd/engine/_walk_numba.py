@@ -449,16 +449,25 @@ def _drafted_row(q_ids, kept, values, zeros):
 
 
 @numba.njit(cache=True)
-def _plan_fits(drafted, zeros, width, plan_n, plan_served):
-    """Whether every row of more than one draft has n = ``plan_n`` drafts and a q whose number
-    of nonzero entries s (``width`` - its zeros) the plan serves (``plan_served[s]``: its node's
-    arguments for s are the plan's)."""
+def _plan_fits(drafted, zeros, width, plan_served):
+    """Whether the plan serves every row of k > 1 drafts whose q has s nonzero entries
+    (``width`` - its zeros): ``plan_served[k, s]`` (``walk.RuleBook.plan_table``)."""
     for r in range(drafted.size):
-        if drafted[r] > 1:
-            support = width - zeros[r]
-            if drafted[r] != plan_n or support >= plan_served.size or not plan_served[support]:
-                return False
+        k, support = drafted[r], width - zeros[r]
+        if k > 1 and (k >= plan_served.shape[0] or support >= plan_served.shape[1]):
+            return False
+        if k > 1 and not plan_served[k, support]:
+            return False
     return True
+
+
+@numba.njit(cache=True)
+def _plan_of(head, tail, races, n):
+    """The threshold node's (head, tail) for a node of n drafts: the plan's, with n and the race
+    settings of n drafts (``walk.RuleBook.plan_table``)."""
+    chord_tolerance, margin, ratios, shares, _ = tail
+    race = (races[n, 0], races[n, 1], races[n, 2], races[n, 3], races[n, 4])
+    return (n, head[1]), (chord_tolerance, margin, ratios, shares, race)
 
 
 @numba.njit(cache=True)
@@ -478,7 +487,7 @@ def _prefetch_move(keys, values, base, node, k):
 @numba.njit(cache=True)
 def tree_walk(
     logits, temperature, top_k, top_p, widths, child_starts, depths, tokens, valid, q_ids, q_values, q_zeros,
-    q_kept, q_drafted, rule, optimal, plan_n, plan_served, head, tail, uniform, state, early, cache_keys,
+    q_kept, q_drafted, rule, optimal, plan_served, plan_races, head, tail, uniform, state, early, cache_keys,
     cache_values, cache_base,
 ):  # fmt: skip
     """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes, the
@@ -497,7 +506,8 @@ def tree_walk(
     SpecHub's nodes of two drafts, its nodes of one taking classic sampling as ``walk.RuleBook``
     rules them), or, with ``optimal``, nodes of several drafts by the optimal verifier's threshold
     node (``threshold_node_on_union`` with ``head``, ``tail`` of the ``NodePlan`` for ``plan_n``
-    drafts on the q supports ``plan_served`` marks, at ``rng.random(4)``) and nodes of one draft by
+    drafts, and for nodes of fewer drafts its kernel with their n and race settings, on the
+    (drafts, q support) pairs ``plan_served`` marks, at ``rng.random(4)``) and nodes of one draft by
     classic speculative sampling (``walk.RuleBook``'s single-draft rule). Then the descent into
     the first child holding the emitted token, or, at a node without valid children, the bonus
     drawn from p at the next uniform: the tokens and the generator's state of ``walk`` (tested).
@@ -511,7 +521,7 @@ def tree_walk(
     it moves to (``_prefetch_move``) are asked for as the walk goes on, so the path's move after
     the walk (``_step_numba.keep_path``) finds them near the core; a hint that changes nothing."""
     path = np.empty(widths.size, dtype=np.int64)
-    if optimal and not _plan_fits(q_drafted, q_zeros, q_values.shape[1], plan_n, plan_served):
+    if optimal and not _plan_fits(q_drafted, q_zeros, q_values.shape[1], plan_served):
         return path[:0], np.int64(-1), False
     node, k, vocab = -1, 0, logits.shape[1]
     kids, untruncated = np.empty(widths.max(), dtype=np.int64), np.empty(0, dtype=np.int64)
@@ -536,8 +546,9 @@ def tree_walk(
         if optimal and n > 1:
             uniforms = next_uniforms(THRESHOLD_UNIFORMS, uniform, state)
             p_ids, p_values = _target_row(row, temperature, top_k, top_p)
+            node_head, node_tail = _plan_of(head, tail, plan_races, n)
             token = threshold_node_on_union(
-                p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, head, tail
+                p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, node_head, node_tail
             )
         elif rule > RULE_RRS_WITHOUT_REPLACEMENT and (n > 1 or rule != RULE_SPECHUB):
             uniforms = next_uniforms(node_uniforms(rule, n), uniform, state)

@@ -1173,20 +1173,25 @@ class TreeDecoder(_Decoder):
         return StepRecord(drafted, None, result, logits, rows.tolist())
 
     def _follow_support(self, drafted: DraftedSlots) -> None:
-        """After a step whose tree the optimal plan did not serve: where its first node of
-        several drafts has the plan's n drafts on a q support of another plan (a top-p's q
-        changes support from step to step), make the next steps' plan that support's
-        (``_one_call_plan``), so that the one-call loop serves the supports of its class
-        (``RuleBook.supports_served``); not where that support has no threshold plan."""
+        """After a step whose tree the optimal plan did not serve: where a node of k drafts has
+        a q support s the plan's table does not serve (``RuleBook.plan_table``: a top-p's q
+        changes support from step to step, across the plans' classes), make the next steps'
+        plan that of s (``_one_call_plan``), so that the one-call loop serves the supports of
+        its class; not where s has no threshold plan of the tree's n drafts."""
         _, probs, zeros, _, counts = drafted.tree_q
         plan = self._one_call_plan()
-        several = np.flatnonzero(counts > 1)
-        if plan is None or plan[0] != "tree" or not plan[1][1] or not several.size:
+        if plan is None or plan[0] != "tree" or not plan[1][1]:
             return
-        n, support = int(counts[several[0]]), probs.shape[1] - int(zeros[several[0]])
-        node = self.book.rule(n, support).plan
-        if n == plan[1][2] and node is not None and node.kind == "threshold":
-            self._plan_support = support
+        served = plan[1][2]  # [n + 1, max support + 1]
+        n = served.shape[0] - 1
+        for row in np.flatnonzero(counts > 1):
+            k, support = int(counts[row]), probs.shape[1] - int(zeros[row])
+            if k <= n and support < served.shape[1] and served[k, support]:
+                continue
+            node = self.book.rule(n, support).plan if support >= n else None
+            if node is not None and node.kind == "threshold":
+                self._plan_support = support
+            return
 
     def _compiled_record(self, step: tuple, chain: bool) -> StepRecord:
         """The ``StepRecord`` of a step in compiled code (``step``: ``_step_numba.tree_step``'s

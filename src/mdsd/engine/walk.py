@@ -50,7 +50,13 @@ from mdsd.verifiers.classic import (
     SampleCheck,
     SpecHubVerifier,
 )
-from mdsd.verifiers.optimal.verifier import NodePlan, OptimalVerifier, node_plan, plan_classes
+from mdsd.verifiers.optimal.verifier import (
+    NodePlan,
+    OptimalVerifier,
+    _same_arguments,
+    node_plan,
+    plan_classes,
+)
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
 ONE_DRAW_LAWS = ("iid", "without_replacement")  # one draft of these laws = one draw from q
@@ -84,7 +90,7 @@ class RuleBook:
         single_verifier, single_law = resolve(*SINGLE_DRAFT)
         self._single = NodeRule(1, single_law, single_verifier)
         self._cache: dict[tuple[int, int], NodeRule] = {}
-        self._classes: dict[tuple[int, int], np.ndarray] = {}
+        self._classes: dict[tuple, object] = {}  # plan_classes per (n, max_support); plan tables
 
     def rule(self, width: int, support: int) -> NodeRule:
         """The rule of a node with ``width`` child slots whose q has ``support`` tokens."""
@@ -116,6 +122,28 @@ class RuleBook:
             self._classes[key] = plan_classes(self.law, n, max_support)
         labels = self._classes[key]
         return (labels == labels[support]) & (labels >= 0)
+
+    def plan_table(self, n: int, support: int, max_support: int) -> tuple[np.ndarray, np.ndarray]:
+        """The nodes the optimal verifier's compiled walk (``_walk_numba.tree_walk``) serves with
+        the threshold plan of ``rule(n, support)``: (served [n + 1, max_support + 1] bool: nodes
+        of k drafts on a q of s tokens, races [n + 1, 5]: the race settings of k drafts). A node
+        of k <= n drafts takes that plan's kernel and tail with head (k, its law's flag) and the
+        race settings of k, which is ``node_plan``'s for k drafts where its plan for (k, support)
+        is a threshold plan with that head and the same tail but for the race (checked here;
+        ``threshold.threshold_node_arguments``), on the supports of that plan's class
+        (``supports_served``). Made once per (n, support, max_support)."""
+        key = ("table", n, support, max_support)
+        if key not in self._classes:
+            main = self.rule(n, support).plan
+            served, races = np.zeros((n + 1, max_support + 1), dtype=bool), np.zeros((n + 1, 5))
+            for k in range(2, n + 1):
+                plan = self.rule(k, support).plan if support >= k else None
+                if plan is None or plan.kind != "threshold" or plan.head != (k, main.head[1]):
+                    continue
+                if _same_arguments(plan.tail[:-1], main.tail[:-1]):
+                    served[k], races[k] = self.supports_served(k, support, max_support), plan.tail[-1]
+            self._classes[key] = (served, races)
+        return self._classes[key]
 
     def _single_draft_is_classic(self) -> bool:
         """Nodes with one draft use classic speculative sampling: for spechub (defined for two
@@ -508,13 +536,13 @@ def tree_walk_result(drafted: DraftedSlots, path: np.ndarray, token: int, bonus:
 
 
 def tree_walk_verifier(book: RuleBook, n: int, support: int, max_support: int) -> tuple | None:
-    """``_walk_numba.tree_walk``'s verifier arguments (rule, optimal, plan_n, plan_served,
+    """``_walk_numba.tree_walk``'s verifier arguments (rule, optimal, plan_served, plan_races,
     head, tail) for the rules of ``book`` where the first node of several drafts has ``n``
     drafts on a q of ``support`` nonzero entries (n = 0: no such node), of at most
     ``max_support``: the verifiers of ``walk_rule`` (recursive rejection sampling among them),
-    or the optimal verifier's threshold ``NodePlan`` for (n, support) and the supports it serves
-    (``RuleBook.supports_served``); None where ``tree_walk`` cannot verify them (another
-    verifier, or a plan of another kind)."""
+    or the optimal verifier's threshold ``NodePlan`` for (n, support) with the nodes of k <= n
+    drafts and the supports its kernel serves (``RuleBook.plan_table``); None where
+    ``tree_walk`` cannot verify them (another verifier, or a plan of another kind)."""
     verifier, plan = book.verifier, _placeholder_plan()
     optimal = isinstance(verifier, OptimalVerifier)
     rule = walk_rule(verifier)
@@ -524,15 +552,13 @@ def tree_walk_verifier(book: RuleBook, n: int, support: int, max_support: int) -
             return None
     elif not optimal and rule is None:
         return None
-    served = _NO_SUPPORTS
+    served, races = _NO_PLAN_TABLE  # no node reads the plan
     if optimal and n > 1:
-        served = book.supports_served(n, support, max_support)
-    else:  # no node reads the plan
-        n = 0
-    return (0 if rule is None else rule), optimal, n, served, plan.head, plan.tail
+        served, races = book.plan_table(n, support, max_support)
+    return (0 if rule is None else rule), optimal, served, races, plan.head, plan.tail
 
 
-_NO_SUPPORTS = np.zeros(1, dtype=bool)  # ``tree_walk_verifier``'s supports where no plan is read
+_NO_PLAN_TABLE = (np.zeros((1, 1), dtype=bool), np.zeros((1, 5)))  # ``RuleBook.plan_table``'s form
 
 
 @functools.cache
