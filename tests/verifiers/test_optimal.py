@@ -1423,36 +1423,42 @@ def test_compiled_decompose_equals_reference(law_name, side):
     assert other_paths <= 2
 
 
-def test_plan_classes_group_the_supports_one_plan_serves():
-    """``plan_classes`` labels two supports alike exactly where ``node_plan`` gives the same
-    kernel and arguments: one class for i.i.d. and two-draft without-replacement nodes (no
-    argument depends on the support), two for three drafts without replacement (the order
-    split's race step is finer up to ``_race.SMALL_VOCAB`` tokens), none below two tokens; and
-    a row of a support in the plan's class draws the plan's own token."""
+def test_plan_table_serves_the_nodes_of_one_kernel():
+    """``plan_table`` serves a node of k drafts on s tokens exactly where ``node_plan(law, k, s)``
+    is the table's threshold kernel with head (k, flag) and the plan's tail but for the race
+    settings, which it keeps: every node of two or three i.i.d. drafts on two tokens or more,
+    every node of two or three drafts without replacement on as many tokens or more; three
+    drafts without replacement change race
+    step above ``_race.SMALL_VOCAB`` tokens. A node drawn with the table's plan, its k and race
+    settings draws ``node_plan``'s token."""
     from mdsd._race import SMALL_VOCAB
+    from mdsd.engine._walk_numba import _plan_of
     from mdsd.laws import get_law
-    from mdsd.verifiers.optimal.verifier import _same_arguments, plan_classes
-
-    def arguments(plan):
-        return (plan.kind, plan.head, plan.tail, plan.uniforms)
+    from mdsd.verifiers.optimal.verifier import plan_table
 
     iid, wor = get_law("iid"), get_law("without_replacement")
-    for law, n in ((iid, 2), (iid, 3), (wor, 2)):
-        labels = plan_classes(law, n, 300)
-        assert labels[:2].tolist() == [-1, -1] and np.all(labels[2:] == 0)
-    labels = plan_classes(wor, 3, SMALL_VOCAB + 40)
-    assert labels[:2].tolist() == [-1, -1]
-    assert np.all(labels[2 : SMALL_VOCAB + 1] == labels[2]) and np.all(
-        labels[SMALL_VOCAB + 1 :] == labels[-1]
+    for law in (iid, wor):
+        table = plan_table(law, 3, SMALL_VOCAB + 40)
+        assert table.plan.kind == "threshold"
+        for k in (2, 3):
+            fewest = 2 if law is iid else k  # tokens: i.i.d. drafts may repeat one
+            assert not table.served[k, :fewest].any() and table.served[k, fewest:].all()
+        assert not table.served[:2].any()
+    races = plan_table(wor, 3, SMALL_VOCAB + 40).races
+    assert not races[2].any()  # two drafts: no order split
+    assert np.all(races[3, 3 : SMALL_VOCAB + 1] == races[3, 3]) and np.all(
+        races[3, SMALL_VOCAB + 1 :] == races[3, -1]
     )
-    assert labels[2] != labels[-1]
-    small, large = node_plan(wor, 3, 2), node_plan(wor, 3, SMALL_VOCAB + 1)
-    assert _same_arguments(arguments(small), arguments(node_plan(wor, 3, SMALL_VOCAB)))
-    assert not _same_arguments(arguments(small), arguments(large))
+    assert races[3, 3, 0] != races[3, -1, 0]  # the race step
     gen = np.random.default_rng(5)
-    for _ in range(20):  # a row of 40 tokens sampled by the plan made for 7 tokens
-        p, q = gen.dirichlet(np.ones(40)), gen.dirichlet(np.ones(40))
-        drafts = np.argsort(-q)[:3]
+    table = plan_table(wor, 3, 60)
+    for trial in range(30):  # rows of 2 or 3 drafts on 4-60 tokens
+        k, size = 2 + trial % 2, int(gen.integers(4, 61))
+        p, q = gen.dirichlet(np.ones(size)), gen.dirichlet(np.ones(size))
+        drafts = np.argsort(-q)[:k]
+        head, tail = _plan_of(table.plan.head, table.plan.tail, table.races, k, size)
         seed = int(gen.integers(1 << 30))
-        tokens = [node_plan(wor, 3, s).sample(p, q, drafts, np.random.default_rng(seed)) for s in (7, 40)]
-        assert tokens[0] == tokens[1]
+        want = node_plan(wor, k, size).sample(p, q, drafts, np.random.default_rng(seed))
+        uniforms = np.random.default_rng(seed).random(table.plan.uniforms)
+        got = table.plan.kernel()(p, q, *head, drafts, uniforms, *tail)
+        assert got == want

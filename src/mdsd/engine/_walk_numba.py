@@ -462,11 +462,12 @@ def _plan_fits(drafted, zeros, width, plan_served):
 
 
 @numba.njit(cache=True)
-def _plan_of(head, tail, races, n):
-    """The threshold node's (head, tail) for a node of n drafts: the plan's, with n and the race
-    settings of n drafts (``walk.RuleBook.plan_table``)."""
+def _plan_of(head, tail, races, n, support):
+    """The threshold node's (head, tail) for a node of n drafts on a q of ``support`` tokens: the
+    plan's, with n and the race settings of (n, support) (``walk.RuleBook.plan_table``)."""
     chord_tolerance, margin, ratios, shares, _ = tail
-    race = (races[n, 0], races[n, 1], races[n, 2], races[n, 3], races[n, 4])
+    at = races[n, support]
+    race = (at[0], at[1], at[2], at[3], at[4])
     return (n, head[1]), (chord_tolerance, margin, ratios, shares, race)
 
 
@@ -546,7 +547,8 @@ def tree_walk(
         if optimal and n > 1:
             uniforms = next_uniforms(THRESHOLD_UNIFORMS, uniform, state)
             p_ids, p_values = _target_row(row, temperature, top_k, top_p)
-            node_head, node_tail = _plan_of(head, tail, plan_races, n)
+            support = q_values.shape[1] - q_zeros[r]
+            node_head, node_tail = _plan_of(head, tail, plan_races, n, support)
             token = threshold_node_on_union(
                 p_ids, p_values, d_ids, d_values, vocab, drafts, uniforms, node_head, node_tail
             )

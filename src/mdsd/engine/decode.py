@@ -519,7 +519,6 @@ class TreeDecoder(_Decoder):
         self._plain: Autoregressive | None = None  # auto chose plain sampling
         self._source_of, self._uniform_source = None, (0, 0)  # ``_source``'s generator and its source
         self._fused_plan = None  # ``_one_call_plan``'s (key, plan)
-        self._plan_support: int | None = None  # the optimal plan's q support, where not the widest
         if config.tree is not None:
             self._use_tree(config.tree)
 
@@ -537,7 +536,6 @@ class TreeDecoder(_Decoder):
             )
         self.book = RuleBook(self.config.law, self._node_verifier(), tree.widths)
         self.book.warm_up(tree.widths)
-        self._plan_support = None
         if self.config.verifier == "block":  # load the block walk's compiled steps (a stop test
             chain_verify([[0.5, 0.5]] * 3, [[0.9, 0.1]] * 2, [0, 0], "block", 0)  # and a draw)
         self.tree = tree
@@ -990,8 +988,7 @@ class TreeDecoder(_Decoder):
         (``_walks_from_logits``); else None. Kept per (tree, sampling, draft vocabulary, flags)."""
         tree, sampling = self.tree, self.sampling
         width = self.vocab if self.draft.output_ids is None else self.draft.output_ids.size
-        flags = (self.fused_step, self.compiled_draft, self.exact_acceptance, self._plan_support)
-        key = (tree, sampling, width, *flags)
+        key = (tree, sampling, width, self.fused_step, self.compiled_draft, self.exact_acceptance)
         if self._fused_plan is None or self._fused_plan[0] != key:
             self._fused_plan = (key, self._make_one_call_plan(width))
         return self._fused_plan[1]
@@ -1014,10 +1011,9 @@ class TreeDecoder(_Decoder):
             or self._sequential_draws_exceeded()
         ):
             return None
-        widest = top_k or width  # q's largest support
-        support = self._plan_support if (self._plan_support or widest + 1) <= widest else widest
+        support = top_k or width  # q's largest support
         n = next((w for w in tree.widths if w > 1), 0)
-        verifier = tree_walk_verifier(book, min(n, support) if book.law.distinct else n, support, widest)
+        verifier = tree_walk_verifier(book, min(n, support) if book.law.distinct else n, support, support)
         return None if verifier is None else ("tree", verifier)
 
     def _one_call_step(
@@ -1169,29 +1165,7 @@ class TreeDecoder(_Decoder):
         args = (logits, sampling.temperature, sampling.top_k, self.book, rng, self._source(rng))
         result = walk_tree_softmax(self.tree, drafted, *args, top_p=sampling.top_p)
         self._keep_path(base, result.path)
-        self._follow_support(drafted)
         return StepRecord(drafted, None, result, logits, rows.tolist())
-
-    def _follow_support(self, drafted: DraftedSlots) -> None:
-        """After a step whose tree the optimal plan did not serve: where a node of k drafts has
-        a q support s the plan's table does not serve (``RuleBook.plan_table``: a top-p's q
-        changes support from step to step, across the plans' classes), make the next steps'
-        plan that of s (``_one_call_plan``), so that the one-call loop serves the supports of
-        its class; not where s has no threshold plan of the tree's n drafts."""
-        _, probs, zeros, _, counts = drafted.tree_q
-        plan = self._one_call_plan()
-        if plan is None or plan[0] != "tree" or not plan[1][1]:
-            return
-        served = plan[1][2]  # [n + 1, max support + 1]
-        n = served.shape[0] - 1
-        for row in np.flatnonzero(counts > 1):
-            k, support = int(counts[row]), probs.shape[1] - int(zeros[row])
-            if k <= n and support < served.shape[1] and served[k, support]:
-                continue
-            node = self.book.rule(n, support).plan if support >= n else None
-            if node is not None and node.kind == "threshold":
-                self._plan_support = support
-            return
 
     def _compiled_record(self, step: tuple, chain: bool) -> StepRecord:
         """The ``StepRecord`` of a step in compiled code (``step``: ``_step_numba.tree_step``'s

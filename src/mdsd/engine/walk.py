@@ -53,9 +53,9 @@ from mdsd.verifiers.classic import (
 from mdsd.verifiers.optimal.verifier import (
     NodePlan,
     OptimalVerifier,
-    _same_arguments,
+    PlanTable,
     node_plan,
-    plan_classes,
+    plan_table,
 )
 
 SINGLE_DRAFT = ("rrs", "iid")  # classic speculative sampling, for nodes drafting one token
@@ -90,7 +90,7 @@ class RuleBook:
         single_verifier, single_law = resolve(*SINGLE_DRAFT)
         self._single = NodeRule(1, single_law, single_verifier)
         self._cache: dict[tuple[int, int], NodeRule] = {}
-        self._classes: dict[tuple, object] = {}  # plan_classes per (n, max_support); plan tables
+        self._tables: dict[tuple[int, int], PlanTable] = {}
 
     def rule(self, width: int, support: int) -> NodeRule:
         """The rule of a node with ``width`` child slots whose q has ``support`` tokens."""
@@ -113,37 +113,14 @@ class RuleBook:
             self._cache[key] = rule
         return rule
 
-    def supports_served(self, n: int, support: int, max_support: int) -> np.ndarray:
-        """bool [max_support + 1]: the q supports (up to ``max_support`` >= ``support``) whose
-        nodes of ``n`` drafts the plan of ``rule(n, support)`` samples, its own included
-        (``mdsd.verifiers.optimal.verifier.plan_classes``, made once per (n, max_support))."""
+    def plan_table(self, n: int, max_support: int) -> PlanTable:
+        """The nodes of at most ``n`` drafts on q supports up to ``max_support`` that the
+        optimal verifier's compiled walk (``_walk_numba.tree_walk``) serves with one threshold
+        kernel (``mdsd.verifiers.optimal.verifier.plan_table``), made once per (n, max_support)."""
         key = (n, max_support)
-        if key not in self._classes:
-            self._classes[key] = plan_classes(self.law, n, max_support)
-        labels = self._classes[key]
-        return (labels == labels[support]) & (labels >= 0)
-
-    def plan_table(self, n: int, support: int, max_support: int) -> tuple[np.ndarray, np.ndarray]:
-        """The nodes the optimal verifier's compiled walk (``_walk_numba.tree_walk``) serves with
-        the threshold plan of ``rule(n, support)``: (served [n + 1, max_support + 1] bool: nodes
-        of k drafts on a q of s tokens, races [n + 1, 5]: the race settings of k drafts). A node
-        of k <= n drafts takes that plan's kernel and tail with head (k, its law's flag) and the
-        race settings of k, which is ``node_plan``'s for k drafts where its plan for (k, support)
-        is a threshold plan with that head and the same tail but for the race (checked here;
-        ``threshold.threshold_node_arguments``), on the supports of that plan's class
-        (``supports_served``). Made once per (n, support, max_support)."""
-        key = ("table", n, support, max_support)
-        if key not in self._classes:
-            main = self.rule(n, support).plan
-            served, races = np.zeros((n + 1, max_support + 1), dtype=bool), np.zeros((n + 1, 5))
-            for k in range(2, n + 1):
-                plan = self.rule(k, support).plan if support >= k else None
-                if plan is None or plan.kind != "threshold" or plan.head != (k, main.head[1]):
-                    continue
-                if _same_arguments(plan.tail[:-1], main.tail[:-1]):
-                    served[k], races[k] = self.supports_served(k, support, max_support), plan.tail[-1]
-            self._classes[key] = (served, races)
-        return self._classes[key]
+        if key not in self._tables:
+            self._tables[key] = plan_table(self.law, n, max_support)
+        return self._tables[key]
 
     def _single_draft_is_classic(self) -> bool:
         """Nodes with one draft use classic speculative sampling: for spechub (defined for two
@@ -505,10 +482,8 @@ def walk_tree_softmax(
     and the generator's state of ``walk`` (tested). ``source``: ``uniform_source(rng)`` where the
     caller keeps it."""
     ids, probs, zeros, kept, counts = drafted.tree_q
-    several = np.flatnonzero(counts > 1)  # the plan's node: the first of several drafts
-    n, support = (
-        (int(counts[several[0]]), probs.shape[1] - int(zeros[several[0]])) if several.size else (0, 0)
-    )
+    widest = int(np.argmax(counts))  # the plan's node: the first of the most drafts
+    n, support = (int(counts[widest]), probs.shape[1] - int(zeros[widest])) if counts[widest] > 1 else (0, 0)
     verifier_args = tree_walk_verifier(book, n, support, probs.shape[1])
     if verifier_args is None:
         return _walk_rows(tree, drafted, logits, temperature, top_k, top_p, rng)
@@ -540,25 +515,24 @@ def tree_walk_verifier(book: RuleBook, n: int, support: int, max_support: int) -
     head, tail) for the rules of ``book`` where the first node of several drafts has ``n``
     drafts on a q of ``support`` nonzero entries (n = 0: no such node), of at most
     ``max_support``: the verifiers of ``walk_rule`` (recursive rejection sampling among them),
-    or the optimal verifier's threshold ``NodePlan`` for (n, support) with the nodes of k <= n
-    drafts and the supports its kernel serves (``RuleBook.plan_table``); None where
-    ``tree_walk`` cannot verify them (another verifier, or a plan of another kind)."""
+    or the optimal verifier's threshold kernel for the nodes of at most n drafts on the supports
+    ``RuleBook.plan_table`` serves, (n, support) among them; None where ``tree_walk`` cannot
+    verify them (another verifier, or a node of another kind of plan)."""
     verifier, plan = book.verifier, _placeholder_plan()
     optimal = isinstance(verifier, OptimalVerifier)
     rule = walk_rule(verifier)
-    if optimal and n > 1:
-        plan = book.rule(n, support).plan
-        if plan is None or plan.kind != "threshold":
-            return None
-    elif not optimal and rule is None:
-        return None
     served, races = _NO_PLAN_TABLE  # no node reads the plan
     if optimal and n > 1:
-        served, races = book.plan_table(n, support, max_support)
+        table = book.plan_table(n, max_support)
+        if table.plan is None or not table.served[n, support]:
+            return None
+        plan, served, races = table.plan, table.served, table.races
+    elif not optimal and rule is None:
+        return None
     return (0 if rule is None else rule), optimal, served, races, plan.head, plan.tail
 
 
-_NO_PLAN_TABLE = (np.zeros((1, 1), dtype=bool), np.zeros((1, 5)))  # ``RuleBook.plan_table``'s form
+_NO_PLAN_TABLE = (np.zeros((1, 1), dtype=bool), np.zeros((1, 1, 5)))  # ``PlanTable``'s arrays
 
 
 @functools.cache

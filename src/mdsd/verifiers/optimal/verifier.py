@@ -374,36 +374,48 @@ def node_plan(law: DraftLaw, n: int, support: int) -> NodePlan | None:
     return None
 
 
-def plan_classes(law: DraftLaw, n: int, max_support: int) -> np.ndarray:
-    """int64 [max_support + 1]: for each q support s, a label shared by exactly the supports whose
-    ``node_plan(law, n, s)`` has the same kernel and arguments (so the same plan draws their
-    rows' tokens), -1 where there is no plan (and for s < 2). The node's arguments change with
-    the support only at a few sizes (the race step of the order split at ``_race.SMALL_VOCAB``,
-    where the method or the compiled node stops applying), so one plan serves the rows of a q
-    whose support changes from step to step (a top-p) in one compiled walk. ~40 ms for 4,096
-    supports: made once per (law, n, max_support) by ``walk.RuleBook``."""
-    labels = np.full(max_support + 1, -1, dtype=np.int64)
-    representatives: list[tuple] = []
-    for support in range(2, max_support + 1):
-        plan = node_plan(law, n, support)
-        if plan is None:
-            continue
-        arguments = (plan.kind, plan.head, plan.tail, plan.uniforms)
-        label = next(
-            (i for i, other in enumerate(representatives) if _same_arguments(arguments, other)), None
-        )
-        if label is None:
-            label = len(representatives)
-            representatives.append(arguments)
-        labels[support] = label
-    return labels
+@dataclass(frozen=True)
+class PlanTable:
+    """The nodes of at most n drafts one compiled walk samples with one threshold kernel
+    (``plan_table``): ``plan``, a threshold ``NodePlan`` (None: no node is served); ``served``
+    [n + 1, max_support + 1] bool: nodes of k drafts on a q of s nonzero tokens; ``races``
+    [n + 1, max_support + 1, 5]: their race settings (the last entry of the plan's tail)."""
+
+    plan: NodePlan | None
+    served: np.ndarray
+    races: np.ndarray
 
 
-def _same_arguments(a, b) -> bool:
+def plan_table(law: DraftLaw, n: int, max_support: int) -> PlanTable:
+    """The nodes of 2 <= k <= n drafts of ``law`` on a q of s <= ``max_support`` nonzero tokens
+    whose compiled node (``node_plan(law, k, s)``) is one threshold kernel with head (k, the
+    law's flag) and one tail but for its last entry, the race settings of the order split
+    (``threshold_node_arguments``): such a node draws ``node_plan``'s token from the table's
+    plan with (k, flag) and its own race settings. The race step changes with the support
+    (finer up to ``_race.SMALL_VOCAB`` tokens) and the drafts change with the tree's depth and
+    with a top-p's nucleus, so one table serves every node of such trees. The plan is the
+    first threshold plan met (k, then s ascending). ~100 ms for three drafts on 4,096 tokens:
+    made once per (law, n, max_support) (``walk.RuleBook.plan_table``)."""
+    served = np.zeros((n + 1, max_support + 1), dtype=bool)
+    races = np.zeros((n + 1, max_support + 1, 5))
+    plan = None
+    for k in range(2, n + 1):
+        for support in range(2 if not law.distinct else k, max_support + 1):
+            node = node_plan(law, k, support)
+            if node is None or node.kind != "threshold":
+                continue
+            plan = node if plan is None else plan
+            same_head = node.head == (k, plan.head[1]) and node.uniforms == plan.uniforms
+            if same_head and same_arguments(node.tail[:-1], plan.tail[:-1]):
+                served[k, support], races[k, support] = True, node.tail[-1]
+    return PlanTable(plan, served, races)
+
+
+def same_arguments(a, b) -> bool:
     """Whether two plan arguments (nested tuples of numbers and arrays) are equal, arrays
     entry by entry."""
     if isinstance(a, tuple):
-        return isinstance(b, tuple) and len(a) == len(b) and all(map(_same_arguments, a, b))
+        return isinstance(b, tuple) and len(a) == len(b) and all(map(same_arguments, a, b))
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
     return type(a) is type(b) and a == b
