@@ -293,7 +293,7 @@ def tree_steps(
     """``tree_step`` after ``seq[:length]``, step after step, each step's tokens committed into
     ``seq`` (``commit``), until the budget (``stop_length``), an EOS, the context (a length past
     ``context_end``), the records [S, RECORD_FIELDS] (one per step) or the caches (``limit``
-    entries) end, or a node the plan was not made for (its step left to Python, undrawn): the
+    entries) end, or a node the plan table does not serve (its step left to Python, undrawn): the
     decoding loop of ``TreeDecoder.generate_one`` with no Python between steps. The caches hold
     ``draft_cached`` / ``target_cached`` entries; the other arguments are ``tree_step``'s.
 

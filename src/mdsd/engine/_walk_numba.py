@@ -493,7 +493,7 @@ def tree_walk(
 ):  # fmt: skip
     """``walk.walk`` of a tree drafted in one call, in one call: (the accepted path [k] of nodes, the
     emitted token after it, whether it is a bonus token), or (empty, -1, False) without drawing
-    anything where ``optimal`` and some node of several drafts is not the plan's.
+    anything where ``optimal`` and the plan table does not serve some node of several drafts.
 
     Rows of ``logits`` [1 + valid nodes, V] and of the draft's q (``q_values`` [R, W], ``q_zeros``
     [R], ``q_kept`` [R, W] or empty, ``q_drafted`` [R] its node's drafts;

@@ -192,7 +192,7 @@ class _Decoder:
 class _DraftedProbs(Mapping):
     """node -> the ``SupportProbs`` of q drawn in one call: row r of ``probs`` [R, W] over the
     output layer's ``ids`` (or the vocabulary where ``ids`` is None; over their positions
-    ``kept`` [R, W] where a top-k truncates q) is the q of node ``nodes[r]`` (-1: the root; None:
+    ``kept`` [R, W] where a top-k or a top-p truncates q) is the q of node ``nodes[r]`` (-1: the root; None:
     a chain's, row d the q of node d - 1), stored as ``SamplingConfig.row_probs`` stores it: on
     its nonzero entries when q is truncated or the output layer covers part of the vocabulary
     and some underflowed (``zeros`` [R] counts them). Each is made when first read: the lean walk
@@ -980,12 +980,12 @@ class TreeDecoder(_Decoder):
     def _one_call_plan(self) -> tuple | None:
         """Where a step runs in one compiled call (``_one_call_step``): ("tree", the arguments of
         ``walk.tree_walk_verifier``) for a tree drafted in one call (``_drafted_tree``) and walked
-        from the logits (``_walks_tree_from_logits``) whose nodes of several drafts are the
-        plan's (the first depth of several slots, q on the top-k or the draft's whole output
-        layer; with a top-p, q's support changes from step to step, and a node of another
-        support is walked in Python); ("chain", top_k or 0, block) for a chain of the lean loop
-        drafted in one call (``draft_chain``) and walked from the logits
-        (``_walks_from_logits``); else None. Kept per (tree, sampling, draft vocabulary, flags)."""
+        from the logits (``_walks_tree_from_logits``) and, for ``optimal``, whose first node of
+        several slots on q's widest support (the top-k or the draft's whole output layer) the
+        plan table serves (``RuleBook.plan_table``: its other nodes are checked per step, and a
+        step with a node it does not serve is walked in Python); ("chain", top_k or 0, block)
+        for a chain of the lean loop drafted in one call (``draft_chain``) and walked from the
+        logits (``_walks_from_logits``); else None. Kept per (tree, sampling, draft vocabulary, flags)."""
         tree, sampling = self.tree, self.sampling
         width = self.vocab if self.draft.output_ids is None else self.draft.output_ids.size
         key = (tree, sampling, width, self.fused_step, self.compiled_draft, self.exact_acceptance)
@@ -1023,7 +1023,7 @@ class TreeDecoder(_Decoder):
         compiled forwards); None, with nothing drawn, where it does not. A tree's step is
         ``_step_numba.tree_step`` (the draft's tree, the target's forward, the walk, both caches'
         moves), a chain's ``chain_step``: the same forwards, draws and result as ``step``'s three
-        calls (tested); a tree's node the plan was not made for is walked by
+        calls (tested); a tree with a node the plan table does not serve is walked by
         ``walk.walk_tree_softmax`` on the call's logits."""
         plan = self._one_call_plan()
         if plan is None:
@@ -1042,7 +1042,7 @@ class TreeDecoder(_Decoder):
         lengths, seconds = step[-2:]
         draft.advance(draft_end, self.tree.depth, seconds[0])
         target.advance(target_end, 1, seconds[1])
-        if not chain and step[4] < 0:  # a node the plan was not made for: walked here
+        if not chain and step[4] < 0:  # a node the plan table does not serve: walked here
             self.last_step = self._walk_unplanned(step, length, rng)
         else:
             self.last_step = self._compiled_record(step, chain)
@@ -1157,7 +1157,7 @@ class TreeDecoder(_Decoder):
 
     def _walk_unplanned(self, step: tuple, base: int, rng: np.random.Generator) -> StepRecord:
         """The ``StepRecord`` of a tree step (``step``: ``_step_numba.tree_step``'s result) whose
-        tree has a node the plan was not made for, after ``base`` committed tokens: its walk
+        tree has a node the plan table does not serve, after ``base`` committed tokens: its walk
         (``walk.walk_tree_softmax`` on the step's logits, nothing drawn before it), both caches
         then kept."""
         drafts, logits, rows = step[:3]

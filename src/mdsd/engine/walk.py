@@ -493,7 +493,7 @@ def walk_tree_softmax(
         tree.widths_array, tree.child_starts, tree.depths, drafted.tokens, drafted.valid, ids, probs, zeros,
         kept, counts, *verifier_args, *source, logits.dtype == np.float32, *_NO_CACHE,
     )  # fmt: skip
-    if token < 0:  # a node of several drafts the plan was not made for: nothing drawn yet
+    if token < 0:  # a node of several drafts the plan table does not serve: nothing drawn yet
         return _walk_rows(tree, drafted, logits, temperature, top_k, top_p, rng)
     return tree_walk_result(drafted, path, token, bonus)
 
