@@ -115,6 +115,12 @@ def top_k_indices_reference(logits: np.ndarray, k: int) -> np.ndarray:
     return np.union1d(above, tied)
 
 
+def kernel_truncation(top_k: int | None, top_p: float | None) -> tuple[int, float]:
+    """The compiled kernels' form of a top-k and a top-p (``mdsd._topp_numba.truncates``):
+    (top_k or 0, top_p or 1.0), 0 and 1.0 meaning none."""
+    return int(top_k or 0), float(1.0 if top_p is None else top_p)
+
+
 def top_p_kept_reference(probs: np.ndarray, top_p: float) -> np.ndarray:
     """The positions (ascending) of a probability row [n] that top-p keeps: sorted descending
     (stable: ties in ascending position), sorted entry i is kept where the mass before it,

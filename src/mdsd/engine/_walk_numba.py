@@ -452,11 +452,10 @@ def _drafted_row(q_ids, kept, values, zeros):
 def _plan_fits(drafted, zeros, width, plan_served):
     """Whether the plan serves every row of k > 1 drafts whose q has s nonzero entries
     (``width`` - its zeros): ``plan_served[k, s]`` (``walk.RuleBook.plan_table``)."""
+    rows, columns = plan_served.shape
     for r in range(drafted.size):
         k, support = drafted[r], width - zeros[r]
-        if k > 1 and (k >= plan_served.shape[0] or support >= plan_served.shape[1]):
-            return False
-        if k > 1 and not plan_served[k, support]:
+        if k > 1 and not (k < rows and support < columns and plan_served[k, support]):
             return False
     return True
 

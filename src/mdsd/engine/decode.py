@@ -78,7 +78,7 @@ from mdsd.engine.walk import (
     walk_tree_softmax,
 )
 from mdsd.laws import SEQUENTIAL_DRAWS_MAX
-from mdsd.logits import SupportProbs
+from mdsd.logits import SupportProbs, kernel_truncation
 from mdsd.sampling import categorical, draw, uniform_source
 from mdsd.sequence import chain_verify
 from mdsd.verifiers import natural_verifier
@@ -304,7 +304,7 @@ def plain_tokens(target, sampling: SamplingConfig, seq: list[int], budget: int, 
     end, steps, status, cached = kernels.plain_steps(
         *common,
         float(sampling.temperature),
-        *_truncation(sampling),
+        *kernel_truncation(sampling.top_k, sampling.top_p),
         *forward,
         *source,
         kernels.clock_source(),
@@ -312,11 +312,6 @@ def plain_tokens(target, sampling: SamplingConfig, seq: list[int], budget: int, 
     seconds = records[:steps, 3:5]
     target.advance(cached, steps, seconds[:, 0].sum())
     return PlainTokens(buffer[length:end].tolist(), kernels.stop_reason(status), seconds)
-
-
-def _truncation(sampling: SamplingConfig) -> tuple[int, float]:
-    """The compiled kernels' (top_k, top_p) of ``sampling``: 0 and 1.0 where none."""
-    return int(sampling.top_k or 0), float(1.0 if sampling.top_p is None else sampling.top_p)
 
 
 class Autoregressive(_Decoder):
@@ -1082,12 +1077,12 @@ class TreeDecoder(_Decoder):
         clock = _step_kernels().clock_source()
         if plan[0] == "chain":
             _, top_k, block = plan
-            top_p = _truncation(sampling)[1]
+            top_p = kernel_truncation(sampling.top_k, sampling.top_p)[1]
             head = (tree.depth, temperature, top_k, top_p, output_ids, draft.output_token_ids, block)
             return (*head, *draft_model, *target_model, *source, clock)
         head = (
             *draft.tree_arrays(tree), self._target_mask, TREE_LAWS[self.book.law.name], temperature,
-            *_truncation(sampling), output_ids, draft.output_token_ids,
+            *kernel_truncation(sampling.top_k, sampling.top_p), output_ids, draft.output_token_ids,
         )  # fmt: skip
         hidden = np.float32(self.target.hidden)
         return (*head, *draft_model, *target_model, hidden, *plan[1], *source, clock)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mdsd.engine.runner import ModelRunner, SampledChain, SampledTree, steady_attention
+from mdsd.logits import kernel_truncation
 from mdsd.sampling import uniform_source
 
 STATIC_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -607,7 +608,7 @@ class StaticLlamaRunner(ModelRunner):
         temperature, top-k (0: none), top-p (1: none), whether q is stored on its nonzero entries
         (a draft over part of the vocabulary, as ``SamplingConfig.row_probs`` stores it), the output
         layer's token ids, the model, the cache, its length and ``_stack_args``."""
-        truncation = (int(top_k or 0), float(1.0 if top_p is None else top_p))
+        truncation = kernel_truncation(top_k, top_p)
         sampling = (float(temperature), *truncation, self.output_ids is not None, self.output_token_ids)
         return (*sampling, self._compiled_model(), *self._cache_numpy, start, *self._stack_args)
 

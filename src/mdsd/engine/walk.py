@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdsd.laws import DraftLaw, get_law
-from mdsd.logits import SupportProbs, process_logits_row
+from mdsd.logits import SupportProbs, kernel_truncation, process_logits_row
 from mdsd.sampling import categorical, uniform_source
 from mdsd.sequence.chain import block_sample
 from mdsd.verifiers import Verifier, resolve
@@ -428,8 +428,8 @@ def walk_chain_softmax(
     logits = np.ascontiguousarray(target_logits)  # [k + 1, V]
     kernels = _walk_kernels()
     source = uniform_source(rng) if source is None else source
-    top_p = 1.0 if top_p is None else float(top_p)
-    if top_k is not None or top_p < 1.0:
+    top_k_arg, top_p_arg = kernel_truncation(top_k, top_p)
+    if top_k is not None or top_p_arg < 1.0:
         if drafted.chain_kept is None:
             raise ValueError(
                 "top_k, top_p: the chain was not drafted under a truncation (drafted.chain_kept is None)"
@@ -438,8 +438,8 @@ def walk_chain_softmax(
         kept, token = truncated_kernel(
             logits,
             float(temperature),
-            int(top_k or 0),
-            top_p,
+            top_k_arg,
+            top_p_arg,
             q_ids,
             drafted.chain_kept,
             q_values,
@@ -489,9 +489,9 @@ def walk_tree_softmax(
         return _walk_rows(tree, drafted, logits, temperature, top_k, top_p, rng)
     source = uniform_source(rng) if source is None else source
     path, token, bonus = _walk_kernels().tree_walk(
-        logits, float(temperature), int(top_k or 0), 1.0 if top_p is None else float(top_p),
-        tree.widths_array, tree.child_starts, tree.depths, drafted.tokens, drafted.valid, ids, probs, zeros,
-        kept, counts, *verifier_args, *source, logits.dtype == np.float32, *_NO_CACHE,
+        logits, float(temperature), *kernel_truncation(top_k, top_p), tree.widths_array, tree.child_starts,
+        tree.depths, drafted.tokens, drafted.valid, ids, probs, zeros, kept, counts, *verifier_args, *source,
+        logits.dtype == np.float32, *_NO_CACHE,
     )  # fmt: skip
     if token < 0:  # a node of several drafts the plan table does not serve: nothing drawn yet
         return _walk_rows(tree, drafted, logits, temperature, top_k, top_p, rng)
